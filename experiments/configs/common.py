@@ -1,0 +1,53 @@
+"""Defaults shared by every config; each config file overrides what it needs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""
+  c.data.builder_config = ""
+  c.data.data_dir = ""          # "" -> $MTLJAX_DATA_DIR or ~/.cache/mtljax/...
+  c.data.tasks = ()             # task names to keep; () = all
+  c.data.max_train_examples = 0  # 0 = all; otherwise per task (per source)
+  c.data.input_key = "image"    # catalog data sets only
+  c.data.label_keys = ()        # catalog data sets only; () = all class labels
+
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "multi_head"   # independent|multi_head|concat|additive|multiplicative
+  c.model.encoder = "mlp"       # mlp|cnn
+  c.model.hidden = (128, 128)
+  c.model.channels = (16, 32)   # cnn only
+  c.model.cond_layers = (0,)    # dense layers conditioned on z (conditioned archs)
+  c.model.heads = "auto"        # auto|per_task|shared
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.tasks_per_step = 0  # K; 0 = all tasks
+  c.sampling.examples_per_task = 64  # B
+  c.sampling.task_sampler = "uniform"  # uniform|proportional|temperature
+  c.sampling.temperature = 2.0
+  c.sampling.replace = False
+
+  c.objective = ml_collections.ConfigDict()
+  c.objective.method = "fixed"
+  c.objective.weights = ml_collections.ConfigDict()  # task name -> weight (default 1)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"
+  c.optim.lr = 1e-3
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.momentum = 0.0
+
+  c.total_steps = 1000
+  c.steps_per_call = 50
+  c.log_steps = 100
+  c.eval_steps = 500
+  c.checkpoint_steps = 500
+  c.eval_batch_size = 1024
+  return c

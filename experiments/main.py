@@ -1,0 +1,43 @@
+r"""Runs one mtljax experiment from a config file.
+
+    python -m experiments.main --config=experiments/configs/multi_digits.py \
+        --workdir=/tmp/mtljax/multi_digits [--config.model.arch=concat]
+
+Config files define ``get_config(arg)``; ``--config=FILE:ARG`` passes ARG (e.g.
+``quick``). Overrides of keys that do not exist fail (``lock_config``). Running
+again with the same workdir resumes from its latest checkpoint.
+"""
+
+import logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from mtljax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (get_config(arg)).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # mtljax's own progress at INFO; other libraries (Orbax) stay at absl's default.
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  log = logging.getLogger("mtljax")
+  log.setLevel(logging.INFO)
+  log.addHandler(handler)
+  log.propagate = False
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(f"summary: {_WORKDIR.value}/summary.json")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,11 @@
+"""mtljax: supervised multi-task and transfer learning in JAX."""
+
+from mtljax import data
+from mtljax import models
+from mtljax import objectives
+from mtljax import optim
+from mtljax import params
+from mtljax import tasks
+from mtljax import train
+
+__version__ = "0.1.0"

@@ -1,0 +1,204 @@
+"""TFDS builders for the bundled data sets (no network, no TensorFlow).
+
+Each builder writes array_record files of ``tfds.features.Tensor`` features
+from a deterministic generator in :mod:`mtljax.data.generators`; the files are
+read back with ``builder.as_data_source()``. Importing this module registers
+the builders with TFDS under ``multi_digits``, ``mmoe_synthetic`` and
+``sinusoids``.
+
+Builder configs are named so that any setting can be asked for by name:
+
+* ``multi_digits``: ``default`` (10,000 train / 2,000 test canvases, seed 0),
+  or ``n{TRAIN}_m{TEST}_s{SEED}``.
+* ``mmoe_synthetic``: ``p{P}`` (e.g. ``p0.9``; 10,000 train / 2,000 test,
+  seed 0), or ``p{P}_n{TRAIN}_m{TEST}_s{SEED}``.
+* ``sinusoids``: ``default`` (20 tasks, 50 train / 100 test points each), or
+  ``t{TASKS}_n{TRAIN}_m{TEST}_s{SEED}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mtljax.data import generators
+
+_VERSION = tfds.core.Version("1.0.0")
+_NUM = r"(\d+(?:\.\d+)?)"
+
+
+def _tensor(shape, dtype):
+  return tfds.features.Tensor(shape=shape, dtype=dtype)
+
+
+def _examples(arrays: dict[str, np.ndarray]):
+  n = len(next(iter(arrays.values())))
+  for i in range(n):
+    yield i, {k: v[i] for k, v in arrays.items()}
+
+
+@dataclasses.dataclass
+class MultiDigitsConfig(tfds.core.BuilderConfig):
+  num_train: int = 10_000
+  num_test: int = 2_000
+  seed: int = 0
+
+
+class MultiDigits(tfds.core.GeneratorBasedBuilder):
+  """Two overlaid handwritten digits; tasks: left digit, right digit."""
+
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [MultiDigitsConfig(name="default")]
+
+  @classmethod
+  def config_from_name(cls, name: str) -> MultiDigitsConfig:
+    if name in ("", "default"):
+      return cls.BUILDER_CONFIGS[0]
+    m = re.fullmatch(r"n(\d+)_m(\d+)_s(\d+)", name)
+    if not m:
+      raise ValueError(
+          f"multi_digits: unknown builder config {name!r}; use 'default' or "
+          "'n{TRAIN}_m{TEST}_s{SEED}', e.g. 'n2000_m500_s1'.")
+    n, t, s = map(int, m.groups())
+    return MultiDigitsConfig(name=name, num_train=n, num_test=t, seed=s)
+
+  def _info(self):
+    h, w = generators.CANVAS_SHAPE
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=("MultiMNIST-style pairs of scikit-learn handwritten digits "
+                     "overlaid on a 12x16 canvas; train/test split by source image."),
+        features=tfds.features.FeaturesDict({
+            "image": _tensor((h, w), np.float32),
+            "left_label": _tensor((), np.int64),
+            "right_label": _tensor((), np.int64),
+            "left_source": _tensor((), np.int64),
+            "right_source": _tensor((), np.int64),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # generated locally
+    c = self.builder_config
+    data = generators.make_multi_digits(c.seed, c.num_train, c.num_test)
+    return {split: self._generate_examples(arrays) for split, arrays in data.items()}
+
+  def _generate_examples(self, arrays):
+    yield from _examples(arrays)
+
+
+@dataclasses.dataclass
+class MmoeSyntheticConfig(tfds.core.BuilderConfig):
+  p: float = 0.9
+  num_train: int = 10_000
+  num_test: int = 2_000
+  seed: int = 0
+  dim: int = 100
+  scale: float = 1.0
+  num_sines: int = 10
+  noise_std: float = 0.1
+
+
+class MmoeSynthetic(tfds.core.GeneratorBasedBuilder):
+  """Two regression tasks ``y1``, ``y2`` whose correlation is set by ``p``."""
+
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [MmoeSyntheticConfig(name=f"p{p}", p=p)
+                     for p in (1.0, 0.9, 0.8, 0.5)]
+
+  @classmethod
+  def config_from_name(cls, name: str) -> MmoeSyntheticConfig:
+    if name in ("", "default"):
+      name = "p0.9"
+    m = re.fullmatch(rf"p(-?{_NUM[1:-1]})(?:_n(\d+)_m(\d+)_s(\d+))?", name)
+    if not m:
+      raise ValueError(
+          f"mmoe_synthetic: unknown builder config {name!r}; use 'p{{P}}' (e.g. "
+          "'p0.9') or 'p{P}_n{TRAIN}_m{TEST}_s{SEED}'.")
+    p = float(m.group(1))
+    if not -1.0 <= p <= 1.0:
+      raise ValueError(f"mmoe_synthetic: p must be in [-1, 1], got {p} in {name!r}.")
+    if m.group(2) is None:
+      return MmoeSyntheticConfig(name=name, p=p)
+    n, t, s = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    return MmoeSyntheticConfig(name=name, p=p, num_train=n, num_test=t, seed=s)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Synthetic two-task regression of Ma et al. (KDD 2018).",
+        features=tfds.features.FeaturesDict({
+            "x": _tensor((self.builder_config.dim,), np.float32),
+            "y1": _tensor((), np.float32),
+            "y2": _tensor((), np.float32),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    data = generators.make_mmoe_synthetic(
+        c.p, c.seed, c.num_train, c.num_test, dim=c.dim, scale=c.scale,
+        num_sines=c.num_sines, noise_std=c.noise_std)
+    return {s: self._generate_examples(data[s]) for s in ("train", "test")}
+
+  def _generate_examples(self, arrays):
+    yield from _examples(arrays)
+
+
+@dataclasses.dataclass
+class SinusoidsConfig(tfds.core.BuilderConfig):
+  num_tasks: int = 20
+  train_per_task: int = 50
+  test_per_task: int = 100
+  seed: int = 0
+
+
+class Sinusoids(tfds.core.GeneratorBasedBuilder):
+  """A family of sine regression tasks; the ``task`` feature says which."""
+
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [SinusoidsConfig(name="default")]
+
+  @classmethod
+  def config_from_name(cls, name: str) -> SinusoidsConfig:
+    if name in ("", "default"):
+      return cls.BUILDER_CONFIGS[0]
+    m = re.fullmatch(r"t(\d+)_n(\d+)_m(\d+)_s(\d+)", name)
+    if not m:
+      raise ValueError(
+          f"sinusoids: unknown builder config {name!r}; use 'default' or "
+          "'t{TASKS}_n{TRAIN}_m{TEST}_s{SEED}', e.g. 't10_n20_m50_s0'.")
+    t, n, q, s = map(int, m.groups())
+    return SinusoidsConfig(name=name, num_tasks=t, train_per_task=n,
+                           test_per_task=q, seed=s)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="y = A sin(x - phi); A ~ U[0.1, 5], phi ~ U[0, pi], x ~ U[-5, 5].",
+        features=tfds.features.FeaturesDict({
+            "x": _tensor((1,), np.float32),
+            "y": _tensor((), np.float32),
+            "task": _tensor((), np.int64),
+            "amplitude": _tensor((), np.float32),
+            "phase": _tensor((), np.float32),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    data = generators.make_sinusoids(c.seed, c.num_tasks, c.train_per_task,
+                                     c.test_per_task)
+    return {s: self._generate_examples(data[s]) for s in ("train", "test")}
+
+  def _generate_examples(self, arrays):
+    yield from _examples(arrays)
+
+
+BUNDLED = {
+    "multi_digits": MultiDigits,
+    "mmoe_synthetic": MmoeSynthetic,
+    "sinusoids": Sinusoids,
+}

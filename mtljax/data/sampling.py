@@ -1,0 +1,104 @@
+"""Task and example sampling: pure, jittable functions of an rng.
+
+The lecture's recipe samples a mini-batch of tasks *uniformly, whatever each
+task's data size*, then a mini-batch of examples per sampled task. Task
+distributions:
+
+* ``uniform``:       ``p_i = 1 / T``
+* ``proportional``:  ``p_i = N_i / sum_j N_j``
+* ``temperature``:   ``p_i ∝ N_i^(1/tau)`` (tau = 1 is proportional, tau -> inf
+  is uniform)
+
+``sample_tasks(..., replace=True)`` draws K i.i.d. tasks from ``p``, so each
+task's frequency is exactly ``p_i``. ``replace=False`` (the default) draws K
+*distinct* tasks by successive sampling from ``p`` (Gumbel top-k, i.e.
+Plackett-Luce): for uniform ``p`` every K-subset is equally likely and with
+``K = T`` every task is in every step; for non-uniform ``p`` the inclusion
+probabilities are those of successive sampling, not ``K p_i``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SAMPLERS = ("uniform", "proportional", "temperature")
+
+
+def task_probabilities(sampler: str, sizes, temperature: float = 1.0) -> np.ndarray:
+  """``[T]`` float64 task probabilities for a sampler name and data sizes."""
+  sizes = np.asarray(sizes, np.float64)
+  if sizes.ndim != 1 or sizes.size == 0:
+    raise ValueError(f"task sizes must be a non-empty vector, got shape {sizes.shape}.")
+  if np.any(sizes <= 0):
+    raise ValueError(f"every task needs at least one training example, sizes={sizes}.")
+  if sampler == "uniform":
+    p = np.ones_like(sizes)
+  elif sampler == "proportional":
+    p = sizes
+  elif sampler == "temperature":
+    if not temperature > 0:
+      raise ValueError(f"config.sampling.temperature must be > 0, got {temperature}.")
+    p = sizes ** (1.0 / temperature)
+  else:
+    raise ValueError(f"config.sampling.task_sampler={sampler!r} is not one of {SAMPLERS}.")
+  return p / p.sum()
+
+
+def sample_tasks(rng: jax.Array, probs: jax.Array, num_tasks: int,
+                 replace: bool = False) -> jax.Array:
+  """``[K]`` int32 task ids (see module docstring for ``replace``)."""
+  logp = jnp.log(probs)
+  if replace:
+    return jax.random.categorical(rng, logp, shape=(num_tasks,)).astype(jnp.int32)
+  g = jax.random.gumbel(rng, logp.shape)
+  _, ids = jax.lax.top_k(logp + g, num_tasks)
+  return ids.astype(jnp.int32)
+
+
+def occurrence_index(task_ids: jax.Array) -> jax.Array:
+  """``[K]``: how many earlier slots hold the same task (0 for a first draw)."""
+  k = task_ids.shape[0]
+  same = task_ids[:, None] == task_ids[None, :]
+  earlier = jnp.tril(jnp.ones((k, k), bool), -1)
+  return jnp.sum(same & earlier, axis=1).astype(jnp.int32)
+
+
+def example_indices(rng: jax.Array, task_ids: jax.Array, stream_ids: jax.Array,
+                    n: jax.Array, batch_size: int) -> jax.Array:
+  """``[K, B]`` example indices, i.i.d. uniform over each task's examples.
+
+  The key of slot k is ``fold_in(fold_in(rng, stream_ids[t]), occurrence)``,
+  so a task's examples depend on its stream id, not on which slot it fell in
+  nor on the other tasks sampled.
+  """
+  occ = occurrence_index(task_ids)
+
+  def one(t, o):
+    key = jax.random.fold_in(jax.random.fold_in(rng, stream_ids[t]), o)
+    return jax.random.randint(key, (batch_size,), 0, n[t])
+
+  return jax.vmap(one)(task_ids, occ)
+
+
+def gather_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
+                 idx: jax.Array) -> tuple[jax.Array, dict]:
+  """Inputs ``[K, B, ...]`` and labels ``{group: [K, B]}`` for given indices.
+
+  Args:
+    split: a split's arrays (``x``, ``source``, ``y``) as laid out by
+      :func:`mtljax.data.loading.build_task_data`.
+    taskset_arrays: ``{"local_index": [T]}`` from the task set.
+    task_ids: ``[K]``; idx: ``[K, B]``.
+
+  Labels of a group are gathered for every slot (rows of tasks outside the
+  group read row 0 of that group and are masked by the loss).
+  """
+  x = split["x"][split["source"][task_ids][:, None], idx]
+  local = taskset_arrays["local_index"][task_ids]
+  ys = {}
+  for g, yg in split["y"].items():
+    row = jnp.clip(local, 0, yg.shape[0] - 1)
+    ys[g] = yg[row[:, None], idx]
+  return x, ys

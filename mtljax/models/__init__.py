@@ -1,0 +1,5 @@
+"""Models: encoders and multi-task architectures (the only place importing flax)."""
+
+from mtljax.models import encoders
+from mtljax.models import multitask
+from mtljax.models.multitask import ARCHS, ENCODERS, HEADS, Model, make_model

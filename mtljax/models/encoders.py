@@ -1,0 +1,92 @@
+"""Encoders (trunks): MLP and a small CNN, optionally conditioned on a task
+descriptor ``z`` at chosen dense layers.
+
+Conditioning of dense layer ``l`` with input ``h`` and descriptor ``z``
+(a one-hot task id, ``[Z]``), names as in the parameter tree:
+
+* ``concat``:         ``[h, z] @ kernel + bias``             kernel ``[D + Z, F]``
+* ``additive``:       ``h @ kernel + bias + z @ z_kernel``    z_kernel ``[Z, F]``
+* ``multiplicative``: ``(h @ kernel + bias) * (z @ z_gate)``  z_gate ``[Z, F]``,
+  initialised to ones (every unit open for every task at init; a gate can
+  switch units off per task, which interpolates between one shared network and
+  per-task sub-networks).
+
+``concat`` and ``additive`` are the same function: split the concat kernel
+into its ``h`` rows (``kernel``) and its ``z`` rows (``z_kernel``).
+
+Convolutions are shared and unconditioned; ``condition_layers`` index the dense
+layers (``layer_0``, ``layer_1``, ...) that follow them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+COND_MODES = ("concat", "additive", "multiplicative")
+
+
+class CondDense(nn.Module):
+  features: int
+  mode: str | None = None
+
+  @nn.compact
+  def __call__(self, h, z=None):
+    if self.mode is None or z is None:
+      return self._dense(h)
+    zb = jnp.broadcast_to(z, h.shape[:-1] + z.shape[-1:]).astype(h.dtype)
+    if self.mode == "concat":
+      return self._dense(jnp.concatenate([h, zb], axis=-1))
+    y = self._dense(h)
+    if self.mode == "additive":
+      u = self.param("z_kernel", nn.initializers.lecun_normal(), (z.shape[-1], self.features))
+      return y + zb @ u
+    if self.mode == "multiplicative":
+      u = self.param("z_gate", nn.initializers.ones, (z.shape[-1], self.features))
+      return y * (zb @ u)
+    raise ValueError(f"unknown conditioning mode {self.mode!r}; expected {COND_MODES}.")
+
+  def _dense(self, h):
+    k = self.param("kernel", nn.initializers.lecun_normal(), (h.shape[-1], self.features))
+    b = self.param("bias", nn.initializers.zeros, (self.features,))
+    return h @ k + b
+
+
+class MLP(nn.Module):
+  """Flattens the input, then ``len(hidden)`` ReLU dense layers."""
+  hidden: Sequence[int]
+  cond_mode: str | None = None
+  cond_layers: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x, z=None):
+    h = x.reshape(x.shape[0], -1)
+    return _dense_stack(h, z, self.hidden, self.cond_mode, self.cond_layers)
+
+
+class CNN(nn.Module):
+  """3x3 SAME ReLU convolutions, each followed by 2x2 max-pooling where the
+  feature map is at least 2x2, then flatten and ReLU dense layers."""
+  channels: Sequence[int]
+  hidden: Sequence[int]
+  cond_mode: str | None = None
+  cond_layers: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x, z=None):
+    h = x if x.ndim == 4 else x[..., None]  # [B, H, W] -> [B, H, W, 1]
+    for i, c in enumerate(self.channels):
+      h = nn.relu(nn.Conv(c, (3, 3), padding="SAME", name=f"conv_{i}")(h))
+      if h.shape[1] >= 2 and h.shape[2] >= 2:
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = h.reshape(h.shape[0], -1)
+    return _dense_stack(h, z, self.hidden, self.cond_mode, self.cond_layers)
+
+
+def _dense_stack(h, z, hidden, mode, layers):
+  for l, width in enumerate(hidden):
+    cm = mode if l in layers else None
+    h = nn.relu(CondDense(width, cm, name=f"layer_{l}")(h, z if cm else None))
+  return h

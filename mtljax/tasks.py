@@ -1,0 +1,245 @@
+"""Tasks: ``T_i = {p_i(x), p_i(y|x), L_i}`` as data plus pure functions.
+
+A :class:`Task` names a supervised problem and carries its kind (which fixes the
+per-example loss, the metrics, and the size of the output head). A
+:class:`TaskSet` is an ordered tuple of tasks plus the bookkeeping that lets
+tasks of different kinds and head sizes be trained in one compiled step: tasks
+with the same ``(kind, out_dim)`` form a **task group**; each group's heads are
+stacked on a leading axis and vmapped on their own.
+
+Losses and metrics are written once here, per kind:
+
+* ``classification`` (``num_classes`` >= 2): softmax cross-entropy; metrics
+  ``accuracy`` (higher is better) and ``loss``.
+* ``binary``: sigmoid cross-entropy on one logit; ``accuracy`` and ``loss``.
+* ``regression`` (scalar target): squared error on the per-task *normalised*
+  label (so scales are comparable across tasks, as the lecture asks); metrics
+  ``mse`` and ``mae`` in the label's original units, and ``loss`` (normalised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("classification", "binary", "regression")
+
+# Whether a larger value of each metric is better; used by reports and Delta_m.
+METRIC_DIRECTIONS = {
+    "accuracy": "higher",
+    "loss": "lower",
+    "mse": "lower",
+    "mae": "lower",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One supervised task.
+
+  Attributes:
+    name: unique name, used in measurement names (``eval/<name>/accuracy``).
+    kind: one of :data:`KINDS`.
+    num_classes: number of classes for ``classification``; ignored otherwise.
+  """
+
+  name: str
+  kind: str
+  num_classes: int = 0
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ValueError(f"Task name must be a non-empty string, got {self.name!r}.")
+    if "/" in self.name:
+      raise ValueError(f"Task name {self.name!r} must not contain '/'.")
+    if self.kind not in KINDS:
+      raise ValueError(
+          f"Task {self.name!r}: unknown kind {self.kind!r}; expected one of {KINDS}.")
+    if self.kind == "classification" and self.num_classes < 2:
+      raise ValueError(
+          f"Task {self.name!r}: classification needs num_classes >= 2, "
+          f"got {self.num_classes}.")
+
+  @property
+  def out_dim(self) -> int:
+    return self.num_classes if self.kind == "classification" else 1
+
+  @property
+  def group(self) -> str:
+    """Tasks with equal ``group`` share a stacked head: same kind and size."""
+    return f"{self.kind}{self.out_dim}"
+
+  @property
+  def label_dtype(self):
+    return np.int32 if self.kind in ("classification", "binary") else np.float32
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    if self.kind == "regression":
+      return ("loss", "mse", "mae")
+    return ("loss", "accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSet:
+  """An ordered, non-empty set of tasks and its task groups.
+
+  Attributes:
+    tasks: the tasks, in the order of the task axis of every stacked array.
+    stream_ids: one int per task that seeds the task's own random streams
+      (per-task parameter initialisation and example sampling). Defaults to the
+      task's index; :meth:`subset` keeps the original ids, so a single-task run
+      of a subset sees exactly the random numbers that task saw in the full run.
+  """
+
+  tasks: tuple[Task, ...]
+  stream_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    tasks = tuple(self.tasks)
+    if not tasks:
+      raise ValueError("TaskSet is empty: at least one task is required.")
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+      raise ValueError(f"TaskSet has duplicate task names: {dupes}.")
+    object.__setattr__(self, "tasks", tasks)
+    ids = tuple(self.stream_ids) or tuple(range(len(tasks)))
+    if len(ids) != len(tasks):
+      raise ValueError(
+          f"TaskSet: {len(ids)} stream_ids for {len(tasks)} tasks.")
+    object.__setattr__(self, "stream_ids", tuple(int(i) for i in ids))
+
+  def __len__(self) -> int:
+    return len(self.tasks)
+
+  def __iter__(self):
+    return iter(self.tasks)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(t.name for t in self.tasks)
+
+  def index(self, name: str) -> int:
+    try:
+      return self.names.index(name)
+    except ValueError:
+      raise KeyError(f"Unknown task {name!r}; tasks are {list(self.names)}.") from None
+
+  def subset(self, names: Sequence[str]) -> "TaskSet":
+    """The tasks named, in the order given, keeping their stream ids."""
+    if isinstance(names, str):
+      names = [names]
+    idx = [self.index(n) for n in names]
+    return TaskSet(tuple(self.tasks[i] for i in idx),
+                   tuple(self.stream_ids[i] for i in idx))
+
+  # --- task groups --------------------------------------------------------
+
+  @property
+  def groups(self) -> tuple[str, ...]:
+    """Group names in order of first appearance."""
+    return tuple(dict.fromkeys(t.group for t in self.tasks))
+
+  def group_members(self, group: str) -> np.ndarray:
+    """Global task indices in ``group``, in task order: ``[T_g]`` int32."""
+    return np.array([i for i, t in enumerate(self.tasks) if t.group == group],
+                    np.int32)
+
+  def group_task(self, group: str) -> Task:
+    """A representative task of ``group`` (all members share kind and size)."""
+    return self.tasks[int(self.group_members(group)[0])]
+
+  @property
+  def group_of_task(self) -> np.ndarray:
+    """``[T]`` int32: index into :attr:`groups` of each task."""
+    gs = self.groups
+    return np.array([gs.index(t.group) for t in self.tasks], np.int32)
+
+  @property
+  def local_index(self) -> np.ndarray:
+    """``[T]`` int32: each task's row inside its group's stacked arrays."""
+    out = np.zeros(len(self.tasks), np.int32)
+    for g in self.groups:
+      members = self.group_members(g)
+      out[members] = np.arange(len(members))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Per-example losses and metrics, by group (all tasks in a group share them).
+# ----------------------------------------------------------------------------
+
+
+def example_loss(task: Task, out: jax.Array, y: jax.Array) -> jax.Array:
+  """Per-example training loss.
+
+  Args:
+    task: any task of the group (only kind and size are used).
+    out: ``[..., out_dim]`` model outputs (logits or normalised prediction).
+    y: ``[...]`` labels: int class ids, {0,1} for binary, normalised floats.
+
+  Returns:
+    ``[...]`` float32 losses.
+  """
+  if task.kind == "classification":
+    logz = jax.nn.logsumexp(out, axis=-1)
+    picked = jnp.take_along_axis(out, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return logz - picked
+  if task.kind == "binary":
+    logit = out[..., 0]
+    yf = y.astype(logit.dtype)
+    # log(1 + e^z) - y z, stable.
+    return jax.nn.softplus(logit) - yf * logit
+  err = out[..., 0] - y
+  return err * err
+
+
+def example_metrics(task: Task, out: jax.Array, y: jax.Array,
+                    mean: jax.Array, std: jax.Array) -> dict[str, jax.Array]:
+  """Per-example metric values (to be summed and divided by a count).
+
+  ``mean``/``std`` are the task's label statistics (broadcastable to ``y``);
+  regression metrics are reported in the label's original units.
+  """
+  metrics = {"loss": example_loss(task, out, y)}
+  if task.kind == "classification":
+    metrics["accuracy"] = (jnp.argmax(out, axis=-1) == y).astype(jnp.float32)
+  elif task.kind == "binary":
+    metrics["accuracy"] = ((out[..., 0] > 0) == (y > 0)).astype(jnp.float32)
+  else:
+    err = (out[..., 0] - y) * std  # prediction and label de-normalised alike
+    metrics["mse"] = err * err
+    metrics["mae"] = jnp.abs(err)
+  return metrics
+
+
+def task_weights(taskset: TaskSet, weights: Mapping[str, float] | Sequence[float] | None
+                 ) -> np.ndarray:
+  """``[T]`` float32 weights ``w_i`` from a mapping name->w or a full sequence.
+
+  Tasks missing from a mapping get weight 1. Unknown names, a sequence of the
+  wrong length, and negative or non-finite weights raise.
+  """
+  w = np.ones(len(taskset), np.float32)
+  if weights is None:
+    return w
+  if isinstance(weights, Mapping):
+    for name, value in weights.items():
+      w[taskset.index(name)] = float(value)
+  else:
+    weights = list(weights)
+    if not weights:
+      return w
+    if len(weights) != len(taskset):
+      raise ValueError(
+          f"Task weights: got {len(weights)} values for {len(taskset)} tasks "
+          f"{list(taskset.names)}.")
+    w[:] = np.asarray(weights, np.float32)
+  if not np.all(np.isfinite(w)) or np.any(w < 0):
+    raise ValueError(f"Task weights must be finite and >= 0, got {w.tolist()}.")
+  return w

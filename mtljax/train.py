@@ -1,0 +1,396 @@
+"""Training: the compiled multi-task step, per-task evaluation, and the loop.
+
+One step (``make_train_step``), all inside one ``jax.jit``:
+
+1. ``task_ids [K]`` ~ the task distribution (uniform by default);
+2. ``B`` example indices per sampled task, drawn on the device from data that
+   lives on the device; inputs ``[K, B, ...]``, labels ``{group: [K, B]}``;
+3. the model on all K slots at once (vmapped), per-slot mean loss ``[K]``;
+4. the objective ``sum_k w[task_ids[k]] L_k`` and one gradient;
+5. the optimizer (:mod:`mtljax.optim`): shared parameters always move, per-task
+   rows only for sampled tasks.
+
+``steps_per_call`` steps run per host call under ``lax.scan``; randomness is
+``fold_in(seed_key, step)``, so results do not depend on how steps are grouped
+into calls (an interrupted and resumed run equals an uninterrupted one).
+
+Only ``*_from_config`` functions and :func:`train_and_evaluate` read a
+``ConfigDict``; everything else takes explicit arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mtljax import checkpoint as ckpt_lib
+from mtljax import objectives
+from mtljax import optim
+from mtljax import params as params_lib
+from mtljax import tasks as tasks_lib
+from mtljax.data import loading
+from mtljax.data import sampling
+from mtljax.models import multitask
+
+logger = logging.getLogger("mtljax")
+
+# ----------------------------------------------------------------------------
+# Config edges.
+# ----------------------------------------------------------------------------
+
+
+def _positive_int(config, path):
+  value = config
+  for part in path.split("."):
+    value = value[part]
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"config.{path} must be a positive integer, got {value!r}.")
+  return int(value)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every name and count that needs no data, before anything loads."""
+  m = config.model
+  if m.arch not in multitask.ARCHS:
+    raise ValueError(f"config.model.arch={m.arch!r} is not one of {multitask.ARCHS}.")
+  if m.encoder not in multitask.ENCODERS:
+    raise ValueError(f"config.model.encoder={m.encoder!r} is not one of "
+                     f"{multitask.ENCODERS}.")
+  if m.heads not in multitask.HEADS:
+    raise ValueError(f"config.model.heads={m.heads!r} is not one of {multitask.HEADS}.")
+  s = config.sampling
+  if s.task_sampler not in sampling.SAMPLERS:
+    raise ValueError(f"config.sampling.task_sampler={s.task_sampler!r} is not one of "
+                     f"{sampling.SAMPLERS}.")
+  if s.tasks_per_step < 0:
+    raise ValueError(f"config.sampling.tasks_per_step must be >= 0 (0 = all tasks), "
+                     f"got {s.tasks_per_step}.")
+  _positive_int(config, "sampling.examples_per_task")
+  if config.optim.name not in optim.OPTIMIZERS:
+    raise ValueError(f"config.optim.name={config.optim.name!r} is not one of "
+                     f"{optim.OPTIMIZERS}.")
+  if not config.optim.lr > 0:
+    raise ValueError(f"config.optim.lr must be > 0, got {config.optim.lr}.")
+  objectives.check_method(config.objective.method)
+  for key in ("total_steps", "steps_per_call", "log_steps", "eval_steps",
+              "checkpoint_steps", "eval_batch_size"):
+    _positive_int(config, key)
+  if not config.data.name:
+    raise ValueError("config.data.name is empty.")
+
+
+def data_from_config(config) -> loading.MultiTaskData:
+  d = config.data
+  return loading.load(
+      d.name, data_dir=d.data_dir or None, builder_config=d.builder_config,
+      task_names=tuple(d.tasks), max_train_examples=d.max_train_examples or None,
+      input_key=d.get("input_key", "image"), label_keys=tuple(d.get("label_keys", ())))
+
+
+def model_from_config(config, taskset, input_shape) -> multitask.Model:
+  m = config.model
+  return multitask.make_model(
+      m.arch, taskset, input_shape, encoder=m.encoder, hidden=tuple(m.hidden),
+      channels=tuple(m.channels), cond_layers=tuple(m.cond_layers), heads=m.heads)
+
+
+def optimizer_from_config(config):
+  o = config.optim
+  return optim.make_optimizer(o.name, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                              weight_decay=o.weight_decay, momentum=o.momentum)
+
+
+# ----------------------------------------------------------------------------
+# Losses, the train step and the eval step (explicit arguments only).
+# ----------------------------------------------------------------------------
+
+
+def slot_losses(model: multitask.Model, params, x, ys, task_ids) -> jax.Array:
+  """``[K]`` mean loss of each slot's task on its ``[B]`` examples."""
+  ts = model.taskset
+  group_of = jnp.asarray(ts.group_of_task)[task_ids]
+  outs = model.apply(params, x, task_ids)
+  losses = jnp.zeros(task_ids.shape, jnp.float32)
+  for gi, g in enumerate(ts.groups):
+    per_example = tasks_lib.example_loss(ts.group_task(g), outs[g], ys[g])  # [K, B]
+    losses = losses + jnp.where(group_of == gi, per_example.mean(axis=1), 0.0)
+  return losses
+
+
+def init_train_state(model: multitask.Model, tx, rng) -> dict:
+  params = model.init(rng)
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": optim.init_state(tx, params, model.task_rows)}
+
+
+def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
+                    weights: np.ndarray, tasks_per_step: int, examples_per_task: int,
+                    replace: bool = False, steps_per_call: int = 1, seed: int = 0
+                    ) -> Callable:
+  """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
+
+  ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
+  Measurements (summed over the ``steps_per_call`` steps): ``loss``, and per
+  task ``task_loss_sum [T]`` / ``task_count [T]`` over the slots it filled.
+  """
+  ts = model.taskset
+  num_tasks = len(ts)
+  if not 1 <= tasks_per_step <= num_tasks and not replace:
+    raise ValueError(f"config.sampling.tasks_per_step={tasks_per_step} must be in "
+                     f"[1, {num_tasks}] when sampling tasks without replacement.")
+  if tasks_per_step < 1:
+    raise ValueError(f"config.sampling.tasks_per_step must be >= 1, got {tasks_per_step}.")
+  probs = jnp.asarray(task_probs, jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  stream_ids = jnp.asarray(ts.stream_ids, jnp.int32)
+  ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
+  base_key = jax.random.key(seed)
+
+  def one_step(state, data):
+    rng = jax.random.fold_in(base_key, state["step"])
+    r_tasks, r_examples = jax.random.split(rng)
+    task_ids = sampling.sample_tasks(r_tasks, probs, tasks_per_step, replace)
+    idx = sampling.example_indices(r_examples, task_ids, stream_ids, data["n"],
+                                   examples_per_task)
+    x, ys = sampling.gather_batch(data, ts_arrays, task_ids, idx)
+
+    def loss_fn(params):
+      losses = slot_losses(model, params, x, ys, task_ids)
+      return objectives.weighted_sum(losses, task_ids, weights), losses
+
+    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
+    params, opt_state = optim.update(tx, grads, state["opt_state"], state["params"],
+                                     model.task_rows, active)
+    meas = {
+        "loss": total,
+        "task_loss_sum": jax.ops.segment_sum(losses, task_ids, num_tasks),
+        "task_count": jax.ops.segment_sum(jnp.ones_like(losses), task_ids, num_tasks),
+    }
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, meas
+
+  def train_step(state, data):
+    state, meas = jax.lax.scan(lambda s, _: one_step(s, data), state, None,
+                               length=steps_per_call)
+    return state, jax.tree.map(lambda m: m.sum(axis=0), meas)
+
+  return train_step
+
+
+def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
+                   label_std: np.ndarray, num_examples: int, batch_size: int
+                   ) -> Callable:
+  """Returns ``eval_step(params, split) -> {"sums": {group: {metric: [T]}},
+  "count": [T]}`` over every example of every task (not jitted).
+
+  ``num_examples`` is the padded example axis of the split (static).
+  """
+  ts = model.taskset
+  num_tasks = len(ts)
+  chunk = int(min(batch_size, num_examples))
+  num_chunks = math.ceil(num_examples / chunk)
+  task_ids = jnp.arange(num_tasks, dtype=jnp.int32)
+  group_of = jnp.asarray(ts.group_of_task)
+  mean = jnp.asarray(label_mean)[:, None]
+  std = jnp.asarray(label_std)[:, None]
+  ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
+
+  def eval_step(params, split):
+    def body(acc, c):
+      pos = c * chunk + jnp.arange(chunk)
+      valid = pos[None, :] < split["n"][:, None]                      # [T, C]
+      idx = jnp.broadcast_to(jnp.minimum(pos, num_examples - 1), (num_tasks, chunk))
+      x, ys = sampling.gather_batch(split, ts_arrays, task_ids, idx)
+      outs = model.apply(params, x, task_ids)
+      sums = {}
+      for gi, g in enumerate(ts.groups):
+        vals = tasks_lib.example_metrics(ts.group_task(g), outs[g], ys[g], mean, std)
+        mask = valid & (group_of == gi)[:, None]
+        sums[g] = {k: acc["sums"][g][k] + jnp.sum(jnp.where(mask, v, 0.0), axis=1)
+                   for k, v in vals.items()}
+      return {"sums": sums, "count": acc["count"] + valid.sum(axis=1)}, None
+
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    acc0 = {"sums": {g: {k: zeros for k in ts.group_task(g).metric_names}
+                     for g in ts.groups},
+            "count": jnp.zeros((num_tasks,), jnp.int32)}
+    acc, _ = jax.lax.scan(body, acc0, jnp.arange(num_chunks))
+    return acc
+
+  return eval_step
+
+
+def eval_metrics(taskset: tasks_lib.TaskSet, acc) -> dict[str, dict[str, float]]:
+  """``{task: {metric: value}}`` from an eval step's sums and counts."""
+  acc = jax.device_get(acc)
+  out = {}
+  for i, t in enumerate(taskset):
+    n = max(int(acc["count"][i]), 1)
+    out[t.name] = {k: float(acc["sums"][t.group][k][i]) / n for k in t.metric_names}
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------
+
+
+class _Progress:
+  """A progress line with throughput and ETA at every log step."""
+
+  def __init__(self, total: int, first: int):
+    self.total, self.first, self.t0 = total, first, None
+
+  def line(self, step: int, loss: float) -> str:
+    now = time.perf_counter()
+    if self.t0 is None:  # the first call includes compilation
+      self.t0, self.s0 = now, step
+      rate, eta = float("nan"), "?"
+    else:
+      rate = (step - self.s0) / max(now - self.t0, 1e-9)
+      eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) / max(rate, 1e-9)))
+    pct = 100.0 * step / self.total
+    width = 20
+    bar = "#" * int(width * step / self.total)
+    return (f"[{bar:<{width}}] step {step}/{self.total} ({pct:5.1f}%) "
+            f"loss {loss:.4f} | {rate:.1f} steps/s | ETA {eta}")
+
+
+def _reduce_steps_per_call(config) -> int:
+  spc = int(config.steps_per_call)
+  for key in ("total_steps", "log_steps", "eval_steps", "checkpoint_steps"):
+    spc = math.gcd(spc, int(config[key]))
+  return spc
+
+
+def _write_jsonl(path, record):
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+  """Trains, evaluates per task, checkpoints, and writes the workdir outputs.
+
+  Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl`` (one line
+  per log/eval step), ``summary.json`` (``{"tasks": {TASK: {METRIC: value}},
+  ...}``). Running again with the same workdir resumes from the latest
+  checkpoint. ``callbacks(step, measurements)`` run after every host call
+  (e.g. to stop a run early in tests).
+
+  Returns:
+    the summary dict.
+  """
+  # --- Config and data --------------------------------------------------------
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  data = data_from_config(config)
+  ts = data.taskset
+  num_tasks = len(ts)
+  k = config.sampling.tasks_per_step or num_tasks
+  probs = sampling.task_probabilities(config.sampling.task_sampler, data.num_train,
+                                      config.sampling.temperature)
+  weights = tasks_lib.task_weights(ts, config.objective.weights.to_dict())
+  steps_per_call = _reduce_steps_per_call(config)
+  logger.info("Data %s: %d tasks %s, input shape %s, train sizes %s, groups %s.",
+               data.name, num_tasks, list(ts.names), data.input_shape,
+               data.num_train.tolist(), list(ts.groups))
+
+  # --- Model and optimizer ----------------------------------------------------
+  model = model_from_config(config, ts, data.input_shape)
+  tx = optimizer_from_config(config)
+  train_fn = make_train_step(
+      model, tx, task_probs=probs, weights=weights, tasks_per_step=k,
+      examples_per_task=config.sampling.examples_per_task,
+      replace=config.sampling.replace, steps_per_call=steps_per_call, seed=config.seed)
+  eval_fn = make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
+                           num_examples=data.test["x"].shape[1],
+                           batch_size=config.eval_batch_size)
+
+  # --- State: shapes, placement, resume ---------------------------------------
+  init_rng = jax.random.key(config.seed + 1)
+  state = jax.jit(lambda r: init_train_state(model, tx, r))(init_rng)
+  for name, leaf in params_lib.flatten_with_names(state["params"]):
+    logger.info("param %-50s %s", name, tuple(leaf.shape))
+  logger.info("Parameters: %d (shared %d, per-task %d).",
+               params_lib.count(state["params"]),
+               params_lib.count(state["params"]["shared"]),
+               params_lib.count(state["params"]["tasks"]))
+  manager = ckpt_lib.make_manager(workdir)
+  restored = ckpt_lib.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+    logger.info("Resumed from %s at step %d.", manager.directory, int(state["step"]))
+  train_data = jax.device_put(data.train)
+  test_data = jax.device_put(data.test)
+
+  train_step = jax.jit(train_fn, donate_argnums=(0,))
+  eval_step = jax.jit(eval_fn)
+
+  # --- Loop -------------------------------------------------------------------
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  total = int(config.total_steps)
+  step = int(state["step"])
+  progress = _Progress(total, step)
+  last_eval = None
+  while step < total:
+    state, meas = train_step(state, train_data)
+    step += steps_per_call
+    for cb in callbacks:
+      cb(step, meas)
+    record = None
+    if step % config.log_steps == 0 or step == total:
+      meas = jax.device_get(meas)
+      record = {"step": step, "train/loss": float(meas["loss"]) / steps_per_call}
+      for i, t in enumerate(ts):
+        if meas["task_count"][i] > 0:
+          record[f"train/{t.name}/loss"] = float(
+              meas["task_loss_sum"][i] / meas["task_count"][i])
+      logger.info("%s", progress.line(step, record["train/loss"]))
+    if step % config.eval_steps == 0 or step == total:
+      last_eval = eval_metrics(ts, eval_step(state["params"], test_data))
+      record = record or {"step": step}
+      for tname, ms in last_eval.items():
+        for mname, v in ms.items():
+          record[f"eval/{tname}/{mname}"] = v
+    if record is not None:
+      _write_jsonl(metrics_path, record)
+    if step % config.checkpoint_steps == 0 or step == total:
+      ckpt_lib.save(manager, step, state)
+
+  if last_eval is None:  # resumed at or past the end: evaluate what was restored
+    last_eval = eval_metrics(ts, eval_step(state["params"], test_data))
+  compiles = train_step._cache_size()  # pylint: disable=protected-access
+  summary = {
+      "data": data.name,
+      "arch": config.model.arch,
+      "step": step,
+      "tasks": last_eval,
+      "metric_directions": {m: tasks_lib.METRIC_DIRECTIONS[m]
+                            for ms in last_eval.values() for m in ms},
+      "train_step_compilations": int(compiles),
+      "config": config.to_dict(),
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  manager.close()
+  logger.info("Final test metrics:\n%s", format_table(last_eval))
+  return summary
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+  names = sorted({m for ms in metrics.values() for m in ms})
+  rows = [["task"] + names]
+  for t, ms in metrics.items():
+    rows.append([t] + [f"{ms[m]:.4f}" if m in ms else "-" for m in names])
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
