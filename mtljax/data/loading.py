@@ -104,8 +104,9 @@ def _read_source(source) -> dict[str, np.ndarray]:
   n = len(source)
   if n == 0:
     return {}
-  records = source.__getitems__(list(range(n)))
-  records = [_flatten(r) for r in records]
+  # Per-index reads: tfds.testing.mock_data's __getitems__ has another
+  # signature, and one code path serves real and mocked sources alike.
+  records = [_flatten(source[i]) for i in range(n)]
   return {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
 
 
@@ -146,14 +147,15 @@ def read_splits(name: str, *, data_dir: str | None = None, builder_config: str =
   arrays = {}
   for s in splits:
     try:
-      arrays[s] = _read_source(builder.as_data_source(split=s))
-    except Exception as e:
+      source = builder.as_data_source(split=s)
+    except Exception as e:  # not prepared, or prepared in another file format
       raise DataNotAvailableError(
           f"TFDS data set {full!r} (split {s!r}) is not prepared in data_dir="
           f"{data_dir!r}, and mtljax never downloads. On a machine with network "
           f"run `tfds build {name} --file_format=array_record --data_dir=DIR`, "
           f"copy DIR here and pass --config.data.data_dir=DIR. ({type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    arrays[s] = _read_source(source)
   return builder.info.features, arrays
 
 

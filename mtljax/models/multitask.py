@@ -134,13 +134,12 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
     head_params = {}
     for gi, g in enumerate(groups):
       out = taskset.group_task(g).out_dim
-      r_g = jax.random.fold_in(r_heads, gi)
-      if per_task_heads:
+      if per_task_heads:  # keyed by stream id only, so subsets init alike
         members = taskset.group_members(g)
         head_params[g] = jax.vmap(lambda k, o=out: head_init(k, o))(
-            per_task_keys(r_g, members))
+            per_task_keys(r_heads, members))
       else:
-        head_params[g] = head_init(r_g, out)
+        head_params[g] = head_init(jax.random.fold_in(r_heads, gi), out)
     (task_params if per_task_heads else shared)["heads"] = head_params
     return {"shared": shared, "tasks": task_params}
 

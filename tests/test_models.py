@@ -1,0 +1,182 @@
+"""Architectures: conditioning equivalences, parameter layout, and the vmapped
+per-task loss against a float64 numpy loop over tasks."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtljax import params as params_lib
+from mtljax import tasks
+from mtljax import train
+from mtljax.models import multitask
+
+CLS3 = tasks.TaskSet(tuple(tasks.Task(f"t{i}", "classification", 10) for i in range(3)))
+MIXED = tasks.TaskSet((tasks.Task("a", "classification", 10), tasks.Task("r", "regression"),
+                       tasks.Task("b", "classification", 10), tasks.Task("c", "binary")))
+
+
+def _x(shape, k=3, b=5, seed=0):
+  return jax.random.normal(jax.random.key(seed), (k, b) + shape)
+
+
+def _concat_to_additive(params, cond_layers):
+  """Splits each conditioned layer's concat kernel [D + Z, F] into the additive
+  layout: kernel [D, F] (input rows) and z_kernel [Z, F] (descriptor rows)."""
+  trunk = dict(params["shared"]["trunk"])
+  z_dim = len(CLS3)
+  for l in cond_layers:
+    layer = dict(trunk[f"layer_{l}"])
+    k = layer["kernel"]
+    layer["kernel"], layer["z_kernel"] = k[:-z_dim], k[-z_dim:]
+    trunk[f"layer_{l}"] = layer
+  return {"shared": {**params["shared"], "trunk": trunk}, "tasks": params["tasks"]}
+
+
+@pytest.mark.parametrize("encoder, shape, layers", [
+    ("mlp", (6,), (0,)), ("mlp", (6,), (0, 1)), ("cnn", (8, 8), (1,))])
+def test_concat_and_additive_conditioning_are_the_same_function(encoder, shape, layers):
+  kw = dict(encoder=encoder, hidden=(16, 8), channels=(4,), cond_layers=layers)
+  concat = multitask.make_model("concat", CLS3, shape, **kw)
+  additive = multitask.make_model("additive", CLS3, shape, **kw)
+  p_concat = concat.init(jax.random.key(0))
+  p_add = _concat_to_additive(p_concat, layers)
+  # Same tree as additive's own init: the mapping is a re-labelling of parameters.
+  assert (jax.tree.structure(p_add) ==
+          jax.tree.structure(additive.init(jax.random.key(1))))
+  x, ids = _x(shape), jnp.array([0, 2, 1])
+  out_c = concat.apply(p_concat, x, ids)["classification10"]
+  out_a = additive.apply(p_add, x, ids)["classification10"]
+  np.testing.assert_allclose(out_c, out_a, rtol=1e-5, atol=1e-5)
+  # And the conditioning does something: the same inputs, another task, other outputs.
+  other = concat.apply(p_concat, x, jnp.array([1, 0, 2]))["classification10"]
+  assert not np.allclose(out_c, other, atol=1e-3)
+
+
+def test_architectures_differ_from_each_other():
+  x, ids = _x((6,)), jnp.array([0, 1, 2])
+  outs, trees = {}, {}
+  for arch in multitask.ARCHS:
+    m = multitask.make_model(arch, CLS3, (6,), hidden=(16, 8), cond_layers=(0,))
+    p = m.init(jax.random.key(0))
+    trees[arch] = {n: a.shape for n, a in params_lib.flatten_with_names(p)}
+    outs[arch] = np.asarray(m.apply(p, x, ids)["classification10"])
+  for a, b in itertools.combinations(multitask.ARCHS, 2):
+    assert not np.allclose(outs[a], outs[b], atol=1e-4), (a, b)
+  # Where parameters live: the lecture's sharing spectrum.
+  t = trees
+  assert not any(n.startswith("shared/") for n in t["independent"])
+  assert t["independent"]["tasks/trunk/layer_0/kernel"] == (3, 6, 16)
+  assert t["multi_head"]["shared/trunk/layer_0/kernel"] == (6, 16)
+  assert t["multi_head"]["tasks/heads/classification10/kernel"] == (3, 8, 10)
+  assert not any(n.startswith("tasks/") for n in t["concat"])
+  assert t["concat"]["shared/trunk/layer_0/kernel"] == (6 + 3, 16)
+  assert t["additive"]["shared/trunk/layer_0/z_kernel"] == (3, 16)
+  assert t["multiplicative"]["shared/trunk/layer_0/z_gate"] == (3, 16)
+  assert t["concat"]["shared/heads/classification10/kernel"] == (8, 10)
+
+
+def test_multiplicative_gating_closed_forms():
+  mult = multitask.make_model("multiplicative", CLS3, (6,), hidden=(16,), cond_layers=(0,))
+  plain = multitask.make_model("multi_head", CLS3, (6,), hidden=(16,), heads="shared")
+  p = mult.init(jax.random.key(0))
+  x, ids = _x((6,)), jnp.array([0, 1, 2])
+  # Gates start at one: the network equals the unconditioned one.
+  p_plain = jax.tree.map(lambda a: a, p)
+  del p_plain["shared"]["trunk"]["layer_0"]["z_gate"]
+  np.testing.assert_allclose(mult.apply(p, x, ids)["classification10"],
+                             plain.apply(p_plain, x, ids)["classification10"], atol=1e-6)
+  # Closing every unit of task 1 leaves only its head's bias.
+  gate = p["shared"]["trunk"]["layer_0"]["z_gate"].at[1].set(0.0)
+  p["shared"]["trunk"]["layer_0"]["z_gate"] = gate
+  p["shared"]["heads"]["classification10"]["bias"] = jnp.arange(10.0)
+  out = mult.apply(p, x, ids)["classification10"]
+  np.testing.assert_allclose(out[1], np.broadcast_to(np.arange(10.0), (5, 10)), atol=1e-6)
+  assert not np.allclose(out[0], out[1])
+
+
+# ---------------------------------------------------------------------------
+# Vmapped per-task loss == float64 numpy loop over tasks
+# ---------------------------------------------------------------------------
+
+
+def _np_mlp(layers, x):
+  h = x.reshape(x.shape[0], -1).astype(np.float64)
+  for l in range(len(layers)):
+    h = np.maximum(h @ np.float64(layers[f"layer_{l}"]["kernel"])
+                   + np.float64(layers[f"layer_{l}"]["bias"]), 0.0)
+  return h
+
+
+def _np_loss(task, out, y):
+  if task.kind == "classification":
+    m = out.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(out - m).sum(-1, keepdims=True)))[:, 0]
+    return np.mean(lse - out[np.arange(len(y)), y.astype(int)])
+  if task.kind == "binary":
+    z = out[:, 0]
+    return np.mean(np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - y * z)
+  return np.mean((out[:, 0] - y) ** 2)
+
+
+def _random_labels(ts, task_ids, b, rng):
+  ys = {}
+  for g in ts.groups:
+    t = ts.group_task(g)
+    if t.kind == "regression":
+      ys[g] = rng.normal(size=(len(task_ids), b)).astype(np.float32)
+    else:
+      ys[g] = rng.integers(0, 2 if t.kind == "binary" else t.num_classes,
+                           (len(task_ids), b)).astype(np.int32)
+  return ys
+
+
+@pytest.mark.parametrize("arch", ["independent", "multi_head", "concat"])
+def test_vmapped_slot_losses_equal_float64_numpy_loop(arch):
+  ts = MIXED
+  model = multitask.make_model(arch, ts, (5,), hidden=(12, 7), cond_layers=(0,))
+  p = jax.device_get(model.init(jax.random.key(3)))
+  task_ids = np.array([3, 0, 2, 1, 0], np.int32)  # every group, one task twice
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(len(task_ids), 9, 5)).astype(np.float32)
+  ys = _random_labels(ts, task_ids, 9, rng)
+  got = np.asarray(train.slot_losses(model, p, jnp.asarray(x),
+                                     jax.tree.map(jnp.asarray, ys), jnp.asarray(task_ids)))
+
+  want = []
+  for k, t in enumerate(task_ids):  # the reference: one task at a time
+    task = ts.tasks[t]
+    if arch == "independent":
+      trunk = jax.tree.map(lambda a: a[t], p["tasks"]["trunk"])
+      h = _np_mlp(trunk, x[k])
+    elif arch == "concat":
+      z = np.zeros((9, len(ts))); z[:, t] = 1.0
+      trunk = p["shared"]["trunk"]
+      h = np.maximum(np.concatenate([x[k], z], 1) @ np.float64(trunk["layer_0"]["kernel"])
+                     + trunk["layer_0"]["bias"], 0)
+      h = np.maximum(h @ np.float64(trunk["layer_1"]["kernel"]) + trunk["layer_1"]["bias"], 0)
+    else:
+      h = _np_mlp(p["shared"]["trunk"], x[k])
+    if arch == "concat":
+      head = p["shared"]["heads"][task.group]
+    else:
+      row = int(ts.local_index[t])
+      head = jax.tree.map(lambda a: a[row], p["tasks"]["heads"][task.group])
+    out = h @ np.float64(head["kernel"]) + np.float64(head["bias"])
+    want.append(_np_loss(task, out, ys[task.group][k].astype(np.float64)))
+  np.testing.assert_allclose(got, np.array(want), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(arch="mixture"), "config.model.arch='mixture'"),
+    (dict(arch="multi_head", encoder="transformer"), "config.model.encoder='transformer'"),
+    (dict(arch="multi_head", heads="some"), "config.model.heads='some'"),
+    (dict(arch="concat", cond_layers=(2,)), r"cond_layers=\(2,\): layer\(s\) \[2\]"),
+    (dict(arch="concat", cond_layers=()), "cond_layers is empty"),
+    (dict(arch="multi_head", encoder="cnn"), "needs image inputs"),
+])
+def test_bad_model_config_raises_before_compiling(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    multitask.make_model(kwargs.pop("arch"), CLS3, (6,), hidden=(8, 8), **kwargs)

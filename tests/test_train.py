@@ -1,0 +1,188 @@
+"""The compiled train step and eval step."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtljax import optim
+from mtljax import tasks
+from mtljax import train
+from mtljax.data import loading
+from mtljax.data import sampling
+from mtljax.models import multitask
+
+
+def _shared_input_data(n_train=64, n_test=30, seed=0):
+  """Three tasks of three kinds reading the same 5-d inputs."""
+  spec = loading.DataSpec("x", (
+      loading.TaskColumn(tasks.Task("r", "regression"), "y"),
+      loading.TaskColumn(tasks.Task("c", "classification", 3), "c"),
+      loading.TaskColumn(tasks.Task("b", "binary"), "b"),
+      loading.TaskColumn(tasks.Task("c2", "classification", 3), "c2")))
+  rng = np.random.default_rng(seed)
+
+  def split(n):
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    return {"x": x, "y": (3 * x[:, 0] + 10).astype(np.float32),
+            "c": (x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1),
+            "b": (x[:, 3] > 0).astype(np.int64), "c2": rng.integers(0, 3, n)}
+  return spec, {"train": split(n_train), "test": split(n_test)}
+
+
+def _family_data(sizes_train, sizes_test):
+  """One regression task per value of 'task', each with its own inputs and sizes."""
+  spec = loading.DataSpec("x", (loading.TaskColumn(tasks.Task("s", "regression"), "y"),),
+                          split_key="task")
+  rng = np.random.default_rng(1)
+
+  def split(sizes):
+    task = np.concatenate([np.full(n, t) for t, n in enumerate(sizes)])
+    x = rng.uniform(-3, 3, (len(task), 1)).astype(np.float32)
+    y = ((task + 1) * np.sin(x[:, 0]) + task).astype(np.float32)
+    return {"x": x, "y": y, "task": task}
+  return spec, {"train": split(sizes_train), "test": split(sizes_test)}
+
+
+def _setup(data, arch="multi_head", k=None, replace=False, steps_per_call=1, weights=None,
+           lr=1e-2):
+  ts = data.taskset
+  model = multitask.make_model(arch, ts, data.input_shape, hidden=(16, 8))
+  tx = optim.make_optimizer("adam", lr=lr)
+  fn = train.make_train_step(
+      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
+      weights=tasks.task_weights(ts, weights), tasks_per_step=k or len(ts),
+      examples_per_task=16, replace=replace, steps_per_call=steps_per_call, seed=7)
+  state = train.init_train_state(model, tx, jax.random.key(0))
+  return model, fn, state
+
+
+def test_unsampled_tasks_heads_and_optimizer_state_are_bitwise_unchanged():
+  data = loading.build_task_data("toy", *_shared_input_data())
+  model, fn, state = _setup(data, k=1)  # one of four tasks per step
+  step = jax.jit(fn)
+  data_dev = jax.device_put(data.train)
+  times_sampled = np.zeros(4, int)
+  for _ in range(12):
+    new, meas = step(state, data_dev)
+    sampled = np.asarray(meas["task_count"]) > 0
+    assert sampled.sum() == 1
+    times_sampled += sampled
+    for stack, rows in model.task_rows.items():
+      for part in ("params", "opt_state"):
+        old_leaves = jax.tree.leaves(_get(state[part]["tasks"], stack))
+        new_leaves = jax.tree.leaves(_get(new[part]["tasks"], stack))
+        assert old_leaves
+        for o, n in zip(old_leaves, new_leaves):
+          o, n = np.asarray(o), np.asarray(n)
+          for r, t in enumerate(rows):
+            if not sampled[t]:
+              assert np.array_equal(o[r], n[r]), (part, stack, t)  # bitwise
+    # The sampled head moved; the shared trunk moves every step.
+    t = int(np.flatnonzero(sampled)[0])
+    g = data.taskset.tasks[t].group
+    r = int(data.taskset.local_index[t])
+    assert not np.array_equal(state["params"]["tasks"]["heads"][g]["kernel"][r],
+                              new["params"]["tasks"]["heads"][g]["kernel"][r])
+    assert not np.array_equal(state["params"]["shared"]["trunk"]["layer_0"]["kernel"],
+                              new["params"]["shared"]["trunk"]["layer_0"]["kernel"])
+    state = new
+  # Each head's Adam step count is the number of steps its task was sampled.
+  for g in data.taskset.groups:
+    counts = np.asarray(state["opt_state"]["tasks"]["heads"][g][0].count)
+    np.testing.assert_array_equal(counts, times_sampled[data.taskset.group_members(g)])
+  assert times_sampled.min() > 0
+
+
+def _get(tree, path):
+  for p in path.split("/"):
+    tree = tree[p]
+  return tree
+
+
+def test_independent_equals_single_task_trainings():
+  spec, arrays = _shared_input_data()
+  full = loading.build_task_data("toy", spec, arrays)
+  _, fn, state = _setup(full, arch="independent", steps_per_call=5)
+  step = jax.jit(fn)
+  d = jax.device_put(full.train)
+  for _ in range(4):
+    state, _ = step(state, d)
+  for t, name in enumerate(full.taskset.names):
+    single = loading.build_task_data("toy", spec, arrays, task_names=(name,))
+    _, fn1, s1 = _setup(single, arch="independent", steps_per_call=5)
+    step1 = jax.jit(fn1)
+    d1 = jax.device_put(single.train)
+    for _ in range(4):
+      s1, _ = step1(s1, d1)
+    g = full.taskset.tasks[t].group
+    r = int(full.taskset.local_index[t])
+    pairs = [(jax.tree.map(lambda a: a[t], state["params"]["tasks"]["trunk"]),
+              jax.tree.map(lambda a: a[0], s1["params"]["tasks"]["trunk"])),
+             (jax.tree.map(lambda a: a[r], state["params"]["tasks"]["heads"][g]),
+              jax.tree.map(lambda a: a[0], s1["params"]["tasks"]["heads"][g]))]
+    for multi, alone in pairs:
+      chex.assert_trees_all_close(multi, alone, rtol=1e-5, atol=1e-6)
+    # ... and training really moved the parameters.
+    s0 = _setup(single, arch="independent")[2]
+    assert not np.allclose(s0["params"]["tasks"]["trunk"]["layer_0"]["kernel"],
+                           s1["params"]["tasks"]["trunk"]["layer_0"]["kernel"])
+
+
+def test_train_step_traces_once():
+  data = loading.build_task_data("toy", *_shared_input_data())
+  _, fn, state = _setup(data, k=2, steps_per_call=3)
+  step = jax.jit(chex.assert_max_traces(fn, n=1), donate_argnums=(0,))
+  d = jax.device_put(data.train)
+  state = jax.device_put(state)
+  for _ in range(4):
+    state, _ = step(state, d)
+  assert int(state["step"]) == 12
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_zero_weight_task_does_not_move():
+  data = loading.build_task_data("toy", *_shared_input_data())
+  _, fn, state = _setup(data, arch="independent", weights={"c": 0.0}, steps_per_call=5)
+  new, _ = jax.jit(fn)(state, jax.device_put(data.train))
+  before, after = state["params"]["tasks"]["trunk"], new["params"]["tasks"]["trunk"]
+  c = data.taskset.index("c")
+  for o, n in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    assert np.array_equal(o[c], n[c])
+    assert not np.array_equal(o[c - 1], n[c - 1])
+
+
+def test_objective_is_the_weighted_sum_of_slot_losses():
+  data = loading.build_task_data("toy", *_shared_input_data())
+  model, fn, state = _setup(data, k=4, steps_per_call=1, weights=[0.5, 2.0, 1.0, 3.0])
+  _, meas = jax.jit(fn)(state, jax.device_put(data.train))
+  per_task = np.asarray(meas["task_loss_sum"])  # each task once (K = T)
+  np.testing.assert_allclose(float(meas["loss"]), per_task @ [0.5, 2.0, 1.0, 3.0],
+                             rtol=1e-5)
+
+
+def test_eval_step_matches_numpy_over_unequal_task_sizes():
+  spec, arrays = _family_data([20, 35, 9], [13, 31, 5])
+  data = loading.build_task_data("fam", spec, arrays)
+  model, _, state = _setup(data, arch="concat")
+  n_pad = data.test["x"].shape[1]
+  ev = jax.jit(train.make_eval_step(model, label_mean=data.label_mean,
+                                    label_std=data.label_std, num_examples=n_pad,
+                                    batch_size=7))  # 5 chunks, the last one partial
+  got = train.eval_metrics(data.taskset, ev(state["params"], jax.device_put(data.test)))
+  for t, name in enumerate(data.taskset.names):
+    n = int(data.test["n"][t])
+    x = data.test["x"][data.test["source"][t], :n][None]
+    out = np.asarray(model.apply(state["params"], jnp.asarray(x),
+                                 jnp.array([t]))["regression1"])[0, :, 0].astype(np.float64)
+    pred = out * data.label_std[t] + data.label_mean[t]
+    y_raw = arrays["test"]["y"][arrays["test"]["task"] == t].astype(np.float64)
+    np.testing.assert_allclose(got[name]["mse"], np.mean((pred - y_raw) ** 2), rtol=1e-4)
+    np.testing.assert_allclose(got[name]["mae"], np.mean(np.abs(pred - y_raw)), rtol=1e-4)
+
+
+def test_k_larger_than_t_without_replacement_raises():
+  data = loading.build_task_data("toy", *_shared_input_data())
+  with pytest.raises(ValueError, match=r"tasks_per_step=5 must be in \[1, 4\]"):
+    _setup(data, k=5)
