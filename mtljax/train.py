@@ -327,7 +327,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                params_lib.count(state["params"]["tasks"]))
   manager = ckpt_lib.make_manager(workdir)
   restored = ckpt_lib.restore_latest(manager, state)
+  resumed_from = None
   if restored is not None:
+    resumed_from = int(restored["step"])
     state = restored
     logger.info("Resumed from %s at step %d.", manager.directory, int(state["step"]))
   train_data = jax.device_put(data.train)
@@ -378,6 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "metric_directions": {m: tasks_lib.METRIC_DIRECTIONS[m]
                             for ms in last_eval.values() for m in ms},
       "train_step_compilations": int(compiles),
+      "resumed_from_step": resumed_from,
       "config": config.to_dict(),
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:

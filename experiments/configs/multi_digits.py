@@ -22,6 +22,7 @@ def get_config(arg: str = ""):
   c.model.channels = (16, 32)
   c.model.hidden = (128,)
   c.sampling.examples_per_task = 64
+  c.optim.lr = 3e-3
   c.total_steps = 3000
   c.log_steps = 250
   c.eval_steps = 1000
