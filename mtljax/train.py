@@ -178,6 +178,9 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     }
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, meas
 
+  if steps_per_call == 1:  # a plain step: no loop to pay for
+    return one_step
+
   def train_step(state, data):
     state, meas = jax.lax.scan(lambda s, _: one_step(s, data), state, None,
                                length=steps_per_call)

@@ -65,6 +65,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_matches(tmp_path):
 
   summary = train.train_and_evaluate(_small_digits_config(), interrupted)
   assert summary["resumed_from_step"] == 100 and summary["step"] == 200
+  assert summary["train_step_compilations"] == 1  # restored state placed like a fresh one
   steps = [json.loads(l)["step"] for l in open(os.path.join(interrupted, "metrics.jsonl"))]
   assert steps == [100, 200]  # the first run logged 100, died at 150; the rerun 200
   step_a, params_a = _final_params(straight)

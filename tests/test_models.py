@@ -180,3 +180,16 @@ def test_vmapped_slot_losses_equal_float64_numpy_loop(arch):
 def test_bad_model_config_raises_before_compiling(kwargs, match):
   with pytest.raises(ValueError, match=match):
     multitask.make_model(kwargs.pop("arch"), CLS3, (6,), hidden=(8, 8), **kwargs)
+
+
+@pytest.mark.parametrize("k, c_in, c_out", [(3, 1, 4), (3, 5, 2), (5, 3, 3), (2, 2, 3)])
+def test_patch_conv_equals_xla_same_convolution(k, c_in, c_out):
+  from mtljax.models import encoders
+  x = jax.random.normal(jax.random.key(0), (2, 7, 9, c_in))
+  conv = encoders.PatchConv(c_out, k)
+  p = conv.init(jax.random.key(1), x)
+  p = jax.tree.map(lambda a: a + 0.1, p)  # a non-zero bias too
+  want = jax.lax.conv_general_dilated(
+      x, p["params"]["kernel"], (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["params"]["bias"]
+  np.testing.assert_allclose(conv.apply(p, x), want, rtol=1e-5, atol=1e-5)

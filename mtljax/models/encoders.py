@@ -54,6 +54,35 @@ class CondDense(nn.Module):
     return h @ k + b
 
 
+class PatchConv(nn.Module):
+  """A stride-1 SAME convolution as im2col (shifted slices) plus one matmul.
+
+  Same parameters and outputs as ``nn.Conv(features, (k, k), padding="SAME")``
+  (kernel ``[k, k, C_in, C_out]``, bias ``[C_out]``), but lowered to slices and
+  a dot instead of an XLA convolution. On CPU this matters twice (measured in
+  BUILD_NOTES.md): XLA:CPU runs convolutions several times slower inside loops
+  (``lax.scan``), and vmapping per-task kernels (the ``independent``
+  architecture) turns a convolution into a grouped one, which XLA:CPU runs
+  poorly; a vmapped dot is a plain batched matmul.
+  """
+  features: int
+  kernel_size: int = 3
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, C]
+    k = self.kernel_size
+    c_in = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (k, k, c_in, self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    lo = (k - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
+    h, w = x.shape[1], x.shape[2]
+    patches = jnp.concatenate(
+        [xp[:, i:i + h, j:j + w, :] for i in range(k) for j in range(k)], axis=-1)
+    return patches @ kernel.reshape(k * k * c_in, self.features) + bias
+
+
 class MLP(nn.Module):
   """Flattens the input, then ``len(hidden)`` ReLU dense layers."""
   hidden: Sequence[int]
@@ -78,7 +107,7 @@ class CNN(nn.Module):
   def __call__(self, x, z=None):
     h = x if x.ndim == 4 else x[..., None]  # [B, H, W] -> [B, H, W, 1]
     for i, c in enumerate(self.channels):
-      h = nn.relu(nn.Conv(c, (3, 3), padding="SAME", name=f"conv_{i}")(h))
+      h = nn.relu(PatchConv(c, 3, name=f"conv_{i}")(h))
       if h.shape[1] >= 2 and h.shape[2] >= 2:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
     h = h.reshape(h.shape[0], -1)
