@@ -1,0 +1,299 @@
+"""Gradient-combination methods as pure, jittable functions of task gradients.
+
+Every method here returns an update direction ``d = sum_j beta_j g_j`` whose
+weights ``beta`` are computable from the Gram matrix ``K = G G^T`` alone
+(``G [T, D]``: one row per task gradient of the shared parameters). So each
+method is written once as ``NAME_weights(K, ...) -> (beta, info)`` and exposed
+as ``NAME(G, ...) -> (d, beta, info)``, where ``G`` is a ``[T, D]`` matrix or a
+pytree whose leaves have a leading task axis (``K`` is then summed over leaves,
+never materialising the concatenated Jacobian). ``info`` is a dict of scalars
+that says whether an iterative solver converged (no method silently degrades to
+another; a caller decides what to do with ``converged == False``).
+
+Solvers run in JAX on the device: projected gradient with backtracking on the
+simplex (MGDA, CAGrad), damped Newton (Nash-MTL), eigendecomposition
+(Aligned-MTL), a linear solve (IMTL-G).
+
+Scaling conventions (stated per method, as the papers' code does them):
+
+* ``mgda``: ``beta`` on the simplex (sums to 1): ``d`` is the min-norm point of
+  the convex hull of the gradients (Sener & Koltun 2018, no normalisation).
+* ``pcgrad``: ``d = sum_i g_i^PC`` (a *sum* over tasks, Yu et al. 2020).
+* ``cagrad``: ``d = (g0 + c ||g0|| g_w / ||g_w||) / (1 + c^2)`` with ``g0`` the
+  *mean* gradient (Liu et al. 2021, official code's ``rescale=1``).
+* ``imtl_g``: ``beta`` sums to 1 (Liu et al. 2021, IMTL-G).
+* ``nash_mtl``: ``beta`` solves ``K beta = 1 / beta`` (Navon et al. 2022); no
+  normalisation.
+* ``aligned_mtl``: ``beta = 1^T B`` with ``B = sigma_min V Lambda^{-1/2} V^T``
+  (Senushkin et al. 2023, uniform task weights).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+GRADIENT_METHODS = ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl")
+
+
+# ----------------------------------------------------------------------------
+# Gram matrices and directions for matrices or pytrees of task gradients.
+# ----------------------------------------------------------------------------
+
+
+def gram(grads) -> jax.Array:
+  """``K = G G^T`` ``[T, T]`` for ``G [T, D]`` or a pytree with task axis 0."""
+  leaves = jax.tree.leaves(grads)
+  if not leaves:
+    raise ValueError("gram: no gradients.")
+  t = leaves[0].shape[0]
+  k = jnp.zeros((t, t), jnp.float32)
+  for leaf in leaves:
+    if leaf.shape[0] != t:
+      raise ValueError(f"gram: leaves disagree on the task axis ({leaf.shape[0]} vs {t}).")
+    flat = leaf.reshape(t, -1).astype(jnp.float32)
+    k = k + flat @ flat.T
+  return k
+
+
+def combine(beta: jax.Array, grads):
+  """``sum_j beta_j g_j`` for a matrix or pytree of task gradients."""
+  return jax.tree.map(lambda g: jnp.tensordot(beta.astype(g.dtype), g, axes=1), grads)
+
+
+# ----------------------------------------------------------------------------
+# Simplex solver.
+# ----------------------------------------------------------------------------
+
+
+def project_simplex(v: jax.Array) -> jax.Array:
+  """Euclidean projection onto the probability simplex (Duchi et al. 2008)."""
+  n = v.shape[0]
+  u = jnp.sort(v)[::-1]
+  css = jnp.cumsum(u)
+  idx = jnp.arange(1, n + 1)
+  cond = u - (css - 1.0) / idx > 0
+  rho = jnp.max(jnp.where(cond, idx, 0))
+  theta = (css[rho - 1] - 1.0) / rho
+  return jnp.maximum(v - theta, 0.0)
+
+
+def minimize_on_simplex(f: Callable, x0: jax.Array, lipschitz: jax.Array,
+                        iters: int = 300, tol: float = 1e-5):
+  """FISTA with gradient restart (O'Donoghue & Candes 2015) for a convex ``f``
+  on the simplex.
+
+  The step is ``1 / L`` from ``lipschitz`` (exact for a quadratic); if the
+  sufficient-decrease test fails, ``L`` doubles (backtracking, never shrinks).
+  Returns ``(x, info)``: ``info["gap"]`` is the Frank-Wolfe duality gap
+  ``max_i grad.(x - e_i)`` (0 at the optimum) and ``info["converged"]`` is
+  ``gap <= tol (1 + |f(x)|)``.
+  """
+  grad = jax.grad(f)
+
+  def gap_of(x):
+    g = grad(x)
+    return g @ x - jnp.min(g)
+
+  def step(carry, _):
+    x, y, s, lip, best, best_gap = carry
+    fy, gy = f(y), grad(y)
+
+    def too_long(c):
+      lip, xn = c
+      d = xn - y
+      slack = 1e-6 * jnp.abs(fy) + 1e-12  # float32 rounding
+      return (f(xn) > fy + gy @ d + 0.5 * lip * (d @ d) + slack) & (lip < 1e12)
+
+    def backtrack(c):
+      lip, _ = c
+      return 2.0 * lip, project_simplex(y - gy / (2.0 * lip))
+
+    lip, x_new = jax.lax.while_loop(too_long, backtrack,
+                                    (lip, project_simplex(y - gy / lip)))
+    s_new = (1 + jnp.sqrt(1 + 4 * s * s)) / 2
+    restart = (y - x_new) @ (x_new - x) > 0
+    y_new = jnp.where(restart, x_new, x_new + ((s - 1) / s_new) * (x_new - x))
+    # Keep the iterate with the smallest duality gap: in float32 the momentum
+    # can drift once the gap reaches rounding level.
+    gap = gap_of(x_new)
+    better = gap < best_gap
+    best = jnp.where(better, x_new, best)
+    best_gap = jnp.where(better, gap, best_gap)
+    return (x_new, y_new, jnp.where(restart, 1.0, s_new), lip, best, best_gap), None
+
+  lip0 = jnp.maximum(lipschitz, 1e-12).astype(x0.dtype)
+  init = (x0, x0, jnp.ones((), x0.dtype), lip0, x0, gap_of(x0))
+  (_, _, _, _, x, gap), _ = jax.lax.scan(step, init, None, length=iters)
+  return x, {"gap": gap, "converged": gap <= tol * (1.0 + jnp.abs(f(x)))}
+
+
+# ----------------------------------------------------------------------------
+# Methods: weights from the Gram matrix.
+# ----------------------------------------------------------------------------
+
+
+def mgda_weights(k: jax.Array, iters: int = 300):
+  """MGDA: ``argmin_{a in simplex} a^T K a`` (the min-norm element)."""
+  t = k.shape[0]
+  scale = jnp.maximum(jnp.trace(k) / t, 1e-30)  # solve on K / scale: same argmin
+  kn = k / scale
+  lip = 2.0 * jnp.linalg.eigvalsh(kn)[-1]  # exact: f'' = 2 K
+  return minimize_on_simplex(lambda a: a @ kn @ a, jnp.full((t,), 1.0 / t), lip, iters)
+
+
+def cagrad_weights(k: jax.Array, c: float = 0.5, rescale: int = 1, iters: int = 300):
+  """CAGrad (Liu et al. 2021), the official code's dual.
+
+  ``w = argmin_{w in simplex} w^T K b + c ||g0|| sqrt(w^T K w)`` with
+  ``b = 1/T`` (so ``w^T K b = g_w . g0``); then
+  ``d = g0 + c ||g0|| g_w / ||g_w||`` and, for ``rescale=1``, ``d / (1 + c^2)``
+  (``rescale=2``: ``d / (1 + c)``; ``0``: none).
+  """
+  t = k.shape[0]
+  b = jnp.full((t,), 1.0 / t)
+  g0_norm = jnp.sqrt(jnp.maximum(b @ k @ b, 0.0) + 1e-12)
+  scale = jnp.maximum(jnp.trace(k) / t, 1e-30)
+  kn = k / scale  # same argmin, better conditioned line search
+  cn = c * g0_norm / jnp.sqrt(scale)
+
+  def obj(w):
+    return w @ kn @ b + cn * jnp.sqrt(jnp.maximum(w @ kn @ w, 0.0) + 1e-12)
+
+  # f'' <= cn K / ||g_w||: start from the curvature at the uniform point and
+  # let backtracking raise it where ||g_w|| is smaller.
+  lip = cn * jnp.linalg.eigvalsh(kn)[-1] / jnp.sqrt(b @ kn @ b + 1e-12)
+  w, info = minimize_on_simplex(obj, b, lip, iters)
+  gw_norm = jnp.sqrt(jnp.maximum(w @ k @ w, 0.0) + 1e-12)
+  lam = c * g0_norm / gw_norm
+  beta = b + lam * w
+  if rescale == 1:
+    beta = beta / (1 + c * c)
+  elif rescale == 2:
+    beta = beta / (1 + c)
+  elif rescale != 0:
+    raise ValueError(f"cagrad: rescale must be 0, 1 or 2, got {rescale}.")
+  return beta, {**info, "w": w}
+
+
+def pcgrad_orders(rng: jax.Array, t: int) -> jax.Array:
+  """``[T, T]``: row i is the random order in which task i visits all tasks
+  (itself included; projecting onto itself never happens as g.g >= 0)."""
+  return jax.vmap(lambda r: jax.random.permutation(r, t))(jax.random.split(rng, t))
+
+
+def pcgrad_weights(k: jax.Array, rng: jax.Array):
+  """PCGrad (Yu et al. 2020) in coefficient space.
+
+  ``g_i^PC = C_i G``; visiting task j (in task i's random order), if
+  ``g_i^PC . g_j < 0`` then ``C_i -= (g_i^PC . g_j / ||g_j||^2) e_j``.
+  ``g_i^PC . g_j = (C_i K)_j``. Returns ``beta = sum_i C_i``.
+  """
+  t = k.shape[0]
+  orders = pcgrad_orders(rng, t)
+  sq = jnp.diag(k)
+
+  def one_task(i, order):
+    def visit(ci, j):
+      dot = ci @ k[:, j]
+      coef = jnp.where((dot < 0) & (sq[j] > 0), dot / jnp.where(sq[j] > 0, sq[j], 1.0), 0.0)
+      return ci.at[j].add(-coef), None
+    ci, _ = jax.lax.scan(visit, jax.nn.one_hot(i, t, dtype=k.dtype), order)
+    return ci
+
+  c = jax.vmap(one_task)(jnp.arange(t), orders)
+  return c.sum(axis=0), {"coefficients": c}
+
+
+def imtl_g_weights(k: jax.Array, eps: float = 1e-12):
+  """IMTL-G: ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}``, ``alpha_1 = 1 - sum``,
+  with ``D_j = g_1 - g_j``, ``U_j = u_1 - u_j``, ``u = g / ||g||``; then ``d``
+  has equal projections on every ``u_i``. Computed from K."""
+  t = k.shape[0]
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
+  inv = 1.0 / jnp.maximum(norms, eps)
+  # Coefficients (rows) of D = P_D G and U = P_U G over the task gradients.
+  e = jnp.eye(t, dtype=k.dtype)
+  p_d = e[0][None, :] - e[1:]                      # [T-1, T]
+  p_u = (e[0] * inv[0])[None, :] - e[1:] * inv[1:, None]
+  du = p_d @ k @ p_u.T                             # D U^T  [T-1, T-1]
+  g1u = (e[0] @ k) @ p_u.T                         # g_1 U^T  [T-1]
+  # alpha_rest = g_1 U^T (D U^T)^{-1}; the pseudo-inverse keeps it finite when
+  # D U^T is singular (zero or repeated gradients), reported by "converged".
+  alpha_rest = g1u @ jnp.linalg.pinv(du)
+  alpha = jnp.concatenate([1.0 - alpha_rest.sum()[None], alpha_rest])
+  cond = jnp.linalg.cond(du)
+  return alpha, {"cond": cond, "converged": jnp.isfinite(cond) & (cond < 1e6)}
+
+
+def nash_mtl_weights(k: jax.Array, iters: int = 50, tol: float = 1e-4):
+  """Nash-MTL: ``alpha > 0`` with ``K alpha = 1 / alpha``.
+
+  That is the stationary point of ``f(a) = a^T K a / 2 - sum_i log a_i``,
+  convex for PSD ``K``; solved by damped Newton in ``log a`` (keeps
+  ``a > 0``). There is no solution exactly when some nonnegative combination of
+  the gradients vanishes (``G v = 0``, ``v >= 0``, ``v != 0``: a Pareto-stationary
+  point, where ``f`` is unbounded below); ``converged`` is then False.
+  """
+  t = k.shape[0]
+  scale = jnp.maximum(jnp.trace(k) / t, 1e-30)
+  kn = k / scale  # K a = 1/a  <=>  (K/s)(sqrt(s) a) = 1/(sqrt(s) a)
+
+  def residual(a):
+    return kn @ a - 1.0 / a
+
+  def newton(z, _):
+    a = jnp.exp(z)
+    r = residual(a)
+    # d/dz of r = (K + diag(1/a^2)) diag(a)
+    jac = (kn + jnp.diag(1.0 / (a * a))) * a[None, :]
+    dz = jnp.linalg.solve(jac, -r)
+    dz = jnp.clip(dz, -1.0, 1.0)  # damping
+    z_new = jnp.where(jnp.all(jnp.isfinite(dz)), z + dz, z)
+    return z_new, None
+
+  z, _ = jax.lax.scan(newton, jnp.zeros((t,), k.dtype), None, length=iters)
+  a = jnp.exp(z)
+  res = jnp.max(jnp.abs(residual(a) * a))  # relative: |(Ka)_i a_i - 1|
+  alpha = a / jnp.sqrt(scale)
+  return alpha, {"residual": res, "converged": res <= tol}
+
+
+def aligned_mtl_weights(k: jax.Array):
+  """Aligned-MTL: ``B = sigma_min V Lambda^{-1/2} V^T`` over the non-null
+  eigenpairs of ``K``; the aligned gradients ``B G`` are orthogonal with equal
+  norms ``sigma_min``; ``beta = 1^T B``."""
+  t = k.shape[0]
+  lam, v = jnp.linalg.eigh(k)
+  tol = jnp.max(lam) * t * jnp.finfo(k.dtype).eps
+  keep = lam > tol
+  lam_min = jnp.min(jnp.where(keep, lam, jnp.inf))
+  inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
+  b = jnp.sqrt(lam_min) * (v * inv_sqrt[None, :]) @ v.T
+  b = jnp.where(jnp.any(keep), b, jnp.zeros_like(b))
+  return b.sum(axis=0), {"B": b, "rank": keep.sum()}
+
+
+# ----------------------------------------------------------------------------
+# The public functions of task gradients.
+# ----------------------------------------------------------------------------
+
+
+def _make(weights_fn):
+  def method(grads, *args, **kwargs):
+    beta, info = weights_fn(gram(grads), *args, **kwargs)
+    return combine(beta, grads), beta, info
+  method.__name__ = weights_fn.__name__.replace("_weights", "")
+  method.__doc__ = (f"``(d, beta, info)`` for task gradients ``G`` ([T, D] or a pytree "
+                    f"with task axis 0); see :func:`{weights_fn.__name__}`.")
+  return method
+
+
+mgda = _make(mgda_weights)
+cagrad = _make(cagrad_weights)
+pcgrad = _make(pcgrad_weights)
+imtl_g = _make(imtl_g_weights)
+nash_mtl = _make(nash_mtl_weights)
+aligned_mtl = _make(aligned_mtl_weights)
