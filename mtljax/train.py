@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from mtljax import checkpoint as ckpt_lib
+from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
@@ -103,6 +104,12 @@ def model_from_config(config, taskset, input_shape) -> multitask.Model:
       channels=tuple(m.channels), cond_layers=tuple(m.cond_layers), heads=m.heads)
 
 
+def objective_kwargs_from_config(config) -> dict:
+  o = config.objective
+  return {"cagrad_c": o.cagrad_c, "cagrad_rescale": o.cagrad_rescale,
+          "solver_iters": o.solver_iters}
+
+
 def optimizer_from_config(config):
   o = config.optim
   return optim.make_optimizer(o.name, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
@@ -134,13 +141,21 @@ def init_train_state(model: multitask.Model, tx, rng) -> dict:
 
 def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
                     weights: np.ndarray, tasks_per_step: int, examples_per_task: int,
-                    replace: bool = False, steps_per_call: int = 1, seed: int = 0
+                    replace: bool = False, steps_per_call: int = 1, seed: int = 0,
+                    objective: str = "fixed", objective_kwargs: dict | None = None
                     ) -> Callable:
   """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
 
   ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
+  ``objective`` is a name from :data:`mtljax.objectives.METHODS` and
+  ``objective_kwargs`` its hyper-parameters (:func:`objectives.make_combiner`).
+
   Measurements (summed over the ``steps_per_call`` steps): ``loss``, and per
   task ``task_loss_sum [T]`` / ``task_count [T]`` over the slots it filled.
+  Gradient methods add, per task, ``grad_norm_sum [T]`` and ``grad_weight_sum
+  [T]`` (the method's beta), the task-pair cosine sums ``grad_cos_sum [T, T]``
+  with counts ``grad_pair_count [T, T]``, and ``solver_failures`` (steps whose
+  solver reported ``converged == False``).
   """
   ts = model.taskset
   num_tasks = len(ts)
@@ -154,20 +169,49 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
   stream_ids = jnp.asarray(ts.stream_ids, jnp.int32)
   ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
   base_key = jax.random.key(seed)
+  combiner = (None if objective == "fixed"
+              else objectives.make_combiner(objective, **(objective_kwargs or {})))
+
+  def fixed_grads(params, x, ys, task_ids, rng):
+    del rng
+    def loss_fn(params):
+      losses = slot_losses(model, params, x, ys, task_ids)
+      return objectives.weighted_sum(losses, task_ids, weights), losses
+    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return total, losses, grads, {}
+
+  def combined_grads(params, x, ys, task_ids, rng):
+    w = weights[task_ids]
+    losses, vjp = jax.vjp(lambda p: slot_losses(model, p, x, ys, task_ids), params)
+    # One vmapped backward: row k is the gradient of w_k L_k for every parameter.
+    (jac,) = jax.vmap(vjp)(jnp.diag(w))
+    d, beta, info = combiner(jac["shared"], rng)
+    grads = {"shared": d,
+             "tasks": jax.tree.map(lambda j: j.sum(axis=0), jac["tasks"])}
+    k = gradients.gram(jac["shared"])
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
+    cos = k / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+    pair = (task_ids[:, None], task_ids[None, :])
+    extra = {
+        "grad_norm_sum": jax.ops.segment_sum(norms, task_ids, num_tasks),
+        "grad_weight_sum": jax.ops.segment_sum(beta, task_ids, num_tasks),
+        "grad_cos_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(cos),
+        "grad_pair_count": jnp.zeros((num_tasks, num_tasks)).at[pair].add(1.0),
+        "solver_failures": (1.0 - info["converged"].astype(jnp.float32)
+                            if "converged" in info else jnp.zeros(())),
+    }
+    return jnp.sum(w * losses), losses, grads, extra
+
+  grads_fn = fixed_grads if combiner is None else combined_grads
 
   def one_step(state, data):
     rng = jax.random.fold_in(base_key, state["step"])
-    r_tasks, r_examples = jax.random.split(rng)
+    r_tasks, r_examples, r_method = jax.random.split(rng, 3)
     task_ids = sampling.sample_tasks(r_tasks, probs, tasks_per_step, replace)
     idx = sampling.example_indices(r_examples, task_ids, stream_ids, data["n"],
                                    examples_per_task)
     x, ys = sampling.gather_batch(data, ts_arrays, task_ids, idx)
-
-    def loss_fn(params):
-      losses = slot_losses(model, params, x, ys, task_ids)
-      return objectives.weighted_sum(losses, task_ids, weights), losses
-
-    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    total, losses, grads, extra = grads_fn(state["params"], x, ys, task_ids, r_method)
     active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
     params, opt_state = optim.update(tx, grads, state["opt_state"], state["params"],
                                      model.task_rows, active)
@@ -175,6 +219,7 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
         "loss": total,
         "task_loss_sum": jax.ops.segment_sum(losses, task_ids, num_tasks),
         "task_count": jax.ops.segment_sum(jnp.ones_like(losses), task_ids, num_tasks),
+        **extra,
     }
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, meas
 
@@ -275,6 +320,25 @@ def _reduce_steps_per_call(config) -> int:
   return spc
 
 
+def _gradient_record(taskset, meas) -> dict:
+  """Per-task gradient norms and method weights, pairwise cosines (the
+  conflict matrix) and solver failures, averaged over the call's steps."""
+  if "grad_norm_sum" not in meas:
+    return {}
+  rec = {"grad/solver_failures": float(np.sum(meas["solver_failures"]))}
+  names = taskset.names
+  for i, a in enumerate(names):
+    n = meas["task_count"][i]
+    if n > 0:
+      rec[f"grad/{a}/norm"] = float(meas["grad_norm_sum"][i] / n)
+      rec[f"grad/{a}/weight"] = float(meas["grad_weight_sum"][i] / n)
+    for j in range(i + 1, len(names)):
+      c = meas["grad_pair_count"][i, j]
+      if c > 0:
+        rec[f"grad/cos/{a}/{names[j]}"] = float(meas["grad_cos_sum"][i, j] / c)
+  return rec
+
+
 def _write_jsonl(path, record):
   with open(path, "a") as f:
     f.write(json.dumps(record) + "\n")
@@ -314,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_fn = make_train_step(
       model, tx, task_probs=probs, weights=weights, tasks_per_step=k,
       examples_per_task=config.sampling.examples_per_task,
-      replace=config.sampling.replace, steps_per_call=steps_per_call, seed=config.seed)
+      replace=config.sampling.replace, steps_per_call=steps_per_call, seed=config.seed,
+      objective=config.objective.method, objective_kwargs=objective_kwargs_from_config(config))
   eval_fn = make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
                            num_examples=data.test["x"].shape[1],
                            batch_size=config.eval_batch_size)
@@ -360,6 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if meas["task_count"][i] > 0:
           record[f"train/{t.name}/loss"] = float(
               meas["task_loss_sum"][i] / meas["task_count"][i])
+      record.update(_gradient_record(ts, meas))
       logger.info("%s", progress.line(step, record["train/loss"]))
     if step % config.eval_steps == 0 or step == total:
       last_eval = eval_metrics(ts, eval_step(state["params"], test_data))

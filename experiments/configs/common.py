@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = ml_collections.ConfigDict()
   c.objective.method = "fixed"
   c.objective.weights = ml_collections.ConfigDict()  # task name -> weight (default 1)
+  c.objective.cagrad_c = 0.5      # cagrad: radius c of the ball around g0
+  c.objective.cagrad_rescale = 1  # cagrad: 0 none, 1 / (1 + c^2), 2 / (1 + c)
+  c.objective.solver_iters = 300  # mgda, cagrad: simplex solver iterations
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"
