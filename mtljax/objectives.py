@@ -9,6 +9,20 @@ Methods (``config.objective.method``):
 
 * ``fixed``: the weighted sum with fixed weights ``config.objective.weights``
   (a mapping task name -> weight; unnamed tasks weigh 1); one backward pass.
+* loss weighting, :data:`LOSS_WEIGHTINGS` (each multiplies the fixed weights):
+
+  - ``rlw`` (Lin et al. 2022): every step ``lambda = softmax(z)``, ``z ~ N(0, I_T)``;
+    objective ``sum_k w lambda L_k`` (weights sum to 1 over the task set).
+  - ``dwa`` (Liu et al. 2019): ``lambda_i = T softmax_i(r_i / tau)`` with
+    ``r_i = Lbar_i(n-1) / Lbar_i(n-2)``, the ratio of task i's mean loss over the
+    last two *windows* of ``dwa_window_steps`` steps (the paper's epochs);
+    ``lambda = 1`` until two windows are complete.
+  - ``uncertainty`` (Kendall et al. 2018, in LibMTL's form for every task kind):
+    ``sum_k w (L_k / (2 exp(s_t)) + s_t / 2)`` with learnable ``s = log sigma^2``,
+    a per-task parameter at ``tasks/uncertainty/log_var`` (so unsampled tasks'
+    ``s`` do not move). For fixed L the optimum is ``s = log L``.
+  - ``min_max``: the worst sampled task, ``max_k w L_k`` (its subgradient).
+
 * gradient combination, :data:`mtljax.gradients.GRADIENT_METHODS`
   (``mgda``, ``pcgrad``, ``cagrad``, ``imtl_g``, ``nash_mtl``,
   ``aligned_mtl``): the per-slot gradients of the *shared* parameters,
@@ -20,14 +34,15 @@ Methods (``config.objective.method``):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mtljax import gradients
 
-METHODS = ("fixed",) + gradients.GRADIENT_METHODS
+LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max")
+METHODS = ("fixed",) + LOSS_WEIGHTINGS + gradients.GRADIENT_METHODS
 
 
 def check_method(method: str) -> None:
@@ -58,3 +73,105 @@ def make_combiner(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1
       "aligned_mtl": lambda g, r: gradients.aligned_mtl(g),
   }
   return table[method]
+
+
+# ----------------------------------------------------------------------------
+# Loss weighting: objective(losses, task_ids, weights, state, params, rng).
+# ----------------------------------------------------------------------------
+
+
+class LossWeighting(NamedTuple):
+  """A loss-weighting method as pure functions.
+
+  init_state() -> state; init_params(num_tasks) -> per-task parameters (a
+  dict of ``[T]`` arrays, stored at ``params["tasks"][name]``, or ``{}``);
+  objective(losses [K], task_ids [K], weights [T], state, params, rng) ->
+  (scalar, lambda [T]); update(state, losses, task_ids) -> state.
+  """
+  init_state: Callable
+  init_params: Callable
+  objective: Callable
+  update: Callable
+
+
+def _no_state():
+  return {}
+
+
+def _no_params(num_tasks):
+  del num_tasks
+  return {}
+
+
+def _keep(state, losses, task_ids):
+  del losses, task_ids
+  return state
+
+
+def rlw_weights(rng: jax.Array, num_tasks: int) -> jax.Array:
+  return jax.nn.softmax(jax.random.normal(rng, (num_tasks,)))
+
+
+def dwa_weights(prev: jax.Array, prev2: jax.Array, windows_done: jax.Array,
+                temperature: float) -> jax.Array:
+  """``T softmax((prev / prev2) / tau)``, or ones before two full windows."""
+  num_tasks = prev.shape[0]
+  ratio = prev / jnp.maximum(prev2, 1e-12)
+  lam = num_tasks * jax.nn.softmax(ratio / temperature)
+  return jnp.where(windows_done >= 2, lam, jnp.ones_like(lam))
+
+
+def make_loss_weighting(method: str, num_tasks: int, *, dwa_temperature: float = 2.0,
+                        dwa_window_steps: int = 100) -> LossWeighting:
+  check_method(method)
+  if method == "fixed":
+    return LossWeighting(
+        _no_state, _no_params,
+        lambda l, ids, w, st, p, r: (weighted_sum(l, ids, w), jnp.ones((num_tasks,))),
+        _keep)
+  if method == "rlw":
+    def rlw(l, ids, w, st, p, r):
+      lam = rlw_weights(r, num_tasks)
+      return jnp.sum((w * lam)[ids] * l), lam
+    return LossWeighting(_no_state, _no_params, rlw, _keep)
+  if method == "min_max":
+    def min_max(l, ids, w, st, p, r):
+      wl = w[ids] * l
+      worst = jnp.argmax(wl)
+      return wl[worst], jnp.zeros((num_tasks,)).at[ids[worst]].set(1.0)
+    return LossWeighting(_no_state, _no_params, min_max, _keep)
+  if method == "uncertainty":
+    def uw(l, ids, w, st, p, r):
+      s = p["log_var"][ids]
+      return jnp.sum(w[ids] * (l * 0.5 * jnp.exp(-s) + 0.5 * s)), 0.5 * jnp.exp(-p["log_var"])
+    return LossWeighting(_no_state,
+                         lambda t: {"log_var": jnp.zeros((t,), jnp.float32)}, uw, _keep)
+  if method == "dwa":
+    if not dwa_temperature > 0 or dwa_window_steps < 1:
+      raise ValueError("config.objective.dwa_temperature must be > 0 and "
+                       "dwa_window_steps >= 1.")
+
+    def init():  # distinct buffers, so the state can be donated
+      z = lambda: jnp.zeros((num_tasks,), jnp.float32)
+      return {"sum": z(), "count": z(), "prev": z(), "prev2": z(),
+              "steps": jnp.zeros((), jnp.int32), "windows": jnp.zeros((), jnp.int32)}
+
+    def dwa(l, ids, w, st, p, r):
+      lam = dwa_weights(st["prev"], st["prev2"], st["windows"], dwa_temperature)
+      return jnp.sum((w * lam)[ids] * l), lam
+
+    def update(st, l, ids):
+      total = st["sum"] + jax.ops.segment_sum(jax.lax.stop_gradient(l), ids, num_tasks)
+      count = st["count"] + jax.ops.segment_sum(jnp.ones_like(l), ids, num_tasks)
+      steps = st["steps"] + 1
+      done = steps % dwa_window_steps == 0
+      mean = jnp.where(count > 0, total / jnp.maximum(count, 1.0), st["prev"])
+      z = jnp.zeros_like(total)
+      return {
+          "sum": jnp.where(done, z, total), "count": jnp.where(done, z, count),
+          "prev": jnp.where(done, mean, st["prev"]),
+          "prev2": jnp.where(done, st["prev"], st["prev2"]),
+          "steps": steps, "windows": st["windows"] + done.astype(jnp.int32)}
+    return LossWeighting(init, _no_params, dwa, update)
+  raise ValueError(f"config.objective.method={method!r} is a gradient method, not a "
+                   "loss weighting.")

@@ -107,7 +107,8 @@ def model_from_config(config, taskset, input_shape) -> multitask.Model:
 def objective_kwargs_from_config(config) -> dict:
   o = config.objective
   return {"cagrad_c": o.cagrad_c, "cagrad_rescale": o.cagrad_rescale,
-          "solver_iters": o.solver_iters}
+          "solver_iters": o.solver_iters, "dwa_temperature": o.dwa_temperature,
+          "dwa_window_steps": o.dwa_window_steps}
 
 
 def optimizer_from_config(config):
@@ -133,10 +134,42 @@ def slot_losses(model: multitask.Model, params, x, ys, task_ids) -> jax.Array:
   return losses
 
 
-def init_train_state(model: multitask.Model, tx, rng) -> dict:
+def task_rows(model: multitask.Model, objective: str = "fixed") -> dict:
+  """The model's per-task stacks plus the objective's per-task parameters."""
+  rows = dict(model.task_rows)
+  if objective == "uncertainty":
+    rows["uncertainty"] = np.arange(len(model.taskset), dtype=np.int32)
+  return rows
+
+
+def init_train_state(model: multitask.Model, tx, rng, objective: str = "fixed",
+                     objective_kwargs: dict | None = None) -> dict:
+  """``{"step", "params", "opt_state", "objective_state"}``."""
   params = model.init(rng)
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "opt_state": optim.init_state(tx, params, model.task_rows)}
+  state = {"step": jnp.zeros((), jnp.int32)}
+  if objective in ("fixed",) + objectives.LOSS_WEIGHTINGS:
+    lw = objectives.make_loss_weighting(objective, len(model.taskset),
+                                        **_lw_kwargs(objective_kwargs))
+    extra = lw.init_params(len(model.taskset))
+    if extra:
+      params = {"shared": params["shared"], "tasks": {**params["tasks"], objective: extra}}
+    state["objective_state"] = lw.init_state()
+  else:
+    state["objective_state"] = {}
+  state["params"] = params
+  state["opt_state"] = optim.init_state(tx, params, task_rows(model, objective))
+  return state
+
+
+def _lw_kwargs(kwargs):
+  kwargs = kwargs or {}
+  return {k: kwargs[k] for k in ("dwa_temperature", "dwa_window_steps") if k in kwargs}
+
+
+def _combiner_kwargs(kwargs):
+  kwargs = kwargs or {}
+  return {k: kwargs[k] for k in ("cagrad_c", "cagrad_rescale", "solver_iters")
+          if k in kwargs}
 
 
 def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
@@ -169,22 +202,40 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
   stream_ids = jnp.asarray(ts.stream_ids, jnp.int32)
   ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
   base_key = jax.random.key(seed)
-  combiner = (None if objective == "fixed"
-              else objectives.make_combiner(objective, **(objective_kwargs or {})))
+  objectives.check_method(objective)
+  combiner = lw = None
+  if objective in gradients.GRADIENT_METHODS:
+    combiner = objectives.make_combiner(objective, **_combiner_kwargs(objective_kwargs))
+  else:
+    lw = objectives.make_loss_weighting(objective, num_tasks,
+                                        **_lw_kwargs(objective_kwargs))
+  rows = task_rows(model, objective)
 
-  def fixed_grads(params, x, ys, task_ids, rng):
-    del rng
+  def weighted_grads(params, obj_state, x, ys, task_ids, rng):
     def loss_fn(params):
       losses = slot_losses(model, params, x, ys, task_ids)
-      return objectives.weighted_sum(losses, task_ids, weights), losses
-    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return total, losses, grads, {}
+      total, lam = lw.objective(losses, task_ids, weights, obj_state,
+                                params["tasks"].get(objective, {}), rng)
+      return total, (losses, lam)
+    (total, (losses, lam)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    extra = {} if objective == "fixed" else {"objective_lambda_sum": lam}
+    return total, losses, grads, extra, lw.update(obj_state, losses, task_ids)
 
-  def combined_grads(params, x, ys, task_ids, rng):
+  def combined_grads(params, obj_state, x, ys, task_ids, rng):
     w = weights[task_ids]
-    losses, vjp = jax.vjp(lambda p: slot_losses(model, p, x, ys, task_ids), params)
-    # One vmapped backward: row k is the gradient of w_k L_k for every parameter.
-    (jac,) = jax.vmap(vjp)(jnp.diag(w))
+
+    def one_slot(x_k, ys_k, t_k, w_k):
+      def f(p):
+        loss = slot_losses(model, p, x_k[None], jax.tree.map(lambda y: y[None], ys_k),
+                           t_k[None])[0]
+        return w_k * loss, loss
+      (_, loss), g = jax.value_and_grad(f, has_aux=True)(params)
+      return loss, g
+
+    # vmap over slots of one slot's gradient: each backward touches only its own
+    # B examples (O(K B) work, like one backward of the sum), unlike a vmapped
+    # VJP of all slots' losses (O(K^2 B)).
+    losses, jac = jax.vmap(one_slot)(x, ys, task_ids, w)
     d, beta, info = combiner(jac["shared"], rng)
     grads = {"shared": d,
              "tasks": jax.tree.map(lambda j: j.sum(axis=0), jac["tasks"])}
@@ -200,28 +251,37 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
         "solver_failures": (1.0 - info["converged"].astype(jnp.float32)
                             if "converged" in info else jnp.zeros(())),
     }
-    return jnp.sum(w * losses), losses, grads, extra
+    return jnp.sum(w * losses), losses, grads, extra, obj_state
 
-  grads_fn = fixed_grads if combiner is None else combined_grads
+  grads_fn = weighted_grads if combiner is None else combined_grads
+
+  expected_obj_state = jax.tree.structure(lw.init_state() if lw else {})
 
   def one_step(state, data):
+    if jax.tree.structure(state["objective_state"]) != expected_obj_state or (
+        objective == "uncertainty" and objective not in state["params"]["tasks"]):
+      raise ValueError(
+          f"The train state was not initialised for objective {objective!r}: pass "
+          f"objective={objective!r} (and the same objective_kwargs) to init_train_state.")
     rng = jax.random.fold_in(base_key, state["step"])
     r_tasks, r_examples, r_method = jax.random.split(rng, 3)
     task_ids = sampling.sample_tasks(r_tasks, probs, tasks_per_step, replace)
     idx = sampling.example_indices(r_examples, task_ids, stream_ids, data["n"],
                                    examples_per_task)
     x, ys = sampling.gather_batch(data, ts_arrays, task_ids, idx)
-    total, losses, grads, extra = grads_fn(state["params"], x, ys, task_ids, r_method)
+    total, losses, grads, extra, obj_state = grads_fn(
+        state["params"], state["objective_state"], x, ys, task_ids, r_method)
     active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
     params, opt_state = optim.update(tx, grads, state["opt_state"], state["params"],
-                                     model.task_rows, active)
+                                     rows, active)
     meas = {
         "loss": total,
         "task_loss_sum": jax.ops.segment_sum(losses, task_ids, num_tasks),
         "task_count": jax.ops.segment_sum(jnp.ones_like(losses), task_ids, num_tasks),
         **extra,
     }
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, meas
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+            "objective_state": obj_state}, meas
 
   if steps_per_call == 1:  # a plain step: no loop to pay for
     return one_step
@@ -320,13 +380,16 @@ def _reduce_steps_per_call(config) -> int:
   return spc
 
 
-def _gradient_record(taskset, meas) -> dict:
+def _gradient_record(taskset, meas, steps: int) -> dict:
   """Per-task gradient norms and method weights, pairwise cosines (the
   conflict matrix) and solver failures, averaged over the call's steps."""
+  names = taskset.names
+  if "objective_lambda_sum" in meas:  # loss weighting: mean lambda over the call
+    lam = np.asarray(meas["objective_lambda_sum"]) / steps
+    return {f"objective/{a}/lambda": float(lam[i]) for i, a in enumerate(names)}
   if "grad_norm_sum" not in meas:
     return {}
   rec = {"grad/solver_failures": float(np.sum(meas["solver_failures"]))}
-  names = taskset.names
   for i, a in enumerate(names):
     n = meas["task_count"][i]
     if n > 0:
@@ -386,7 +449,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # --- State: shapes, placement, resume ---------------------------------------
   init_rng = jax.random.key(config.seed + 1)
-  state = jax.jit(lambda r: init_train_state(model, tx, r))(init_rng)
+  objective_kwargs = objective_kwargs_from_config(config)
+  state = jax.jit(lambda r: init_train_state(
+      model, tx, r, config.objective.method, objective_kwargs))(init_rng)
   for name, leaf in params_lib.flatten_with_names(state["params"]):
     logger.info("param %-50s %s", name, tuple(leaf.shape))
   logger.info("Parameters: %d (shared %d, per-task %d).",
@@ -425,7 +490,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if meas["task_count"][i] > 0:
           record[f"train/{t.name}/loss"] = float(
               meas["task_loss_sum"][i] / meas["task_count"][i])
-      record.update(_gradient_record(ts, meas))
+      record.update(_gradient_record(ts, meas, steps_per_call))
       logger.info("%s", progress.line(step, record["train/loss"]))
     if step % config.eval_steps == 0 or step == total:
       last_eval = eval_metrics(ts, eval_step(state["params"], test_data))

@@ -136,3 +136,21 @@ def test_command_line_bad_value_names_the_field(tmp_path):
   r = _main("--config.model.arch=mixture", workdir=tmp_path)
   assert r.returncode != 0
   assert "config.model.arch='mixture'" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dwa", "uncertainty", "mgda"])
+def test_objective_methods_run_checkpoint_and_resume(method, tmp_path):
+  c = _small_digits_config()
+  c.model.encoder, c.model.hidden = "mlp", (32,)
+  c.objective.method = method
+  c.objective.dwa_window_steps = 20
+  first = train.train_and_evaluate(c, str(tmp_path))
+  assert all(m["accuracy"] > 0.2 for m in first["tasks"].values())  # chance 0.1
+  last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  key = "grad/cos/left/right" if method == "mgda" else "objective/left/lambda"
+  assert np.isfinite(last[key])
+  if method == "dwa":  # two windows done: lambda moved away from 1
+    assert last["objective/left/lambda"] != 1.0
+  again = train.train_and_evaluate(c, str(tmp_path))  # restores objective state too
+  assert again["resumed_from_step"] == 200 and again["tasks"] == first["tasks"]

@@ -69,3 +69,110 @@ def test_step_applies_the_method_to_per_task_gradients(method):
 def test_cagrad_c_out_of_range_raises():
   with pytest.raises(ValueError, match=r"cagrad_c must be in \[0, 1\)"):
     objectives.make_combiner("cagrad", cagrad_c=1.5)
+
+
+# ---------------------------------------------------------------------------
+# Loss weighting
+# ---------------------------------------------------------------------------
+
+
+def _run(method, steps, k=4, weights=None, **kwargs):
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  ts = data.taskset
+  model = multitask.make_model("multi_head", ts, data.input_shape, hidden=(8,))
+  tx = optim.make_optimizer("adam", lr=1e-2)
+  fn = train.make_train_step(
+      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
+      weights=tasks.task_weights(ts, weights), tasks_per_step=k, examples_per_task=16,
+      objective=method, objective_kwargs=kwargs)
+  state = train.init_train_state(model, tx, jax.random.key(0), method, kwargs)
+  step = jax.jit(fn)
+  history = []
+  for _ in range(steps):
+    new, meas = step(state, data.train)
+    history.append((state, meas))
+    state = new
+  return state, history
+
+
+def test_rlw_weights_are_a_softmax_of_standard_normals():
+  lam = np.asarray(jax.vmap(lambda r: objectives.rlw_weights(r, 4))(
+      jax.random.split(jax.random.key(0), 20_000)))
+  np.testing.assert_allclose(lam.sum(axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(lam.mean(axis=0), 0.25, atol=0.005)  # exchangeable
+  z = np.log(lam)  # log-softmax of N(0, I): differences are N(0, 2)
+  np.testing.assert_allclose(np.var(z[:, 0] - z[:, 1]), 2.0, rtol=0.05)
+  # In the step, the objective is sum_k w lambda L_k with that lambda.
+  _, hist = _run("rlw", 1)
+  _, meas = hist[0]
+  rng = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 3)[2]
+  want = objectives.rlw_weights(rng, 4)
+  np.testing.assert_allclose(meas["objective_lambda_sum"], want, rtol=1e-6)
+  np.testing.assert_allclose(meas["loss"], float(want @ np.asarray(meas["task_loss_sum"])),
+                             rtol=1e-5)
+
+
+def test_dwa_weights_follow_the_paper_formula():
+  # Feed known losses: windows of 2 steps, 3 tasks, temperature 2.
+  lw = objectives.make_loss_weighting("dwa", 3, dwa_temperature=2.0, dwa_window_steps=2)
+  st = lw.init_state()
+  ids = jnp.array([0, 1, 2])
+  w = jnp.ones(3)
+  seq = [[4.0, 2.0, 1.0], [2.0, 2.0, 1.0], [1.0, 3.0, 1.0], [1.0, 1.0, 1.0],
+         [0.5, 1.0, 2.0]]
+  for i, l in enumerate(seq):
+    _, lam = lw.objective(jnp.array(l), ids, w, st, {}, None)
+    if i < 4:  # fewer than two complete windows so far
+      np.testing.assert_allclose(lam, 1.0)
+    st = lw.update(st, jnp.array(l), ids)
+  # Window means: n-2 = (3, 2, 1), n-1 = (1, 2, 1).
+  r = np.array([1 / 3, 1.0, 1.0])
+  want = 3 * np.exp(r / 2) / np.exp(r / 2).sum()
+  _, lam = lw.objective(jnp.array(seq[-1]), ids, w, st, {}, None)
+  np.testing.assert_allclose(lam, want, rtol=1e-6)
+
+
+def test_uncertainty_weighting_optimum_is_log_loss():
+  lw = objectives.make_loss_weighting("uncertainty", 3)
+  losses = jnp.array([0.3, 2.0, 5.0])
+  ids = jnp.arange(3)
+
+  def f(s):
+    return lw.objective(losses, ids, jnp.ones(3), {}, {"log_var": s}, None)[0]
+  s_star = jnp.log(losses)
+  np.testing.assert_allclose(jax.grad(f)(s_star), 0.0, atol=1e-6)  # stationary
+  # ... and a minimum: moving s either way increases the objective.
+  for delta in (-0.1, 0.1):
+    assert f(s_star + delta) > f(s_star)
+
+
+def test_uncertainty_log_var_is_a_per_task_parameter_frozen_when_unsampled():
+  state, hist = _run("uncertainty", 6, k=1)
+  for before, meas in hist:
+    pass
+  s_hist = [np.asarray(h[0]["params"]["tasks"]["uncertainty"]["log_var"]) for h in hist]
+  s_hist.append(np.asarray(state["params"]["tasks"]["uncertainty"]["log_var"]))
+  for i, (_, meas) in enumerate(hist):
+    sampled = np.asarray(meas["task_count"]) > 0
+    assert np.array_equal(s_hist[i][~sampled], s_hist[i + 1][~sampled])
+    assert not np.array_equal(s_hist[i][sampled], s_hist[i + 1][sampled])
+
+
+def test_min_max_gradient_is_the_worst_tasks_gradient():
+  lw = objectives.make_loss_weighting("min_max", 3)
+  w = jnp.array([1.0, 2.0, 1.0])
+  ids = jnp.array([2, 0, 1])
+  g = jax.grad(lambda l: lw.objective(l, ids, w, {}, {}, None)[0])(jnp.array([1.0, 0.4, 0.7]))
+  # w * L = (1.0, 0.4, 1.4): the third slot (task 1, weight 2) is the worst.
+  np.testing.assert_allclose(g, [0.0, 0.0, 2.0])
+
+
+def test_state_initialised_for_another_objective_is_a_clear_error():
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
+  tx = optim.make_optimizer("adam", lr=1e-2)
+  fn = train.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(4),
+                             tasks_per_step=2, examples_per_task=4, objective="dwa")
+  state = train.init_train_state(model, tx, jax.random.key(0))  # "fixed"
+  with pytest.raises(ValueError, match="not initialised for objective 'dwa'"):
+    fn(state, data.train)

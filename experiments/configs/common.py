@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.cagrad_c = 0.5      # cagrad: radius c of the ball around g0
   c.objective.cagrad_rescale = 1  # cagrad: 0 none, 1 / (1 + c^2), 2 / (1 + c)
   c.objective.solver_iters = 300  # mgda, cagrad: simplex solver iterations
+  c.objective.dwa_temperature = 2.0
+  c.objective.dwa_window_steps = 100  # dwa: steps per "epoch" of loss averaging
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"
