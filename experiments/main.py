@@ -35,7 +35,11 @@ def main(argv):
   log.addHandler(handler)
   log.propagate = False
   absl_logging.set_verbosity(absl_logging.WARNING)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if _CONFIG.value.get("experiment", "") == "toy_pareto":
+    from experiments import toy_pareto  # pylint: disable=g-import-not-at-top
+    toy_pareto.run(_CONFIG.value, _WORKDIR.value)
+  else:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(f"summary: {_WORKDIR.value}/summary.json")
 
 

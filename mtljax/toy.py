@@ -1,0 +1,127 @@
+"""The two-objective toy problem of CAGrad (Liu et al. 2021), reused by Nash-MTL
+(Navon et al. 2022) and FAMO (Liu et al. 2023), and its optimisation runs.
+
+``losses(x, scale)`` is the authors' function of ``x = (x1, x2)`` (the same
+expressions as their ``Toy.forward``; ``scale`` multiplies the first loss, 1 in
+CAGrad's protocol and 0.1 in Nash-MTL's and FAMO's). Its Pareto set is, as
+the authors draw it, the segment ``x2 = -8.3552, x1 in [-7, 7]`` (scaling a
+loss does not move it). That is exact at ``x1 = 0`` and an approximation
+elsewhere: the true Pareto-stationary ``x2`` drifts by a few hundredths towards
+the ends (measured: gradient cosine -0.99979 at (6.5, -8.3552), -0.99997 at
+(6.5, -8.4)); :func:`distance_to_pareto_set` measures the distance to that
+segment.
+
+``run(method, starts, steps, ...)`` optimises ``x`` from every start at once
+(vmap over starts, ``lax.scan`` over steps, one jit) with Adam on the direction
+the method computes from the two task gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtljax import gradients
+from mtljax import objectives
+
+LOWER = 0.000005
+PARETO_X2 = -8.3552
+PARETO_X1 = (-7.0, 7.0)
+
+PROTOCOLS = {
+    # Cranial-XIX/CAGrad toy.py: three starts, 100k Adam steps, lr 1e-3.
+    "cagrad": dict(starts=((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0)), steps=100_000,
+                   scale=1.0, cagrad_rescale=2),
+    # AvivNavon/nash-mtl experiments/toy: five starts, 35k steps, first loss x 0.1.
+    "nashmtl": dict(starts=((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)),
+                    steps=35_000, scale=0.1, cagrad_rescale=1),
+    # Cranial-XIX/FAMO experiments/toy: the same starts, 50k steps, x 0.1.
+    "famo": dict(starts=((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)),
+                 steps=50_000, scale=0.1, cagrad_rescale=1),
+}
+
+TOY_METHODS = ("fixed", "rlw") + gradients.GRADIENT_METHODS
+
+
+def losses(x: jax.Array, scale: float = 1.0) -> jax.Array:
+  """``[2]`` losses at ``x [2]``."""
+  x1, x2 = x[0], x[1]
+  f1 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 - 7) - jnp.tanh(-x2)), LOWER)) + 6
+  f2 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 + 3) + jnp.tanh(-x2) + 2), LOWER)) + 6
+  c1 = jnp.maximum(jnp.tanh(x2 * 0.5), 0)
+  f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  c2 = jnp.maximum(jnp.tanh(-x2 * 0.5), 0)
+  f1 = (f1 * c1 + f1_sq * c2) * scale
+  f2 = f2 * c1 + f2_sq * c2
+  return jnp.stack([f1, f2])
+
+
+def direction_fn(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1):
+  """``direction(G [2, 2], losses [2], rng) -> (d [2], beta [2], ok)``.
+
+  ``fixed`` is linear scalarisation with equal weights, ``sum_i g_i / 2`` (the
+  authors' "mean gradient"); ``rlw`` is ``sum_i lambda_i g_i`` with
+  ``lambda = softmax(N(0, I))``; gradient methods as in
+  :mod:`mtljax.gradients`.
+  """
+  if method not in TOY_METHODS:
+    raise ValueError(f"toy_pareto: method {method!r} is not one of {TOY_METHODS}.")
+  if method == "fixed":
+    return lambda g, l, r: (g.mean(axis=0), jnp.full((2,), 0.5), jnp.array(True))
+  if method == "rlw":
+    def rlw(g, l, r):
+      lam = objectives.rlw_weights(r, 2)
+      return lam @ g, lam, jnp.array(True)
+    return rlw
+  combine = objectives.make_combiner(method, cagrad_c=cagrad_c,
+                                     cagrad_rescale=cagrad_rescale)
+
+  def grad_method(g, l, r):
+    d, beta, info = combine(g, r)
+    return d, beta, info.get("converged", jnp.array(True))
+  return grad_method
+
+
+def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3,
+        record_every: int = 100, seed: int = 0, cagrad_c: float = 0.5,
+        cagrad_rescale: int = 1) -> dict:
+  """Adam from every start; returns numpy ``{"path": [S, steps/record_every + 1, 2],
+  "final": [S, 2], "final_losses": [S, 2], "solver_failures": [S]}``."""
+  if steps % record_every:
+    raise ValueError(f"toy_pareto: steps={steps} must be a multiple of "
+                     f"record_every={record_every}.")
+  direction = direction_fn(method, cagrad_c=cagrad_c, cagrad_rescale=cagrad_rescale)
+  tx = optax.adam(lr)
+  jac = jax.jacrev(lambda x: losses(x, scale))
+
+  def one_start(x0, key):
+    def step(carry, i):
+      x, opt_state, fails = carry
+      g = jac(x)                                         # [2 tasks, 2 coords]
+      d, _, ok = direction(g, losses(x, scale), jax.random.fold_in(key, i))
+      upd, opt_state = tx.update(d, opt_state, x)
+      return (optax.apply_updates(x, upd), opt_state, fails + (~ok).astype(jnp.int32)), None
+
+    def chunk(carry, c):
+      carry, _ = jax.lax.scan(step, carry, c * record_every + jnp.arange(record_every))
+      return carry, carry[0]
+
+    init = (x0, tx.init(x0), jnp.zeros((), jnp.int32))
+    (x, _, fails), path = jax.lax.scan(chunk, init, jnp.arange(steps // record_every))
+    return jnp.concatenate([x0[None], path]), x, losses(x, scale), fails
+
+  x0 = jnp.asarray(starts, jnp.float32)
+  keys = jax.random.split(jax.random.key(seed), x0.shape[0])
+  path, final, final_losses, fails = jax.jit(jax.vmap(one_start))(x0, keys)
+  return {"path": np.asarray(path), "final": np.asarray(final),
+          "final_losses": np.asarray(final_losses), "solver_failures": np.asarray(fails)}
+
+
+def distance_to_pareto_set(x: np.ndarray) -> np.ndarray:
+  """Euclidean distance of points ``[..., 2]`` to the Pareto segment."""
+  x = np.asarray(x, np.float64)
+  x1 = np.clip(x[..., 0], *PARETO_X1)
+  return np.hypot(x[..., 0] - x1, x[..., 1] - PARETO_X2)

@@ -1,0 +1,91 @@
+"""The Pareto toy: the authors' losses, the experiment's outputs, and the
+papers' qualitative result under the CAGrad protocol."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import toy_pareto
+from experiments.configs import toy_pareto as toy_config
+from mtljax import toy
+
+
+def _np_losses(x1, x2, scale):
+  """float64 re-implementation of CAGrad's Toy.forward (and Nash-MTL's scale)."""
+  lower = 0.000005
+  f1 = np.log(np.maximum(np.abs(0.5 * (-x1 - 7) - np.tanh(-x2)), lower)) + 6
+  f2 = np.log(np.maximum(np.abs(0.5 * (-x1 + 3) + np.tanh(-x2) + 2), lower)) + 6
+  c1 = np.maximum(np.tanh(x2 * 0.5), 0)
+  f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  c2 = np.maximum(np.tanh(-x2 * 0.5), 0)
+  return np.stack([(f1 * c1 + f1_sq * c2) * scale, f2 * c1 + f2_sq * c2], -1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_losses_match_the_authors_function(scale):
+  pts = np.random.default_rng(0).uniform(-10, 10, (500, 2))
+  got = np.asarray(jax.vmap(lambda x: toy.losses(x, scale))(pts.astype(np.float32)))
+  np.testing.assert_allclose(got, _np_losses(pts[:, 0], pts[:, 1], scale),
+                             rtol=1e-4, atol=1e-4)
+
+
+def _cos(x):
+  g = np.asarray(jax.jacrev(toy.losses)(np.array(x, np.float32)), np.float64)
+  return g[0] @ g[1] / np.linalg.norm(g[0]) / np.linalg.norm(g[1])
+
+
+def test_pareto_segment_is_where_the_gradients_oppose():
+  # On the authors' segment the gradients are (nearly) antiparallel: Pareto
+  # stationarity, exact at x1 = 0; off the segment they are not.
+  np.testing.assert_allclose(_cos([0.0, toy.PARETO_X2]), -1.0, atol=1e-8)
+  for x1 in (-6.0, -2.0, 3.0, 6.5):
+    assert _cos([x1, toy.PARETO_X2]) < -0.9995, x1
+  for x in ([0.0, 0.0], [-5.0, 3.0], [8.0, -8.3552]):
+    assert _cos(x) > -0.99, x
+
+
+def test_quick_run_writes_the_documented_outputs(tmp_path):
+  c = toy_config.get_config("protocol=famo,quick")
+  c.toy.methods = ("fixed", "mgda", "nash_mtl")
+  summary = toy_pareto.run(c, str(tmp_path))
+  traj = json.loads((tmp_path / "trajectories.json").read_text())
+  assert set(traj) == {"fixed", "mgda", "nash_mtl"}
+  for runs in traj.values():
+    assert [r["start"] for r in runs] == [list(s) for s in toy.PROTOCOLS["famo"]["starts"]]
+    for r in runs:
+      assert set(r) == {"start", "path", "final", "final_losses"}
+      assert len(r["path"]) == 5_000 // 50 + 1 and r["path"][0] == r["start"]
+      assert r["path"][-1] == r["final"]
+      np.testing.assert_allclose(
+          r["final_losses"], _np_losses(*np.array(r["final"], np.float64), 0.1)[:],
+          rtol=1e-3, atol=1e-3)
+  png = (tmp_path / "toy_pareto.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+  assert set(summary["methods"]) == set(traj)
+
+
+def test_bad_toy_config():
+  with pytest.raises(ValueError, match="protocol='sgd'"):
+    toy_config.get_config("protocol=sgd")
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['fast'\]"):
+    toy_config.get_config("fast")
+
+
+@pytest.mark.slow
+def test_cagrad_protocol_reproduces_the_papers_picture():
+  """100k Adam steps from CAGrad's three starts: linear scalarisation stalls in
+  a valley away from the Pareto set from the outer starts; gradient methods
+  reach the Pareto set; CAGrad ends at its centre, the average-loss minimiser."""
+  p = toy.PROTOCOLS["cagrad"]
+  fixed = toy.run("fixed", p["starts"], p["steps"], record_every=1000)
+  d = toy.distance_to_pareto_set(fixed["final"])
+  assert d[0] > 5 and d[2] > 5
+  for method in ("pcgrad", "imtl_g", "aligned_mtl", "cagrad"):
+    r = toy.run(method, p["starts"], p["steps"], record_every=1000,
+                cagrad_rescale=p["cagrad_rescale"])
+    assert np.all(toy.distance_to_pareto_set(r["final"]) < 0.1), method
+    if method == "cagrad":
+      np.testing.assert_allclose(r["final"][:, 0], 0.0, atol=0.05)
