@@ -23,7 +23,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     r = toy.run(method, t.starts, t.steps, scale=t.scale, lr=t.lr,
                 record_every=t.record_every, seed=config.seed, cagrad_c=t.cagrad_c,
-                cagrad_rescale=t.cagrad_rescale)
+                cagrad_rescale=t.cagrad_rescale, famo_gamma=t.famo_gamma)
     dist = toy.distance_to_pareto_set(r["final"])
     results[method] = [
         {"start": list(map(float, s)), "path": r["path"][i].tolist(),

@@ -22,6 +22,14 @@ Methods (``config.objective.method``):
     a per-task parameter at ``tasks/uncertainty/log_var`` (so unsampled tasks'
     ``s`` do not move). For fixed L the optimum is ``s = log L``.
   - ``min_max``: the worst sampled task, ``max_k w L_k`` (its subgradient).
+  - ``famo`` (Liu et al. 2023, the authors' ``famo.py``): ``z = softmax(xi)``,
+    ``D = L - L_min + 1e-8``, objective ``sum_k z log(D_k) / c`` with
+    ``c = stop_gradient(sum_k z / D_k)``; the shared gradient is clipped to
+    global norm ``famo_max_norm`` (1.0; 0 disables); after the optimizer step
+    the losses on the *same batch* give ``delta = log D_before - log D_after``
+    and ``xi`` takes an Adam step (lr ``famo_w_lr`` 0.025, L2 decay
+    ``famo_gamma`` 0.01 added to the gradient, as torch's Adam does) on
+    ``J_softmax(xi)^T delta``. Costs one extra forward pass per step.
 
 * gradient combination, :data:`mtljax.gradients.GRADIENT_METHODS`
   (``mgda``, ``pcgrad``, ``cagrad``, ``imtl_g``, ``nash_mtl``,
@@ -38,10 +46,11 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from mtljax import gradients
 
-LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max")
+LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo")
 METHODS = ("fixed",) + LOSS_WEIGHTINGS + gradients.GRADIENT_METHODS
 
 
@@ -86,12 +95,17 @@ class LossWeighting(NamedTuple):
   init_state() -> state; init_params(num_tasks) -> per-task parameters (a
   dict of ``[T]`` arrays, stored at ``params["tasks"][name]``, or ``{}``);
   objective(losses [K], task_ids [K], weights [T], state, params, rng) ->
-  (scalar, lambda [T]); update(state, losses, task_ids) -> state.
+  (scalar, lambda [T]); update(state, losses, task_ids, new_losses) -> state,
+  where ``new_losses`` are the losses on the same batch after the parameter
+  update (computed only when ``needs_new_losses``); ``max_shared_grad_norm`` > 0
+  clips the shared gradient's global norm.
   """
   init_state: Callable
   init_params: Callable
   objective: Callable
   update: Callable
+  needs_new_losses: bool = False
+  max_shared_grad_norm: float = 0.0
 
 
 def _no_state():
@@ -103,8 +117,8 @@ def _no_params(num_tasks):
   return {}
 
 
-def _keep(state, losses, task_ids):
-  del losses, task_ids
+def _keep(state, losses, task_ids, new_losses=None):
+  del losses, task_ids, new_losses
   return state
 
 
@@ -121,9 +135,47 @@ def dwa_weights(prev: jax.Array, prev2: jax.Array, windows_done: jax.Array,
   return jnp.where(windows_done >= 2, lam, jnp.ones_like(lam))
 
 
+def famo_weights_optimizer(w_lr: float, gamma: float) -> optax.GradientTransformation:
+  """torch ``Adam(lr, weight_decay=gamma)``: L2 decay added to the gradient."""
+  return optax.chain(optax.add_decayed_weights(gamma), optax.adam(w_lr))
+
+
+def famo_logit_gradient(xi: jax.Array, delta: jax.Array) -> jax.Array:
+  """``J_softmax(xi)^T delta``."""
+  z = jax.nn.softmax(xi)
+  return z * (delta - z @ delta)
+
+
 def make_loss_weighting(method: str, num_tasks: int, *, dwa_temperature: float = 2.0,
-                        dwa_window_steps: int = 100) -> LossWeighting:
+                        dwa_window_steps: int = 100, famo_w_lr: float = 0.025,
+                        famo_gamma: float = 0.01, famo_max_norm: float = 1.0,
+                        famo_min_losses=None) -> LossWeighting:
   check_method(method)
+  if method == "famo":
+    min_losses = (jnp.zeros((num_tasks,), jnp.float32) if famo_min_losses is None
+                  else jnp.asarray(famo_min_losses, jnp.float32))
+    tx_w = famo_weights_optimizer(famo_w_lr, famo_gamma)
+
+    def init():
+      xi = jnp.zeros((num_tasks,), jnp.float32)
+      return {"xi": xi, "opt": tx_w.init(xi)}
+
+    def famo(l, ids, w, st, p, r):
+      z = jax.nn.softmax(st["xi"])[ids] * w[ids]
+      d = l - min_losses[ids] + 1e-8
+      c = jax.lax.stop_gradient(jnp.sum(z / d))
+      return jnp.sum(jnp.log(d) * z / c), jax.nn.softmax(st["xi"])
+
+    def update(st, l, ids, new_losses):
+      delta_k = (jnp.log(l - min_losses[ids] + 1e-8)
+                 - jnp.log(new_losses - min_losses[ids] + 1e-8))
+      delta = jax.ops.segment_sum(jax.lax.stop_gradient(delta_k), ids, num_tasks)
+      g = famo_logit_gradient(st["xi"], delta)
+      upd, opt = tx_w.update(g, st["opt"], st["xi"])
+      return {"xi": optax.apply_updates(st["xi"], upd), "opt": opt}
+
+    return LossWeighting(init, _no_params, famo, update, needs_new_losses=True,
+                         max_shared_grad_norm=famo_max_norm)
   if method == "fixed":
     return LossWeighting(
         _no_state, _no_params,
@@ -160,7 +212,8 @@ def make_loss_weighting(method: str, num_tasks: int, *, dwa_temperature: float =
       lam = dwa_weights(st["prev"], st["prev2"], st["windows"], dwa_temperature)
       return jnp.sum((w * lam)[ids] * l), lam
 
-    def update(st, l, ids):
+    def update(st, l, ids, new_losses=None):
+      del new_losses
       total = st["sum"] + jax.ops.segment_sum(jax.lax.stop_gradient(l), ids, num_tasks)
       count = st["count"] + jax.ops.segment_sum(jnp.ones_like(l), ids, num_tasks)
       steps = st["steps"] + 1

@@ -38,11 +38,13 @@ PROTOCOLS = {
     "nashmtl": dict(starts=((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)),
                     steps=35_000, scale=0.1, cagrad_rescale=1),
     # Cranial-XIX/FAMO experiments/toy: the same starts, 50k steps, x 0.1.
+    # FAMO on the toy: gamma 0 (its run.sh), logit lr 0.025, clip 1.0 (defaults),
+    # minimum losses (-21 scale, -21) (its trainer).
     "famo": dict(starts=((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)),
-                 steps=50_000, scale=0.1, cagrad_rescale=1),
+                 steps=50_000, scale=0.1, cagrad_rescale=1, famo_gamma=0.0),
 }
 
-TOY_METHODS = ("fixed", "rlw") + gradients.GRADIENT_METHODS
+TOY_METHODS = ("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS
 
 
 def losses(x: jax.Array, scale: float = 1.0) -> jax.Array:
@@ -67,8 +69,9 @@ def direction_fn(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1)
   ``lambda = softmax(N(0, I))``; gradient methods as in
   :mod:`mtljax.gradients`.
   """
-  if method not in TOY_METHODS:
-    raise ValueError(f"toy_pareto: method {method!r} is not one of {TOY_METHODS}.")
+  if method not in TOY_METHODS or method == "famo":  # famo: see _famo_direction
+    raise ValueError(f"toy_pareto: method {method!r} is not one of {TOY_METHODS} "
+                     "(stateless).")
   if method == "fixed":
     return lambda g, l, r: (g.mean(axis=0), jnp.full((2,), 0.5), jnp.array(True))
   if method == "rlw":
@@ -85,32 +88,61 @@ def direction_fn(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1)
   return grad_method
 
 
+def _famo_direction(scale: float, gamma: float):
+  """FAMO on the toy, stateful: ``direction(g, l, mstate) -> d`` and
+  ``after(mstate, l, l_new) -> mstate`` (the logits' update)."""
+  lw = objectives.make_loss_weighting(
+      "famo", 2, famo_gamma=gamma, famo_min_losses=(-21.0 * scale, -21.0))
+  ids = jnp.arange(2)
+
+  def direction(g, l, mstate):
+    beta = jax.grad(lambda l: lw.objective(l, ids, jnp.ones(2), mstate, {}, None)[0])(l)
+    d = beta @ g
+    norm = jnp.linalg.norm(d)
+    return d * jnp.minimum(1.0, lw.max_shared_grad_norm / jnp.maximum(norm, 1e-12))
+
+  def after(mstate, l, l_new):
+    return lw.update(mstate, l, ids, l_new)
+  return lw.init_state(), direction, after
+
+
 def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3,
         record_every: int = 100, seed: int = 0, cagrad_c: float = 0.5,
-        cagrad_rescale: int = 1) -> dict:
+        cagrad_rescale: int = 1, famo_gamma: float = 0.01) -> dict:
   """Adam from every start; returns numpy ``{"path": [S, steps/record_every + 1, 2],
   "final": [S, 2], "final_losses": [S, 2], "solver_failures": [S]}``."""
   if steps % record_every:
     raise ValueError(f"toy_pareto: steps={steps} must be a multiple of "
                      f"record_every={record_every}.")
-  direction = direction_fn(method, cagrad_c=cagrad_c, cagrad_rescale=cagrad_rescale)
   tx = optax.adam(lr)
   jac = jax.jacrev(lambda x: losses(x, scale))
+  if method == "famo":
+    mstate0, famo_direction, famo_after = _famo_direction(scale, famo_gamma)
+  else:
+    mstate0 = {}
+    direction = direction_fn(method, cagrad_c=cagrad_c, cagrad_rescale=cagrad_rescale)
 
   def one_start(x0, key):
     def step(carry, i):
-      x, opt_state, fails = carry
+      x, opt_state, fails, mstate = carry
       g = jac(x)                                         # [2 tasks, 2 coords]
-      d, _, ok = direction(g, losses(x, scale), jax.random.fold_in(key, i))
+      l = losses(x, scale)
+      if method == "famo":
+        d, ok = famo_direction(g, l, mstate), jnp.array(True)
+      else:
+        d, _, ok = direction(g, l, jax.random.fold_in(key, i))
       upd, opt_state = tx.update(d, opt_state, x)
-      return (optax.apply_updates(x, upd), opt_state, fails + (~ok).astype(jnp.int32)), None
+      x_new = optax.apply_updates(x, upd)
+      if method == "famo":
+        mstate = famo_after(mstate, l, losses(x_new, scale))
+      return (x_new, opt_state, fails + (~ok).astype(jnp.int32), mstate), None
 
     def chunk(carry, c):
       carry, _ = jax.lax.scan(step, carry, c * record_every + jnp.arange(record_every))
       return carry, carry[0]
 
-    init = (x0, tx.init(x0), jnp.zeros((), jnp.int32))
-    (x, _, fails), path = jax.lax.scan(chunk, init, jnp.arange(steps // record_every))
+    init = (x0, tx.init(x0), jnp.zeros((), jnp.int32), mstate0)
+    (x, _, fails, _), path = jax.lax.scan(chunk, init, jnp.arange(steps // record_every))
     return jnp.concatenate([x0[None], path]), x, losses(x, scale), fails
 
   x0 = jnp.asarray(starts, jnp.float32)

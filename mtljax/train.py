@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from mtljax import checkpoint as ckpt_lib
 from mtljax import gradients
@@ -108,7 +109,8 @@ def objective_kwargs_from_config(config) -> dict:
   o = config.objective
   return {"cagrad_c": o.cagrad_c, "cagrad_rescale": o.cagrad_rescale,
           "solver_iters": o.solver_iters, "dwa_temperature": o.dwa_temperature,
-          "dwa_window_steps": o.dwa_window_steps}
+          "dwa_window_steps": o.dwa_window_steps, "famo_w_lr": o.famo_w_lr,
+          "famo_gamma": o.famo_gamma, "famo_max_norm": o.famo_max_norm}
 
 
 def optimizer_from_config(config):
@@ -161,9 +163,13 @@ def init_train_state(model: multitask.Model, tx, rng, objective: str = "fixed",
   return state
 
 
+_LW_KEYS = ("dwa_temperature", "dwa_window_steps", "famo_w_lr", "famo_gamma",
+            "famo_max_norm")
+
+
 def _lw_kwargs(kwargs):
   kwargs = kwargs or {}
-  return {k: kwargs[k] for k in ("dwa_temperature", "dwa_window_steps") if k in kwargs}
+  return {k: kwargs[k] for k in _LW_KEYS if k in kwargs}
 
 
 def _combiner_kwargs(kwargs):
@@ -218,8 +224,11 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
                                 params["tasks"].get(objective, {}), rng)
       return total, (losses, lam)
     (total, (losses, lam)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if lw.max_shared_grad_norm > 0:
+      grads = {"shared": optax.clip_by_global_norm(lw.max_shared_grad_norm).update(
+          grads["shared"], optax.EmptyState())[0], "tasks": grads["tasks"]}
     extra = {} if objective == "fixed" else {"objective_lambda_sum": lam}
-    return total, losses, grads, extra, lw.update(obj_state, losses, task_ids)
+    return total, losses, grads, extra, obj_state
 
   def combined_grads(params, obj_state, x, ys, task_ids, rng):
     w = weights[task_ids]
@@ -274,6 +283,10 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
     params, opt_state = optim.update(tx, grads, state["opt_state"], state["params"],
                                      rows, active)
+    if lw is not None:  # loss weightings update after the step (FAMO: new losses)
+      new_losses = (slot_losses(model, params, x, ys, task_ids) if lw.needs_new_losses
+                    else None)
+      obj_state = lw.update(obj_state, losses, task_ids, new_losses)
     meas = {
         "loss": total,
         "task_loss_sum": jax.ops.segment_sum(losses, task_ids, num_tasks),

@@ -176,3 +176,37 @@ def test_state_initialised_for_another_objective_is_a_clear_error():
   state = train.init_train_state(model, tx, jax.random.key(0))  # "fixed"
   with pytest.raises(ValueError, match="not initialised for objective 'dwa'"):
     fn(state, data.train)
+
+
+def test_famo_objective_gradient_weights_sum_to_one():
+  lw = objectives.make_loss_weighting("famo", 3)
+  st = lw.init_state()
+  st["xi"] = jnp.array([0.3, -0.2, 0.5])
+  losses = jnp.array([0.5, 2.0, 1.2])
+  ids = jnp.arange(3)
+  g = jax.grad(lambda l: lw.objective(l, ids, jnp.ones(3), st, {}, None)[0])(losses)
+  z = np.exp([0.3, -0.2, 0.5]); z /= z.sum()
+  d = np.array([0.5, 2.0, 1.2]) + 1e-8
+  want = z / d / np.sum(z / d)  # d/dL_i of sum z log D / c, c held fixed
+  np.testing.assert_allclose(g, want, rtol=1e-5)
+  np.testing.assert_allclose(np.sum(g), 1.0, rtol=1e-5)
+
+
+def test_famo_update_matches_the_authors_rule_in_float64():
+  lr, gamma, b1, b2, eps = 0.025, 0.01, 0.9, 0.999, 1e-8
+  lw = objectives.make_loss_weighting("famo", 3, famo_w_lr=lr, famo_gamma=gamma)
+  st = lw.init_state()
+  ids = jnp.arange(3)
+  xi = np.zeros(3); m = np.zeros(3); v = np.zeros(3)
+  rng = np.random.default_rng(0)
+  for t in range(1, 6):
+    before = rng.uniform(0.5, 2.0, 3)
+    after = before * rng.uniform(0.7, 1.1, 3)
+    st = lw.update(st, jnp.asarray(before, jnp.float32), ids, jnp.asarray(after, jnp.float32))
+    delta = np.log(before + 1e-8) - np.log(after + 1e-8)
+    z = np.exp(xi) / np.exp(xi).sum()
+    g = (np.diag(z) - np.outer(z, z)) @ delta + gamma * xi  # softmax VJP + L2 decay
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    xi = xi - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    np.testing.assert_allclose(st["xi"], xi, rtol=1e-4, atol=1e-6)

@@ -49,10 +49,10 @@ def test_pareto_segment_is_where_the_gradients_oppose():
 
 def test_quick_run_writes_the_documented_outputs(tmp_path):
   c = toy_config.get_config("protocol=famo,quick")
-  c.toy.methods = ("fixed", "mgda", "nash_mtl")
+  c.toy.methods = ("fixed", "famo", "mgda", "nash_mtl")
   summary = toy_pareto.run(c, str(tmp_path))
   traj = json.loads((tmp_path / "trajectories.json").read_text())
-  assert set(traj) == {"fixed", "mgda", "nash_mtl"}
+  assert set(traj) == {"fixed", "famo", "mgda", "nash_mtl"}
   for runs in traj.values():
     assert [r["start"] for r in runs] == [list(s) for s in toy.PROTOCOLS["famo"]["starts"]]
     for r in runs:
@@ -89,3 +89,12 @@ def test_cagrad_protocol_reproduces_the_papers_picture():
     assert np.all(toy.distance_to_pareto_set(r["final"]) < 0.1), method
     if method == "cagrad":
       np.testing.assert_allclose(r["final"][:, 0], 0.0, atol=0.05)
+
+
+def test_famo_protocol_famo_reaches_the_pareto_set_linear_scalarisation_does_not():
+  p = toy.PROTOCOLS["famo"]
+  famo = toy.run("famo", p["starts"], p["steps"], scale=p["scale"], record_every=1000,
+                 famo_gamma=p["famo_gamma"])
+  assert np.all(toy.distance_to_pareto_set(famo["final"]) < 0.05)
+  fixed = toy.run("fixed", p["starts"], p["steps"], scale=p["scale"], record_every=1000)
+  assert np.max(toy.distance_to_pareto_set(fixed["final"])) > 2.0

@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.solver_iters = 300  # mgda, cagrad: simplex solver iterations
   c.objective.dwa_temperature = 2.0
   c.objective.dwa_window_steps = 100  # dwa: steps per "epoch" of loss averaging
+  c.objective.famo_w_lr = 0.025   # famo: Adam lr of the task logits
+  c.objective.famo_gamma = 0.01   # famo: L2 decay of the logits
+  c.objective.famo_max_norm = 1.0  # famo: clip of the shared gradient (0 = off)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

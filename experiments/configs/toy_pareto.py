@@ -44,4 +44,5 @@ def get_config(arg: str = ""):
   c.toy.record_every = 50 if opts.get("quick") else 200
   c.toy.cagrad_c = 0.5
   c.toy.cagrad_rescale = p["cagrad_rescale"]
+  c.toy.famo_gamma = p.get("famo_gamma", 0.01)
   return c
