@@ -3,6 +3,7 @@ r"""The two-objective Pareto toy of CAGrad / Nash-MTL / FAMO, every method.
     python -m experiments.main --config=experiments/configs/toy_pareto.py:protocol=cagrad \
         --workdir=/tmp/mtljax/toy_cagrad
 
+Methods: equal weighting, RLW, FAMO and every gradient method.
 Variants: ``protocol=cagrad`` (3 starts, 100k Adam steps, lr 1e-3, the default),
 ``protocol=nashmtl`` (5 starts, 35k steps, first loss x 0.1), ``protocol=famo``
 (5 starts, 50k steps, x 0.1); add ``,quick`` for 5k steps
