@@ -272,6 +272,10 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
       raise ValueError(
           f"The train state was not initialised for objective {objective!r}: pass "
           f"objective={objective!r} (and the same objective_kwargs) to init_train_state.")
+    if combiner is not None and not jax.tree.leaves(state["params"]["shared"]):
+      raise ValueError(
+          f"config.objective.method={objective!r} combines per-task gradients of the "
+          f"shared parameters, and arch {model.arch!r} has none.")
     rng = jax.random.fold_in(base_key, state["step"])
     r_tasks, r_examples, r_method = jax.random.split(rng, 3)
     task_ids = sampling.sample_tasks(r_tasks, probs, tasks_per_step, replace)

@@ -210,3 +210,14 @@ def test_famo_update_matches_the_authors_rule_in_float64():
     v = b2 * v + (1 - b2) * g * g
     xi = xi - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
     np.testing.assert_allclose(st["xi"], xi, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_method_without_shared_parameters_is_a_clear_error():
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  model = multitask.make_model("independent", data.taskset, data.input_shape, hidden=(8,))
+  tx = optim.make_optimizer("adam", lr=1e-2)
+  fn = train.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(4),
+                             tasks_per_step=2, examples_per_task=4, objective="mgda")
+  state = train.init_train_state(model, tx, jax.random.key(0), "mgda")
+  with pytest.raises(ValueError, match="arch 'independent' has none"):
+    fn(state, data.train)
