@@ -31,6 +31,15 @@ Methods (``config.objective.method``):
     ``famo_gamma`` 0.01 added to the gradient, as torch's Adam does) on
     ``J_softmax(xi)^T delta``. Costs one extra forward pass per step.
 
+* ``gradnorm`` (Chen et al. 2018, Algorithm 1): learnable task weights ``w``
+  (init 1); the network trains on ``sum_k w_t L_k``; with
+  ``G_i = w_i ||grad_W L_i||`` on the last shared layer ``W``
+  (``gradnorm_layer``, a regex over ``shared/...`` paths; default the last
+  ``trunk/layer_*/kernel``), ``r_i = Ltilde_i / mean(Ltilde)`` where
+  ``Ltilde_i = L_i / L_i(first step task i was sampled)``, the weights take an
+  Adam step (``gradnorm_w_lr``) on ``grad_w sum_i |G_i - stop_gradient(mean(G)
+  r_i^alpha)|`` (``gradnorm_alpha`` 1.5), only for sampled tasks, and are then
+  renormalised to sum to T.
 * gradient combination, :data:`mtljax.gradients.GRADIENT_METHODS`
   (``mgda``, ``pcgrad``, ``cagrad``, ``imtl_g``, ``nash_mtl``,
   ``aligned_mtl``): the per-slot gradients of the *shared* parameters,
@@ -51,7 +60,7 @@ import optax
 from mtljax import gradients
 
 LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo")
-METHODS = ("fixed",) + LOSS_WEIGHTINGS + gradients.GRADIENT_METHODS
+METHODS = ("fixed",) + LOSS_WEIGHTINGS + ("gradnorm",) + gradients.GRADIENT_METHODS
 
 
 def check_method(method: str) -> None:
@@ -228,3 +237,45 @@ def make_loss_weighting(method: str, num_tasks: int, *, dwa_temperature: float =
     return LossWeighting(init, _no_params, dwa, update)
   raise ValueError(f"config.objective.method={method!r} is a gradient method, not a "
                    "loss weighting.")
+
+
+# ----------------------------------------------------------------------------
+# GradNorm: weights from per-task gradient norms of one shared layer.
+# ----------------------------------------------------------------------------
+
+
+def gradnorm_init(num_tasks: int, w_lr: float) -> dict:
+  w = jnp.ones((num_tasks,), jnp.float32)
+  return {"w": w, "opt": optax.adam(w_lr).init(w),
+          "initial_loss": jnp.zeros((num_tasks,), jnp.float32),
+          "seen": jnp.zeros((num_tasks,), bool)}
+
+
+def gradnorm_update(state: dict, norms: jax.Array, losses: jax.Array, task_ids: jax.Array,
+                    *, alpha: float, w_lr: float) -> tuple[dict, jax.Array]:
+  """One GradNorm weight update from the slots' ``||grad_W L_k||`` and losses.
+
+  Returns ``(new_state, L_grad)``.
+  """
+  num_tasks = state["w"].shape[0]
+  first = ~state["seen"][task_ids]
+  l0 = state["initial_loss"].at[task_ids].set(
+      jnp.where(first, losses, state["initial_loss"][task_ids]))
+  seen = state["seen"].at[task_ids].set(True)
+  ratio = losses / jnp.maximum(l0[task_ids], 1e-12)        # Ltilde per slot
+  r = ratio / jnp.mean(ratio)
+
+  def l_grad(w):
+    g = w[task_ids] * norms                                  # G_i per slot
+    target = jax.lax.stop_gradient(jnp.mean(g) * r ** alpha)
+    return jnp.sum(jnp.abs(g - target))
+
+  value, grad_w = jax.value_and_grad(l_grad)(state["w"])
+  upd, opt = optax.adam(w_lr).update(grad_w, state["opt"], state["w"])
+  active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
+  w = jnp.where(active, optax.apply_updates(state["w"], upd), state["w"])
+  opt = jax.tree.map(lambda new, old: jnp.where(
+      active.reshape((-1,) + (1,) * (new.ndim - 1)) if new.ndim else True, new, old),
+      opt, state["opt"])
+  w = num_tasks * w / jnp.sum(w)                               # renormalise: sum = T
+  return {"w": w, "opt": opt, "initial_loss": l0, "seen": seen}, value

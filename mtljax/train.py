@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Callable, Sequence
 
@@ -110,7 +111,9 @@ def objective_kwargs_from_config(config) -> dict:
   return {"cagrad_c": o.cagrad_c, "cagrad_rescale": o.cagrad_rescale,
           "solver_iters": o.solver_iters, "dwa_temperature": o.dwa_temperature,
           "dwa_window_steps": o.dwa_window_steps, "famo_w_lr": o.famo_w_lr,
-          "famo_gamma": o.famo_gamma, "famo_max_norm": o.famo_max_norm}
+          "famo_gamma": o.famo_gamma, "famo_max_norm": o.famo_max_norm,
+          "gradnorm_alpha": o.gradnorm_alpha, "gradnorm_w_lr": o.gradnorm_w_lr,
+          "gradnorm_layer": o.gradnorm_layer}
 
 
 def optimizer_from_config(config):
@@ -156,6 +159,9 @@ def init_train_state(model: multitask.Model, tx, rng, objective: str = "fixed",
     if extra:
       params = {"shared": params["shared"], "tasks": {**params["tasks"], objective: extra}}
     state["objective_state"] = lw.init_state()
+  elif objective == "gradnorm":
+    state["objective_state"] = objectives.gradnorm_init(
+        len(model.taskset), _gradnorm_kwargs(objective_kwargs)["w_lr"])
   else:
     state["objective_state"] = {}
   state["params"] = params
@@ -170,6 +176,13 @@ _LW_KEYS = ("dwa_temperature", "dwa_window_steps", "famo_w_lr", "famo_gamma",
 def _lw_kwargs(kwargs):
   kwargs = kwargs or {}
   return {k: kwargs[k] for k in _LW_KEYS if k in kwargs}
+
+
+def _gradnorm_kwargs(kwargs):
+  kwargs = kwargs or {}
+  return {"alpha": kwargs.get("gradnorm_alpha", 1.5),
+          "w_lr": kwargs.get("gradnorm_w_lr", 0.025),
+          "layer": kwargs.get("gradnorm_layer", "") or r"trunk/layer_\d+/kernel$"}
 
 
 def _combiner_kwargs(kwargs):
@@ -212,6 +225,8 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
   combiner = lw = None
   if objective in gradients.GRADIENT_METHODS:
     combiner = objectives.make_combiner(objective, **_combiner_kwargs(objective_kwargs))
+  elif objective == "gradnorm":
+    gn = _gradnorm_kwargs(objective_kwargs)
   else:
     lw = objectives.make_loss_weighting(objective, num_tasks,
                                         **_lw_kwargs(objective_kwargs))
@@ -262,9 +277,50 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     }
     return jnp.sum(w * losses), losses, grads, extra, obj_state
 
-  grads_fn = weighted_grads if combiner is None else combined_grads
+  def gradnorm_grads(params, obj_state, x, ys, task_ids, rng):
+    del rng
+    names = [n for n, _ in params_lib.flatten_with_names(params["shared"])
+             if re.search(gn["layer"], n)]
+    if not names:
+      raise ValueError(
+          f"config.objective.gradnorm_layer={gn['layer']!r} matches no shared "
+          f"parameter; shared parameters are "
+          f"{[n for n, _ in params_lib.flatten_with_names(params['shared'])]}.")
+    layer = names[-1]  # the last shared layer matching
+    w_layer = params_lib.get_path(params["shared"], layer)
 
-  expected_obj_state = jax.tree.structure(lw.init_state() if lw else {})
+    def slot_norm(x_k, ys_k, t_k):
+      def f(wl):
+        p = {"shared": params_lib.set_path(params["shared"], layer, wl),
+             "tasks": params["tasks"]}
+        return slot_losses(model, p, x_k[None], jax.tree.map(lambda y: y[None], ys_k),
+                           t_k[None])[0]
+      return jnp.linalg.norm(jax.grad(f)(w_layer).reshape(-1))
+
+    norms = jax.vmap(slot_norm)(x, ys, task_ids) * weights[task_ids]
+    w_gn = obj_state["w"]
+
+    def loss_fn(params):
+      losses = slot_losses(model, params, x, ys, task_ids)
+      return jnp.sum((weights * w_gn)[task_ids] * losses), losses
+
+    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    new_state, l_grad = objectives.gradnorm_update(
+        obj_state, norms, jax.lax.stop_gradient(losses), task_ids, alpha=gn["alpha"],
+        w_lr=gn["w_lr"])
+    extra = {"objective_lambda_sum": w_gn, "gradnorm_loss": l_grad}
+    return total, losses, grads, extra, new_state
+
+  if combiner is not None:
+    grads_fn = combined_grads
+  elif objective == "gradnorm":
+    grads_fn = gradnorm_grads
+  else:
+    grads_fn = weighted_grads
+
+  expected_obj_state = jax.tree.structure(
+      lw.init_state() if lw else
+      objectives.gradnorm_init(num_tasks, gn["w_lr"]) if objective == "gradnorm" else {})
 
   def one_step(state, data):
     if jax.tree.structure(state["objective_state"]) != expected_obj_state or (
@@ -272,7 +328,8 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
       raise ValueError(
           f"The train state was not initialised for objective {objective!r}: pass "
           f"objective={objective!r} (and the same objective_kwargs) to init_train_state.")
-    if combiner is not None and not jax.tree.leaves(state["params"]["shared"]):
+    if ((combiner is not None or objective == "gradnorm")
+        and not jax.tree.leaves(state["params"]["shared"])):
       raise ValueError(
           f"config.objective.method={objective!r} combines per-task gradients of the "
           f"shared parameters, and arch {model.arch!r} has none.")

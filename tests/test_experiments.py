@@ -139,7 +139,7 @@ def test_command_line_bad_value_names_the_field(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dwa", "uncertainty", "famo", "mgda"])
+@pytest.mark.parametrize("method", ["dwa", "uncertainty", "famo", "gradnorm", "mgda"])
 def test_objective_methods_run_checkpoint_and_resume(method, tmp_path):
   c = _small_digits_config()
   c.model.encoder, c.model.hidden = "mlp", (32,)

@@ -221,3 +221,65 @@ def test_gradient_method_without_shared_parameters_is_a_clear_error():
   state = train.init_train_state(model, tx, jax.random.key(0), "mgda")
   with pytest.raises(ValueError, match="arch 'independent' has none"):
     fn(state, data.train)
+
+
+def _np_adam(x, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8):
+  m = b1 * m + (1 - b1) * g
+  v = b2 * v + (1 - b2) * g * g
+  return x - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps), m, v
+
+
+def test_gradnorm_update_matches_algorithm_1_in_float64():
+  alpha, lr = 1.5, 0.025
+  st = objectives.gradnorm_init(3, lr)
+  ids = jnp.arange(3)
+  w, m, v = np.ones(3), np.zeros(3), np.zeros(3)
+  l0 = None
+  rng = np.random.default_rng(1)
+  for t in range(1, 5):
+    norms = rng.uniform(0.5, 3.0, 3)
+    losses = rng.uniform(0.2, 2.0, 3)
+    st, _ = objectives.gradnorm_update(st, jnp.asarray(norms, jnp.float32),
+                                       jnp.asarray(losses, jnp.float32), ids,
+                                       alpha=alpha, w_lr=lr)
+    l0 = losses if l0 is None else l0
+    ratio = losses / l0
+    r = ratio / ratio.mean()
+    g_i = w * norms
+    target = g_i.mean() * r ** alpha
+    grad = np.sign(g_i - target) * norms
+    w, m, v = _np_adam(w, grad, m, v, t, lr)
+    w = 3 * w / w.sum()
+    np.testing.assert_allclose(st["w"], w, rtol=1e-5)
+    np.testing.assert_allclose(st["initial_loss"], l0, rtol=1e-6)
+
+
+def test_gradnorm_step_uses_gradient_norms_of_the_last_shared_layer():
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  ts = data.taskset
+  model = multitask.make_model("multi_head", ts, data.input_shape, hidden=(8, 6))
+  tx = optim.make_optimizer("adam", lr=1e-2)
+  probs = sampling.task_probabilities("uniform", data.num_train)
+  fn = train.make_train_step(model, tx, task_probs=probs, weights=np.ones(4),
+                             tasks_per_step=3, examples_per_task=16, seed=3,
+                             objective="gradnorm")
+  state = train.init_train_state(model, tx, jax.random.key(0), "gradnorm")
+  new, meas = jax.jit(fn)(state, data.train)
+  # Reference: the step's samples, then one jax.grad per slot w.r.t. layer_1's kernel.
+  rng = jax.random.fold_in(jax.random.key(3), 0)
+  r_tasks, r_examples, _ = jax.random.split(rng, 3)
+  task_ids = sampling.sample_tasks(r_tasks, jnp.asarray(probs, jnp.float32), 3)
+  idx = sampling.example_indices(r_examples, task_ids, jnp.asarray(ts.stream_ids),
+                                 jnp.asarray(data.train["n"]), 16)
+  x, ys = sampling.gather_batch(data.train, {"local_index": jnp.asarray(ts.local_index)},
+                                task_ids, idx)
+  p = state["params"]
+  norms, losses = [], []
+  for k in range(3):
+    g = jax.grad(lambda p: train.slot_losses(model, p, x, ys, task_ids)[k])(p)
+    norms.append(np.linalg.norm(g["shared"]["trunk"]["layer_1"]["kernel"]))
+    losses.append(float(train.slot_losses(model, p, x, ys, task_ids)[k]))
+  want, _ = objectives.gradnorm_update(
+      state["objective_state"], jnp.asarray(norms, jnp.float32),
+      jnp.asarray(losses, jnp.float32), task_ids, alpha=1.5, w_lr=0.025)
+  np.testing.assert_allclose(new["objective_state"]["w"], want["w"], rtol=1e-5)

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective.famo_w_lr = 0.025   # famo: Adam lr of the task logits
   c.objective.famo_gamma = 0.01   # famo: L2 decay of the logits
   c.objective.famo_max_norm = 1.0  # famo: clip of the shared gradient (0 = off)
+  c.objective.gradnorm_alpha = 1.5
+  c.objective.gradnorm_w_lr = 0.025
+  c.objective.gradnorm_layer = ""  # regex over shared paths; "" = last trunk layer kernel
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"
