@@ -73,24 +73,35 @@ def weighted_sum(losses: jax.Array, task_ids: jax.Array, weights: jax.Array) -> 
   return jnp.sum(weights[task_ids] * losses)
 
 
-def make_combiner(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1,
-                  solver_iters: int = 300) -> Callable:
-  """``combine(G, rng) -> (d, beta [K], info)`` for a gradient method."""
-  check_method(method)
-  if method == "fixed":
-    raise ValueError("make_combiner: 'fixed' needs no per-task gradients.")
+def make_gram_weights(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1,
+                      solver_iters: int = 300) -> Callable:
+  """``weights(K, rng) -> (beta [K], info)`` for a gradient method, from the
+  Gram matrix of the task gradients."""
+  if method not in gradients.GRADIENT_METHODS:
+    raise ValueError(f"{method!r} is not a gradient method; those are "
+                     f"{gradients.GRADIENT_METHODS}.")
   if method == "cagrad" and not 0.0 <= cagrad_c < 1.0:
     raise ValueError(f"config.objective.cagrad_c must be in [0, 1), got {cagrad_c}.")
   table = {
-      "mgda": lambda g, r: gradients.mgda(g, iters=solver_iters),
-      "pcgrad": lambda g, r: gradients.pcgrad(g, r),
-      "cagrad": lambda g, r: gradients.cagrad(g, c=cagrad_c, rescale=cagrad_rescale,
-                                              iters=solver_iters),
-      "imtl_g": lambda g, r: gradients.imtl_g(g),
-      "nash_mtl": lambda g, r: gradients.nash_mtl(g),
-      "aligned_mtl": lambda g, r: gradients.aligned_mtl(g),
+      "mgda": lambda k, r: gradients.mgda_weights(k, iters=solver_iters),
+      "pcgrad": gradients.pcgrad_weights,
+      "cagrad": lambda k, r: gradients.cagrad_weights(k, c=cagrad_c, rescale=cagrad_rescale,
+                                                      iters=solver_iters),
+      "imtl_g": lambda k, r: gradients.imtl_g_weights(k),
+      "nash_mtl": lambda k, r: gradients.nash_mtl_weights(k),
+      "aligned_mtl": lambda k, r: gradients.aligned_mtl_weights(k),
   }
   return table[method]
+
+
+def make_combiner(method: str, **kwargs) -> Callable:
+  """``combine(G, rng) -> (d, beta [K], info)`` for a gradient method."""
+  weights = make_gram_weights(method, **kwargs)
+
+  def combine(grads, rng):
+    beta, info = weights(gradients.gram(grads), rng)
+    return gradients.combine(beta, grads), beta, info
+  return combine
 
 
 # ----------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
   objectives.check_method(objective)
   combiner = lw = None
   if objective in gradients.GRADIENT_METHODS:
-    combiner = objectives.make_combiner(objective, **_combiner_kwargs(objective_kwargs))
+    combiner = objectives.make_gram_weights(objective, **_combiner_kwargs(objective_kwargs))
   elif objective == "gradnorm":
     gn = _gradnorm_kwargs(objective_kwargs)
   else:
@@ -260,10 +260,10 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     # B examples (O(K B) work, like one backward of the sum), unlike a vmapped
     # VJP of all slots' losses (O(K^2 B)).
     losses, jac = jax.vmap(one_slot)(x, ys, task_ids, w)
-    d, beta, info = combiner(jac["shared"], rng)
-    grads = {"shared": d,
+    k = gradients.gram(jac["shared"])  # once: for the method and the conflict logs
+    beta, info = combiner(k, rng)
+    grads = {"shared": gradients.combine(beta, jac["shared"]),
              "tasks": jax.tree.map(lambda j: j.sum(axis=0), jac["tasks"])}
-    k = gradients.gram(jac["shared"])
     norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
     cos = k / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
     pair = (task_ids[:, None], task_ids[None, :])

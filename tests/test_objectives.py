@@ -19,6 +19,20 @@ from mtljax.models import multitask
 import test_train  # the toy data builders
 
 
+def _first_step_batch(data, probs, *, seed, k, b):
+  """The task ids, inputs, labels and method rng of a train step's step 0,
+  re-derived from the documented random streams."""
+  ts = data.taskset
+  rng = jax.random.fold_in(jax.random.key(seed), 0)
+  r_tasks, r_examples, r_method = jax.random.split(rng, 3)
+  task_ids = sampling.sample_tasks(r_tasks, jnp.asarray(probs, jnp.float32), k)
+  idx = sampling.example_indices(r_examples, task_ids, jnp.asarray(ts.stream_ids),
+                                 jnp.asarray(data.train["n"]), b)
+  x, ys = sampling.gather_batch(data.train, {"local_index": jnp.asarray(ts.local_index)},
+                                task_ids, idx)
+  return task_ids, x, ys, r_method
+
+
 @pytest.mark.parametrize("method", sorted(gradients.GRADIENT_METHODS))
 def test_step_applies_the_method_to_per_task_gradients(method):
   data = loading.build_task_data("toy", *test_train._shared_input_data())
@@ -34,13 +48,7 @@ def test_step_applies_the_method_to_per_task_gradients(method):
   new, meas = jax.jit(fn)(state, data.train)
 
   # The reference: reproduce the step's samples, then one jax.grad per task.
-  rng = jax.random.fold_in(jax.random.key(5), 0)
-  r_tasks, r_examples, r_method = jax.random.split(rng, 3)
-  task_ids = sampling.sample_tasks(r_tasks, jnp.asarray(probs, jnp.float32), 3)
-  idx = sampling.example_indices(r_examples, task_ids, jnp.asarray(ts.stream_ids),
-                                 jnp.asarray(data.train["n"]), 16)
-  x, ys = sampling.gather_batch(data.train, {"local_index": jnp.asarray(ts.local_index)},
-                                task_ids, idx)
+  task_ids, x, ys, r_method = _first_step_batch(data, probs, seed=5, k=3, b=16)
   p = state["params"]
   rows = []
   for k in range(3):
@@ -266,13 +274,7 @@ def test_gradnorm_step_uses_gradient_norms_of_the_last_shared_layer():
   state = train.init_train_state(model, tx, jax.random.key(0), "gradnorm")
   new, meas = jax.jit(fn)(state, data.train)
   # Reference: the step's samples, then one jax.grad per slot w.r.t. layer_1's kernel.
-  rng = jax.random.fold_in(jax.random.key(3), 0)
-  r_tasks, r_examples, _ = jax.random.split(rng, 3)
-  task_ids = sampling.sample_tasks(r_tasks, jnp.asarray(probs, jnp.float32), 3)
-  idx = sampling.example_indices(r_examples, task_ids, jnp.asarray(ts.stream_ids),
-                                 jnp.asarray(data.train["n"]), 16)
-  x, ys = sampling.gather_batch(data.train, {"local_index": jnp.asarray(ts.local_index)},
-                                task_ids, idx)
+  task_ids, x, ys, _ = _first_step_batch(data, probs, seed=3, k=3, b=16)
   p = state["params"]
   norms, losses = [], []
   for k in range(3):
