@@ -173,12 +173,25 @@ _LW_KEYS = ("dwa_temperature", "dwa_window_steps", "famo_w_lr", "famo_gamma",
             "famo_max_norm")
 
 
+_OBJECTIVE_KWARGS = ("cagrad_c", "cagrad_rescale", "solver_iters", "gradnorm_alpha",
+                     "gradnorm_w_lr", "gradnorm_layer") + _LW_KEYS
+
+
+def _check_objective_kwargs(kwargs):
+  unknown = sorted(set(kwargs or {}) - set(_OBJECTIVE_KWARGS))
+  if unknown:
+    raise ValueError(f"objective_kwargs: unknown key(s) {unknown}; known keys are "
+                     f"{sorted(_OBJECTIVE_KWARGS)}.")
+
+
 def _lw_kwargs(kwargs):
+  _check_objective_kwargs(kwargs)
   kwargs = kwargs or {}
   return {k: kwargs[k] for k in _LW_KEYS if k in kwargs}
 
 
 def _gradnorm_kwargs(kwargs):
+  _check_objective_kwargs(kwargs)
   kwargs = kwargs or {}
   return {"alpha": kwargs.get("gradnorm_alpha", 1.5),
           "w_lr": kwargs.get("gradnorm_w_lr", 0.025),
@@ -186,6 +199,7 @@ def _gradnorm_kwargs(kwargs):
 
 
 def _combiner_kwargs(kwargs):
+  _check_objective_kwargs(kwargs)
   kwargs = kwargs or {}
   return {k: kwargs[k] for k in ("cagrad_c", "cagrad_rescale", "solver_iters")
           if k in kwargs}

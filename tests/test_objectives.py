@@ -156,8 +156,6 @@ def test_uncertainty_weighting_optimum_is_log_loss():
 
 def test_uncertainty_log_var_is_a_per_task_parameter_frozen_when_unsampled():
   state, hist = _run("uncertainty", 6, k=1)
-  for before, meas in hist:
-    pass
   s_hist = [np.asarray(h[0]["params"]["tasks"]["uncertainty"]["log_var"]) for h in hist]
   s_hist.append(np.asarray(state["params"]["tasks"]["uncertainty"]["log_var"]))
   for i, (_, meas) in enumerate(hist):
@@ -175,15 +173,26 @@ def test_min_max_gradient_is_the_worst_tasks_gradient():
   np.testing.assert_allclose(g, [0.0, 0.0, 2.0])
 
 
-def test_state_initialised_for_another_objective_is_a_clear_error():
+def _small_step(arch, objective, **kwargs):
   data = loading.build_task_data("toy", *test_train._shared_input_data())
-  model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
+  model = multitask.make_model(arch, data.taskset, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("adam", lr=1e-2)
   fn = train.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(4),
-                             tasks_per_step=2, examples_per_task=4, objective="dwa")
+                             tasks_per_step=2, examples_per_task=4, objective=objective,
+                             objective_kwargs=kwargs)
+  return data, model, tx, fn
+
+
+def test_state_initialised_for_another_objective_is_a_clear_error():
+  data, model, tx, fn = _small_step("multi_head", "dwa")
   state = train.init_train_state(model, tx, jax.random.key(0))  # "fixed"
   with pytest.raises(ValueError, match="not initialised for objective 'dwa'"):
     fn(state, data.train)
+
+
+def test_unknown_objective_kwargs_raise_instead_of_being_ignored():
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['cagrad_C'\]"):
+    _small_step("multi_head", "cagrad", cagrad_C=0.3)
 
 
 def test_famo_objective_gradient_weights_sum_to_one():
@@ -221,11 +230,7 @@ def test_famo_update_matches_the_authors_rule_in_float64():
 
 
 def test_gradient_method_without_shared_parameters_is_a_clear_error():
-  data = loading.build_task_data("toy", *test_train._shared_input_data())
-  model = multitask.make_model("independent", data.taskset, data.input_shape, hidden=(8,))
-  tx = optim.make_optimizer("adam", lr=1e-2)
-  fn = train.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(4),
-                             tasks_per_step=2, examples_per_task=4, objective="mgda")
+  data, model, tx, fn = _small_step("independent", "mgda")
   state = train.init_train_state(model, tx, jax.random.key(0), "mgda")
   with pytest.raises(ValueError, match="arch 'independent' has none"):
     fn(state, data.train)
