@@ -1,15 +1,24 @@
 """Checkpoints (Orbax): the train state as a dict of arrays in DIR/checkpoints.
 
 Resume order used by the loop: the workdir's latest checkpoint, else a fresh
-state. A checkpoint holds ``{"step", "params", "opt_state"}``.
+state (initialised from ``config.init_from`` when set: :func:`load_params`).
+A checkpoint holds the train state ``{"step", "params", "opt_state",
+"objective_state"}``; a fine-tuning run reads only ``params`` from another
+run's checkpoint and never its data.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from typing import Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from mtljax import params as params_lib
 
 
 def make_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -31,3 +40,74 @@ def restore_latest(manager: ocp.CheckpointManager, like):
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+# ----------------------------------------------------------------------------
+# Initialising a new run from another run's parameters (fine-tuning).
+# ----------------------------------------------------------------------------
+
+
+def _checkpoint_dir(path: str) -> str:
+  path = os.path.abspath(path)
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def read_params(path: str, step: int | None = None) -> tuple[dict, int]:
+  """The parameter tree saved by a run (its workdir or its ``checkpoints/``
+  directory), latest step unless ``step``; returns ``(params, step)``."""
+  directory = _checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.init_from={path!r}: no such directory.")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"config.init_from={path!r}: no checkpoint in {directory}.")
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  if not isinstance(restored, dict) or "params" not in restored:
+    raise ValueError(f"config.init_from={path!r}: checkpoint step {step} holds no 'params'.")
+  return restored["params"], int(step)
+
+
+def load_params(target, source, dont_load: Sequence[str] = ()) -> tuple[dict, dict]:
+  """``target`` with every parameter found in ``source`` (by slash path)
+  copied in, except those matching a ``dont_load`` regex (``re.search``).
+
+  Returns ``(params, report)``; ``report`` has ``loaded``, ``fresh_dont_load``
+  (left at their fresh values because a pattern matched), ``fresh_missing``
+  (not in the source) and ``unused`` (source paths the target lacks), lists of
+  paths. A loaded path whose shape differs raises ``ValueError`` listing every
+  mismatch (add a ``dont_load`` pattern to re-initialise them instead).
+  """
+  patterns = [re.compile(p) for p in dont_load]
+  src = dict(params_lib.flatten_with_names(source))
+  report = {"loaded": [], "fresh_dont_load": [], "fresh_missing": [], "unused": []}
+  mismatched = []
+  values = {}
+  for name, leaf in params_lib.flatten_with_names(target):
+    if any(p.search(name) for p in patterns):
+      report["fresh_dont_load"].append(name)
+    elif name not in src:
+      report["fresh_missing"].append(name)
+    elif tuple(np.shape(src[name])) != tuple(leaf.shape):
+      mismatched.append(f"{name}: checkpoint {tuple(np.shape(src[name]))}, "
+                        f"model {tuple(leaf.shape)}")
+    else:
+      values[name] = src[name]
+      report["loaded"].append(name)
+  if mismatched:
+    raise ValueError("config.init_from: shape mismatch for " + "; ".join(mismatched) +
+                     ". Add a config.init_dont_load pattern to re-initialise them.")
+  target_names = {n for n, _ in params_lib.flatten_with_names(target)}
+  report["unused"] = sorted(set(src) - target_names)
+
+  def pick(name, leaf):
+    return jnp.asarray(values[name], leaf.dtype) if name in values else leaf
+  return params_lib.tree_map_with_names(pick, target), report
+
+
+def loaded_mask(params, report) -> dict:
+  """A tree of Python bools: True where the parameter was loaded."""
+  loaded = set(report["loaded"])
+  return params_lib.tree_map_with_names(lambda n, _: n in loaded, params)

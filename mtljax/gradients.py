@@ -18,6 +18,11 @@ Scaling conventions (stated per method, as the papers' code does them):
 
 * ``mgda``: ``beta`` on the simplex (sums to 1): ``d`` is the min-norm point of
   the convex hull of the gradients (Sener & Koltun 2018, no normalisation).
+* ``mgda_ub``: MGDA's solver applied to ``G_Z [T, ...]``, the task gradients
+  with respect to the shared *representation* ``Z = f(x; theta^sh)`` of one
+  batch that every task labels (Sener & Koltun 2018, section 3.3, the upper
+  bound ``||dZ/dtheta^sh|| ||grad_Z L||``); ``d`` is then a direction in
+  ``Z``-space, which the train step back-propagates once through the trunk.
 * ``pcgrad``: ``d = sum_i g_i^PC`` (a *sum* over tasks, Yu et al. 2020).
 * ``cagrad``: ``d = (g0 + c ||g0|| g_w / ||g_w||) / (1 + c^2)`` with ``g0`` the
   *mean* gradient (Liu et al. 2021, official code's ``rescale=1``).
@@ -292,6 +297,12 @@ def _make(weights_fn):
 
 
 mgda = _make(mgda_weights)
+mgda_ub = _make(mgda_weights)
+mgda_ub.__name__ = "mgda_ub"
+mgda_ub.__doc__ = ("``(d_Z, beta, info)`` for task gradients ``G_Z`` with respect to the "
+                   "shared representation ([T, B, F], [T, D] or a pytree with task axis "
+                   "0): MGDA's min-norm weights on the representation gradients "
+                   "(MGDA-UB); see :func:`mgda_weights`.")
 cagrad = _make(cagrad_weights)
 pcgrad = _make(pcgrad_weights)
 imtl_g = _make(imtl_g_weights)

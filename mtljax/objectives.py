@@ -47,6 +47,26 @@ Methods (``config.objective.method``):
   vmapped VJP; the method turns them into one direction (see
   :mod:`mtljax.gradients` for each method's scaling). Task-specific parameters
   get their own plain gradients (of the weighted sum).
+
+  ``gram_path`` (``config.objective.gram_path``) picks how the step gets the
+  Gram matrix ``G G^T``: ``"jacobian"`` (default) materialises the per-slot
+  gradients ``[K, D]`` and combines them (one vmapped backward); ``"accumulate"``
+  reduces each parameter's per-slot gradients into ``G G^T`` as the backward
+  produces them and never keeps the whole Jacobian (memory ``O(K^2)`` plus one
+  layer's ``K`` gradients), then gets the direction ``sum_k beta_k g_k`` from a
+  second, ordinary backward of ``sum_k beta_k w L_k`` -- every method here needs
+  only ``G G^T``, so both paths give the same update.
+* ``mgda_ub`` (Sener & Koltun 2018, MGDA-UB): MGDA's weights from the per-slot
+  gradients with respect to the shared representation ``Z`` (the trunk's
+  output), which needs every slot to see the same inputs
+  (``config.sampling.shared_inputs=True``) and an architecture whose features
+  are one task-independent representation followed by task-specific heads
+  (``multi_head``); then one backward of ``sum_k beta_k w L_k``.
+
+The pure functions of the gradient matrix are re-exported here:
+``mtljax.objectives.NAME(G, ...) -> (d, beta, info)`` for every name in
+:data:`GRADIENT_FUNCTIONS` (see :mod:`mtljax.gradients` for the scaling
+convention of each).
 """
 
 from __future__ import annotations
@@ -58,9 +78,20 @@ import jax.numpy as jnp
 import optax
 
 from mtljax import gradients
+from mtljax.gradients import aligned_mtl  # noqa: F401  (re-exported)
+from mtljax.gradients import cagrad  # noqa: F401
+from mtljax.gradients import imtl_g  # noqa: F401
+from mtljax.gradients import mgda  # noqa: F401
+from mtljax.gradients import mgda_ub  # noqa: F401
+from mtljax.gradients import nash_mtl  # noqa: F401
+from mtljax.gradients import pcgrad  # noqa: F401
 
 LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo")
-METHODS = ("fixed",) + LOSS_WEIGHTINGS + ("gradnorm",) + gradients.GRADIENT_METHODS
+REPRESENTATION_METHODS = ("mgda_ub",)
+METHODS = (("fixed",) + LOSS_WEIGHTINGS + ("gradnorm",) + gradients.GRADIENT_METHODS
+           + REPRESENTATION_METHODS)
+GRADIENT_FUNCTIONS = gradients.GRADIENT_METHODS + REPRESENTATION_METHODS
+GRAM_PATHS = ("jacobian", "accumulate")
 
 
 def check_method(method: str) -> None:
@@ -77,13 +108,14 @@ def make_gram_weights(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int
                       solver_iters: int = 300) -> Callable:
   """``weights(K, rng) -> (beta [K], info)`` for a gradient method, from the
   Gram matrix of the task gradients."""
-  if method not in gradients.GRADIENT_METHODS:
+  if method not in GRADIENT_FUNCTIONS:
     raise ValueError(f"{method!r} is not a gradient method; those are "
-                     f"{gradients.GRADIENT_METHODS}.")
+                     f"{GRADIENT_FUNCTIONS}.")
   if method == "cagrad" and not 0.0 <= cagrad_c < 1.0:
     raise ValueError(f"config.objective.cagrad_c must be in [0, 1), got {cagrad_c}.")
   table = {
       "mgda": lambda k, r: gradients.mgda_weights(k, iters=solver_iters),
+      "mgda_ub": lambda k, r: gradients.mgda_weights(k, iters=solver_iters),
       "pcgrad": gradients.pcgrad_weights,
       "cagrad": lambda k, r: gradients.cagrad_weights(k, c=cagrad_c, rescale=cagrad_rescale,
                                                       iters=solver_iters),

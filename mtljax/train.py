@@ -39,7 +39,9 @@ from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
+from mtljax import schedules
 from mtljax import tasks as tasks_lib
+from mtljax import transfer
 from mtljax.data import loading
 from mtljax.data import sampling
 from mtljax.models import multitask
@@ -83,7 +85,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{optim.OPTIMIZERS}.")
   if not config.optim.lr > 0:
     raise ValueError(f"config.optim.lr must be > 0, got {config.optim.lr}.")
+  if config.optim.schedule not in schedules.SCHEDULES:
+    raise ValueError(f"config.optim.schedule={config.optim.schedule!r} is not one of "
+                     f"{schedules.SCHEDULES}.")
+  optim.parse_rules(config.optim.rules)  # raises on bad syntax, regexes, settings
+  if config.optim.layerwise_decay and not 0 < config.optim.layerwise_decay <= 1:
+    raise ValueError(f"config.optim.layerwise_decay must be in (0, 1] (ULMFiT: 1/2.6), got "
+                     f"{config.optim.layerwise_decay}.")
+  if config.optim.unfreeze_every < 0:
+    raise ValueError(f"config.optim.unfreeze_every must be >= 0, got "
+                     f"{config.optim.unfreeze_every}.")
+  if config.l2sp_alpha < 0 or config.l2sp_beta < 0:
+    raise ValueError("config.l2sp_alpha and config.l2sp_beta must be >= 0.")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ValueError(f"config.init_from={config.init_from!r} is not a directory.")
   objectives.check_method(config.objective.method)
+  if config.objective.gram_path not in objectives.GRAM_PATHS:
+    raise ValueError(f"config.objective.gram_path={config.objective.gram_path!r} is not "
+                     f"one of {objectives.GRAM_PATHS}.")
   for key in ("total_steps", "steps_per_call", "log_steps", "eval_steps",
               "checkpoint_steps", "eval_batch_size"):
     _positive_int(config, key)
@@ -108,7 +127,7 @@ def model_from_config(config, taskset, input_shape) -> multitask.Model:
 
 def objective_kwargs_from_config(config) -> dict:
   o = config.objective
-  return {"cagrad_c": o.cagrad_c, "cagrad_rescale": o.cagrad_rescale,
+  return {"gram_path": o.gram_path, "cagrad_c": o.cagrad_c, "cagrad_rescale": o.cagrad_rescale,
           "solver_iters": o.solver_iters, "dwa_temperature": o.dwa_temperature,
           "dwa_window_steps": o.dwa_window_steps, "famo_w_lr": o.famo_w_lr,
           "famo_gamma": o.famo_gamma, "famo_max_norm": o.famo_max_norm,
@@ -116,10 +135,38 @@ def objective_kwargs_from_config(config) -> dict:
           "gradnorm_layer": o.gradnorm_layer}
 
 
-def optimizer_from_config(config):
+def rules_from_config(config, params) -> tuple:
+  """``config.optim.rules`` followed by the generated layer-wise decay /
+  gradual-unfreezing rules over the model's layer groups."""
   o = config.optim
-  return optim.make_optimizer(o.name, lr=o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                              weight_decay=o.weight_decay, momentum=o.momentum)
+  rules = optim.parse_rules(o.rules)
+  groups = optim.layer_groups([n for n, _ in params_lib.flatten_with_names(params)])
+  generated = ()
+  if o.layerwise_decay:
+    generated = optim.layerwise_decay_rules(groups, o.layerwise_decay)
+  if o.unfreeze_every:
+    generated = optim.gradual_unfreezing_rules(groups, o.unfreeze_every, generated)
+  return rules + generated
+
+
+def optimizer_from_config(config, params=None):
+  """The optimizer; a :class:`mtljax.optim.RuledOptimizer` when the config
+  has parameter rules, layer-wise decay or gradual unfreezing (``params``, a
+  parameter tree or its shapes, is then needed for the layer groups)."""
+  o = config.optim
+  kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                momentum=o.momentum)
+  sched = dict(warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
+               cut_frac=o.stlr_cut_frac, ratio=o.stlr_ratio)
+  if o.rules or o.layerwise_decay or o.unfreeze_every:
+    if params is None:
+      raise ValueError("optimizer_from_config: parameter rules need the parameter tree.")
+    return optim.make_ruled_optimizer(
+        o.name, rules_from_config(config, params), lr=o.lr, total_steps=config.total_steps,
+        schedule=o.schedule, warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
+        stlr_cut_frac=o.stlr_cut_frac, stlr_ratio=o.stlr_ratio, **kwargs)
+  lr = schedules.make_schedule(o.schedule, o.lr, config.total_steps, **sched)
+  return optim.make_optimizer(o.name, lr=lr if o.schedule != "constant" else o.lr, **kwargs)
 
 
 # ----------------------------------------------------------------------------
@@ -129,9 +176,12 @@ def optimizer_from_config(config):
 
 def slot_losses(model: multitask.Model, params, x, ys, task_ids) -> jax.Array:
   """``[K]`` mean loss of each slot's task on its ``[B]`` examples."""
-  ts = model.taskset
+  return output_losses(model.taskset, model.apply(params, x, task_ids), ys, task_ids)
+
+
+def output_losses(ts: tasks_lib.TaskSet, outs, ys, task_ids) -> jax.Array:
+  """``[K]`` mean loss of each slot from the model's outputs ``{group: [K, B, out]}``."""
   group_of = jnp.asarray(ts.group_of_task)[task_ids]
-  outs = model.apply(params, x, task_ids)
   losses = jnp.zeros(task_ids.shape, jnp.float32)
   for gi, g in enumerate(ts.groups):
     per_example = tasks_lib.example_loss(ts.group_task(g), outs[g], ys[g])  # [K, B]
@@ -148,8 +198,9 @@ def task_rows(model: multitask.Model, objective: str = "fixed") -> dict:
 
 
 def init_train_state(model: multitask.Model, tx, rng, objective: str = "fixed",
-                     objective_kwargs: dict | None = None) -> dict:
-  """``{"step", "params", "opt_state", "objective_state"}``."""
+                     objective_kwargs: dict | None = None, anchor=None) -> dict:
+  """``{"step", "params", "opt_state", "objective_state"}`` (plus ``"anchor"``,
+  the parameters a penalty pulls toward, when given: see ``make_train_step``)."""
   params = model.init(rng)
   state = {"step": jnp.zeros((), jnp.int32)}
   if objective in ("fixed",) + objectives.LOSS_WEIGHTINGS:
@@ -166,6 +217,8 @@ def init_train_state(model: multitask.Model, tx, rng, objective: str = "fixed",
     state["objective_state"] = {}
   state["params"] = params
   state["opt_state"] = optim.init_state(tx, params, task_rows(model, objective))
+  if anchor is not None:
+    state["anchor"] = anchor
   return state
 
 
@@ -173,7 +226,7 @@ _LW_KEYS = ("dwa_temperature", "dwa_window_steps", "famo_w_lr", "famo_gamma",
             "famo_max_norm")
 
 
-_OBJECTIVE_KWARGS = ("cagrad_c", "cagrad_rescale", "solver_iters", "gradnorm_alpha",
+_OBJECTIVE_KWARGS = ("gram_path", "cagrad_c", "cagrad_rescale", "solver_iters", "gradnorm_alpha",
                      "gradnorm_w_lr", "gradnorm_layer") + _LW_KEYS
 
 
@@ -208,17 +261,26 @@ def _combiner_kwargs(kwargs):
 def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
                     weights: np.ndarray, tasks_per_step: int, examples_per_task: int,
                     replace: bool = False, steps_per_call: int = 1, seed: int = 0,
-                    objective: str = "fixed", objective_kwargs: dict | None = None
+                    objective: str = "fixed", objective_kwargs: dict | None = None,
+                    shared_inputs: bool = False, penalty: Callable | None = None
                     ) -> Callable:
   """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
 
   ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
   ``objective`` is a name from :data:`mtljax.objectives.METHODS` and
-  ``objective_kwargs`` its hyper-parameters (:func:`objectives.make_combiner`).
+  ``objective_kwargs`` its hyper-parameters (:func:`objectives.make_combiner`;
+  ``gram_path`` for gradient methods, see :mod:`mtljax.objectives`).
+  ``shared_inputs``: every slot sees the same B examples (the tasks must share
+  one input source, :func:`mtljax.data.sampling.check_shared_inputs`); MGDA-UB
+  requires it.
+  ``penalty(params, anchor) -> scalar`` (e.g. :func:`mtljax.transfer.l2sp_penalty`)
+  is added to the objective and its gradient to every method's update; the
+  state must then hold ``"anchor"`` (:func:`init_train_state`).
 
   Measurements (summed over the ``steps_per_call`` steps): ``loss``, and per
   task ``task_loss_sum [T]`` / ``task_count [T]`` over the slots it filled.
-  Gradient methods add, per task, ``grad_norm_sum [T]`` and ``grad_weight_sum
+  Gradient methods (and ``mgda_ub``, whose gradients are those of the shared
+  representation) add, per task, ``grad_norm_sum [T]`` and ``grad_weight_sum
   [T]`` (the method's beta), the task-pair cosine sums ``grad_cos_sum [T, T]``
   with counts ``grad_pair_count [T, T]``, and ``solver_failures`` (steps whose
   solver reported ``converged == False``).
@@ -236,8 +298,29 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
   ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
   base_key = jax.random.key(seed)
   objectives.check_method(objective)
+  gram_path = (objective_kwargs or {}).get("gram_path", "jacobian")
+  if gram_path not in objectives.GRAM_PATHS:
+    raise ValueError(f"config.objective.gram_path={gram_path!r} is not one of "
+                     f"{objectives.GRAM_PATHS}.")
+  if gram_path != "jacobian" and objective not in gradients.GRADIENT_METHODS:
+    raise ValueError(
+        f"config.objective.gram_path={gram_path!r} applies to the gradient methods "
+        f"{gradients.GRADIENT_METHODS}, whose per-task parameter gradients it accumulates; "
+        f"method {objective!r} does not use it (mgda_ub never forms the parameter "
+        "Jacobian). Leave gram_path='jacobian'.")
+  if objective == "mgda_ub":
+    if not shared_inputs:
+      raise ValueError(
+          "config.objective.method='mgda_ub' differentiates through one shared "
+          "representation of one batch: set config.sampling.shared_inputs=True (the tasks "
+          "must label the same inputs).")
+    if not model.shared_representation:
+      raise ValueError(
+          f"config.objective.method='mgda_ub' needs a task-independent shared "
+          f"representation followed by per-task heads (arch 'multi_head' with per-task "
+          f"heads); arch {model.arch!r} does not have one.")
   combiner = lw = None
-  if objective in gradients.GRADIENT_METHODS:
+  if objective in objectives.GRADIENT_FUNCTIONS:
     combiner = objectives.make_gram_weights(objective, **_combiner_kwargs(objective_kwargs))
   elif objective == "gradnorm":
     gn = _gradnorm_kwargs(objective_kwargs)
@@ -278,10 +361,60 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     beta, info = combiner(k, rng)
     grads = {"shared": gradients.combine(beta, jac["shared"]),
              "tasks": jax.tree.map(lambda j: j.sum(axis=0), jac["tasks"])}
+    return jnp.sum(w * losses), losses, grads, _gram_extra(k, beta, info, task_ids), obj_state
+
+  def accumulated_grads(params, obj_state, x, ys, task_ids, rng):
+    w = weights[task_ids]
+
+    def one_slot(x_k, ys_k, t_k, w_k):
+      def f(shared):
+        p = {"shared": shared, "tasks": params["tasks"]}
+        return w_k * slot_losses(model, p, x_k[None], jax.tree.map(lambda y: y[None], ys_k),
+                                 t_k[None])[0]
+      return jax.grad(f)(params["shared"])
+
+    # Pass 1: each parameter's [K, ...] slot gradients are reduced into the
+    # Gram matrix as the backward produces them and are not used again, so the
+    # compiler frees them layer by layer (tested on the compiled memory).
+    k = gradients.gram(jax.vmap(one_slot)(x, ys, task_ids, w))
+    beta, info = combiner(k, rng)
+    # Pass 2: one forward, and two cotangents through it: beta * w for the
+    # shared direction, w for the task-specific parameters' plain gradients.
+    losses, vjp = jax.vjp(
+        lambda sh, tp: slot_losses(model, {"shared": sh, "tasks": tp}, x, ys, task_ids),
+        params["shared"], params["tasks"])
+    g_shared, _ = vjp(beta * w)
+    _, g_tasks = vjp(w)
+    grads = {"shared": g_shared, "tasks": g_tasks}
+    return jnp.sum(w * losses), losses, grads, _gram_extra(k, beta, info, task_ids), obj_state
+
+  def representation_grads(params, obj_state, x, ys, task_ids, rng):
+    w = weights[task_ids]
+    # Every slot holds the same inputs: Z = f(x; theta^sh) once, [B, F].
+    z, trunk_vjp = jax.vjp(
+        lambda sh: model.features({"shared": sh, "tasks": params["tasks"]}, x[:1],
+                                  task_ids[:1])[0], params["shared"])
+
+    def head_loss(zs, tp):
+      outs = model.heads({"shared": params["shared"], "tasks": tp}, zs, task_ids)
+      losses = output_losses(ts, outs, ys, task_ids)
+      return jnp.sum(w * losses), losses
+
+    zs = jnp.broadcast_to(z, task_ids.shape + z.shape)
+    # Slot k's loss reads only zs[k], so dz[k] = grad_Z (w_k L_k): [K, B, F].
+    (total, losses), (dz, g_tasks) = jax.value_and_grad(
+        head_loss, argnums=(0, 1), has_aux=True)(zs, params["tasks"])
+    k = gradients.gram(dz)
+    beta, info = combiner(k, rng)
+    (g_shared,) = trunk_vjp(jnp.tensordot(beta, dz, axes=1))  # grad of sum beta w L
+    grads = {"shared": g_shared, "tasks": g_tasks}
+    return total, losses, grads, _gram_extra(k, beta, info, task_ids), obj_state
+
+  def _gram_extra(k, beta, info, task_ids):
     norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
     cos = k / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
     pair = (task_ids[:, None], task_ids[None, :])
-    extra = {
+    return {
         "grad_norm_sum": jax.ops.segment_sum(norms, task_ids, num_tasks),
         "grad_weight_sum": jax.ops.segment_sum(beta, task_ids, num_tasks),
         "grad_cos_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(cos),
@@ -289,7 +422,6 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
         "solver_failures": (1.0 - info["converged"].astype(jnp.float32)
                             if "converged" in info else jnp.zeros(())),
     }
-    return jnp.sum(w * losses), losses, grads, extra, obj_state
 
   def gradnorm_grads(params, obj_state, x, ys, task_ids, rng):
     del rng
@@ -325,8 +457,10 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     extra = {"objective_lambda_sum": w_gn, "gradnorm_loss": l_grad}
     return total, losses, grads, extra, new_state
 
-  if combiner is not None:
-    grads_fn = combined_grads
+  if objective == "mgda_ub":
+    grads_fn = representation_grads
+  elif combiner is not None:
+    grads_fn = accumulated_grads if gram_path == "accumulate" else combined_grads
   elif objective == "gradnorm":
     grads_fn = gradnorm_grads
   else:
@@ -337,6 +471,9 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
       objectives.gradnorm_init(num_tasks, gn["w_lr"]) if objective == "gradnorm" else {})
 
   def one_step(state, data):
+    if penalty is not None and "anchor" not in state:
+      raise ValueError("make_train_step(penalty=...) needs state['anchor']: pass "
+                       "anchor= to init_train_state.")
     if jax.tree.structure(state["objective_state"]) != expected_obj_state or (
         objective == "uncertainty" and objective not in state["params"]["tasks"]):
       raise ValueError(
@@ -350,11 +487,20 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     rng = jax.random.fold_in(base_key, state["step"])
     r_tasks, r_examples, r_method = jax.random.split(rng, 3)
     task_ids = sampling.sample_tasks(r_tasks, probs, tasks_per_step, replace)
-    idx = sampling.example_indices(r_examples, task_ids, stream_ids, data["n"],
-                                   examples_per_task)
+    if shared_inputs:
+      idx = sampling.shared_example_indices(r_examples, task_ids, data["n"],
+                                            examples_per_task)
+    else:
+      idx = sampling.example_indices(r_examples, task_ids, stream_ids, data["n"],
+                                     examples_per_task)
     x, ys = sampling.gather_batch(data, ts_arrays, task_ids, idx)
     total, losses, grads, extra, obj_state = grads_fn(
         state["params"], state["objective_state"], x, ys, task_ids, r_method)
+    if penalty is not None:
+      pen, pen_grads = jax.value_and_grad(penalty)(state["params"], state["anchor"])
+      total = total + pen
+      grads = jax.tree.map(jnp.add, grads, pen_grads)
+      extra = {**extra, "penalty": pen}
     active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
     params, opt_state = optim.update(tx, grads, state["opt_state"], state["params"],
                                      rows, active)
@@ -368,8 +514,11 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
         "task_count": jax.ops.segment_sum(jnp.ones_like(losses), task_ids, num_tasks),
         **extra,
     }
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-            "objective_state": obj_state}, meas
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "objective_state": obj_state}
+    if "anchor" in state:
+      new_state["anchor"] = state["anchor"]
+    return new_state, meas
 
   if steps_per_call == 1:  # a plain step: no loop to pay for
     return one_step
@@ -519,27 +668,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       config.sampling.temperature)
   weights = tasks_lib.task_weights(ts, config.objective.weights.to_dict())
   steps_per_call = _reduce_steps_per_call(config)
+  if config.sampling.shared_inputs:
+    sampling.check_shared_inputs(data.train, ts.names)
   logger.info("Data %s: %d tasks %s, input shape %s, train sizes %s, groups %s.",
                data.name, num_tasks, list(ts.names), data.input_shape,
                data.num_train.tolist(), list(ts.groups))
 
-  # --- Model and optimizer ----------------------------------------------------
+  # --- Model, optimizer, initial state (from another run when init_from) ------
   model = model_from_config(config, ts, data.input_shape)
-  tx = optimizer_from_config(config)
+  objective_kwargs = objective_kwargs_from_config(config)
+  init_rng = jax.random.key(config.seed + 1)
+  shapes = jax.eval_shape(lambda r: init_train_state(
+      model, optax.set_to_zero(), r, config.objective.method, objective_kwargs),
+      init_rng)["params"]
+  tx = optimizer_from_config(config, shapes)
+  if isinstance(tx, optim.RuledOptimizer):
+    for line in tx.describe(shapes):
+      logger.info("optim rule: %s", line)
+  state = jax.jit(lambda r: init_train_state(
+      model, tx, r, config.objective.method, objective_kwargs))(init_rng)
+  init_report, penalty = None, None
+  if config.init_from:
+    source, source_step = ckpt_lib.read_params(config.init_from)
+    dont_load = [p for p in config.init_dont_load.split(";") if p]
+    params, report = ckpt_lib.load_params(state["params"], source, dont_load)
+    init_report = {"from": config.init_from, "step": source_step, **report}
+    logger.info("init_from %s (step %d): loaded %d, fresh (dont_load) %s, fresh (missing) "
+                "%s, unused %s.", config.init_from, source_step, len(report["loaded"]),
+                report["fresh_dont_load"], report["fresh_missing"], report["unused"])
+    anchor = None
+    if config.l2sp_alpha or config.l2sp_beta:
+      penalty = transfer.l2sp_penalty(ckpt_lib.loaded_mask(params, report),
+                                      config.l2sp_alpha, config.l2sp_beta)
+      anchor = params
+    state = {**state, "params": params,
+             "opt_state": optim.init_state(tx, params, task_rows(model,
+                                                                 config.objective.method))}
+    if anchor is not None:
+      state["anchor"] = jax.tree.map(jnp.copy, anchor)
+  elif config.l2sp_alpha or config.l2sp_beta:
+    raise ValueError("config.l2sp_alpha/l2sp_beta pull parameters toward pretrained values: "
+                     "set config.init_from.")
   train_fn = make_train_step(
       model, tx, task_probs=probs, weights=weights, tasks_per_step=k,
       examples_per_task=config.sampling.examples_per_task,
       replace=config.sampling.replace, steps_per_call=steps_per_call, seed=config.seed,
-      objective=config.objective.method, objective_kwargs=objective_kwargs_from_config(config))
+      objective=config.objective.method, objective_kwargs=objective_kwargs,
+      shared_inputs=config.sampling.shared_inputs, penalty=penalty)
   eval_fn = make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
                            num_examples=data.test["x"].shape[1],
                            batch_size=config.eval_batch_size)
-
-  # --- State: shapes, placement, resume ---------------------------------------
-  init_rng = jax.random.key(config.seed + 1)
-  objective_kwargs = objective_kwargs_from_config(config)
-  state = jax.jit(lambda r: init_train_state(
-      model, tx, r, config.objective.method, objective_kwargs))(init_rng)
   for name, leaf in params_lib.flatten_with_names(state["params"]):
     logger.info("param %-50s %s", name, tuple(leaf.shape))
   logger.info("Parameters: %d (shared %d, per-task %d).",
@@ -574,6 +752,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if step % config.log_steps == 0 or step == total:
       meas = jax.device_get(meas)
       record = {"step": step, "train/loss": float(meas["loss"]) / steps_per_call}
+      if "penalty" in meas:
+        record["train/penalty"] = float(meas["penalty"]) / steps_per_call
       for i, t in enumerate(ts):
         if meas["task_count"][i] > 0:
           record[f"train/{t.name}/loss"] = float(
@@ -603,6 +783,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             for ms in last_eval.values() for m in ms},
       "train_step_compilations": int(compiles),
       "resumed_from_step": resumed_from,
+      "init_from": init_report,
       "config": config.to_dict(),
   }
   with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -96,6 +96,7 @@ def test_quick_regression_configs_beat_predicting_the_mean(module, tmp_path):
     ("sampling.task_sampler", "greedy", "config.sampling.task_sampler='greedy'"),
     ("optim.name", "lion", "config.optim.name='lion'"),
     ("objective.method", "magic", "config.objective.method='magic'"),
+    ("objective.gram_path", "lazy", "config.objective.gram_path='lazy'"),
     ("data.tasks", ("left", "middle"), r"unknown task\(s\) \['middle'\]"),
     ("data.name", "", "config.data.name is empty"),
     ("sampling.examples_per_task", 0, "examples_per_task must be a positive integer"),
@@ -110,6 +111,14 @@ def test_bad_config_raises_naming_the_field_before_training(field, value, match,
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(c, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()  # nothing was built or compiled
+
+
+def test_shared_inputs_on_tasks_with_their_own_inputs_raises_before_training(tmp_path):
+  c = sinusoids.get_config("quick")
+  c.sampling.shared_inputs = True
+  with pytest.raises(ValueError, match="shared_inputs=True needs every task to label"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
 
 
 def test_configs_reject_unknown_variants():
@@ -139,16 +148,18 @@ def test_command_line_bad_value_names_the_field(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dwa", "uncertainty", "famo", "gradnorm", "mgda"])
+@pytest.mark.parametrize("method", ["dwa", "uncertainty", "famo", "gradnorm", "mgda",
+                                    "mgda_ub"])
 def test_objective_methods_run_checkpoint_and_resume(method, tmp_path):
   c = _small_digits_config()
   c.model.encoder, c.model.hidden = "mlp", (32,)
   c.objective.method = method
+  c.sampling.shared_inputs = method == "mgda_ub"  # left and right label the same images
   c.objective.dwa_window_steps = 20
   first = train.train_and_evaluate(c, str(tmp_path))
   assert all(m["accuracy"] > 0.2 for m in first["tasks"].values())  # chance 0.1
   last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-  key = "grad/cos/left/right" if method == "mgda" else "objective/left/lambda"
+  key = "grad/cos/left/right" if method.startswith("mgda") else "objective/left/lambda"
   assert np.isfinite(last[key])
   if method == "dwa":  # two windows done: lambda moved away from 1
     assert last["objective/left/lambda"] != 1.0

@@ -19,22 +19,27 @@ from mtljax.models import multitask
 import test_train  # the toy data builders
 
 
-def _first_step_batch(data, probs, *, seed, k, b):
+def _first_step_batch(data, probs, *, seed, k, b, shared_inputs=False):
   """The task ids, inputs, labels and method rng of a train step's step 0,
   re-derived from the documented random streams."""
   ts = data.taskset
   rng = jax.random.fold_in(jax.random.key(seed), 0)
   r_tasks, r_examples, r_method = jax.random.split(rng, 3)
   task_ids = sampling.sample_tasks(r_tasks, jnp.asarray(probs, jnp.float32), k)
-  idx = sampling.example_indices(r_examples, task_ids, jnp.asarray(ts.stream_ids),
-                                 jnp.asarray(data.train["n"]), b)
+  if shared_inputs:
+    idx = jnp.broadcast_to(jax.random.randint(r_examples, (b,), 0, data.train["n"][0]),
+                           (k, b))
+  else:
+    idx = sampling.example_indices(r_examples, task_ids, jnp.asarray(ts.stream_ids),
+                                   jnp.asarray(data.train["n"]), b)
   x, ys = sampling.gather_batch(data.train, {"local_index": jnp.asarray(ts.local_index)},
                                 task_ids, idx)
   return task_ids, x, ys, r_method
 
 
+@pytest.mark.parametrize("gram_path", ["jacobian", "accumulate"])
 @pytest.mark.parametrize("method", sorted(gradients.GRADIENT_METHODS))
-def test_step_applies_the_method_to_per_task_gradients(method):
+def test_step_applies_the_method_to_per_task_gradients(method, gram_path):
   data = loading.build_task_data("toy", *test_train._shared_input_data())
   ts = data.taskset
   model = multitask.make_model("multi_head", ts, data.input_shape, hidden=(8,))
@@ -43,7 +48,7 @@ def test_step_applies_the_method_to_per_task_gradients(method):
   weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
   fn = train.make_train_step(model, tx, task_probs=probs, weights=weights,
                              tasks_per_step=3, examples_per_task=16, seed=5,
-                             objective=method)
+                             objective=method, objective_kwargs={"gram_path": gram_path})
   state = train.init_train_state(model, tx, jax.random.key(0))
   new, meas = jax.jit(fn)(state, data.train)
 
@@ -72,6 +77,112 @@ def test_step_applies_the_method_to_per_task_gradients(method):
   norms = np.asarray(meas["grad_norm_sum"])[np.asarray(task_ids)]
   flat = np.concatenate([l.reshape(3, -1) for l in jax.tree.leaves(g_shared)], 1)
   np.testing.assert_allclose(norms, np.linalg.norm(flat, axis=1), rtol=1e-4)
+
+
+def test_mgda_ub_weights_are_min_norm_on_representation_gradients():
+  """MGDA-UB (Sener & Koltun 2018, sec. 3.3): beta solves the min-norm problem
+  over the task gradients w.r.t. the shared representation Z of the one batch
+  every slot sees; the shared update is grad of sum_k beta_k w_k L_k."""
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  ts = data.taskset
+  model = multitask.make_model("multi_head", ts, data.input_shape, hidden=(8,))
+  tx = optim.make_optimizer("sgd", lr=1.0)
+  probs = sampling.task_probabilities("uniform", data.num_train)
+  weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
+  fn = train.make_train_step(model, tx, task_probs=probs, weights=weights,
+                             tasks_per_step=4, examples_per_task=16, seed=5,
+                             objective="mgda_ub", shared_inputs=True)
+  state = train.init_train_state(model, tx, jax.random.key(0))
+  new, meas = jax.jit(fn)(state, data.train)
+
+  task_ids, x, ys, _ = _first_step_batch(data, probs, seed=5, k=4, b=16,
+                                         shared_inputs=True)
+  np.testing.assert_array_equal(x[0], x[3])  # one batch for every slot
+  p = state["params"]
+  z = model.features(p, x[:1], task_ids[:1])[0]  # [B, F]
+  rows = []  # one jax.grad per task w.r.t. Z, in a plain loop
+  for k in range(4):
+    def loss_k(z, k=k):
+      outs = model.heads(p, jnp.broadcast_to(z, (4,) + z.shape), task_ids)
+      return weights[task_ids[k]] * train.output_losses(ts, outs, ys, task_ids)[k]
+    rows.append(np.asarray(jax.grad(loss_k)(z), np.float64).ravel())
+  g = np.stack(rows)
+  gram = g @ g.T
+  beta = np.asarray(meas["grad_weight_sum"], np.float64)[np.asarray(task_ids)]
+  # KKT of min_{beta in simplex} beta^T K beta: (K beta)_j >= beta^T K beta for
+  # every j, with equality on the support.
+  assert abs(beta.sum() - 1) < 1e-5 and beta.min() > -1e-7
+  kb, obj = gram @ beta, beta @ gram @ beta
+  assert np.all(kb >= obj - 1e-4 * np.abs(gram).max())
+  np.testing.assert_allclose(kb[beta > 1e-3], obj, rtol=1e-3, atol=1e-5)
+  # Shared parameters: the gradient of the beta-weighted sum (one backward).
+  want_sh = jax.grad(lambda sh: jnp.sum(
+      jnp.asarray(beta, jnp.float32) * weights[task_ids] * train.slot_losses(
+          model, {"shared": sh, "tasks": p["tasks"]}, x, ys, task_ids)))(p["shared"])
+  for a, b, g0 in zip(jax.tree.leaves(new["params"]["shared"]),
+                      jax.tree.leaves(p["shared"]), jax.tree.leaves(want_sh)):
+    np.testing.assert_allclose(a, b - g0, rtol=1e-4, atol=2e-5)
+  # Task-specific parameters: the plain gradient of the weighted sum.
+  want_tp = jax.grad(lambda tp: jnp.sum(weights[task_ids] * train.slot_losses(
+      model, {"shared": p["shared"], "tasks": tp}, x, ys, task_ids)))(p["tasks"])
+  for a, b, g0 in zip(jax.tree.leaves(new["params"]["tasks"]),
+                      jax.tree.leaves(p["tasks"]), jax.tree.leaves(want_tp)):
+    np.testing.assert_allclose(a, b - g0, rtol=1e-4, atol=1e-5)
+  # The conflict logs are those of the representation gradients.
+  norms = np.asarray(meas["grad_norm_sum"])[np.asarray(task_ids)]
+  np.testing.assert_allclose(norms, np.linalg.norm(g, axis=1), rtol=1e-4)
+
+
+def test_mgda_ub_pure_function_is_mgda_on_representation_gradients():
+  gz = jax.random.normal(jax.random.key(0), (3, 16, 5))  # [T, B, F]
+  d, beta, _ = objectives.mgda_ub(gz)
+  _, beta_flat, _ = objectives.mgda(gz.reshape(3, -1))
+  np.testing.assert_allclose(beta, beta_flat, rtol=1e-6)
+  np.testing.assert_allclose(d, jnp.tensordot(beta, gz, axes=1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch, method, kwargs, shared, match", [
+    ("multi_head", "mgda_ub", {}, False, "set config.sampling.shared_inputs=True"),
+    ("concat", "mgda_ub", {}, True, "arch 'concat' does not have one"),
+    ("multi_head", "fixed", {"gram_path": "accumulate"}, False,
+     "gram_path='accumulate' applies to the gradient methods"),
+    ("multi_head", "mgda_ub", {"gram_path": "accumulate"}, True, "mgda_ub never forms"),
+    ("multi_head", "mgda", {"gram_path": "lazy"}, False, "gram_path='lazy' is not one of"),
+])
+def test_gradient_path_misuse_is_a_clear_error(arch, method, kwargs, shared, match):
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  model = multitask.make_model(arch, data.taskset, data.input_shape, hidden=(8,))
+  with pytest.raises(ValueError, match=match):
+    train.make_train_step(model, optim.make_optimizer("sgd", lr=1.0),
+                          task_probs=np.full(4, 0.25), weights=np.ones(4), tasks_per_step=2,
+                          examples_per_task=4, objective=method, objective_kwargs=kwargs,
+                          shared_inputs=shared)
+
+
+def _compiled_scratch_bytes(depth, method, gram_path, k=4, b=8, width=256):
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape,
+                               hidden=(width,) * depth)
+  tx = optim.make_optimizer("sgd", lr=0.1)
+  state = train.init_train_state(model, tx, jax.random.key(0))
+  fn = train.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(4),
+                             tasks_per_step=k, examples_per_task=b, objective=method,
+                             objective_kwargs={"gram_path": gram_path})
+  stats = jax.jit(fn).lower(state, data.train).compile().memory_analysis()
+  if stats is None:
+    pytest.skip("this backend reports no compiled memory statistics")
+  return stats.temp_size_in_bytes
+
+
+def test_accumulated_gram_path_never_holds_the_per_task_jacobian():
+  """Compiled scratch memory as the shared trunk deepens by 4 layers of
+  256 x 256: "jacobian" grows by the K slot gradients of every added layer,
+  "accumulate" by at most a fraction of one layer's (activations only)."""
+  k, layer_bytes = 4, 4 * 4 * 256 * 256  # K slot gradients of one kernel
+  growth = {path: _compiled_scratch_bytes(6, "mgda", path) -
+            _compiled_scratch_bytes(2, "mgda", path) for path in ("jacobian", "accumulate")}
+  assert growth["jacobian"] >= 4 * 0.8 * layer_bytes, growth
+  assert growth["accumulate"] <= 4 * 0.25 * layer_bytes, growth
 
 
 def test_cagrad_c_out_of_range_raises():

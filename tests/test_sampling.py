@@ -119,3 +119,25 @@ def test_examples_are_uniform_over_a_tasks_data():
 def test_bad_sampler_input(args, match):
   with pytest.raises(ValueError, match=match):
     sampling.task_probabilities(*args)
+
+
+def test_shared_example_indices_are_one_uniform_draw_for_every_slot():
+  n = jnp.array([9, 9, 9])
+  keys = jax.random.split(jax.random.key(3), 1000)
+  idx = jax.vmap(lambda r: sampling.shared_example_indices(r, jnp.array([2, 0, 1]), n, 12))(
+      keys)  # [1000, K, B]
+  assert idx.shape == (1000, 3, 12)
+  np.testing.assert_array_equal(idx[:, 0], idx[:, 1])
+  np.testing.assert_array_equal(idx[:, 0], idx[:, 2])
+  counts = np.bincount(np.asarray(idx[:, 0]).ravel(), minlength=9)
+  _assert_frequencies(counts, idx[:, 0].size, np.full(9, 1 / 9))
+
+
+def test_shared_inputs_check_names_the_tasks_that_differ():
+  sampling.check_shared_inputs({"source": np.array([0, 0]), "n": np.array([5, 5])})
+  with pytest.raises(ValueError, match=r"shared_inputs=True.*b: source 1, 5 examples"):
+    sampling.check_shared_inputs({"source": np.array([0, 1]), "n": np.array([5, 5])},
+                                 ["a", "b"])
+  with pytest.raises(ValueError, match=r"a: source 0, 4 examples"):
+    sampling.check_shared_inputs({"source": np.array([0, 0]), "n": np.array([4, 5])},
+                                 ["a", "b"])

@@ -30,10 +30,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.task_sampler = "uniform"  # uniform|proportional|temperature
   c.sampling.temperature = 2.0
   c.sampling.replace = False
+  c.sampling.shared_inputs = False  # one example batch for every slot (tasks share inputs)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.method = "fixed"
   c.objective.weights = ml_collections.ConfigDict()  # task name -> weight (default 1)
+  c.objective.gram_path = "jacobian"  # gradient methods: jacobian|accumulate (memory-light)
   c.objective.cagrad_c = 0.5      # cagrad: radius c of the ball around g0
   c.objective.cagrad_rescale = 1  # cagrad: 0 none, 1 / (1 + c^2), 2 / (1 + c)
   c.objective.solver_iters = 300  # mgda, cagrad: simplex solver iterations
@@ -54,6 +56,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.0
   c.optim.momentum = 0.0
+  c.optim.schedule = "constant"  # constant|warmup_cosine|slanted_triangular
+  c.optim.warmup_steps = 0       # warmup_cosine
+  c.optim.end_lr_factor = 0.0    # warmup_cosine: final lr / lr
+  c.optim.stlr_cut_frac = 0.1    # slanted_triangular (ULMFiT)
+  c.optim.stlr_ratio = 32.0
+  # Parameter groups: "REGEX:key=value,...;REGEX:frozen" (first match wins,
+  # every parameter must match); keys lr_mult, frozen, wd_mult, schedule,
+  # unfreeze_at. See mtljax/optim.py.
+  c.optim.rules = ""
+  c.optim.layerwise_decay = 0.0  # > 0: layer l of L gets lr * decay^(L - l) (ULMFiT: 1/2.6)
+  c.optim.unfreeze_every = 0     # > 0: unfreeze one layer group from the top every N steps
+
+  # Transfer: start from another run's parameters (its workdir).
+  c.init_from = ""
+  c.init_dont_load = ""          # regexes (";"-separated) of parameters left fresh
+  c.l2sp_alpha = 0.0             # L2-SP: alpha/2 ||w - w0||^2 on loaded parameters
+  c.l2sp_beta = 0.0              # L2-SP: beta/2 ||w||^2 on fresh parameters
 
   c.total_steps = 1000
   c.steps_per_call = 50

@@ -15,6 +15,12 @@ task's frequency is exactly ``p_i``. ``replace=False`` (the default) draws K
 Plackett-Luce): for uniform ``p`` every K-subset is equally likely and with
 ``K = T`` every task is in every step; for non-uniform ``p`` the inclusion
 probabilities are those of successive sampling, not ``K p_i``.
+
+Examples: by default every slot draws its own B examples
+(:func:`example_indices`). With *shared inputs* (``config.sampling.shared_inputs``,
+:func:`shared_example_indices`) one draw of B examples serves every slot -- the
+multi-label setting where all tasks label the same inputs, which methods that
+differentiate through one shared representation (MGDA-UB) require.
 """
 
 from __future__ import annotations
@@ -80,6 +86,30 @@ def example_indices(rng: jax.Array, task_ids: jax.Array, stream_ids: jax.Array,
     return jax.random.randint(key, (batch_size,), 0, n[t])
 
   return jax.vmap(one)(task_ids, occ)
+
+
+def check_shared_inputs(split: dict, task_names=None) -> None:
+  """Raises unless every task reads the same inputs (one source, same size).
+
+  Call it on host arrays before compiling a step with shared inputs.
+  """
+  source = np.asarray(split["source"])
+  n = np.asarray(split["n"])
+  names = list(task_names) if task_names is not None else [str(i) for i in range(len(n))]
+  if len(set(source.tolist())) != 1 or len(set(n.tolist())) != 1:
+    detail = ", ".join(f"{a}: source {s}, {c} examples" for a, s, c in zip(names, source, n))
+    raise ValueError(
+        "config.sampling.shared_inputs=True needs every task to label the same inputs "
+        f"(one input source, equal sizes); here {detail}.")
+
+
+def shared_example_indices(rng: jax.Array, task_ids: jax.Array, n: jax.Array,
+                           batch_size: int) -> jax.Array:
+  """``[K, B]`` indices, the same B i.i.d. uniform draws for every slot (the
+  tasks share one input source of ``n[task_ids[0]]`` examples; see
+  :func:`check_shared_inputs`)."""
+  idx = jax.random.randint(rng, (batch_size,), 0, n[task_ids[0]])
+  return jnp.broadcast_to(idx, task_ids.shape + (batch_size,))
 
 
 def gather_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,

@@ -58,12 +58,21 @@ class Model:
     apply: ``apply(params, x [K, B, ...], task_ids [K]) -> {group: [K, B, out]}``.
     task_rows: for each stacked subtree of ``params["tasks"]`` (by slash path
       below ``tasks/``), the global task id of each row, ``[rows]`` int32.
+    features: ``features(params, x [K, B, ...], task_ids [K]) -> [K, B, F]``,
+      the trunk's output (``apply`` is ``heads(params, features(...))``).
+    heads: ``heads(params, feats [K, B, F], task_ids [K]) -> {group: [K, B, out]}``.
+    shared_representation: True when the features are one task-independent
+      representation ``Z = f(x; theta^sh)`` and everything after it is
+      task-specific (``multi_head`` with per-task heads): what MGDA-UB needs.
   """
   arch: str
   taskset: tasks_lib.TaskSet
   init: Callable
   apply: Callable
   task_rows: dict[str, np.ndarray]
+  features: Callable
+  heads: Callable
+  shared_representation: bool
 
 
 def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int], *,
@@ -154,8 +163,7 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
       return jax.vmap(lambda xk, zk: trunk.apply(p, xk, zk))(x, z)
     return jax.vmap(lambda xk: trunk.apply(p, xk))(x)
 
-  def apply(params, x, task_ids):
-    feats = features(params, x, task_ids)
+  def heads_apply(params, feats, task_ids):
     outs = {}
     for g in groups:
       if per_task_heads:
@@ -168,10 +176,15 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
         outs[g] = feats @ hp["kernel"] + hp["bias"]
     return outs
 
+  def apply(params, x, task_ids):
+    return heads_apply(params, features(params, x, task_ids), task_ids)
+
   task_rows = {}
   if arch == "independent":
     task_rows["trunk"] = np.arange(num_tasks, dtype=np.int32)
   if per_task_heads:
     for g in groups:
       task_rows[f"heads/{g}"] = taskset.group_members(g)
-  return Model(arch, taskset, init, apply, task_rows)
+  shared_representation = arch == "multi_head" and per_task_heads
+  return Model(arch, taskset, init, apply, task_rows, features, heads_apply,
+               shared_representation)

@@ -1,0 +1,83 @@
+"""Transfer learning: fine-tuning strategies as config, L2-SP, and the pieces
+the transfer experiments share.
+
+A fine-tuning run is an ordinary run with ``config.init_from=DIR`` (another
+run's workdir): its parameters are loaded by slash path
+(:func:`mtljax.checkpoint.load_params`) except those matching
+``config.init_dont_load`` (regexes, ``;``-separated), which keep their fresh
+initial values -- typically the new task's head. The source run's data is never
+read.
+
+Strategies (:data:`STRATEGIES`, :func:`apply_strategy` edits a config):
+
+* ``scratch``: no ``init_from`` (the baseline).
+* ``full_ft``: everything trains, the learning rate scaled by ``ft_lr_mult``.
+* ``linear_probe``: only the head trains (every other parameter frozen).
+* ``lp_ft``: a linear probe, then full fine-tuning from the probed head
+  (Kumar et al. 2022); two runs, see :func:`lp_ft_stages`.
+* ``layerwise_decay``: ``lr * decay^(L - l)`` per layer group (ULMFiT 1/2.6).
+* ``gradual_unfreezing``: one layer group unfrozen from the top every N steps.
+* ``head_kept``: full fine-tuning keeping the pretrained head (shapes must
+  match: the same output size).
+* ``l2sp``: full fine-tuning with ``alpha/2 ||w - w0||^2`` on the loaded
+  parameters and ``beta/2 ||w||^2`` on the fresh ones (Li et al. 2018).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+STRATEGIES = ("scratch", "full_ft", "linear_probe", "lp_ft", "layerwise_decay",
+              "gradual_unfreezing", "head_kept", "l2sp")
+HEAD = r"heads/"  # the dont_load / trainable pattern of a model's heads
+
+
+def l2sp_penalty(loaded_mask, alpha: float, beta: float):
+  """``penalty(params, anchor)``: ``alpha/2 sum ||w - w0||^2`` over loaded
+  leaves plus ``beta/2 sum ||w||^2`` over fresh ones (``loaded_mask``: a tree of
+  Python bools like ``params``)."""
+  def penalty(params, anchor):
+    def one(is_loaded, w, w0):
+      if is_loaded:
+        return 0.5 * alpha * jnp.sum(jnp.square(w - w0))
+      return 0.5 * beta * jnp.sum(jnp.square(w))
+    return sum(jax.tree.leaves(jax.tree.map(one, loaded_mask, params, anchor)))
+  return penalty
+
+
+def apply_strategy(config: ml_collections.ConfigDict, strategy: str, *, source: str,
+                   unfreeze_every: int = 0) -> ml_collections.ConfigDict:
+  """A copy of ``config`` set up for ``strategy`` from the run at ``source``
+  (``lp_ft`` gives its *first* stage; see :func:`lp_ft_stages`)."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}.")
+  c = ml_collections.ConfigDict(config.to_dict())
+  if strategy == "scratch":
+    c.init_from = ""
+    return c
+  c.init_from = source
+  c.init_dont_load = "" if strategy == "head_kept" else HEAD
+  if strategy in ("linear_probe", "lp_ft"):
+    c.optim.rules = f"{HEAD}:;.*:frozen"
+  elif strategy == "layerwise_decay":
+    c.optim.layerwise_decay = c.optim.layerwise_decay or 1.0 / 2.6
+  elif strategy == "gradual_unfreezing":
+    c.optim.unfreeze_every = unfreeze_every or max(1, c.total_steps // 4)
+  elif strategy == "l2sp":
+    c.l2sp_alpha = c.l2sp_alpha or 0.01
+    c.l2sp_beta = c.l2sp_beta or 0.01
+  return c
+
+
+def lp_ft_stages(config, *, source: str, probe_workdir: str, probe_steps: int):
+  """The two configs of LP-FT: a linear probe from ``source`` for
+  ``probe_steps``, then full fine-tuning from the probe's run (head kept)."""
+  probe = apply_strategy(config, "lp_ft", source=source)
+  probe.total_steps = probe_steps
+  for key in ("log_steps", "eval_steps", "checkpoint_steps", "steps_per_call"):
+    probe[key] = min(probe[key], probe_steps)
+  ft = apply_strategy(config, "full_ft", source=probe_workdir)
+  ft.init_dont_load = ""  # keep the probed head
+  return probe, ft

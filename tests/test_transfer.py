@@ -1,0 +1,196 @@
+"""Transfer learning: optimizer rules, schedules, freezing, loading, L2-SP."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mtljax import checkpoint
+from mtljax import optim
+from mtljax import params as params_lib
+from mtljax import schedules
+from mtljax import train
+from mtljax import transfer
+from mtljax.data import loading
+from mtljax.data import sampling
+from mtljax.models import multitask
+
+import test_train  # the toy data builders
+
+
+def _model(encoder="mlp"):
+  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  if encoder == "cnn":  # 5 inputs as a 1 x 5 image
+    data.train["x"] = data.train["x"].reshape(data.train["x"].shape[:2] + (1, 5))
+    data.test["x"] = data.test["x"].reshape(data.test["x"].shape[:2] + (1, 5))
+    data.input_shape = (1, 5)
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape, encoder=encoder,
+                               hidden=(16, 8), channels=(4, 6))
+  return data, model
+
+
+def _steps(model, data, tx, n, seed=3, state=None, **kwargs):
+  fn = jax.jit(train.make_train_step(
+      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
+      weights=np.ones(len(data.taskset)), tasks_per_step=4, examples_per_task=16, seed=seed,
+      **kwargs))
+  state = state or train.init_train_state(model, tx, jax.random.key(0))
+  history = [state]
+  for _ in range(n):
+    state, _ = fn(state, data.train)
+    history.append(state)
+  return history
+
+
+def _ruled(rules, name="adam", lr=1e-2, total_steps=100, **kwargs):
+  return optim.make_ruled_optimizer(name, optim.parse_rules(rules), lr=lr,
+                                    total_steps=total_steps, **kwargs)
+
+
+def _named(tree):
+  return dict(params_lib.flatten_with_names(tree))
+
+
+def test_frozen_parameters_are_bitwise_unchanged_and_carry_no_state():
+  data, model = _model()
+  tx = _ruled("heads/:;.*:frozen")  # a linear probe
+  hist = _steps(model, data, tx, 30)
+  first, last = _named(hist[0]["params"]), _named(hist[-1]["params"])
+  for name in first:
+    if name.startswith("shared/trunk/"):
+      assert first[name].tobytes() == last[name].tobytes(), name
+    else:
+      assert not np.array_equal(first[name], last[name]), name
+  # The frozen group (rule 1) holds no optimizer state at all.
+  shared_state = hist[-1]["opt_state"]["shared"].inner_states
+  assert jax.tree.leaves(shared_state["rule1"]) == []
+  head_state = jax.tree.leaves(hist[-1]["opt_state"]["tasks"])
+  assert head_state  # the trained heads keep their Adam moments
+
+
+def test_unmatched_parameters_raise_listing_them():
+  data, model = _model()
+  tx = _ruled("trunk/layer_0/:lr_mult=0.1")
+  with pytest.raises(ValueError, match=r"shared/trunk/layer_1/bias.*match no rule"):
+    train.init_train_state(model, tx, jax.random.key(0))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("heads/:lr=2", r"unknown setting\(s\) \['lr'\]"),
+    ("heads/:lr_mult", "is not key=value"),
+    ("(:lr_mult=1", "bad regex"),
+    (".*:schedule=cyclic", "schedule 'cyclic' is not one of"),
+])
+def test_bad_rules_raise(spec, match):
+  with pytest.raises(ValueError, match=match):
+    optim.parse_rules(spec)
+
+
+def test_realised_learning_rates_equal_the_multipliers():
+  """SGD: each group's update is exactly -lr * lr_mult * gradient."""
+  data, model = _model()
+  mults = {"trunk/layer_0/": 0.25, "trunk/layer_1/": 3.0, ".*": 1.0}
+  tx = _ruled(";".join(f"{k}:lr_mult={v}" for k, v in mults.items()), name="sgd", lr=0.1)
+  hist = _steps(model, data, tx, 1, seed=11)
+  p0 = hist[0]["params"]
+  # The reference gradient of the same batch, from the plain optimizer.
+  plain = _steps(model, data, optax.sgd(1.0), 1, seed=11)
+  grad = jax.tree.map(lambda a, b: a - b, p0, plain[1]["params"])
+  got = jax.tree.map(lambda a, b: a - b, p0, hist[1]["params"])
+  for name, g in _named(grad).items():
+    m = next(v for k, v in mults.items() if re.search(k, name))
+    np.testing.assert_allclose(_named(got)[name], 0.1 * m * g, rtol=1e-4, atol=2e-7)  # float32 p - p_new
+
+
+def test_layerwise_decay_factors_are_exact_per_layer():
+  data, model = _model("cnn")
+  params = model.init(jax.random.key(0))
+  groups = optim.layer_groups([n for n, _ in params_lib.flatten_with_names(params)])
+  assert [g for g, _ in groups] == ["conv_0", "conv_1", "layer_0", "layer_1", "top"]
+  rules = optim.layerwise_decay_rules(groups, optim.ULMFIT_DECAY)
+  assert [r.lr_mult for r in rules] == [(1 / 2.6) ** k for k in (4, 3, 2, 1, 0)]
+  tx = optim.make_ruled_optimizer("sgd", rules, lr=0.1, total_steps=10)
+  hist = _steps(model, data, tx, 1, seed=2)
+  plain = _steps(model, data, optax.sgd(1.0), 1, seed=2)
+  p0 = hist[0]["params"]
+  for name, g in _named(jax.tree.map(lambda a, b: a - b, p0, plain[1]["params"])).items():
+    depth = next(i for i, (_, rx) in enumerate(groups) if re.search(rx, name))
+    want = 0.1 * (1 / 2.6) ** (4 - depth) * g
+    got = _named(p0)[name] - _named(hist[1]["params"])[name]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-7)
+
+
+def test_gradual_unfreezing_unfreezes_groups_from_the_top_with_fresh_adam_state():
+  data, model = _model()
+  params = model.init(jax.random.key(0))
+  groups = optim.layer_groups([n for n, _ in params_lib.flatten_with_names(params)])
+  assert [g for g, _ in groups] == ["layer_0", "layer_1", "top"]
+  every, lr = 3, 1e-2
+  rules = optim.gradual_unfreezing_rules(groups, every)
+  assert [r.unfreeze_at for r in rules] == [6, 3, 0]
+  tx = optim.make_ruled_optimizer("adam", rules, lr=lr, total_steps=20)
+  hist = _steps(model, data, tx, 9)
+  named = [_named(h["params"]) for h in hist]
+  for name in named[0]:
+    group = next(i for i, (_, rx) in enumerate(groups) if re.search(rx, name))
+    start = rules[group].unfreeze_at
+    for t in range(9):  # step t + 1 moves the parameter iff t >= start
+      moved = named[t + 1][name].tobytes() != named[t][name].tobytes()
+      assert moved == (t >= start), (name, t, start)
+    if start:  # Adam's first step from a fresh state: |update| = lr (|g| >> eps)
+      first = np.abs(named[start + 1][name] - named[start][name])
+      np.testing.assert_allclose(first[first > 0], lr, rtol=1e-3)
+
+
+def test_slanted_triangular_matches_ulmfit_equation_3():
+  total, cut_frac, ratio, lr = 200, 0.1, 32.0, 0.01
+  f = schedules.make_schedule("slanted_triangular", lr, total, cut_frac=cut_frac, ratio=ratio)
+  cut = int(np.floor(total * cut_frac))
+  for t in (0, 5, 19, 20, 21, 100, 199):
+    p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
+    np.testing.assert_allclose(float(f(t)), lr * (1 + p * (ratio - 1)) / ratio, rtol=1e-6)
+  g = schedules.make_schedule("warmup_cosine", lr, total, warmup_steps=10, end_lr_factor=0.1)
+  np.testing.assert_allclose([float(g(0)), float(g(10)), float(g(200))], [0, lr, 0.1 * lr],
+                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(float(g(105)), 0.1 * lr + 0.9 * lr * 0.5, rtol=1e-5)
+
+
+def test_load_params_leaves_exactly_the_dont_load_matches_fresh():
+  data, model = _model()
+  source = model.init(jax.random.key(1))
+  fresh = model.init(jax.random.key(2))
+  loaded, report = checkpoint.load_params(fresh, source, [r"heads/"])
+  s, f, l = _named(source), _named(fresh), _named(loaded)
+  for name in l:
+    want = f[name] if "heads/" in name else s[name]
+    np.testing.assert_array_equal(l[name], want)
+  assert sorted(report["fresh_dont_load"]) == sorted(n for n in l if "heads/" in n)
+  assert sorted(report["loaded"]) == sorted(n for n in l if "heads/" not in n)
+  # A model with other head sizes: a clear error unless the heads are skipped.
+  other = loading.build_task_data("toy", *test_train._shared_input_data())
+  small = multitask.make_model("multi_head", other.taskset.subset(["r", "c"]),
+                               other.input_shape, hidden=(16, 8))
+  target = small.init(jax.random.key(3))
+  with pytest.raises(ValueError, match=r"shape mismatch for tasks/heads/.*checkpoint \(2,"):
+    checkpoint.load_params(target, source)
+  _, report = checkpoint.load_params(target, source, [r"heads/"])
+  assert report["unused"] == ["tasks/heads/binary1/bias", "tasks/heads/binary1/kernel"]
+  assert all("trunk" in n for n in report["loaded"])
+
+
+def test_l2sp_penalty_and_gradient_match_float64():
+  rng = np.random.default_rng(0)
+  w = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=4)}
+  w0 = {"a": rng.normal(size=(3, 2)), "b": np.zeros(4)}
+  mask = {"a": True, "b": False}
+  alpha, beta = 0.3, 0.05
+  pen = transfer.l2sp_penalty(mask, alpha, beta)
+  f32 = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), t)
+  val, grad = jax.value_and_grad(pen)(f32(w), f32(w0))
+  want = 0.5 * alpha * np.sum((w["a"] - w0["a"]) ** 2) + 0.5 * beta * np.sum(w["b"] ** 2)
+  np.testing.assert_allclose(val, want, rtol=1e-5)
+  np.testing.assert_allclose(grad["a"], alpha * (w["a"] - w0["a"]), rtol=1e-5)
+  np.testing.assert_allclose(grad["b"], beta * w["b"], rtol=1e-5)
