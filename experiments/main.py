@@ -35,9 +35,13 @@ def main(argv):
   log.addHandler(handler)
   log.propagate = False
   absl_logging.set_verbosity(absl_logging.WARNING)
-  if _CONFIG.value.get("experiment", "") == "toy_pareto":
+  experiment = _CONFIG.value.get("experiment", "")
+  if experiment == "toy_pareto":
     from experiments import toy_pareto  # pylint: disable=g-import-not-at-top
     toy_pareto.run(_CONFIG.value, _WORKDIR.value)
+  elif experiment == "transfer_digits":
+    from experiments import transfer_digits  # pylint: disable=g-import-not-at-top
+    transfer_digits.run(_CONFIG.value, _WORKDIR.value)
   else:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(f"summary: {_WORKDIR.value}/summary.json")

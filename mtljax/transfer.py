@@ -11,7 +11,8 @@ read.
 Strategies (:data:`STRATEGIES`, :func:`apply_strategy` edits a config):
 
 * ``scratch``: no ``init_from`` (the baseline).
-* ``full_ft``: everything trains, the learning rate scaled by ``ft_lr_mult``.
+* ``full_ft``: everything trains (with the fine-tuning run's own, typically
+  smaller, learning rate).
 * ``linear_probe``: only the head trains (every other parameter frozen).
 * ``lp_ft``: a linear probe, then full fine-tuning from the probed head
   (Kumar et al. 2022); two runs, see :func:`lp_ft_stages`.
@@ -48,9 +49,15 @@ def l2sp_penalty(loaded_mask, alpha: float, beta: float):
 
 
 def apply_strategy(config: ml_collections.ConfigDict, strategy: str, *, source: str,
-                   unfreeze_every: int = 0) -> ml_collections.ConfigDict:
+                   unfreeze_every: int = 0, head_lr_mult: float = 1.0
+                   ) -> ml_collections.ConfigDict:
   """A copy of ``config`` set up for ``strategy`` from the run at ``source``
-  (``lp_ft`` gives its *first* stage; see :func:`lp_ft_stages`)."""
+  (``lp_ft`` gives its *first* stage; see :func:`lp_ft_stages`).
+
+  ``head_lr_mult`` multiplies the head's learning rate (a rule ``heads/``
+  placed before any other), e.g. to train a fresh head faster than the
+  pretrained body; 1.0 adds no rule.
+  """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}.")
   c = ml_collections.ConfigDict(config.to_dict())
@@ -59,9 +66,15 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str, *, source: 
     return c
   c.init_from = source
   c.init_dont_load = "" if strategy == "head_kept" else HEAD
+  head_rule = f"{HEAD}:lr_mult={head_lr_mult:g}"
   if strategy in ("linear_probe", "lp_ft"):
-    c.optim.rules = f"{HEAD}:;.*:frozen"
-  elif strategy == "layerwise_decay":
+    c.optim.rules = f"{head_rule};.*:frozen"
+  elif head_lr_mult != 1.0:
+    # A catch-all keeps every other parameter at lr x1 unless generated rules
+    # (layer-wise decay, unfreezing) follow, which then must cover the rest.
+    generated = strategy in ("layerwise_decay", "gradual_unfreezing")
+    c.optim.rules = head_rule if generated else f"{head_rule};.*:"
+  if strategy == "layerwise_decay":
     c.optim.layerwise_decay = c.optim.layerwise_decay or 1.0 / 2.6
   elif strategy == "gradual_unfreezing":
     c.optim.unfreeze_every = unfreeze_every or max(1, c.total_steps // 4)
@@ -71,13 +84,14 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str, *, source: 
   return c
 
 
-def lp_ft_stages(config, *, source: str, probe_workdir: str, probe_steps: int):
+def lp_ft_stages(config, *, source: str, probe_workdir: str, probe_steps: int,
+                 head_lr_mult: float = 1.0):
   """The two configs of LP-FT: a linear probe from ``source`` for
   ``probe_steps``, then full fine-tuning from the probe's run (head kept)."""
-  probe = apply_strategy(config, "lp_ft", source=source)
+  probe = apply_strategy(config, "lp_ft", source=source, head_lr_mult=head_lr_mult)
   probe.total_steps = probe_steps
   for key in ("log_steps", "eval_steps", "checkpoint_steps", "steps_per_call"):
     probe[key] = min(probe[key], probe_steps)
-  ft = apply_strategy(config, "full_ft", source=probe_workdir)
+  ft = apply_strategy(config, "full_ft", source=probe_workdir, head_lr_mult=head_lr_mult)
   ft.init_dont_load = ""  # keep the probed head
   return probe, ft

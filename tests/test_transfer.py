@@ -194,3 +194,77 @@ def test_l2sp_penalty_and_gradient_match_float64():
   np.testing.assert_allclose(val, want, rtol=1e-5)
   np.testing.assert_allclose(grad["a"], alpha * (w["a"] - w0["a"]), rtol=1e-5)
   np.testing.assert_allclose(grad["b"], beta * w["b"], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# End to end: pretrain, then fine-tune from the checkpoint only.
+# ---------------------------------------------------------------------------
+
+
+def _digits_config(tmp_path, classes, steps):
+  from experiments.configs import transfer_digits  # pylint: disable=g-import-not-at-top
+  c = transfer_digits.get_config("quick")
+  del c["transfer"], c["experiment"]
+  c.data.data_dir = str(tmp_path / "data")  # private: the test deletes the source data
+  c.data.builder_config = f"c{classes}"
+  c.total_steps = c.eval_steps = c.checkpoint_steps = c.log_steps = steps
+  c.steps_per_call = steps
+  return c
+
+
+@pytest.mark.slow
+def test_linear_probe_from_a_checkpoint_without_the_source_data(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  pre = _digits_config(tmp_path, "01234", 100)
+  train.train_and_evaluate(pre, str(tmp_path / "pre"))
+  shutil.rmtree(tmp_path / "data" / "digits" / "c01234")  # the source data is gone
+  c = transfer.apply_strategy(_digits_config(tmp_path, "56789", 60), "linear_probe",
+                              source=str(tmp_path / "pre"))
+  out = train.train_and_evaluate(c, str(tmp_path / "probe"))
+  rep = out["init_from"]
+  assert sorted(rep["fresh_dont_load"]) == ["tasks/heads/classification5/bias",
+                                            "tasks/heads/classification5/kernel"]
+  assert all(n.startswith("shared/trunk/") for n in rep["loaded"]) and len(rep["loaded"]) == 4
+  assert out["tasks"]["digit"]["accuracy"] > 0.3  # chance 0.2: the probe learned
+  before, _ = checkpoint.read_params(str(tmp_path / "pre"))
+  after, _ = checkpoint.read_params(str(tmp_path / "probe"))
+  for name, leaf in _named(before["shared"]).items():  # frozen trunk: bitwise equal
+    assert np.asarray(leaf).tobytes() == np.asarray(_named(after["shared"])[name]).tobytes()
+  # Three classes: the head is another path (classification3), reported fresh.
+  c = _digits_config(tmp_path, "567", 20)
+  c.init_from = str(tmp_path / "pre")
+  rep = train.train_and_evaluate(c, str(tmp_path / "three"))["init_from"]
+  assert rep["fresh_missing"] == ["tasks/heads/classification3/bias",
+                                  "tasks/heads/classification3/kernel"]
+  assert rep["unused"] == ["tasks/heads/classification5/bias",
+                           "tasks/heads/classification5/kernel"]
+  # A trunk of another width cannot be loaded: a clear error naming the paths.
+  c.model.hidden = (32,)
+  with pytest.raises(ValueError, match=r"shape mismatch for shared/trunk/layer_0/bias: "
+                                       r"checkpoint \(64,\), model \(32,\)"):
+    train.train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+@pytest.mark.slow
+def test_transfer_digits_experiment_writes_results_per_strategy_and_shots(tmp_path):
+  from experiments import transfer_digits as exp  # pylint: disable=g-import-not-at-top
+  from experiments.configs import transfer_digits  # pylint: disable=g-import-not-at-top
+  c = transfer_digits.get_config("quick")
+  c.total_steps = c.eval_steps = c.checkpoint_steps = 100
+  c.transfer.shots = (1, 0)
+  c.transfer.strategies = ("scratch", "lp_ft", "l2sp")
+  c.transfer.finetune_steps = 50
+  c.transfer.probe_steps = 50
+  out = exp.run(c, str(tmp_path))
+  assert set(out["results"]) == {"scratch", "lp_ft", "l2sp"}
+  for by_shots in out["results"].values():
+    assert set(by_shots) == {"1", "all"} and all(0 <= a <= 1 for a in by_shots.values())
+  assert (tmp_path / "transfer_digits.png").stat().st_size > 0
+  # LP-FT's second stage started from the probe's run, head included.
+  ft = __import__("json").loads(
+      (tmp_path / "shots_1" / "lp_ft" / "finetune" / "summary.json").read_text())
+  assert ft["init_from"]["from"].endswith("probe") and ft["init_from"]["fresh_dont_load"] == []
+  assert "tasks/heads/classification5/kernel" in ft["init_from"]["loaded"]
+  # L2-SP logged its penalty.
+  last = (tmp_path / "shots_1" / "l2sp" / "metrics.jsonl").read_text().splitlines()[-1]
+  assert __import__("json").loads(last)["train/penalty"] > 0

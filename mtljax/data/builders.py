@@ -14,6 +14,11 @@ Builder configs are named so that any setting can be asked for by name:
   seed 0), or ``p{P}_n{TRAIN}_m{TEST}_s{SEED}``.
 * ``sinusoids``: ``default`` (20 tasks, 50 train / 100 test points each), or
   ``t{TASKS}_n{TRAIN}_m{TEST}_s{SEED}``.
+* ``digits``: single 8x8 scikit-learn digits of some classes, one task
+  ``digit``: ``c{CLASSES}`` (e.g. ``c01234``, every train image) or
+  ``c{CLASSES}_k{SHOTS}_s{SEED}`` (``SHOTS`` train images per class); labels
+  are re-numbered in the order the classes are written. ``default`` is
+  ``c0123456789``.
 """
 
 from __future__ import annotations
@@ -197,7 +202,53 @@ class Sinusoids(tfds.core.GeneratorBasedBuilder):
     yield from _examples(arrays)
 
 
+@dataclasses.dataclass
+class DigitsConfig(tfds.core.BuilderConfig):
+  classes: str = "0123456789"
+  shots: int = 0
+  seed: int = 0
+
+
+class Digits(tfds.core.GeneratorBasedBuilder):
+  """Single handwritten digits (scikit-learn), a class subset, optional shots."""
+
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [DigitsConfig(name="default")]
+
+  @classmethod
+  def config_from_name(cls, name: str) -> DigitsConfig:
+    if name in ("", "default"):
+      return cls.BUILDER_CONFIGS[0]
+    m = re.fullmatch(r"c(\d{1,10})(?:_k(\d+)_s(\d+))?", name)
+    if not m or len(set(m.group(1))) != len(m.group(1)):
+      raise ValueError(
+          f"digits: unknown builder config {name!r}; use 'c{{CLASSES}}' (e.g. 'c01234') "
+          "or 'c{CLASSES}_k{SHOTS}_s{SEED}' (e.g. 'c56789_k5_s0'), distinct digits.")
+    k, s = (int(m.group(2)), int(m.group(3))) if m.group(2) else (0, 0)
+    return DigitsConfig(name=name, classes=m.group(1), shots=k, seed=s)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="scikit-learn 8x8 digits, a class subset; split by source image.",
+        features=tfds.features.FeaturesDict({
+            "image": _tensor((8, 8), np.float32),
+            "label": _tensor((), np.int64),
+            "source": _tensor((), np.int64),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    data = generators.make_digits(list(c.classes), c.shots, c.seed)
+    return {s: self._generate_examples(data[s]) for s in ("train", "test")}
+
+  def _generate_examples(self, arrays):
+    yield from _examples(arrays)
+
+
 BUNDLED = {
+    "digits": Digits,
     "multi_digits": MultiDigits,
     "mmoe_synthetic": MmoeSynthetic,
     "sinusoids": Sinusoids,

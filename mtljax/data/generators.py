@@ -97,6 +97,36 @@ def make_multi_digits(seed: int, num_train: int, num_test: int,
   }
 
 
+def make_digits(classes, shots: int, seed: int,
+                test_fraction: float = 0.25) -> dict[str, dict[str, np.ndarray]]:
+  """Single 8x8 digits of the given classes, labels re-numbered ``0..len-1`` in
+  the order given; the train/test split is :func:`split_digit_sources` with
+  seed 0 (the same as ``multi_digits``'s default), so every ``digits`` config
+  shares one test split. ``shots > 0`` keeps that many train images per class,
+  chosen with ``seed``; ``shots == 0`` keeps all."""
+  classes = [int(c) for c in classes]
+  if len(set(classes)) != len(classes) or not classes or min(classes) < 0 or max(classes) > 9:
+    raise ValueError(f"digits: classes must be distinct digits 0-9, got {classes}.")
+  images, labels, train_ids, test_ids = split_digit_sources(0, test_fraction)
+  rng = np.random.default_rng([seed, 3])
+  remap = {c: i for i, c in enumerate(classes)}
+  out = {}
+  for split, ids in (("train", train_ids), ("test", test_ids)):
+    keep = []
+    for c in classes:
+      cid = ids[labels[ids] == c]
+      if split == "train" and shots:
+        if shots > len(cid):
+          raise ValueError(f"digits: {shots} shots but class {c} has {len(cid)} train images.")
+        cid = np.sort(rng.choice(cid, shots, replace=False))
+      keep.append(cid)
+    keep = np.sort(np.concatenate(keep))
+    out[split] = {"image": images[keep],
+                  "label": np.array([remap[int(l)] for l in labels[keep]], np.int64),
+                  "source": keep.astype(np.int64)}
+  return out
+
+
 # ----------------------------------------------------------------------------
 # mmoe_synthetic: two regression tasks with controlled correlation (Ma et al.
 # KDD 2018, "Modeling Task Relationships in Multi-task Learning with

@@ -172,7 +172,13 @@ def _reg(name, label_key):
   return TaskColumn(tasks_lib.Task(name, "regression"), label_key)
 
 
+def _digits_spec(builder_config: str) -> DataSpec:
+  classes = builders.Digits.config_from_name(builder_config).classes
+  return DataSpec("image", (_cls("digit", "label", len(classes)),))
+
+
 BUNDLED_SPECS = {
+    "digits": _digits_spec,
     "multi_digits": DataSpec("image", (_cls("left", "left_label", 10),
                                        _cls("right", "right_label", 10))),
     "mmoe_synthetic": DataSpec("x", (_reg("y1", "y1"), _reg("y2", "y2"))),
@@ -377,6 +383,8 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
   features, arrays = read_splits(name, data_dir=data_dir, builder_config=builder_config)
   if name in BUNDLED_SPECS:
     spec = BUNDLED_SPECS[name]
+    if callable(spec):  # depends on the builder config (digits: the class count)
+      spec = spec(builder_config)
   else:
     spec = catalog_spec(features, input_key, label_keys)
   return build_task_data(name, spec, arrays, task_names=task_names,
