@@ -217,6 +217,15 @@ def gradual_unfreezing_rules(groups: Sequence[tuple[str, str]], every: int,
                for i, r in enumerate(base))
 
 
+def frozen_depth_rules(groups: Sequence[tuple[str, str]], depth: int) -> tuple[Rule, ...]:
+  """The ``depth`` layer groups nearest the input frozen (``depth < len(groups)``)."""
+  if not 0 <= depth < len(groups):
+    raise ValueError(f"config.optim.frozen_depth={depth} must be in [0, {len(groups)}): the "
+                     f"model has layer groups {[g for g, _ in groups]} and the top one "
+                     "always trains.")
+  return tuple(Rule(rx, frozen=True) for _, rx in groups[:depth])
+
+
 class DelayedState(NamedTuple):
   count: jax.Array
   inner: Any
@@ -364,17 +373,23 @@ def _select_rows(mask, new, old):
   return jax.tree.map(sel, new, old)
 
 
-def update(tx, grads, opt_state, params, task_rows, active: jax.Array):
+def update(tx, grads, opt_state, params, task_rows, active: jax.Array, lr_scale=None):
   """One optimizer step; rows of tasks with ``active[t] == False`` don't move.
 
   Args:
     active: ``[T]`` bool, the tasks sampled in this step.
+    lr_scale: an optional (traced) scalar multiplying every update. The updates
+      of SGD, Adam and AdamW are linear in the learning rate and their states do
+      not depend on it, so this equals running with ``lr * lr_scale`` -- which
+      lets cross-validation vmap over learning rates.
 
   Returns:
     (new_params, new_opt_state)
   """
   upd, shared_state = _tx_for(tx, "shared").update(grads["shared"], opt_state["shared"],
                                                    params["shared"])
+  if lr_scale is not None:
+    upd = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), upd)
   new_params = {"shared": apply_updates(params["shared"], upd),
                 "tasks": params["tasks"]}
   new_tasks_state = {}
@@ -383,6 +398,8 @@ def update(tx, grads, opt_state, params, task_rows, active: jax.Array):
     g = params_lib.get_path(grads["tasks"], name)
     s = params_lib.get_path(opt_state["tasks"], name)
     u, s_new = jax.vmap(_tx_for(tx, f"tasks/{name}").update)(g, s, p)
+    if lr_scale is not None:
+      u = jax.tree.map(lambda v: v * lr_scale.astype(v.dtype), u)
     mask = active[jnp.asarray(rows)]
     p_new = _select_rows(mask, apply_updates(p, u), p)
     new_params["tasks"] = params_lib.set_path(new_params["tasks"], name, p_new)

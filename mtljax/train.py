@@ -26,7 +26,7 @@ import math
 import os
 import re
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +92,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optim.layerwise_decay and not 0 < config.optim.layerwise_decay <= 1:
     raise ValueError(f"config.optim.layerwise_decay must be in (0, 1] (ULMFiT: 1/2.6), got "
                      f"{config.optim.layerwise_decay}.")
+  if config.optim.frozen_depth < 0:
+    raise ValueError(f"config.optim.frozen_depth must be >= 0, got {config.optim.frozen_depth}.")
   if config.optim.unfreeze_every < 0:
     raise ValueError(f"config.optim.unfreeze_every must be >= 0, got "
                      f"{config.optim.unfreeze_every}.")
@@ -142,10 +144,14 @@ def rules_from_config(config, params) -> tuple:
   rules = optim.parse_rules(o.rules)
   groups = optim.layer_groups([n for n, _ in params_lib.flatten_with_names(params)])
   generated = ()
+  if o.frozen_depth:
+    rules = rules + optim.frozen_depth_rules(groups, o.frozen_depth)
   if o.layerwise_decay:
     generated = optim.layerwise_decay_rules(groups, o.layerwise_decay)
   if o.unfreeze_every:
     generated = optim.gradual_unfreezing_rules(groups, o.unfreeze_every, generated)
+  if o.frozen_depth and not generated:  # the unfrozen groups train with the defaults
+    generated = (optim.Rule(".*"),)
   return rules + generated
 
 
@@ -158,7 +164,7 @@ def optimizer_from_config(config, params=None):
                 momentum=o.momentum)
   sched = dict(warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
                cut_frac=o.stlr_cut_frac, ratio=o.stlr_ratio)
-  if o.rules or o.layerwise_decay or o.unfreeze_every:
+  if o.rules or o.layerwise_decay or o.unfreeze_every or o.frozen_depth:
     if params is None:
       raise ValueError("optimizer_from_config: parameter rules need the parameter tree.")
     return optim.make_ruled_optimizer(
@@ -502,8 +508,9 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
       grads = jax.tree.map(jnp.add, grads, pen_grads)
       extra = {**extra, "penalty": pen}
     active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
+    lr_scale = state["hparams"]["lr_scale"] if "hparams" in state else None
     params, opt_state = optim.update(tx, grads, state["opt_state"], state["params"],
-                                     rows, active)
+                                     rows, active, lr_scale)
     if lw is not None:  # loss weightings update after the step (FAMO: new losses)
       new_losses = (slot_losses(model, params, x, ys, task_ids) if lw.needs_new_losses
                     else None)
@@ -516,8 +523,9 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     }
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "objective_state": obj_state}
-    if "anchor" in state:
-      new_state["anchor"] = state["anchor"]
+    for key in ("anchor", "hparams"):  # constants of the run
+      if key in state:
+        new_state[key] = state[key]
     return new_state, meas
 
   if steps_per_call == 1:  # a plain step: no loop to pay for
@@ -550,6 +558,10 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
   ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
 
   def eval_step(params, split):
+    # A split may carry its own label statistics (cross-validation folds).
+    m = split["label_mean"][:, None] if "label_mean" in split else mean
+    sd = split["label_std"][:, None] if "label_std" in split else std
+
     def body(acc, c):
       pos = c * chunk + jnp.arange(chunk)
       valid = pos[None, :] < split["n"][:, None]                      # [T, C]
@@ -558,7 +570,7 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
       outs = model.apply(params, x, task_ids)
       sums = {}
       for gi, g in enumerate(ts.groups):
-        vals = tasks_lib.example_metrics(ts.group_task(g), outs[g], ys[g], mean, std)
+        vals = tasks_lib.example_metrics(ts.group_task(g), outs[g], ys[g], m, sd)
         mask = valid & (group_of == gi)[:, None]
         sums[g] = {k: acc["sums"][g][k] + jnp.sum(jnp.where(mask, v, 0.0), axis=1)
                    for k, v in vals.items()}
@@ -644,23 +656,23 @@ def _write_jsonl(path, record):
     f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
-  """Trains, evaluates per task, checkpoints, and writes the workdir outputs.
+class Run(NamedTuple):
+  """Everything a training run needs, built from a config and its data."""
+  model: multitask.Model
+  tx: Any
+  state: dict
+  train_fn: Callable
+  eval_fn: Callable
+  steps_per_call: int
+  init_report: dict | None
 
-  Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl`` (one line
-  per log/eval step), ``summary.json`` (``{"tasks": {TASK: {METRIC: value}},
-  ...}``). Running again with the same workdir resumes from the latest
-  checkpoint. ``callbacks(step, measurements)`` run after every host call
-  (e.g. to stop a run early in tests).
 
-  Returns:
-    the summary dict.
-  """
-  # --- Config and data --------------------------------------------------------
+def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
+              eval_split: str = "test") -> Run:
+  """The model, optimizer, initial state (loaded from ``config.init_from`` when
+  set), train step and eval step of a run on ``data``; nothing is compiled.
+  The eval step is sized for ``data.<eval_split>``, and only its shape is read."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  data = data_from_config(config)
   ts = data.taskset
   num_tasks = len(ts)
   k = config.sampling.tasks_per_step or num_tasks
@@ -673,7 +685,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   logger.info("Data %s: %d tasks %s, input shape %s, train sizes %s, groups %s.",
                data.name, num_tasks, list(ts.names), data.input_shape,
                data.num_train.tolist(), list(ts.groups))
-
   # --- Model, optimizer, initial state (from another run when init_from) ------
   model = model_from_config(config, ts, data.input_shape)
   objective_kwargs = objective_kwargs_from_config(config)
@@ -716,8 +727,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       objective=config.objective.method, objective_kwargs=objective_kwargs,
       shared_inputs=config.sampling.shared_inputs, penalty=penalty)
   eval_fn = make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
-                           num_examples=data.test["x"].shape[1],
+                           num_examples=data.split(eval_split)["x"].shape[1],
                            batch_size=config.eval_batch_size)
+  return Run(model, tx, state, train_fn, eval_fn, steps_per_call, init_report)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
+  """Trains, evaluates per task, checkpoints, and writes the workdir outputs.
+
+  Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl`` (one line
+  per log/eval step), ``summary.json`` (``{"tasks": {TASK: {METRIC: value}},
+  ...}``). Running again with the same workdir resumes from the latest
+  checkpoint. ``callbacks(step, measurements)`` run after every host call
+  (e.g. to stop a run early in tests).
+
+  Returns:
+    the summary dict.
+  """
+  # --- Config, data, model, optimizer, initial state --------------------------
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  data = data_from_config(config)
+  run = build_run(config, data)
+  ts, model, state = data.taskset, run.model, run.state
+  steps_per_call, train_fn, eval_fn = run.steps_per_call, run.train_fn, run.eval_fn
+  init_report = run.init_report
   for name, leaf in params_lib.flatten_with_names(state["params"]):
     logger.info("param %-50s %s", name, tuple(leaf.shape))
   logger.info("Parameters: %d (shared %d, per-task %d).",

@@ -67,12 +67,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.rules = ""
   c.optim.layerwise_decay = 0.0  # > 0: layer l of L gets lr * decay^(L - l) (ULMFiT: 1/2.6)
   c.optim.unfreeze_every = 0     # > 0: unfreeze one layer group from the top every N steps
+  c.optim.frozen_depth = 0       # > 0: freeze that many layer groups from the input side
 
   # Transfer: start from another run's parameters (its workdir).
   c.init_from = ""
   c.init_dont_load = ""          # regexes (";"-separated) of parameters left fresh
   c.l2sp_alpha = 0.0             # L2-SP: alpha/2 ||w - w0||^2 on loaded parameters
   c.l2sp_beta = 0.0              # L2-SP: beta/2 ||w||^2 on fresh parameters
+
+  # k-fold cross-validation on the train split (mtljax/cv.py); folds = 0: off.
+  c.cv = ml_collections.ConfigDict()
+  c.cv.folds = 0
+  c.cv.seed = 0
+  c.cv.lr = ()          # learning rates, trained side by side (vmap)
+  c.cv.steps = ()       # candidate step counts, read off along each run
+  c.cv.grid = ""        # other settings: "optim.frozen_depth=0,1;l2sp_alpha=0,0.01"
+  c.cv.metric = "loss"  # mean over tasks of this validation metric
 
   c.total_steps = 1000
   c.steps_per_call = 50
