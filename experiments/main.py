@@ -42,6 +42,9 @@ def main(argv):
   elif experiment == "transfer_digits":
     from experiments import transfer_digits  # pylint: disable=g-import-not-at-top
     transfer_digits.run(_CONFIG.value, _WORKDIR.value)
+  elif experiment == "transfer_sinusoids":
+    from experiments import transfer_sinusoids  # pylint: disable=g-import-not-at-top
+    transfer_sinusoids.run(_CONFIG.value, _WORKDIR.value)
   elif _CONFIG.value.get("cv", {}).get("folds", 0):
     from mtljax import cv  # pylint: disable=g-import-not-at-top
     cv.select_and_train(_CONFIG.value, _WORKDIR.value)

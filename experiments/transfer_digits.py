@@ -23,8 +23,9 @@ def finetune_config(config, shots: int) -> ml_collections.ConfigDict:
   t = config.transfer
   c = ml_collections.ConfigDict(config.to_dict())
   del c["transfer"], c["experiment"]
+  c.data.name = "digits"
   c.data.builder_config = (f"c{t.target_classes}_k{shots}_s{t.shots_seed}" if shots
-                           else f"c{t.target_classes}")
+                           else f"c{t.target_classes}") + ("_canvas" if t.canvas else "")
   c.total_steps = t.finetune_steps
   for key in ("log_steps", "eval_steps", "checkpoint_steps", "steps_per_call"):
     c[key] = min(c[key], t.finetune_steps)
@@ -59,7 +60,8 @@ def run(config, workdir: str) -> dict:
   del pre_config["transfer"], pre_config["experiment"]
   pre_dir = os.path.join(workdir, "pretrain")
   pre = train.train_and_evaluate(pre_config, pre_dir)
-  logger.info("pretrained on %s: %s", config.data.builder_config, pre["tasks"])
+  logger.info("pretrained on %s/%s: %s", config.data.name, config.data.builder_config,
+              pre["tasks"])
   results = {s: {} for s in t.strategies}
   for shots in t.shots:
     base = finetune_config(config, shots)
@@ -74,7 +76,7 @@ def run(config, workdir: str) -> dict:
       results[strategy][shots_key(shots)] = acc
       logger.info("shots %s, %s: test accuracy %.4f", shots_key(shots), strategy, acc)
   summary = {"results": results, "metric": "test accuracy on digits "
-             f"{t.target_classes} (higher is better)",
+             f"{t.target_classes} (higher is better)", "source": t.source,
              "pretrain": pre["tasks"], "config": config.to_dict()}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)

@@ -74,6 +74,11 @@ def load_params(target, source, dont_load: Sequence[str] = ()) -> tuple[dict, di
   """``target`` with every parameter found in ``source`` (by slash path)
   copied in, except those matching a ``dont_load`` regex (``re.search``).
 
+  A per-task stack ``tasks/P`` ``[T, ...]`` absent from the source is loaded
+  from a source ``shared/P`` by copying it into every row (reported in
+  ``broadcast`` too): a pooled or multi-head model initialises an independent
+  one.
+
   Returns ``(params, report)``; ``report`` has ``loaded``, ``fresh_dont_load``
   (left at their fresh values because a pattern matched), ``fresh_missing``
   (not in the source) and ``unused`` (source paths the target lacks), lists of
@@ -82,12 +87,22 @@ def load_params(target, source, dont_load: Sequence[str] = ()) -> tuple[dict, di
   """
   patterns = [re.compile(p) for p in dont_load]
   src = dict(params_lib.flatten_with_names(source))
-  report = {"loaded": [], "fresh_dont_load": [], "fresh_missing": [], "unused": []}
+  report = {"loaded": [], "broadcast": [], "fresh_dont_load": [], "fresh_missing": [],
+            "unused": []}
   mismatched = []
   values = {}
   for name, leaf in params_lib.flatten_with_names(target):
     if any(p.search(name) for p in patterns):
       report["fresh_dont_load"].append(name)
+    elif name not in src and name.startswith("tasks/") and \
+        "shared/" + name[len("tasks/"):] in src and \
+        tuple(leaf.shape[1:]) == tuple(np.shape(src["shared/" + name[len("tasks/"):]])):
+      # A shared parameter initialises every task's copy (e.g. an independent
+      # or soft-shared model from a pooled one).
+      one = np.asarray(src["shared/" + name[len("tasks/"):]])
+      values[name] = np.broadcast_to(one, tuple(leaf.shape))
+      report["loaded"].append(name)
+      report["broadcast"].append(name)
     elif name not in src:
       report["fresh_missing"].append(name)
     elif tuple(np.shape(src[name])) != tuple(leaf.shape):
@@ -99,8 +114,8 @@ def load_params(target, source, dont_load: Sequence[str] = ()) -> tuple[dict, di
   if mismatched:
     raise ValueError("config.init_from: shape mismatch for " + "; ".join(mismatched) +
                      ". Add a config.init_dont_load pattern to re-initialise them.")
-  target_names = {n for n, _ in params_lib.flatten_with_names(target)}
-  report["unused"] = sorted(set(src) - target_names)
+  used = set(values) | {"shared/" + n[len("tasks/"):] for n in report["broadcast"]}
+  report["unused"] = sorted(set(src) - used - set(report["fresh_dont_load"]))
 
   def pick(name, leaf):
     return jnp.asarray(values[name], leaf.dtype) if name in values else leaf

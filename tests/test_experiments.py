@@ -13,6 +13,8 @@ import pytest
 from experiments.configs import mmoe_synthetic
 from experiments.configs import multi_digits
 from experiments.configs import sinusoids
+from experiments.configs import transfer_digits
+from experiments.configs import transfer_sinusoids
 from mtljax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +124,8 @@ def test_shared_inputs_on_tasks_with_their_own_inputs_raises_before_training(tmp
 
 
 def test_configs_reject_unknown_variants():
-  for module in (multi_digits, mmoe_synthetic, sinusoids):
+  for module in (multi_digits, mmoe_synthetic, sinusoids, transfer_digits,
+                 transfer_sinusoids):
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
       module.get_config("fast")
 

@@ -268,3 +268,53 @@ def test_transfer_digits_experiment_writes_results_per_strategy_and_shots(tmp_pa
   # L2-SP logged its penalty.
   last = (tmp_path / "shots_1" / "l2sp" / "metrics.jsonl").read_text().splitlines()[-1]
   assert __import__("json").loads(last)["train/penalty"] > 0
+
+
+def test_shared_parameters_initialise_every_row_of_a_per_task_stack():
+  data, model = _model()
+  source = model.init(jax.random.key(1))  # multi_head: shared/trunk
+  indep = multitask.make_model("independent", data.taskset, data.input_shape, hidden=(16, 8))
+  target = indep.init(jax.random.key(2))  # tasks/trunk [T, ...]
+  loaded, report = checkpoint.load_params(target, source, [r"heads/"])
+  for name, leaf in _named(loaded["tasks"]["trunk"]).items():
+    want = _named(source["shared"]["trunk"])[name]
+    for row in range(len(data.taskset)):
+      np.testing.assert_array_equal(leaf[row], want)
+  assert sorted(report["broadcast"]) == sorted(
+      "tasks/trunk/" + n for n in _named(source["shared"]["trunk"]))
+  assert report["unused"] == []
+
+
+def test_canvas_digits_place_the_same_images_on_a_multi_digits_canvas():
+  from mtljax.data import generators  # pylint: disable=g-import-not-at-top
+  plain = generators.make_digits("56789", 5, 0)
+  canvas = generators.make_digits("56789", 5, 0, canvas=True)
+  assert canvas["train"]["image"].shape[1:] == generators.CANVAS_SHAPE
+  np.testing.assert_array_equal(plain["train"]["label"], canvas["train"]["label"])
+  # Every canvas holds exactly its 8x8 source image somewhere.
+  for img, src in zip(canvas["train"]["image"], plain["train"]["image"]):
+    found = any(np.array_equal(img[r:r + 8, c:c + 8], src) and img.sum() == src.sum()
+                for r in range(5) for c in range(9))
+    assert found
+
+
+@pytest.mark.slow
+def test_transfer_sinusoids_records_a_curve_per_strategy_and_k(tmp_path):
+  from experiments import transfer_sinusoids as exp  # pylint: disable=g-import-not-at-top
+  from experiments.configs import transfer_sinusoids  # pylint: disable=g-import-not-at-top
+  c = transfer_sinusoids.get_config("quick")
+  c.data.builder_config = "t10_n50_m50_s0"
+  c.total_steps = c.eval_steps = c.checkpoint_steps = c.log_steps = 200
+  c.transfer.shots = (5,)
+  c.transfer.target_tasks = 3
+  c.transfer.strategies = ("scratch", "linear_probe", "lp_ft")
+  c.transfer.record_steps, c.transfer.probe_steps = 6, 3
+  out = exp.run(c, str(tmp_path))
+  curves = out["results"]["5"]
+  assert set(curves) == {"scratch", "linear_probe", "lp_ft"}
+  assert all(len(v) == 7 and np.all(np.isfinite(v)) for v in curves.values())
+  # Fine-tuning strategies start from the same pretrained network (head re-initialised
+  # the same way); LP-FT's first 3 steps are the linear probe's.
+  assert curves["linear_probe"][0] == curves["lp_ft"][0]
+  np.testing.assert_allclose(curves["linear_probe"][:4], curves["lp_ft"][:4], rtol=1e-6)
+  assert (tmp_path / "transfer_sinusoids.png").stat().st_size > 0

@@ -10,6 +10,12 @@ only the pretrained checkpoint (never the 0-4 data), plus training from scratch
 with the same budget. Writes ``summary.json`` as ``{"results": {STRATEGY:
 {SHOTS: test accuracy}}}`` (``SHOTS`` "1", "5", "10", "all") and
 ``transfer_digits.png``. Variant ``:quick`` (fewer steps and shot counts).
+
+``:source=multi_digits`` (experiment 3: fine-tuning from the shared trunk of a
+multi-task model): pretrain the two-task ``multi_digits`` model (left and right
+digit of overlaid pairs, every digit 0-9, multi-head), then fine-tune on single
+digits 5-9 placed on the same 12x16 canvas (``digits`` ``..._canvas``). Combine
+with ``quick`` as ``:source=multi_digits,quick``.
 """
 
 import ml_collections
@@ -19,6 +25,11 @@ from mtljax import transfer
 
 
 def get_config(arg: str = ""):
+  opts = dict(a.split("=", 1) if "=" in a else (a, True) for a in arg.split(",") if a)
+  unknown = set(opts) - {"quick", "source"}
+  if unknown or opts.get("source", "digits") not in ("digits", "multi_digits"):
+    raise ValueError(f"transfer_digits config: unknown variant {arg!r}; use '', 'quick', "
+                     "'source=multi_digits' or 'source=multi_digits,quick'.")
   c = common.base_config()
   c.experiment = "transfer_digits"
   c.data.name = "digits"
@@ -44,13 +55,25 @@ def get_config(arg: str = ""):
   c.transfer.head_lr_mult = 3.0      # the fresh head at pretraining's rate
   c.transfer.probe_steps = 100       # lp_ft: linear-probe steps before fine-tuning
   c.transfer.shots_seed = 0
-  if arg == "quick":
+  c.transfer.source = opts.get("source", "digits")
+  c.transfer.canvas = False
+  if c.transfer.source == "multi_digits":  # pretrain on overlaid pairs of all digits
+    c.data.name = "multi_digits"
+    c.data.builder_config = "default"
+    c.transfer.canvas = True
+    # The source heads (10 classes, two tasks) cannot be kept for a 5-class task.
+    c.transfer.strategies = tuple(x for x in transfer.STRATEGIES if x != "head_kept")
+    c.model.channels = (16, 32)
+    c.total_steps = 2000
+    c.eval_steps = c.checkpoint_steps = 1000
+  if opts.get("quick"):
     c.total_steps = 300
     c.eval_steps = 300
     c.checkpoint_steps = 300
     c.transfer.shots = (5, 0)
     c.transfer.finetune_steps = 200
     c.transfer.probe_steps = 100
-  elif arg:
-    raise ValueError(f"transfer_digits config: unknown variant {arg!r}; use '' or 'quick'.")
+    if c.transfer.source == "multi_digits":
+      c.data.builder_config = "n3000_m600_s0"
+      c.model.channels = (8, 16)
   return c

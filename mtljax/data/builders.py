@@ -17,7 +17,8 @@ Builder configs are named so that any setting can be asked for by name:
 * ``digits``: single 8x8 scikit-learn digits of some classes, one task
   ``digit``: ``c{CLASSES}`` (e.g. ``c01234``, every train image) or
   ``c{CLASSES}_k{SHOTS}_s{SEED}`` (``SHOTS`` train images per class); labels
-  are re-numbered in the order the classes are written. ``default`` is
+  are re-numbered in the order the classes are written; a ``_canvas`` suffix
+  places each digit on a 12x16 ``multi_digits`` canvas. ``default`` is
   ``c0123456789``.
 """
 
@@ -207,6 +208,7 @@ class DigitsConfig(tfds.core.BuilderConfig):
   classes: str = "0123456789"
   shots: int = 0
   seed: int = 0
+  canvas: bool = False
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
@@ -219,20 +221,23 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   def config_from_name(cls, name: str) -> DigitsConfig:
     if name in ("", "default"):
       return cls.BUILDER_CONFIGS[0]
-    m = re.fullmatch(r"c(\d{1,10})(?:_k(\d+)_s(\d+))?", name)
+    m = re.fullmatch(r"c(\d{1,10})(?:_k(\d+)_s(\d+))?(_canvas)?", name)
     if not m or len(set(m.group(1))) != len(m.group(1)):
       raise ValueError(
           f"digits: unknown builder config {name!r}; use 'c{{CLASSES}}' (e.g. 'c01234') "
-          "or 'c{CLASSES}_k{SHOTS}_s{SEED}' (e.g. 'c56789_k5_s0'), distinct digits.")
+          "or 'c{CLASSES}_k{SHOTS}_s{SEED}' (e.g. 'c56789_k5_s0'), distinct digits, "
+          "optionally with '_canvas'.")
     k, s = (int(m.group(2)), int(m.group(3))) if m.group(2) else (0, 0)
-    return DigitsConfig(name=name, classes=m.group(1), shots=k, seed=s)
+    return DigitsConfig(name=name, classes=m.group(1), shots=k, seed=s,
+                        canvas=bool(m.group(4)))
 
   def _info(self):
+    shape = generators.CANVAS_SHAPE if self.builder_config.canvas else (8, 8)
     return tfds.core.DatasetInfo(
         builder=self,
         description="scikit-learn 8x8 digits, a class subset; split by source image.",
         features=tfds.features.FeaturesDict({
-            "image": _tensor((8, 8), np.float32),
+            "image": _tensor(shape, np.float32),
             "label": _tensor((), np.int64),
             "source": _tensor((), np.int64),
         }))
@@ -240,7 +245,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     c = self.builder_config
-    data = generators.make_digits(list(c.classes), c.shots, c.seed)
+    data = generators.make_digits(list(c.classes), c.shots, c.seed, canvas=c.canvas)
     return {s: self._generate_examples(data[s]) for s in ("train", "test")}
 
   def _generate_examples(self, arrays):

@@ -97,13 +97,15 @@ def make_multi_digits(seed: int, num_train: int, num_test: int,
   }
 
 
-def make_digits(classes, shots: int, seed: int,
-                test_fraction: float = 0.25) -> dict[str, dict[str, np.ndarray]]:
+def make_digits(classes, shots: int, seed: int, test_fraction: float = 0.25,
+                canvas: bool = False) -> dict[str, dict[str, np.ndarray]]:
   """Single 8x8 digits of the given classes, labels re-numbered ``0..len-1`` in
   the order given; the train/test split is :func:`split_digit_sources` with
   seed 0 (the same as ``multi_digits``'s default), so every ``digits`` config
   shares one test split. ``shots > 0`` keeps that many train images per class,
-  chosen with ``seed``; ``shots == 0`` keeps all."""
+  chosen with ``seed``; ``shots == 0`` keeps all. ``canvas``: each digit at a
+  random position of a ``multi_digits``-sized 12x16 canvas (rows 0-4, columns
+  0-8), so a ``multi_digits`` network reads it unchanged."""
   classes = [int(c) for c in classes]
   if len(set(classes)) != len(classes) or not classes or min(classes) < 0 or max(classes) > 9:
     raise ValueError(f"digits: classes must be distinct digits 0-9, got {classes}.")
@@ -121,7 +123,16 @@ def make_digits(classes, shots: int, seed: int,
         cid = np.sort(rng.choice(cid, shots, replace=False))
       keep.append(cid)
     keep = np.sort(np.concatenate(keep))
-    out[split] = {"image": images[keep],
+    image = images[keep]
+    if canvas:
+      r = np.random.default_rng([seed, 4 if split == "train" else 5])
+      placed = np.zeros((len(keep),) + CANVAS_SHAPE, np.float32)
+      ys = r.integers(ROWS[0], ROWS[1] + 1, len(keep))
+      xs = r.integers(0, RIGHT_COLS[1] + 1, len(keep))
+      for i in range(len(keep)):
+        placed[i, ys[i]:ys[i] + DIGIT_SIZE, xs[i]:xs[i] + DIGIT_SIZE] = image[i]
+      image = placed
+    out[split] = {"image": image,
                   "label": np.array([remap[int(l)] for l in labels[keep]], np.int64),
                   "source": keep.astype(np.int64)}
   return out

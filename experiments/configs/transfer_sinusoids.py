@@ -1,0 +1,65 @@
+r"""Transfer on sinusoids: pretrain one network on many sine tasks pooled (no
+task id), then fine-tune on new sine tasks from K = 5 or 10 points.
+
+    python -m experiments.main --config=experiments/configs/transfer_sinusoids.py \
+        --workdir=/tmp/mtljax/transfer_sinusoids
+
+Pretraining: ``sinusoids`` with ``transfer.source_tasks`` tasks, a multi_head
+MLP with *shared* head (one network, no task descriptor: the pooled problem).
+Fine-tuning: ``transfer.target_tasks`` new tasks (another seed) with K train
+points each, as an ``independent`` model, so every new task is fine-tuned on
+its own copy (initialised from the pooled network by broadcasting). For every
+strategy of :data:`mtljax.transfer.STRATEGIES` and K, the test MSE (100 query
+points per task, original units) averaged over the new tasks after each of the
+first ``transfer.record_steps`` fine-tuning steps. Writes ``summary.json``
+``{"results": {K: {STRATEGY: [mse after 0, 1, ... steps]}}}`` and
+``transfer_sinusoids.png``. Variant ``:quick``.
+"""
+
+import ml_collections
+
+from experiments.configs import common
+from mtljax import transfer
+
+
+def get_config(arg: str = ""):
+  c = common.base_config()
+  c.experiment = "transfer_sinusoids"
+  c.data.name = "sinusoids"
+  c.data.builder_config = "t100_n50_m50_s0"   # source: 100 tasks
+  c.model.arch = "multi_head"
+  c.model.heads = "shared"
+  c.model.encoder = "mlp"
+  c.model.hidden = (40, 40)
+  c.sampling.tasks_per_step = 25
+  c.sampling.examples_per_task = 10
+  c.optim.lr = 1e-3
+  c.total_steps = 4000
+  c.steps_per_call = 100
+  c.log_steps = 500
+  c.eval_steps = 2000
+  c.checkpoint_steps = 2000
+
+  c.transfer = ml_collections.ConfigDict()
+  c.transfer.target_tasks = 20
+  c.transfer.target_seed = 1
+  c.transfer.shots = (5, 10)        # K train points per new task
+  c.transfer.strategies = transfer.STRATEGIES
+  c.transfer.finetune_lr = 1e-2
+  c.transfer.record_steps = 20      # query MSE after each of these steps
+  c.transfer.probe_steps = 10       # lp_ft's linear-probe steps (out of record_steps)
+  c.transfer.batch_mult = 4         # examples per step = batch_mult * K (i.i.d. draws)
+  if arg == "quick":
+    c.data.builder_config = "t30_n50_m50_s0"
+    c.sampling.tasks_per_step = 10
+    c.total_steps = 800
+    c.log_steps = 400
+    c.eval_steps = 800
+    c.checkpoint_steps = 800
+    c.transfer.target_tasks = 8
+    c.transfer.record_steps = 10
+    c.transfer.probe_steps = 5
+  elif arg:
+    raise ValueError(f"transfer_sinusoids config: unknown variant {arg!r}; use '' or "
+                     "'quick'.")
+  return c

@@ -1,0 +1,122 @@
+"""The transfer_sinusoids experiment (see experiments/configs/transfer_sinusoids.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from mtljax import optim
+from mtljax import train
+from mtljax import transfer
+
+logger = logging.getLogger("mtljax")
+
+
+def target_config(config, k: int) -> ml_collections.ConfigDict:
+  t = config.transfer
+  c = ml_collections.ConfigDict(config.to_dict())
+  del c["transfer"], c["experiment"]
+  c.data.builder_config = f"t{t.target_tasks}_n{k}_m100_s{t.target_seed}"
+  c.model.arch, c.model.heads = "independent", "per_task"
+  c.sampling.tasks_per_step = 0  # every new task, every step
+  c.sampling.examples_per_task = t.batch_mult * k
+  c.optim.lr = t.finetune_lr
+  c.total_steps = t.record_steps
+  c.steps_per_call = c.log_steps = c.eval_steps = c.checkpoint_steps = 1
+  return c
+
+
+def mse_curve(config, steps: int, init_state=None) -> tuple[list[float], dict]:
+  """Test MSE (mean over tasks) before and after each of ``steps`` steps.
+  ``init_state(run) -> state`` replaces the run's initial state."""
+  data = train.data_from_config(config)
+  run = train.build_run(config, data)
+  state = run.state if init_state is None else init_state(run)
+  step = jax.jit(run.train_fn)
+  evaluate = jax.jit(run.eval_fn)
+  train_data, test_data = jax.device_put(data.train), jax.device_put(data.test)
+  curve = []
+  for i in range(steps + 1):
+    metrics = train.eval_metrics(data.taskset, evaluate(state["params"], test_data))
+    curve.append(float(np.mean([m["mse"] for m in metrics.values()])))
+    if i < steps:
+      state, _ = step(state, train_data)
+  return curve, state
+
+
+def strategy_curve(base, strategy: str, source: str, probe_steps: int) -> list:
+  steps = base.total_steps
+  if strategy == "lp_ft":  # probe for probe_steps, then fine-tune everything: one curve
+    probe = transfer.apply_strategy(base, "lp_ft", source=source)
+    head, probe_state = mse_curve(probe, probe_steps)
+    ft = transfer.apply_strategy(base, "full_ft", source=source)
+    params = probe_state["params"]
+
+    def from_probe(run):  # the probed head and body, fresh optimizer state
+      return {**run.state, "params": params,
+              "opt_state": optim.init_state(run.tx, params, train.task_rows(run.model))}
+    tail, _ = mse_curve(ft, steps - probe_steps, from_probe)
+    return head + tail[1:]
+  c = transfer.apply_strategy(base, strategy, source=source,
+                              unfreeze_every=max(1, steps // 4))
+  curve, _ = mse_curve(c, steps)
+  return curve
+
+
+def run(config, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  t = config.transfer
+  unknown = sorted(set(t.strategies) - set(transfer.STRATEGIES))
+  if unknown:
+    raise ValueError(f"config.transfer.strategies: unknown {unknown}; strategies are "
+                     f"{transfer.STRATEGIES}.")
+  if not 0 < t.probe_steps < t.record_steps:
+    raise ValueError("config.transfer.probe_steps must be in (0, record_steps).")
+  pre_config = ml_collections.ConfigDict(config.to_dict())
+  del pre_config["transfer"], pre_config["experiment"]
+  pre_dir = os.path.join(workdir, "pretrain")
+  pre = train.train_and_evaluate(pre_config, pre_dir)
+  results = {}
+  for k in t.shots:
+    base = target_config(config, k)
+    results[str(k)] = {}
+    for strategy in t.strategies:
+      b = ml_collections.ConfigDict(base.to_dict())
+      if strategy == "scratch":
+        b.optim.lr = config.optim.lr * 10  # from scratch: no reason to be gentle
+      curve = strategy_curve(b, strategy, pre_dir, t.probe_steps)
+      results[str(k)][strategy] = curve
+      logger.info("K=%d %s: test MSE %.3f -> %.3f after %d steps", k, strategy, curve[0],
+                  curve[-1], len(curve) - 1)
+  summary = {"results": results,
+             "metric": "test MSE over the new tasks, original units (lower is better), "
+                       "after 0, 1, ... fine-tuning steps",
+             "pretrain": {"mean_mse": float(np.mean([m["mse"] for m in pre["tasks"].values()]))},
+             "config": config.to_dict()}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  _plot(results, os.path.join(workdir, "transfer_sinusoids.png"))
+  return summary
+
+
+def _plot(results: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+  for ax, (k, by_strategy) in zip(axes[0], results.items()):
+    for strategy, curve in by_strategy.items():
+      ax.plot(range(len(curve)), curve, marker=".", label=strategy)
+    ax.set_title(f"K = {k}")
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("query MSE")
+    ax.set_yscale("log")
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
