@@ -318,3 +318,21 @@ def test_transfer_sinusoids_records_a_curve_per_strategy_and_k(tmp_path):
   assert curves["linear_probe"][0] == curves["lp_ft"][0]
   np.testing.assert_allclose(curves["linear_probe"][:4], curves["lp_ft"][:4], rtol=1e-6)
   assert (tmp_path / "transfer_sinusoids.png").stat().st_size > 0
+
+
+def test_weight_decay_multiplier_per_group_matches_optax_adamw():
+  """Group A: wd x0 (plain Adam); group B: wd x2 -- each equal to optax.adamw
+  with that decay on the same gradients."""
+  data, model = _model()
+  lr, wd = 1e-2, 0.1
+  tx = _ruled("trunk/layer_0/:wd_mult=0;.*:wd_mult=2", name="adamw", lr=lr,
+              weight_decay=wd)
+  hist = _steps(model, data, tx, 1, seed=4)
+  plain = _steps(model, data, optax.sgd(1.0), 1, seed=4)
+  p0 = hist[0]["params"]
+  grad = _named(jax.tree.map(lambda a, b: a - b, p0, plain[1]["params"]))
+  for name, p in _named(p0).items():
+    decay = 0.0 if "trunk/layer_0/" in name else 2 * wd
+    ref = optax.adamw(lr, weight_decay=decay)
+    u, _ = ref.update(grad[name], ref.init(p), p)
+    np.testing.assert_allclose(_named(hist[1]["params"])[name], p + u, rtol=1e-5, atol=1e-6)
