@@ -124,7 +124,9 @@ def model_from_config(config, taskset, input_shape) -> multitask.Model:
   m = config.model
   return multitask.make_model(
       m.arch, taskset, input_shape, encoder=m.encoder, hidden=tuple(m.hidden),
-      channels=tuple(m.channels), cond_layers=tuple(m.cond_layers), heads=m.heads)
+      channels=tuple(m.channels), cond_layers=tuple(m.cond_layers), heads=m.heads,
+      soft_lambda=m.soft_lambda, soft_norm=m.soft_norm, soft_layers=m.soft_layers,
+      stitch_init=m.stitch_init, num_experts=m.num_experts, tower=tuple(m.tower))
 
 
 def objective_kwargs_from_config(config) -> dict:
@@ -502,8 +504,15 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     x, ys = sampling.gather_batch(data, ts_arrays, task_ids, idx)
     total, losses, grads, extra, obj_state = grads_fn(
         state["params"], state["objective_state"], x, ys, task_ids, r_method)
-    if penalty is not None:
-      pen, pen_grads = jax.value_and_grad(penalty)(state["params"], state["anchor"])
+    if penalty is not None or model.penalty is not None:
+      def total_penalty(params):
+        out = jnp.zeros((), jnp.float32)
+        if model.penalty is not None:  # the architecture's (soft sharing)
+          out = out + model.penalty(params)
+        if penalty is not None:        # the run's (L2-SP)
+          out = out + penalty(params, state["anchor"])
+        return out
+      pen, pen_grads = jax.value_and_grad(total_penalty)(state["params"])
       total = total + pen
       grads = jax.tree.map(jnp.add, grads, pen_grads)
       extra = {**extra, "penalty": pen}

@@ -17,12 +17,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.label_keys = ()        # catalog data sets only; () = all class labels
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "multi_head"   # independent|multi_head|concat|additive|multiplicative
+  c.model.arch = "multi_head"   # independent|multi_head|concat|additive|multiplicative|
+                                # soft|cross_stitch|mmoe|omoe|shared_bottom
   c.model.encoder = "mlp"       # mlp|cnn
   c.model.hidden = (128, 128)
   c.model.channels = (16, 32)   # cnn only
   c.model.cond_layers = (0,)    # dense layers conditioned on z (conditioned archs)
   c.model.heads = "auto"        # auto|per_task|shared
+  c.model.soft_lambda = 0.0     # soft: lambda of sum_{t<t'} ||theta^t - theta^t'||
+  c.model.soft_norm = "squared"  # soft: squared|l2
+  c.model.soft_layers = ""      # soft: regex over trunk/<layer>/ paths ("" = all)
+  c.model.stitch_init = 0.9     # cross_stitch: alpha's diagonal at init (1 = identity)
+  c.model.num_experts = 8       # mmoe|omoe
+  c.model.tower = (8,)          # mmoe|omoe|shared_bottom: per-task tower widths
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.tasks_per_step = 0  # K; 0 = all tasks
