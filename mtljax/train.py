@@ -36,6 +36,7 @@ import optax
 
 from mtljax import checkpoint as ckpt_lib
 from mtljax import gradients
+from mtljax import measure
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
@@ -97,6 +98,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optim.unfreeze_every < 0:
     raise ValueError(f"config.optim.unfreeze_every must be >= 0, got "
                      f"{config.optim.unfreeze_every}.")
+  if config.tag_lr < 0 or config.tag_groups < 1:
+    raise ValueError(f"config.tag_lr must be >= 0 and config.tag_groups >= 1, got "
+                     f"{config.tag_lr}, {config.tag_groups}.")
   if config.l2sp_alpha < 0 or config.l2sp_beta < 0:
     raise ValueError("config.l2sp_alpha and config.l2sp_beta must be >= 0.")
   if config.init_from and not os.path.isdir(config.init_from):
@@ -270,8 +274,8 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
                     weights: np.ndarray, tasks_per_step: int, examples_per_task: int,
                     replace: bool = False, steps_per_call: int = 1, seed: int = 0,
                     objective: str = "fixed", objective_kwargs: dict | None = None,
-                    shared_inputs: bool = False, penalty: Callable | None = None
-                    ) -> Callable:
+                    shared_inputs: bool = False, penalty: Callable | None = None,
+                    tag_lr: float = 0.0) -> Callable:
   """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
 
   ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
@@ -284,6 +288,8 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
   ``penalty(params, anchor) -> scalar`` (e.g. :func:`mtljax.transfer.l2sp_penalty`)
   is added to the objective and its gradient to every method's update; the
   state must then hold ``"anchor"`` (:func:`init_train_state`).
+  ``tag_lr > 0`` adds TAG's lookahead task affinity (:mod:`mtljax.measure`):
+  measurements ``tag_sum [T, T]`` / ``tag_count [T, T]`` (source task i, target j).
 
   Measurements (summed over the ``steps_per_call`` steps): ``loss``, and per
   task ``task_loss_sum [T]`` / ``task_count [T]`` over the slots it filled.
@@ -465,6 +471,21 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     extra = {"objective_lambda_sum": w_gn, "gradnorm_loss": l_grad}
     return total, losses, grads, extra, new_state
 
+  def tag_measure(params, x, ys, task_ids, losses):
+    def slot_grad(x_k, ys_k, t_k):
+      def f(shared):
+        return slot_losses(model, {"shared": shared, "tasks": params["tasks"]}, x_k[None],
+                           jax.tree.map(lambda y: y[None], ys_k), t_k[None])[0]
+      return jax.grad(f)(params["shared"])
+    g = jax.vmap(slot_grad)(x, ys, task_ids)
+    z = measure.lookahead_affinity(
+        lambda sh: slot_losses(model, {"shared": sh, "tasks": params["tasks"]}, x, ys,
+                               task_ids),
+        params["shared"], g, tag_lr, jax.lax.stop_gradient(losses))
+    pair = (task_ids[:, None], task_ids[None, :])
+    return {"tag_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(z),
+            "tag_count": jnp.zeros((num_tasks, num_tasks)).at[pair].add(1.0)}
+
   if objective == "mgda_ub":
     grads_fn = representation_grads
   elif combiner is not None:
@@ -487,6 +508,10 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
       raise ValueError(
           f"The train state was not initialised for objective {objective!r}: pass "
           f"objective={objective!r} (and the same objective_kwargs) to init_train_state.")
+    if tag_lr > 0 and not jax.tree.leaves(state["params"]["shared"]):
+      raise ValueError(f"config.tag_lr > 0 measures how one task's step on the shared "
+                       f"parameters moves the others' losses; arch {model.arch!r} has no "
+                       "shared parameters.")
     if ((combiner is not None or objective == "gradnorm")
         and not jax.tree.leaves(state["params"]["shared"])):
       raise ValueError(
@@ -504,6 +529,8 @@ def make_train_step(model: multitask.Model, tx, *, task_probs: np.ndarray,
     x, ys = sampling.gather_batch(data, ts_arrays, task_ids, idx)
     total, losses, grads, extra, obj_state = grads_fn(
         state["params"], state["objective_state"], x, ys, task_ids, r_method)
+    if tag_lr > 0:
+      extra = {**extra, **tag_measure(state["params"], x, ys, task_ids, losses)}
     if penalty is not None or model.penalty is not None:
       def total_penalty(params):
         out = jnp.zeros((), jnp.float32)
@@ -734,7 +761,7 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
       examples_per_task=config.sampling.examples_per_task,
       replace=config.sampling.replace, steps_per_call=steps_per_call, seed=config.seed,
       objective=config.objective.method, objective_kwargs=objective_kwargs,
-      shared_inputs=config.sampling.shared_inputs, penalty=penalty)
+      shared_inputs=config.sampling.shared_inputs, penalty=penalty, tag_lr=config.tag_lr)
   eval_fn = make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
                            num_examples=data.split(eval_split)["x"].shape[1],
                            batch_size=config.eval_batch_size)
@@ -780,6 +807,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_step = jax.jit(train_fn, donate_argnums=(0,))
   eval_step = jax.jit(eval_fn)
+  train_eval_step = None
+  if config.eval_train:  # train-split metrics at eval steps: overfitting, shown
+    train_eval_step = jax.jit(make_eval_step(
+        model, label_mean=data.label_mean, label_std=data.label_std,
+        num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size))
+  tag_sum = tag_count = None
 
   # --- Loop -------------------------------------------------------------------
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -792,6 +825,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step += steps_per_call
     for cb in callbacks:
       cb(step, meas)
+    if "tag_sum" in meas:  # affinity accumulates over every step of this process
+      got = jax.device_get((meas["tag_sum"], meas["tag_count"]))
+      tag_sum = got[0] if tag_sum is None else tag_sum + got[0]
+      tag_count = got[1] if tag_count is None else tag_count + got[1]
     record = None
     if step % config.log_steps == 0 or step == total:
       meas = jax.device_get(meas)
@@ -810,6 +847,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for tname, ms in last_eval.items():
         for mname, v in ms.items():
           record[f"eval/{tname}/{mname}"] = v
+      if train_eval_step is not None:
+        last_train_eval = eval_metrics(ts, train_eval_step(state["params"], train_data))
+        for tname, ms in last_train_eval.items():
+          for mname, v in ms.items():
+            record[f"train_eval/{tname}/{mname}"] = v
     if record is not None:
       _write_jsonl(metrics_path, record)
     if step % config.checkpoint_steps == 0 or step == total:
@@ -830,11 +872,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       "init_from": init_report,
       "config": config.to_dict(),
   }
+  if train_eval_step is not None:
+    summary["train_metrics"] = eval_metrics(ts, train_eval_step(state["params"], train_data))
+  if tag_sum is not None:
+    affinity = np.where(tag_count > 0, tag_sum / np.maximum(tag_count, 1), np.nan)
+    summary["affinity"] = {
+        "tasks": list(ts.names), "lookahead_lr": config.tag_lr,
+        "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in affinity],
+        "definition": "Z[i][j] = 1 - L_j(after a step on task i's gradient) / L_j, "
+                      "averaged over the steps of this process (Fifty et al. 2021)"}
+    if not np.isnan(affinity).any() and 1 <= config.tag_groups <= len(ts):
+      summary["affinity"]["grouping"] = measure.group_tasks(affinity, config.tag_groups,
+                                                            ts.names)
+    _plot_affinity(affinity, ts.names, os.path.join(workdir, "affinity.png"))
+  if config.baselines:
+    base = measure.single_task_baselines(config)
+    dm, per_task = measure.delta_m(last_eval, base)
+    summary["delta_m"] = {"value": dm, "per_task": per_task, "baselines": base,
+                          "convention": measure.DELTA_M_CONVENTION}
+    logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2, default=str)
   manager.close()
   logger.info("Final test metrics:\n%s", format_table(last_eval))
   return summary
+
+
+def _plot_affinity(affinity, names, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(names), 0.8 + 0.5 * len(names)))
+  lim = np.nanmax(np.abs(affinity)) or 1.0
+  im = ax.imshow(affinity, cmap="RdBu", vmin=-lim, vmax=lim)
+  ax.set_xticks(range(len(names)), names, rotation=90)
+  ax.set_yticks(range(len(names)), names)
+  ax.set_xlabel("target task j")
+  ax.set_ylabel("source task i (lookahead step)")
+  fig.colorbar(im)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

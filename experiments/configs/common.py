@@ -82,6 +82,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.l2sp_alpha = 0.0             # L2-SP: alpha/2 ||w - w0||^2 on loaded parameters
   c.l2sp_beta = 0.0              # L2-SP: beta/2 ||w||^2 on fresh parameters
 
+  # Measuring transfer (mtljax/measure.py).
+  c.baselines = False     # train (or read cached) single-task baselines; report Delta_m
+  c.baselines_cache = ""  # "" -> $MTLJAX_CACHE_DIR or ~/.cache/mtljax
+  c.tag_lr = 0.0          # > 0: TAG lookahead affinity with this SGD step size
+  c.tag_groups = 2        # tasks grouped by affinity into this many groups
+  c.eval_train = False    # also evaluate the train split at eval steps (overfitting)
+
   # k-fold cross-validation on the train split (mtljax/cv.py); folds = 0: off.
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 0

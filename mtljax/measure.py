@@ -1,0 +1,212 @@
+"""Measuring transfer between tasks: single-task baselines, Δm, task affinity.
+
+**Single-task baselines** (:func:`single_task_baselines`): one ``independent``
+run of the same data, encoder, widths, optimizer, examples per task and number
+of steps, with every task in every step -- which is exactly T separate
+single-task trainings (tested in ``tests/test_train.py``), compiled once.
+Each task's model gets ``total_steps`` updates. Results are cached by a hash of
+everything that determines them, under ``config.baselines_cache`` (default
+``$MTLJAX_CACHE_DIR`` or ``~/.cache/mtljax``)``/baselines/<hash>/``.
+
+**Δm** (:func:`delta_m`, Maninis et al. 2019; the form LibMTL reports)::
+
+    Δm% = 100 / T  sum_t  1/|M_t|  sum_{m in M_t}  s_m (M_{t,m} - B_{t,m}) / B_{t,m}
+
+with ``s_m = +1`` for a higher-is-better metric and ``-1`` for a lower-is-better
+one (:data:`mtljax.tasks.METRIC_DIRECTIONS`), over each task's metrics except
+the normalised ``loss``. **Positive Δm means better than the single-task
+baselines**; the per-task terms are reported with the same sign convention.
+
+**Task affinity by lookahead** (TAG, Fifty et al. 2021) is computed inside the
+train step when ``config.tag_lr > 0`` (:func:`lookahead_affinity`): for the
+sampled slots, ``Z_{i->j} = 1 - L_j(theta^sh - eta g_i) / L_j(theta^sh)`` with
+``g_i`` slot i's gradient of the shared parameters and ``L_j`` slot j's loss on
+its own batch; averaged over steps per task pair. :func:`group_tasks` then
+partitions the tasks into k groups maximising the summed within-group affinity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mtljax import tasks as tasks_lib
+
+logger = logging.getLogger("mtljax")
+
+DELTA_M_CONVENTION = ("Delta_m% = 100/T sum_t mean_m s_m (M - B)/B over each task's "
+                      "metrics except loss, s_m = +1 if higher is better else -1: "
+                      "positive = better than the single-task baselines")
+
+
+def delta_m(metrics: dict, baseline: dict,
+            directions: dict[str, str] | None = None) -> tuple[float, dict]:
+  """``(Δm%, {task: {metric: signed relative change %}})`` (module docstring)."""
+  directions = directions or tasks_lib.METRIC_DIRECTIONS
+  if not metrics:
+    raise ValueError("delta_m: no tasks.")
+  per_task, terms = {}, []
+  for task, ms in metrics.items():
+    if task not in baseline:
+      raise ValueError(f"delta_m: no baseline for task {task!r}.")
+    names = [m for m in ms if m != "loss"]
+    if not names:
+      raise ValueError(f"delta_m: task {task!r} has no metric besides loss.")
+    per_task[task] = {}
+    for m in names:
+      if m not in directions:
+        raise ValueError(f"delta_m: metric {m!r} of task {task!r} declares no direction.")
+      b = baseline[task][m]
+      if b == 0:
+        raise ValueError(f"delta_m: baseline {m} of task {task!r} is 0; relative change "
+                         "undefined.")
+      sign = 1.0 if directions[m] == "higher" else -1.0
+      per_task[task][m] = 100.0 * sign * (ms[m] - b) / abs(b)
+    terms.append(np.mean(list(per_task[task].values())))
+  return float(np.mean(terms)), per_task
+
+
+# ----------------------------------------------------------------------------
+# Single-task baselines.
+# ----------------------------------------------------------------------------
+
+
+_BASELINE_KEYS = ("seed", "data", "model.encoder", "model.hidden", "model.channels",
+                  "sampling.examples_per_task", "optim", "total_steps", "eval_batch_size")
+
+
+def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The single-task baselines' run: ``independent``, every task every step,
+  equal weights, no objective method, no penalties, no transfer."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.arch = "independent"
+  c.model.heads = "auto"
+  c.sampling.tasks_per_step = 0
+  c.sampling.task_sampler = "uniform"
+  c.sampling.replace = False
+  c.sampling.shared_inputs = False
+  c.objective.method = "fixed"
+  c.objective.weights = ml_collections.ConfigDict()
+  c.init_from = ""
+  c.l2sp_alpha = c.l2sp_beta = 0.0
+  for key in ("baselines", "tag_lr", "eval_train"):
+    if key in c:
+      c[key] = type(c[key])(0)
+  if "cv" in c:
+    c.cv.folds = 0
+  return c
+
+
+def _cache_key(config) -> str:
+  c = baseline_config(config).to_dict()
+  picked = {}
+  for key in _BASELINE_KEYS:
+    node = c
+    for part in key.split("."):
+      node = node[part]
+    picked[key] = node
+  blob = json.dumps(picked, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_root(config) -> str:
+  root = config.get("baselines_cache", "") or os.environ.get("MTLJAX_CACHE_DIR") or \
+      os.path.join(os.path.expanduser("~"), ".cache", "mtljax")
+  return os.path.join(root, "baselines")
+
+
+def single_task_baselines(config, train_fn: Callable | None = None) -> dict:
+  """``{task: {metric: value}}`` of the single-task baselines, trained once and
+  then read from the cache. ``train_fn(config, workdir) -> summary`` defaults
+  to :func:`mtljax.train.train_and_evaluate`."""
+  if train_fn is None:
+    from mtljax import train  # pylint: disable=g-import-not-at-top
+    train_fn = train.train_and_evaluate
+  key = _cache_key(config)
+  workdir = os.path.join(cache_root(config), key)
+  path = os.path.join(workdir, "summary.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+    if summary.get("step") == config.total_steps:
+      logger.info("Single-task baselines from the cache %s.", workdir)
+      return summary["tasks"]
+  logger.info("Training single-task baselines (independent, %d steps) into %s.",
+              config.total_steps, workdir)
+  return train_fn(baseline_config(config), workdir)["tasks"]
+
+
+# ----------------------------------------------------------------------------
+# Task affinity (TAG).
+# ----------------------------------------------------------------------------
+
+
+def lookahead_affinity(loss_of_slots: Callable, shared, slot_grads, eta: float,
+                       losses: jax.Array) -> jax.Array:
+  """``Z [K, K]``, ``Z[i, j] = 1 - L_j(shared - eta g_i) / L_j(shared)``.
+
+  ``loss_of_slots(shared) -> [K]`` evaluates every slot's loss on its batch
+  with the given shared parameters; ``slot_grads`` has a leading slot axis;
+  ``losses [K]`` are the losses at ``shared``.
+  """
+  def after(g_i):
+    return loss_of_slots(jax.tree.map(lambda p, g: p - eta * g, shared, g_i))
+  looked = jax.vmap(after)(slot_grads)                                   # [K, K]
+  return 1.0 - looked / jnp.maximum(losses[None, :], 1e-12)
+
+
+def group_tasks(affinity: np.ndarray, k: int, names=None) -> dict:
+  """The partition of the tasks into ``k`` non-empty groups maximising the
+  summed within-group affinity ``sum_g sum_{i != j in g} Z[i, j]`` (exhaustive
+  for up to 10 tasks, greedy agglomeration beyond)."""
+  z = np.asarray(affinity, np.float64)
+  t = z.shape[0]
+  if not 1 <= k <= t:
+    raise ValueError(f"group_tasks: k={k} must be in [1, {t}].")
+  names = list(names) if names is not None else list(range(t))
+  sym = z + z.T
+
+  def score(labels):
+    return sum(sym[i, j] for i in range(t) for j in range(i + 1, t)
+               if labels[i] == labels[j])
+
+  best = None
+  if t <= 10:
+    # Restricted growth strings enumerate every partition into exactly k blocks.
+    def partitions(i, labels, used):
+      if i == t:
+        if used == k:
+          yield tuple(labels)
+        return
+      for b in range(min(used + 1, k)):
+        if t - i - 1 < k - max(used, b + 1):
+          continue
+        labels.append(b)
+        yield from partitions(i + 1, labels, max(used, b + 1))
+        labels.pop()
+    for labels in partitions(0, [], 0):
+      s = score(labels)
+      if best is None or s > best[0]:
+        best = (s, labels)
+  else:
+    groups = [[i] for i in range(t)]
+    while len(groups) > k:
+      a, b = max(itertools.combinations(range(len(groups)), 2),
+                 key=lambda ab: sum(sym[i, j] for i in groups[ab[0]] for j in groups[ab[1]]))
+      groups[a] += groups.pop(b)
+    labels = [0] * t
+    for gi, g in enumerate(groups):
+      for i in g:
+        labels[i] = gi
+    best = (score(labels), tuple(labels))
+  groups = [[names[i] for i in range(t) if best[1][i] == g] for g in range(k)]
+  return {"groups": groups, "score": float(best[0])}

@@ -1,0 +1,126 @@
+"""Measuring transfer: Δm on a hand-made table, cached single-task baselines,
+TAG lookahead affinity on identical and opposite tasks, task grouping."""
+
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import common
+from mtljax import measure
+from mtljax import tasks
+from mtljax import train
+from mtljax.data import loading
+from mtljax.data import sampling
+from mtljax.models import multitask
+
+
+def test_delta_m_on_a_hand_made_table_with_a_lower_is_better_metric():
+  metrics = {"a": {"loss": 0.1, "accuracy": 0.9},
+             "b": {"loss": 0.5, "mse": 2.0, "mae": 1.0}}
+  base = {"a": {"loss": 9.0, "accuracy": 0.8},
+          "b": {"loss": 9.0, "mse": 2.5, "mae": 0.8}}
+  dm, per_task = measure.delta_m(metrics, base)
+  # a: accuracy up 12.5% (better); b: mse down 20% (better), mae up 25% (worse).
+  assert per_task["a"] == pytest.approx({"accuracy": 12.5})
+  assert per_task["b"] == pytest.approx({"mse": 20.0, "mae": -25.0})
+  assert dm == pytest.approx((12.5 + (20.0 - 25.0) / 2) / 2)
+  with pytest.raises(ValueError, match="no baseline for task 'c'"):
+    measure.delta_m({"c": {"accuracy": 1.0}}, base)
+
+
+def _small_config(tmp_path):
+  c = common.base_config()
+  c.data.name = "mmoe_synthetic"
+  c.data.builder_config = "p0.9_n300_m100_s0"
+  c.model.hidden = (16,)
+  c.total_steps = c.log_steps = c.eval_steps = c.checkpoint_steps = 50
+  c.baselines_cache = str(tmp_path / "cache")
+  return c
+
+
+def test_baselines_are_trained_once_then_cached_and_delta_m_reported(tmp_path):
+  c = _small_config(tmp_path)
+  c.baselines = True
+  c.eval_train = True
+  calls = []
+
+  def counting_train(config, workdir):
+    calls.append(config.model.arch)
+    return train.train_and_evaluate(config, workdir)
+  base = measure.single_task_baselines(c, counting_train)
+  again = measure.single_task_baselines(c, counting_train)
+  assert calls == ["independent"] and again == base
+  # Another budget is another cache entry.
+  c2 = _small_config(tmp_path)
+  c2.total_steps = c2.log_steps = c2.eval_steps = c2.checkpoint_steps = 25
+  measure.single_task_baselines(c2, counting_train)
+  assert len(calls) == 2
+  out = train.train_and_evaluate(c, str(tmp_path / "run"))
+  dm, per_task = measure.delta_m(out["tasks"], base)
+  assert out["delta_m"]["value"] == pytest.approx(dm)
+  for task, terms in per_task.items():
+    assert out["delta_m"]["per_task"][task] == pytest.approx(terms)
+  assert "positive = better" in out["delta_m"]["convention"]
+  assert set(out["train_metrics"]) == {"y1", "y2"}  # eval_train: the train split too
+  last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert "train_eval/y1/mse" in last and "eval/y1/mse" in last
+
+
+def _two_tasks(sign):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(200, 4)).astype(np.float32)
+  y = (x @ np.array([1.0, -2.0, 0.5, 3.0])).astype(np.float32)
+  spec = loading.DataSpec("x", (loading.TaskColumn(tasks.Task("a", "regression"), "a"),
+                                loading.TaskColumn(tasks.Task("b", "regression"), "b")))
+  split = {"x": x, "a": y, "b": sign * y}
+  return loading.build_task_data("pair", spec, {"train": split, "test": split})
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_tag_affinity_identical_tasks_positive_symmetric_opposite_negative(sign):
+  data = _two_tasks(sign)
+  # One shared network and head, one batch for both: identical tasks are the same
+  # function of the same examples.
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,),
+                               heads="shared")
+  tx = optax.sgd(1e-3)
+  fn = jax.jit(train.make_train_step(
+      model, tx, task_probs=np.full(2, 0.5), weights=np.ones(2), tasks_per_step=2,
+      examples_per_task=32, shared_inputs=True, tag_lr=0.05, steps_per_call=5))
+  state = train.init_train_state(model, tx, jax.random.key(0))
+  state, meas = fn(state, data.train)
+  z = np.asarray(meas["tag_sum"]) / np.asarray(meas["tag_count"])
+  if sign > 0:
+    assert z[0, 1] > 0 and z[1, 0] > 0
+    np.testing.assert_allclose(z[0, 1], z[1, 0], rtol=1e-6)
+    np.testing.assert_allclose(z[0, 1], z[0, 0], rtol=1e-6)
+  else:
+    assert z[0, 1] < 0 and z[1, 0] < 0
+    assert z[0, 0] > 0 and z[1, 1] > 0
+
+
+def test_tag_needs_shared_parameters():
+  data = _two_tasks(1.0)
+  model = multitask.make_model("independent", data.taskset, data.input_shape, hidden=(8,))
+  tx = optax.sgd(1e-3)
+  fn = train.make_train_step(model, tx, task_probs=np.full(2, 0.5), weights=np.ones(2),
+                             tasks_per_step=2, examples_per_task=4, tag_lr=0.1)
+  with pytest.raises(ValueError, match="arch 'independent' has no shared parameters"):
+    fn(train.init_train_state(model, tx, jax.random.key(0)), data.train)
+
+
+def test_group_tasks_finds_the_affine_blocks():
+  z = np.full((5, 5), -0.2)
+  for block in ([0, 2], [1, 3, 4]):
+    for i in block:
+      for j in block:
+        z[i, j] = 0.5
+  out = measure.group_tasks(z, 2, list("abcde"))
+  assert sorted(map(sorted, out["groups"])) == [["a", "c"], ["b", "d", "e"]]
+  assert measure.group_tasks(z, 1)["groups"] == [[0, 1, 2, 3, 4]]
+  big = np.kron(np.eye(3), np.ones((4, 4))) - 0.5  # 12 tasks: the greedy path
+  groups = measure.group_tasks(big, 3)["groups"]
+  assert sorted(map(sorted, groups)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
