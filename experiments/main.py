@@ -42,6 +42,15 @@ def main(argv):
   elif experiment == "transfer_digits":
     from experiments import transfer_digits  # pylint: disable=g-import-not-at-top
     transfer_digits.run(_CONFIG.value, _WORKDIR.value)
+  elif experiment == "multi_digits_archs":
+    from experiments import multi_digits_archs  # pylint: disable=g-import-not-at-top
+    multi_digits_archs.run(_CONFIG.value, _WORKDIR.value)
+  elif experiment == "mmoe_sweep":
+    from experiments import mmoe_sweep  # pylint: disable=g-import-not-at-top
+    mmoe_sweep.run(_CONFIG.value, _WORKDIR.value)
+  elif experiment == "exam":
+    from experiments import exam  # pylint: disable=g-import-not-at-top
+    exam.run(_CONFIG.value, _WORKDIR.value)
   elif experiment == "transfer_sinusoids":
     from experiments import transfer_sinusoids  # pylint: disable=g-import-not-at-top
     transfer_sinusoids.run(_CONFIG.value, _WORKDIR.value)

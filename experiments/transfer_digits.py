@@ -8,6 +8,7 @@ import os
 
 import ml_collections
 
+from mtljax import plotting
 from mtljax import train
 from mtljax import transfer
 
@@ -85,17 +86,11 @@ def run(config, workdir: str) -> dict:
 
 
 def _plot(results: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for strategy, by_shots in results.items():
-    keys = list(by_shots)
-    ax.plot(range(len(keys)), [by_shots[k] for k in keys], marker="o", label=strategy)
-    ax.set_xticks(range(len(keys)), keys)
-  ax.set_xlabel("train images per class")
-  ax.set_ylabel("test accuracy (digits 5-9)")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  with plotting.figure(path, figsize=(6, 4)) as (_, ax):
+    for strategy, by_shots in results.items():
+      keys = list(by_shots)
+      ax.plot(range(len(keys)), [by_shots[k] for k in keys], marker="o", label=strategy)
+      ax.set_xticks(range(len(keys)), keys)
+    ax.set_xlabel("train images per class")
+    ax.set_ylabel("test accuracy (digits 5-9)")
+    ax.legend(fontsize=7)

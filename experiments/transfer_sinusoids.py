@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from mtljax import optim
+from mtljax import plotting
 from mtljax import train
 from mtljax import transfer
 
@@ -105,18 +106,14 @@ def run(config, workdir: str) -> dict:
 
 
 def _plot(results: dict, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-  for ax, (k, by_strategy) in zip(axes[0], results.items()):
-    for strategy, curve in by_strategy.items():
-      ax.plot(range(len(curve)), curve, marker=".", label=strategy)
-    ax.set_title(f"K = {k}")
-    ax.set_xlabel("fine-tuning steps")
-    ax.set_ylabel("query MSE")
-    ax.set_yscale("log")
-  axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  n = len(results)
+  with plotting.figure(path, ncols=n, figsize=(5 * n, 4)) as (_, axes):
+    axes = axes if n > 1 else [axes]
+    for ax, (k, by_strategy) in zip(axes, results.items()):
+      for strategy, curve in by_strategy.items():
+        ax.plot(range(len(curve)), curve, marker=".", label=strategy)
+      ax.set_title(f"K = {k}")
+      ax.set_xlabel("fine-tuning steps")
+      ax.set_ylabel("query MSE")
+      ax.set_yscale("log")
+    axes[0].legend(fontsize=7)

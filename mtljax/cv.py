@@ -56,10 +56,13 @@ logger = logging.getLogger("mtljax")
 
 def fold_assignment(n: int, k: int, seed: int, source: int) -> np.ndarray:
   """``[n]`` fold id of each example: a seeded permutation dealt round-robin,
-  so fold sizes differ by at most one."""
-  if not 2 <= k <= n:
-    raise ValueError(f"config.cv.folds={k} must be in [2, {n}] (the smallest task has "
-                     f"{n} training examples).")
+  so fold sizes differ by at most one. A source with fewer than ``k`` examples
+  is never held out (fold id -1): its tasks train on everything in every fold
+  and are not scored (a task needs training data in every fold)."""
+  if k < 2:
+    raise ValueError(f"config.cv.folds={k} must be >= 2.")
+  if n < k:
+    return np.full(n, -1, np.int64)
   perm = np.random.default_rng([seed, source]).permutation(n)
   fold = np.empty(n, np.int64)
   fold[perm] = np.arange(n) % k
@@ -87,6 +90,9 @@ def make_folds(data: loading.MultiTaskData, k: int, seed: int = 0) -> list[tuple
       raise ValueError(f"cross-validation: tasks reading input source {s} have different "
                        "numbers of examples.")
   folds = {s: fold_assignment(sizes[s], k, seed, s) for s in sizes}
+  if all((f < 0).all() for f in folds.values()):
+    raise ValueError(f"config.cv.folds={k}: every task has fewer than {k} training "
+                     "examples; nothing can be held out.")
   # Raw labels (undo the train split's normalisation) per task.
   raw = {}
   for t, task in enumerate(ts):
@@ -169,8 +175,10 @@ def _with_overrides(config, overrides: dict):
   return c
 
 
-def _score(ts: tasks_lib.TaskSet, metrics: dict, metric: str) -> float:
-  vals = [m[metric] for m in metrics.values() if metric in m]
+def _score(ts: tasks_lib.TaskSet, metrics: dict, metric: str, counts) -> float:
+  """Mean of ``metric`` over the tasks that have validation examples."""
+  vals = [metrics[t.name][metric] for i, t in enumerate(ts)
+          if metric in metrics[t.name] and counts[i] > 0]
   if not vals:
     raise ValueError(f"config.cv.metric={metric!r}: no task reports it; metrics are "
                      f"{sorted({k for m in metrics.values() for k in m})}.")
@@ -231,7 +239,8 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
       for f in range(k):
         for g in range(len(lrs)):
           one = jax.tree.map(lambda a: a[f, g], acc)
-          scores[f, g, si] = _score(ts, train.eval_metrics(ts, one), cv.metric)
+          scores[f, g, si] = _score(ts, train.eval_metrics(ts, one), cv.metric,
+                                    one["count"])
     for g, lr in enumerate(lrs):
       for si, st in enumerate(steps):
         points.append({"overrides": overrides, "lr": lr, "steps": st,

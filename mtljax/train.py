@@ -40,6 +40,7 @@ from mtljax import measure
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
+from mtljax import plotting
 from mtljax import schedules
 from mtljax import tasks as tasks_lib
 from mtljax import transfer
@@ -121,7 +122,8 @@ def data_from_config(config) -> loading.MultiTaskData:
   return loading.load(
       d.name, data_dir=d.data_dir or None, builder_config=d.builder_config,
       task_names=tuple(d.tasks), max_train_examples=d.max_train_examples or None,
-      input_key=d.get("input_key", "image"), label_keys=tuple(d.get("label_keys", ())))
+      input_key=d.get("input_key", "image"), label_keys=tuple(d.get("label_keys", ())),
+      normalize_labels=d.get("normalize_labels", True))
 
 
 def model_from_config(config, taskset, input_shape) -> multitask.Model:
@@ -899,20 +901,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _plot_affinity(affinity, names, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(names), 0.8 + 0.5 * len(names)))
-  lim = np.nanmax(np.abs(affinity)) or 1.0
-  im = ax.imshow(affinity, cmap="RdBu", vmin=-lim, vmax=lim)
-  ax.set_xticks(range(len(names)), names, rotation=90)
-  ax.set_yticks(range(len(names)), names)
-  ax.set_xlabel("target task j")
-  ax.set_ylabel("source task i (lookahead step)")
-  fig.colorbar(im)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  size = (2.0 + 0.5 * len(names), 1.5 + 0.5 * len(names))
+  with plotting.figure(path, figsize=size) as (fig, ax):
+    lim = np.nanmax(np.abs(affinity)) or 1.0
+    im = ax.imshow(affinity, cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("target task j")
+    ax.set_ylabel("source task i (lookahead step)")
+    fig.colorbar(im)
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

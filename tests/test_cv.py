@@ -94,7 +94,7 @@ def test_static_grid_compiles_per_value_and_names_bad_fields():
   with pytest.raises(ValueError, match="'optim.depth' is not a config field"):
     cv.cross_validate(c, dataclasses.replace(_data(), test=None))
   c.cv.grid, c.cv.folds = "", 50
-  with pytest.raises(ValueError, match=r"config.cv.folds=50 must be in \[2, 40\]"):
+  with pytest.raises(ValueError, match="every task has fewer than 50 training examples"):
     cv.cross_validate(c, dataclasses.replace(_data(), test=None))
 
 
@@ -121,3 +121,15 @@ def test_select_and_train_reads_the_test_split_only_after_choosing(tmp_path, mon
   assert order == ["cv", "final"]
   assert (tmp_path / "cv.json").exists()
   assert set(out["final"]["tasks"]) == {"y1", "y2"}
+
+
+def test_tasks_too_small_to_split_train_in_every_fold_and_are_not_scored():
+  data = loading.build_task_data("fam", *test_train._family_data([2, 12, 9], [3, 3, 3]))
+  folds = cv.make_folds(data, 3, seed=0)
+  for fold_train, fold_val in folds:
+    assert fold_train["n"][0] == 2 and fold_val["n"][0] == 0  # never held out
+  assert sorted(int(f[1]["n"][1]) for f in folds) == [4, 4, 4]
+  c = _config()
+  c.data.name = "fam"
+  out = cv.cross_validate(c, dataclasses.replace(data, test=None))
+  assert np.all(np.isfinite(out["points"][0]["fold_scores"]))

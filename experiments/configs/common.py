@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_train_examples = 0  # 0 = all; otherwise per task (per source)
   c.data.input_key = "image"    # catalog data sets only
   c.data.label_keys = ()        # catalog data sets only; () = all class labels
+  c.data.normalize_labels = True  # regression labels standardised per task (train stats)
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "multi_head"   # independent|multi_head|concat|additive|multiplicative|

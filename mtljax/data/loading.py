@@ -179,6 +179,7 @@ def _digits_spec(builder_config: str) -> DataSpec:
 
 BUNDLED_SPECS = {
     "digits": _digits_spec,
+    "exam": DataSpec("x", (_reg("school_", "y"),), split_key="school"),
     "multi_digits": DataSpec("image", (_cls("left", "left_label", 10),
                                        _cls("right", "right_label", 10))),
     "mmoe_synthetic": DataSpec("x", (_reg("y1", "y1"), _reg("y2", "y2"))),
@@ -264,8 +265,12 @@ def _check_labels(name, split, task: tasks_lib.Task, y: np.ndarray):
 
 def build_task_data(name: str, spec: DataSpec, arrays: dict[str, dict[str, np.ndarray]],
                     *, task_names: Sequence[str] = (),
-                    max_train_examples: int | None = None) -> MultiTaskData:
-  """Lays out loaded splits as per-task arrays (see module docstring)."""
+                    max_train_examples: int | None = None,
+                    normalize_labels: bool = True) -> MultiTaskData:
+  """Lays out loaded splits as per-task arrays (see module docstring).
+  ``normalize_labels=False`` keeps regression labels as they are (e.g. when they
+  are already on a common scale and per-task statistics would leak per-task
+  information into a pooled model)."""
   per_split_tasks = {}
   for split in SPLITS:
     cols = arrays[split]
@@ -320,7 +325,7 @@ def build_task_data(name: str, spec: DataSpec, arrays: dict[str, dict[str, np.nd
         raise ValueError(f"Data set {name!r}, split {split!r}, task {t.name!r}: "
                          "inputs contain NaN or infinite values.")
       _check_labels(name, split, t, y)
-    if split == "train":
+    if split == "train" and normalize_labels:
       for i, (t, _, y) in enumerate(chosen):
         if t.kind == "regression":
           mean[i] = float(np.mean(y))
@@ -376,7 +381,8 @@ def _layout(taskset, chosen, mean, std):
 
 def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
          task_names: Sequence[str] = (), max_train_examples: int | None = None,
-         input_key: str = "image", label_keys: Sequence[str] = ()) -> MultiTaskData:
+         input_key: str = "image", label_keys: Sequence[str] = (),
+         normalize_labels: bool = True) -> MultiTaskData:
   """Loads a bundled or catalog data set as a :class:`MultiTaskData`."""
   if not name:
     raise ValueError("config.data.name is empty.")
@@ -388,4 +394,5 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
   else:
     spec = catalog_spec(features, input_key, label_keys)
   return build_task_data(name, spec, arrays, task_names=task_names,
-                         max_train_examples=max_train_examples)
+                         max_train_examples=max_train_examples,
+                         normalize_labels=normalize_labels)

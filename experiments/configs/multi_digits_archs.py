@@ -1,0 +1,36 @@
+r"""Every architecture on multi_digits against single-task baselines (Δm%).
+
+    python -m experiments.main --config=experiments/configs/multi_digits_archs.py \
+        --workdir=/tmp/mtljax/multi_digits_archs
+
+The multi_digits setup (CNN encoder, same budget for everyone) with
+``model.arch`` in ``archs``; the single-task baselines (one ``independent``
+run, cached) give each run's Δm% (positive = better than single-task). Every
+run also evaluates its train split at eval steps, so overfitting is shown:
+``archs.png`` plots Δm per architecture and train vs test accuracy per task
+over training. Writes ``summary.json`` ``{"delta_m": {ARCH: value},
+"per_task": {ARCH: {TASK: {METRIC: signed % change}}}, "tasks": {ARCH: test
+metrics}, "baselines": ..., "convention": ...}``. Variant ``:quick``.
+"""
+
+from experiments.configs import multi_digits
+
+
+ARCHS = ("independent", "multi_head", "concat", "additive", "multiplicative", "soft",
+         "cross_stitch", "shared_bottom", "omoe", "mmoe")
+
+
+def get_config(arg: str = ""):
+  if arg not in ("", "quick"):
+    raise ValueError(f"multi_digits_archs config: unknown variant {arg!r}; use '' or "
+                     "'quick'.")
+  c = multi_digits.get_config(arg)
+  c.experiment = "multi_digits_archs"
+  c.archs = ARCHS
+  c.baselines = True
+  c.eval_train = True
+  c.eval_steps = c.log_steps  # train/test curves at every log step
+  c.model.num_experts = 4
+  c.model.tower = (32,)
+  c.model.soft_lambda = 1e-3
+  return c
