@@ -37,8 +37,13 @@ def _first_step_batch(data, probs, *, seed, k, b, shared_inputs=False):
   return task_ids, x, ys, r_method
 
 
-@pytest.mark.parametrize("gram_path", ["jacobian", "accumulate"])
-@pytest.mark.parametrize("method", sorted(gradients.GRADIENT_METHODS))
+# Every method on the default path; the accumulate path (the same Gram matrix by
+# another route) on one method per solver family: simplex, random order, Newton.
+_CASES = ([(m, "jacobian") for m in sorted(gradients.GRADIENT_METHODS)] +
+          [(m, "accumulate") for m in ("mgda", "pcgrad", "nash_mtl")])
+
+
+@pytest.mark.parametrize("method, gram_path", _CASES)
 def test_step_applies_the_method_to_per_task_gradients(method, gram_path):
   data = loading.build_task_data("toy", *test_train._shared_input_data())
   ts = data.taskset
