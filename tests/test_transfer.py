@@ -336,3 +336,26 @@ def test_weight_decay_multiplier_per_group_matches_optax_adamw():
     ref = optax.adamw(lr, weight_decay=decay)
     u, _ = ref.update(grad[name], ref.init(p), p)
     np.testing.assert_allclose(_named(hist[1]["params"])[name], p + u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_partitioned_optimizer_state_resumes_bitwise(tmp_path):
+  """A preempted run with parameter groups and gradual unfreezing (partition,
+  masked and delayed states in the checkpoint) equals an uninterrupted one."""
+  from experiments.configs import multi_digits  # pylint: disable=g-import-not-at-top
+  c = multi_digits.get_config("quick")
+  c.model.encoder, c.model.hidden = "mlp", (32,)
+  c.total_steps, c.checkpoint_steps, c.eval_steps, c.log_steps = 200, 100, 200, 100
+  c.optim.rules = "heads/:lr_mult=2"
+  c.optim.unfreeze_every = 50
+
+  def stop(step, meas):
+    del meas
+    if step >= 150:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path / "a"), callbacks=[stop])
+  resumed = train.train_and_evaluate(c, str(tmp_path / "a"))
+  straight = train.train_and_evaluate(c, str(tmp_path / "b"))
+  assert resumed["resumed_from_step"] == 100
+  assert resumed["tasks"] == straight["tasks"]
