@@ -279,4 +279,9 @@ def select_and_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logger.info("cv best: %s", selection["best"])
   final = train.train_and_evaluate(best_config(config, selection["best"]),
                                    os.path.join(workdir, "final"))
+  summary = {"tasks": final["tasks"], "best": selection["best"],
+             "cv_metric": selection["metric"], "cv_direction": selection["direction"],
+             "final_run": os.path.join(workdir, "final")}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
   return {"cv": selection, "final": final}

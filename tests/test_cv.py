@@ -2,6 +2,7 @@
 the test split never read during selection."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -120,6 +121,8 @@ def test_select_and_train_reads_the_test_split_only_after_choosing(tmp_path, mon
   out = cv.select_and_train(c, str(tmp_path))
   assert order == ["cv", "final"]
   assert (tmp_path / "cv.json").exists()
+  top = json.loads((tmp_path / "summary.json").read_text())
+  assert top["tasks"] == out["final"]["tasks"] and top["best"] == out["cv"]["best"]
   assert set(out["final"]["tasks"]) == {"y1", "y2"}
 
 
