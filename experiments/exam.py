@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import ml_collections
 import numpy as np
 
+from experiments import common
 from mtljax import cv
 from mtljax import plotting
 from mtljax import train
@@ -18,8 +18,7 @@ APPROACHES = ("pooled", "independent", "soft")
 
 
 def approach_config(config, approach: str, seed: int) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(config.to_dict())
-  del c["exam"], c["experiment"]
+  c = common.run_config(config, "exam")
   c.data.builder_config = f"s{seed}"
   c.seed = seed
   if approach == "pooled":
@@ -43,10 +42,7 @@ def held_out_mse(summary: dict, test_counts) -> tuple[float, float]:
 
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  unknown = sorted(set(config.exam.approaches) - set(APPROACHES))
-  if unknown:
-    raise ValueError(f"config.exam.approaches: unknown {unknown}; approaches are "
-                     f"{APPROACHES}.")
+  common.check_names("exam.approaches", config.exam.approaches, APPROACHES)
   results = {a: [] for a in config.exam.approaches}
   by_student = {a: [] for a in config.exam.approaches}
   chosen = []
@@ -70,8 +66,7 @@ def run(config, workdir: str) -> dict:
              "soft_lambda_chosen": chosen,
              "metric": "held-out MSE of normexam, per seed (lower is better)",
              "config": config.to_dict()}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  common.write_json(workdir, "summary.json", summary)
   _plot(results, os.path.join(workdir, "exam.png"))
   return summary
 

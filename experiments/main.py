@@ -8,6 +8,7 @@ Config files define ``get_config(arg)``; ``--config=FILE:ARG`` passes ARG (e.g.
 again with the same workdir resumes from its latest checkpoint.
 """
 
+import importlib
 import logging
 import sys
 
@@ -22,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
+EXPERIMENTS = ("toy_pareto", "transfer_digits", "transfer_sinusoids", "mmoe_sweep",
+               "multi_digits_archs", "exam")
 
 
 def main(argv):
@@ -36,24 +39,10 @@ def main(argv):
   log.propagate = False
   absl_logging.set_verbosity(absl_logging.WARNING)
   experiment = _CONFIG.value.get("experiment", "")
-  if experiment == "toy_pareto":
-    from experiments import toy_pareto  # pylint: disable=g-import-not-at-top
-    toy_pareto.run(_CONFIG.value, _WORKDIR.value)
-  elif experiment == "transfer_digits":
-    from experiments import transfer_digits  # pylint: disable=g-import-not-at-top
-    transfer_digits.run(_CONFIG.value, _WORKDIR.value)
-  elif experiment == "multi_digits_archs":
-    from experiments import multi_digits_archs  # pylint: disable=g-import-not-at-top
-    multi_digits_archs.run(_CONFIG.value, _WORKDIR.value)
-  elif experiment == "mmoe_sweep":
-    from experiments import mmoe_sweep  # pylint: disable=g-import-not-at-top
-    mmoe_sweep.run(_CONFIG.value, _WORKDIR.value)
-  elif experiment == "exam":
-    from experiments import exam  # pylint: disable=g-import-not-at-top
-    exam.run(_CONFIG.value, _WORKDIR.value)
-  elif experiment == "transfer_sinusoids":
-    from experiments import transfer_sinusoids  # pylint: disable=g-import-not-at-top
-    transfer_sinusoids.run(_CONFIG.value, _WORKDIR.value)
+  if experiment:  # a multi-run experiment: experiments/<name>.py's run(config, workdir)
+    if experiment not in EXPERIMENTS:
+      raise app.UsageError(f"config.experiment={experiment!r} is not one of {EXPERIMENTS}.")
+    importlib.import_module(f"experiments.{experiment}").run(_CONFIG.value, _WORKDIR.value)
   elif _CONFIG.value.get("cv", {}).get("folds", 0):
     from mtljax import cv  # pylint: disable=g-import-not-at-top
     cv.select_and_train(_CONFIG.value, _WORKDIR.value)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import ml_collections
 import numpy as np
 
+from experiments import common
 from mtljax import plotting
 from mtljax import train
 
@@ -18,8 +18,7 @@ MODELS = ("shared_bottom", "omoe", "mmoe", "independent")
 
 def model_config(config, model: str, p: float, seed: int) -> ml_collections.ConfigDict:
   s = config.sweep
-  c = ml_collections.ConfigDict(config.to_dict())
-  del c["sweep"], c["experiment"]
+  c = common.run_config(config, "sweep")
   c.data.builder_config = f"p{p:g}_n{s.num_train}_m{s.num_test}_s{seed}"
   c.seed = seed
   c.model.arch = model
@@ -30,9 +29,7 @@ def model_config(config, model: str, p: float, seed: int) -> ml_collections.Conf
 
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  unknown = sorted(set(config.sweep.models) - set(MODELS))
-  if unknown:
-    raise ValueError(f"config.sweep.models: unknown {unknown}; models are {MODELS}.")
+  common.check_names("sweep.models", config.sweep.models, MODELS)
   sweep, per_task = {}, {}
   for p in config.sweep.correlations:
     key = f"{p:g}"
@@ -46,13 +43,11 @@ def run(config, workdir: str) -> dict:
         sweep[key][model].append(float(np.mean(list(mses.values()))))
         per_task[key][model].append(mses)
         logger.info("p=%s seed %d %s: test MSE %s", key, seed, model, mses)
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump(sweep, f, indent=2)
+  common.write_json(workdir, "sweep.json", sweep)
   summary = {"sweep": sweep, "per_task": per_task,
              "metric": "test MSE, original units (lower is better)",
              "config": config.to_dict()}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  common.write_json(workdir, "summary.json", summary)
   _plot(sweep, os.path.join(workdir, "mmoe_sweep.png"))
   return summary
 

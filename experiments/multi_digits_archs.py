@@ -6,8 +6,8 @@ import json
 import logging
 import os
 
-import ml_collections
 
+from experiments import common
 from mtljax import measure
 from mtljax import plotting
 from mtljax import train
@@ -18,13 +18,10 @@ logger = logging.getLogger("mtljax")
 
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  unknown = sorted(set(config.archs) - set(multitask.ARCHS))
-  if unknown:
-    raise ValueError(f"config.archs: unknown {unknown}; architectures are {multitask.ARCHS}.")
+  common.check_names("archs", config.archs, multitask.ARCHS)
   out = {"delta_m": {}, "per_task": {}, "tasks": {}, "train_metrics": {}, "curves": {}}
   for arch in config.archs:
-    c = ml_collections.ConfigDict(config.to_dict())
-    del c["archs"], c["experiment"]
+    c = common.run_config(config, "archs")
     c.model.arch = arch
     run_dir = os.path.join(workdir, arch)
     summary = train.train_and_evaluate(c, run_dir)
@@ -37,8 +34,7 @@ def run(config, workdir: str) -> dict:
     logger.info("%s: Delta_m %+.2f%%", arch, out["delta_m"][arch])
   out["convention"] = measure.DELTA_M_CONVENTION
   out["config"] = config.to_dict()
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(out, f, indent=2, default=str)
+  common.write_json(workdir, "summary.json", out)
   _plot(out, os.path.join(workdir, "archs.png"))
   return out
 

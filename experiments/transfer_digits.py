@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import ml_collections
 
+from experiments import common
 from mtljax import plotting
 from mtljax import train
 from mtljax import transfer
@@ -22,8 +22,7 @@ def shots_key(shots: int) -> str:
 def finetune_config(config, shots: int) -> ml_collections.ConfigDict:
   """The target task's run: digits ``target_classes`` with ``shots`` per class."""
   t = config.transfer
-  c = ml_collections.ConfigDict(config.to_dict())
-  del c["transfer"], c["experiment"]
+  c = common.run_config(config, "transfer")
   c.data.name = "digits"
   c.data.builder_config = (f"c{t.target_classes}_k{shots}_s{t.shots_seed}" if shots
                            else f"c{t.target_classes}") + ("_canvas" if t.canvas else "")
@@ -53,12 +52,8 @@ def run_strategy(base, strategy: str, source: str, workdir: str, probe_steps: in
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   t = config.transfer
-  unknown = sorted(set(t.strategies) - set(transfer.STRATEGIES))
-  if unknown:
-    raise ValueError(f"config.transfer.strategies: unknown {unknown}; strategies are "
-                     f"{transfer.STRATEGIES}.")
-  pre_config = ml_collections.ConfigDict(config.to_dict())
-  del pre_config["transfer"], pre_config["experiment"]
+  common.check_names("transfer.strategies", t.strategies, transfer.STRATEGIES)
+  pre_config = common.run_config(config, "transfer")
   pre_dir = os.path.join(workdir, "pretrain")
   pre = train.train_and_evaluate(pre_config, pre_dir)
   logger.info("pretrained on %s/%s: %s", config.data.name, config.data.builder_config,
@@ -79,8 +74,7 @@ def run(config, workdir: str) -> dict:
   summary = {"results": results, "metric": "test accuracy on digits "
              f"{t.target_classes} (higher is better)", "source": t.source,
              "pretrain": pre["tasks"], "config": config.to_dict()}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  common.write_json(workdir, "summary.json", summary)
   _plot(results, os.path.join(workdir, "transfer_digits.png"))
   return summary
 

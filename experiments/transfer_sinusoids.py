@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -10,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments import common
 from mtljax import optim
 from mtljax import plotting
 from mtljax import train
@@ -20,8 +20,7 @@ logger = logging.getLogger("mtljax")
 
 def target_config(config, k: int) -> ml_collections.ConfigDict:
   t = config.transfer
-  c = ml_collections.ConfigDict(config.to_dict())
-  del c["transfer"], c["experiment"]
+  c = common.run_config(config, "transfer")
   c.data.builder_config = f"t{t.target_tasks}_n{k}_m100_s{t.target_seed}"
   c.model.arch, c.model.heads = "independent", "per_task"
   c.sampling.tasks_per_step = 0  # every new task, every step
@@ -72,14 +71,10 @@ def strategy_curve(base, strategy: str, source: str, probe_steps: int) -> list:
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   t = config.transfer
-  unknown = sorted(set(t.strategies) - set(transfer.STRATEGIES))
-  if unknown:
-    raise ValueError(f"config.transfer.strategies: unknown {unknown}; strategies are "
-                     f"{transfer.STRATEGIES}.")
+  common.check_names("transfer.strategies", t.strategies, transfer.STRATEGIES)
   if not 0 < t.probe_steps < t.record_steps:
     raise ValueError("config.transfer.probe_steps must be in (0, record_steps).")
-  pre_config = ml_collections.ConfigDict(config.to_dict())
-  del pre_config["transfer"], pre_config["experiment"]
+  pre_config = common.run_config(config, "transfer")
   pre_dir = os.path.join(workdir, "pretrain")
   pre = train.train_and_evaluate(pre_config, pre_dir)
   results = {}
@@ -99,8 +94,7 @@ def run(config, workdir: str) -> dict:
                        "after 0, 1, ... fine-tuning steps",
              "pretrain": {"mean_mse": float(np.mean([m["mse"] for m in pre["tasks"].values()]))},
              "config": config.to_dict()}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
+  common.write_json(workdir, "summary.json", summary)
   _plot(results, os.path.join(workdir, "transfer_sinusoids.png"))
   return summary
 

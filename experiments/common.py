@@ -1,0 +1,29 @@
+"""Pieces every multi-run experiment shares: a run's config from the
+experiment's, name checks, and writing JSON outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import ml_collections
+
+
+def run_config(config: ml_collections.ConfigDict, section: str) -> ml_collections.ConfigDict:
+  """A copy of an experiment config without its ``experiment`` key and its own
+  ``section`` (e.g. ``transfer``): an ordinary single-run config."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  del c[section], c["experiment"]
+  return c
+
+
+def check_names(field: str, names: Iterable[str], known: Iterable[str]) -> None:
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    raise ValueError(f"config.{field}: unknown {unknown}; known are {tuple(known)}.")
+
+
+def write_json(workdir: str, name: str, obj) -> None:
+  with open(os.path.join(workdir, name), "w") as f:
+    json.dump(obj, f, indent=2, default=str)
