@@ -47,6 +47,8 @@ def run(config, workdir: str) -> dict:
   by_student = {a: [] for a in config.exam.approaches}
   chosen = []
   for seed in config.exam.seeds:
+    # The split depends on the seed only: its per-school test counts, read once.
+    test_counts = train.data_from_config(approach_config(config, "pooled", seed)).test["n"]
     for approach in config.exam.approaches:
       c = approach_config(config, approach, seed)
       out_dir = os.path.join(workdir, f"seed{seed}", approach)
@@ -56,8 +58,7 @@ def run(config, workdir: str) -> dict:
         summary = out["final"]
       else:
         summary = train.train_and_evaluate(c, out_dir)
-      data = train.data_from_config(c)
-      per_school, per_student = held_out_mse(summary, data.test["n"])
+      per_school, per_student = held_out_mse(summary, test_counts)
       results[approach].append(per_school)
       by_student[approach].append(per_student)
       logger.info("seed %d %s: held-out MSE %.4f (mean over schools), %.4f (students)",

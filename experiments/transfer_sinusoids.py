@@ -31,10 +31,9 @@ def target_config(config, k: int) -> ml_collections.ConfigDict:
   return c
 
 
-def mse_curve(config, steps: int, init_state=None) -> tuple[list[float], dict]:
-  """Test MSE (mean over tasks) before and after each of ``steps`` steps.
-  ``init_state(run) -> state`` replaces the run's initial state."""
-  data = train.data_from_config(config)
+def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], dict]:
+  """Test MSE (mean over tasks) on ``data`` before and after each of ``steps``
+  steps. ``init_state(run) -> state`` replaces the run's initial state."""
   run = train.build_run(config, data)
   state = run.state if init_state is None else init_state(run)
   step = jax.jit(run.train_fn)
@@ -49,22 +48,22 @@ def mse_curve(config, steps: int, init_state=None) -> tuple[list[float], dict]:
   return curve, state
 
 
-def strategy_curve(base, strategy: str, source: str, probe_steps: int) -> list:
+def strategy_curve(base, data, strategy: str, source: str, probe_steps: int) -> list:
   steps = base.total_steps
   if strategy == "lp_ft":  # probe for probe_steps, then fine-tune everything: one curve
     probe = transfer.apply_strategy(base, "lp_ft", source=source)
-    head, probe_state = mse_curve(probe, probe_steps)
+    head, probe_state = mse_curve(probe, data, probe_steps)
     ft = transfer.apply_strategy(base, "full_ft", source=source)
     params = probe_state["params"]
 
     def from_probe(run):  # the probed head and body, fresh optimizer state
       return {**run.state, "params": params,
               "opt_state": optim.init_state(run.tx, params, train.task_rows(run.model))}
-    tail, _ = mse_curve(ft, steps - probe_steps, from_probe)
+    tail, _ = mse_curve(ft, data, steps - probe_steps, from_probe)
     return head + tail[1:]
   c = transfer.apply_strategy(base, strategy, source=source,
                               unfreeze_every=max(1, steps // 4))
-  curve, _ = mse_curve(c, steps)
+  curve, _ = mse_curve(c, data, steps)
   return curve
 
 
@@ -80,12 +79,13 @@ def run(config, workdir: str) -> dict:
   results = {}
   for k in t.shots:
     base = target_config(config, k)
+    data = train.data_from_config(base)  # the new tasks, shared by every strategy
     results[str(k)] = {}
     for strategy in t.strategies:
       b = ml_collections.ConfigDict(base.to_dict())
       if strategy == "scratch":
         b.optim.lr = config.optim.lr * 10  # from scratch: no reason to be gentle
-      curve = strategy_curve(b, strategy, pre_dir, t.probe_steps)
+      curve = strategy_curve(b, data, strategy, pre_dir, t.probe_steps)
       results[str(k)][strategy] = curve
       logger.info("K=%d %s: test MSE %.3f -> %.3f after %d steps", k, strategy, curve[0],
                   curve[-1], len(curve) - 1)

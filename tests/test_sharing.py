@@ -50,7 +50,8 @@ def _spread(trunk):
 
 
 def test_soft_with_zero_lambda_trains_exactly_like_independent():
-  _, _, soft = _train("soft", 10, soft_lambda=0.0)
+  model, _, soft = _train("soft", 10, soft_lambda=0.0)
+  assert model.penalty is not None  # the penalty path runs; lambda = 0 must add nothing
   _, _, indep = _train("independent", 10)
   for (n, a), (_, b) in zip(_named(soft["params"]).items(), _named(indep["params"]).items()):
     assert a.tobytes() == b.tobytes(), n

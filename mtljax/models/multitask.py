@@ -295,7 +295,7 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
     return heads_apply(params, features(params, x, task_ids), task_ids)
 
   penalty = None
-  if arch == "soft" and soft_lambda > 0:
+  if arch == "soft":
     def penalty(params):
       """``lambda sum_{t<t'} ||theta^t - theta^t'||`` over the chosen layers."""
       cols = params["tasks"]["trunk"]
