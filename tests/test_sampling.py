@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtljax import tasks
+from mtljax.data import loading
 from mtljax.data import sampling
 
 SIZES = np.array([10, 1000, 50, 5000, 200])  # very unequal data sizes
@@ -87,17 +89,23 @@ def test_example_indices_in_range_and_keyed_by_task_stream():
   n = jnp.array([3, 100, 7])
   stream = jnp.array([10, 11, 12])
   rng = jax.random.key(1)
-  a = sampling.example_indices(rng, jnp.array([0, 1, 2]), stream, n, 500)
-  assert a.shape == (3, 500)
+  draws = 20_000
+  a = np.asarray(sampling.example_indices(rng, jnp.array([0, 1, 2]), stream, n, draws))
+  assert a.shape == (3, draws)
   for t in range(3):
-    assert int(a[t].min()) >= 0 and int(a[t].max()) < int(n[t])
-    assert len(np.unique(np.asarray(a[t]))) == min(int(n[t]), 500) or n[t] == 100
+    nt = int(n[t])
+    assert a[t].min() >= 0 and a[t].max() < nt
+    # Every index of [0, n) is drawn: a value is missed with probability
+    # (1 - 1/n)^draws, below 100 * 0.99^20000 ~ 1e-85 for n = 100.
+    np.testing.assert_array_equal(np.unique(a[t]), np.arange(nt))
+    # Each index's count is Binomial(draws, 1/n) (n = 100: mean 200, sd 14).
+    _assert_frequencies(np.bincount(a[t], minlength=nt), draws, np.full(nt, 1 / nt))
   # The same task gets the same examples in whichever slot it falls.
-  b = sampling.example_indices(rng, jnp.array([2, 0, 1]), stream, n, 500)
+  b = sampling.example_indices(rng, jnp.array([2, 0, 1]), stream, n, draws)
   np.testing.assert_array_equal(a[2], b[0])
   np.testing.assert_array_equal(a[0], b[1])
   # A task drawn twice gets fresh examples in its second slot.
-  c = sampling.example_indices(rng, jnp.array([1, 1]), stream, n, 500)
+  c = sampling.example_indices(rng, jnp.array([1, 1]), stream, n, draws)
   np.testing.assert_array_equal(c[0], a[1])
   assert not np.array_equal(c[0], c[1])
 
@@ -141,3 +149,111 @@ def test_shared_inputs_check_names_the_tasks_that_differ():
   with pytest.raises(ValueError, match=r"a: source 0, 4 examples"):
     sampling.check_shared_inputs({"source": np.array([0, 0]), "n": np.array([4, 5])},
                                  ["a", "b"])
+
+
+# ---------------------------------------------------------------------------
+# gather_batch against plain numpy indexing
+# ---------------------------------------------------------------------------
+
+
+def _hand_built_split(seed=0):
+  """Six tasks in three groups, three input sources of different sizes (two
+  tasks share source 0), laid out as in ``loading.build_task_data``. Inputs and
+  regression labels encode (source or row, example) so a wrong index shows."""
+  taskset = tasks.TaskSet((
+      tasks.Task("c_a", "classification", 3),  # classification3 row 0, source 0
+      tasks.Task("r_a", "regression"),         # regression1 row 0, source 0
+      tasks.Task("c_b", "classification", 3),  # classification3 row 1, source 1
+      tasks.Task("r_b", "regression"),         # regression1 row 1, source 2
+      tasks.Task("b_a", "binary"),             # binary1 row 0, source 2
+      tasks.Task("r_c", "regression"),         # regression1 row 2, source 1
+  ))
+  source = np.array([0, 0, 1, 2, 2, 1], np.int32)
+  sizes = np.array([9, 12, 5], np.int32)  # examples per source; N = 12
+  n = sizes[source]
+  rng = np.random.default_rng(seed)
+  num = sizes.max()
+  x = np.zeros((3, num, 2, 3), np.float32)
+  for s, size in enumerate(sizes):
+    x[s, :size] = 1000 * (s + 1) + 10 * np.arange(size)[:, None, None] + rng.uniform(
+        size=(size, 2, 3))
+  y = {"classification3": np.zeros((2, num), np.int32),
+       "regression1": np.zeros((3, num), np.float32),
+       "binary1": np.zeros((1, num), np.int32)}
+  for t, task in enumerate(taskset.tasks):
+    g = task.group
+    row = int(taskset.local_index[t])
+    if task.kind == "regression":
+      y[g][row, :n[t]] = 100 * (row + 1) + np.arange(n[t]) + rng.uniform(size=n[t])
+    else:
+      y[g][row, :n[t]] = rng.integers(0, task.out_dim if task.out_dim > 1 else 2, n[t])
+  return taskset, {"x": x, "source": source, "n": n, "y": y}
+
+
+def _numpy_gather(split, taskset, task_ids, idx):
+  """x_ref[k, b] = x[source[t_k], idx[k, b]] and, for slots whose task is in
+  group g, y_ref[g][k, b] = y[g][local_index[t_k], idx[k, b]] (other slots: NaN
+  or -1, never compared)."""
+  k_slots, batch = idx.shape
+  x_ref = np.zeros((k_slots, batch) + split["x"].shape[2:], np.float32)
+  y_ref = {g: np.full((k_slots, batch), np.nan) for g in split["y"]}
+  for k in range(k_slots):
+    t = int(task_ids[k])
+    g = taskset.tasks[t].group
+    for b in range(batch):
+      x_ref[k, b] = split["x"][split["source"][t], idx[k, b]]
+      y_ref[g][k, b] = split["y"][g][taskset.local_index[t], idx[k, b]]
+  return x_ref, y_ref
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_gather_batch_matches_numpy_indexing(jit):
+  taskset, split = _hand_built_split()
+  task_ids = np.array([3, 0, 3, 5, 2, 4, 0, 1, 2], np.int32)  # repeats, all groups
+  rng = np.random.default_rng(1)
+  idx = np.stack([rng.integers(0, split["n"][t], 16) for t in task_ids]).astype(np.int32)
+  gather = jax.jit(sampling.gather_batch) if jit else sampling.gather_batch
+  x, ys = gather(jax.tree.map(jnp.asarray, split),
+                 {"local_index": jnp.asarray(taskset.local_index)},
+                 jnp.asarray(task_ids), jnp.asarray(idx))
+  x_ref, y_ref = _numpy_gather(split, taskset, task_ids, idx)
+  assert x.shape == (9, 16, 2, 3)
+  np.testing.assert_array_equal(np.asarray(x), x_ref)
+  assert sorted(ys) == sorted(split["y"])
+  for g, yg in ys.items():
+    assert yg.shape == (9, 16) and yg.dtype == split["y"][g].dtype
+    mine = np.array([taskset.tasks[t].group == g for t in task_ids])
+    assert mine.any()
+    np.testing.assert_array_equal(np.asarray(yg)[mine], y_ref[g][mine].astype(yg.dtype))
+
+
+def test_gather_batch_reads_what_build_task_data_laid_out():
+  # Three tasks labelling one set of inputs, through build_task_data: the
+  # gathered inputs and labels are the raw columns at the drawn examples
+  # (regression labels standardised with the train split's mean and sd).
+  spec = loading.DataSpec("x", (
+      loading.TaskColumn(tasks.Task("c", "classification", 3), "c"),
+      loading.TaskColumn(tasks.Task("r", "regression"), "r"),
+      loading.TaskColumn(tasks.Task("c2", "classification", 3), "c2")))
+  rng = np.random.default_rng(2)
+
+  def columns(size):
+    return {"x": rng.normal(size=(size, 4)).astype(np.float32),
+            "c": rng.integers(0, 3, size), "c2": rng.integers(0, 3, size),
+            "r": rng.normal(5.0, 3.0, size).astype(np.float32)}
+  raw = {"train": columns(40), "test": columns(10)}
+  data = loading.build_task_data("toy", spec, raw)
+  ts = data.taskset
+  task_ids = np.array([1, 2, 0, 1], np.int32)
+  idx = rng.integers(0, 40, size=(4, 8)).astype(np.int32)
+  x, ys = sampling.gather_batch(jax.tree.map(jnp.asarray, data.train),
+                                {"local_index": jnp.asarray(ts.local_index)},
+                                jnp.asarray(task_ids), jnp.asarray(idx))
+  col = {"c": raw["train"]["c"], "c2": raw["train"]["c2"],
+         "r": (raw["train"]["r"] - raw["train"]["r"].mean()) / raw["train"]["r"].std()}
+  for k, t in enumerate(task_ids):
+    task = ts.tasks[t]
+    for b in range(8):
+      np.testing.assert_array_equal(np.asarray(x[k, b]), raw["train"]["x"][idx[k, b]])
+      np.testing.assert_allclose(float(ys[task.group][k, b]), col[task.name][idx[k, b]],
+                                 rtol=1e-5, atol=1e-5)
