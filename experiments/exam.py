@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common
+from mtljax import build
 from mtljax import cv
 from mtljax import plotting
 from mtljax import train
@@ -48,7 +49,7 @@ def run(config, workdir: str) -> dict:
   chosen = []
   for seed in config.exam.seeds:
     # The split depends on the seed only: its per-school test counts, read once.
-    test_counts = train.data_from_config(approach_config(config, "pooled", seed)).test["n"]
+    test_counts = build.data_from_config(approach_config(config, "pooled", seed)).test["n"]
     for approach in config.exam.approaches:
       c = approach_config(config, approach, seed)
       out_dir = os.path.join(workdir, f"seed{seed}", approach)

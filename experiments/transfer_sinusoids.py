@@ -10,8 +10,10 @@ import ml_collections
 import numpy as np
 
 from experiments import common
+from mtljax import build
 from mtljax import optim
 from mtljax import plotting
+from mtljax import steps as steps_lib
 from mtljax import train
 from mtljax import transfer
 
@@ -34,14 +36,14 @@ def target_config(config, k: int) -> ml_collections.ConfigDict:
 def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], dict]:
   """Test MSE (mean over tasks) on ``data`` before and after each of ``steps``
   steps. ``init_state(run) -> state`` replaces the run's initial state."""
-  run = train.build_run(config, data)
+  run = build.build_run(config, data)
   state = run.state if init_state is None else init_state(run)
   step = jax.jit(run.train_fn)
   evaluate = jax.jit(run.eval_fn)
   train_data, test_data = jax.device_put(data.train), jax.device_put(data.test)
   curve = []
   for i in range(steps + 1):
-    metrics = train.eval_metrics(data.taskset, evaluate(state["params"], test_data))
+    metrics = steps_lib.eval_metrics(data.taskset, evaluate(state["params"], test_data))
     curve.append(float(np.mean([m["mse"] for m in metrics.values()])))
     if i < steps:
       state, _ = step(state, train_data)
@@ -58,7 +60,8 @@ def strategy_curve(base, data, strategy: str, source: str, probe_steps: int) -> 
 
     def from_probe(run):  # the probed head and body, fresh optimizer state
       return {**run.state, "params": params,
-              "opt_state": optim.init_state(run.tx, params, train.task_rows(run.model))}
+              "opt_state": optim.init_state(run.tx, params,
+                                              steps_lib.task_rows(run.model, run.objective))}
     tail, _ = mse_curve(ft, data, steps - probe_steps, from_probe)
     return head + tail[1:]
   c = transfer.apply_strategy(base, strategy, source=source,
@@ -79,7 +82,7 @@ def run(config, workdir: str) -> dict:
   results = {}
   for k in t.shots:
     base = target_config(config, k)
-    data = train.data_from_config(base)  # the new tasks, shared by every strategy
+    data = build.data_from_config(base)  # the new tasks, shared by every strategy
     results[str(k)] = {}
     for strategy in t.strategies:
       b = ml_collections.ConfigDict(base.to_dict())

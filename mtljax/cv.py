@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mtljax import build
+from mtljax import steps as steps_lib
 from mtljax import tasks as tasks_lib
 from mtljax import train
 from mtljax.data import loading
@@ -219,7 +221,7 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
     c.steps_per_call = math.gcd(*steps, int(config.steps_per_call))
     c.log_steps = c.eval_steps = c.checkpoint_steps = c.steps_per_call
     fold0 = dataclasses.replace(data, train=folds[0][0], test=folds[0][1])
-    run = train.build_run(c, fold0)
+    run = build.build_run(c, fold0)
     base_lr = float(c.optim.lr)
     state = dict(run.state)
     state["hparams"] = {"lr_scale": jnp.asarray(1.0, jnp.float32)}
@@ -239,7 +241,7 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
       for f in range(k):
         for g in range(len(lrs)):
           one = jax.tree.map(lambda a: a[f, g], acc)
-          scores[f, g, si] = _score(ts, train.eval_metrics(ts, one), cv.metric,
+          scores[f, g, si] = _score(ts, steps_lib.eval_metrics(ts, one), cv.metric,
                                     one["count"])
     for g, lr in enumerate(lrs):
       for si, st in enumerate(steps):
@@ -270,9 +272,9 @@ def select_and_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Cross-validates on the train split, then trains the best setting on the
   whole train split and evaluates it on the test split once. Writes
   ``WORKDIR/cv.json`` and the final run in ``WORKDIR/final``."""
-  train.validate_config(config)
+  build.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  data = train.data_from_config(config)
+  data = build.data_from_config(config)
   selection = cross_validate(config, dataclasses.replace(data, test=None))
   with open(os.path.join(workdir, "cv.json"), "w") as f:
     json.dump(selection, f, indent=2)

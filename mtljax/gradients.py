@@ -3,12 +3,19 @@
 Every method here returns an update direction ``d = sum_j beta_j g_j`` whose
 weights ``beta`` are computable from the Gram matrix ``K = G G^T`` alone
 (``G [T, D]``: one row per task gradient of the shared parameters). So each
-method is written once as ``NAME_weights(K, ...) -> (beta, info)`` and exposed
-as ``NAME(G, ...) -> (d, beta, info)``, where ``G`` is a ``[T, D]`` matrix or a
-pytree whose leaves have a leading task axis (``K`` is then summed over leaves,
-never materialising the concatenated Jacobian). ``info`` is a dict of scalars
-that says whether an iterative solver converged (no method silently degrades to
-another; a caller decides what to do with ``converged == False``).
+method is written once as ``NAME_weights(K, [rng,] *, hyper-parameters) ->
+(beta, info)`` and exposed as ``NAME(G, [rng,] *, hyper-parameters) -> (d, beta,
+info)``, where ``G`` is a ``[T, D]`` matrix or a pytree whose leaves have a
+leading task axis (``K`` is then summed over leaves, never materialising the
+concatenated Jacobian). ``info`` is a dict of scalars that says whether an
+iterative solver converged (no method silently degrades to another; a caller
+decides what to do with ``converged == False``).
+
+:data:`GRAM_METHODS` maps each method's name to its weight function; the train
+step's objectives (:mod:`mtljax.objectives`) are built from it, and the
+keyword-only parameters of each weight function are the method's
+hyper-parameters (``config.objective.NAME.PARAM``). Adding a gradient method is
+one weight function and one entry there.
 
 Solvers run in JAX on the device: projected gradient with backtracking on the
 simplex (MGDA, CAGrad), damped Newton (Nash-MTL), eigendecomposition
@@ -35,12 +42,11 @@ Scaling conventions (stated per method, as the papers' code does them):
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
-GRADIENT_METHODS = ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl")
 
 
 # ----------------------------------------------------------------------------
@@ -140,23 +146,44 @@ def minimize_on_simplex(f: Callable, x0: jax.Array, lipschitz: jax.Array,
 # ----------------------------------------------------------------------------
 
 
-def mgda_weights(k: jax.Array, iters: int = 300):
-  """MGDA: ``argmin_{a in simplex} a^T K a`` (the min-norm element)."""
+def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5):
+  """MGDA: ``argmin_{a in simplex} a^T K a`` (the min-norm element).
+
+  Args:
+    k: ``[T, T]`` Gram matrix.
+    iters: simplex-solver iterations; tol: relative duality-gap tolerance
+      (:func:`minimize_on_simplex`).
+  Returns:
+    ``beta [T]`` on the simplex, ``info`` with ``gap`` and ``converged``.
+  """
   t = k.shape[0]
   scale = jnp.maximum(jnp.trace(k) / t, 1e-30)  # solve on K / scale: same argmin
   kn = k / scale
   lip = 2.0 * jnp.linalg.eigvalsh(kn)[-1]  # exact: f'' = 2 K
-  return minimize_on_simplex(lambda a: a @ kn @ a, jnp.full((t,), 1.0 / t), lip, iters)
+  return minimize_on_simplex(lambda a: a @ kn @ a, jnp.full((t,), 1.0 / t), lip, iters, tol)
 
 
-def cagrad_weights(k: jax.Array, c: float = 0.5, rescale: int = 1, iters: int = 300):
+def cagrad_weights(k: jax.Array, *, c: float = 0.5, rescale: int = 1, iters: int = 300,
+                   tol: float = 1e-5):
   """CAGrad (Liu et al. 2021), the official code's dual.
 
   ``w = argmin_{w in simplex} w^T K b + c ||g0|| sqrt(w^T K w)`` with
   ``b = 1/T`` (so ``w^T K b = g_w . g0``); then
   ``d = g0 + c ||g0|| g_w / ||g_w||`` and, for ``rescale=1``, ``d / (1 + c^2)``
   (``rescale=2``: ``d / (1 + c)``; ``0``: none).
+
+  Args:
+    k: ``[T, T]`` Gram matrix; c: radius of the ball around ``g0`` in units of
+      ``||g0||``, in ``[0, 1)``; rescale: 0, 1 or 2; iters, tol: the dual's
+      simplex solver.
+  Returns:
+    ``beta [T]`` (``d = beta G``), ``info`` with ``gap``, ``converged`` and the
+    dual weights ``w``.
   """
+  if not 0.0 <= c < 1.0:
+    raise ValueError(f"config.objective.cagrad.c must be in [0, 1), got {c}.")
+  if rescale not in (0, 1, 2):
+    raise ValueError(f"cagrad: rescale must be 0, 1 or 2, got {rescale}.")
   t = k.shape[0]
   b = jnp.full((t,), 1.0 / t)
   g0_norm = jnp.sqrt(jnp.maximum(b @ k @ b, 0.0) + 1e-12)
@@ -170,22 +197,17 @@ def cagrad_weights(k: jax.Array, c: float = 0.5, rescale: int = 1, iters: int = 
   # f'' <= cn K / ||g_w||: start from the curvature at the uniform point and
   # let backtracking raise it where ||g_w|| is smaller.
   lip = cn * jnp.linalg.eigvalsh(kn)[-1] / jnp.sqrt(b @ kn @ b + 1e-12)
-  w, info = minimize_on_simplex(obj, b, lip, iters)
+  w, info = minimize_on_simplex(obj, b, lip, iters, tol)
   gw_norm = jnp.sqrt(jnp.maximum(w @ k @ w, 0.0) + 1e-12)
   lam = c * g0_norm / gw_norm
   beta = b + lam * w
-  if rescale == 1:
-    beta = beta / (1 + c * c)
-  elif rescale == 2:
-    beta = beta / (1 + c)
-  elif rescale != 0:
-    raise ValueError(f"cagrad: rescale must be 0, 1 or 2, got {rescale}.")
+  beta = beta / {0: 1.0, 1: 1 + c * c, 2: 1 + c}[rescale]
   return beta, {**info, "w": w}
 
 
 def pcgrad_orders(rng: jax.Array, t: int) -> jax.Array:
-  """``[T, T]``: row i is the random order in which task i visits all tasks
-  (itself included; projecting onto itself never happens as g.g >= 0)."""
+  """``[T, T]``: row i is the random order in which task i visits all tasks,
+  itself included (see :func:`pcgrad_weights` on self-projection)."""
   return jax.vmap(lambda r: jax.random.permutation(r, t))(jax.random.split(rng, t))
 
 
@@ -194,7 +216,17 @@ def pcgrad_weights(k: jax.Array, rng: jax.Array):
 
   ``g_i^PC = C_i G``; visiting task j (in task i's random order), if
   ``g_i^PC . g_j < 0`` then ``C_i -= (g_i^PC . g_j / ||g_j||^2) e_j``.
-  ``g_i^PC . g_j = (C_i K)_j``. Returns ``beta = sum_i C_i``.
+  ``g_i^PC . g_j = (C_i K)_j``. Returns ``beta = sum_i C_i`` (``d`` is the
+  *sum* of the projected gradients).
+
+  The order includes task i itself, as in the published code (which shuffles
+  all task gradients and skips none): before any projection ``g_i . g_i >= 0``,
+  so the visit does nothing, but once ``g_i^PC`` has been projected away from
+  conflicting tasks it can conflict with ``g_i`` itself, and then it *is*
+  projected onto ``g_i``'s normal plane like any other conflicting gradient.
+
+  Args:
+    k: ``[T, T]`` Gram matrix; rng: the key of the random visiting orders.
   """
   t = k.shape[0]
   orders = pcgrad_orders(rng, t)
@@ -212,10 +244,15 @@ def pcgrad_weights(k: jax.Array, rng: jax.Array):
   return c.sum(axis=0), {"coefficients": c}
 
 
-def imtl_g_weights(k: jax.Array, eps: float = 1e-12):
+def imtl_g_weights(k: jax.Array, *, eps: float = 1e-12, max_cond: float = 1e6):
   """IMTL-G: ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}``, ``alpha_1 = 1 - sum``,
   with ``D_j = g_1 - g_j``, ``U_j = u_1 - u_j``, ``u = g / ||g||``; then ``d``
-  has equal projections on every ``u_i``. Computed from K."""
+  has equal projections on every ``u_i``. Computed from K.
+
+  Args:
+    k: ``[T, T]`` Gram matrix; eps: floor of a gradient's norm;
+      max_cond: ``converged`` is False when ``D U^T``'s condition number exceeds it.
+  """
   t = k.shape[0]
   norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
   inv = 1.0 / jnp.maximum(norms, eps)
@@ -230,10 +267,10 @@ def imtl_g_weights(k: jax.Array, eps: float = 1e-12):
   alpha_rest = g1u @ jnp.linalg.pinv(du)
   alpha = jnp.concatenate([1.0 - alpha_rest.sum()[None], alpha_rest])
   cond = jnp.linalg.cond(du)
-  return alpha, {"cond": cond, "converged": jnp.isfinite(cond) & (cond < 1e6)}
+  return alpha, {"cond": cond, "converged": jnp.isfinite(cond) & (cond < max_cond)}
 
 
-def nash_mtl_weights(k: jax.Array, iters: int = 50, tol: float = 1e-4):
+def nash_mtl_weights(k: jax.Array, *, iters: int = 50, tol: float = 1e-4):
   """Nash-MTL: ``alpha > 0`` with ``K alpha = 1 / alpha``.
 
   That is the stationary point of ``f(a) = a^T K a / 2 - sum_i log a_i``,
@@ -241,6 +278,10 @@ def nash_mtl_weights(k: jax.Array, iters: int = 50, tol: float = 1e-4):
   ``a > 0``). There is no solution exactly when some nonnegative combination of
   the gradients vanishes (``G v = 0``, ``v >= 0``, ``v != 0``: a Pareto-stationary
   point, where ``f`` is unbounded below); ``converged`` is then False.
+
+  Args:
+    k: ``[T, T]`` Gram matrix; iters: Newton steps; tol: the largest relative
+      residual ``|(K a)_i a_i - 1|`` accepted as converged.
   """
   t = k.shape[0]
   scale = jnp.maximum(jnp.trace(k) / t, 1e-30)
@@ -269,7 +310,11 @@ def nash_mtl_weights(k: jax.Array, iters: int = 50, tol: float = 1e-4):
 def aligned_mtl_weights(k: jax.Array):
   """Aligned-MTL: ``B = sigma_min V Lambda^{-1/2} V^T`` over the non-null
   eigenpairs of ``K``; the aligned gradients ``B G`` are orthogonal with equal
-  norms ``sigma_min``; ``beta = 1^T B``."""
+  norms ``sigma_min``; ``beta = 1^T B``.
+
+  Args:
+    k: ``[T, T]`` Gram matrix.
+  """
   t = k.shape[0]
   lam, v = jnp.linalg.eigh(k)
   tol = jnp.max(lam) * t * jnp.finfo(k.dtype).eps
@@ -281,30 +326,81 @@ def aligned_mtl_weights(k: jax.Array):
   return b.sum(axis=0), {"B": b, "rank": keep.sum()}
 
 
+# The gradient-combination methods of the train step: name -> weight function.
+GRAM_METHODS: dict[str, Callable] = {
+    "mgda": mgda_weights,
+    "pcgrad": pcgrad_weights,
+    "cagrad": cagrad_weights,
+    "imtl_g": imtl_g_weights,
+    "nash_mtl": nash_mtl_weights,
+    "aligned_mtl": aligned_mtl_weights,
+}
+GRADIENT_METHODS = tuple(GRAM_METHODS)
+
+
+def uses_rng(weights_fn: Callable) -> bool:
+  """Whether a weight function takes a random key (its second parameter)."""
+  params = list(inspect.signature(weights_fn).parameters.values())
+  return len(params) > 1 and params[1].name == "rng"
+
+
+def hyperparameters(weights_fn: Callable) -> dict:
+  """The keyword-only parameters of a weight function and their defaults."""
+  return {p.name: p.default for p in inspect.signature(weights_fn).parameters.values()
+          if p.kind == inspect.Parameter.KEYWORD_ONLY}
+
+
 # ----------------------------------------------------------------------------
-# The public functions of task gradients.
+# The public functions of task gradients: (d, beta, info).
 # ----------------------------------------------------------------------------
 
 
-def _make(weights_fn):
-  def method(grads, *args, **kwargs):
-    beta, info = weights_fn(gram(grads), *args, **kwargs)
-    return combine(beta, grads), beta, info
-  method.__name__ = weights_fn.__name__.replace("_weights", "")
-  method.__doc__ = (f"``(d, beta, info)`` for task gradients ``G`` ([T, D] or a pytree "
-                    f"with task axis 0); see :func:`{weights_fn.__name__}`.")
-  return method
+def _direction(weights, grads):
+  beta, info = weights(gram(grads))
+  return combine(beta, grads), beta, info
 
 
-mgda = _make(mgda_weights)
-mgda_ub = _make(mgda_weights)
-mgda_ub.__name__ = "mgda_ub"
-mgda_ub.__doc__ = ("``(d_Z, beta, info)`` for task gradients ``G_Z`` with respect to the "
-                   "shared representation ([T, B, F], [T, D] or a pytree with task axis "
-                   "0): MGDA's min-norm weights on the representation gradients "
-                   "(MGDA-UB); see :func:`mgda_weights`.")
-cagrad = _make(cagrad_weights)
-pcgrad = _make(pcgrad_weights)
-imtl_g = _make(imtl_g_weights)
-nash_mtl = _make(nash_mtl_weights)
-aligned_mtl = _make(aligned_mtl_weights)
+def mgda(grads, *, iters: int = 300, tol: float = 1e-5):
+  """MGDA's min-norm direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`mgda_weights`."""
+  return _direction(lambda k: mgda_weights(k, iters=iters, tol=tol), grads)
+
+
+def mgda_ub(rep_grads, *, iters: int = 300, tol: float = 1e-5):
+  """MGDA-UB (Sener & Koltun 2018, sec. 3.3): MGDA's min-norm weights on the task
+  gradients with respect to the shared representation ``rep_grads`` (``[T, B, F]``,
+  ``[T, D]`` or a pytree with task axis 0). Returns ``(d_Z, beta [T], info)``,
+  ``d_Z`` a direction in representation space."""
+  return mgda(rep_grads, iters=iters, tol=tol)
+
+
+def cagrad(grads, *, c: float = 0.5, rescale: int = 1, iters: int = 300, tol: float = 1e-5):
+  """CAGrad's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`cagrad_weights`."""
+  return _direction(lambda k: cagrad_weights(k, c=c, rescale=rescale, iters=iters, tol=tol),
+                    grads)
+
+
+def pcgrad(grads, rng: jax.Array):
+  """PCGrad's direction (the sum of the projected gradients). ``grads``: ``[T, D]``
+  or a pytree with task axis 0; ``rng``: the visiting orders' key. Returns
+  ``(d, beta [T], info)``; see :func:`pcgrad_weights`."""
+  return _direction(lambda k: pcgrad_weights(k, rng), grads)
+
+
+def imtl_g(grads, *, eps: float = 1e-12, max_cond: float = 1e6):
+  """IMTL-G's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`imtl_g_weights`."""
+  return _direction(lambda k: imtl_g_weights(k, eps=eps, max_cond=max_cond), grads)
+
+
+def nash_mtl(grads, *, iters: int = 50, tol: float = 1e-4):
+  """Nash-MTL's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, alpha [T], info)``; see :func:`nash_mtl_weights`."""
+  return _direction(lambda k: nash_mtl_weights(k, iters=iters, tol=tol), grads)
+
+
+def aligned_mtl(grads):
+  """Aligned-MTL's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`aligned_mtl_weights`."""
+  return _direction(aligned_mtl_weights, grads)

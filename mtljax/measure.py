@@ -3,10 +3,13 @@
 **Single-task baselines** (:func:`single_task_baselines`): one ``independent``
 run of the same data, encoder, widths, optimizer, examples per task and number
 of steps, with every task in every step -- which is exactly T separate
-single-task trainings (tested in ``tests/test_train.py``), compiled once.
-Each task's model gets ``total_steps`` updates. Results are cached by a hash of
-everything that determines them, under ``config.baselines_cache`` (default
-``$MTLJAX_CACHE_DIR`` or ``~/.cache/mtljax``)``/baselines/<hash>/``.
+single-task trainings (tested in ``tests/test_train.py``), compiled once,
+trained by the function the caller passes (the loop's ``train_and_evaluate``:
+this module imports no training code). Each task's model gets
+``total_steps`` updates. Results are cached by a hash of the whole baseline
+config except the fields that only change reporting (:func:`cache_key`), under
+``config.baselines_cache`` (default ``$MTLJAX_CACHE_DIR`` or
+``~/.cache/mtljax``)``/baselines/<hash>/``.
 
 **Δm** (:func:`delta_m`, Maninis et al. 2019; the form LibMTL reports)::
 
@@ -80,8 +83,10 @@ def delta_m(metrics: dict, baseline: dict,
 # ----------------------------------------------------------------------------
 
 
-_BASELINE_KEYS = ("seed", "data", "model.encoder", "model.hidden", "model.channels",
-                  "sampling.examples_per_task", "optim", "total_steps", "eval_batch_size")
+# Config fields that change how a run is reported or scheduled, never what it
+# learns: left out of the baselines' cache key.
+_NOT_RESULTS = ("log_steps", "eval_steps", "checkpoint_steps", "steps_per_call",
+                "baselines_cache", "experiment")
 
 
 def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -97,6 +102,7 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c.objective.method = "fixed"
   c.objective.weights = ml_collections.ConfigDict()
   c.init_from = ""
+  c.init_dont_load = ""
   c.l2sp_alpha = c.l2sp_beta = 0.0
   for key in ("baselines", "tag_lr", "eval_train"):
     if key in c:
@@ -106,15 +112,15 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
-def _cache_key(config) -> str:
+def cache_key(config) -> str:
+  """A hash of everything in the baselines' config that can change their
+  result (every field but :data:`_NOT_RESULTS`, and the objective's settings,
+  which the baselines ignore)."""
   c = baseline_config(config).to_dict()
-  picked = {}
-  for key in _BASELINE_KEYS:
-    node = c
-    for part in key.split("."):
-      node = node[part]
-    picked[key] = node
-  blob = json.dumps(picked, sort_keys=True, default=str)
+  for key in _NOT_RESULTS:
+    c.pop(key, None)
+  c["objective"] = {"method": "fixed"}
+  blob = json.dumps(c, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -124,15 +130,11 @@ def cache_root(config) -> str:
   return os.path.join(root, "baselines")
 
 
-def single_task_baselines(config, train_fn: Callable | None = None) -> dict:
-  """``{task: {metric: value}}`` of the single-task baselines, trained once and
-  then read from the cache. ``train_fn(config, workdir) -> summary`` defaults
-  to :func:`mtljax.train.train_and_evaluate`."""
-  if train_fn is None:
-    from mtljax import train  # pylint: disable=g-import-not-at-top
-    train_fn = train.train_and_evaluate
-  key = _cache_key(config)
-  workdir = os.path.join(cache_root(config), key)
+def single_task_baselines(config, train_fn: Callable) -> dict:
+  """``{task: {metric: value}}`` of the single-task baselines, trained once with
+  ``train_fn(config, workdir) -> summary`` (:func:`mtljax.train.train_and_evaluate`)
+  and then read from the cache (keyed by :func:`cache_key`)."""
+  workdir = os.path.join(cache_root(config), cache_key(config))
   path = os.path.join(workdir, "summary.json")
   if os.path.exists(path):
     with open(path) as f:

@@ -1,22 +1,36 @@
-"""Multi-task objectives: how per-task losses and gradients become one update.
+"""Multi-task objectives: how per-task losses (and gradients) become one update.
 
 The lecture's objective is ``sum_i w_i L_i(theta, D_i)``; in a step it is taken
 over the K sampled task slots: ``sum_k w[task_ids[k]] * L_k`` -- a *sum*, not a
 mean, so a task's gradient is exactly its own weighted gradient (a single-task
 run of the same task sees the same gradient).
 
+**The interface.** Every method is an :class:`Objective`: what it needs the step
+to linearise (``needs``: the weighted-sum gradient, per-slot shared gradients,
+or per-slot representation gradients; :mod:`mtljax.jacobians`), a pure
+``gradients(lin, inputs) -> Result`` (the value, the update's gradient, the new
+state, measurements), an ``after_update`` hook (run after the optimizer step),
+and its state and per-task parameters, whose keys are fixed by ``init_state`` /
+``init_params``. :func:`make_objective` is the one place a method is chosen
+by name; :data:`REGISTRY` maps names to factories whose keyword-only
+parameters are the method's hyper-parameters (:func:`hyperparameters`, exposed
+as ``config.objective.NAME.PARAM``).
+
 Methods (``config.objective.method``):
 
 * ``fixed``: the weighted sum with fixed weights ``config.objective.weights``
   (a mapping task name -> weight; unnamed tasks weigh 1); one backward pass.
-* loss weighting, :data:`LOSS_WEIGHTINGS` (each multiplies the fixed weights):
+* loss weightings, :data:`LOSS_WEIGHTINGS` (each multiplies the fixed weights;
+  the shared gradient is the pullback of ``d objective / d L``):
 
   - ``rlw`` (Lin et al. 2022): every step ``lambda = softmax(z)``, ``z ~ N(0, I_T)``;
     objective ``sum_k w lambda L_k`` (weights sum to 1 over the task set).
   - ``dwa`` (Liu et al. 2019): ``lambda_i = T softmax_i(r_i / tau)`` with
     ``r_i = Lbar_i(n-1) / Lbar_i(n-2)``, the ratio of task i's mean loss over the
-    last two *windows* of ``dwa_window_steps`` steps (the paper's epochs);
-    ``lambda = 1`` until two windows are complete.
+    last two *windows* of ``window_steps`` steps (the paper's epochs);
+    ``lambda = 1`` until two windows are complete. With task sampling, a task
+    absent from a window keeps its previous mean, and a task not yet sampled
+    before the window two back has ratio 1.
   - ``uncertainty`` (Kendall et al. 2018, in LibMTL's form for every task kind):
     ``sum_k w (L_k / (2 exp(s_t)) + s_t / 2)`` with learnable ``s = log sigma^2``,
     a per-task parameter at ``tasks/uncertainty/log_var`` (so unsampled tasks'
@@ -25,52 +39,49 @@ Methods (``config.objective.method``):
   - ``famo`` (Liu et al. 2023, the authors' ``famo.py``): ``z = softmax(xi)``,
     ``D = L - L_min + 1e-8``, objective ``sum_k z log(D_k) / c`` with
     ``c = stop_gradient(sum_k z / D_k)``; the shared gradient is clipped to
-    global norm ``famo_max_norm`` (1.0; 0 disables); after the optimizer step
+    global norm ``max_norm`` (1.0; 0 disables); after the optimizer step
     the losses on the *same batch* give ``delta = log D_before - log D_after``
-    and ``xi`` takes an Adam step (lr ``famo_w_lr`` 0.025, L2 decay
-    ``famo_gamma`` 0.01 added to the gradient, as torch's Adam does) on
-    ``J_softmax(xi)^T delta``. Costs one extra forward pass per step.
+    and ``xi`` takes an Adam step (lr ``w_lr`` 0.025, L2 decay ``gamma`` 0.01
+    added to the gradient, as torch's Adam does) on ``J_softmax(xi)^T delta``.
+    Costs one extra forward pass per step.
 
 * ``gradnorm`` (Chen et al. 2018, Algorithm 1): learnable task weights ``w``
   (init 1); the network trains on ``sum_k w_t L_k``; with
-  ``G_i = w_i ||grad_W L_i||`` on the last shared layer ``W``
-  (``gradnorm_layer``, a regex over ``shared/...`` paths; default the last
-  ``trunk/layer_*/kernel``), ``r_i = Ltilde_i / mean(Ltilde)`` where
+  ``G_i = w_i ||grad_W L_i||`` on the last shared layer ``W`` matching
+  ``layer`` (a regex over ``shared/...``-relative paths; default the last
+  dense kernel of the trunk or of the experts), ``r_i = Ltilde_i / mean(Ltilde)`` where
   ``Ltilde_i = L_i / L_i(first step task i was sampled)``, the weights take an
-  Adam step (``gradnorm_w_lr``) on ``grad_w sum_i |G_i - stop_gradient(mean(G)
-  r_i^alpha)|`` (``gradnorm_alpha`` 1.5), only for sampled tasks, and are then
-  renormalised to sum to T.
+  Adam step (``w_lr``) on ``grad_w sum_i |G_i - stop_gradient(mean(G) r_i^alpha)|``
+  (``alpha`` 1.5), only for sampled tasks (one Adam state per task), and are
+  then renormalised to sum to T.
 * gradient combination, :data:`mtljax.gradients.GRADIENT_METHODS`
   (``mgda``, ``pcgrad``, ``cagrad``, ``imtl_g``, ``nash_mtl``,
   ``aligned_mtl``): the per-slot gradients of the *shared* parameters,
-  ``G [K, ...]`` (row k is the gradient of ``w[task_ids[k]] L_k``), come from one
-  vmapped VJP; the method turns them into one direction (see
-  :mod:`mtljax.gradients` for each method's scaling). Task-specific parameters
-  get their own plain gradients (of the weighted sum).
+  ``G [K, ...]`` (row k is the gradient of ``w[task_ids[k]] L_k``), come from the
+  step's one linearisation; the method turns their Gram matrix into weights
+  ``beta`` and the direction is ``sum_k beta_k g_k`` (see :mod:`mtljax.gradients`
+  for each method's scaling). Task-specific parameters get their own plain
+  gradients (of the weighted sum).
 
-  ``gram_path`` (``config.objective.gram_path``) picks how the step gets the
-  Gram matrix ``G G^T``: ``"jacobian"`` (default) materialises the per-slot
-  gradients ``[K, D]`` and combines them (one vmapped backward); ``"accumulate"``
-  reduces each parameter's per-slot gradients into ``G G^T`` as the backward
-  produces them and never keeps the whole Jacobian (memory ``O(K^2)`` plus one
-  layer's ``K`` gradients), then gets the direction ``sum_k beta_k g_k`` from a
-  second, ordinary backward of ``sum_k beta_k w L_k`` -- every method here needs
-  only ``G G^T``, so both paths give the same update.
+  ``gram_path`` picks how the direction is formed: ``"jacobian"`` (default)
+  combines the per-slot gradients ``[K, D]``; ``"accumulate"`` uses them only to
+  reduce ``G G^T`` (each parameter's per-slot gradients are freed as the
+  backward produces them), then gets the direction from one more backward of
+  ``sum_k beta_k w L_k`` through the same linearisation -- every method here
+  needs only ``G G^T``, so both paths give the same update.
 * ``mgda_ub`` (Sener & Koltun 2018, MGDA-UB): MGDA's weights from the per-slot
-  gradients with respect to the shared representation ``Z`` (the trunk's
-  output), which needs every slot to see the same inputs
-  (``config.sampling.shared_inputs=True``) and an architecture whose features
-  are one task-independent representation followed by task-specific heads
-  (``multi_head``); then one backward of ``sum_k beta_k w L_k``.
-
-The pure functions of the gradient matrix are re-exported here:
-``mtljax.objectives.NAME(G, ...) -> (d, beta, info)`` for every name in
-:data:`GRADIENT_FUNCTIONS` (see :mod:`mtljax.gradients` for the scaling
-convention of each).
+  gradients with respect to the shared representation ``Z`` (the output of the
+  model's task-independent part), which needs every slot to see the same inputs
+  (``config.sampling.shared_inputs=True``) and an architecture with a
+  task-independent part (:attr:`mtljax.models.multitask.Model.encode`); then
+  one backward of ``sum_k beta_k w L_k`` through the trunk.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from typing import Callable, NamedTuple
 
 import jax
@@ -78,25 +89,97 @@ import jax.numpy as jnp
 import optax
 
 from mtljax import gradients
-from mtljax.gradients import aligned_mtl  # noqa: F401  (re-exported)
-from mtljax.gradients import cagrad  # noqa: F401
-from mtljax.gradients import imtl_g  # noqa: F401
-from mtljax.gradients import mgda  # noqa: F401
-from mtljax.gradients import mgda_ub  # noqa: F401
-from mtljax.gradients import nash_mtl  # noqa: F401
-from mtljax.gradients import pcgrad  # noqa: F401
+from mtljax import jacobians
+from mtljax import params as params_lib
 
-LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo")
-REPRESENTATION_METHODS = ("mgda_ub",)
-METHODS = (("fixed",) + LOSS_WEIGHTINGS + ("gradnorm",) + gradients.GRADIENT_METHODS
-           + REPRESENTATION_METHODS)
-GRADIENT_FUNCTIONS = gradients.GRADIENT_METHODS + REPRESENTATION_METHODS
 GRAM_PATHS = ("jacobian", "accumulate")
 
 
-def check_method(method: str) -> None:
-  if method not in METHODS:
-    raise ValueError(f"config.objective.method={method!r} is not one of {METHODS}.")
+class Inputs(NamedTuple):
+  """What an objective sees in a step besides the linearisation."""
+  task_ids: jax.Array   # [K]
+  weights: jax.Array    # [T], the fixed task weights w
+  state: dict           # the objective's state (keys fixed by init_state)
+  params: dict          # its own per-task parameters ({} if none)
+  rng: jax.Array
+
+
+class Result(NamedTuple):
+  """An objective's output in a step."""
+  total: jax.Array      # the objective's value (scalar)
+  grads: dict           # {"shared", "tasks"}: what the optimizer receives
+  state: dict           # the objective state going into the optimizer step
+  measurements: dict    # fixed keys; summed over the steps of a call
+
+
+def _empty() -> dict:
+  return {}
+
+
+def _keep(state, losses, task_ids, new_losses):
+  del losses, task_ids, new_losses
+  return state
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One multi-task objective method (module docstring).
+
+  Attributes:
+    name: the method's name (also where its per-task parameters live:
+      ``params["tasks"][name]``).
+    needs: what the step linearises, one of :data:`mtljax.jacobians.NEEDS`.
+    gradients: ``gradients(lin: Linearized, inputs: Inputs) -> Result``.
+    init_state: ``() -> dict``, the objective's state (fixed keys).
+    init_params: ``() -> dict`` of ``[T]`` leaves, its per-task parameters.
+    after_update: ``(state, losses [K], task_ids [K], new_losses [K] | None) ->
+      state``, after the optimizer step.
+    needs_new_losses: the step computes the slots' losses at the updated
+      parameters for ``after_update`` (one more forward).
+    slot_leaves: with ``needs="slots"``, ``shared_names -> selected names``
+      (None: every shared leaf).
+    hparams: the hyper-parameters it was built with (for logs).
+  """
+  name: str
+  needs: str
+  gradients: Callable
+  init_state: Callable = _empty
+  init_params: Callable = _empty
+  after_update: Callable = _keep
+  needs_new_losses: bool = False
+  slot_leaves: Callable | None = None
+  hparams: dict = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------
+# Family 1: loss weightings (the gradient is the pullback of d objective / d L).
+# ----------------------------------------------------------------------------
+
+
+def loss_weighting(name: str, scalarize: Callable, *, init_state: Callable = _empty,
+                   init_params: Callable = _empty, after_update: Callable = _keep,
+                   needs_new_losses: bool = False, max_shared_grad_norm: float = 0.0,
+                   hparams: dict | None = None, log_lambda: bool = True) -> Objective:
+  """An :class:`Objective` from ``scalarize(losses [K], inputs) -> (value,
+  lambda [T])``, differentiable in the losses and in ``inputs.params``."""
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    def value(losses, own):
+      return scalarize(losses, inp._replace(params=own))
+    (total, lam), (c, g_own) = jax.value_and_grad(value, argnums=(0, 1), has_aux=True)(
+        lin.losses, inp.params)
+    grads = lin.pullback(c)
+    if g_own:
+      grads = {"shared": grads["shared"], "tasks": {**grads["tasks"], name: g_own}}
+    if max_shared_grad_norm > 0:
+      shared, _ = optax.clip_by_global_norm(max_shared_grad_norm).update(
+          grads["shared"], optax.EmptyState())
+      grads = {"shared": shared, "tasks": grads["tasks"]}
+    meas = {"objective_lambda_sum": lam} if log_lambda else {}
+    return Result(total, grads, inp.state, meas)
+
+  return Objective(name, "sum", grads_fn, init_state, init_params, after_update,
+                   needs_new_losses, None, dict(hparams or {}))
 
 
 def weighted_sum(losses: jax.Array, task_ids: jax.Array, weights: jax.Array) -> jax.Array:
@@ -104,87 +187,88 @@ def weighted_sum(losses: jax.Array, task_ids: jax.Array, weights: jax.Array) -> 
   return jnp.sum(weights[task_ids] * losses)
 
 
-def make_gram_weights(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1,
-                      solver_iters: int = 300) -> Callable:
-  """``weights(K, rng) -> (beta [K], info)`` for a gradient method, from the
-  Gram matrix of the task gradients."""
-  if method not in GRADIENT_FUNCTIONS:
-    raise ValueError(f"{method!r} is not a gradient method; those are "
-                     f"{GRADIENT_FUNCTIONS}.")
-  if method == "cagrad" and not 0.0 <= cagrad_c < 1.0:
-    raise ValueError(f"config.objective.cagrad_c must be in [0, 1), got {cagrad_c}.")
-  table = {
-      "mgda": lambda k, r: gradients.mgda_weights(k, iters=solver_iters),
-      "mgda_ub": lambda k, r: gradients.mgda_weights(k, iters=solver_iters),
-      "pcgrad": gradients.pcgrad_weights,
-      "cagrad": lambda k, r: gradients.cagrad_weights(k, c=cagrad_c, rescale=cagrad_rescale,
-                                                      iters=solver_iters),
-      "imtl_g": lambda k, r: gradients.imtl_g_weights(k),
-      "nash_mtl": lambda k, r: gradients.nash_mtl_weights(k),
-      "aligned_mtl": lambda k, r: gradients.aligned_mtl_weights(k),
-  }
-  return table[method]
-
-
-def make_combiner(method: str, **kwargs) -> Callable:
-  """``combine(G, rng) -> (d, beta [K], info)`` for a gradient method."""
-  weights = make_gram_weights(method, **kwargs)
-
-  def combine(grads, rng):
-    beta, info = weights(gradients.gram(grads), rng)
-    return gradients.combine(beta, grads), beta, info
-  return combine
-
-
-# ----------------------------------------------------------------------------
-# Loss weighting: objective(losses, task_ids, weights, state, params, rng).
-# ----------------------------------------------------------------------------
-
-
-class LossWeighting(NamedTuple):
-  """A loss-weighting method as pure functions.
-
-  init_state() -> state; init_params(num_tasks) -> per-task parameters (a
-  dict of ``[T]`` arrays, stored at ``params["tasks"][name]``, or ``{}``);
-  objective(losses [K], task_ids [K], weights [T], state, params, rng) ->
-  (scalar, lambda [T]); update(state, losses, task_ids, new_losses) -> state,
-  where ``new_losses`` are the losses on the same batch after the parameter
-  update (computed only when ``needs_new_losses``); ``max_shared_grad_norm`` > 0
-  clips the shared gradient's global norm.
-  """
-  init_state: Callable
-  init_params: Callable
-  objective: Callable
-  update: Callable
-  needs_new_losses: bool = False
-  max_shared_grad_norm: float = 0.0
-
-
-def _no_state():
-  return {}
-
-
-def _no_params(num_tasks):
-  del num_tasks
-  return {}
-
-
-def _keep(state, losses, task_ids, new_losses=None):
-  del losses, task_ids, new_losses
-  return state
+def fixed(num_tasks: int) -> Objective:
+  """Equal (or fixed, ``config.objective.weights``) weighting."""
+  return loss_weighting("fixed", lambda l, inp: (weighted_sum(l, inp.task_ids, inp.weights),
+                                                 jnp.ones((num_tasks,))), log_lambda=False)
 
 
 def rlw_weights(rng: jax.Array, num_tasks: int) -> jax.Array:
+  """``softmax(z)``, ``z ~ N(0, I_T)``."""
   return jax.nn.softmax(jax.random.normal(rng, (num_tasks,)))
+
+
+def rlw(num_tasks: int) -> Objective:
+  """Random loss weighting (Lin et al. 2022)."""
+  def scalarize(l, inp):
+    lam = rlw_weights(inp.rng, num_tasks)
+    return jnp.sum((inp.weights * lam)[inp.task_ids] * l), lam
+  return loss_weighting("rlw", scalarize)
+
+
+def min_max(num_tasks: int) -> Objective:
+  """The worst sampled task's weighted loss."""
+  def scalarize(l, inp):
+    wl = inp.weights[inp.task_ids] * l
+    worst = jnp.argmax(wl)
+    return wl[worst], jnp.zeros((num_tasks,)).at[inp.task_ids[worst]].set(1.0)
+  return loss_weighting("min_max", scalarize)
+
+
+def uncertainty(num_tasks: int) -> Objective:
+  """Uncertainty weighting (Kendall et al. 2018) with ``s = log sigma^2`` per task."""
+  def scalarize(l, inp):
+    s = inp.params["log_var"]
+    return (jnp.sum(inp.weights[inp.task_ids] * (l * 0.5 * jnp.exp(-s[inp.task_ids])
+                                                 + 0.5 * s[inp.task_ids])),
+            0.5 * jnp.exp(-s))
+  return loss_weighting("uncertainty", scalarize,
+                        init_params=lambda: {"log_var": jnp.zeros((num_tasks,), jnp.float32)})
 
 
 def dwa_weights(prev: jax.Array, prev2: jax.Array, windows_done: jax.Array,
                 temperature: float) -> jax.Array:
-  """``T softmax((prev / prev2) / tau)``, or ones before two full windows."""
+  """``T softmax((prev / prev2) / tau)``, or ones before two full windows.
+
+  With task sampling a task may have no loss yet in the window two back
+  (``prev2 == 0``: losses are positive); its ratio is then 1 (neutral), not 0.
+  """
   num_tasks = prev.shape[0]
-  ratio = prev / jnp.maximum(prev2, 1e-12)
+  ratio = jnp.where(prev2 > 0, prev / jnp.where(prev2 > 0, prev2, 1.0), 1.0)
   lam = num_tasks * jax.nn.softmax(ratio / temperature)
   return jnp.where(windows_done >= 2, lam, jnp.ones_like(lam))
+
+
+def dwa(num_tasks: int, *, temperature: float = 2.0, window_steps: int = 100) -> Objective:
+  """Dynamic weight average (Liu et al. 2019) over windows of ``window_steps``."""
+  if not temperature > 0 or window_steps < 1:
+    raise ValueError("config.objective.dwa.temperature must be > 0 and "
+                     "config.objective.dwa.window_steps >= 1.")
+
+  def init():  # distinct buffers, so the state can be donated
+    z = lambda: jnp.zeros((num_tasks,), jnp.float32)
+    return {"sum": z(), "count": z(), "prev": z(), "prev2": z(),
+            "steps": jnp.zeros((), jnp.int32), "windows": jnp.zeros((), jnp.int32)}
+
+  def scalarize(l, inp):
+    st = inp.state
+    lam = dwa_weights(st["prev"], st["prev2"], st["windows"], temperature)
+    return jnp.sum((inp.weights * lam)[inp.task_ids] * l), lam
+
+  def update(st, l, ids, new_losses=None):
+    del new_losses
+    total = st["sum"] + jax.ops.segment_sum(jax.lax.stop_gradient(l), ids, num_tasks)
+    count = st["count"] + jax.ops.segment_sum(jnp.ones_like(l), ids, num_tasks)
+    steps = st["steps"] + 1
+    done = steps % window_steps == 0
+    mean = jnp.where(count > 0, total / jnp.maximum(count, 1.0), st["prev"])
+    z = jnp.zeros_like(total)
+    return {"sum": jnp.where(done, z, total), "count": jnp.where(done, z, count),
+            "prev": jnp.where(done, mean, st["prev"]),
+            "prev2": jnp.where(done, st["prev"], st["prev2"]),
+            "steps": steps, "windows": st["windows"] + done.astype(jnp.int32)}
+  return loss_weighting("dwa", scalarize, init_state=init, after_update=update,
+                        hparams={"temperature": temperature, "window_steps": window_steps})
 
 
 def famo_weights_optimizer(w_lr: float, gamma: float) -> optax.GradientTransformation:
@@ -198,107 +282,132 @@ def famo_logit_gradient(xi: jax.Array, delta: jax.Array) -> jax.Array:
   return z * (delta - z @ delta)
 
 
-def make_loss_weighting(method: str, num_tasks: int, *, dwa_temperature: float = 2.0,
-                        dwa_window_steps: int = 100, famo_w_lr: float = 0.025,
-                        famo_gamma: float = 0.01, famo_max_norm: float = 1.0,
-                        famo_min_losses=None) -> LossWeighting:
-  check_method(method)
-  if method == "famo":
-    min_losses = (jnp.zeros((num_tasks,), jnp.float32) if famo_min_losses is None
-                  else jnp.asarray(famo_min_losses, jnp.float32))
-    tx_w = famo_weights_optimizer(famo_w_lr, famo_gamma)
+def famo(num_tasks: int, *, w_lr: float = 0.025, gamma: float = 0.01, max_norm: float = 1.0,
+         min_losses: tuple = ()) -> Objective:
+  """FAMO (Liu et al. 2023); ``min_losses``: per-task loss lower bounds (default 0)."""
+  if min_losses and len(min_losses) != num_tasks:
+    raise ValueError(f"config.objective.famo.min_losses has {len(min_losses)} values for "
+                     f"{num_tasks} tasks.")
+  floor = (jnp.asarray(min_losses, jnp.float32) if min_losses
+           else jnp.zeros((num_tasks,), jnp.float32))
+  tx_w = famo_weights_optimizer(w_lr, gamma)
 
-    def init():
-      xi = jnp.zeros((num_tasks,), jnp.float32)
-      return {"xi": xi, "opt": tx_w.init(xi)}
+  def init():
+    xi = jnp.zeros((num_tasks,), jnp.float32)
+    return {"xi": xi, "opt": tx_w.init(xi)}
 
-    def famo(l, ids, w, st, p, r):
-      z = jax.nn.softmax(st["xi"])[ids] * w[ids]
-      d = l - min_losses[ids] + 1e-8
-      c = jax.lax.stop_gradient(jnp.sum(z / d))
-      return jnp.sum(jnp.log(d) * z / c), jax.nn.softmax(st["xi"])
+  def scalarize(l, inp):
+    ids = inp.task_ids
+    z = jax.nn.softmax(inp.state["xi"])[ids] * inp.weights[ids]
+    d = l - floor[ids] + 1e-8
+    c = jax.lax.stop_gradient(jnp.sum(z / d))
+    return jnp.sum(jnp.log(d) * z / c), jax.nn.softmax(inp.state["xi"])
 
-    def update(st, l, ids, new_losses):
-      delta_k = (jnp.log(l - min_losses[ids] + 1e-8)
-                 - jnp.log(new_losses - min_losses[ids] + 1e-8))
-      delta = jax.ops.segment_sum(jax.lax.stop_gradient(delta_k), ids, num_tasks)
-      g = famo_logit_gradient(st["xi"], delta)
-      upd, opt = tx_w.update(g, st["opt"], st["xi"])
-      return {"xi": optax.apply_updates(st["xi"], upd), "opt": opt}
-
-    return LossWeighting(init, _no_params, famo, update, needs_new_losses=True,
-                         max_shared_grad_norm=famo_max_norm)
-  if method == "fixed":
-    return LossWeighting(
-        _no_state, _no_params,
-        lambda l, ids, w, st, p, r: (weighted_sum(l, ids, w), jnp.ones((num_tasks,))),
-        _keep)
-  if method == "rlw":
-    def rlw(l, ids, w, st, p, r):
-      lam = rlw_weights(r, num_tasks)
-      return jnp.sum((w * lam)[ids] * l), lam
-    return LossWeighting(_no_state, _no_params, rlw, _keep)
-  if method == "min_max":
-    def min_max(l, ids, w, st, p, r):
-      wl = w[ids] * l
-      worst = jnp.argmax(wl)
-      return wl[worst], jnp.zeros((num_tasks,)).at[ids[worst]].set(1.0)
-    return LossWeighting(_no_state, _no_params, min_max, _keep)
-  if method == "uncertainty":
-    def uw(l, ids, w, st, p, r):
-      s = p["log_var"][ids]
-      return jnp.sum(w[ids] * (l * 0.5 * jnp.exp(-s) + 0.5 * s)), 0.5 * jnp.exp(-p["log_var"])
-    return LossWeighting(_no_state,
-                         lambda t: {"log_var": jnp.zeros((t,), jnp.float32)}, uw, _keep)
-  if method == "dwa":
-    if not dwa_temperature > 0 or dwa_window_steps < 1:
-      raise ValueError("config.objective.dwa_temperature must be > 0 and "
-                       "dwa_window_steps >= 1.")
-
-    def init():  # distinct buffers, so the state can be donated
-      z = lambda: jnp.zeros((num_tasks,), jnp.float32)
-      return {"sum": z(), "count": z(), "prev": z(), "prev2": z(),
-              "steps": jnp.zeros((), jnp.int32), "windows": jnp.zeros((), jnp.int32)}
-
-    def dwa(l, ids, w, st, p, r):
-      lam = dwa_weights(st["prev"], st["prev2"], st["windows"], dwa_temperature)
-      return jnp.sum((w * lam)[ids] * l), lam
-
-    def update(st, l, ids, new_losses=None):
-      del new_losses
-      total = st["sum"] + jax.ops.segment_sum(jax.lax.stop_gradient(l), ids, num_tasks)
-      count = st["count"] + jax.ops.segment_sum(jnp.ones_like(l), ids, num_tasks)
-      steps = st["steps"] + 1
-      done = steps % dwa_window_steps == 0
-      mean = jnp.where(count > 0, total / jnp.maximum(count, 1.0), st["prev"])
-      z = jnp.zeros_like(total)
-      return {
-          "sum": jnp.where(done, z, total), "count": jnp.where(done, z, count),
-          "prev": jnp.where(done, mean, st["prev"]),
-          "prev2": jnp.where(done, st["prev"], st["prev2"]),
-          "steps": steps, "windows": st["windows"] + done.astype(jnp.int32)}
-    return LossWeighting(init, _no_params, dwa, update)
-  raise ValueError(f"config.objective.method={method!r} is a gradient method, not a "
-                   "loss weighting.")
+  def update(st, l, ids, new_losses):
+    delta_k = jnp.log(l - floor[ids] + 1e-8) - jnp.log(new_losses - floor[ids] + 1e-8)
+    delta = jax.ops.segment_sum(jax.lax.stop_gradient(delta_k), ids, num_tasks)
+    upd, opt = tx_w.update(famo_logit_gradient(st["xi"], delta), st["opt"], st["xi"])
+    return {"xi": optax.apply_updates(st["xi"], upd), "opt": opt}
+  return loss_weighting("famo", scalarize, init_state=init, after_update=update,
+                        needs_new_losses=True, max_shared_grad_norm=max_norm,
+                        hparams={"w_lr": w_lr, "gamma": gamma, "max_norm": max_norm})
 
 
 # ----------------------------------------------------------------------------
-# GradNorm: weights from per-task gradient norms of one shared layer.
+# Family 2: gradient combination from the Gram matrix of per-slot gradients.
+# ----------------------------------------------------------------------------
+
+
+def gram_measurements(k: jax.Array, beta: jax.Array, info: dict, task_ids: jax.Array,
+                      num_tasks: int) -> dict:
+  """Per-task gradient norms and method weights, task-pair cosine sums and
+  counts, and solver failures, placed by task id."""
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
+  cos = k / jnp.maximum(norms[:, None] * norms[None, :], 1e-30)
+  pair = (task_ids[:, None], task_ids[None, :])
+  return {
+      "grad_norm_sum": jax.ops.segment_sum(norms, task_ids, num_tasks),
+      "grad_weight_sum": jax.ops.segment_sum(beta, task_ids, num_tasks),
+      "grad_cos_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(cos),
+      "grad_pair_count": jnp.zeros((num_tasks, num_tasks)).at[pair].add(1.0),
+      "solver_failures": (1.0 - info["converged"].astype(jnp.float32)
+                          if "converged" in info else jnp.zeros(())),
+  }
+
+
+def _bind_weights(weights_fn: Callable, hp: dict) -> Callable:
+  """``weights(K, rng) -> (beta, info)``, hyper-parameters bound and checked."""
+  rng_arg = gradients.uses_rng(weights_fn)
+
+  def weights(k, rng):
+    return weights_fn(k, rng, **hp) if rng_arg else weights_fn(k, **hp)
+  # Trace once on a small problem: bad hyper-parameters fail here, not in jit.
+  jax.eval_shape(weights, jnp.eye(2), jax.random.key(0))
+  return weights
+
+
+def gram_combiner(name: str, num_tasks: int, weights_fn: Callable, *,
+                  gram_path: str = "jacobian", **hp) -> Objective:
+  """A gradient-combination method from ``weights_fn(K, [rng,] **hp)``."""
+  if gram_path not in GRAM_PATHS:
+    raise ValueError(f"config.objective.gram_path={gram_path!r} is not one of {GRAM_PATHS}.")
+  weights = _bind_weights(weights_fn, hp)
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    w = inp.weights[inp.task_ids]
+    if gram_path == "jacobian":
+      g, g_tasks = lin.slot_grads(w)                # rows w_k grad L_k: [K, ...]
+      k = gradients.gram(g)
+      beta, info = weights(k, inp.rng)
+      shared = gradients.combine(beta, g)
+    else:  # G G^T without holding G, then one more backward for the direction
+      k, g_tasks = lin.slot_gram(w)
+      beta, info = weights(k, inp.rng)
+      shared = lin.pullback(beta * w)["shared"]
+    return Result(jnp.sum(w * lin.losses), {"shared": shared, "tasks": g_tasks}, inp.state,
+                  gram_measurements(k, beta, info, inp.task_ids, num_tasks))
+
+  return Objective(name, "slots", grads_fn, hparams={**hp, "gram_path": gram_path})
+
+
+def mgda_ub(num_tasks: int, *, iters: int = 300, tol: float = 1e-5) -> Objective:
+  """MGDA-UB: MGDA on the per-slot gradients of the shared representation."""
+  weights = _bind_weights(gradients.mgda_weights, {"iters": iters, "tol": tol})
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    w = inp.weights[inp.task_ids]
+    dz, g_tasks = lin.rep_grads(w)                  # [K, ...]: grad_Z (w_k L_k)
+    k = gradients.gram(dz)
+    beta, info = weights(k, inp.rng)
+    shared = lin.rep_pullback(gradients.combine(beta, dz))
+    return Result(jnp.sum(w * lin.losses), {"shared": shared, "tasks": g_tasks}, inp.state,
+                  gram_measurements(k, beta, info, inp.task_ids, num_tasks))
+
+  return Objective("mgda_ub", "representation", grads_fn,
+                   hparams={"iters": iters, "tol": tol})
+
+
+# ----------------------------------------------------------------------------
+# Family 3: GradNorm (weights from per-task gradient norms of one shared layer).
 # ----------------------------------------------------------------------------
 
 
 def gradnorm_init(num_tasks: int, w_lr: float) -> dict:
+  """GradNorm's state: task weights ``w [T]`` (init 1), one Adam state per task
+  (so a task's bias correction counts its own updates, as for the heads), each
+  task's first loss and whether it was seen."""
   w = jnp.ones((num_tasks,), jnp.float32)
-  return {"w": w, "opt": optax.adam(w_lr).init(w),
+  return {"w": w, "opt": jax.vmap(optax.adam(w_lr).init)(w),
           "initial_loss": jnp.zeros((num_tasks,), jnp.float32),
           "seen": jnp.zeros((num_tasks,), bool)}
 
 
 def gradnorm_update(state: dict, norms: jax.Array, losses: jax.Array, task_ids: jax.Array,
                     *, alpha: float, w_lr: float) -> tuple[dict, jax.Array]:
-  """One GradNorm weight update from the slots' ``||grad_W L_k||`` and losses.
+  """One GradNorm weight update from the slots' ``||grad_W w L_k||`` and losses.
 
-  Returns ``(new_state, L_grad)``.
+  Only sampled tasks' weights (and Adam states) move; then ``w`` is
+  renormalised to sum to T. Returns ``(new_state, L_grad)``.
   """
   num_tasks = state["w"].shape[0]
   first = ~state["seen"][task_ids]
@@ -314,11 +423,112 @@ def gradnorm_update(state: dict, norms: jax.Array, losses: jax.Array, task_ids: 
     return jnp.sum(jnp.abs(g - target))
 
   value, grad_w = jax.value_and_grad(l_grad)(state["w"])
-  upd, opt = optax.adam(w_lr).update(grad_w, state["opt"], state["w"])
+  upd, opt = jax.vmap(optax.adam(w_lr).update)(grad_w, state["opt"], state["w"])
   active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
   w = jnp.where(active, optax.apply_updates(state["w"], upd), state["w"])
   opt = jax.tree.map(lambda new, old: jnp.where(
-      active.reshape((-1,) + (1,) * (new.ndim - 1)) if new.ndim else True, new, old),
-      opt, state["opt"])
+      active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), opt, state["opt"])
   w = num_tasks * w / jnp.sum(w)                               # renormalise: sum = T
   return {"w": w, "opt": opt, "initial_loss": l0, "seen": seen}, value
+
+
+def gradnorm(num_tasks: int, *, alpha: float = 1.5, w_lr: float = 0.025,
+             layer: str = r"(trunk|experts)/layer_\d+/kernel$") -> Objective:
+  """GradNorm (Chen et al. 2018, Algorithm 1) on the last shared leaf matching
+  ``layer`` (a regex over paths relative to ``shared/``)."""
+  try:
+    rx = re.compile(layer)
+  except re.error as e:
+    raise ValueError(f"config.objective.gradnorm.layer={layer!r}: {e}.") from None
+
+  def pick(names):
+    found = [n for n in names if rx.search(n)]
+    if not found:
+      raise ValueError(f"config.objective.gradnorm.layer={layer!r} matches no shared "
+                       f"parameter; shared parameters are {list(names)}.")
+    return found[-1:]  # the last shared layer matching
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    ids, w = inp.task_ids, inp.weights[inp.task_ids]
+    g, _ = lin.slot_grads(w)                           # rows w_k grad L_k (some leaves)
+    named = dict(params_lib.flatten_with_names(g))
+    g_layer = named[pick(list(named))[0]]              # [K, ...] on W
+    norms = jnp.sqrt(jnp.sum(jnp.square(g_layer.reshape(g_layer.shape[0], -1)), axis=1))
+    w_gn = inp.state["w"]
+    grads = lin.pullback(w * w_gn[ids])
+    new_state, l_grad = gradnorm_update(inp.state, norms, jax.lax.stop_gradient(lin.losses),
+                                        ids, alpha=alpha, w_lr=w_lr)
+    return Result(jnp.sum(w * w_gn[ids] * lin.losses), grads, new_state,
+                  {"objective_lambda_sum": w_gn, "gradnorm_loss": l_grad})
+
+  return Objective("gradnorm", "slots", grads_fn,
+                   init_state=lambda: gradnorm_init(num_tasks, w_lr), slot_leaves=pick,
+                   hparams={"alpha": alpha, "w_lr": w_lr, "layer": layer})
+
+
+# ----------------------------------------------------------------------------
+# The registry: the one place a method is chosen by name.
+# ----------------------------------------------------------------------------
+
+LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo")
+REPRESENTATION_METHODS = ("mgda_ub",)
+
+
+
+def _gram_factory(name: str) -> Callable[..., Objective]:
+  def factory(num_tasks: int, **kwargs) -> Objective:
+    return gram_combiner(name, num_tasks, gradients.GRAM_METHODS[name], **kwargs)
+  return factory
+
+
+REGISTRY: dict[str, Callable[..., Objective]] = {
+    "fixed": fixed, "rlw": rlw, "dwa": dwa, "uncertainty": uncertainty,
+    "min_max": min_max, "famo": famo, "gradnorm": gradnorm,
+    **{name: _gram_factory(name) for name in gradients.GRAM_METHODS},
+    "mgda_ub": mgda_ub,
+}
+METHODS = tuple(REGISTRY)
+
+
+def check_method(method: str) -> None:
+  if method not in REGISTRY:
+    raise ValueError(f"config.objective.method={method!r} is not one of {METHODS}.")
+
+
+def hyperparameters(method: str) -> dict:
+  """``{name: default}`` of a method's hyper-parameters."""
+  check_method(method)
+  if method in gradients.GRAM_METHODS:
+    return gradients.hyperparameters(gradients.GRAM_METHODS[method])
+  return {p.name: p.default for p in inspect.signature(REGISTRY[method]).parameters.values()
+          if p.kind == inspect.Parameter.KEYWORD_ONLY}
+
+
+def check_hyperparameters(method: str, hparams: dict) -> None:
+  """Raises on a hyper-parameter name ``method`` does not take."""
+  check_method(method)
+  known = hyperparameters(method)
+  unknown = sorted(set(hparams) - set(known))
+  if unknown:
+    raise ValueError(f"config.objective.{method}: unknown hyper-parameter(s) {unknown}; "
+                     f"{method!r} takes {sorted(known) or 'none'}.")
+
+
+def make_objective(method: str, num_tasks: int, *, gram_path: str = "jacobian",
+                   **hparams) -> Objective:
+  """The :class:`Objective` named ``method`` for ``num_tasks`` tasks.
+
+  ``hparams`` are the method's hyper-parameters (:func:`hyperparameters`;
+  unknown names raise); ``gram_path`` applies to the gradient-combination
+  methods only.
+  """
+  check_hyperparameters(method, hparams)
+  if method in gradients.GRAM_METHODS:
+    return REGISTRY[method](num_tasks, gram_path=gram_path, **hparams)
+  if gram_path != "jacobian":
+    raise ValueError(
+        f"config.objective.gram_path={gram_path!r} applies to the gradient methods "
+        f"{gradients.GRADIENT_METHODS}, whose per-task parameter gradients it accumulates; "
+        f"method {method!r} does not use it (mgda_ub never forms the parameter Jacobian). "
+        "Leave gram_path='jacobian'.")
+  return REGISTRY[method](num_tasks, **hparams)

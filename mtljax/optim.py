@@ -41,9 +41,11 @@ stay bitwise unchanged (``p`` is kept rather than ``p + 0``, which would turn
 
 Generated rules: :func:`layerwise_decay_rules` (layer ``l`` of ``L`` gets
 ``lr * decay^(L - l)``; ULMFiT's factor 2.6 between consecutive layers is
-``decay = ULMFIT_DECAY = 1 / 2.6``) and :func:`gradual_unfreezing_rules`
-(layer groups unfrozen from the top, one every N steps), over the layer groups
-of :func:`layer_groups`.
+``decay = ULMFIT_DECAY = 1 / 2.6``), :func:`gradual_unfreezing_rules`
+(layer groups unfrozen from the top, one every N steps) and
+:func:`frozen_depth_rules`, over the layer groups the model declares
+(:attr:`mtljax.models.multitask.Model.layer_groups`, checked by
+:func:`check_layer_groups`).
 """
 
 from __future__ import annotations
@@ -169,28 +171,30 @@ def parse_rules(spec) -> tuple[Rule, ...]:
   return tuple(out)
 
 
-_LAYER = re.compile(r"^(shared|tasks)/trunk/((conv|layer)_(\d+))/")
+def check_layer_groups(groups: Sequence[tuple[str, str]], param_names: Sequence[str]) -> None:
+  """Raises unless every parameter is in exactly one layer group.
 
-
-def layer_groups(param_names: Sequence[str]) -> list[tuple[str, str]]:
-  """The model's layer groups from input to output as ``(name, regex)``.
-
-  Trunk layers ``trunk/conv_i`` then ``trunk/layer_j`` (shared or per-task),
-  then one top group ``top``: everything else (heads, objective parameters).
+  ``groups`` are ``(name, regex)`` from input to output, declared by the model
+  (:attr:`mtljax.models.multitask.Model.layer_groups`); layer-wise rules
+  (:func:`layerwise_decay_rules`, :func:`gradual_unfreezing_rules`,
+  :func:`frozen_depth_rules`) are generated over them.
   """
-  found = {}
-  top = False
+  if not groups:
+    raise ValueError("layer groups: the model declares none.")
+  compiled = [(g, re.compile(rx)) for g, rx in groups]
+  loose, doubled = [], []
   for n in param_names:
-    m = _LAYER.match(n)
-    if m:
-      found[m.group(2)] = (0 if m.group(3) == "conv" else 1, int(m.group(4)))
-    else:
-      top = True
-  groups = [(name, rf"^(shared|tasks)/trunk/{name}/") for name in
-            sorted(found, key=found.get)]
-  if top:
-    groups.append(("top", r"^(?!(shared|tasks)/trunk/)"))
-  return groups
+    hits = [g for g, rx in compiled if rx.search(n)]
+    if not hits:
+      loose.append(n)
+    elif len(hits) > 1:
+      doubled.append(f"{n} in {hits}")
+  if loose:
+    raise ValueError(f"layer-wise rules (config.optim.layerwise_decay / unfreeze_every / "
+                     f"frozen_depth) need every parameter in a layer group; {loose} are in "
+                     f"none of {[g for g, _ in groups]}.")
+  if doubled:
+    raise ValueError(f"layer groups overlap: {doubled}.")
 
 
 def layerwise_decay_rules(groups: Sequence[tuple[str, str]], decay: float) -> tuple[Rule, ...]:

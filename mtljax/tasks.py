@@ -161,6 +161,13 @@ class TaskSet:
     return np.array([gs.index(t.group) for t in self.tasks], np.int32)
 
   @property
+  def grouped_order(self) -> np.ndarray:
+    """``[T]`` int32: every task once, each group's tasks contiguous (groups in
+    :attr:`groups` order, tasks in task order within a group) -- the static slot
+    layout of a step that trains every task (see :func:`static_group_slices`)."""
+    return np.concatenate([self.group_members(g) for g in self.groups]).astype(np.int32)
+
+  @property
   def local_index(self) -> np.ndarray:
     """``[T]`` int32: each task's row inside its group's stacked arrays."""
     out = np.zeros(len(self.tasks), np.int32)
@@ -197,6 +204,48 @@ def example_loss(task: Task, out: jax.Array, y: jax.Array) -> jax.Array:
     return jax.nn.softplus(logit) - yf * logit
   err = out[..., 0] - y
   return err * err
+
+
+def static_group_slices(taskset: TaskSet, task_ids) -> dict[str, slice] | None:
+  """``{group: slice of the slots holding its tasks}`` when ``task_ids`` is a
+  concrete numpy array whose groups occupy contiguous slots (as
+  :attr:`TaskSet.grouped_order` does); None for traced ids or interleaved groups.
+
+  With a static layout, heads and losses are computed for each group's own
+  slots only (half the head work with two groups), instead of for every slot
+  and masked.
+  """
+  if not isinstance(task_ids, np.ndarray):
+    return None
+  group_of = taskset.group_of_task[task_ids]
+  out = {}
+  for gi, g in enumerate(taskset.groups):
+    pos = np.flatnonzero(group_of == gi)
+    if len(pos) and not np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))):
+      return None
+    out[g] = slice(int(pos[0]), int(pos[0]) + len(pos)) if len(pos) else slice(0, 0)
+  return out
+
+
+def slot_losses(taskset: TaskSet, outs: dict, ys: dict, task_ids: jax.Array) -> jax.Array:
+  """``[K]`` mean loss of each slot's task on its ``[B]`` examples.
+
+  ``outs``: ``{group: [K, B, out]}`` (every group computed for every slot);
+  ``ys``: ``{group: [K, B]}``; slot k's loss is read from its task's group.
+  With a static slot layout (:func:`static_group_slices`) each group's loss is
+  computed on its own slots only.
+  """
+  slices = static_group_slices(taskset, task_ids)
+  if slices is not None:
+    pieces = sorted((s.start, example_loss(taskset.group_task(g), outs[g][s], ys[g][s]))
+                    for g, s in slices.items() if s.stop > s.start)
+    return jnp.concatenate([p.mean(axis=1) for _, p in pieces])
+  group_of = jnp.asarray(taskset.group_of_task)[task_ids]
+  losses = jnp.zeros(task_ids.shape, jnp.float32)
+  for gi, g in enumerate(taskset.groups):
+    per_example = example_loss(taskset.group_task(g), outs[g], ys[g])  # [K, B]
+    losses = losses + jnp.where(group_of == gi, per_example.mean(axis=1), 0.0)
+  return losses
 
 
 def example_metrics(task: Task, out: jax.Array, y: jax.Array,

@@ -13,7 +13,9 @@ segment.
 
 ``run(method, starts, steps, ...)`` optimises ``x`` from every start at once
 (vmap over starts, ``lax.scan`` over steps, one jit) with Adam on the direction
-the method computes from the two task gradients.
+the method computes from the two task gradients -- the method being the same
+:class:`mtljax.objectives.Objective` the train step uses, fed the toy's exact
+Jacobian (:func:`linearized`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import optax
 
 from mtljax import gradients
+from mtljax import jacobians
 from mtljax import objectives
 
 LOWER = 0.000005
@@ -61,49 +64,33 @@ def losses(x: jax.Array, scale: float = 1.0) -> jax.Array:
   return jnp.stack([f1, f2])
 
 
-def direction_fn(method: str, *, cagrad_c: float = 0.5, cagrad_rescale: int = 1):
-  """``direction(G [2, 2], losses [2], rng) -> (d [2], beta [2], ok)``.
+def objective(method: str, scale: float = 1.0, *, cagrad_c: float = 0.5,
+              cagrad_rescale: int = 1, famo_gamma: float = 0.01) -> objectives.Objective:
+  """The registry's objective for the toy: the same code as in training.
 
-  ``fixed`` is linear scalarisation with equal weights, ``sum_i g_i / 2`` (the
-  authors' "mean gradient"); ``rlw`` is ``sum_i lambda_i g_i`` with
-  ``lambda = softmax(N(0, I))``; gradient methods as in
-  :mod:`mtljax.gradients`.
+  ``fixed`` is linear scalarisation with equal weights (the sum of the
+  gradients: Adam makes it the authors' mean-gradient run up to its epsilon);
+  FAMO uses the loss floors ``(-21 scale, -21)`` of the authors' trainer.
   """
-  if method not in TOY_METHODS or method == "famo":  # famo: see _famo_direction
-    raise ValueError(f"toy_pareto: method {method!r} is not one of {TOY_METHODS} "
-                     "(stateless).")
-  if method == "fixed":
-    return lambda g, l, r: (g.mean(axis=0), jnp.full((2,), 0.5), jnp.array(True))
-  if method == "rlw":
-    def rlw(g, l, r):
-      lam = objectives.rlw_weights(r, 2)
-      return lam @ g, lam, jnp.array(True)
-    return rlw
-  combine = objectives.make_combiner(method, cagrad_c=cagrad_c,
-                                     cagrad_rescale=cagrad_rescale)
-
-  def grad_method(g, l, r):
-    d, beta, info = combine(g, r)
-    return d, beta, info.get("converged", jnp.array(True))
-  return grad_method
+  if method not in TOY_METHODS:
+    raise ValueError(f"toy_pareto: method {method!r} is not one of {TOY_METHODS}.")
+  hp = {}
+  if method == "cagrad":
+    hp = {"c": cagrad_c, "rescale": cagrad_rescale}
+  elif method == "famo":
+    hp = {"gamma": famo_gamma, "min_losses": (-21.0 * scale, -21.0)}
+  return objectives.make_objective(method, 2, **hp)
 
 
-def _famo_direction(scale: float, gamma: float):
-  """FAMO on the toy, stateful: ``direction(g, l, mstate) -> d`` and
-  ``after(mstate, l, l_new) -> mstate`` (the logits' update)."""
-  lw = objectives.make_loss_weighting(
-      "famo", 2, famo_gamma=gamma, famo_min_losses=(-21.0 * scale, -21.0))
-  ids = jnp.arange(2)
-
-  def direction(g, l, mstate):
-    beta = jax.grad(lambda l: lw.objective(l, ids, jnp.ones(2), mstate, {}, None)[0])(l)
-    d = beta @ g
-    norm = jnp.linalg.norm(d)
-    return d * jnp.minimum(1.0, lw.max_shared_grad_norm / jnp.maximum(norm, 1e-12))
-
-  def after(mstate, l, l_new):
-    return lw.update(mstate, l, ids, l_new)
-  return lw.init_state(), direction, after
+def linearized(x: jax.Array, scale: float) -> jacobians.Linearized:
+  """The toy's two losses at ``x`` as a :class:`mtljax.jacobians.Linearized`
+  (``x`` is the "shared parameter"; the exact ``[2, 2]`` Jacobian)."""
+  l = losses(x, scale)
+  g = jax.jacrev(lambda x: losses(x, scale))(x)            # [2 tasks, 2 coords]
+  return jacobians.Linearized(
+      losses=l, pullback=lambda c: {"shared": c @ g, "tasks": {}},
+      slot_grads=lambda c: (c[:, None] * g, {}), rep_grads=None, rep_pullback=None,
+      loss_at=lambda p: losses(p["shared"], scale), one_pass=False)
 
 
 def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3,
@@ -115,33 +102,28 @@ def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3
     raise ValueError(f"toy_pareto: steps={steps} must be a multiple of "
                      f"record_every={record_every}.")
   tx = optax.adam(lr)
-  jac = jax.jacrev(lambda x: losses(x, scale))
-  if method == "famo":
-    mstate0, famo_direction, famo_after = _famo_direction(scale, famo_gamma)
-  else:
-    mstate0 = {}
-    direction = direction_fn(method, cagrad_c=cagrad_c, cagrad_rescale=cagrad_rescale)
+  obj = objective(method, scale, cagrad_c=cagrad_c, cagrad_rescale=cagrad_rescale,
+                  famo_gamma=famo_gamma)
+  ids, ones = jnp.arange(2), jnp.ones((2,), jnp.float32)
 
   def one_start(x0, key):
     def step(carry, i):
       x, opt_state, fails, mstate = carry
-      g = jac(x)                                         # [2 tasks, 2 coords]
-      l = losses(x, scale)
-      if method == "famo":
-        d, ok = famo_direction(g, l, mstate), jnp.array(True)
-      else:
-        d, _, ok = direction(g, l, jax.random.fold_in(key, i))
-      upd, opt_state = tx.update(d, opt_state, x)
+      lin = linearized(x, scale)
+      res = obj.gradients(lin, objectives.Inputs(ids, ones, mstate, {},
+                                                 jax.random.fold_in(key, i)))
+      upd, opt_state = tx.update(res.grads["shared"], opt_state, x)
       x_new = optax.apply_updates(x, upd)
-      if method == "famo":
-        mstate = famo_after(mstate, l, losses(x_new, scale))
-      return (x_new, opt_state, fails + (~ok).astype(jnp.int32), mstate), None
+      new_losses = losses(x_new, scale) if obj.needs_new_losses else None
+      mstate = obj.after_update(res.state, lin.losses, ids, new_losses)
+      failed = res.measurements.get("solver_failures", jnp.zeros(()))
+      return (x_new, opt_state, fails + failed.astype(jnp.int32), mstate), None
 
     def chunk(carry, c):
       carry, _ = jax.lax.scan(step, carry, c * record_every + jnp.arange(record_every))
       return carry, carry[0]
 
-    init = (x0, tx.init(x0), jnp.zeros((), jnp.int32), mstate0)
+    init = (x0, tx.init(x0), jnp.zeros((), jnp.int32), obj.init_state())
     (x, _, fails, _), path = jax.lax.scan(chunk, init, jnp.arange(steps // record_every))
     return jnp.concatenate([x0[None], path]), x, losses(x, scale), fails
 

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from experiments.configs import common
+from mtljax import build
 from mtljax import cv
+from mtljax import steps
 from mtljax import train
 from mtljax.data import loading
 
-import test_train  # the toy data builders
+import helpers
 
 
 def _config():
@@ -29,7 +31,7 @@ def _config():
 
 
 def _data():
-  return loading.build_task_data("toy", *test_train._shared_input_data(n_train=40))
+  return loading.build_task_data("toy", *helpers.shared_input_data(n_train=40))
 
 
 class _Forbidden:
@@ -72,12 +74,12 @@ def test_vmapped_grid_point_equals_a_plain_run_on_that_fold():
   fold_train, fold_val = cv.make_folds(data, 3, seed=0)[1]
   ref = _config()
   ref.optim.lr = 3e-2
-  run = train.build_run(ref, dataclasses.replace(data, train=fold_train, test=fold_val))
+  run = build.build_run(ref, dataclasses.replace(data, train=fold_train, test=fold_val))
   step = jax.jit(run.train_fn)
   state = run.state
   for _ in range(2):
     state, _ = step(state, fold_train)
-  metrics = train.eval_metrics(data.taskset, jax.jit(run.eval_fn)(state["params"], fold_val))
+  metrics = steps.eval_metrics(data.taskset, jax.jit(run.eval_fn)(state["params"], fold_val))
   want = np.mean([m["loss"] for m in metrics.values()])
   np.testing.assert_allclose(point["fold_scores"][1], want, rtol=2e-4)
   assert out["best"]["score"] == min(p["score"] for p in out["points"])
@@ -127,7 +129,7 @@ def test_select_and_train_reads_the_test_split_only_after_choosing(tmp_path, mon
 
 
 def test_tasks_too_small_to_split_train_in_every_fold_and_are_not_scored():
-  data = loading.build_task_data("fam", *test_train._family_data([2, 12, 9], [3, 3, 3]))
+  data = loading.build_task_data("fam", *helpers.family_data([2, 12, 9], [3, 3, 3]))
   folds = cv.make_folds(data, 3, seed=0)
   for fold_train, fold_val in folds:
     assert fold_train["n"][0] == 2 and fold_val["n"][0] == 0  # never held out

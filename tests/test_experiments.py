@@ -99,6 +99,9 @@ def test_quick_regression_configs_beat_predicting_the_mean(module, tmp_path):
     ("optim.name", "lion", "config.optim.name='lion'"),
     ("objective.method", "magic", "config.objective.method='magic'"),
     ("objective.gram_path", "lazy", "config.objective.gram_path='lazy'"),
+    ("objective.slot_backwards", "loop", "config.objective.slot_backwards='loop'"),
+    ("objective.dwa_window_steps", 20, r"unknown key\(s\) \['dwa_window_steps'\]"),
+    ("objective.cagrad.C", 0.3, r"unknown hyper-parameter\(s\) \['C'\]"),
     ("data.tasks", ("left", "middle"), r"unknown task\(s\) \['middle'\]"),
     ("data.name", "", "config.data.name is empty"),
     ("sampling.examples_per_task", 0, "examples_per_task must be a positive integer"),
@@ -108,8 +111,11 @@ def test_quick_regression_configs_beat_predicting_the_mean(module, tmp_path):
 def test_bad_config_raises_naming_the_field_before_training(field, value, match, tmp_path):
   c = _small_digits_config()
   c.model.arch = "concat" if field == "model.cond_layers" else c.model.arch
-  section, key = field.split(".")
-  c[section][key] = value
+  *parents, key = field.split(".")
+  node = c
+  for part in parents:
+    node = node[part]
+  node[key] = value
   with pytest.raises(ValueError, match=match):
     train.train_and_evaluate(c, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()  # nothing was built or compiled
@@ -158,7 +164,7 @@ def test_objective_methods_run_checkpoint_and_resume(method, tmp_path):
   c.model.encoder, c.model.hidden = "mlp", (32,)
   c.objective.method = method
   c.sampling.shared_inputs = method == "mgda_ub"  # left and right label the same images
-  c.objective.dwa_window_steps = 20
+  c.objective.dwa.window_steps = 20
   first = train.train_and_evaluate(c, str(tmp_path))
   assert all(m["accuracy"] > 0.2 for m in first["tasks"].values())  # chance 0.1
   last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])

@@ -10,6 +10,7 @@ import pytest
 
 from experiments.configs import common
 from mtljax import measure
+from mtljax import steps
 from mtljax import tasks
 from mtljax import train
 from mtljax.data import loading
@@ -59,10 +60,14 @@ def test_baselines_are_trained_once_then_cached_and_delta_m_reported(tmp_path):
   measure.single_task_baselines(c2, counting_train)
   assert len(calls) == 2
   out = train.train_and_evaluate(c, str(tmp_path / "run"))
-  dm, per_task = measure.delta_m(out["tasks"], base)
-  assert out["delta_m"]["value"] == pytest.approx(dm)
-  for task, terms in per_task.items():
-    assert out["delta_m"]["per_task"][task] == pytest.approx(terms)
+  # Delta_m from its definition (both tasks regression: mse and mae, lower is
+  # better; loss excluded), in float64 from the two runs' own summaries.
+  terms = {t: {m: -100.0 * (out["tasks"][t][m] - base[t][m]) / base[t][m]
+               for m in ("mse", "mae")} for t in ("y1", "y2")}
+  want = np.mean([np.mean(list(v.values())) for v in terms.values()])
+  assert out["delta_m"]["value"] == pytest.approx(want, rel=1e-9)
+  for task, per_metric in terms.items():
+    assert out["delta_m"]["per_task"][task] == pytest.approx(per_metric, rel=1e-9)
   assert "positive = better" in out["delta_m"]["convention"]
   assert set(out["train_metrics"]) == {"y1", "y2"}  # eval_train: the train split too
   last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -87,10 +92,10 @@ def test_tag_affinity_identical_tasks_positive_symmetric_opposite_negative(sign)
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,),
                                heads="shared")
   tx = optax.sgd(1e-3)
-  fn = jax.jit(train.make_train_step(
+  fn = jax.jit(steps.make_train_step(
       model, tx, task_probs=np.full(2, 0.5), weights=np.ones(2), tasks_per_step=2,
       examples_per_task=32, shared_inputs=True, tag_lr=0.05, steps_per_call=5))
-  state = train.init_train_state(model, tx, jax.random.key(0))
+  state = steps.init_train_state(model, tx, jax.random.key(0))
   state, meas = fn(state, data.train)
   z = np.asarray(meas["tag_sum"]) / np.asarray(meas["tag_count"])
   if sign > 0:
@@ -105,11 +110,34 @@ def test_tag_affinity_identical_tasks_positive_symmetric_opposite_negative(sign)
 def test_tag_needs_shared_parameters():
   data = _two_tasks(1.0)
   model = multitask.make_model("independent", data.taskset, data.input_shape, hidden=(8,))
-  tx = optax.sgd(1e-3)
-  fn = train.make_train_step(model, tx, task_probs=np.full(2, 0.5), weights=np.ones(2),
-                             tasks_per_step=2, examples_per_task=4, tag_lr=0.1)
   with pytest.raises(ValueError, match="arch 'independent' has no shared parameters"):
-    fn(train.init_train_state(model, tx, jax.random.key(0)), data.train)
+    steps.make_train_step(model, optax.sgd(1e-3), task_probs=np.full(2, 0.5),
+                          weights=np.ones(2), tasks_per_step=2, examples_per_task=4,
+                          tag_lr=0.1)
+
+
+@pytest.mark.parametrize("path, value, same", [
+    ("model.hidden", (32,), False), ("model.encoder", "cnn", False),
+    ("data.builder_config", "p0.5_n300_m100_s0", False), ("optim.lr", 0.5, False),
+    ("optim.name", "sgd", False), ("seed", 3, False), ("total_steps", 75, False),
+    ("sampling.examples_per_task", 8, False), ("data.normalize_labels", False, False),
+    ("eval_batch_size", 7, False),
+    # What the baselines do not depend on: reporting, and what they override.
+    ("log_steps", 10, True), ("eval_steps", 25, True), ("checkpoint_steps", 25, True),
+    ("steps_per_call", 5, True), ("model.arch", "mmoe", True),
+    ("objective.method", "mgda", True), ("objective.cagrad.c", 0.3, True),
+    ("sampling.tasks_per_step", 1, True), ("baselines_cache", "/elsewhere", True),
+    ("tag_lr", 0.1, True)])
+def test_baseline_cache_key_covers_every_field_that_changes_the_result(path, value, same,
+                                                                      tmp_path):
+  c = _small_config(tmp_path)
+  key = measure.cache_key(c)
+  node = c
+  *parents, leaf = path.split(".")
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  assert (measure.cache_key(c) == key) == same, path
 
 
 def test_group_tasks_finds_the_affine_blocks():

@@ -2,6 +2,7 @@
 per-task loss against a float64 numpy loop over tasks."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,6 @@ import pytest
 
 from mtljax import params as params_lib
 from mtljax import tasks
-from mtljax import train
 from mtljax.models import multitask
 
 CLS3 = tasks.TaskSet(tuple(tasks.Task(f"t{i}", "classification", 10) for i in range(3)))
@@ -147,7 +147,7 @@ def test_vmapped_slot_losses_equal_float64_numpy_loop(arch):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(len(task_ids), 9, 5)).astype(np.float32)
   ys = _random_labels(ts, task_ids, 9, rng)
-  got = np.asarray(train.slot_losses(model, p, jnp.asarray(x),
+  got = np.asarray(tasks.slot_losses(ts, model.apply(p, jnp.asarray(x), jnp.asarray(task_ids)),
                                      jax.tree.map(jnp.asarray, ys), jnp.asarray(task_ids)))
 
   want = []
@@ -198,3 +198,87 @@ def test_patch_conv_equals_xla_same_convolution(k, c_in, c_out):
       x, p["params"]["kernel"], (1, 1), "SAME",
       dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["params"]["bias"]
   np.testing.assert_allclose(conv.apply(p, x), want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The task-independent part (encode / decode) and the static slot layout.
+# ---------------------------------------------------------------------------
+
+_SPLIT = [("multi_head", "auto"), ("multi_head", "shared"), ("mmoe", "auto"),
+          ("omoe", "auto"), ("shared_bottom", "auto")]
+
+
+@pytest.mark.parametrize("arch, heads", _SPLIT)
+def test_decode_of_encode_is_apply_on_shared_inputs(arch, heads):
+  """``decode(tasks, encode(shared, x), x, ids) == apply(params, [x] * K, ids)``,
+  for traced task ids and for a static (numpy) slot layout."""
+  model = multitask.make_model(arch, MIXED, (5,), hidden=(12, 7), heads=heads,
+                               num_experts=3, tower=(4,))
+  p = model.init(jax.random.key(3))
+  p = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(1), a.shape), p)
+  x = jax.random.normal(jax.random.key(0), (9, 5))
+  for ids in (jnp.array([3, 0, 2, 1, 0]), MIXED.grouped_order):
+    want = model.apply(p, jnp.broadcast_to(x, (len(ids),) + x.shape), jnp.asarray(ids))
+    got = model.decode(p["tasks"], model.encode(p["shared"], x), x, ids)
+    for k, t in enumerate(np.asarray(ids)):  # the rows each slot's task reads
+      g = MIXED.tasks[t].group
+      np.testing.assert_allclose(got[g][k], want[g][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["independent", "concat", "soft", "cross_stitch"])
+def test_archs_without_a_task_independent_part_have_no_encode(arch):
+  model = multitask.make_model(arch, MIXED, (5,), hidden=(6,))
+  assert model.encode is None and model.decode is None
+
+
+@pytest.mark.parametrize("arch", ["independent", "multi_head", "mmoe"])
+def test_static_slot_layout_gives_the_same_losses_as_traced_ids(arch):
+  """With every task in every step the step uses the static, group-contiguous
+  layout ``grouped_order``; heads and losses then run per group on its own
+  slots -- the losses must equal the masked computation on the same ids."""
+  ts = MIXED
+  model = multitask.make_model(arch, ts, (5,), hidden=(12, 7), num_experts=3, tower=(4,))
+  p = model.init(jax.random.key(3))
+  ids = ts.grouped_order
+  np.testing.assert_array_equal(ids, [0, 2, 1, 3])  # classification10 tasks first
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 9, 5)).astype(np.float32))
+  ys = jax.tree.map(jnp.asarray, _random_labels(ts, ids, 9, rng))
+  static = tasks.slot_losses(ts, model.apply(p, x, ids), ys, ids)
+  traced = jax.jit(lambda i: tasks.slot_losses(ts, model.apply(p, x, i), ys, i))(
+      jnp.asarray(ids))
+  np.testing.assert_allclose(static, traced, rtol=1e-6)
+  assert tasks.static_group_slices(ts, np.array([0, 1, 2, 3])) is None  # interleaved
+
+
+# Each architecture's layer groups, input to output (layer-wise rules use them).
+_GROUPS = {
+    "independent": ["conv_0", "layer_0", "layer_1", "heads"],
+    "multi_head": ["conv_0", "layer_0", "layer_1", "heads"],
+    "concat": ["conv_0", "layer_0", "layer_1", "heads"],
+    "additive": ["conv_0", "layer_0", "layer_1", "heads"],
+    "multiplicative": ["conv_0", "layer_0", "layer_1", "heads"],
+    "soft": ["conv_0", "layer_0", "layer_1", "heads"],
+    "cross_stitch": ["conv_0", "layer_0", "layer_1", "heads"],
+    "mmoe": ["conv_0", "layer_0", "layer_1", "gates", "tower_0", "heads"],
+    "omoe": ["conv_0", "layer_0", "layer_1", "gates", "tower_0", "heads"],
+    "shared_bottom": ["conv_0", "layer_0", "layer_1", "tower_0", "heads"],
+}
+
+
+@pytest.mark.parametrize("arch", multitask.ARCHS)
+def test_every_parameter_is_in_exactly_one_layer_group(arch):
+  model = multitask.make_model(arch, MIXED, (6, 6), encoder="cnn", channels=(3,),
+                               hidden=(5, 4), num_experts=2, tower=(3,), cond_layers=(1,))
+  assert [g for g, _ in model.layer_groups] == _GROUPS[arch]
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  names = [n for n, _ in params_lib.flatten_with_names(shapes)]
+  members = {g: [n for n in names if re.search(rx, n)] for g, rx in model.layer_groups}
+  for n in names:
+    assert sum(n in m for m in members.values()) == 1, n
+  assert all(members.values()), members
+  # The experts' layers are in the trunk layer groups (not the top group).
+  if arch in ("mmoe", "omoe"):
+    assert "shared/experts/layer_1/kernel" in members["layer_1"]
+  if arch == "cross_stitch":
+    assert "shared/stitch/layer_0" in members["layer_0"]

@@ -11,29 +11,29 @@ import pytest
 
 from mtljax import optim
 from mtljax import params as params_lib
-from mtljax import train
+from mtljax import steps
 from mtljax.data import loading
 from mtljax.data import sampling
 from mtljax.models import multitask
 
-import test_train  # the toy data builders
+import helpers
 
 
 def _data():
-  return loading.build_task_data("toy", *test_train._shared_input_data())
+  return loading.build_task_data("toy", *helpers.shared_input_data())
 
 
-def _train(arch, steps, tx=None, **kwargs):
+def _train(arch, num_steps, tx=None, **kwargs):
   data = _data()
   model = multitask.make_model(arch, data.taskset, data.input_shape, hidden=(16, 8),
                                **kwargs)
   tx = tx or optim.make_optimizer("adam", lr=1e-2)
-  fn = jax.jit(train.make_train_step(
+  fn = jax.jit(steps.make_train_step(
       model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
       weights=np.ones(4), tasks_per_step=4, examples_per_task=16, seed=3))
-  state = train.init_train_state(model, tx, jax.random.key(0))
+  state = steps.init_train_state(model, tx, jax.random.key(0))
   first = state
-  for _ in range(steps):
+  for _ in range(num_steps):
     state, _ = fn(state, data.train)
   return model, first, state
 
@@ -129,12 +129,12 @@ def test_cross_stitch_mixes_columns_at_its_initialisation():
   alpha = np.asarray(p["shared"]["stitch"]["layer_0"])
   np.testing.assert_allclose(np.diag(alpha), 0.9)
   np.testing.assert_allclose(alpha.sum(axis=1), 1.0, rtol=1e-6)
-  # Task 0's features now depend on task 1's column.
+  # Task 0's outputs now depend on task 1's column.
   x = jnp.asarray(data.train["x"][0][:6].reshape(1, 6, 5))
-  f0 = cs.features(p, x, jnp.array([0]))
+  f0 = cs.apply(p, x, jnp.array([0]))["regression1"]
   p2 = jax.tree.map(lambda a: a, p)
   p2["tasks"]["trunk"]["layer_0"]["bias"] = p["tasks"]["trunk"]["layer_0"]["bias"].at[1].add(1.0)
-  assert not np.allclose(cs.features(p2, x, jnp.array([0])), f0)
+  assert not np.allclose(cs.apply(p2, x, jnp.array([0]))["regression1"], f0)
 
 
 def test_mmoe_with_one_expert_equals_shared_bottom():
@@ -158,10 +158,13 @@ def test_mmoe_with_one_expert_equals_shared_bottom():
 
 
 def test_omoe_gates_are_shared_and_mmoe_gates_are_per_task():
+  """OMoE's gated mixture is task-independent (its ``encode`` output, one
+  ``[B, F]``); MMoE's encoding is the experts ``[E, B, F]`` and each task's own
+  gate mixes them (changing task 1's gate moves task 1's outputs only)."""
   data = _data()
-  x = jnp.broadcast_to(jnp.asarray(data.train["x"][0][:6]), (4, 6, 5))  # same inputs
+  x = jnp.asarray(data.train["x"][0][:6])
   ids = jnp.arange(4)
-  feats = {}
+  models, params = {}, {}
   for arch in ("mmoe", "omoe"):
     m = multitask.make_model(arch, data.taskset, data.input_shape, hidden=(8,),
                              num_experts=3, tower=())
@@ -169,9 +172,16 @@ def test_omoe_gates_are_shared_and_mmoe_gates_are_per_task():
     key = ("tasks", "gates") if arch == "mmoe" else ("shared", "gate")
     p[key[0]][key[1]] = jax.tree.map(
         lambda a: jax.random.normal(jax.random.key(7), a.shape), p[key[0]][key[1]])
-    feats[arch] = np.asarray(m.features(p, x, ids))  # [K, B, F]: the expert mixtures
-  assert np.allclose(feats["omoe"], feats["omoe"][:1])
-  assert not np.allclose(feats["mmoe"][0], feats["mmoe"][1])
+    models[arch], params[arch] = m, p
+  assert models["omoe"].encode(params["omoe"]["shared"], x).shape == (6, 8)
+  assert models["mmoe"].encode(params["mmoe"]["shared"], x).shape == (3, 6, 8)
+  m, p = models["mmoe"], params["mmoe"]
+  out = m.decode(p["tasks"], m.encode(p["shared"], x), x, ids)
+  p2 = jax.tree.map(lambda a: a, p)
+  p2["tasks"]["gates"]["bias"] = p["tasks"]["gates"]["bias"].at[1, 0].add(2.0)
+  out2 = m.decode(p2["tasks"], m.encode(p2["shared"], x), x, ids)
+  assert np.allclose(out["regression1"][0], out2["regression1"][0])   # task 0: unchanged
+  assert not np.allclose(out["classification3"][1], out2["classification3"][1])  # task 1
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -6,43 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from mtljax import optim
+from mtljax import steps
 from mtljax import tasks
-from mtljax import train
 from mtljax.data import loading
 from mtljax.data import sampling
 from mtljax.models import multitask
-
-
-def _shared_input_data(n_train=64, n_test=30, seed=0):
-  """Three tasks of three kinds reading the same 5-d inputs."""
-  spec = loading.DataSpec("x", (
-      loading.TaskColumn(tasks.Task("r", "regression"), "y"),
-      loading.TaskColumn(tasks.Task("c", "classification", 3), "c"),
-      loading.TaskColumn(tasks.Task("b", "binary"), "b"),
-      loading.TaskColumn(tasks.Task("c2", "classification", 3), "c2")))
-  rng = np.random.default_rng(seed)
-
-  def split(n):
-    x = rng.normal(size=(n, 5)).astype(np.float32)
-    return {"x": x, "y": (3 * x[:, 0] + 10).astype(np.float32),
-            "c": (x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 1),
-            "b": (x[:, 3] > 0).astype(np.int64), "c2": rng.integers(0, 3, n)}
-  return spec, {"train": split(n_train), "test": split(n_test)}
-
-
-def _family_data(sizes_train, sizes_test):
-  """One regression task per value of 'task', each with its own inputs and sizes."""
-  spec = loading.DataSpec("x", (loading.TaskColumn(tasks.Task("s", "regression"), "y"),),
-                          split_key="task")
-  rng = np.random.default_rng(1)
-
-  def split(sizes):
-    task = np.concatenate([np.full(n, t) for t, n in enumerate(sizes)])
-    x = rng.uniform(-3, 3, (len(task), 1)).astype(np.float32)
-    y = ((task + 1) * np.sin(x[:, 0]) + task).astype(np.float32)
-    return {"x": x, "y": y, "task": task}
-  return spec, {"train": split(sizes_train), "test": split(sizes_test)}
 
 
 def _setup(data, arch="multi_head", k=None, replace=False, steps_per_call=1, weights=None,
@@ -50,16 +20,16 @@ def _setup(data, arch="multi_head", k=None, replace=False, steps_per_call=1, wei
   ts = data.taskset
   model = multitask.make_model(arch, ts, data.input_shape, hidden=(16, 8))
   tx = optim.make_optimizer("adam", lr=lr)
-  fn = train.make_train_step(
+  fn = steps.make_train_step(
       model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
       weights=tasks.task_weights(ts, weights), tasks_per_step=k or len(ts),
       examples_per_task=16, replace=replace, steps_per_call=steps_per_call, seed=7)
-  state = train.init_train_state(model, tx, jax.random.key(0))
+  state = steps.init_train_state(model, tx, jax.random.key(0))
   return model, fn, state
 
 
 def test_unsampled_tasks_heads_and_optimizer_state_are_bitwise_unchanged():
-  data = loading.build_task_data("toy", *_shared_input_data())
+  data = loading.build_task_data("toy", *helpers.shared_input_data())
   model, fn, state = _setup(data, k=1)  # one of four tasks per step
   step = jax.jit(fn)
   data_dev = jax.device_put(data.train)
@@ -102,7 +72,7 @@ def _get(tree, path):
 
 
 def test_independent_equals_single_task_trainings():
-  spec, arrays = _shared_input_data()
+  spec, arrays = helpers.shared_input_data()
   full = loading.build_task_data("toy", spec, arrays)
   _, fn, state = _setup(full, arch="independent", steps_per_call=5)
   step = jax.jit(fn)
@@ -131,7 +101,7 @@ def test_independent_equals_single_task_trainings():
 
 
 def test_train_step_traces_once():
-  data = loading.build_task_data("toy", *_shared_input_data())
+  data = loading.build_task_data("toy", *helpers.shared_input_data())
   _, fn, state = _setup(data, k=2, steps_per_call=3)
   step = jax.jit(chex.assert_max_traces(fn, n=1), donate_argnums=(0,))
   d = jax.device_put(data.train)
@@ -143,7 +113,7 @@ def test_train_step_traces_once():
 
 
 def test_zero_weight_task_does_not_move():
-  data = loading.build_task_data("toy", *_shared_input_data())
+  data = loading.build_task_data("toy", *helpers.shared_input_data())
   _, fn, state = _setup(data, arch="independent", weights={"c": 0.0}, steps_per_call=5)
   new, _ = jax.jit(fn)(state, jax.device_put(data.train))
   before, after = state["params"]["tasks"]["trunk"], new["params"]["tasks"]["trunk"]
@@ -154,7 +124,7 @@ def test_zero_weight_task_does_not_move():
 
 
 def test_objective_is_the_weighted_sum_of_slot_losses():
-  data = loading.build_task_data("toy", *_shared_input_data())
+  data = loading.build_task_data("toy", *helpers.shared_input_data())
   model, fn, state = _setup(data, k=4, steps_per_call=1, weights=[0.5, 2.0, 1.0, 3.0])
   _, meas = jax.jit(fn)(state, jax.device_put(data.train))
   per_task = np.asarray(meas["task_loss_sum"])  # each task once (K = T)
@@ -163,14 +133,14 @@ def test_objective_is_the_weighted_sum_of_slot_losses():
 
 
 def test_eval_step_matches_numpy_over_unequal_task_sizes():
-  spec, arrays = _family_data([20, 35, 9], [13, 31, 5])
+  spec, arrays = helpers.family_data([20, 35, 9], [13, 31, 5])
   data = loading.build_task_data("fam", spec, arrays)
   model, _, state = _setup(data, arch="concat")
   n_pad = data.test["x"].shape[1]
-  ev = jax.jit(train.make_eval_step(model, label_mean=data.label_mean,
+  ev = jax.jit(steps.make_eval_step(model, label_mean=data.label_mean,
                                     label_std=data.label_std, num_examples=n_pad,
                                     batch_size=7))  # 5 chunks, the last one partial
-  got = train.eval_metrics(data.taskset, ev(state["params"], jax.device_put(data.test)))
+  got = steps.eval_metrics(data.taskset, ev(state["params"], jax.device_put(data.test)))
   for t, name in enumerate(data.taskset.names):
     n = int(data.test["n"][t])
     x = data.test["x"][data.test["source"][t], :n][None]
@@ -183,6 +153,6 @@ def test_eval_step_matches_numpy_over_unequal_task_sizes():
 
 
 def test_k_larger_than_t_without_replacement_raises():
-  data = loading.build_task_data("toy", *_shared_input_data())
+  data = loading.build_task_data("toy", *helpers.shared_input_data())
   with pytest.raises(ValueError, match=r"tasks_per_step=5 must be in \[1, 4\]"):
     _setup(data, k=5)

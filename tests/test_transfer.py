@@ -12,17 +12,18 @@ from mtljax import checkpoint
 from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import schedules
+from mtljax import steps
 from mtljax import train
 from mtljax import transfer
 from mtljax.data import loading
 from mtljax.data import sampling
 from mtljax.models import multitask
 
-import test_train  # the toy data builders
+import helpers
 
 
 def _model(encoder="mlp"):
-  data = loading.build_task_data("toy", *test_train._shared_input_data())
+  data = loading.build_task_data("toy", *helpers.shared_input_data())
   if encoder == "cnn":  # 5 inputs as a 1 x 5 image
     data.train["x"] = data.train["x"].reshape(data.train["x"].shape[:2] + (1, 5))
     data.test["x"] = data.test["x"].reshape(data.test["x"].shape[:2] + (1, 5))
@@ -33,11 +34,11 @@ def _model(encoder="mlp"):
 
 
 def _steps(model, data, tx, n, seed=3, state=None, **kwargs):
-  fn = jax.jit(train.make_train_step(
+  fn = jax.jit(steps.make_train_step(
       model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
       weights=np.ones(len(data.taskset)), tasks_per_step=4, examples_per_task=16, seed=seed,
       **kwargs))
-  state = state or train.init_train_state(model, tx, jax.random.key(0))
+  state = state or steps.init_train_state(model, tx, jax.random.key(0))
   history = [state]
   for _ in range(n):
     state, _ = fn(state, data.train)
@@ -75,7 +76,7 @@ def test_unmatched_parameters_raise_listing_them():
   data, model = _model()
   tx = _ruled("trunk/layer_0/:lr_mult=0.1")
   with pytest.raises(ValueError, match=r"shared/trunk/layer_1/bias.*match no rule"):
-    train.init_train_state(model, tx, jax.random.key(0))
+    steps.init_train_state(model, tx, jax.random.key(0))
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -107,9 +108,8 @@ def test_realised_learning_rates_equal_the_multipliers():
 
 def test_layerwise_decay_factors_are_exact_per_layer():
   data, model = _model("cnn")
-  params = model.init(jax.random.key(0))
-  groups = optim.layer_groups([n for n, _ in params_lib.flatten_with_names(params)])
-  assert [g for g, _ in groups] == ["conv_0", "conv_1", "layer_0", "layer_1", "top"]
+  groups = model.layer_groups
+  assert [g for g, _ in groups] == ["conv_0", "conv_1", "layer_0", "layer_1", "heads"]
   rules = optim.layerwise_decay_rules(groups, optim.ULMFIT_DECAY)
   assert [r.lr_mult for r in rules] == [(1 / 2.6) ** k for k in (4, 3, 2, 1, 0)]
   tx = optim.make_ruled_optimizer("sgd", rules, lr=0.1, total_steps=10)
@@ -125,9 +125,8 @@ def test_layerwise_decay_factors_are_exact_per_layer():
 
 def test_gradual_unfreezing_unfreezes_groups_from_the_top_with_fresh_adam_state():
   data, model = _model()
-  params = model.init(jax.random.key(0))
-  groups = optim.layer_groups([n for n, _ in params_lib.flatten_with_names(params)])
-  assert [g for g, _ in groups] == ["layer_0", "layer_1", "top"]
+  groups = model.layer_groups
+  assert [g for g, _ in groups] == ["layer_0", "layer_1", "heads"]
   every, lr = 3, 1e-2
   rules = optim.gradual_unfreezing_rules(groups, every)
   assert [r.unfreeze_at for r in rules] == [6, 3, 0]
@@ -170,7 +169,7 @@ def test_load_params_leaves_exactly_the_dont_load_matches_fresh():
   assert sorted(report["fresh_dont_load"]) == sorted(n for n in l if "heads/" in n)
   assert sorted(report["loaded"]) == sorted(n for n in l if "heads/" not in n)
   # A model with other head sizes: a clear error unless the heads are skipped.
-  other = loading.build_task_data("toy", *test_train._shared_input_data())
+  other = loading.build_task_data("toy", *helpers.shared_input_data())
   small = multitask.make_model("multi_head", other.taskset.subset(["r", "c"]),
                                other.input_shape, hidden=(16, 8))
   target = small.init(jax.random.key(3))

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from mtljax import objectives
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -41,20 +43,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.shared_inputs = False  # one example batch for every slot (tasks share inputs)
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.method = "fixed"
+  c.objective.method = "fixed"    # one of mtljax.objectives.METHODS
   c.objective.weights = ml_collections.ConfigDict()  # task name -> weight (default 1)
   c.objective.gram_path = "jacobian"  # gradient methods: jacobian|accumulate (memory-light)
-  c.objective.cagrad_c = 0.5      # cagrad: radius c of the ball around g0
-  c.objective.cagrad_rescale = 1  # cagrad: 0 none, 1 / (1 + c^2), 2 / (1 + c)
-  c.objective.solver_iters = 300  # mgda, cagrad: simplex solver iterations
-  c.objective.dwa_temperature = 2.0
-  c.objective.dwa_window_steps = 100  # dwa: steps per "epoch" of loss averaging
-  c.objective.famo_w_lr = 0.025   # famo: Adam lr of the task logits
-  c.objective.famo_gamma = 0.01   # famo: L2 decay of the logits
-  c.objective.famo_max_norm = 1.0  # famo: clip of the shared gradient (0 = off)
-  c.objective.gradnorm_alpha = 1.5
-  c.objective.gradnorm_w_lr = 0.025
-  c.objective.gradnorm_layer = ""  # regex over shared paths; "" = last trunk layer kernel
+  c.objective.slot_backwards = "auto"  # per-task trunk backwards: auto|map|vmap
+  # Every method's hyper-parameters, with the defaults of its paper/official code:
+  # config.objective.<method>.<name>, e.g. --config.objective.cagrad.c=0.4,
+  # --config.objective.nash_mtl.iters=100 (see mtljax/objectives.py, gradients.py).
+  for method in objectives.METHODS:
+    hparams = objectives.hyperparameters(method)
+    if hparams:
+      c.objective[method] = ml_collections.ConfigDict(hparams)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

@@ -132,3 +132,17 @@ def gather_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
     row = jnp.clip(local, 0, yg.shape[0] - 1)
     ys[g] = yg[row[:, None], idx]
   return x, ys
+
+
+def gather_shared_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
+                        idx: jax.Array) -> tuple[jax.Array, dict]:
+  """Inputs ``[B, ...]`` (once) and labels ``{group: [K, B]}`` when every slot
+  reads the same examples ``idx [B]`` of one shared input source (see
+  :func:`check_shared_inputs`)."""
+  x = split["x"][split["source"][task_ids[0]], idx]
+  local = taskset_arrays["local_index"][task_ids]
+  ys = {}
+  for g, yg in split["y"].items():
+    row = jnp.clip(local, 0, yg.shape[0] - 1)
+    ys[g] = yg[row[:, None], idx[None, :]]
+  return x, ys

@@ -43,6 +43,30 @@ groups (not tasks) inside one compiled function.
 returns ``{group: [K, B, out_g]}``, computed for every slot; the rows of slots
 whose task is not in the group are meaningless and are masked by the loss.
 
+**The task-independent part.** Where an architecture computes something that
+does not depend on the task, it says so with ``encode`` / ``decode``::
+
+    rep  = encode(params["shared"], x [B, ...])             # once per example
+    outs = decode(params["tasks"], rep, x, task_ids [K])     # {group: [K, B, out]}
+
+with ``apply(params, broadcast(x), ids) == decode(tasks, encode(shared, x), x,
+ids)`` (tested). ``decode`` reads only per-task parameters, so when every slot
+sees the same examples the step runs ``encode`` once; per-slot gradients with
+respect to ``rep`` come from one backward of ``decode`` vmapped over slots, each
+slot reading its own copy of ``rep`` (:mod:`mtljax.jacobians`).
+``rep`` is: the trunk's features (``multi_head`` with per-task heads,
+``shared_bottom``), the expert outputs ``[E, B, F]`` (``mmoe``: the gates are
+per task and read ``x``), the gated mixture (``omoe``), or the whole network's
+per-group outputs (``multi_head`` with shared heads: a pooled model). Per-task
+trunks (``independent``, ``soft``, ``cross_stitch``) and the conditioned archs
+have no task-independent part: ``encode`` is None.
+
+**Layer groups.** ``Model.layer_groups`` lists the model's layers from input to
+output as ``(name, regex over slash paths)`` -- trunk/expert layers (with the
+cross-stitch units of that layer), MMoE/OMoE gates, tower layers, heads -- for
+layer-wise learning rates and gradual unfreezing (:mod:`mtljax.optim`). Every
+parameter of the model is in exactly one group (tested per architecture).
+
 Per-task random streams: the per-task parameters of task ``t`` are initialised
 from ``fold_in(rng, stream_ids[t])``, so a subset run (see
 :meth:`mtljax.tasks.TaskSet.subset`) gets the same initial values.
@@ -66,6 +90,7 @@ ARCHS = ("independent", "multi_head", "concat", "additive", "multiplicative", "s
          "cross_stitch", "mmoe", "omoe", "shared_bottom")
 SOFT_NORMS = ("squared", "l2")
 PER_TASK_TRUNK = ("independent", "soft", "cross_stitch")
+MIXTURES = ("mmoe", "omoe", "shared_bottom")
 ENCODERS = ("mlp", "cnn")
 HEADS = ("auto", "per_task", "shared")
 
@@ -81,12 +106,11 @@ class Model:
     apply: ``apply(params, x [K, B, ...], task_ids [K]) -> {group: [K, B, out]}``.
     task_rows: for each stacked subtree of ``params["tasks"]`` (by slash path
       below ``tasks/``), the global task id of each row, ``[rows]`` int32.
-    features: ``features(params, x [K, B, ...], task_ids [K]) -> [K, B, F]``,
-      the trunk's output (``apply`` is ``heads(params, features(...))``).
-    heads: ``heads(params, feats [K, B, F], task_ids [K]) -> {group: [K, B, out]}``.
-    shared_representation: True when the features are one task-independent
-      representation ``Z = f(x; theta^sh)`` and everything after it is
-      task-specific (``multi_head`` with per-task heads): what MGDA-UB needs.
+    layer_groups: ``((name, regex), ...)`` from input to output (module docstring).
+    encode: ``encode(shared_params, x [B, ...]) -> rep`` (a pytree), the
+      task-independent part, or None when the architecture has none.
+    decode: ``decode(task_params, rep, x [B, ...], task_ids [K]) -> {group:
+      [K, B, out]}``, every slot reading the same ``rep``; None with ``encode``.
     penalty: ``penalty(params) -> scalar`` added to the training objective
       (``soft``'s sharing penalty), or None.
   """
@@ -95,43 +119,60 @@ class Model:
   init: Callable
   apply: Callable
   task_rows: dict[str, np.ndarray]
-  features: Callable
-  heads: Callable
-  shared_representation: bool
+  layer_groups: tuple[tuple[str, str], ...]
+  encode: Callable | None = None
+  decode: Callable | None = None
   penalty: Callable | None = None
 
 
-def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int], *,
-               encoder: str = "mlp", hidden: Sequence[int] = (128, 128),
-               channels: Sequence[int] = (16, 32), cond_layers: Sequence[int] = (0,),
-               heads: str = "auto", soft_lambda: float = 0.0, soft_norm: str = "squared",
-               soft_layers: str = "", stitch_init: float = 0.9, num_experts: int = 8,
-               tower: Sequence[int] = (8,)) -> Model:
-  """Builds a :class:`Model`; every name and size is checked here, before jit."""
-  if arch not in ARCHS:
-    raise ValueError(f"config.model.arch={arch!r} is not one of {ARCHS}.")
-  if encoder not in ENCODERS:
-    raise ValueError(f"config.model.encoder={encoder!r} is not one of {ENCODERS}.")
-  if heads not in HEADS:
-    raise ValueError(f"config.model.heads={heads!r} is not one of {HEADS}.")
-  hidden = tuple(int(h) for h in hidden)
-  channels = tuple(int(c) for c in channels)
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """A checked architecture description (everything ``make_model`` takes)."""
+  arch: str
+  input_shape: tuple[int, ...]
+  encoder: str
+  hidden: tuple[int, ...]
+  channels: tuple[int, ...]
+  cond_layers: tuple[int, ...]
+  per_task_heads: bool
+  soft_lambda: float
+  soft_norm: str
+  soft_layers: str
+  stitch_init: float
+  num_experts: int
+  tower: tuple[int, ...]
+
+  @property
+  def conditioned(self) -> bool:
+    return self.arch in encoders.COND_MODES
+
+  @property
+  def layer_names(self) -> tuple[str, ...]:
+    convs = [f"conv_{i}" for i in range(len(self.channels))] if self.encoder == "cnn" else []
+    return tuple(convs + [f"layer_{j}" for j in range(len(self.hidden))])
+
+
+def _check(arch, input_shape, *, encoder, hidden, channels, cond_layers, heads, soft_lambda,
+           soft_norm, soft_layers, stitch_init, num_experts, tower) -> _Spec:
+  """Every name and size checked, before anything is traced."""
+  for field, value, allowed in (("arch", arch, ARCHS), ("encoder", encoder, ENCODERS),
+                                ("heads", heads, HEADS), ("soft_norm", soft_norm, SOFT_NORMS)):
+    if value not in allowed:
+      raise ValueError(f"config.model.{field}={value!r} is not one of {allowed}.")
+  hidden, channels = tuple(int(h) for h in hidden), tuple(int(c) for c in channels)
   if any(h <= 0 for h in hidden + channels):
     raise ValueError(f"config.model.hidden/channels must be positive, got "
                      f"{hidden}/{channels}.")
   conditioned = arch in encoders.COND_MODES
   cond_layers = tuple(int(l) for l in cond_layers) if conditioned else ()
-  if conditioned:
-    if not cond_layers:
-      raise ValueError(f"config.model.cond_layers is empty; arch {arch!r} needs at "
-                       "least one dense layer to condition.")
-    bad = [l for l in cond_layers if not 0 <= l < len(hidden)]
-    if bad:
-      raise ValueError(f"config.model.cond_layers={cond_layers}: layer(s) {bad} do not "
-                       f"exist; the encoder has {len(hidden)} dense layers "
-                       f"(config.model.hidden={hidden}).")
-  if soft_norm not in SOFT_NORMS:
-    raise ValueError(f"config.model.soft_norm={soft_norm!r} is not one of {SOFT_NORMS}.")
+  if conditioned and not cond_layers:
+    raise ValueError(f"config.model.cond_layers is empty; arch {arch!r} needs at "
+                     "least one dense layer to condition.")
+  bad = [l for l in cond_layers if not 0 <= l < len(hidden)]
+  if bad:
+    raise ValueError(f"config.model.cond_layers={cond_layers}: layer(s) {bad} do not "
+                     f"exist; the encoder has {len(hidden)} dense layers "
+                     f"(config.model.hidden={hidden}).")
   if soft_lambda < 0:
     raise ValueError(f"config.model.soft_lambda must be >= 0, got {soft_lambda}.")
   if arch in ("mmoe", "omoe") and num_experts < 1:
@@ -144,183 +185,351 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
   if encoder == "cnn" and len(input_shape) not in (2, 3):
     raise ValueError(f"config.model.encoder='cnn' needs image inputs [H, W] or "
                      f"[H, W, C], got input shape {tuple(input_shape)}.")
-
-  mode = arch if conditioned else None
-  if encoder == "mlp":
-    trunk = encoders.MLP(hidden, mode, cond_layers)
-  else:
-    trunk = encoders.CNN(channels, hidden, mode, cond_layers)
   per_task_heads = heads == "per_task" or (heads == "auto" and not conditioned)
-  moe = arch in ("mmoe", "omoe", "shared_bottom")
-  num_tasks = len(taskset)
-  stream_ids = jnp.asarray(taskset.stream_ids, jnp.int32)
-  local_index = jnp.asarray(taskset.local_index)
-  groups = taskset.groups
-  x_example = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  z_example = jnp.zeros((num_tasks,), jnp.float32) if conditioned else None
-  trunk_dim = jax.eval_shape(
-      lambda: trunk.apply(trunk.init(jax.random.key(0), x_example, z_example),
-                          x_example, z_example)).shape[-1]
-  tower_mod = encoders.MLP(tower)
-  f_example = jnp.zeros((1, trunk_dim), jnp.float32)
-  feat_dim = (tower[-1] if tower else trunk_dim) if moe else trunk_dim
-  in_dim = int(np.prod(input_shape))
-  layer_names = ([f"conv_{i}" for i in range(len(channels))] if encoder == "cnn" else []
-                 ) + [f"layer_{j}" for j in range(len(hidden))]
-  if arch == "soft":
-    try:
-      soft_re = re.compile(soft_layers or ".*")
-    except re.error as e:
-      raise ValueError(f"config.model.soft_layers={soft_layers!r}: {e}.") from None
-    soft_paths = [n for n in layer_names if soft_re.search(f"trunk/{n}/")]
-    if not soft_paths:
-      raise ValueError(f"config.model.soft_layers={soft_layers!r} matches no trunk layer; "
-                       f"layers are {[f'trunk/{n}/' for n in layer_names]}.")
+  return _Spec(arch, tuple(int(s) for s in input_shape), encoder, hidden, channels,
+               cond_layers, per_task_heads, float(soft_lambda), soft_norm, soft_layers,
+               float(stitch_init), int(num_experts), tower)
 
-  def trunk_init(rng):
-    return trunk.init(rng, x_example, z_example)["params"]
 
-  def head_init(rng, out_dim):
-    k = jax.random.normal(rng, (feat_dim, out_dim), jnp.float32) / np.sqrt(feat_dim)
-    return {"kernel": k, "bias": jnp.zeros((out_dim,), jnp.float32)}
+def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int], *,
+               encoder: str = "mlp", hidden: Sequence[int] = (128, 128),
+               channels: Sequence[int] = (16, 32), cond_layers: Sequence[int] = (0,),
+               heads: str = "auto", soft_lambda: float = 0.0, soft_norm: str = "squared",
+               soft_layers: str = "", stitch_init: float = 0.9, num_experts: int = 8,
+               tower: Sequence[int] = (8,)) -> Model:
+  """Builds a :class:`Model`; every name and size is checked here, before jit."""
+  spec = _check(arch, input_shape, encoder=encoder, hidden=hidden, channels=channels,
+                cond_layers=cond_layers, heads=heads, soft_lambda=soft_lambda,
+                soft_norm=soft_norm, soft_layers=soft_layers, stitch_init=stitch_init,
+                num_experts=num_experts, tower=tower)
+  parts = _Parts(spec, taskset)
+  if arch in ("independent", "soft"):
+    model = _per_task_trunks(parts)
+  elif arch == "cross_stitch":
+    model = _cross_stitch(parts)
+  elif arch in MIXTURES:
+    model = _mixture(parts)
+  else:
+    model = _one_network(parts)
+  return Model(arch=arch, taskset=taskset, **model)
 
-  def per_task_keys(rng, members):
-    return jax.vmap(lambda s: jax.random.fold_in(rng, s))(stream_ids[members])
+
+# ----------------------------------------------------------------------------
+# Pieces every architecture uses: the trunk module, heads, per-task keys.
+# ----------------------------------------------------------------------------
+
+
+class _Parts:
+  """The flax modules and sizes of one architecture, and its heads."""
+
+  def __init__(self, spec: _Spec, taskset: tasks_lib.TaskSet):
+    self.spec, self.taskset = spec, taskset
+    self.num_tasks = len(taskset)
+    mode = spec.arch if spec.conditioned else None
+    self.trunk = (encoders.MLP(spec.hidden, mode, spec.cond_layers) if spec.encoder == "mlp"
+                  else encoders.CNN(spec.channels, spec.hidden, mode, spec.cond_layers))
+    self.x_example = jnp.zeros((1,) + spec.input_shape, jnp.float32)
+    self.z_example = (jnp.zeros((self.num_tasks,), jnp.float32) if spec.conditioned
+                      else None)
+    self.trunk_dim = jax.eval_shape(
+        lambda: self.trunk_apply(self.trunk_init(jax.random.key(0)), self.x_example,
+                                 self.z_example)).shape[-1]
+    self.stream_ids = jnp.asarray(taskset.stream_ids, jnp.int32)
+    self.local_index = jnp.asarray(taskset.local_index)
+
+  def trunk_init(self, rng):
+    return self.trunk.init(rng, self.x_example, self.z_example)["params"]
+
+  def trunk_apply(self, p, x, z=None):
+    return self.trunk.apply({"params": p}, x, z)
+
+  def per_task_keys(self, rng, members) -> jax.Array:
+    """Keys ``fold_in(rng, stream_id)`` of the tasks ``members``."""
+    return jax.vmap(lambda s: jax.random.fold_in(rng, s))(self.stream_ids[members])
+
+  def all_task_keys(self, rng) -> jax.Array:
+    return self.per_task_keys(rng, np.arange(self.num_tasks))
+
+  # --- heads -----------------------------------------------------------------
+
+  def heads_init(self, rng, feat_dim: int) -> dict:
+    """``{group: {"kernel", "bias"}}``: per-task stacks ``[T_g, ...]`` or one
+    head per group."""
+    ts, out = self.taskset, {}
+
+    def one(key, out_dim):
+      k = jax.random.normal(key, (feat_dim, out_dim), jnp.float32) / np.sqrt(feat_dim)
+      return {"kernel": k, "bias": jnp.zeros((out_dim,), jnp.float32)}
+    for gi, g in enumerate(ts.groups):
+      dim = ts.group_task(g).out_dim
+      if self.spec.per_task_heads:  # keyed by stream id only, so subsets init alike
+        out[g] = jax.vmap(lambda k, d=dim: one(k, d))(
+            self.per_task_keys(rng, ts.group_members(g)))
+      else:
+        out[g] = one(jax.random.fold_in(rng, gi), dim)
+    return out
+
+  def heads_apply(self, head_params, feats, task_ids) -> dict:
+    """``{group: [K, B, out]}`` from per-slot ``feats [K, B, F]`` or from
+    ``feats [B, F]`` read by every slot (one matmul for all slots' heads)."""
+    outs, k = {}, task_ids.shape[0]
+    slices = tasks_lib.static_group_slices(self.taskset, task_ids)
+    if slices is not None and self.spec.per_task_heads:
+      return self._static_heads(head_params, feats, task_ids, slices)
+    for g in self.taskset.groups:
+      hp = head_params[g]
+      if self.spec.per_task_heads:
+        rows = jnp.clip(self.local_index[task_ids], 0, hp["kernel"].shape[0] - 1)
+        hp = jax.tree.map(lambda a: a[rows], hp)
+        spec = "kbf,kfo->kbo" if feats.ndim == 3 else "bf,kfo->kbo"
+        outs[g] = jnp.einsum(spec, feats, hp["kernel"]) + hp["bias"][:, None]
+      else:
+        out = feats @ hp["kernel"] + hp["bias"]
+        outs[g] = out if feats.ndim == 3 else jnp.broadcast_to(out, (k,) + out.shape)
+    return outs
+
+  def _static_heads(self, head_params, feats, task_ids, slices) -> dict:
+    """Per-task heads on a static slot layout: each group's heads run on its
+    own slots only; the other slots' rows are zero (never read by the loss)."""
+    outs, k = {}, task_ids.shape[0]
+    for g, sl in slices.items():
+      hp = head_params[g]
+      rows = self.taskset.local_index[task_ids[sl]]
+      if not np.array_equal(rows, np.arange(hp["kernel"].shape[0])):
+        hp = jax.tree.map(lambda a, r=rows: a[r], hp)
+      f = feats[sl] if feats.ndim == 3 else feats
+      spec = "kbf,kfo->kbo" if feats.ndim == 3 else "bf,kfo->kbo"
+      out = jnp.einsum(spec, f, hp["kernel"]) + hp["bias"][:, None]
+      outs[g] = jnp.pad(out, ((sl.start, k - sl.stop), (0, 0), (0, 0)))
+    return outs
+
+  def head_rows(self) -> dict[str, np.ndarray]:
+    if not self.spec.per_task_heads:
+      return {}
+    return {f"heads/{g}": self.taskset.group_members(g) for g in self.taskset.groups}
+
+  # --- layer groups ----------------------------------------------------------
+
+  def layer_groups(self, trunk_prefixes: str, extra: Sequence[tuple[str, str]] = ()
+                   ) -> tuple[tuple[str, str], ...]:
+    """Trunk layers (under ``trunk_prefixes``, a regex alternative such as
+    ``shared/trunk``), then ``extra`` groups, then the heads."""
+    groups = [(n, rf"^({trunk_prefixes})/{n}(/|$)") for n in self.spec.layer_names]
+    return tuple(groups) + tuple(extra) + (("heads", r"^(shared|tasks)/heads/"),)
+
+
+def _broadcast_slots(tree, k: int):
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + a.shape), tree)
+
+
+# ----------------------------------------------------------------------------
+# One network: multi_head and the conditioned architectures.
+# ----------------------------------------------------------------------------
+
+
+def _one_network(parts: _Parts) -> dict:
+  spec, num_tasks = parts.spec, parts.num_tasks
+  heads_home = "tasks" if spec.per_task_heads else "shared"
 
   def init(rng):
-    r_trunk, r_heads, r_extra = jax.random.split(rng, 3)
-    shared, task_params = {}, {}
-    if arch in PER_TASK_TRUNK:
-      task_params["trunk"] = jax.vmap(trunk_init)(
-          per_task_keys(r_trunk, np.arange(num_tasks)))
-    elif arch in ("mmoe", "omoe"):
-      shared["experts"] = jax.vmap(trunk_init)(jax.random.split(r_trunk, num_experts))
+    r_trunk, r_heads, _ = jax.random.split(rng, 3)
+    params = {"shared": {"trunk": parts.trunk_init(r_trunk)}, "tasks": {}}
+    params[heads_home]["heads"] = parts.heads_init(r_heads, parts.trunk_dim)
+    return params
+
+  def apply(params, x, task_ids):
+    p = params["shared"]["trunk"]
+    if spec.conditioned:
+      z = jax.nn.one_hot(task_ids, num_tasks, dtype=x.dtype)
+      feats = jax.vmap(lambda xk, zk: parts.trunk_apply(p, xk, zk))(x, z)
     else:
-      shared["trunk"] = trunk_init(r_trunk)
-    if arch == "cross_stitch":
-      off = (1.0 - stitch_init) / max(num_tasks - 1, 1)
-      alpha = jnp.full((num_tasks, num_tasks), off, jnp.float32)
-      alpha = alpha.at[jnp.diag_indices(num_tasks)].set(
-          stitch_init if num_tasks > 1 else 1.0)
-      shared["stitch"] = {n: alpha for n in layer_names}
-    if arch == "mmoe":  # zero gates: every expert weighs 1/E at init
-      task_params["gates"] = {"kernel": jnp.zeros((num_tasks, in_dim, num_experts)),
-                              "bias": jnp.zeros((num_tasks, num_experts))}
-    if arch == "omoe":
-      shared["gate"] = {"kernel": jnp.zeros((in_dim, num_experts)),
-                        "bias": jnp.zeros((num_experts,))}
-    if moe and tower:
-      task_params["towers"] = jax.vmap(
-          lambda r: tower_mod.init(r, f_example)["params"])(
-              per_task_keys(r_extra, np.arange(num_tasks)))
-    head_params = {}
-    for gi, g in enumerate(groups):
-      out = taskset.group_task(g).out_dim
-      if per_task_heads:  # keyed by stream id only, so subsets init alike
-        members = taskset.group_members(g)
-        head_params[g] = jax.vmap(lambda k, o=out: head_init(k, o))(
-            per_task_keys(r_heads, members))
-      else:
-        head_params[g] = head_init(jax.random.fold_in(r_heads, gi), out)
-    (task_params if per_task_heads else shared)["heads"] = head_params
-    return {"shared": shared, "tasks": task_params}
+      feats = jax.vmap(lambda xk: parts.trunk_apply(p, xk))(x)
+    return parts.heads_apply(params[heads_home]["heads"], feats, task_ids)
+
+  out = {"init": init, "apply": apply, "task_rows": parts.head_rows(),
+         "layer_groups": parts.layer_groups("shared/trunk")}
+  if spec.conditioned:
+    return out  # the task descriptor enters the trunk: nothing is task-independent
+
+  if spec.per_task_heads:
+    def encode(shared, x):
+      return parts.trunk_apply(shared["trunk"], x)               # [B, F]
+
+    def decode(task_params, rep, x, task_ids):
+      del x
+      return parts.heads_apply(task_params["heads"], rep, task_ids)
+  else:  # a pooled model: the whole network is task-independent
+    def encode(shared, x):
+      feats = parts.trunk_apply(shared["trunk"], x)
+      return {g: o[0] for g, o in parts.heads_apply(shared["heads"], feats,
+                                                     jnp.zeros((1,), jnp.int32)).items()}
+
+    def decode(task_params, rep, x, task_ids):
+      del task_params, x
+      k = task_ids.shape[0]
+      return {g: jnp.broadcast_to(o, (k,) + o.shape) for g, o in rep.items()}
+  return {**out, "encode": encode, "decode": decode}
+
+
+# ----------------------------------------------------------------------------
+# Per-task trunks: independent, soft (plus its penalty), cross_stitch.
+# ----------------------------------------------------------------------------
+
+
+def _per_task_trunks(parts: _Parts) -> dict:
+  spec, num_tasks = parts.spec, parts.num_tasks
+
+  def init(rng):
+    r_trunk, r_heads, _ = jax.random.split(rng, 3)
+    return {"shared": {}, "tasks": {
+        "trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk)),
+        "heads": parts.heads_init(r_heads, parts.trunk_dim)}}
+
+  def apply(params, x, task_ids):
+    tp = jax.tree.map(lambda a: a[task_ids], params["tasks"]["trunk"])
+    feats = jax.vmap(parts.trunk_apply)(tp, x)
+    return parts.heads_apply(params["tasks"]["heads"], feats, task_ids)
+
+  rows = {"trunk": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
+  penalty = _soft_penalty(spec, num_tasks) if spec.arch == "soft" else None
+  return {"init": init, "apply": apply, "task_rows": rows, "penalty": penalty,
+          "layer_groups": parts.layer_groups("tasks/trunk")}
+
+
+def _soft_penalty(spec: _Spec, num_tasks: int) -> Callable:
+  try:
+    soft_re = re.compile(spec.soft_layers or ".*")
+  except re.error as e:
+    raise ValueError(f"config.model.soft_layers={spec.soft_layers!r}: {e}.") from None
+  paths = [n for n in spec.layer_names if soft_re.search(f"trunk/{n}/")]
+  if not paths:
+    raise ValueError(f"config.model.soft_layers={spec.soft_layers!r} matches no trunk "
+                     f"layer; layers are {[f'trunk/{n}/' for n in spec.layer_names]}.")
+  lam = spec.soft_lambda
+
+  def penalty(params):
+    """``lambda sum_{t<t'} ||theta^t - theta^t'||`` over the chosen layers."""
+    cols = params["tasks"]["trunk"]
+    leaves = [leaf.reshape(num_tasks, -1) for n in paths for leaf in jax.tree.leaves(cols[n])]
+    if spec.soft_norm == "squared":  # sum_{t<t'} ||a_t - a_t'||^2 = T sum ||a_t - mean||^2
+      return lam * num_tasks * sum(jnp.sum(jnp.square(a - a.mean(axis=0))) for a in leaves)
+    # Pairwise squared distances from Gram matrices: O(T^2 + T D) memory.
+    d2 = sum(jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(a * a, 1)[None, :]
+                         - 2.0 * a @ a.T, 0.0) for a in leaves)
+    upper = jnp.triu(jnp.ones((num_tasks, num_tasks), bool), 1) & (d2 > 0)
+    return lam * jnp.sum(jnp.where(upper, jnp.sqrt(jnp.where(upper, d2, 1.0)), 0.0))
+  return penalty
+
+
+def _cross_stitch(parts: _Parts) -> dict:
+  spec, num_tasks = parts.spec, parts.num_tasks
+
+  def init(rng):
+    r_trunk, r_heads, _ = jax.random.split(rng, 3)
+    off = (1.0 - spec.stitch_init) / max(num_tasks - 1, 1)
+    alpha = jnp.full((num_tasks, num_tasks), off, jnp.float32)
+    alpha = alpha.at[jnp.diag_indices(num_tasks)].set(
+        spec.stitch_init if num_tasks > 1 else 1.0)
+    return {"shared": {"stitch": {n: alpha for n in spec.layer_names}},
+            "tasks": {"trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk)),
+                      "heads": parts.heads_init(r_heads, parts.trunk_dim)}}
 
   def stitched(params, xk):
     """All T task columns on one slot's inputs, mixed after every layer: [T, B, F]."""
     cols, alpha = params["tasks"]["trunk"], params["shared"]["stitch"]
-    h = xk if xk.ndim == 4 or encoder == "mlp" else xk[..., None]
+    h = xk if xk.ndim == 4 or spec.encoder == "mlp" else xk[..., None]
     h = jnp.broadcast_to(h, (num_tasks,) + h.shape)
-    if encoder == "mlp":
+    if spec.encoder == "mlp":
       h = h.reshape(num_tasks, h.shape[1], -1)
-    for name in layer_names:
+    for name in spec.layer_names:
       if name.startswith("conv"):
-        conv = encoders.PatchConv(channels[int(name[5:])], 3)
+        conv = encoders.PatchConv(spec.channels[int(name[5:])], 3)
         h = jax.vmap(lambda p, a: nn.relu(conv.apply({"params": p}, a)))(cols[name], h)
         if h.shape[2] >= 2 and h.shape[3] >= 2:
           h = jax.vmap(lambda a: nn.max_pool(a, (2, 2), strides=(2, 2)))(h)
       else:
         if h.ndim > 3:
           h = h.reshape(num_tasks, h.shape[1], -1)
-        dense = encoders.CondDense(hidden[int(name[6:])])
+        dense = encoders.CondDense(spec.hidden[int(name[6:])])
         h = jax.vmap(lambda p, a: nn.relu(dense.apply({"params": p}, a)))(cols[name], h)
       h = jnp.einsum("ts,s...->t...", alpha[name], h)
     return h.reshape(num_tasks, h.shape[1], -1)
 
-  def moe_features(params, xk, t):
-    """One slot's [B, F]: the (gated) expert mixture or shared trunk, then t's tower."""
+  def apply(params, x, task_ids):
+    feats = jax.vmap(lambda xk, t: stitched(params, xk)[t])(x, task_ids)
+    return parts.heads_apply(params["tasks"]["heads"], feats, task_ids)
+
+  rows = {"trunk": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
+  return {"init": init, "apply": apply, "task_rows": rows,
+          "layer_groups": parts.layer_groups("tasks/trunk|shared/stitch")}
+
+
+# ----------------------------------------------------------------------------
+# Mixtures: mmoe, omoe, shared_bottom (experts or a trunk, gates, towers).
+# ----------------------------------------------------------------------------
+
+
+def _mixture(parts: _Parts) -> dict:
+  spec, num_tasks = parts.spec, parts.num_tasks
+  arch, tower = spec.arch, spec.tower
+  tower_mod = encoders.MLP(tower)
+  feat_dim = tower[-1] if tower else parts.trunk_dim
+  in_dim = int(np.prod(spec.input_shape))
+
+  def init(rng):
+    r_trunk, r_heads, r_extra = jax.random.split(rng, 3)
+    shared, task_params = {}, {}
     if arch == "shared_bottom":
-      mix = trunk.apply({"params": params["shared"]["trunk"]}, xk)
+      shared["trunk"] = parts.trunk_init(r_trunk)
     else:
-      experts = jax.vmap(lambda p: trunk.apply({"params": p}, xk))(
-          params["shared"]["experts"])                                  # [E, B, F]
-      gate = (params["tasks"]["gates"] if arch == "mmoe" else None)
-      kernel, bias = ((gate["kernel"][t], gate["bias"][t]) if gate is not None else
-                      (params["shared"]["gate"]["kernel"], params["shared"]["gate"]["bias"]))
-      g = jax.nn.softmax(xk.reshape(xk.shape[0], -1) @ kernel + bias, axis=-1)  # [B, E]
-      mix = jnp.einsum("be,ebf->bf", g, experts)
-    if not tower:
-      return mix
-    tp = jax.tree.map(lambda a: a[t], params["tasks"]["towers"])
-    return tower_mod.apply({"params": tp}, mix)
+      shared["experts"] = jax.vmap(parts.trunk_init)(
+          jax.random.split(r_trunk, spec.num_experts))
+    gate = {"kernel": jnp.zeros((in_dim, spec.num_experts)),  # zero gates: 1/E each
+            "bias": jnp.zeros((spec.num_experts,))}
+    if arch == "mmoe":
+      task_params["gates"] = _broadcast_slots(gate, num_tasks)
+    elif arch == "omoe":
+      shared["gate"] = gate
+    if tower:
+      f_example = jnp.zeros((1, parts.trunk_dim), jnp.float32)
+      task_params["towers"] = jax.vmap(lambda r: tower_mod.init(r, f_example)["params"])(
+          parts.all_task_keys(r_extra))
+    task_params["heads"] = parts.heads_init(r_heads, feat_dim)
+    return {"shared": shared, "tasks": task_params}
 
-  def features(params, x, task_ids):
-    """``[K, B, F]`` trunk features for each slot."""
-    if arch in ("independent", "soft"):
-      tp = jax.tree.map(lambda a: a[task_ids], params["tasks"]["trunk"])
-      return jax.vmap(lambda p, xk: trunk.apply({"params": p}, xk))(tp, x)
-    if arch == "cross_stitch":
-      return jax.vmap(lambda xk, t: stitched(params, xk)[t])(x, task_ids)
-    if moe:
-      return jax.vmap(lambda xk, t: moe_features(params, xk, t))(x, task_ids)
-    p = {"params": params["shared"]["trunk"]}
-    if conditioned:
-      z = jax.nn.one_hot(task_ids, num_tasks, dtype=x.dtype)
-      return jax.vmap(lambda xk, zk: trunk.apply(p, xk, zk))(x, z)
-    return jax.vmap(lambda xk: trunk.apply(p, xk))(x)
+  def gated(gate, x, experts):
+    """``sum_e softmax(flat(x) W + b)_e experts[e]``: ``[B, F]``."""
+    g = jax.nn.softmax(x.reshape(x.shape[0], -1) @ gate["kernel"] + gate["bias"], axis=-1)
+    return jnp.einsum("be,ebf->bf", g, experts)
 
-  def heads_apply(params, feats, task_ids):
-    outs = {}
-    for g in groups:
-      if per_task_heads:
-        hp = params["tasks"]["heads"][g]
-        rows = jnp.clip(local_index[task_ids], 0, hp["kernel"].shape[0] - 1)
-        hp = jax.tree.map(lambda a: a[rows], hp)
-        outs[g] = jnp.einsum("kbf,kfo->kbo", feats, hp["kernel"]) + hp["bias"][:, None]
-      else:
-        hp = params["shared"]["heads"][g]
-        outs[g] = feats @ hp["kernel"] + hp["bias"]
-    return outs
+  def encode(shared, x):
+    if arch == "shared_bottom":
+      return parts.trunk_apply(shared["trunk"], x)                         # [B, F]
+    experts = jax.vmap(lambda p: parts.trunk_apply(p, x))(shared["experts"])  # [E, B, F]
+    return experts if arch == "mmoe" else gated(shared["gate"], x, experts)
+
+  def decode(task_params, rep, x, task_ids):
+    h, h_axis = rep, None                       # [B, F] for every slot, or per slot
+    if arch == "mmoe":
+      gates = jax.tree.map(lambda a: a[task_ids], task_params["gates"])
+      h, h_axis = jax.vmap(lambda g: gated(g, x, rep))(gates), 0           # [K, B, F]
+    if tower:
+      tp = jax.tree.map(lambda a: a[task_ids], task_params["towers"])
+      h = jax.vmap(lambda p, a: tower_mod.apply({"params": p}, a),
+                   in_axes=(0, h_axis))(tp, h)                             # [K, B, F']
+    return parts.heads_apply(task_params["heads"], h, task_ids)
 
   def apply(params, x, task_ids):
-    return heads_apply(params, features(params, x, task_ids), task_ids)
+    outs = jax.vmap(lambda xk, t: decode(params["tasks"], encode(params["shared"], xk), xk,
+                                         t[None]))(x, task_ids)
+    return {g: o[:, 0] for g, o in outs.items()}
 
-  penalty = None
-  if arch == "soft":
-    def penalty(params):
-      """``lambda sum_{t<t'} ||theta^t - theta^t'||`` over the chosen layers."""
-      cols = params["tasks"]["trunk"]
-      leaves = [leaf.reshape(num_tasks, -1) for n in soft_paths
-                for leaf in jax.tree.leaves(cols[n])]
-      if soft_norm == "squared":  # sum_{t<t'} ||a_t - a_t'||^2 = T sum ||a_t - mean||^2
-        return soft_lambda * num_tasks * sum(
-            jnp.sum(jnp.square(a - a.mean(axis=0))) for a in leaves)
-      # Pairwise squared distances from Gram matrices: O(T^2 + T D) memory.
-      d2 = sum(jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(a * a, 1)[None, :]
-                           - 2.0 * a @ a.T, 0.0) for a in leaves)
-      upper = jnp.triu(jnp.ones((num_tasks, num_tasks), bool), 1) & (d2 > 0)
-      return soft_lambda * jnp.sum(jnp.where(upper, jnp.sqrt(jnp.where(upper, d2, 1.0)),
-                                             0.0))
-
-  task_rows = {}
-  if arch in PER_TASK_TRUNK:
-    task_rows["trunk"] = np.arange(num_tasks, dtype=np.int32)
+  rows = {"towers": np.arange(num_tasks, dtype=np.int32)} if tower else {}
   if arch == "mmoe":
-    task_rows["gates"] = np.arange(num_tasks, dtype=np.int32)
-  if moe and tower:
-    task_rows["towers"] = np.arange(num_tasks, dtype=np.int32)
-  if per_task_heads:
-    for g in groups:
-      task_rows[f"heads/{g}"] = taskset.group_members(g)
-  shared_representation = arch == "multi_head" and per_task_heads
-  return Model(arch, taskset, init, apply, task_rows, features, heads_apply,
-               shared_representation, penalty)
+    rows["gates"] = np.arange(num_tasks, dtype=np.int32)
+  rows.update(parts.head_rows())
+  extra = [] if arch == "shared_bottom" else [("gates", r"^(tasks/gates|shared/gate)/")]
+  extra += [(f"tower_{j}", rf"^tasks/towers/layer_{j}/") for j in range(len(tower))]
+  return {"init": init, "apply": apply, "task_rows": rows, "encode": encode,
+          "decode": decode,
+          "layer_groups": parts.layer_groups("shared/trunk|shared/experts", extra)}

@@ -1,0 +1,285 @@
+"""From a config to the objects of a run: checks, data, model, objective,
+optimizer, initial state, train and eval steps.
+
+The only module besides the loop (:mod:`mtljax.train`) that reads an
+``ml_collections.ConfigDict``; every function here turns config fields into
+explicit arguments of the library (so a notebook can skip it). Nothing here is
+compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mtljax import checkpoint as ckpt_lib
+from mtljax import jacobians
+from mtljax import objectives
+from mtljax import optim
+from mtljax import params as params_lib
+from mtljax import schedules
+from mtljax import steps
+from mtljax import tasks as tasks_lib
+from mtljax import transfer
+from mtljax.data import loading
+from mtljax.data import sampling
+from mtljax.models import multitask
+
+logger = logging.getLogger("mtljax")
+
+
+# ----------------------------------------------------------------------------
+# Checks that need no data.
+# ----------------------------------------------------------------------------
+
+
+def _positive_int(config, path):
+  value = config
+  for part in path.split("."):
+    value = value[part]
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"config.{path} must be a positive integer, got {value!r}.")
+  return int(value)
+
+
+def _one_of(field: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"config.{field}={value!r} is not one of {tuple(allowed)}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every name and count that needs no data, before anything loads."""
+  m, s, o = config.model, config.sampling, config.optim
+  _one_of("model.arch", m.arch, multitask.ARCHS)
+  _one_of("model.encoder", m.encoder, multitask.ENCODERS)
+  _one_of("model.heads", m.heads, multitask.HEADS)
+  _one_of("sampling.task_sampler", s.task_sampler, sampling.SAMPLERS)
+  if s.tasks_per_step < 0:
+    raise ValueError(f"config.sampling.tasks_per_step must be >= 0 (0 = all tasks), "
+                     f"got {s.tasks_per_step}.")
+  _positive_int(config, "sampling.examples_per_task")
+  _one_of("optim.name", o.name, optim.OPTIMIZERS)
+  if not o.lr > 0:
+    raise ValueError(f"config.optim.lr must be > 0, got {o.lr}.")
+  _one_of("optim.schedule", o.schedule, schedules.SCHEDULES)
+  optim.parse_rules(o.rules)  # raises on bad syntax, regexes, settings
+  if o.layerwise_decay and not 0 < o.layerwise_decay <= 1:
+    raise ValueError(f"config.optim.layerwise_decay must be in (0, 1] (ULMFiT: 1/2.6), got "
+                     f"{o.layerwise_decay}.")
+  for key in ("frozen_depth", "unfreeze_every"):
+    if o[key] < 0:
+      raise ValueError(f"config.optim.{key} must be >= 0, got {o[key]}.")
+  if config.tag_lr < 0 or config.tag_groups < 1:
+    raise ValueError(f"config.tag_lr must be >= 0 and config.tag_groups >= 1, got "
+                     f"{config.tag_lr}, {config.tag_groups}.")
+  if config.l2sp_alpha < 0 or config.l2sp_beta < 0:
+    raise ValueError("config.l2sp_alpha and config.l2sp_beta must be >= 0.")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ValueError(f"config.init_from={config.init_from!r} is not a directory.")
+  objectives.check_method(config.objective.method)
+  known = {"method", "weights", "gram_path", "slot_backwards"} | set(objectives.METHODS)
+  unknown = sorted(set(config.objective) - known)
+  if unknown:
+    raise ValueError(f"config.objective: unknown key(s) {unknown}; keys are {sorted(known)} "
+                     "(a method's hyper-parameters live under config.objective.<method>, e.g. "
+                     "config.objective.dwa.window_steps).")
+  for method in set(config.objective) & set(objectives.METHODS):
+    objectives.check_hyperparameters(method, config.objective[method].to_dict())
+  _one_of("objective.gram_path", config.objective.gram_path, objectives.GRAM_PATHS)
+  _one_of("objective.slot_backwards", config.objective.get("slot_backwards", "auto"),
+          jacobians.SLOT_BACKWARDS)
+  for key in ("total_steps", "steps_per_call", "log_steps", "eval_steps",
+              "checkpoint_steps", "eval_batch_size"):
+    _positive_int(config, key)
+  if not config.data.name:
+    raise ValueError("config.data.name is empty.")
+
+
+# ----------------------------------------------------------------------------
+# Config -> objects.
+# ----------------------------------------------------------------------------
+
+
+def data_from_config(config) -> loading.MultiTaskData:
+  d = config.data
+  return loading.load(
+      d.name, data_dir=d.data_dir or None, builder_config=d.builder_config,
+      task_names=tuple(d.tasks), max_train_examples=d.max_train_examples or None,
+      input_key=d.get("input_key", "image"), label_keys=tuple(d.get("label_keys", ())),
+      normalize_labels=d.get("normalize_labels", True))
+
+
+def model_from_config(config, taskset, input_shape) -> multitask.Model:
+  m = config.model
+  return multitask.make_model(
+      m.arch, taskset, input_shape, encoder=m.encoder, hidden=tuple(m.hidden),
+      channels=tuple(m.channels), cond_layers=tuple(m.cond_layers), heads=m.heads,
+      soft_lambda=m.soft_lambda, soft_norm=m.soft_norm, soft_layers=m.soft_layers,
+      stitch_init=m.stitch_init, num_experts=m.num_experts, tower=tuple(m.tower))
+
+
+def objective_hparams(config) -> dict:
+  """The chosen method's hyper-parameters: ``config.objective.<method>``."""
+  o = config.objective
+  section = o.get(o.method, None)
+  return section.to_dict() if section is not None else {}
+
+
+def objective_from_config(config, num_tasks: int) -> objectives.Objective:
+  o = config.objective
+  return objectives.make_objective(o.method, num_tasks, gram_path=o.gram_path,
+                                   **objective_hparams(config))
+
+
+def layer_groups(model: multitask.Model, objective: objectives.Objective, params
+                 ) -> tuple[tuple[str, str], ...]:
+  """The model's layer groups, the objective's per-task parameters (if any)
+  joining the top group."""
+  groups = list(model.layer_groups)
+  if objective.name in params["tasks"]:
+    name, rx = groups[-1]
+    groups[-1] = (name, rf"{rx}|^tasks/{objective.name}/")
+  return tuple(groups)
+
+
+def rules_from_config(config, groups, param_names) -> tuple:
+  """``config.optim.rules`` followed by the generated frozen-depth, layer-wise
+  decay and gradual-unfreezing rules over the layer groups ``groups``; those
+  need every parameter (``param_names``) in a group."""
+  o = config.optim
+  rules = optim.parse_rules(o.rules)
+  if o.frozen_depth or o.layerwise_decay or o.unfreeze_every:
+    optim.check_layer_groups(groups, param_names)
+  generated = ()
+  if o.frozen_depth:
+    rules = rules + optim.frozen_depth_rules(groups, o.frozen_depth)
+  if o.layerwise_decay:
+    generated = optim.layerwise_decay_rules(groups, o.layerwise_decay)
+  if o.unfreeze_every:
+    generated = optim.gradual_unfreezing_rules(groups, o.unfreeze_every, generated)
+  if o.frozen_depth and not generated:  # the unfrozen groups train with the defaults
+    generated = (optim.Rule(".*"),)
+  return rules + generated
+
+
+def optimizer_from_config(config, groups=None, param_names=()):
+  """The optimizer; a :class:`mtljax.optim.RuledOptimizer` when the config has
+  parameter rules, layer-wise decay, gradual unfreezing or frozen depth
+  (``groups``, the layer groups of :func:`layer_groups`, and the parameters'
+  slash paths are then needed)."""
+  o = config.optim
+  kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                momentum=o.momentum)
+  if o.rules or o.layerwise_decay or o.unfreeze_every or o.frozen_depth:
+    if groups is None:
+      raise ValueError("optimizer_from_config: parameter rules need the layer groups.")
+    return optim.make_ruled_optimizer(
+        o.name, rules_from_config(config, groups, param_names), lr=o.lr, total_steps=config.total_steps,
+        schedule=o.schedule, warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
+        stlr_cut_frac=o.stlr_cut_frac, stlr_ratio=o.stlr_ratio, **kwargs)
+  lr = o.lr
+  if o.schedule != "constant":
+    lr = schedules.make_schedule(o.schedule, o.lr, config.total_steps,
+                                 warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
+                                 cut_frac=o.stlr_cut_frac, ratio=o.stlr_ratio)
+  return optim.make_optimizer(o.name, lr=lr, **kwargs)
+
+
+def steps_per_call(config) -> int:
+  """``config.steps_per_call`` lowered to divide every interval (one shape of
+  call: one compile)."""
+  spc = int(config.steps_per_call)
+  for key in ("total_steps", "log_steps", "eval_steps", "checkpoint_steps"):
+    spc = math.gcd(spc, int(config[key]))
+  return spc
+
+
+# ----------------------------------------------------------------------------
+# A whole run's objects.
+# ----------------------------------------------------------------------------
+
+
+class Run(NamedTuple):
+  """Everything a training run needs, built from a config and its data."""
+  model: multitask.Model
+  objective: objectives.Objective
+  tx: Any
+  state: dict
+  train_fn: Callable
+  eval_fn: Callable
+  steps_per_call: int
+  init_report: dict | None
+
+
+def _initial_state(config, model, objective, tx, state) -> tuple[dict, Callable | None, dict]:
+  """The state after ``config.init_from`` (fine-tuning) and the L2-SP penalty."""
+  if not config.init_from:
+    if config.l2sp_alpha or config.l2sp_beta:
+      raise ValueError("config.l2sp_alpha/l2sp_beta pull parameters toward pretrained "
+                       "values: set config.init_from.")
+    return state, None, None
+  source, source_step = ckpt_lib.read_params(config.init_from)
+  dont_load = [p for p in config.init_dont_load.split(";") if p]
+  params, report = ckpt_lib.load_params(state["params"], source, dont_load)
+  init_report = {"from": config.init_from, "step": source_step, **report}
+  logger.info("init_from %s (step %d): loaded %d, fresh (dont_load) %s, fresh (missing) "
+              "%s, unused %s.", config.init_from, source_step, len(report["loaded"]),
+              report["fresh_dont_load"], report["fresh_missing"], report["unused"])
+  state = {**state, "params": params,
+           "opt_state": optim.init_state(tx, params, steps.task_rows(model, objective))}
+  penalty = None
+  if config.l2sp_alpha or config.l2sp_beta:
+    penalty = transfer.l2sp_penalty(ckpt_lib.loaded_mask(params, report),
+                                    config.l2sp_alpha, config.l2sp_beta)
+    state["anchor"] = jax.tree.map(jnp.copy, params)
+  return state, penalty, init_report
+
+
+def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
+              eval_split: str = "test") -> Run:
+  """The model, objective, optimizer, initial state (loaded from
+  ``config.init_from`` when set), train step and eval step of a run on
+  ``data``; nothing is compiled. The eval step is sized for
+  ``data.<eval_split>``, and only its shape is read."""
+  validate_config(config)
+  ts = data.taskset
+  s = config.sampling
+  probs = sampling.task_probabilities(s.task_sampler, data.num_train, s.temperature)
+  weights = tasks_lib.task_weights(ts, config.objective.weights.to_dict())
+  spc = steps_per_call(config)
+  if s.shared_inputs:
+    sampling.check_shared_inputs(data.train, ts.names)
+  logger.info("Data %s: %d tasks %s, input shape %s, train sizes %s, groups %s.",
+              data.name, len(ts), list(ts.names), data.input_shape,
+              data.num_train.tolist(), list(ts.groups))
+  model = model_from_config(config, ts, data.input_shape)
+  objective = objective_from_config(config, len(ts))
+  init_rng = jax.random.key(config.seed + 1)
+  shapes = jax.eval_shape(lambda r: steps.init_train_state(
+      model, optax.set_to_zero(), r, objective), init_rng)["params"]
+  groups = layer_groups(model, objective, shapes)
+  tx = optimizer_from_config(config, groups,
+                             [n for n, _ in params_lib.flatten_with_names(shapes)])
+  if isinstance(tx, optim.RuledOptimizer):
+    for line in tx.describe(shapes):
+      logger.debug("optim rule: %s", line)
+  state = jax.jit(lambda r: steps.init_train_state(model, tx, r, objective))(init_rng)
+  state, penalty, init_report = _initial_state(config, model, objective, tx, state)
+  train_fn = steps.make_train_step(
+      model, tx, objective, task_probs=probs, weights=weights,
+      tasks_per_step=s.tasks_per_step or len(ts), examples_per_task=s.examples_per_task,
+      replace=s.replace, shared_inputs=s.shared_inputs, steps_per_call=spc, seed=config.seed,
+      penalty=penalty, tag_lr=config.tag_lr,
+      slot_backwards=config.objective.get("slot_backwards", "auto"))
+  eval_fn = steps.make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
+                                 num_examples=data.split(eval_split)["x"].shape[1],
+                                 batch_size=config.eval_batch_size)
+  return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report)

@@ -1,0 +1,267 @@
+"""Per-task losses and their gradients from one linearisation of the batch.
+
+Depending on its objective method (:mod:`mtljax.objectives`), a step needs one of
+
+* the gradient of a weighted sum of the slots' losses, ``sum_k c_k L_k``
+  (equal weighting and every loss weighting, with ``c = d objective / d L``);
+* the per-slot gradients of the shared parameters, ``G [K, ...]`` with row
+  ``c_k grad_sh L_k`` (gradient-combination methods; GradNorm on one layer; TAG);
+* the per-slot gradients of the shared representation, ``dZ [K, ...]`` (MGDA-UB).
+
+:func:`linearize` runs the model forward **once** on the batch and returns a
+:class:`Linearized` whose functions produce each of these with backward passes
+only -- never one forward per task. Two paths:
+
+* **One trunk pass** (:attr:`Batch.shared`: every slot reads the same ``B``
+  examples, and the model has a task-independent part, ``model.encode``)::
+
+      Z, J_enc^T = vjp(encode, theta^sh)          # the trunk, once, on B examples
+      L [K]      = slot_losses(decode(theta^tasks, [Z] * K, x, ids))
+
+  The weighted-sum gradient is one backward through the per-task part and one
+  through the trunk. For per-slot gradients the per-task part is also
+  linearised with one copy of Z per slot (slot k reads only its copy), so one
+  backward through it gives every slot's ``dZ_k = c_k dL_k/dZ`` (``[K, ...]``),
+  and the per-slot shared gradients are ``G_k = J_enc^T dZ_k``: K trunk
+  backwards, vmapped over the cotangents of the one trunk linearisation.
+  (Reading one Z without copies is what makes the weighted-sum path fast: on
+  XLA:CPU the heads' backward through per-slot copies costs 3-8x more.)
+* **Per slot** (distinct examples per slot, or no task-independent part):
+  ``model.apply`` on ``x [K, B, ...]``, one VJP for the weighted sum and the
+  task parameters. Per-slot shared gradients are ``vmap`` over slots of one
+  slot's gradient with the shared weights unbatched: the vmapped forward is the
+  forward of the ``K B`` examples once, and each slot's backward touches only
+  its own examples -- O(K B) work, like one backward of the summed loss (a
+  vmapped VJP of all slots' losses would cost O(K^2 B), and per-slot copies of
+  the weights would hold ``K`` times the parameters and run batched matmuls).
+
+Both paths give the same losses and gradients (tested against K separate
+``jax.grad`` calls, and the one-pass step against the per-slot step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mtljax import gradients
+from mtljax import params as params_lib
+from mtljax import tasks as tasks_lib
+from mtljax.models import multitask
+
+# What an objective asks the step to linearise (Objective.needs).
+NEEDS = ("sum", "slots", "representation")
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("x", "ys", "task_ids"), meta_fields=("shared",))
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """One step's examples: ``x [K, B, ...]`` (per slot) or ``[B, ...]`` (shared by
+  every slot, ``shared=True``, static), labels ``ys {group: [K, B]}``, and
+  ``task_ids [K]``."""
+  x: jax.Array
+  ys: dict
+  task_ids: jax.Array
+  shared: bool
+
+
+class Linearized(NamedTuple):
+  """The slots' losses at the current parameters and ways to differentiate them.
+
+  Attributes:
+    losses: ``[K]``, each slot's mean loss.
+    pullback: ``c [K] -> {"shared", "tasks"}``, the gradient of ``sum_k c_k L_k``.
+    slot_grads: ``c [K] -> (G, task_grads)``: ``G`` is the shared tree with
+      ``[K, ...]`` leaves (row k is ``c_k grad L_k``; leaves not selected by
+      ``slot_leaves`` are None), ``task_grads`` the per-task parameters'
+      gradient of ``sum_k c_k L_k``. None when not linearised for it.
+    rep_grads: ``c [K] -> (dZ, task_grads)``, ``dZ`` the representation's tree
+      with ``[K, ...]`` leaves (one-pass path only, else None).
+    rep_pullback: ``dZ -> shared grads`` for a representation cotangent without
+      slot axis (one-pass path only, else None).
+    slot_gram: ``c [K] -> (G G^T [K, K], task_grads)`` without holding ``G``:
+      each parameter's ``[K, ...]`` slot gradients are reduced into the Gram
+      matrix as one batched backward produces them (the memory-light path).
+    loss_at: ``params -> [K]``, the slots' losses on the same batch (forward only).
+    one_pass: whether the trunk ran once for every slot.
+  """
+  losses: jax.Array
+  pullback: Callable
+  slot_grads: Callable | None
+  rep_grads: Callable | None
+  rep_pullback: Callable | None
+  loss_at: Callable
+  one_pass: bool
+  slot_gram: Callable | None = None
+
+
+SLOT_BACKWARDS = ("auto", "map", "vmap")
+
+
+def sequential_backwards(slot_backwards: str = "auto") -> bool:
+  """Whether the one-pass path runs its K trunk backwards as a loop
+  (``lax.map``, ``"map"``) rather than one batched backward (``vmap``).
+
+  ``"auto"``: a loop on CPU, where XLA runs the batched weight-gradient products
+  of a vmapped backward about 1.5-2x slower than K plain ones
+  (experiments/bench_objectives.py, BUILD_NOTES.md), and ``vmap`` on
+  accelerators, where the batched products fill the device.
+  """
+  if slot_backwards not in SLOT_BACKWARDS:
+    raise ValueError(f"config.objective.slot_backwards={slot_backwards!r} is not one of "
+                     f"{SLOT_BACKWARDS}.")
+  if slot_backwards == "auto":
+    return jax.default_backend() == "cpu"
+  return slot_backwards == "map"
+
+
+def can_run_once(model: multitask.Model, batch: Batch) -> bool:
+  """Whether the one-trunk-pass path applies to this model and batch."""
+  return batch.shared and model.encode is not None
+
+
+def linearize(model: multitask.Model, params: dict, batch: Batch, *, needs: str = "sum",
+              slot_leaves: Sequence[str] | None = None, one_pass: bool | None = None,
+              slot_backwards: str = "auto") -> Linearized:
+  """Linearises the slots' losses at ``params`` (module docstring).
+
+  Args:
+    needs: ``"sum"`` (only ``pullback``), ``"slots"`` (also per-slot shared
+      gradients) or ``"representation"`` (per-slot representation gradients;
+      needs the one-pass path).
+    slot_leaves: with ``needs="slots"``, the slash paths (relative to
+      ``shared/``) of the leaves ``G`` holds (None: every shared leaf).
+    one_pass: force the path (None: one pass whenever :func:`can_run_once`).
+    slot_backwards: how the one-pass path runs its K trunk backwards
+      (:func:`sequential_backwards`).
+  """
+  sequential_backwards(slot_backwards)  # a bad name fails before tracing
+  if needs not in NEEDS:
+    raise ValueError(f"linearize: needs={needs!r} is not one of {NEEDS}.")
+  possible = can_run_once(model, batch)
+  one_pass = possible if one_pass is None else one_pass
+  if one_pass and not possible:
+    raise ValueError(f"the one-trunk-pass step needs every slot to read the same examples "
+                     f"(config.sampling.shared_inputs=True) and an architecture with a "
+                     f"task-independent part; arch {model.arch!r} with shared inputs "
+                     f"{batch.shared} has none.")
+  if needs == "representation" and not one_pass:
+    raise ValueError(
+        f"gradients with respect to the shared representation need every slot to read "
+        f"the same examples (config.sampling.shared_inputs=True) and an architecture "
+        f"whose task-independent part ends in a representation; arch {model.arch!r} "
+        f"(shared inputs: {batch.shared}) does not have one.")
+  select = _leaf_selector(params["shared"], slot_leaves)
+  if one_pass:
+    return _one_pass(model, params, batch, select, needs, slot_backwards)
+  return _per_slot(model, params, batch, select if needs == "slots" else None)
+
+
+def _leaf_selector(shared, names: Sequence[str] | None):
+  """A tree of bools like ``shared``: the leaves named (all when None)."""
+  if names is not None:
+    unknown = sorted(set(names) - {n for n, _ in params_lib.flatten_with_names(shared)})
+    if unknown:
+      raise ValueError(f"slot_leaves: no shared parameter(s) {unknown}.")
+  return params_lib.tree_map_with_names(lambda n, _: names is None or n in names, shared)
+
+
+def _one_pass(model, params, batch: Batch, select, needs: str,
+              slot_backwards: str) -> Linearized:
+  ts, x, ys, ids = model.taskset, batch.x, batch.ys, batch.task_ids
+
+  def head_losses(rep, task_params):            # every slot reads the one rep
+    return tasks_lib.slot_losses(ts, model.decode(task_params, rep, x, ids), ys, ids)
+
+  def slot_head_losses(reps, task_params):      # slot k reads its own copy reps[k]
+    def one(r, t, yk):
+      outs = model.decode(task_params, r, x, t[None])
+      return tasks_lib.slot_losses(ts, outs, jax.tree.map(lambda a: a[None], yk), t[None])[0]
+    return jax.vmap(one)(reps, ids, ys)
+
+  rep, enc_vjp = jax.vjp(lambda sh: model.encode(sh, x), params["shared"])
+  losses, head_vjp = jax.vjp(head_losses, rep, params["tasks"])
+
+  def rep_pullback(dz):
+    return enc_vjp(dz)[0]
+
+  def pullback(c):
+    dz, g_tasks = head_vjp(c.astype(losses.dtype))
+    return {"shared": rep_pullback(dz), "tasks": g_tasks}
+
+  rep_grads = slot_grads = slot_gram = None
+  if needs != "sum":
+    k = ids.shape[0]
+    reps = jax.tree.map(lambda r: jnp.broadcast_to(r, (k,) + r.shape), rep)
+    _, slot_vjp = jax.vjp(slot_head_losses, reps, params["tasks"])
+
+    def rep_grads(c):
+      return slot_vjp(c.astype(losses.dtype))
+
+    def slot_grads(c, batched=False):
+      dz, g_tasks = rep_grads(c)
+      # K trunk backwards through the one linearisation.
+      if sequential_backwards(slot_backwards) and not batched:
+        g = jax.lax.map(rep_pullback, dz)
+      else:
+        g = jax.vmap(rep_pullback)(dz)
+      return jax.tree.map(lambda s, a: a if s else None, select, g), g_tasks
+
+    def slot_gram(c):
+      g, g_tasks = slot_grads(c, batched=True)
+      return gradients.gram(g), g_tasks
+
+  def loss_at(p):
+    return head_losses(model.encode(p["shared"], x), p["tasks"])
+
+  return Linearized(losses, pullback, slot_grads, rep_grads, rep_pullback, loss_at, True,
+                    slot_gram)
+
+
+def _per_slot(model, params, batch: Batch, select) -> Linearized:
+  ts, ys, ids = model.taskset, batch.ys, batch.task_ids
+  k = ids.shape[0]
+  x = jnp.broadcast_to(batch.x, (k,) + batch.x.shape) if batch.shared else batch.x
+
+  def loss_at(p):
+    return tasks_lib.slot_losses(ts, model.apply(p, x, ids), ys, ids)
+
+  if select is None:  # one backward of the weighted sum
+    losses, vjp = jax.vjp(loss_at, params)
+    return Linearized(losses, lambda c: vjp(c.astype(losses.dtype))[0], None, None, None,
+                      loss_at, False)
+
+  # Per-slot shared gradients: vmap over slots of one slot's gradient with the
+  # shared weights unbatched -- the vmapped forward is the forward of the K B
+  # examples once (one big matmul per layer, no per-slot weight copies), and
+  # each slot's backward touches only its own B examples.
+  losses, vjp = jax.vjp(loss_at, params)
+  chosen = jax.tree.map(lambda s, a: a if s else None, select, params["shared"])
+
+  def one_slot(xk, yk, t, ck):
+    def f(sel):
+      sh = jax.tree.map(lambda s, a, b: b if s else a, select, params["shared"], sel,
+                        is_leaf=lambda a: a is None)
+      outs = model.apply({"shared": sh, "tasks": params["tasks"]}, xk[None], t[None])
+      return ck * tasks_lib.slot_losses(ts, outs, jax.tree.map(lambda a: a[None], yk),
+                                        t[None])[0]
+    return jax.grad(f)(chosen)
+
+  def slot_grads(c):
+    c = c.astype(losses.dtype)
+    g = jax.vmap(one_slot)(x, ys, ids, c)
+    return g, vjp(c)[0]["tasks"]
+
+  def pullback(c):
+    return vjp(c.astype(losses.dtype))[0]
+
+  def slot_gram(c):
+    g, g_tasks = slot_grads(c)
+    return gradients.gram(g), g_tasks
+
+  return Linearized(losses, pullback, slot_grads, None, None, loss_at, False, slot_gram)

@@ -1,0 +1,362 @@
+"""The compiled multi-task step and the per-task evaluation step.
+
+Pure functions of explicit arguments: no config, no I/O. One training step,
+all inside one ``jax.jit``, reads like the recipe::
+
+    task_ids [K]   ~ the task distribution (uniform by default)         sample_tasks
+    x, ys          ~ B examples per slot, or B shared by every slot      sample_batch
+    lin            = losses [K] and their pullbacks, one forward         jacobians.linearize
+    result         = the objective's value, gradient and state           objective.gradients
+    + penalties    (soft sharing's, L2-SP's)                             add_penalties
+    params, opt    = optimizer step; unsampled tasks' rows stay          optim.update
+    obj state      = objective.after_update (FAMO: losses after the step)
+    measurements   = losses per task, the objective's logs              step_measurements
+
+When every slot reads the same examples (``shared_inputs``) and the model has a
+task-independent part (``model.encode``), the trunk runs once on the ``B``
+examples and only the per-task part runs per slot (:mod:`mtljax.jacobians`).
+
+``steps_per_call`` steps run per host call under ``lax.scan``; randomness is
+``fold_in(seed_key, step)``, so results do not depend on how steps are grouped
+into calls (an interrupted and resumed run equals an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtljax import jacobians
+from mtljax import measure
+from mtljax import objectives
+from mtljax import optim
+from mtljax import params as params_lib
+from mtljax import tasks as tasks_lib
+from mtljax.data import sampling
+from mtljax.models import multitask
+
+
+def as_objective(objective, num_tasks: int) -> objectives.Objective:
+  """An :class:`~mtljax.objectives.Objective`, or a method name built with its
+  default hyper-parameters."""
+  if isinstance(objective, str):
+    return objectives.make_objective(objective, num_tasks)
+  if not isinstance(objective, objectives.Objective):
+    raise TypeError(f"objective must be an Objective or a method name, got {objective!r}.")
+  return objective
+
+
+def task_rows(model: multitask.Model, objective) -> dict:
+  """The model's per-task stacks plus the objective's per-task parameters."""
+  objective = as_objective(objective, len(model.taskset))
+  rows = dict(model.task_rows)
+  if jax.eval_shape(objective.init_params):
+    rows[objective.name] = np.arange(len(model.taskset), dtype=np.int32)
+  return rows
+
+
+def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixed", *,
+                     anchor=None, hparams=None) -> dict:
+  """``{"step", "params", "opt_state", "objective_state"}``, plus ``"anchor"``
+  (the parameters a penalty pulls toward: see :func:`make_train_step`) and
+  ``"hparams"`` (``{"lr_scale": scalar}``, see :func:`mtljax.optim.update`)
+  when given."""
+  objective = as_objective(objective, len(model.taskset))
+  params = model.init(rng)
+  own = objective.init_params()
+  if own:
+    params = {"shared": params["shared"], "tasks": {**params["tasks"], objective.name: own}}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": optim.init_state(tx, params, task_rows(model, objective)),
+           "objective_state": objective.init_state()}
+  if anchor is not None:
+    state["anchor"] = anchor
+  if hparams is not None:
+    state["hparams"] = hparams
+  return state
+
+
+# ----------------------------------------------------------------------------
+# Stages of the step.
+# ----------------------------------------------------------------------------
+
+
+class Sampler(NamedTuple):
+  """What sampling a step's batch needs (arrays closed over by the step)."""
+  probs: jax.Array          # [T] task distribution
+  stream_ids: jax.Array     # [T]
+  local_index: jax.Array    # [T]
+  tasks_per_step: int       # K
+  examples_per_task: int    # B
+  replace: bool
+  shared_inputs: bool
+  all_tasks: np.ndarray | None = None  # K = T without replacement: the slots' tasks
+
+
+def sample_batch(sampler: Sampler, data: dict, r_tasks, r_examples) -> jacobians.Batch:
+  """Task ids ``[K]``, then ``B`` examples per slot (or ``B`` for all slots)."""
+  s = sampler
+  if s.all_tasks is not None:  # every task in every step: a static slot layout
+    task_ids = s.all_tasks
+  else:
+    task_ids = sampling.sample_tasks(r_tasks, s.probs, s.tasks_per_step, s.replace)
+  arrays = {"local_index": s.local_index}
+  if s.shared_inputs:
+    idx = sampling.shared_example_indices(r_examples, task_ids, data["n"],
+                                          s.examples_per_task)[0]
+    x, ys = sampling.gather_shared_batch(data, arrays, task_ids, idx)
+  else:
+    idx = sampling.example_indices(r_examples, task_ids, s.stream_ids, data["n"],
+                                   s.examples_per_task)
+    x, ys = sampling.gather_batch(data, arrays, task_ids, idx)
+  return jacobians.Batch(x, ys, task_ids, s.shared_inputs)
+
+
+def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
+                  total, grads) -> tuple[jax.Array, dict, dict]:
+  """The architecture's penalty (soft sharing) and the run's (L2-SP, pulling
+  toward ``state["anchor"]``), added to the objective and its gradient."""
+  if penalty is None and model.penalty is None:
+    return total, grads, {}
+
+  def total_penalty(params):
+    out = jnp.zeros((), jnp.float32)
+    if model.penalty is not None:
+      out = out + model.penalty(params)
+    if penalty is not None:
+      out = out + penalty(params, state["anchor"])
+    return out
+  pen, pen_grads = jax.value_and_grad(total_penalty)(state["params"])
+  return total + pen, jax.tree.map(jnp.add, grads, pen_grads), {"penalty": pen}
+
+
+def tag_measurements(lin: jacobians.Linearized, params: dict, task_ids, eta: float,
+                     num_tasks: int) -> dict:
+  """TAG's lookahead affinity of the sampled slots, placed by task pair."""
+  g, _ = lin.slot_grads(jnp.ones_like(lin.losses))
+  z = measure.lookahead_affinity(
+      lambda sh: lin.loss_at({"shared": sh, "tasks": params["tasks"]}), params["shared"],
+      g, eta, jax.lax.stop_gradient(lin.losses))
+  pair = (task_ids[:, None], task_ids[None, :])
+  return {"tag_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(z),
+          "tag_count": jnp.zeros((num_tasks, num_tasks)).at[pair].add(1.0)}
+
+
+def step_measurements(total, losses, task_ids, num_tasks: int, *extra: dict) -> dict:
+  """``loss``, per task ``task_loss_sum [T]`` / ``task_count [T]``, and ``extra``."""
+  meas = {"loss": total,
+          "task_loss_sum": jax.ops.segment_sum(losses, task_ids, num_tasks),
+          "task_count": jax.ops.segment_sum(jnp.ones_like(losses), task_ids, num_tasks)}
+  for e in extra:
+    meas.update(e)
+  return meas
+
+
+def _check_step(model, objective, *, tasks_per_step, replace, shared_inputs, tag_lr,
+                one_pass) -> tuple[str, list | None]:
+  """Everything about a step that can be wrong, before it is traced; returns
+  what to linearise and which shared leaves need per-slot gradients."""
+  num_tasks = len(model.taskset)
+  if tasks_per_step < 1:
+    raise ValueError(f"config.sampling.tasks_per_step must be >= 1, got {tasks_per_step}.")
+  if tasks_per_step > num_tasks and not replace:
+    raise ValueError(f"config.sampling.tasks_per_step={tasks_per_step} must be in "
+                     f"[1, {num_tasks}] when sampling tasks without replacement.")
+  shared_names = [n for n, _ in params_lib.flatten_with_names(
+      jax.eval_shape(model.init, jax.random.key(0))["shared"])]
+  needs = objective.needs
+  if needs == "representation":
+    if not shared_inputs:
+      raise ValueError(
+          f"config.objective.method={objective.name!r} differentiates through one shared "
+          "representation of one batch: set config.sampling.shared_inputs=True (the tasks "
+          "must label the same inputs).")
+    if model.encode is None:
+      raise ValueError(
+          f"config.objective.method={objective.name!r} needs a task-independent shared "
+          f"representation followed by per-task parts; arch {model.arch!r} does not "
+          "have one.")
+  if one_pass and not (shared_inputs and model.encode is not None):
+    raise ValueError(f"one_pass=True needs shared inputs and an architecture with a "
+                     f"task-independent part; arch {model.arch!r}, shared_inputs="
+                     f"{shared_inputs}.")
+  if needs == "slots" and not shared_names:
+    raise ValueError(
+        f"config.objective.method={objective.name!r} combines per-task gradients of the "
+        f"shared parameters, and arch {model.arch!r} has none.")
+  if tag_lr > 0 and not shared_names:
+    raise ValueError(f"config.tag_lr > 0 measures how one task's step on the shared "
+                     f"parameters moves the others' losses; arch {model.arch!r} has no "
+                     "shared parameters.")
+  leaves = None
+  if needs == "slots" and objective.slot_leaves is not None:
+    leaves = objective.slot_leaves(shared_names)
+  if tag_lr > 0:  # TAG needs every shared leaf's per-slot gradient
+    needs, leaves = ("slots" if needs == "sum" else needs), None
+  return needs, leaves
+
+
+def _check_state(state: dict, objective: objectives.Objective, penalty) -> None:
+  """Raised while tracing: a state built for another objective or run."""
+  if penalty is not None and "anchor" not in state:
+    raise ValueError("make_train_step(penalty=...) needs state['anchor']: pass anchor= to "
+                     "init_train_state.")
+  want = jax.tree.structure(jax.eval_shape(objective.init_state))
+  own = jax.eval_shape(objective.init_params)
+  if (jax.tree.structure(state["objective_state"]) != want
+      or (own and objective.name not in state["params"]["tasks"])):
+    raise ValueError(
+        f"The train state was not initialised for objective {objective.name!r}: pass the "
+        f"same objective to init_train_state.")
+
+
+def make_train_step(model: multitask.Model, tx, objective="fixed", *,
+                    task_probs: np.ndarray, weights: np.ndarray, tasks_per_step: int,
+                    examples_per_task: int, replace: bool = False,
+                    shared_inputs: bool = False, steps_per_call: int = 1, seed: int = 0,
+                    penalty: Callable | None = None, tag_lr: float = 0.0,
+                    one_pass: bool | None = None, slot_backwards: str = "auto") -> Callable:
+  """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
+
+  Args:
+    model: a :class:`mtljax.models.multitask.Model`.
+    tx: an optax transformation or :class:`mtljax.optim.RuledOptimizer`.
+    objective: an :class:`mtljax.objectives.Objective` (or a method name, with
+      default hyper-parameters); the state must come from
+      :func:`init_train_state` with the same objective.
+    task_probs: ``[T]`` task distribution; weights: ``[T]`` fixed task weights.
+    tasks_per_step: K; examples_per_task: B; replace: sample tasks i.i.d.
+    shared_inputs: every slot sees the same B examples (the tasks must share
+      one input source, :func:`mtljax.data.sampling.check_shared_inputs`).
+    steps_per_call: steps per call under ``lax.scan`` (measurements summed).
+    penalty: ``penalty(params, anchor) -> scalar`` (e.g.
+      :func:`mtljax.transfer.l2sp_penalty`), added to the objective and its
+      gradient to every method's update; the state must hold ``"anchor"``.
+    tag_lr: > 0 adds TAG's lookahead affinity (:mod:`mtljax.measure`):
+      ``tag_sum [T, T]`` / ``tag_count [T, T]`` (source task i, target j).
+    one_pass: run the task-independent part once for every slot (default:
+      whenever ``shared_inputs`` and the model has one); False forces the
+      per-slot path (the reference the one-pass path is tested against).
+    slot_backwards: ``"auto"`` | ``"map"`` | ``"vmap"``, how the one-pass path
+      runs its K trunk backwards (:func:`mtljax.jacobians.sequential_backwards`).
+
+  ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
+  Measurements (summed over the ``steps_per_call`` steps): ``loss``, per task
+  ``task_loss_sum [T]`` / ``task_count [T]``, and the objective's: loss
+  weightings ``objective_lambda_sum [T]``; gradient methods per task
+  ``grad_norm_sum``, ``grad_weight_sum`` (the method's beta), ``grad_cos_sum
+  [T, T]`` / ``grad_pair_count [T, T]`` and ``solver_failures``.
+  """
+  ts = model.taskset
+  num_tasks = len(ts)
+  objective = as_objective(objective, num_tasks)
+  jacobians.sequential_backwards(slot_backwards)  # checks the name
+  needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
+                              replace=replace, shared_inputs=shared_inputs, tag_lr=tag_lr,
+                              one_pass=one_pass)
+  all_tasks = ts.grouped_order if tasks_per_step == num_tasks and not replace else None
+  sampler = Sampler(jnp.asarray(task_probs, jnp.float32), jnp.asarray(ts.stream_ids, jnp.int32),
+                    jnp.asarray(ts.local_index), int(tasks_per_step), int(examples_per_task),
+                    bool(replace), bool(shared_inputs), all_tasks)
+  weights = jnp.asarray(weights, jnp.float32)
+  rows = task_rows(model, objective)
+  base_key = jax.random.key(seed)
+
+  def one_step(state, data):
+    _check_state(state, objective, penalty)
+    params = state["params"]
+    r_tasks, r_examples, r_method = jax.random.split(
+        jax.random.fold_in(base_key, state["step"]), 3)
+    batch = sample_batch(sampler, data, r_tasks, r_examples)
+    ids = batch.task_ids
+    lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
+                              one_pass=one_pass, slot_backwards=slot_backwards)
+    result = objective.gradients(lin, objectives.Inputs(
+        ids, weights, state["objective_state"], params["tasks"].get(objective.name, {}),
+        r_method))
+    total, grads, pen = add_penalties(model, penalty, state, result.total, result.grads)
+    tag = tag_measurements(lin, params, ids, tag_lr, num_tasks) if tag_lr > 0 else {}
+    active = jnp.zeros((num_tasks,), bool).at[ids].set(True)
+    lr_scale = state["hparams"]["lr_scale"] if "hparams" in state else None
+    new_params, opt_state = optim.update(tx, grads, state["opt_state"], params, rows, active,
+                                         lr_scale)
+    new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
+    obj_state = objective.after_update(result.state, lin.losses, ids, new_losses)
+    new_state = {**state, "step": state["step"] + 1, "params": new_params,
+                 "opt_state": opt_state, "objective_state": obj_state}
+    return new_state, step_measurements(total, lin.losses, ids, num_tasks,
+                                        result.measurements, pen, tag)
+
+  if steps_per_call == 1:  # a plain step: no loop to pay for
+    return one_step
+
+  def train_step(state, data):
+    state, meas = jax.lax.scan(lambda s, _: one_step(s, data), state, None,
+                               length=steps_per_call)
+    return state, jax.tree.map(lambda m: m.sum(axis=0), meas)
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: every example of every task, in chunks.
+# ----------------------------------------------------------------------------
+
+
+def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
+                   label_std: np.ndarray, num_examples: int, batch_size: int
+                   ) -> Callable:
+  """Returns ``eval_step(params, split) -> {"sums": {group: {metric: [T]}},
+  "count": [T]}`` over every example of every task (not jitted).
+
+  ``num_examples`` is the padded example axis of the split (static). A split
+  may carry its own ``label_mean`` / ``label_std`` (cross-validation folds).
+  """
+  ts = model.taskset
+  num_tasks = len(ts)
+  chunk = int(min(batch_size, num_examples))
+  num_chunks = math.ceil(num_examples / chunk)
+  task_ids = jnp.arange(num_tasks, dtype=jnp.int32)
+  group_of = jnp.asarray(ts.group_of_task)
+  ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
+
+  def eval_step(params, split):
+    m = jnp.asarray(split.get("label_mean", label_mean))[:, None]
+    sd = jnp.asarray(split.get("label_std", label_std))[:, None]
+
+    def body(acc, c):
+      pos = c * chunk + jnp.arange(chunk)
+      valid = pos[None, :] < split["n"][:, None]                      # [T, C]
+      idx = jnp.broadcast_to(jnp.minimum(pos, num_examples - 1), (num_tasks, chunk))
+      x, ys = sampling.gather_batch(split, ts_arrays, task_ids, idx)
+      outs = model.apply(params, x, task_ids)
+      sums = {}
+      for gi, g in enumerate(ts.groups):
+        vals = tasks_lib.example_metrics(ts.group_task(g), outs[g], ys[g], m, sd)
+        mask = valid & (group_of == gi)[:, None]
+        sums[g] = {k: acc["sums"][g][k] + jnp.sum(jnp.where(mask, v, 0.0), axis=1)
+                   for k, v in vals.items()}
+      return {"sums": sums, "count": acc["count"] + valid.sum(axis=1)}, None
+
+    zeros = jnp.zeros((num_tasks,), jnp.float32)
+    acc0 = {"sums": {g: {k: zeros for k in ts.group_task(g).metric_names}
+                     for g in ts.groups},
+            "count": jnp.zeros((num_tasks,), jnp.int32)}
+    acc, _ = jax.lax.scan(body, acc0, jnp.arange(num_chunks))
+    return acc
+
+  return eval_step
+
+
+def eval_metrics(taskset: tasks_lib.TaskSet, acc) -> dict[str, dict[str, float]]:
+  """``{task: {metric: value}}`` from an eval step's sums and counts."""
+  acc = jax.device_get(acc)
+  out = {}
+  for i, t in enumerate(taskset):
+    n = max(int(acc["count"][i]), 1)
+    out[t.name] = {k: float(acc["sums"][t.group][k][i]) / n for k in t.metric_names}
+  return out

@@ -1,0 +1,133 @@
+"""Per-task losses and gradients from one linearisation (mtljax/jacobians.py)
+against K separate ``jax.grad`` calls, one per slot, for every architecture,
+on shared and on per-slot inputs, with static and traced slot layouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from mtljax import jacobians
+from mtljax import tasks
+from mtljax.models import multitask
+
+_KW = dict(hidden=(8, 6), num_experts=3, tower=(5,), cond_layers=(0,))
+
+
+def _noisy_params(model, seed=0):
+  """Initial parameters plus noise, so gates and stitch units are not at their
+  symmetric initial values."""
+  p = model.init(jax.random.key(seed))
+  leaves, treedef = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  return jax.tree.unflatten(treedef, [a + 0.3 * jax.random.normal(k, a.shape)
+                                      for a, k in zip(leaves, keys)])
+
+
+def _setup(arch, shared_inputs, k, heads="auto", seed=0):
+  data = helpers.toy_data()
+  model = multitask.make_model(arch, data.taskset, data.input_shape, heads=heads, **_KW)
+  params = _noisy_params(model, seed)
+  probs = np.full(4, 0.25)
+  ids, x, ys, _ = helpers.step_batch(data, probs, seed=seed + 3, k=k, b=6,
+                                     shared_inputs=shared_inputs)
+  return model, params, ids, x, ys
+
+
+# (arch, heads): every architecture, and multi_head with shared heads (pooled).
+_ARCHS = [(a, "auto") for a in multitask.ARCHS] + [("multi_head", "shared")]
+
+
+@pytest.mark.parametrize("arch, heads", _ARCHS)
+@pytest.mark.parametrize("shared_inputs, k, static", [
+    (True, 4, True), (True, 3, False), (False, 4, True), (False, 3, False)])
+def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, static):
+  model, params, ids, x, ys = _setup(arch, shared_inputs, k, heads)
+  ids_in = np.asarray(ids, np.int32) if static else jnp.asarray(ids, jnp.int32)
+  batch = jacobians.Batch(jnp.asarray(x), {g: jnp.asarray(y) for g, y in ys.items()},
+                          ids_in, shared_inputs)
+  c = jnp.asarray([0.5, 2.0, 1.0, 1.5][:k])
+  ref_losses, ref = helpers.per_task_grads(model, params, x, ys, ids, shared_inputs)
+  weighted = [jax.tree.map(lambda a, w=w: w * a, g) for w, g in zip(np.asarray(c), ref)]
+  want_sum = jax.tree.map(lambda *a: sum(a), *weighted)
+
+  for needs in ("sum", "slots"):
+    lin = jax.jit(lambda p, b, needs=needs: _outputs(model, p, b, needs, c))(params, batch)
+    assert bool(lin["one_pass"]) == (shared_inputs and model.encode is not None)
+    np.testing.assert_allclose(lin["losses"], ref_losses, rtol=1e-5, atol=1e-6)
+    helpers.assert_trees_close(lin["pullback"], want_sum)
+    if needs == "slots":
+      # Row k of G is c_k grad_sh L_k; the task gradients are those of the sum.
+      helpers.assert_trees_close(lin["G"], helpers.stack([g["shared"] for g in weighted]))
+      helpers.assert_trees_close(lin["g_tasks"], want_sum["tasks"])
+
+
+def _outputs(model, params, batch, needs, c):
+  lin = jacobians.linearize(model, params, batch, needs=needs)
+  out = {"losses": lin.losses, "pullback": lin.pullback(c),
+         "one_pass": jnp.asarray(lin.one_pass)}
+  if needs == "slots":
+    out["G"], out["g_tasks"] = lin.slot_grads(c)
+  return out
+
+
+@pytest.mark.parametrize("arch, heads", [(a, h) for a, h in _ARCHS if a in
+                                         ("multi_head", "mmoe", "omoe", "shared_bottom")])
+def test_representation_gradients_are_each_slots_gradient_of_the_encoding(arch, heads):
+  """``rep_grads(c)[k] = c_k dL_k/dZ`` at ``Z = encode(theta^sh, x)``, and
+  ``rep_pullback`` is the trunk's VJP: ``sum_k`` of them is the shared gradient."""
+  model, params, ids, x, ys = _setup(arch, True, 3, heads)
+  batch = helpers.batch(jnp.asarray(ids, jnp.int32), x, ys, True)
+  c = jnp.asarray([0.5, 2.0, 1.0])
+  lin = jacobians.linearize(model, params, batch, needs="representation")
+  z = model.encode(params["shared"], jnp.asarray(x))
+  ts = model.taskset
+  for s, t in enumerate(ids):
+    def loss_of_z(z, s=s, t=t):
+      out = model.decode(params["tasks"], z, jnp.asarray(x), jnp.array([t]))
+      g = ts.tasks[t].group
+      return c[s] * jnp.mean(tasks.example_loss(ts.tasks[t], out[g][0], ys[g][s]))
+    want = jax.grad(loss_of_z)(z)
+    got = jax.tree.map(lambda a, s=s: a[s], lin.rep_grads(c)[0])
+    helpers.assert_trees_close(got, want)
+  dz = jax.tree.map(lambda a: a.sum(axis=0), lin.rep_grads(c)[0])
+  helpers.assert_trees_close(lin.rep_pullback(dz), lin.pullback(c)["shared"])
+
+
+def test_selected_leaves_only():
+  model, params, ids, x, ys = _setup("multi_head", False, 3)
+  batch = helpers.batch(jnp.asarray(ids, jnp.int32), x, ys, False)
+  lin = jacobians.linearize(model, params, batch, needs="slots",
+                            slot_leaves=["trunk/layer_1/kernel"])
+  g, _ = lin.slot_grads(jnp.ones(3))
+  names = [n for n, _ in jax.tree_util.tree_flatten_with_path(g)[0]]
+  assert len(names) == 1
+  assert g["trunk"]["layer_1"]["kernel"].shape == (3, 8, 6)
+  _, ref = helpers.per_task_grads(model, params, x, ys, ids, False)
+  np.testing.assert_allclose(g["trunk"]["layer_1"]["kernel"],
+                             np.stack([r["shared"]["trunk"]["layer_1"]["kernel"] for r in ref]),
+                             rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r"no shared parameter\(s\) \['trunk/nope'\]"):
+    jacobians.linearize(model, params, batch, needs="slots", slot_leaves=["trunk/nope"])
+
+
+@pytest.mark.parametrize("slot_backwards", ["map", "vmap"])
+def test_sequential_and_batched_trunk_backwards_agree(slot_backwards):
+  model, params, ids, x, ys = _setup("mmoe", True, 4)
+  batch = helpers.batch(np.asarray(ids, np.int32), x, ys, True)
+  lin = jacobians.linearize(model, params, batch, needs="slots", slot_backwards=slot_backwards)
+  _, ref = helpers.per_task_grads(model, params, x, ys, ids, True)
+  helpers.assert_trees_close(lin.slot_grads(jnp.ones(4))[0],
+                             helpers.stack([g["shared"] for g in ref]))
+
+
+def test_path_misuse_is_a_clear_error():
+  model, params, ids, x, ys = _setup("concat", True, 3)
+  batch = helpers.batch(jnp.asarray(ids, jnp.int32), x, ys, True)
+  with pytest.raises(ValueError, match="arch 'concat' .* does not have one"):
+    jacobians.linearize(model, params, batch, needs="representation")
+  with pytest.raises(ValueError, match="one-trunk-pass step needs"):
+    jacobians.linearize(model, params, batch, one_pass=True)
+  with pytest.raises(ValueError, match="slot_backwards='loop' is not one of"):
+    jacobians.linearize(model, params, batch, slot_backwards="loop")
