@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# Sets up the environment if needed, then runs the whole test suite.
-# pytest's exit code 5 ("no tests collected") is a failure here: a suite that
+# Sets up the environment if needed, then runs the whole test suite: the fast
+# tier (-m "not slow", what a bare `pytest` runs) and then the slow tier
+# (end-to-end experiments, the full one-pass x method matrix, long toy runs),
+# each on 2 worker processes (pytest-xdist). Extra arguments replace the tiers:
+#   bash scripts/test.sh tests/test_objectives.py -m "slow or not slow"
+# pytest's exit code 5 ("no tests collected") is a failure here: a tier that
 # runs nothing must not pass.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh requirements-test.txt || exit 1
-.venv/bin/python -m pytest "$@"
-rc=$?
-if [ "$rc" -eq 5 ]; then
-  echo "pytest collected no tests (exit 5): failing." >&2
-  exit 1
+
+run() {
+  .venv/bin/python -m pytest -n "${MTLJAX_TEST_WORKERS:-2}" "$@"
+  local rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests (exit 5) for: $*" >&2
+    return 1
+  fi
+  return "$rc"
+}
+
+if [ "$#" -gt 0 ]; then
+  run "$@"
+  exit $?
 fi
-exit "$rc"
+echo "== fast tier (-m 'not slow') =="
+run -m "not slow" || exit $?
+echo "== slow tier (-m slow) =="
+run -m slow
