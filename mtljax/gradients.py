@@ -17,9 +17,10 @@ keyword-only parameters of each weight function are the method's
 hyper-parameters (``config.objective.NAME.PARAM``). Adding a gradient method is
 one weight function and one entry there.
 
-Solvers run in JAX on the device: projected gradient with backtracking on the
-simplex (MGDA, CAGrad), damped Newton (Nash-MTL), eigendecomposition
-(Aligned-MTL), a linear solve (IMTL-G).
+Solvers run in JAX on the device: an exact support enumeration for MGDA's
+min-norm problem at small T (FISTA beyond, and as its fallback), projected
+gradient with backtracking on the simplex (CAGrad), damped Newton (Nash-MTL),
+eigendecomposition (Aligned-MTL), a linear solve (IMTL-G).
 
 Scaling conventions (stated per method, as the papers' code does them):
 
@@ -47,6 +48,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 # ----------------------------------------------------------------------------
@@ -141,26 +143,94 @@ def minimize_on_simplex(f: Callable, x0: jax.Array, lipschitz: jax.Array,
   return x, {"gap": gap, "converged": gap <= tol * (1.0 + jnp.abs(f(x)))}
 
 
+def largest_eigenvalue(k: jax.Array, power_iters: int = 30) -> jax.Array:
+  """``lambda_max`` of a PSD ``K``: exact (``eigvalsh``) up to T = 32, a power
+  iteration estimate beyond (O(T^2) per iteration instead of O(T^3); a low
+  estimate only makes the first step of :func:`minimize_on_simplex` too long,
+  which its backtracking corrects)."""
+  t = k.shape[0]
+  if t <= 32:
+    return jnp.linalg.eigvalsh(k)[-1]
+
+  def body(v, _):
+    w = k @ v
+    return w / jnp.maximum(jnp.linalg.norm(w), 1e-30), None
+  v, _ = jax.lax.scan(body, jnp.full((t,), 1.0 / jnp.sqrt(t), k.dtype), None,
+                      length=power_iters)
+  return 1.05 * (v @ k @ v)
+
+
 # ----------------------------------------------------------------------------
 # Methods: weights from the Gram matrix.
 # ----------------------------------------------------------------------------
 
 
-def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5):
+def _support_masks(t: int) -> np.ndarray:
+  """``[2^T - 1, T]`` bool: every non-empty subset of the tasks."""
+  m = np.arange(1, 2 ** t)[:, None]
+  return ((m >> np.arange(t)[None, :]) & 1).astype(bool)
+
+
+def min_norm_exact(kn: jax.Array, tol: float = 1e-5):
+  """The min-norm point of the simplex, ``argmin_a a^T K a``, by enumerating
+  supports: on support S the KKT conditions give ``a_S ∝ K_SS^{-1} 1``; a
+  candidate is optimal when ``a >= 0`` and ``(K a)_j >= a^T K a`` off S.
+  ``kn`` should be scaled to entries of order 1. Returns ``(a, found)``;
+  ``found`` is False when no support passed (singular or ill-conditioned
+  beyond float precision). Cost ``O(2^T T^3)``: for small T only.
+  """
+  t = kn.shape[0]
+  m = jnp.asarray(_support_masks(t))
+  mf = m.astype(kn.dtype)
+  eye = jnp.eye(t, dtype=kn.dtype)
+  systems = mf[:, :, None] * kn[None] * mf[:, None, :] + eye[None] * (1.0 - mf)[:, None, :]
+  u = jnp.linalg.solve(systems, mf[..., None])[..., 0] * mf
+  a = u / jnp.sum(u, axis=1, keepdims=True)
+  obj = jnp.einsum("si,ij,sj->s", a, kn, a)
+  ka = a @ kn                                                  # (K a)_j
+  ok = (jnp.all(jnp.isfinite(a), axis=1) & jnp.all(a >= -tol, axis=1)
+        & jnp.all(m | (ka >= obj[:, None] - tol), axis=1))
+  best = jnp.argmin(jnp.where(ok, obj, jnp.inf))
+  a = jnp.maximum(a[best], 0.0)
+  return a / jnp.sum(a), ok[best]
+
+
+def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5,
+                 exact_up_to: int = 10):
   """MGDA: ``argmin_{a in simplex} a^T K a`` (the min-norm element).
+
+  For ``T <= exact_up_to`` the exact solver (:func:`min_norm_exact`, all
+  ``2^T - 1`` supports at once); if no support passes its optimality check, or
+  for larger T, FISTA on the simplex (:func:`minimize_on_simplex`, ``iters``).
 
   Args:
     k: ``[T, T]`` Gram matrix.
-    iters: simplex-solver iterations; tol: relative duality-gap tolerance
-      (:func:`minimize_on_simplex`).
+    iters, tol: the iterative solver's iterations and relative duality-gap
+      tolerance (the gap also decides ``converged`` for the exact solver).
+    exact_up_to: the largest T solved exactly.
   Returns:
-    ``beta [T]`` on the simplex, ``info`` with ``gap`` and ``converged``.
+    ``beta [T]`` on the simplex, ``info`` with ``gap`` (Frank-Wolfe duality gap
+    of ``a^T K a / max_i K_ii``) and ``converged``.
   """
   t = k.shape[0]
-  scale = jnp.maximum(jnp.trace(k) / t, 1e-30)  # solve on K / scale: same argmin
+  scale = jnp.maximum(jnp.max(jnp.diag(k)), 1e-30)  # same argmin on K / scale
   kn = k / scale
-  lip = 2.0 * jnp.linalg.eigvalsh(kn)[-1]  # exact: f'' = 2 K
-  return minimize_on_simplex(lambda a: a @ kn @ a, jnp.full((t,), 1.0 / t), lip, iters, tol)
+  f = lambda a: a @ kn @ a
+
+  def gap_of(a):
+    g = 2.0 * (kn @ a)
+    return g @ a - jnp.min(g)
+
+  def iterative():
+    lip = 2.0 * largest_eigenvalue(kn)  # f'' = 2 K
+    return minimize_on_simplex(f, jnp.full((t,), 1.0 / t, kn.dtype), lip, iters, tol)
+
+  if t > exact_up_to:
+    return iterative()
+  a, found = min_norm_exact(kn)
+  gap = gap_of(a)
+  exact = (a, {"gap": gap, "converged": found & (gap <= tol * (1.0 + jnp.abs(f(a))))})
+  return jax.lax.cond(exact[1]["converged"], lambda: exact, iterative)
 
 
 def cagrad_weights(k: jax.Array, *, c: float = 0.5, rescale: int = 1, iters: int = 300,
@@ -196,7 +266,7 @@ def cagrad_weights(k: jax.Array, *, c: float = 0.5, rescale: int = 1, iters: int
 
   # f'' <= cn K / ||g_w||: start from the curvature at the uniform point and
   # let backtracking raise it where ||g_w|| is smaller.
-  lip = cn * jnp.linalg.eigvalsh(kn)[-1] / jnp.sqrt(b @ kn @ b + 1e-12)
+  lip = cn * largest_eigenvalue(kn) / jnp.sqrt(b @ kn @ b + 1e-12)
   w, info = minimize_on_simplex(obj, b, lip, iters, tol)
   gw_norm = jnp.sqrt(jnp.maximum(w @ k @ w, 0.0) + 1e-12)
   lam = c * g0_norm / gw_norm
@@ -360,18 +430,19 @@ def _direction(weights, grads):
   return combine(beta, grads), beta, info
 
 
-def mgda(grads, *, iters: int = 300, tol: float = 1e-5):
+def mgda(grads, *, iters: int = 300, tol: float = 1e-5, exact_up_to: int = 10):
   """MGDA's min-norm direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
   Returns ``(d, beta [T], info)``; see :func:`mgda_weights`."""
-  return _direction(lambda k: mgda_weights(k, iters=iters, tol=tol), grads)
+  return _direction(lambda k: mgda_weights(k, iters=iters, tol=tol,
+                                           exact_up_to=exact_up_to), grads)
 
 
-def mgda_ub(rep_grads, *, iters: int = 300, tol: float = 1e-5):
+def mgda_ub(rep_grads, *, iters: int = 300, tol: float = 1e-5, exact_up_to: int = 10):
   """MGDA-UB (Sener & Koltun 2018, sec. 3.3): MGDA's min-norm weights on the task
   gradients with respect to the shared representation ``rep_grads`` (``[T, B, F]``,
   ``[T, D]`` or a pytree with task axis 0). Returns ``(d_Z, beta [T], info)``,
   ``d_Z`` a direction in representation space."""
-  return mgda(rep_grads, iters=iters, tol=tol)
+  return mgda(rep_grads, iters=iters, tol=tol, exact_up_to=exact_up_to)
 
 
 def cagrad(grads, *, c: float = 0.5, rescale: int = 1, iters: int = 300, tol: float = 1e-5):

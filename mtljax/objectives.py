@@ -370,9 +370,11 @@ def gram_combiner(name: str, num_tasks: int, weights_fn: Callable, *,
   return Objective(name, "slots", grads_fn, hparams={**hp, "gram_path": gram_path})
 
 
-def mgda_ub(num_tasks: int, *, iters: int = 300, tol: float = 1e-5) -> Objective:
+def mgda_ub(num_tasks: int, *, iters: int = 300, tol: float = 1e-5,
+            exact_up_to: int = 10) -> Objective:
   """MGDA-UB: MGDA on the per-slot gradients of the shared representation."""
-  weights = _bind_weights(gradients.mgda_weights, {"iters": iters, "tol": tol})
+  hp = {"iters": iters, "tol": tol, "exact_up_to": exact_up_to}
+  weights = _bind_weights(gradients.mgda_weights, hp)
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     w = inp.weights[inp.task_ids]
@@ -383,8 +385,7 @@ def mgda_ub(num_tasks: int, *, iters: int = 300, tol: float = 1e-5) -> Objective
     return Result(jnp.sum(w * lin.losses), {"shared": shared, "tasks": g_tasks}, inp.state,
                   gram_measurements(k, beta, info, inp.task_ids, num_tasks))
 
-  return Objective("mgda_ub", "representation", grads_fn,
-                   hparams={"iters": iters, "tol": tol})
+  return Objective("mgda_ub", "representation", grads_fn, hparams=hp)
 
 
 # ----------------------------------------------------------------------------

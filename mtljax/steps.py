@@ -275,9 +275,9 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     ids = batch.task_ids
     lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
                               one_pass=one_pass, slot_backwards=slot_backwards)
-    result = objective.gradients(lin, objectives.Inputs(
-        ids, weights, state["objective_state"], params["tasks"].get(objective.name, {}),
-        r_method))
+    result = objective.gradients(lin, objectives.Inputs(   # traced ids for objectives
+        jnp.asarray(ids), weights, state["objective_state"],
+        params["tasks"].get(objective.name, {}), r_method))
     total, grads, pen = add_penalties(model, penalty, state, result.total, result.grads)
     tag = tag_measurements(lin, params, ids, tag_lr, num_tasks) if tag_lr > 0 else {}
     active = jnp.zeros((num_tasks,), bool).at[ids].set(True)
@@ -285,7 +285,7 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     new_params, opt_state = optim.update(tx, grads, state["opt_state"], params, rows, active,
                                          lr_scale)
     new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
-    obj_state = objective.after_update(result.state, lin.losses, ids, new_losses)
+    obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids), new_losses)
     new_state = {**state, "step": state["step"] + 1, "params": new_params,
                  "opt_state": opt_state, "objective_state": obj_state}
     return new_state, step_measurements(total, lin.losses, ids, num_tasks,

@@ -202,6 +202,7 @@ def _compiled_scratch_bytes(depth, method, gram_path, k=4, b=8, width=256):
   return None if stats is None else stats.temp_size_in_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(jax.default_backend() != "cpu",
                    reason="compiled-memory sizes are checked on XLA:CPU", strict=False)
 def test_accumulated_gram_path_never_holds_the_per_task_jacobian():
@@ -230,7 +231,8 @@ _METHODS = [m for m in objectives.METHODS if m != "mgda_ub"]
 def _equivalence_cases():
   for arch, heads in _ONE_PASS_ARCHS:
     for method in _METHODS:
-      fast = arch == "multi_head" and heads == "auto" or method in ("fixed", "mgda", "famo")
+      fast = (arch, heads) == ("multi_head", "auto") or (
+          (arch, heads) == ("mmoe", "auto") and method in ("fixed", "mgda"))
       marks = () if fast else (pytest.mark.slow,)
       yield pytest.param(arch, heads, method, id=f"{arch}-{heads}-{method}", marks=marks)
 
@@ -238,7 +240,8 @@ def _equivalence_cases():
 @pytest.mark.parametrize("arch, heads, method", _equivalence_cases())
 def test_one_pass_step_equals_the_per_slot_step(arch, heads, method):
   """Same per-task losses, measurements, parameters, optimizer and objective
-  states after 3 steps (Adam, K = 3 of 4 tasks, unequal weights); and the
+  states after 3 steps (Adam, unequal weights; K = T = 4, the static slot
+  layout, for multi_head, K = 3 of 4 sampled tasks for the others); and the
   objective state keeps the structure it had at init."""
   data = helpers.toy_data()
   model = multitask.make_model(arch, data.taskset, data.input_shape, hidden=(8, 6),
@@ -246,8 +249,9 @@ def test_one_pass_step_equals_the_per_slot_step(arch, heads, method):
   tx = optim.make_optimizer("adam", lr=1e-2)
   weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
   runs = {}
+  k = 4 if (arch, heads) == ("multi_head", "auto") else 3
   for one_pass in (None, False):
-    obj, fn = _step_fn(model, method, tx, k=3, weights=weights, shared_inputs=True,
+    obj, fn = _step_fn(model, method, tx, k=k, weights=weights, shared_inputs=True,
                        one_pass=one_pass, steps_per_call=3)
     state = steps.init_train_state(model, tx, jax.random.key(0), obj)
     structure = jax.tree.structure(state["objective_state"])
