@@ -2,6 +2,7 @@
 the test split never read during selection."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -44,6 +45,58 @@ class _Forbidden:
     raise AssertionError(f"the test split was read (.{name})")
 
 
+@functools.lru_cache(maxsize=None)
+def _plain_runs(lr: float, total: int, frozen_depth: int = 0) -> dict:
+  """The reference for a grid point: each fold of ``_data()`` (3 folds, cv seed
+  0) trained on its own by ``build.build_run``'s step function -- ``lr`` in the
+  optimizer itself, no vmap, no ``lr_scale`` -- for ``total`` steps (10 per
+  call; the config's ``total_steps`` is ``total``). Returns ``{steps: [{task:
+  metrics} of fold 0, 1, 2]}`` on each fold's validation part after every call.
+
+  The run is built once (on fold 0) and its step applied to each fold's split:
+  what it reads of the data at build time -- task list, shapes (every fold is
+  padded to the same widths), uniform task probabilities -- is the same for
+  every fold."""
+  data = _data()
+  folds = cv.make_folds(data, 3, seed=0)
+  ref = _config()
+  ref.optim.lr = lr
+  ref.optim.frozen_depth = frozen_depth
+  ref.total_steps = total
+  assert ref.sampling.task_sampler == "uniform"
+  run = build.build_run(ref, dataclasses.replace(data, train=folds[0][0], test=folds[0][1]))
+  step, evaluate = jax.jit(run.train_fn), jax.jit(run.eval_fn)
+  out = {done: [] for done in range(10, total + 1, 10)}
+  for fold_train, fold_val in folds:
+    state = run.state
+    for done in out:
+      state, _ = step(state, fold_train)
+      assert int(state["step"]) == done
+      out[done].append(steps.eval_metrics(data.taskset, evaluate(state["params"], fold_val)))
+  return out
+
+
+def _mean(metrics: dict, name: str) -> float:
+  """Mean over the tasks that report ``name`` (the selection score's definition)."""
+  return float(np.mean([m[name] for m in metrics.values() if name in m]))
+
+
+def _point(out, lr, steps_):
+  (p,) = [p for p in out["points"] if p["lr"] == lr and p["steps"] == steps_]
+  return p
+
+
+def _unique_extreme(points, direction: str) -> dict:
+  """The best point by its score, ``direction`` written out here (not read from
+  the library); asserts it is strictly better than every other point, so the
+  choice is unambiguous."""
+  scores = np.array([p["score"] for p in points], np.float64)
+  i = int(np.argmin(scores) if direction == "lower" else np.argmax(scores))
+  others = np.delete(scores, i)
+  assert np.all(others > scores[i]) if direction == "lower" else np.all(others < scores[i])
+  return points[i]
+
+
 def test_folds_partition_the_train_split_and_renormalise_per_fold():
   data = _data()
   folds = cv.make_folds(data, 3, seed=1)
@@ -69,29 +122,60 @@ def test_vmapped_grid_point_equals_a_plain_run_on_that_fold():
   data = _data()
   out = cv.cross_validate(c, dataclasses.replace(data, test=_Forbidden()))
   assert len(out["points"]) == 4 and out["direction"] == "lower"
-  point = next(p for p in out["points"] if p["lr"] == 3e-2 and p["steps"] == 20)
-  # The reference: fold 1 alone, lr 3e-2 in the optimizer itself, 20 plain steps.
-  fold_train, fold_val = cv.make_folds(data, 3, seed=0)[1]
-  ref = _config()
-  ref.optim.lr = 3e-2
-  run = build.build_run(ref, dataclasses.replace(data, train=fold_train, test=fold_val))
-  step = jax.jit(run.train_fn)
-  state = run.state
-  for _ in range(2):
-    state, _ = step(state, fold_train)
-  metrics = steps.eval_metrics(data.taskset, jax.jit(run.eval_fn)(state["params"], fold_val))
-  want = np.mean([m["loss"] for m in metrics.values()])
-  np.testing.assert_allclose(point["fold_scores"][1], want, rtol=2e-4)
-  assert out["best"]["score"] == min(p["score"] for p in out["points"])
+  # lr 3e-2 (the vmapped column with lr_scale 30) at 20 steps and at the
+  # intermediate count 10 read along the same run, vs plain runs on each fold
+  # with lr 3e-2 in the optimizer itself; lr 1e-3 at the intermediate count vs
+  # separate 10-step runs (total_steps=10).
+  for lr, st, ref in ((3e-2, 10, _plain_runs(3e-2, 20)), (3e-2, 20, _plain_runs(3e-2, 20)),
+                      (1e-3, 10, _plain_runs(1e-3, 10))):
+    want = [_mean(m, "loss") for m in ref[st]]
+    np.testing.assert_allclose(_point(out, lr, st)["fold_scores"], want, rtol=2e-4)
+    np.testing.assert_allclose(_point(out, lr, st)["score"], np.mean(want), rtol=2e-4)
+  # Every point's score is its fold mean; the best is the unique minimum.
+  for p in out["points"]:
+    np.testing.assert_allclose(p["score"], np.mean(p["fold_scores"]), rtol=1e-12)
+  assert out["best"] == _unique_extreme(out["points"], "lower")
 
 
+@pytest.mark.slow
+def test_higher_is_better_metric_picks_the_maximum_lower_the_minimum():
+  """accuracy (higher is better) -> the grid's maximum; mse (lower) -> its
+  minimum. On this grid the maximum and the minimum are different points, so
+  a wrong direction would choose another point. The scores themselves are the
+  metric of a plain run: accuracy averaged over the three classification tasks,
+  mse of the one regression task (original units)."""
+  c = _config()
+  c.cv.lr = (1e-4, 3e-3, 3e-2)
+  c.cv.steps = (10, 20)
+  data = dataclasses.replace(_data(), test=None)
+  ref = _plain_runs(3e-2, 20)[20]
+  for metric, direction, tasks in (("accuracy", "higher", ("c", "b", "c2")),
+                                   ("mse", "lower", ("r",))):
+    c.cv.metric = metric
+    out = cv.cross_validate(c, data)
+    assert out["metric"] == metric and out["direction"] == direction
+    best = _unique_extreme(out["points"], direction)
+    assert out["best"] == best
+    scores = [p["score"] for p in out["points"]]
+    assert max(scores) - min(scores) > 0.05  # the opposite direction picks another point
+    want = [np.mean([fold[t][metric] for t in tasks]) for fold in ref]
+    np.testing.assert_allclose(_point(out, 3e-2, 20)["fold_scores"], want, rtol=2e-4)
+
+
+@pytest.mark.slow
 def test_static_grid_compiles_per_value_and_names_bad_fields():
   c = _config()
   c.cv.grid = "optim.frozen_depth=0,1"
   out = cv.cross_validate(c, dataclasses.replace(_data(), test=None))
   depths = [p["overrides"]["optim.frozen_depth"] for p in out["points"]]
   assert depths == [0, 1]
-  assert out["points"][0]["score"] != out["points"][1]["score"]
+  # Each grid value is a plain run with that setting in the config, fold by fold
+  # (frozen_depth=1 trains a different model than 0, so an override that was
+  # dropped would not match).
+  for p, depth in zip(out["points"], depths):
+    want = [_mean(m, "loss") for m in _plain_runs(1e-3, 20, depth)[20]]
+    np.testing.assert_allclose(p["fold_scores"], want, rtol=2e-4)
+  assert abs(out["points"][0]["score"] - out["points"][1]["score"]) > 1e-3
   assert cv.parse_grid("a.b=1,2;c=x") == [{"a.b": 1, "c": "x"}, {"a.b": 2, "c": "x"}]
   c.cv.grid = "optim.depth=1"
   with pytest.raises(ValueError, match="'optim.depth' is not a config field"):
@@ -101,31 +185,51 @@ def test_static_grid_compiles_per_value_and_names_bad_fields():
     cv.cross_validate(c, dataclasses.replace(_data(), test=None))
 
 
-def test_select_and_train_reads_the_test_split_only_after_choosing(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_select_and_train_trains_the_cv_argmin_after_choosing(tmp_path, monkeypatch):
   c = _config()
   c.data.name = "mmoe_synthetic"
   c.data.builder_config = "p0.9_n300_m100_s0"
   c.cv.lr = (1e-3, 1e-2)
+  c.cv.steps = (10, 20)
+  c.cv.grid = "optim.b1=0.9,0.5"
   order = []
   real_cv, real_train = cv.cross_validate, train.train_and_evaluate
 
-  def spy_cv(config, data):
+  def spy_cv(config, data):  # records the order; the real function runs
     assert data.test is None
     order.append("cv")
     return real_cv(config, data)
 
   def spy_train(config, workdir):
     order.append("final")
-    assert config.optim.lr in (1e-3, 1e-2) and config.cv.folds == 0
     return real_train(config, workdir)
   monkeypatch.setattr(cv, "cross_validate", spy_cv)
   monkeypatch.setattr(cv.train, "train_and_evaluate", spy_train)
   out = cv.select_and_train(c, str(tmp_path))
   assert order == ["cv", "final"]
-  assert (tmp_path / "cv.json").exists()
+  # The chosen point, recomputed from cv.json: the unique minimum of the mean
+  # validation loss over the 2 x 2 x 2 grid of (overrides, lr, steps).
+  selection = json.loads((tmp_path / "cv.json").read_text())
+  assert selection["metric"] == "loss" and len(selection["points"]) == 8
+  keys = {(p["overrides"]["optim.b1"], p["lr"], p["steps"]) for p in selection["points"]}
+  assert keys == {(b1, lr, st) for b1 in (0.9, 0.5) for lr in (1e-3, 1e-2) for st in (10, 20)}
+  for p in selection["points"]:
+    np.testing.assert_allclose(p["score"], np.mean(p["fold_scores"]), rtol=1e-12)
+  best = _unique_extreme(selection["points"], "lower")
   top = json.loads((tmp_path / "summary.json").read_text())
-  assert top["tasks"] == out["final"]["tasks"] and top["best"] == out["cv"]["best"]
-  assert set(out["final"]["tasks"]) == {"y1", "y2"}
+  assert top["best"] == best == out["cv"]["best"]
+  # The final run trained exactly that setting: its own summary and log.
+  final = json.loads((tmp_path / "final" / "summary.json").read_text())
+  assert final["config"]["optim"]["lr"] == best["lr"]
+  assert final["config"]["optim"]["b1"] == best["overrides"]["optim.b1"]
+  assert final["config"]["total_steps"] == final["step"] == best["steps"]
+  assert final["config"]["cv"]["folds"] == 0
+  log = [json.loads(line) for line in
+         (tmp_path / "final" / "metrics.jsonl").read_text().splitlines()]
+  assert max(r["step"] for r in log) == best["steps"]
+  assert top["tasks"] == final["tasks"] == out["final"]["tasks"]
+  assert set(final["tasks"]) == {"y1", "y2"}
 
 
 def test_tasks_too_small_to_split_train_in_every_fold_and_are_not_scored():

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from mtljax import build
 from mtljax import checkpoint
 from mtljax import optim
 from mtljax import params as params_lib
@@ -256,8 +257,27 @@ def test_transfer_digits_experiment_writes_results_per_strategy_and_shots(tmp_pa
   c.transfer.probe_steps = 50
   out = exp.run(c, str(tmp_path))
   assert set(out["results"]) == {"scratch", "lp_ft", "l2sp"}
-  for by_shots in out["results"].values():
-    assert set(by_shots) == {"1", "all"} and all(0 <= a <= 1 for a in by_shots.values())
+  # Each result is the test accuracy of that run's final parameters, recounted
+  # here: argmax of the logits on every digits 5-9 test image vs its label.
+  for shots in (1, 0):
+    fc = exp.finetune_config(c, shots)
+    data = build.data_from_config(fc)
+    model = build.model_from_config(fc, data.taskset, data.input_shape)
+    test, (group,) = data.test, data.taskset.groups
+    n = int(test["n"][0])
+    x = np.asarray(test["x"][test["source"][0]][:n])
+    labels = np.asarray(test["y"][group][0][:n])
+    assert n > 100 and len(np.unique(labels)) == 5
+    for strategy, by_shots in out["results"].items():
+      assert set(by_shots) == {"1", "all"}
+      run_dir = tmp_path / f"shots_{exp.shots_key(shots)}" / strategy
+      params, step = checkpoint.read_params(
+          str(run_dir / "finetune" if strategy == "lp_ft" else run_dir))
+      assert step == c.transfer.finetune_steps
+      logits = np.asarray(model.apply(params, x[None], jnp.zeros((1,), jnp.int32))[group][0])
+      want = np.mean(np.argmax(logits, axis=-1) == labels)
+      np.testing.assert_allclose(by_shots[exp.shots_key(shots)], want, rtol=1e-6,
+                                 err_msg=f"{strategy}, shots {shots}")
   assert (tmp_path / "transfer_digits.png").stat().st_size > 0
   # LP-FT's second stage started from the probe's run, head included.
   ft = __import__("json").loads(
@@ -358,3 +378,308 @@ def test_partitioned_optimizer_state_resumes_bitwise(tmp_path):
   straight = train.train_and_evaluate(c, str(tmp_path / "b"))
   assert resumed["resumed_from_step"] == 100
   assert resumed["tasks"] == straight["tasks"]
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning strategies through the config (issue 14): a saved source
+# checkpoint, transfer.apply_strategy, build.build_run, and every step's update
+# against a reference (float64 numpy from the definitions, teacher-forced: each
+# step's reference starts from the run's own parameters at that step).
+# ---------------------------------------------------------------------------
+
+
+class _Finetune:
+  """Toy data (4 tasks, 3 layer groups: layer_0, layer_1, heads), a base config
+  (SGD, lr 0.1, every task every step, 16 examples per task), a source
+  checkpoint and the reference gradient of any step's batch."""
+
+  def __init__(self, root):
+    from experiments.configs import common  # pylint: disable=g-import-not-at-top
+    self.data = helpers.toy_data()
+    c = common.base_config()
+    c.data.name = "toy"
+    c.model.hidden = (16, 8)
+    c.sampling.examples_per_task = 16
+    c.optim.name, c.optim.lr = "sgd", 0.1
+    c.steps_per_call = c.log_steps = c.eval_steps = c.checkpoint_steps = 1
+    c.total_steps = 10  # the schedules' T
+    self.config = c
+    self.model = build.model_from_config(c, self.data.taskset, self.data.input_shape)
+    # The source (a pretrained stand-in): another initialisation, every leaf
+    # (biases too) moved off its initial value.
+    rng = np.random.default_rng(11)
+    self.source = jax.tree.map(
+        lambda x: (np.asarray(x) + 0.1 * rng.normal(size=x.shape)).astype(np.float32),
+        jax.device_get(self.model.init(jax.random.key(11))))
+    self.source_dir = str(root / "source")
+    manager = checkpoint.make_manager(self.source_dir)
+    checkpoint.save(manager, 5, {"step": jnp.asarray(5, jnp.int32), "params": self.source})
+    manager.close()
+    # The parameters a run starts from without init_from (the fresh ones).
+    self.fresh = jax.device_get(build.build_run(
+        transfer.apply_strategy(c, "scratch", source=""), self.data).state["params"])
+    self.num_tasks = len(self.data.taskset)
+    self.probs = sampling.task_probabilities("uniform", self.data.num_train)
+    self.ids = helpers.step_task_ids(self.data, self.probs, seed=c.seed, step=0,
+                                     k=self.num_tasks)
+    model, ids = self.model, self.ids
+
+    @jax.jit
+    def grad(params, x, ys):  # sum_k L_k, each slot's loss on its own: K jax.grad terms
+      return jax.grad(lambda p: sum(helpers.slot_loss(model, p, x, ys, ids, s, False)
+                                    for s in range(len(ids))))(params)
+    self._grad = grad
+    self.grad(self.fresh, 0)  # compiled here, not in the first test using it
+
+  def grad(self, params, step):
+    """``{name: float64 gradient}`` of step ``step``'s batch (numpy indexing) at ``params``."""
+    ids, x, ys, _ = helpers.step_batch(self.data, self.probs, seed=self.config.seed,
+                                       step=step, k=self.num_tasks, b=16)
+    np.testing.assert_array_equal(ids, self.ids)  # every task, in the same slots
+    g = self._grad(params, jnp.asarray(x), {k: jnp.asarray(v) for k, v in ys.items()})
+    return {n: np.asarray(v, np.float64) for n, v in _named(g).items()}
+
+  def run(self, config, n):
+    """``(run, [state_0, ..., state_n], [measurements_1, ...])``."""
+    run = build.build_run(config, self.data)
+    fn = jax.jit(run.train_fn)
+    hist, meas = [run.state], []
+    for _ in range(n):
+      state, m = fn(hist[-1], self.data.train)
+      hist.append(state)
+      meas.append(m)
+    return run, hist, meas
+
+
+@pytest.fixture(scope="module")
+def ft(tmp_path_factory):
+  return _Finetune(tmp_path_factory.mktemp("finetune"))
+
+
+def _copy(config):
+  return type(config)(config.to_dict())
+
+
+def _depth(groups, name):
+  """0-based index of the one layer group ``name`` is in (input side first)."""
+  (depth,) = [i for i, (_, rx) in enumerate(groups) if re.search(rx, name)]
+  return depth
+
+
+def _check_updates(ft, hist, want, rtol=1e-4, atol=1e-6):
+  """Step t's update of every parameter equals ``want(t, name, g)`` (g: the
+  reference gradient at the run's parameters of step t); None: bitwise unchanged."""
+  for t in range(len(hist) - 1):
+    grads = ft.grad(hist[t]["params"], t)
+    before, after = _named(hist[t]["params"]), _named(hist[t + 1]["params"])
+    for name, g in grads.items():
+      expected = want(t, name, g)
+      if expected is None:
+        assert np.asarray(before[name]).tobytes() == np.asarray(after[name]).tobytes(), \
+            (name, t)
+      else:
+        got = np.asarray(after[name], np.float64) - np.asarray(before[name], np.float64)
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol,
+                                   err_msg=f"{name}, step {t}")
+
+
+def _check_loaded(ft, params, head_loaded):
+  """The trunk equals the source; the head the source's or a fresh one's."""
+  source, fresh = _named(ft.source), _named(ft.fresh)
+  for name, leaf in _named(params).items():
+    from_source = head_loaded or "heads/" not in name
+    want = source[name] if from_source else fresh[name]
+    np.testing.assert_array_equal(leaf, want, err_msg=name)
+    if not from_source:
+      assert not np.array_equal(leaf, source[name]), name
+
+
+# The fast tier runs the head x3 variants (the strategy's rules plus the head rule).
+@pytest.mark.parametrize("strategy, head_lr_mult", [
+    pytest.param("full_ft", 1.0, marks=pytest.mark.slow), ("full_ft", 3.0),
+    pytest.param("layerwise_decay", 1.0, marks=pytest.mark.slow), ("layerwise_decay", 3.0),
+    ("head_kept", 1.0)])
+def test_strategy_updates_are_lr_times_the_strategys_multiplier(ft, strategy, head_lr_mult):
+  """SGD, 2 steps: each parameter's update is -lr * m * gradient, m by the
+  strategy's definition over model.layer_groups (layer-wise: decay^(L - l),
+  l = 1 at the input; the head rule: head_lr_mult), and the run starts from the
+  source (with a fresh head unless head_kept)."""
+  c = transfer.apply_strategy(ft.config, strategy, source=ft.source_dir,
+                              head_lr_mult=head_lr_mult)
+  run, hist, _ = ft.run(c, 2)
+  groups = run.model.layer_groups
+  assert [g for g, _ in groups] == ["layer_0", "layer_1", "heads"]
+  _check_loaded(ft, hist[0]["params"], head_loaded=strategy == "head_kept")
+  fresh_head = sorted(n for n in _named(ft.source) if "heads/" in n)
+  assert sorted(run.init_report["fresh_dont_load"]) == (
+      [] if strategy == "head_kept" else fresh_head)
+  decay = 1 / 2.6 if strategy == "layerwise_decay" else 1.0
+
+  def want(t, name, g):
+    del t
+    depth = _depth(groups, name)
+    m = head_lr_mult if "heads/" in name else decay ** (len(groups) - 1 - depth)
+    return -0.1 * m * g
+  _check_updates(ft, hist, want)
+
+
+def _adam(lr, b1=0.9, b2=0.999, eps=1e-8):
+  """Per-parameter Adam in float64, its state created at a parameter's first update."""
+  state = {}
+
+  def step(name, g):
+    m, v, k = state.get(name, (0.0, 0.0, 0))
+    m, v, k = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g, k + 1
+    state[name] = (m, v, k)
+    return -lr * (m / (1 - b1 ** k)) / (np.sqrt(v / (1 - b2 ** k)) + eps)
+  return step
+
+
+def test_gradual_unfreezing_strategy_unfreezes_from_the_top_with_fresh_adam_state(ft):
+  """unfreeze_every=2: heads train from step 0, layer_1 from 2, layer_0 from 4;
+  a group is bitwise unchanged before and follows Adam started fresh at its
+  unfreezing step after."""
+  c = transfer.apply_strategy(ft.config, "gradual_unfreezing", source=ft.source_dir,
+                              unfreeze_every=2)
+  c.optim.name, c.optim.lr = "adam", 1e-2
+  c.optim.eps = 1e-4  # float32 round-off in a tiny gradient cannot swing g / sqrt(v)
+  run, hist, _ = ft.run(c, 6)
+  _check_loaded(ft, hist[0]["params"], head_loaded=False)
+  groups, adam = run.model.layer_groups, _adam(1e-2, eps=1e-4)
+
+  def want(t, name, g):
+    start = 2 * (len(groups) - 1 - _depth(groups, name))
+    return adam(name, g) if t >= start else None
+  _check_updates(ft, hist, want, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, pytest.param(2, marks=pytest.mark.slow)])  # 1: fast
+def test_frozen_depth_freezes_the_groups_nearest_the_input(ft, depth):
+  """config.optim.frozen_depth=D (Adam, 3 steps): the first D layer groups are
+  bitwise unchanged and hold no optimizer state; the rest follow Adam."""
+  c = transfer.apply_strategy(ft.config, "full_ft", source=ft.source_dir)
+  c.optim.name, c.optim.lr, c.optim.eps, c.optim.frozen_depth = "adam", 1e-2, 1e-4, depth
+  run, hist, _ = ft.run(c, 3)
+  groups, adam = run.model.layer_groups, _adam(1e-2, eps=1e-4)
+  frozen = {n for n in _named(ft.source) if _depth(groups, n) < depth}
+  assert frozen and len(frozen) == 2 * depth  # kernel and bias per frozen layer
+  _check_updates(ft, hist, lambda t, n, g: None if n in frozen else adam(n, g),
+                 rtol=1e-3, atol=1e-6)
+  # Adam's state: two moments per trained element and nothing for frozen ones.
+  moments = sum(x.size for x in jax.tree.leaves(hist[-1]["opt_state"])
+                if jnp.issubdtype(x.dtype, jnp.floating))
+  trained = sum(np.size(v) for n, v in _named(ft.source).items() if n not in frozen)
+  assert moments == 2 * trained
+
+
+def test_per_rule_schedules_give_the_schedule_formulas_per_step(ft):
+  """SGD over the whole schedule (T=10 steps): heads warmup_cosine x2, layer_0
+  slanted_triangular, layer_1 the config's constant; update_t = -lr_t g_t with
+  lr_t written out from the formulas in mtljax/schedules.py."""
+  c = transfer.apply_strategy(ft.config, "full_ft", source=ft.source_dir)
+  c.optim.rules = ("heads/:schedule=warmup_cosine,lr_mult=2;"
+                   "layer_0/:schedule=slanted_triangular;.*:")
+  c.optim.warmup_steps, c.optim.end_lr_factor = 3, 0.1
+  c.optim.stlr_cut_frac, c.optim.stlr_ratio = 0.2, 8.0
+  total, lr = 10, 0.1
+  assert c.total_steps == total
+  _, hist, _ = ft.run(c, total)
+
+  def warmup_cosine(t, peak, warmup=3, end=0.1):
+    if t < warmup:
+      return peak * t / warmup
+    return end * peak + (1 - end) * peak * 0.5 * (1 + np.cos(np.pi * (t - warmup) /
+                                                               (total - warmup)))
+
+  def stlr(t, peak, cut_frac=0.2, ratio=8.0):
+    cut = int(np.floor(total * cut_frac))
+    p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
+    return peak * (1 + p * (ratio - 1)) / ratio
+
+  def want(t, name, g):
+    if "heads/" in name:
+      rate = warmup_cosine(t, 2 * lr)
+    elif "layer_0/" in name:
+      rate = stlr(t, lr)
+    else:
+      rate = lr
+    return None if rate == 0 else -rate * g  # step 0 of the warm-up: no update at all
+  _check_updates(ft, hist, want)
+  # The formulas' own values at a few steps (the schedule is not constant).
+  np.testing.assert_allclose([warmup_cosine(t, 1.0) for t in (0, 3, 10)], [0, 1, 0.1])
+  np.testing.assert_allclose([stlr(t, 1.0) for t in (0, 2, 10)], [1 / 8, 1, 1 / 8])
+
+
+def test_gradual_unfreezing_keeps_layerwise_decay_multipliers(ft):
+  """layerwise_decay=0.5 with unfreeze_every=2 (SGD, 6 steps): group l is bitwise
+  unchanged before step 2 (L - l) and moves by -lr 0.5^(L - l) g from then on."""
+  base = _copy(ft.config)
+  base.optim.layerwise_decay = 0.5
+  c = transfer.apply_strategy(base, "gradual_unfreezing", source=ft.source_dir,
+                              unfreeze_every=2)
+  assert c.optim.layerwise_decay == 0.5 and c.optim.unfreeze_every == 2
+  run, hist, _ = ft.run(c, 6)
+  groups = run.model.layer_groups
+
+  def want(t, name, g):
+    above = len(groups) - 1 - _depth(groups, name)  # L - l
+    return -0.1 * 0.5 ** above * g if t >= 2 * above else None
+  _check_updates(ft, hist, want)
+
+
+def test_sgd_momentum_follows_the_heavy_ball_recursion(ft):
+  """momentum 0.9 with a head rule (x3), 4 SGD steps: v_t = 0.9 v_{t-1} + g_t,
+  update_t = -lr m v_t (m = 3 on the head, 1 elsewhere; float64 numpy, v_0 = 0)."""
+  c = transfer.apply_strategy(ft.config, "full_ft", source=ft.source_dir, head_lr_mult=3.0)
+  c.optim.momentum = 0.9
+  _, hist, _ = ft.run(c, 4)
+  velocity = {}
+
+  def want(t, name, g):
+    del t
+    velocity[name] = 0.9 * velocity.get(name, 0.0) + g
+    return -0.1 * (3.0 if "heads/" in name else 1.0) * velocity[name]
+  _check_updates(ft, hist, want)
+
+
+def test_l2sp_adds_alpha_pull_to_loaded_and_beta_decay_to_fresh_parameters(ft):
+  """L2-SP (SGD, 3 steps, alpha 0.5, beta 0.2; the head and layer_1's bias
+  fresh): every step's update is -lr (g + alpha (w - w0)) on loaded leaves and
+  -lr (g + beta w) on fresh ones, g the loss gradient alone (the update of the
+  run without L2-SP: test_strategy_updates_are_lr_times_the_strategys_multiplier);
+  the logged penalty is its float64 value; the anchor w0 is the loaded
+  parameters; loaded_mask marks exactly the loaded leaves."""
+  base = _copy(ft.config)
+  base.l2sp_alpha, base.l2sp_beta = 0.5, 0.2
+  c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir)
+  c.init_dont_load = r"heads/;trunk/layer_1/bias"
+  alpha, beta, lr = c.l2sp_alpha, c.l2sp_beta, c.optim.lr
+  assert (alpha, beta) == (0.5, 0.2)
+  run, hist, meas = ft.run(c, 3)
+  fresh_names = {n for n in _named(ft.source) if "heads/" in n or n.endswith("layer_1/bias")}
+  assert len(fresh_names) == 7  # 3 heads (kernel, bias) and one bias
+  mask = _named(checkpoint.loaded_mask(hist[0]["params"], run.init_report))
+  assert all(type(m) is bool for m in mask.values())  # pylint: disable=unidiomatic-typecheck
+  assert {n for n, m in mask.items() if not m} == fresh_names
+  p0, source, fresh = _named(hist[0]["params"]), _named(ft.source), _named(ft.fresh)
+  for name, loaded in mask.items():  # the mask's True leaves are the source's values
+    np.testing.assert_array_equal(p0[name], source[name] if loaded else fresh[name])
+  anchor = {n: np.asarray(v, np.float64) for n, v in _named(hist[0]["anchor"]).items()}
+  for name in p0:
+    np.testing.assert_array_equal(anchor[name], p0[name])
+    np.testing.assert_array_equal(_named(hist[-1]["anchor"])[name], p0[name])
+  w_moved = []
+
+  def want(t, name, g):
+    w = np.asarray(_named(hist[t]["params"])[name], np.float64)
+    if mask[name]:
+      w_moved.append(np.any(w != anchor[name]))
+      return -lr * (g + alpha * (w - anchor[name]))
+    return -lr * (g + beta * w)
+  _check_updates(ft, hist, want, atol=2e-7)
+  assert any(w_moved)  # the pull was not 0 throughout (it is at step 0: w = w0)
+  for t in range(3):
+    w = {n: np.asarray(v, np.float64) for n, v in _named(hist[t]["params"]).items()}
+    penalty = sum(0.5 * alpha * np.sum((w[n] - anchor[n]) ** 2) if mask[n]
+                  else 0.5 * beta * np.sum(w[n] ** 2) for n in w)
+    np.testing.assert_allclose(float(meas[t]["penalty"]), penalty, rtol=1e-5)
