@@ -37,11 +37,25 @@ def _setup(arch, shared_inputs, k, heads="auto", seed=0):
 
 # (arch, heads): every architecture, and multi_head with shared heads (pooled).
 _ARCHS = [(a, "auto") for a in multitask.ARCHS] + [("multi_head", "shared")]
+# (shared inputs, K, static slot layout): one pass or per slot, K = T or K < T.
+_LAYOUTS = [(True, 4, True), (True, 3, False), (False, 4, True), (False, 3, False)]
+# The fast tier: every path once -- one pass (static, traced), per slot on shared
+# inputs without a task-independent part, per slot on distinct inputs.
+_FAST = {("multi_head", "auto", True, 4, True), ("mmoe", "auto", True, 3, False),
+         ("concat", "auto", True, 4, True), ("cross_stitch", "auto", False, 3, False),
+         ("independent", "auto", False, 4, True)}
 
 
-@pytest.mark.parametrize("arch, heads", _ARCHS)
-@pytest.mark.parametrize("shared_inputs, k, static", [
-    (True, 4, True), (True, 3, False), (False, 4, True), (False, 3, False)])
+def _slot_cases():
+  for arch, heads in _ARCHS:
+    for layout in _LAYOUTS:
+      marks = () if (arch, heads) + layout in _FAST else (pytest.mark.slow,)
+      yield pytest.param(arch, heads, *layout, marks=marks,
+                         id=f"{arch}-{heads}-{'shared' if layout[0] else 'slots'}-k{layout[1]}"
+                            f"-{'static' if layout[2] else 'traced'}")
+
+
+@pytest.mark.parametrize("arch, heads, shared_inputs, k, static", _slot_cases())
 def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, static):
   model, params, ids, x, ys = _setup(arch, shared_inputs, k, heads)
   ids_in = np.asarray(ids, np.int32) if static else jnp.asarray(ids, jnp.int32)
@@ -72,27 +86,40 @@ def _outputs(model, params, batch, needs, c):
   return out
 
 
-@pytest.mark.parametrize("arch, heads", [(a, h) for a, h in _ARCHS if a in
-                                         ("multi_head", "mmoe", "omoe", "shared_bottom")])
+@pytest.mark.parametrize("arch, heads", [
+    pytest.param(a, h, marks=() if (a, h) == ("mmoe", "auto") else (pytest.mark.slow,))
+    for a, h in _ARCHS if a in ("multi_head", "mmoe", "omoe", "shared_bottom")])
 def test_representation_gradients_are_each_slots_gradient_of_the_encoding(arch, heads):
   """``rep_grads(c)[k] = c_k dL_k/dZ`` at ``Z = encode(theta^sh, x)``, and
   ``rep_pullback`` is the trunk's VJP: ``sum_k`` of them is the shared gradient."""
   model, params, ids, x, ys = _setup(arch, True, 3, heads)
   batch = helpers.batch(jnp.asarray(ids, jnp.int32), x, ys, True)
   c = jnp.asarray([0.5, 2.0, 1.0])
-  lin = jacobians.linearize(model, params, batch, needs="representation")
-  z = model.encode(params["shared"], jnp.asarray(x))
   ts = model.taskset
-  for s, t in enumerate(ids):
-    def loss_of_z(z, s=s, t=t):
-      out = model.decode(params["tasks"], z, jnp.asarray(x), jnp.array([t]))
-      g = ts.tasks[t].group
-      return c[s] * jnp.mean(tasks.example_loss(ts.tasks[t], out[g][0], ys[g][s]))
-    want = jax.grad(loss_of_z)(z)
-    got = jax.tree.map(lambda a, s=s: a[s], lin.rep_grads(c)[0])
-    helpers.assert_trees_close(got, want)
-  dz = jax.tree.map(lambda a: a.sum(axis=0), lin.rep_grads(c)[0])
-  helpers.assert_trees_close(lin.rep_pullback(dz), lin.pullback(c)["shared"])
+
+  @jax.jit
+  def reference(params):  # one jax.grad per slot, w.r.t. Z = encode(theta^sh, x)
+    z = model.encode(params["shared"], jnp.asarray(x))
+    out = []
+    for s, t in enumerate(ids):
+      def loss_of_z(z, s=s, t=t):
+        o = model.decode(params["tasks"], z, jnp.asarray(x), jnp.array([t]))
+        g = ts.tasks[t].group
+        return c[s] * jnp.mean(tasks.example_loss(ts.tasks[t], o[g][0], ys[g][s]))
+      out.append(jax.grad(loss_of_z)(z))
+    return out
+
+  @jax.jit
+  def library(params):
+    lin = jacobians.linearize(model, params, batch, needs="representation")
+    dz = lin.rep_grads(c)[0]
+    return dz, lin.rep_pullback(jax.tree.map(lambda a: a.sum(axis=0), dz)), lin.pullback(c)
+
+  want = reference(params)
+  dz, pulled, pullback = library(params)
+  for s in range(len(ids)):
+    helpers.assert_trees_close(jax.tree.map(lambda a, s=s: a[s], dz), want[s])
+  helpers.assert_trees_close(pulled, pullback["shared"])
 
 
 def test_selected_leaves_only():
@@ -112,6 +139,7 @@ def test_selected_leaves_only():
     jacobians.linearize(model, params, batch, needs="slots", slot_leaves=["trunk/nope"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slot_backwards", ["map", "vmap"])
 def test_sequential_and_batched_trunk_backwards_agree(slot_backwards):
   model, params, ids, x, ys = _setup("mmoe", True, 4)

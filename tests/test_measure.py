@@ -42,6 +42,7 @@ def _small_config(tmp_path):
   return c
 
 
+@pytest.mark.slow
 def test_baselines_are_trained_once_then_cached_and_delta_m_reported(tmp_path):
   c = _small_config(tmp_path)
   c.baselines = True

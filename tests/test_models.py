@@ -55,6 +55,7 @@ def test_concat_and_additive_conditioning_are_the_same_function(encoder, shape, 
   assert not np.allclose(out_c, other, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_architectures_differ_from_each_other():
   x, ids = _x((6,)), jnp.array([0, 1, 2])
   outs, trees = {}, {}
@@ -218,8 +219,9 @@ def test_decode_of_encode_is_apply_on_shared_inputs(arch, heads):
   p = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(1), a.shape), p)
   x = jax.random.normal(jax.random.key(0), (9, 5))
   for ids in (jnp.array([3, 0, 2, 1, 0]), MIXED.grouped_order):
-    want = model.apply(p, jnp.broadcast_to(x, (len(ids),) + x.shape), jnp.asarray(ids))
-    got = model.decode(p["tasks"], model.encode(p["shared"], x), x, ids)
+    want = jax.jit(lambda p, i: model.apply(p, jnp.broadcast_to(x, (len(ids),) + x.shape),
+                                            i))(p, jnp.asarray(ids))
+    got = jax.jit(lambda p: model.decode(p["tasks"], model.encode(p["shared"], x), x, ids))(p)
     for k, t in enumerate(np.asarray(ids)):  # the rows each slot's task reads
       g = MIXED.tasks[t].group
       np.testing.assert_allclose(got[g][k], want[g][k], rtol=1e-5, atol=1e-6)

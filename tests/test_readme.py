@@ -3,9 +3,12 @@
 import os
 import re
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_readme_notebook_example_runs():
   text = open(os.path.join(ROOT, "README.md")).read()
   (code,) = re.findall(r"```python\n(.*?)```", text, re.S)

@@ -47,6 +47,7 @@ def test_pareto_segment_is_where_the_gradients_oppose():
     assert _cos(x) > -0.99, x
 
 
+@pytest.mark.slow
 def test_quick_run_writes_the_documented_outputs(tmp_path):
   c = toy_config.get_config("protocol=famo,quick")
   c.toy.methods = ("fixed", "famo", "mgda", "nash_mtl")
