@@ -1,20 +1,38 @@
-r"""Steps/second of every objective method (issue 3's benchmark problem).
+r"""Steps/second of every objective method, against plain-JAX references timed
+in the same run.
 
-    python -m experiments.bench_objectives [--num_tasks=4,16,64] [--steps=100]
+    taskset -c 0 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false \
+        intra_op_parallelism_threads=1" python -m experiments.bench_objectives \
+        [--num_tasks=4] [--methods=...] [--json=out.json]
 
-Problem: T tasks on one shared input x in R^64 (half regression, half 10-class
-classification), MLP encoder 64 -> 256 -> 256 with linear per-task heads
-(multi_head), B = 256 examples per task, K = T tasks per step, Adam 1e-3.
-Times the compiled train step after a warm-up call and prints a table with each
-method's step time relative to ``fixed`` (equal weighting) and the compiled
-step's scratch memory (XLA's ``temp_size_in_bytes``).
+Problem (issue 3's, and the LibMTL comparison's): T tasks on one shared input
+x in R^64 (half regression, half 10-class classification), MLP encoder
+64 -> 256 -> 256 with linear per-task heads (multi_head), B = 256 examples,
+K = T tasks per step, Adam 1e-3, 10 steps per call under ``lax.scan``.
 
-A method entry is ``NAME[@accumulate][+shared]``: ``@accumulate`` uses the
-memory-light Gram path (``config.objective.gram_path``), ``+shared`` one
-example batch for every task (``config.sampling.shared_inputs``; implied by
-``mgda_ub``, which needs it, so compare it with ``fixed+shared``).
+A method entry is ``NAME[@accumulate][+shared][/vmap]``: ``@accumulate`` uses
+the memory-light Gram path, ``+shared`` one example batch for every task
+(``shared_inputs``: the trunk then runs once per step; implied by ``mgda_ub``),
+``/vmap`` batches the K trunk backwards instead of looping (``slot_backwards``).
+
+Reference rows, written here as plain JAX on the same data and model shapes:
+
+* ``plain:equal`` -- the MLP and heads as one flat function, one backward of
+  the summed loss, Adam, steps in ``lax.scan``;
+* ``plain:per-task:NAME`` -- per-task gradients by ``vmap`` of ``jax.grad``
+  (one per task group), then the same combiner (Gram weights of
+  :data:`mtljax.gradients.GRAM_METHODS`), Adam, steps in ``lax.scan``.
+
+Timing: every configuration is compiled first, then timed in ``--rounds``
+interleaved rounds (round-robin over configurations, so machine noise hits them
+alike); the table reports each one's median. Columns: ms/step, steps/s, the
+ratio to ``plain:equal``, to the matching ``plain:per-task`` row and to
+``fixed+shared``, compile seconds, solver failures, and the compiled step's
+scratch memory (XLA ``temp_size_in_bytes``).
 """
 
+import json
+import os
 import time
 
 from absl import app
@@ -22,89 +40,93 @@ from absl import flags
 import jax
 import numpy as np
 
+from experiments import bench_common as bc
 from mtljax import objectives
-from mtljax import optim
-from mtljax import tasks
-from mtljax import train
-from mtljax.data import loading
-from mtljax.data import sampling
-from mtljax.models import multitask
 
-_TASKS = flags.DEFINE_list("num_tasks", ["4", "16", "64"], "Numbers of tasks T.")
+_TASKS = flags.DEFINE_integer("num_tasks", 4, "Number of tasks T (K = T).")
 _METHODS = flags.DEFINE_list(
-    "methods", list(objectives.METHODS) + [
-        "mgda@accumulate", "cagrad@accumulate", "nash_mtl@accumulate", "fixed+shared"],
-    "Methods to time: NAME[@accumulate][+shared].")
-_STEPS = flags.DEFINE_integer("steps", 100, "Timed steps per configuration.")
-_SPC = flags.DEFINE_integer("steps_per_call", 10, "Steps per host call.")
+    "methods", ["plain:equal", "fixed", "fixed+shared"]
+    + [m + "+shared" for m in objectives.METHODS if m not in ("fixed", "mgda_ub")]
+    + ["mgda_ub", "mgda@accumulate+shared", "pcgrad+shared/vmap"]
+    + [f"plain:per-task:{m}" for m in ("pcgrad", "cagrad", "mgda", "nash_mtl")],
+    "Rows: NAME[@accumulate][+shared][/vmap] or plain:equal / plain:per-task:NAME.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
+_CALLS = flags.DEFINE_integer("calls", 10, "Host calls per round (10 steps each).")
+_JSON = flags.DEFINE_string("json", "", "Write the rows as JSON here.")
 
 
-def _data(num_tasks, n=4096):
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(n, 64)).astype(np.float32)
-  cols, columns = {"x": x}, []
-  for t in range(num_tasks):
-    if t % 2 == 0:
-      cols[f"y{t}"] = (x @ rng.normal(size=64)).astype(np.float32)
-      columns.append(loading.TaskColumn(tasks.Task(f"reg{t}", "regression"), f"y{t}"))
-    else:
-      cols[f"y{t}"] = np.argmax(x @ rng.normal(size=(64, 10)), axis=1)
-      columns.append(loading.TaskColumn(tasks.Task(f"cls{t}", "classification", 10),
-                                        f"y{t}"))
-  return loading.build_task_data("bench", loading.DataSpec("x", tuple(columns)),
-                                 {"train": cols, "test": cols})
+# ----------------------------------------------------------------------------
+# Timing.
+# ----------------------------------------------------------------------------
 
 
-def _variant(entry):
-  method, shared = entry.removesuffix("+shared"), entry.endswith("+shared")
-  method, _, path = method.partition("@")
-  return method, path or "jacobian", shared or method == "mgda_ub"
-
-
-def _time(entry, data):
-  method, gram_path, shared = _variant(entry)
-  ts = data.taskset
-  model = multitask.make_model("multi_head", ts, (64,), hidden=(256, 256))
-  tx = optim.make_optimizer("adam", lr=1e-3)
-  fn = train.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, None), tasks_per_step=len(ts), examples_per_task=256,
-      steps_per_call=_SPC.value, objective=method,
-      objective_kwargs={"gram_path": gram_path}, shared_inputs=shared)
-  step = jax.jit(fn, donate_argnums=(0,))
-  state = jax.device_put(train.init_train_state(model, tx, jax.random.key(0), method))
-  d = jax.device_put(data.train)
+def _prepare(entry, data):
+  make = bc.plain_step if entry.startswith("plain:") else bc.mtljax_step
+  step, state, d = make(entry, data)
   t0 = time.perf_counter()
   compiled = step.lower(state, d).compile()
   stats = compiled.memory_analysis()
-  temp_mb = stats.temp_size_in_bytes / 2**20 if stats is not None else float("nan")
   state, _ = step(state, d)
   jax.block_until_ready(state)
-  compile_s = time.perf_counter() - t0
-  calls = max(1, _STEPS.value // _SPC.value)
+  return {"entry": entry, "step": step, "state": state, "data": d,
+          "compile_s": time.perf_counter() - t0,
+          "scratch_mib": stats.temp_size_in_bytes / 2**20 if stats is not None else None,
+          "times": [], "failures": 0.0}
+
+
+def _time_round(row, calls):
+  step, state, d = row["step"], row["state"], row["data"]
   t0 = time.perf_counter()
   for _ in range(calls):
     state, meas = step(state, d)
   jax.block_until_ready(state)
-  failures = float(np.sum(meas.get("solver_failures", 0.0)))
-  return calls * _SPC.value / (time.perf_counter() - t0), compile_s, failures, temp_mb
+  row["times"].append((time.perf_counter() - t0) / (calls * bc.SPC))
+  row["state"] = state
+  if "solver_failures" in meas:
+    row["failures"] += float(np.sum(meas["solver_failures"]))
+
+
+def _ratio(a, b):
+  return f"{a / b:8.2f}" if a and b else f"{'-':>8}"
 
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, B=256 per task, "
-        f"MLP 64-256-256, K=T, steps/call={_SPC.value}")
-  print(f"{'T':>3} {'method':22} {'steps/s':>8} {'ms/step':>8} {'x fixed':>8} "
-        f"{'compile s':>9} {'solver fails':>12} {'scratch MiB':>11}")
-  for t in _TASKS.value:
-    data = _data(int(t))
-    base = None
-    for method in _METHODS.value:
-      rate, comp, fails, temp_mb = _time(method, data)
-      base = base or (1000 / rate if method == "fixed" else None)
-      rel = f"{(1000 / rate) / base:8.2f}" if base else f"{'-':>8}"
-      print(f"{t:>3} {method:22} {rate:8.1f} {1000 / rate:8.2f} {rel} {comp:9.2f} "
-            f"{fails:12.0f} {temp_mb:11.1f}", flush=True)
+  data = bc.bench_data(_TASKS.value)
+  print(f"jax {jax.__version__}, backend {jax.default_backend()}, T=K={_TASKS.value}, "
+        f"B={bc.B}, MLP {bc.D}-{bc.H}-{bc.H}, steps/call={bc.SPC}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"cpus={sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}")
+  rows = [_prepare(e, data) for e in _METHODS.value]
+  for _ in range(_ROUNDS.value):
+    for row in rows:
+      _time_round(row, _CALLS.value)
+  rate = {r["entry"]: 1.0 / float(np.median(r["times"])) for r in rows}
+  print(f"{'method':28} {'ms/step':>8} {'steps/s':>8} {'x plain':>8} {'x plain/pt':>10} "
+        f"{'x fixed+sh':>10} {'compile s':>9} {'fails':>6} {'MiB':>7}")
+  out = []
+  for r in rows:
+    e = r["entry"]
+    method = bc.parse_entry(e)[0] if not e.startswith("plain:") else None
+    pt = rate.get(f"plain:per-task:{method}")
+    rec = {"entry": e, "ms_per_step": 1000.0 / rate[e], "steps_per_s": rate[e],
+           "vs_plain_equal": rate[e] / rate["plain:equal"] if "plain:equal" in rate else None,
+           "vs_plain_per_task": rate[e] / pt if pt else None,
+           "vs_fixed_shared": (rate[e] / rate["fixed+shared"] if "fixed+shared" in rate
+                               else None),
+           "compile_s": r["compile_s"], "solver_failures": r["failures"],
+           "scratch_mib": r["scratch_mib"], "times_s": r["times"]}
+    out.append(rec)
+    print(f"{e:28} {rec['ms_per_step']:8.3f} {rate[e]:8.1f} "
+          f"{_ratio(rate[e], rate.get('plain:equal')):>8} "
+          f"{_ratio(rate[e], pt):>10} {_ratio(rate[e], rate.get('fixed+shared')):>10} "
+          f"{r['compile_s']:9.2f} {r['failures']:6.0f} "
+          f"{r['scratch_mib'] if r['scratch_mib'] is not None else float('nan'):7.1f}",
+          flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"num_tasks": _TASKS.value, "backend": jax.default_backend(),
+                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": out}, f, indent=2)
 
 
 if __name__ == "__main__":
