@@ -19,13 +19,13 @@ only -- never one forward per task. Two paths:
       L [K]      = slot_losses(decode(theta^tasks, [Z] * K, x, ids))
 
   The weighted-sum gradient is one backward through the per-task part and one
-  through the trunk. For per-slot gradients the per-task part is also
-  linearised with one copy of Z per slot (slot k reads only its copy), so one
-  backward through it gives every slot's ``dZ_k = c_k dL_k/dZ`` (``[K, ...]``),
-  and the per-slot shared gradients are ``G_k = J_enc^T dZ_k``: K trunk
-  backwards, vmapped over the cotangents of the one trunk linearisation.
-  (Reading one Z without copies is what makes the weighted-sum path fast: on
-  XLA:CPU the heads' backward through per-slot copies costs 3-8x more.)
+  through the trunk. Per-slot gradients: every slot's ``dZ_k = c_k dL_k/dZ``
+  (``[K, ...]``) is a ``vmap`` over slots of one slot's gradient with respect
+  to the one, unbatched Z, and the per-slot shared gradients are
+  ``G_k = J_enc^T dZ_k``: K trunk backwards through the one trunk
+  linearisation. (Reading one Z without per-slot copies is what makes the
+  weighted-sum path fast: on XLA:CPU the heads' backward through ``[K, B, F]``
+  copies costs 3-8x more.)
 * **Per slot** (distinct examples per slot, or no task-independent part):
   ``model.apply`` on ``x [K, B, ...]``, one VJP for the weighted sum and the
   task parameters. Per-slot shared gradients are ``vmap`` over slots of one
@@ -178,11 +178,9 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
   def head_losses(rep, task_params):            # every slot reads the one rep
     return tasks_lib.slot_losses(ts, model.decode(task_params, rep, x, ids), ys, ids)
 
-  def slot_head_losses(reps, task_params):      # slot k reads its own copy reps[k]
-    def one(r, t, yk):
-      outs = model.decode(task_params, r, x, t[None])
-      return tasks_lib.slot_losses(ts, outs, jax.tree.map(lambda a: a[None], yk), t[None])[0]
-    return jax.vmap(one)(reps, ids, ys)
+  def slot_head_loss(r, task_params, t, yk):    # one slot's loss from the rep
+    outs = model.decode(task_params, r, x, t[None])
+    return tasks_lib.slot_losses(ts, outs, jax.tree.map(lambda a: a[None], yk), t[None])[0]
 
   rep, enc_vjp = jax.vjp(lambda sh: model.encode(sh, x), params["shared"])
   losses, head_vjp = jax.vjp(head_losses, rep, params["tasks"])
@@ -196,12 +194,15 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
 
   rep_grads = slot_grads = slot_gram = None
   if needs != "sum":
-    k = ids.shape[0]
-    reps = jax.tree.map(lambda r: jnp.broadcast_to(r, (k,) + r.shape), rep)
-    _, slot_vjp = jax.vjp(slot_head_losses, reps, params["tasks"])
-
     def rep_grads(c):
-      return slot_vjp(c.astype(losses.dtype))
+      # vmap over slots of one slot's gradient w.r.t. the unbatched rep: the
+      # per-task part runs on the one rep (no [K, ...] copies), each slot's
+      # backward gives its own dZ_k; task parameters from the weighted sum.
+      c = c.astype(losses.dtype)
+      dz = jax.vmap(jax.grad(lambda r, t, yk, ck: ck * slot_head_loss(r, params["tasks"], t,
+                                                                       yk)),
+                    in_axes=(None, 0, 0, 0))(rep, jnp.asarray(ids), ys, c)
+      return dz, head_vjp(c)[1]
 
     def slot_grads(c, batched=False):
       dz, g_tasks = rep_grads(c)

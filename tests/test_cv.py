@@ -115,6 +115,7 @@ def test_folds_partition_the_train_split_and_renormalise_per_fold():
   np.testing.assert_allclose(np.sort(np.concatenate(seen)), np.sort(raw), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_grid_point_equals_a_plain_run_on_that_fold():
   c = _config()
   c.cv.lr = (1e-3, 3e-2)
@@ -232,6 +233,7 @@ def test_select_and_train_trains_the_cv_argmin_after_choosing(tmp_path, monkeypa
   assert set(final["tasks"]) == {"y1", "y2"}
 
 
+@pytest.mark.slow
 def test_tasks_too_small_to_split_train_in_every_fold_and_are_not_scored():
   data = loading.build_task_data("fam", *helpers.family_data([2, 12, 9], [3, 3, 3]))
   folds = cv.make_folds(data, 3, seed=0)

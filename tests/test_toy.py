@@ -92,6 +92,7 @@ def test_cagrad_protocol_reproduces_the_papers_picture():
       np.testing.assert_allclose(r["final"][:, 0], 0.0, atol=0.05)
 
 
+@pytest.mark.slow
 def test_famo_protocol_famo_reaches_the_pareto_set_linear_scalarisation_does_not():
   p = toy.PROTOCOLS["famo"]
   famo = toy.run("famo", p["starts"], p["steps"], scale=p["scale"], record_every=1000,
