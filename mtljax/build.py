@@ -237,8 +237,14 @@ def _initial_state(config, model, objective, tx, state) -> tuple[dict, Callable 
            "opt_state": optim.init_state(tx, params, steps.task_rows(model, objective))}
   penalty = None
   if config.l2sp_alpha or config.l2sp_beta:
-    penalty = transfer.l2sp_penalty(ckpt_lib.loaded_mask(params, report),
-                                    config.l2sp_alpha, config.l2sp_beta)
+    # The objective's own parameters (uncertainty's log sigma^2) are not the
+    # model's: L2-SP neither pulls nor decays them.
+    def model_only(tree):
+      return {"shared": tree["shared"],
+              "tasks": {k: v for k, v in tree["tasks"].items() if k != objective.name}}
+    inner = transfer.l2sp_penalty(model_only(ckpt_lib.loaded_mask(params, report)),
+                                  config.l2sp_alpha, config.l2sp_beta)
+    penalty = lambda p, anchor: inner(model_only(p), model_only(anchor))
     state["anchor"] = jax.tree.map(jnp.copy, params)
   return state, penalty, init_report
 

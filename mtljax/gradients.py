@@ -200,37 +200,52 @@ def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5,
   """MGDA: ``argmin_{a in simplex} a^T K a`` (the min-norm element).
 
   For ``T <= exact_up_to`` the exact solver (:func:`min_norm_exact`, all
-  ``2^T - 1`` supports at once); if no support passes its optimality check, or
-  for larger T, FISTA on the simplex (:func:`minimize_on_simplex`, ``iters``).
+  ``2^T - 1`` supports at once). If its result misses the duality-gap test (no
+  support passed, or float32 rounding near a Pareto-stationary point), FISTA on
+  the simplex (:func:`minimize_on_simplex`, ``iters``) refines it, starting
+  from the exact candidate, and the better of the two is returned with its own
+  ``gap`` and ``converged`` (one that passes its test over one that does not,
+  else the smaller ``a^T K a``). For larger T, FISTA alone.
 
   Args:
     k: ``[T, T]`` Gram matrix.
     iters, tol: the iterative solver's iterations and relative duality-gap
       tolerance (the gap also decides ``converged`` for the exact solver).
-    exact_up_to: the largest T solved exactly.
+    exact_up_to: the largest T solved exactly (at most 12: the solver builds
+      ``2^T`` small systems).
   Returns:
     ``beta [T]`` on the simplex, ``info`` with ``gap`` (Frank-Wolfe duality gap
     of ``a^T K a / max_i K_ii``) and ``converged``.
   """
+  if not 0 <= exact_up_to <= 12:
+    raise ValueError(f"config.objective.mgda.exact_up_to must be in [0, 12] (the exact "
+                     f"solver builds 2^T systems), got {exact_up_to}.")
   t = k.shape[0]
   scale = jnp.maximum(jnp.max(jnp.diag(k)), 1e-30)  # same argmin on K / scale
   kn = k / scale
   f = lambda a: a @ kn @ a
+  uniform = jnp.full((t,), 1.0 / t, kn.dtype)
 
   def gap_of(a):
     g = 2.0 * (kn @ a)
     return g @ a - jnp.min(g)
 
-  def iterative():
+  def iterative(x0):
     lip = 2.0 * largest_eigenvalue(kn)  # f'' = 2 K
-    return minimize_on_simplex(f, jnp.full((t,), 1.0 / t, kn.dtype), lip, iters, tol)
+    return minimize_on_simplex(f, x0, lip, iters, tol)
 
   if t > exact_up_to:
-    return iterative()
-  a, found = min_norm_exact(kn)
+    return iterative(uniform)
+  a, found = min_norm_exact(kn, tol)
   gap = gap_of(a)
   exact = (a, {"gap": gap, "converged": found & (gap <= tol * (1.0 + jnp.abs(f(a))))})
-  return jax.lax.cond(exact[1]["converged"], lambda: exact, iterative)
+
+  def refine():
+    b, info = iterative(jnp.where(found, a, uniform))
+    b_ok, a_ok = info["converged"], exact[1]["converged"]
+    better = (b_ok & ~a_ok) | ((b_ok == a_ok) & (f(b) < f(a)))
+    return jax.tree.map(lambda u, v: jnp.where(better, u, v), (b, info), exact)
+  return jax.lax.cond(exact[1]["converged"], lambda: exact, refine)
 
 
 def cagrad_weights(k: jax.Array, *, c: float = 0.5, rescale: int = 1, iters: int = 300,

@@ -30,8 +30,8 @@ only -- never one forward per task. Two paths:
   ``model.apply`` on ``x [K, B, ...]``, one VJP for the weighted sum and the
   task parameters. Per-slot shared gradients are ``vmap`` over slots of one
   slot's gradient with the shared weights unbatched: the vmapped forward is the
-  forward of the ``K B`` examples once, and each slot's backward touches only
-  its own examples -- O(K B) work, like one backward of the summed loss (a
+  forward of the ``K B`` examples (run a second time, besides the VJP's), and
+  each slot's backward touches only its own examples -- O(K B) work, like one backward of the summed loss (a
   vmapped VJP of all slots' losses would cost O(K^2 B), and per-slot copies of
   the weights would hold ``K`` times the parameters and run batched matmuls).
 

@@ -285,6 +285,9 @@ def famo_logit_gradient(xi: jax.Array, delta: jax.Array) -> jax.Array:
 def famo(num_tasks: int, *, w_lr: float = 0.025, gamma: float = 0.01, max_norm: float = 1.0,
          min_losses: tuple = ()) -> Objective:
   """FAMO (Liu et al. 2023); ``min_losses``: per-task loss lower bounds (default 0)."""
+  if not w_lr > 0 or gamma < 0 or max_norm < 0:
+    raise ValueError(f"config.objective.famo: w_lr must be > 0, gamma >= 0 and "
+                     f"max_norm >= 0 (0 = no clipping), got {w_lr}, {gamma}, {max_norm}.")
   if min_losses and len(min_losses) != num_tasks:
     raise ValueError(f"config.objective.famo.min_losses has {len(min_losses)} values for "
                      f"{num_tasks} tasks.")
@@ -433,21 +436,29 @@ def gradnorm_update(state: dict, norms: jax.Array, losses: jax.Array, task_ids: 
   return {"w": w, "opt": opt, "initial_loss": l0, "seen": seen}, value
 
 
+def _natural(name: str) -> list:
+  """Sort key reading the digits in a path as numbers (``layer_10`` > ``layer_9``)."""
+  return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def gradnorm(num_tasks: int, *, alpha: float = 1.5, w_lr: float = 0.025,
              layer: str = r"(trunk|experts)/layer_\d+/kernel$") -> Objective:
   """GradNorm (Chen et al. 2018, Algorithm 1) on the last shared leaf matching
   ``layer`` (a regex over paths relative to ``shared/``)."""
+  if not w_lr > 0 or alpha < 0:
+    raise ValueError(f"config.objective.gradnorm: w_lr must be > 0 and alpha >= 0, got "
+                     f"{w_lr}, {alpha}.")
   try:
     rx = re.compile(layer)
   except re.error as e:
     raise ValueError(f"config.objective.gradnorm.layer={layer!r}: {e}.") from None
 
   def pick(names):
-    found = [n for n in names if rx.search(n)]
+    found = sorted((n for n in names if rx.search(n)), key=_natural)
     if not found:
       raise ValueError(f"config.objective.gradnorm.layer={layer!r} matches no shared "
                        f"parameter; shared parameters are {list(names)}.")
-    return found[-1:]  # the last shared layer matching
+    return found[-1:]  # the last shared layer matching (layer_10 after layer_9)
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     ids, w = inp.task_ids, inp.weights[inp.task_ids]

@@ -170,6 +170,10 @@ def _check_step(model, objective, *, tasks_per_step, replace, shared_inputs, tag
       jax.eval_shape(model.init, jax.random.key(0))["shared"])]
   needs = objective.needs
   if needs == "representation":
+    if one_pass is False:
+      raise ValueError(f"config.objective.method={objective.name!r} differentiates through "
+                       "the task-independent representation, which only the one-pass "
+                       "path has: leave one_pass=None.")
     if not shared_inputs:
       raise ValueError(
           f"config.objective.method={objective.name!r} differentiates through one shared "
@@ -201,14 +205,18 @@ def _check_step(model, objective, *, tasks_per_step, replace, shared_inputs, tag
 
 
 def _check_state(state: dict, objective: objectives.Objective, penalty) -> None:
-  """Raised while tracing: a state built for another objective or run."""
+  """Raised while tracing: a state built for another objective or run (its
+  objective state's structure, shapes and dtypes are those of ``init_state``)."""
   if penalty is not None and "anchor" not in state:
     raise ValueError("make_train_step(penalty=...) needs state['anchor']: pass anchor= to "
                      "init_train_state.")
-  want = jax.tree.structure(jax.eval_shape(objective.init_state))
+  want = jax.eval_shape(objective.init_state)
   own = jax.eval_shape(objective.init_params)
-  if (jax.tree.structure(state["objective_state"]) != want
-      or (own and objective.name not in state["params"]["tasks"])):
+  have = state["objective_state"]
+  same = jax.tree.structure(have) == jax.tree.structure(want) and all(
+      (jnp.shape(a), jnp.result_type(a)) == (b.shape, b.dtype)
+      for a, b in zip(jax.tree.leaves(have), jax.tree.leaves(want)))
+  if not same or (own and objective.name not in state["params"]["tasks"]):
     raise ValueError(
         f"The train state was not initialised for objective {objective.name!r}: pass the "
         f"same objective to init_train_state.")
@@ -255,6 +263,10 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   num_tasks = len(ts)
   objective = as_objective(objective, num_tasks)
   jacobians.sequential_backwards(slot_backwards)  # checks the name
+  for name, value in (("task_probs", task_probs), ("weights", weights)):
+    if np.shape(value) != (num_tasks,):
+      raise ValueError(f"make_train_step: {name} must have one entry per task "
+                       f"({num_tasks}), got shape {np.shape(value)}.")
   needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
                               replace=replace, shared_inputs=shared_inputs, tag_lr=tag_lr,
                               one_pass=one_pass)

@@ -244,3 +244,30 @@ def test_tasks_too_small_to_split_train_in_every_fold_and_are_not_scored():
   c.data.name = "fam"
   out = cv.cross_validate(c, dataclasses.replace(data, test=None))
   assert np.all(np.isfinite(out["points"][0]["fold_scores"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mgda", "famo"])
+def test_vmapped_folds_and_rates_with_a_gradient_or_stateful_objective(method):
+  """Cross-validation vmaps the train step over folds and learning rates; with
+  MGDA (a solver with a data-dependent branch) and FAMO (state updated after
+  the optimizer step) a grid point still equals a plain run on each fold."""
+  c = _config()
+  c.objective.method = method
+  c.cv.lr = (1e-3, 3e-2)
+  c.cv.steps = (10,)
+  data = _data()
+  out = cv.cross_validate(c, dataclasses.replace(data, test=_Forbidden()))
+  folds = cv.make_folds(data, 3, seed=0)
+  ref = _config()
+  ref.objective.method = method
+  ref.optim.lr = 3e-2
+  ref.total_steps = 10
+  run = build.build_run(ref, dataclasses.replace(data, train=folds[0][0], test=folds[0][1]))
+  step, evaluate = jax.jit(run.train_fn), jax.jit(run.eval_fn)
+  want = []
+  for fold_train, fold_val in folds:
+    state, _ = step(run.state, fold_train)
+    want.append(_mean(steps.eval_metrics(data.taskset, evaluate(state["params"], fold_val)),
+                      "loss"))
+  np.testing.assert_allclose(_point(out, 3e-2, 10)["fold_scores"], want, rtol=2e-4)

@@ -67,7 +67,8 @@ def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, s
   want_sum = jax.tree.map(lambda *a: sum(a), *weighted)
 
   for needs in ("sum", "slots"):
-    lin = jax.jit(lambda p, b, needs=needs: _outputs(model, p, b, needs, c))(params, batch)
+    # The batch is closed over, not an argument: jit would trace static ids.
+    lin = jax.jit(lambda p, needs=needs: _outputs(model, p, batch, needs, c))(params)
     assert bool(lin["one_pass"]) == (shared_inputs and model.encode is not None)
     np.testing.assert_allclose(lin["losses"], ref_losses, rtol=1e-5, atol=1e-6)
     helpers.assert_trees_close(lin["pullback"], want_sum)
@@ -78,6 +79,10 @@ def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, s
 
 
 def _outputs(model, params, batch, needs, c):
+  from mtljax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  static = isinstance(batch.task_ids, np.ndarray)
+  assert (tasks_lib.static_group_slices(model.taskset, batch.task_ids) is not None) == (
+      static and list(batch.task_ids) == list(model.taskset.grouped_order))
   lin = jacobians.linearize(model, params, batch, needs=needs)
   out = {"losses": lin.losses, "pullback": lin.pullback(c),
          "one_pass": jnp.asarray(lin.one_pass)}

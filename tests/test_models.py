@@ -284,3 +284,32 @@ def test_every_parameter_is_in_exactly_one_layer_group(arch):
     assert "shared/experts/layer_1/kernel" in members["layer_1"]
   if arch == "cross_stitch":
     assert "shared/stitch/layer_0" in members["layer_0"]
+
+
+@pytest.mark.parametrize("arch", multitask.ARCHS)
+def test_shared_heads_work_for_every_architecture(arch):
+  """``heads="shared"``: one head per task group at ``shared/heads/<group>``
+  for every arch; tasks "a" and "b" (one group) then differ only through
+  their per-task parameters -- copying a's rows into b's makes their outputs
+  equal -- and a train state (with per-task optimizer rows) builds."""
+  from mtljax import optim, steps  # pylint: disable=g-import-not-at-top
+  model = multitask.make_model(arch, MIXED, (5,), hidden=(6,), heads="shared",
+                               num_experts=2, tower=(3,), cond_layers=(0,))
+  p = model.init(jax.random.key(0))
+  assert "heads" not in p["tasks"]
+  assert p["shared"]["heads"]["classification10"]["kernel"].ndim == 2  # no task axis
+  a, b = MIXED.index("a"), MIXED.index("b")
+  for stack, rows in model.task_rows.items():
+    node = p["tasks"]
+    *parents, leaf = stack.split("/")
+    for part in parents:
+      node = node[part]
+    node[leaf] = jax.tree.map(lambda v: v.at[list(rows).index(b)].set(v[list(rows).index(a)]),
+                              node[leaf])
+  x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (7, 5)), (2, 7, 5))
+  out = model.apply(p, x, jnp.array([a, b]))["classification10"]
+  if arch not in ("concat", "additive", "multiplicative"):  # those read the task id
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
+  tx = optim.make_optimizer("adam", lr=1e-3)
+  state = steps.init_train_state(model, tx, jax.random.key(0))
+  assert set(state["opt_state"]["tasks"]) == {s.split("/")[0] for s in model.task_rows}

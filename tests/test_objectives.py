@@ -172,6 +172,7 @@ def test_mgda_ub_pure_function_is_mgda_on_representation_gradients():
     ("multi_head", "gradnorm", {"layer": "nothing"}, False,
      "gradnorm.layer='nothing' matches no shared parameter"),
     ("multi_head", "magic", {}, False, "method='magic' is not one of"),
+    ("multi_head", "mgda_ub", {"one_pass": False}, True, "only the one-pass path has"),
 ])
 def test_objective_misuse_is_a_clear_error_before_tracing(arch, method, kwargs, shared, match):
   data = helpers.toy_data()
@@ -562,3 +563,13 @@ def test_every_method_hyperparameter_is_in_the_config():
     for name, default in hp.items():
       assert c.objective[method][name] == default, (method, name)
   assert objectives.hyperparameters("nash_mtl") == {"iters": 50, "tol": 1e-4}
+
+
+def test_gradnorm_last_layer_is_the_deepest_not_the_alphabetically_last():
+  names = [f"trunk/layer_{i}/kernel" for i in range(12)] + ["trunk/layer_3/bias"]
+  obj = objectives.make_objective("gradnorm", 4)
+  assert obj.slot_leaves(names) == ["trunk/layer_11/kernel"]
+  with pytest.raises(ValueError, match="w_lr must be > 0"):
+    objectives.make_objective("gradnorm", 4, w_lr=0.0)
+  with pytest.raises(ValueError, match="famo: w_lr must be > 0"):
+    objectives.make_objective("famo", 4, w_lr=-1.0)

@@ -161,3 +161,20 @@ def test_k_larger_than_t_without_replacement_raises():
   data = loading.build_task_data("toy", *helpers.shared_input_data())
   with pytest.raises(ValueError, match=r"tasks_per_step=5 must be in \[1, 4\]"):
     _setup(data, k=5)
+
+
+def test_step_inputs_of_the_wrong_length_or_state_of_the_wrong_shape_raise():
+  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
+  tx = optim.make_optimizer("adam", lr=1e-2)
+  with pytest.raises(ValueError, match=r"weights must have one entry per task \(4\)"):
+    steps.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(3),
+                          tasks_per_step=2, examples_per_task=4)
+  fn = steps.make_train_step(model, tx, "gradnorm", task_probs=np.full(4, 0.25),
+                             weights=np.ones(4), tasks_per_step=2, examples_per_task=4)
+  state = steps.init_train_state(model, tx, jax.random.key(0), "gradnorm")
+  # A GradNorm state saved before its Adam state became per task: one scalar count.
+  old = jax.tree.map(lambda a: a[0] if a.ndim else a, state["objective_state"]["opt"])
+  state["objective_state"] = {**state["objective_state"], "opt": old}
+  with pytest.raises(ValueError, match="not initialised for objective 'gradnorm'"):
+    fn(state, data.train)

@@ -683,3 +683,22 @@ def test_l2sp_adds_alpha_pull_to_loaded_and_beta_decay_to_fresh_parameters(ft):
     penalty = sum(0.5 * alpha * np.sum((w[n] - anchor[n]) ** 2) if mask[n]
                   else 0.5 * beta * np.sum(w[n] ** 2) for n in w)
     np.testing.assert_allclose(float(meas[t]["penalty"]), penalty, rtol=1e-5)
+
+
+def test_l2sp_leaves_the_objectives_own_parameters_alone(ft):
+  """With uncertainty weighting, ``tasks/uncertainty/log_var`` is the
+  objective's, not the model's: the L2-SP penalty (logged each step) is the
+  formula over the model's parameters only, although log sigma^2 has moved."""
+  base = _copy(ft.config)
+  base.l2sp_alpha, base.l2sp_beta = 0.5, 0.2
+  base.objective.method = "uncertainty"
+  c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir)
+  run, hist, meas = ft.run(c, 2)
+  mask = _named(checkpoint.loaded_mask(hist[0]["params"], run.init_report))
+  anchor = {n: np.asarray(v, np.float64) for n, v in _named(hist[0]["anchor"]).items()}
+  w = {n: np.asarray(v, np.float64) for n, v in _named(hist[1]["params"]).items()}
+  assert np.any(w["tasks/uncertainty/log_var"] != 0.0)  # moved in step 1
+  penalty = sum(0.5 * 0.5 * np.sum((w[n] - anchor[n]) ** 2) if mask[n]
+                else 0.5 * 0.2 * np.sum(w[n] ** 2)
+                for n in w if not n.startswith("tasks/uncertainty/"))
+  np.testing.assert_allclose(float(meas[1]["penalty"]), penalty, rtol=1e-5)

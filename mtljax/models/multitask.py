@@ -29,6 +29,9 @@ Architectures (``arch``), i.e. where parameters are shared:
   ``omoe``: one gate shared by all tasks (``shared/gate``). ``shared_bottom``:
   one shared trunk, then the per-task towers and heads (the baseline; MMoE with
   one expert computes exactly this).
+* ``heads``: ``"auto"`` gives per-task heads (``tasks/heads/<group>``) except for
+  the conditioned archs; ``"per_task"`` / ``"shared"`` force it, for every arch
+  (shared: one head per task group at ``shared/heads/<group>``).
 * ``concat`` / ``additive`` / ``multiplicative``: one network conditioned on the
   one-hot task descriptor ``z_i`` at ``cond_layers`` (see
   :mod:`mtljax.models.encoders`); its output layer is shared too, one per task
@@ -52,14 +55,15 @@ does not depend on the task, it says so with ``encode`` / ``decode``::
 with ``apply(params, broadcast(x), ids) == decode(tasks, encode(shared, x), x,
 ids)`` (tested). ``decode`` reads only per-task parameters, so when every slot
 sees the same examples the step runs ``encode`` once; per-slot gradients with
-respect to ``rep`` come from one backward of ``decode`` vmapped over slots, each
-slot reading its own copy of ``rep`` (:mod:`mtljax.jacobians`).
+respect to ``rep`` are a ``vmap`` over slots of one slot's gradient with respect
+to the one ``rep`` (:mod:`mtljax.jacobians`).
 ``rep`` is: the trunk's features (``multi_head`` with per-task heads,
 ``shared_bottom``), the expert outputs ``[E, B, F]`` (``mmoe``: the gates are
 per task and read ``x``), the gated mixture (``omoe``), or the whole network's
 per-group outputs (``multi_head`` with shared heads: a pooled model). Per-task
-trunks (``independent``, ``soft``, ``cross_stitch``) and the conditioned archs
-have no task-independent part: ``encode`` is None.
+trunks (``independent``, ``soft``, ``cross_stitch``), the conditioned archs and
+the mixtures with shared heads (``heads="shared"``: their per-task part would
+read shared parameters) have no such split: ``encode`` is None.
 
 **Layer groups.** ``Model.layer_groups`` lists the model's layers from input to
 output as ``(name, regex over slash paths)`` -- trunk/expert layers (with the
@@ -237,6 +241,12 @@ class _Parts:
     self.stream_ids = jnp.asarray(taskset.stream_ids, jnp.int32)
     self.local_index = jnp.asarray(taskset.local_index)
 
+  @property
+  def heads_home(self) -> str:
+    """Where the heads live: ``tasks`` (a row per task) or ``shared`` (one
+    head per task group)."""
+    return "tasks" if self.spec.per_task_heads else "shared"
+
   def trunk_init(self, rng):
     return self.trunk.init(rng, self.x_example, self.z_example)["params"]
 
@@ -329,7 +339,7 @@ def _broadcast_slots(tree, k: int):
 
 def _one_network(parts: _Parts) -> dict:
   spec, num_tasks = parts.spec, parts.num_tasks
-  heads_home = "tasks" if spec.per_task_heads else "shared"
+  heads_home = parts.heads_home
 
   def init(rng):
     r_trunk, r_heads, _ = jax.random.split(rng, 3)
@@ -379,16 +389,19 @@ def _one_network(parts: _Parts) -> dict:
 def _per_task_trunks(parts: _Parts) -> dict:
   spec, num_tasks = parts.spec, parts.num_tasks
 
+  home = parts.heads_home
+
   def init(rng):
     r_trunk, r_heads, _ = jax.random.split(rng, 3)
-    return {"shared": {}, "tasks": {
-        "trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk)),
-        "heads": parts.heads_init(r_heads, parts.trunk_dim)}}
+    params = {"shared": {}, "tasks": {
+        "trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk))}}
+    params[home]["heads"] = parts.heads_init(r_heads, parts.trunk_dim)
+    return params
 
   def apply(params, x, task_ids):
     tp = jax.tree.map(lambda a: a[task_ids], params["tasks"]["trunk"])
     feats = jax.vmap(parts.trunk_apply)(tp, x)
-    return parts.heads_apply(params["tasks"]["heads"], feats, task_ids)
+    return parts.heads_apply(params[home]["heads"], feats, task_ids)
 
   rows = {"trunk": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
   penalty = _soft_penalty(spec, num_tasks) if spec.arch == "soft" else None
@@ -430,9 +443,10 @@ def _cross_stitch(parts: _Parts) -> dict:
     alpha = jnp.full((num_tasks, num_tasks), off, jnp.float32)
     alpha = alpha.at[jnp.diag_indices(num_tasks)].set(
         spec.stitch_init if num_tasks > 1 else 1.0)
-    return {"shared": {"stitch": {n: alpha for n in spec.layer_names}},
-            "tasks": {"trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk)),
-                      "heads": parts.heads_init(r_heads, parts.trunk_dim)}}
+    params = {"shared": {"stitch": {n: alpha for n in spec.layer_names}},
+              "tasks": {"trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk))}}
+    params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.trunk_dim)
+    return params
 
   def stitched(params, xk):
     """All T task columns on one slot's inputs, mixed after every layer: [T, B, F]."""
@@ -457,7 +471,7 @@ def _cross_stitch(parts: _Parts) -> dict:
 
   def apply(params, x, task_ids):
     feats = jax.vmap(lambda xk, t: stitched(params, xk)[t])(x, task_ids)
-    return parts.heads_apply(params["tasks"]["heads"], feats, task_ids)
+    return parts.heads_apply(params[parts.heads_home]["heads"], feats, task_ids)
 
   rows = {"trunk": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
   return {"init": init, "apply": apply, "task_rows": rows,
@@ -494,8 +508,9 @@ def _mixture(parts: _Parts) -> dict:
       f_example = jnp.zeros((1, parts.trunk_dim), jnp.float32)
       task_params["towers"] = jax.vmap(lambda r: tower_mod.init(r, f_example)["params"])(
           parts.all_task_keys(r_extra))
-    task_params["heads"] = parts.heads_init(r_heads, feat_dim)
-    return {"shared": shared, "tasks": task_params}
+    params = {"shared": shared, "tasks": task_params}
+    params[parts.heads_home]["heads"] = parts.heads_init(r_heads, feat_dim)
+    return params
 
   def gated(gate, x, experts):
     """``sum_e softmax(flat(x) W + b)_e experts[e]``: ``[B, F]``."""
@@ -508,7 +523,7 @@ def _mixture(parts: _Parts) -> dict:
     experts = jax.vmap(lambda p: parts.trunk_apply(p, x))(shared["experts"])  # [E, B, F]
     return experts if arch == "mmoe" else gated(shared["gate"], x, experts)
 
-  def decode(task_params, rep, x, task_ids):
+  def per_task(task_params, heads, rep, x, task_ids):
     h, h_axis = rep, None                       # [B, F] for every slot, or per slot
     if arch == "mmoe":
       gates = jax.tree.map(lambda a: a[task_ids], task_params["gates"])
@@ -517,12 +532,16 @@ def _mixture(parts: _Parts) -> dict:
       tp = jax.tree.map(lambda a: a[task_ids], task_params["towers"])
       h = jax.vmap(lambda p, a: tower_mod.apply({"params": p}, a),
                    in_axes=(0, h_axis))(tp, h)                             # [K, B, F']
-    return parts.heads_apply(task_params["heads"], h, task_ids)
+    return parts.heads_apply(heads, h, task_ids)
 
   def apply(params, x, task_ids):
-    outs = jax.vmap(lambda xk, t: decode(params["tasks"], encode(params["shared"], xk), xk,
-                                         t[None]))(x, task_ids)
+    heads = params[parts.heads_home]["heads"]
+    outs = jax.vmap(lambda xk, t: per_task(params["tasks"], heads, encode(params["shared"], xk),
+                                           xk, t[None]))(x, task_ids)
     return {g: o[:, 0] for g, o in outs.items()}
+
+  def decode(task_params, rep, x, task_ids):
+    return per_task(task_params, task_params["heads"], rep, x, task_ids)
 
   rows = {"towers": np.arange(num_tasks, dtype=np.int32)} if tower else {}
   if arch == "mmoe":
@@ -530,6 +549,8 @@ def _mixture(parts: _Parts) -> dict:
   rows.update(parts.head_rows())
   extra = [] if arch == "shared_bottom" else [("gates", r"^(tasks/gates|shared/gate)/")]
   extra += [(f"tower_{j}", rf"^tasks/towers/layer_{j}/") for j in range(len(tower))]
-  return {"init": init, "apply": apply, "task_rows": rows, "encode": encode,
-          "decode": decode,
-          "layer_groups": parts.layer_groups("shared/trunk|shared/experts", extra)}
+  out = {"init": init, "apply": apply, "task_rows": rows,
+         "layer_groups": parts.layer_groups("shared/trunk|shared/experts", extra)}
+  if not spec.per_task_heads:  # the per-task part would read shared heads: per slot
+    return out
+  return {**out, "encode": encode, "decode": decode}
