@@ -4,6 +4,8 @@ regression, half 10-class), MLP 64 -> 256 -> 256 with linear heads, B = 256,
 K = T, Adam 1e-3, 10 steps per call -- as an mtljax step (``mtljax_step``) and
 as the plain-JAX references (``plain_step``)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import optax
 from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
+from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks
 from mtljax.data import loading
@@ -19,6 +22,12 @@ from mtljax.data import sampling
 from mtljax.models import multitask
 
 SPC = 10  # steps per call
+
+
+@functools.cache
+def _placement():
+  """Every device along ``data`` (one CPU device here)."""
+  return sharding.Placement(sharding.make_mesh())
 B, D, H = 256, 64, 256
 
 
@@ -55,9 +64,10 @@ def mtljax_step(entry: str, data):
   fn = steps.make_train_step(
       model, tx, obj, task_probs=sampling.task_probabilities("uniform", data.num_train),
       weights=tasks.task_weights(ts, None), tasks_per_step=len(ts), examples_per_task=B,
-      steps_per_call=SPC, shared_inputs=shared, slot_backwards=backwards)
-  state = jax.device_put(steps.init_train_state(model, tx, jax.random.key(0), obj))
-  return jax.jit(fn, donate_argnums=(0,)), state, jax.device_put(data.train)
+      steps_per_call=SPC, shared_inputs=shared, slot_backwards=backwards,
+      placement=_placement())
+  state = steps.init_train_state(model, tx, jax.random.key(0), obj)
+  return sharding.prepare_train_step(fn, state, data.train, len(ts), _placement())
 
 
 # ----------------------------------------------------------------------------

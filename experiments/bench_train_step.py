@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from mtljax import optim
+from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks
 from mtljax.data import loading
@@ -50,13 +51,14 @@ def _time(arch, encoder, num_tasks, spc):
                                hidden=(128,) if encoder == "cnn" else (256, 256),
                                channels=(16, 32))
   tx = optim.make_optimizer("adam", lr=1e-3)
+  placement = sharding.Placement(sharding.make_mesh())
   fn = steps.make_train_step(
       model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
       weights=tasks.task_weights(data.taskset, None), tasks_per_step=num_tasks,
-      examples_per_task=_BATCH.value, steps_per_call=spc)
-  step = jax.jit(fn, donate_argnums=(0,))
-  state = jax.device_put(steps.init_train_state(model, tx, jax.random.key(0)))
-  d = jax.device_put(data.train)
+      examples_per_task=_BATCH.value, steps_per_call=spc, placement=placement)
+  step, state, d = sharding.prepare_train_step(
+      fn, steps.init_train_state(model, tx, jax.random.key(0)), data.train, num_tasks,
+      placement)
   t0 = time.perf_counter()
   state, _ = step(state, d)
   jax.block_until_ready(state)

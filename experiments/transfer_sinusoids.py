@@ -13,6 +13,7 @@ from experiments import common
 from mtljax import build
 from mtljax import optim
 from mtljax import plotting
+from mtljax import sharding
 from mtljax import steps as steps_lib
 from mtljax import train
 from mtljax import transfer
@@ -38,9 +39,12 @@ def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], d
   steps. ``init_state(run) -> state`` replaces the run's initial state."""
   run = build.build_run(config, data)
   state = run.state if init_state is None else init_state(run)
-  step = jax.jit(run.train_fn)
-  evaluate = jax.jit(run.eval_fn)
-  train_data, test_data = jax.device_put(data.train), jax.device_put(data.test)
+  pl, n = run.placement, len(data.taskset)
+  train_sh, test_sh = pl.data(data.train, n), pl.data(data.test, n)
+  state = sharding.place(state, run.state_shardings)
+  step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
+  evaluate = sharding.jit_eval_step(run.eval_fn, run.state_shardings["params"], test_sh, pl)
+  train_data, test_data = sharding.place(data.train, train_sh), sharding.place(data.test, test_sh)
   curve = []
   for i in range(steps + 1):
     metrics = steps_lib.eval_metrics(data.taskset, evaluate(state["params"], test_data))

@@ -26,6 +26,7 @@ from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import schedules
+from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks as tasks_lib
 from mtljax import transfer
@@ -101,6 +102,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, key)
   if not config.data.name:
     raise ValueError("config.data.name is empty.")
+  sharding.placement_from_config(config)  # the mesh's sizes and the rules' axis names
 
 
 # ----------------------------------------------------------------------------
@@ -217,6 +219,8 @@ class Run(NamedTuple):
   eval_fn: Callable
   steps_per_call: int
   init_report: dict | None
+  placement: sharding.Placement
+  state_shardings: Any    # the state's shardings (the state is placed with them)
 
 
 def _initial_state(config, model, objective, tx, state) -> tuple[dict, Callable | None, dict]:
@@ -250,12 +254,16 @@ def _initial_state(config, model, objective, tx, state) -> tuple[dict, Callable 
 
 
 def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
-              eval_split: str = "test") -> Run:
+              eval_split: str = "test", placement: sharding.Placement | None = None
+              ) -> Run:
   """The model, objective, optimizer, initial state (loaded from
-  ``config.init_from`` when set), train step and eval step of a run on
-  ``data``; nothing is compiled. The eval step is sized for
-  ``data.<eval_split>``, and only its shape is read."""
+  ``config.init_from`` when set, placed on the mesh), train step and eval step
+  of a run on ``data``; nothing is compiled. The eval step is sized for
+  ``data.<eval_split>``, and only its shape is read. ``placement``: the mesh
+  and rules (default: ``config.mesh``)."""
   validate_config(config)
+  if placement is None:
+    placement = sharding.placement_from_config(config)
   ts = data.taskset
   s = config.sampling
   probs = sampling.task_probabilities(s.task_sampler, data.num_train, s.temperature)
@@ -284,8 +292,15 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
       tasks_per_step=s.tasks_per_step or len(ts), examples_per_task=s.examples_per_task,
       replace=s.replace, shared_inputs=s.shared_inputs, steps_per_call=spc, seed=config.seed,
       penalty=penalty, tag_lr=config.tag_lr,
-      slot_backwards=config.objective.get("slot_backwards", "auto"))
+      slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement)
   eval_fn = steps.make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
                                  num_examples=data.split(eval_split)["x"].shape[1],
                                  batch_size=config.eval_batch_size)
-  return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report)
+  state_shardings = placement.state(state)
+  state = sharding.place(state, state_shardings)
+  logger.info("Mesh %s on %d %s device(s).", dict(placement.mesh.shape),
+              placement.mesh.size, jax.default_backend())
+  for line in sharding.describe(placement, state_shardings["params"]):
+    logger.debug("sharding %s", line)
+  return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report, placement,
+             state_shardings)

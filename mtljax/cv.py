@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from mtljax import build
+from mtljax import sharding
 from mtljax import steps as steps_lib
 from mtljax import tasks as tasks_lib
 from mtljax import train
@@ -212,8 +213,11 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
   folds = make_folds(data, k, cv.seed)
   ts = data.taskset
   stack = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
-  fold_train = jax.device_put(stack([f[0] for f in folds]))
-  fold_val = jax.device_put(stack([f[1] for f in folds]))
+  placement = sharding.placement_from_config(config)
+  fold_train, fold_val = (stack([f[i] for f in folds]) for i in (0, 1))
+  train_sh = placement.data(fold_train, len(ts), lead=1)
+  val_sh = placement.data(fold_val, len(ts), lead=1)
+  fold_train, fold_val = sharding.place(fold_train, train_sh), sharding.place(fold_val, val_sh)
   points = []
   for overrides in grid:
     c = _with_overrides(config, overrides)
@@ -221,7 +225,7 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
     c.steps_per_call = math.gcd(*steps, int(config.steps_per_call))
     c.log_steps = c.eval_steps = c.checkpoint_steps = c.steps_per_call
     fold0 = dataclasses.replace(data, train=folds[0][0], test=folds[0][1])
-    run = build.build_run(c, fold0)
+    run = build.build_run(c, fold0, placement=placement)
     base_lr = float(c.optim.lr)
     state = dict(run.state)
     state["hparams"] = {"lr_scale": jnp.asarray(1.0, jnp.float32)}
@@ -229,8 +233,14 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
     states = jax.tree.map(lambda a: jnp.broadcast_to(a, (k, len(lrs)) + a.shape), state)
     states["hparams"]["lr_scale"] = jnp.broadcast_to(
         jnp.asarray([v / base_lr for v in lrs], jnp.float32), (k, len(lrs)))
-    step_fn = jax.jit(jax.vmap(jax.vmap(run.train_fn, in_axes=(0, None)), in_axes=(0, 0)))
-    eval_fn = jax.jit(jax.vmap(jax.vmap(run.eval_fn, in_axes=(0, None)), in_axes=(0, 0)))
+    state_sh = placement.state(states, lead=2)
+    states = sharding.place(states, state_sh)
+    step_fn = sharding.jit_train_step(
+        jax.vmap(jax.vmap(run.train_fn, in_axes=(0, None)), in_axes=(0, 0)),
+        state_sh, train_sh, placement)
+    eval_fn = sharding.jit_eval_step(
+        jax.vmap(jax.vmap(run.eval_fn, in_axes=(0, None)), in_axes=(0, 0)),
+        state_sh["params"], val_sh, placement)
     done = 0
     scores = np.zeros((k, len(lrs), len(steps)))
     for si, target in enumerate(steps):

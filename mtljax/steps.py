@@ -227,7 +227,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
                     examples_per_task: int, replace: bool = False,
                     shared_inputs: bool = False, steps_per_call: int = 1, seed: int = 0,
                     penalty: Callable | None = None, tag_lr: float = 0.0,
-                    one_pass: bool | None = None, slot_backwards: str = "auto") -> Callable:
+                    one_pass: bool | None = None, slot_backwards: str = "auto",
+                    placement=None) -> Callable:
   """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
 
   Args:
@@ -251,6 +252,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
       per-slot path (the reference the one-pass path is tested against).
     slot_backwards: ``"auto"`` | ``"map"`` | ``"vmap"``, how the one-pass path
       runs its K trunk backwards (:func:`mtljax.jacobians.sequential_backwards`).
+    placement: a :class:`mtljax.sharding.Placement`: the sampled examples are
+      split along its ``data`` axis (``B`` must be divisible by its size).
 
   ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
   Measurements (summed over the ``steps_per_call`` steps): ``loss``, per task
@@ -267,6 +270,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     if np.shape(value) != (num_tasks,):
       raise ValueError(f"make_train_step: {name} must have one entry per task "
                        f"({num_tasks}), got shape {np.shape(value)}.")
+  if placement is not None:
+    placement.check_batch(examples_per_task)
   needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
                               replace=replace, shared_inputs=shared_inputs, tag_lr=tag_lr,
                               one_pass=one_pass)
@@ -284,6 +289,9 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     r_tasks, r_examples, r_method = jax.random.split(
         jax.random.fold_in(base_key, state["step"]), 3)
     batch = sample_batch(sampler, data, r_tasks, r_examples)
+    if placement is not None:
+      batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
+                              batch.task_ids, batch.shared)
     ids = batch.task_ids
     lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
                               one_pass=one_pass, slot_backwards=slot_backwards)

@@ -25,6 +25,7 @@ from mtljax import checkpoint as ckpt_lib
 from mtljax import measure
 from mtljax import params as params_lib
 from mtljax import plotting
+from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks as tasks_lib
 
@@ -158,14 +159,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     resumed_from, state = int(restored["step"]), restored
     logger.info("Resumed from %s at step %d.", manager.directory, resumed_from)
-  train_data, test_data = jax.device_put(data.train), jax.device_put(data.test)
-  train_step = jax.jit(run.train_fn, donate_argnums=(0,))
-  eval_step = jax.jit(run.eval_fn)
+  pl, n_tasks = run.placement, len(ts)
+  train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
+  train_data = sharding.place(data.train, train_sh)
+  test_data = sharding.place(data.test, test_sh)
+  state = sharding.place(state, run.state_shardings)
+  params_sh = run.state_shardings["params"]
+  train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
+  eval_step = sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl)
   train_eval_step = None
   if config.eval_train:  # train-split metrics at eval steps: overfitting, shown
-    train_eval_step = jax.jit(steps.make_eval_step(
+    train_eval_step = sharding.jit_eval_step(steps.make_eval_step(
         run.model, label_mean=data.label_mean, label_std=data.label_std,
-        num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size))
+        num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size),
+        params_sh, train_sh, pl)
 
   def evaluate(split_step, split_data):
     return steps.eval_metrics(ts, split_step(state["params"], split_data))

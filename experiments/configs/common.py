@@ -98,6 +98,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.cv.grid = ""        # other settings: "optim.frozen_depth=0,1;l2sp_alpha=0,0.01"
   c.cv.metric = "loss"  # mean over tasks of this validation metric
 
+  # Device mesh (mtljax/sharding.py): examples split along `data`, stacked
+  # per-task parameters, their optimizer state and per-task data along `task`.
+  # data * task must equal the device count; -1 takes the rest.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.task = 1
+  c.mesh.rules = ""   # "REGEX:AXES;...", e.g. "^tasks/:task;.*:" (default: that when task > 1)
+
   c.total_steps = 1000
   c.steps_per_call = 50
   c.log_steps = 100
