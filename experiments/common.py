@@ -3,11 +3,12 @@ experiment's, name checks, and writing JSON outputs."""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
 import ml_collections
+
+from mtljax import workdir as workdir_lib
 
 
 def run_config(config: ml_collections.ConfigDict, section: str) -> ml_collections.ConfigDict:
@@ -25,5 +26,5 @@ def check_names(field: str, names: Iterable[str], known: Iterable[str]) -> None:
 
 
 def write_json(workdir: str, name: str, obj) -> None:
-  with open(os.path.join(workdir, name), "w") as f:
-    json.dump(obj, f, indent=2, default=str)
+  """Strict JSON (NaN written as null and named): :func:`mtljax.workdir.write_json`."""
+  workdir_lib.write_json(os.path.join(workdir, name), obj, indent=2)

@@ -17,12 +17,15 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mtljax import checkpoint
 from mtljax import train
+from mtljax import workdir
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run is not finished; rerun to resume
 EXPERIMENTS = ("toy_pareto", "transfer_digits", "transfer_sinusoids", "mmoe_sweep",
                "multi_digits_archs", "exam")
 
@@ -39,15 +42,22 @@ def main(argv):
   log.propagate = False
   absl_logging.set_verbosity(absl_logging.WARNING)
   experiment = _CONFIG.value.get("experiment", "")
-  if experiment:  # a multi-run experiment: experiments/<name>.py's run(config, workdir)
-    if experiment not in EXPERIMENTS:
-      raise app.UsageError(f"config.experiment={experiment!r} is not one of {EXPERIMENTS}.")
-    importlib.import_module(f"experiments.{experiment}").run(_CONFIG.value, _WORKDIR.value)
-  elif _CONFIG.value.get("cv", {}).get("folds", 0):
-    from mtljax import cv  # pylint: disable=g-import-not-at-top
-    cv.select_and_train(_CONFIG.value, _WORKDIR.value)
-  else:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    if experiment:  # a multi-run experiment: experiments/<name>.py's run(config, workdir)
+      if experiment not in EXPERIMENTS:
+        raise app.UsageError(f"config.experiment={experiment!r} is not one of {EXPERIMENTS}.")
+      importlib.import_module(f"experiments.{experiment}").run(_CONFIG.value, _WORKDIR.value)
+    elif _CONFIG.value.get("cv", {}).get("folds", 0):
+      from mtljax import cv  # pylint: disable=g-import-not-at-top
+      cv.select_and_train(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM, no traceback
+    log.warning("%s", e)
+    sys.exit(PREEMPTED_EXIT)
+  except (train.NonFiniteError, workdir.WorkdirError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(f"summary: {_WORKDIR.value}/summary.json")
 
 

@@ -1,6 +1,5 @@
 """Runs the Pareto toy for a config (see experiments/configs/toy_pareto.py)."""
 
-import json
 import logging
 import os
 import time
@@ -10,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from experiments import common
 from mtljax import toy
 
 logger = logging.getLogger("mtljax")
@@ -37,10 +37,8 @@ def run(config, workdir: str) -> dict:
     logger.info("%-12s mean distance to the Pareto set %.3f, solver failures %s (%.1fs)",
                 method, dist.mean(), r["solver_failures"].tolist(),
                 time.perf_counter() - t0)
-  with open(os.path.join(workdir, "trajectories.json"), "w") as f:
-    json.dump(results, f)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  common.write_json(workdir, "trajectories.json", results)
+  common.write_json(workdir, "summary.json", summary)
   plot(results, t.scale, os.path.join(workdir, "toy_pareto.png"))
   return summary
 

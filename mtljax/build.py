@@ -68,8 +68,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"got {s.tasks_per_step}.")
   _positive_int(config, "sampling.examples_per_task")
   _one_of("optim.name", o.name, optim.OPTIMIZERS)
-  if not o.lr > 0:
-    raise ValueError(f"config.optim.lr must be > 0, got {o.lr}.")
+  if not (o.lr > 0 and math.isfinite(o.lr)):
+    raise ValueError(f"config.optim.lr must be a finite number > 0, got {o.lr}.")
+  _one_of("on_nonfinite", config.get("on_nonfinite", "stop"), steps.NONFINITE_POLICIES)
   _one_of("optim.schedule", o.schedule, schedules.SCHEDULES)
   optim.parse_rules(o.rules)  # raises on bad syntax, regexes, settings
   if o.layerwise_decay and not 0 < o.layerwise_decay <= 1:
@@ -292,7 +293,8 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
       tasks_per_step=s.tasks_per_step or len(ts), examples_per_task=s.examples_per_task,
       replace=s.replace, shared_inputs=s.shared_inputs, steps_per_call=spc, seed=config.seed,
       penalty=penalty, tag_lr=config.tag_lr,
-      slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement)
+      slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement,
+      on_nonfinite=config.get("on_nonfinite", "stop"))
   eval_fn = steps.make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
                                  num_examples=data.split(eval_split)["x"].shape[1],
                                  batch_size=config.eval_batch_size)

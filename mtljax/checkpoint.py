@@ -9,6 +9,7 @@ run's checkpoint and never its data.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Sequence
@@ -20,6 +21,8 @@ import orbax.checkpoint as ocp
 
 from mtljax import params as params_lib
 
+logger = logging.getLogger("mtljax")
+
 
 def make_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   path = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -27,19 +30,65 @@ def make_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
       path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be written or read (with what to do)."""
+
+
 def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
+  """Saves and waits; a failed save is one clear error (Orbax writes into a
+  temporary directory and renames it when complete, so the previous
+  checkpoint stays the latest readable one)."""
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"saving checkpoint step {step} to {manager.directory} failed: "
+                          f"{type(e).__name__}: {_first_line(e)}. The previous checkpoint "
+                          "is kept.") from e
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0][:300] if text else type(e).__name__
 
 
 def restore_latest(manager: ocp.CheckpointManager, like):
-  """The latest checkpoint restored into the structure/shardings of ``like``,
-  or None when the directory has none."""
-  step = manager.latest_step()
-  if step is None:
+  """The latest readable checkpoint restored into the structure/shardings of
+  ``like``, or None when the directory has none. An unreadable checkpoint
+  (truncated file, empty step directory) is skipped with a warning naming it,
+  falling back to the one before; when none is readable the error says which
+  and what to do."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  problems, bad = [], []
+  for step in steps:
+    # A failed restore can leave a manager's item handlers set wrongly (an
+    # empty step directory): read with a throwaway manager, save with ``manager``.
+    reader = ocp.CheckpointManager(manager.directory)
+    try:
+      restored = reader.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except
+      where = os.path.join(str(manager.directory), str(step))
+      problems.append(f"step {step} ({where}): {type(e).__name__}: {_first_line(e)}")
+      logger.warning("Checkpoint step %d in %s is unreadable (%s); trying the one before.",
+                     step, where, _first_line(e))
+      bad.append(where)
+      continue
+    finally:
+      reader.close()
+    if bad and jax.process_index() == 0:  # kept for a look, out of the way of new saves
+      for where in bad:
+        os.replace(where, f"{where}.unreadable")
+        logger.warning("Moved the unreadable checkpoint to %s.unreadable.", where)
+      manager.reload()
+    return restored
+  raise CheckpointError(
+      f"no checkpoint in {manager.directory} is readable: " + "; ".join(problems) +
+      ". A file may be truncated, or the workdir holds a different model than this config "
+      "builds: delete the unreadable step directories to start over from the last good "
+      "one, or choose a new --workdir.")
 
 
 # ----------------------------------------------------------------------------
@@ -111,6 +160,11 @@ def load_params(target, source, dont_load: Sequence[str] = ()) -> tuple[dict, di
     else:
       values[name] = src[name]
       report["loaded"].append(name)
+  nonfinite = [n for n, v in values.items() if not np.all(np.isfinite(np.asarray(v)))]
+  if nonfinite:
+    raise ValueError(f"config.init_from: the source checkpoint holds NaN/inf in "
+                     f"{nonfinite[:5]}{' ...' if len(nonfinite) > 5 else ''} (a diverged run?); "
+                     "choose another checkpoint.")
   if mismatched:
     raise ValueError("config.init_from: shape mismatch for " + "; ".join(mismatched) +
                      ". Add a config.init_dont_load pattern to re-initialise them.")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from mtljax import sharding
 from mtljax import steps as steps_lib
 from mtljax import tasks as tasks_lib
 from mtljax import train
+from mtljax import workdir as workdir_lib
 from mtljax.data import loading
 
 logger = logging.getLogger("mtljax")
@@ -286,14 +286,12 @@ def select_and_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   data = build.data_from_config(config)
   selection = cross_validate(config, dataclasses.replace(data, test=None))
-  with open(os.path.join(workdir, "cv.json"), "w") as f:
-    json.dump(selection, f, indent=2)
+  workdir_lib.write_json(os.path.join(workdir, "cv.json"), selection, indent=2)
   logger.info("cv best: %s", selection["best"])
   final = train.train_and_evaluate(best_config(config, selection["best"]),
                                    os.path.join(workdir, "final"))
   summary = {"tasks": final["tasks"], "best": selection["best"],
              "cv_metric": selection["metric"], "cv_direction": selection["direction"],
              "final_run": os.path.join(workdir, "final")}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
   return {"cv": selection, "final": final}

@@ -61,7 +61,8 @@ def task_rows(model: multitask.Model, objective) -> dict:
 
 def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixed", *,
                      anchor=None, hparams=None) -> dict:
-  """``{"step", "params", "opt_state", "objective_state"}``, plus ``"anchor"``
+  """``{"step", "params", "opt_state", "objective_state", "nonfinite_skipped"}``
+  (updates skipped for a non-finite loss or gradient), plus ``"anchor"``
   (the parameters a penalty pulls toward: see :func:`make_train_step`) and
   ``"hparams"`` (``{"lr_scale": scalar}``, see :func:`mtljax.optim.update`)
   when given."""
@@ -72,7 +73,8 @@ def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixe
     params = {"shared": params["shared"], "tasks": {**params["tasks"], objective.name: own}}
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": optim.init_state(tx, params, task_rows(model, objective)),
-           "objective_state": objective.init_state()}
+           "objective_state": objective.init_state(),
+           "nonfinite_skipped": jnp.zeros((), jnp.int32)}
   if anchor is not None:
     state["anchor"] = anchor
   if hparams is not None:
@@ -144,6 +146,25 @@ def tag_measurements(lin: jacobians.Linearized, params: dict, task_ids, eta: flo
   pair = (task_ids[:, None], task_ids[None, :])
   return {"tag_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(z),
           "tag_count": jnp.zeros((num_tasks, num_tasks)).at[pair].add(1.0)}
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+_NO_STEP = np.iinfo(np.int32).max
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def nonfinite_measurements(finite, step, losses, task_ids, num_tasks: int) -> dict:
+  """``nonfinite_steps`` (0/1, summed over a call), ``nonfinite_first`` (this
+  step, or int32 max when finite; a call keeps the minimum) and
+  ``nonfinite_tasks [T]`` (slots whose loss is not finite, by task)."""
+  bad = jnp.logical_not(finite)
+  return {"nonfinite_steps": bad.astype(jnp.int32),
+          "nonfinite_first": jnp.where(bad, step, _NO_STEP).astype(jnp.int32),
+          "nonfinite_tasks": jax.ops.segment_sum(
+              jnp.logical_not(jnp.isfinite(losses)).astype(jnp.int32), task_ids, num_tasks)}
 
 
 def step_measurements(total, losses, task_ids, num_tasks: int, *extra: dict) -> dict:
@@ -228,7 +249,7 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
                     shared_inputs: bool = False, steps_per_call: int = 1, seed: int = 0,
                     penalty: Callable | None = None, tag_lr: float = 0.0,
                     one_pass: bool | None = None, slot_backwards: str = "auto",
-                    placement=None) -> Callable:
+                    placement=None, on_nonfinite: str = "stop") -> Callable:
   """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
 
   Args:
@@ -254,13 +275,19 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
       runs its K trunk backwards (:func:`mtljax.jacobians.sequential_backwards`).
     placement: a :class:`mtljax.sharding.Placement`: the sampled examples are
       split along its ``data`` axis (``B`` must be divisible by its size).
+    on_nonfinite: a step whose loss or gradient is not finite never changes
+      the parameters, optimizer or objective state; ``"stop"`` reports it
+      (the loop stops), ``"skip"`` also counts it in
+      ``state["nonfinite_skipped"]`` and goes on.
 
   ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
   Measurements (summed over the ``steps_per_call`` steps): ``loss``, per task
   ``task_loss_sum [T]`` / ``task_count [T]``, and the objective's: loss
   weightings ``objective_lambda_sum [T]``; gradient methods per task
   ``grad_norm_sum``, ``grad_weight_sum`` (the method's beta), ``grad_cos_sum
-  [T, T]`` / ``grad_pair_count [T, T]`` and ``solver_failures``.
+  [T, T]`` / ``grad_pair_count [T, T]`` and ``solver_failures``; and
+  ``nonfinite_steps`` / ``nonfinite_first`` / ``nonfinite_tasks``
+  (:func:`nonfinite_measurements`).
   """
   ts = model.taskset
   num_tasks = len(ts)
@@ -270,6 +297,9 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     if np.shape(value) != (num_tasks,):
       raise ValueError(f"make_train_step: {name} must have one entry per task "
                        f"({num_tasks}), got shape {np.shape(value)}.")
+  if on_nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"config.on_nonfinite={on_nonfinite!r} is not one of "
+                     f"{NONFINITE_POLICIES}.")
   if placement is not None:
     placement.check_batch(examples_per_task)
   needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
@@ -306,10 +336,17 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
                                          lr_scale)
     new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
     obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids), new_losses)
-    new_state = {**state, "step": state["step"] + 1, "params": new_params,
-                 "opt_state": opt_state, "objective_state": obj_state}
-    return new_state, step_measurements(total, lin.losses, ids, num_tasks,
-                                        result.measurements, pen, tag)
+    # A non-finite loss or gradient never reaches the state (the last good one stays).
+    finite = jnp.isfinite(total) & all_finite(grads)
+    moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state}
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), moved,
+                        {k: state[k] for k in moved})
+    new_state = {**state, **kept, "step": state["step"] + 1}
+    if "nonfinite_skipped" in state:
+      new_state["nonfinite_skipped"] = state["nonfinite_skipped"] + (~finite).astype(jnp.int32)
+    return new_state, step_measurements(
+        total, lin.losses, ids, num_tasks, result.measurements, pen, tag,
+        nonfinite_measurements(finite, state["step"], lin.losses, ids, num_tasks))
 
   if steps_per_call == 1:  # a plain step: no loop to pay for
     return one_step
@@ -317,7 +354,9 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   def train_step(state, data):
     state, meas = jax.lax.scan(lambda s, _: one_step(s, data), state, None,
                                length=steps_per_call)
-    return state, jax.tree.map(lambda m: m.sum(axis=0), meas)
+    return state, {k: jax.tree.map(
+        lambda a, k=k: a.min(axis=0) if k == "nonfinite_first" else a.sum(axis=0), m)
+                   for k, m in meas.items()}
 
   return train_step
 

@@ -10,9 +10,11 @@ at eval steps, writes ``metrics.jsonl`` / ``summary.json`` / checkpoints, and
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -28,6 +30,7 @@ from mtljax import plotting
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks as tasks_lib
+from mtljax import workdir as workdir_lib
 
 logger = logging.getLogger("mtljax")
 
@@ -92,11 +95,6 @@ def _flat_metrics(prefix: str, metrics: dict) -> dict:
   return {f"{prefix}/{t}/{m}": v for t, ms in metrics.items() for m, v in ms.items()}
 
 
-def _write_jsonl(path, record):
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
 class _Affinity:
   """TAG's affinity sums over the steps of this process."""
 
@@ -133,32 +131,98 @@ def _log_parameters(state) -> None:
               params_lib.count(state["params"]["tasks"]))
 
 
+class NonFiniteError(RuntimeError):
+  """A non-finite loss or gradient under ``config.on_nonfinite = "stop"``."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM arrived: a checkpoint was saved; rerunning resumes."""
+
+  def __init__(self, step: int, directory: str):
+    super().__init__(f"Preempted (SIGTERM) at step {step}: checkpoint saved in {directory}; "
+                     "rerun the same command to resume.")
+    self.step = step
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+  """A flag set by SIGTERM (what cluster schedulers send before killing a
+  job), checked after every host call; the previous handler is restored."""
+  flag = {"set": False}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag  # signals reach the main thread only
+    return
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    flag["set"] = True
+  old = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def _nonfinite_message(ts, meas, last_saved, directory) -> str:
+  first = int(meas["nonfinite_first"]) + 1
+  tasks = [ts.names[i] for i, c in enumerate(np.asarray(meas["nonfinite_tasks"])) if c > 0]
+  what = (f"the loss of task(s) {tasks}" if tasks
+          else "the gradient (every task's loss was finite)")
+  kept = (f"the last good checkpoint is step {last_saved} in {directory}"
+          if last_saved is not None else "no checkpoint had been saved yet")
+  return (f"Non-finite value in {what} at training step {first}; the update was not applied "
+          f"and the run stopped ({kept}). Lower config.optim.lr, check the data, or set "
+          "config.on_nonfinite='skip' to skip such updates and count them.")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        callbacks: Sequence[Callable[[int, dict], None]] = ()) -> dict:
   """Trains, evaluates per task, checkpoints, and writes the workdir outputs.
 
   Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl`` (one line
   per log/eval step), ``summary.json`` (``{"tasks": {TASK: {METRIC: value}},
-  ...}``). Running again with the same workdir resumes from the latest
-  checkpoint. ``callbacks(step, measurements)`` run after every host call
-  (e.g. to stop a run early in tests).
+  ...}``), ``config.json`` (the config of the first run). Running again with
+  the same workdir resumes from the latest readable checkpoint (the config
+  must be the same apart from :data:`mtljax.workdir.RESUMABLE_KEYS`;
+  ``metrics.jsonl`` is cut back to the restored step). One run per workdir at
+  a time. SIGTERM saves a checkpoint and raises :class:`Preempted`; a
+  non-finite loss or gradient raises :class:`NonFiniteError` (or is skipped
+  and counted: ``config.on_nonfinite``). ``callbacks(step, measurements)``
+  run after every host call (e.g. to stop a run early in tests).
 
   Returns:
     the summary dict.
   """
-  # --- Config, data, model, objective, optimizer, initial state ---------------
   build.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_writable(workdir)
+  with workdir_lib.Lock(workdir), _sigterm_flag() as sigterm:
+    workdir_lib.check_config(workdir, config.to_dict())
+    return _train(config, workdir, callbacks, sigterm)
+
+
+def _train(config, workdir, callbacks, sigterm) -> dict:
+  # --- Data, model, objective, optimizer, initial state -------------------------
   data = build.data_from_config(config)
   run = build.build_run(config, data)
-  ts, state, spc = data.taskset, run.state, run.steps_per_call
-  _log_parameters(state)
+  _log_parameters(run.state)
   manager = ckpt_lib.make_manager(workdir)
+  try:
+    return _loop(config, workdir, callbacks, sigterm, data, run, manager)
+  finally:
+    manager.close()
+
+
+def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
+  ts, state, spc = data.taskset, run.state, run.steps_per_call
   restored = ckpt_lib.restore_latest(manager, state)
-  resumed_from = None
+  resumed_from = last_saved = None
   if restored is not None:
-    resumed_from, state = int(restored["step"]), restored
+    resumed_from = last_saved = int(restored["step"])
+    state = restored
     logger.info("Resumed from %s at step %d.", manager.directory, resumed_from)
+  dropped = workdir_lib.trim_metrics(workdir, int(state["step"]))
+  if dropped:
+    logger.info("metrics.jsonl: dropped %d row(s) past step %d (written after the last "
+                "checkpoint).", dropped, int(state["step"]))
   pl, n_tasks = run.placement, len(ts)
   train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
   train_data = sharding.place(data.train, train_sh)
@@ -178,18 +242,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return steps.eval_metrics(ts, split_step(state["params"], split_data))
 
   # --- Loop -------------------------------------------------------------------
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+  policy = config.get("on_nonfinite", "stop")
   total, step = int(config.total_steps), int(state["step"])
   progress, affinity, last_eval = _Progress(total, step), _Affinity(), None
   while step < total:
     state, meas = train_step(state, train_data)
     step += spc
+    if policy == "stop" and int(meas["nonfinite_steps"]):
+      raise NonFiniteError(_nonfinite_message(ts, jax.device_get(meas), last_saved,
+                                              manager.directory))
     for cb in callbacks:
       cb(step, meas)
     affinity.add(meas)
     record = None
     if step % config.log_steps == 0 or step == total:
       record = train_record(ts, jax.device_get(meas), step, spc)
+      if policy == "skip":
+        record["train/nonfinite_skipped"] = int(state["nonfinite_skipped"])
       logger.info("%s", progress.line(step, record["train/loss"]))
     if step % config.eval_steps == 0 or step == total:
       last_eval = evaluate(eval_step, test_data)
@@ -197,9 +267,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if train_eval_step is not None:
         record.update(_flat_metrics("train_eval", evaluate(train_eval_step, train_data)))
     if record is not None:
-      _write_jsonl(metrics_path, record)
-    if step % config.checkpoint_steps == 0 or step == total:
-      ckpt_lib.save(manager, step, state)
+      workdir_lib.append_jsonl(metrics_path, record)
+    if step % config.checkpoint_steps == 0 or step == total or sigterm["set"]:
+      if last_saved != step:
+        ckpt_lib.save(manager, step, state)
+        last_saved = step
+      if sigterm["set"] and step < total:
+        raise Preempted(step, str(manager.directory))
 
   if last_eval is None:  # resumed at or past the end: evaluate what was restored
     last_eval = evaluate(eval_step, test_data)
@@ -209,6 +283,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             for ms in last_eval.values() for m in ms},
       "train_step_compilations": int(train_step._cache_size()),  # pylint: disable=protected-access
       "resumed_from_step": resumed_from, "init_from": run.init_report,
+      "nonfinite_skipped": int(state["nonfinite_skipped"]) if "nonfinite_skipped" in state
+                           else 0,
+      "mesh": dict(pl.mesh.shape),
       "config": config.to_dict(),
   }
   if train_eval_step is not None:
@@ -222,11 +299,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     summary["delta_m"] = {"value": dm, "per_task": per_task, "baselines": base,
                           "convention": measure.DELTA_M_CONVENTION}
     logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=str)
-  manager.close()
+  workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
   logger.info("Final test metrics:\n%s", format_table(last_eval))
-  return summary
+  return workdir_lib.json_safe(summary)
 
 
 def _plot_affinity(affinity, names, path):

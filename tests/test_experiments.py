@@ -245,7 +245,7 @@ def test_checkpoint_round_trips_a_trained_objective_state_bitwise(method, tmp_pa
     if jnp.issubdtype(leaf.dtype, jnp.integer):
       return jnp.asarray(rng.integers(1, 1000, leaf.shape), leaf.dtype)
     return jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype)
-  trained = {"step": jnp.asarray(7, jnp.int32),
+  trained = {"step": jnp.asarray(7, jnp.int32), "nonfinite_skipped": jnp.asarray(3, jnp.int32),
              "params": jax.tree.map(scramble, fresh["params"]),
              "opt_state": jax.tree.map(scramble, fresh["opt_state"]),
              "objective_state": _objective_state_after_updates(objective, method, num_tasks,

@@ -106,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.task = 1
   c.mesh.rules = ""   # "REGEX:AXES;...", e.g. "^tasks/:task;.*:" (default: that when task > 1)
 
+  # A non-finite loss or gradient: "stop" (a clear error; the last good
+  # checkpoint stays) or "skip" (the update is skipped and counted).
+  c.on_nonfinite = "stop"
+
   c.total_steps = 1000
   c.steps_per_call = 50
   c.log_steps = 100
