@@ -153,7 +153,10 @@ _NO_STEP = np.iinfo(np.int32).max
 
 
 def all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  """Whether every element of ``tree`` is finite: one sum per leaf (NaN and
+  inf propagate through a sum; a sum of finite values overflowing to inf means
+  gradients near float32's limit, which is divergence too)."""
+  return jnp.isfinite(sum(jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(tree)))
 
 
 def nonfinite_measurements(finite, step, losses, task_ids, num_tasks: int) -> dict:
@@ -339,8 +342,7 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     # A non-finite loss or gradient never reaches the state (the last good one stays).
     finite = jnp.isfinite(total) & all_finite(grads)
     moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state}
-    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), moved,
-                        {k: state[k] for k in moved})
+    kept = jax.lax.cond(finite, lambda: moved, lambda: {k: state[k] for k in moved})
     new_state = {**state, **kept, "step": state["step"] + 1}
     if "nonfinite_skipped" in state:
       new_state["nonfinite_skipped"] = state["nonfinite_skipped"] + (~finite).astype(jnp.int32)
