@@ -108,11 +108,16 @@ def read_params(path: str, step: int | None = None) -> tuple[dict, int]:
   directory = _checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init_from={path!r}: no such directory.")
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"config.init_from={path!r}: no checkpoint in {directory}.")
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  # Onto this process's first device, whatever mesh the source was saved from
+  # (pretrained on 8 devices, fine-tuned on 1): the run places it afterwards.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        manager.item_metadata(step).tree)
+  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
   if not isinstance(restored, dict) or "params" not in restored:
     raise ValueError(f"config.init_from={path!r}: checkpoint step {step} holds no 'params'.")

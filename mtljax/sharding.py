@@ -311,8 +311,58 @@ def single_device() -> Placement:
 
 def place(tree, shardings):
   """``tree`` on the devices with ``shardings`` (before the loop, so the step
-  compiles once)."""
-  return jax.device_put(tree, shardings)
+  compiles once). With several processes every process passes the same
+  values (same seed, same data) and each builds only its devices' shards."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(leaf, sh):
+    if isinstance(leaf, jax.Array) and leaf.sharding == sh:
+      return leaf
+    host = np.asarray(jax.device_get(leaf))
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+  return jax.tree.map(one, tree, shardings)
+
+
+# ----------------------------------------------------------------------------
+# Several processes (hosts): jax.distributed.
+# ----------------------------------------------------------------------------
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 0,
+                           process_id: int = -1, *, auto: bool = False) -> bool:
+  """Joins a multi-process run (``jax.distributed.initialize``): from explicit
+  arguments, or with ``auto`` from the cluster's environment (SLURM, Open MPI,
+  TPU pods, ...). On CPU, collectives across processes use gloo. Returns
+  whether this is a multi-process run. Call before any other jax call."""
+  if not coordinator and not auto:
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f"--coordinator={coordinator!r} needs --num_processes >= 1 and "
+                       f"0 <= --process_id < num_processes, got {num_processes}, "
+                       f"{process_id}.")
+    jax.distributed.initialize(coordinator, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+  return jax.process_count() > 1
+
+
+def is_primary() -> bool:
+  """Process 0: the one that writes logs, metrics, summaries and plots
+  (checkpoints are written by every process together, through Orbax)."""
+  return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+  """True when ``flag`` is set on any process (a collective: every process
+  calls it at the same point)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.max(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def jit_train_step(fn: Callable, state_shardings, data_shardings, placement: Placement, *,

@@ -118,7 +118,8 @@ class _Affinity:
                          "averaged over the steps of this process (Fifty et al. 2021)"}
     if not np.isnan(affinity).any() and 1 <= config.tag_groups <= len(taskset):
       out["grouping"] = measure.group_tasks(affinity, config.tag_groups, taskset.names)
-    _plot_affinity(affinity, taskset.names, os.path.join(workdir, "affinity.png"))
+    if workdir is not None:  # the primary process
+      _plot_affinity(affinity, taskset.names, os.path.join(workdir, "affinity.png"))
     return out
 
 
@@ -194,8 +195,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   build.validate_config(config)
   workdir_lib.check_writable(workdir)
-  with workdir_lib.Lock(workdir), _sigterm_flag() as sigterm:
-    workdir_lib.check_config(workdir, config.to_dict())
+  primary = sharding.is_primary()  # with several processes, process 0 writes
+  lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
+  with lock, _sigterm_flag() as sigterm:
+    workdir_lib.check_config(workdir, config.to_dict(), write=primary)
     return _train(config, workdir, callbacks, sigterm)
 
 
@@ -219,7 +222,8 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     resumed_from = last_saved = int(restored["step"])
     state = restored
     logger.info("Resumed from %s at step %d.", manager.directory, resumed_from)
-  dropped = workdir_lib.trim_metrics(workdir, int(state["step"]))
+  primary = sharding.is_primary()
+  dropped = workdir_lib.trim_metrics(workdir, int(state["step"])) if primary else 0
   if dropped:
     logger.info("metrics.jsonl: dropped %d row(s) past step %d (written after the last "
                 "checkpoint).", dropped, int(state["step"]))
@@ -266,13 +270,14 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       record = {**(record or {"step": step}), **_flat_metrics("eval", last_eval)}
       if train_eval_step is not None:
         record.update(_flat_metrics("train_eval", evaluate(train_eval_step, train_data)))
-    if record is not None:
+    if record is not None and primary:
       workdir_lib.append_jsonl(metrics_path, record)
-    if step % config.checkpoint_steps == 0 or step == total or sigterm["set"]:
+    preempted = sharding.any_process(sigterm["set"])  # every process stops at one step
+    if step % config.checkpoint_steps == 0 or step == total or preempted:
       if last_saved != step:
         ckpt_lib.save(manager, step, state)
         last_saved = step
-      if sigterm["set"] and step < total:
+      if preempted and step < total:
         raise Preempted(step, str(manager.directory))
 
   if last_eval is None:  # resumed at or past the end: evaluate what was restored
@@ -290,7 +295,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   }
   if train_eval_step is not None:
     summary["train_metrics"] = evaluate(train_eval_step, train_data)
-  tag = affinity.summary(config, ts, workdir)
+  tag = affinity.summary(config, ts, workdir if primary else None)
   if tag is not None:
     summary["affinity"] = tag
   if config.baselines:
@@ -299,7 +304,8 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     summary["delta_m"] = {"value": dm, "per_task": per_task, "baselines": base,
                           "convention": measure.DELTA_M_CONVENTION}
     logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
-  workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
+  if primary:
+    workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
   logger.info("Final test metrics:\n%s", format_table(last_eval))
   return workdir_lib.json_safe(summary)
 

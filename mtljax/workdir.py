@@ -109,13 +109,15 @@ def _normal(value):
   return json.loads(json.dumps(value, default=str))
 
 
-def check_config(workdir: str, config: dict) -> None:
+def check_config(workdir: str, config: dict, write: bool = True) -> None:
   """Stores ``config`` in the workdir at the first run; on a later run
-  refuses one that differs outside :data:`RESUMABLE_KEYS`."""
+  refuses one that differs outside :data:`RESUMABLE_KEYS`. ``write=False``
+  (processes other than 0) only compares."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = _normal(config)
   if not os.path.exists(path):
-    write_json(path, current)
+    if write:
+      write_json(path, current)
     return
   with open(path) as f:
     stored = json.load(f)
@@ -132,7 +134,8 @@ def check_config(workdir: str, config: dict) -> None:
         f"workdir {workdir!r} was started with another config: {shown}{more}.{what} "
         f"Resume with the same config (only {', '.join(RESUMABLE_KEYS)} may change) or "
         "choose a new --workdir.")
-  write_json(path, current)  # the resumable keys as now
+  if write:
+    write_json(path, current)  # the resumable keys as now
 
 
 def trim_metrics(workdir: str, step: int) -> int:

@@ -258,3 +258,68 @@ def test_invalid_meshes_on_eight_devices_are_named_before_compiling(tmp_path):
     with open(out / f"{k}.json") as f:
       error = json.load(f)["error"]
     assert error is not None and re.search(message, error), (k, error)
+
+
+# ----------------------------------------------------------------------------
+# Two processes on localhost (jax.distributed, gloo), 4 devices each.
+# ----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+_CLI = ["--config=experiments/configs/sinusoids.py:quick", "--config.model.arch=multi_head",
+        "--config.model.hidden=(16,16)", "--config.sampling.examples_per_task=8",
+        "--config.total_steps=20", "--config.steps_per_call=5", "--config.log_steps=5",
+        "--config.eval_steps=10", "--config.checkpoint_steps=10",
+        "--config.eval_batch_size=64", "--config.mesh.data=4", "--config.mesh.task=2"]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_global_mesh_of_eight_equal_one_process(tmp_path):
+  from mtljax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mtljax import params as params_lib  # pylint: disable=g-import-not-at-top
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  base = [sys.executable, "-m", "experiments.main", *_CLI]
+  proc = subprocess.run(base + [f"--workdir={one}"], cwd=_ROOT, env=_env(8),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      base + [f"--workdir={two}", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={i}"], cwd=_ROOT, env=_env(4), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "step 20/20" in outs[0][1] and "step 20/20" not in outs[1][1]  # process 0 logs
+  assert "summary:" in outs[0][0] and "summary:" not in outs[1][0]
+  rows_one, rows_two = _metrics(one), _metrics(two)
+  assert [r["step"] for r in rows_two] == [5, 10, 15, 20]  # written once, by process 0
+  for a, b in zip(rows_two, rows_one):
+    assert sorted(a) == sorted(b)
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+  pa, step_a = checkpoint.read_params(one)
+  pb, step_b = checkpoint.read_params(two)
+  assert step_a == step_b == 20
+  flat_a = dict(params_lib.flatten_with_names(pa))
+  for name, leaf in params_lib.flatten_with_names(pb):
+    np.testing.assert_allclose(np.asarray(leaf), np.asarray(flat_a[name]), rtol=2e-4,
+                               atol=2e-5, err_msg=name)
