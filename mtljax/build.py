@@ -104,6 +104,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not config.data.name:
     raise ValueError("config.data.name is empty.")
   sharding.placement_from_config(config)  # the mesh's sizes and the rules' axis names
+  num_seeds(config)
 
 
 # ----------------------------------------------------------------------------
@@ -196,6 +197,15 @@ def optimizer_from_config(config, groups=None, param_names=()):
   return optim.make_optimizer(o.name, lr=lr, **kwargs)
 
 
+def num_seeds(config) -> int:
+  """``config.num_seeds`` (default 1): seeds ``seed .. seed + N - 1`` trained
+  side by side as one vmapped program."""
+  n = config.get("num_seeds", 1)
+  if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+    raise ValueError(f"config.num_seeds must be a positive integer, got {n!r}.")
+  return int(n)
+
+
 def steps_per_call(config) -> int:
   """``config.steps_per_call`` lowered to divide every interval (one shape of
   call: one compile)."""
@@ -222,6 +232,7 @@ class Run(NamedTuple):
   init_report: dict | None
   placement: sharding.Placement
   state_shardings: Any    # the state's shardings (the state is placed with them)
+  num_seeds: int = 1      # > 1: state leaves [N, ...]; train_fn/eval_fn vmapped over them
 
 
 def _initial_state(config, model, objective, tx, state) -> tuple[dict, Callable | None, dict]:
@@ -277,17 +288,26 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
               data.num_train.tolist(), list(ts.groups))
   model = model_from_config(config, ts, data.input_shape)
   objective = objective_from_config(config, len(ts))
-  init_rng = jax.random.key(config.seed + 1)
   shapes = jax.eval_shape(lambda r: steps.init_train_state(
-      model, optax.set_to_zero(), r, objective), init_rng)["params"]
+      model, optax.set_to_zero(), r, objective), jax.random.key(0))["params"]
   groups = layer_groups(model, objective, shapes)
   tx = optimizer_from_config(config, groups,
                              [n for n, _ in params_lib.flatten_with_names(shapes)])
   if isinstance(tx, optim.RuledOptimizer):
     for line in tx.describe(shapes):
       logger.debug("optim rule: %s", line)
-  state = jax.jit(lambda r: steps.init_train_state(model, tx, r, objective))(init_rng)
-  state, penalty, init_report = _initial_state(config, model, objective, tx, state)
+  init = jax.jit(lambda r: steps.init_train_state(model, tx, r, objective))
+  n_seeds = num_seeds(config)
+
+  def seed_state(seed):  # seed s: initialised from key(s + 1), sampling from key(s)
+    state = init(jax.random.key(seed + 1))
+    state, penalty, init_report = _initial_state(config, model, objective, tx, state)
+    state["rng"] = jax.random.key_data(jax.random.key(seed))
+    return state, penalty, init_report
+  state, penalty, init_report = seed_state(config.seed)
+  if n_seeds > 1:  # seeds seed, seed + 1, ...: one stacked state, one vmapped program
+    others = [seed_state(config.seed + i)[0] for i in range(1, n_seeds)]
+    state = jax.tree.map(lambda *a: jnp.stack(a), state, *others)
   train_fn = steps.make_train_step(
       model, tx, objective, task_probs=probs, weights=weights,
       tasks_per_step=s.tasks_per_step or len(ts), examples_per_task=s.examples_per_task,
@@ -298,11 +318,14 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   eval_fn = steps.make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
                                  num_examples=data.split(eval_split)["x"].shape[1],
                                  batch_size=config.eval_batch_size)
-  state_shardings = placement.state(state)
+  if n_seeds > 1:
+    train_fn = jax.vmap(train_fn, in_axes=(0, None))
+    eval_fn = jax.vmap(eval_fn, in_axes=(0, None))
+  state_shardings = placement.state(state, lead=int(n_seeds > 1))
   state = sharding.place(state, state_shardings)
   logger.info("Mesh %s on %d %s device(s).", dict(placement.mesh.shape),
               placement.mesh.size, jax.default_backend())
   for line in sharding.describe(placement, state_shardings["params"]):
     logger.debug("sharding %s", line)
   return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report, placement,
-             state_shardings)
+             state_shardings, n_seeds)

@@ -19,7 +19,9 @@ on the held-out one:
 The selection score is the mean over tasks of validation ``config.cv.metric``
 averaged over folds, in its declared direction
 (:data:`mtljax.tasks.METRIC_DIRECTIONS`). Regression labels are re-normalised
-per fold with the fold's own training statistics.
+per fold with the fold's own training statistics. Selection trains one seed
+per fold (``config.seed``: the folds are its repetitions); the final run trains
+``config.num_seeds`` seeds.
 
 ``select_and_train(config, workdir)`` then trains the chosen setting on the whole
 training split and evaluates on the test split once. Selection takes a data
@@ -221,6 +223,7 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
   points = []
   for overrides in grid:
     c = _with_overrides(config, overrides)
+    c.num_seeds = 1  # folds are the repetitions here; the final run trains config.num_seeds
     c.total_steps = steps[-1]
     c.steps_per_call = math.gcd(*steps, int(config.steps_per_call))
     c.log_steps = c.eval_steps = c.checkpoint_steps = c.steps_per_call

@@ -130,10 +130,12 @@ def cache_root(config) -> str:
   return os.path.join(root, "baselines")
 
 
-def single_task_baselines(config, train_fn: Callable) -> dict:
-  """``{task: {metric: value}}`` of the single-task baselines, trained once with
-  ``train_fn(config, workdir) -> summary`` (:func:`mtljax.train.train_and_evaluate`)
-  and then read from the cache (keyed by :func:`cache_key`)."""
+def single_task_baseline_summary(config, train_fn: Callable) -> dict:
+  """The single-task baselines' run summary (``tasks``, and ``per_seed`` with
+  ``config.num_seeds`` > 1: the same seeds as the multi-task run), trained once
+  with ``train_fn(config, workdir) -> summary``
+  (:func:`mtljax.train.train_and_evaluate`) and then read from the cache
+  (keyed by :func:`cache_key`)."""
   workdir = os.path.join(cache_root(config), cache_key(config))
   path = os.path.join(workdir, "summary.json")
   if os.path.exists(path):
@@ -141,10 +143,16 @@ def single_task_baselines(config, train_fn: Callable) -> dict:
       summary = json.load(f)
     if summary.get("step") == config.total_steps:
       logger.info("Single-task baselines from the cache %s.", workdir)
-      return summary["tasks"]
+      return summary
   logger.info("Training single-task baselines (independent, %d steps) into %s.",
               config.total_steps, workdir)
-  return train_fn(baseline_config(config), workdir)["tasks"]
+  return train_fn(baseline_config(config), workdir)
+
+
+def single_task_baselines(config, train_fn: Callable) -> dict:
+  """``{task: {metric: value}}`` of the single-task baselines (the mean over
+  seeds): :func:`single_task_baseline_summary`'s ``tasks``."""
+  return single_task_baseline_summary(config, train_fn)["tasks"]
 
 
 # ----------------------------------------------------------------------------

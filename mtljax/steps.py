@@ -17,7 +17,9 @@ task-independent part (``model.encode``), the trunk runs once on the ``B``
 examples and only the per-task part runs per slot (:mod:`mtljax.jacobians`).
 
 ``steps_per_call`` steps run per host call under ``lax.scan``; randomness is
-``fold_in(seed_key, step)``, so results do not depend on how steps are grouped
+``fold_in(seed_key, step)`` (``seed_key``: ``state["rng"]`` when the state
+holds one -- the run's seed, checkpointed and vmappable over seeds -- else
+``key(seed)``), so results do not depend on how steps are grouped
 into calls (an interrupted and resumed run equals an uninterrupted one).
 """
 
@@ -266,6 +268,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     shared_inputs: every slot sees the same B examples (the tasks must share
       one input source, :func:`mtljax.data.sampling.check_shared_inputs`).
     steps_per_call: steps per call under ``lax.scan`` (measurements summed).
+    seed: the random streams' key ``key(seed)``, unless the state holds
+      ``"rng"`` (``jax.random.key_data`` of a key), which then wins.
     penalty: ``penalty(params, anchor) -> scalar`` (e.g.
       :func:`mtljax.transfer.l2sp_penalty`), added to the objective and its
       gradient to every method's update; the state must hold ``"anchor"``.
@@ -319,8 +323,9 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   def one_step(state, data):
     _check_state(state, objective, penalty)
     params = state["params"]
+    key = jax.random.wrap_key_data(state["rng"]) if "rng" in state else base_key
     r_tasks, r_examples, r_method = jax.random.split(
-        jax.random.fold_in(base_key, state["step"]), 3)
+        jax.random.fold_in(key, state["step"]), 3)
     batch = sample_batch(sampler, data, r_tasks, r_examples)
     if placement is not None:
       batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import ml_collections
@@ -91,7 +91,53 @@ def train_record(taskset, meas, step: int, steps_per_call: int) -> dict:
   return record
 
 
-def _flat_metrics(prefix: str, metrics: dict) -> dict:
+class SeedMetrics(NamedTuple):
+  """Per-task metrics of N seeds: ``mean`` and ``se`` (standard error,
+  ``std(ddof=1) / sqrt(N)``) ``{task: {metric}}``, and ``per_seed`` (a list)."""
+  mean: dict
+  se: dict
+  per_seed: list
+
+
+def per_seed(tree, n: int) -> list:
+  """``n`` trees, one per row of every leaf's leading (seed) axis."""
+  tree = jax.device_get(tree)
+  return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+
+
+def _mean_se(values) -> tuple[float, float]:
+  v = np.asarray([x for x in values if x is not None], np.float64)
+  if v.size == 0:
+    return float("nan"), float("nan")
+  se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else float("nan")
+  return float(v.mean()), se
+
+
+def seed_metrics(metrics: list[dict]) -> SeedMetrics:
+  mean, se = {}, {}
+  for t, ms in metrics[0].items():
+    mean[t], se[t] = {}, {}
+    for m in ms:
+      mean[t][m], se[t][m] = _mean_se([x[t][m] for x in metrics])
+  return SeedMetrics(mean, se, metrics)
+
+
+def combine_seed_records(records: list[dict]) -> dict:
+  """One metrics row from N seeds' rows: each key's mean, ``KEY/se``, and
+  ``per_seed`` ``{KEY: [one value per seed]}``."""
+  keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "step"]
+  out = {"step": records[0]["step"]}
+  for k in keys:
+    out[k], out[f"{k}/se"] = _mean_se([r.get(k) for r in records])
+  out["per_seed"] = {k: [r.get(k) for r in records] for k in keys}
+  return out
+
+
+def _flat_metrics(prefix: str, metrics) -> dict:
+  if isinstance(metrics, SeedMetrics):
+    flat = _flat_metrics(prefix, metrics.mean)
+    flat.update({f"{k}/se": v for k, v in _flat_metrics(prefix, metrics.se).items()})
+    return flat
   return {f"{prefix}/{t}/{m}": v for t, ms in metrics.items() for m, v in ms.items()}
 
 
@@ -105,6 +151,8 @@ class _Affinity:
     if "tag_sum" not in meas:
       return
     got = jax.device_get((meas["tag_sum"], meas["tag_count"]))
+    if got[0].ndim == 3:  # N seeds: pooled
+      got = (got[0].sum(axis=0), got[1].sum(axis=0))
     self.sum = got[0] if self.sum is None else self.sum + got[0]
     self.count = got[1] if self.count is None else self.count + got[1]
 
@@ -130,6 +178,11 @@ def _log_parameters(state) -> None:
               params_lib.count(state["params"]),
               params_lib.count(state["params"]["shared"]),
               params_lib.count(state["params"]["tasks"]))
+
+
+def _step(state) -> int:
+  """The state's step counter (every seed's is the same)."""
+  return int(np.max(jax.device_get(state["step"])))
 
 
 class NonFiniteError(RuntimeError):
@@ -163,14 +216,19 @@ def _sigterm_flag():
     signal.signal(signal.SIGTERM, old)
 
 
-def _nonfinite_message(ts, meas, last_saved, directory) -> str:
+def _nonfinite_message(ts, meas, last_saved, directory, seed0: int = 0) -> str:
+  which = ""
+  if np.ndim(meas["nonfinite_steps"]) == 1:  # N seeds: the first seed that went bad
+    i = int(np.flatnonzero(np.asarray(meas["nonfinite_steps"]))[0])
+    meas = jax.tree.map(lambda a: a[i], meas)
+    which = f" of seed {seed0 + i}"
   first = int(meas["nonfinite_first"]) + 1
   tasks = [ts.names[i] for i, c in enumerate(np.asarray(meas["nonfinite_tasks"])) if c > 0]
   what = (f"the loss of task(s) {tasks}" if tasks
           else "the gradient (every task's loss was finite)")
   kept = (f"the last good checkpoint is step {last_saved} in {directory}"
           if last_saved is not None else "no checkpoint had been saved yet")
-  return (f"Non-finite value in {what} at training step {first}; the update was not applied "
+  return (f"Non-finite value in {what}{which} at training step {first}; the update was not applied "
           f"and the run stopped ({kept}). Lower config.optim.lr, check the data, or set "
           "config.on_nonfinite='skip' to skip such updates and count them.")
 
@@ -219,14 +277,14 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   restored = ckpt_lib.restore_latest(manager, state)
   resumed_from = last_saved = None
   if restored is not None:
-    resumed_from = last_saved = int(restored["step"])
+    resumed_from = last_saved = _step(restored)
     state = restored
     logger.info("Resumed from %s at step %d.", manager.directory, resumed_from)
   primary = sharding.is_primary()
-  dropped = workdir_lib.trim_metrics(workdir, int(state["step"])) if primary else 0
+  dropped = workdir_lib.trim_metrics(workdir, _step(state)) if primary else 0
   if dropped:
     logger.info("metrics.jsonl: dropped %d row(s) past step %d (written after the last "
-                "checkpoint).", dropped, int(state["step"]))
+                "checkpoint).", dropped, _step(state))
   pl, n_tasks = run.placement, len(ts)
   train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
   train_data = sharding.place(data.train, train_sh)
@@ -242,28 +300,39 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
         num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size),
         params_sh, train_sh, pl)
 
+  n_seeds = run.num_seeds
+
   def evaluate(split_step, split_data):
-    return steps.eval_metrics(ts, split_step(state["params"], split_data))
+    """``{task: {metric}}`` (the mean over seeds), and per seed when N > 1."""
+    acc = split_step(state["params"], split_data)
+    if n_seeds == 1:
+      return steps.eval_metrics(ts, acc)
+    return seed_metrics([steps.eval_metrics(ts, a) for a in per_seed(acc, n_seeds)])
 
   # --- Loop -------------------------------------------------------------------
   metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   policy = config.get("on_nonfinite", "stop")
-  total, step = int(config.total_steps), int(state["step"])
+  total, step = int(config.total_steps), _step(state)
   progress, affinity, last_eval = _Progress(total, step), _Affinity(), None
   while step < total:
     state, meas = train_step(state, train_data)
     step += spc
-    if policy == "stop" and int(meas["nonfinite_steps"]):
+    if policy == "stop" and int(np.sum(meas["nonfinite_steps"])):
       raise NonFiniteError(_nonfinite_message(ts, jax.device_get(meas), last_saved,
-                                              manager.directory))
+                                              manager.directory, config.seed))
     for cb in callbacks:
       cb(step, meas)
     affinity.add(meas)
     record = None
     if step % config.log_steps == 0 or step == total:
-      record = train_record(ts, jax.device_get(meas), step, spc)
+      host = jax.device_get(meas)
+      if n_seeds == 1:
+        record = train_record(ts, host, step, spc)
+      else:
+        record = combine_seed_records([train_record(ts, m, step, spc)
+                                       for m in per_seed(host, n_seeds)])
       if policy == "skip":
-        record["train/nonfinite_skipped"] = int(state["nonfinite_skipped"])
+        record["train/nonfinite_skipped"] = int(np.sum(state["nonfinite_skipped"]))
       logger.info("%s", progress.line(step, record["train/loss"]))
     if step % config.eval_steps == 0 or step == total:
       last_eval = evaluate(eval_step, test_data)
@@ -282,27 +351,42 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
 
   if last_eval is None:  # resumed at or past the end: evaluate what was restored
     last_eval = evaluate(eval_step, test_data)
+  seeds_report = None
+  if isinstance(last_eval, SeedMetrics):
+    seeds_report = {"seeds": [config.seed + i for i in range(n_seeds)],
+                    "tasks": last_eval.per_seed, "tasks_se": last_eval.se}
+    last_eval = last_eval.mean
   summary = {
       "data": data.name, "arch": config.model.arch, "step": step, "tasks": last_eval,
       "metric_directions": {m: tasks_lib.METRIC_DIRECTIONS[m]
                             for ms in last_eval.values() for m in ms},
       "train_step_compilations": int(train_step._cache_size()),  # pylint: disable=protected-access
       "resumed_from_step": resumed_from, "init_from": run.init_report,
-      "nonfinite_skipped": int(state["nonfinite_skipped"]) if "nonfinite_skipped" in state
-                           else 0,
+      "nonfinite_skipped": int(np.sum(state["nonfinite_skipped"])),
+      "num_seeds": n_seeds,
       "mesh": dict(pl.mesh.shape),
       "config": config.to_dict(),
   }
+  if seeds_report is not None:  # "tasks" is the mean over seeds
+    summary["tasks_se"] = seeds_report["tasks_se"]
+    summary["per_seed"] = seeds_report
   if train_eval_step is not None:
-    summary["train_metrics"] = evaluate(train_eval_step, train_data)
+    train_metrics = evaluate(train_eval_step, train_data)
+    summary["train_metrics"] = getattr(train_metrics, "mean", train_metrics)
   tag = affinity.summary(config, ts, workdir if primary else None)
   if tag is not None:
     summary["affinity"] = tag
   if config.baselines:
-    base = measure.single_task_baselines(config, train_and_evaluate)
+    base_summary = measure.single_task_baseline_summary(config, train_and_evaluate)
+    base = base_summary["tasks"]
     dm, per_task = measure.delta_m(last_eval, base)
     summary["delta_m"] = {"value": dm, "per_task": per_task, "baselines": base,
                           "convention": measure.DELTA_M_CONVENTION}
+    if seeds_report is not None:  # paired: seed s of the run against seed s of the baselines
+      per = [measure.delta_m(mine, theirs)[0] for mine, theirs in
+             zip(seeds_report["tasks"], base_summary["per_seed"]["tasks"])]
+      mean, se = _mean_se(per)
+      summary["delta_m"].update({"per_seed": per, "mean_over_seeds": mean, "se": se})
     logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
   if primary:
     workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)

@@ -106,6 +106,7 @@ def test_mmoe_sweep_writes_sweep_json(tmp_path):
   c.sweep.correlations = (1.0,)
   c.sweep.models = ("shared_bottom", "mmoe")
   c.sweep.num_train, c.sweep.num_test = 2000, 500
+  c.num_seeds = 1  # one run per data set: its checkpoint is the reference's input
   c.total_steps = c.log_steps = c.eval_steps = c.checkpoint_steps = 100
   mmoe_sweep.run(c, str(tmp_path))
   sweep = json.loads((tmp_path / "sweep.json").read_text())
@@ -120,7 +121,7 @@ def test_mmoe_sweep_writes_sweep_json(tmp_path):
   train_y = [np.asarray(arrays["train"][t], np.float64) for t in names]
   test_y = [np.asarray(arrays["test"][t], np.float64) for t in names]
   for model in ("shared_bottom", "mmoe"):
-    run_dir = tmp_path / "p1" / "seed0" / model
+    run_dir = tmp_path / "p1" / "data0" / model
     run = json.loads((run_dir / "summary.json").read_text())
     preds = _checkpoint_predictions(run_dir, [arrays["test"]["x"]] * 2)
     mse = [np.mean((y.mean() + y.std() * p - yt) ** 2)

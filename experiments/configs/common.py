@@ -8,6 +8,7 @@ from mtljax import objectives
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.num_seeds = 1   # > 1: seeds seed..seed+N-1 as one vmapped program (mean, s.e., per seed)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = ""

@@ -1,0 +1,105 @@
+"""Many seeds in one program (``config.num_seeds``): N seeds trained as one
+vmapped step equal N separate runs, and the reported mean and standard error
+are those of the per-seed values."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments.configs import sinusoids
+from mtljax import train
+
+
+def _small(**overrides):
+  c = sinusoids.get_config("quick")
+  c.model.arch, c.model.hidden = "multi_head", (16, 16)
+  c.sampling.examples_per_task = 8
+  c.total_steps, c.steps_per_call = 20, 5
+  c.log_steps, c.eval_steps, c.checkpoint_steps = 10, 20, 10
+  c.eval_batch_size = 64
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_three_seeds_in_one_program_equal_three_runs(tmp_path):
+  seeds = train.train_and_evaluate(_small(num_seeds=3, seed=4), str(tmp_path / "n"))
+  assert seeds["train_step_compilations"] == 1 and seeds["num_seeds"] == 3
+  assert seeds["per_seed"]["seeds"] == [4, 5, 6]
+  singles = [train.train_and_evaluate(_small(seed=s), str(tmp_path / f"s{s}"))
+             for s in (4, 5, 6)]
+  for i, single in enumerate(singles):
+    for task, ms in single["tasks"].items():
+      for m, v in ms.items():
+        np.testing.assert_allclose(seeds["per_seed"]["tasks"][i][task][m], v, rtol=1e-4,
+                                   err_msg=f"seed {4 + i} {task} {m}")
+  # The mean and standard error are those of the per-seed values (float64 numpy).
+  for task, ms in seeds["tasks"].items():
+    for m in ms:
+      vals = np.array([t[task][m] for t in seeds["per_seed"]["tasks"]], np.float64)
+      np.testing.assert_allclose(seeds["tasks"][task][m], vals.mean(), rtol=1e-12)
+      np.testing.assert_allclose(seeds["tasks_se"][task][m],
+                                 vals.std(ddof=1) / np.sqrt(3), rtol=1e-12)
+  # metrics.jsonl rows: the mean, KEY/se and per_seed lists, per seed equal to the runs.
+  rows = _rows(str(tmp_path / "n"))
+  single_rows = [_rows(str(tmp_path / f"s{s}")) for s in (4, 5, 6)]
+  for r, row in enumerate(rows):
+    for key, per in row["per_seed"].items():
+      want = [single_rows[i][r].get(key) for i in range(3)]  # None: task not sampled
+      assert [v is None for v in per] == [v is None for v in want], key
+      got = [v for v in per if v is not None]
+      np.testing.assert_allclose(got, [v for v in want if v is not None], rtol=1e-4,
+                                 err_msg=key)
+      np.testing.assert_allclose(row[key], np.mean(got), rtol=1e-12)
+  # The seeds differ from one another (different init and sampling streams).
+  losses = rows[-1]["per_seed"]["train/loss"]
+  assert len(set(losses)) == 3
+
+
+def test_seeds_resume_bitwise_after_an_interruption(tmp_path):
+  class Stop(Exception):
+    pass
+
+  def stop(step, _):
+    if step == 15:
+      raise Stop()
+  straight = train.train_and_evaluate(_small(num_seeds=2), str(tmp_path / "a"))
+  with pytest.raises(Stop):
+    train.train_and_evaluate(_small(num_seeds=2), str(tmp_path / "b"), callbacks=[stop])
+  resumed = train.train_and_evaluate(_small(num_seeds=2), str(tmp_path / "b"))
+  assert resumed["resumed_from_step"] == 10
+  assert _rows(str(tmp_path / "a")) == _rows(str(tmp_path / "b"))
+  assert resumed["per_seed"] == straight["per_seed"]
+
+
+def test_bad_num_seeds_is_named_before_loading(tmp_path):
+  with pytest.raises(ValueError, match="config.num_seeds must be a positive integer, got 0"):
+    train.train_and_evaluate(_small(num_seeds=0), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_delta_m_is_paired_by_seed_against_the_baselines(tmp_path):
+  c = _small(num_seeds=2, baselines=True, baselines_cache=str(tmp_path / "cache"))
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  dm = summary["delta_m"]
+  assert len(dm["per_seed"]) == 2
+  np.testing.assert_allclose(dm["mean_over_seeds"], np.mean(dm["per_seed"]), rtol=1e-12)
+  np.testing.assert_allclose(dm["se"], np.std(dm["per_seed"], ddof=1) / np.sqrt(2),
+                             rtol=1e-12)
+  # Each seed's value is Delta_m of that seed's metrics against that seed's baselines.
+  from mtljax import measure  # pylint: disable=g-import-not-at-top
+  base = measure.single_task_baseline_summary(c, train.train_and_evaluate)
+  for i in range(2):
+    want, _ = measure.delta_m(summary["per_seed"]["tasks"][i], base["per_seed"]["tasks"][i])
+    np.testing.assert_allclose(dm["per_seed"][i], want, rtol=1e-12)
