@@ -29,6 +29,19 @@ def flatten_with_names(tree) -> list[tuple[str, Any]]:
   return [(path_name(p), leaf) for p, leaf in leaves]
 
 
+def flatten_dict(d: dict, sep: str = "/", prefix: str = "") -> dict[str, Any]:
+  """A nested dict's leaves by joined key (only dicts are nodes: tuples and
+  lists stay values), e.g. ``{"a": {"b": 1}} -> {"a/b": 1}``."""
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten_dict(v, sep, key + sep))
+    else:
+      out[key] = v
+  return out
+
+
 def tree_map_with_names(fn, tree):
   """``fn(slash_path, leaf)`` over every leaf."""
   return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_name(p), x), tree)

@@ -23,9 +23,10 @@ import fcntl
 import json
 import math
 import os
-from typing import Any
 
 import numpy as np
+
+from mtljax import params as params_lib
 
 # Config keys a resumed run may change (prefixes match subtrees).
 RESUMABLE_KEYS = ("total_steps", "steps_per_call", "log_steps", "eval_steps",
@@ -89,17 +90,6 @@ class Lock:
       self._f = None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def _resumable(key: str) -> bool:
   return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
 
@@ -121,7 +111,7 @@ def check_config(workdir: str, config: dict, write: bool = True) -> None:
     return
   with open(path) as f:
     stored = json.load(f)
-  a, b = _flatten(stored), _flatten(current)
+  a, b = params_lib.flatten_dict(stored, "."), params_lib.flatten_dict(current, ".")
   differ = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
                   and not _resumable(k))
   if differ:

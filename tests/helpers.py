@@ -162,3 +162,28 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
   assert len(la) == len(lb), (len(la), len(lb))
   for x, y in zip(la, lb):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------
+# A small end-to-end run.
+# ----------------------------------------------------------------------------
+
+
+def small_sinusoids_config(**overrides):
+  """8 sine tasks (4 sampled per step), a small multi-head MLP, 40 steps in
+  calls of 5, a row every 10 steps, a checkpoint every 10; ``overrides`` by
+  dotted key (``**{"optim.lr": 1e-2}``)."""
+  from experiments.configs import sinusoids  # pylint: disable=g-import-not-at-top
+  c = sinusoids.get_config("quick")
+  c.model.arch, c.model.hidden = "multi_head", (16, 16)
+  c.sampling.examples_per_task = 8
+  c.total_steps, c.steps_per_call = 40, 5
+  c.log_steps, c.eval_steps, c.checkpoint_steps = 10, 20, 10
+  c.eval_batch_size = 64
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 import helpers
-from experiments.configs import sinusoids
 from mtljax import build
 from mtljax import checkpoint
 from mtljax import optim
@@ -35,20 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _small(**overrides):
-  """8 sine tasks, 4 sampled per step, a small multi-head MLP."""
-  c = sinusoids.get_config("quick")
-  c.model.arch, c.model.hidden = "multi_head", (16, 16)
-  c.sampling.examples_per_task = 8
-  c.total_steps, c.steps_per_call = 40, 5
-  c.log_steps, c.eval_steps, c.checkpoint_steps = 10, 20, 10
-  c.eval_batch_size = 64
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return helpers.small_sinusoids_config(**overrides)
 
 
 def _rows(workdir):

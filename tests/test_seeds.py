@@ -8,24 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from experiments.configs import sinusoids
+import helpers
 from mtljax import train
 
 
-def _small(**overrides):
-  c = sinusoids.get_config("quick")
-  c.model.arch, c.model.hidden = "multi_head", (16, 16)
-  c.sampling.examples_per_task = 8
-  c.total_steps, c.steps_per_call = 20, 5
-  c.log_steps, c.eval_steps, c.checkpoint_steps = 10, 20, 10
-  c.eval_batch_size = 64
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+def _small(**overrides):  # 20 steps
+  return helpers.small_sinusoids_config(**{"total_steps": 20, **overrides})
 
 
 def _rows(workdir):

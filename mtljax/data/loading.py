@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtljax import params as params_lib
 from mtljax import tasks as tasks_lib
 from mtljax.data import builders
 
@@ -89,24 +90,13 @@ def default_data_dir() -> str:
 # ----------------------------------------------------------------------------
 
 
-def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in record.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
-
-
 def _read_source(source) -> dict[str, np.ndarray]:
   n = len(source)
   if n == 0:
     return {}
   # Per-index reads: tfds.testing.mock_data's __getitems__ has another
   # signature, and one code path serves real and mocked sources alike.
-  records = [_flatten(source[i]) for i in range(n)]
+  records = [params_lib.flatten_dict(source[i], "/") for i in range(n)]
   return {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
 
 
