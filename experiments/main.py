@@ -13,8 +13,12 @@ Config files define ``get_config(arg)``; ``--config=FILE:ARG`` passes ARG (e.g.
 again with the same workdir resumes from its latest checkpoint.
 """
 
+import difflib
+import glob
 import importlib
 import logging
+import os
+import re
 import sys
 
 from absl import app
@@ -23,6 +27,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mtljax import checkpoint
+from mtljax import params as params_lib
 from mtljax import sharding
 from mtljax import train
 from mtljax import workdir
@@ -37,15 +42,138 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "Multi-process run: this pr
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join a multi-process run from the cluster's environment "
     "(SLURM, Open MPI, TPU pods: jax.distributed.initialize() with no arguments).")
-flags.mark_flags_as_required(["config", "workdir"])
+_LIST = flags.DEFINE_bool(
+    "list", False, "Print the configs and their variants, architectures, encoders, "
+    "objectives with their hyper-parameters and fine-tuning strategies, and exit.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (file + overrides) and exit.")
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run is not finished; rerun to resume
 EXPERIMENTS = ("toy_pareto", "transfer_digits", "transfer_sinusoids", "mmoe_sweep",
                "multi_digits_archs", "exam")
 
 
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def print_catalog(out=sys.stdout) -> None:
+  """What ``--list`` prints: every name a config may use."""
+  from mtljax import objectives, transfer  # pylint: disable=g-import-not-at-top
+  from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
+  print("configs (--config=experiments/configs/NAME.py[:VARIANT]):", file=out)
+  for path in sorted(glob.glob(os.path.join(_CONFIG_DIR, "*.py"))):
+    name = os.path.basename(path)[:-3]
+    if name in ("__init__", "common"):
+      continue
+    module = importlib.import_module(f"experiments.configs.{name}")
+    shown = ", ".join(repr(v) for v in getattr(module, "VARIANTS", ("",)))
+    print(f"  {name:<22} variants: {shown}", file=out)
+  print(f"architectures (config.model.arch): {', '.join(multitask.ARCHS)}", file=out)
+  print(f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}", file=out)
+  print(f"heads (config.model.heads): {', '.join(multitask.HEADS)}", file=out)
+  print("objectives (config.objective.method; hyper-parameters as "
+        "config.objective.METHOD.NAME):", file=out)
+  for method in objectives.METHODS:
+    hp = objectives.hyperparameters(method)
+    shown = ", ".join(f"{k}={v!r}" for k, v in hp.items()) or "-"
+    print(f"  {method:<12} {shown}", file=out)
+  print(f"fine-tuning strategies (transfer experiments): {', '.join(transfer.STRATEGIES)}",
+        file=out)
+
+
+# ``--config.objective.weights.TASK=W`` (the task names are the data's, so the
+# config cannot declare them): gathered into one dict override before parsing.
+_WEIGHT_FLAG = re.compile(r"^--config\.objective\.weights\.([^=.]+)=(.+)$")
+
+
+def _gather_weight_flags(argv: list[str]) -> list[str]:
+  weights, rest = {}, []
+  for arg in argv:
+    m = _WEIGHT_FLAG.match(arg)
+    if m:
+      weights[m.group(1)] = float(m.group(2))
+    else:
+      rest.append(arg)
+  if weights:
+    rest.append(f"--config.objective.weights={weights!r}")
+  return rest
+
+
+def _config_keys(argv: list[str]) -> set[str] | None:
+  """Every dotted key (leaves and sections) of the config file named in
+  ``argv``, or None when it cannot be loaded."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    loader = importlib.util.spec_from_file_location("_mtljax_config", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  keys = set()
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      keys.add(prefix + k)
+      if isinstance(v, dict):
+        walk(v, prefix + k + ".")
+  walk(config.to_dict(), "")
+  return keys
+
+
+def _nearest(key: str, keys: set[str]) -> list[str]:
+  """Up to three valid keys near ``key``: similar spelling, or the same
+  section with a last part that abbreviates it (``learning_rate`` ~ ``lr``)."""
+  section, _, last = key.rpartition(".")
+  initials = "".join(w[0] for w in last.split("_") if w)
+
+  def score(k):
+    s, _, l = k.rpartition(".")
+    abbreviation = s == section and l == initials
+    return max(difflib.SequenceMatcher(None, key, k).ratio(), 1.0 if abbreviation else 0.0)
+  ranked = sorted(keys, key=score, reverse=True)
+  return [k for k in ranked[:3] if score(k) >= 0.5]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with one line for a ``--config.KEY`` that does not
+  exist (naming the key and the nearest valid keys) instead of a traceback."""
+  argv = _gather_weight_flags(argv)
+  sys.argv[:] = argv  # config_flags reads its overrides from sys.argv too
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    keys = _config_keys(argv)
+    for arg in argv:
+      m = re.match(r"^--config\.([^=]+)", arg)
+      if keys is not None and m and m.group(1) not in keys:
+        near = _nearest(m.group(1), keys)
+        hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
+        print(f"error: --config.{m.group(1)}: no such config key{hint} "
+              "(--print_config shows them all).", file=sys.stderr)
+        sys.exit(2)
+    print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _LIST.value:
+    print_catalog()
+    return
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (--list shows the configs).")
+  if _PRINT_CONFIG.value:
+    print(_CONFIG.value)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  if not flags.FLAGS["verbosity"].present:  # other libraries' chatter only when asked (-v 0)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's per-run warnings
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" at start
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)
   # mtljax's own progress at INFO (process 0 only); other libraries (Orbax) stay
@@ -56,7 +184,6 @@ def main(argv):
   log.setLevel(logging.INFO if sharding.is_primary() else logging.WARNING)
   log.addHandler(handler)
   log.propagate = False
-  absl_logging.set_verbosity(absl_logging.WARNING)
   experiment = _CONFIG.value.get("experiment", "")
   try:
     if experiment:  # a multi-run experiment: experiments/<name>.py's run(config, workdir)
@@ -74,9 +201,14 @@ def main(argv):
   except (train.NonFiniteError, workdir.WorkdirError, checkpoint.CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except ValueError as e:
+    if not str(e).startswith("config."):  # not a config check: keep the traceback
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   if sharding.is_primary():
     print(f"summary: {_WORKDIR.value}/summary.json")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -103,6 +103,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, key)
   if not config.data.name:
     raise ValueError("config.data.name is empty.")
+  if not isinstance(config.data.max_train_examples, (int, np.integer)) or \
+      config.data.max_train_examples < 0:
+    raise ValueError(f"config.data.max_train_examples must be an integer >= 0 (0 = all), got "
+                     f"{config.data.max_train_examples!r}.")
   sharding.placement_from_config(config)  # the mesh's sizes and the rules' axis names
   num_seeds(config)
 

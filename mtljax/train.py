@@ -36,24 +36,29 @@ logger = logging.getLogger("mtljax")
 
 
 class _Progress:
-  """A progress line with throughput and ETA at every log step."""
+  """A progress line with throughput and ETA. The clock starts when the first
+  call returns (it includes compilation); rates come from the calls after it."""
 
   def __init__(self, total: int, first: int):
-    self.total, self.first, self.t0 = total, first, None
+    self.total, self.t0, self.s0 = total, None, first
+
+  def tick(self, step: int) -> None:
+    """After every call."""
+    if self.t0 is None:
+      self.t0, self.s0 = time.perf_counter(), step
 
   def line(self, step: int, loss: float) -> str:
-    now = time.perf_counter()
-    if self.t0 is None:  # the first call includes compilation
-      self.t0, self.s0 = now, step
-      rate, eta = float("nan"), "?"
-    else:
-      rate = (step - self.s0) / max(now - self.t0, 1e-9)
+    if self.t0 is not None and step > self.s0:
+      rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
       eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) / max(rate, 1e-9)))
+      speed = f"{rate:.1f} steps/s | ETA {eta}"
+    else:
+      speed = "first call (compiling) | ETA after the next call"
     pct = 100.0 * step / self.total
     width = 20
     bar = "#" * int(width * step / self.total)
     return (f"[{bar:<{width}}] step {step}/{self.total} ({pct:5.1f}%) "
-            f"loss {loss:.4f} | {rate:.1f} steps/s | ETA {eta}")
+            f"loss {loss:.4f} | {speed}")
 
 
 def gradient_record(taskset, meas, steps_per_call: int) -> dict:
@@ -320,6 +325,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     if policy == "stop" and int(np.sum(meas["nonfinite_steps"])):
       raise NonFiniteError(_nonfinite_message(ts, jax.device_get(meas), last_saved,
                                               manager.directory, config.seed))
+    progress.tick(step)
     for cb in callbacks:
       cb(step, meas)
     affinity.add(meas)

@@ -22,6 +22,10 @@ import ml_collections
 from experiments.configs import common
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick")
+
+
 def get_config(arg: str = ""):
   if arg not in ("", "quick"):
     raise ValueError(f"exam config: unknown variant {arg!r}; use '' or 'quick'.")

@@ -20,6 +20,10 @@ import ml_collections
 from experiments.configs import common
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick")
+
+
 def get_config(arg: str = ""):
   if arg not in ("", "quick"):
     raise ValueError(f"mmoe_sweep config: unknown variant {arg!r}; use '' or 'quick'.")

@@ -12,6 +12,10 @@ label variance (the ``mse`` of predicting the train mean); see BUILD_NOTES.md.
 from experiments.configs import common
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick")
+
+
 def get_config(arg: str = ""):
   c = common.base_config()
   c.data.name = "mmoe_synthetic"

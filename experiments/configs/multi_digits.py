@@ -14,6 +14,10 @@ both tasks (chance 0.1); see BUILD_NOTES.md for measured numbers.
 from experiments.configs import common
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick")
+
+
 def get_config(arg: str = ""):
   c = common.base_config()
   c.data.name = "multi_digits"

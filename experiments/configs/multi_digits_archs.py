@@ -20,6 +20,10 @@ ARCHS = ("independent", "multi_head", "concat", "additive", "multiplicative", "s
          "cross_stitch", "shared_bottom", "omoe", "mmoe")
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick")
+
+
 def get_config(arg: str = ""):
   if arg not in ("", "quick"):
     raise ValueError(f"multi_digits_archs config: unknown variant {arg!r}; use '' or "

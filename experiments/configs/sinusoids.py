@@ -14,6 +14,10 @@ label variance A^2/2 (about 4.2); see BUILD_NOTES.md.
 from experiments.configs import common
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick")
+
+
 def get_config(arg: str = ""):
   c = common.base_config()
   c.data.name = "sinusoids"

@@ -21,6 +21,11 @@ import ml_collections
 from mtljax import toy
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick", "protocol=cagrad", "protocol=nashmtl", "protocol=famo",
+            "protocol=famo,quick")
+
+
 def get_config(arg: str = ""):
   opts = dict(a.split("=", 1) if "=" in a else (a, True) for a in arg.split(",") if a)
   unknown = set(opts) - {"protocol", "quick"}

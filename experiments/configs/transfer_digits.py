@@ -24,6 +24,10 @@ from experiments.configs import common
 from mtljax import transfer
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick", "source=multi_digits", "source=multi_digits,quick")
+
+
 def get_config(arg: str = ""):
   opts = dict(a.split("=", 1) if "=" in a else (a, True) for a in arg.split(",") if a)
   unknown = set(opts) - {"quick", "source"}

@@ -22,6 +22,10 @@ from experiments.configs import common
 from mtljax import transfer
 
 
+# What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
+VARIANTS = ("", "quick")
+
+
 def get_config(arg: str = ""):
   c = common.base_config()
   c.experiment = "transfer_sinusoids"

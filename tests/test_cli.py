@@ -1,0 +1,88 @@
+"""The command line: one-line errors a person can act on, --list,
+--print_config, per-task weights by dotted key, and the progress line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import main as main_lib
+from mtljax import objectives
+from mtljax import train
+from mtljax.models import multitask
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "--config=experiments/configs/sinusoids.py:quick"
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_an_unknown_override_key_is_one_line_with_the_nearest_keys(tmp_path):
+  r = _main(CONFIG, f"--workdir={tmp_path}", "--config.optim.learning_rate=1e-3")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, r.stderr
+  assert lines[0].startswith("error: --config.optim.learning_rate: no such config key; "
+                             "nearest valid keys: optim.lr")
+
+
+def test_per_task_weights_by_dotted_key_and_print_config():
+  r = _main(CONFIG, "--print_config", "--config.objective.weights.sine_00=2",
+            "--config.objective.weights.sine_03=0.5")
+  assert r.returncode == 0, r.stderr
+  text = r.stdout
+  assert "weights:\n    sine_00: 2.0\n    sine_03: 0.5" in text
+  assert "total_steps: 600" in text  # the resolved config, and no run (no workdir given)
+
+
+def test_a_bad_config_value_is_one_line_naming_the_allowed_values(tmp_path):
+  r = _main(CONFIG, f"--workdir={tmp_path}", "--config.data.max_train_examples=-5")
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "error: config.data.max_train_examples must be an integer >= 0" in r.stderr
+
+
+def test_list_names_every_config_architecture_objective_and_strategy():
+  r = _main("--list")
+  assert r.returncode == 0, r.stderr
+  out = r.stdout
+  configs = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))
+                   if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+  for name in configs:
+    assert f"\n  {name} " in out, name
+  assert "'protocol=nashmtl'" in out and "'source=multi_digits'" in out
+  for arch in multitask.ARCHS:
+    assert arch in out
+  for method in objectives.METHODS:
+    hp = objectives.hyperparameters(method)
+    line = next(l for l in out.splitlines() if l.strip().startswith(method + " "))
+    for k in hp:
+      assert f"{k}=" in line, (method, k)
+  assert "lp_ft" in out and "gradual_unfreezing" in out
+
+
+def test_nearest_keys_know_abbreviations_and_spelling():
+  keys = {"optim", "optim.lr", "optim.name", "model", "model.arch", "model.hidden"}
+  assert main_lib._nearest("optim.learning_rate", keys)[0] == "optim.lr"
+  assert main_lib._nearest("model.archh", keys)[0] == "model.arch"
+
+
+def test_the_progress_line_has_no_nan_before_a_rate_exists():
+  p = train._Progress(total=100, first=0)
+  first = p.line(10, 1.0)  # the first call has not returned yet
+  assert "nan" not in first and "first call (compiling)" in first
+  p.tick(10)               # the first call (with compilation) returned
+  assert "first call" in p.line(10, 1.0)
+  p.tick(20)
+  later = p.line(20, 0.5)
+  assert "steps/s | ETA" in later and "nan" not in later
+
+
+@pytest.mark.parametrize("args", [["--workdir=/tmp/x"], [CONFIG]])
+def test_missing_config_or_workdir_is_a_usage_error(args):
+  r = _main(*args)
+  assert r.returncode != 0
+  assert "--config is required" in r.stderr or "--workdir is required" in r.stderr
