@@ -4,7 +4,8 @@ imported) and writes what they produced for the test to compare.
 
     python tests/mesh_worker.py OUT_DIR CASES_JSON
 
-``CASES_JSON``: ``[{"name", "kind", "config", "overrides"[, "check_shardings"]}]``;
+``CASES_JSON``: ``[{"name", "kind", "config", "overrides"[, "check_shardings",
+"workdir"]}]`` (cases naming the same ``workdir`` resume one another);
 ``kind`` is ``train`` (``train_and_evaluate``: final parameters, metrics.jsonl
 rows, and with ``check_shardings`` the compiled step's shardings), ``cv`` (``cross_validate``'s scores) or
 ``transfer`` (``transfer_sinusoids.mse_curve`` from a pretrained run) or
@@ -62,7 +63,7 @@ def main(out_dir, cases):
   for case in cases:
     c = _config(case)
     name, kind = case["name"], case["kind"]
-    workdir = os.path.join(out_dir, "work", name)
+    workdir = os.path.join(out_dir, "work", case.get("workdir", name))
     result = {"devices": jax.device_count()}
     if kind == "train":
       summary = train.train_and_evaluate(c, workdir)

@@ -222,6 +222,27 @@ def test_sharded_runs_equal_one_device_for_every_mesh_and_method_kind(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_resumes_on_another_mesh(tmp_path):
+  """6 steps on data-only (8, 1), then the same workdir resumed to 12 steps on
+  data x task (4, 2): equal to 12 uninterrupted steps on one device (the
+  checkpoint is restored into the new mesh's shardings)."""
+  base = {**_SINUSOIDS, "total_steps": 12, "checkpoint_steps": 6, "eval_steps": 6}
+  ref = _run_worker(tmp_path, "one", [{
+      "name": "straight", "kind": "train", "config": "sinusoids:quick",
+      "overrides": {**base, "mesh.data": 1, "mesh.task": 1}}], devices=1)
+  first = {"name": "first", "workdir": "moved", "kind": "train", "config": "sinusoids:quick",
+           "overrides": {**base, "total_steps": 6, "mesh.data": 8, "mesh.task": 1}}
+  second = {"name": "second", "workdir": "moved", "kind": "train",
+            "config": "sinusoids:quick",
+            "overrides": {**base, "mesh.data": 4, "mesh.task": 2}}
+  out = _run_worker(tmp_path, "eight", [first, second], devices=8)
+  _assert_same_run(ref, "straight", out, "second")
+  with open(out / "work" / "moved" / "summary.json") as f:
+    summary = json.load(f)
+  assert summary["resumed_from_step"] == 6 and summary["mesh"] == {"data": 4, "task": 2}
+
+
+@pytest.mark.slow
 def test_cross_validation_and_transfer_run_on_the_mesh(tmp_path):
   """Cross-validation's vmapped folds x learning rates, and a fine-tuning
   curve from a pretrained run (transfer_sinusoids), on 8 devices equal the
