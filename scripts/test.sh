@@ -25,6 +25,6 @@ if [ "$#" -gt 0 ]; then
   exit $?
 fi
 echo "== fast tier (-m 'not slow') =="
-run -m "not slow" || exit $?
+run -m "not slow" --durations=15 || exit $?
 echo "== slow tier (-m slow) =="
-run -m slow
+run -m slow --durations=25

@@ -105,30 +105,33 @@ class _Preempted(Exception):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint_and_matches(tmp_path):
+  """In process (tests/test_faults.py kills the command line): a run stopped
+  after the checkpoint at step 20 and rerun equals an uninterrupted run."""
+  config = lambda: _objective_config("fixed")  # MLP, 60 steps, checkpoints at 20, 40, 60
   straight, interrupted = str(tmp_path / "a"), str(tmp_path / "b")
-  train.train_and_evaluate(_small_digits_config(), straight)
+  train.train_and_evaluate(config(), straight)
 
   def preempt(step, _):
-    if step == 150:  # after the checkpoint at step 100
+    if step == 30:  # after the checkpoint at step 20
       raise _Preempted()
   with pytest.raises(_Preempted):
-    train.train_and_evaluate(_small_digits_config(), interrupted, callbacks=[preempt])
-  assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["100"]
+    train.train_and_evaluate(config(), interrupted, callbacks=[preempt])
+  assert os.listdir(os.path.join(interrupted, "checkpoints")) == ["20"]
 
-  summary = train.train_and_evaluate(_small_digits_config(), interrupted)
-  assert summary["resumed_from_step"] == 100 and summary["step"] == 200
+  summary = train.train_and_evaluate(config(), interrupted)
+  assert summary["resumed_from_step"] == 20 and summary["step"] == 60
   assert summary["train_step_compilations"] == 1  # restored state placed like a fresh one
-  # The first run logged 100 and died at 150; the rerun logged 200. Same random
-  # streams: every logged number and the whole final state are the same bits.
-  assert [r["step"] for r in _rows(interrupted)] == [100, 200]
+  # The first run logged 10 and 20 and died at 30; the rerun logged 30..60. Same
+  # random streams: every logged number and the whole final state are the same bits.
+  assert [r["step"] for r in _rows(interrupted)] == [10, 20, 30, 40, 50, 60]
   assert _rows(interrupted) == _rows(straight)
-  fresh = _fresh_state(_small_digits_config())
+  fresh = _fresh_state(config())
   final_a, final_b = _restore(straight, fresh), _restore(interrupted, fresh)
-  assert int(final_a["step"]) == 200
+  assert int(final_a["step"]) == 60
   _assert_bitwise_equal(final_b, final_a)  # params, Adam moments and counts, step
   # Running again at the end resumes, trains nothing, and reports the same metrics.
-  again = train.train_and_evaluate(_small_digits_config(), interrupted)
-  assert again["resumed_from_step"] == 200 and again["tasks"] == summary["tasks"]
+  again = train.train_and_evaluate(config(), interrupted)
+  assert again["resumed_from_step"] == 60 and again["tasks"] == summary["tasks"]
 
 
 def _objective_config(method):

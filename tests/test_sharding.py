@@ -188,10 +188,10 @@ def test_a_run_on_a_data_by_task_mesh_equals_the_one_device_run(tmp_path):
 
 
 # Which method runs on which mesh in the slow test: equal weighting on all
-# three, a gradient combination (PCGrad) and a method with its own state
-# updated after the optimizer step (FAMO) on the two meshes that split tasks.
-_METHOD_MESHES = {"fixed": ("data", "task", "both"), "pcgrad": ("task", "both"),
-                  "famo": ("task", "both")}
+# three, a gradient combination (PCGrad) on data x task and a method with its
+# own state updated after the optimizer step (FAMO) on task only.
+_METHOD_MESHES = {"fixed": ("data", "task", "both"), "pcgrad": ("both",),
+                  "famo": ("task",)}
 
 
 @pytest.mark.slow
