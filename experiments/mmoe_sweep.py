@@ -34,12 +34,6 @@ def _per_seed_mse(out) -> list[dict]:
   return [{t: m["mse"] for t, m in tasks.items()} for tasks in seeds]
 
 
-def _mean_se(values) -> tuple[float, float]:
-  v = np.asarray(values, np.float64)
-  return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1
-                           else float("nan"))
-
-
 def run(config, workdir: str) -> dict:
   """For each p, data set and model: ``config.num_seeds`` seeds in one program.
   ``sweep.json``: ``{p: {model: [test MSE (mean of the two tasks) per run]}}``,
@@ -61,11 +55,11 @@ def run(config, workdir: str) -> dict:
         means = [float(np.mean(list(r.values()))) for r in runs]
         sweep[key][model].extend(means)
         per_task[key][model].extend(runs)
-        table[key][model]["by_data_seed"][str(data_seed)] = _mean_se(means)
+        table[key][model]["by_data_seed"][str(data_seed)] = train.mean_se(means)
         logger.info("p=%s data %d %s: test MSE %.4f +- %.4f over %d seeds", key, data_seed,
-                    model, *_mean_se(means), len(means))
+                    model, *train.mean_se(means), len(means))
     for model in config.sweep.models:
-      table[key][model]["all"] = _mean_se(sweep[key][model])
+      table[key][model]["all"] = train.mean_se(sweep[key][model])
   common.write_json(workdir, "sweep.json", sweep)
   summary = {"sweep": sweep, "per_task": per_task, "mean_se": table,
              "data_seeds": list(config.sweep.data_seeds), "num_seeds": config.num_seeds,
@@ -81,7 +75,7 @@ def _plot(sweep, path):
   ps = sorted(sweep, key=float, reverse=True)
   with plotting.figure(path) as (_, ax):
     for model in next(iter(sweep.values())):
-      stats = [_mean_se(sweep[p][model]) for p in ps]
+      stats = [train.mean_se(sweep[p][model]) for p in ps]
       ax.errorbar([float(p) for p in ps], [m for m, _ in stats],
                   yerr=[0.0 if np.isnan(e) else e for _, e in stats], marker="o", capsize=3,
                   label=model)

@@ -239,14 +239,17 @@ class Run(NamedTuple):
   num_seeds: int = 1      # > 1: state leaves [N, ...]; train_fn/eval_fn vmapped over them
 
 
-def _initial_state(config, model, objective, tx, state) -> tuple[dict, Callable | None, dict]:
-  """The state after ``config.init_from`` (fine-tuning) and the L2-SP penalty."""
+def _initial_state(config, model, objective, tx, state, source=None
+                   ) -> tuple[dict, Callable | None, dict]:
+  """The state after ``config.init_from`` (fine-tuning) and the L2-SP penalty.
+  ``source``: ``read_params(config.init_from)`` when already read (N seeds
+  read the checkpoint once)."""
   if not config.init_from:
     if config.l2sp_alpha or config.l2sp_beta:
       raise ValueError("config.l2sp_alpha/l2sp_beta pull parameters toward pretrained "
                        "values: set config.init_from.")
     return state, None, None
-  source, source_step = ckpt_lib.read_params(config.init_from)
+  source, source_step = source or ckpt_lib.read_params(config.init_from)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
   params, report = ckpt_lib.load_params(state["params"], source, dont_load)
   init_report = {"from": config.init_from, "step": source_step, **report}
@@ -303,9 +306,11 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   init = jax.jit(lambda r: steps.init_train_state(model, tx, r, objective))
   n_seeds = num_seeds(config)
 
+  source = ckpt_lib.read_params(config.init_from) if config.init_from else None
+
   def seed_state(seed):  # seed s: initialised from key(s + 1), sampling from key(s)
     state = init(jax.random.key(seed + 1))
-    state, penalty, init_report = _initial_state(config, model, objective, tx, state)
+    state, penalty, init_report = _initial_state(config, model, objective, tx, state, source)
     state["rng"] = jax.random.key_data(jax.random.key(seed))
     return state, penalty, init_report
   state, penalty, init_report = seed_state(config.seed)
@@ -329,7 +334,7 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   state = sharding.place(state, state_shardings)
   logger.info("Mesh %s on %d %s device(s).", dict(placement.mesh.shape),
               placement.mesh.size, jax.default_backend())
-  for line in sharding.describe(placement, state_shardings["params"]):
+  for line in sharding.describe(state_shardings["params"]):
     logger.debug("sharding %s", line)
   return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report, placement,
              state_shardings, n_seeds)

@@ -299,11 +299,6 @@ def placement_from_config(config) -> Placement:
   return Placement(make_mesh(m.get("data", -1), m.get("task", 1)), rules)
 
 
-def single_device() -> Placement:
-  """A one-device placement (what a notebook gets by default)."""
-  return Placement(make_mesh(1, 1, jax.devices()[:1]))
-
-
 # ----------------------------------------------------------------------------
 # Placing and compiling: the one place a step is jitted.
 # ----------------------------------------------------------------------------
@@ -394,7 +389,7 @@ def jit_eval_step(fn: Callable, params_shardings, data_shardings, placement: Pla
                  out_shardings=placement.replicated)
 
 
-def describe(placement: Placement, state_shardings) -> list[str]:
+def describe(shardings) -> list[str]:
   """``"path: spec"`` lines for the log."""
-  return [f"{n}: {s.spec}" for n, s in params_lib.flatten_with_names(state_shardings)]
+  return [f"{n}: {s.spec}" for n, s in params_lib.flatten_with_names(shardings)]
 

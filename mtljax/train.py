@@ -110,7 +110,9 @@ def per_seed(tree, n: int) -> list:
   return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
 
 
-def _mean_se(values) -> tuple[float, float]:
+def mean_se(values) -> tuple[float, float]:
+  """Mean and standard error (``std(ddof=1) / sqrt(n)``; NaN for one value) of
+  the values that are not None."""
   v = np.asarray([x for x in values if x is not None], np.float64)
   if v.size == 0:
     return float("nan"), float("nan")
@@ -123,7 +125,7 @@ def seed_metrics(metrics: list[dict]) -> SeedMetrics:
   for t, ms in metrics[0].items():
     mean[t], se[t] = {}, {}
     for m in ms:
-      mean[t][m], se[t][m] = _mean_se([x[t][m] for x in metrics])
+      mean[t][m], se[t][m] = mean_se([x[t][m] for x in metrics])
   return SeedMetrics(mean, se, metrics)
 
 
@@ -133,7 +135,7 @@ def combine_seed_records(records: list[dict]) -> dict:
   keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != "step"]
   out = {"step": records[0]["step"]}
   for k in keys:
-    out[k], out[f"{k}/se"] = _mean_se([r.get(k) for r in records])
+    out[k], out[f"{k}/se"] = mean_se([r.get(k) for r in records])
   out["per_seed"] = {k: [r.get(k) for r in records] for k in keys}
   return out
 
@@ -391,7 +393,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     if seeds_report is not None:  # paired: seed s of the run against seed s of the baselines
       per = [measure.delta_m(mine, theirs)[0] for mine, theirs in
              zip(seeds_report["tasks"], base_summary["per_seed"]["tasks"])]
-      mean, se = _mean_se(per)
+      mean, se = mean_se(per)
       summary["delta_m"].update({"per_seed": per, "mean_over_seeds": mean, "se": se})
     logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
   if primary:

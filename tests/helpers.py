@@ -180,10 +180,16 @@ def small_sinusoids_config(**overrides):
   c.total_steps, c.steps_per_call = 40, 5
   c.log_steps, c.eval_steps, c.checkpoint_steps = 10, 20, 10
   c.eval_batch_size = 64
+  return with_overrides(c, overrides)
+
+
+def with_overrides(config, overrides: dict):
+  """``config`` with ``{"dotted.key": value}`` set in place (lists become
+  tuples, as config fields hold them); returns it."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
-    node[leaf] = value
-  return c
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  return config

@@ -18,9 +18,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/helpers.py
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+import helpers  # noqa: E402
 
 from mtljax import build  # noqa: E402
 from mtljax import checkpoint as ckpt_lib  # noqa: E402
@@ -33,13 +36,7 @@ from mtljax import train  # noqa: E402
 def _config(case):
   module, _, arg = case["config"].partition(":")
   c = importlib.import_module(f"experiments.configs.{module}").get_config(arg)
-  for key, value in case.get("overrides", {}).items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = tuple(value) if isinstance(value, list) else value
-  return c
+  return helpers.with_overrides(c, case.get("overrides", {}))
 
 
 def _compiled_shardings(config, workdir):
