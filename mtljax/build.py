@@ -31,6 +31,7 @@ from mtljax import steps
 from mtljax import tasks as tasks_lib
 from mtljax import transfer
 from mtljax.data import loading
+from mtljax.data import pipeline
 from mtljax.data import sampling
 from mtljax.models import multitask
 
@@ -107,6 +108,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       config.data.max_train_examples < 0:
     raise ValueError(f"config.data.max_train_examples must be an integer >= 0 (0 = all), got "
                      f"{config.data.max_train_examples!r}.")
+  _one_of("data.pipeline", config.data.get("pipeline", "auto"), pipeline.PIPELINES)
+  if not config.data.get("device_budget_mb", 0.0) >= 0:
+    raise ValueError(f"config.data.device_budget_mb must be >= 0 (0 = a quarter of the "
+                     f"device's memory), got {config.data.device_budget_mb}.")
+  for key in ("workers", "prefetch"):
+    if key in config.data:
+      _positive_int(config, f"data.{key}")
   sharding.placement_from_config(config)  # the mesh's sizes and the rules' axis names
   num_seeds(config)
 
@@ -117,12 +125,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def data_from_config(config) -> loading.MultiTaskData:
+  """The run's data, on the device path or the host pipeline
+  (``config.data.pipeline``; ``auto`` decides from the inputs' size, the log
+  says which and why)."""
   d = config.data
-  return loading.load(
-      d.name, data_dir=d.data_dir or None, builder_config=d.builder_config,
-      task_names=tuple(d.tasks), max_train_examples=d.max_train_examples or None,
-      input_key=d.get("input_key", "image"), label_keys=tuple(d.get("label_keys", ())),
-      normalize_labels=d.get("normalize_labels", True))
+  kwargs = dict(builder_config=d.builder_config, task_names=tuple(d.tasks),
+                max_train_examples=d.max_train_examples or None,
+                input_key=d.get("input_key", "image"),
+                label_keys=tuple(d.get("label_keys", ())),
+                normalize_labels=d.get("normalize_labels", True))
+  kind = d.get("pipeline", "auto")
+  features, sources = loading.open_sources(d.name, data_dir=d.data_dir or None,
+                                           builder_config=d.builder_config)
+  spec = loading.spec_for(d.name, features, d.builder_config, kwargs["input_key"],
+                          kwargs["label_keys"])
+  kind, why = pipeline.choose(kind, pipeline.input_bytes(features, sources, spec),
+                              d.get("device_budget_mb", 0.0), jax.process_count())
+  logger.info("Data pipeline: %s (%s).", kind, why)
+  if kind == "host":
+    return pipeline.load(d.name, sources=sources, features=features, spec=spec, **kwargs)
+  return loading.load(d.name, opened=(features, sources), **kwargs)
 
 
 def model_from_config(config, taskset, input_shape) -> multitask.Model:
@@ -237,6 +259,9 @@ class Run(NamedTuple):
   placement: sharding.Placement
   state_shardings: Any    # the state's shardings (the state is placed with them)
   num_seeds: int = 1      # > 1: state leaves [N, ...]; train_fn/eval_fn vmapped over them
+  # The host pipeline's batches (data too large for the device): train_fn then
+  # takes a batch, eval_fn a chunk (mtljax.steps.make_chunk_eval_step).
+  batches: pipeline.Batches | None = None
 
 
 def _initial_state(config, model, objective, tx, state, source=None
@@ -317,16 +342,30 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   if n_seeds > 1:  # seeds seed, seed + 1, ...: one stacked state, one vmapped program
     others = [seed_state(config.seed + i)[0] for i in range(1, n_seeds)]
     state = jax.tree.map(lambda *a: jnp.stack(a), state, *others)
+  host = data.readers is not None
+  if host and n_seeds > 1:
+    raise ValueError(f"config.num_seeds={n_seeds} trains seeds side by side on data held on "
+                     "the device (each seed draws its own batches); with the host pipeline "
+                     "run one seed per job, or set config.data.pipeline='device'.")
+  k = s.tasks_per_step or len(ts)
   train_fn = steps.make_train_step(
       model, tx, objective, task_probs=probs, weights=weights,
-      tasks_per_step=s.tasks_per_step or len(ts), examples_per_task=s.examples_per_task,
+      tasks_per_step=k, examples_per_task=s.examples_per_task,
       replace=s.replace, shared_inputs=s.shared_inputs, steps_per_call=spc, seed=config.seed,
       penalty=penalty, tag_lr=config.tag_lr,
       slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement,
-      on_nonfinite=config.get("on_nonfinite", "stop"))
-  eval_fn = steps.make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
-                                 num_examples=data.split(eval_split)["x"].shape[1],
-                                 batch_size=config.eval_batch_size)
+      on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host)
+  batches = None
+  if host:
+    sampler = steps.make_sampler(ts, probs, k, s.examples_per_task, s.replace, s.shared_inputs)
+    batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc)
+    eval_fn = steps.make_chunk_eval_step(model, label_mean=data.label_mean,
+                                         label_std=data.label_std)
+  else:
+    eval_fn = steps.make_eval_step(model, label_mean=data.label_mean,
+                                   label_std=data.label_std,
+                                   num_examples=data.split(eval_split)["x"].shape[1],
+                                   batch_size=config.eval_batch_size)
   if n_seeds > 1:
     train_fn = jax.vmap(train_fn, in_axes=(0, None))
     eval_fn = jax.vmap(eval_fn, in_axes=(0, None))
@@ -337,4 +376,4 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   for line in sharding.describe(state_shardings["params"]):
     logger.debug("sharding %s", line)
   return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report, placement,
-             state_shardings, n_seeds)
+             state_shardings, n_seeds, batches)

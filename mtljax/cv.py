@@ -201,6 +201,12 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
   "lr", "steps", "score", "fold_scores"}], "best": {...}, "direction"}``."""
   cv = config.cv
   k = int(cv.folds)
+  if data.readers is not None:
+    raise ValueError("Cross-validation trains every fold x learning rate as one vmapped "
+                     "program over the train split held on the device; these data came "
+                     "through the host pipeline (too large for the device, or "
+                     "config.data.pipeline='host'): set config.data.pipeline='device' or "
+                     "select hyper-parameters on a subset (config.data.max_train_examples).")
   if cv.metric not in tasks_lib.METRIC_DIRECTIONS:
     raise ValueError(f"config.cv.metric={cv.metric!r} is not one of "
                      f"{sorted(tasks_lib.METRIC_DIRECTIONS)}.")

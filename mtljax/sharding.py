@@ -215,6 +215,14 @@ class Placement:
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(self.mesh, self.batch_spec(shared_inputs)))
 
+  def host_batch(self, batch: dict, shared_inputs: bool, lead: int = 0):
+    """Shardings of a host pipeline batch (``lead`` leading steps axes):
+    inputs as :meth:`batch_spec`, labels ``[K, B]`` along ``data`` on ``B``,
+    task ids replicated."""
+    return {"task_ids": self.named(P(), lead),
+            "x": self.named(self.batch_spec(shared_inputs), lead),
+            "y": {g: self.named(P(None, "data"), lead) for g in batch["y"]}}
+
   # -- trees ------------------------------------------------------------------
 
   def params(self, params, lead: int = 0):

@@ -101,23 +101,58 @@ class Sampler(NamedTuple):
   all_tasks: np.ndarray | None = None  # K = T without replacement: the slots' tasks
 
 
+def make_sampler(taskset: tasks_lib.TaskSet, task_probs, tasks_per_step: int,
+                 examples_per_task: int, replace: bool = False,
+                 shared_inputs: bool = False) -> Sampler:
+  """The step's :class:`Sampler` (the host pipeline builds the same one)."""
+  ts = taskset
+  all_tasks = ts.grouped_order if tasks_per_step == len(ts) and not replace else None
+  return Sampler(jnp.asarray(task_probs, jnp.float32), jnp.asarray(ts.stream_ids, jnp.int32),
+                 jnp.asarray(ts.local_index), int(tasks_per_step), int(examples_per_task),
+                 bool(replace), bool(shared_inputs), all_tasks)
+
+
+def step_keys(key: jax.Array, step) -> jax.Array:
+  """The three keys of step ``step``: tasks, examples, the method's."""
+  return jax.random.split(jax.random.fold_in(key, step), 3)
+
+
+def sample_indices(sampler: Sampler, n: jax.Array, r_tasks, r_examples,
+                   examples_per_task: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Task ids ``[K]`` and example indices: ``[B]`` shared by every slot, or
+  ``[K, B]``, each below the task's ``n``. The one definition of a step's
+  draw: the device path gathers these on the device, the host pipeline
+  (:mod:`mtljax.data.pipeline`) reads these records."""
+  s = sampler
+  b = s.examples_per_task if examples_per_task is None else examples_per_task
+  if s.all_tasks is not None:  # every task in every step: a static slot layout
+    task_ids = jnp.asarray(s.all_tasks, jnp.int32)
+  else:
+    task_ids = sampling.sample_tasks(r_tasks, s.probs, s.tasks_per_step, s.replace)
+  if s.shared_inputs:
+    return task_ids, sampling.shared_example_indices(r_examples, task_ids, n, b)[0]
+  return task_ids, sampling.example_indices(r_examples, task_ids, s.stream_ids, n, b)
+
+
 def sample_batch(sampler: Sampler, data: dict, r_tasks, r_examples) -> jacobians.Batch:
   """Task ids ``[K]``, then ``B`` examples per slot (or ``B`` for all slots)."""
   s = sampler
-  if s.all_tasks is not None:  # every task in every step: a static slot layout
-    task_ids = s.all_tasks
-  else:
-    task_ids = sampling.sample_tasks(r_tasks, s.probs, s.tasks_per_step, s.replace)
+  task_ids, idx = sample_indices(sampler, data["n"], r_tasks, r_examples)
+  if s.all_tasks is not None:
+    task_ids = s.all_tasks  # static: the slots' groups are known when tracing
   arrays = {"local_index": s.local_index}
   if s.shared_inputs:
-    idx = sampling.shared_example_indices(r_examples, task_ids, data["n"],
-                                          s.examples_per_task)[0]
     x, ys = sampling.gather_shared_batch(data, arrays, task_ids, idx)
   else:
-    idx = sampling.example_indices(r_examples, task_ids, s.stream_ids, data["n"],
-                                   s.examples_per_task)
     x, ys = sampling.gather_batch(data, arrays, task_ids, idx)
   return jacobians.Batch(x, ys, task_ids, s.shared_inputs)
+
+
+def host_batch(sampler: Sampler, batch: dict) -> jacobians.Batch:
+  """A batch read by the host pipeline: ``{"task_ids" [K], "x" [K, B, ...]
+  or [B, ...], "y" {group: [K, B]}}``."""
+  ids = sampler.all_tasks if sampler.all_tasks is not None else batch["task_ids"]
+  return jacobians.Batch(batch["x"], batch["y"], ids, sampler.shared_inputs)
 
 
 def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
@@ -254,7 +289,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
                     shared_inputs: bool = False, steps_per_call: int = 1, seed: int = 0,
                     penalty: Callable | None = None, tag_lr: float = 0.0,
                     one_pass: bool | None = None, slot_backwards: str = "auto",
-                    placement=None, on_nonfinite: str = "stop") -> Callable:
+                    placement=None, on_nonfinite: str = "stop",
+                    host_batches: bool = False) -> Callable:
   """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
 
   Args:
@@ -287,7 +323,11 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
       (the loop stops), ``"skip"`` also counts it in
       ``state["nonfinite_skipped"]`` and goes on.
 
-  ``data`` is a train split as laid out by :mod:`mtljax.data.loading`.
+  ``data`` is a train split as laid out by :mod:`mtljax.data.loading`, the
+  step sampling its batch; with ``host_batches`` it is the batch itself, as
+  the host pipeline reads it (:mod:`mtljax.data.pipeline`: the same draws,
+  :func:`sample_indices`), with a leading ``[steps_per_call]`` axis when
+  ``steps_per_call > 1``.
   Measurements (summed over the ``steps_per_call`` steps): ``loss``, per task
   ``task_loss_sum [T]`` / ``task_count [T]``, and the objective's: loss
   weightings ``objective_lambda_sum [T]``; gradient methods per task
@@ -312,10 +352,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
                               replace=replace, shared_inputs=shared_inputs, tag_lr=tag_lr,
                               one_pass=one_pass)
-  all_tasks = ts.grouped_order if tasks_per_step == num_tasks and not replace else None
-  sampler = Sampler(jnp.asarray(task_probs, jnp.float32), jnp.asarray(ts.stream_ids, jnp.int32),
-                    jnp.asarray(ts.local_index), int(tasks_per_step), int(examples_per_task),
-                    bool(replace), bool(shared_inputs), all_tasks)
+  sampler = make_sampler(ts, task_probs, tasks_per_step, examples_per_task, replace,
+                         shared_inputs)
   weights = jnp.asarray(weights, jnp.float32)
   rows = task_rows(model, objective)
   base_key = jax.random.key(seed)
@@ -324,9 +362,11 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     _check_state(state, objective, penalty)
     params = state["params"]
     key = jax.random.wrap_key_data(state["rng"]) if "rng" in state else base_key
-    r_tasks, r_examples, r_method = jax.random.split(
-        jax.random.fold_in(key, state["step"]), 3)
-    batch = sample_batch(sampler, data, r_tasks, r_examples)
+    r_tasks, r_examples, r_method = step_keys(key, state["step"])
+    if host_batches:
+      batch = host_batch(sampler, data)
+    else:
+      batch = sample_batch(sampler, data, r_tasks, r_examples)
     if placement is not None:
       batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
                               batch.task_ids, batch.shared)
@@ -359,8 +399,11 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     return one_step
 
   def train_step(state, data):
-    state, meas = jax.lax.scan(lambda s, _: one_step(s, data), state, None,
-                               length=steps_per_call)
+    if host_batches:  # one batch per step
+      state, meas = jax.lax.scan(one_step, state, data)
+    else:
+      state, meas = jax.lax.scan(lambda s, _: one_step(s, data), state, None,
+                                 length=steps_per_call)
     return state, {k: jax.tree.map(
         lambda a, k=k: a.min(axis=0) if k == "nonfinite_first" else a.sum(axis=0), m)
                    for k, m in meas.items()}
@@ -387,8 +430,9 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
   chunk = int(min(batch_size, num_examples))
   num_chunks = math.ceil(num_examples / chunk)
   task_ids = jnp.arange(num_tasks, dtype=jnp.int32)
-  group_of = jnp.asarray(ts.group_of_task)
   ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
+
+  chunk_sums = _chunk_sums(model)
 
   def eval_step(params, split):
     m = jnp.asarray(split.get("label_mean", label_mean))[:, None]
@@ -399,23 +443,49 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
       valid = pos[None, :] < split["n"][:, None]                      # [T, C]
       idx = jnp.broadcast_to(jnp.minimum(pos, num_examples - 1), (num_tasks, chunk))
       x, ys = sampling.gather_batch(split, ts_arrays, task_ids, idx)
-      outs = model.apply(params, x, task_ids)
-      sums = {}
-      for gi, g in enumerate(ts.groups):
-        vals = tasks_lib.example_metrics(ts.group_task(g), outs[g], ys[g], m, sd)
-        mask = valid & (group_of == gi)[:, None]
-        sums[g] = {k: acc["sums"][g][k] + jnp.sum(jnp.where(mask, v, 0.0), axis=1)
-                   for k, v in vals.items()}
-      return {"sums": sums, "count": acc["count"] + valid.sum(axis=1)}, None
+      return jax.tree.map(jnp.add, acc, chunk_sums(params, x, ys, valid, m, sd)), None
 
-    zeros = jnp.zeros((num_tasks,), jnp.float32)
-    acc0 = {"sums": {g: {k: zeros for k in ts.group_task(g).metric_names}
-                     for g in ts.groups},
-            "count": jnp.zeros((num_tasks,), jnp.int32)}
-    acc, _ = jax.lax.scan(body, acc0, jnp.arange(num_chunks))
+    acc, _ = jax.lax.scan(body, eval_zeros(ts), jnp.arange(num_chunks))
     return acc
 
   return eval_step
+
+
+def eval_zeros(taskset: tasks_lib.TaskSet) -> dict:
+  """An evaluation's empty sums: ``{"sums": {group: {metric: [T]}}, "count": [T]}``."""
+  zeros = jnp.zeros((len(taskset),), jnp.float32)
+  return {"sums": {g: {k: zeros for k in taskset.group_task(g).metric_names}
+                   for g in taskset.groups},
+          "count": jnp.zeros((len(taskset),), jnp.int32)}
+
+
+def _chunk_sums(model: multitask.Model) -> Callable:
+  """``sums(params, x [T, C, ...], ys {group: [T, C]}, valid [T, C], mean
+  [T, 1], std [T, 1])``: one chunk's metric sums and counts per task."""
+  ts = model.taskset
+  task_ids = jnp.arange(len(ts), dtype=jnp.int32)
+  group_of = jnp.asarray(ts.group_of_task)
+
+  def sums(params, x, ys, valid, m, sd):
+    outs = model.apply(params, x, task_ids)
+    out = {}
+    for gi, g in enumerate(ts.groups):
+      vals = tasks_lib.example_metrics(ts.group_task(g), outs[g], ys[g], m, sd)
+      mask = valid & (group_of == gi)[:, None]
+      out[g] = {k: jnp.sum(jnp.where(mask, v, 0.0), axis=1) for k, v in vals.items()}
+    return {"sums": out, "count": valid.sum(axis=1).astype(jnp.int32)}
+  return sums
+
+
+def make_chunk_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
+                         label_std: np.ndarray) -> Callable:
+  """``chunk_step(params, chunk) -> sums`` for one chunk the host pipeline
+  read (``{"x" [T, C, ...], "y" {group: [T, C]}, "valid" [T, C]}``); the sums
+  of every chunk add up to :func:`make_eval_step`'s result (not jitted)."""
+  chunk_sums = _chunk_sums(model)
+  m = jnp.asarray(label_mean)[:, None]
+  sd = jnp.asarray(label_std)[:, None]
+  return lambda params, chunk: chunk_sums(params, chunk["x"], chunk["y"], chunk["valid"], m, sd)
 
 
 def eval_metrics(taskset: tasks_lib.TaskSet, acc) -> dict[str, dict[str, float]]:

@@ -19,6 +19,7 @@ import time
 from typing import Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -31,6 +32,7 @@ from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks as tasks_lib
 from mtljax import workdir as workdir_lib
+from mtljax.data import pipeline
 
 logger = logging.getLogger("mtljax")
 
@@ -178,6 +180,77 @@ class _Affinity:
     return out
 
 
+class _DeviceFeed:
+  """The device path: both splits on the device, the step samples its batch."""
+
+  def __init__(self, config, data, run):
+    pl, n_tasks = run.placement, len(data.taskset)
+    train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
+    self.splits = {"train": sharding.place(data.train, train_sh),
+                   "test": sharding.place(data.test, test_sh)}
+    params_sh = run.state_shardings["params"]
+    self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
+    self.eval_steps = {"test": sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl)}
+    if config.eval_train:  # sized for the train split
+      self.eval_steps["train"] = sharding.jit_eval_step(steps.make_eval_step(
+          run.model, label_mean=data.label_mean, label_std=data.label_std,
+          num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size),
+          params_sh, train_sh, pl)
+
+  def next(self):
+    return self.splits["train"]
+
+  def evaluate(self, params, split):
+    return self.eval_steps[split](params, self.splits[split])
+
+  def close(self):
+    pass
+
+  def summary(self) -> dict:
+    return {"pipeline": "device"}
+
+
+class _HostFeed:
+  """The host pipeline (:mod:`mtljax.data.pipeline`): batches read by Grain
+  threads from the call of step ``first_step`` on, prefetched to the devices
+  with the step's input shardings; evaluation chunk by chunk."""
+
+  def __init__(self, config, data, run, first_step: int):
+    if config.eval_train and jax.process_count() > 1:
+      raise ValueError("config.eval_train with the host pipeline and several processes: "
+                       "each process holds only its shard of the train split.")
+    pl, spc = run.placement, run.steps_per_call
+    self.data, self.chunk = data, int(config.eval_batch_size)
+    batch_sh = pl.host_batch(data.train, config.sampling.shared_inputs, lead=int(spc > 1))
+    self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, batch_sh, pl)
+    self._chunk_step = jax.jit(run.eval_fn, out_shardings=pl.replicated)
+    self._replicated = pl.replicated
+    reader = run.batches.iterator(first_step // spc, int(config.total_steps) // spc,
+                                  workers=config.data.get("workers", 2),
+                                  prefetch=2 * config.data.get("prefetch", 2))
+    self.feed = pipeline.Prefetch(reader, lambda b: pipeline.put(b, batch_sh),
+                                  size=config.data.get("prefetch", 2))
+    self.calls = 0
+
+  def next(self):
+    self.calls += 1
+    return next(self.feed)
+
+  def evaluate(self, params, split):
+    acc = steps.eval_zeros(self.data.taskset)
+    for chunk in pipeline.eval_chunks(self.data, split, self.chunk):
+      chunk = sharding.place(chunk, jax.tree.map(lambda _: self._replicated, chunk))
+      acc = jax.tree.map(jnp.add, acc, self._chunk_step(params, chunk))
+    return acc
+
+  def close(self):
+    self.feed.close()
+
+  def summary(self) -> dict:
+    return {"pipeline": "host", "calls": self.calls,
+            "input_wait_s": round(self.feed.wait_s, 3)}
+
+
 def _log_parameters(state) -> None:
   for name, leaf in params_lib.flatten_with_names(state["params"]):
     logger.debug("param %-50s %s", name, tuple(leaf.shape))
@@ -292,26 +365,18 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   if dropped:
     logger.info("metrics.jsonl: dropped %d row(s) past step %d (written after the last "
                 "checkpoint).", dropped, _step(state))
-  pl, n_tasks = run.placement, len(ts)
-  train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
-  train_data = sharding.place(data.train, train_sh)
-  test_data = sharding.place(data.test, test_sh)
+  pl = run.placement
+  if run.batches is None:
+    feed = _DeviceFeed(config, data, run)
+  else:
+    feed = _HostFeed(config, data, run, _step(state))
   state = sharding.place(state, run.state_shardings)
-  params_sh = run.state_shardings["params"]
-  train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
-  eval_step = sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl)
-  train_eval_step = None
-  if config.eval_train:  # train-split metrics at eval steps: overfitting, shown
-    train_eval_step = sharding.jit_eval_step(steps.make_eval_step(
-        run.model, label_mean=data.label_mean, label_std=data.label_std,
-        num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size),
-        params_sh, train_sh, pl)
-
+  train_step = feed.train_step
   n_seeds = run.num_seeds
 
-  def evaluate(split_step, split_data):
+  def evaluate(split):
     """``{task: {metric}}`` (the mean over seeds), and per seed when N > 1."""
-    acc = split_step(state["params"], split_data)
+    acc = feed.evaluate(state["params"], split)
     if n_seeds == 1:
       return steps.eval_metrics(ts, acc)
     return seed_metrics([steps.eval_metrics(ts, a) for a in per_seed(acc, n_seeds)])
@@ -321,44 +386,47 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   policy = config.get("on_nonfinite", "stop")
   total, step = int(config.total_steps), _step(state)
   progress, affinity, last_eval = _Progress(total, step), _Affinity(), None
-  while step < total:
-    state, meas = train_step(state, train_data)
-    step += spc
-    if policy == "stop" and int(np.sum(meas["nonfinite_steps"])):
-      raise NonFiniteError(_nonfinite_message(ts, jax.device_get(meas), last_saved,
-                                              manager.directory, config.seed))
-    progress.tick(step)
-    for cb in callbacks:
-      cb(step, meas)
-    affinity.add(meas)
-    record = None
-    if step % config.log_steps == 0 or step == total:
-      host = jax.device_get(meas)
-      if n_seeds == 1:
-        record = train_record(ts, host, step, spc)
-      else:
-        record = combine_seed_records([train_record(ts, m, step, spc)
-                                       for m in per_seed(host, n_seeds)])
-      if policy == "skip":
-        record["train/nonfinite_skipped"] = int(np.sum(state["nonfinite_skipped"]))
-      logger.info("%s", progress.line(step, record["train/loss"]))
-    if step % config.eval_steps == 0 or step == total:
-      last_eval = evaluate(eval_step, test_data)
-      record = {**(record or {"step": step}), **_flat_metrics("eval", last_eval)}
-      if train_eval_step is not None:
-        record.update(_flat_metrics("train_eval", evaluate(train_eval_step, train_data)))
-    if record is not None and primary:
-      workdir_lib.append_jsonl(metrics_path, record)
-    preempted = sharding.any_process(sigterm["set"])  # every process stops at one step
-    if step % config.checkpoint_steps == 0 or step == total or preempted:
-      if last_saved != step:
-        ckpt_lib.save(manager, step, state)
-        last_saved = step
-      if preempted and step < total:
-        raise Preempted(step, str(manager.directory))
+  try:
+    while step < total:
+      state, meas = train_step(state, feed.next())
+      step += spc
+      if policy == "stop" and int(np.sum(meas["nonfinite_steps"])):
+        raise NonFiniteError(_nonfinite_message(ts, jax.device_get(meas), last_saved,
+                                                manager.directory, config.seed))
+      progress.tick(step)
+      for cb in callbacks:
+        cb(step, meas)
+      affinity.add(meas)
+      record = None
+      if step % config.log_steps == 0 or step == total:
+        host = jax.device_get(meas)
+        if n_seeds == 1:
+          record = train_record(ts, host, step, spc)
+        else:
+          record = combine_seed_records([train_record(ts, m, step, spc)
+                                         for m in per_seed(host, n_seeds)])
+        if policy == "skip":
+          record["train/nonfinite_skipped"] = int(np.sum(state["nonfinite_skipped"]))
+        logger.info("%s", progress.line(step, record["train/loss"]))
+      if step % config.eval_steps == 0 or step == total:
+        last_eval = evaluate("test")
+        record = {**(record or {"step": step}), **_flat_metrics("eval", last_eval)}
+        if config.eval_train:  # train-split metrics at eval steps: overfitting, shown
+          record.update(_flat_metrics("train_eval", evaluate("train")))
+      if record is not None and primary:
+        workdir_lib.append_jsonl(metrics_path, record)
+      preempted = sharding.any_process(sigterm["set"])  # every process stops at one step
+      if step % config.checkpoint_steps == 0 or step == total or preempted:
+        if last_saved != step:
+          ckpt_lib.save(manager, step, state)
+          last_saved = step
+        if preempted and step < total:
+          raise Preempted(step, str(manager.directory))
 
+  finally:  # the reader threads stop with the loop, however it ends
+    feed.close()
   if last_eval is None:  # resumed at or past the end: evaluate what was restored
-    last_eval = evaluate(eval_step, test_data)
+    last_eval = evaluate("test")
   seeds_report = None
   if isinstance(last_eval, SeedMetrics):
     seeds_report = {"seeds": [config.seed + i for i in range(n_seeds)],
@@ -373,13 +441,14 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       "nonfinite_skipped": int(np.sum(state["nonfinite_skipped"])),
       "num_seeds": n_seeds,
       "mesh": dict(pl.mesh.shape),
+      "data_pipeline": feed.summary(),
       "config": config.to_dict(),
   }
   if seeds_report is not None:  # "tasks" is the mean over seeds
     summary["tasks_se"] = seeds_report["tasks_se"]
     summary["per_seed"] = seeds_report
-  if train_eval_step is not None:
-    train_metrics = evaluate(train_eval_step, train_data)
+  if config.eval_train:
+    train_metrics = evaluate("train")
     summary["train_metrics"] = getattr(train_metrics, "mean", train_metrics)
   tag = affinity.summary(config, ts, workdir if primary else None)
   if tag is not None:

@@ -31,7 +31,8 @@ from mtljax import params as params_lib
 # Config keys a resumed run may change (prefixes match subtrees).
 RESUMABLE_KEYS = ("total_steps", "steps_per_call", "log_steps", "eval_steps",
                   "checkpoint_steps", "eval_batch_size", "data.data_dir", "baselines",
-                  "baselines_cache", "mesh", "on_nonfinite")
+                  "baselines_cache", "mesh", "on_nonfinite", "data.pipeline",
+                  "data.device_budget_mb", "data.workers", "data.prefetch")
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

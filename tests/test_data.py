@@ -180,12 +180,13 @@ def _toy_arrays(n=8, y=None, c=None, x=None):
 
 def test_nan_labels_raise_naming_the_task():
   y = np.ones(8, np.float32); y[3] = np.nan
-  with pytest.raises(ValueError, match=r"task 'r': 1 NaN or infinite labels"):
+  with pytest.raises(ValueError, match=r"task 'r': 1 NaN or infinite label\(s\), the first at example 3"):
     loading.build_task_data("toy", _toy_spec(), _toy_arrays(y=y))
 
 
 def test_out_of_range_class_labels_raise():
-  with pytest.raises(ValueError, match=r"task 'c': labels must be in \[0, 3\)"):
+  with pytest.raises(ValueError, match=r"task 'c': labels must be in \[0, 3\).*first outside: "
+                     r"example 3, label 3"):
     loading.build_task_data("toy", _toy_spec(), _toy_arrays(c=np.array([0, 1, 2, 3] * 2)))
 
 

@@ -308,7 +308,8 @@ _CLI = ["--config=experiments/configs/sinusoids.py:quick", "--config.model.arch=
         "--config.model.hidden=(16,16)", "--config.sampling.examples_per_task=8",
         "--config.total_steps=20", "--config.steps_per_call=5", "--config.log_steps=5",
         "--config.eval_steps=10", "--config.checkpoint_steps=10",
-        "--config.eval_batch_size=64", "--config.mesh.data=4", "--config.mesh.task=2"]
+        "--config.eval_batch_size=64", "--config.mesh.data=4", "--config.mesh.task=2",
+        "--config.data.pipeline=device"]  # every process holds the whole split
 
 
 def _env(devices):

@@ -19,6 +19,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.input_key = "image"    # catalog data sets only
   c.data.label_keys = ()        # catalog data sets only; () = all class labels
   c.data.normalize_labels = True  # regression labels standardised per task (train stats)
+  c.data.pipeline = "auto"      # auto|device|host: inputs on the device, or read per step
+  c.data.device_budget_mb = 0.0  # auto: device path when inputs fit (0 = 1/4 of the device)
+  c.data.workers = 2            # host pipeline: Grain reader threads
+  c.data.prefetch = 2           # host pipeline: batches placed on the device ahead
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "multi_head"   # independent|multi_head|concat|additive|multiplicative|

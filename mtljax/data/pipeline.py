@@ -1,0 +1,386 @@
+"""The host input pipeline: data that does not fit on the device.
+
+The device path (:mod:`mtljax.data.loading`) puts every input on the device
+and samples inside the compiled step. Here only the *labels* and an index of
+records live in memory; each step's inputs are read from the split's data
+source (TFDS array_record, or any random-access sequence of dicts), decoded
+and normalised on the host, in Grain worker threads, and prefetched to the
+device with the step's input shardings, double-buffered.
+
+The draws are the step's own: task ids and example indices come from
+:func:`mtljax.steps.sample_indices` with the keys of
+:func:`mtljax.steps.step_keys` (computed on the host's CPU), so with one
+process the host path reads exactly the examples the device path gathers, and
+a batch is a pure function of ``(seed, step)``. The pipeline's state is
+therefore the step, which the checkpoint holds: a resumed run reads the
+batches it would have read (bitwise-identical parameters).
+
+Several processes: each reads only its shard of the train split (every
+``processes``-th record from its index), draws ``B / processes`` examples per slot from it (the same
+task ids everywhere), and the global batch is assembled with
+``jax.make_array_from_process_local_data``. Label statistics and task sizes are
+summed over processes. Every process reads the whole test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtljax.data import loading
+
+logger = logging.getLogger("mtljax")
+
+PIPELINES = ("auto", "device", "host")
+
+
+# ----------------------------------------------------------------------------
+# Choosing a pipeline.
+# ----------------------------------------------------------------------------
+
+
+def input_bytes(features, sources: dict, spec: loading.DataSpec) -> int:
+  """Bytes the device path needs for the inputs of every split (float32)."""
+  shape, _ = loading.input_feature(features, spec)
+  return sum(len(src) for src in sources.values()) * math.prod(shape) * 4
+
+
+def default_budget_mb() -> float:
+  """A quarter of the first device's memory where the backend reports it
+  (GPU, TPU), else 4096 MiB (CPU)."""
+  try:
+    limit = jax.devices()[0].memory_stats()["bytes_limit"]
+    return float(limit) / 4 / 2**20
+  except Exception:  # pylint: disable=broad-except  (CPU: no memory_stats)
+    return 4096.0
+
+
+def choose(pipeline: str, nbytes: int, budget_mb: float, process_count: int = 1
+           ) -> tuple[str, str]:
+  """``(pipeline, why)``: ``auto`` picks the device path when the inputs fit
+  ``budget_mb`` and one process runs, else the host pipeline."""
+  if pipeline not in PIPELINES:
+    raise ValueError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}.")
+  budget_mb = budget_mb or default_budget_mb()
+  size = f"inputs {nbytes / 2**20:.1f} MiB as float32, budget {budget_mb:g} MiB"
+  if pipeline != "auto":
+    return pipeline, f"config.data.pipeline={pipeline!r} ({size})"
+  if process_count > 1:
+    return "host", f"{process_count} processes: each reads its own shard ({size})"
+  if nbytes > budget_mb * 2**20:
+    return "host", f"{size}: over the budget"
+  return "device", f"{size}: they fit"
+
+
+# ----------------------------------------------------------------------------
+# Reading records.
+# ----------------------------------------------------------------------------
+
+
+class BadRecord(ValueError):
+  """A record whose input is not what the data set declares."""
+
+  def __init__(self, index: int, what: str):
+    super().__init__(what)
+    self.index, self.what = index, what
+
+
+@dataclasses.dataclass(frozen=True)
+class Reader:
+  """Reads and decodes the inputs of one split's records."""
+  source: Any
+  input_key: str
+  input_shape: tuple
+  input_dtype: np.dtype
+
+  def check(self, index: int, record: dict) -> np.ndarray:
+    """The record's input as float32 (uint8 / 255), or :class:`BadRecord`."""
+    x = np.asarray(record[self.input_key])
+    if x.shape != self.input_shape:
+      raise BadRecord(index, f"input {self.input_key!r} has shape {x.shape}, the data set "
+                             f"declares {self.input_shape}")
+    if x.dtype == np.uint8:
+      return x.astype(np.float32) / 255.0
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+      raise BadRecord(index, f"input {self.input_key!r} contains NaN or infinite values")
+    return x
+
+  def inputs(self, records: np.ndarray) -> np.ndarray:
+    """``[*records.shape, *input_shape]`` float32 (each record read once,
+    in one batched read)."""
+    uniq, inv = np.unique(records, return_inverse=True)
+    out = np.empty((len(uniq),) + self.input_shape, np.float32)
+    for j, (i, r) in enumerate(zip(uniq, loading.read_records(self.source, uniq))):
+      out[j] = self.check(int(i), r)
+    return out[inv.reshape(-1)].reshape(records.shape + self.input_shape)
+
+
+def _task_of_record(spec: loading.DataSpec, record: dict) -> str:
+  """The task(s) a record belongs to, for errors."""
+  if spec.split_key is None:
+    return f"task(s) {[c.task.name for c in spec.columns]}"
+  return f"task {spec.columns[0].task.name}{int(record[spec.split_key]):02d}"
+
+
+def shard(n: int, index: int, count: int) -> np.ndarray:
+  """Records of process ``index`` of ``count``: every ``count``-th from
+  ``index`` (strided, so a split written task by task gives every process
+  every task's examples)."""
+  return np.arange(index, n, count, dtype=np.int64)
+
+
+def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
+         task_names=(), max_train_examples: int | None = None, input_key: str = "image",
+         label_keys=(), normalize_labels: bool = True, sources: dict | None = None,
+         features=None, spec: loading.DataSpec | None = None, process_index: int | None = None,
+         process_count: int | None = None) -> loading.MultiTaskData:
+  """A data set for the host pipeline: labels and record indices in memory
+  (``records [S, N]`` in place of ``x``), inputs read on demand
+  (``data.readers``). ``sources``/``features``/``spec`` stand in for a TFDS
+  data set (any random-access sequence of dicts, for tests and custom data).
+
+  Every record is read once here (batched): its labels are kept, its input is
+  checked against the declared shape and for NaN. With several processes each
+  reads only its shard of the train split (``max_train_examples`` then counts
+  per process)."""
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if sources is None:
+    features, sources = loading.open_sources(name, data_dir=data_dir,
+                                             builder_config=builder_config)
+  if spec is None:
+    spec = loading.spec_for(name, features, builder_config, input_key, label_keys)
+  shape, dtype = loading.input_feature(features, spec)
+  keys = [c.label_key for c in spec.columns] + ([spec.split_key] if spec.split_key else [])
+  arrays, readers = {}, {}
+  for split, src in sources.items():
+    reader = Reader(src, spec.input_key, shape, np.dtype(dtype))
+    ids = shard(len(src), p, count) if split == "train" else shard(len(src), 0, 1)
+    where = (f" (process {p} of {count} reads records {p}::{count})"
+             if count > 1 and split == "train" else "")
+    if not len(ids):
+      raise ValueError(f"Data set {name!r}, split {split!r} has no examples{where}.")
+
+    def check(i, r, split=split, reader=reader):
+      try:
+        reader.check(i, r)
+      except BadRecord as e:
+        task = _task_of_record(spec, r)
+        raise ValueError(f"Data set {name!r}, split {split!r}, {task}, record {i}: "
+                         f"{e.what}.") from None
+    cols = loading.read_columns(src, keys, indices=ids, check=check)
+    cols[spec.input_key] = ids
+    arrays[split], readers[split] = cols, reader
+  if count > 1:
+    logger.info("Host pipeline: process %d of %d reads train records %d::%d (%d of %d).",
+                p, count, p, count, len(shard(len(sources["train"]), p, count)),
+                len(sources["train"]))
+  reduce = None
+  if count > 1 and jax.process_count() > 1:  # (count > 1 in one process: a simulation)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    reduce = lambda a: np.sum(multihost_utils.process_allgather(a), axis=0)
+  limit = max(max_train_examples // count, 1) if max_train_examples else None
+  try:
+    data = loading.build_task_data(name, spec, arrays, task_names=task_names,
+                                   max_train_examples=limit,
+                                   normalize_labels=normalize_labels, records=True,
+                                   reduce_sums=reduce)
+  except ValueError as e:
+    if count > 1:
+      raise ValueError(f"{e} (process {p} of {count} reads its shard of the train "
+                       "split: use fewer processes or the device pipeline)") from None
+    raise
+  return dataclasses.replace(data, input_shape=shape, readers=readers)
+
+
+# ----------------------------------------------------------------------------
+# Batches.
+# ----------------------------------------------------------------------------
+
+
+def _labels(split: dict, local_index: np.ndarray, task_ids, idx) -> dict:
+  """``{group: [K, B]}`` as :func:`mtljax.data.sampling.gather_batch` gathers
+  them (``idx`` ``[B]`` for every slot, or ``[K, B]``)."""
+  local = local_index[task_ids]
+  idx2 = np.broadcast_to(idx, (len(task_ids), idx.shape[-1]))
+  return {g: yg[np.clip(local, 0, yg.shape[0] - 1)[:, None], idx2]
+          for g, yg in split["y"].items()}
+
+
+class Batches:
+  """The training batches of a run, a pure function of ``(seed, step)``.
+
+  ``call(c)`` is host call ``c``'s batch: ``steps_per_call`` steps stacked
+  (no leading axis when it is 1), ``{"task_ids" [K] int32, "x" [K, B, ...] or
+  [B, ...] float32, "y" {group: [K, B]}}``, with ``B`` this process's share.
+  """
+
+  def __init__(self, data: loading.MultiTaskData, sampler, seed: int, *,
+               steps_per_call: int = 1, process_index: int | None = None,
+               process_count: int | None = None):
+    from mtljax import steps  # pylint: disable=g-import-not-at-top
+    if data.readers is None:
+      raise ValueError("Batches needs data loaded for the host pipeline "
+                       "(mtljax.data.pipeline.load).")
+    self.data, self.sampler, self.spc = data, sampler, int(steps_per_call)
+    p = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    b = sampler.examples_per_task
+    if b % count:
+      raise ValueError(f"config.sampling.examples_per_task={b} is split over {count} "
+                       "processes, which does not divide it.")
+    self.local_b = b // count
+    self.local_index = np.asarray(data.taskset.local_index)
+    split = data.train
+    cpu = jax.local_devices(backend="cpu")[0]
+    n = np.asarray(split["n"], np.int32)
+    # The sampler's arrays as host constants (with several processes, arrays
+    # made for the device mesh span devices of other processes).
+    sampler = sampler._replace(**{f: np.asarray(getattr(sampler, f))
+                                  for f in ("probs", "stream_ids", "local_index")})
+    local_b, spc = self.local_b, self.spc
+
+    def draws(call):
+      key = jax.random.key(seed)  # the step's key(seed) (state["rng"])
+      smp = sampler._replace(**{f: jnp.asarray(getattr(sampler, f))
+                                for f in ("probs", "stream_ids", "local_index")})
+
+      def one(i):
+        r_tasks, r_examples, _ = steps.step_keys(key, call * spc + i)
+        if count > 1:  # this process's own examples, the same tasks everywhere
+          r_examples = jax.random.fold_in(r_examples, p)
+        return steps.sample_indices(smp, jnp.asarray(n), r_tasks, r_examples, local_b)
+      return jax.vmap(one)(jnp.arange(spc))
+    with jax.default_device(cpu):
+      self._draws = jax.jit(draws)
+    self._cpu = cpu
+
+  def indices(self, call: int) -> tuple[np.ndarray, np.ndarray]:
+    """Task ids ``[spc, K]`` and example indices ``[spc, (K,) B]`` of a call."""
+    with jax.default_device(self._cpu):
+      ids, idx = self._draws(jnp.asarray(call, jnp.int32))
+    return np.asarray(ids), np.asarray(idx)
+
+  def call(self, call: int) -> dict:
+    ids, idx = self.indices(call)
+    split, reader = self.data.train, self.data.readers["train"]
+    out = {"task_ids": ids, "x": [], "y": []}
+    for t_ids, e_idx in zip(ids, idx):
+      if self.sampler.shared_inputs:
+        records = split["records"][split["source"][t_ids[0]], e_idx]
+      else:
+        records = split["records"][split["source"][t_ids][:, None], e_idx]
+      try:
+        out["x"].append(reader.inputs(records))
+      except BadRecord as e:
+        rows = np.argwhere(records == e.index)[0]
+        task = self.data.taskset.names[t_ids[rows[0]] if records.ndim == 2 else t_ids[0]]
+        raise ValueError(f"Data set {self.data.name!r}, split 'train', task {task!r}, "
+                         f"record {e.index}: {e.what}.") from None
+      out["y"].append(_labels(split, self.local_index, t_ids, e_idx))
+    batch = {"task_ids": ids.astype(np.int32), "x": np.stack(out["x"]),
+             "y": {g: np.stack([y[g] for y in out["y"]]) for g in out["y"][0]}}
+    if self.spc == 1:
+      batch = jax.tree.map(lambda a: a[0], batch)
+    return batch
+
+  def iterator(self, first_call: int, num_calls: int, workers: int = 2,
+               prefetch: int = 4) -> Iterator[dict]:
+    """Calls ``first_call .. num_calls - 1`` read by ``workers`` Grain threads."""
+    ds = grain.MapDataset.range(first_call, num_calls).map(self.call)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(int(workers), 1),
+                                                     prefetch_buffer_size=int(prefetch))))
+
+
+def eval_chunks(data: loading.MultiTaskData, split_name: str, chunk: int
+                ) -> Iterator[dict]:
+  """Every example of every task, ``chunk`` positions at a time:
+  ``{"x" [T, C, ...], "y" {group: [T, C]}, "valid" [T, C]}``."""
+  split, reader = data.split(split_name), data.readers[split_name]
+  n = np.asarray(split["n"])
+  num_tasks = len(n)
+  tasks = np.arange(num_tasks)
+  local = np.asarray(data.taskset.local_index)
+  for c in range(math.ceil(int(n.max()) / chunk)):
+    pos = c * chunk + np.arange(chunk)
+    valid = pos[None, :] < n[:, None]
+    idx = np.minimum(pos[None, :], n[:, None] - 1)
+    records = split["records"][split["source"][:, None], idx]
+    try:
+      x = reader.inputs(records)
+    except BadRecord as e:
+      task = data.taskset.names[int(np.argwhere(records == e.index)[0][0])]
+      raise ValueError(f"Data set {data.name!r}, split {split_name!r}, task {task!r}, "
+                       f"record {e.index}: {e.what}.") from None
+    yield {"x": x, "y": _labels(split, local, tasks, idx), "valid": valid}
+
+
+# ----------------------------------------------------------------------------
+# To the device.
+# ----------------------------------------------------------------------------
+
+
+def put(batch, shardings):
+  """A host batch on the devices: ``device_put`` with one process; with
+  several, each process's piece becomes its part of the global array."""
+  if jax.process_count() == 1:
+    return jax.device_put(batch, shardings)
+  return jax.make_array_from_process_local_data(shardings, batch)
+
+
+class Prefetch:
+  """Keeps ``size`` batches on the device ahead of the step (a thread puts
+  them with the step's input shardings while the step runs). ``wait_s``:
+  seconds ``next`` spent waiting for input."""
+
+  _END = object()
+
+  def __init__(self, batches: Iterator[dict], put_fn: Callable, size: int = 2):
+    self._q: queue.Queue = queue.Queue(maxsize=max(int(size), 1))
+    self._stop = threading.Event()
+    self.wait_s = 0.0
+
+    def work():
+      try:
+        for b in batches:
+          item = put_fn(b)
+          while not self._stop.is_set():
+            try:
+              self._q.put(item, timeout=0.1)
+              break
+            except queue.Full:
+              continue
+          if self._stop.is_set():
+            return
+        self._q.put(self._END)
+      except BaseException as e:  # pylint: disable=broad-except
+        self._q.put(e)
+    self._thread = threading.Thread(target=work, daemon=True, name="mtljax-prefetch")
+    self._thread.start()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    import time  # pylint: disable=g-import-not-at-top
+    t0 = time.perf_counter()
+    item = self._q.get()
+    self.wait_s += time.perf_counter() - t0
+    if item is self._END:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()

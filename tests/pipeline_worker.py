@@ -1,0 +1,55 @@
+"""One process of a two-process host-pipeline run (tests/test_pipeline.py
+starts two, with 4 fake CPU devices each, on localhost).
+
+    python tests/pipeline_worker.py COORDINATOR PROCESS_ID OUT_DIR WORKDIR
+
+Writes ``OUT_DIR/p{PROCESS_ID}.json``: the train records this process holds,
+the records its first calls read, their task ids, the label statistics and
+task sizes it uses; then trains a few steps of the host pipeline on the global
+mesh of 8 (a shared ``WORKDIR``) and adds the final loss.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from mtljax import sharding  # noqa: E402  (before any other jax call)
+
+coordinator, pid, out_dir, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sharding.initialize_distributed(coordinator, 2, pid)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import helpers  # noqa: E402
+
+from mtljax import build  # noqa: E402
+from mtljax import train  # noqa: E402
+
+config = helpers.small_sinusoids_config(**{"data.pipeline": "auto", "mesh.data": 4,
+                                           "mesh.task": 2, "total_steps": 10,
+                                           "steps_per_call": 5, "log_steps": 5,
+                                           "eval_steps": 10, "checkpoint_steps": 10})
+data = build.data_from_config(config)
+run = build.build_run(config, data)
+split = data.train
+held = sorted({int(r) for t, n in enumerate(split["n"])
+               for r in split["records"][split["source"][t], :n]})
+reads, ids = [], []
+for c in range(3):
+  t, idx = run.batches.indices(c)
+  for t_step, i_step in zip(t, idx):
+    reads.extend(split["records"][split["source"][t_step][:, None], i_step].ravel().tolist())
+    ids.append(t_step.tolist())
+summary = train.train_and_evaluate(config, workdir)
+out = {"held": held, "reads": reads, "task_ids": ids,
+       "label_mean": data.label_mean.tolist(), "label_std": data.label_std.tolist(),
+       "num_train": np.asarray(data.num_train).tolist(),
+       "pipeline": summary["data_pipeline"]["pipeline"],
+       "loss": summary["tasks"][data.taskset.names[0]]["mse"],
+       "processes": jax.process_count(), "devices": jax.device_count()}
+with open(os.path.join(out_dir, f"p{pid}.json"), "w") as f:
+  json.dump(out, f)
