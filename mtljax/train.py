@@ -180,7 +180,7 @@ class _Affinity:
     return out
 
 
-class _DeviceFeed:
+class DeviceFeed:
   """The device path: both splits on the device, the step samples its batch."""
 
   def __init__(self, config, data, run):
@@ -210,7 +210,7 @@ class _DeviceFeed:
     return {"pipeline": "device"}
 
 
-class _HostFeed:
+class HostFeed:
   """The host pipeline (:mod:`mtljax.data.pipeline`): batches read by Grain
   threads from the call of step ``first_step`` on, prefetched to the devices
   with the step's input shardings; evaluation chunk by chunk."""
@@ -367,9 +367,9 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
                 "checkpoint).", dropped, _step(state))
   pl = run.placement
   if run.batches is None:
-    feed = _DeviceFeed(config, data, run)
+    feed = DeviceFeed(config, data, run)
   else:
-    feed = _HostFeed(config, data, run, _step(state))
+    feed = HostFeed(config, data, run, _step(state))
   state = sharding.place(state, run.state_shardings)
   train_step = feed.train_step
   n_seeds = run.num_seeds

@@ -91,6 +91,47 @@ def test_host_run_equals_device_run(tmp_path):
   _assert_same_run(str(tmp_path / "device"), str(tmp_path / "host"), rtol=1e-6)
 
 
+class _TinyImages(tfds.core.GeneratorBasedBuilder):
+  """12 uint8 8x8x3 images stored two ways (raw bytes; one int64 per pixel)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    t = lambda enc: tfds.features.Tensor(shape=(8, 8, 3), dtype=np.uint8, encoding=enc)
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "raw": t(tfds.features.Encoding.BYTES), "ints": t(tfds.features.Encoding.NONE),
+        "label": tfds.features.ClassLabel(num_classes=3)}))
+
+  def _split_generators(self, dl_manager):  # pylint: disable=unused-argument
+    return {"train": self._generate_examples(0), "test": self._generate_examples(1)}
+
+  def _generate_examples(self, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(12):
+      img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+      yield i, {"raw": img, "ints": img, "label": i % 3}
+
+
+@pytest.mark.parametrize("name, builder_config", [("multi_digits", "n300_m60_s0"),
+                                                  ("tiny_images", "")])
+def test_the_input_parsed_alone_equals_tfds_decoding(name, builder_config, tmp_path):
+  if name == "tiny_images":
+    builder = _TinyImages(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    source, keys = builder.as_data_source(split="train"), ("raw", "ints")
+  else:
+    _, sources = loading.open_sources(name, builder_config=builder_config)
+    source, keys = sources["train"], ("image",)
+  records = np.array([[3, 0, 3], [7, 11, 1]])
+  for key in keys:
+    feat = source.dataset_info.features[key]
+    reader = pipeline.Reader(source, key, tuple(feat.shape), np.dtype(feat.np_dtype))
+    assert reader.raw is not None  # the fast path
+    want = np.stack([reader.check(int(i), r) for i, r in
+                     zip(records.ravel(), loading.read_records(source, records.ravel()))])
+    got = reader.inputs(records)
+    np.testing.assert_array_equal(got, want.reshape(got.shape))
+
+
 # ----------------------------------------------------------------------------
 # A small data set of our own: each record's input is its own index.
 # ----------------------------------------------------------------------------

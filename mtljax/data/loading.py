@@ -245,7 +245,7 @@ def catalog_spec(features, input_key: str, label_keys: Sequence[str]) -> DataSpe
   classification task and every scalar bool feature a binary task (nested
   features are addressed by slash paths, e.g. ``attributes/Smiling``).
   """
-  flat = _flatten_features(features)
+  flat = flatten_features(features)
   if input_key not in flat:
     raise ValueError(
         f"config.data.input_key={input_key!r} is not a feature of this data set; "
@@ -275,11 +275,12 @@ def catalog_spec(features, input_key: str, label_keys: Sequence[str]) -> DataSpe
   return DataSpec(input_key, tuple(columns))
 
 
-def _flatten_features(features, prefix=""):
+def flatten_features(features, prefix=""):
+  """``{slash path: feature}`` of a (nested) ``FeaturesDict``."""
   out = {}
   for k, f in features.items():
     if isinstance(f, tfds.features.FeaturesDict):
-      out.update(_flatten_features(f, f"{prefix}{k}/"))
+      out.update(flatten_features(f, f"{prefix}{k}/"))
     else:
       out[f"{prefix}{k}"] = f
   return out
@@ -475,7 +476,7 @@ def spec_for(name: str, features, builder_config: str = "", input_key: str = "im
 
 def input_feature(features, spec: DataSpec):
   """``(shape, dtype)`` the data set declares for its input feature."""
-  feat = _flatten_features(features)[spec.input_key]
+  feat = flatten_features(features)[spec.input_key]
   return tuple(feat.shape), np.dtype(feat.np_dtype)
 
 
