@@ -37,6 +37,9 @@ def target_config(config, k: int) -> ml_collections.ConfigDict:
 def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], dict]:
   """Test MSE (mean over tasks) on ``data`` before and after each of ``steps``
   steps. ``init_state(run) -> state`` replaces the run's initial state."""
+  if data.readers is not None:
+    raise ValueError("transfer_sinusoids records curves on data held on the device: set "
+                     "config.data.pipeline='device'.")
   run = build.build_run(config, data)
   state = run.state if init_state is None else init_state(run)
   pl, n = run.placement, len(data.taskset)

@@ -115,8 +115,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("workers", "prefetch"):
     if key in config.data:
       _positive_int(config, f"data.{key}")
-  sharding.placement_from_config(config)  # the mesh's sizes and the rules' axis names
-  num_seeds(config)
+  if config.eval_train and jax.process_count() > 1 and \
+      config.data.get("pipeline", "auto") != "device":
+    raise ValueError("config.eval_train with several processes needs "
+                     "config.data.pipeline='device' (on the host pipeline each process "
+                     "holds only its shard of the train split).")
+  placement = sharding.placement_from_config(config)  # mesh sizes, rules' axis names
+  placement.check_seeds(num_seeds(config))
 
 
 # ----------------------------------------------------------------------------
@@ -139,12 +144,22 @@ def data_from_config(config) -> loading.MultiTaskData:
                                            builder_config=d.builder_config)
   spec = loading.spec_for(d.name, features, d.builder_config, kwargs["input_key"],
                           kwargs["label_keys"])
-  kind, why = pipeline.choose(kind, pipeline.input_bytes(features, sources, spec),
-                              d.get("device_budget_mb", 0.0), jax.process_count())
-  logger.info("Data pipeline: %s (%s).", kind, why)
-  if kind == "host":
-    return pipeline.load(d.name, sources=sources, features=features, spec=spec, **kwargs)
-  return loading.load(d.name, opened=(features, sources), **kwargs)
+  budget = d.get("device_budget_mb", 0.0)
+  kind, why = pipeline.choose(kind, pipeline.input_bytes(features, sources, spec), budget,
+                              jax.process_count())
+  if kind == "device":
+    data = loading.load(d.name, opened=(features, sources), **kwargs)
+    padded = data.train["x"].nbytes + data.test["x"].nbytes
+    if d.get("pipeline", "auto") != "auto" or padded <= (budget or
+                                                         pipeline.default_budget_mb()) * 2**20:
+      logger.info("Data pipeline: device (%s).", why)
+      return data
+    kind, why = "host", (f"the device layout, each input source padded to the longest, "
+                         f"is {padded / 2**20:.1f} MiB: over the budget")
+  logger.info("Data pipeline: host (%s).", why)
+  index, count = sharding.placement_from_config(config).data_shard()
+  return pipeline.load(d.name, sources=sources, features=features, spec=spec,
+                       shard_index=index, shard_count=count, **kwargs)
 
 
 def model_from_config(config, taskset, input_shape) -> multitask.Model:
@@ -358,7 +373,9 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   batches = None
   if host:
     sampler = steps.make_sampler(ts, probs, k, s.examples_per_task, s.replace, s.shared_inputs)
-    batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc)
+    index, count = placement.data_shard()
+    batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc,
+                               shard_index=index, shard_count=count)
     eval_fn = steps.make_chunk_eval_step(model, label_mean=data.label_mean,
                                          label_std=data.label_std)
   else:
@@ -366,10 +383,11 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
                                    label_std=data.label_std,
                                    num_examples=data.split(eval_split)["x"].shape[1],
                                    batch_size=config.eval_batch_size)
-  if n_seeds > 1:
-    train_fn = jax.vmap(train_fn, in_axes=(0, None))
-    eval_fn = jax.vmap(eval_fn, in_axes=(0, None))
-  state_shardings = placement.state(state, lead=int(n_seeds > 1))
+  if n_seeds > 1:  # on a mesh with a seed axis, each device group runs its seeds
+    spmd = placement.seed_axis
+    train_fn = jax.vmap(train_fn, in_axes=(0, None), spmd_axis_name=spmd)
+    eval_fn = jax.vmap(eval_fn, in_axes=(0, None), spmd_axis_name=spmd)
+  state_shardings = placement.state(state, lead=int(n_seeds > 1), seeds=n_seeds > 1)
   state = sharding.place(state, state_shardings)
   logger.info("Mesh %s on %d %s device(s).", dict(placement.mesh.shape),
               placement.mesh.size, jax.default_backend())

@@ -221,6 +221,9 @@ def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskDat
   folds = make_folds(data, k, cv.seed)
   ts = data.taskset
   stack = lambda trees: jax.tree.map(lambda *a: np.stack(a), *trees)
+  if config.get("mesh", None) is not None and config.mesh.get("seed", 1) > 1:
+    config = _with_overrides(config, {})  # one seed per fold: the seed axis's devices
+    config.mesh.seed, config.mesh.data = 1, -1  # go to `data` for the selection
   placement = sharding.placement_from_config(config)
   fold_train, fold_val = (stack([f[i] for f in folds]) for i in (0, 1))
   train_sh = placement.data(fold_train, len(ts), lead=1)

@@ -1,6 +1,6 @@
 """The device mesh and every sharding of a run: one module owns both.
 
-A run's mesh has two axes (XLA SPMD, ``jax.sharding.AxisType.Auto``: the
+A run's mesh has three axes (XLA SPMD, ``jax.sharding.AxisType.Auto``: the
 compiler inserts the collectives):
 
 * ``data``: the examples of a step's batch are split along it (data
@@ -8,6 +8,9 @@ compiler inserts the collectives):
 * ``task``: stacked per-task leaves (``tasks/...``, leading axis T), their
   optimizer state and per-task data are split along it, so thousands of task
   heads spread over devices.
+* ``seed``: with ``config.num_seeds`` N > 1, the stacked seeds (the state's
+  leading axis) are split along it (``vmap(..., spmd_axis_name="seed")``), so
+  each device group trains its own seeds. Default 1.
 
 Shardings come from ordered rules ``(regex over slash paths, PartitionSpec)``;
 the first rule whose regex matches (``re.search``) a parameter's path decides
@@ -38,7 +41,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mtljax import params as params_lib
 
-AXES = ("data", "task")
+AXES = ("data", "task", "seed")
 
 
 # ----------------------------------------------------------------------------
@@ -46,16 +49,17 @@ AXES = ("data", "task")
 # ----------------------------------------------------------------------------
 
 
-def make_mesh(data: int = -1, task: int = 1, devices: Sequence | None = None) -> Mesh:
-  """A ``(data, task)`` mesh over ``devices`` (default: every device of every
-  process). One size may be -1: whatever the other leaves."""
+def make_mesh(data: int = -1, task: int = 1, devices: Sequence | None = None,
+              seed: int = 1) -> Mesh:
+  """A ``(data, task, seed)`` mesh over ``devices`` (default: every device of
+  every process). One size may be -1: whatever the others leave."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  sizes = {"data": int(data), "task": int(task)}
+  sizes = {"data": int(data), "task": int(task), "seed": int(seed)}
   unknown = [k for k, v in sizes.items() if v == -1]
   if len(unknown) > 1:
-    raise ValueError("config.mesh: at most one of data/task may be -1 (the rest of the "
-                     "devices).")
+    raise ValueError("config.mesh: at most one of data/task/seed may be -1 (the rest of "
+                     "the devices).")
   for k, v in sizes.items():
     if v == 0 or v < -1:
       raise ValueError(f"config.mesh.{k}={v} must be a positive size or -1.")
@@ -66,13 +70,14 @@ def make_mesh(data: int = -1, task: int = 1, devices: Sequence | None = None) ->
                        f"{'x'.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} "
                        "and a whole number for the rest.")
     sizes[unknown[0]] = n // other
-  if sizes["data"] * sizes["task"] != n:
-    raise ValueError(f"config.mesh: data={sizes['data']} x task={sizes['task']} = "
-                     f"{sizes['data'] * sizes['task']} devices, but there are {n} "
-                     f"({jax.default_backend()}); the product must equal the device count "
-                     "(use -1 for one axis to take the rest).")
-  return jax.make_mesh((sizes["data"], sizes["task"]), AXES,
-                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+  total = math.prod(sizes.values())
+  if total != n:
+    raise ValueError(f"config.mesh: {' x '.join(f'{k}={v}' for k, v in sizes.items())} = "
+                     f"{total} devices, but there are {n} ({jax.default_backend()}); the "
+                     "product must equal the device count (use -1 for one axis to take "
+                     "the rest).")
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
+                       axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 # ----------------------------------------------------------------------------
@@ -255,16 +260,51 @@ class Placement:
       return self.named(P(), lead)
     return params_lib.tree_map_with_names(one, opt_state)
 
-  def state(self, state, lead: int = 0):
+  def state(self, state, lead: int = 0, seeds: bool = False):
     """Shardings for a train state ``{"step", "params", "opt_state",
     "objective_state", ["anchor"], ["hparams"]}`` with ``lead`` leading
-    (vmapped) axes that are not split."""
+    (vmapped) axes that are not split -- except, with ``seeds``, the one
+    leading seeds axis, split along the mesh's ``seed`` axis."""
     out = {k: jax.tree.map(lambda _: self.named(P(), lead), v) for k, v in state.items()}
     out["params"] = self.params(state["params"], lead)
     out["opt_state"] = self.opt_state(state["opt_state"], state["params"], lead)
     if "anchor" in state:
       out["anchor"] = self.params(state["anchor"], lead)
+    if seeds and self.mesh.shape["seed"] > 1:
+      n = {np.shape(a)[0] for a in jax.tree.leaves(state)}
+      self.check_seeds(n.pop() if len(n) == 1 else 0)
+      out = jax.tree.map(lambda sh: NamedSharding(self.mesh, P("seed", *sh.spec[1:])), out,
+                         is_leaf=lambda x: isinstance(x, NamedSharding))
     return out
+
+  @property
+  def seed_axis(self) -> str | None:
+    """``"seed"`` when the mesh splits seeds (``vmap``'s ``spmd_axis_name``)."""
+    return "seed" if self.mesh.shape["seed"] > 1 else None
+
+  def data_shard(self) -> tuple[int, int]:
+    """``(index, count)``: which of ``count`` equal slices of the ``data``
+    axis this process's devices hold. Processes holding the same slice are
+    replicas (they must feed the same examples); with one process, or a
+    ``data`` axis inside every process, it is ``(0, 1)``."""
+    devices = np.asarray(self.mesh.devices)
+    mine = sorted({int(i) for i in np.argwhere(np.vectorize(
+        lambda d: d.process_index == jax.process_index())(devices))[:, 0]})
+    size = self.mesh.shape["data"]
+    if not mine or size % len(mine) or mine != list(range(mine[0], mine[0] + len(mine))) \
+        or mine[0] % len(mine):
+      raise ValueError(f"The mesh gives process {jax.process_index()} the data-axis rows "
+                       f"{mine} of {size}, not one of equal contiguous slices; the host "
+                       "pipeline cannot split examples so. Choose config.mesh.data as a "
+                       "multiple of the process count (or 1).")
+    return mine[0] // len(mine), size // len(mine)
+
+  def check_seeds(self, num_seeds: int) -> None:
+    s = self.mesh.shape["seed"]
+    if s > 1 and (num_seeds < 2 or num_seeds % s):
+      raise ValueError(f"config.mesh.seed={s} splits config.num_seeds={num_seeds} seeds "
+                       "over devices; num_seeds must be a multiple of it (or set "
+                       "config.mesh.seed=1).")
 
   def data(self, split: dict, num_tasks: int, lead: int = 0):
     """A split's arrays: per-task leaves (inputs of one source per task,
@@ -304,7 +344,8 @@ def placement_from_config(config) -> Placement:
   if m is None:
     return Placement(make_mesh())
   rules = parse_rules(m.get("rules", ""))
-  return Placement(make_mesh(m.get("data", -1), m.get("task", 1)), rules)
+  return Placement(make_mesh(m.get("data", -1), m.get("task", 1), seed=m.get("seed", 1)),
+                   rules)
 
 
 # ----------------------------------------------------------------------------

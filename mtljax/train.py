@@ -216,23 +216,25 @@ class HostFeed:
   with the step's input shardings; evaluation chunk by chunk."""
 
   def __init__(self, config, data, run, first_step: int):
-    if config.eval_train and jax.process_count() > 1:
-      raise ValueError("config.eval_train with the host pipeline and several processes: "
-                       "each process holds only its shard of the train split.")
     pl, spc = run.placement, run.steps_per_call
     self.data, self.chunk = data, int(config.eval_batch_size)
     batch_sh = pl.host_batch(data.train, config.sampling.shared_inputs, lead=int(spc > 1))
     self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, batch_sh, pl)
     self._chunk_step = jax.jit(run.eval_fn, out_shardings=pl.replicated)
     self._replicated = pl.replicated
-    reader = run.batches.iterator(first_step // spc, int(config.total_steps) // spc,
-                                  workers=config.data.get("workers", 2),
-                                  prefetch=2 * config.data.get("prefetch", 2))
-    self.feed = pipeline.Prefetch(reader, lambda b: pipeline.put(b, batch_sh),
-                                  size=config.data.get("prefetch", 2))
-    self.calls = 0
+    count, prefetch = run.batches.shard_count, config.data.get("prefetch", 2)
+
+    def start():  # on the first batch asked for (no threads left behind by setup errors)
+      reader = run.batches.iterator(first_step // spc, int(config.total_steps) // spc,
+                                    workers=config.data.get("workers", 2),
+                                    prefetch=2 * prefetch)
+      return pipeline.Prefetch(reader, lambda b: pipeline.put(b, batch_sh, count),
+                               size=prefetch)
+    self._start, self.feed, self.calls = start, None, 0
 
   def next(self):
+    if self.feed is None:
+      self.feed = self._start()
     self.calls += 1
     return next(self.feed)
 
@@ -244,11 +246,12 @@ class HostFeed:
     return acc
 
   def close(self):
-    self.feed.close()
+    if self.feed is not None:
+      self.feed.close()
 
   def summary(self) -> dict:
     return {"pipeline": "host", "calls": self.calls,
-            "input_wait_s": round(self.feed.wait_s, 3)}
+            "input_wait_s": round(self.feed.wait_s if self.feed else 0.0, 3)}
 
 
 def _log_parameters(state) -> None:
@@ -365,6 +368,12 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   if dropped:
     logger.info("metrics.jsonl: dropped %d row(s) past step %d (written after the last "
                 "checkpoint).", dropped, _step(state))
+  if _step(state) % run.steps_per_call:
+    raise ValueError(
+        f"The checkpoint in {manager.directory} is at step {_step(state)}, which "
+        f"steps_per_call={run.steps_per_call} does not divide (this run's calls would not "
+        "line up with the steps already taken): resume with a config.steps_per_call "
+        f"dividing {_step(state)} and the intervals.")
   pl = run.placement
   if run.batches is None:
     feed = DeviceFeed(config, data, run)

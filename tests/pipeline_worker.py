@@ -6,7 +6,8 @@ starts two, with 4 fake CPU devices each, on localhost).
 Writes ``OUT_DIR/p{PROCESS_ID}.json``: the train records this process holds,
 the records its first calls read, their task ids, the label statistics and
 task sizes it uses; then trains a few steps of the host pipeline on the global
-mesh of 8 (a shared ``WORKDIR``) and adds the final loss.
+mesh of 8 (a shared ``WORKDIR``) and adds the final loss; then the same run on
+a mesh with ``data=1`` (both processes replicas of one data shard).
 """
 
 import json
@@ -45,11 +46,16 @@ for c in range(3):
     reads.extend(split["records"][split["source"][t_step][:, None], i_step].ravel().tolist())
     ids.append(t_step.tolist())
 summary = train.train_and_evaluate(config, workdir)
+# A mesh whose data axis lies inside each process (data=1): both processes are
+# replicas of one data shard, read the whole split and feed the same examples.
+replicas = helpers.with_overrides(config, {"mesh.data": 1, "mesh.task": 8})
+replica_summary = train.train_and_evaluate(replicas, workdir + "_replicas")
 out = {"held": held, "reads": reads, "task_ids": ids,
        "label_mean": data.label_mean.tolist(), "label_std": data.label_std.tolist(),
        "num_train": np.asarray(data.num_train).tolist(),
        "pipeline": summary["data_pipeline"]["pipeline"],
        "loss": summary["tasks"][data.taskset.names[0]]["mse"],
-       "processes": jax.process_count(), "devices": jax.device_count()}
+       "processes": jax.process_count(), "devices": jax.device_count(),
+       "replica_tasks": replica_summary["tasks"]}
 with open(os.path.join(out_dir, f"p{pid}.json"), "w") as f:
   json.dump(out, f)

@@ -327,6 +327,18 @@ def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
   assert [r["step"] for r in _rows(workdir)] == [10, 20]
 
 
+def test_resuming_where_steps_per_call_does_not_divide_the_step_is_refused(tmp_path):
+  # A checkpoint at step 15 (calls of 5), resumed with calls of 10: the calls
+  # would not line up with the steps taken (the loop would run past the end).
+  workdir = str(tmp_path)
+  train.train_and_evaluate(_small(total_steps=15, log_steps=5, eval_steps=15,
+                                  checkpoint_steps=5), workdir)
+  with pytest.raises(ValueError, match=r"at step 15, which steps_per_call=10 does not "
+                                       r"divide.*dividing 15"):
+    train.train_and_evaluate(_small(total_steps=40, steps_per_call=10, log_steps=10,
+                                    eval_steps=20, checkpoint_steps=10), workdir)
+
+
 def _truncate_largest_file(step_dir):
   files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
   biggest = max(files, key=os.path.getsize)

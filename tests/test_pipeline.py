@@ -232,7 +232,7 @@ def test_each_process_reads_its_own_shard():
   sizes = [7, 12, 9]
   sources = _family(sizes)
   shards = [pipeline.load("fam", sources=sources, features=_features(), spec=_FAMILY,
-                          process_index=p, process_count=2) for p in range(2)]
+                          shard_index=p, shard_count=2) for p in range(2)]
   held = []
   for p, data in enumerate(shards):
     tr = data.train
@@ -242,7 +242,7 @@ def test_each_process_reads_its_own_shard():
   probs = sampling.task_probabilities("uniform", np.asarray(sizes))
   sampler = steps.make_sampler(shards[0].taskset, probs, 2, 6, False, False)
   calls = [pipeline.Batches(d, sampler, 1, steps_per_call=4,
-                            process_index=p, process_count=2).call(2)
+                            shard_index=p, shard_count=2).call(2)
            for p, d in enumerate(shards)]
   np.testing.assert_array_equal(calls[0]["task_ids"], calls[1]["task_ids"])  # same tasks
   for p, b in enumerate(calls):
@@ -279,6 +279,14 @@ def test_two_processes_read_disjoint_shards_and_train_on_a_global_mesh(tmp_path)
     assert np.isfinite(g["loss"])
   assert got[0]["task_ids"] == got[1]["task_ids"]
   assert got[0]["loss"] == got[1]["loss"]  # one global model
+  # data=1: both processes read the whole split and feed the same examples, so
+  # the run is the one-process run.
+  one = train.train_and_evaluate(helpers.small_sinusoids_config(**{
+      "data.pipeline": "host", "total_steps": 10, "steps_per_call": 5, "log_steps": 5,
+      "eval_steps": 10, "checkpoint_steps": 10}), str(tmp_path / "one"))
+  for g in got:
+    for task, metrics in one["tasks"].items():
+      np.testing.assert_allclose(g["replica_tasks"][task]["mse"], metrics["mse"], rtol=2e-4)
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [5, 10]  # written once, by process 0
 
@@ -366,7 +374,7 @@ def test_a_task_with_an_empty_split_names_the_task_and_split():
 def test_an_input_larger_than_declared_names_task_split_and_record():
   sources = _family([4, 5], bad={6})
   sources["train"].corrupt = True
-  with pytest.raises(ValueError, match=r"split 'train', task t01, record 6: input 'x' has "
+  with pytest.raises(ValueError, match=r"split 'train', task 't01', record 6: input 'x' has "
                                        r"shape \(3,\), the data set declares \(2,\)"):
     pipeline.load("fam", sources=sources, features=_features(), spec=_FAMILY)
 

@@ -38,11 +38,11 @@ def _params(num_tasks=8):
 
 
 def test_default_rules_split_task_stacks_only_when_the_task_axis_is_split():
-  mesh = AbstractMesh((2, 4), sharding.AXES)
+  mesh = AbstractMesh((2, 4, 1), sharding.AXES)
   specs = sharding.param_specs(_params(), sharding.default_rules(mesh), mesh)
   assert specs["shared"]["trunk"]["layer_0"]["kernel"] == P()
   assert specs["tasks"]["heads"]["reg"]["kernel"] == P("task")
-  one = AbstractMesh((8, 1), sharding.AXES)
+  one = AbstractMesh((8, 1, 1), sharding.AXES)
   specs = sharding.param_specs(_params(), sharding.default_rules(one), one)
   assert specs["tasks"]["heads"]["reg"]["kernel"] == P()
 
@@ -50,7 +50,7 @@ def test_default_rules_split_task_stacks_only_when_the_task_axis_is_split():
 def test_rules_from_the_command_line_first_match_wins():
   rules = sharding.parse_rules("^tasks/:task; kernel$:_,data; .*:")
   assert rules == (("^tasks/", P("task")), (" kernel$".strip(), P(None, "data")), (".*", P()))
-  mesh = AbstractMesh((2, 4), sharding.AXES)
+  mesh = AbstractMesh((2, 4, 1), sharding.AXES)
   specs = sharding.param_specs(_params(), rules, mesh)
   assert specs["tasks"]["heads"]["reg"]["kernel"] == P("task")  # rule 1 before rule 2
   assert specs["shared"]["trunk"]["layer_0"]["kernel"] == P(None, "data")
@@ -67,7 +67,7 @@ def test_bad_rules_are_named(spec, message):
 
 
 def test_unmatched_parameters_and_unused_rules_are_errors():
-  mesh = AbstractMesh((2, 4), sharding.AXES)
+  mesh = AbstractMesh((2, 4, 1), sharding.AXES)
   with pytest.raises(ValueError, match=r"no rule matches \['shared/trunk/layer_0/kernel'\]"):
     sharding.param_specs(_params(), sharding.parse_rules("^tasks/:task"), mesh)
   with pytest.raises(ValueError, match=r"rule\(s\) \['\^experts/'\] match no parameter"):
@@ -75,15 +75,15 @@ def test_unmatched_parameters_and_unused_rules_are_errors():
 
 
 def test_a_task_axis_that_does_not_divide_the_task_count_is_an_error():
-  mesh = AbstractMesh((2, 4), sharding.AXES)
+  mesh = AbstractMesh((2, 4, 1), sharding.AXES)
   with pytest.raises(ValueError, match=r"tasks/heads/reg/\w+ \(6, .*dimension 0 \(6\) is split "
                                        r"along mesh axis 'task' of size 4"):
     sharding.param_specs(_params(6), sharding.default_rules(mesh), mesh)
 
 
 @pytest.mark.parametrize("data, task, message", [
-    (3, 1, r"data=3 x task=1 = 3 devices, but there are 1"),
-    (-1, -1, "at most one of data/task may be -1"),
+    (3, 1, r"data=3 x task=1 x seed=1 = 3 devices, but there are 1"),
+    (-1, -1, "at most one of data/task/seed may be -1"),
     (0, 1, "config.mesh.data=0 must be a positive size or -1"),
     (-1, 2, "1 devices cannot be split into task=2"),
 ])
@@ -100,10 +100,24 @@ def test_optimizer_leaves_mirror_their_parameters():
 
 
 def test_examples_per_task_must_divide_along_the_data_axis():
-  pl = sharding.Placement(AbstractMesh((4, 2), sharding.AXES))
+  pl = sharding.Placement(AbstractMesh((4, 2, 1), sharding.AXES))
   with pytest.raises(ValueError, match="examples_per_task=6 is split along mesh axis 'data' "
                                        "of size 4"):
     pl.check_batch(6)
+
+
+def test_seeds_must_fill_the_seed_axis():
+  pl = sharding.Placement(AbstractMesh((2, 1, 4), sharding.AXES))
+  for n in (1, 6):
+    with pytest.raises(ValueError, match=f"config.mesh.seed=4 splits config.num_seeds={n} "
+                                         "seeds over devices; num_seeds must be a multiple"):
+      pl.check_seeds(n)
+  pl.check_seeds(8)
+  state = {"step": jnp.zeros((8,), jnp.int32),
+           "params": jax.tree.map(lambda a: jnp.zeros((8,) + a.shape), _params()),
+           "opt_state": {"shared": {}, "tasks": {}}, "objective_state": {}}
+  sh = pl.state(state, lead=1, seeds=True)
+  assert all(s.spec[0] == "seed" for s in jax.tree.leaves(sh))
 
 
 def test_one_device_placement_leaves_every_leaf_replicated():
@@ -161,13 +175,17 @@ def _assert_same_run(ref_out, ref_name, out, name):
   assert [sorted(r) for r in got["metrics"]] == [sorted(r) for r in ref["metrics"]]
   for r_got, r_ref in zip(got["metrics"], ref["metrics"]):
     for k, v in r_ref.items():
-      np.testing.assert_allclose(r_got[k], v, rtol=2e-4, atol=2e-5, err_msg=k)
+      if isinstance(v, dict):  # N seeds' per_seed lists
+        for kk, vv in v.items():
+          np.testing.assert_allclose(r_got[k][kk], vv, rtol=2e-4, atol=2e-5, err_msg=kk)
+      else:
+        np.testing.assert_allclose(r_got[k], v, rtol=2e-4, atol=2e-5, err_msg=k)
   assert got["compilations"] == 1
 
 
 def _assert_compiled_shardings(result, mesh):
   sh = result["shardings"]
-  assert sh["mesh"] == {"data": mesh[0], "task": mesh[1]}
+  assert sh["mesh"] == {"data": mesh[0], "task": mesh[1], "seed": 1}
   assert sh["in_state"] == sh["want_state"] == sh["out_state"]
   assert sh["in_data"] == sh["want_data"]
   task_split = "P('task',)" if mesh[1] > 1 else "P()"
@@ -206,13 +224,21 @@ def test_sharded_runs_equal_one_device_for_every_mesh_and_method_kind(tmp_path):
                           "sampling.examples_per_task": 16, "total_steps": 4,
                           "steps_per_call": 2, "log_steps": 2, "eval_steps": 4,
                           "checkpoint_steps": 4, "mesh.data": 1, "mesh.task": 1}}
-  ref = _run_worker(tmp_path, "one", [_case(m, m, (1, 1)) for m in methods] + [digits],
-                    devices=1)
+  seeds = _case("seeds", "fixed", (1, 1), **{"num_seeds": 4})
+  ref = _run_worker(tmp_path, "one", [_case(m, m, (1, 1)) for m in methods] +
+                    [digits, seeds], devices=1)
   digits8 = json.loads(json.dumps(digits))
   digits8["overrides"].update({"mesh.data": 4, "mesh.task": 2})
+  # 4 seeds split over a seed axis of 4 (each group of 2 devices runs one seed).
+  seeds8 = _case("seeds", "fixed", (2, 1), True, **{"num_seeds": 4, "mesh.seed": 4})
   cases = [_case(f"{m}_{k}", m, _MESHES[k], check_shardings=(m == "fixed"))
            for m, ks in _METHOD_MESHES.items() for k in ks]
-  out = _run_worker(tmp_path, "eight", cases + [digits8], devices=8)
+  out = _run_worker(tmp_path, "eight", cases + [digits8, seeds8], devices=8)
+  _assert_same_run(ref, "seeds", out, "seeds")
+  sh = _load(out, "seeds")[0]["shardings"]
+  assert sh["mesh"] == {"data": 2, "task": 1, "seed": 4}
+  assert sh["in_state"] == sh["want_state"] == sh["out_state"]
+  assert all(spec.startswith("P('seed',") for spec in sh["in_state"].values()), sh["in_state"]
   for m, ks in _METHOD_MESHES.items():
     for k in ks:
       _assert_same_run(ref, m, out, f"{m}_{k}")
@@ -239,7 +265,7 @@ def test_a_run_resumes_on_another_mesh(tmp_path):
   _assert_same_run(ref, "straight", out, "second")
   with open(out / "work" / "moved" / "summary.json") as f:
     summary = json.load(f)
-  assert summary["resumed_from_step"] == 6 and summary["mesh"] == {"data": 4, "task": 2}
+  assert summary["resumed_from_step"] == 6 and summary["mesh"] == {"data": 4, "task": 2, "seed": 1}
 
 
 @pytest.mark.slow

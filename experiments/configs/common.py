@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.task = 1
+  c.mesh.seed = 1     # > 1: config.num_seeds seeds split over this many device groups
   c.mesh.rules = ""   # "REGEX:AXES;...", e.g. "^tasks/:task;.*:" (default: that when task > 1)
 
   # A non-finite loss or gradient: "stop" (a clear error; the last good

@@ -30,6 +30,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import grain
@@ -56,6 +57,9 @@ PIPELINES = ("auto", "device", "host")
 def input_bytes(features, sources: dict, spec: loading.DataSpec) -> int:
   """Bytes the device path needs for the inputs of every split (float32)."""
   shape, _ = loading.input_feature(features, spec)
+  if any(d is None or d < 0 for d in shape):
+    raise ValueError(f"Input feature {spec.input_key!r} has a dynamic shape {shape}; "
+                     "mtljax needs inputs of one fixed shape.")
   return sum(len(src) for src in sources.values()) * math.prod(shape) * 4
 
 
@@ -144,8 +148,11 @@ class Reader:
     return self.decode(index, np.asarray(record[self.input_key]))
 
   def _parse(self, index: int, serialized: bytes) -> np.ndarray:
-    feature = _EXAMPLE.FromString(serialized).features.feature[self.input_key]
-    kind = feature.WhichOneof("kind")
+    features = _EXAMPLE.FromString(serialized).features.feature
+    kind = features[self.input_key].WhichOneof("kind") if self.input_key in features else None
+    if kind is None:
+      raise BadRecord(index, f"the record has no input {self.input_key!r}")
+    feature = features[self.input_key]
     if kind == "bytes_list":  # Encoding.BYTES: the array's raw bytes
       flat = np.frombuffer(feature.bytes_list.value[0], self.input_dtype)
     else:
@@ -175,12 +182,12 @@ def _task_of_record(spec: loading.DataSpec, record: dict) -> str:
   """The task(s) a record belongs to, for errors."""
   if spec.split_key is None:
     return f"task(s) {[c.task.name for c in spec.columns]}"
-  return f"task {spec.columns[0].task.name}{int(record[spec.split_key]):02d}"
+  return f"task {spec.columns[0].task.name + format(int(record[spec.split_key]), '02d')!r}"
 
 
 def shard(n: int, index: int, count: int) -> np.ndarray:
-  """Records of process ``index`` of ``count``: every ``count``-th from
-  ``index`` (strided, so a split written task by task gives every process
+  """Records of shard ``index`` of ``count``: every ``count``-th from
+  ``index`` (strided, so a split written task by task gives every shard
   every task's examples)."""
   return np.arange(index, n, count, dtype=np.int64)
 
@@ -188,31 +195,33 @@ def shard(n: int, index: int, count: int) -> np.ndarray:
 def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
          task_names=(), max_train_examples: int | None = None, input_key: str = "image",
          label_keys=(), normalize_labels: bool = True, sources: dict | None = None,
-         features=None, spec: loading.DataSpec | None = None, process_index: int | None = None,
-         process_count: int | None = None) -> loading.MultiTaskData:
+         features=None, spec: loading.DataSpec | None = None, shard_index: int = 0,
+         shard_count: int = 1) -> loading.MultiTaskData:
   """A data set for the host pipeline: labels and record indices in memory
   (``records [S, N]`` in place of ``x``), inputs read on demand
   (``data.readers``). ``sources``/``features``/``spec`` stand in for a TFDS
   data set (any random-access sequence of dicts, for tests and custom data).
 
   Every record is read once here (batched): its labels are kept, its input is
-  checked against the declared shape and for NaN. With several processes each
-  reads only its shard of the train split (``max_train_examples`` then counts
-  per process)."""
-  p = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
+  checked against the declared shape and for NaN. ``shard_index`` of
+  ``shard_count`` (:meth:`mtljax.sharding.Placement.data_shard`: this process's
+  slice of the mesh's ``data`` axis): only that shard of the train split is
+  read (``max_train_examples`` then counts per shard); with several processes
+  task sizes and label statistics are summed over the shards."""
+  p, count = int(shard_index), int(shard_count)
   if sources is None:
     features, sources = loading.open_sources(name, data_dir=data_dir,
                                              builder_config=builder_config)
   if spec is None:
     spec = loading.spec_for(name, features, builder_config, input_key, label_keys)
   shape, dtype = loading.input_feature(features, spec)
-  keys = [c.label_key for c in spec.columns] + ([spec.split_key] if spec.split_key else [])
+  keys = list(dict.fromkeys([c.label_key for c in spec.columns] +
+                            ([spec.split_key] if spec.split_key else [])))
   arrays, readers = {}, {}
   for split, src in sources.items():
     reader = Reader(src, spec.input_key, shape, np.dtype(dtype))
     ids = shard(len(src), p, count) if split == "train" else shard(len(src), 0, 1)
-    where = (f" (process {p} of {count} reads records {p}::{count})"
+    where = (f" (shard {p} of {count}: records {p}::{count})"
              if count > 1 and split == "train" else "")
     if not len(ids):
       raise ValueError(f"Data set {name!r}, split {split!r} has no examples{where}.")
@@ -227,14 +236,15 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
     cols = loading.read_columns(src, keys, indices=ids, check=check)
     cols[spec.input_key] = ids
     arrays[split], readers[split] = cols, reader
-  if count > 1:
-    logger.info("Host pipeline: process %d of %d reads train records %d::%d (%d of %d).",
-                p, count, p, count, len(shard(len(sources["train"]), p, count)),
-                len(sources["train"]))
+  if jax.process_count() > 1:
+    logger.info("Host pipeline: process %d of %d reads train shard %d of %d (records "
+                "%d::%d, %d of %d).", jax.process_index(), jax.process_count(), p, count,
+                p, count, len(shard(len(sources["train"]), p, count)), len(sources["train"]))
   reduce = None
   if count > 1 and jax.process_count() > 1:  # (count > 1 in one process: a simulation)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    reduce = lambda a: np.sum(multihost_utils.process_allgather(a), axis=0)
+    replicas = jax.process_count() // count  # processes holding the same shard
+    reduce = lambda a: np.sum(multihost_utils.process_allgather(a), axis=0) / replicas
   limit = max(max_train_examples // count, 1) if max_train_examples else None
   try:
     data = loading.build_task_data(name, spec, arrays, task_names=task_names,
@@ -243,8 +253,8 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
                                    reduce_sums=reduce)
   except ValueError as e:
     if count > 1:
-      raise ValueError(f"{e} (process {p} of {count} reads its shard of the train "
-                       "split: use fewer processes or the device pipeline)") from None
+      raise ValueError(f"{e} (this process reads shard {p} of {count} of the train "
+                       "split: use fewer shards or the device pipeline)") from None
     raise
   return dataclasses.replace(data, input_shape=shape, readers=readers)
 
@@ -272,23 +282,25 @@ class Batches:
   """
 
   def __init__(self, data: loading.MultiTaskData, sampler, seed: int, *,
-               steps_per_call: int = 1, process_index: int | None = None,
-               process_count: int | None = None):
+               steps_per_call: int = 1, shard_index: int = 0, shard_count: int = 1):
     from mtljax import steps  # pylint: disable=g-import-not-at-top
     if data.readers is None:
       raise ValueError("Batches needs data loaded for the host pipeline "
                        "(mtljax.data.pipeline.load).")
     self.data, self.sampler, self.spc = data, sampler, int(steps_per_call)
-    p = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
+    p, count = int(shard_index), int(shard_count)
+    self.shard_count = count
     b = sampler.examples_per_task
     if b % count:
       raise ValueError(f"config.sampling.examples_per_task={b} is split over {count} "
-                       "processes, which does not divide it.")
+                       "data shards, which does not divide it.")
     self.local_b = b // count
     self.local_index = np.asarray(data.taskset.local_index)
     split = data.train
-    cpu = jax.local_devices(backend="cpu")[0]
+    try:  # the draws are small integer work: the host's CPU device
+      cpu = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: the default device
+      cpu = jax.local_devices()[0]
     n = np.asarray(split["n"], np.int32)
     # The sampler's arrays as host constants (with several processes, arrays
     # made for the device mesh span devices of other processes).
@@ -303,7 +315,7 @@ class Batches:
 
       def one(i):
         r_tasks, r_examples, _ = steps.step_keys(key, call * spc + i)
-        if count > 1:  # this process's own examples, the same tasks everywhere
+        if count > 1:  # this shard's own examples, the same tasks everywhere
           r_examples = jax.random.fold_in(r_examples, p)
         return steps.sample_indices(smp, jnp.asarray(n), r_tasks, r_examples, local_b)
       return jax.vmap(one)(jnp.arange(spc))
@@ -376,18 +388,29 @@ def eval_chunks(data: loading.MultiTaskData, split_name: str, chunk: int
 # ----------------------------------------------------------------------------
 
 
-def put(batch, shardings):
+def put(batch, shardings, shard_count: int = 1):
   """A host batch on the devices: ``device_put`` with one process; with
-  several, each process's piece becomes its part of the global array."""
+  several, each process's piece (``1 / shard_count`` of the examples, the
+  example axis being the one split along ``data``) becomes its part of the
+  global array."""
   if jax.process_count() == 1:
     return jax.device_put(batch, shardings)
-  return jax.make_array_from_process_local_data(shardings, batch)
+
+  def global_shape(a, sh):
+    shape = list(np.shape(a))
+    for dim, entry in enumerate(sh.spec):
+      if entry == "data":
+        shape[dim] *= shard_count
+    return tuple(shape)
+  shapes = jax.tree.map(global_shape, batch, shardings)
+  return jax.tree.map(jax.make_array_from_process_local_data, shardings, batch, shapes)
 
 
 class Prefetch:
   """Keeps ``size`` batches on the device ahead of the step (a thread puts
   them with the step's input shardings while the step runs). ``wait_s``:
-  seconds ``next`` spent waiting for input."""
+  seconds ``next`` spent waiting for input. ``close`` stops the thread
+  whatever it is doing (it never blocks on a full queue)."""
 
   _END = object()
 
@@ -396,21 +419,23 @@ class Prefetch:
     self._stop = threading.Event()
     self.wait_s = 0.0
 
+    def offer(item) -> bool:
+      while not self._stop.is_set():
+        try:
+          self._q.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
     def work():
       try:
         for b in batches:
-          item = put_fn(b)
-          while not self._stop.is_set():
-            try:
-              self._q.put(item, timeout=0.1)
-              break
-            except queue.Full:
-              continue
-          if self._stop.is_set():
+          if self._stop.is_set() or not offer(put_fn(b)):
             return
-        self._q.put(self._END)
+        offer(self._END)
       except BaseException as e:  # pylint: disable=broad-except
-        self._q.put(e)
+        offer(e)
     self._thread = threading.Thread(target=work, daemon=True, name="mtljax-prefetch")
     self._thread.start()
 
@@ -418,7 +443,6 @@ class Prefetch:
     return self
 
   def __next__(self):
-    import time  # pylint: disable=g-import-not-at-top
     t0 = time.perf_counter()
     item = self._q.get()
     self.wait_s += time.perf_counter() - t0
@@ -428,5 +452,11 @@ class Prefetch:
       raise item
     return item
 
-  def close(self) -> None:
+  def close(self, timeout: float = 5.0) -> None:
     self._stop.set()
+    while True:  # free the queue's slots (and the device batches in them)
+      try:
+        self._q.get_nowait()
+      except queue.Empty:
+        break
+    self._thread.join(timeout)
