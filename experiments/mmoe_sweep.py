@@ -1,71 +1,181 @@
-"""The MMoE correlation sweep (see experiments/configs/mmoe_sweep.py)."""
+"""The MMoE correlation sweep with the paper's protocol (see
+experiments/configs/mmoe_sweep.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
 from experiments import common
+from mtljax import build
+from mtljax import cv as cv_lib
+from mtljax import params as params_lib
 from mtljax import plotting
+from mtljax import tasks as tasks_lib
 from mtljax import train
+from mtljax.data import builders
+from mtljax.data import generators
+from mtljax.models import multitask
 
 logger = logging.getLogger("mtljax")
 MODELS = ("shared_bottom", "omoe", "mmoe", "independent")
+GAPS = (("shared_bottom", "mmoe"), ("omoe", "mmoe"))
+_DIM = builders.MmoeSyntheticConfig(name="p1").dim  # the generator's input dimension
+_TASKS = tasks_lib.TaskSet((tasks_lib.Task("y1", "regression"),
+                            tasks_lib.Task("y2", "regression")))
 
 
-def model_config(config, model: str, p: float, data_seed: int) -> ml_collections.ConfigDict:
+def parameter_count(config, model: str, hidden) -> int:
+  """Parameters of ``model`` with these hidden widths on the sweep's inputs."""
+  m = multitask.make_model(model, _TASKS, (_DIM,), encoder="mlp",
+                           hidden=tuple(hidden), num_experts=config.model.num_experts,
+                           tower=tuple(config.model.tower))
+  return params_lib.count(jax.eval_shape(m.init, jax.random.key(0)))
+
+
+def model_sizes(config) -> dict:
+  """``{model: {"hidden", "parameters"}}``: MMoE and OMoE with the configured
+  experts; the shared bottom's width and the independent networks' first
+  width (``100 -> H -> 8 -> 1`` per task, the towers' depth) chosen so their
+  parameter count is the closest to MMoE's (``sweep.match_parameters``)."""
+  s = config.sweep
+  out = {m: {"hidden": list(s.expert_hidden)} for m in ("mmoe", "omoe")}
+  target = parameter_count(config, "mmoe", s.expert_hidden)
+  shapes = {"shared_bottom": lambda h: (h,),
+            "independent": lambda h: (h,) + tuple(config.model.tower)}
+  fixed = {"shared_bottom": s.bottom_hidden, "independent": s.independent_hidden}
+  for m, shape in shapes.items():
+    if s.match_parameters:  # the count grows with the width: bisect, then the nearer
+      lo, hi = 1, 4096
+      while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if parameter_count(config, m, shape(mid)) <= target else (lo, mid)
+      best = min((lo, hi), key=lambda h: abs(parameter_count(config, m, shape(h)) - target))
+      out[m] = {"hidden": list(shape(best))}
+    else:
+      out[m] = {"hidden": list(fixed[m])}
+  for m in out:
+    out[m]["parameters"] = parameter_count(config, m, out[m]["hidden"])
+  return out
+
+
+def model_config(config, model: str, p: float, data_seed: int, hidden,
+                 lr: float | None = None) -> ml_collections.ConfigDict:
   """One (p, data set, model) run: ``config.num_seeds`` initialisation seeds
-  ``config.seed, ...`` as one vmapped program on the data set ``data_seed``."""
+  ``config.seed, ...`` as one vmapped program on data set ``data_seed``."""
   s = config.sweep
   c = common.run_config(config, "sweep")
-  c.data.builder_config = f"p{p:g}_n{s.num_train}_m{s.num_test}_s{data_seed}"
+  sines = f"_a{s.sines_seed}" if s.sines_seed >= 0 else ""
+  c.data.builder_config = f"p{p:g}_n{s.num_train}_m{s.num_test}_s{data_seed}{sines}"
   c.model.arch = model
-  c.model.hidden = {"shared_bottom": s.bottom_hidden, "independent": s.independent_hidden
-                    }.get(model, s.expert_hidden)
+  c.model.hidden = tuple(hidden)
+  if lr is not None:
+    c.optim.lr = lr
   return c
 
 
-def _per_seed_mse(out) -> list[dict]:
-  """``[{task: test MSE}]``, one per initialisation seed."""
+def choose_lr(config, model: str, p: float, hidden) -> dict:
+  """The learning rate of ``sweep.lrs`` with the lowest validation MSE,
+  cross-validated (``sweep.cv_folds`` folds of the first data set's train
+  split, one seed per fold; :mod:`mtljax.cv`)."""
+  c = model_config(config, model, p, config.sweep.data_seeds[0], hidden)
+  c.cv.folds = config.sweep.cv_folds
+  c.cv.lr = tuple(config.sweep.lrs)
+  c.cv.steps = (config.total_steps,)
+  c.cv.metric = "mse"
+  data = build.data_from_config(c)
+  sel = cv_lib.cross_validate(c, dataclasses.replace(data, test=None))
+  scores = {str(pt["lr"]): pt["score"] for pt in sel["points"]}
+  return {"lr": sel["best"]["lr"], "validation_mse": scores}
+
+
+def _curves(run_dir: str, num_seeds: int) -> tuple[list[int], np.ndarray]:
+  """Steps and training loss ``[seeds, steps]`` from a run's metrics.jsonl."""
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  rows = [r for r in rows if "train/loss" in r]
+  per = [r["per_seed"]["train/loss"] if num_seeds > 1 else [r["train/loss"]] for r in rows]
+  return [r["step"] for r in rows], np.asarray(per, np.float64).T
+
+
+def _test_mse(out) -> list[float]:
+  """Test MSE (mean of the two tasks, original units) per initialisation seed."""
   seeds = out["per_seed"]["tasks"] if "per_seed" in out else [out["tasks"]]
-  return [{t: m["mse"] for t, m in tasks.items()} for tasks in seeds]
+  return [float(np.mean([m["mse"] for m in tasks.values()])) for tasks in seeds]
+
+
+def paired_gap(a, b) -> list[float]:
+  """``[mean, standard error]`` of ``a - b`` over paired repetitions."""
+  return list(train.mean_se(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
 
 
 def run(config, workdir: str) -> dict:
-  """For each p, data set and model: ``config.num_seeds`` seeds in one program.
-  ``sweep.json``: ``{p: {model: [test MSE (mean of the two tasks) per run]}}``,
-  runs ordered data set by data set, seed by seed."""
+  """For each p and model: a learning rate by cross-validation, then
+  ``len(sweep.data_seeds) x num_seeds`` repetitions (data set d, init seed s;
+  the same pairs for every model). Writes ``sweep.json``, ``summary.json``,
+  ``mmoe_sweep.png``."""
+  s = config.sweep
   os.makedirs(workdir, exist_ok=True)
-  common.check_names("sweep.models", config.sweep.models, MODELS)
-  sweep, per_task, table = {}, {}, {}
-  for p in config.sweep.correlations:
-    key = f"{p:g}"
-    sweep[key] = {m: [] for m in config.sweep.models}
-    per_task[key] = {m: [] for m in config.sweep.models}
-    table[key] = {m: {"by_data_seed": {}} for m in config.sweep.models}
-    for data_seed in config.sweep.data_seeds:
-      for model in config.sweep.models:
-        out = train.train_and_evaluate(
-            model_config(config, model, p, data_seed),
-            os.path.join(workdir, f"p{key}", f"data{data_seed}", model))
-        runs = _per_seed_mse(out)
-        means = [float(np.mean(list(r.values()))) for r in runs]
-        sweep[key][model].extend(means)
-        per_task[key][model].extend(runs)
-        table[key][model]["by_data_seed"][str(data_seed)] = train.mean_se(means)
-        logger.info("p=%s data %d %s: test MSE %.4f +- %.4f over %d seeds", key, data_seed,
-                    model, *train.mean_se(means), len(means))
-    for model in config.sweep.models:
-      table[key][model]["all"] = train.mean_se(sweep[key][model])
+  common.check_names("sweep.models", s.models, MODELS)
+  if not s.data_seeds:
+    raise ValueError("config.sweep.data_seeds is empty.")
+  sizes = model_sizes(config)
+  for m in s.models:
+    logger.info("%s: hidden %s, %d parameters", m, sizes[m]["hidden"], sizes[m]["parameters"])
+  sweep, lrs, gaps = {}, {}, {}
+  for p in s.correlations:
+    key = str(float(p))
+    sweep[key], lrs[key] = {}, {}
+    for model in s.models:
+      hidden = sizes[model]["hidden"]
+      lrs[key][model] = (choose_lr(config, model, p, hidden) if len(s.lrs) > 1
+                         else {"lr": float(s.lrs[0]), "validation_mse": {}})
+      lr = lrs[key][model]["lr"]
+      finals, tests, curves, steps = [], [], [], None
+      for data_seed in s.data_seeds:
+        run_dir = os.path.join(workdir, f"p{key}", f"data{data_seed}", model)
+        out = train.train_and_evaluate(model_config(config, model, p, data_seed, hidden, lr),
+                                       run_dir)
+        steps, curve = _curves(run_dir, config.num_seeds)
+        curves.append(curve)
+        finals.extend(curve[:, -1].tolist())
+        tests.extend(_test_mse(out))
+      curves = np.concatenate(curves)  # [repetitions, steps]
+      mean = curves.mean(axis=0)
+      se = (curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1
+            else np.full_like(mean, np.nan))
+      sweep[key][model] = {"train_loss_final": finals,
+                           "train_loss_curve": {"steps": steps, "mean": mean.tolist(),
+                                                "se": se.tolist()},
+                           "test_mse": tests}
+      logger.info("p=%s %s (lr %g): final train loss %.4f +- %.4f, test MSE %.4f +- %.4f "
+                  "over %d repetitions", key, model, lr, *train.mean_se(finals),
+                  *train.mean_se(tests), len(tests))
+    gaps[key] = {f"{a} - {b}": {
+        metric: paired_gap(sweep[key][a][metric], sweep[key][b][metric])
+        for metric in ("train_loss_final", "test_mse")}
+                 for a, b in GAPS if a in sweep[key] and b in sweep[key]}
   common.write_json(workdir, "sweep.json", sweep)
-  summary = {"sweep": sweep, "per_task": per_task, "mean_se": table,
-             "data_seeds": list(config.sweep.data_seeds), "num_seeds": config.num_seeds,
-             "metric": "test MSE, original units (lower is better); mean_se: "
-                       "[mean, standard error] over runs",
-             "config": config.to_dict()}
+  alpha, beta = (generators.mmoe_sines(s.sines_seed) if s.sines_seed >= 0 else (None, None))
+  summary = {
+      "sweep": sweep, "paired_gaps": gaps, "learning_rates": lrs, "sizes": sizes,
+      "repetitions": len(s.data_seeds) * config.num_seeds,
+      "data_seeds": list(s.data_seeds), "num_seeds": config.num_seeds,
+      "sines": {"seed": s.sines_seed,
+                "alpha": None if alpha is None else alpha.tolist(),
+                "beta": None if beta is None else beta.tolist()},
+      "metrics": "train_loss: the training objective (sum of the two tasks' MSE on "
+                 "per-task standardised labels), mean over each logged call; test_mse: "
+                 "mean of the two tasks' test MSE in original units; paired_gaps: "
+                 "[mean, standard error] of the difference over repetitions paired on "
+                 "data set and initialisation seed",
+      "config": config.to_dict()}
   common.write_json(workdir, "summary.json", summary)
   _plot(sweep, os.path.join(workdir, "mmoe_sweep.png"))
   return summary
@@ -73,13 +183,15 @@ def run(config, workdir: str) -> dict:
 
 def _plot(sweep, path):
   ps = sorted(sweep, key=float, reverse=True)
-  with plotting.figure(path) as (_, ax):
-    for model in next(iter(sweep.values())):
-      stats = [train.mean_se(sweep[p][model]) for p in ps]
-      ax.errorbar([float(p) for p in ps], [m for m, _ in stats],
-                  yerr=[0.0 if np.isnan(e) else e for _, e in stats], marker="o", capsize=3,
-                  label=model)
-    ax.set_xlabel("task correlation p")
-    ax.set_ylabel("test MSE (mean of the two tasks), mean +- s.e. over runs")
-    ax.invert_xaxis()
-    ax.legend()
+  with plotting.figure(path, ncols=len(ps), figsize=(3.2 * len(ps), 3.4)) as (_, axes):
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax, p in zip(axes, ps):
+      for model, res in sweep[p].items():
+        c = res["train_loss_curve"]
+        mean, se = np.asarray(c["mean"]), np.nan_to_num(np.asarray(c["se"]))
+        (line,) = ax.plot(c["steps"], mean, label=model)
+        ax.fill_between(c["steps"], mean - se, mean + se, color=line.get_color(), alpha=0.25)
+      ax.set_title(f"correlation {p}")
+      ax.set_xlabel("training step")
+    axes[0].set_ylabel("training loss, mean +- s.e.")
+    axes[0].legend(fontsize="small")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from mtljax.data import builders
 from mtljax.data import generators
 from mtljax.data import loading
 
@@ -111,6 +112,25 @@ def test_mmoe_labels_follow_the_paper_formula_and_correlation_orders():
     corr[p] = np.corrcoef(d["train"]["y1"], d["train"]["y2"])[0, 1]
   np.testing.assert_allclose(corr[1.0], 1.0, atol=1e-6)
   assert corr[1.0] > corr[0.8] > corr[0.5] > corr[0.0]
+
+
+def test_fixed_sines_are_shared_by_every_data_seed_and_the_labels_use_them():
+  alpha, beta = np.random.default_rng([2, 3]).normal(size=(2, 10))  # mmoe_sines' draw
+  sets = [generators.make_mmoe_synthetic(0.5, seed, 50, 10, noise_std=0.0, sines_seed=2)
+          for seed in (0, 1)]
+  for d in sets:
+    np.testing.assert_array_equal(d["params"]["alpha"], alpha)
+    np.testing.assert_array_equal(d["params"]["beta"], beta)
+    wx = d["train"]["x"].astype(np.float64) @ d["params"]["w1"]
+    want = wx + np.sin(np.outer(wx, alpha) + beta).sum(axis=1)
+    np.testing.assert_allclose(d["train"]["y1"], want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(sets[0]["params"]["w1"], sets[1]["params"]["w1"])  # data differ
+  # Without sines_seed each data seed draws its own (the earlier protocol).
+  old = [generators.make_mmoe_synthetic(0.5, seed, 50, 10)["params"]["alpha"] for seed in (0, 1)]
+  assert not np.allclose(old[0], old[1])
+  config = builders.MmoeSynthetic.config_from_name("p0.5_n50_m10_s1_a2")
+  assert (config.seed, config.sines_seed, config.num_train) == (1, 2, 50)
+  assert builders.MmoeSynthetic.config_from_name("p0.5_n50_m10_s1").sines_seed is None
 
 
 def test_sinusoids_follow_definition():

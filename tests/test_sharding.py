@@ -301,7 +301,7 @@ def test_cross_validation_and_transfer_run_on_the_mesh(tmp_path):
 @pytest.mark.slow
 def test_invalid_meshes_on_eight_devices_are_named_before_compiling(tmp_path):
   bad = {
-      "product": ({"mesh.data": 3, "mesh.task": 2}, r"data=3 x task=2 = 6 devices, but there are 8"),
+      "product": ({"mesh.data": 3, "mesh.task": 2}, r"data=3 x task=2 x seed=1 = 6 devices, but there are 8"),
       "task_count": ({"data.builder_config": "t6_n50_m50_s0", "mesh.data": 2, "mesh.task": 4},
                      r"dimension 0 \(6\) is split along mesh axis 'task' of size 4"),
       "batch": ({"sampling.examples_per_task": 6, "mesh.data": 8, "mesh.task": 1},

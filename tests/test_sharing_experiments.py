@@ -9,6 +9,7 @@ they fail (they are not skipped).
 
 import json
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -20,16 +21,19 @@ from mtljax.data import builders
 from mtljax.data import generators
 
 
-def _checkpoint_predictions(run_dir, xs) -> list[np.ndarray]:
+def _checkpoint_predictions(run_dir, xs, seed=None) -> list[np.ndarray]:
   """Each task's prediction (the model's raw output, float64) on ``xs[t]`` from
-  the parameters the run saved last, by one forward pass per task. The run's
-  data set is read for its task list and input shape only."""
+  the parameters the run saved last (of initialisation seed ``seed`` when the
+  run trained several), by one forward pass per task. The run's data set is
+  read for its task list and input shape only."""
   summary = json.loads((run_dir / "summary.json").read_text())
   config = ml_collections.ConfigDict(summary["config"])
   data = build.data_from_config(config)
   model = build.model_from_config(config, data.taskset, data.input_shape)
   params, step = checkpoint.read_params(str(run_dir))
   assert step == summary["step"] == config.total_steps
+  if seed is not None:
+    params = jax.tree.map(lambda a: a[seed], params)
   out = []
   for t, x in enumerate(xs):
     group = data.taskset.tasks[t].group
@@ -97,45 +101,75 @@ def test_exam_experiment_reports_held_out_mse_per_approach(tmp_path):
                                [np.concatenate(sq).mean()], rtol=1e-4)
 
 
+def test_mmoe_sweep_sizes_are_parameter_matched_by_the_closed_form_counts():
+  from experiments import mmoe_sweep  # pylint: disable=g-import-not-at-top
+  from experiments.configs import mmoe_sweep as sweep_config  # pylint: disable=g-import-not-at-top
+  sizes = mmoe_sweep.model_sizes(sweep_config.get_config())
+  d, e, h, tower = 100, 8, 16, 8  # inputs, experts, expert units, tower units
+  towers = lambda width: 2 * (width * tower + tower + tower + 1)  # per task: width->8->1
+  count = {"mmoe": e * (d * h + h) + 2 * (d * e + e) + towers(h),
+           "omoe": e * (d * h + h) + (d * e + e) + towers(h),
+           "shared_bottom": lambda w: d * w + w + towers(w),
+           "independent": lambda w: 2 * (d * w + w + w * tower + tower + tower + 1)}
+  assert count["mmoe"] == 14834 and sizes["mmoe"] == {"hidden": [16], "parameters": 14834}
+  assert sizes["omoe"]["parameters"] == count["omoe"]
+  for model, shape in (("shared_bottom", lambda w: [w]), ("independent", lambda w: [w, 8])):
+    best = min(range(1, 1025), key=lambda w: abs(count[model](w) - count["mmoe"]))
+    assert sizes[model] == {"hidden": shape(best), "parameters": count[model](best)}
+  assert sizes["shared_bottom"]["hidden"] == [126] and sizes["independent"]["hidden"] == [68, 8]
+
+
 @pytest.mark.slow
-def test_mmoe_sweep_writes_sweep_json(tmp_path):
+def test_mmoe_sweep_writes_curves_repetitions_and_paired_gaps(tmp_path):
   from experiments import mmoe_sweep  # pylint: disable=g-import-not-at-top
   from experiments.configs import mmoe_sweep as sweep_config  # pylint: disable=g-import-not-at-top
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   c = sweep_config.get_config("quick")
   c.sweep.correlations = (1.0,)
   c.sweep.models = ("shared_bottom", "mmoe")
-  c.sweep.num_train, c.sweep.num_test = 2000, 500
-  c.num_seeds = 1  # one run per data set: its checkpoint is the reference's input
-  c.total_steps = c.log_steps = c.eval_steps = c.checkpoint_steps = 100
+  c.sweep.num_train, c.sweep.num_test = 1000, 300
+  c.sweep.lrs, c.sweep.cv_folds = (1e-3, 1e-2), 2  # chosen by cross-validation
+  c.total_steps, c.steps_per_call, c.log_steps = 100, 50, 50
+  c.eval_steps = c.checkpoint_steps = 100
   mmoe_sweep.run(c, str(tmp_path))
   sweep = json.loads((tmp_path / "sweep.json").read_text())
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert list(sweep) == ["1"] and set(sweep["1"]) == {"shared_bottom", "mmoe"}
-  assert summary["sweep"] == sweep
-  # The data, from the generator itself (not the TFDS files): regression labels
-  # are standardised with the train split's statistics, so a prediction in
-  # original units is mean + std * output.
-  arrays = generators.make_mmoe_synthetic(1.0, 0, 2000, 500)
+  assert list(sweep) == ["1.0"] and set(sweep["1.0"]) == {"shared_bottom", "mmoe"}
+  assert summary["repetitions"] == 4  # 2 data sets x 2 initialisation seeds
+  # The data, from the generator itself (fixed sines: the same alpha, beta for
+  # both data sets); predictions in original units are mean + std * output.
   names = ("y1", "y2")
-  train_y = [np.asarray(arrays["train"][t], np.float64) for t in names]
-  test_y = [np.asarray(arrays["test"][t], np.float64) for t in names]
-  for model in ("shared_bottom", "mmoe"):
-    run_dir = tmp_path / "p1" / "data0" / model
-    run = json.loads((run_dir / "summary.json").read_text())
-    preds = _checkpoint_predictions(run_dir, [arrays["test"]["x"]] * 2)
-    mse = [np.mean((y.mean() + y.std() * p - yt) ** 2)
-           for y, p, yt in zip(train_y, preds, test_y)]
-    np.testing.assert_allclose([run["tasks"][t]["mse"] for t in names], mse, rtol=1e-4)
-    # sweep.json: the mean of the two tasks' MSE; summary.json: each task's.
-    np.testing.assert_allclose(sweep["1"][model], [np.mean(mse)], rtol=1e-4)
-    assert summary["per_task"]["1"][model] == [{t: run["tasks"][t]["mse"] for t in names}]
-    # The run's last eval record in its log is the same test MSE.
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 100
-    assert [last[f"eval/{t}/mse"] for t in names] == [run["tasks"][t]["mse"] for t in names]
-  # The figure: the default 5 x 4 inch figure at 120 dpi, RGBA.
-  assert matplotlib.image.imread(tmp_path / "mmoe_sweep.png").shape == (480, 600, 4)
+  for model in sweep["1.0"]:
+    res = sweep["1.0"][model]
+    lr = summary["learning_rates"]["1.0"][model]
+    assert float(min(lr["validation_mse"], key=lr["validation_mse"].get)) == lr["lr"]
+    curves, tests = [], []
+    for data_seed in (0, 1):
+      arrays = generators.make_mmoe_synthetic(1.0, data_seed, 1000, 300, sines_seed=2)
+      run_dir = tmp_path / "p1.0" / f"data{data_seed}" / model
+      rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+      curves.extend(np.asarray([r["per_seed"]["train/loss"] for r in rows]).T)
+      for seed in range(2):
+        preds = _checkpoint_predictions(run_dir, [arrays["test"]["x"]] * 2, seed=seed)
+        tests.append(np.mean([np.mean((np.mean(arrays["train"][t]) +
+                                       np.std(arrays["train"][t].astype(np.float64)) * p -
+                                       arrays["test"][t]) ** 2)
+                              for t, p in zip(names, preds)]))
+    curves = np.asarray(curves)  # [repetitions, steps]
+    np.testing.assert_allclose(res["test_mse"], tests, rtol=1e-4)
+    np.testing.assert_allclose(res["train_loss_final"], curves[:, -1], rtol=1e-6)
+    assert res["train_loss_curve"]["steps"] == [50, 100]
+    np.testing.assert_allclose(res["train_loss_curve"]["mean"], curves.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(res["train_loss_curve"]["se"],
+                               curves.std(axis=0, ddof=1) / 2.0, rtol=1e-6)
+  for a in ("shared_bottom",):
+    for metric in ("train_loss_final", "test_mse"):
+      diff = np.asarray(sweep["1.0"][a][metric]) - np.asarray(sweep["1.0"]["mmoe"][metric])
+      np.testing.assert_allclose(summary["paired_gaps"]["1.0"][f"{a} - mmoe"][metric],
+                                 [diff.mean(), diff.std(ddof=1) / 2.0], rtol=1e-6)
+  np.testing.assert_allclose(summary["sines"]["alpha"], generators.mmoe_sines(2)[0])
+  # The figure: one 3.2 x 3.4 inch panel per correlation at 120 dpi, RGBA.
+  assert matplotlib.image.imread(tmp_path / "mmoe_sweep.png").shape == (408, 384, 4)
 
 
 def _delta_m_reference(metrics: dict, baseline: dict) -> tuple[float, dict]:

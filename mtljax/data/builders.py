@@ -11,7 +11,8 @@ Builder configs are named so that any setting can be asked for by name:
 * ``multi_digits``: ``default`` (10,000 train / 2,000 test canvases, seed 0),
   or ``n{TRAIN}_m{TEST}_s{SEED}``.
 * ``mmoe_synthetic``: ``p{P}`` (e.g. ``p0.9``; 10,000 train / 2,000 test,
-  seed 0), or ``p{P}_n{TRAIN}_m{TEST}_s{SEED}``.
+  seed 0), or ``p{P}_n{TRAIN}_m{TEST}_s{SEED}``, optionally ``_a{SINES_SEED}``
+  (the sine parameters fixed across data seeds).
 * ``sinusoids``: ``default`` (20 tasks, 50 train / 100 test points each), or
   ``t{TASKS}_n{TRAIN}_m{TEST}_s{SEED}``.
 * ``exam``: the ILEA "Exam" data (Goldstein et al. 1993; R package mlmRev,
@@ -111,6 +112,7 @@ class MmoeSyntheticConfig(tfds.core.BuilderConfig):
   scale: float = 1.0
   num_sines: int = 10
   noise_std: float = 0.1
+  sines_seed: int | None = None  # fixed alpha, beta (None: drawn with the data seed)
 
 
 class MmoeSynthetic(tfds.core.GeneratorBasedBuilder):
@@ -124,18 +126,20 @@ class MmoeSynthetic(tfds.core.GeneratorBasedBuilder):
   def config_from_name(cls, name: str) -> MmoeSyntheticConfig:
     if name in ("", "default"):
       name = "p0.9"
-    m = re.fullmatch(rf"p(-?{_NUM[1:-1]})(?:_n(\d+)_m(\d+)_s(\d+))?", name)
+    m = re.fullmatch(rf"p(-?{_NUM[1:-1]})(?:_n(\d+)_m(\d+)_s(\d+)(?:_a(\d+))?)?", name)
     if not m:
       raise ValueError(
           f"mmoe_synthetic: unknown builder config {name!r}; use 'p{{P}}' (e.g. "
-          "'p0.9') or 'p{P}_n{TRAIN}_m{TEST}_s{SEED}'.")
+          "'p0.9') or 'p{P}_n{TRAIN}_m{TEST}_s{SEED}[_a{SINES_SEED}]'.")
     p = float(m.group(1))
     if not -1.0 <= p <= 1.0:
       raise ValueError(f"mmoe_synthetic: p must be in [-1, 1], got {p} in {name!r}.")
     if m.group(2) is None:
       return MmoeSyntheticConfig(name=name, p=p)
     n, t, s = int(m.group(2)), int(m.group(3)), int(m.group(4))
-    return MmoeSyntheticConfig(name=name, p=p, num_train=n, num_test=t, seed=s)
+    sines = None if m.group(5) is None else int(m.group(5))
+    return MmoeSyntheticConfig(name=name, p=p, num_train=n, num_test=t, seed=s,
+                               sines_seed=sines)
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -152,7 +156,7 @@ class MmoeSynthetic(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     data = generators.make_mmoe_synthetic(
         c.p, c.seed, c.num_train, c.num_test, dim=c.dim, scale=c.scale,
-        num_sines=c.num_sines, noise_std=c.noise_std)
+        num_sines=c.num_sines, noise_std=c.noise_std, sines_seed=c.sines_seed)
     return {s: self._generate_examples(data[s]) for s in ("train", "test")}
 
   def _generate_examples(self, arrays):

@@ -163,18 +163,30 @@ def mmoe_labels(x: np.ndarray, w: np.ndarray, alpha: np.ndarray, beta: np.ndarra
   return wx + np.sin(np.outer(wx, alpha) + beta).sum(axis=1) + noise
 
 
+def mmoe_sines(sines_seed: int, num_sines: int = 10) -> tuple[np.ndarray, np.ndarray]:
+  """The fixed sine parameters ``alpha, beta ~ N(0, 1)`` drawn from
+  ``default_rng([sines_seed, 3])`` (the paper's values are not published)."""
+  rng = np.random.default_rng([sines_seed, 3])
+  return rng.normal(size=num_sines), rng.normal(size=num_sines)
+
+
 def make_mmoe_synthetic(p: float, seed: int, num_train: int, num_test: int,
                         dim: int = 100, scale: float = 1.0, num_sines: int = 10,
-                        noise_std: float = 0.1) -> dict:
+                        noise_std: float = 0.1, sines_seed: int | None = None) -> dict:
   """Both splits plus the generating parameters (for tests).
 
-  ``x ~ N(0, I_dim)``; ``alpha_i, beta_i ~ N(0, 1)`` fixed per data set;
-  ``noise ~ N(0, noise_std^2)`` (the paper's variance 0.01 is std 0.1).
+  ``x ~ N(0, I_dim)``; ``noise ~ N(0, noise_std^2)`` (the paper's variance
+  0.01 is std 0.1); ``alpha_i, beta_i ~ N(0, 1)``: fixed by ``sines_seed``
+  (:func:`mmoe_sines`, the same label shape for every data ``seed``, as in
+  the paper), or drawn with the data set from ``seed`` when it is None. The
+  data ``seed`` draws ``w1``, ``w2``, the inputs and the noise.
   """
   rng = np.random.default_rng([seed, 0])
   w1, w2 = mmoe_task_weights(p, dim, scale, rng)
   alpha = rng.normal(size=num_sines)
   beta = rng.normal(size=num_sines)
+  if sines_seed is not None:
+    alpha, beta = mmoe_sines(sines_seed, num_sines)
   out = {"params": {"w1": w1, "w2": w2, "alpha": alpha, "beta": beta}}
   for split, n, stream in (("train", num_train, 1), ("test", num_test, 2)):
     r = np.random.default_rng([seed, stream])
