@@ -193,5 +193,6 @@ def _plot(sweep, path):
         ax.fill_between(c["steps"], mean - se, mean + se, color=line.get_color(), alpha=0.25)
       ax.set_title(f"correlation {p}")
       ax.set_xlabel("training step")
+      ax.set_yscale("log")  # the first steps' loss is 30x the last
     axes[0].set_ylabel("training loss, mean +- s.e.")
     axes[0].legend(fontsize="small")
