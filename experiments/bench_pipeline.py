@@ -119,7 +119,8 @@ def main(argv):
     run = build.build_run(config, data)
     spc = run.steps_per_call
     per_step = config.sampling.examples_per_task * (
-        1 if config.sampling.shared_inputs else len(data.taskset))
+        1 if config.sampling.shared_inputs
+        else config.sampling.tasks_per_step or len(data.taskset))  # K slots
     per_call = per_step * spc
     pl = run.placement
     batch_sh = pl.host_batch(data.train, config.sampling.shared_inputs, lead=int(spc > 1))

@@ -27,7 +27,6 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mtljax import checkpoint
-from mtljax import params as params_lib
 from mtljax import sharding
 from mtljax import train
 from mtljax import workdir

@@ -19,6 +19,7 @@ from mtljax import params as params_lib
 from mtljax import plotting
 from mtljax import tasks as tasks_lib
 from mtljax import train
+from mtljax import workdir as workdir_lib
 from mtljax.data import builders
 from mtljax.data import generators
 from mtljax.models import multitask
@@ -97,7 +98,7 @@ def choose_lr(config, model: str, p: float, hidden) -> dict:
 
 def _curves(run_dir: str, num_seeds: int) -> tuple[list[int], np.ndarray]:
   """Steps and training loss ``[seeds, steps]`` from a run's metrics.jsonl."""
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+  with open(os.path.join(run_dir, workdir_lib.METRICS_FILE)) as f:
     rows = [json.loads(line) for line in f]
   rows = [r for r in rows if "train/loss" in r]
   per = [r["per_seed"]["train/loss"] if num_seeds > 1 else [r["train/loss"]] for r in rows]
@@ -146,13 +147,10 @@ def run(config, workdir: str) -> dict:
         curves.append(curve)
         finals.extend(curve[:, -1].tolist())
         tests.extend(_test_mse(out))
-      curves = np.concatenate(curves)  # [repetitions, steps]
-      mean = curves.mean(axis=0)
-      se = (curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1
-            else np.full_like(mean, np.nan))
+      mean, se = zip(*(train.mean_se(col) for col in np.concatenate(curves).T))
       sweep[key][model] = {"train_loss_final": finals,
-                           "train_loss_curve": {"steps": steps, "mean": mean.tolist(),
-                                                "se": se.tolist()},
+                           "train_loss_curve": {"steps": steps, "mean": list(mean),
+                                                "se": list(se)},
                            "test_mse": tests}
       logger.info("p=%s %s (lr %g): final train loss %.4f +- %.4f, test MSE %.4f +- %.4f "
                   "over %d repetitions", key, model, lr, *train.mean_se(finals),

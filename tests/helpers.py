@@ -6,6 +6,9 @@ in a Python loop -- never with the step's own sampling, gathering or
 linearisation code.
 """
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,6 +165,12 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
   assert len(la) == len(lb), (len(la), len(lb))
   for x, y in zip(la, lb):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def metrics_rows(workdir) -> list[dict]:
+  """The rows of a run's ``metrics.jsonl``."""
+  with open(os.path.join(str(workdir), "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 # ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ starts two, with 4 fake CPU devices each, on localhost).
     python tests/pipeline_worker.py COORDINATOR PROCESS_ID OUT_DIR WORKDIR
 
 Writes ``OUT_DIR/p{PROCESS_ID}.json``: the train records this process holds,
-the records its first calls read, their task ids, the label statistics and
+the inputs its first calls read and those of its own records, their task ids, the label statistics and
 task sizes it uses; then trains a few steps of the host pipeline on the global
 mesh of 8 (a shared ``WORKDIR``) and adds the final loss; then the same run on
 a mesh with ``data=1`` (both processes replicas of one data shard).
@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import helpers  # noqa: E402
 
 from mtljax import build  # noqa: E402
+from mtljax.data import loading  # noqa: E402
 from mtljax import train  # noqa: E402
 
 config = helpers.small_sinusoids_config(**{"data.pipeline": "auto", "mesh.data": 4,
@@ -39,18 +40,21 @@ run = build.build_run(config, data)
 split = data.train
 held = sorted({int(r) for t, n in enumerate(split["n"])
                for r in split["records"][split["source"][t], :n]})
-reads, ids = [], []
+# What the reader really read: the inputs of its first calls' batches, and the
+# inputs of the records this process holds, read straight from the data source.
+source = data.readers["train"].source
+held_x = sorted({float(r["x"][0]) for r in loading.read_records(source, held)})
+read_x, ids = set(), []
 for c in range(3):
-  t, idx = run.batches.indices(c)
-  for t_step, i_step in zip(t, idx):
-    reads.extend(split["records"][split["source"][t_step][:, None], i_step].ravel().tolist())
-    ids.append(t_step.tolist())
+  batch = run.batches.call(c)
+  read_x |= {float(v) for v in np.asarray(batch["x"]).ravel()}
+  ids.extend(np.asarray(batch["task_ids"]).tolist())
 summary = train.train_and_evaluate(config, workdir)
 # A mesh whose data axis lies inside each process (data=1): both processes are
 # replicas of one data shard, read the whole split and feed the same examples.
 replicas = helpers.with_overrides(config, {"mesh.data": 1, "mesh.task": 8})
 replica_summary = train.train_and_evaluate(replicas, workdir + "_replicas")
-out = {"held": held, "reads": reads, "task_ids": ids,
+out = {"held": held, "held_x": held_x, "read_x": sorted(read_x), "task_ids": ids,
        "label_mean": data.label_mean.tolist(), "label_std": data.label_std.tolist(),
        "num_train": np.asarray(data.num_train).tolist(),
        "pipeline": summary["data_pipeline"]["pipeline"],

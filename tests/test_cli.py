@@ -54,8 +54,9 @@ def test_list_names_every_config_architecture_objective_and_strategy():
   for name in configs:
     assert f"\n  {name} " in out, name
   assert "'protocol=nashmtl'" in out and "'source=multi_digits'" in out
-  for arch in multitask.ARCHS:
-    assert arch in out
+  assert f"architectures (config.model.arch): {', '.join(multitask.ARCHS)}\n" in out
+  assert f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}\n" in out
+  assert f"heads (config.model.heads): {', '.join(multitask.HEADS)}\n" in out
   for method in objectives.METHODS:
     hp = objectives.hyperparameters(method)
     line = next(l for l in out.splitlines() if l.strip().startswith(method + " "))
@@ -81,8 +82,9 @@ def test_the_progress_line_has_no_nan_before_a_rate_exists():
   assert "steps/s | ETA" in later and "nan" not in later
 
 
-@pytest.mark.parametrize("args", [["--workdir=/tmp/x"], [CONFIG]])
-def test_missing_config_or_workdir_is_a_usage_error(args):
+@pytest.mark.parametrize("args, missing", [(["--workdir=/tmp/x"], "--config"),
+                                           ([CONFIG], "--workdir")])
+def test_missing_config_or_workdir_is_a_usage_error(args, missing):
   r = _main(*args)
   assert r.returncode != 0
-  assert "--config is required" in r.stderr or "--workdir is required" in r.stderr
+  assert f"{missing} is required" in r.stderr

@@ -30,11 +30,6 @@ from mtljax.models import multitask
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _eval_entries(row):
   return {k: v for k, v in row.items() if k.startswith("eval/")}
 
@@ -84,7 +79,7 @@ def test_quick_multi_digits_beats_chance_by_a_wide_margin(tmp_path):
   for task in ("left", "right"):
     assert summary["tasks"][task]["accuracy"] > 0.6
   assert summary["train_step_compilations"] == 1
-  lines = _rows(tmp_path)
+  lines = helpers.metrics_rows(tmp_path)
   assert [l["step"] for l in lines] == [100, 200, 300, 400]
   assert "eval/left/accuracy" in lines[1] and "train/right/loss" in lines[0]
   assert _eval_entries(lines[-1]) == _as_eval_entries(summary["tasks"])  # the same numbers
@@ -123,8 +118,8 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_matches(tmp_path):
   assert summary["train_step_compilations"] == 1  # restored state placed like a fresh one
   # The first run logged 10 and 20 and died at 30; the rerun logged 30..60. Same
   # random streams: every logged number and the whole final state are the same bits.
-  assert [r["step"] for r in _rows(interrupted)] == [10, 20, 30, 40, 50, 60]
-  assert _rows(interrupted) == _rows(straight)
+  assert [r["step"] for r in helpers.metrics_rows(interrupted)] == [10, 20, 30, 40, 50, 60]
+  assert helpers.metrics_rows(interrupted) == helpers.metrics_rows(straight)
   fresh = _fresh_state(config())
   final_a, final_b = _restore(straight, fresh), _restore(interrupted, fresh)
   assert int(final_a["step"]) == 60
@@ -181,9 +176,9 @@ def test_resuming_restores_the_objective_state_and_matches_an_uninterrupted_run(
   summary_b = train.train_and_evaluate(c, interrupted)
   assert summary_b["resumed_from_step"] == 20 and summary_b["step"] == 60
   assert summary_b["train_step_compilations"] == 1
-  rows = _rows(straight)
+  rows = helpers.metrics_rows(straight)
   assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
-  assert _rows(interrupted) == rows  # 10, 20 before the interruption; 30..60 after
+  assert helpers.metrics_rows(interrupted) == rows  # 10, 20 before the interruption; 30..60 after
   assert summary_b["tasks"] == summary_a["tasks"]
   final_a, final_b = _restore(straight, fresh), _restore(interrupted, fresh)
   assert int(final_a["step"]) == 60
@@ -267,7 +262,7 @@ def test_checkpoint_round_trips_a_trained_objective_state_bitwise(method, tmp_pa
 def test_quick_regression_configs_beat_predicting_the_mean(module, tmp_path):
   c = module.get_config("quick")
   summary = train.train_and_evaluate(c, str(tmp_path))
-  assert _eval_entries(_rows(tmp_path)[-1]) == _as_eval_entries(summary["tasks"])
+  assert _eval_entries(helpers.metrics_rows(tmp_path)[-1]) == _as_eval_entries(summary["tasks"])
   data = loading.load(c.data.name, builder_config=c.data.builder_config)
   ts = data.taskset
   for t, name in enumerate(ts.names):
@@ -386,7 +381,7 @@ def test_objective_methods_log_their_state_and_resume_to_the_same_metrics(method
   first = train.train_and_evaluate(c, workdir)
   assert first["step"] == 60 and first["train_step_compilations"] == 1
   assert json.loads((tmp_path / "summary.json").read_text())["tasks"] == first["tasks"]
-  rows = _rows(workdir)
+  rows = helpers.metrics_rows(workdir)
   assert [r["step"] for r in rows] == [30, 60]
   last = rows[-1]
   assert _eval_entries(last) == _as_eval_entries(first["tasks"])  # exactly the summary's
@@ -447,4 +442,4 @@ def test_objective_methods_log_their_state_and_resume_to_the_same_metrics(method
   again = train.train_and_evaluate(c, workdir)  # restores objective state too
   assert again["resumed_from_step"] == 60 and again["step"] == 60
   assert again["tasks"] == first["tasks"]  # the restored parameters: the same numbers
-  assert _rows(workdir) == rows  # nothing trained, nothing logged
+  assert helpers.metrics_rows(workdir) == rows  # nothing trained, nothing logged

@@ -37,11 +37,6 @@ def _small(**overrides):
   return helpers.small_sinusoids_config(**overrides)
 
 
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _final_state(workdir, like):
   manager = checkpoint.make_manager(str(workdir))
   try:
@@ -121,7 +116,7 @@ def test_sigkill_mid_run_then_the_same_command_ends_bitwise_like_an_uninterrupte
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   proc = _run_to_end(workdir)
   assert "Resumed from" in proc.stderr
-  assert _rows(workdir) == _rows(straight_run)  # trimmed past the checkpoint, then redone
+  assert helpers.metrics_rows(workdir) == helpers.metrics_rows(straight_run)  # trimmed past the checkpoint, then redone
   like = _like()
   _assert_bitwise(_final_state(workdir, like), _final_state(straight_run, like))
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -142,7 +137,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_bitwise(
   assert saved[-1] == step  # saved where it stopped, not only at the interval
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   _run_to_end(workdir)
-  assert _rows(workdir) == _rows(straight_run)
+  assert helpers.metrics_rows(workdir) == helpers.metrics_rows(straight_run)
   like = _like()
   _assert_bitwise(_final_state(workdir, like), _final_state(straight_run, like))
 
@@ -212,7 +207,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   bad_step = int(message.split("at training step ")[1].split(";")[0])
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    for row in _rows(workdir):  # strict JSON, and nothing from the bad step on
+    for row in helpers.metrics_rows(workdir):  # strict JSON, and nothing from the bad step on
       json.dumps(row, allow_nan=False)
       assert row["step"] < bad_step
   if "last good checkpoint is step" in message:
@@ -229,7 +224,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 def test_skip_counts_the_skipped_updates_and_the_run_finishes(tmp_path):
   summary = train.train_and_evaluate(_diverging(on_nonfinite="skip"), str(tmp_path))
   assert summary["nonfinite_skipped"] > 0
-  rows = _rows(str(tmp_path))
+  rows = helpers.metrics_rows(str(tmp_path))
   counts = [r["train/nonfinite_skipped"] for r in rows if "train/nonfinite_skipped" in r]
   assert counts == sorted(counts) and counts[-1] == summary["nonfinite_skipped"]
   with open(tmp_path / "summary.json") as f:
@@ -324,7 +319,7 @@ def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
   shutil.rmtree(os.path.join(workdir, "checkpoints", "20"))
   summary = train.train_and_evaluate(_small(total_steps=20), workdir)
   assert summary["resumed_from_step"] == 10
-  assert [r["step"] for r in _rows(workdir)] == [10, 20]
+  assert [r["step"] for r in helpers.metrics_rows(workdir)] == [10, 20]
 
 
 def test_resuming_where_steps_per_call_does_not_divide_the_step_is_refused(tmp_path):
@@ -382,7 +377,7 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path):
   a = train.train_and_evaluate(_small(total_steps=20), str(tmp_path / "a"))
   b = train.train_and_evaluate(_small(total_steps=20), str(tmp_path / "b"))
   c = train.train_and_evaluate(_small(total_steps=20, seed=1), str(tmp_path / "c"))
-  assert _rows(str(tmp_path / "a")) == _rows(str(tmp_path / "b")) and a["tasks"] == b["tasks"]
-  assert _rows(str(tmp_path / "a")) != _rows(str(tmp_path / "c"))
+  assert helpers.metrics_rows(str(tmp_path / "a")) == helpers.metrics_rows(str(tmp_path / "b")) and a["tasks"] == b["tasks"]
+  assert helpers.metrics_rows(str(tmp_path / "a")) != helpers.metrics_rows(str(tmp_path / "c"))
   assert a["tasks"] != c["tasks"]
 

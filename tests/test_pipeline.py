@@ -23,7 +23,6 @@ import helpers
 from mtljax import build
 from mtljax import checkpoint as ckpt_lib
 from mtljax import cv
-from mtljax import params as params_lib
 from mtljax import steps
 from mtljax import train
 from mtljax.data import loading
@@ -66,13 +65,9 @@ def test_host_batches_are_the_device_path_draws(name, builder_config, k, shared,
 def _assert_same_run(a_dir, b_dir, rtol=0.0):
   pa, step_a = ckpt_lib.read_params(a_dir)
   pb, step_b = ckpt_lib.read_params(b_dir)
-  assert step_a == step_b
-  flat = dict(params_lib.flatten_with_names(pb))
-  for n, leaf in params_lib.flatten_with_names(pa):
-    np.testing.assert_allclose(np.asarray(leaf), np.asarray(flat[n]), rtol=rtol, atol=0,
-                               err_msg=n)
-  rows = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
-          for d in (a_dir, b_dir)]
+  assert step_a == step_b and jax.tree.structure(pa) == jax.tree.structure(pb)
+  helpers.assert_trees_close(pa, pb, rtol=rtol, atol=0)
+  rows = [helpers.metrics_rows(d) for d in (a_dir, b_dir)]
   assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
   for ra, rb in zip(*rows):
     for key in ra:
@@ -270,9 +265,10 @@ def test_two_processes_read_disjoint_shards_and_train_on_a_global_mesh(tmp_path)
   n_records = int(np.sum(whole.train["n"]))
   held = [set(g["held"]) for g in got]
   assert not held[0] & held[1] and held[0] | held[1] == set(range(n_records))
+  assert not set(got[0]["held_x"]) & set(got[1]["held_x"])  # the shards' inputs differ
   for g, h in zip(got, held):
     assert g["processes"] == 2 and g["devices"] == 8 and g["pipeline"] == "host"
-    assert set(g["reads"]) <= h  # only its own shard
+    assert set(g["read_x"]) <= set(g["held_x"])  # inputs only of its own shard's records
     np.testing.assert_array_equal(g["num_train"], whole.num_train)  # the whole split's
     np.testing.assert_allclose(g["label_mean"], whole.label_mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g["label_std"], whole.label_std, rtol=1e-5)

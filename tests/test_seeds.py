@@ -2,7 +2,6 @@
 vmapped step equal N separate runs, and the reported mean and standard error
 are those of the per-seed values."""
 
-import json
 import os
 
 import numpy as np
@@ -14,11 +13,6 @@ from mtljax import train
 
 def _small(**overrides):  # 20 steps
   return helpers.small_sinusoids_config(**{"total_steps": 20, **overrides})
-
-
-def _rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_three_seeds_in_one_program_equal_three_runs(tmp_path):
@@ -40,8 +34,8 @@ def test_three_seeds_in_one_program_equal_three_runs(tmp_path):
       np.testing.assert_allclose(seeds["tasks_se"][task][m],
                                  vals.std(ddof=1) / np.sqrt(3), rtol=1e-12)
   # metrics.jsonl rows: the mean, KEY/se and per_seed lists, per seed equal to the runs.
-  rows = _rows(str(tmp_path / "n"))
-  single_rows = [_rows(str(tmp_path / f"s{s}")) for s in (4, 5, 6)]
+  rows = helpers.metrics_rows(str(tmp_path / "n"))
+  single_rows = [helpers.metrics_rows(str(tmp_path / f"s{s}")) for s in (4, 5, 6)]
   for r, row in enumerate(rows):
     for key, per in row["per_seed"].items():
       want = [single_rows[i][r].get(key) for i in range(3)]  # None: task not sampled
@@ -67,7 +61,7 @@ def test_seeds_resume_bitwise_after_an_interruption(tmp_path):
     train.train_and_evaluate(_small(num_seeds=2), str(tmp_path / "b"), callbacks=[stop])
   resumed = train.train_and_evaluate(_small(num_seeds=2), str(tmp_path / "b"))
   assert resumed["resumed_from_step"] == 10
-  assert _rows(str(tmp_path / "a")) == _rows(str(tmp_path / "b"))
+  assert helpers.metrics_rows(str(tmp_path / "a")) == helpers.metrics_rows(str(tmp_path / "b"))
   assert resumed["per_seed"] == straight["per_seed"]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
+import helpers
 from mtljax import sharding
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,11 +347,6 @@ def _env(devices):
   return env
 
 
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 @pytest.mark.slow
 def test_two_processes_on_a_global_mesh_of_eight_equal_one_process(tmp_path):
   from mtljax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -370,7 +366,7 @@ def test_two_processes_on_a_global_mesh_of_eight_equal_one_process(tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert "step 20/20" in outs[0][1] and "step 20/20" not in outs[1][1]  # process 0 logs
   assert "summary:" in outs[0][0] and "summary:" not in outs[1][0]
-  rows_one, rows_two = _metrics(one), _metrics(two)
+  rows_one, rows_two = helpers.metrics_rows(one), helpers.metrics_rows(two)
   assert [r["step"] for r in rows_two] == [5, 10, 15, 20]  # written once, by process 0
   for a, b in zip(rows_two, rows_one):
     assert sorted(a) == sorted(b)

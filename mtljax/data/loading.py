@@ -238,6 +238,11 @@ BUNDLED_SPECS = {
 }
 
 
+def family_task_name(spec: DataSpec, value) -> str:
+  """The task of a family data set's ``split_key`` value (``sine_03``)."""
+  return f"{spec.columns[0].task.name}{int(value):02d}"
+
+
 def catalog_spec(features, input_key: str, label_keys: Sequence[str]) -> DataSpec:
   """A spec from a catalog data set's features.
 
@@ -352,7 +357,7 @@ def build_task_data(name: str, spec: DataSpec, arrays: dict[str, dict[str, np.nd
       (template,) = spec.columns
       ids = cols[spec.split_key]
       for v in np.unique(ids):
-        task = dataclasses.replace(template.task, name=f"{template.task.name}{int(v):02d}")
+        task = dataclasses.replace(template.task, name=family_task_name(spec, v))
         sel = ids == v
         entries.append((task, x[sel][:limit], cols[template.label_key][sel][:limit]))
     per_split_tasks[split] = entries

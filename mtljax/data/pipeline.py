@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_parser
 
 from mtljax.data import loading
+from mtljax.data import sampling
 
 _EXAMPLE = example_parser.tf_example_pb2.Example
 
@@ -182,7 +183,7 @@ def _task_of_record(spec: loading.DataSpec, record: dict) -> str:
   """The task(s) a record belongs to, for errors."""
   if spec.split_key is None:
     return f"task(s) {[c.task.name for c in spec.columns]}"
-  return f"task {spec.columns[0].task.name + format(int(record[spec.split_key]), '02d')!r}"
+  return f"task {loading.family_task_name(spec, record[spec.split_key])!r}"
 
 
 def shard(n: int, index: int, count: int) -> np.ndarray:
@@ -264,15 +265,6 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
 # ----------------------------------------------------------------------------
 
 
-def _labels(split: dict, local_index: np.ndarray, task_ids, idx) -> dict:
-  """``{group: [K, B]}`` as :func:`mtljax.data.sampling.gather_batch` gathers
-  them (``idx`` ``[B]`` for every slot, or ``[K, B]``)."""
-  local = local_index[task_ids]
-  idx2 = np.broadcast_to(idx, (len(task_ids), idx.shape[-1]))
-  return {g: yg[np.clip(local, 0, yg.shape[0] - 1)[:, None], idx2]
-          for g, yg in split["y"].items()}
-
-
 class Batches:
   """The training batches of a run, a pure function of ``(seed, step)``.
 
@@ -345,7 +337,7 @@ class Batches:
         task = self.data.taskset.names[t_ids[rows[0]] if records.ndim == 2 else t_ids[0]]
         raise ValueError(f"Data set {self.data.name!r}, split 'train', task {task!r}, "
                          f"record {e.index}: {e.what}.") from None
-      out["y"].append(_labels(split, self.local_index, t_ids, e_idx))
+      out["y"].append(sampling.gather_labels(split["y"], self.local_index, t_ids, e_idx))
     batch = {"task_ids": ids.astype(np.int32), "x": np.stack(out["x"]),
              "y": {g: np.stack([y[g] for y in out["y"]]) for g in out["y"][0]}}
     if self.spc == 1:
@@ -380,7 +372,7 @@ def eval_chunks(data: loading.MultiTaskData, split_name: str, chunk: int
       task = data.taskset.names[int(np.argwhere(records == e.index)[0][0])]
       raise ValueError(f"Data set {data.name!r}, split {split_name!r}, task {task!r}, "
                        f"record {e.index}: {e.what}.") from None
-    yield {"x": x, "y": _labels(split, local, tasks, idx), "valid": valid}
+    yield {"x": x, "y": sampling.gather_labels(split["y"], local, tasks, idx), "valid": valid}
 
 
 # ----------------------------------------------------------------------------

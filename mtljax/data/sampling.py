@@ -126,12 +126,17 @@ def gather_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
   group read row 0 of that group and are masked by the loss).
   """
   x = split["x"][split["source"][task_ids][:, None], idx]
-  local = taskset_arrays["local_index"][task_ids]
-  ys = {}
-  for g, yg in split["y"].items():
-    row = jnp.clip(local, 0, yg.shape[0] - 1)
-    ys[g] = yg[row[:, None], idx]
-  return x, ys
+  return x, gather_labels(split["y"], taskset_arrays["local_index"], task_ids, idx)
+
+
+def gather_labels(y: dict, local_index, task_ids, idx) -> dict:
+  """Labels ``{group: [K, B]}`` of slots ``task_ids [K]`` at examples ``idx``
+  (``[K, B]``, or ``[B]`` for every slot). Rows of tasks outside a group read
+  row 0 of that group (masked by the loss). Works on numpy arrays (the host
+  pipeline) and jax arrays (inside the step) alike."""
+  local = local_index[task_ids]
+  idx = idx if idx.ndim == 2 else idx[None, :]
+  return {g: yg[local.clip(0, yg.shape[0] - 1)[:, None], idx] for g, yg in y.items()}
 
 
 def gather_shared_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
@@ -140,9 +145,4 @@ def gather_shared_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
   reads the same examples ``idx [B]`` of one shared input source (see
   :func:`check_shared_inputs`)."""
   x = split["x"][split["source"][task_ids[0]], idx]
-  local = taskset_arrays["local_index"][task_ids]
-  ys = {}
-  for g, yg in split["y"].items():
-    row = jnp.clip(local, 0, yg.shape[0] - 1)
-    ys[g] = yg[row[:, None], idx[None, :]]
-  return x, ys
+  return x, gather_labels(split["y"], taskset_arrays["local_index"], task_ids, idx)
