@@ -80,6 +80,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("frozen_depth", "unfreeze_every"):
     if o[key] < 0:
       raise ValueError(f"config.optim.{key} must be >= 0, got {o[key]}.")
+  for key in ("tensorboard", "plots"):
+    if not isinstance(config.get(key, True), bool):
+      raise ValueError(f"config.{key} must be True or False, got {config[key]!r}.")
   if config.tag_lr < 0 or config.tag_groups < 1:
     raise ValueError(f"config.tag_lr must be >= 0 and config.tag_groups >= 1, got "
                      f"{config.tag_lr}, {config.tag_groups}.")

@@ -1,12 +1,34 @@
-"""One way to write a figure: ``with figure(path) as (fig, ax): ...``.
+"""Figures: one way to write one (``with figure(path) as (fig, ax): ...``), and
+a run's own plots from its ``metrics.jsonl`` rows and ``summary.json``.
 
 matplotlib is imported lazily with the Agg backend (no display needed), and the
 figure is laid out, saved and closed when the block ends.
+
+:func:`run_plots` writes, in a run's workdir:
+
+* ``curves.png``: per task, the training loss (``train/TASK/loss``) and each
+  evaluation metric on the test split (solid) and, with ``config.eval_train``,
+  on the train split (dashed), against the step -- for every run;
+* ``delta_m.png`` (with ``config.baselines``): per metric, the single-task
+  baseline and the multi-task value of each task side by side, and each task's
+  relative change (%), titled with Δm;
+* ``grad_cosine.png`` (gradient methods): the mean over the logged rows of the
+  pairwise cosine of the tasks' gradients (``grad/cos/A/B``);
+* ``affinity.png`` (``config.tag_lr > 0``): TAG's affinity matrix.
+
+Each plotting function returns :func:`drawn` of its figure: the data the
+figure holds, read back from its matplotlib objects (tests compare it with the
+metrics).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import os
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -22,3 +44,169 @@ def figure(path: str, ncols: int = 1, figsize=(5, 4)):
     fig.savefig(path, dpi=120)
   finally:
     plt.close(fig)
+
+
+def drawn(fig) -> dict:
+  """``{axis title: {"lines": {label: (x, y)}, "bars": {label: heights},
+  "image": matrix}}`` of a figure, read from its lines, bar containers and
+  images (the keys an axis has none of are left out)."""
+  out = {}
+  for i, ax in enumerate(fig.axes):
+    if not ax.get_title() and not ax.lines and not ax.containers and not ax.images:
+      continue  # a colorbar
+    entry = {}
+    lines = {l.get_label(): (list(map(float, l.get_xdata())), list(map(float, l.get_ydata())))
+             for l in ax.lines if not l.get_label().startswith("_")}
+    if lines:
+      entry["lines"] = lines
+    bars = {c.get_label(): [float(p.get_height()) for p in c.patches] for c in ax.containers}
+    if bars:
+      entry["bars"] = bars
+    if ax.images:
+      entry["image"] = np.asarray(ax.images[0].get_array().filled(np.nan), np.float64)
+    out[ax.get_title() or f"axis {i}"] = entry
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Series from metrics.jsonl rows.
+# ----------------------------------------------------------------------------
+
+
+def metrics_rows(workdir: str) -> list[dict]:
+  """The rows of ``WORKDIR/metrics.jsonl`` ([] when there is none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+  """``(steps, values)`` of ``key`` over the rows that have a value for it."""
+  pts = [(r["step"], float(r[key])) for r in rows if r.get(key) is not None]
+  return [s for s, _ in pts], [v for _, v in pts]
+
+
+def _tasks_and_metrics(rows):
+  tasks, metrics = {}, {}
+  for r in rows:
+    for k in r:
+      parts = k.split("/")
+      if len(parts) == 3 and parts[0] in ("train", "eval", "train_eval"):
+        tasks.setdefault(parts[1], None)
+        if parts[0] != "train":
+          metrics.setdefault(parts[2], None)
+  return list(tasks), list(metrics)
+
+
+def plot_curves(rows: list[dict], path: str, tasks=None) -> dict:
+  """``curves.png``: one panel for the training loss and one per evaluation
+  metric, a line per task (test solid, train split dashed); ``tasks``: their
+  order (default: as they first appear in the rows)."""
+  found, metrics = _tasks_and_metrics(rows)
+  tasks = list(tasks or found)
+  panels = ["train/TASK/loss"] + [f"eval/TASK/{m}" for m in metrics]
+  with figure(path, ncols=len(panels), figsize=(4.2 * len(panels), 3.4)) as (fig, axes):
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax, panel in zip(axes, panels):
+      for t in tasks:
+        if panel.startswith("train/"):
+          ax.plot(*series(rows, f"train/{t}/loss"), label=t)
+          continue
+        m = panel.split("/")[-1]
+        line, = ax.plot(*series(rows, f"eval/{t}/{m}"), label=f"{t} test")
+        train_eval = series(rows, f"train_eval/{t}/{m}")
+        if train_eval[0]:
+          ax.plot(*train_eval, ls="--", color=line.get_color(), label=f"{t} train")
+      ax.set_title(panel)
+      ax.set_xlabel("step")
+      if len(tasks) <= 12:
+        ax.legend(fontsize=6)
+    return drawn(fig)
+
+
+def grad_cosine_matrix(rows: list[dict], names) -> np.ndarray:
+  """``[T, T]``: the mean over the rows of ``grad/cos/A/B`` (symmetric, 1 on
+  the diagonal, NaN for a pair never measured)."""
+  names = list(names)
+  out = np.full((len(names), len(names)), np.nan)
+  np.fill_diagonal(out, 1.0)
+  for i, a in enumerate(names):
+    for j in range(i + 1, len(names)):
+      _, v = series(rows, f"grad/cos/{a}/{names[j]}")
+      if v:
+        out[i, j] = out[j, i] = float(np.mean(v))
+  return out
+
+
+def plot_matrix(matrix, names, path: str, *, title: str, xlabel: str, ylabel: str,
+                limit: float | None = None) -> dict:
+  """A heatmap of a ``[T, T]`` task matrix (NaN blank), colours symmetric
+  about 0 (``limit``: the colour scale's bound; default the largest |entry|)."""
+  matrix = np.asarray(matrix, np.float64)
+  size = (2.5 + 0.5 * len(names), 2.0 + 0.5 * len(names))
+  with figure(path, figsize=size) as (fig, ax):
+    finite = np.abs(matrix[np.isfinite(matrix)])
+    lim = limit or (float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+    im = ax.imshow(np.ma.masked_invalid(matrix), cmap="RdBu", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(names)), names, rotation=90)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im)
+    return drawn(fig)
+
+
+def plot_delta_m(tasks: dict, delta_m: dict, path: str) -> dict:
+  """``delta_m.png``: per metric (not loss), bars of each task's single-task
+  baseline and multi-task value; a last panel of each task's relative change
+  (% , positive = better), titled with Δm.
+
+  Args:
+    tasks: the run's final test metrics ``{task: {metric: value}}``.
+    delta_m: ``summary["delta_m"]`` (``value``, ``per_task``, ``baselines``).
+  """
+  base = delta_m["baselines"]
+  metrics = list(dict.fromkeys(m for ms in delta_m["per_task"].values() for m in ms))
+  names = list(delta_m["per_task"])
+  width = (len(metrics) + 1) * (1.5 + 0.45 * len(names))
+  with figure(path, ncols=len(metrics) + 1, figsize=(width, 3.6)) as (fig, axes):
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax, m in zip(axes, metrics):
+      have = [t for t in names if m in delta_m["per_task"][t]]
+      x = np.arange(len(have))
+      ax.bar(x - 0.2, [base[t][m] for t in have], 0.4, label="single-task")
+      ax.bar(x + 0.2, [tasks[t][m] for t in have], 0.4, label="multi-task")
+      ax.set_xticks(x, have, rotation=45, ha="right")
+      ax.set_title(f"test {m}")
+      ax.legend(fontsize=6)
+    ax = axes[-1]
+    change = [float(np.mean(list(delta_m["per_task"][t].values()))) for t in names]
+    ax.bar(np.arange(len(names)), change, label="relative change %")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
+    ax.set_title(f"Delta_m = {delta_m['value']:+.2f}% (positive = better)")
+    return drawn(fig)
+
+
+def run_plots(workdir: str, rows: list[dict], summary: dict) -> dict[str, dict]:
+  """Writes a run's plots (module docstring) into ``workdir``; returns
+  ``{file name: drawn(figure)}``."""
+  names = list(summary["tasks"])
+  out = {"curves.png": plot_curves(rows, os.path.join(workdir, "curves.png"), names)}
+  if summary.get("delta_m"):
+    out["delta_m.png"] = plot_delta_m(summary["tasks"], summary["delta_m"],
+                                      os.path.join(workdir, "delta_m.png"))
+  if any(k.startswith("grad/cos/") for r in rows for k in r):
+    out["grad_cosine.png"] = plot_matrix(
+        grad_cosine_matrix(rows, names), names, os.path.join(workdir, "grad_cosine.png"),
+        title="mean gradient cosine", xlabel="task", ylabel="task", limit=1.0)
+  if summary.get("affinity"):
+    aff = summary["affinity"]
+    matrix = [[math.nan if v is None else v for v in row] for row in aff["matrix"]]
+    out["affinity.png"] = plot_matrix(
+        matrix, aff["tasks"], os.path.join(workdir, "affinity.png"),
+        title="TAG affinity", xlabel="target task j", ylabel="source task i (lookahead step)")
+  return out

@@ -26,11 +26,14 @@ import numpy as np
 from mtljax import build
 from mtljax import checkpoint as ckpt_lib
 from mtljax import measure
+from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import plotting
+from mtljax import schedules
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks as tasks_lib
+from mtljax import tensorboard
 from mtljax import workdir as workdir_lib
 from mtljax.data import pipeline
 
@@ -96,6 +99,35 @@ def train_record(taskset, meas, step: int, steps_per_call: int) -> dict:
       record[f"train/{t.name}/loss"] = float(meas["task_loss_sum"][i] / meas["task_count"][i])
   record.update(gradient_record(taskset, meas, steps_per_call))
   return record
+
+
+def learning_rates(config, tx) -> Callable[[int], dict]:
+  """``step -> {"optim/lr": lr}``, or ``{"optim/lr/rule<i>": lr}`` per
+  parameter rule ``i`` of a :class:`mtljax.optim.RuledOptimizer` (its names in
+  the log's rule listing and its optax labels): the learning rate of
+  the update that ended at ``step`` (update ``step - 1`` counted from 0), as
+  scheduled by the global step -- 0 for a frozen group and before a group's
+  ``unfreeze_at``. (A task's own parameters count only the steps that sampled
+  the task; with a schedule other than constant theirs lag behind.)"""
+  o = config.optim
+
+  def schedule(name, mult):
+    return schedules.make_schedule(name, o.lr * mult, int(config.total_steps),
+                                   warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
+                                   cut_frac=o.stlr_cut_frac, ratio=o.stlr_ratio)
+  if not isinstance(tx, optim.RuledOptimizer):
+    groups = [("optim/lr", schedule(o.schedule, 1.0), 0, False)]
+  else:
+    groups = [(f"optim/lr/rule{i}", schedule(r.schedule or o.schedule, r.lr_mult),
+               r.unfreeze_at, r.frozen) for i, r in enumerate(tx.rules)]
+
+  def at(step: int) -> dict:
+    out = {}
+    for key, fn, start, frozen in groups:
+      count = step - 1 - start
+      out[key] = 0.0 if frozen or count < 0 else float(fn(count))
+    return out
+  return at
 
 
 class SeedMetrics(NamedTuple):
@@ -165,7 +197,7 @@ class _Affinity:
     self.sum = got[0] if self.sum is None else self.sum + got[0]
     self.count = got[1] if self.count is None else self.count + got[1]
 
-  def summary(self, config, taskset, workdir) -> dict | None:
+  def summary(self, config, taskset) -> dict | None:
     if self.sum is None:
       return None
     affinity = np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan)
@@ -175,8 +207,6 @@ class _Affinity:
                          "averaged over the steps of this process (Fifty et al. 2021)"}
     if not np.isnan(affinity).any() and 1 <= config.tag_groups <= len(taskset):
       out["grouping"] = measure.group_tasks(affinity, config.tag_groups, taskset.names)
-    if workdir is not None:  # the primary process
-      _plot_affinity(affinity, taskset.names, os.path.join(workdir, "affinity.png"))
     return out
 
 
@@ -395,6 +425,12 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   policy = config.get("on_nonfinite", "stop")
   total, step = int(config.total_steps), _step(state)
   progress, affinity, last_eval = _Progress(total, step), _Affinity(), None
+  lr_at = learning_rates(config, run.tx)
+  board = None
+  if primary and config.get("tensorboard", True):  # hides what metrics.jsonl dropped
+    board = tensorboard.Board(workdir, config.to_dict(), purge_step=step + 1,
+                              seeds=[config.seed + i for i in range(n_seeds)] if n_seeds > 1
+                              else ())
   try:
     while step < total:
       state, meas = train_step(state, feed.next())
@@ -416,6 +452,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
                                          for m in per_seed(host, n_seeds)])
         if policy == "skip":
           record["train/nonfinite_skipped"] = int(np.sum(state["nonfinite_skipped"]))
+        record.update(lr_at(step))
         logger.info("%s", progress.line(step, record["train/loss"]))
       if step % config.eval_steps == 0 or step == total:
         last_eval = evaluate("test")
@@ -424,6 +461,8 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
           record.update(_flat_metrics("train_eval", evaluate("train")))
       if record is not None and primary:
         workdir_lib.append_jsonl(metrics_path, record)
+        if board is not None:
+          board.write(workdir_lib.json_safe(record))
       preempted = sharding.any_process(sigterm["set"])  # every process stops at one step
       if step % config.checkpoint_steps == 0 or step == total or preempted:
         if last_saved != step:
@@ -434,6 +473,8 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
 
   finally:  # the reader threads stop with the loop, however it ends
     feed.close()
+    if board is not None:
+      board.close()
   if last_eval is None:  # resumed at or past the end: evaluate what was restored
     last_eval = evaluate("test")
   seeds_report = None
@@ -459,7 +500,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   if config.eval_train:
     train_metrics = evaluate("train")
     summary["train_metrics"] = getattr(train_metrics, "mean", train_metrics)
-  tag = affinity.summary(config, ts, workdir if primary else None)
+  tag = affinity.summary(config, ts)
   if tag is not None:
     summary["affinity"] = tag
   if config.baselines:
@@ -476,20 +517,10 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
   if primary:
     workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
+    if config.get("plots", True):
+      plotting.run_plots(workdir, plotting.metrics_rows(workdir), workdir_lib.json_safe(summary))
   logger.info("Final test metrics:\n%s", format_table(last_eval))
   return workdir_lib.json_safe(summary)
-
-
-def _plot_affinity(affinity, names, path):
-  size = (2.0 + 0.5 * len(names), 1.5 + 0.5 * len(names))
-  with plotting.figure(path, figsize=size) as (fig, ax):
-    lim = np.nanmax(np.abs(affinity)) or 1.0
-    im = ax.imshow(affinity, cmap="RdBu", vmin=-lim, vmax=lim)
-    ax.set_xticks(range(len(names)), names, rotation=90)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("target task j")
-    ax.set_ylabel("source task i (lookahead step)")
-    fig.colorbar(im)
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -94,6 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tag_groups = 2        # tasks grouped by affinity into this many groups
   c.eval_train = False    # also evaluate the train split at eval steps (overfitting)
 
+  # Outputs besides metrics.jsonl/summary.json (mtljax/tensorboard.py, plotting.py).
+  c.tensorboard = True    # TensorBoard event files next to metrics.jsonl
+  c.plots = True          # curves.png (+ delta_m.png, grad_cosine.png, affinity.png)
+
   # k-fold cross-validation on the train split (mtljax/cv.py); folds = 0: off.
   c.cv = ml_collections.ConfigDict()
   c.cv.folds = 0

@@ -1,0 +1,125 @@
+"""TensorBoard event files: read back with TensorBoard's own EventAccumulator,
+every scalar at every step equals metrics.jsonl -- also after a run that was
+interrupted past its last checkpoint and resumed (no step twice) -- and the
+learning rate per parameter group equals its schedule's closed form."""
+
+import json
+import math
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+import helpers
+from mtljax import build
+from mtljax import tensorboard
+from mtljax import train
+
+
+def _events(workdir):
+  """``({tag: [(step, value)]}, [config texts])`` as TensorBoard reads the dir."""
+  acc = event_accumulator.EventAccumulator(
+      str(workdir), size_guidance={event_accumulator.SCALARS: 0,
+                                   event_accumulator.TENSORS: 0})
+  acc.Reload()
+  scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+             for tag in acc.Tags()["scalars"]}
+  texts = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors("config/text_summary")]
+  return scalars, texts
+
+
+def test_scalar_names_follow_the_documented_scheme():
+  row = {"step": 30, "train/loss": 1.5, "train/a/loss": 0.5, "eval/a/accuracy": 0.75,
+         "train_eval/a/accuracy": 0.8, "grad/cos/a/b": -0.25, "grad/a/norm": 3.0,
+         "grad/a/weight": 0.4, "objective/b/lambda": 1.25, "grad/solver_failures": 0.0,
+         "optim/lr/rule0": 5e-4, "train/loss/se": 0.1, "grad/cos/a/b/se": 0.05,
+         "train/b/loss": None, "nonfinite": ["train/b/loss (nan)"],
+         "per_seed": {"train/loss": [1.4, 1.6], "grad/a/weight": [None, 0.4]}}
+  got = tensorboard.row_scalars(row, seeds=(7, 8))
+  want = {"train/loss": 1.5, "train/a/loss": 0.5, "eval/a/accuracy": 0.75,
+          "train_eval/a/accuracy": 0.8, "grad/cosine/a/b": -0.25, "grad/norm/a": 3.0,
+          "objective/weights/a": 0.4, "objective/weights/b": 1.25,
+          "grad/solver_failures": 0.0, "optim/lr/rule0": 5e-4, "train/loss/se": 0.1,
+          "grad/cosine/a/b/se": 0.05, "train/b/loss": math.nan,
+          "train/loss/seed_7": 1.4, "train/loss/seed_8": 1.6, "objective/weights/a/seed_8": 0.4}
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    assert got[k] == v or (math.isnan(v) and math.isnan(got[k])), k
+
+
+class _Stop(Exception):
+  pass
+
+
+def _config():
+  # PCGrad logs gradient cosines and weights; two parameter groups with a
+  # warm-up + cosine schedule give two learning-rate curves with known values.
+  return helpers.small_sinusoids_config(**{
+      "objective.method": "pcgrad", "optim.lr": 1e-2, "optim.schedule": "warmup_cosine",
+      "optim.warmup_steps": 10, "optim.rules": "^tasks/:lr_mult=0.5;.*:",
+      "checkpoint_steps": 20})
+
+
+def test_events_equal_metrics_jsonl_after_an_interrupted_run_resumes(tmp_path):
+  workdir = str(tmp_path)
+
+  def stop(step, _):
+    if step == 35:  # rows 10, 20, 30 written; the last checkpoint is step 20
+      raise _Stop()
+  with pytest.raises(_Stop):
+    train.train_and_evaluate(_config(), workdir, callbacks=[stop])
+  first, _ = _events(workdir)
+  assert [s for s, _ in first["train/loss"]] == [10, 20, 30]
+  summary = train.train_and_evaluate(_config(), workdir)
+  assert summary["resumed_from_step"] == 20
+  assert len(tensorboard.event_files(workdir)) == 2  # one file per run, both read
+
+  scalars, texts = _events(workdir)
+  rows = helpers.metrics_rows(workdir)
+  assert [r["step"] for r in rows] == [10, 20, 30, 40]
+  want = {}
+  for r in rows:
+    for key, value in r.items():
+      if key != "step" and value is not None:
+        want.setdefault(tensorboard.scalar_name(key), []).append((r["step"], value))
+  assert set(scalars) == set(want)
+  for tag, points in want.items():  # every step once (step 30 of the first run purged)
+    assert [s for s, _ in scalars[tag]] == [s for s, _ in points], tag
+    np.testing.assert_array_equal([v for _, v in scalars[tag]],
+                                  np.float32([v for _, v in points]), err_msg=tag)
+  for prefix in ("grad/cosine/", "objective/weights/", "grad/norm/", "eval/", "train/sine_"):
+    assert any(t.startswith(prefix) for t in scalars), prefix
+
+  # The learning rates: warm-up to lr over 10 updates, cosine to 0 at 40 (the
+  # update that ends at step s is number s - 1), halved on the per-task rule.
+  lr, warm, total = 1e-2, 10, 40
+  for s, value in scalars["optim/lr/rule1"]:
+    c = s - 1
+    closed = lr * c / warm if c < warm else lr * 0.5 * (1 + math.cos(math.pi * (c - warm) /
+                                                                     (total - warm)))
+    np.testing.assert_allclose(value, closed, rtol=1e-5, err_msg=str(s))
+    np.testing.assert_allclose(dict(scalars["optim/lr/rule0"])[s], 0.5 * closed, rtol=1e-5)
+
+  # The config, once, as text: the workdir's config.json.
+  assert len(texts) == 1
+  body = texts[0].strip().removeprefix("```").removesuffix("```")
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.loads(body) == json.load(f)
+
+
+def test_no_event_files_when_turned_off(tmp_path):
+  config = helpers.small_sinusoids_config(tensorboard=False, plots=False, total_steps=10,
+                                          log_steps=10, eval_steps=10, checkpoint_steps=10)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert tensorboard.event_files(str(tmp_path)) == []
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".png")]
+  assert os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_a_non_boolean_switch_is_a_config_error():
+  config = ml_collections.ConfigDict({**helpers.small_sinusoids_config().to_dict(),
+                                      "tensorboard": "no"})
+  with pytest.raises(ValueError, match=r"config.tensorboard must be True or False, got 'no'"):
+    build.validate_config(config)
