@@ -50,15 +50,24 @@ PROTOCOLS = {
 TOY_METHODS = ("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS
 
 
+def clamp_min(x: jax.Array, low: float) -> jax.Array:
+  """``max(x, low)`` with PyTorch's ``clamp(min=low)`` gradient: the full
+  gradient (1) where ``x >= low``, the kink included. (``jnp.maximum`` splits
+  a tie, giving 1/2 at ``x == low``, so the toy's gates ``max(tanh(+-x2/2), 0)``
+  would have half the authors' slope on ``x2 = 0``, e.g. at the start (0, 0).)"""
+  return jnp.where(x >= low, x, jnp.asarray(low, x.dtype))
+
+
 def losses(x: jax.Array, scale: float = 1.0) -> jax.Array:
-  """``[2]`` losses at ``x [2]``."""
+  """``[2]`` losses at ``x [2]`` (the authors' ``torch.clamp`` gradients at the
+  kinks, see :func:`clamp_min`)."""
   x1, x2 = x[0], x[1]
-  f1 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 - 7) - jnp.tanh(-x2)), LOWER)) + 6
-  f2 = jnp.log(jnp.maximum(jnp.abs(0.5 * (-x1 + 3) + jnp.tanh(-x2) + 2), LOWER)) + 6
-  c1 = jnp.maximum(jnp.tanh(x2 * 0.5), 0)
+  f1 = jnp.log(clamp_min(jnp.abs(0.5 * (-x1 - 7) - jnp.tanh(-x2)), LOWER)) + 6
+  f2 = jnp.log(clamp_min(jnp.abs(0.5 * (-x1 + 3) + jnp.tanh(-x2) + 2), LOWER)) + 6
+  c1 = clamp_min(jnp.tanh(x2 * 0.5), 0)
   f1_sq = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
   f2_sq = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
-  c2 = jnp.maximum(jnp.tanh(-x2 * 0.5), 0)
+  c2 = clamp_min(jnp.tanh(-x2 * 0.5), 0)
   f1 = (f1 * c1 + f1_sq * c2) * scale
   f2 = f2 * c1 + f2_sq * c2
   return jnp.stack([f1, f2])

@@ -32,6 +32,86 @@ def test_losses_match_the_authors_function(scale):
                              rtol=1e-4, atol=1e-4)
 
 
+def _np_grads(x1, x2, scale, tie=1.0):
+  """float64 hand derivative ``[2 losses, 2 coords]`` of :func:`_np_losses`.
+
+  ``tie`` is the slope of ``clamp(., min)`` where its input equals the bound:
+  1 is PyTorch's ``clamp`` (the published code's gradient), 1/2 what
+  ``jnp.maximum`` would give. It only matters at x2 = 0 (the gates) and on
+  ``|.| = LOWER`` (measure zero)."""
+  lower = 0.000005
+  sech2 = lambda z: 1.0 / np.cosh(z) ** 2
+  def gate(z):  # d clamp(z, 0) / dz
+    return np.where(z > 0, 1.0, np.where(z == 0, tie, 0.0))
+  def log_clamped_abs(a, da):  # (log(max(|a|, lower)) + 6, its gradient)
+    m = np.maximum(np.abs(a), lower)
+    slope = np.where(np.abs(a) > lower, 1.0, np.where(np.abs(a) == lower, tie, 0.0))
+    return np.log(m) + 6, slope * np.sign(a) / m * da
+  a1 = 0.5 * (-x1 - 7) - np.tanh(-x2)
+  a2 = 0.5 * (-x1 + 3) + np.tanh(-x2) + 2
+  f1, df1 = log_clamped_abs(a1, np.array([-0.5, sech2(x2)]))
+  f2, df2 = log_clamped_abs(a2, np.array([-0.5, -sech2(x2)]))
+  t = np.tanh(x2 * 0.5)
+  c1, dc1 = max(t, 0.0), np.array([0.0, gate(t) * 0.5 * sech2(x2 * 0.5)])
+  c2, dc2 = max(-t, 0.0), np.array([0.0, -gate(-t) * 0.5 * sech2(x2 * 0.5)])
+  s1 = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  s2 = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+  ds1 = np.array([-0.2 * (-x1 + 7), -0.02 * (-x2 - 8)])
+  ds2 = np.array([-0.2 * (-x1 - 7), -0.02 * (-x2 - 8)])
+  g1 = (df1 * c1 + f1 * dc1 + ds1 * c2 + s1 * dc2) * scale
+  g2 = df2 * c1 + f2 * dc1 + ds2 * c2 + s2 * dc2
+  return np.stack([g1, g2])
+
+
+def test_hand_gradient_matches_finite_differences_off_the_kink():
+  # Validates the reference itself where the function is smooth.
+  rng = np.random.default_rng(1)
+  for x1, x2 in rng.uniform(-9, 9, (20, 2)):
+    h = 1e-6
+    fd = np.stack([(_np_losses(x1 + h, x2, 0.1) - _np_losses(x1 - h, x2, 0.1)) / (2 * h),
+                   (_np_losses(x1, x2 + h, 0.1) - _np_losses(x1, x2 - h, 0.1)) / (2 * h)], -1)
+    np.testing.assert_allclose(_np_grads(x1, x2, 0.1), fd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_gradient_on_the_gate_kink_is_pytorchs_clamp(scale):
+  """At x2 = 0 both gates ``clamp(tanh(+-x2/2), 0)`` sit on their kink; the
+  published code's ``torch.clamp`` passes the full slope there (1/2 each way),
+  ``jnp.maximum`` would pass half. Away from the kink the two agree."""
+  for x1 in (0.0, -3.0, 5.0):
+    got = np.asarray(jax.jacrev(lambda x: toy.losses(x, scale))(
+        np.array([x1, 0.0], np.float32)), np.float64)
+    want = _np_grads(x1, 0.0, scale)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    half = _np_grads(x1, 0.0, scale, tie=0.5)  # what jnp.maximum would give
+    np.testing.assert_allclose(want[:, 1], 2 * half[:, 1], rtol=1e-12)
+    assert np.all(np.abs(want[:, 1]) > 0.5)
+  for x1, x2 in ((0.0, 1e-3), (0.0, -1e-3), (2.0, -4.0)):
+    got = np.asarray(jax.jacrev(toy.losses)(np.array([x1, x2], np.float32)), np.float64)
+    np.testing.assert_allclose(got, _np_grads(x1, x2, 1.0), rtol=1e-4, atol=1e-4)
+
+
+def _np_adam_sum(x0, steps, scale, lr=1e-3, tie=1.0):
+  """float64 Adam (optax defaults) on the sum of the two gradients."""
+  x, m, v, path = np.array(x0, np.float64), np.zeros(2), np.zeros(2), [np.array(x0)]
+  for t in range(1, steps + 1):
+    g = _np_grads(x[0], x[1], scale, tie).sum(0)
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    x = x - lr * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+    path.append(x)
+  return np.stack(path)
+
+
+def test_trajectory_from_the_origin_follows_the_published_gradient():
+  # Nash-MTL's and FAMO's start (0, 0) lies on the kink: the first gradient
+  # enters Adam's moments, so the whole path depends on the convention.
+  r = toy.run("fixed", [(0.0, 0.0)], 40, scale=0.1, record_every=1)
+  want = _np_adam_sum((0.0, 0.0), 40, 0.1)
+  np.testing.assert_allclose(r["path"][0], want, rtol=0, atol=2e-6)
+  other = _np_adam_sum((0.0, 0.0), 40, 0.1, tie=0.5)
+  assert np.max(np.abs(want - other)) > 1e-4
+
+
 def _cos(x):
   g = np.asarray(jax.jacrev(toy.losses)(np.array(x, np.float32)), np.float64)
   return g[0] @ g[1] / np.linalg.norm(g[0]) / np.linalg.norm(g[1])
