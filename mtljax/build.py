@@ -88,6 +88,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f"{config.tag_lr}, {config.tag_groups}.")
   if config.l2sp_alpha < 0 or config.l2sp_beta < 0:
     raise ValueError("config.l2sp_alpha and config.l2sp_beta must be >= 0.")
+  _one_of("l2sp_mode", config.get("l2sp_mode", "decoupled"), transfer.L2SP_MODES)
   if config.init_from and not os.path.isdir(config.init_from):
     raise ValueError(f"config.init_from={config.init_from!r} is not a directory.")
   objectives.check_method(config.objective.method)
@@ -218,6 +219,15 @@ def rules_from_config(config, groups, param_names) -> tuple:
   return rules + generated
 
 
+def _decoupled_l2sp(config) -> optim.DecoupledL2SP | None:
+  """Decoupled L2-SP's optimizer term (:mod:`mtljax.transfer`), or None."""
+  if not (config.init_from and (config.l2sp_alpha or config.l2sp_beta)
+          and config.get("l2sp_mode", "decoupled") == "decoupled"):
+    return None
+  kind = transfer.l2sp_kind(config.init_dont_load.split(";"), config.objective.method)
+  return optim.DecoupledL2SP(float(config.l2sp_alpha), float(config.l2sp_beta), kind)
+
+
 def optimizer_from_config(config, groups=None, param_names=()):
   """The optimizer; a :class:`mtljax.optim.RuledOptimizer` when the config has
   parameter rules, layer-wise decay, gradual unfreezing or frozen depth
@@ -226,13 +236,15 @@ def optimizer_from_config(config, groups=None, param_names=()):
   o = config.optim
   kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                 momentum=o.momentum)
-  if o.rules or o.layerwise_decay or o.unfreeze_every or o.frozen_depth:
+  l2sp = _decoupled_l2sp(config)
+  if o.rules or o.layerwise_decay or o.unfreeze_every or o.frozen_depth or l2sp:
     if groups is None:
       raise ValueError("optimizer_from_config: parameter rules need the layer groups.")
+    rules = rules_from_config(config, groups, param_names) or (optim.Rule(".*"),)
     return optim.make_ruled_optimizer(
-        o.name, rules_from_config(config, groups, param_names), lr=o.lr, total_steps=config.total_steps,
+        o.name, rules, lr=o.lr, total_steps=config.total_steps,
         schedule=o.schedule, warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
-        stlr_cut_frac=o.stlr_cut_frac, stlr_ratio=o.stlr_ratio, **kwargs)
+        stlr_cut_frac=o.stlr_cut_frac, stlr_ratio=o.stlr_ratio, l2sp=l2sp, **kwargs)
   lr = o.lr
   if o.schedule != "constant":
     lr = schedules.make_schedule(o.schedule, o.lr, config.total_steps,
@@ -302,7 +314,10 @@ def _initial_state(config, model, objective, tx, state, source=None
   state = {**state, "params": params,
            "opt_state": optim.init_state(tx, params, steps.task_rows(model, objective))}
   penalty = None
-  if config.l2sp_alpha or config.l2sp_beta:
+  if isinstance(tx, optim.RuledOptimizer) and tx.l2sp is not None:
+    # Decoupled: in the optimizer, anchored at the loaded values by init_state.
+    transfer.check_l2sp_loaded(tx.l2sp.kind, report)
+  elif config.l2sp_alpha or config.l2sp_beta:
     # The objective's own parameters (uncertainty's log sigma^2) are not the
     # model's: L2-SP neither pulls nor decays them.
     def model_only(tree):

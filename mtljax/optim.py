@@ -70,11 +70,24 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 def make_optimizer(name: str = "adam", *, lr: float = 1e-3, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                   momentum: float = 0.0) -> optax.GradientTransformation:
+                   momentum: float = 0.0,
+                   decoupled: optax.GradientTransformation | None = None
+                   ) -> optax.GradientTransformation:
+  """optax's ``adam`` / ``adamw`` / ``sgd``. ``decoupled``: a transformation
+  inserted after the optimizer's own scaling (Adam's, then AdamW's weight
+  decay; SGD's momentum) and before the learning rate, as optax places AdamW's
+  decay -- e.g. :func:`pull_to_initial` (decoupled L2-SP): its term is then
+  multiplied by the (scheduled, rule-multiplied) learning rate only."""
   if name not in OPTIMIZERS:
     raise ValueError(f"config.optim.name={name!r} is not one of {OPTIMIZERS}.")
   if not callable(lr) and not lr > 0:
     raise ValueError(f"config.optim.lr must be > 0, got {lr}.")
+  if decoupled is not None:  # the same chains as optax.adam / adamw / sgd
+    scale = {"adam": lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+             "adamw": lambda: optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                                          optax.add_decayed_weights(weight_decay)),
+             "sgd": lambda: optax.trace(decay=momentum) if momentum else optax.identity()}
+    return optax.chain(scale[name](), decoupled, optax.scale_by_learning_rate(lr))
   if name == "adam":
     return optax.adam(lr, b1=b1, b2=b2, eps=eps)
   if name == "adamw":
@@ -230,6 +243,37 @@ def frozen_depth_rules(groups: Sequence[tuple[str, str]], depth: int) -> tuple[R
   return tuple(Rule(rx, frozen=True) for _, rx in groups[:depth])
 
 
+class PullState(NamedTuple):
+  anchor: Any  # the parameters at init
+
+
+def pull_to_initial(coef: float) -> optax.GradientTransformation:
+  """Adds ``coef * (w - w0)`` to the updates, ``w0`` the parameters ``init``
+  was called with (decoupled L2-SP's pull toward the loaded weights: build
+  the optimizer state after loading). Stateless in ``w``: the anchor never
+  changes."""
+  def init(params):
+    return PullState(jax.tree.map(jnp.array, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("pull_to_initial needs the parameters (tx.update(g, s, params)).")
+    return jax.tree.map(lambda u, w, w0: u + coef * (w - w0).astype(u.dtype),
+                        updates, params, state.anchor), state
+  return optax.GradientTransformation(init, update)
+
+
+class DecoupledL2SP(NamedTuple):
+  """Decoupled L2-SP in a :class:`RuledOptimizer`: after the optimizer's
+  scaling, ``+ alpha (w - w0)`` on parameters whose ``kind(path)`` is
+  ``"loaded"`` (``w0``: their values when the optimizer state is initialised)
+  and ``+ beta w`` on ``"fresh"`` ones; ``None``: neither. The learning rate
+  (schedule, ``lr_mult``) then multiplies them, as AdamW's weight decay."""
+  alpha: float
+  beta: float
+  kind: Callable[[str], str | None]
+
+
 class DelayedState(NamedTuple):
   count: jax.Array
   inner: Any
@@ -253,24 +297,34 @@ def delayed(inner: optax.GradientTransformation, start: int) -> optax.GradientTr
 class RuledOptimizer:
   """An optimizer whose settings vary by parameter group (see module docstring).
 
-  ``make_tx(lr_schedule, weight_decay_mult) -> GradientTransformation`` builds
-  the base optimizer of a group; ``schedule_for(name, lr_mult)`` its schedule.
+  ``make_tx(lr_schedule, weight_decay_mult, decoupled=None) ->
+  GradientTransformation`` builds the base optimizer of a group (``decoupled``
+  as in :func:`make_optimizer`); ``schedule_for(name, lr_mult)`` its schedule.
+  ``l2sp``: a :class:`DecoupledL2SP`; every trained group then also gets a
+  ``loaded`` and a ``fresh`` variant carrying its term.
   """
 
   def __init__(self, rules: Sequence[Rule], make_tx: Callable, schedule_for: Callable,
-               default_schedule: str):
+               default_schedule: str, l2sp: DecoupledL2SP | None = None):
     if not rules:
       raise ValueError("config.optim.rules: empty rule list.")
     self.rules = tuple(rules)
+    self.l2sp = l2sp
     self._transforms = {}
     for i, r in enumerate(self.rules):
       if r.frozen:
-        tx = optax.set_to_zero()
-      else:
-        tx = make_tx(schedule_for(r.schedule or default_schedule, r.lr_mult), r.wd_mult)
+        self._transforms[f"rule{i}"] = optax.set_to_zero()
+        continue
+      variants = {"": None}
+      if l2sp is not None:
+        variants.update({"/loaded": pull_to_initial(l2sp.alpha),
+                         "/fresh": optax.add_decayed_weights(l2sp.beta)})
+      for suffix, extra in variants.items():
+        tx = make_tx(schedule_for(r.schedule or default_schedule, r.lr_mult), r.wd_mult,
+                     extra)
         if r.unfreeze_at:
           tx = delayed(tx, r.unfreeze_at)
-      self._transforms[f"rule{i}"] = tx
+        self._transforms[f"rule{i}{suffix}"] = tx
 
   def rule_index(self, path: str) -> int | None:
     for i, r in enumerate(self.rules):
@@ -305,10 +359,12 @@ class RuledOptimizer:
     ``tasks/<stack>``), for the stacked subtree and for one row alike."""
     def labels(tree):
       def one(name, _):
-        i = self.rule_index(f"{prefix}/{name}" if name else prefix)
+        path = f"{prefix}/{name}" if name else prefix
+        i = self.rule_index(path)
         if i is None:
           raise ValueError(f"config.optim.rules: parameter {prefix}/{name} matches no rule.")
-        return f"rule{i}"
+        kind = self.l2sp.kind(path) if self.l2sp is not None else None
+        return f"rule{i}/{kind}" if kind and not self.rules[i].frozen else f"rule{i}"
       return params_lib.tree_map_with_names(one, tree)
     return optax.partition(self._transforms, labels)
 
@@ -316,8 +372,10 @@ class RuledOptimizer:
 def make_ruled_optimizer(name: str, rules: Sequence[Rule], *, lr: float, total_steps: int,
                          schedule: str = "constant", warmup_steps: int = 0,
                          end_lr_factor: float = 0.0, stlr_cut_frac: float = 0.1,
-                         stlr_ratio: float = 32.0, **opt_kwargs) -> RuledOptimizer:
-  """A :class:`RuledOptimizer` over ``make_optimizer(name, ...)``."""
+                         stlr_ratio: float = 32.0, l2sp: DecoupledL2SP | None = None,
+                         **opt_kwargs) -> RuledOptimizer:
+  """A :class:`RuledOptimizer` over ``make_optimizer(name, ...)`` (``l2sp``:
+  decoupled L2-SP, see :class:`DecoupledL2SP`)."""
   wd = opt_kwargs.pop("weight_decay", 0.0)
 
   def schedule_for(sched, mult):
@@ -325,9 +383,10 @@ def make_ruled_optimizer(name: str, rules: Sequence[Rule], *, lr: float, total_s
                                        warmup_steps=warmup_steps, end_lr_factor=end_lr_factor,
                                        cut_frac=stlr_cut_frac, ratio=stlr_ratio)
 
-  def make_tx(lr_schedule, wd_mult):
-    return make_optimizer(name, lr=lr_schedule, weight_decay=wd * wd_mult, **opt_kwargs)
-  return RuledOptimizer(rules, make_tx, schedule_for, schedule)
+  def make_tx(lr_schedule, wd_mult, decoupled=None):
+    return make_optimizer(name, lr=lr_schedule, weight_decay=wd * wd_mult,
+                          decoupled=decoupled, **opt_kwargs)
+  return RuledOptimizer(rules, make_tx, schedule_for, schedule, l2sp)
 
 
 def _tx_for(tx, prefix: str) -> optax.GradientTransformation:

@@ -22,9 +22,26 @@ Strategies (:data:`STRATEGIES`, :func:`apply_strategy` edits a config):
   match: the same output size).
 * ``l2sp``: full fine-tuning with ``alpha/2 ||w - w0||^2`` on the loaded
   parameters and ``beta/2 ||w||^2`` on the fresh ones (Li et al. 2018).
+
+L2-SP's two forms (``config.l2sp_mode``, :data:`L2SP_MODES`):
+
+* ``"decoupled"`` (the default): after the optimizer's scaling (Adam's), the
+  update gets ``- lr (alpha (w - w0))`` on loaded parameters and ``- lr beta w``
+  on fresh ones, as AdamW decouples weight decay (Loshchilov & Hutter 2019);
+  ``lr`` is the parameter's scheduled, rule-multiplied learning rate
+  (:class:`mtljax.optim.DecoupledL2SP`). Under SGD without momentum this *is*
+  the paper's update; under Adam it keeps the paper's regulariser (the same
+  pull on every coordinate), where the coupled penalty's gradient is divided
+  by Adam's per-coordinate scale -- on a fresh head ``beta w / sqrt(v)`` is
+  close to ``sign(w)`` for any ``beta`` while the loss gradient is small.
+* ``"coupled"``: the penalty is added to the loss (:func:`l2sp_penalty`, via
+  :func:`mtljax.steps.add_penalties`) and its gradient goes through the
+  optimizer with the loss's: the paper's objective, logged as ``train/penalty``.
 """
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +50,7 @@ import ml_collections
 STRATEGIES = ("scratch", "full_ft", "linear_probe", "lp_ft", "layerwise_decay",
               "gradual_unfreezing", "head_kept", "l2sp")
 HEAD = r"heads/"  # the dont_load / trainable pattern of a model's heads
+L2SP_MODES = ("decoupled", "coupled")
 
 
 def l2sp_penalty(loaded_mask, alpha: float, beta: float):
@@ -46,6 +64,34 @@ def l2sp_penalty(loaded_mask, alpha: float, beta: float):
       return 0.5 * beta * jnp.sum(jnp.square(w))
     return sum(jax.tree.leaves(jax.tree.map(one, loaded_mask, params, anchor)))
   return penalty
+
+
+def l2sp_kind(dont_load, objective_name: str):
+  """``kind(path)`` of decoupled L2-SP (:class:`mtljax.optim.DecoupledL2SP`):
+  ``"fresh"`` for a parameter matching a ``dont_load`` regex (``re.search``, as
+  :func:`mtljax.checkpoint.load_params`), ``"loaded"`` for any other, ``None``
+  for the objective's own parameters (``tasks/<objective_name>/...``, not the
+  model's). Parameters missing from the checkpoint are checked for after
+  loading (:func:`check_l2sp_loaded`)."""
+  patterns = [re.compile(p) for p in dont_load if p]
+  own = f"tasks/{objective_name}/"
+
+  def kind(path: str):
+    if path.startswith(own):
+      return None
+    return "fresh" if any(p.search(path) for p in patterns) else "loaded"
+  return kind
+
+
+def check_l2sp_loaded(kind, report: dict) -> None:
+  """Raises unless ``kind`` calls ``"loaded"`` exactly the parameters loading
+  loaded (``report``: :func:`mtljax.checkpoint.load_params`'s)."""
+  missing = [n for n in report["fresh_missing"] if kind(n) == "loaded"]
+  if missing:
+    raise ValueError(f"decoupled L2-SP (config.l2sp_mode='decoupled') pulls every parameter "
+                     f"not matching config.init_dont_load toward its loaded value, but "
+                     f"{missing} are not in the checkpoint: add them to config.init_dont_load "
+                     "(fresh: beta decay) or use config.l2sp_mode='coupled'.")
 
 
 def apply_strategy(config: ml_collections.ConfigDict, strategy: str, *, source: str,

@@ -650,7 +650,7 @@ def test_l2sp_adds_alpha_pull_to_loaded_and_beta_decay_to_fresh_parameters(ft):
   the logged penalty is its float64 value; the anchor w0 is the loaded
   parameters; loaded_mask marks exactly the loaded leaves."""
   base = _copy(ft.config)
-  base.l2sp_alpha, base.l2sp_beta = 0.5, 0.2
+  base.l2sp_alpha, base.l2sp_beta, base.l2sp_mode = 0.5, 0.2, "coupled"
   c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir)
   c.init_dont_load = r"heads/;trunk/layer_1/bias"
   alpha, beta, lr = c.l2sp_alpha, c.l2sp_beta, c.optim.lr
@@ -690,7 +690,7 @@ def test_l2sp_leaves_the_objectives_own_parameters_alone(ft):
   objective's, not the model's: the L2-SP penalty (logged each step) is the
   formula over the model's parameters only, although log sigma^2 has moved."""
   base = _copy(ft.config)
-  base.l2sp_alpha, base.l2sp_beta = 0.5, 0.2
+  base.l2sp_alpha, base.l2sp_beta, base.l2sp_mode = 0.5, 0.2, "coupled"
   base.objective.method = "uncertainty"
   c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir)
   run, hist, meas = ft.run(c, 2)
@@ -702,3 +702,66 @@ def test_l2sp_leaves_the_objectives_own_parameters_alone(ft):
                 else 0.5 * 0.2 * np.sum(w[n] ** 2)
                 for n in w if not n.startswith("tasks/uncertainty/"))
   np.testing.assert_allclose(float(meas[1]["penalty"]), penalty, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_lr_mult", [1.0, 3.0])
+def test_decoupled_l2sp_is_adams_update_minus_lr_times_the_pull(ft, head_lr_mult):
+  """Decoupled L2-SP (Adam, 3 steps, alpha 0.5, beta 0.2; the head and
+  layer_1's bias fresh), float64 by hand: Adam's update of the loss gradient
+  alone (m, v from g; bias-corrected) minus lr m (alpha (w - w0)) on loaded
+  leaves and lr m beta w on fresh ones, m the head's lr multiplier (1 on the
+  body); the penalty is not in the loss (no anchor in the state, none logged);
+  w0 is the loaded values."""
+  base = _copy(ft.config)
+  base.optim.name = "adam"
+  base.l2sp_alpha, base.l2sp_beta, base.l2sp_mode = 0.5, 0.2, "decoupled"
+  c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir, head_lr_mult=head_lr_mult)
+  c.init_dont_load = r"heads/;trunk/layer_1/bias"
+  lr, (b1, b2, eps) = c.optim.lr, (c.optim.b1, c.optim.b2, c.optim.eps)
+  run, hist, meas = ft.run(c, 3)
+  assert "anchor" not in hist[0] and "penalty" not in meas[0]
+  mask = _named(checkpoint.loaded_mask(hist[0]["params"], run.init_report))
+  assert sum(not m for m in mask.values()) == 7
+  w0 = {n: np.asarray(v, np.float64) for n, v in _named(hist[0]["params"]).items()}
+  source = _named(ft.source)
+  for name, loaded in mask.items():
+    if loaded:
+      np.testing.assert_array_equal(w0[name], source[name])
+  moments = {}
+
+  def want(t, name, g):
+    m, v = moments.get(name, (0.0, 0.0))
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    moments[name] = (m, v)
+    adam = (m / (1 - b1 ** (t + 1))) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)
+    w = np.asarray(_named(hist[t]["params"])[name], np.float64)
+    pull = 0.5 * (w - w0[name]) if mask[name] else 0.2 * w
+    rate = lr * (head_lr_mult if "heads/" in name else 1.0)
+    return -rate * (adam + pull)
+  _check_updates(ft, hist, want, rtol=2e-4, atol=1e-6)
+  # The pull is there: the same run without L2-SP moves differently after step 0.
+  plain = _copy(c)
+  plain.l2sp_alpha = plain.l2sp_beta = 0.0
+  _, hist_plain, _ = ft.run(plain, 3)
+  diff = {n: np.max(np.abs(np.asarray(a, np.float64) - _named(hist_plain[3]["params"])[n]))
+          for n, a in _named(hist[3]["params"]).items()}
+  assert max(d for n, d in diff.items() if not mask[n]) > 1e-3
+
+
+def test_decoupled_l2sp_rejects_parameters_missing_from_the_checkpoint(ft, tmp_path):
+  """A parameter neither loaded nor matched by init_dont_load would be pulled
+  toward its random initial value: a clear error instead."""
+  trunk_only = {"shared": ft.source["shared"], "tasks": {}}
+  src = str(tmp_path / "trunk_only")
+  manager = checkpoint.make_manager(src)
+  checkpoint.save(manager, 1, {"step": jnp.asarray(1, jnp.int32), "params": trunk_only})
+  manager.close()
+  base = _copy(ft.config)
+  base.l2sp_alpha, base.l2sp_beta = 0.5, 0.2
+  c = transfer.apply_strategy(base, "l2sp", source=src)
+  c.init_dont_load = ""
+  with pytest.raises(ValueError, match=r"not in the checkpoint: add them to config.init_dont_load"):
+    build.build_run(c, ft.data)
+  c.l2sp_mode = "sgd"
+  with pytest.raises(ValueError, match="l2sp_mode"):
+    build.validate_config(c)

@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_dont_load = ""          # regexes (";"-separated) of parameters left fresh
   c.l2sp_alpha = 0.0             # L2-SP: alpha/2 ||w - w0||^2 on loaded parameters
   c.l2sp_beta = 0.0              # L2-SP: beta/2 ||w||^2 on fresh parameters
+  c.l2sp_mode = "decoupled"      # decoupled (after Adam's scaling, as AdamW) | coupled (in the loss)
 
   # Measuring transfer (mtljax/measure.py).
   c.baselines = False     # train (or read cached) single-task baselines; report Delta_m
