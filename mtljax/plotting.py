@@ -191,6 +191,27 @@ def plot_delta_m(tasks: dict, delta_m: dict, path: str) -> dict:
     return drawn(fig)
 
 
+def plot_run_comparison(runs: dict[str, list[dict]], path: str) -> dict:
+  """Several runs' test curves (``eval/TASK/METRIC``): a panel per metric, a
+  line per run and task (label ``RUN TASK``). ``runs``: ``{name: rows}``."""
+  metrics = list(dict.fromkeys(m for rows in runs.values()
+                               for m in _tasks_and_metrics(rows)[1]))
+  with figure(path, ncols=max(len(metrics), 1),
+              figsize=(4.6 * max(len(metrics), 1), 3.6)) as (fig, axes):
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax, m in zip(axes, metrics):
+      for name, rows in runs.items():
+        for t in _tasks_and_metrics(rows)[0]:
+          steps, values = series(rows, f"eval/{t}/{m}")
+          if steps:
+            ax.plot(steps, values, label=f"{name} {t}")
+      ax.set_title(f"test {m}")
+      ax.set_xlabel("step")
+      if len(ax.lines) <= 16:
+        ax.legend(fontsize=6)
+    return drawn(fig)
+
+
 def run_plots(workdir: str, rows: list[dict], summary: dict) -> dict[str, dict]:
   """Writes a run's plots (module docstring) into ``workdir``; returns
   ``{file name: drawn(figure)}``."""

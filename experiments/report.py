@@ -1,0 +1,154 @@
+r"""A comparison of finished runs: a Markdown table and plots.
+
+    python -m experiments.report WORKDIR [WORKDIR ...] [--out=report.md]
+
+Each WORKDIR is a run's directory (``summary.json``, ``config.json``,
+``metrics.jsonl``). The table has a row per run: the config keys whose values
+differ between the runs as columns (dotted, e.g. ``model.arch``; ``-`` where a
+run lacks the key), then each task's final test metrics (``TASK/METRIC``,
+``mean ± s.e.`` for runs of several seeds), then Δm (%, positive = better than
+the single-task baselines) when a run measured it. The keys every run shares
+are listed under the table. The report is written to ``--out`` and printed;
+``--out``'s stem + ``_curves.png`` holds each task's test curves, a panel per
+metric and a line per run and task (:func:`mtljax.plotting.plot_run_comparison`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mtljax import params as params_lib
+from mtljax import plotting
+
+
+class ReportError(ValueError):
+  """A workdir that cannot be reported (what is missing)."""
+
+
+def load_run(workdir: str) -> dict:
+  """``{"summary", "config" (dotted keys), "rows"}`` of a finished run."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    raise ReportError(f"{workdir}: no summary.json (not a finished mtljax run).")
+  with open(path) as f:
+    summary = json.load(f)
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      config = json.load(f)
+  else:
+    config = summary.get("config", {})
+  if not isinstance(summary.get("tasks"), dict) or not summary["tasks"]:
+    raise ReportError(f"{workdir}: summary.json has no per-task metrics ('tasks').")
+  return {"summary": summary, "config": params_lib.flatten_dict(config, "."),
+          "rows": plotting.metrics_rows(workdir)}
+
+
+def run_names(workdirs) -> list[str]:
+  """Each run's name: its directory's name, or the shortest tail of its path
+  that tells it from the others."""
+  parts = [os.path.normpath(os.path.abspath(w)).split(os.sep) for w in workdirs]
+  if len({tuple(p) for p in parts}) < len(parts):
+    raise ReportError(f"the same workdir was given twice: {list(workdirs)}.")
+  tail = lambda p, d: "/".join(p[-d:])
+  names = []
+  for i, p in enumerate(parts):
+    others = [q for j, q in enumerate(parts) if j != i]
+    depth = next(d for d in range(1, len(p) + 1)
+                 if all(tail(p, d) != tail(q, d) for q in others))
+    names.append(tail(p, depth))
+  return names
+
+
+def _value(v) -> str:
+  if isinstance(v, (list, tuple)):
+    return "(" + ", ".join(_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+  if isinstance(v, str):
+    return v if v else "''"
+  return json.dumps(v)
+
+
+def _metric(mean, se=None) -> str:
+  if mean is None:
+    return "nan"
+  text = f"{mean:.4f}"
+  if se is not None:
+    text += f" ± {se:.4f}"
+  return text
+
+
+def table(runs: dict[str, dict]) -> tuple[str, list[str]]:
+  """``(Markdown table, the config keys every run shares)`` (module docstring)."""
+  configs = [r["config"] for r in runs.values()]
+  keys = list(dict.fromkeys(k for c in configs for k in c))
+  differ = sorted(k for k in keys
+                  if len({_value(c[k]) if k in c else None for c in configs}) > 1)
+  same = sorted(k for k in keys if k not in differ)
+  metrics = []
+  for r in runs.values():
+    for task, ms in r["summary"]["tasks"].items():
+      metrics += [(task, m) for m in sorted(ms) if (task, m) not in metrics]
+  delta = any(r["summary"].get("delta_m") for r in runs.values())
+  header = ["run"] + differ + [f"{t}/{m}" for t, m in metrics] + (["Delta_m %"] if delta else [])
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, r in runs.items():
+    s = r["summary"]
+    cells = [name] + [_value(r["config"][k]) if k in r["config"] else "-" for k in differ]
+    for t, m in metrics:
+      if m not in s["tasks"].get(t, {}):
+        cells.append("-")
+        continue
+      se = s.get("tasks_se", {}).get(t, {}).get(m)
+      cells.append(_metric(s["tasks"][t][m], se))
+    if delta:
+      dm = s.get("delta_m") or {}
+      cells.append(f"{dm['value']:+.2f}" if dm.get("value") is not None else "-")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines), same
+
+
+def report(workdirs, out: str | None = None) -> str:
+  """The Markdown report of ``workdirs``; written to ``out`` (with the curves
+  next to it) when given."""
+  if not workdirs:
+    raise ReportError("no workdirs given.")
+  runs = dict(zip(run_names(workdirs), (load_run(w) for w in workdirs)))
+  text, same = table(runs)
+  first = next(iter(runs.values()))["config"]
+  parts = ["# mtljax runs", "",
+           f"{len(runs)} run(s); config keys that differ are columns, final test metrics "
+           "per task (mean ± s.e. over seeds where a run has several), Delta_m in % "
+           "(positive = better than single-task baselines).", "", text, ""]
+  if out is not None:
+    png = os.path.splitext(out)[0] + "_curves.png"
+    plotting.plot_run_comparison({n: r["rows"] for n, r in runs.items()}, png)
+    parts += [f"![test curves]({os.path.basename(png)})", ""]
+  parts += [f"Shared by every run ({len(same)} keys): "
+            + ", ".join(f"{k}={_value(first[k])}" for k in same), ""]
+  md = "\n".join(parts)
+  if out is not None:
+    with open(out, "w") as f:
+      f.write(md)
+  return md
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m experiments.report",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  parser.add_argument("--out", default="report.md",
+                      help="the Markdown file (default report.md); the curves go next to it")
+  args = parser.parse_args(argv)
+  try:
+    print(report(args.workdirs, args.out))
+  except ReportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,173 @@
+"""Per-run plots and ``python -m experiments.report``: the figures hold the
+run's own metrics (read back from their matplotlib objects), the PNGs a run
+writes are those figures, and the report's table is exact on hand-made
+workdirs."""
+
+import json
+import os
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import helpers
+from experiments import report
+from mtljax import plotting
+from mtljax import train
+
+# ----------------------------------------------------------------------------
+# Per-run plots.
+# ----------------------------------------------------------------------------
+
+ROWS = [
+    {"step": 10, "train/loss": 2.0, "train/a/loss": 1.5, "train/b/loss": 0.5,
+     "grad/cos/a/b": 0.5},
+    {"step": 20, "train/loss": 1.0, "train/a/loss": 0.75, "eval/a/accuracy": 0.5,
+     "eval/b/accuracy": 0.25, "train_eval/a/accuracy": 0.625, "grad/cos/a/b": -0.25,
+     "grad/cos/a/c": 0.125},
+    {"step": 30, "train/loss": 0.5, "train/a/loss": 0.25, "train/b/loss": 0.25,
+     "eval/a/accuracy": 0.75, "eval/b/accuracy": None, "train_eval/a/accuracy": 0.875},
+]
+
+
+def test_curves_hold_each_tasks_train_loss_and_test_and_train_metrics(tmp_path):
+  got = plotting.plot_curves(ROWS, str(tmp_path / "c.png"), ["a", "b"])
+  assert os.path.getsize(tmp_path / "c.png") > 0
+  assert got["train/TASK/loss"]["lines"] == {"a": ([10, 20, 30], [1.5, 0.75, 0.25]),
+                                             "b": ([10, 30], [0.5, 0.25])}
+  assert got["eval/TASK/accuracy"]["lines"] == {
+      "a test": ([20, 30], [0.5, 0.75]), "a train": ([20, 30], [0.625, 0.875]),
+      "b test": ([20], [0.25])}  # a null (NaN) value is not drawn
+
+
+def test_grad_cosine_heatmap_is_the_mean_over_rows(tmp_path):
+  names = ["a", "b", "c"]
+  want = np.array([[1.0, (0.5 - 0.25) / 2, 0.125], [(0.5 - 0.25) / 2, 1.0, np.nan],
+                   [0.125, np.nan, 1.0]])
+  np.testing.assert_array_equal(plotting.grad_cosine_matrix(ROWS, names), want)
+  got = plotting.plot_matrix(plotting.grad_cosine_matrix(ROWS, names), names,
+                             str(tmp_path / "g.png"), title="cos", xlabel="", ylabel="")
+  np.testing.assert_array_equal(got["cos"]["image"], want)
+
+
+def test_delta_m_bars_are_the_baselines_the_run_and_each_tasks_change(tmp_path):
+  tasks = {"a": {"accuracy": 0.9, "loss": 0.3}, "b": {"mse": 2.0, "mae": 1.0, "loss": 0.5}}
+  delta_m = {"value": 7.5, "baselines": {"a": {"accuracy": 0.8}, "b": {"mse": 2.5, "mae": 1.0}},
+             "per_task": {"a": {"accuracy": 12.5}, "b": {"mse": 20.0, "mae": 0.0}}}
+  got = plotting.plot_delta_m(tasks, delta_m, str(tmp_path / "d.png"))
+  assert got["test accuracy"]["bars"] == {"single-task": [0.8], "multi-task": [0.9]}
+  assert got["test mse"]["bars"] == {"single-task": [2.5], "multi-task": [2.0]}
+  assert got["test mae"]["bars"] == {"single-task": [1.0], "multi-task": [1.0]}
+  assert got["Delta_m = +7.50% (positive = better)"]["bars"] == {
+      "relative change %": [12.5, 10.0]}  # each task's mean over its metrics
+
+
+def _image(path):
+  return matplotlib.image.imread(str(path))
+
+
+@pytest.mark.slow
+def test_a_run_writes_its_plots_from_its_own_metrics(tmp_path):
+  config = helpers.small_sinusoids_config(**{
+      "objective.method": "pcgrad", "eval_train": True, "tag_lr": 0.1, "baselines": True,
+      "baselines_cache": str(tmp_path / "cache"), "tensorboard": False})
+  workdir = tmp_path / "run"
+  summary = train.train_and_evaluate(config, str(workdir))
+  rows = helpers.metrics_rows(workdir)
+  names = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+  assert names == ["affinity.png", "curves.png", "delta_m.png", "grad_cosine.png"]
+  again = tmp_path / "again"
+  again.mkdir()
+  got = plotting.run_plots(str(again), rows, summary)
+  for name in names:  # the run's PNGs are these figures, pixel for pixel
+    np.testing.assert_array_equal(_image(workdir / name), _image(again / name), err_msg=name)
+  curves = got["curves.png"]
+  for task in summary["tasks"]:
+    steps = [r["step"] for r in rows if f"eval/{task}/mse" in r]
+    assert curves["eval/TASK/mse"]["lines"][f"{task} test"] == (
+        steps, [r[f"eval/{task}/mse"] for r in rows if f"eval/{task}/mse" in r])
+    assert curves["eval/TASK/mse"]["lines"][f"{task} train"][1] == [
+        r[f"train_eval/{task}/mse"] for r in rows if f"train_eval/{task}/mse" in r]
+  affinity = np.array([[np.nan if v is None else v for v in row]
+                       for row in summary["affinity"]["matrix"]])
+  np.testing.assert_array_equal(got["affinity.png"]["TAG affinity"]["image"], affinity)
+  base = summary["delta_m"]["baselines"]
+  assert got["delta_m.png"]["test mse"]["bars"] == {
+      "single-task": [base[t]["mse"] for t in summary["tasks"]],
+      "multi-task": [summary["tasks"][t]["mse"] for t in summary["tasks"]]}
+
+
+# ----------------------------------------------------------------------------
+# The report across runs.
+# ----------------------------------------------------------------------------
+
+
+def _workdir(path, config, tasks, rows, **summary):
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(path, "summary.json"), "w") as f:
+    json.dump({"tasks": tasks, **summary}, f)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def _three_runs(tmp_path):
+  base = {"seed": 0, "model": {"arch": "concat", "hidden": [16, 16]},
+          "objective": {"method": "fixed"}, "total_steps": 100}
+  rows = lambda a, b: [{"step": 50, "eval/left/accuracy": a, "eval/right/accuracy": b},
+                       {"step": 100, "eval/left/accuracy": a + 0.1,
+                        "eval/right/accuracy": b + 0.1}]
+  x, y, z = tmp_path / "x" / "run", tmp_path / "y" / "run", tmp_path / "z"
+  _workdir(x, base, {"left": {"accuracy": 0.9, "loss": 0.25},
+                     "right": {"accuracy": 0.8, "loss": 0.5}}, rows(0.8, 0.7),
+           delta_m={"value": 1.5})
+  _workdir(y, {**base, "model": {"arch": "mmoe", "hidden": [16, 16]}, "num_seeds": 3},
+           {"left": {"accuracy": 0.875, "loss": 0.3}, "right": {"accuracy": 0.75, "loss": 0.6}},
+           rows(0.7, 0.6), tasks_se={"left": {"accuracy": 0.01, "loss": 0.02},
+                                     "right": {"accuracy": 0.03, "loss": 0.04}})
+  _workdir(z, {**base, "objective": {"method": "cagrad"}, "total_steps": 200},
+           {"left": {"accuracy": 0.5, "loss": None}}, rows(0.4, 0.3),
+           delta_m={"value": -2.25})
+  return [str(x), str(y), str(z)]
+
+
+EXPECTED = """\
+| run | model.arch | num_seeds | objective.method | total_steps | left/accuracy | left/loss | right/accuracy | right/loss | Delta_m % |
+|---|---|---|---|---|---|---|---|---|---|
+| x/run | concat | - | fixed | 100 | 0.9000 | 0.2500 | 0.8000 | 0.5000 | +1.50 |
+| y/run | mmoe | 3 | fixed | 100 | 0.8750 ± 0.0100 | 0.3000 ± 0.0200 | 0.7500 ± 0.0300 | 0.6000 ± 0.0400 | - |
+| z | concat | - | cagrad | 200 | 0.5000 | nan | - | - | -2.25 |"""
+
+
+def test_the_table_has_differing_keys_as_columns_and_final_metrics(tmp_path):
+  dirs = _three_runs(tmp_path)
+  runs = dict(zip(report.run_names(dirs), map(report.load_run, dirs)))
+  text, same = report.table(runs)
+  assert text == EXPECTED
+  assert same == ["model.hidden", "seed"]
+
+
+def test_the_command_writes_and_prints_the_report_and_its_curves(tmp_path, capsys):
+  dirs = _three_runs(tmp_path)
+  out = tmp_path / "out" / "cmp.md"
+  out.parent.mkdir()
+  assert report.main([*dirs, f"--out={out}"]) == 0
+  printed = capsys.readouterr().out
+  assert printed == out.read_text() + "\n"
+  assert EXPECTED in printed and "![test curves](cmp_curves.png)" in printed
+  assert "Shared by every run (2 keys): model.hidden=(16, 16), seed=0" in printed
+  # The curves are the runs' metrics: the same figure drawn here, pixel for pixel.
+  rows = {n: helpers.metrics_rows(d) for n, d in zip(("x/run", "y/run", "z"), dirs)}
+  got = plotting.plot_run_comparison(rows, str(tmp_path / "again.png"))
+  np.testing.assert_array_equal(_image(out.parent / "cmp_curves.png"),
+                                _image(tmp_path / "again.png"))
+  assert got["test accuracy"]["lines"]["y/run right"] == ([50, 100], [0.6, 0.7])
+  assert len(got["test accuracy"]["lines"]) == 6
+
+
+def test_a_workdir_without_a_summary_is_one_line(tmp_path, capsys):
+  (tmp_path / "empty").mkdir()
+  assert report.main([str(tmp_path / "empty"), f"--out={tmp_path / 'r.md'}"]) == 2
+  assert capsys.readouterr().err == (f"error: {tmp_path / 'empty'}: no summary.json "
+                                     "(not a finished mtljax run).\n")
