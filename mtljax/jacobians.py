@@ -87,6 +87,10 @@ class Linearized(NamedTuple):
     slot_gram: ``c [K] -> (G G^T [K, K], task_grads)`` without holding ``G``:
       each parameter's ``[K, ...]`` slot gradients are reduced into the Gram
       matrix as one batched backward produces them (the memory-light path).
+    rep_gram: ``c [K] -> (dZ dZ^T [K, K], task_grads)``, the Gram matrix of the
+      per-slot representation gradients (one-pass path only, else None);
+      without forming ``dZ`` when the model's per-task part is linear heads
+      (:attr:`mtljax.models.multitask.Model.rep_heads`) and that is cheaper.
     loss_at: ``params -> [K]``, the slots' losses on the same batch (forward only).
     one_pass: whether the trunk ran once for every slot.
   """
@@ -98,6 +102,7 @@ class Linearized(NamedTuple):
   loss_at: Callable
   one_pass: bool
   slot_gram: Callable | None = None
+  rep_gram: Callable | None = None
 
 
 SLOT_BACKWARDS = ("auto", "map", "vmap")
@@ -183,7 +188,11 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
     return tasks_lib.slot_losses(ts, outs, jax.tree.map(lambda a: a[None], yk), t[None])[0]
 
   rep, enc_vjp = jax.vjp(lambda sh: model.encode(sh, x), params["shared"])
-  losses, head_vjp = jax.vjp(head_losses, rep, params["tasks"])
+  outs, decode_vjp = jax.vjp(lambda r, tp: model.decode(tp, r, x, ids), rep, params["tasks"])
+  losses, loss_vjp = jax.vjp(lambda o: tasks_lib.slot_losses(ts, o, ys, ids), outs)
+
+  def head_vjp(c):                              # (dZ of sum_k c_k L_k, task grads)
+    return decode_vjp(loss_vjp(c)[0])
 
   def rep_pullback(dz):
     return enc_vjp(dz)[0]
@@ -192,7 +201,7 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
     dz, g_tasks = head_vjp(c.astype(losses.dtype))
     return {"shared": rep_pullback(dz), "tasks": g_tasks}
 
-  rep_grads = slot_grads = slot_gram = None
+  rep_grads = slot_grads = slot_gram = rep_gram = None
   if needs != "sum":
     def rep_grads(c):
       # vmap over slots of one slot's gradient w.r.t. the unbatched rep: the
@@ -217,11 +226,58 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
       g, g_tasks = slot_grads(c, batched=True)
       return gradients.gram(g), g_tasks
 
+    def rep_gram(c):
+      c = c.astype(losses.dtype)
+      if model.rep_heads is not None and _factored_is_cheaper(ts, outs, rep, ids):
+        # dZ_k = dout_k W_k^T: the Gram from the outputs' cotangents and the
+        # kernels, never forming the [K, B, F] representation gradients.
+        douts = loss_vjp(c)[0]                  # row k: c_k dL_k/dout_k (others zero)
+        k = factored_gram(douts, model.rep_heads(params["tasks"], ids),
+                          tasks_lib.static_group_slices(ts, ids))
+        return k, decode_vjp(douts)[1]
+      dz, g_tasks = rep_grads(c)
+      return gradients.gram(dz), g_tasks
+
   def loss_at(p):
     return head_losses(model.encode(p["shared"], x), p["tasks"])
 
   return Linearized(losses, pullback, slot_grads, rep_grads, rep_pullback, loss_at, True,
-                    slot_gram)
+                    slot_gram, rep_gram)
+
+
+def factored_gram(douts: dict, kernels: dict, slices: dict | None) -> jax.Array:
+  """``[K, K]`` Gram matrix of ``dZ_k = sum_g douts[g][k] @ kernels[g][k]^T``.
+
+  ``douts {group: [K, B, O_g]}``, ``kernels {group: [K, F, O_g]}``:
+  ``<dZ_i, dZ_j> = sum_{o,p} (dout_i^T dout_j)_{op} (W_i^T W_j)_{op}``, summed over
+  group pairs, in ``O(K^2 (B + F) O_g O_h)`` instead of ``O(K^2 B F)``. With a
+  static slot layout (``slices``, :func:`mtljax.tasks.static_group_slices`)
+  each group's block uses its own slots only.
+  """
+  k = next(iter(douts.values())).shape[0]
+  parts = [(g, (slices or {}).get(g, slice(0, k))) for g in douts]
+  parts = [(g, sl) for g, sl in parts if sl.stop > sl.start]
+  gram = jnp.zeros((k, k), jnp.float32)
+  for g, sg in parts:
+    for h, sh in parts:
+      p = jnp.einsum("ibo,jbp->ijop", douts[g][sg], douts[h][sh])
+      q = jnp.einsum("ifo,jfp->ijop", kernels[g][sg], kernels[h][sh])
+      gram = gram.at[sg, sh].add(jnp.sum(p * q, axis=(2, 3)))
+  return gram
+
+
+def _factored_is_cheaper(taskset, outs: dict, rep, ids) -> bool:
+  """Whether :func:`factored_gram` costs fewer multiply-adds than the Gram of
+  materialised ``[K, B, F]`` representation gradients."""
+  k, b = ids.shape[0], rep.shape[0]
+  f = rep.shape[-1] if rep.ndim == 2 else None
+  if f is None:
+    return False
+  slices = tasks_lib.static_group_slices(taskset, ids)
+  sizes = {g: ((slices[g].stop - slices[g].start) if slices else k, o.shape[-1])
+           for g, o in outs.items()}
+  factored = sum(kg * kh * og * oh for kg, og in sizes.values() for kh, oh in sizes.values())
+  return factored * (b + f) < k * k * b * f
 
 
 def _per_slot(model, params, batch: Batch, select) -> Linearized:

@@ -381,10 +381,11 @@ def mgda_ub(num_tasks: int, *, iters: int = 300, tol: float = 1e-5,
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     w = inp.weights[inp.task_ids]
-    dz, g_tasks = lin.rep_grads(w)                  # [K, ...]: grad_Z (w_k L_k)
-    k = gradients.gram(dz)
+    k, g_tasks = lin.rep_gram(w)                    # Gram of grad_Z (w_k L_k), [K, K]
     beta, info = weights(k, inp.rng)
-    shared = lin.rep_pullback(gradients.combine(beta, dz))
+    # sum_k beta_k grad_Z (w_k L_k) back through the trunk: one backward of
+    # sum_k beta_k w_k L_k through the one linearisation.
+    shared = lin.pullback(beta * w)["shared"]
     return Result(jnp.sum(w * lin.losses), {"shared": shared, "tasks": g_tasks}, inp.state,
                   gram_measurements(k, beta, info, inp.task_ids, num_tasks))
 

@@ -164,3 +164,58 @@ def test_path_misuse_is_a_clear_error():
     jacobians.linearize(model, params, batch, one_pass=True)
   with pytest.raises(ValueError, match="slot_backwards='loop' is not one of"):
     jacobians.linearize(model, params, batch, slot_backwards="loop")
+
+
+@pytest.mark.parametrize("static", [True, False], ids=["static-k4", "traced-k3"])
+def test_factored_representation_gram_equals_the_gram_of_each_slots_gradient(static):
+  """Linear heads: ``<dZ_i, dZ_j>`` from the outputs' cotangents and the kernels
+  (never forming ``dZ``) equals a float64 Gram of ``K`` separate ``jax.grad``
+  calls w.r.t. ``Z``; ``rep_heads`` is what ``decode`` computes; archs without
+  linear heads get the Gram of the materialised gradients."""
+  k = 4 if static else 3
+  model, params, ids, x, ys = _setup("multi_head", True, k)
+  ts = model.taskset
+  ids_in = np.asarray(ids, np.int32) if static else jnp.asarray(ids, jnp.int32)
+  batch = jacobians.Batch(jnp.asarray(x), {g: jnp.asarray(y) for g, y in ys.items()},
+                          ids_in, True)
+  c = jnp.asarray([0.5, 2.0, 1.0, 1.5][:k])
+  z = model.encode(params["shared"], jnp.asarray(x))
+  # rep_heads: slot k's outputs of its own group are z @ W + b.
+  kernels = model.rep_heads(params["tasks"], ids_in)
+  outs = model.decode(params["tasks"], z, jnp.asarray(x), ids_in)
+  for s, t in enumerate(ids):
+    g = ts.tasks[t].group
+    row = ts.local_index[t]
+    want = np.asarray(z) @ np.asarray(kernels[g][s]) + np.asarray(
+        params["tasks"]["heads"][g]["bias"][row])
+    np.testing.assert_allclose(outs[g][s], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(kernels[g][s], params["tasks"]["heads"][g]["kernel"][row])
+  dz_ref = []
+  for s, t in enumerate(ids):
+    def loss_of_z(z, s=s, t=t):
+      o = model.decode(params["tasks"], z, jnp.asarray(x), jnp.array([t]))
+      g = ts.tasks[t].group
+      return c[s] * jnp.mean(tasks.example_loss(ts.tasks[t], o[g][0], ys[g][s]))
+    dz_ref.append(np.asarray(jax.grad(loss_of_z)(z), np.float64).ravel())
+  want_gram = np.stack(dz_ref) @ np.stack(dz_ref).T
+
+  lin = jacobians.linearize(model, params, batch, needs="representation")
+  douts = lin.rep_grads(c)  # materialised path, for the fall-back check below
+  loss_vjp_douts = jax.vjp(lambda o: tasks.slot_losses(ts, o, batch.ys, ids_in), outs)[1](
+      c)[0]
+  got = jacobians.factored_gram(loss_vjp_douts, kernels,
+                                tasks.static_group_slices(ts, ids_in))
+  np.testing.assert_allclose(got, want_gram, rtol=2e-5, atol=1e-7 * np.abs(want_gram).max())
+  gram, g_tasks = lin.rep_gram(c)
+  np.testing.assert_allclose(gram, want_gram, rtol=2e-5, atol=1e-7 * np.abs(want_gram).max())
+  helpers.assert_trees_close(g_tasks, douts[1])
+  # mmoe has no linear-head factorisation: the Gram of its materialised dZ.
+  model, params, ids, x, ys = _setup("mmoe", True, 3)
+  assert model.rep_heads is None
+  batch = helpers.batch(jnp.asarray(ids, jnp.int32), x, ys, True)
+  lin = jacobians.linearize(model, params, batch, needs="representation")
+  dz = lin.rep_grads(c[:3])[0]
+  flat = np.concatenate([np.asarray(a, np.float64).reshape(3, -1)
+                         for a in jax.tree.leaves(dz)], axis=1)
+  np.testing.assert_allclose(lin.rep_gram(c[:3])[0], flat @ flat.T, rtol=2e-5,
+                             atol=1e-7 * np.abs(flat @ flat.T).max())

@@ -117,6 +117,13 @@ class Model:
       [K, B, out]}``, every slot reading the same ``rep``; None with ``encode``.
     penalty: ``penalty(params) -> scalar`` added to the training objective
       (``soft``'s sharing penalty), or None.
+    rep_heads: when ``decode`` is affine in ``rep [B, F]`` -- slot k's outputs
+      are ``rep @ W[group][k] + bias`` (linear heads on the trunk) --
+      ``rep_heads(task_params, task_ids [K]) -> {group: W [K, F, out]}`` (rows of
+      slots outside the group are any kernel of the group; their outputs are
+      never read); else None. Lets the step form the Gram matrix of per-slot
+      representation gradients without materialising them
+      (:mod:`mtljax.jacobians`).
   """
   arch: str
   taskset: tasks_lib.TaskSet
@@ -127,6 +134,7 @@ class Model:
   encode: Callable | None = None
   decode: Callable | None = None
   penalty: Callable | None = None
+  rep_heads: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +306,15 @@ class _Parts:
         outs[g] = out if feats.ndim == 3 else jnp.broadcast_to(out, (k,) + out.shape)
     return outs
 
+  def head_kernels(self, head_params, task_ids) -> dict:
+    """``{group: [K, F, out]}``: each slot's kernel of the group's per-task heads
+    (a clipped row for slots outside the group, as :meth:`heads_apply` reads)."""
+    out = {}
+    for g in self.taskset.groups:
+      kernel = head_params[g]["kernel"]
+      out[g] = kernel[jnp.clip(self.local_index[task_ids], 0, kernel.shape[0] - 1)]
+    return out
+
   def _static_heads(self, head_params, feats, task_ids, slices) -> dict:
     """Per-task heads on a static slot layout: each group's heads run on its
     own slots only; the other slots' rows are zero (never read by the loss)."""
@@ -368,6 +385,10 @@ def _one_network(parts: _Parts) -> dict:
     def decode(task_params, rep, x, task_ids):
       del x
       return parts.heads_apply(task_params["heads"], rep, task_ids)
+
+    def rep_heads(task_params, task_ids):
+      return parts.head_kernels(task_params["heads"], task_ids)
+    out["rep_heads"] = rep_heads
   else:  # a pooled model: the whole network is task-independent
     def encode(shared, x):
       feats = parts.trunk_apply(shared["trunk"], x)
