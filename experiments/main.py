@@ -175,12 +175,15 @@ def main(argv):
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" at start
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)
-  # mtljax's own progress at INFO (process 0 only); other libraries (Orbax) stay
-  # at absl's default.
+  # mtljax's own progress at INFO (process 0 only); with -v 1 also its details
+  # (every parameter's shape, optimizer rules, shardings) at DEBUG. Other
+  # libraries' messages (TFDS's per-run warnings) only with --verbosity / -v.
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
   log = logging.getLogger("mtljax")
-  log.setLevel(logging.INFO if sharding.is_primary() else logging.WARNING)
+  debug = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1  # -v 1: the details
+  log.setLevel(logging.DEBUG if debug else logging.INFO if sharding.is_primary()
+               else logging.WARNING)
   log.addHandler(handler)
   log.propagate = False
   experiment = _CONFIG.value.get("experiment", "")

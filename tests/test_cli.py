@@ -2,6 +2,7 @@
 --print_config, per-task weights by dotted key, and the progress line."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -88,3 +89,29 @@ def test_missing_config_or_workdir_is_a_usage_error(args, missing):
   r = _main(*args)
   assert r.returncode != 0
   assert f"{missing} is required" in r.stderr
+
+
+_TFDS_PER_RUN = ("Using custom data configuration", "has no dataset_info.json")
+
+
+@pytest.mark.slow
+def test_a_run_is_quiet_unless_asked_and_its_progress_has_rates_from_the_second_call(tmp_path):
+  budget = ["--config.total_steps=60", "--config.steps_per_call=20", "--config.log_steps=20",
+            "--config.eval_steps=60", "--config.checkpoint_steps=60"]
+  r = _main(CONFIG, f"--workdir={tmp_path}", *budget)
+  assert r.returncode == 0, r.stderr
+  progress = [l for l in r.stderr.splitlines() if "] step " in l]
+  assert [l.split("] step ")[1].split()[0] for l in progress] == ["20/60", "40/60", "60/60"]
+  assert progress[0].endswith("| first call (compiling) | ETA after the next call")
+  for line in progress[1:]:  # a rate and an ETA from the first timed call on
+    rate = line.split(" | ", 1)[1]
+    assert re.fullmatch(r"\d+\.\d steps/s \| ETA \d\d:\d\d:\d\d", rate), line
+  assert "nan" not in r.stderr.lower() and "ETA ?" not in r.stderr
+  assert "Parameters: " in r.stderr and "param " not in r.stderr  # the count, not the list
+  assert not [w for w in _TFDS_PER_RUN if w in r.stderr + r.stdout], r.stderr
+  # -v 1 (asked): every parameter's shape and the other libraries' warnings.
+  r = _main(CONFIG, f"--workdir={tmp_path}", *budget, "-v", "1")  # resumes at the end
+  assert r.returncode == 0, r.stderr
+  params = [l for l in r.stderr.splitlines() if " param " in l]
+  assert params and all(re.search(r"param \S+ +\(\d+(, \d+)*,?\)$", l) for l in params)
+  assert _TFDS_PER_RUN[0] in r.stderr, r.stderr  # (the other one: on generation only)
