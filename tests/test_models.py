@@ -206,7 +206,7 @@ def test_patch_conv_equals_xla_same_convolution(k, c_in, c_out):
 # ---------------------------------------------------------------------------
 
 _SPLIT = [("multi_head", "auto"), ("multi_head", "shared"), ("mmoe", "auto"),
-          ("omoe", "auto"), ("shared_bottom", "auto")]
+          ("omoe", "auto"), ("shared_bottom", "auto"), ("cgc", "auto"), ("dselect_k", "auto")]
 
 
 @pytest.mark.parametrize("arch, heads", _SPLIT)
@@ -227,7 +227,8 @@ def test_decode_of_encode_is_apply_on_shared_inputs(arch, heads):
       np.testing.assert_allclose(got[g][k], want[g][k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["independent", "concat", "soft", "cross_stitch"])
+@pytest.mark.parametrize("arch", ["independent", "concat", "soft", "cross_stitch", "ple",
+                                  "mtan"])
 def test_archs_without_a_task_independent_part_have_no_encode(arch):
   model = multitask.make_model(arch, MIXED, (5,), hidden=(6,))
   assert model.encode is None and model.decode is None
@@ -265,6 +266,11 @@ _GROUPS = {
     "mmoe": ["conv_0", "layer_0", "layer_1", "gates", "tower_0", "heads"],
     "omoe": ["conv_0", "layer_0", "layer_1", "gates", "tower_0", "heads"],
     "shared_bottom": ["conv_0", "layer_0", "layer_1", "tower_0", "heads"],
+    "cgc": ["conv_0", "layer_0", "layer_1", "gates", "tower_0", "heads"],
+    "ple": ["conv_0", "layer_0", "layer_1", "gates_0", "level_1/layer_0", "gates_1",
+            "tower_0", "heads"],
+    "dselect_k": ["conv_0", "layer_0", "layer_1", "gates", "tower_0", "heads"],
+    "mtan": ["conv_0", "layer_0", "layer_1", "tower_0", "heads"],
 }
 
 
@@ -280,8 +286,17 @@ def test_every_parameter_is_in_exactly_one_layer_group(arch):
     assert sum(n in m for m in members.values()) == 1, n
   assert all(members.values()), members
   # The experts' layers are in the trunk layer groups (not the top group).
-  if arch in ("mmoe", "omoe"):
+  if arch in ("mmoe", "omoe", "dselect_k"):
     assert "shared/experts/layer_1/kernel" in members["layer_1"]
+  if arch in ("cgc", "ple"):  # shared and task experts of level 0 in the trunk groups
+    assert {"shared/experts/level_0/layer_1/kernel",
+            "tasks/experts/level_0/layer_1/kernel"} <= set(members["layer_1"])
+  if arch == "ple":
+    assert "shared/gate/level_0/kernel" in members["gates_0"]
+    assert "tasks/experts/level_1/layer_0/kernel" in members["level_1/layer_0"]
+  if arch == "mtan":  # a layer's attention modules and its shared f with the layer
+    assert {"tasks/attention/layer_0/a1/kernel", "shared/att_f/layer_0/kernel",
+            "shared/trunk/layer_0/kernel"} <= set(members["layer_0"])
   if arch == "cross_stitch":
     assert "shared/stitch/layer_0" in members["layer_0"]
 

@@ -89,12 +89,14 @@ import numpy as np
 
 from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
+from mtljax.models import experts
 
 ARCHS = ("independent", "multi_head", "concat", "additive", "multiplicative", "soft",
-         "cross_stitch", "mmoe", "omoe", "shared_bottom")
+         "cross_stitch", "mmoe", "omoe", "shared_bottom", "cgc", "ple", "dselect_k", "mtan")
 SOFT_NORMS = ("squared", "l2")
 PER_TASK_TRUNK = ("independent", "soft", "cross_stitch")
-MIXTURES = ("mmoe", "omoe", "shared_bottom")
+MIXTURES = ("mmoe", "omoe", "shared_bottom", "dselect_k")
+EXPERT_LEVELS = ("cgc", "ple")
 ENCODERS = ("mlp", "cnn")
 HEADS = ("auto", "per_task", "shared")
 
@@ -153,6 +155,13 @@ class _Spec:
   stitch_init: float
   num_experts: int
   tower: tuple[int, ...]
+  task_experts: int = 1
+  num_levels: int = 1
+  level_hidden: tuple[int, ...] = ()
+  dselect_k: int = 2
+  dselect_gamma: float = 1.0
+  dselect_per_example: bool = False
+  dselect_entropy_reg: float = 0.0
 
   @property
   def conditioned(self) -> bool:
@@ -165,7 +174,7 @@ class _Spec:
 
 
 def _check(arch, input_shape, *, encoder, hidden, channels, cond_layers, heads, soft_lambda,
-           soft_norm, soft_layers, stitch_init, num_experts, tower) -> _Spec:
+           soft_norm, soft_layers, stitch_init, num_experts, tower, **expert_kw) -> _Spec:
   """Every name and size checked, before anything is traced."""
   for field, value, allowed in (("arch", arch, ARCHS), ("encoder", encoder, ENCODERS),
                                 ("heads", heads, HEADS), ("soft_norm", soft_norm, SOFT_NORMS)):
@@ -187,8 +196,9 @@ def _check(arch, input_shape, *, encoder, hidden, channels, cond_layers, heads, 
                      f"(config.model.hidden={hidden}).")
   if soft_lambda < 0:
     raise ValueError(f"config.model.soft_lambda must be >= 0, got {soft_lambda}.")
-  if arch in ("mmoe", "omoe") and num_experts < 1:
-    raise ValueError(f"config.model.num_experts must be >= 1, got {num_experts}.")
+  if arch in ("mmoe", "omoe", "dselect_k", "cgc", "ple") and num_experts < 1:
+    raise ValueError(f"config.model.num_experts must be >= 1 for arch {arch!r}, got "
+                     f"{num_experts}.")
   if not 0.0 <= stitch_init <= 1.0:
     raise ValueError(f"config.model.stitch_init must be in [0, 1], got {stitch_init}.")
   tower = tuple(int(t) for t in tower)
@@ -197,10 +207,57 @@ def _check(arch, input_shape, *, encoder, hidden, channels, cond_layers, heads, 
   if encoder == "cnn" and len(input_shape) not in (2, 3):
     raise ValueError(f"config.model.encoder='cnn' needs image inputs [H, W] or "
                      f"[H, W, C], got input shape {tuple(input_shape)}.")
+  if arch == "mtan" and not hidden + (channels if encoder == "cnn" else ()):
+    raise ValueError(f"arch 'mtan' with encoder {encoder!r} needs at least one trunk layer "
+                     "to attend (config.model.hidden / channels are empty).")
   per_task_heads = heads == "per_task" or (heads == "auto" and not conditioned)
   return _Spec(arch, tuple(int(s) for s in input_shape), encoder, hidden, channels,
                cond_layers, per_task_heads, float(soft_lambda), soft_norm, soft_layers,
-               float(stitch_init), int(num_experts), tower)
+               float(stitch_init), int(num_experts), tower,
+               **_check_experts(arch, hidden, int(num_experts), **expert_kw))
+
+
+def _check_experts(arch, hidden, num_experts, *, task_experts, num_levels, level_hidden,
+                   dselect_k, dselect_gamma, dselect_per_example, dselect_entropy_reg
+                   ) -> dict:
+  """The CGC / PLE / DSelect-k settings, checked (unused ones keep defaults)."""
+  level_hidden = tuple(int(h) for h in level_hidden)
+  if any(h <= 0 for h in level_hidden):
+    raise ValueError(f"config.model.level_hidden must be positive, got {level_hidden}.")
+  out = {}
+  if arch in EXPERT_LEVELS:
+    if task_experts < 0:
+      raise ValueError(f"config.model.task_experts must be >= 0, got {task_experts}.")
+    levels = 1 if arch == "cgc" else int(num_levels)
+    if levels < 1:
+      raise ValueError(f"config.model.num_levels must be >= 1 for arch 'ple', got "
+                       f"{num_levels}.")
+    if levels > 1 and not (level_hidden or hidden):
+      raise ValueError("arch 'ple' with num_levels > 1 needs config.model.level_hidden (or "
+                       "config.model.hidden, whose last width is the default).")
+    out = dict(task_experts=int(task_experts), num_levels=levels,
+               level_hidden=level_hidden or tuple(hidden[-1:]))
+  if arch == "dselect_k":
+    if not 1 <= dselect_k <= num_experts:
+      raise ValueError(f"config.model.dselect_k must be in [1, num_experts={num_experts}], "
+                       f"got {dselect_k}.")
+    if not (dselect_gamma > 0 and np.isfinite(dselect_gamma)):
+      raise ValueError(f"config.model.dselect_gamma must be a finite number > 0, got "
+                       f"{dselect_gamma}.")
+    if not (dselect_entropy_reg >= 0 and np.isfinite(dselect_entropy_reg)):
+      raise ValueError(f"config.model.dselect_entropy_reg must be >= 0, got "
+                       f"{dselect_entropy_reg}.")
+    power_of_2 = num_experts & (num_experts - 1) == 0
+    if dselect_per_example and (dselect_entropy_reg > 0 or not power_of_2):
+      raise ValueError(
+          "arch 'dselect_k' with dselect_per_example=True: the entropy regulariser "
+          f"(dselect_entropy_reg={dselect_entropy_reg}) and the reachability term of "
+          f"num_experts={num_experts} (not a power of 2) read the batch, which a model "
+          "penalty cannot; use static gates or dselect_entropy_reg=0 with a power of 2.")
+    out = dict(dselect_k=int(dselect_k), dselect_gamma=float(dselect_gamma),
+               dselect_per_example=bool(dselect_per_example),
+               dselect_entropy_reg=float(dselect_entropy_reg))
+  return out
 
 
 def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int], *,
@@ -208,12 +265,26 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
                channels: Sequence[int] = (16, 32), cond_layers: Sequence[int] = (0,),
                heads: str = "auto", soft_lambda: float = 0.0, soft_norm: str = "squared",
                soft_layers: str = "", stitch_init: float = 0.9, num_experts: int = 8,
-               tower: Sequence[int] = (8,)) -> Model:
-  """Builds a :class:`Model`; every name and size is checked here, before jit."""
+               tower: Sequence[int] = (8,), task_experts: int = 1, num_levels: int = 2,
+               level_hidden: Sequence[int] = (), dselect_k: int = 2,
+               dselect_gamma: float = 1.0, dselect_per_example: bool = False,
+               dselect_entropy_reg: float = 0.0) -> Model:
+  """Builds a :class:`Model`; every name and size is checked here, before jit.
+
+  ``num_experts``: experts of mmoe / omoe / dselect_k, shared experts of cgc /
+  ple; ``task_experts``: cgc / ple experts per task; ``num_levels``: ple's
+  extraction levels (cgc is one); ``level_hidden``: widths of ple's experts at
+  levels >= 1 (``()``: one layer of width ``hidden[-1]``); ``dselect_k``,
+  ``dselect_gamma``, ``dselect_per_example``, ``dselect_entropy_reg``: DSelect-k's
+  number of selectors, smooth-step width, gates reading the input (else static
+  per task), entropy regulariser weight (:mod:`mtljax.models.experts`)."""
   spec = _check(arch, input_shape, encoder=encoder, hidden=hidden, channels=channels,
                 cond_layers=cond_layers, heads=heads, soft_lambda=soft_lambda,
                 soft_norm=soft_norm, soft_layers=soft_layers, stitch_init=stitch_init,
-                num_experts=num_experts, tower=tower)
+                num_experts=num_experts, tower=tower, task_experts=task_experts,
+                num_levels=num_levels, level_hidden=level_hidden, dselect_k=dselect_k,
+                dselect_gamma=dselect_gamma, dselect_per_example=dselect_per_example,
+                dselect_entropy_reg=dselect_entropy_reg)
   parts = _Parts(spec, taskset)
   if arch in ("independent", "soft"):
     model = _per_task_trunks(parts)
@@ -221,6 +292,10 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
     model = _cross_stitch(parts)
   elif arch in MIXTURES:
     model = _mixture(parts)
+  elif arch in EXPERT_LEVELS:
+    model = experts.ple_model(parts)
+  elif arch == "mtan":
+    model = experts.mtan_model(parts)
   else:
     model = _one_network(parts)
   return Model(arch=arch, taskset=taskset, **model)
@@ -334,6 +409,33 @@ class _Parts:
     if not self.spec.per_task_heads:
       return {}
     return {f"heads/{g}": self.taskset.group_members(g) for g in self.taskset.groups}
+
+  # --- towers ----------------------------------------------------------------
+
+  def towers_init(self, rng, in_dim: int):
+    """Per-task ReLU towers of widths ``spec.tower`` on ``[B, in_dim]``
+    features, stacked ``[T, ...]``; None without a tower."""
+    if not self.spec.tower:
+      return None
+    mod, f_example = encoders.MLP(self.spec.tower), jnp.zeros((1, in_dim), jnp.float32)
+    return jax.vmap(lambda r: mod.init(r, f_example)["params"])(self.all_task_keys(rng))
+
+  def towers_apply(self, towers, h, task_ids, h_axis):
+    """Slot k's tower on ``h`` (``[K, B, F]`` with ``h_axis=0``, or ``[B, F]``
+    read by every slot with ``h_axis=None``): ``[K, B, F']`` (``h`` unchanged
+    without a tower)."""
+    if not self.spec.tower:
+      return h
+    mod = encoders.MLP(self.spec.tower)
+    tp = jax.tree.map(lambda a: a[task_ids], towers)
+    return jax.vmap(lambda p, a: mod.apply({"params": p}, a), in_axes=(0, h_axis))(tp, h)
+
+  def tower_groups(self) -> list[tuple[str, str]]:
+    return [(f"tower_{j}", rf"^tasks/towers/layer_{j}/") for j in range(len(self.spec.tower))]
+
+  def feat_dim(self, in_dim: int) -> int:
+    """The heads' input width after the towers."""
+    return self.spec.tower[-1] if self.spec.tower else in_dim
 
   # --- layer groups ----------------------------------------------------------
 
@@ -507,9 +609,10 @@ def _cross_stitch(parts: _Parts) -> dict:
 def _mixture(parts: _Parts) -> dict:
   spec, num_tasks = parts.spec, parts.num_tasks
   arch, tower = spec.arch, spec.tower
-  tower_mod = encoders.MLP(tower)
-  feat_dim = tower[-1] if tower else parts.trunk_dim
   in_dim = int(np.prod(spec.input_shape))
+  per_task_gates = arch in ("mmoe", "dselect_k")
+  gate_weights = (experts.dselect_gate(spec, in_dim) if arch == "dselect_k"
+                  else experts.softmax_gate(spec.num_experts, in_dim))
 
   def init(rng):
     r_trunk, r_heads, r_extra = jax.random.split(rng, 3)
@@ -519,40 +622,34 @@ def _mixture(parts: _Parts) -> dict:
     else:
       shared["experts"] = jax.vmap(parts.trunk_init)(
           jax.random.split(r_trunk, spec.num_experts))
-    gate = {"kernel": jnp.zeros((in_dim, spec.num_experts)),  # zero gates: 1/E each
-            "bias": jnp.zeros((spec.num_experts,))}
-    if arch == "mmoe":
-      task_params["gates"] = _broadcast_slots(gate, num_tasks)
+    if per_task_gates:  # keyed by stream id (dselect_k's gates are random)
+      task_params["gates"] = jax.vmap(gate_weights.init)(
+          parts.all_task_keys(jax.random.fold_in(r_extra, 1)))
     elif arch == "omoe":
-      shared["gate"] = gate
+      shared["gate"] = gate_weights.init(r_extra)
     if tower:
-      f_example = jnp.zeros((1, parts.trunk_dim), jnp.float32)
-      task_params["towers"] = jax.vmap(lambda r: tower_mod.init(r, f_example)["params"])(
-          parts.all_task_keys(r_extra))
+      task_params["towers"] = parts.towers_init(r_extra, parts.trunk_dim)
     params = {"shared": shared, "tasks": task_params}
-    params[parts.heads_home]["heads"] = parts.heads_init(r_heads, feat_dim)
+    params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.feat_dim(
+        parts.trunk_dim))
     return params
 
-  def gated(gate, x, experts):
-    """``sum_e softmax(flat(x) W + b)_e experts[e]``: ``[B, F]``."""
-    g = jax.nn.softmax(x.reshape(x.shape[0], -1) @ gate["kernel"] + gate["bias"], axis=-1)
-    return jnp.einsum("be,ebf->bf", g, experts)
+  def gated(gate, x, experts_out):
+    """``sum_e g(x)_e experts[e]``: ``[B, F]``."""
+    return jnp.einsum("be,ebf->bf", gate_weights(gate, x), experts_out)
 
   def encode(shared, x):
     if arch == "shared_bottom":
       return parts.trunk_apply(shared["trunk"], x)                         # [B, F]
-    experts = jax.vmap(lambda p: parts.trunk_apply(p, x))(shared["experts"])  # [E, B, F]
-    return experts if arch == "mmoe" else gated(shared["gate"], x, experts)
+    experts_out = jax.vmap(lambda p: parts.trunk_apply(p, x))(shared["experts"])  # [E, B, F]
+    return experts_out if per_task_gates else gated(shared["gate"], x, experts_out)
 
   def per_task(task_params, heads, rep, x, task_ids):
     h, h_axis = rep, None                       # [B, F] for every slot, or per slot
-    if arch == "mmoe":
+    if per_task_gates:
       gates = jax.tree.map(lambda a: a[task_ids], task_params["gates"])
       h, h_axis = jax.vmap(lambda g: gated(g, x, rep))(gates), 0           # [K, B, F]
-    if tower:
-      tp = jax.tree.map(lambda a: a[task_ids], task_params["towers"])
-      h = jax.vmap(lambda p, a: tower_mod.apply({"params": p}, a),
-                   in_axes=(0, h_axis))(tp, h)                             # [K, B, F']
+    h = parts.towers_apply(task_params.get("towers"), h, task_ids, h_axis)  # [K, B, F']
     return parts.heads_apply(heads, h, task_ids)
 
   def apply(params, x, task_ids):
@@ -565,13 +662,15 @@ def _mixture(parts: _Parts) -> dict:
     return per_task(task_params, task_params["heads"], rep, x, task_ids)
 
   rows = {"towers": np.arange(num_tasks, dtype=np.int32)} if tower else {}
-  if arch == "mmoe":
+  if per_task_gates:
     rows["gates"] = np.arange(num_tasks, dtype=np.int32)
   rows.update(parts.head_rows())
   extra = [] if arch == "shared_bottom" else [("gates", r"^(tasks/gates|shared/gate)/")]
-  extra += [(f"tower_{j}", rf"^tasks/towers/layer_{j}/") for j in range(len(tower))]
   out = {"init": init, "apply": apply, "task_rows": rows,
-         "layer_groups": parts.layer_groups("shared/trunk|shared/experts", extra)}
+         "layer_groups": parts.layer_groups("shared/trunk|shared/experts",
+                                            extra + parts.tower_groups())}
+  if arch == "dselect_k" and not spec.dselect_per_example:
+    out["penalty"] = experts.dselect_penalty(spec)
   if not spec.per_task_heads:  # the per-task part would read shared heads: per slot
     return out
   return {**out, "encode": encode, "decode": decode}

@@ -1,0 +1,400 @@
+"""Expert families and task attention: CGC / PLE, DSelect-k gates, MTAN.
+
+The architectures here are built by :func:`mtljax.models.multitask.make_model`
+from its checked spec and its ``_Parts`` (trunk, towers, heads, per-task keys);
+this module reads no config and imports no other architecture code.
+
+* ``cgc`` / ``ple`` (Tang et al., RecSys 2020, "Progressive Layered
+  Extraction"): at level ``l`` there are ``num_experts`` shared experts
+  (``shared/experts/level_l``, stacked ``[E_s, ...]``) and ``task_experts``
+  experts per task (``tasks/experts/level_l``, ``[T, E_t, ...]``). Task ``t``'s
+  gate (``tasks/gates/level_l``, a softmax of a linear map of the task's input
+  at that level) mixes the shared experts and its own,
+  ``h_t^l = sum_e softmax(h_t^{l-1} W_t^l + b_t^l)_e [S^l; O_t^l]_e``; the
+  shared path's gate (``shared/gate/level_l``) mixes every expert of the level,
+  ``h_s^l = sum_e softmax(h_s^{l-1} W_s^l + b_s^l)_e [S^l; O_1^l; ...; O_T^l]_e``.
+  Shared experts read ``h_s^{l-1}``, task ``t``'s experts ``h_t^{l-1}``
+  (``h^{-1} = x``, gates on the flattened input). The last level has no shared
+  gate; ``h_t^{L-1}`` goes to the task's tower and head. Level 0's experts are
+  the configured encoder (mlp or cnn); levels >= 1 are ReLU MLPs of widths
+  ``level_hidden``. ``cgc`` is one level. Gates start at zero (uniform).
+  Unlike LibMTL's PLE (whose shared experts run on each task's path and which
+  has no shared gate), this is the paper's: every level > 0 of the shared path
+  reads every task's experts of the level before, so ``ple`` with more than one
+  level has no task-independent part and a slot computes every task's path.
+* ``dselect_k`` (Hazimeh et al., NeurIPS 2021): MMoE's experts with DSelect-k
+  gates. A gate has ``k`` single-expert selectors: selector ``i`` puts
+  ``r_i(e) = prod_j [b_ej S(z_ij) + (1 - b_ej)(1 - S(z_ij))]`` on expert ``e``
+  (``b_e`` its ``m = ceil(log2 E)``-bit binary code, most significant bit
+  first; ``S`` the smooth-step of width ``gamma``), and the gate's weights are
+  ``sum_i softmax(w)_i r_i``. Static gates (default; the paper's task-only
+  conditioning): ``tasks/gates/{z [T, k, m], w [T, k]}``; per-example gates
+  (``dselect_per_example``): ``z`` and ``w`` are linear maps of the flattened
+  input. Initialised as the official code: ``z ~ U(-gamma/100, gamma/100)``,
+  ``w ~ U(-0.05, 0.05)``. Static gates carry the model penalty
+  ``entropy_reg * sum H(r_i)`` and, when ``E`` is not a power of 2, the official
+  code's reachability term ``sum_i 1 / sum_e r_i(e)``.
+* ``mtan`` (Liu et al., CVPR 2019): the shared encoder (``shared/trunk``) with,
+  for each task, an attention module per trunk layer (conv block or dense
+  layer) ``j``: ``a_t^j = sigmoid(A2(relu(A1(u))))`` with ``u = s^j`` at ``j = 0``
+  and ``u = [s^j, p_t^{j-1}]`` after (``s^j`` the shared layer's output before
+  pooling; ``A1``, ``A2`` 1x1 convolutions, i.e. dense maps over channels,
+  ``tasks/attention/<layer>/a1|a2``), the attended features ``e_t^j = a_t^j * s^j``
+  and ``p_t^j = f^j(e_t^j)`` with the shared ``f^j`` (``shared/att_f/<layer>``: a
+  3x3 conv to the next block's channels then the encoder's pooling; a dense
+  layer into the first dense layer's width; a dense layer between dense
+  layers). The last layer's ``p`` is its (pooled, flattened) attended features,
+  read by the task's tower and head. No batch norm (mtljax has none). The
+  shared trunk's activations are task-independent, but ``f^j`` (shared
+  parameters) runs on task-attended features, so the per-task part reads shared
+  parameters: MTAN has no ``encode`` / ``decode`` and every slot runs the trunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtljax.models import encoders
+
+_ENTROPY_EPS = 1e-6  # the official code's log(r + 1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Gates: softmax (MMoE / OMoE / CGC / PLE) and DSelect-k.
+# ----------------------------------------------------------------------------
+
+
+class Gate:
+  """A gate: ``init(rng) -> params`` and ``gate(params, h [B, ...]) -> [B, E]``
+  (non-negative weights over the experts)."""
+
+  def __init__(self, init: Callable, weights: Callable):
+    self.init, self._weights = init, weights
+
+  def __call__(self, params, h):
+    return self._weights(params, h)
+
+
+def softmax_gate(num_experts: int, in_dim: int) -> Gate:
+  """``softmax(flat(h) W + b)``; initialised at zero (uniform ``1/E``)."""
+  def init(rng):
+    del rng
+    return {"kernel": jnp.zeros((in_dim, num_experts), jnp.float32),
+            "bias": jnp.zeros((num_experts,), jnp.float32)}
+
+  def weights(p, h):
+    return jax.nn.softmax(h.reshape(h.shape[0], -1) @ p["kernel"] + p["bias"], axis=-1)
+  return Gate(init, weights)
+
+
+def smooth_step(t, gamma: float):
+  """``S(t)``: 0 for ``t <= -gamma/2``, 1 for ``t >= gamma/2``, else
+  ``-2 t^3 / gamma^3 + 3 t / (2 gamma) + 1/2`` (Hazimeh et al. 2021, eq. 1)."""
+  cubic = -2.0 / gamma ** 3 * t ** 3 + 3.0 / (2.0 * gamma) * t + 0.5
+  return jnp.where(t <= -gamma / 2, 0.0, jnp.where(t >= gamma / 2, 1.0, cubic))
+
+
+def binary_codes(num_experts: int) -> np.ndarray:
+  """``[E, ceil(log2 E)]`` bool: row ``e`` is ``e`` in binary, most significant bit first."""
+  m = math.ceil(math.log2(num_experts)) if num_experts > 1 else 0
+  return ((np.arange(num_experts)[:, None] >> np.arange(m - 1, -1, -1)[None, :]) & 1
+          ).astype(bool)
+
+
+def dselect_weights(z, w, *, num_experts: int, gamma: float):
+  """DSelect-k's expert weights from selector logits.
+
+  Args:
+    z: ``[..., k, m]`` binary-encoding logits, ``m = ceil(log2 num_experts)``.
+    w: ``[..., k]`` selector logits.
+    num_experts: E.
+    gamma: the smooth-step width.
+
+  Returns:
+    ``(weights [..., E], selectors [..., k, E])``: selector ``i``'s weights
+    ``r_i(e) = prod_j (b_ej S(z_ij) + (1 - b_ej)(1 - S(z_ij)))`` and the gate
+    ``sum_i softmax(w)_i r_i``. Each ``r_i`` sums to one when E is a power of 2
+    and is one-hot once every ``|z_ij| >= gamma / 2``, so the gate then has at
+    most k non-zeros.
+  """
+  codes = jnp.asarray(binary_codes(num_experts))                    # [E, m]
+  s = smooth_step(z, gamma)[..., None, :]                           # [..., k, 1, m]
+  selectors = jnp.prod(jnp.where(codes, s, 1.0 - s), axis=-1)        # [..., k, E]
+  weights = jnp.sum(jax.nn.softmax(w, axis=-1)[..., None] * selectors, axis=-2)
+  return weights, selectors
+
+
+def dselect_gate(spec, in_dim: int) -> Gate:
+  """A DSelect-k gate, static (``{"z": [k, m], "w": [k]}``) or per example
+  (``{"z": {"kernel" [D, k m], "bias"}, "w": {"kernel" [D, k], "bias"}}``)."""
+  e, k, gamma = spec.num_experts, spec.dselect_k, spec.dselect_gamma
+  m = binary_codes(e).shape[1]
+
+  def uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+  def init(rng):
+    r = jax.random.split(rng, 4)
+    zb, wb = gamma / 100.0, 0.05
+    if not spec.dselect_per_example:
+      return {"z": uniform(r[0], (k, m), zb), "w": uniform(r[1], (k,), wb)}
+    return {"z": {"kernel": uniform(r[0], (in_dim, k * m), zb),
+                  "bias": uniform(r[1], (k * m,), zb)},
+            "w": {"kernel": uniform(r[2], (in_dim, k), wb), "bias": uniform(r[3], (k,), wb)}}
+
+  def weights(p, h):
+    b = h.shape[0]
+    if not spec.dselect_per_example:
+      g, _ = dselect_weights(p["z"], p["w"], num_experts=e, gamma=gamma)
+      return jnp.broadcast_to(g, (b, e))
+    hf = h.reshape(b, -1)
+    z = (hf @ p["z"]["kernel"] + p["z"]["bias"]).reshape(b, k, m)
+    g, _ = dselect_weights(z, hf @ p["w"]["kernel"] + p["w"]["bias"], num_experts=e,
+                           gamma=gamma)
+    return g
+  return Gate(init, weights)
+
+
+def dselect_penalty(spec) -> Callable | None:
+  """Static gates' regularisers over every task's gate: ``entropy_reg * sum_i
+  H(r_i)`` (``H(r) = -sum_e r_e log(r_e + 1e-6)``) and, when E is not a power
+  of 2, ``sum_i 1 / sum_e r_i(e)`` (keeps mass on reachable experts); None
+  when both are off."""
+  e, reg = spec.num_experts, spec.dselect_entropy_reg
+  reachability = e & (e - 1) != 0
+  if reg == 0 and not reachability:
+    return None
+
+  def penalty(params):
+    g = params["tasks"]["gates"]
+    _, r = dselect_weights(g["z"], g["w"], num_experts=e, gamma=spec.dselect_gamma)
+    out = reg * -jnp.sum(r * jnp.log(r + _ENTROPY_EPS))
+    if reachability:
+      out = out + jnp.sum(1.0 / jnp.sum(r, axis=-1))
+    return out
+  return penalty
+
+
+def _gather(tree, rows):
+  return jax.tree.map(lambda a: a[rows], tree)
+
+
+# ----------------------------------------------------------------------------
+# CGC and PLE.
+# ----------------------------------------------------------------------------
+
+
+def ple_model(parts) -> dict:
+  """``cgc`` (one level) or ``ple`` (``spec.num_levels``): see the module docstring."""
+  spec, num_tasks = parts.spec, parts.num_tasks
+  levels, e_s, e_t = spec.num_levels, spec.num_experts, spec.task_experts
+  mlp = encoders.MLP(spec.level_hidden)
+  dims = [parts.trunk_dim] + [spec.level_hidden[-1] if spec.level_hidden else 0] * (levels - 1)
+  gate_in = [int(np.prod(spec.input_shape))] + dims[:-1]
+  task_gates = [softmax_gate(e_s + e_t, gate_in[l]) for l in range(levels)]
+  shared_gates = [softmax_gate(e_s + num_tasks * e_t, gate_in[l]) for l in range(levels - 1)]
+
+  def expert_init(l, rng):
+    if l == 0:
+      return parts.trunk_init(rng)
+    return mlp.init(rng, jnp.zeros((1, dims[l - 1]), jnp.float32))["params"]
+
+  def expert_apply(l, p, h):
+    return parts.trunk_apply(p, h) if l == 0 else mlp.apply({"params": p}, h)
+
+  def init(rng):
+    r_trunk, r_heads, r_extra = jax.random.split(rng, 3)
+    shared = {"experts": {}, "gate": {}}
+    tp = {"experts": {}, "gates": {}}
+    for l in range(levels):
+      name, (r_s, r_t) = f"level_{l}", jax.random.split(jax.random.fold_in(r_trunk, l))
+      shared["experts"][name] = jax.vmap(lambda r, l=l: expert_init(l, r))(
+          jax.random.split(r_s, e_s))
+      if e_t:  # per task from its stream key, then one key per expert
+        tp["experts"][name] = jax.vmap(lambda r, l=l: jax.vmap(
+            lambda q: expert_init(l, q))(jax.random.split(r, e_t)))(parts.all_task_keys(r_t))
+      tp["gates"][name] = jax.vmap(task_gates[l].init)(parts.all_task_keys(r_extra))
+      if l < levels - 1:
+        shared["gate"][name] = shared_gates[l].init(r_extra)
+    shared = {k: v for k, v in shared.items() if v}
+    tp = {k: v for k, v in tp.items() if v}
+    if spec.tower:
+      tp["towers"] = parts.towers_init(r_extra, dims[-1])
+    params = {"shared": shared, "tasks": tp}
+    params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.feat_dim(dims[-1]))
+    return params
+
+  def paths(shared, tp, x, rows, s0=None):
+    """The task paths ``h_r^{L-1}`` of the task rows ``rows [R]`` on one
+    input ``x [B, ...]``: ``[R, B, F]``. With more than one level ``rows`` must
+    be every task in order (the shared gates read every task's experts).
+    ``s0``: level 0's shared expert outputs, if already computed."""
+    h_s, h_t = x, None  # h_t None: every row reads x (level 0)
+    for l in range(levels):
+      name = f"level_{l}"
+      s_out = (s0 if l == 0 and s0 is not None else
+               jax.vmap(lambda p, l=l: expert_apply(l, p, h_s))(shared["experts"][name]))
+      outs = jnp.broadcast_to(s_out, (len(rows),) + s_out.shape)     # [R, E_s, B, F]
+      if e_t:
+        ep = _gather(tp["experts"][name], rows)
+
+        def own(pr, h, l=l):
+          return jax.vmap(lambda p: expert_apply(l, p, h))(pr)      # [E_t, B, F]
+        o_t = (jax.vmap(own, in_axes=(0, None))(ep, x) if h_t is None
+               else jax.vmap(own)(ep, h_t))
+        outs = jnp.concatenate([outs, o_t], axis=1)                  # [R, E_s + E_t, B, F]
+      gates = _gather(tp["gates"][name], rows)
+      mix = lambda g, h, o, l=l: jnp.einsum("be,ebf->bf", task_gates[l](g, h), o)
+      new_t = (jax.vmap(mix, in_axes=(0, None, 0))(gates, x, outs) if h_t is None
+               else jax.vmap(mix)(gates, h_t, outs))                 # [R, B, F]
+      if l < levels - 1:
+        every = jnp.concatenate([s_out, outs[:, e_s:].reshape((-1,) + s_out.shape[1:])])
+        h_s = jnp.einsum("be,ebf->bf", shared_gates[l](shared["gate"][name], h_s), every)
+      h_t = new_t
+    return h_t
+
+  def slot_features(params, xk, t):
+    if levels == 1:
+      return paths(params["shared"], params["tasks"], xk, t[None])[0]
+    return paths(params["shared"], params["tasks"], xk, np.arange(num_tasks))[t]
+
+  def apply(params, x, task_ids):
+    feats = jax.vmap(lambda xk, t: slot_features(params, xk, t))(x, task_ids)  # [K, B, F]
+    h = parts.towers_apply(params["tasks"].get("towers"), feats, task_ids, 0)
+    return parts.heads_apply(params[parts.heads_home]["heads"], h, task_ids)
+
+  def encode(shared, x):
+    return jax.vmap(lambda p: parts.trunk_apply(p, x))(shared["experts"]["level_0"])
+
+  def decode(task_params, rep, x, task_ids):
+    feats = paths({"experts": {}}, task_params, x, task_ids, s0=rep)
+    h = parts.towers_apply(task_params.get("towers"), feats, task_ids, 0)
+    return parts.heads_apply(task_params["heads"], h, task_ids)
+
+  rows = {k: np.arange(num_tasks, dtype=np.int32)
+          for k in ("gates",) + (("experts",) if e_t else ()) + (("towers",) if spec.tower
+                                                                  else ())}
+  rows.update(parts.head_rows())
+  extra = []
+  for l in range(levels):
+    if l:
+      extra += [(f"level_{l}/layer_{j}", rf"^(shared|tasks)/experts/level_{l}/layer_{j}/")
+                for j in range(len(spec.level_hidden))]
+    extra.append(("gates" if levels == 1 else f"gates_{l}",
+                  rf"^(tasks/gates|shared/gate)/level_{l}/"))
+  out = {"init": init, "apply": apply, "task_rows": rows,
+         "layer_groups": parts.layer_groups("shared/experts/level_0|tasks/experts/level_0",
+                                            extra + parts.tower_groups())}
+  if levels > 1 or not spec.per_task_heads:
+    return out  # the shared path reads every task's experts / the heads are shared
+  return {**out, "encode": encode, "decode": decode}
+
+
+# ----------------------------------------------------------------------------
+# MTAN.
+# ----------------------------------------------------------------------------
+
+
+def _pool(h):
+  """The CNN encoder's 2x2 max-pool where the map is at least 2x2."""
+  if h.shape[1] >= 2 and h.shape[2] >= 2:
+    return nn.max_pool(h, (2, 2), strides=(2, 2))
+  return h
+
+
+def _dense(p, h):
+  return h @ p["kernel"] + p["bias"]
+
+
+def mtan_model(parts) -> dict:
+  """``mtan``: see the module docstring."""
+  spec, num_tasks = parts.spec, parts.num_tasks
+  names = spec.layer_names
+  widths = (list(spec.channels) if spec.encoder == "cnn" else []) + list(spec.hidden)
+  is_conv = [n.startswith("conv") for n in names]
+  last = len(names) - 1
+
+  def shared_acts(trunk, x):
+    """Each trunk layer's output ``s^j`` (conv: after ReLU, before pooling)."""
+    h = x if spec.encoder == "mlp" or x.ndim == 4 else x[..., None]
+    if spec.encoder == "mlp":
+      h = h.reshape(h.shape[0], -1)
+    acts = []
+    for j, n in enumerate(names):
+      if is_conv[j]:
+        h = nn.relu(encoders.PatchConv(widths[j], 3).apply({"params": trunk[n]}, h))
+        acts.append(h)
+        h = _pool(h)
+      else:
+        h = nn.relu(_dense(trunk[n], h.reshape(h.shape[0], -1)))
+        acts.append(h)
+    return acts
+
+  def f_apply(j, p, e):
+    """``p^j = f^j(e^j)``: the next layer's input shape, or the features."""
+    if j == last:
+      return _pool(e).reshape(e.shape[0], -1) if is_conv[j] else e
+    if is_conv[j + 1]:
+      return _pool(nn.relu(encoders.PatchConv(widths[j + 1], 3).apply({"params": p}, e)))
+    flat = _pool(e).reshape(e.shape[0], -1) if is_conv[j] else e
+    return nn.relu(_dense(p, flat))
+
+  def attended(shared, att, x):
+    """Task features ``p^{L-1}`` of one task (``att``: its attention rows): ``[B, F]``."""
+    acts, p = shared_acts(shared["trunk"], x), None
+    for j, n in enumerate(names):
+      u = acts[j] if j == 0 else jnp.concatenate([acts[j], p], axis=-1)
+      a = jax.nn.sigmoid(_dense(att[n]["a2"], nn.relu(_dense(att[n]["a1"], u))))
+      p = f_apply(j, shared["att_f"].get(n), a * acts[j])
+    return p
+
+  def init(rng):
+    r_trunk, r_heads, r_extra = jax.random.split(rng, 3)
+    trunk = parts.trunk_init(r_trunk)
+    acts = jax.eval_shape(lambda: shared_acts(trunk, parts.x_example))
+    att_f, r_f = {}, jax.random.fold_in(r_extra, 1)
+    for j, n in enumerate(names[:-1]):
+      e = jnp.zeros(acts[j].shape, jnp.float32)
+      if is_conv[j + 1]:
+        att_f[n] = encoders.PatchConv(widths[j + 1], 3).init(jax.random.fold_in(r_f, j),
+                                                             e)["params"]
+      else:
+        flat = _pool(e).reshape(1, -1) if is_conv[j] else e
+        att_f[n] = encoders.CondDense(widths[j + 1]).init(jax.random.fold_in(r_f, j),
+                                                          flat)["params"]
+
+    def one_task(key):
+      out = {}
+      for j, n in enumerate(names):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, j))
+        u = jnp.zeros((1, widths[j] * (1 if j == 0 else 2)), jnp.float32)
+        d1 = encoders.CondDense(widths[j]).init(k1, u)["params"]
+        d2 = encoders.CondDense(widths[j]).init(k2, jnp.zeros((1, widths[j])))["params"]
+        out[n] = {"a1": d1, "a2": d2}
+      return out
+    tp = {"attention": jax.vmap(one_task)(parts.all_task_keys(jax.random.fold_in(r_extra, 2)))}
+    if spec.tower:
+      tp["towers"] = parts.towers_init(r_extra, parts.trunk_dim)
+    params = {"shared": {"trunk": trunk, "att_f": att_f}, "tasks": tp}
+    params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.feat_dim(
+        parts.trunk_dim))
+    return params
+
+  def apply(params, x, task_ids):
+    att = _gather(params["tasks"]["attention"], task_ids)
+    feats = jax.vmap(lambda xk, a: attended(params["shared"], a, xk))(x, att)  # [K, B, F]
+    h = parts.towers_apply(params["tasks"].get("towers"), feats, task_ids, 0)
+    return parts.heads_apply(params[parts.heads_home]["heads"], h, task_ids)
+
+  rows = {"attention": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
+  if spec.tower:
+    rows["towers"] = np.arange(num_tasks, dtype=np.int32)
+  return {"init": init, "apply": apply, "task_rows": rows,
+          "layer_groups": parts.layer_groups("shared/trunk|shared/att_f|tasks/attention",
+                                             parts.tower_groups())}
