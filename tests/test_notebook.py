@@ -90,6 +90,9 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+  # Connection files and IPython's profile in tmp_path, not the home directory.
+  monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+  monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
   kernel = _kernelspec(tmp_path)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nb.cells.append(nbformat.v4.new_code_cell(CHECK_CELL))
