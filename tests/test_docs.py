@@ -4,11 +4,12 @@ The ```python blocks are executed in order in one scope (as the page says);
 then the objects they built are checked against independent computations:
 the data layout against the arrays by hand (normalised regression labels, the
 label rows per group), the TFDS-registered data set against the in-memory one,
-the architecture's ``decode(encode(x))`` against ``apply`` and its layer groups
-against its parameters, the geometric-mean objective's value against
-``exp(mean(log L))`` of the step's own per-task losses, the unit-norm weights
-against ``1 / ||g_k||`` in float64 on gradients whose norms differ 5000-fold,
-and the trained models against chance.
+the architecture's ``decode(encode(x))`` against ``apply`` and a float64
+re-computation, its layer groups against its parameters, its heads'
+initialisation against a subset model's, the geometric-mean objective's value
+against ``exp(mean(log L))`` of the step's own per-task losses, the unit-norm
+weights against ``1 / ||g_k||`` in float64 on gradients whose norms differ
+5000-fold, and the trained models against chance.
 """
 
 import os
@@ -101,6 +102,11 @@ def test_architecture_example_meets_the_model_contract(scope):
   one_pass = model.decode(params["tasks"], model.encode(params["shared"], x), x, ids)
   for g in data.taskset.groups:
     np.testing.assert_allclose(direct[g], one_pass[g], rtol=1e-6, atol=1e-6)
+  # A task's head starts from its own stream: a subset's model starts it alike.
+  sub = scope["tanh_multi_head"](data.taskset.subset(["kind"]), input_dim=4)
+  sub_heads = sub.init(jax.random.key(3))["tasks"]["heads"]["classification3"]
+  np.testing.assert_array_equal(sub_heads["kernel"][0],
+                                params["tasks"]["heads"]["classification3"]["kernel"][0])
   # Each slot's output is its own task's head on tanh(x W), in float64.
   w = np.asarray(params["shared"]["trunk"]["kernel"], np.float64)
   h = np.tanh(np.asarray(x, np.float64) @ w)
