@@ -32,15 +32,17 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def figure(path: str, ncols: int = 1, figsize=(5, 4)):
-  """Yields ``(fig, ax)`` (``ax`` a list when ``ncols > 1``); saves to ``path``."""
+def figure(path: str, ncols: int = 1, figsize=(5, 4), tight: bool = True):
+  """Yields ``(fig, ax)`` (``ax`` a list when ``ncols > 1``); saves to ``path``
+  (``tight=False``: the caller set the margins, which is faster)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
   try:
     yield fig, (list(axes[0]) if ncols > 1 else axes[0][0])
-    fig.tight_layout()
+    if tight:
+      fig.tight_layout()
     fig.savefig(path, dpi=120)
   finally:
     plt.close(fig)
@@ -107,22 +109,28 @@ def plot_curves(rows: list[dict], path: str, tasks=None) -> dict:
   found, metrics = _tasks_and_metrics(rows)
   tasks = list(tasks or found)
   panels = ["train/TASK/loss"] + [f"eval/TASK/{m}" for m in metrics]
-  with figure(path, ncols=len(panels), figsize=(4.2 * len(panels), 3.4)) as (fig, axes):
+  width = 4.2 * len(panels)
+  with figure(path, ncols=len(panels), figsize=(width, 3.4), tight=False) as (fig, axes):
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.15, top=0.9,
+                        wspace=0.3)
     axes = axes if isinstance(axes, list) else [axes]
     for ax, panel in zip(axes, panels):
-      for t in tasks:
+      for i, t in enumerate(tasks):
+        color = f"C{i % 10}"  # a task's colour in every panel
         if panel.startswith("train/"):
-          ax.plot(*series(rows, f"train/{t}/loss"), label=t)
+          ax.plot(*series(rows, f"train/{t}/loss"), color=color, label=t)
           continue
         m = panel.split("/")[-1]
-        line, = ax.plot(*series(rows, f"eval/{t}/{m}"), label=f"{t} test")
+        ax.plot(*series(rows, f"eval/{t}/{m}"), color=color, label=f"{t} test")
         train_eval = series(rows, f"train_eval/{t}/{m}")
         if train_eval[0]:
-          ax.plot(*train_eval, ls="--", color=line.get_color(), label=f"{t} train")
+          ax.plot(*train_eval, ls="--", color=color, label=f"{t} train")
       ax.set_title(panel)
       ax.set_xlabel("step")
-      if len(tasks) <= 12:
-        ax.legend(fontsize=6)
+    if len(tasks) <= 12:
+      axes[0].legend(fontsize=6)
+    if len(panels) > 1:
+      axes[1].set_ylabel("test (solid), train split (dashed)", fontsize=7)
     return drawn(fig)
 
 
