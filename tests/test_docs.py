@@ -43,8 +43,7 @@ def test_design_names_no_file_outside_the_repository():
     assert os.path.exists(os.path.join(ROOT, "docs", link)), link
 
 
-@pytest.fixture(scope="module")
-def scope():
+def _run_examples():
   blocks = _blocks()
   assert len(blocks) == 4, "task (arrays, TFDS), architecture, objective"
   registries = (builders.BUNDLED, loading.BUNDLED_SPECS)
@@ -53,15 +52,14 @@ def scope():
   try:
     for i, code in enumerate(blocks):
       exec(compile(code, f"DESIGN.md[python block {i}]", "exec"), out)  # pylint: disable=exec-used
-    yield out
+    return out
   finally:  # the example registers a data set: later tests see the bundled ones only
     for r, s in zip(registries, saved):
       r.clear()
       r.update(s)
 
 
-@pytest.mark.slow
-def test_task_example_lays_out_the_arrays(scope):
+def _check_task_example(scope):
   data, arrays = scope["data"], scope["arrays"]
   assert data.taskset.names == ("price", "up", "kind")
   price = arrays["train"]["price"].astype(np.float64)
@@ -90,8 +88,7 @@ def test_task_example_lays_out_the_arrays(scope):
                                  atol=1e-6)
 
 
-@pytest.mark.slow
-def test_architecture_example_meets_the_model_contract(scope):
+def _check_architecture_example(scope):
   model, data = scope["model"], scope["data"]
   params = model.init(jax.random.key(3))
   names = [n for n, _ in params_lib.flatten_with_names(params)]
@@ -118,8 +115,7 @@ def test_architecture_example_meets_the_model_contract(scope):
     np.testing.assert_allclose(direct[task.group][slot], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_objective_examples(scope):
+def _check_objective_examples(scope):
   data, model, tx = scope["data"], scope["model"], scope["tx"]
   # GLS: one step's value is the geometric mean of that step's per-task losses.
   gls = scope["gls"](len(data.taskset))
@@ -145,3 +141,11 @@ def test_objective_examples(scope):
     assert metrics["price"]["mse"] < 0.5, (name, metrics)
     assert metrics["up"]["accuracy"] > 0.85, (name, metrics)
     assert metrics["kind"]["accuracy"] > 0.65, (name, metrics)  # majority class: 0.5
+
+
+@pytest.mark.slow
+def test_design_examples_run_and_do_what_the_text_says():
+  scope = _run_examples()  # one test: the examples build on each other (one scope)
+  _check_task_example(scope)
+  _check_architecture_example(scope)
+  _check_objective_examples(scope)
