@@ -75,11 +75,29 @@ Methods (``config.objective.method``):
   (``config.sampling.shared_inputs=True``) and an architecture with a
   task-independent part (:attr:`mtljax.models.multitask.Model.encode`); then
   one backward of ``sum_k beta_k w L_k`` through the trunk.
+* stateful and gradient-transforming methods (the arithmetic in
+  :mod:`mtljax.tracked`; each factory's docstring gives the recipe):
+  ``gradvac`` (Wang et al. 2021: target cosines per task pair by EMA, state
+  ``targets [T, T]``), ``graddrop`` (Chen et al. 2020: sign-purity dropout of
+  the representation gradients; needs shared inputs like ``mgda_ub``),
+  ``db_mtl`` (Lin et al. 2023), ``moco`` (Fernando et al. 2023) and
+  ``excess_mtl`` (He et al. 2024), whose state holds per-task gradients
+  ``[T, ...shared]`` (:func:`bind_shared`), ``imtl`` (Liu et al. 2021: IMTL-L's
+  learned scales at ``tasks/imtl/log_scale`` with IMTL-G), and the
+  scalarisations ``gls`` (Chennupati et al. 2019, geometric mean) and ``stch``
+  (Lin et al. 2024, smooth Tchebycheff with a warm-up for the nadir).
+
+**State shaped like the parameters.** An objective whose state holds per-task
+gradients declares ``init_shared_state(shared) -> dict`` instead of
+``init_state``; :func:`bind_shared` fixes its shapes from the shared
+parameters (a no-op for every other method), after which its state's keys and
+shapes are fixed like any other's and the step checks them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 from typing import Callable, NamedTuple
@@ -91,6 +109,7 @@ import optax
 from mtljax import gradients
 from mtljax import jacobians
 from mtljax import params as params_lib
+from mtljax import tracked
 
 GRAM_PATHS = ("jacobian", "accumulate")
 
@@ -139,6 +158,10 @@ class Objective:
     slot_leaves: with ``needs="slots"``, ``shared_names -> selected names``
       (None: every shared leaf).
     hparams: the hyper-parameters it was built with (for logs).
+    init_shared_state: for methods whose state holds per-task gradients
+      (``[T, ...]`` like every shared parameter: DB-MTL, ExcessMTL, MoCo),
+      ``shared -> dict``; :func:`bind_shared` turns it into ``init_state``
+      (until then ``init_state`` raises). None for every other method.
   """
   name: str
   needs: str
@@ -149,6 +172,30 @@ class Objective:
   needs_new_losses: bool = False
   slot_leaves: Callable | None = None
   hparams: dict = dataclasses.field(default_factory=dict)
+  init_shared_state: Callable | None = None
+
+
+def bind_shared(objective: Objective, shared) -> Objective:
+  """``objective`` with its state's shapes fixed by the shared parameters
+  ``shared`` (arrays or ``jax.ShapeDtypeStruct``; only shapes are read).
+
+  A no-op for methods without per-task gradient state, so callers may bind
+  every objective; idempotent.
+  """
+  if objective.init_shared_state is None:
+    return objective
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.float32), shared)
+  return dataclasses.replace(objective, init_shared_state=None,
+                             init_state=functools.partial(objective.init_shared_state, shapes))
+
+
+def _unbound(name: str) -> Callable:
+  def init():
+    raise ValueError(
+        f"objective {name!r} keeps per-task gradients shaped like the shared parameters "
+        f"in its state: bind it first, objectives.bind_shared(objective, params['shared']) "
+        f"(or their jax.eval_shape).")
+  return init
 
 
 # ----------------------------------------------------------------------------
@@ -480,11 +527,284 @@ def gradnorm(num_tasks: int, *, alpha: float = 1.5, w_lr: float = 0.025,
 
 
 # ----------------------------------------------------------------------------
+# Family 4: methods that keep state across steps or transform the per-task
+# gradients themselves (arithmetic in mtljax.tracked).
+# ----------------------------------------------------------------------------
+
+
+def _check(name: str, ok: bool, what: str) -> None:
+  if not ok:
+    raise ValueError(f"config.objective.{name}: {what}.")
+
+
+def _slot_result(lin, inp, num_tasks, k, beta, shared, g_tasks, state, extra=None,
+                 info=None, total=None) -> Result:
+  """A gradient method's :class:`Result` with the Gram measurements of ``k``
+  and per-slot weights ``beta``."""
+  w = inp.weights[inp.task_ids]
+  meas = gram_measurements(k, beta, info or {}, inp.task_ids, num_tasks)
+  return Result(jnp.sum(w * lin.losses) if total is None else total,
+                {"shared": shared, "tasks": g_tasks}, state, {**meas, **(extra or {})})
+
+
+def gradvac(num_tasks: int, *, beta: float = 0.01) -> Objective:
+  """Gradient Vaccine (Wang et al. 2021): each slot's gradient is moved towards
+  the target cosine ``phi`` with every other slot's (visited in a random order,
+  :func:`mtljax.tracked.gradvac_coefficients`); ``d`` is the sum of the adjusted
+  gradients; the targets ``phi [T, T]`` (state ``targets``, placed by task id,
+  init 0) track the met cosines by an EMA with rate ``beta`` (the paper's 1e-2;
+  LibMTL's default is 0.5). One target per task pair (the paper's whole-model
+  granularity)."""
+  _check("gradvac", 0 < beta <= 1, f"beta must be in (0, 1], got {beta}")
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    ids = inp.task_ids
+    g, g_tasks = lin.slot_grads(inp.weights[ids])
+    k = gradients.gram(g)
+    phi = inp.state["targets"][ids[:, None], ids[None, :]]
+    c, rho = tracked.gradvac_coefficients(k, phi, gradients.pcgrad_orders(inp.rng, ids.shape[0]))
+    coef = c.sum(axis=0)
+    state = {"targets": tracked.gradvac_targets(inp.state["targets"], rho, ids,
+                                                inp.weights[ids] > 0, beta)}
+    return _slot_result(lin, inp, num_tasks, k, coef, gradients.combine(coef, g), g_tasks,
+                        state)
+
+  return Objective("gradvac", "slots", grads_fn,
+                   init_state=lambda: {"targets": jnp.zeros((num_tasks, num_tasks), jnp.float32)},
+                   hparams={"beta": beta})
+
+
+def graddrop(num_tasks: int, *, leak: float = 0.0) -> Objective:
+  """Gradient sign dropout (Chen et al. 2020) on the shared representation:
+  the per-slot ``dZ`` are masked by sign purity
+  (:func:`mtljax.tracked.graddrop_cotangent`, uniform draws from the step's
+  key) and their sum is back-propagated once through the trunk; ``leak`` in
+  [0, 1] (the paper's and LibMTL's 0) keeps that fraction of a dropped gradient.
+  Needs shared inputs and an architecture with a task-independent part."""
+  _check("graddrop", 0 <= leak <= 1, f"leak must be in [0, 1], got {leak}")
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    dz, g_tasks = lin.rep_grads(inp.weights[inp.task_ids])      # [K, ...]
+    shared = lin.rep_pullback(tracked.graddrop_cotangent(dz, inp.rng, leak=leak))
+    k = gradients.gram(dz)
+    return _slot_result(lin, inp, num_tasks, k, jnp.ones_like(lin.losses), shared,
+                        g_tasks, inp.state)
+
+  return Objective("graddrop", "representation", grads_fn, hparams={"leak": leak})
+
+
+def db_mtl(num_tasks: int, *, beta: float = 0.9, beta_sigma: float = 0.0) -> Objective:
+  """Dual-balancing MTL (Lin et al. 2023; LibMTL's ``DB_MTL``): per-slot
+  gradients of ``w_k log(L_k + 1e-8)``; each task's EMA
+  ``m_t <- g_t + beta / n_t^beta_sigma (m_t - g_t)`` (``n_t`` the times task t
+  was sampled; state ``grads [T, ...shared]``); ``d = sum_t alpha_t m_t`` over the
+  sampled tasks with ``alpha_t = max_s ||m_s|| / ||m_t||``. Task parameters get
+  the gradient of ``sum_k w_k log L_k``. Bind with :func:`bind_shared`."""
+  _check("db_mtl", 0 <= beta < 1 and beta_sigma >= 0,
+         f"beta must be in [0, 1) and beta_sigma >= 0, got {beta}, {beta_sigma}")
+
+  def init(shared):
+    return {"grads": tracked.zeros_rows(num_tasks, shared),
+            "count": jnp.zeros((num_tasks,), jnp.float32)}
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    ids, w = inp.task_ids, inp.weights[inp.task_ids]
+    g, g_tasks = lin.slot_grads(w / (lin.losses + 1e-8))          # w_k grad log L_k
+    rows, active = tracked.task_mean_rows(g, ids, num_tasks, w > 0)
+    count = inp.state["count"] + active
+    keep = tracked.decayed(beta, beta_sigma, count)
+    buf = tracked.track(inp.state["grads"], rows, 1.0 - keep, active)
+    alpha = tracked.db_mtl_weights(buf, active)
+    total = jnp.sum(w * jnp.log(lin.losses + 1e-8))
+    return _slot_result(lin, inp, num_tasks, gradients.gram(g), alpha[ids],
+                        gradients.combine(alpha, buf), g_tasks,
+                        {"grads": buf, "count": count}, total=total)
+
+  return Objective("db_mtl", "slots", grads_fn, init_state=_unbound("db_mtl"),
+                   init_shared_state=init, hparams={"beta": beta, "beta_sigma": beta_sigma})
+
+
+def moco(num_tasks: int, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: float = 0.1,
+         gamma_sigma: float = 0.5, rho: float = 0.0, simplex: str = "project") -> Objective:
+  """MoCo (Fernando et al. 2023; LibMTL's ``MoCo``, from the authors' code):
+  rows ``g_k / ||g_k|| * w_k L_k``; tracked estimates
+  ``y_t <- y_t - beta / n_t^beta_sigma (y_t - g_t)`` (state ``y [T, ...shared]``);
+  ``lambda <- Pi(lambda - gamma / n^gamma_sigma (Y Y^T + rho I) lambda)`` with
+  ``Pi`` the projection onto the simplex (``simplex="project"``, the paper) or
+  a softmax (``"softmax"``, LibMTL); ``d = Y^T lambda`` over all T tasks (an
+  unsampled task's estimate is its last). Bind with :func:`bind_shared`."""
+  _check("moco", beta > 0 and gamma > 0 and beta_sigma >= 0 and gamma_sigma >= 0 and rho >= 0,
+         f"beta, gamma must be > 0 and beta_sigma, gamma_sigma, rho >= 0, got {beta}, "
+         f"{gamma}, {beta_sigma}, {gamma_sigma}, {rho}")
+  _check("moco", simplex in ("project", "softmax"),
+         f"simplex={simplex!r} is not one of ('project', 'softmax')")
+
+  def init(shared):
+    return {"y": tracked.zeros_rows(num_tasks, shared),
+            "lambda": jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
+            "count": jnp.zeros((num_tasks,), jnp.float32), "steps": jnp.zeros((), jnp.float32)}
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    ids, w, st = inp.task_ids, inp.weights[inp.task_ids], inp.state
+    g, g_tasks = lin.slot_grads(w)
+    k = gradients.gram(g)
+    norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
+    rows, active = tracked.task_mean_rows(
+        tracked.scale_rows(w * lin.losses / (norms + 1e-8), g), ids, num_tasks, w > 0)
+    count, steps = st["count"] + active, st["steps"] + 1.0
+    y = tracked.track(st["y"], rows, tracked.decayed(beta, beta_sigma, count), active)
+    lam = tracked.moco_lambda(st["lambda"], gradients.gram(y),
+                              tracked.decayed(gamma, gamma_sigma, steps), rho=rho,
+                              simplex=simplex)
+    state = {"y": y, "lambda": lam, "count": count, "steps": steps}
+    return _slot_result(lin, inp, num_tasks, k, lam[ids], gradients.combine(lam, y),
+                        g_tasks, state, {"objective_lambda_sum": lam})
+
+  return Objective("moco", "slots", grads_fn, init_state=_unbound("moco"),
+                   init_shared_state=init,
+                   hparams={"beta": beta, "beta_sigma": beta_sigma, "gamma": gamma,
+                            "gamma_sigma": gamma_sigma, "rho": rho, "simplex": simplex})
+
+
+def excess_mtl(num_tasks: int, *, step_size: float = 1e-2) -> Objective:
+  """ExcessMTL (He et al. 2024, the authors' ``ExcessMTL.py``): per task the
+  running sum of squared gradients ``S_t`` (state ``grad_sq_sum [T, ...shared]``),
+  the excess-risk estimate ``r_t = g_t^T diag(1 / sqrt(S_t)) g_t``
+  (:func:`mtljax.tracked.excess_risks`), relative to the task's first
+  ``r_t^0``; the loss weights take the exponentiated-gradient step
+  ``lambda_t <- lambda_t exp(step_size r_t / r_t^0)`` (sampled tasks, from
+  their second sampling on; then ``sum lambda = T``) and the objective is
+  ``sum_k lambda_t w_k L_k`` with the updated weights. Bind with
+  :func:`bind_shared`."""
+  _check("excess_mtl", step_size > 0, f"step_size must be > 0, got {step_size}")
+
+  def init(shared):
+    return {"grad_sq_sum": tracked.zeros_rows(num_tasks, shared),
+            "initial_risk": jnp.zeros((num_tasks,), jnp.float32),
+            "seen": jnp.zeros((num_tasks,), bool),
+            "loss_weights": jnp.ones((num_tasks,), jnp.float32)}
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    ids, w, st = inp.task_ids, inp.weights[inp.task_ids], inp.state
+    g, _ = lin.slot_grads(w)
+    rows, active = tracked.task_mean_rows(g, ids, num_tasks, w > 0)
+    sq = tracked.where_rows(active, jax.tree.map(lambda s, r: s + r * r, st["grad_sq_sum"],
+                                                 rows), st["grad_sq_sum"])
+    risk = tracked.excess_risks(sq, rows)
+    first = active & ~st["seen"]
+    initial = jnp.where(first, risk, st["initial_risk"])
+    lam = tracked.excess_weights(st["loss_weights"], risk, initial, active & st["seen"],
+                                 step_size)
+    state = {"grad_sq_sum": sq, "initial_risk": initial, "seen": st["seen"] | active,
+             "loss_weights": lam}
+    coef = lam[ids]
+    return _slot_result(lin, inp, num_tasks, gradients.gram(g), coef,
+                        gradients.combine(coef, g), lin.pullback(w * coef)["tasks"], state,
+                        {"objective_lambda_sum": lam},
+                        total=jnp.sum(w * coef * lin.losses))
+
+  return Objective("excess_mtl", "slots", grads_fn, init_state=_unbound("excess_mtl"),
+                   init_shared_state=init, hparams={"step_size": step_size})
+
+
+def imtl(num_tasks: int, **hp) -> Objective:
+  """IMTL (Liu et al. 2021) in full: IMTL-L's learned scales ``s`` (a per-task
+  parameter at ``tasks/imtl/log_scale``, init 0) turn each loss into
+  ``e^s L - s`` (the scales' gradient ``e^s w L - w``); IMTL-G's weights
+  (:func:`mtljax.gradients.imtl_g_weights`, its hyper-parameters ``hp``) combine
+  the per-slot gradients of the scaled losses ``w_k e^{s_t} grad L_k``; task
+  parameters get the gradient of ``sum_k w_k e^{s_t} L_k``."""
+  weights = _bind_weights(gradients.imtl_g_weights, hp)
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    ids, w = inp.task_ids, inp.weights[inp.task_ids]
+    s = inp.params["log_scale"]
+    scale = jnp.exp(s[ids])
+    g, g_tasks = lin.slot_grads(w * scale)
+    k = gradients.gram(g)
+    alpha, info = weights(k, inp.rng)
+    g_s = jax.ops.segment_sum(w * (scale * lin.losses - 1.0), ids, num_tasks)
+    return _slot_result(lin, inp, num_tasks, k, alpha, gradients.combine(alpha, g),
+                        {**g_tasks, "imtl": {"log_scale": g_s}}, inp.state,
+                        {"objective_lambda_sum": jnp.exp(s)}, info=info,
+                        total=jnp.sum(w * (scale * lin.losses - s[ids])))
+
+  return Objective("imtl", "slots", grads_fn,
+                   init_params=lambda: {"log_scale": jnp.zeros((num_tasks,), jnp.float32)},
+                   hparams=dict(hp))
+
+
+def gls(num_tasks: int) -> Objective:
+  """Geometric loss strategy (Chennupati et al. 2019): ``prod_k L_k^(w_k / K)``
+  over the K sampled slots (the geometric mean of the sampled tasks' losses
+  for unit weights); its gradient is ``(G / K) sum_k w_k grad L_k / L_k``."""
+  def scalarize(l, inp):
+    w = inp.weights[inp.task_ids]
+    value = tracked.gls_value(l, w)
+    lam = jax.ops.segment_sum(jax.lax.stop_gradient(value) * w / (l.shape[0] * l),
+                              inp.task_ids, num_tasks)
+    return value, lam
+  return loss_weighting("gls", scalarize)
+
+
+def stch(num_tasks: int, *, mu: float = 1.0, warmup_steps: int = 400,
+         nadir_steps: int = 100) -> Objective:
+  """Smooth Tchebycheff scalarisation (Lin et al. 2024, the authors' STCH_MTL
+  code): for ``warmup_steps`` steps the objective is ``sum_k w_k log L_k``;
+  over the next ``nadir_steps`` steps (the authors: 4 warm-up epochs, then one
+  epoch averaged; here one "epoch" = 100 steps) each task's mean loss is the
+  nadir ``z_t`` (a task not yet sampled keeps collecting until it is); from then
+  on ``K mu logsumexp_k(w_k log(L_k / z_t) / mu)``
+  (:func:`mtljax.tracked.stch_value`; ``-> K max_k`` as ``mu -> 0``)."""
+  _check("stch", mu > 0 and warmup_steps >= 0 and nadir_steps >= 1,
+         f"mu must be > 0, warmup_steps >= 0 and nadir_steps >= 1, got {mu}, "
+         f"{warmup_steps}, {nadir_steps}")
+
+  def init():
+    return {"loss_sum": jnp.zeros((num_tasks,), jnp.float32),
+            "count": jnp.zeros((num_tasks,), jnp.float32), "steps": jnp.zeros((), jnp.int32)}
+
+  def scalarize(l, inp):
+    st, ids, w = inp.state, inp.task_ids, inp.weights[inp.task_ids]
+    ready = (st["steps"] >= warmup_steps + nadir_steps) & jnp.all(st["count"] > 0)
+    nadir = st["loss_sum"] / jnp.maximum(st["count"], 1.0)
+    nadir = jnp.where(st["count"] > 0, nadir, 1.0)[ids]
+
+    def smooth(l):
+      x = jax.lax.stop_gradient(tracked.stch_terms(l, nadir, w))
+      lam = l.shape[0] * jax.nn.softmax(x / mu)
+      return tracked.stch_value(l, nadir, w, mu=mu), lam
+
+    def logs(l):
+      return jnp.sum(w * jnp.log(jnp.where(w > 0, l, 1.0) + 1e-20)), (w > 0).astype(l.dtype)
+
+    value, lam = jax.lax.cond(ready, smooth, logs, l)
+    return value, jax.ops.segment_sum(lam, ids, num_tasks)
+
+  def update(st, l, ids, new_losses=None):
+    del new_losses
+    steps = st["steps"]
+    collect = (steps >= warmup_steps) & ((steps < warmup_steps + nadir_steps)
+                                         | (st["count"] == 0))
+    seen = jax.ops.segment_sum((l > 0).astype(l.dtype), ids, num_tasks)  # 0: unlabelled
+    total = jax.ops.segment_sum(jax.lax.stop_gradient(l), ids, num_tasks)
+    return {"loss_sum": jnp.where(collect, st["loss_sum"] + total, st["loss_sum"]),
+            "count": jnp.where(collect, st["count"] + seen, st["count"]),
+            "steps": steps + 1}
+
+  return loss_weighting("stch", scalarize, init_state=init, after_update=update,
+                        hparams={"mu": mu, "warmup_steps": warmup_steps,
+                                 "nadir_steps": nadir_steps})
+
+
+# ----------------------------------------------------------------------------
 # The registry: the one place a method is chosen by name.
 # ----------------------------------------------------------------------------
 
-LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo")
-REPRESENTATION_METHODS = ("mgda_ub",)
+LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo", "gls", "stch")
+REPRESENTATION_METHODS = ("mgda_ub", "graddrop")
+# Methods whose hyper-parameters are those of a Gram weight function.
+GRAM_WEIGHTS_OF = {"imtl": gradients.imtl_g_weights}
 
 
 
@@ -498,7 +818,8 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
     "fixed": fixed, "rlw": rlw, "dwa": dwa, "uncertainty": uncertainty,
     "min_max": min_max, "famo": famo, "gradnorm": gradnorm,
     **{name: _gram_factory(name) for name in gradients.GRAM_METHODS},
-    "mgda_ub": mgda_ub,
+    "mgda_ub": mgda_ub, "gradvac": gradvac, "graddrop": graddrop, "db_mtl": db_mtl,
+    "stch": stch, "gls": gls, "imtl": imtl, "excess_mtl": excess_mtl, "moco": moco,
 }
 METHODS = tuple(REGISTRY)
 
@@ -513,6 +834,8 @@ def hyperparameters(method: str) -> dict:
   check_method(method)
   if method in gradients.GRAM_METHODS:
     return gradients.hyperparameters(gradients.GRAM_METHODS[method])
+  if method in GRAM_WEIGHTS_OF:
+    return gradients.hyperparameters(GRAM_WEIGHTS_OF[method])
   return {p.name: p.default for p in inspect.signature(REGISTRY[method]).parameters.values()
           if p.kind == inspect.Parameter.KEYWORD_ONLY}
 
