@@ -30,6 +30,24 @@ def _events(workdir):
   return scalars, texts
 
 
+def _expected(rows, seeds=()):
+  """``{tag: [(step, float32 value)]}`` from metrics.jsonl rows: each number
+  (a null as NaN) under its key's name, each seed's value under ``/seed_S``."""
+  want = {}
+  for r in rows:
+    for key, value in r.items():
+      if key == "per_seed":
+        for k, values in value.items():
+          for seed, v in zip(seeds, values):
+            if v is not None:  # a task that seed did not sample
+              want.setdefault(f"{tensorboard.scalar_name(k)}/seed_{seed}", []).append(
+                  (r["step"], np.float32(v)))
+      elif key not in ("step", "nonfinite"):  # nonfinite: the names of the nulls
+        want.setdefault(tensorboard.scalar_name(key), []).append(
+            (r["step"], np.float32(np.nan if value is None else value)))
+  return want
+
+
 def test_scalar_names_follow_the_documented_scheme():
   row = {"step": 30, "train/loss": 1.5, "train/a/loss": 0.5, "eval/a/accuracy": 0.75,
          "train_eval/a/accuracy": 0.8, "grad/cos/a/b": -0.25, "grad/a/norm": 3.0,
@@ -62,6 +80,7 @@ def _config():
       "checkpoint_steps": 20})
 
 
+@pytest.mark.slow
 def test_events_equal_metrics_jsonl_after_an_interrupted_run_resumes(tmp_path):
   workdir = str(tmp_path)
 
@@ -79,16 +98,11 @@ def test_events_equal_metrics_jsonl_after_an_interrupted_run_resumes(tmp_path):
   scalars, texts = _events(workdir)
   rows = helpers.metrics_rows(workdir)
   assert [r["step"] for r in rows] == [10, 20, 30, 40]
-  want = {}
-  for r in rows:
-    for key, value in r.items():
-      if key != "step" and value is not None:
-        want.setdefault(tensorboard.scalar_name(key), []).append((r["step"], value))
+  want = _expected(rows)
   assert set(scalars) == set(want)
   for tag, points in want.items():  # every step once (step 30 of the first run purged)
-    assert [s for s, _ in scalars[tag]] == [s for s, _ in points], tag
-    np.testing.assert_array_equal([v for _, v in scalars[tag]],
-                                  np.float32([v for _, v in points]), err_msg=tag)
+    np.testing.assert_array_equal(np.array(scalars[tag], np.float64),
+                                  np.array(points, np.float64), err_msg=tag)
   for prefix in ("grad/cosine/", "objective/weights/", "grad/norm/", "eval/", "train/sine_"):
     assert any(t.startswith(prefix) for t in scalars), prefix
 
@@ -123,3 +137,16 @@ def test_a_non_boolean_switch_is_a_config_error():
                                       "tensorboard": "no"})
   with pytest.raises(ValueError, match=r"config.tensorboard must be True or False, got 'no'"):
     build.validate_config(config)
+
+
+@pytest.mark.slow
+def test_seeds_are_written_as_mean_se_and_one_curve_per_seed(tmp_path):
+  config = helpers.small_sinusoids_config(num_seeds=2, seed=3, total_steps=20, plots=False)
+  train.train_and_evaluate(config, str(tmp_path))
+  scalars, _ = _events(tmp_path)
+  want = _expected(helpers.metrics_rows(tmp_path), seeds=(3, 4))
+  assert {"train/loss/seed_3", "train/loss/seed_4", "train/loss/se"} <= set(want)
+  assert set(scalars) == set(want)
+  for tag, points in want.items():
+    np.testing.assert_array_equal(np.array(scalars[tag], np.float64),
+                                  np.array(points, np.float64), err_msg=tag)
