@@ -6,10 +6,10 @@ the data layout against the arrays by hand (normalised regression labels, the
 label rows per group), the TFDS-registered data set against the in-memory one,
 the architecture's ``decode(encode(x))`` against ``apply`` and a float64
 re-computation, its layer groups against its parameters, its heads'
-initialisation against a subset model's, the geometric-mean objective's value
-against ``exp(mean(log L))`` of the step's own per-task losses, the unit-norm
-weights against ``1 / ||g_k||`` in float64 on gradients whose norms differ
-5000-fold, and the trained models against chance.
+initialisation against a subset model's, the scale-invariant objective's value
+and weights against ``sum log L`` and ``1 / L`` of the step's own per-task
+losses, the unit-norm weights against ``1 / ||g_k||`` in float64 on gradients
+whose norms differ 5000-fold, and the trained models against chance.
 """
 
 import os
@@ -117,18 +117,20 @@ def _check_architecture_example(scope):
 
 def _check_objective_examples(scope):
   data, model, tx = scope["data"], scope["model"], scope["tx"]
-  # GLS: one step's value is the geometric mean of that step's per-task losses.
-  gls = scope["gls"](len(data.taskset))
+  # SI: one step's value is sum_k log L_k of that step's per-task losses, and
+  # the weight it logs for task k is 1 / L_k (w = 1).
+  si = scope["scale_invariant"](len(data.taskset))
   step = jax.jit(steps.make_train_step(
-      model, tx, gls, task_probs=sampling.task_probabilities("uniform", data.num_train),
+      model, tx, si, task_probs=sampling.task_probabilities("uniform", data.num_train),
       weights=np.ones(3, np.float32), tasks_per_step=3, examples_per_task=64,
       shared_inputs=True))
-  state = steps.init_train_state(model, tx, jax.random.key(0), gls)
+  state = steps.init_train_state(model, tx, jax.random.key(0), si)
   for _ in range(3):
     state, m = step(state, data.train)
     losses = np.asarray(m["task_loss_sum"], np.float64)
     assert np.asarray(m["task_count"]).tolist() == [1, 1, 1]
-    np.testing.assert_allclose(float(m["loss"]), np.exp(np.mean(np.log(losses))), rtol=1e-5)
+    np.testing.assert_allclose(float(m["loss"]), np.sum(np.log(losses)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["objective_lambda_sum"], 1.0 / losses, rtol=1e-5)
   # Unit-norm weights: beta_k = 1 / ||g_k|| on rows whose norms differ 5000-fold.
   g = np.array([[1e-2, 0.0, 0.0], [0.0, 3.0, 4.0], [-30.0, 40.0, 1e-3]], np.float64)
   beta, _ = scope["unit_norm_weights"](jnp.asarray(g @ g.T, jnp.float32))
