@@ -57,6 +57,87 @@ def _one_of(field: str, value, allowed) -> None:
     raise ValueError(f"config.{field}={value!r} is not one of {tuple(allowed)}.")
 
 
+def _in_range(field: str, value, lo, hi, lo_open=False, hi_open=True, note="") -> None:
+  """``value`` a finite number in the interval (brackets as written)."""
+  ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+      value, bool) and math.isfinite(value)
+  ok = ok and (value > lo if lo_open else value >= lo) and (
+      hi is None or (value < hi if hi_open else value <= hi))
+  if not ok:
+    interval = (f"{'(' if lo_open else '['}{lo}, {'inf)' if hi is None else hi}"
+                f"{'' if hi is None else (')' if hi_open else ']')}")
+    raise ValueError(f"config.{field} must be a number in {interval}{note}, got {value!r}.")
+
+
+def _positive_ints(field: str, values) -> None:
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+             for v in values):
+    raise ValueError(f"config.{field} must be positive integers, got {tuple(values)!r}.")
+
+
+def _validate_model(m) -> None:
+  _one_of("model.soft_norm", m.soft_norm, multitask.SOFT_NORMS)
+  _positive_ints("model.hidden", m.hidden)
+  _positive_ints("model.channels", m.channels)
+  _positive_ints("model.tower", m.tower)
+  _positive_ints("model.num_experts", (m.num_experts,))
+  _in_range("model.soft_lambda", m.soft_lambda, 0, None)
+
+
+def _validate_optim_numbers(o) -> None:
+  _in_range("optim.b1", o.b1, 0, 1)
+  _in_range("optim.b2", o.b2, 0, 1)
+  _in_range("optim.eps", o.eps, 0, None, lo_open=True)
+  _in_range("optim.weight_decay", o.weight_decay, 0, None)
+  _in_range("optim.momentum", o.momentum, 0, 1)
+  _in_range("optim.end_lr_factor", o.end_lr_factor, 0, None)
+  _in_range("optim.stlr_cut_frac", o.stlr_cut_frac, 0, 1, lo_open=True)
+  _in_range("optim.stlr_ratio", o.stlr_ratio, 1, None)
+  if not isinstance(o.warmup_steps, (int, np.integer)) or o.warmup_steps < 0:
+    raise ValueError(f"config.optim.warmup_steps must be an integer >= 0, got "
+                     f"{o.warmup_steps!r}.")
+
+
+def _validate_data(config) -> None:
+  """``config.data``'s names and numbers; the data set's name itself is
+  checked against the catalog by :func:`data_from_config`, before loading
+  (tests and notebooks build runs on data of their own)."""
+  d, s = config.data, config.sampling
+  if not d.name:
+    raise ValueError("config.data.name is empty.")
+  parts = loading.source_names(d.name)
+  if not isinstance(d.max_train_examples, (int, np.integer)) or d.max_train_examples < 0:
+    raise ValueError(f"config.data.max_train_examples must be an integer >= 0 (0 = all), got "
+                     f"{d.max_train_examples!r}.")
+  tasks = tuple(d.tasks)
+  if not all(isinstance(t, str) and t for t in tasks) or len(set(tasks)) != len(tasks):
+    raise ValueError(f"config.data.tasks must be distinct task names (() = all), got "
+                     f"{tasks!r}.")
+  if tasks and s.tasks_per_step > len(tasks) and not s.replace:
+    raise ValueError(f"config.sampling.tasks_per_step={s.tasks_per_step} must be in [1, "
+                     f"{len(tasks)}] (or 0 = all tasks) when sampling tasks without "
+                     f"replacement: config.data.tasks keeps {len(tasks)}.")
+  for key, kind in (d.get("labels", None) or {}).items():
+    _one_of(f"data.labels[{key!r}]", kind, loading.LABEL_KINDS)
+  if not isinstance(d.get("family", ""), str):
+    raise ValueError(f"config.data.family must be a feature name or '', got {d.family!r}.")
+  for key in ("download", "normalize_labels"):
+    if not isinstance(d.get(key, False), bool):
+      raise ValueError(f"config.data.{key} must be True or False, got {d[key]!r}.")
+  data_options(config)["split_spec"].check()
+  _one_of("data.pipeline", d.get("pipeline", "auto"), pipeline.PIPELINES)
+  if len(parts) > 1 and d.get("pipeline", "auto") == "host":
+    raise ValueError(f"config.data.pipeline='host' reads one data set's records; "
+                     f"config.data.name={d.name!r} joins {len(parts)}: use 'device' or "
+                     "'auto'.")
+  if not d.get("device_budget_mb", 0.0) >= 0:
+    raise ValueError(f"config.data.device_budget_mb must be >= 0 (0 = a quarter of the "
+                     f"device's memory), got {d.device_budget_mb}.")
+  for key in ("workers", "prefetch"):
+    if key in d:
+      _positive_int(config, f"data.{key}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every name and count that needs no data, before anything loads."""
   m, s, o = config.model, config.sampling, config.optim
@@ -68,7 +149,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.sampling.tasks_per_step must be >= 0 (0 = all tasks), "
                      f"got {s.tasks_per_step}.")
   _positive_int(config, "sampling.examples_per_task")
+  if s.task_sampler == "temperature" and not (s.temperature > 0 and
+                                               math.isfinite(s.temperature)):
+    raise ValueError(f"config.sampling.temperature must be a finite number > 0 (1 = "
+                     f"proportional), got {s.temperature}.")
+  _validate_model(m)
   _one_of("optim.name", o.name, optim.OPTIMIZERS)
+  _validate_optim_numbers(o)
   if not (o.lr > 0 and math.isfinite(o.lr)):
     raise ValueError(f"config.optim.lr must be a finite number > 0, got {o.lr}.")
   _one_of("on_nonfinite", config.get("on_nonfinite", "stop"), steps.NONFINITE_POLICIES)
@@ -106,19 +193,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("total_steps", "steps_per_call", "log_steps", "eval_steps",
               "checkpoint_steps", "eval_batch_size"):
     _positive_int(config, key)
-  if not config.data.name:
-    raise ValueError("config.data.name is empty.")
-  if not isinstance(config.data.max_train_examples, (int, np.integer)) or \
-      config.data.max_train_examples < 0:
-    raise ValueError(f"config.data.max_train_examples must be an integer >= 0 (0 = all), got "
-                     f"{config.data.max_train_examples!r}.")
-  _one_of("data.pipeline", config.data.get("pipeline", "auto"), pipeline.PIPELINES)
-  if not config.data.get("device_budget_mb", 0.0) >= 0:
-    raise ValueError(f"config.data.device_budget_mb must be >= 0 (0 = a quarter of the "
-                     f"device's memory), got {config.data.device_budget_mb}.")
-  for key in ("workers", "prefetch"):
-    if key in config.data:
-      _positive_int(config, f"data.{key}")
+  _validate_data(config)
   if config.eval_train and jax.process_count() > 1 and \
       config.data.get("pipeline", "auto") != "device":
     raise ValueError("config.eval_train with several processes needs "
@@ -133,26 +208,82 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------
 
 
+def data_options(config) -> dict:
+  """``config.data`` as :func:`mtljax.data.loading.load`'s keyword arguments."""
+  d = config.data
+  labels = d.get("labels", None)
+  return dict(
+      data_dir=d.data_dir or None, builder_config=d.builder_config,
+      task_names=tuple(d.tasks), max_train_examples=d.max_train_examples or None,
+      input_key=d.get("input_key", "image"),
+      label_keys=labels.to_dict() if labels is not None else {},
+      family=d.get("family", ""), normalize_labels=d.get("normalize_labels", True),
+      split_spec=loading.Splits(d.get("train_split", "train"), d.get("test_split", "test"),
+                                d.get("test_fraction", 0.0), d.get("split_seed", 0)),
+      download=bool(d.get("download", False)))
+
+
+def check_tasks_before_loading(config, opened) -> None:
+  """What the data's metadata already says about ``config.data.tasks`` and
+  ``config.sampling.tasks_per_step`` (``opened``:
+  :func:`mtljax.data.loading.open_all`), before any record is read."""
+  d, s = config.data, config.sampling
+  specs = [loading.prefixed(sp, part) if len(opened) > 1 else sp
+           for part, _, _, sp in opened]
+  if all(sp.split_key is None for sp in specs):
+    names = [c.task.name for sp in specs for c in sp.columns]
+    unknown = [n for n in d.tasks if n not in names]
+    if unknown:
+      raise ValueError(f"config.data.tasks: unknown task(s) {unknown} for data set "
+                       f"{d.name!r}; its tasks are {names}.")
+  k = s.tasks_per_step
+  if not k or s.replace or d.tasks:  # (a count of config.data.tasks: validate_config)
+    return
+  bounds = [loading.task_count_bound(part, features, sp, d.builder_config)
+            for part, features, _, sp in opened]
+  if any(n is None for n, _ in bounds):
+    return
+  n = sum(b for b, _ in bounds)
+  if k > n:
+    why = "; ".join(f"{part}: {w}" if len(opened) > 1 else w
+                    for (part, *_), (_, w) in zip(opened, bounds))
+    raise ValueError(f"config.sampling.tasks_per_step={k} must be in [1, {n}] (or 0 = all "
+                     f"tasks) when sampling tasks without replacement: data set {d.name!r} "
+                     f"has at most {n} tasks ({why}).")
+
+
 def data_from_config(config) -> loading.MultiTaskData:
   """The run's data, on the device path or the host pipeline
   (``config.data.pipeline``; ``auto`` decides from the inputs' size, the log
-  says which and why)."""
+  says which and why). The name, the spec and the task counts are checked on
+  the data's metadata, before any record is read."""
   d = config.data
-  kwargs = dict(builder_config=d.builder_config, task_names=tuple(d.tasks),
-                max_train_examples=d.max_train_examples or None,
-                input_key=d.get("input_key", "image"),
-                label_keys=tuple(d.get("label_keys", ())),
-                normalize_labels=d.get("normalize_labels", True))
+  kwargs = data_options(config)
+  parts = loading.source_names(d.name)
+  for part in parts:
+    loading.check_name(part, d.builder_config)
+  if all(p in loading.BUNDLED_SPECS for p in parts):  # the spec needs no data: check first
+    check_tasks_before_loading(config, [
+        (p, None, None, loading.spec_for(p, None, d.builder_config, kwargs["input_key"],
+                                         kwargs["label_keys"], kwargs["family"]))
+        for p in parts])
+  opened = loading.open_all(d.name, **{k: kwargs[k] for k in (
+      "data_dir", "builder_config", "input_key", "label_keys", "family", "split_spec",
+      "download")})
+  check_tasks_before_loading(config, opened)
+  kwargs = {k: kwargs[k] for k in ("builder_config", "task_names", "max_train_examples",
+                                   "input_key", "label_keys", "normalize_labels")}
   kind = d.get("pipeline", "auto")
-  features, sources = loading.open_sources(d.name, data_dir=d.data_dir or None,
-                                           builder_config=d.builder_config)
-  spec = loading.spec_for(d.name, features, d.builder_config, kwargs["input_key"],
-                          kwargs["label_keys"])
+  if len(opened) > 1:  # (validate_config refuses "host")
+    logger.info("Data pipeline: device (%d data sets; the host pipeline reads one).",
+                len(opened))
+    return loading.load(d.name, opened=opened, **kwargs)
+  ((_, features, sources, spec),) = opened
   budget = d.get("device_budget_mb", 0.0)
   kind, why = pipeline.choose(kind, pipeline.input_bytes(features, sources, spec), budget,
                               jax.process_count())
   if kind == "device":
-    data = loading.load(d.name, opened=(features, sources), **kwargs)
+    data = loading.load(d.name, opened=opened, **kwargs)
     padded = data.train["x"].nbytes + data.test["x"].nbytes
     if d.get("pipeline", "auto") != "auto" or padded <= (budget or
                                                          pipeline.default_budget_mb()) * 2**20:
@@ -172,7 +303,11 @@ def model_from_config(config, taskset, input_shape) -> multitask.Model:
       m.arch, taskset, input_shape, encoder=m.encoder, hidden=tuple(m.hidden),
       channels=tuple(m.channels), cond_layers=tuple(m.cond_layers), heads=m.heads,
       soft_lambda=m.soft_lambda, soft_norm=m.soft_norm, soft_layers=m.soft_layers,
-      stitch_init=m.stitch_init, num_experts=m.num_experts, tower=tuple(m.tower))
+      stitch_init=m.stitch_init, num_experts=m.num_experts, tower=tuple(m.tower),
+      task_experts=m.task_experts, num_levels=m.num_levels,
+      level_hidden=tuple(m.level_hidden), dselect_k=m.dselect_k,
+      dselect_gamma=m.dselect_gamma, dselect_per_example=m.dselect_per_example,
+      dselect_entropy_reg=m.dselect_entropy_reg)
 
 
 def objective_hparams(config) -> dict:

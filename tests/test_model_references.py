@@ -67,11 +67,13 @@ def _random_like(model, stitch_init=0.9, seed=1):
       v = alpha + 0.1 * z
     elif names[-1] == "z_gate":
       v = 1.0 + 0.3 * z
+    elif names[-1] in ("z", "w"):  # DSelect-k static logits: some saturate, some not
+      v = z
     elif names[-1] == "bias":
       v = 0.3 * z
     else:
       assert names[-1] in ("kernel", "z_kernel"), names
-      conv = any(k.startswith("conv_") for k in names)
+      conv = a.ndim >= 4 and any(k.startswith("conv_") for k in names)
       fan_in = int(np.prod(a.shape[-4:-1])) if conv else a.shape[-2]
       v = z / np.sqrt(fan_in)
     return jnp.asarray(v, jnp.float32)
@@ -398,3 +400,193 @@ def test_independent_and_multi_head_mlp_match_numpy_reference(arch, heads):
     trunk = _row(p["tasks"]["trunk"], t) if arch == "independent" else p["shared"]["trunk"]
     ref.append(_head(p, MIX5, t, _trunk(trunk, xk, "mlp", kw["hidden"])))
   _check(MIX5, outs, ref, IDS5)
+
+
+# --------------------------------------------------------------------------
+# CGC / PLE, DSelect-k, MTAN (mtljax/models/experts.py), from the papers.
+# --------------------------------------------------------------------------
+
+
+def _sigmoid(a):
+  return 1.0 / (1.0 + np.exp(-a))
+
+
+def _tower_head(p, taskset, t, h, tower):
+  tp = _row(p["tasks"]["towers"], t)
+  for l in range(len(tower)):
+    h = _relu(_dense(h, tp[f"layer_{l}"]))
+  return _head(p, taskset, t, h)
+
+
+def _ple_ref(p, taskset, x, ids, encoder, hidden, channels, levels, level_hidden, tower):
+  """Tang et al. 2020, eqs. 5-8: at level l task u's gate mixes the shared
+  experts (on the shared path) and u's own (on u's path); the shared path's
+  gate mixes every expert of the level; the last level has no shared gate."""
+  n = len(taskset)
+  e_s = p["shared"]["experts"]["level_0"][next(iter(p["shared"]["experts"]["level_0"]))][
+      "kernel"].shape[0]
+  out = []
+  for xk, t in zip(x, ids):
+    h_s, h_t = xk, [xk] * n
+    for l in range(levels):
+      name = f"level_{l}"
+
+      def run(pe, h, l=l):
+        if l == 0:
+          return _trunk(pe, h, encoder, hidden, channels)
+        return _trunk(pe, h, "mlp", level_hidden)
+      shared_out = [run(_row(p["shared"]["experts"][name], e), h_s) for e in range(e_s)]
+      own = [[] for _ in range(n)]
+      if "experts" in p["tasks"]:
+        te = p["tasks"]["experts"][name]
+        e_t = jax.tree.leaves(te)[0].shape[1]
+        own = [[run(_row(_row(te, u), e), h_t[u]) for e in range(e_t)] for u in range(n)]
+      new = []
+      for u in range(n):
+        g = _row(p["tasks"]["gates"][name], u)
+        w = _softmax(h_t[u].reshape(h_t[u].shape[0], -1) @ g["kernel"] + g["bias"])
+        ex = shared_out + own[u]
+        assert w.shape[1] == len(ex)
+        new.append(sum(w[:, i:i + 1] * ex[i] for i in range(len(ex))))
+      if l < levels - 1:
+        g = p["shared"]["gate"][name]
+        w = _softmax(h_s.reshape(h_s.shape[0], -1) @ g["kernel"] + g["bias"])
+        ex = shared_out + [o for u in range(n) for o in own[u]]
+        assert w.shape[1] == len(ex)
+        h_s = sum(w[:, i:i + 1] * ex[i] for i in range(len(ex)))
+      h_t = new
+    out.append(_tower_head(p, taskset, t, h_t[t], tower))
+  return out
+
+
+def _smooth_step_ref(t, gamma):
+  if t <= -gamma / 2:
+    return 0.0
+  if t >= gamma / 2:
+    return 1.0
+  return -2.0 / gamma ** 3 * t ** 3 + 3.0 / (2.0 * gamma) * t + 0.5
+
+
+def _dselect_ref(z, w, num_experts, gamma):
+  """Hazimeh et al. 2021, eqs. 2-4, with scalar loops: selector i's weight on
+  expert e is prod_j (S(z_ij) if bit j of e else 1 - S(z_ij)), bits of e most
+  significant first (``np.binary_repr``); the gate is sum_i softmax(w)_i r_i."""
+  k, m = z.shape
+  r = np.ones((k, num_experts))
+  for i in range(k):
+    for e in range(num_experts):
+      bits = np.binary_repr(e, width=m) if m else ""
+      for j in range(m):
+        s = _smooth_step_ref(float(z[i, j]), gamma)
+        r[i, e] *= s if bits[j] == "1" else 1.0 - s
+  sw = np.exp(w - w.max()) / np.exp(w - w.max()).sum()
+  return (sw[:, None] * r).sum(axis=0), r
+
+
+def _dselect_moe_ref(p, taskset, x, ids, hidden, num_experts, k, gamma, per_example, tower):
+  out = []
+  for xk, t in zip(x, ids):
+    g = _row(p["tasks"]["gates"], t)
+    flat = xk.reshape(xk.shape[0], -1)
+    if per_example:
+      zs = (flat @ g["z"]["kernel"] + g["z"]["bias"]).reshape(len(flat), k, -1)
+      ws = flat @ g["w"]["kernel"] + g["w"]["bias"]
+      weights = np.stack([_dselect_ref(zs[b], ws[b], num_experts, gamma)[0]
+                          for b in range(len(flat))])
+    else:
+      weights = np.broadcast_to(_dselect_ref(g["z"], g["w"], num_experts, gamma)[0],
+                                (len(flat), num_experts))
+    mix = sum(weights[:, e:e + 1] * _trunk(_row(p["shared"]["experts"], e), xk, "mlp", hidden)
+              for e in range(num_experts))
+    out.append(_tower_head(p, taskset, t, mix, tower))
+  return out
+
+
+def _mtan_ref(p, taskset, x, ids, encoder, hidden, channels, tower):
+  """Liu et al. 2019, sec. 3.1: per layer j, a_t = sigmoid(A2 relu(A1 u)) with
+  u = s_j (j = 0) or [s_j, p_{j-1}]; p_j = f_j(a_t * s_j), f_j shared."""
+  names = ([f"conv_{i}" for i in range(len(channels))] if encoder == "cnn" else []
+           ) + [f"layer_{l}" for l in range(len(hidden))]
+  trunk, att_f = p["shared"]["trunk"], p["shared"]["att_f"]
+  out = []
+  for xk, t in zip(x, ids):
+    b = xk.shape[0]
+    h = _image(xk) if encoder == "cnn" else xk.reshape(b, -1)
+    acts = []
+    for n in names:
+      if n.startswith("conv"):
+        h = _relu(_conv3x3_same(h, trunk[n]))
+        acts.append(h)
+        h = _maxpool2(h)
+      else:
+        h = _relu(_dense(h.reshape(b, -1), trunk[n]))
+        acts.append(h)
+    att, prev = _row(p["tasks"]["attention"], t), None
+    for j, n in enumerate(names):
+      u = acts[j] if j == 0 else np.concatenate([acts[j], prev], axis=-1)
+      a = _sigmoid(_dense(_relu(_dense(u, att[n]["a1"])), att[n]["a2"]))
+      e = a * acts[j]
+      conv = n.startswith("conv")
+      if j == len(names) - 1:
+        prev = _maxpool2(e).reshape(b, -1) if conv else e
+      elif names[j + 1].startswith("conv"):
+        prev = _maxpool2(_relu(_conv3x3_same(e, att_f[n])))
+      else:
+        prev = _relu(_dense((_maxpool2(e) if conv else e).reshape(b, -1), att_f[n]))
+    out.append(_tower_head(p, taskset, t, prev, tower))
+  return out
+
+
+@pytest.mark.parametrize("arch, encoder, shape, levels, task_experts", [
+    ("cgc", "mlp", (5,), 1, 2), ("cgc", "cnn", (4, 4), 1, 1), ("ple", "mlp", (5,), 2, 1),
+    ("ple", "mlp", (2, 3), 3, 2), ("ple", "cnn", (4, 4), 2, 0)])
+def test_cgc_and_ple_match_numpy_reference(arch, encoder, shape, levels, task_experts):
+  kw = dict(encoder=encoder, hidden=(6, 5), channels=(3,), num_experts=2,
+            task_experts=task_experts, num_levels=levels, level_hidden=(4,), tower=(3,))
+  p, x, outs = _build(arch, MIX3, shape, IDS3, **kw)
+  assert ("gate" in p["shared"]) == (levels > 1)
+  ref = _ple_ref(p, MIX3, x, IDS3, encoder, kw["hidden"], kw["channels"], levels, (4,),
+                 kw["tower"])
+  _check(MIX3, outs, ref, IDS3)
+
+
+def test_dselect_k_selector_matches_scalar_reference():
+  """The vectorised smooth-step and selectors equal the scalar loops on logits
+  on both sides of +-gamma/2 and at it, for E a power of 2 and not."""
+  from mtljax.models import experts  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for e, k, gamma in ((8, 3, 1.0), (5, 2, 0.5), (2, 2, 2.0), (1, 1, 1.0)):
+    m = int(np.ceil(np.log2(e))) if e > 1 else 0
+    z = rng.standard_normal((k, m)) * gamma
+    if m:
+      z[0, 0] = gamma / 2  # the knots
+      z[-1, -1] = -gamma / 2
+    w = rng.standard_normal(k)
+    want, want_r = _dselect_ref(z, w, e, gamma)
+    got, got_r = experts.dselect_weights(jnp.asarray(z, jnp.float32), jnp.asarray(w, jnp.float32),
+                                         num_experts=e, gamma=gamma)
+    np.testing.assert_allclose(got_r, want_r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    ts = np.linspace(-gamma, gamma, 41)
+    np.testing.assert_allclose(experts.smooth_step(jnp.asarray(ts, jnp.float32), gamma),
+                               [_smooth_step_ref(t, gamma) for t in ts], atol=1e-6)
+
+
+@pytest.mark.parametrize("per_example, num_experts", [(False, 3), (False, 4), (True, 4)])
+def test_dselect_k_moe_matches_numpy_reference(per_example, num_experts):
+  kw = dict(hidden=(6, 5), num_experts=num_experts, dselect_k=2, dselect_gamma=1.5,
+            dselect_per_example=per_example, tower=(3,))
+  p, x, outs = _build("dselect_k", MIX3, (5,), IDS3, **kw)
+  ref = _dselect_moe_ref(p, MIX3, x, IDS3, kw["hidden"], num_experts, 2, 1.5, per_example,
+                         kw["tower"])
+  _check(MIX3, outs, ref, IDS3)
+
+
+@pytest.mark.parametrize("encoder, shape, hidden, channels", [
+    ("mlp", (5,), (6, 5), ()), ("mlp", (5,), (4,), ()), ("cnn", (6, 6), (5,), (3, 2)),
+    ("cnn", (5, 4, 2), (), (3,))])
+def test_mtan_matches_numpy_reference(encoder, shape, hidden, channels):
+  kw = dict(encoder=encoder, hidden=hidden, channels=channels, tower=(3,))
+  p, x, outs = _build("mtan", MIX3, shape, IDS3, **kw)
+  ref = _mtan_ref(p, MIX3, x, IDS3, encoder, hidden, channels, kw["tower"])
+  _check(MIX3, outs, ref, IDS3)

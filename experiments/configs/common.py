@@ -11,13 +11,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_seeds = 1   # > 1: seeds seed..seed+N-1 as one vmapped program (mean, s.e., per seed)
 
   c.data = ml_collections.ConfigDict()
+  # A bundled data set (mtljax/data/builders.py) or a TFDS catalog name
+  # ("celeb_a"); several joined by "+" ("mnist+fashion_mnist") put each one's
+  # tasks side by side on its own inputs (tasks named SOURCE_TASK).
   c.data.name = ""
   c.data.builder_config = ""
-  c.data.data_dir = ""          # "" -> $MTLJAX_DATA_DIR or ~/.cache/mtljax/...
+  # Where data sets are generated (bundled) or prepared (catalog):
+  # "" -> $MTLJAX_DATA_DIR, else ~/.cache/mtljax/tensorflow_datasets.
+  c.data.data_dir = ""
+  c.data.download = True        # catalog data not prepared in data_dir: download it (network)
   c.data.tasks = ()             # task names to keep; () = all
   c.data.max_train_examples = 0  # 0 = all; otherwise per task (per source)
-  c.data.input_key = "image"    # catalog data sets only
-  c.data.label_keys = ()        # catalog data sets only; () = all class labels
+  c.data.input_key = "image"    # catalog data sets only: the input feature
+  # Catalog data sets only: label feature -> task kind (auto|binary|
+  # classification|regression), slash paths for nested features
+  # ({"attributes/Smiling": "binary"}); empty = every class label and bool feature.
+  c.data.labels = ml_collections.ConfigDict()
+  c.data.family = ""            # catalog only: integer feature whose values are tasks (alphabet)
+  c.data.train_split = "train"  # TFDS split strings ("train+test", "train[:80%]")
+  c.data.test_split = "test"    # "" with test_fraction > 0
+  c.data.test_fraction = 0.0    # > 0: hold out this fraction of train_split as the test split
+  c.data.split_seed = 0         # the held-out draw's seed
   c.data.normalize_labels = True  # regression labels standardised per task (train stats)
   c.data.pipeline = "auto"      # auto|device|host: inputs on the device, or read per step
   c.data.device_budget_mb = 0.0  # auto: device path when inputs fit (0 = 1/4 of the device)
@@ -26,7 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.arch = "multi_head"   # independent|multi_head|concat|additive|multiplicative|
-                                # soft|cross_stitch|mmoe|omoe|shared_bottom
+                                # soft|cross_stitch|mmoe|omoe|shared_bottom|cgc|ple|
+                                # dselect_k|mtan
   c.model.encoder = "mlp"       # mlp|cnn
   c.model.hidden = (128, 128)
   c.model.channels = (16, 32)   # cnn only
@@ -36,8 +51,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.soft_norm = "squared"  # soft: squared|l2
   c.model.soft_layers = ""      # soft: regex over trunk/<layer>/ paths ("" = all)
   c.model.stitch_init = 0.9     # cross_stitch: alpha's diagonal at init (1 = identity)
-  c.model.num_experts = 8       # mmoe|omoe
-  c.model.tower = (8,)          # mmoe|omoe|shared_bottom: per-task tower widths
+  c.model.num_experts = 8       # mmoe|omoe|dselect_k: experts; cgc|ple: shared experts
+  c.model.tower = (8,)          # mixtures, cgc|ple|dselect_k|mtan: per-task tower widths
+  c.model.task_experts = 1      # cgc|ple: experts per task
+  c.model.num_levels = 2        # ple: extraction levels (cgc is one)
+  c.model.level_hidden = ()     # ple: expert widths at levels >= 1 (() = (hidden[-1],))
+  c.model.dselect_k = 2         # dselect_k: selectors (at most k experts per gate)
+  c.model.dselect_gamma = 1.0   # dselect_k: smooth-step width
+  c.model.dselect_per_example = False  # dselect_k: gates read the input (else per task)
+  c.model.dselect_entropy_reg = 0.0    # dselect_k: entropy regulariser (static gates)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.tasks_per_step = 0  # K; 0 = all tasks

@@ -1,0 +1,280 @@
+"""CGC / PLE, DSelect-k and MTAN (mtljax/models/experts.py): the defining
+properties -- gates on the simplex, DSelect-k's at-most-k selection once the
+smooth-step saturates, the one-expert reductions to shared-bottom checked
+numerically with mapped parameters, PLE with one level is CGC -- the
+regularisers against a float64 recomputation, the one-pass step against the
+per-slot step, unsampled tasks' rows frozen, bad settings rejected. The
+forward passes against numpy references are in test_model_references.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from mtljax import objectives
+from mtljax import optim
+from mtljax import steps
+from mtljax import tasks
+from mtljax.data import sampling
+from mtljax.models import experts
+from mtljax.models import multitask
+
+MIXED = tasks.TaskSet((tasks.Task("a", "classification", 4), tasks.Task("r", "regression"),
+                       tasks.Task("b", "classification", 4)))
+IDS = jnp.array([2, 0, 1, 0])
+
+
+def _noisy(params, seed=0, scale=0.3):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  return jax.tree.unflatten(treedef, [a + scale * jax.random.normal(k, a.shape)
+                                      for a, k in zip(leaves, keys)])
+
+
+def _x(shape=(5,), k=4, b=6, seed=0):
+  return jax.random.normal(jax.random.key(seed), (k, b) + shape)
+
+
+def _assert_outputs_equal(a, b, ids=IDS, taskset=MIXED, tol=1e-5):
+  for k, t in enumerate(np.asarray(ids)):
+    g = taskset.tasks[t].group
+    np.testing.assert_allclose(a[g][k], b[g][k], rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------------
+# Gates.
+# ---------------------------------------------------------------------------
+
+
+def test_gates_are_on_the_simplex():
+  """Softmax gates (CGC / PLE) and DSelect-k gates (E a power of 2, static and
+  per example, random and saturated logits): weights >= 0 summing to one."""
+  rng = jax.random.key(0)
+  h = jax.random.normal(rng, (7, 3, 2))
+  g = experts.softmax_gate(5, 6)
+  p = _noisy(g.init(rng), scale=2.0)
+  w = np.asarray(g(p, h), np.float64)
+  assert w.shape == (7, 5) and (w >= 0).all()
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+  for e in (1, 4, 8):
+    for per_example in (False, True):
+      spec = multitask._check("dselect_k", (3, 2), encoder="mlp", hidden=(4,), channels=(),
+                              cond_layers=(), heads="auto", soft_lambda=0.0,
+                              soft_norm="squared", soft_layers="", stitch_init=0.9,
+                              num_experts=e, tower=(), task_experts=1, num_levels=1,
+                              level_hidden=(), dselect_k=min(3, e), dselect_gamma=1.0,
+                              dselect_per_example=per_example, dselect_entropy_reg=0.0)
+      gate = experts.dselect_gate(spec, 6)
+      weights = jax.jit(lambda p, gate=gate: gate(p, h))
+      for scale in (1.0, 30.0):  # in the cubic region / saturated
+        w = np.asarray(weights(_noisy(gate.init(rng), scale=scale)), np.float64)
+        assert w.shape == (7, e) and (w >= 0).all()
+        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_dselect_k_selects_at_most_k_experts_once_the_smooth_step_saturates():
+  """With every |z_ij| >= gamma/2 each selector is one-hot on the expert whose
+  binary code is the signs of z_i, so the gate has at most k non-zeros, at the
+  selected experts with the softmax(w) weights (summed where selectors agree);
+  inside the cubic region it has more."""
+  rng = np.random.default_rng(0)
+  gamma = 0.7
+  for e, k in ((8, 2), (16, 3), (4, 4), (8, 1)):
+    m = int(np.log2(e))
+    for _ in range(20):
+      z = rng.choice([-1.0, 1.0], (k, m)) * (gamma / 2 + rng.exponential(1.0, (k, m)))
+      w = rng.standard_normal(k)
+      weights, sel = experts.dselect_weights(jnp.asarray(z, jnp.float32),
+                                             jnp.asarray(w, jnp.float32), num_experts=e,
+                                             gamma=gamma)
+      weights, sel = np.asarray(weights), np.asarray(sel)
+      chosen = [int("".join("1" if v > 0 else "0" for v in row), 2) for row in z]
+      np.testing.assert_array_equal(sel, np.eye(e)[chosen])
+      assert np.count_nonzero(weights) <= k
+      want = np.zeros(e)
+      np.add.at(want, chosen, np.exp(w) / np.exp(w).sum())
+      np.testing.assert_allclose(weights, want, rtol=1e-6, atol=1e-7)
+    inside = experts.dselect_weights(jnp.zeros((k, m)) + 0.1 * gamma, jnp.zeros(k),
+                                     num_experts=e, gamma=gamma)[0]
+    assert np.count_nonzero(np.asarray(inside)) == e
+
+
+def test_dselect_k_penalty_is_entropy_plus_reachability():
+  """Static gates: ``reg * sum -r log(r + 1e-6)`` over every task's selectors,
+  plus ``sum 1 / sum_e r`` when E is not a power of 2 (the official code's
+  terms), in float64 from the selectors; no penalty when both are off."""
+  for e, reg in ((5, 0.01), (3, 0.0), (4, 0.1)):
+    model = multitask.make_model("dselect_k", MIXED, (5,), hidden=(4,), num_experts=e,
+                                 dselect_k=2, dselect_entropy_reg=reg)
+    p = _noisy(model.init(jax.random.key(0)), scale=0.3)
+    g = p["tasks"]["gates"]
+    assert g["z"].shape == (3, 2, int(np.ceil(np.log2(e)))) and g["w"].shape == (3, 2)
+    r = np.asarray(experts.dselect_weights(g["z"], g["w"], num_experts=e, gamma=1.0)[1],
+                   np.float64)  # [T, k, E], checked against scalar loops elsewhere
+    want = reg * -np.sum(r * np.log(r + 1e-6))
+    if e & (e - 1):
+      want += np.sum(1.0 / r.sum(-1))
+      assert (r.sum(-1) < 1 - 1e-3).any()  # some mass on unreachable codes
+    assert np.isfinite(want)
+    np.testing.assert_allclose(jax.jit(model.penalty)(p), want, rtol=1e-5)
+  assert multitask.make_model("dselect_k", MIXED, (5,), hidden=(4,), num_experts=4).penalty \
+      is None
+
+
+# ---------------------------------------------------------------------------
+# Reductions: one expert is shared-bottom; CGC without task experts is MMoE;
+# PLE with one level is CGC.
+# ---------------------------------------------------------------------------
+
+
+def _shared_bottom_params(sb, trunk, task_params):
+  mapped = {"shared": {"trunk": trunk},
+            "tasks": {"towers": task_params["towers"], "heads": task_params["heads"]}}
+  assert jax.tree.structure(mapped) == jax.tree.structure(sb.init(jax.random.key(9)))
+  return mapped
+
+
+@pytest.mark.parametrize("arch, kw", [
+    ("mmoe", dict(num_experts=1)), ("cgc", dict(num_experts=1, task_experts=0)),
+    ("dselect_k", dict(num_experts=1, dselect_k=1))])
+@pytest.mark.parametrize("encoder, shape", [
+    ("mlp", (5,)), pytest.param("cnn", (4, 4), marks=pytest.mark.slow)])
+def test_one_expert_reduces_to_shared_bottom(arch, kw, encoder, shape):
+  """The one expert's trunk as shared_bottom's trunk, the same towers and
+  heads: equal outputs (the gate's one weight is 1 whatever its parameters)."""
+  common = dict(encoder=encoder, hidden=(6, 5), channels=(3,), tower=(4,))
+  model = multitask.make_model(arch, MIXED, shape, **common, **kw)
+  sb = multitask.make_model("shared_bottom", MIXED, shape, **common)
+  p = _noisy(model.init(jax.random.key(0)), scale=1.0)
+  experts_p = p["shared"]["experts"]["level_0"] if arch == "cgc" else p["shared"]["experts"]
+  mapped = _shared_bottom_params(sb, jax.tree.map(lambda a: a[0], experts_p), p["tasks"])
+  x = _x(shape)
+  _assert_outputs_equal(jax.jit(model.apply)(p, x, IDS), jax.jit(sb.apply)(mapped, x, IDS))
+
+
+def test_cgc_without_task_experts_is_mmoe():
+  """CGC with E shared experts and no task experts has MMoE's function: the
+  same experts, per-task softmax gates over them, towers and heads."""
+  kw = dict(hidden=(6, 5), num_experts=3, tower=(4,))
+  cgc = multitask.make_model("cgc", MIXED, (5,), task_experts=0, **kw)
+  mmoe = multitask.make_model("mmoe", MIXED, (5,), **kw)
+  p = _noisy(cgc.init(jax.random.key(0)), scale=1.0)
+  mapped = {"shared": {"experts": p["shared"]["experts"]["level_0"]},
+            "tasks": {**p["tasks"], "gates": p["tasks"]["gates"]["level_0"]}}
+  assert (jax.tree.structure(mapped) ==
+          jax.tree.structure(mmoe.init(jax.random.key(1))))
+  x = _x()
+  _assert_outputs_equal(jax.jit(cgc.apply)(p, x, IDS), jax.jit(mmoe.apply)(mapped, x, IDS))
+
+
+def test_ple_with_one_level_is_cgc():
+  """Same initialisation (tree and values), the same function, and both have
+  a task-independent part; with two levels the outputs differ."""
+  kw = dict(hidden=(6, 5), num_experts=2, task_experts=2, tower=(4,))
+  cgc = multitask.make_model("cgc", MIXED, (5,), **kw)
+  ple = multitask.make_model("ple", MIXED, (5,), num_levels=1, **kw)
+  p_cgc, p_ple = cgc.init(jax.random.key(0)), ple.init(jax.random.key(0))
+  helpers.assert_trees_close(p_cgc, p_ple, rtol=0, atol=0)
+  assert cgc.layer_groups == ple.layer_groups and ple.encode is not None
+  p = _noisy(p_cgc)
+  x = _x()
+  out1 = jax.jit(cgc.apply)(p, x, IDS)
+  _assert_outputs_equal(out1, jax.jit(ple.apply)(p, x, IDS), tol=0)
+  ple2 = multitask.make_model("ple", MIXED, (5,), num_levels=2, **kw)
+  p2 = jax.eval_shape(ple2.init, jax.random.key(0))
+  assert set(p2["shared"]) == {"experts", "gate"} and ple2.encode is None
+
+
+# ---------------------------------------------------------------------------
+# In the step: one pass == per slot; unsampled tasks' rows stay bitwise.
+# ---------------------------------------------------------------------------
+
+_KW = dict(hidden=(6,), num_experts=2, task_experts=1, num_levels=2, tower=(4,))
+
+
+@pytest.mark.parametrize("arch, method", [
+    ("cgc", "mgda"), pytest.param("dselect_k", "mgda", marks=pytest.mark.slow),
+    pytest.param("cgc", "fixed", marks=pytest.mark.slow)])
+def test_one_pass_step_equals_the_per_slot_step(arch, method):
+  """Shared inputs, K = 3 of 4 tasks, 2 Adam steps: the step that encodes once
+  and decodes per slot gives the per-slot step's losses, parameters and
+  optimizer state."""
+  data = helpers.toy_data()
+  model = multitask.make_model(arch, data.taskset, data.input_shape, **_KW)
+  tx = optim.make_optimizer("adam", lr=1e-2)
+  runs = {}
+  for one_pass in (None, False):
+    obj = objectives.make_objective(method, 4)
+    fn = steps.make_train_step(
+        model, tx, obj, task_probs=np.full(4, 0.25), weights=np.array([1.0, 2.0, 0.5, 1.0]),
+        tasks_per_step=3, examples_per_task=8, seed=5, shared_inputs=True,
+        one_pass=one_pass, steps_per_call=2)
+    state = steps.init_train_state(model, tx, jax.random.key(0), obj)
+    runs[one_pass] = jax.jit(fn)(state, data.train)
+  (a, ma), (b, mb) = runs[None], runs[False]
+  helpers.assert_trees_close(ma, mb, rtol=2e-4, atol=2e-5)
+  for key in ("params", "opt_state"):
+    helpers.assert_trees_close(a[key], b[key], rtol=2e-4, atol=2e-5)
+
+
+def _get(tree, path):
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+@pytest.mark.parametrize("arch", ["ple", pytest.param("mtan", marks=pytest.mark.slow),
+                                  pytest.param("dselect_k", marks=pytest.mark.slow)])
+def test_unsampled_tasks_rows_do_not_move(arch):
+  """One task per step: every per-task row of the other tasks (PLE's experts,
+  which feed the shared gate and so do get a gradient, MTAN's attention,
+  DSelect-k's gates with their penalty) and its optimizer state are bitwise
+  unchanged; the sampled task's rows move."""
+  data = helpers.toy_data()
+  model = multitask.make_model(arch, data.taskset, data.input_shape,
+                               **{**_KW, "num_experts": 3, "dselect_entropy_reg": 0.1})
+  assert model.penalty is not None or arch != "dselect_k"
+  tx = optim.make_optimizer("adam", lr=1e-2)
+  fn = jax.jit(steps.make_train_step(
+      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
+      weights=np.ones(4), tasks_per_step=1, examples_per_task=8, seed=7))
+  state = steps.init_train_state(model, tx, jax.random.key(0))
+  moved = set()
+  for _ in range(3):
+    new, meas = fn(state, data.train)
+    sampled = np.asarray(meas["task_count"]) > 0
+    for stack, rows in model.task_rows.items():
+      for part in ("params", "opt_state"):
+        for o, n in zip(jax.tree.leaves(_get(state[part]["tasks"], stack)),
+                        jax.tree.leaves(_get(new[part]["tasks"], stack))):
+          o, n = np.asarray(o), np.asarray(n)
+          for r, t in enumerate(rows):
+            if not sampled[t]:
+              assert np.array_equal(o[r], n[r]), (part, stack, t)
+            elif part == "params" and not np.array_equal(o[r], n[r]):
+              moved.add(stack)
+    state = new
+  assert {s for s in model.task_rows if not s.startswith("heads/")} <= moved, moved
+
+
+# ---------------------------------------------------------------------------
+# Bad settings.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch, kw, match", [
+    ("dselect_k", dict(num_experts=4, dselect_k=5), r"dselect_k must be in \[1, num_experts=4\]"),
+    ("dselect_k", dict(dselect_gamma=0.0), "dselect_gamma must be a finite number > 0"),
+    ("dselect_k", dict(dselect_per_example=True, dselect_entropy_reg=0.1),
+     "'dselect_k' with dselect_per_example=True"),
+    ("dselect_k", dict(dselect_per_example=True, num_experts=3), "not a power of 2"),
+    ("ple", dict(num_levels=0), "num_levels must be >= 1 for arch 'ple'"),
+    ("cgc", dict(task_experts=-1), "task_experts must be >= 0"),
+    ("cgc", dict(num_experts=0), "num_experts must be >= 1 for arch 'cgc'"),
+    ("ple", dict(level_hidden=(0,)), "level_hidden must be positive"),
+    ("mtan", dict(hidden=()), "'mtan' with encoder 'mlp' needs at least one trunk layer"),
+])
+def test_bad_expert_settings_raise_before_compiling(arch, kw, match):
+  with pytest.raises(ValueError, match=match):
+    multitask.make_model(arch, MIXED, (5,), **{"hidden": (4,), **kw})
