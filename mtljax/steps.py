@@ -155,6 +155,23 @@ def host_batch(sampler: Sampler, batch: dict) -> jacobians.Batch:
   return jacobians.Batch(batch["x"], batch["y"], ids, sampler.shared_inputs)
 
 
+def labelled_slots(taskset: tasks_lib.TaskSet, batch: jacobians.Batch
+                   ) -> tuple[jax.Array, jax.Array]:
+  """``labelled [K]``: slots with at least one labelled example
+  (:func:`mtljax.tasks.slot_masks`); ``present [T]``: tasks with such a slot.
+
+  A slot with no labelled example has loss 0 and gradient 0. Its task then
+  counts as not sampled where that matters: its rows of the per-task
+  parameters and optimizer state stay bitwise (``optim.update``'s ``active``),
+  its fixed weight is 0 for the objective in this step (so methods that
+  normalise over the slots, FAMO, do not see it), and the logs do not count
+  the slot (``task_count``, TAG's pairs)."""
+  labelled = jnp.any(tasks_lib.slot_masks(taskset, batch.ys, batch.task_ids), axis=1)
+  ids = jnp.asarray(batch.task_ids)
+  present = jax.ops.segment_sum(labelled.astype(jnp.int32), ids, len(taskset)) > 0
+  return labelled, present
+
+
 def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
                   total, grads) -> tuple[jax.Array, dict, dict]:
   """The architecture's penalty (soft sharing) and the run's (L2-SP, pulling
@@ -174,15 +191,19 @@ def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
 
 
 def tag_measurements(lin: jacobians.Linearized, params: dict, task_ids, eta: float,
-                     num_tasks: int) -> dict:
-  """TAG's lookahead affinity of the sampled slots, placed by task pair."""
+                     num_tasks: int, labelled=None) -> dict:
+  """TAG's lookahead affinity of the sampled slots, placed by task pair (only
+  pairs of slots that both have labelled examples, ``labelled [K]``)."""
   g, _ = lin.slot_grads(jnp.ones_like(lin.losses))
   z = measure.lookahead_affinity(
       lambda sh: lin.loss_at({"shared": sh, "tasks": params["tasks"]}), params["shared"],
       g, eta, jax.lax.stop_gradient(lin.losses))
   pair = (task_ids[:, None], task_ids[None, :])
-  return {"tag_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(z),
-          "tag_count": jnp.zeros((num_tasks, num_tasks)).at[pair].add(1.0)}
+  both = (jnp.ones_like(lin.losses, bool) if labelled is None else labelled)
+  both = both[:, None] & both[None, :]
+  return {"tag_sum": jnp.zeros((num_tasks, num_tasks)).at[pair].add(jnp.where(both, z, 0.0)),
+          "tag_count": jnp.zeros((num_tasks, num_tasks)).at[pair].add(
+              both.astype(jnp.float32))}
 
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -207,11 +228,14 @@ def nonfinite_measurements(finite, step, losses, task_ids, num_tasks: int) -> di
               jnp.logical_not(jnp.isfinite(losses)).astype(jnp.int32), task_ids, num_tasks)}
 
 
-def step_measurements(total, losses, task_ids, num_tasks: int, *extra: dict) -> dict:
-  """``loss``, per task ``task_loss_sum [T]`` / ``task_count [T]``, and ``extra``."""
+def step_measurements(total, losses, task_ids, num_tasks: int, *extra: dict,
+                      labelled=None) -> dict:
+  """``loss``, per task ``task_loss_sum [T]`` / ``task_count [T]`` (slots
+  with a labelled example, ``labelled [K]``; default every slot), and ``extra``."""
+  counted = jnp.ones_like(losses) if labelled is None else labelled.astype(losses.dtype)
   meas = {"loss": total,
           "task_loss_sum": jax.ops.segment_sum(losses, task_ids, num_tasks),
-          "task_count": jax.ops.segment_sum(jnp.ones_like(losses), task_ids, num_tasks)}
+          "task_count": jax.ops.segment_sum(counted, task_ids, num_tasks)}
   for e in extra:
     meas.update(e)
   return meas
@@ -328,8 +352,12 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   the host pipeline reads it (:mod:`mtljax.data.pipeline`: the same draws,
   :func:`sample_indices`), with a leading ``[steps_per_call]`` axis when
   ``steps_per_call > 1``.
+  Missing labels (:mod:`mtljax.tasks`): a slot's loss is the mean over its
+  labelled examples; a slot with none has loss 0 and gradient 0, and its task
+  counts as not sampled in that step (:func:`labelled_slots`).
   Measurements (summed over the ``steps_per_call`` steps): ``loss``, per task
-  ``task_loss_sum [T]`` / ``task_count [T]``, and the objective's: loss
+  ``task_loss_sum [T]`` / ``task_count [T]`` (slots with a labelled example),
+  and the objective's: loss
   weightings ``objective_lambda_sum [T]``; gradient methods per task
   ``grad_norm_sum``, ``grad_weight_sum`` (the method's beta), ``grad_cos_sum
   [T, T]`` / ``grad_pair_count [T, T]`` and ``solver_failures``; and
@@ -371,14 +399,16 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
       batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
                               batch.task_ids, batch.shared)
     ids = batch.task_ids
+    labelled, present = labelled_slots(ts, batch)
     lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
                               one_pass=one_pass, slot_backwards=slot_backwards)
     result = objective.gradients(lin, objectives.Inputs(   # traced ids for objectives
-        jnp.asarray(ids), weights, state["objective_state"],
+        jnp.asarray(ids), jnp.where(present, weights, 0.0), state["objective_state"],
         params["tasks"].get(objective.name, {}), r_method))
     total, grads, pen = add_penalties(model, penalty, state, result.total, result.grads)
-    tag = tag_measurements(lin, params, ids, tag_lr, num_tasks) if tag_lr > 0 else {}
-    active = jnp.zeros((num_tasks,), bool).at[ids].set(True)
+    tag = (tag_measurements(lin, params, ids, tag_lr, num_tasks, labelled) if tag_lr > 0
+           else {})
+    active = present  # a task sampled but unlabelled in this step: its rows stay
     lr_scale = state["hparams"]["lr_scale"] if "hparams" in state else None
     new_params, opt_state = optim.update(tx, grads, state["opt_state"], params, rows, active,
                                          lr_scale)
@@ -393,7 +423,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
       new_state["nonfinite_skipped"] = state["nonfinite_skipped"] + (~finite).astype(jnp.int32)
     return new_state, step_measurements(
         total, lin.losses, ids, num_tasks, result.measurements, pen, tag,
-        nonfinite_measurements(finite, state["step"], lin.losses, ids, num_tasks))
+        nonfinite_measurements(finite, state["step"], lin.losses, ids, num_tasks),
+        labelled=labelled)
 
   if steps_per_call == 1:  # a plain step: no loop to pay for
     return one_step
@@ -461,7 +492,9 @@ def eval_zeros(taskset: tasks_lib.TaskSet) -> dict:
 
 def _chunk_sums(model: multitask.Model) -> Callable:
   """``sums(params, x [T, C, ...], ys {group: [T, C]}, valid [T, C], mean
-  [T, 1], std [T, 1])``: one chunk's metric sums and counts per task."""
+  [T, 1], std [T, 1])``: one chunk's metric sums and counts per task, over
+  the valid examples each task labels (missing labels,
+  :func:`mtljax.tasks.label_mask`, are neither summed nor counted)."""
   ts = model.taskset
   task_ids = jnp.arange(len(ts), dtype=jnp.int32)
   group_of = jnp.asarray(ts.group_of_task)
@@ -469,11 +502,14 @@ def _chunk_sums(model: multitask.Model) -> Callable:
   def sums(params, x, ys, valid, m, sd):
     outs = model.apply(params, x, task_ids)
     out = {}
+    count = jnp.zeros((len(ts),), jnp.int32)
     for gi, g in enumerate(ts.groups):
-      vals = tasks_lib.example_metrics(ts.group_task(g), outs[g], ys[g], m, sd)
-      mask = valid & (group_of == gi)[:, None]
+      task = ts.group_task(g)
+      vals = tasks_lib.example_metrics(task, outs[g], ys[g], m, sd)
+      mask = valid & (group_of == gi)[:, None] & tasks_lib.label_mask(task, ys[g])
       out[g] = {k: jnp.sum(jnp.where(mask, v, 0.0), axis=1) for k, v in vals.items()}
-    return {"sums": out, "count": valid.sum(axis=1).astype(jnp.int32)}
+      count = count + mask.sum(axis=1).astype(jnp.int32)
+    return {"sums": out, "count": count}
   return sums
 
 

@@ -15,6 +15,15 @@ Losses and metrics are written once here, per kind:
 * ``regression`` (scalar target): squared error on the per-task *normalised*
   label (so scales are comparable across tasks, as the lecture asks); metrics
   ``mse`` and ``mae`` in the label's original units, and ``loss`` (normalised).
+
+**Missing labels.** An example may be labelled for only some tasks. The mask
+travels in the labels themselves: an unlabelled entry holds :func:`missing_label`
+(``-1`` for classification and binary, as TFDS's ``ClassLabel`` writes "no
+label"; NaN for regression), and :func:`label_mask` reads it back. Losses are
+means over each slot's *labelled* examples (:func:`slot_losses`; a slot with no
+labelled example has loss 0 and gradient 0), and metrics are sums over labelled
+examples, divided by their count. How the mask enters from a data set is
+:mod:`mtljax.data.loading`'s (a ``<label>_mask`` feature, or ``-1``).
 """
 
 from __future__ import annotations
@@ -182,17 +191,40 @@ class TaskSet:
 # ----------------------------------------------------------------------------
 
 
+def missing_label(task: Task):
+  """The value an unlabelled entry holds in a task's label arrays: ``-1`` for
+  classification and binary (int labels), NaN for regression."""
+  return np.float32(np.nan) if task.kind == "regression" else task.label_dtype(-1)
+
+
+def label_mask(task: Task, y):
+  """``[...]`` bool, whether each entry of the labels ``y`` (numpy or jax, of
+  any task of the group) is a label rather than :func:`missing_label`."""
+  if task.kind == "regression":
+    return y == y  # not NaN
+  return y >= 0
+
+
+def fill_missing(task: Task, y):
+  """``y`` with unlabelled entries set to 0 (a valid label, so losses and their
+  gradients stay finite before they are masked)."""
+  return jnp.where(label_mask(task, y), y, jnp.zeros((), y.dtype))
+
+
 def example_loss(task: Task, out: jax.Array, y: jax.Array) -> jax.Array:
   """Per-example training loss.
 
   Args:
     task: any task of the group (only kind and size are used).
     out: ``[..., out_dim]`` model outputs (logits or normalised prediction).
-    y: ``[...]`` labels: int class ids, {0,1} for binary, normalised floats.
+    y: ``[...]`` labels: int class ids, {0,1} for binary, normalised floats;
+      unlabelled entries (:func:`missing_label`) get the finite loss of label
+      0, for the caller to mask (:func:`label_mask`).
 
   Returns:
     ``[...]`` float32 losses.
   """
+  y = fill_missing(task, y)
   if task.kind == "classification":
     logz = jax.nn.logsumexp(out, axis=-1)
     picked = jnp.take_along_axis(out, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
@@ -227,8 +259,30 @@ def static_group_slices(taskset: TaskSet, task_ids) -> dict[str, slice] | None:
   return out
 
 
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``values [..., B]`` over the entries where ``mask [..., B]`` holds
+  (0 where none does): ``sum(mask * values) / max(sum(mask), 1)``."""
+  total = jnp.sum(jnp.where(mask, values, jnp.zeros((), values.dtype)), axis=-1)
+  count = jnp.sum(mask.astype(values.dtype), axis=-1)
+  # times the reciprocal, as XLA computes a mean (division by a constant):
+  # with every entry labelled this equals jnp.mean bitwise.
+  return total * (1.0 / jnp.maximum(count, jnp.ones((), values.dtype)))
+
+
+def slot_masks(taskset: TaskSet, ys: dict, task_ids) -> jax.Array:
+  """``[K, B]`` bool: which of each slot's examples its task labels (read from
+  the labels of the slot's own group, :func:`label_mask`)."""
+  group_of = jnp.asarray(taskset.group_of_task)[jnp.asarray(task_ids)]
+  mask = None
+  for gi, g in enumerate(taskset.groups):
+    m = (group_of == gi)[:, None] & label_mask(taskset.group_task(g), ys[g])
+    mask = m if mask is None else mask | m
+  return mask
+
+
 def slot_losses(taskset: TaskSet, outs: dict, ys: dict, task_ids: jax.Array) -> jax.Array:
-  """``[K]`` mean loss of each slot's task on its ``[B]`` examples.
+  """``[K]`` mean loss of each slot's task over its labelled examples among
+  its ``B`` (:func:`masked_mean`: 0, with gradient 0, when none is labelled).
 
   ``outs``: ``{group: [K, B, out]}`` (every group computed for every slot);
   ``ys``: ``{group: [K, B]}``; slot k's loss is read from its task's group.
@@ -237,14 +291,19 @@ def slot_losses(taskset: TaskSet, outs: dict, ys: dict, task_ids: jax.Array) -> 
   """
   slices = static_group_slices(taskset, task_ids)
   if slices is not None:
-    pieces = sorted((s.start, example_loss(taskset.group_task(g), outs[g][s], ys[g][s]))
-                    for g, s in slices.items() if s.stop > s.start)
-    return jnp.concatenate([p.mean(axis=1) for _, p in pieces])
+    pieces = []
+    for g, s in slices.items():
+      if s.stop > s.start:
+        task = taskset.group_task(g)
+        pieces.append((s.start, masked_mean(example_loss(task, outs[g][s], ys[g][s]),
+                                            label_mask(task, ys[g][s]))))
+    return jnp.concatenate([p for _, p in sorted(pieces, key=lambda e: e[0])])
   group_of = jnp.asarray(taskset.group_of_task)[task_ids]
   losses = jnp.zeros(task_ids.shape, jnp.float32)
   for gi, g in enumerate(taskset.groups):
-    per_example = example_loss(taskset.group_task(g), outs[g], ys[g])  # [K, B]
-    losses = losses + jnp.where(group_of == gi, per_example.mean(axis=1), 0.0)
+    task = taskset.group_task(g)
+    per_example = masked_mean(example_loss(task, outs[g], ys[g]), label_mask(task, ys[g]))
+    losses = losses + jnp.where(group_of == gi, per_example, 0.0)
   return losses
 
 
@@ -253,8 +312,10 @@ def example_metrics(task: Task, out: jax.Array, y: jax.Array,
   """Per-example metric values (to be summed and divided by a count).
 
   ``mean``/``std`` are the task's label statistics (broadcastable to ``y``);
-  regression metrics are reported in the label's original units.
+  regression metrics are reported in the label's original units. Unlabelled
+  entries get finite values, for the caller to mask (:func:`label_mask`).
   """
+  y = fill_missing(task, y)
   metrics = {"loss": example_loss(task, out, y)}
   if task.kind == "classification":
     metrics["accuracy"] = (jnp.argmax(out, axis=-1) == y).astype(jnp.float32)

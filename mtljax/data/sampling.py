@@ -132,8 +132,10 @@ def gather_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
 def gather_labels(y: dict, local_index, task_ids, idx) -> dict:
   """Labels ``{group: [K, B]}`` of slots ``task_ids [K]`` at examples ``idx``
   (``[K, B]``, or ``[B]`` for every slot). Rows of tasks outside a group read
-  row 0 of that group (masked by the loss). Works on numpy arrays (the host
-  pipeline) and jax arrays (inside the step) alike."""
+  row 0 of that group (masked by the loss). Missing labels come along as they
+  are stored (:func:`mtljax.tasks.missing_label`: the label mask travels in
+  the labels, :func:`mtljax.tasks.label_mask`). Works on numpy arrays (the
+  host pipeline) and jax arrays (inside the step) alike."""
   local = local_index[task_ids]
   idx = idx if idx.ndim == 2 else idx[None, :]
   return {g: yg[local.clip(0, yg.shape[0] - 1)[:, None], idx] for g, yg in y.items()}
