@@ -41,8 +41,13 @@ def load_run(workdir: str) -> dict:
       config = json.load(f)
   else:
     config = summary.get("config", {})
-  if not isinstance(summary.get("tasks"), dict) or not summary["tasks"]:
+  tasks = summary.get("tasks")
+  if not isinstance(tasks, dict) or not tasks:
     raise ReportError(f"{workdir}: summary.json has no per-task metrics ('tasks').")
+  if not all(isinstance(ms, dict) and all(v is None or isinstance(v, (int, float))
+                                          for v in ms.values()) for ms in tasks.values()):
+    raise ReportError(f"{workdir}: summary.json's 'tasks' are not {{TASK: {{METRIC: value}}}} "
+                      "(a multi-run experiment's directory? pass its runs' directories).")
   return {"summary": summary, "config": params_lib.flatten_dict(config, "."),
           "rows": plotting.metrics_rows(workdir)}
 

@@ -171,3 +171,9 @@ def test_a_workdir_without_a_summary_is_one_line(tmp_path, capsys):
   assert report.main([str(tmp_path / "empty"), f"--out={tmp_path / 'r.md'}"]) == 2
   assert capsys.readouterr().err == (f"error: {tmp_path / 'empty'}: no summary.json "
                                      "(not a finished mtljax run).\n")
+
+
+def test_a_multi_run_experiments_directory_is_one_line(tmp_path, capsys):
+  _workdir(tmp_path / "archs", {}, {"concat": {"left": {"accuracy": 0.9}}}, [])
+  assert report.main([str(tmp_path / "archs"), f"--out={tmp_path / 'r.md'}"]) == 2
+  assert "summary.json's 'tasks' are not {TASK: {METRIC: value}}" in capsys.readouterr().err
