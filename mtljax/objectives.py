@@ -707,13 +707,14 @@ def excess_mtl(num_tasks: int, *, step_size: float = 1e-2) -> Objective:
                    init_shared_state=init, hparams={"step_size": step_size})
 
 
-def imtl(num_tasks: int, **hp) -> Objective:
+def imtl(num_tasks: int, *, eps: float = 1e-12, max_cond: float = 1e6) -> Objective:
   """IMTL (Liu et al. 2021) in full: IMTL-L's learned scales ``s`` (a per-task
   parameter at ``tasks/imtl/log_scale``, init 0) turn each loss into
   ``e^s L - s`` (the scales' gradient ``e^s w L - w``); IMTL-G's weights
-  (:func:`mtljax.gradients.imtl_g_weights`, its hyper-parameters ``hp``) combine
-  the per-slot gradients of the scaled losses ``w_k e^{s_t} grad L_k``; task
-  parameters get the gradient of ``sum_k w_k e^{s_t} L_k``."""
+  (:func:`mtljax.gradients.imtl_g_weights`, with its ``eps`` and ``max_cond``)
+  combine the per-slot gradients of the scaled losses ``w_k e^{s_t} grad L_k``;
+  task parameters get the gradient of ``sum_k w_k e^{s_t} L_k``."""
+  hp = {"eps": eps, "max_cond": max_cond}
   weights = _bind_weights(gradients.imtl_g_weights, hp)
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
@@ -803,8 +804,6 @@ def stch(num_tasks: int, *, mu: float = 1.0, warmup_steps: int = 400,
 
 LOSS_WEIGHTINGS = ("rlw", "dwa", "uncertainty", "min_max", "famo", "gls", "stch")
 REPRESENTATION_METHODS = ("mgda_ub", "graddrop")
-# Methods whose hyper-parameters are those of a Gram weight function.
-GRAM_WEIGHTS_OF = {"imtl": gradients.imtl_g_weights}
 
 
 
@@ -834,8 +833,6 @@ def hyperparameters(method: str) -> dict:
   check_method(method)
   if method in gradients.GRAM_METHODS:
     return gradients.hyperparameters(gradients.GRAM_METHODS[method])
-  if method in GRAM_WEIGHTS_OF:
-    return gradients.hyperparameters(GRAM_WEIGHTS_OF[method])
   return {p.name: p.default for p in inspect.signature(REGISTRY[method]).parameters.values()
           if p.kind == inspect.Parameter.KEYWORD_ONLY}
 

@@ -422,6 +422,9 @@ def test_new_methods_hyperparameters_reach_the_objective_from_the_config():
   from mtljax import build  # pylint: disable=g-import-not-at-top
   c = common.base_config()
   assert set(_NEW) <= set(objectives.METHODS)
+  # IMTL's are IMTL-G's (one set of defaults).
+  assert objectives.hyperparameters("imtl") == gradients.hyperparameters(
+      gradients.imtl_g_weights)
   changed = {"gradvac": ("beta", 0.2), "graddrop": ("leak", 0.4), "db_mtl": ("beta", 0.5),
              "stch": ("mu", 0.3), "imtl": ("max_cond", 1e4), "excess_mtl": ("step_size", 0.1),
              "moco": ("rho", 0.2)}
