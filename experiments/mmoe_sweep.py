@@ -22,35 +22,44 @@ from mtljax import train
 from mtljax import workdir as workdir_lib
 from mtljax.data import builders
 from mtljax.data import generators
-from mtljax.models import multitask
 
 logger = logging.getLogger("mtljax")
-MODELS = ("shared_bottom", "omoe", "mmoe", "independent")
-GAPS = (("shared_bottom", "mmoe"), ("omoe", "mmoe"))
+MODELS = ("shared_bottom", "omoe", "mmoe", "independent", "cgc", "ple", "dselect_k", "mtan")
+GAPS = (("shared_bottom", "mmoe"), ("omoe", "mmoe"), ("cgc", "mmoe"), ("ple", "mmoe"),
+        ("dselect_k", "mmoe"), ("mtan", "mmoe"))
+# Width-matched models: the layer widths as a function of the one width H searched.
+_SHAPES = {"shared_bottom": lambda h, tower: (h,),
+           "independent": lambda h, tower: (h,) + tuple(tower),
+           "cgc": lambda h, tower: (h,), "ple": lambda h, tower: (h,),
+           "dselect_k": lambda h, tower: (h,), "mtan": lambda h, tower: (h,)}
 _DIM = builders.MmoeSyntheticConfig(name="p1").dim  # the generator's input dimension
 _TASKS = tasks_lib.TaskSet((tasks_lib.Task("y1", "regression"),
                             tasks_lib.Task("y2", "regression")))
 
 
 def parameter_count(config, model: str, hidden) -> int:
-  """Parameters of ``model`` with these hidden widths on the sweep's inputs."""
-  m = multitask.make_model(model, _TASKS, (_DIM,), encoder="mlp",
-                           hidden=tuple(hidden), num_experts=config.model.num_experts,
-                           tower=tuple(config.model.tower))
+  """Parameters of ``model`` with these hidden widths on the sweep's inputs
+  (every other model setting from ``config.model``)."""
+  c = ml_collections.ConfigDict({"model": config.model.to_dict()})
+  c.model.arch, c.model.encoder, c.model.hidden = model, "mlp", tuple(hidden)
+  m = build.model_from_config(c, _TASKS, (_DIM,))
   return params_lib.count(jax.eval_shape(m.init, jax.random.key(0)))
 
 
 def model_sizes(config) -> dict:
   """``{model: {"hidden", "parameters"}}``: MMoE and OMoE with the configured
-  experts; the shared bottom's width and the independent networks' first
-  width (``100 -> H -> 8 -> 1`` per task, the towers' depth) chosen so their
-  parameter count is the closest to MMoE's (``sweep.match_parameters``)."""
+  experts; the shared bottom's width, the independent networks' first width
+  (``100 -> H -> 8 -> 1`` per task, the towers' depth), the expert width of
+  CGC / PLE / DSelect-k (their expert counts from ``config.model``) and MTAN's
+  trunk width chosen so their parameter count is the closest to MMoE's
+  (``sweep.match_parameters``; else the fixed widths)."""
   s = config.sweep
   out = {m: {"hidden": list(s.expert_hidden)} for m in ("mmoe", "omoe")}
   target = parameter_count(config, "mmoe", s.expert_hidden)
-  shapes = {"shared_bottom": lambda h: (h,),
-            "independent": lambda h: (h,) + tuple(config.model.tower)}
-  fixed = {"shared_bottom": s.bottom_hidden, "independent": s.independent_hidden}
+  shapes = {m: lambda h, f=f: f(h, config.model.tower) for m, f in _SHAPES.items()}
+  fixed = {"shared_bottom": s.bottom_hidden, "independent": s.independent_hidden,
+           "cgc": s.expert_hidden, "ple": s.expert_hidden, "dselect_k": s.expert_hidden,
+           "mtan": s.bottom_hidden}
   for m, shape in shapes.items():
     if s.match_parameters:  # the count grows with the width: bisect, then the nearer
       lo, hi = 1, 4096

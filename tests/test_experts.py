@@ -278,3 +278,27 @@ def test_unsampled_tasks_rows_do_not_move(arch):
 def test_bad_expert_settings_raise_before_compiling(arch, kw, match):
   with pytest.raises(ValueError, match=match):
     multitask.make_model(arch, MIXED, (5,), **{"hidden": (4,), **kw})
+
+
+def test_mmoe_sweep_sizes_of_the_new_models_match_closed_form_counts():
+  """The sweep's width for CGC / PLE / DSelect-k / MTAN is the one whose
+  parameter count, written out here from the architectures, is nearest MMoE's
+  (100 inputs, 8 shared experts, 1 expert per task, k = 2, towers of 8, 2 tasks)."""
+  from experiments import mmoe_sweep  # pylint: disable=g-import-not-at-top
+  from experiments.configs import mmoe_sweep as sweep_config  # pylint: disable=g-import-not-at-top
+  sizes = mmoe_sweep.model_sizes(sweep_config.get_config())
+  d, e, n, tower = 100, 8, 2, 8
+  towers = lambda w: n * (w * tower + tower + tower + 1)
+  count = {
+      "cgc": lambda w: (e + n) * (d * w + w) + n * (d * (e + 1) + e + 1) + towers(w),
+      "ple": lambda w: ((e + n) * (d * w + w) + n * (d * (e + 1) + e + 1)   # level 0
+                        + (d * (e + n) + e + n)                              # its shared gate
+                        + (e + n) * (w * w + w) + n * (w * (e + 1) + e + 1)  # level 1
+                        + towers(w)),
+      "dselect_k": lambda w: e * (d * w + w) + n * (2 * 3 + 2) + towers(w),  # z [2, 3], w [2]
+      "mtan": lambda w: d * w + w + n * 2 * (w * w + w) + towers(w)}  # trunk, A1, A2
+  target = sizes["mmoe"]["parameters"]
+  assert target == 14834
+  for model, c in count.items():
+    best = min(range(1, 300), key=lambda w: abs(c(w) - target))
+    assert sizes[model] == {"hidden": [best], "parameters": c(best)}, model

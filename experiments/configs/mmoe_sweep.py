@@ -7,19 +7,21 @@ KDD 2018, sections 3.2-3.3).
 Two regression tasks whose label correlation is set by p in {1.0, 0.9, 0.8,
 0.5}, with the generator's sine parameters fixed (``sweep.sines_seed``; -1
 draws them with each data seed, the old protocol). For each p and model
-(``shared_bottom``, ``omoe``, ``mmoe``, ``independent``): the learning rate
+(``shared_bottom``, ``omoe``, ``mmoe``, ``independent``, ``cgc``, ``ple``,
+``dselect_k``, ``mtan``): the learning rate
 of ``sweep.lrs`` with the lowest cross-validated MSE (``sweep.cv_folds`` folds
 of the first data set's train split), then ``len(sweep.data_seeds) x
 num_seeds`` repetitions (data set d with initialisation seeds ``seed ..
 seed + num_seeds - 1`` as one vmapped program; the same pairs for every
 model). Sizes are parameter-matched to MMoE (``sweep.match_parameters``: the
-shared bottom's width and the independent networks' first width; the
-independent networks are ``100 -> H -> 8 -> 1``, the towers' depth).
+shared bottom's width, the independent networks' first width, the expert
+width of CGC / PLE / DSelect-k and MTAN's trunk width; the independent
+networks are ``100 -> H -> 8 -> 1``, the towers' depth).
 
 Writes ``sweep.json``: ``{P: {MODEL: {"train_loss_final": [per repetition],
 "train_loss_curve": {"steps", "mean", "se"}, "test_mse": [per repetition]}}}``
-(P as "1.0", "0.9", ...), ``summary.json`` (plus paired gaps shared_bottom -
-mmoe and omoe - mmoe, learning rates, sizes, alpha/beta) and
+(P as "1.0", "0.9", ...), ``summary.json`` (plus paired gaps MODEL - mmoe
+for every other model but independent, learning rates, sizes, alpha/beta) and
 ``mmoe_sweep.png`` (training-loss curves, mean +- s.e., one panel per p).
 Variant ``:quick``.
 """
@@ -54,7 +56,11 @@ def get_config(arg: str = ""):
   c.sweep.sines_seed = 2          # fixed alpha, beta (generators.mmoe_sines); -1: per data seed
   c.num_seeds = 10                # initialisation seeds per data set (one program)
   c.sweep.data_seeds = tuple(range(10))  # 10 x 10 = 100 repetitions per (p, model)
-  c.sweep.models = ("shared_bottom", "omoe", "mmoe", "independent")
+  c.sweep.models = ("shared_bottom", "omoe", "mmoe", "independent", "cgc", "ple", "dselect_k",
+                    "mtan")
+  c.model.task_experts = 1        # cgc / ple: 8 shared experts + 1 per task
+  c.model.num_levels = 2          # ple
+  c.model.dselect_k = 2           # dselect_k: static gates over the 8 experts
   c.sweep.num_train = 10_000
   c.sweep.num_test = 2_000
   c.sweep.expert_hidden = (16,)   # 8 experts of 16 units (the paper's setting)

@@ -17,7 +17,7 @@ from experiments.configs import multi_digits
 
 
 ARCHS = ("independent", "multi_head", "concat", "additive", "multiplicative", "soft",
-         "cross_stitch", "shared_bottom", "omoe", "mmoe")
+         "cross_stitch", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "dselect_k", "mtan")
 
 
 # What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
@@ -34,7 +34,10 @@ def get_config(arg: str = ""):
   c.baselines = True
   c.eval_train = True
   c.eval_steps = c.log_steps  # train/test curves at every log step
-  c.model.num_experts = 4
+  c.model.num_experts = 4       # mmoe, omoe, dselect_k; cgc / ple: shared experts
+  c.model.task_experts = 1      # cgc / ple
+  c.model.num_levels = 2        # ple
+  c.model.dselect_k = 2         # dselect_k: 2 of the 4 experts per task once saturated
   c.model.tower = (32,)
   c.model.soft_lambda = 1e-3
   return c
