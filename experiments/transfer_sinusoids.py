@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -11,6 +12,8 @@ import numpy as np
 
 from experiments import common
 from mtljax import build
+from mtljax import checkpoint
+from mtljax import cv
 from mtljax import optim
 from mtljax import plotting
 from mtljax import sharding
@@ -36,7 +39,8 @@ def target_config(config, k: int) -> ml_collections.ConfigDict:
 
 def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], dict]:
   """Test MSE (mean over tasks) on ``data`` before and after each of ``steps``
-  steps. ``init_state(run) -> state`` replaces the run's initial state."""
+  steps, and the final state. ``init_state(run) -> state`` replaces the run's
+  initial state."""
   if data.readers is not None:
     raise ValueError("transfer_sinusoids records curves on data held on the device: set "
                      "config.data.pipeline='device'.")
@@ -57,7 +61,22 @@ def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], d
   return curve, state
 
 
-def strategy_curve(base, data, strategy: str, source: str, probe_steps: int) -> list:
+def choose_l2sp(base, data, source: str, t) -> dict:
+  """L2-SP's ``alpha``, ``beta`` by ``t.l2sp_cv_folds``-fold cross-validation
+  over ``t.l2sp_cv_grid`` on the new tasks' train points (validation MSE after
+  the fine-tuning budget); the test points are not read."""
+  c = transfer.l2sp_cv_config(transfer.apply_strategy(base, "l2sp", source=source),
+                              folds=t.l2sp_cv_folds, grid=t.l2sp_cv_grid, metric="mse")
+  sel = cv.cross_validate(c, dataclasses.replace(data, test=None))
+  best = {"l2sp_alpha": c.l2sp_alpha, "l2sp_beta": c.l2sp_beta, **sel["best"]["overrides"]}
+  return {"alpha": float(best["l2sp_alpha"]), "beta": float(best["l2sp_beta"]),
+          "points": [{**p["overrides"], "score": p["score"]} for p in sel["points"]]}
+
+
+def strategy_curve(base, data, strategy: str, source: str, probe_steps: int,
+                   l2sp=None) -> tuple[list, dict]:
+  """The strategy's test-MSE curve and final state (``l2sp``: ``(alpha, beta)``
+  for the ``l2sp`` strategy)."""
   steps = base.total_steps
   if strategy == "lp_ft":  # probe for probe_steps, then fine-tune everything: one curve
     probe = transfer.apply_strategy(base, "lp_ft", source=source)
@@ -69,12 +88,13 @@ def strategy_curve(base, data, strategy: str, source: str, probe_steps: int) -> 
       return {**run.state, "params": params,
               "opt_state": optim.init_state(run.tx, params,
                                               steps_lib.task_rows(run.model, run.objective))}
-    tail, _ = mse_curve(ft, data, steps - probe_steps, from_probe)
-    return head + tail[1:]
+    tail, state = mse_curve(ft, data, steps - probe_steps, from_probe)
+    return head + tail[1:], state
   c = transfer.apply_strategy(base, strategy, source=source,
                               unfreeze_every=max(1, steps // 4))
-  curve, _ = mse_curve(c, data, steps)
-  return curve
+  if strategy == "l2sp" and l2sp is not None:
+    c.l2sp_alpha, c.l2sp_beta = l2sp
+  return mse_curve(c, data, steps)
 
 
 def run(config, workdir: str) -> dict:
@@ -86,22 +106,32 @@ def run(config, workdir: str) -> dict:
   pre_config = common.run_config(config, "transfer")
   pre_dir = os.path.join(workdir, "pretrain")
   pre = train.train_and_evaluate(pre_config, pre_dir)
-  results = {}
+  source, _ = checkpoint.read_params(pre_dir)
+  results, distance, l2sp_cv = {}, {}, {}
   for k in t.shots:
     base = target_config(config, k)
     data = build.data_from_config(base)  # the new tasks, shared by every strategy
-    results[str(k)] = {}
+    results[str(k)], distance[str(k)] = {}, {}
+    chosen = None
+    if "l2sp" in t.strategies and t.l2sp_cv_folds:
+      l2sp_cv[str(k)] = choose_l2sp(base, data, pre_dir, t)
+      chosen = (l2sp_cv[str(k)]["alpha"], l2sp_cv[str(k)]["beta"])
+      logger.info("K=%d L2-SP by %d-fold CV: alpha %g, beta %g", k, t.l2sp_cv_folds, *chosen)
     for strategy in t.strategies:
       b = ml_collections.ConfigDict(base.to_dict())
       if strategy == "scratch":
         b.optim.lr = config.optim.lr * 10  # from scratch: no reason to be gentle
-      curve = strategy_curve(b, data, strategy, pre_dir, t.probe_steps)
+      curve, state = strategy_curve(b, data, strategy, pre_dir, t.probe_steps, chosen)
       results[str(k)][strategy] = curve
+      if strategy != "scratch":
+        distance[str(k)][strategy] = transfer.body_distance(
+            jax.device_get(state["params"]), source)
       logger.info("K=%d %s: test MSE %.3f -> %.3f after %d steps", k, strategy, curve[0],
                   curve[-1], len(curve) - 1)
   summary = {"results": results,
              "metric": "test MSE over the new tasks, original units (lower is better), "
                        "after 0, 1, ... fine-tuning steps",
+             "distance": distance, "l2sp_cv": l2sp_cv,
              "pretrain": {"mean_mse": float(np.mean([m["mse"] for m in pre["tasks"].values()]))},
              "config": config.to_dict()}
   common.write_json(workdir, "summary.json", summary)

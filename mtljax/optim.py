@@ -39,6 +39,12 @@ tree, and each per-task stack under ``vmap``). Parameters whose update is zero
 stay bitwise unchanged (``p`` is kept rather than ``p + 0``, which would turn
 ``-0.0`` into ``0.0``).
 
+Decoupled L2-SP (:class:`DecoupledL2SP`, ``config.l2sp_mode="decoupled"``):
+every trained group gets ``loaded`` and ``fresh`` variants whose chain puts
+``alpha (w - w0)`` (:func:`pull_to_initial`, ``w0`` held in the optimizer
+state from ``init``) or ``beta w`` between the optimizer's scaling and its
+learning rate, as optax's AdamW places its weight decay.
+
 Generated rules: :func:`layerwise_decay_rules` (layer ``l`` of ``L`` gets
 ``lr * decay^(L - l)``; ULMFiT's factor 2.6 between consecutive layers is
 ``decay = ULMFIT_DECAY = 1 / 2.6``), :func:`gradual_unfreezing_rules`

@@ -21,7 +21,15 @@ Strategies (:data:`STRATEGIES`, :func:`apply_strategy` edits a config):
 * ``head_kept``: full fine-tuning keeping the pretrained head (shapes must
   match: the same output size).
 * ``l2sp``: full fine-tuning with ``alpha/2 ||w - w0||^2`` on the loaded
-  parameters and ``beta/2 ||w||^2`` on the fresh ones (Li et al. 2018).
+  parameters and ``beta/2 ||w||^2`` on the fresh ones (Li et al. 2018), in
+  ``config.l2sp_mode``'s form (default decoupled, below);
+* ``l2sp_coupled``: the same in the coupled form (the penalty in the loss).
+
+``l2sp`` and ``l2sp_coupled`` keep ``config.l2sp_alpha`` / ``l2sp_beta`` when
+set, else take 0.01 each (:data:`L2SP_DEFAULT`). Their effect depends on
+the network, the learning rate and the number of steps (in transfer_sinusoids
+0.01 changes nothing measurable), so the transfer experiments choose them by
+cross-validation on the target's train split (:func:`l2sp_cv_config`).
 
 L2-SP's two forms (``config.l2sp_mode``, :data:`L2SP_MODES`):
 
@@ -46,11 +54,15 @@ import re
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+
+from mtljax import params as params_lib
 
 STRATEGIES = ("scratch", "full_ft", "linear_probe", "lp_ft", "layerwise_decay",
-              "gradual_unfreezing", "head_kept", "l2sp")
+              "gradual_unfreezing", "head_kept", "l2sp", "l2sp_coupled")
 HEAD = r"heads/"  # the dont_load / trainable pattern of a model's heads
 L2SP_MODES = ("decoupled", "coupled")
+L2SP_DEFAULT = 0.01  # alpha and beta of the l2sp strategies when the config sets neither
 
 
 def l2sp_penalty(loaded_mask, alpha: float, beta: float):
@@ -124,10 +136,47 @@ def apply_strategy(config: ml_collections.ConfigDict, strategy: str, *, source: 
     c.optim.layerwise_decay = c.optim.layerwise_decay or 1.0 / 2.6
   elif strategy == "gradual_unfreezing":
     c.optim.unfreeze_every = unfreeze_every or max(1, c.total_steps // 4)
-  elif strategy == "l2sp":
-    c.l2sp_alpha = c.l2sp_alpha or 0.01
-    c.l2sp_beta = c.l2sp_beta or 0.01
+  elif strategy in ("l2sp", "l2sp_coupled"):
+    if not (c.l2sp_alpha or c.l2sp_beta):
+      c.l2sp_alpha = c.l2sp_beta = L2SP_DEFAULT
+    if strategy == "l2sp_coupled":
+      c.l2sp_mode = "coupled"
   return c
+
+
+def l2sp_cv_config(config: ml_collections.ConfigDict, *, folds: int, grid: str,
+                   metric: str) -> ml_collections.ConfigDict:
+  """``config`` (an ``l2sp`` run from :func:`apply_strategy`) set up for
+  :func:`mtljax.cv.cross_validate` over ``grid`` (``"l2sp_alpha=...;l2sp_beta=..."``)
+  with ``folds`` folds of its train split, scored by validation ``metric``
+  after its ``total_steps``, at its learning rate."""
+  if folds < 2:
+    raise ValueError(f"L2-SP cross-validation needs folds >= 2, got {folds}.")
+  keys = {part.partition("=")[0].strip() for part in grid.split(";") if part.strip()}
+  if not keys or not keys <= {"l2sp_alpha", "l2sp_beta"}:
+    raise ValueError(f"L2-SP cross-validation grid {grid!r} must set l2sp_alpha and/or "
+                     "l2sp_beta only (e.g. 'l2sp_alpha=0,1,10;l2sp_beta=0,1').")
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.cv.folds, c.cv.grid, c.cv.metric = folds, grid, metric
+  c.cv.lr, c.cv.steps = (), (c.total_steps,)
+  return c
+
+
+def body_distance(params, source) -> float:
+  """``||w - w0||`` over the parameters outside the heads that the pretrained
+  ``source`` holds (by slash path; a per-task stack ``tasks/P`` against a
+  source ``shared/P``, every row): how far fine-tuning moved the body."""
+  src = dict(params_lib.flatten_with_names(source))
+  total = 0.0
+  for name, w in params_lib.flatten_with_names(params):
+    if re.search(HEAD, name):
+      continue
+    w0 = src.get(name, src.get("shared/" + name[len("tasks/"):]) if name.startswith(
+        "tasks/") else None)
+    if w0 is None:
+      continue
+    total += float(np.sum(np.square(np.asarray(w, np.float64) - np.asarray(w0, np.float64))))
+  return float(np.sqrt(total))
 
 
 def lp_ft_stages(config, *, source: str, probe_workdir: str, probe_steps: int,

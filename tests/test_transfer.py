@@ -255,6 +255,7 @@ def test_transfer_digits_experiment_writes_results_per_strategy_and_shots(tmp_pa
   c.transfer.strategies = ("scratch", "lp_ft", "l2sp")
   c.transfer.finetune_steps = 50
   c.transfer.probe_steps = 50
+  c.transfer.l2sp_cv_folds, c.transfer.l2sp_cv_grid = 2, "l2sp_alpha=0,300"
   out = exp.run(c, str(tmp_path))
   assert set(out["results"]) == {"scratch", "lp_ft", "l2sp"}
   # Each result is the test accuracy of that run's final parameters, recounted
@@ -284,9 +285,26 @@ def test_transfer_digits_experiment_writes_results_per_strategy_and_shots(tmp_pa
       (tmp_path / "shots_1" / "lp_ft" / "finetune" / "summary.json").read_text())
   assert ft["init_from"]["from"].endswith("probe") and ft["init_from"]["fresh_dont_load"] == []
   assert "tasks/heads/classification5/kernel" in ft["init_from"]["loaded"]
-  # L2-SP logged its penalty.
-  last = (tmp_path / "shots_1" / "l2sp" / "metrics.jsonl").read_text().splitlines()[-1]
-  assert __import__("json").loads(last)["train/penalty"] > 0
+  # Decoupled L2-SP ran with the alpha of the lower cross-validation score (two
+  # folds of the train images); the distances are the final bodies' from the
+  # pretrained one.
+  source, _ = checkpoint.read_params(str(tmp_path / "pretrain"))
+  for shots in ("1", "all"):
+    sel = out["l2sp_cv"][shots]
+    assert [p["l2sp_alpha"] for p in sel["points"]] == [0, 300]
+    best = min(sel["points"], key=lambda p: p["score"])
+    assert sel["alpha"] == best["l2sp_alpha"] and sel["beta"] == 0.01
+    cfg = __import__("json").loads(
+        (tmp_path / f"shots_{shots}" / "l2sp" / "summary.json").read_text())["config"]
+    assert (cfg["l2sp_alpha"], cfg["l2sp_beta"], cfg["l2sp_mode"]) == (
+        sel["alpha"], 0.01, "decoupled")
+    for strategy in ("lp_ft", "l2sp"):
+      run_dir = tmp_path / f"shots_{shots}" / strategy
+      final, _ = checkpoint.read_params(str(run_dir / "finetune" if strategy == "lp_ft"
+                                            else run_dir))
+      np.testing.assert_allclose(out["distance"][strategy][shots],
+                                 transfer.body_distance(final, source), rtol=1e-12)
+      assert out["distance"][strategy][shots] > 0
 
 
 def test_shared_parameters_initialise_every_row_of_a_per_task_stack():
@@ -738,14 +756,15 @@ def test_decoupled_l2sp_is_adams_update_minus_lr_times_the_pull(ft, head_lr_mult
     pull = 0.5 * (w - w0[name]) if mask[name] else 0.2 * w
     rate = lr * (head_lr_mult if "heads/" in name else 1.0)
     return -rate * (adam + pull)
-  _check_updates(ft, hist, want, rtol=2e-4, atol=1e-6)
-  # The pull is there: the same run without L2-SP moves differently after step 0.
-  plain = _copy(c)
-  plain.l2sp_alpha = plain.l2sp_beta = 0.0
-  _, hist_plain, _ = ft.run(plain, 3)
-  diff = {n: np.max(np.abs(np.asarray(a, np.float64) - _named(hist_plain[3]["params"])[n]))
-          for n, a in _named(hist[3]["params"]).items()}
-  assert max(d for n, d in diff.items() if not mask[n]) > 1e-3
+  pulls = []
+
+  def want_and_record(t, name, g):
+    out = want(t, name, g)
+    w = np.asarray(_named(hist[t]["params"])[name], np.float64)
+    pulls.append(np.max(np.abs(lr * (0.5 * (w - w0[name]) if mask[name] else 0.2 * w))))
+    return out
+  _check_updates(ft, hist, want_and_record, rtol=2e-4, atol=1e-6)
+  assert max(pulls) > 1e-3  # far above the tolerance: the check sees the pull
 
 
 def test_decoupled_l2sp_rejects_parameters_missing_from_the_checkpoint(ft, tmp_path):
@@ -765,3 +784,37 @@ def test_decoupled_l2sp_rejects_parameters_missing_from_the_checkpoint(ft, tmp_p
   c.l2sp_mode = "sgd"
   with pytest.raises(ValueError, match="l2sp_mode"):
     build.validate_config(c)
+
+
+def test_body_distance_is_the_float64_norm_over_the_body():
+  """Heads are left out; a per-task stack is measured against the source's
+  shared copy, every row; parameters the source lacks are left out."""
+  rng = np.random.default_rng(2)
+  src = {"shared": {"trunk": {"k": rng.normal(size=(3, 2))}},
+         "tasks": {"heads": {"k": rng.normal(size=(2, 4))}}}
+  params = {"tasks": {"trunk": {"k": rng.normal(size=(5, 3, 2))},
+                      "heads": {"k": rng.normal(size=(2, 4))},
+                      "extra": {"b": rng.normal(size=3)}}}
+  want = np.sqrt(np.sum((params["tasks"]["trunk"]["k"] - src["shared"]["trunk"]["k"]) ** 2))
+  assert transfer.body_distance(params, src) == pytest.approx(want, rel=1e-12)
+  same = {"shared": {"trunk": {"k": src["shared"]["trunk"]["k"] + 0.5}}}
+  assert transfer.body_distance(same, src) == pytest.approx(np.sqrt(6 * 0.25), rel=1e-12)
+
+
+def test_l2sp_strategies_and_cv_config():
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  base = common.base_config()
+  c = transfer.apply_strategy(base, "l2sp", source="/src")
+  assert (c.l2sp_alpha, c.l2sp_beta, c.l2sp_mode) == (0.01, 0.01, "decoupled")
+  c = transfer.apply_strategy(base, "l2sp_coupled", source="/src")
+  assert (c.l2sp_alpha, c.l2sp_beta, c.l2sp_mode) == (0.01, 0.01, "coupled")
+  base.l2sp_alpha = 3.0  # a set value is kept, beta included (0 stays 0)
+  c = transfer.apply_strategy(base, "l2sp", source="/src")
+  assert (c.l2sp_alpha, c.l2sp_beta) == (3.0, 0.0)
+  cvc = transfer.l2sp_cv_config(c, folds=3, grid="l2sp_alpha=0,1;l2sp_beta=0", metric="mse")
+  assert (cvc.cv.folds, cvc.cv.grid, cvc.cv.metric, tuple(cvc.cv.steps)) == (
+      3, "l2sp_alpha=0,1;l2sp_beta=0", "mse", (c.total_steps,))
+  with pytest.raises(ValueError, match="folds >= 2"):
+    transfer.l2sp_cv_config(c, folds=1, grid="l2sp_alpha=0,1", metric="mse")
+  with pytest.raises(ValueError, match="must set l2sp_alpha and/or l2sp_beta only"):
+    transfer.l2sp_cv_config(c, folds=3, grid="optim.lr=0.1,1", metric="mse")

@@ -10,6 +10,14 @@ only the pretrained checkpoint (never the 0-4 data), plus training from scratch
 with the same budget. Writes ``summary.json`` as ``{"results": {STRATEGY:
 {SHOTS: test accuracy}}}`` (``SHOTS`` "1", "5", "10", "all") and
 ``transfer_digits.png``. Variant ``:quick`` (fewer steps and shot counts).
+``summary.json`` also holds ``"distance"`` ``{STRATEGY: {SHOTS: ||w - w0||
+over the body}}`` (w0 the pretrained values) and ``"l2sp_cv"``.
+
+L2-SP (strategy ``l2sp``, decoupled): ``alpha``, ``beta`` chosen per shot count
+by ``transfer.l2sp_cv_folds``-fold cross-validation over
+``transfer.l2sp_cv_grid`` on the target's train images (validation loss after
+``finetune_steps``; 0 folds: the config's or the strategy's 0.01 each);
+``l2sp_coupled`` is the coupled form at the default 0.01 each.
 
 ``:source=multi_digits`` (experiment 3: fine-tuning from the shared trunk of a
 multi-task model): pretrain the two-task ``multi_digits`` model (left and right
@@ -59,6 +67,10 @@ def get_config(arg: str = ""):
   c.transfer.head_lr_mult = 3.0      # the fresh head at pretraining's rate
   c.transfer.probe_steps = 100       # lp_ft: linear-probe steps before fine-tuning
   c.transfer.shots_seed = 0
+  # L2-SP by cross-validation (0 folds: off). Decoupled, the pull shrinks
+  # w - w0 by lr * alpha per step (lr 1e-3 on the body): alpha 100 is 0.1.
+  c.transfer.l2sp_cv_folds = 4
+  c.transfer.l2sp_cv_grid = "l2sp_alpha=0,1,10,100;l2sp_beta=0,1,10"
   c.transfer.source = opts.get("source", "digits")
   c.transfer.canvas = False
   if c.transfer.source == "multi_digits":  # pretrain on overlaid pairs of all digits
@@ -77,6 +89,7 @@ def get_config(arg: str = ""):
     c.transfer.shots = (5, 0)
     c.transfer.finetune_steps = 200
     c.transfer.probe_steps = 100
+    c.transfer.l2sp_cv_grid = "l2sp_alpha=0,10,100;l2sp_beta=0,10"
     if c.transfer.source == "multi_digits":
       c.data.builder_config = "n3000_m600_s0"
       c.model.channels = (8, 16)

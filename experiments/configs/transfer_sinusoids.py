@@ -12,8 +12,15 @@ its own copy (initialised from the pooled network by broadcasting). For every
 strategy of :data:`mtljax.transfer.STRATEGIES` and K, the test MSE (100 query
 points per task, original units) averaged over the new tasks after each of the
 first ``transfer.record_steps`` fine-tuning steps. Writes ``summary.json``
-``{"results": {K: {STRATEGY: [mse after 0, 1, ... steps]}}}`` and
-``transfer_sinusoids.png``. Variant ``:quick``.
+``{"results": {K: {STRATEGY: [mse after 0, 1, ... steps]}}, "distance": {K:
+{STRATEGY: ||w - w0|| over the body, every task's copy}}, "l2sp_cv": {K:
+{"alpha", "beta", "points"}}}`` and ``transfer_sinusoids.png``. Variant ``:quick``.
+
+L2-SP (strategy ``l2sp``, decoupled): ``alpha``, ``beta`` chosen per K by
+``transfer.l2sp_cv_folds``-fold cross-validation over ``transfer.l2sp_cv_grid``
+on the K train points of the new tasks (validation MSE after the
+``record_steps`` budget; 0 folds: the config's or the strategy's 0.01 each).
+``l2sp_coupled`` is the coupled form at the default 0.01 each, for comparison.
 """
 
 import ml_collections
@@ -53,6 +60,11 @@ def get_config(arg: str = ""):
   c.transfer.record_steps = 20      # query MSE after each of these steps
   c.transfer.probe_steps = 10       # lp_ft's linear-probe steps (out of record_steps)
   c.transfer.batch_mult = 4         # examples per step = batch_mult * K (i.i.d. draws)
+  # L2-SP's alpha and beta by cross-validation on the K train points (0: off).
+  # Decoupled, the pull shrinks w - w0 by lr * alpha per step (lr 1e-2 here):
+  # alpha 30 is 0.3 per step; 0 in the grid lets the selection turn it off.
+  c.transfer.l2sp_cv_folds = 5
+  c.transfer.l2sp_cv_grid = "l2sp_alpha=0,1,3,10,30;l2sp_beta=0,1,10"
   if arg == "quick":
     c.data.builder_config = "t30_n50_m50_s0"
     c.sampling.tasks_per_step = 10
@@ -63,6 +75,7 @@ def get_config(arg: str = ""):
     c.transfer.target_tasks = 8
     c.transfer.record_steps = 10
     c.transfer.probe_steps = 5
+    c.transfer.l2sp_cv_grid = "l2sp_alpha=0,3,30;l2sp_beta=0,10"
   elif arg:
     raise ValueError(f"transfer_sinusoids config: unknown variant {arg!r}; use '' or "
                      "'quick'.")
