@@ -42,19 +42,22 @@ from mtljax.data import sampling
 from mtljax.models import multitask
 
 
-def as_objective(objective, num_tasks: int) -> objectives.Objective:
+def as_objective(objective, model: multitask.Model) -> objectives.Objective:
   """An :class:`~mtljax.objectives.Objective`, or a method name built with its
-  default hyper-parameters."""
+  default hyper-parameters; bound to the model's shared parameter shapes
+  (:func:`mtljax.objectives.bind_shared`: a no-op unless its state holds
+  per-task gradients)."""
   if isinstance(objective, str):
-    return objectives.make_objective(objective, num_tasks)
-  if not isinstance(objective, objectives.Objective):
+    objective = objectives.make_objective(objective, len(model.taskset))
+  elif not isinstance(objective, objectives.Objective):
     raise TypeError(f"objective must be an Objective or a method name, got {objective!r}.")
-  return objective
+  return objectives.bind_shared(objective,
+                                jax.eval_shape(model.init, jax.random.key(0))["shared"])
 
 
 def task_rows(model: multitask.Model, objective) -> dict:
   """The model's per-task stacks plus the objective's per-task parameters."""
-  objective = as_objective(objective, len(model.taskset))
+  objective = as_objective(objective, model)
   rows = dict(model.task_rows)
   if jax.eval_shape(objective.init_params):
     rows[objective.name] = np.arange(len(model.taskset), dtype=np.int32)
@@ -68,7 +71,7 @@ def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixe
   (the parameters a penalty pulls toward: see :func:`make_train_step`) and
   ``"hparams"`` (``{"lr_scale": scalar}``, see :func:`mtljax.optim.update`)
   when given."""
-  objective = as_objective(objective, len(model.taskset))
+  objective = as_objective(objective, model)
   params = model.init(rng)
   own = objective.init_params()
   if own:
@@ -366,7 +369,7 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   """
   ts = model.taskset
   num_tasks = len(ts)
-  objective = as_objective(objective, num_tasks)
+  objective = as_objective(objective, model)
   jacobians.sequential_backwards(slot_backwards)  # checks the name
   for name, value in (("task_probs", task_probs), ("weights", weights)):
     if np.shape(value) != (num_tasks,):
