@@ -9,7 +9,9 @@ the builders with TFDS under ``multi_digits``, ``mmoe_synthetic`` and
 Builder configs are named so that any setting can be asked for by name:
 
 * ``multi_digits``: ``default`` (10,000 train / 2,000 test canvases, seed 0),
-  or ``n{TRAIN}_m{TEST}_s{SEED}``.
+  or ``n{TRAIN}_m{TEST}_s{SEED}``, optionally ``_miss{FRACTION}`` (each train
+  label missing with that probability: features ``left_label_mask`` and
+  ``right_label_mask``, label -1 where missing).
 * ``mmoe_synthetic``: ``p{P}`` (e.g. ``p0.9``; 10,000 train / 2,000 test,
   seed 0), or ``p{P}_n{TRAIN}_m{TEST}_s{SEED}``, optionally ``_a{SINES_SEED}``
   (the sine parameters fixed across data seeds).
@@ -58,6 +60,7 @@ class MultiDigitsConfig(tfds.core.BuilderConfig):
   num_train: int = 10_000
   num_test: int = 2_000
   seed: int = 0
+  missing: float = 0.0  # probability that a train label is missing
 
 
 class MultiDigits(tfds.core.GeneratorBasedBuilder):
@@ -70,13 +73,18 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
   def config_from_name(cls, name: str) -> MultiDigitsConfig:
     if name in ("", "default"):
       return cls.BUILDER_CONFIGS[0]
-    m = re.fullmatch(r"n(\d+)_m(\d+)_s(\d+)", name)
+    m = re.fullmatch(rf"n(\d+)_m(\d+)_s(\d+)(?:_miss{_NUM})?", name)
     if not m:
       raise ValueError(
           f"multi_digits: unknown builder config {name!r}; use 'default' or "
-          "'n{TRAIN}_m{TEST}_s{SEED}', e.g. 'n2000_m500_s1'.")
-    n, t, s = map(int, m.groups())
-    return MultiDigitsConfig(name=name, num_train=n, num_test=t, seed=s)
+          "'n{TRAIN}_m{TEST}_s{SEED}[_miss{FRACTION}]', e.g. 'n2000_m500_s1' or "
+          "'n2000_m500_s1_miss0.5'.")
+    n, t, s = map(int, m.groups()[:3])
+    missing = float(m.group(4) or 0.0)
+    if not 0.0 <= missing < 1.0:
+      raise ValueError(f"multi_digits: the missing label fraction must be in [0, 1), got "
+                       f"{missing} in {name!r}.")
+    return MultiDigitsConfig(name=name, num_train=n, num_test=t, seed=s, missing=missing)
 
   def _info(self):
     h, w = generators.CANVAS_SHAPE
@@ -90,12 +98,15 @@ class MultiDigits(tfds.core.GeneratorBasedBuilder):
             "right_label": _tensor((), np.int64),
             "left_source": _tensor((), np.int64),
             "right_source": _tensor((), np.int64),
+            **({"left_label_mask": _tensor((), np.bool_),
+                "right_label_mask": _tensor((), np.bool_)}
+               if self.builder_config.missing else {}),
         }))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # generated locally
     c = self.builder_config
-    data = generators.make_multi_digits(c.seed, c.num_train, c.num_test)
+    data = generators.make_multi_digits(c.seed, c.num_train, c.num_test, missing=c.missing)
     return {split: self._generate_examples(arrays) for split, arrays in data.items()}
 
   def _generate_examples(self, arrays):

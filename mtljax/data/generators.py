@@ -86,15 +86,42 @@ def compose_multi_digits(images: np.ndarray, labels: np.ndarray,
 
 
 def make_multi_digits(seed: int, num_train: int, num_test: int,
-                      test_fraction: float = 0.25) -> dict[str, dict[str, np.ndarray]]:
-  """Both splits of ``multi_digits``; no source image appears in both."""
+                      test_fraction: float = 0.25, missing: float = 0.0
+                      ) -> dict[str, dict[str, np.ndarray]]:
+  """Both splits of ``multi_digits``; no source image appears in both.
+
+  ``missing`` > 0: each train example's left and right label is missing,
+  independently, with that probability (:func:`drop_labels`); the test split
+  keeps every label (and all-True masks, so both splits have one feature set).
+  """
   images, labels, train_ids, test_ids = split_digit_sources(seed, test_fraction)
-  return {
+  out = {
       "train": compose_multi_digits(images, labels, train_ids, num_train,
                                     np.random.default_rng([seed, 1])),
       "test": compose_multi_digits(images, labels, test_ids, num_test,
                                    np.random.default_rng([seed, 2])),
   }
+  if missing > 0:
+    keys = ("left_label", "right_label")
+    out["train"] = drop_labels(out["train"], keys, missing, np.random.default_rng([seed, 4]))
+    out["test"] = drop_labels(out["test"], keys, 0.0, np.random.default_rng([seed, 5]))
+  return out
+
+
+def drop_labels(arrays: dict[str, np.ndarray], keys, fraction: float,
+                rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """``arrays`` with each label in ``keys`` missing with probability
+  ``fraction``, independently per example and label: a bool feature
+  ``<key>_mask`` (True: labelled) and the label set to -1 where missing (the
+  TFDS ``ClassLabel`` convention for "no label")."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"missing label fraction must be in [0, 1), got {fraction}.")
+  out = dict(arrays)
+  for key in keys:
+    mask = rng.random(len(arrays[key])) >= fraction
+    out[key + "_mask"] = mask
+    out[key] = np.where(mask, arrays[key], -1).astype(arrays[key].dtype)
+  return out
 
 
 def make_digits(classes, shots: int, seed: int, test_fraction: float = 0.25,

@@ -203,8 +203,9 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
   (``data.readers``). ``sources``/``features``/``spec`` stand in for a TFDS
   data set (any random-access sequence of dicts, for tests and custom data).
 
-  Every record is read once here (batched): its labels are kept, its input is
-  checked against the declared shape and for NaN. ``shard_index`` of
+  Every record is read once here (batched): its labels (and ``<label>_mask``
+  features: missing labels, :func:`mtljax.data.loading.mark_missing`) are
+  kept, its input is checked against the declared shape and for NaN. ``shard_index`` of
   ``shard_count`` (:meth:`mtljax.sharding.Placement.data_shard`: this process's
   slice of the mesh's ``data`` axis): only that shard of the train split is
   read (``max_train_examples`` then counts per shard); with several processes
@@ -217,7 +218,8 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
     spec = loading.spec_for(name, features, builder_config, input_key, label_keys)
   shape, dtype = loading.input_feature(features, spec)
   keys = list(dict.fromkeys([c.label_key for c in spec.columns] +
-                            ([spec.split_key] if spec.split_key else [])))
+                            ([spec.split_key] if spec.split_key else []) +
+                            loading.mask_keys(spec, loading.flatten_features(features))))
   arrays, readers = {}, {}
   for split, src in sources.items():
     reader = Reader(src, spec.input_key, shape, np.dtype(dtype))
