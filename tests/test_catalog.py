@@ -356,3 +356,17 @@ def test_label_kinds_the_features_cannot_have_are_refused(tmp_path):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
       loading.catalog_spec(features, kwargs.get("input_key", "image"), kwargs["labels"],
                            kwargs.get("family", ""))
+
+
+def test_a_catalog_data_set_not_prepared_offline_fails_in_seconds_saying_how(tmp_path,
+                                                                              monkeypatch):
+  monkeypatch.setattr(loading, "NETWORK_PROBE", ("127.0.0.1", 9))  # refused: "offline"
+  with pytest.raises(loading.DataNotAvailableError) as e:
+    build.data_from_config(_catalog_config(tmp_path, **{"data.name": "mnist",
+                                                        "data.download": True}))
+  assert str(e.value).startswith(
+      f"TFDS data set 'mnist' (split 'train') is not prepared in data_dir='{tmp_path}' and "
+      "could not be downloaded. On a machine with network run `tfds build mnist "
+      "--file_format=array_record --data_dir=DIR` (or set config.data.download=True "
+      "there), copy DIR here and pass --config.data.data_dir=DIR. (ConnectionError: no "
+      "network: 127.0.0.1:9 not reachable within 5 s")
