@@ -166,9 +166,10 @@ def labelled_slots(taskset: tasks_lib.TaskSet, batch: jacobians.Batch
   A slot with no labelled example has loss 0 and gradient 0. Its task then
   counts as not sampled where that matters: its rows of the per-task
   parameters and optimizer state stay bitwise (``optim.update``'s ``active``),
-  its fixed weight is 0 for the objective in this step (so methods that
-  normalise over the slots, FAMO, do not see it), and the logs do not count
-  the slot (``task_count``, TAG's pairs)."""
+  the objective sees its fixed weight as 0 in this step (so methods that
+  normalise over the slots -- FAMO, GLS -- leave it out; every other task's
+  weight is as given), and the logs do not count the slot (``task_count``,
+  TAG's pairs)."""
   labelled = jnp.any(tasks_lib.slot_masks(taskset, batch.ys, batch.task_ids), axis=1)
   ids = jnp.asarray(batch.task_ids)
   present = jax.ops.segment_sum(labelled.astype(jnp.int32), ids, len(taskset)) > 0
@@ -403,10 +404,12 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
                               batch.task_ids, batch.shared)
     ids = batch.task_ids
     labelled, present = labelled_slots(ts, batch)
+    sampled = jnp.zeros((num_tasks,), bool).at[ids].set(True)
     lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
                               one_pass=one_pass, slot_backwards=slot_backwards)
     result = objective.gradients(lin, objectives.Inputs(   # traced ids for objectives
-        jnp.asarray(ids), jnp.where(present, weights, 0.0), state["objective_state"],
+        jnp.asarray(ids), jnp.where(sampled & ~present, 0.0, weights),
+        state["objective_state"],
         params["tasks"].get(objective.name, {}), r_method))
     total, grads, pen = add_penalties(model, penalty, state, result.total, result.grads)
     tag = (tag_measurements(lin, params, ids, tag_lr, num_tasks, labelled) if tag_lr > 0
