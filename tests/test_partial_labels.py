@@ -311,8 +311,6 @@ def test_every_objective_updates_finitely_with_one_fully_unlabelled_slot(method)
   row = ts.local_index[unl]
   tx = optax.adam(1e-2)
   objective = objectives.make_objective(method, len(ts))
-  bind = getattr(objectives, "bind_shared", lambda o, _: o)  # methods with gradient state
-  objective = bind(objective, params["shared"])
   train_step = jax.jit(steps.make_train_step(
       model, tx, objective, task_probs=np.full(4, 0.25), weights=np.ones(4),
       tasks_per_step=k, examples_per_task=b, shared_inputs=True, host_batches=True))
