@@ -98,6 +98,21 @@ def _validate_optim_numbers(o) -> None:
                      f"{o.warmup_steps!r}.")
 
 
+def _validate_cv(config) -> None:
+  """``config.cv`` (k-fold selection, :mod:`mtljax.cv`) when it is on."""
+  cv = config.get("cv", None)
+  if cv is None or not cv.folds:
+    return
+  if not isinstance(cv.folds, (int, np.integer)) or isinstance(cv.folds, bool) or \
+      cv.folds < 2:
+    raise ValueError(f"config.cv.folds must be 0 (off) or an integer >= 2, got {cv.folds!r}.")
+  _one_of("cv.metric", cv.metric, sorted(tasks_lib.METRIC_DIRECTIONS))
+  if not all(isinstance(v, (int, float)) and v > 0 and math.isfinite(v) for v in cv.lr):
+    raise ValueError(f"config.cv.lr must be positive numbers (() = config.optim.lr), got "
+                     f"{tuple(cv.lr)!r}.")
+  _positive_ints("cv.steps", cv.steps)
+
+
 def _validate_data(config) -> None:
   """``config.data``'s names and numbers; the data set's name itself is
   checked against the catalog by :func:`data_from_config`, before loading
@@ -194,6 +209,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
               "checkpoint_steps", "eval_batch_size"):
     _positive_int(config, key)
   _validate_data(config)
+  _validate_cv(config)
   if config.eval_train and jax.process_count() > 1 and \
       config.data.get("pipeline", "auto") != "device":
     raise ValueError("config.eval_train with several processes needs "

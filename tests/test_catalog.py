@@ -320,6 +320,11 @@ def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path):
      "config.optim.stlr_cut_frac must be a number in (0, 1), got 0.0."),
     ({"optim.stlr_ratio": 0.5}, "config.optim.stlr_ratio must be a number in [1, inf), got 0.5."),
     ({"optim.warmup_steps": -1}, "config.optim.warmup_steps must be an integer >= 0, got -1."),
+    ({"cv.folds": 1}, "config.cv.folds must be 0 (off) or an integer >= 2, got 1."),
+    ({"cv.folds": 3, "cv.metric": "f1"},
+     "config.cv.metric='f1' is not one of ('accuracy', 'loss', 'mae', 'mse')."),
+    ({"cv.folds": 3, "cv.lr": (1e-3, -1.0)},
+     "config.cv.lr must be positive numbers (() = config.optim.lr), got (0.001, -1.0)."),
 ])
 def test_bad_config_values_are_refused_with_the_allowed_values(overrides, message):
   config = helpers.small_sinusoids_config(**overrides)
