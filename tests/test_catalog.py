@@ -375,3 +375,31 @@ def test_a_catalog_data_set_not_prepared_offline_fails_in_seconds_saying_how(tmp
       "--file_format=array_record --data_dir=DIR` (or set config.data.download=True "
       "there), copy DIR here and pass --config.data.data_dir=DIR. (ConnectionError: no "
       "network: 127.0.0.1:9 not reachable within 5 s")
+
+
+@pytest.mark.slow
+def test_a_run_on_two_data_sets_trains_each_task_on_its_own_labels(tmp_path):
+  """Fashion-MNIST's stand-in has one class only (learnable in a few steps),
+  MNIST's has random labels on random images (not learnable): the run's test
+  accuracy is 1 on the first and near chance on the second, so each task is
+  trained and evaluated on its own data set."""
+  from mtljax import train  # pylint: disable=g-import-not-at-top
+  made = {}
+  for seed, split, n in ((0, "train", 200), (1, "test", 100)):
+    made[("mnist", split)] = _mnist_like(n, seed)
+    made[("fashion_mnist", split)] = [dict(r, label=np.int64(3))
+                                      for r in _mnist_like(n, seed + 10)]
+  config = mnist_fashion_config.get_config("quick")
+  helpers.with_overrides(config, {
+      "data.data_dir": str(tmp_path / "data"), "data.download": False,
+      "model.encoder": "mlp", "model.hidden": (16,), "optim.lr": 1e-2,
+      "sampling.examples_per_task": 16, "total_steps": 40, "steps_per_call": 20,
+      "log_steps": 20, "eval_steps": 40, "checkpoint_steps": 40, "eval_batch_size": 100,
+      "tensorboard": False, "plots": False})
+  with tfds.testing.mock_data(as_data_source_fn=lambda self, split: made[(self.name, split)]):
+    summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  tasks = summary["tasks"]
+  assert set(tasks) == {"mnist_label", "fashion_mnist_label"}
+  assert tasks["fashion_mnist_label"]["accuracy"] == 1.0
+  # 100 random labels of 10 classes: accuracy ~ Binomial(100, 0.1) / 100.
+  assert tasks["mnist_label"]["accuracy"] < 0.3
