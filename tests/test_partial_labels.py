@@ -92,6 +92,22 @@ def test_layout_marks_missing_labels_and_statistics_use_labelled_only():
   np.testing.assert_array_equal(summed.num_train, data.train["n"])
 
 
+def test_family_tasks_take_their_rows_of_the_mask():
+  spec, arrays = helpers.family_data([20, 30, 25], [10, 10, 10])
+  for cols in arrays.values():
+    keep = np.arange(len(cols["y"])) % 3 != 0
+    cols["y_mask"], cols["y"] = keep, np.where(keep, cols["y"], np.nan).astype(np.float32)
+  data = loading.build_task_data("family", spec, arrays)
+  tr = arrays["train"]
+  for i, t in enumerate(data.taskset):
+    sel = tr["task"] == i
+    got = data.train["y"]["regression1"][i][:data.train["n"][i]]
+    np.testing.assert_array_equal(tasks.label_mask(t, got), tr["y_mask"][sel])
+    y = tr["y"][sel][tr["y_mask"][sel]].astype(np.float64)
+    np.testing.assert_allclose(data.label_mean[i], y.mean(), rtol=1e-6)
+    np.testing.assert_allclose(data.label_std[i], y.std(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["train"].update(y_mask=np.ones(48, bool)), "NaN or infinite label"),
     (lambda c: c["train"].pop("y_mask"), "NaN or infinite label"),
@@ -337,6 +353,31 @@ def test_every_objective_updates_finitely_with_one_fully_unlabelled_slot(method)
       heads[ts.tasks[ts.index(t)].group]["kernel"][ts.local_index[ts.index(t)]],
       old[ts.tasks[ts.index(t)].group]["kernel"][ts.local_index[ts.index(t)]])]
   assert moved  # (min_max moves only the worst task's head)
+
+
+def test_tag_affinity_leaves_out_pairs_with_an_unlabelled_slot():
+  data = helpers.toy_data()
+  ts = data.taskset
+  model, params = _model(ts, data.input_shape)
+  rng = np.random.default_rng(1)
+  ys = {"regression1": rng.normal(size=(4, 6)).astype(np.float32),
+        "classification3": rng.integers(0, 3, (4, 6)).astype(np.int32),
+        "binary1": rng.integers(0, 2, (4, 6)).astype(np.int32)}
+  order = ts.grouped_order
+  unl = ts.index("b")
+  ys["binary1"][list(order).index(unl)] = -1
+  batch = {"task_ids": order, "x": rng.normal(size=(6, 5)).astype(np.float32), "y": ys}
+  tx = optax.sgd(0.1)
+  step = jax.jit(steps.make_train_step(
+      model, tx, "fixed", task_probs=np.full(4, 0.25), weights=np.ones(4), tasks_per_step=4,
+      examples_per_task=6, shared_inputs=True, host_batches=True, tag_lr=0.1))
+  state = steps.init_train_state(model, tx, jax.random.key(0))
+  _, meas = step({**state, "params": params}, jax.tree.map(jnp.asarray, batch))
+  want = np.ones((4, 4))
+  want[unl, :] = want[:, unl] = 0.0
+  np.testing.assert_array_equal(meas["tag_count"], want)
+  assert np.all(np.isfinite(meas["tag_sum"])) and not np.any(meas["tag_sum"][unl])
+  assert np.any(meas["tag_sum"][want > 0])
 
 
 # ----------------------------------------------------------------------------
