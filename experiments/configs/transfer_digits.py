@@ -89,7 +89,7 @@ def get_config(arg: str = ""):
     c.transfer.shots = (5, 0)
     c.transfer.finetune_steps = 200
     c.transfer.probe_steps = 100
-    c.transfer.l2sp_cv_grid = "l2sp_alpha=0,10,100;l2sp_beta=0,10"
+    c.transfer.l2sp_cv_grid = "l2sp_alpha=0,1,10,100;l2sp_beta=0,1"
     if c.transfer.source == "multi_digits":
       c.data.builder_config = "n3000_m600_s0"
       c.model.channels = (8, 16)

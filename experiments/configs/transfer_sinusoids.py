@@ -62,9 +62,10 @@ def get_config(arg: str = ""):
   c.transfer.batch_mult = 4         # examples per step = batch_mult * K (i.i.d. draws)
   # L2-SP's alpha and beta by cross-validation on the K train points (0: off).
   # Decoupled, the pull shrinks w - w0 by lr * alpha per step (lr 1e-2 here):
-  # alpha 30 is 0.3 per step; 0 in the grid lets the selection turn it off.
+  # alpha 90 is 0.9 per step (above 1/lr the pull overshoots w0); 0 in the
+  # grid lets the selection turn it off.
   c.transfer.l2sp_cv_folds = 5
-  c.transfer.l2sp_cv_grid = "l2sp_alpha=0,1,3,10,30;l2sp_beta=0,1,10"
+  c.transfer.l2sp_cv_grid = "l2sp_alpha=0,1,3,10,30,90;l2sp_beta=0,1,10"
   if arg == "quick":
     c.data.builder_config = "t30_n50_m50_s0"
     c.sampling.tasks_per_step = 10
@@ -75,7 +76,7 @@ def get_config(arg: str = ""):
     c.transfer.target_tasks = 8
     c.transfer.record_steps = 10
     c.transfer.probe_steps = 5
-    c.transfer.l2sp_cv_grid = "l2sp_alpha=0,3,30;l2sp_beta=0,10"
+    c.transfer.l2sp_cv_grid = "l2sp_alpha=0,3,30,90;l2sp_beta=0,10"
   elif arg:
     raise ValueError(f"transfer_sinusoids config: unknown variant {arg!r}; use '' or "
                      "'quick'.")
