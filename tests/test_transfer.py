@@ -818,3 +818,21 @@ def test_l2sp_strategies_and_cv_config():
     transfer.l2sp_cv_config(c, folds=1, grid="l2sp_alpha=0,1", metric="mse")
   with pytest.raises(ValueError, match="must set l2sp_alpha and/or l2sp_beta only"):
     transfer.l2sp_cv_config(c, folds=3, grid="optim.lr=0.1,1", metric="mse")
+
+
+def test_decoupled_and_coupled_l2sp_coincide_under_plain_sgd(ft):
+  """Without momentum SGD's update is -lr (g + penalty gradient) either way:
+  the decoupled form is the paper's update there (3 steps, alpha 0.5, beta 0.2)."""
+  base = _copy(ft.config)
+  base.l2sp_alpha, base.l2sp_beta = 0.5, 0.2
+  runs = {}
+  for mode in ("coupled", "decoupled"):
+    base.l2sp_mode = mode
+    c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir)
+    runs[mode] = ft.run(c, 3)[1]
+  for t in range(1, 4):
+    got, want = _named(runs["decoupled"][t]["params"]), _named(runs["coupled"][t]["params"])
+    for name in want:
+      np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  moved = _named(runs["decoupled"][3]["params"])
+  assert any(np.any(moved[n] != v) for n, v in _named(runs["decoupled"][0]["params"]).items())
