@@ -21,6 +21,16 @@ Examples labelled for only some tasks: a bool feature ``<label>_mask`` (True:
 labelled), or the label -1 for classification and binary labels, marks a
 missing label; the layout stores it as :func:`mtljax.tasks.missing_label`
 (:func:`mark_missing`), and regression statistics use labelled examples only.
+
+Catalog data sets become tasks through a :class:`DataSpec` made from their
+features (:func:`catalog_spec`): label features with their kinds (CelebA's 40
+``attributes/...`` as binary tasks on one input source), a *family* feature
+whose every value is a task on its own inputs (Omniglot's ``alphabet``), and
+several data sets joined by ``+`` (``mnist+fashion_mnist``: one spec per data
+set, :func:`prefixed`). :class:`Splits` maps mtljax's train and test splits to
+TFDS split strings, or holds a seeded fraction of the train split out as the
+test split. The name, builder config, splits and spec are checked on the
+metadata (:func:`check_name`, :func:`open_all`) before any record is read.
 """
 
 from __future__ import annotations
