@@ -30,6 +30,7 @@ from mtljax import checkpoint
 from mtljax import sharding
 from mtljax import train
 from mtljax import workdir
+from mtljax.data import loading
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (get_config(arg)).", lock_config=True)
@@ -81,7 +82,7 @@ def print_catalog(out=sys.stdout) -> None:
 
 # ``--config.objective.weights.TASK=W`` (the task names are the data's, so the
 # config cannot declare them): gathered into one dict override before parsing.
-_WEIGHT_FLAG = re.compile(r"^--config\.objective\.weights\.([^=.]+)=(.+)$")
+_WEIGHT_FLAG = re.compile(r"^--config\.objective\.weights\.([^=]+)=(.+)$")
 
 
 def _gather_weight_flags(argv: list[str]) -> list[str]:
@@ -200,7 +201,8 @@ def main(argv):
   except train.Preempted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM, no traceback
     log.warning("%s", e)
     sys.exit(PREEMPTED_EXIT)
-  except (train.NonFiniteError, workdir.WorkdirError, checkpoint.CheckpointError) as e:
+  except (train.NonFiniteError, workdir.WorkdirError, checkpoint.CheckpointError,
+          loading.DataNotAvailableError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except ValueError as e:

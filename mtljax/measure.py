@@ -86,7 +86,7 @@ def delta_m(metrics: dict, baseline: dict,
 # Config fields that change how a run is reported or scheduled, never what it
 # learns: left out of the baselines' cache key.
 _NOT_RESULTS = ("log_steps", "eval_steps", "checkpoint_steps", "steps_per_call",
-                "baselines_cache", "experiment")
+                "baselines_cache", "experiment", "tensorboard", "plots")
 
 
 def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

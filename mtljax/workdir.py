@@ -9,7 +9,8 @@ the config it was started with, and JSON that other tools can read.
 * :func:`check_config` stores the config at the first run
   (``WORKDIR/config.json``) and refuses a resume whose config differs, listing
   the keys, apart from :data:`RESUMABLE_KEYS` (step budget, intervals,
-  evaluation chunking, where data and caches live, the mesh).
+  evaluation chunking, where data and caches live, the mesh, which outputs are
+  written).
 * :func:`trim_metrics` drops ``metrics.jsonl`` rows past the restored step
   (written after the last checkpoint by a killed or crashed run).
 * :func:`json_safe` turns non-finite floats into ``null`` and names them
@@ -32,7 +33,8 @@ from mtljax import params as params_lib
 RESUMABLE_KEYS = ("total_steps", "steps_per_call", "log_steps", "eval_steps",
                   "checkpoint_steps", "eval_batch_size", "data.data_dir", "baselines",
                   "baselines_cache", "mesh", "on_nonfinite", "data.pipeline",
-                  "data.device_budget_mb", "data.workers", "data.prefetch")
+                  "data.device_budget_mb", "data.workers", "data.prefetch",
+                  "tensorboard", "plots")
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
