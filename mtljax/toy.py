@@ -47,7 +47,9 @@ PROTOCOLS = {
                  steps=50_000, scale=0.1, cagrad_rescale=1, famo_gamma=0.0),
 }
 
-TOY_METHODS = ("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS
+# The loss-transforming methods (db_mtl, stch, gls, moco, imtl) take logs or
+# powers of the losses, which are negative on this problem.
+TOY_METHODS = ("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS + ("gradvac", "excess_mtl")
 
 
 def clamp_min(x: jax.Array, low: float) -> jax.Array:
@@ -88,7 +90,8 @@ def objective(method: str, scale: float = 1.0, *, cagrad_c: float = 0.5,
     hp = {"c": cagrad_c, "rescale": cagrad_rescale}
   elif method == "famo":
     hp = {"gamma": famo_gamma, "min_losses": (-21.0 * scale, -21.0)}
-  return objectives.make_objective(method, 2, **hp)
+  return objectives.bind_shared(objectives.make_objective(method, 2, **hp),
+                                jax.ShapeDtypeStruct((2,), jnp.float32))
 
 
 def linearized(x: jax.Array, scale: float) -> jacobians.Linearized:
