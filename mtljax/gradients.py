@@ -57,16 +57,19 @@ import numpy as np
 
 
 def gram(grads) -> jax.Array:
-  """``K = G G^T`` ``[T, T]`` for ``G [T, D]`` or a pytree with task axis 0."""
+  """``K = G G^T`` ``[T, T]`` for ``G [T, D]`` or a pytree with task axis 0; in
+  float32, or float64 when the gradients are (``jax_enable_x64``)."""
   leaves = jax.tree.leaves(grads)
   if not leaves:
     raise ValueError("gram: no gradients.")
   t = leaves[0].shape[0]
-  k = jnp.zeros((t, t), jnp.float32)
+  # float32 at least; float64 for float64 gradients (under jax_enable_x64).
+  dtype = jnp.result_type(jnp.float32, *(leaf.dtype for leaf in leaves))
+  k = jnp.zeros((t, t), dtype)
   for leaf in leaves:
     if leaf.shape[0] != t:
       raise ValueError(f"gram: leaves disagree on the task axis ({leaf.shape[0]} vs {t}).")
-    flat = leaf.reshape(t, -1).astype(jnp.float32)
+    flat = leaf.reshape(t, -1).astype(dtype)
     k = k + flat @ flat.T
   return k
 
@@ -165,53 +168,164 @@ def largest_eigenvalue(k: jax.Array, power_iters: int = 30) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def _support_masks(t: int) -> np.ndarray:
-  """``[2^T - 1, T]`` bool: every non-empty subset of the tasks."""
-  m = np.arange(1, 2 ** t)[:, None]
+def _support_masks(t: int, empty: bool = False) -> np.ndarray:
+  """``[2^T - 1, T]`` bool: every non-empty subset of the tasks (``empty``:
+  the empty one too, first: ``[2^T, T]``)."""
+  m = np.arange(0 if empty else 1, 2 ** t)[:, None]
   return ((m >> np.arange(t)[None, :]) & 1).astype(bool)
+
+
+def cosine_gram(k: jax.Array):
+  """``(C, n)`` with ``K = diag(n) C diag(n)``: ``n [T]`` the gradients' norms
+  and ``C [T, T]`` their cosines, unit diagonal (a zero gradient gets ``C_ii = 1``
+  and zeros off the diagonal). The methods below solve their small systems on
+  ``C`` and rescale: its entries are of order one whatever the norms, so rows
+  whose norms differ by 100x cost no float32 precision."""
+  n = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
+  pos = n > jnp.finfo(k.dtype).tiny ** 0.5
+  inv = jnp.where(pos, 1.0 / jnp.where(pos, n, 1.0), 0.0)
+  eye = jnp.eye(k.shape[0], dtype=bool)
+  return jnp.where(eye, 1.0, k * inv[:, None] * inv[None, :]), n
+
+
+def _rounding(a: jax.Array, x: jax.Array) -> jax.Array:
+  """``16 eps (|A| |x|)``: the float rounding level of ``A x``, per entry."""
+  return 16.0 * jnp.finfo(a.dtype).eps * (jnp.abs(a) @ jnp.abs(x))
+
+
+def _spectral_pinv_ones(c: jax.Array):
+  """``(C^+ 1, cond(C), rank)`` by ``eigh``, eigenvalues at or below
+  ``T eps lambda_max`` (what ``C``'s rounding cannot resolve) cut."""
+  t = c.shape[0]
+  lam, v = jnp.linalg.eigh(c)
+  keep = lam > t * jnp.finfo(c.dtype).eps * lam[-1]
+  inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+  y = v @ (inv * (v.T @ jnp.ones((t,), c.dtype)))
+  cond = jnp.where(lam[0] > 0, lam[-1] / jnp.where(lam[0] > 0, lam[0], 1.0), jnp.inf)
+  return y, cond, keep.sum()
+
+
+# ----------------------------------------------------------------------------
+# MGDA: the min-norm point of the convex hull, in cosine coordinates.
+#
+# With ``a = m * x`` (``m = n_min / n`` in (0, 1]) the problem
+# ``min_{a in simplex} a^T K a`` is ``n_min^2 min x^T C x`` over ``x >= 0``,
+# ``m^T x = 1``; the KKT test ``(K a)_j >= a^T K a`` reads ``q_j >= x^T C x``
+# with ``q = (C x) / m``.
+# ----------------------------------------------------------------------------
+
+
+def _min_norm_scaled(k: jax.Array):
+  c, n = cosine_gram(k)
+  n = jnp.maximum(n, 1e-30 * jnp.max(n) + 1e-38)
+  return c, jnp.min(n) / n
+
+
+def _min_norm_kkt(c, m, x, tol):
+  """Whether ``a = m x`` is the min-norm point to relative ``tol`` (plus float
+  rounding): ``(K a)_j >= (1 - tol) a^T K a`` for every task. This is also the
+  common-descent test: ``g_j . d = (K a)_j``."""
+  cx = c @ x
+  f = x @ cx
+  q = cx / m
+  floor = (_rounding(c, x) + 16.0 * jnp.finfo(c.dtype).eps * jnp.abs(f)) / m
+  return jnp.all(q >= (1.0 - tol) * f - floor) & jnp.all(x >= 0) & jnp.isfinite(f)
+
+
+def _bordered_solve(c, m, mask):
+  """``x`` minimising ``x^T C x`` over ``m^T x = 1`` on the support ``mask``
+  (the KKT system ``[C_SS m_S; m_S^T 0] [x; lambda] = [0; 1]``, which stays
+  regular when ``0`` is in the affine hull: Pareto-stationary points)."""
+  t = c.shape[0]
+  mf = mask.astype(c.dtype)
+  top = jnp.concatenate([mf[:, None] * c * mf[None, :] + jnp.diag(1.0 - mf),
+                         (mf * m)[:, None]], axis=1)
+  bottom = jnp.concatenate([mf * m, jnp.zeros((1,), c.dtype)])[None]
+  rhs = jnp.zeros((t + 1,), c.dtype).at[t].set(1.0)
+  return jnp.linalg.solve(jnp.concatenate([top, bottom], axis=0), rhs)[:t] * mf
 
 
 def min_norm_exact(kn: jax.Array, tol: float = 1e-5):
   """The min-norm point of the simplex, ``argmin_a a^T K a``, by enumerating
-  supports: on support S the KKT conditions give ``a_S ∝ K_SS^{-1} 1``; a
-  candidate is optimal when ``a >= 0`` and ``(K a)_j >= a^T K a`` off S.
-  ``kn`` should be scaled to entries of order 1. Returns ``(a, found)``;
-  ``found`` is False when no support passed (singular or ill-conditioned
-  beyond float precision). Cost ``O(2^T T^3)``: for small T only.
+  supports: on support S the KKT system (:func:`_bordered_solve`, in cosine
+  coordinates) gives the candidate; it is optimal when ``a >= 0`` and
+  ``(K a)_j >= (1 - tol) a^T K a`` for every j (:func:`_min_norm_kkt`).
+  Returns ``(a, found)``; ``found`` is False when no support passed. Cost
+  ``O(2^T T^3)``: for small T only.
   """
-  t = kn.shape[0]
-  m = jnp.asarray(_support_masks(t))
-  mf = m.astype(kn.dtype)
-  eye = jnp.eye(t, dtype=kn.dtype)
-  systems = mf[:, :, None] * kn[None] * mf[:, None, :] + eye[None] * (1.0 - mf)[:, None, :]
-  u = jnp.linalg.solve(systems, mf[..., None])[..., 0] * mf
-  a = u / jnp.sum(u, axis=1, keepdims=True)
-  obj = jnp.einsum("si,ij,sj->s", a, kn, a)
-  ka = a @ kn                                                  # (K a)_j
-  ok = (jnp.all(jnp.isfinite(a), axis=1) & jnp.all(a >= -tol, axis=1)
-        & jnp.all(m | (ka >= obj[:, None] - tol), axis=1))
+  c, m = _min_norm_scaled(kn)
+  masks = jnp.asarray(_support_masks(kn.shape[0]))
+  x_raw = jax.vmap(lambda s: _bordered_solve(c, m, s))(masks)
+  x = jnp.where(masks, jnp.maximum(x_raw, 0.0), 0.0)  # clip rounding below zero
+  ok = (jax.vmap(lambda xs: _min_norm_kkt(c, m, xs, tol))(x)
+        & (jnp.min(jnp.where(masks, x_raw, 0.0), axis=1)
+           >= -tol * jnp.max(jnp.abs(x), axis=1)))
+  obj = jnp.einsum("si,ij,sj->s", x, c, x)
   best = jnp.argmin(jnp.where(ok, obj, jnp.inf))
-  a = jnp.maximum(a[best], 0.0)
+  a = m * x[best]
   return a / jnp.sum(a), ok[best]
+
+
+def min_norm_active_set(kn: jax.Array, iters: int = 300, tol: float = 1e-5):
+  """The min-norm point of the simplex by Wolfe's (1976) active-set algorithm,
+  in cosine coordinates: exact after finitely many steps (at most ``iters``).
+
+  Start at the shortest gradient; a *major* step adds the task ``j`` of least
+  ``(K a)_j`` unless :func:`_min_norm_kkt` holds; a *minor* step moves towards
+  the affine minimiser of the support (:func:`_bordered_solve`) and drops the
+  tasks whose weight reaches zero, until the affine minimiser lies inside.
+  Returns ``(a, converged)``: converged when the KKT test passed.
+  """
+  c, m = _min_norm_scaled(kn)
+  t = c.shape[0]
+  j0 = jnp.argmax(m)                                # shortest gradient
+  x0 = jax.nn.one_hot(j0, t, dtype=c.dtype) / m[j0]
+  s0 = jax.nn.one_hot(j0, t, dtype=bool)
+
+  def body(state):
+    x, s, _, it = state
+    y = _bordered_solve(c, m, s)
+    inside = jnp.all(jnp.where(s, y > 0, True)) & jnp.all(jnp.isfinite(y))
+    # Major step: y is the support's minimiser; stop or add a task.
+    kkt = _min_norm_kkt(c, m, y, tol)
+    j = jnp.argmin((c @ y) / m)
+    s_major = s | (jax.nn.one_hot(j, t, dtype=bool) & ~kkt)
+    stuck = s[j] & ~kkt                               # rounding: nothing to add
+    # Minor step: the longest move towards y that keeps x >= 0.
+    ratio = jnp.where(s & (y <= 0), x / jnp.where(s & (y <= 0), x - y, 1.0), jnp.inf)
+    i = jnp.argmin(ratio)
+    theta = jnp.clip(ratio[i], 0.0, 1.0)
+    x_minor = jnp.maximum(x + theta * (y - x), 0.0).at[i].set(0.0)
+    s_minor = s & (x_minor > 0)
+    x_new = jnp.where(inside, y, x_minor)
+    s_new = jnp.where(inside, s_major, s_minor)
+    done = jnp.where(inside, jnp.where(kkt, 1, jnp.where(stuck, 2, 0)), 0)
+    return x_new, s_new, done, it + 1
+
+  x, _, done, _ = jax.lax.while_loop(
+      lambda st: (st[2] == 0) & (st[3] < iters), body, (x0, s0, jnp.int32(0), jnp.int32(0)))
+  a = m * x
+  return a / jnp.sum(a), (done == 1) & _min_norm_kkt(c, m, x, tol)
 
 
 def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5,
                  exact_up_to: int = 10):
   """MGDA: ``argmin_{a in simplex} a^T K a`` (the min-norm element).
 
-  For ``T <= exact_up_to`` the exact solver (:func:`min_norm_exact`, all
-  ``2^T - 1`` supports at once). If its result misses the duality-gap test (no
-  support passed, or float32 rounding near a Pareto-stationary point), FISTA on
-  the simplex (:func:`minimize_on_simplex`, ``iters``) refines it, starting
-  from the exact candidate, and the better of the two is returned with its own
-  ``gap`` and ``converged`` (one that passes its test over one that does not,
-  else the smaller ``a^T K a``). For larger T, FISTA alone.
+  Both solvers work on the cosine matrix (:func:`cosine_gram`) and rescale. For
+  ``T <= exact_up_to`` the support enumeration (:func:`min_norm_exact`); if no
+  support passes the KKT test in float32, and for larger T, Wolfe's active-set
+  algorithm (:func:`min_norm_active_set`, at most ``iters`` steps). The test,
+  relative to the optimum, is ``(K a)_j >= (1 - tol) a^T K a`` for every task up
+  to float rounding: ``converged`` is true only when ``d = a G`` is the min-norm
+  point to that accuracy, and hence a common descent direction
+  (``g_j . d >= 0``).
 
   Args:
     k: ``[T, T]`` Gram matrix.
-    iters, tol: the iterative solver's iterations and relative duality-gap
-      tolerance (the gap also decides ``converged`` for the exact solver).
-    exact_up_to: the largest T solved exactly (at most 12: the solver builds
+    iters: the active-set solver's step budget; tol: the relative KKT
+      tolerance, in ``[0, 1)``.
+    exact_up_to: the largest T solved by enumeration (at most 12: it builds
       ``2^T`` small systems).
   Returns:
     ``beta [T]`` on the simplex, ``info`` with ``gap`` (Frank-Wolfe duality gap
@@ -220,32 +334,24 @@ def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5,
   if not 0 <= exact_up_to <= 12:
     raise ValueError(f"config.objective.mgda.exact_up_to must be in [0, 12] (the exact "
                      f"solver builds 2^T systems), got {exact_up_to}.")
+  if not 0.0 <= tol < 1.0:
+    raise ValueError(f"config.objective.mgda.tol must be in [0, 1), got {tol}.")
   t = k.shape[0]
-  scale = jnp.maximum(jnp.max(jnp.diag(k)), 1e-30)  # same argmin on K / scale
-  kn = k / scale
-  f = lambda a: a @ kn @ a
-  uniform = jnp.full((t,), 1.0 / t, kn.dtype)
+  kn = k / jnp.maximum(jnp.max(jnp.diag(k)), 1e-30)
 
-  def gap_of(a):
+  def with_gap(a, converged):
     g = 2.0 * (kn @ a)
-    return g @ a - jnp.min(g)
-
-  def iterative(x0):
-    lip = 2.0 * largest_eigenvalue(kn)  # f'' = 2 K
-    return minimize_on_simplex(f, x0, lip, iters, tol)
+    return a, {"gap": g @ a - jnp.min(g), "converged": converged}
 
   if t > exact_up_to:
-    return iterative(uniform)
+    return with_gap(*min_norm_active_set(kn, iters, tol))
   a, found = min_norm_exact(kn, tol)
-  gap = gap_of(a)
-  exact = (a, {"gap": gap, "converged": found & (gap <= tol * (1.0 + jnp.abs(f(a))))})
 
-  def refine():
-    b, info = iterative(jnp.where(found, a, uniform))
-    b_ok, a_ok = info["converged"], exact[1]["converged"]
-    better = (b_ok & ~a_ok) | ((b_ok == a_ok) & (f(b) < f(a)))
-    return jax.tree.map(lambda u, v: jnp.where(better, u, v), (b, info), exact)
-  return jax.lax.cond(exact[1]["converged"], lambda: exact, refine)
+  def active_set():  # the exact candidate unless the active set converged or is better
+    b, b_ok = min_norm_active_set(kn, iters, tol)
+    better = b_ok | (b @ kn @ b < a @ kn @ a)
+    return with_gap(jnp.where(better, b, a), b_ok)
+  return jax.lax.cond(found, lambda: with_gap(a, found), active_set)
 
 
 def cagrad_weights(k: jax.Array, *, c: float = 0.5, rescale: int = 1, iters: int = 300,
@@ -304,11 +410,19 @@ def pcgrad_weights(k: jax.Array, rng: jax.Array):
   ``g_i^PC . g_j = (C_i K)_j``. Returns ``beta = sum_i C_i`` (``d`` is the
   *sum* of the projected gradients).
 
-  The order includes task i itself, as in the published code (which shuffles
-  all task gradients and skips none): before any projection ``g_i . g_i >= 0``,
-  so the visit does nothing, but once ``g_i^PC`` has been projected away from
-  conflicting tasks it can conflict with ``g_i`` itself, and then it *is*
-  projected onto ``g_i``'s normal plane like any other conflicting gradient.
+  Visiting order. Each task draws its own random permutation of *all* T
+  tasks, itself included -- LibMTL's ``PCGrad`` (``random.shuffle`` of
+  ``range(task_num)`` per task, no task skipped), which projects against the
+  *original* ``g_j``. The authors' TensorFlow code (``PCGrad_tf.py``) also skips
+  no task, but its ``tf.random.shuffle(loss)`` discards its result, so every
+  task visits ``0, 1, ..., T-1`` in that fixed order; we keep the random orders
+  the paper describes. So a gradient *can* be projected onto itself: before any
+  projection ``g_i . g_i >= 0`` (and after one, ``g_i^PC . g_i =
+  ||g_i||^2 - (g_i . g_j)^2 / ||g_j||^2 >= 0`` by Cauchy-Schwarz), but after two
+  or more projections ``g_i^PC . g_i < 0`` is possible (rare: conflicting
+  gradients, ``i`` visited late), and then ``g_i^PC`` is projected onto
+  ``g_i``'s normal plane like any other conflicting gradient
+  (``test_pcgrad_projects_onto_itself_as_the_published_loop``).
 
   Args:
     k: ``[T, T]`` Gram matrix; rng: the key of the random visiting orders.
@@ -329,86 +443,341 @@ def pcgrad_weights(k: jax.Array, rng: jax.Array):
   return c.sum(axis=0), {"coefficients": c}
 
 
+def _equal_cosine(k: jax.Array):
+  """``(b, cond(C), rank)`` with ``b = C^+ 1 / n``: ``d = b G`` has the same
+  projection on every unit gradient (``u_i . d = 1`` for full-rank ``C``);
+  zero gradients get ``b_i = 0``. The shared core of IMTL-G and ConFIG."""
+  c, n = cosine_gram(k)
+  y, cond, rank = _spectral_pinv_ones(c)
+  pos = n > 0
+  return jnp.where(pos, y / jnp.where(pos, n, 1.0), 0.0), y, cond, rank
+
+
 def imtl_g_weights(k: jax.Array, *, eps: float = 1e-12, max_cond: float = 1e6):
-  """IMTL-G: ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}``, ``alpha_1 = 1 - sum``,
-  with ``D_j = g_1 - g_j``, ``U_j = u_1 - u_j``, ``u = g / ||g||``; then ``d``
-  has equal projections on every ``u_i``. Computed from K.
+  """IMTL-G (Liu et al. 2021): ``d = alpha G`` with ``sum alpha = 1`` and equal
+  projections ``u_i . d`` on every unit gradient ``u_i = g_i / ||g_i||``.
+
+  The paper's closed form ``alpha_{2..T} = g_1 U^T (D U^T)^{-1}`` (``D_j = g_1 -
+  g_j``, ``U_j = u_1 - u_j``) is the same point as ``alpha ∝ K^{-1} n =
+  diag(n)^{-1} C^{-1} 1`` (``K = diag(n) C diag(n)``, :func:`cosine_gram`); we
+  solve that on the cosine matrix ``C`` (spectral pseudo-inverse), whose
+  rounding does not grow with the spread of the norms.
 
   Args:
-    k: ``[T, T]`` Gram matrix; eps: floor of a gradient's norm;
-      max_cond: ``converged`` is False when ``D U^T``'s condition number exceeds it.
+    k: ``[T, T]`` Gram matrix; eps: gradients with norm below it count as zero
+      (weight 0); max_cond: ``converged`` is False when ``cond(C)``, the
+      condition number of the system actually solved, exceeds it (float32
+      resolves ``C``'s entries to ~1e-7).
   """
+  if not max_cond > 1.0:
+    raise ValueError(f"config.objective.imtl_g.max_cond must be > 1, got {max_cond}.")
+  keep = (jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0)) > eps).astype(k.dtype)
+  k = k * keep[:, None] * keep[None, :]
+  b, _, cond, _ = _equal_cosine(k)
+  total = jnp.sum(b)
+  alpha = b / jnp.where(total != 0, total, 1.0)
+  return alpha, {"cond": cond, "converged": jnp.isfinite(cond) & (cond < max_cond)
+                 & (total != 0)}
+
+
+def config_weights(k: jax.Array):
+  """ConFIG (Liu et al. 2024, Eq. 2, official code's defaults: equal weights,
+  ``ProjectionLength``): ``d_u = pinv(U) 1`` for the unit gradients ``U``
+  (rows ``g_i / ||g_i||``), normalised, times ``sum_i g_i . d_u / ||d_u||``.
+
+  From the Gram matrix: ``pinv(U) = U^T (U U^T)^+``, ``U U^T = C``
+  (:func:`cosine_gram`), so ``d_u = sum_i y_i u_i`` with ``y = C^+ 1`` and
+  ``||d_u||^2 = y^T C y``, ``g_j . d_u = n_j (C y)_j``. Eigenvalues of ``C``
+  below ``T eps lambda_max`` are cut (the pseudo-inverse's tolerance).
+
+  Args:
+    k: ``[T, T]`` Gram matrix.
+  Returns:
+    ``beta [T]``, ``info`` with ``cond`` (of ``C``) and ``rank``; every task's
+    cosine to ``d`` is the same when ``C`` has full rank.
+  """
+  c, n = cosine_gram(k)
+  b, y, cond, rank = _equal_cosine(k)
+  sq = jnp.maximum(y @ c @ y, jnp.finfo(k.dtype).tiny)
+  length = jnp.sum(n * (c @ y)) / jnp.sqrt(sq)
+  return b * length / jnp.sqrt(sq), {"cond": cond, "rank": rank}
+
+
+def _alpha_fair_solve(k: jax.Array, alpha: float, iters: int, tol: float):
+  """``w > 0`` with ``(K w)_i = w_i^{-1/alpha}``: the stationary point of the
+  convex ``w^T K w / 2 - sum_i h(w_i)``, ``h' = w^{-1/alpha}``, by damped Newton
+  in ``z = log w`` on ``K / s`` (``s = tr K / T``; rescaled by
+  ``s^{-alpha/(alpha+1)}``), started at the solution for orthogonal gradients.
+  There is no solution exactly when some nonnegative combination of the
+  gradients vanishes (a Pareto-stationary point); ``converged`` (the largest
+  relative residual ``|(K w)_i w_i^{1/alpha} - 1| <= tol``) is then False."""
   t = k.shape[0]
-  norms = jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0))
-  inv = 1.0 / jnp.maximum(norms, eps)
-  # Coefficients (rows) of D = P_D G and U = P_U G over the task gradients.
-  e = jnp.eye(t, dtype=k.dtype)
-  p_d = e[0][None, :] - e[1:]                      # [T-1, T]
-  p_u = (e[0] * inv[0])[None, :] - e[1:] * inv[1:, None]
-  du = p_d @ k @ p_u.T                             # D U^T  [T-1, T-1]
-  g1u = (e[0] @ k) @ p_u.T                         # g_1 U^T  [T-1]
-  # alpha_rest = g_1 U^T (D U^T)^{-1}; the pseudo-inverse keeps it finite when
-  # D U^T is singular (zero or repeated gradients), reported by "converged".
-  alpha_rest = g1u @ jnp.linalg.pinv(du)
-  alpha = jnp.concatenate([1.0 - alpha_rest.sum()[None], alpha_rest])
-  cond = jnp.linalg.cond(du)
-  return alpha, {"cond": cond, "converged": jnp.isfinite(cond) & (cond < max_cond)}
+  scale = jnp.maximum(jnp.trace(k) / t, 1e-30)
+  kn = k / scale
+  p = 1.0 / alpha
+
+  def newton(z, _):
+    a = jnp.exp(z)
+    r = kn @ a - a ** -p
+    jac = (kn + jnp.diag(p * a ** (-p - 1.0))) * a[None, :]   # dr/dz
+    dz = jnp.clip(jnp.linalg.solve(jac, -r), -1.0, 1.0)      # damping
+    # |z| <= 30: a solution in these units is far inside; beyond, none exists.
+    return jnp.clip(jnp.where(jnp.all(jnp.isfinite(dz)), z + dz, z), -30.0, 30.0), None
+
+  diag = jnp.maximum(jnp.diag(kn), 1e-12)
+  z0 = -jnp.log(diag) / (1.0 + p)          # K diagonal: w_i = K_ii^{-alpha/(alpha+1)}
+  z, _ = jax.lax.scan(newton, z0, None, length=iters)
+  a = jnp.exp(z)
+  res = jnp.max(jnp.abs((kn @ a) * a ** p - 1.0))
+  w = a * scale ** (-1.0 / (1.0 + p))
+  ok = jnp.all(jnp.isfinite(w))   # no solution (K ~ 0): zeros, not converged
+  return jnp.where(ok, w, 0.0), {"residual": res, "converged": ok & (res <= tol)}
 
 
 def nash_mtl_weights(k: jax.Array, *, iters: int = 50, tol: float = 1e-4):
-  """Nash-MTL: ``alpha > 0`` with ``K alpha = 1 / alpha``.
-
-  That is the stationary point of ``f(a) = a^T K a / 2 - sum_i log a_i``,
-  convex for PSD ``K``; solved by damped Newton in ``log a`` (keeps
-  ``a > 0``). There is no solution exactly when some nonnegative combination of
-  the gradients vanishes (``G v = 0``, ``v >= 0``, ``v != 0``: a Pareto-stationary
-  point, where ``f`` is unbounded below); ``converged`` is then False.
+  """Nash-MTL (Navon et al. 2022): ``alpha > 0`` with ``K alpha = 1 / alpha``
+  (:func:`_alpha_fair_solve` with ``alpha = 1``); no normalisation.
 
   Args:
     k: ``[T, T]`` Gram matrix; iters: Newton steps; tol: the largest relative
       residual ``|(K a)_i a_i - 1|`` accepted as converged.
   """
-  t = k.shape[0]
-  scale = jnp.maximum(jnp.trace(k) / t, 1e-30)
-  kn = k / scale  # K a = 1/a  <=>  (K/s)(sqrt(s) a) = 1/(sqrt(s) a)
-
-  def residual(a):
-    return kn @ a - 1.0 / a
-
-  def newton(z, _):
-    a = jnp.exp(z)
-    r = residual(a)
-    # d/dz of r = (K + diag(1/a^2)) diag(a)
-    jac = (kn + jnp.diag(1.0 / (a * a))) * a[None, :]
-    dz = jnp.linalg.solve(jac, -r)
-    dz = jnp.clip(dz, -1.0, 1.0)  # damping
-    z_new = jnp.where(jnp.all(jnp.isfinite(dz)), z + dz, z)
-    return z_new, None
-
-  z, _ = jax.lax.scan(newton, jnp.zeros((t,), k.dtype), None, length=iters)
-  a = jnp.exp(z)
-  res = jnp.max(jnp.abs(residual(a) * a))  # relative: |(Ka)_i a_i - 1|
-  alpha = a / jnp.sqrt(scale)
-  return alpha, {"residual": res, "converged": res <= tol}
+  return _alpha_fair_solve(k, 1.0, iters, tol)
 
 
-def aligned_mtl_weights(k: jax.Array):
-  """Aligned-MTL: ``B = sigma_min V Lambda^{-1/2} V^T`` over the non-null
-  eigenpairs of ``K``; the aligned gradients ``B G`` are orthogonal with equal
-  norms ``sigma_min``; ``beta = 1^T B``.
+def fairgrad_weights(k: jax.Array, *, alpha: float = 2.0, iters: int = 50,
+                     tol: float = 1e-4):
+  """FairGrad (Ban & Ji 2024): alpha-fair weights ``w > 0`` solving
+  ``(K w)_i = w_i^{-1/alpha}`` (the official code solves it with scipy's
+  ``least_squares``; here :func:`_alpha_fair_solve` on the device), then
+  ``beta = T w`` (the code's ``newgrad * n_tasks``, "to match the sum loss").
+  ``alpha = 1`` is Nash-MTL's system; the default 2 is the paper's experiments'
+  (``run.sh``; the code's argparse default is 1).
 
   Args:
-    k: ``[T, T]`` Gram matrix.
+    k: ``[T, T]`` Gram matrix; alpha: the fairness exponent, > 0; iters: Newton
+      steps; tol: the largest relative residual ``|(K w)_i w_i^{1/alpha} - 1|``
+      accepted as converged.
   """
+  if not alpha > 0:
+    raise ValueError(f"config.objective.fairgrad.alpha must be > 0, got {alpha}.")
+  w, info = _alpha_fair_solve(k, float(alpha), iters, tol)
+  return k.shape[0] * w, {**info, "w": w}
+
+
+def jacobi_eigh(k: jax.Array, sweeps: int = 10):
+  """``(lambda [T], V [T, T])`` with ``K = V diag(lambda) V^T``, by cyclic
+  two-sided Jacobi rotations (Golub & Van Loan, Alg. 8.5.2), ``sweeps`` sweeps
+  over all pairs. For a positive semi-definite ``K`` Jacobi resolves every
+  eigenvalue to *relative* accuracy ~ ``eps cond(C)`` (Demmel & Veselic 1992;
+  ``C`` the cosine matrix, :func:`cosine_gram`), where ``eigh``'s error is
+  ``eps lambda_max`` for all of them: rows whose norms differ by 100x (a graded
+  ``K``) keep their small eigenvalues. Unsorted."""
   t = k.shape[0]
-  lam, v = jnp.linalg.eigh(k)
-  tol = jnp.max(lam) * t * jnp.finfo(k.dtype).eps
-  keep = lam > tol
+  if t == 1:
+    return jnp.diag(k), jnp.ones((1, 1), k.dtype)
+  p, q = np.triu_indices(t, 1)
+  pairs = jnp.asarray(np.tile(np.stack([p, q], 1), (sweeps, 1)))
+
+  def rotate(carry, pq):
+    a, v = carry
+    i, j = pq[0], pq[1]
+    aii, ajj, aij = a[i, i], a[j, j], a[i, j]
+    nz = aij != 0
+    tau = (ajj - aii) / (2.0 * jnp.where(nz, aij, 1.0))
+    tt = jnp.where(nz, jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau)),
+                   0.0)
+    c = 1.0 / jnp.sqrt(1.0 + tt * tt)
+    s = tt * c
+    ri, rj = a[i], a[j]
+    a = a.at[i].set(c * ri - s * rj).at[j].set(s * ri + c * rj)
+    ci, cj = a[:, i], a[:, j]
+    a = a.at[:, i].set(c * ci - s * cj).at[:, j].set(s * ci + c * cj)
+    a = (a.at[i, i].set(aii - tt * aij).at[j, j].set(ajj + tt * aij)
+         .at[i, j].set(0.0).at[j, i].set(0.0))
+    vi, vj = v[:, i], v[:, j]
+    v = v.at[:, i].set(c * vi - s * vj).at[:, j].set(s * vi + c * vj)
+    return (a, v), None
+
+  (a, v), _ = jax.lax.scan(rotate, (k, jnp.eye(t, dtype=k.dtype)), pairs)
+  return jnp.diag(a), v
+
+
+def aligned_mtl_weights(k: jax.Array, *, resolve: float = 1e-2):
+  """Aligned-MTL (Senushkin et al. 2023): ``B = sigma_min V Lambda^{-1/2} V^T``
+  over the non-null eigenpairs of ``K``; the aligned gradients ``B G`` are
+  orthogonal with equal norms ``sigma_min``; ``beta = 1^T B`` (uniform task
+  weights).
+
+  The eigenpairs come from :func:`jacobi_eigh` (relative accuracy). An eigenpair
+  is null when its eigenvalue is at rounding level *for the rows it involves*:
+  ``lambda_k <= T eps sum_i V_ik^2 K_ii`` (the cosine matrix's Rayleigh
+  quotient at ``diag(n) v_k`` below ``T eps``) -- a relative cut that keeps the
+  small but real eigenvalue of a near-opposite pair next to a 100x larger
+  gradient. The Gram is as precise as its dtype: float64 under ``jax_enable_x64``
+  (:func:`gram`).
+
+  Args:
+    k: ``[T, T]`` Gram matrix; resolve: ``converged`` is False when a kept
+      eigenvalue's Rayleigh quotient is below ``eps / resolve`` (its relative
+      error, ~``eps / quotient``, is then above ``resolve``: ``B`` is unreliable).
+  Returns:
+    ``beta [T]``, ``info`` with ``B``, ``rank`` and ``converged``.
+  """
+  if not 0 < resolve < 1:
+    raise ValueError(f"config.objective.aligned_mtl.resolve must be in (0, 1), got {resolve}.")
+  t = k.shape[0]
+  lam, v = jacobi_eigh(k)
+  scale = (v * v).T @ jnp.maximum(jnp.diag(k), 0.0)      # sum_i V_ik^2 K_ii
+  cut = t * jnp.finfo(k.dtype).eps
+  ratio = lam / jnp.maximum(scale, jnp.finfo(k.dtype).tiny)
+  keep = (ratio > cut) & (lam > 0)
   lam_min = jnp.min(jnp.where(keep, lam, jnp.inf))
   inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
   b = jnp.sqrt(lam_min) * (v * inv_sqrt[None, :]) @ v.T
   b = jnp.where(jnp.any(keep), b, jnp.zeros_like(b))
-  return b.sum(axis=0), {"B": b, "rank": keep.sum()}
+  converged = jnp.any(keep) & ~jnp.any(keep & (ratio < jnp.finfo(k.dtype).eps / resolve))
+  return b.sum(axis=0), {"B": b, "rank": keep.sum(), "converged": converged}
+
+
+# ----------------------------------------------------------------------------
+# UPGrad and DualProj: projections onto the dual cone {d : G d >= 0}.
+# ----------------------------------------------------------------------------
+
+
+def _box_qp_exact(a: jax.Array, lo: jax.Array, tol: float):
+  """``argmin_{x >= lo} x^T A x`` (``A`` PSD) by enumerating the free sets F:
+  ``A_FF x_F = -A_FA lo_A``, ``x_A = lo_A``; a candidate is optimal when
+  ``x_F >= lo_F``, ``(A x)_F = 0`` and ``(A x)_A >= 0`` (to relative ``tol``
+  plus float rounding). Returns ``(x, found)``. Cost ``O(2^T T^3)``."""
+  t = a.shape[0]
+  masks = jnp.asarray(_support_masks(t, empty=True))
+  eye = jnp.eye(t, dtype=a.dtype)
+
+  def candidate(free):
+    f = free.astype(a.dtype)
+    system = f[:, None] * a * f[None, :] + eye * (1.0 - f)[None, :]
+    rhs = f * -(a @ ((1.0 - f) * lo)) + (1.0 - f) * lo
+    x = jnp.where(free, jnp.linalg.solve(system, rhs), lo)
+    mu = a @ x
+    slack = tol * (jnp.abs(a) @ jnp.abs(x)) + _rounding(a, x)
+    scale = jnp.max(jnp.abs(x))
+    ok = (jnp.all(jnp.where(free, (x >= lo - tol * scale) & (jnp.abs(mu) <= slack),
+                            mu >= -slack)) & jnp.all(jnp.isfinite(x)))
+    return jnp.maximum(x, lo), ok
+
+  x, ok = jax.vmap(candidate)(masks)
+  obj = jnp.einsum("si,ij,sj->s", x, a, x)
+  best = jnp.argmin(jnp.where(ok, obj, jnp.inf))
+  return x[best], ok[best]
+
+
+def _box_qp_iterative(a: jax.Array, lo: jax.Array, iters: int, tol: float):
+  """``argmin_{x >= lo} x^T A x`` by FISTA with gradient restart (projection
+  ``max(x, lo)``). ``converged``: the natural residual
+  ``||x - max(x - 2 A x / L, lo)||_inf <= tol max|x|``."""
+  lip = 2.0 * jnp.maximum(largest_eigenvalue(a), 1e-30)
+  proj = lambda x: jnp.maximum(x, lo)
+
+  def step(carry, _):
+    x, y, s = carry
+    x_new = proj(y - 2.0 * (a @ y) / lip)
+    s_new = (1 + jnp.sqrt(1 + 4 * s * s)) / 2
+    restart = (y - x_new) @ (x_new - x) > 0
+    y_new = jnp.where(restart, x_new, x_new + ((s - 1) / s_new) * (x_new - x))
+    return (x_new, y_new, jnp.where(restart, 1.0, s_new)), None
+
+  x0 = proj(jnp.zeros_like(lo))
+  (x, _, _), _ = jax.lax.scan(step, (x0, x0, jnp.ones((), a.dtype)), None, length=iters)
+  res = jnp.max(jnp.abs(x - proj(x - 2.0 * (a @ x) / lip)))
+  return x, res <= tol * jnp.max(jnp.abs(x)) + _rounding(a, x).max() / lip
+
+
+def _dual_cone_weights(k, u, norm_eps, reg_eps, exact_up_to, iters, tol):
+  """``w [..., T]`` with ``w G`` the projection of ``u G`` (``u [..., T]``) onto
+  the dual cone ``{d : G d >= 0}``: by Proposition 1 of Quinton & Rey (2024),
+  ``w = argmin_{v >= u} v^T K v`` -- on TorchJD's regularised Gram
+  ``K' = K / tr K + reg_eps I`` (``K' = reg_eps I`` when ``tr K < norm_eps``).
+
+  Solved in cosine coordinates ``x = n v / sqrt(tr K)``: ``v^T K' v = x^T A x``
+  with ``A = C + reg_eps tr K diag(n)^{-2}`` and ``x >= n u / sqrt(tr K)``;
+  exactly (:func:`_box_qp_exact`) for ``T <= exact_up_to``, else
+  :func:`_box_qp_iterative`. Zero gradients keep ``v_i = u_i``.
+  Returns ``(w, converged)``."""
+  t = k.shape[0]
+  tr = jnp.trace(k)
+  c, n = cosine_gram(k)
+  pos = n > jnp.sqrt(jnp.maximum(tr, 0.0)) * 1e-15
+  n_safe = jnp.where(pos, n, 1.0)
+  rt = jnp.sqrt(jnp.maximum(tr, 1e-38))
+  a = jnp.where(pos[:, None] & pos[None, :], c, jnp.eye(t, dtype=k.dtype))
+  a = a + jnp.diag(jnp.where(pos, reg_eps * tr / (n_safe * n_safe), 0.0))
+
+  def one(ui):
+    lo = jnp.where(pos, n * ui / rt, 0.0)
+    if t <= exact_up_to:
+      x, ok = _box_qp_exact(a, lo, tol)
+    else:
+      x, ok = _box_qp_iterative(a, lo, iters, tol)
+    v = jnp.where(pos, rt * x / n_safe, ui)
+    small = tr < norm_eps
+    return jnp.where(small, ui, v), ok | small
+
+  flat = u.reshape(-1, t)
+  w, ok = jax.vmap(one)(flat)
+  return w.reshape(u.shape), jnp.all(ok)
+
+
+def _check_dual_cone_args(name, norm_eps, reg_eps, exact_up_to, tol):
+  if not (norm_eps >= 0 and reg_eps >= 0):
+    raise ValueError(f"config.objective.{name}: norm_eps and reg_eps must be >= 0, got "
+                     f"{norm_eps}, {reg_eps}.")
+  if not 0 <= exact_up_to <= 12:
+    raise ValueError(f"config.objective.{name}.exact_up_to must be in [0, 12] (the exact "
+                     f"solver builds 2^T systems), got {exact_up_to}.")
+  if not tol > 0:
+    raise ValueError(f"config.objective.{name}.tol must be > 0, got {tol}.")
+
+
+def upgrad_weights(k: jax.Array, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+                   exact_up_to: int = 10, iters: int = 1000, tol: float = 1e-5):
+  """UPGrad (Quinton & Rey 2024, TorchJD's defaults): each task gradient
+  ``g_i / T`` (the mean weighting's share) projected onto the dual cone of the
+  rows, the projections summed: ``beta = sum_i w^(i)`` with
+  ``w^(i) = argmin_{v >= e_i / T} v^T K' v`` (:func:`_dual_cone_weights`).
+
+  Args:
+    k: ``[T, T]`` Gram matrix; norm_eps: below this trace the Gram is treated
+      as zero (TorchJD's ``normalize``; the result is then the mean);
+      reg_eps: added to the trace-normalised Gram's diagonal (TorchJD's
+      ``regularize``; 0 gives the exact projection, ``G d >= 0``);
+      exact_up_to: the largest T solved by enumeration (at most 12); iters, tol:
+      the iterative solver beyond, and the relative KKT tolerance of both.
+  Returns:
+    ``beta [T]``, ``info`` with ``converged`` and the projections' weights ``W [T, T]``.
+  """
+  _check_dual_cone_args("upgrad", norm_eps, reg_eps, exact_up_to, tol)
+  t = k.shape[0]
+  w, ok = _dual_cone_weights(k, jnp.eye(t, dtype=k.dtype) / t, norm_eps, reg_eps,
+                             exact_up_to, iters, tol)
+  return w.sum(axis=0), {"converged": ok, "W": w}
+
+
+def dualproj_weights(k: jax.Array, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4,
+                     exact_up_to: int = 10, iters: int = 1000, tol: float = 1e-5):
+  """DualProj (Quinton & Rey 2024, after GEM's Eq. 11; TorchJD's defaults): the
+  mean gradient projected onto the dual cone of the rows,
+  ``beta = argmin_{v >= 1 / T} v^T K' v`` (:func:`_dual_cone_weights`).
+
+  Args: as :func:`upgrad_weights`.
+  Returns:
+    ``beta [T]``, ``info`` with ``converged``.
+  """
+  _check_dual_cone_args("dualproj", norm_eps, reg_eps, exact_up_to, tol)
+  t = k.shape[0]
+  w, ok = _dual_cone_weights(k, jnp.full((t,), 1.0 / t, k.dtype), norm_eps, reg_eps,
+                             exact_up_to, iters, tol)
+  return w, {"converged": ok}
 
 
 # The gradient-combination methods of the train step: name -> weight function.
@@ -419,6 +788,10 @@ GRAM_METHODS: dict[str, Callable] = {
     "imtl_g": imtl_g_weights,
     "nash_mtl": nash_mtl_weights,
     "aligned_mtl": aligned_mtl_weights,
+    "upgrad": upgrad_weights,
+    "dualproj": dualproj_weights,
+    "config": config_weights,
+    "fairgrad": fairgrad_weights,
 }
 GRADIENT_METHODS = tuple(GRAM_METHODS)
 
@@ -486,7 +859,37 @@ def nash_mtl(grads, *, iters: int = 50, tol: float = 1e-4):
   return _direction(lambda k: nash_mtl_weights(k, iters=iters, tol=tol), grads)
 
 
-def aligned_mtl(grads):
+def aligned_mtl(grads, *, resolve: float = 1e-2):
   """Aligned-MTL's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
   Returns ``(d, beta [T], info)``; see :func:`aligned_mtl_weights`."""
-  return _direction(aligned_mtl_weights, grads)
+  return _direction(lambda k: aligned_mtl_weights(k, resolve=resolve), grads)
+
+
+def upgrad(grads, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4, exact_up_to: int = 10,
+           iters: int = 1000, tol: float = 1e-5):
+  """UPGrad's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`upgrad_weights`."""
+  return _direction(lambda k: upgrad_weights(k, norm_eps=norm_eps, reg_eps=reg_eps,
+                                             exact_up_to=exact_up_to, iters=iters, tol=tol),
+                    grads)
+
+
+def dualproj(grads, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4, exact_up_to: int = 10,
+             iters: int = 1000, tol: float = 1e-5):
+  """DualProj's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`dualproj_weights`."""
+  return _direction(lambda k: dualproj_weights(k, norm_eps=norm_eps, reg_eps=reg_eps,
+                                               exact_up_to=exact_up_to, iters=iters, tol=tol),
+                    grads)
+
+
+def config(grads):
+  """ConFIG's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`config_weights`."""
+  return _direction(config_weights, grads)
+
+
+def fairgrad(grads, *, alpha: float = 2.0, iters: int = 50, tol: float = 1e-4):
+  """FairGrad's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
+  Returns ``(d, beta [T], info)``; see :func:`fairgrad_weights`."""
+  return _direction(lambda k: fairgrad_weights(k, alpha=alpha, iters=iters, tol=tol), grads)

@@ -89,6 +89,27 @@ def test_pcgrad_two_conflicting_gradients_become_orthogonal():
   assert abs(proj[0] @ g[1]) < 1e-6 and abs(proj[1] @ g[0]) < 1e-6
 
 
+def test_pcgrad_projects_onto_itself_as_the_published_loop():
+  """Task 0 visits (1, 2, 0): after two projections g_0^PC . g_0 < 0, so the
+  published loop (LibMTL's, self included) projects g_0^PC onto g_0's normal
+  plane; the library does the same."""
+  g = np.array([[0.25, -0.59, -0.58], [1.12, 0.22, 1.37], [-0.94, 1.13, 0.91]])
+  gi = g[0].copy()
+  for j in (1, 2):
+    gi -= min(gi @ g[j], 0.0) / (g[j] @ g[j]) * g[j]
+  assert gi @ g[0] < 0  # the self visit conflicts
+  seed = next(s for s in range(1000)
+              if list(np.asarray(gradients.pcgrad_orders(jax.random.key(s), 3))[0]) == [1, 2, 0])
+  rng = jax.random.key(seed)
+  d, _, info = gradients.pcgrad(jnp.asarray(g, jnp.float32), rng)
+  want, projected = _np_pcgrad(g, np.asarray(gradients.pcgrad_orders(rng, 3)))
+  np.testing.assert_allclose(d, want, rtol=1e-5, atol=1e-5)
+  c = np.asarray(info["coefficients"])
+  assert abs(c[0, 0] - 1.0) > 1e-2  # g_0's own coefficient changed: projected onto itself
+  np.testing.assert_allclose(c[0] @ g, projected[0], atol=1e-5)
+  assert abs(projected[0] @ g[0]) < 1e-9
+
+
 # ---------------------------------------------------------------------------
 # CAGrad
 # ---------------------------------------------------------------------------
@@ -521,6 +542,10 @@ METHODS = {
     "imtl_g": lambda g: gradients.imtl_g(g),
     "nash_mtl": lambda g: gradients.nash_mtl(g),
     "aligned_mtl": lambda g: gradients.aligned_mtl(g),
+    "upgrad": lambda g: gradients.upgrad(g),
+    "dualproj": lambda g: gradients.dualproj(g),
+    "config": lambda g: gradients.config(g),
+    "fairgrad": lambda g: gradients.fairgrad(g),
 }
 
 
@@ -676,3 +701,118 @@ def test_mgda_returns_the_better_of_its_exact_and_iterative_solutions():
 def test_mgda_exact_up_to_is_bounded():
   with pytest.raises(ValueError, match=r"exact_up_to must be in \[0, 12\]"):
     gradients.mgda_weights(jnp.eye(3), exact_up_to=20)
+
+
+# ---------------------------------------------------------------------------
+# UPGrad, DualProj, ConFIG, FairGrad: optimality conditions and bad input.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", TS)
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_projection_kkt(name, t):
+  """With ``reg_eps = 0`` the result lies in the dual cone (``G d >= 0``) and
+  ``w`` is the projection's KKT point: ``w >= u``, ``(K w)_i >= 0``, with
+  ``(K w)_i = 0`` where ``w_i > u_i`` (Quinton & Rey 2024, Prop. 1)."""
+  g = _g(t)
+  fn = getattr(gradients, name)
+  d, beta, info = fn(jnp.asarray(g, jnp.float32), reg_eps=0.0)
+  assert bool(info["converged"])
+  k = g @ g.T
+  norms = np.linalg.norm(g, axis=1)
+  assert np.all(g @ np.asarray(d, np.float64) >= -1e-5 * norms * norms.max())
+  ws = np.asarray(info["W"], np.float64) if name == "upgrad" else np.asarray(beta)[None]
+  us = np.eye(t) / t if name == "upgrad" else np.full((1, t), 1.0 / t)
+  for w, u in zip(ws, us):
+    kw = k @ w
+    assert np.all(w >= u - 1e-6) and np.all(kw >= -1e-5 * np.trace(k))
+    free = w > u + 1e-4
+    np.testing.assert_allclose(kw[free], 0.0, atol=1e-4 * np.trace(k))
+
+
+def test_dual_cone_is_the_identity_without_conflict():
+  """Gradients with pairwise nonnegative inner products: the mean already lies
+  in the dual cone, so DualProj and UPGrad (reg_eps = 0) return the mean."""
+  g = np.abs(np.random.default_rng(2).normal(size=(4, 9)))
+  for fn in (gradients.upgrad, gradients.dualproj):
+    _, beta, _ = fn(jnp.asarray(g, jnp.float32), reg_eps=0.0)
+    np.testing.assert_allclose(beta, np.full(4, 0.25), atol=1e-6)
+
+
+@pytest.mark.parametrize("t", TS)
+def test_config_equal_cosines_and_projection_length(t):
+  g = _g(t, d=max(20, t))
+  d, _, _ = gradients.config(jnp.asarray(g, jnp.float32))
+  d = np.asarray(d, np.float64)
+  cos = g @ d / (np.linalg.norm(g, axis=1) * np.linalg.norm(d))
+  np.testing.assert_allclose(cos, cos[0], atol=1e-5)
+  assert cos[0] > 0
+  unit = d / np.linalg.norm(d)
+  np.testing.assert_allclose(np.linalg.norm(d), np.sum(g @ unit), rtol=1e-5)
+
+
+def test_config_two_tasks_bisects_the_angle():
+  u, v = _two_directions(6, -0.6)
+  g = np.stack([3.0 * u, 0.5 * v])
+  d, _, _ = gradients.config(jnp.asarray(g, jnp.float32))
+  want = (u + v) / np.linalg.norm(u + v)
+  np.testing.assert_allclose(np.asarray(d) / np.linalg.norm(d), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("t", TS)
+def test_fairgrad_solves_its_fixed_point(t, alpha):
+  g = _g(t, d=max(20, t))
+  _, beta, info = gradients.fairgrad(jnp.asarray(g, jnp.float32), alpha=alpha)
+  w = np.asarray(info["w"], np.float64)
+  assert bool(info["converged"]) and np.all(w > 0)
+  np.testing.assert_allclose((g @ g.T) @ w, w ** (-1.0 / alpha), rtol=1e-3)
+  np.testing.assert_allclose(beta, t * w, rtol=1e-6)
+
+
+def test_fairgrad_alpha_one_is_nash_mtl():
+  g = _g(4)
+  _, beta, _ = gradients.fairgrad(jnp.asarray(g, jnp.float32), alpha=1.0)
+  _, alpha, _ = gradients.nash_mtl(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(beta, 4 * np.asarray(alpha), rtol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda k: gradients.fairgrad_weights(k, alpha=0.0), r"fairgrad.alpha must be > 0"),
+    (lambda k: gradients.upgrad_weights(k, reg_eps=-1.0), r"norm_eps and reg_eps must be >= 0"),
+    (lambda k: gradients.dualproj_weights(k, exact_up_to=13), r"dualproj.exact_up_to"),
+    (lambda k: gradients.upgrad_weights(k, tol=0.0), r"upgrad.tol must be > 0"),
+    (lambda k: gradients.mgda_weights(k, tol=1.0), r"mgda.tol must be in \[0, 1\)"),
+    (lambda k: gradients.imtl_g_weights(k, max_cond=1.0), r"imtl_g.max_cond must be > 1"),
+    (lambda k: gradients.aligned_mtl_weights(k, resolve=0.0), r"aligned_mtl.resolve"),
+])
+def test_bad_hyperparameters_raise(call, match):
+  with pytest.raises(ValueError, match=match):
+    call(jnp.eye(3))
+
+
+def test_new_methods_are_registered_everywhere():
+  """GRAM_METHODS entries become objectives, config entries and toy methods."""
+  from mtljax import objectives, toy
+  from experiments.configs import common
+  for name in ("upgrad", "dualproj", "config", "fairgrad"):
+    assert name in gradients.GRADIENT_METHODS and name in objectives.METHODS
+    assert name in toy.TOY_METHODS
+  assert common.base_config().objective.fairgrad.alpha == 2.0
+  assert common.base_config().objective.upgrad.reg_eps == 1e-4
+
+
+@pytest.mark.parametrize("t", [2, 3, 5])
+def test_jacobi_eigh_matches_numpy_on_graded_matrices(t):
+  """Eigenvalues to relative accuracy on a Gram with one row 100x the others
+  and a near-opposite pair."""
+  rng = np.random.default_rng(t)
+  g = rng.normal(size=(t, 12))
+  g[-1] = -0.999 * g[-2] + 0.01 * rng.normal(size=12)
+  g[0] *= 100.0
+  k = g @ g.T
+  lam, v = gradients.jacobi_eigh(jnp.asarray(k, jnp.float32))
+  want = np.linalg.eigvalsh(k)
+  np.testing.assert_allclose(np.sort(np.asarray(lam, np.float64)), want, rtol=1e-2)
+  np.testing.assert_allclose(np.asarray(v) @ np.diag(lam) @ np.asarray(v).T, k,
+                             rtol=1e-4, atol=1e-5 * np.abs(k).max())
