@@ -29,6 +29,13 @@ Architectures (``arch``), i.e. where parameters are shared:
   ``omoe``: one gate shared by all tasks (``shared/gate``). ``shared_bottom``:
   one shared trunk, then the per-task towers and heads (the baseline; MMoE with
   one expert computes exactly this).
+* ``cgc`` / ``ple`` (Tang et al. 2020: shared and per-task experts, per-task
+  gates; PLE stacks ``num_levels`` levels with a shared gate between them),
+  ``dselect_k`` (Hazimeh et al. 2021: MMoE's experts with DSelect-k gates, at
+  most ``dselect_k`` experts per task once the smooth-step saturates) and
+  ``mtan`` (Liu et al. 2019: the shared trunk with per-task attention modules
+  at every trunk layer): :mod:`mtljax.models.experts`, with per-task towers
+  and heads as the mixtures.
 * ``heads``: ``"auto"`` gives per-task heads (``tasks/heads/<group>``) except for
   the conditioned archs; ``"per_task"`` / ``"shared"`` force it, for every arch
   (shared: one head per task group at ``shared/heads/<group>``).
@@ -58,12 +65,15 @@ sees the same examples the step runs ``encode`` once; per-slot gradients with
 respect to ``rep`` are a ``vmap`` over slots of one slot's gradient with respect
 to the one ``rep`` (:mod:`mtljax.jacobians`).
 ``rep`` is: the trunk's features (``multi_head`` with per-task heads,
-``shared_bottom``), the expert outputs ``[E, B, F]`` (``mmoe``: the gates are
-per task and read ``x``), the gated mixture (``omoe``), or the whole network's
-per-group outputs (``multi_head`` with shared heads: a pooled model). Per-task
-trunks (``independent``, ``soft``, ``cross_stitch``), the conditioned archs and
-the mixtures with shared heads (``heads="shared"``: their per-task part would
-read shared parameters) have no such split: ``encode`` is None.
+``shared_bottom``), the expert outputs ``[E, B, F]`` (``mmoe`` and
+``dselect_k``: the gates are per task and read ``x`` or nothing; ``cgc``: the
+shared experts, the task experts run in ``decode``), the gated mixture
+(``omoe``), or the whole network's per-group outputs (``multi_head`` with
+shared heads: a pooled model). Per-task trunks (``independent``, ``soft``,
+``cross_stitch``), ``ple`` with more than one level and ``mtan`` (their
+per-task parts read shared parameters), the conditioned archs and the mixtures
+with shared heads (``heads="shared"``: their per-task part would read shared
+parameters) have no such split: ``encode`` is None.
 
 **Layer groups.** ``Model.layer_groups`` lists the model's layers from input to
 output as ``(name, regex over slash paths)`` -- trunk/expert layers (with the
