@@ -6,6 +6,8 @@ regularisers against a float64 recomputation, the one-pass step against the
 per-slot step, unsampled tasks' rows frozen, bad settings rejected. The
 forward passes against numpy references are in test_model_references.py."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,12 +61,8 @@ def test_gates_are_on_the_simplex():
   np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
   for e in (1, 4, 8):
     for per_example in (False, True):
-      spec = multitask._check("dselect_k", (3, 2), encoder="mlp", hidden=(4,), channels=(),
-                              cond_layers=(), heads="auto", soft_lambda=0.0,
-                              soft_norm="squared", soft_layers="", stitch_init=0.9,
-                              num_experts=e, tower=(), task_experts=1, num_levels=1,
-                              level_hidden=(), dselect_k=min(3, e), dselect_gamma=1.0,
-                              dselect_per_example=per_example, dselect_entropy_reg=0.0)
+      spec = types.SimpleNamespace(num_experts=e, dselect_k=min(3, e), dselect_gamma=1.0,
+                                   dselect_per_example=per_example)
       gate = experts.dselect_gate(spec, 6)
       weights = jax.jit(lambda p, gate=gate: gate(p, h))
       for scale in (1.0, 30.0):  # in the cubic region / saturated
