@@ -631,8 +631,13 @@ def moco(num_tasks: int, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: f
   ``y_t <- y_t - beta / n_t^beta_sigma (y_t - g_t)`` (state ``y [T, ...shared]``);
   ``lambda <- Pi(lambda - gamma / n^gamma_sigma (Y Y^T + rho I) lambda)`` with
   ``Pi`` the projection onto the simplex (``simplex="project"``, the paper) or
-  a softmax (``"softmax"``, LibMTL); ``d = Y^T lambda`` over all T tasks (an
-  unsampled task's estimate is its last). Bind with :func:`bind_shared`."""
+  a softmax (``"softmax"``, LibMTL); ``d = Y^T lambda`` over the tasks sampled
+  with weight > 0 at least once (an unsampled task's estimate is its last; a
+  task never active -- zero weight, never sampled or never labelled -- has no
+  estimate and is left out of ``lambda`` (weight 0 in state ``lambda``;
+  :func:`mtljax.tracked.moco_lambda`), so with weights ``[1, 1, 0]`` MoCo is
+  the 2-task MoCo; a task first active later enters the step with ``1 / T``
+  and the others' weights, renormalised). Bind with :func:`bind_shared`."""
   _check("moco", beta > 0 and gamma > 0 and beta_sigma >= 0 and gamma_sigma >= 0 and rho >= 0,
          f"beta, gamma must be > 0 and beta_sigma, gamma_sigma, rho >= 0, got {beta}, "
          f"{gamma}, {beta_sigma}, {gamma_sigma}, {rho}")
@@ -653,9 +658,11 @@ def moco(num_tasks: int, *, beta: float = 0.5, beta_sigma: float = 0.5, gamma: f
         tracked.scale_rows(w * lin.losses / (norms + 1e-8), g), ids, num_tasks, w > 0)
     count, steps = st["count"] + active, st["steps"] + 1.0
     y = tracked.track(st["y"], rows, tracked.decayed(beta, beta_sigma, count), active)
-    lam = tracked.moco_lambda(st["lambda"], gradients.gram(y),
-                              tracked.decayed(gamma, gamma_sigma, steps), rho=rho,
-                              simplex=simplex)
+    known = count > 0
+    entering = known & (st["count"] == 0)        # joins with the initial 1 / T
+    lam = tracked.moco_lambda(jnp.where(entering, 1.0 / num_tasks, st["lambda"]),
+                              gradients.gram(y), tracked.decayed(gamma, gamma_sigma, steps),
+                              known, rho=rho, simplex=simplex)
     state = {"y": y, "lambda": lam, "count": count, "steps": steps}
     return _slot_result(lin, inp, num_tasks, k, lam[ids], gradients.combine(lam, y),
                         g_tasks, state, {"objective_lambda_sum": lam})
@@ -673,7 +680,8 @@ def excess_mtl(num_tasks: int, *, step_size: float = 1e-2) -> Objective:
   (:func:`mtljax.tracked.excess_risks`), relative to the task's first
   ``r_t^0``; the loss weights take the exponentiated-gradient step
   ``lambda_t <- lambda_t exp(step_size r_t / r_t^0)`` (sampled tasks, from
-  their second sampling on; then ``sum lambda = T``) and the objective is
+  the sampling after their first with ``r_t > 0`` -- a zero gradient gives no
+  reference; then ``sum lambda = T``) and the objective is
   ``sum_k lambda_t w_k L_k`` with the updated weights. Bind with
   :func:`bind_shared`."""
   _check("excess_mtl", step_size > 0, f"step_size must be > 0, got {step_size}")
@@ -691,11 +699,11 @@ def excess_mtl(num_tasks: int, *, step_size: float = 1e-2) -> Objective:
     sq = tracked.where_rows(active, jax.tree.map(lambda s, r: s + r * r, st["grad_sq_sum"],
                                                  rows), st["grad_sq_sum"])
     risk = tracked.excess_risks(sq, rows)
-    first = active & ~st["seen"]
+    first = active & (risk > 0) & ~st["seen"]      # a zero first risk is no reference
     initial = jnp.where(first, risk, st["initial_risk"])
     lam = tracked.excess_weights(st["loss_weights"], risk, initial, active & st["seen"],
                                  step_size)
-    state = {"grad_sq_sum": sq, "initial_risk": initial, "seen": st["seen"] | active,
+    state = {"grad_sq_sum": sq, "initial_risk": initial, "seen": st["seen"] | first,
              "loss_weights": lam}
     coef = lam[ids]
     return _slot_result(lin, inp, num_tasks, gradients.gram(g), coef,
@@ -737,13 +745,15 @@ def imtl(num_tasks: int, *, eps: float = 1e-12, max_cond: float = 1e6) -> Object
 
 def gls(num_tasks: int) -> Objective:
   """Geometric loss strategy (Chennupati et al. 2019): ``prod_k L_k^(w_k / K)``
-  over the K sampled slots (the geometric mean of the sampled tasks' losses
-  for unit weights); its gradient is ``(G / K) sum_k w_k grad L_k / L_k``."""
+  over the K sampled slots of weight > 0 (the geometric mean of the sampled,
+  labelled tasks' losses for unit weights; LibMTL's ``prod(L)^(1/T)`` when
+  every task is sampled); its gradient is ``(G / K) sum_k w_k grad L_k / L_k``."""
   def scalarize(l, inp):
     w = inp.weights[inp.task_ids]
     value = tracked.gls_value(l, w)
-    lam = jax.ops.segment_sum(jax.lax.stop_gradient(value) * w / (l.shape[0] * l),
-                              inp.task_ids, num_tasks)
+    lam = jax.ops.segment_sum(   # d value / d L_k; 0 for a slot of weight 0 (maybe L = 0)
+        jax.lax.stop_gradient(value) * w / (tracked.live_count(w) * jnp.where(w > 0, l, 1.0)),
+        inp.task_ids, num_tasks)
     return value, lam
   return loss_weighting("gls", scalarize)
 
@@ -753,10 +763,15 @@ def stch(num_tasks: int, *, mu: float = 1.0, warmup_steps: int = 400,
   """Smooth Tchebycheff scalarisation (Lin et al. 2024, the authors' STCH_MTL
   code): for ``warmup_steps`` steps the objective is ``sum_k w_k log L_k``;
   over the next ``nadir_steps`` steps (the authors: 4 warm-up epochs, then one
-  epoch averaged; here one "epoch" = 100 steps) each task's mean loss is the
-  nadir ``z_t`` (a task not yet sampled keeps collecting until it is); from then
-  on ``K mu logsumexp_k(w_k log(L_k / z_t) / mu)``
-  (:func:`mtljax.tracked.stch_value`; ``-> K max_k`` as ``mu -> 0``)."""
+  epoch averaged; here one "epoch" = 100 steps) each task's mean loss over its
+  slots of weight > 0 is the nadir ``z_t`` (a task without one keeps
+  collecting until it has one); once every task of weight > 0 has a nadir,
+  ``K mu logsumexp_k(w_k log(L_k / z_t) / mu)`` over the K slots of weight > 0
+  (0 if there is none; :func:`mtljax.tracked.stch_value`: the authors'
+  value plus ``K max_k w_k log(L_k / z_t)``, their max-shift added back, so
+  it ``-> K max_k`` as ``mu -> 0``; the gradient is theirs).
+  The nadir statistics are updated in the step (state ``loss_sum``, ``count``
+  per task, ``steps``)."""
   _check("stch", mu > 0 and warmup_steps >= 0 and nadir_steps >= 1,
          f"mu must be > 0, warmup_steps >= 0 and nadir_steps >= 1, got {mu}, "
          f"{warmup_steps}, {nadir_steps}")
@@ -767,14 +782,14 @@ def stch(num_tasks: int, *, mu: float = 1.0, warmup_steps: int = 400,
 
   def scalarize(l, inp):
     st, ids, w = inp.state, inp.task_ids, inp.weights[inp.task_ids]
-    ready = (st["steps"] >= warmup_steps + nadir_steps) & jnp.all(st["count"] > 0)
-    nadir = st["loss_sum"] / jnp.maximum(st["count"], 1.0)
-    nadir = jnp.where(st["count"] > 0, nadir, 1.0)[ids]
+    has = st["count"] > 0
+    ready = (st["steps"] >= warmup_steps + nadir_steps) & jnp.all(has | (inp.weights <= 0))
+    nadir = jnp.where(has, st["loss_sum"] / jnp.maximum(st["count"], 1.0), 1.0)[ids]
 
     def smooth(l):
       x = jax.lax.stop_gradient(tracked.stch_terms(l, nadir, w))
-      lam = l.shape[0] * jax.nn.softmax(x / mu)
-      return tracked.stch_value(l, nadir, w, mu=mu), lam
+      return (tracked.stch_value(l, nadir, w, mu=mu),
+              tracked.live_count(w) * tracked.stch_softmax(x, mu))
 
     def logs(l):
       return jnp.sum(w * jnp.log(jnp.where(w > 0, l, 1.0) + 1e-20)), (w > 0).astype(l.dtype)
@@ -782,20 +797,27 @@ def stch(num_tasks: int, *, mu: float = 1.0, warmup_steps: int = 400,
     value, lam = jax.lax.cond(ready, smooth, logs, l)
     return value, jax.ops.segment_sum(lam, ids, num_tasks)
 
-  def update(st, l, ids, new_losses=None):
-    del new_losses
+  def update(st, l, ids, w):
     steps = st["steps"]
     collect = (steps >= warmup_steps) & ((steps < warmup_steps + nadir_steps)
                                          | (st["count"] == 0))
-    seen = jax.ops.segment_sum((l > 0).astype(l.dtype), ids, num_tasks)  # 0: unlabelled
-    total = jax.ops.segment_sum(jax.lax.stop_gradient(l), ids, num_tasks)
+    live = (w > 0).astype(l.dtype)                     # weight 0: unlabelled or not trained
+    seen = jax.ops.segment_sum(live, ids, num_tasks)
+    total = jax.ops.segment_sum(live * jax.lax.stop_gradient(l), ids, num_tasks)
     return {"loss_sum": jnp.where(collect, st["loss_sum"] + total, st["loss_sum"]),
             "count": jnp.where(collect, st["count"] + seen, st["count"]),
             "steps": steps + 1}
 
-  return loss_weighting("stch", scalarize, init_state=init, after_update=update,
+  base = loss_weighting("stch", scalarize, init_state=init,
                         hparams={"mu": mu, "warmup_steps": warmup_steps,
                                  "nadir_steps": nadir_steps})
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    res = base.gradients(lin, inp)
+    return res._replace(state=update(inp.state, lin.losses, inp.task_ids,
+                                     inp.weights[inp.task_ids]))
+
+  return dataclasses.replace(base, gradients=grads_fn)
 
 
 # ----------------------------------------------------------------------------

@@ -174,13 +174,36 @@ def db_mtl_weights(buffer, active: jax.Array) -> jax.Array:
   return jnp.where(active, top / (norms + _EPS), 0.0)
 
 
-def moco_lambda(lam: jax.Array, ky: jax.Array, rate: jax.Array, *, rho: float,
-                simplex: str) -> jax.Array:
-  """MoCo's weights: ``lambda <- Pi(lambda - gamma_n (Y Y^T + rho I) lambda)``,
-  ``Pi`` the Euclidean projection onto the simplex (the paper) or a softmax
-  (LibMTL's code), ``ky = Y Y^T [T, T]``."""
-  step = lam - rate * ((ky + rho * jnp.eye(lam.shape[0], dtype=ky.dtype)) @ lam)
-  return gradients.project_simplex(step) if simplex == "project" else jax.nn.softmax(step)
+def moco_lambda(lam: jax.Array, ky: jax.Array, rate: jax.Array, active: jax.Array, *,
+                rho: float, simplex: str) -> jax.Array:
+  """MoCo's weights over the ``active [T]`` tasks (those with an estimate:
+  sampled with weight > 0 at least once): ``lambda <- Pi(lambda - gamma_n
+  (Y Y^T + rho I) lambda)``, ``Pi`` the Euclidean projection onto the simplex
+  of the active tasks (the paper) or a softmax over them (LibMTL's code),
+  ``ky = Y Y^T [T, T]``.
+
+  A task never active has ``y_t = 0``, which would pull ``lambda`` onto it and
+  shrink ``d = Y^T lambda``; it is left out: the step starts from ``lambda``
+  restricted to the active tasks and renormalised to sum 1 (a newly active
+  task enters with the value the caller gives it: MoCo's ``1 / T``), and its
+  weight is 0.
+
+  Returns ``[T]``: the new weights, 0 off the active tasks (all 0 if none is).
+  """
+  base = jnp.where(active, lam, 0.0)
+  total = jnp.sum(base)
+  uniform = active / jnp.maximum(jnp.sum(active), 1)
+  base = jnp.where(total > 0, base / jnp.where(total > 0, total, 1.0), uniform)
+  step = base - rate * ((ky + rho * jnp.eye(lam.shape[0], dtype=ky.dtype)) @ base)
+  some = jnp.any(active)
+  if simplex == "project":
+    # Entries below every active one stay out of the projection's support, so
+    # this is the projection onto the active tasks' simplex.
+    low = jnp.where(some, jnp.min(jnp.where(active, step, jnp.inf)) - 1.0, 0.0)
+    new = gradients.project_simplex(jnp.where(active, step, low))
+  else:
+    new = jax.nn.softmax(jnp.where(active | ~some, step, -jnp.inf))
+  return jnp.where(active, new, 0.0)
 
 
 # ----------------------------------------------------------------------------
@@ -220,17 +243,41 @@ def stch_terms(losses: jax.Array, nadir: jax.Array, weights: jax.Array) -> jax.A
                    -jnp.inf)
 
 
+def stch_softmax(x: jax.Array, mu: float) -> jax.Array:
+  """``softmax(x / mu)`` over the finite terms of :func:`stch_terms` (0 for a
+  slot of weight 0; all 0 when every slot has weight 0)."""
+  live = jnp.isfinite(x)
+  p = jax.nn.softmax(jnp.where(jnp.any(live), x, 0.0) / mu)
+  return jnp.where(live, p, 0.0)
+
+
+def live_count(weights: jax.Array) -> jax.Array:
+  """The number of slots of weight > 0 (at least 1): the ``K`` of GLS's and
+  STCH's normalisations, so that a slot of weight 0 (unlabelled, or a task
+  not trained) changes neither."""
+  return jnp.maximum(jnp.sum(weights > 0), 1).astype(weights.dtype)
+
+
 def stch_value(losses: jax.Array, nadir: jax.Array, weights: jax.Array, *,
                mu: float) -> jax.Array:
-  """``K mu logsumexp_k(w_k log(L_k / z_k) / mu)`` (the authors' MTL code:
-  log losses, nadir ``z`` from the warm-up; ``K`` the slots, their ``task_num``)."""
+  """``K (mu logsumexp_k(w_k log(L_k / z_k) / mu) + c)`` over the ``K`` slots
+  of weight > 0 (0 when there is none), ``c = stop_gradient(max_k w_k
+  log(L_k / z_k))``: the authors' MTL code's value (log losses, nadir ``z``
+  from the warm-up; ``K`` their ``task_num``) plus ``K c``, their max-shift
+  added back, so the value is the smooth Tchebycheff function itself
+  (``-> K max_k`` as ``mu -> 0``); the gradient is theirs exactly."""
   x = stch_terms(losses, nadir, weights)
-  top = jax.lax.stop_gradient(jnp.max(x))
-  return losses.shape[0] * (mu * jnp.log(jnp.sum(jnp.exp((x - top) / mu))) + top)
+  live = weights > 0
+  any_live = jnp.any(live)
+  top = jax.lax.stop_gradient(jnp.where(any_live, jnp.max(x), 0.0))
+  s = jnp.sum(jnp.where(live, jnp.exp((jnp.where(live, x, top) - top) / mu), 0.0))
+  value = mu * jnp.log(jnp.where(any_live, s, 1.0)) + top
+  return jnp.where(any_live, live_count(weights) * value, 0.0)
 
 
 def gls_value(losses: jax.Array, weights: jax.Array) -> jax.Array:
-  """``prod_k L_k^(w_k / K)`` (the geometric mean for unit weights), in logs
-  (a slot of weight 0 is a factor 1)."""
+  """``prod_k L_k^(w_k / K)`` over the ``K`` slots of weight > 0 (the
+  geometric mean of their losses for unit weights; 1 if there is none), in
+  logs."""
   logs = jnp.log(jnp.where(weights > 0, losses, 1.0))
-  return jnp.exp(jnp.sum(weights * logs) / losses.shape[0])
+  return jnp.exp(jnp.sum(weights * logs) / live_count(weights))
