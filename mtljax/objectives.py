@@ -576,8 +576,10 @@ def gradvac(num_tasks: int, *, beta: float = 0.01) -> Objective:
 
 def graddrop(num_tasks: int, *, leak: float = 0.0) -> Objective:
   """Gradient sign dropout (Chen et al. 2020) on the shared representation:
-  the per-slot ``dZ`` are masked by sign purity
-  (:func:`mtljax.tracked.graddrop_cotangent`, uniform draws from the step's
+  the per-slot ``dZ`` are masked by sign purity per element of ``Z``, batch
+  included (Algorithm 1 as written; not LibMTL's batch-separated form, whose
+  purity is of ``sum_b sign(Z) dZ`` per feature;
+  :func:`mtljax.tracked.graddrop_cotangent`, uniform draws from the step's
   key) and their sum is back-propagated once through the trunk; ``leak`` in
   [0, 1] (the paper's and LibMTL's 0) keeps that fraction of a dropped gradient.
   Needs shared inputs and an architecture with a task-independent part."""

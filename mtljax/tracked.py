@@ -131,7 +131,10 @@ def gradvac_targets(phi: jax.Array, rho: jax.Array, task_ids: jax.Array,
 
 def graddrop_cotangent(dz, rng: jax.Array, *, leak: float = 0.0):
   """GradDrop's representation gradient from the per-slot ``dz`` (a pytree
-  with ``[K, ...]`` leaves), Chen et al. 2020, Algorithm 1 (not batch-separated):
+  with ``[K, ...]`` leaves), Chen et al. 2020, Algorithm 1 per element (every
+  coordinate of every leaf, batch included, has its own purity and draw; not
+  LibMTL's batch-separated ``sum_b sign(Z) dZ`` form; one key per leaf, split
+  from ``rng`` in leaf order):
 
   ``P = (1 + sum_k dz_k / sum_k |dz_k|) / 2`` per coordinate,
   ``U ~ Uniform(0, 1)``, ``M_k = [P > U][dz_k > 0] + [P < U][dz_k < 0]``,
