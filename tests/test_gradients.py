@@ -647,7 +647,7 @@ def test_mgda_matches_the_float64_min_norm_point_on_hard_jacobians():
 
 
 def test_mgda_falls_back_to_the_iterative_solver_above_exact_up_to():
-  """With ``exact_up_to`` below T the FISTA solver runs: same optimum on an
+  """With ``exact_up_to`` below T the active-set solver runs: same optimum on an
   easy problem (within its tolerance), ``converged`` from its duality gap."""
   g = np.random.default_rng(3).normal(size=(4, 20))
   k = jnp.asarray(g @ g.T, jnp.float32)
@@ -657,13 +657,13 @@ def test_mgda_falls_back_to_the_iterative_solver_above_exact_up_to():
   np.testing.assert_allclose(iterative, exact, atol=5e-3)
   assert bool(info_e["converged"]) and bool(info_i["converged"])
   _, info_short = gradients.mgda_weights(k, exact_up_to=2, iters=1)
-  assert not bool(info_short["converged"])  # one FISTA step is not the optimum
+  assert not bool(info_short["converged"])  # one active-set step is not the optimum
 
 
 def test_mgda_for_many_tasks_meets_its_kkt_conditions():
-  """T = 40 (above the exact solver and the exact eigenvalue): FISTA with the
-  power-iteration curvature reaches the min-norm point -- (K a)_j >= a^T K a
-  for every j, with equality on the support -- and says so."""
+  """T = 40 (above the exact solver): Wolfe's active-set algorithm reaches the
+  min-norm point -- (K a)_j >= a^T K a for every j, with equality on the
+  support -- and says so."""
   g = np.random.default_rng(5).normal(size=(40, 60))
   g[:5] *= 30.0
   k = g @ g.T
@@ -679,7 +679,7 @@ def test_mgda_for_many_tasks_meets_its_kkt_conditions():
 
 def test_mgda_returns_the_better_of_its_exact_and_iterative_solutions():
   """Near a Pareto-stationary point the exact candidate can miss the gap test
-  in float32; then FISTA refines it from there and the better of the two is
+  in float32; then the active-set solver runs and the better of the two is
   returned -- converged if either is, and never worse than either solver alone
   beyond float32 rounding."""
   rng = np.random.default_rng(11)
@@ -816,3 +816,19 @@ def test_jacobi_eigh_matches_numpy_on_graded_matrices(t):
   np.testing.assert_allclose(np.sort(np.asarray(lam, np.float64)), want, rtol=1e-2)
   np.testing.assert_allclose(np.asarray(v) @ np.diag(lam) @ np.asarray(v).T, k,
                              rtol=1e-4, atol=1e-5 * np.abs(k).max())
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_dual_cone_iterative_solver_matches_the_exact_one(name):
+  """Above ``exact_up_to`` FISTA on the box QP: the exact solver's weights, and
+  ``converged`` only when it got there (not after 2 iterations)."""
+  g = _g(5)
+  k = jnp.asarray(g @ g.T, jnp.float32)
+  fn = getattr(gradients, name + "_weights")
+  exact, info_e = fn(k)
+  iterative, info_i = fn(k, exact_up_to=0, iters=3000)
+  assert bool(info_e["converged"]) and bool(info_i["converged"])
+  np.testing.assert_allclose(iterative, exact, rtol=2e-3, atol=1e-4)
+  short, info_s = fn(k, exact_up_to=0, iters=2)
+  assert not bool(info_s["converged"])
+  assert np.max(np.abs(np.asarray(short) - np.asarray(exact))) > 1e-3
