@@ -116,7 +116,9 @@ def make_folds(data: loading.MultiTaskData, k: int, seed: int = 0) -> list[tuple
     for t, task in enumerate(ts):
       if task.kind == "regression":
         y = raw[t][idx[(f, "train")][int(source[t])]]
-        mean[t], std[t] = y.mean(), max(float(y.std()), 1e-6)
+        y = y[np.isfinite(y)]          # missing labels are NaN (tasks.label_mask)
+        if y.size:
+          mean[t], std[t] = y.mean(), max(float(y.std()), 1e-6)
     pair = []
     for part in ("train", "val"):
       sel = idx[(f, part)]

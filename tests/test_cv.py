@@ -271,3 +271,30 @@ def test_vmapped_folds_and_rates_with_a_gradient_or_stateful_objective(method):
     want.append(_mean(steps.eval_metrics(data.taskset, evaluate(state["params"], fold_val)),
                       "loss"))
   np.testing.assert_allclose(_point(out, 3e-2, 10)["fold_scores"], want, rtol=2e-4)
+
+
+def test_fold_statistics_skip_missing_regression_labels():
+  """Regression labels missing in the train split (``<label>_mask`` False): each
+  fold's mean and std are those of its labelled training labels (float64
+  numpy), and missing labels stay missing in both halves."""
+  spec, arrays = helpers.shared_input_data(n_train=40)
+  mask = np.ones(40, bool)
+  mask[::3] = False
+  arrays["train"]["y_mask"] = mask
+  data = loading.build_task_data("toy", spec, arrays)
+  r = data.taskset.index("r")
+  folds = cv.make_folds(data, 3, seed=1)
+  raw = np.asarray(arrays["train"]["y"], np.float64)
+  labelled = dict(zip(raw[mask].round(4), np.ones(int(mask.sum()))))
+  for fold_train, fold_val in folds:
+    n = fold_train["n"][0]
+    y = fold_train["y"]["regression1"][0][:n]
+    assert np.isfinite(fold_train["label_mean"][r]) and np.isfinite(fold_train["label_std"][r])
+    back = y * fold_train["label_std"][r] + fold_train["label_mean"][r]
+    seen = back[np.isfinite(back)]
+    assert 0 < seen.size < n                       # some of the fold's labels are missing
+    assert all(v in labelled for v in np.asarray(seen, np.float64).round(4))
+    np.testing.assert_allclose([fold_train["label_mean"][r], fold_train["label_std"][r]],
+                               [seen.mean(), seen.std()], rtol=1e-5)
+    val = fold_val["y"]["regression1"][0][:fold_val["n"][0]]
+    assert np.isnan(val).any() and np.isfinite(val).any()
