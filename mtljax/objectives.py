@@ -49,7 +49,7 @@ Methods (``config.objective.method``):
   (init 1); the network trains on ``sum_k w_t L_k``; with
   ``G_i = w_i ||grad_W L_i||`` on the last shared layer ``W`` matching
   ``layer`` (a regex over ``shared/...``-relative paths; default the last
-  dense kernel of the trunk or of the experts), ``r_i = Ltilde_i / mean(Ltilde)`` where
+  dense kernel of the trunk or of the experts, ``experts/level_L/layer_J/kernel`` for cgc), ``r_i = Ltilde_i / mean(Ltilde)`` where
   ``Ltilde_i = L_i / L_i(first step task i was sampled)``, the weights take an
   Adam step (``w_lr``) on ``grad_w sum_i |G_i - stop_gradient(mean(G) r_i^alpha)|``
   (``alpha`` 1.5), only for sampled tasks (one Adam state per task), and are
@@ -490,7 +490,7 @@ def _natural(name: str) -> list:
 
 
 def gradnorm(num_tasks: int, *, alpha: float = 1.5, w_lr: float = 0.025,
-             layer: str = r"(trunk|experts)/layer_\d+/kernel$") -> Objective:
+             layer: str = r"(trunk|experts)/(level_\d+/)?layer_\d+/kernel$") -> Objective:
   """GradNorm (Chen et al. 2018, Algorithm 1) on the last shared leaf matching
   ``layer`` (a regex over paths relative to ``shared/``)."""
   if not w_lr > 0 or alpha < 0:

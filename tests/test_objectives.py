@@ -230,7 +230,17 @@ _ONE_PASS_ARCHS = [("multi_head", "auto"), ("mmoe", "auto"), ("omoe", "auto"),
 _METHODS = [m for m in objectives.METHODS if m not in objectives.REPRESENTATION_METHODS]
 
 
+# The newer expert architectures, with one method of each family (the full
+# method matrix runs on the archs above; these share mmoe's experts code path).
+_EXPERT_ARCHS = [("cgc", "auto"), ("dselect_k", "auto")]
+_FAMILIES = ("fixed", "uncertainty", "famo", "gradnorm", "mgda", "pcgrad", "gradvac", "db_mtl")
+
+
 def _equivalence_cases():
+  for arch, heads in _EXPERT_ARCHS:
+    for method in _FAMILIES:
+      yield pytest.param(arch, heads, method, id=f"{arch}-{heads}-{method}",
+                         marks=(pytest.mark.slow,))
   for arch, heads in _ONE_PASS_ARCHS:
     for method in _METHODS:
       fast = (arch, heads) == ("multi_head", "auto") or (

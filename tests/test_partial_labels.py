@@ -296,15 +296,8 @@ def test_all_ones_mask_run_equals_run_without_mask_bitwise():
 _FAST_METHODS = ("fixed", "famo", "nash_mtl")
 
 
-# Known: gls logs lambda = value w / (K L), 0/0 for the unlabelled slot's zero
-# weight and zero loss (its update is finite: gls_value skips weight-0 slots).
-_KNOWN = {"gls": pytest.mark.xfail(strict=True, reason="gls's logged lambda is 0/0 = NaN "
-                                   "for a slot of weight 0 and loss 0")}
-
-
 @pytest.mark.parametrize("method", [
-    pytest.param(m, marks=(() if m in _FAST_METHODS else (pytest.mark.slow,))
-                 + ((_KNOWN[m],) if m in _KNOWN else ()))
+    pytest.param(m, marks=() if m in _FAST_METHODS else (pytest.mark.slow,))
     for m in objectives.METHODS])
 def test_every_objective_updates_finitely_with_one_fully_unlabelled_slot(method):
   """Zero loss and zero gradient in the unlabelled slot: every method's update
