@@ -304,8 +304,11 @@ def dwa(num_tasks: int, *, temperature: float = 2.0, window_steps: int = 100) ->
 
   def update(st, l, ids, new_losses=None):
     del new_losses
+    # A slot whose loss is exactly 0 has no labelled example (tasks.masked_mean;
+    # losses are positive otherwise): it is not part of its task's window mean.
+    present = (l > 0).astype(l.dtype)
     total = st["sum"] + jax.ops.segment_sum(jax.lax.stop_gradient(l), ids, num_tasks)
-    count = st["count"] + jax.ops.segment_sum(jnp.ones_like(l), ids, num_tasks)
+    count = st["count"] + jax.ops.segment_sum(present, ids, num_tasks)
     steps = st["steps"] + 1
     done = steps % window_steps == 0
     mean = jnp.where(count > 0, total / jnp.maximum(count, 1.0), st["prev"])
@@ -459,24 +462,32 @@ def gradnorm_update(state: dict, norms: jax.Array, losses: jax.Array, task_ids: 
   """One GradNorm weight update from the slots' ``||grad_W w L_k||`` and losses.
 
   Only sampled tasks' weights (and Adam states) move; then ``w`` is
-  renormalised to sum to T. Returns ``(new_state, L_grad)``.
+  renormalised to sum to T. A slot whose loss is exactly 0 has no labelled
+  example (:func:`mtljax.tasks.masked_mean`; losses are positive otherwise)
+  and is left out: it neither sets its task's first loss nor enters the means
+  nor moves its weight. Returns ``(new_state, L_grad)``.
   """
   num_tasks = state["w"].shape[0]
-  first = ~state["seen"][task_ids]
+  present = losses > 0
+  pf = present.astype(losses.dtype)
+
+  def mean(v):                                               # over present slots
+    return jnp.sum(v * pf) / jnp.maximum(jnp.sum(pf), 1.0)
+  first = ~state["seen"][task_ids] & present
   l0 = state["initial_loss"].at[task_ids].set(
       jnp.where(first, losses, state["initial_loss"][task_ids]))
-  seen = state["seen"].at[task_ids].set(True)
-  ratio = losses / jnp.maximum(l0[task_ids], 1e-12)        # Ltilde per slot
-  r = ratio / jnp.mean(ratio)
+  seen = state["seen"].at[task_ids].max(present)
+  ratio = jnp.where(present, losses / jnp.maximum(l0[task_ids], 1e-12), 0.0)  # Ltilde
+  r = ratio / jnp.maximum(mean(ratio), 1e-12)
 
   def l_grad(w):
     g = w[task_ids] * norms                                  # G_i per slot
-    target = jax.lax.stop_gradient(jnp.mean(g) * r ** alpha)
-    return jnp.sum(jnp.abs(g - target))
+    target = jax.lax.stop_gradient(mean(g) * r ** alpha)
+    return jnp.sum(jnp.abs(g - target) * pf)
 
   value, grad_w = jax.value_and_grad(l_grad)(state["w"])
   upd, opt = jax.vmap(optax.adam(w_lr).update)(grad_w, state["opt"], state["w"])
-  active = jnp.zeros((num_tasks,), bool).at[task_ids].set(True)
+  active = jnp.zeros((num_tasks,), bool).at[task_ids].max(present)
   w = jnp.where(active, optax.apply_updates(state["w"], upd), state["w"])
   opt = jax.tree.map(lambda new, old: jnp.where(
       active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old), opt, state["opt"])

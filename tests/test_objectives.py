@@ -584,3 +584,27 @@ def test_gradnorm_last_layer_is_the_deepest_not_the_alphabetically_last():
     objectives.make_objective("gradnorm", 4, w_lr=0.0)
   with pytest.raises(ValueError, match="famo: w_lr must be > 0"):
     objectives.make_objective("famo", 4, w_lr=-1.0)
+
+
+def test_gradnorm_and_dwa_leave_out_a_slot_with_no_labelled_example():
+  """A slot whose loss is exactly 0 (no labelled example: tasks.masked_mean)
+  changes GradNorm's and DWA's state exactly as if it had not been sampled."""
+  ids = jnp.asarray([2, 0, 3])
+  norms = jnp.asarray([1.5, 0.7, 0.0])
+  losses = jnp.asarray([0.9, 1.3, 0.0])            # slot 2 (task 3) unlabelled
+  st = objectives.gradnorm_init(4, 0.025)
+  for _ in range(2):                                # the second call: tasks seen
+    with_slot, _ = objectives.gradnorm_update(st, norms, losses, ids, alpha=1.5, w_lr=0.025)
+    without, _ = objectives.gradnorm_update(st, norms[:2], losses[:2], ids[:2], alpha=1.5,
+                                            w_lr=0.025)
+    helpers.assert_trees_close(with_slot, without, rtol=1e-6)
+    assert not bool(with_slot["seen"][3]) and float(with_slot["initial_loss"][3]) == 0.0
+    st = with_slot
+  dwa = objectives.make_objective("dwa", 4, window_steps=2)
+  st = dwa.init_state()
+  for _ in range(4):
+    a = dwa.after_update(st, losses, ids, None)
+    b = dwa.after_update(st, losses[:2], ids[:2], None)
+    helpers.assert_trees_close(a, b)
+    st = a
+  assert float(st["prev"][3]) == 0.0 and float(st["prev"][2]) == pytest.approx(0.9)
