@@ -1,6 +1,6 @@
 r"""A comparison of finished runs: a Markdown table and plots.
 
-    python -m experiments.report WORKDIR [WORKDIR ...] [--out=report.md]
+    python -m experiments.report WORKDIR [WORKDIR ...] [--out=FILE.md]
 
 Each WORKDIR is a run's directory (``summary.json``, ``config.json``,
 ``metrics.jsonl``). The table has a row per run: the config keys whose values
@@ -8,7 +8,9 @@ differ between the runs as columns (dotted, e.g. ``model.arch``; ``-`` where a
 run lacks the key), then each task's final test metrics (``TASK/METRIC``,
 ``mean ± s.e.`` for runs of several seeds), then Δm (%, positive = better than
 the single-task baselines) when a run measured it. The keys every run shares
-are listed under the table. The report is written to ``--out`` and printed;
+are listed under the table. The report is written to ``--out`` (default:
+``report.md`` in the first WORKDIR's parent directory, next to the runs, never
+the current directory) and printed;
 ``--out``'s stem + ``_curves.png`` holds each task's test curves, a panel per
 metric and a line per run and task (:func:`mtljax.plotting.plot_run_comparison`).
 """
@@ -85,6 +87,22 @@ def _metric(mean, se=None) -> str:
   return text
 
 
+def _delta_m(dm: dict) -> str:
+  """Δm's cell: with several seeds the mean over seeds of the paired per-seed
+  Δm (seed s against the baselines' seed s) ± its s.e. -- as the metric cells
+  show the mean over seeds -- else the run's Δm; ``nan`` for null."""
+  if not dm:
+    return "-"
+  if "mean_over_seeds" in dm:
+    mean, se = dm["mean_over_seeds"], dm.get("se")
+    if mean is None:
+      return "nan"
+    return f"{mean:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+  if "value" not in dm:
+    return "-"
+  return "nan" if dm["value"] is None else f"{dm['value']:+.2f}"
+
+
 def table(runs: dict[str, dict]) -> tuple[str, list[str]]:
   """``(Markdown table, the config keys every run shares)`` (module docstring)."""
   configs = [r["config"] for r in runs.values()]
@@ -109,8 +127,7 @@ def table(runs: dict[str, dict]) -> tuple[str, list[str]]:
       se = s.get("tasks_se", {}).get(t, {}).get(m)
       cells.append(_metric(s["tasks"][t][m], se))
     if delta:
-      dm = s.get("delta_m") or {}
-      cells.append(f"{dm['value']:+.2f}" if dm.get("value") is not None else "-")
+      cells.append(_delta_m(s.get("delta_m") or {}))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines), same
 
@@ -140,15 +157,22 @@ def report(workdirs, out: str | None = None) -> str:
   return md
 
 
+def default_out(workdirs) -> str:
+  """``report.md`` in the first workdir's parent directory (next to the runs)."""
+  return os.path.join(os.path.dirname(os.path.abspath(os.path.normpath(workdirs[0]))),
+                      "report.md")
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.report",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
-  parser.add_argument("--out", default="report.md",
-                      help="the Markdown file (default report.md); the curves go next to it")
+  parser.add_argument("--out", default=None,
+                      help="the Markdown file (default: report.md in the first WORKDIR's "
+                           "parent directory); the curves go next to it")
   args = parser.parse_args(argv)
   try:
-    print(report(args.workdirs, args.out))
+    print(report(args.workdirs, args.out or default_out(args.workdirs)))
   except ReportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

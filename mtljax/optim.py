@@ -306,6 +306,8 @@ class RuledOptimizer:
   ``make_tx(lr_schedule, weight_decay_mult, decoupled=None) ->
   GradientTransformation`` builds the base optimizer of a group (``decoupled``
   as in :func:`make_optimizer`); ``schedule_for(name, lr_mult)`` its schedule.
+  ``schedules[i]``: rule ``i``'s schedule (None for a frozen rule), counted
+  from the group's ``unfreeze_at``.
   ``l2sp``: a :class:`DecoupledL2SP`; every trained group then also gets a
   ``loaded`` and a ``fresh`` variant carrying its term.
   """
@@ -316,6 +318,10 @@ class RuledOptimizer:
       raise ValueError("config.optim.rules: empty rule list.")
     self.rules = tuple(rules)
     self.l2sp = l2sp
+    # Each rule's learning-rate schedule (a function of the group's own update
+    # count; None when frozen): what its transforms use, and what the log shows.
+    self.schedules = tuple(None if r.frozen else schedule_for(r.schedule or default_schedule,
+                                                              r.lr_mult) for r in self.rules)
     self._transforms = {}
     for i, r in enumerate(self.rules):
       if r.frozen:
@@ -326,8 +332,7 @@ class RuledOptimizer:
         variants.update({"/loaded": pull_to_initial(l2sp.alpha),
                          "/fresh": optax.add_decayed_weights(l2sp.beta)})
       for suffix, extra in variants.items():
-        tx = make_tx(schedule_for(r.schedule or default_schedule, r.lr_mult), r.wd_mult,
-                     extra)
+        tx = make_tx(self.schedules[i], r.wd_mult, extra)
         if r.unfreeze_at:
           tx = delayed(tx, r.unfreeze_at)
         self._transforms[f"rule{i}{suffix}"] = tx

@@ -48,26 +48,67 @@ def figure(path: str, ncols: int = 1, figsize=(5, 4), tight: bool = True):
     plt.close(fig)
 
 
+def _visible(line) -> bool:
+  """Whether a Line2D draws anything: a marker at a finite point, or a
+  segment between two consecutive finite points."""
+  x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+  ok = np.isfinite(x) & np.isfinite(y)
+  if line.get_marker() not in (None, "", "None", " ") and ok.any():
+    return True
+  return line.get_linestyle() not in ("None", "", " ") and bool((ok[1:] & ok[:-1]).any())
+
+
 def drawn(fig) -> dict:
-  """``{axis title: {"lines": {label: (x, y)}, "bars": {label: heights},
-  "image": matrix}}`` of a figure, read from its lines, bar containers and
-  images (the keys an axis has none of are left out)."""
+  """``{axis title: {"lines": {label: (x, y)}, "styles": {label: (colour as
+  #rrggbb, linestyle, marker)}, "legend": [labels], "bars": {label: heights},
+  "image": matrix}}`` of a figure, read from its lines (only those that draw
+  something: a single point needs a marker), legends, bar containers and
+  images (the keys an axis has none of are left out); a figure-level legend's
+  labels under ``"figure legend"``."""
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
   out = {}
   for i, ax in enumerate(fig.axes):
     if not ax.get_title() and not ax.lines and not ax.containers and not ax.images:
       continue  # a colorbar
     entry = {}
-    lines = {l.get_label(): (list(map(float, l.get_xdata())), list(map(float, l.get_ydata())))
-             for l in ax.lines if not l.get_label().startswith("_")}
-    if lines:
-      entry["lines"] = lines
+    shown = [l for l in ax.lines if not l.get_label().startswith("_") and _visible(l)]
+    if shown:
+      entry["lines"] = {l.get_label(): (list(map(float, l.get_xdata())),
+                                        list(map(float, l.get_ydata()))) for l in shown}
+      entry["styles"] = {l.get_label(): (colors.to_hex(l.get_color()), l.get_linestyle(),
+                                         l.get_marker()) for l in shown}
+    if ax.get_legend() is not None:
+      entry["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
     bars = {c.get_label(): [float(p.get_height()) for p in c.patches] for c in ax.containers}
     if bars:
       entry["bars"] = bars
     if ax.images:
       entry["image"] = np.asarray(ax.images[0].get_array().filled(np.nan), np.float64)
     out[ax.get_title() or f"axis {i}"] = entry
+  if fig.legends:
+    out["figure legend"] = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
   return out
+
+
+# Series of at most this many points are drawn with markers (one evaluation,
+# as quick configs make, is otherwise invisible).
+MARKERS_UP_TO = 20
+
+
+def task_colors(n: int) -> list:
+  """``n`` distinct colours: matplotlib's ``tab10`` up to 10, then
+  ``tab20`` + ``tab20b`` + ``tab20c`` (60), then samples of ``turbo``."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  if n <= 10:
+    return [f"C{i}" for i in range(n)]
+  if n <= 60:
+    return [matplotlib.colormaps[m](i) for m in ("tab20", "tab20b", "tab20c")
+            for i in range(20)][:n]
+  return [matplotlib.colormaps["turbo"](i / (n - 1)) for i in range(n)]
+
+
+def _marker(points, marker="o") -> dict:
+  return {"marker": marker, "markersize": 3} if len(points) <= MARKERS_UP_TO else {}
 
 
 # ----------------------------------------------------------------------------
@@ -114,24 +155,40 @@ def plot_curves(rows: list[dict], path: str, tasks=None) -> dict:
     fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.15, top=0.9,
                         wspace=0.3)
     axes = axes if isinstance(axes, list) else [axes]
+    colors = task_colors(len(tasks))  # a task's colour in every panel
     for ax, panel in zip(axes, panels):
-      for i, t in enumerate(tasks):
-        color = f"C{i % 10}"  # a task's colour in every panel
+      for t, color in zip(tasks, colors):
         if panel.startswith("train/"):
-          ax.plot(*series(rows, f"train/{t}/loss"), color=color, label=t)
+          pts = series(rows, f"train/{t}/loss")
+          ax.plot(*pts, color=color, label=t, **_marker(pts[0]))
           continue
         m = panel.split("/")[-1]
-        ax.plot(*series(rows, f"eval/{t}/{m}"), color=color, label=f"{t} test")
+        pts = series(rows, f"eval/{t}/{m}")
+        ax.plot(*pts, color=color, label=f"{t} test", **_marker(pts[0]))
         train_eval = series(rows, f"train_eval/{t}/{m}")
         if train_eval[0]:
-          ax.plot(*train_eval, ls="--", color=color, label=f"{t} train")
+          ax.plot(*train_eval, ls="--", color=color, label=f"{t} train",
+                  **_marker(train_eval[0], "x"))
       ax.set_title(panel)
       ax.set_xlabel("step")
-    if len(tasks) <= 12:
-      axes[0].legend(fontsize=6)
+    _task_legend(fig, axes[0], len(tasks), width)
     if len(panels) > 1:
       axes[1].set_ylabel("test (solid), train split (dashed)", fontsize=7)
     return drawn(fig)
+
+
+def _task_legend(fig, ax, n_tasks: int, width: float) -> None:
+  """Up to 10 tasks: a legend in ``ax``; more: the first panel's labels (one
+  per task) in a legend right of the panels, whose margin grows to fit it."""
+  if n_tasks <= 10:
+    ax.legend(fontsize=6)
+    return
+  cols = math.ceil(n_tasks / 20)
+  space = 1.3 * cols  # inches
+  fig.set_size_inches(width + space, fig.get_size_inches()[1])
+  fig.subplots_adjust(left=0.6 / (width + space), right=(width - 0.15) / (width + space))
+  fig.legend(*ax.get_legend_handles_labels(), loc="center left", fontsize=6, ncol=cols,
+             bbox_to_anchor=((width - 0.05) / (width + space), 0.5), frameon=False)
 
 
 def grad_cosine_matrix(rows: list[dict], names) -> np.ndarray:
@@ -170,12 +227,14 @@ def plot_matrix(matrix, names, path: str, *, title: str, xlabel: str, ylabel: st
 def plot_delta_m(tasks: dict, delta_m: dict, path: str) -> dict:
   """``delta_m.png``: per metric (not loss), bars of each task's single-task
   baseline and multi-task value; a last panel of each task's relative change
-  (% , positive = better), titled with Δm.
+  (% , positive = better), titled with Δm. A null (None) value -- e.g. a task
+  with no labelled test example -- is NaN: no bar, and ``nan`` in the title.
 
   Args:
     tasks: the run's final test metrics ``{task: {metric: value}}``.
     delta_m: ``summary["delta_m"]`` (``value``, ``per_task``, ``baselines``).
   """
+  nan = lambda v: math.nan if v is None else float(v)  # null in summary.json
   base = delta_m["baselines"]
   metrics = list(dict.fromkeys(m for ms in delta_m["per_task"].values() for m in ms))
   names = list(delta_m["per_task"])
@@ -185,34 +244,44 @@ def plot_delta_m(tasks: dict, delta_m: dict, path: str) -> dict:
     for ax, m in zip(axes, metrics):
       have = [t for t in names if m in delta_m["per_task"][t]]
       x = np.arange(len(have))
-      ax.bar(x - 0.2, [base[t][m] for t in have], 0.4, label="single-task")
-      ax.bar(x + 0.2, [tasks[t][m] for t in have], 0.4, label="multi-task")
+      ax.bar(x - 0.2, [nan(base[t].get(m)) for t in have], 0.4, label="single-task")
+      ax.bar(x + 0.2, [nan(tasks[t].get(m)) for t in have], 0.4, label="multi-task")
       ax.set_xticks(x, have, rotation=45, ha="right")
       ax.set_title(f"test {m}")
       ax.legend(fontsize=6)
     ax = axes[-1]
-    change = [float(np.mean(list(delta_m["per_task"][t].values()))) for t in names]
+    change = [float(np.mean([nan(v) for v in delta_m["per_task"][t].values()]))
+              for t in names]
     ax.bar(np.arange(len(names)), change, label="relative change %")
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right")
-    ax.set_title(f"Delta_m = {delta_m['value']:+.2f}% (positive = better)")
+    ax.set_title(f"Delta_m = {nan(delta_m['value']):+.2f}% (positive = better)")
     return drawn(fig)
 
 
 def plot_run_comparison(runs: dict[str, list[dict]], path: str) -> dict:
   """Several runs' test curves (``eval/TASK/METRIC``): a panel per metric, a
-  line per run and task (label ``RUN TASK``). ``runs``: ``{name: rows}``."""
+  line per run and task (label ``RUN TASK``), the colour the task's (in the
+  order tasks first appear over the runs), the line style the run's (and,
+  beyond 4 runs, a marker per run too). ``runs``: ``{name: rows}``."""
   metrics = list(dict.fromkeys(m for rows in runs.values()
                                for m in _tasks_and_metrics(rows)[1]))
-  with figure(path, ncols=max(len(metrics), 1),
-              figsize=(4.6 * max(len(metrics), 1), 3.6)) as (fig, axes):
+  tasks = list(dict.fromkeys(t for rows in runs.values() for t in _tasks_and_metrics(rows)[0]))
+  color = dict(zip(tasks, task_colors(len(tasks))))
+  styles, markers = ("-", "--", ":", "-."), "osv^D<>ph*"
+  n_panels = max(len(metrics), 1)
+  with figure(path, ncols=n_panels, figsize=(4.6 * n_panels, 3.6)) as (fig, axes):
     axes = axes if isinstance(axes, list) else [axes]
     for ax, m in zip(axes, metrics):
-      for name, rows in runs.items():
+      for r, (name, rows) in enumerate(runs.items()):
         for t in _tasks_and_metrics(rows)[0]:
           steps, values = series(rows, f"eval/{t}/{m}")
-          if steps:
-            ax.plot(steps, values, label=f"{name} {t}")
+          if not steps:
+            continue
+          mark = ({"marker": markers[r % len(markers)], "markersize": 3} if len(runs) > 4
+                  else _marker(steps))
+          ax.plot(steps, values, label=f"{name} {t}", color=color[t],
+                  ls=styles[r % len(styles)], **mark)
       ax.set_title(f"test {m}")
       ax.set_xlabel("step")
       if len(ax.lines) <= 16:

@@ -108,24 +108,36 @@ def learning_rates(config, tx) -> Callable[[int], dict]:
   the update that ended at ``step`` (update ``step - 1`` counted from 0), as
   scheduled by the global step -- 0 for a frozen group and before a group's
   ``unfreeze_at``. (A task's own parameters count only the steps that sampled
-  the task; with a schedule other than constant theirs lag behind.)"""
-  o = config.optim
+  the task; with a schedule other than constant theirs lag behind.)
 
-  def schedule(name, mult):
-    return schedules.make_schedule(name, o.lr * mult, int(config.total_steps),
-                                   warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
-                                   cut_frac=o.stlr_cut_frac, ratio=o.stlr_ratio)
+  The rates are the optimizer's own schedules (``tx.schedules``; without rules
+  the one :func:`mtljax.build.optimizer_from_config` gives optax), evaluated
+  once per group at the log steps' update counts here, so a log row only looks
+  a float up."""
+  o, total, every = config.optim, int(config.total_steps), max(int(config.log_steps), 1)
+  logged = np.unique(np.append(np.arange(every, total + 1, every), total))
+
+  def table(fn, start):  # {update count: lr}: one vectorised call, then python floats
+    counts = np.maximum(logged - 1 - start, 0)
+    rates = np.broadcast_to(np.asarray(jax.device_get(fn(counts)), np.float64), counts.shape)
+    return fn, dict(zip(counts.tolist(), rates.tolist()))
   if not isinstance(tx, optim.RuledOptimizer):
-    groups = [("optim/lr", schedule(o.schedule, 1.0), 0, False)]
+    fn = schedules.make_schedule(o.schedule, o.lr, total, warmup_steps=o.warmup_steps,
+                                 end_lr_factor=o.end_lr_factor, cut_frac=o.stlr_cut_frac,
+                                 ratio=o.stlr_ratio)
+    groups = [("optim/lr", table(fn, 0), 0)]
   else:
-    groups = [(f"optim/lr/rule{i}", schedule(r.schedule or o.schedule, r.lr_mult),
-               r.unfreeze_at, r.frozen) for i, r in enumerate(tx.rules)]
+    groups = [(f"optim/lr/rule{i}", None if fn is None else table(fn, r.unfreeze_at),
+               r.unfreeze_at) for i, (r, fn) in enumerate(zip(tx.rules, tx.schedules))]
 
   def at(step: int) -> dict:
     out = {}
-    for key, fn, start, frozen in groups:
+    for key, rates, start in groups:
       count = step - 1 - start
-      out[key] = 0.0 if frozen or count < 0 else float(fn(count))
+      if rates is None or count < 0:
+        out[key] = 0.0
+      else:  # a step off the log grid (not asked by the loop): the schedule itself
+        out[key] = rates[1][count] if count in rates[1] else float(rates[0](count))
     return out
   return at
 
@@ -352,7 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Outputs in ``workdir``: ``checkpoints/`` (Orbax), ``metrics.jsonl`` (one line
   per log/eval step), ``summary.json`` (``{"tasks": {TASK: {METRIC: value}},
-  ...}``), ``config.json`` (the config of the first run). Running again with
+  ...}``), ``config.json`` (the config of the first run whose data and model
+  were built: a config refused while building them stores nothing). Running again with
   the same workdir resumes from the latest readable checkpoint (the config
   must be the same apart from :data:`mtljax.workdir.RESUMABLE_KEYS`;
   ``metrics.jsonl`` is cut back to the restored step). One run per workdir at
@@ -369,7 +382,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   primary = sharding.is_primary()  # with several processes, process 0 writes
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   with lock, _sigterm_flag() as sigterm:
-    workdir_lib.check_config(workdir, config.to_dict(), write=primary)
+    # Compared now, stored only once the data and the run are built: a config
+    # refused while building leaves no config.json behind to refuse its fix.
+    workdir_lib.check_config(workdir, config.to_dict(), write=False)
     return _train(config, workdir, callbacks, sigterm)
 
 
@@ -377,6 +392,8 @@ def _train(config, workdir, callbacks, sigterm) -> dict:
   # --- Data, model, objective, optimizer, initial state -------------------------
   data = build.data_from_config(config)
   run = build.build_run(config, data)
+  if sharding.is_primary():
+    workdir_lib.check_config(workdir, config.to_dict(), write=True)
   _log_parameters(run.state)
   manager = ckpt_lib.make_manager(workdir)
   try:

@@ -62,6 +62,51 @@ def test_delta_m_bars_are_the_baselines_the_run_and_each_tasks_change(tmp_path):
       "relative change %": [12.5, 10.0]}  # each task's mean over its metrics
 
 
+def test_a_null_metric_or_delta_m_is_nan_not_a_crash(tmp_path):
+  # A task with no labelled test example: its metric, its change and Delta_m are
+  # null in summary.json (NaN); the run's last step, run_plots, must not fail.
+  tasks = {"a": {"accuracy": None, "loss": 0.3}, "b": {"accuracy": 0.5, "loss": 0.5}}
+  delta_m = {"value": None, "baselines": {"a": {"accuracy": 0.8}, "b": {"accuracy": None}},
+             "per_task": {"a": {"accuracy": None}, "b": {"accuracy": 25.0}}}
+  got = plotting.run_plots(str(tmp_path), ROWS, {"tasks": tasks, "delta_m": delta_m})
+  bars = got["delta_m.png"]
+  np.testing.assert_array_equal(bars["test accuracy"]["bars"]["single-task"], [0.8, np.nan])
+  np.testing.assert_array_equal(bars["test accuracy"]["bars"]["multi-task"], [np.nan, 0.5])
+  np.testing.assert_array_equal(
+      bars["Delta_m = +nan% (positive = better)"]["bars"]["relative change %"], [np.nan, 25.0])
+  assert os.path.getsize(tmp_path / "delta_m.png") > 0
+
+
+def test_a_single_evaluation_is_drawn_with_a_marker(tmp_path):
+  # Quick configs evaluate once: a one-point line without a marker draws nothing.
+  rows = [{"step": 10, "train/a/loss": 1.0}, {"step": 20, "train/a/loss": 0.5,
+                                                "eval/a/accuracy": 0.75}]
+  got = plotting.plot_curves(rows, str(tmp_path / "c.png"))
+  assert got["eval/TASK/accuracy"]["lines"] == {"a test": ([20], [0.75])}
+  assert got["eval/TASK/accuracy"]["styles"]["a test"][2] == "o"
+  long = [{"step": s, "eval/a/accuracy": 0.5} for s in range(1, plotting.MARKERS_UP_TO + 2)]
+  got = plotting.plot_curves(long, str(tmp_path / "l.png"))
+  assert got["eval/TASK/accuracy"]["styles"]["a test"][2] == "None"  # a long curve: a line
+  with plotting.figure(str(tmp_path / "x.png")) as (fig, ax):  # drawn() leaves out what
+    ax.plot([1], [2.0], label="invisible")                     # draws nothing
+    ax.plot([1, 2], [2.0, 3.0], label="line")
+    assert list(plotting.drawn(fig)["axis 0"]["lines"]) == ["line"]
+
+
+def test_forty_tasks_get_forty_colours_and_a_legend(tmp_path):
+  names = [f"t{i:02d}" for i in range(40)]  # CelebA's 40 attributes
+  rows = [{"step": s, **{f"train/{t}/loss": 1.0 / s for t in names},
+           **{f"eval/{t}/accuracy": 0.5 + i / 100 for i, t in enumerate(names)}}
+          for s in (10, 20)]
+  got = plotting.plot_curves(rows, str(tmp_path / "c.png"), names)
+  styles = got["train/TASK/loss"]["styles"]
+  colours = [styles[t][0] for t in names]
+  assert len(set(colours)) == 40
+  assert [got["eval/TASK/accuracy"]["styles"][f"{t} test"][0] for t in names] == colours
+  assert got["figure legend"] == names  # outside the panels, one entry per task
+  assert "legend" not in got["train/TASK/loss"]
+
+
 def _image(path):
   return matplotlib.image.imread(str(path))
 
@@ -164,6 +209,48 @@ def test_the_command_writes_and_prints_the_report_and_its_curves(tmp_path, capsy
                                 _image(tmp_path / "again.png"))
   assert got["test accuracy"]["lines"]["y/run right"] == ([50, 100], [0.6, 0.7])
   assert len(got["test accuracy"]["lines"]) == 6
+
+
+def test_report_curves_colour_by_task_and_style_by_run(tmp_path):
+  dirs = _three_runs(tmp_path)
+  rows = {n: helpers.metrics_rows(d) for n, d in zip(("x/run", "y/run", "z"), dirs)}
+  styles = plotting.plot_run_comparison(rows, str(tmp_path / "c.png"))["test accuracy"]["styles"]
+  colour = {t: {styles[f"{r} {t}"][0] for r in rows} for t in ("left", "right")}
+  assert all(len(c) == 1 for c in colour.values())  # a task: one colour in every run
+  assert colour["left"] != colour["right"]
+  style = {r: {styles[f"{r} {t}"][1] for t in ("left", "right")} for r in rows}
+  assert all(len(s) == 1 for s in style.values())  # a run: one line style
+  assert len({s.pop() for s in style.values()}) == 3
+
+
+def test_delta_m_with_seeds_is_the_mean_over_seeds_and_its_se(tmp_path):
+  # summary["delta_m"] of a num_seeds=2 run with baselines (mtljax.train):
+  # "value" is Delta_m of the mean metrics; "mean_over_seeds" and "se" are over
+  # the paired per-seed values, which the metric cells (mean ± s.e.) match.
+  dm = {"value": 1.0, "per_seed": [2.0, 5.0], "mean_over_seeds": 3.5, "se": 1.5,
+        "per_task": {"a": {"accuracy": 1.0}}, "baselines": {"a": {"accuracy": 0.5}}}
+  _workdir(tmp_path / "seeds", {"num_seeds": 2}, {"a": {"accuracy": 0.6}}, [],
+           tasks_se={"a": {"accuracy": 0.1}}, delta_m=dm)
+  _workdir(tmp_path / "one", {"num_seeds": 1}, {"a": {"accuracy": 0.6}}, [],
+           delta_m={**dm, "value": None, "per_seed": None, "mean_over_seeds": None})
+  _workdir(tmp_path / "plain", {"num_seeds": 1}, {"a": {"accuracy": 0.6}}, [],
+           delta_m={"value": -0.5})
+  dirs = [str(tmp_path / d) for d in ("seeds", "one", "plain")]
+  text, _ = report.table(dict(zip(report.run_names(dirs), map(report.load_run, dirs))))
+  assert [line.split(" | ")[-1] for line in text.splitlines()[2:]] == [
+      "+3.50 ± 1.50 |", "nan |", "-0.50 |"]
+
+
+def test_the_report_goes_next_to_the_runs_by_default(tmp_path, monkeypatch, capsys):
+  dirs = _three_runs(tmp_path)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)  # e.g. the repository: nothing is written there
+  assert report.main(dirs) == 0
+  assert os.listdir(cwd) == []
+  out = tmp_path / "x" / "report.md"  # the first workdir's parent
+  assert capsys.readouterr().out == out.read_text() + "\n"
+  assert os.path.exists(tmp_path / "x" / "report_curves.png")
 
 
 def test_a_workdir_without_a_summary_is_one_line(tmp_path, capsys):

@@ -150,3 +150,66 @@ def test_seeds_are_written_as_mean_se_and_one_curve_per_seed(tmp_path):
   for tag, points in want.items():
     np.testing.assert_array_equal(np.array(scalars[tag], np.float64),
                                   np.array(points, np.float64), err_msg=tag)
+
+
+def test_a_config_refused_while_building_leaves_no_config_behind(tmp_path):
+  # The first command is refused while the data are built; the corrected one
+  # in the same workdir must run (it used to meet the refused config.json:
+  # "was started with another config: sampling.tasks_per_step: 9 -> 4").
+  small = dict(tensorboard=False, plots=False, total_steps=10, log_steps=10, eval_steps=10,
+               checkpoint_steps=10)
+  bad = helpers.small_sinusoids_config(**small, **{"sampling.tasks_per_step": 9})
+  with pytest.raises(ValueError, match=r"config.sampling.tasks_per_step=9 must be in \[1, "):
+    train.train_and_evaluate(bad, str(tmp_path))
+  assert not os.path.exists(tmp_path / "config.json")
+  good = helpers.small_sinusoids_config(**small)
+  summary = train.train_and_evaluate(good, str(tmp_path))
+  assert summary["step"] == 10 and summary["resumed_from_step"] is None
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["sampling"]["tasks_per_step"] == good.sampling.tasks_per_step == 4
+
+
+def _sgd_rates(config, tx, params, steps):
+  """``[{leaf path: lr}]`` per update: what SGD (no momentum) applied to a
+  leaf, ``-update / gradient`` with gradient 1 (frozen leaves: 0)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mtljax import optim  # pylint: disable=g-import-not-at-top
+  from mtljax import params as params_lib  # pylint: disable=g-import-not-at-top
+  tx = tx.transform("shared") if isinstance(tx, optim.RuledOptimizer) else tx
+  state, grads, out = tx.init(params), jax.tree.map(jnp.ones_like, params), []
+  update = jax.jit(tx.update)
+  for _ in range(steps):
+    updates, state = update(grads, state, params)
+    out.append({n: -float(np.asarray(u, np.float64).ravel()[0])
+                for n, u in params_lib.flatten_with_names(updates)})
+  return out
+
+
+@pytest.mark.parametrize("schedule,rules", [
+    ("warmup_cosine", ""), ("slanted_triangular", ""),
+    ("warmup_cosine", "enc:lr_mult=0.5,unfreeze_at=7;frozen_part:frozen;.*:schedule=constant")])
+def test_the_logged_learning_rate_is_the_one_the_optimizer_applied(schedule, rules):
+  config = helpers.small_sinusoids_config(**{
+      "optim.name": "sgd", "optim.momentum": 0.0, "optim.lr": 0.1, "optim.schedule": schedule,
+      "optim.warmup_steps": 6, "optim.rules": rules, "total_steps": 30})
+  tx = build.optimizer_from_config(config, groups=(), param_names=())
+  params = {"enc": {"w": np.zeros(2, np.float32)}, "frozen_part": {"w": np.zeros(2, np.float32)},
+            "head": {"w": np.zeros(3, np.float32)}}
+  applied = _sgd_rates(config, tx, params, 30)
+  lr_at = train.learning_rates(config, tx)
+  for step in range(1, 31):  # the row at `step` follows update number step - 1
+    logged, got = lr_at(step), applied[step - 1]
+    if not rules:
+      assert set(logged) == {"optim/lr"}
+      for leaf in got.values():
+        np.testing.assert_allclose(logged["optim/lr"], leaf, rtol=1e-5, err_msg=str(step))
+      continue
+    assert set(logged) == {"optim/lr/rule0", "optim/lr/rule1", "optim/lr/rule2"}
+    for key, leaf in (("rule0", "enc/w"), ("rule1", "frozen_part/w"), ("rule2", "head/w")):
+      np.testing.assert_allclose(logged[f"optim/lr/{key}"], got[leaf], rtol=1e-5,
+                                 atol=1e-12, err_msg=f"{step} {key}")
+  if rules:  # the rules really differ: halved and delayed, frozen, constant
+    assert applied[6]["enc/w"] == 0.0 and applied[8]["enc/w"] > 0.0  # warm-up from 0 at 7
+    assert all(a["frozen_part/w"] == 0.0 for a in applied)
+    assert all(a["head/w"] == pytest.approx(0.1) for a in applied)
