@@ -492,7 +492,7 @@ def imtl_g_weights(k: jax.Array, *, eps: float = 1e-12, max_cond: float = 1e6):
                  & (total != 0)}
 
 
-def config_weights(k: jax.Array):
+def config_weights(k: jax.Array, *, max_cond: float = 1e5):
   """ConFIG (Liu et al. 2024, Eq. 2, official code's defaults: equal weights,
   ``ProjectionLength``): ``d_u = pinv(U) 1`` for the unit gradients ``U``
   (rows ``g_i / ||g_i||``), normalised, times ``sum_i g_i . d_u / ||d_u||``.
@@ -503,16 +503,23 @@ def config_weights(k: jax.Array):
   below ``T eps lambda_max`` are cut (the pseudo-inverse's tolerance).
 
   Args:
-    k: ``[T, T]`` Gram matrix.
+    k: ``[T, T]`` Gram matrix; max_cond: ``converged`` is False when
+      ``cond(C)`` exceeds it (float32 resolves ``C`` to ~1e-7, and a nearly
+      null eigenpair -- a near-opposite pair among many tasks -- dominates
+      ``C^+ 1``).
   Returns:
-    ``beta [T]``, ``info`` with ``cond`` (of ``C``) and ``rank``; every task's
-    cosine to ``d`` is the same when ``C`` has full rank.
+    ``beta [T]``, ``info`` with ``cond`` (of ``C``), ``rank`` and
+    ``converged``; every task's cosine to ``d`` is the same when ``C`` has full
+    rank.
   """
+  if not max_cond > 1.0:
+    raise ValueError(f"config.objective.config.max_cond must be > 1, got {max_cond}.")
   c, n = cosine_gram(k)
   b, y, cond, rank = _equal_cosine(k)
   sq = jnp.maximum(y @ c @ y, jnp.finfo(k.dtype).tiny)
   length = jnp.sum(n * (c @ y)) / jnp.sqrt(sq)
-  return b * length / jnp.sqrt(sq), {"cond": cond, "rank": rank}
+  return b * length / jnp.sqrt(sq), {"cond": cond, "rank": rank,
+                                     "converged": jnp.isfinite(cond) & (cond < max_cond)}
 
 
 def _alpha_fair_solve(k: jax.Array, alpha: float, iters: int, tol: float):
@@ -642,9 +649,11 @@ def aligned_mtl_weights(k: jax.Array, *, resolve: float = 1e-2):
   (:func:`gram`).
 
   Args:
-    k: ``[T, T]`` Gram matrix; resolve: ``converged`` is False when a kept
+    k: ``[T, T]`` Gram matrix; resolve: ``converged`` is False when an
       eigenvalue's Rayleigh quotient is below ``eps / resolve`` (its relative
-      error, ~``eps / quotient``, is then above ``resolve``: ``B`` is unreliable).
+      error, ~``eps / quotient``, is then above ``resolve``, and whether it is
+      null cannot be told: ``B`` is unreliable; exactly rank-deficient Grams,
+      e.g. duplicate tasks, are flagged too).
   Returns:
     ``beta [T]``, ``info`` with ``B``, ``rank`` and ``converged``.
   """
@@ -660,7 +669,9 @@ def aligned_mtl_weights(k: jax.Array, *, resolve: float = 1e-2):
   inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
   b = jnp.sqrt(lam_min) * (v * inv_sqrt[None, :]) @ v.T
   b = jnp.where(jnp.any(keep), b, jnp.zeros_like(b))
-  converged = jnp.any(keep) & ~jnp.any(keep & (ratio < jnp.finfo(k.dtype).eps / resolve))
+  # Flagged: an eigenpair float precision cannot resolve (kept or cut: in
+  # float32 a real but tiny one and a null one look alike).
+  converged = jnp.any(keep) & ~jnp.any(ratio < jnp.finfo(k.dtype).eps / resolve)
   return b.sum(axis=0), {"B": b, "rank": keep.sum(), "converged": converged}
 
 
@@ -907,10 +918,10 @@ def dualproj(grads, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4, exact_up_t
                     grads)
 
 
-def config(grads):
+def config(grads, *, max_cond: float = 1e5):
   """ConFIG's direction. ``grads``: ``[T, D]`` or a pytree with task axis 0.
   Returns ``(d, beta [T], info)``; see :func:`config_weights`."""
-  return _direction(config_weights, grads)
+  return _direction(lambda k: config_weights(k, max_cond=max_cond), grads)
 
 
 def fairgrad(grads, *, alpha: float = 2.0, iters: int = 50, tol: float = 1e-4):

@@ -785,6 +785,7 @@ def test_fairgrad_alpha_one_is_nash_mtl():
     (lambda k: gradients.mgda_weights(k, tol=1.0), r"mgda.tol must be in \[0, 1\)"),
     (lambda k: gradients.imtl_g_weights(k, max_cond=1.0), r"imtl_g.max_cond must be > 1"),
     (lambda k: gradients.aligned_mtl_weights(k, resolve=0.0), r"aligned_mtl.resolve"),
+    (lambda k: gradients.config_weights(k, max_cond=0.5), r"config.max_cond must be > 1"),
 ])
 def test_bad_hyperparameters_raise(call, match):
   with pytest.raises(ValueError, match=match):

@@ -10,7 +10,7 @@ cosine, ``d = beta G`` in float64.
 Run as a script for the summary table of BUILD_NOTES (worst cosine, wrong
 results, non-descent MGDA directions, false ``converged``), optionally on
 another version of mtljax/gradients.py:
-``.venv/bin/python tests/test_hard_jacobians.py [path/to/gradients.py]``.
+``.venv/bin/python tests/test_hard_jacobians.py [path/to/gradients.py|-] [n per cell]``.
 """
 
 from __future__ import annotations
@@ -207,10 +207,11 @@ def summarise(name, mod=gradients):
   number of non-descent directions."""
   rows = run_method(name, mod)
   refs = [r for shape in _jacobians_by_t() for r in _reference(name, shape)]
-  cosines, wrong, false_conv, non_descent, skipped = [], 0, 0, 0, 0
+  cosines, wrong, false_conv, non_descent, skipped, flagged = [], 0, 0, 0, 0, 0
   for (label, g, beta, info), d_ref in zip(rows, refs):
     d = beta @ g
     conv = bool(info.get("converged", True))
+    flagged += not conv
     norms = np.linalg.norm(g, axis=1)
     bad_descent = False
     if name.startswith("mgda") or name.endswith("_exact"):
@@ -225,7 +226,8 @@ def summarise(name, mod=gradients):
     wrong += cos < COS_MIN
     false_conv += conv and (cos < COS_MIN or bad_descent)
   return {"worst_cos": min(cosines), "wrong": wrong, "false_converged": false_conv,
-          "non_descent": non_descent, "n": len(rows), "no_reference": skipped}
+          "non_descent": non_descent, "not_converged": flagged, "n": len(rows),
+          "no_reference": skipped}
 
 
 # ---------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def summarise(name, mod=gradients):
 # ---------------------------------------------------------------------------
 
 ACCURATE = ["mgda", "mgda_active_set", "upgrad", "dualproj", "upgrad_exact",
-            "dualproj_exact", "config", "nash_mtl", "fairgrad"]
+            "dualproj_exact", "nash_mtl", "fairgrad"]
 
 
 @pytest.mark.parametrize("name", ACCURATE)
@@ -244,11 +246,12 @@ def test_matches_the_float64_reference_on_hard_jacobians(name):
 
 
 
-@pytest.mark.parametrize("name", ["imtl_g", "aligned_mtl", "cagrad"])
+@pytest.mark.parametrize("name", ["imtl_g", "aligned_mtl", "cagrad", "config"])
 def test_accurate_or_flagged_on_hard_jacobians(name):
-  """Where float32 cannot resolve the system these methods solve (IMTL-G: the
-  cosine matrix's condition; Aligned-MTL: eigenvalues near rounding level) the
-  result may be wrong, but then ``converged`` says so."""
+  """Where float32 cannot resolve the system these methods solve (IMTL-G and
+  ConFIG: the cosine matrix's condition; Aligned-MTL: eigenvalues near
+  rounding level; CAGrad: its dual's FISTA with a 100x row) the result may be
+  wrong, but then ``converged`` says so."""
   s = summarise(name)
   assert s["false_converged"] == 0, s
 
@@ -279,14 +282,11 @@ def _kkt_violation(name, g, beta, info):
     ("config", 1e-3), ("fairgrad", 1e-3)])
 def test_optimality_conditions_on_hard_jacobians(name, bound):
   """Where the library says ``converged`` (always, for MGDA) its result meets
-  the method's own optimality condition; ConFIG's equal cosines wherever the
-  cosine matrix is resolvable in float32 (``cond(C) < 1e5``)."""
+  the method's own optimality condition (ConFIG: equal cosines)."""
   for label, g, beta, info in run_method(name):
     conv = bool(info.get("converged", True))
     if name.startswith("mgda"):
       assert conv, label
-    if name == "config" and not float(info["cond"]) < 1e5:
-      continue
     if conv:
       assert _kkt_violation(name, g, beta, info) <= bound, (label, _kkt_violation(
           name, g, beta, info))
@@ -300,7 +300,9 @@ def _load(path):
 
 
 if __name__ == "__main__":
-  module = _load(sys.argv[1]) if len(sys.argv) > 1 else gradients
+  module = _load(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] != "-" else gradients
+  if len(sys.argv) > 2:  # Jacobians per (kind, T, P) cell
+    N_PER_CELL = int(sys.argv[2])
   for method in REFERENCES:
     if _available(module, method):
       print(method, summarise(method, module), flush=True)
