@@ -242,7 +242,8 @@ def data_options(config) -> dict:
 def check_tasks_before_loading(config, opened) -> None:
   """What the data's metadata already says about ``config.data.tasks`` and
   ``config.sampling.tasks_per_step`` (``opened``:
-  :func:`mtljax.data.loading.open_all`), before any record is read."""
+  :func:`mtljax.data.loading.describe_all`, or :func:`~mtljax.data.loading.open_all`),
+  before anything is downloaded or a record read."""
   d, s = config.data, config.sampling
   specs = [loading.prefixed(sp, part) if len(opened) > 1 else sp
            for part, _, _, sp in opened]
@@ -275,18 +276,10 @@ def data_from_config(config) -> loading.MultiTaskData:
   the data's metadata, before any record is read."""
   d = config.data
   kwargs = data_options(config)
-  parts = loading.source_names(d.name)
-  for part in parts:
-    loading.check_name(part, d.builder_config)
-  if all(p in loading.BUNDLED_SPECS for p in parts):  # the spec needs no data: check first
-    check_tasks_before_loading(config, [
-        (p, None, None, loading.spec_for(p, None, d.builder_config, kwargs["input_key"],
-                                         kwargs["label_keys"], kwargs["family"]))
-        for p in parts])
-  opened = loading.open_all(d.name, **{k: kwargs[k] for k in (
-      "data_dir", "builder_config", "input_key", "label_keys", "family", "split_spec",
-      "download")})
-  check_tasks_before_loading(config, opened)
+  opened = loading.open_all(  # the specs and task counts checked before any download
+      d.name, check=lambda described: check_tasks_before_loading(config, described),
+      **{k: kwargs[k] for k in ("data_dir", "builder_config", "input_key", "label_keys",
+                                "family", "split_spec", "download")})
   kwargs = {k: kwargs[k] for k in ("builder_config", "task_names", "max_train_examples",
                                    "input_key", "label_keys", "normalize_labels")}
   kind = d.get("pipeline", "auto")

@@ -3,8 +3,13 @@ attributes on shared inputs, MNIST + Fashion-MNIST on their own inputs,
 Omniglot's alphabets as a family with a held-out test split; and what is
 refused from the config and the data's metadata before any record is read."""
 
+import json
 import os
 import re
+import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +22,7 @@ from experiments.configs import omniglot as omniglot_config
 from mtljax import build
 from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax import tasks as tasks_lib
 
 ATTRS = ("attributes/Male", "attributes/Smiling", "attributes/Young")
 
@@ -40,6 +46,40 @@ class _Counting:
   def __getitem__(self, i):
     self.reads += 1
     return self.records[i]
+
+
+class TinyCatalog(tfds.core.GeneratorBasedBuilder):
+  """A real (not mocked) catalog-style data set: 20 train and 10 test
+  records, prepared in array_record like a downloaded catalog data set."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        "label": tfds.features.ClassLabel(num_classes=2)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(20), "test": self._generate_examples(10)}
+
+  def _generate_examples(self, n):
+    for i in range(n):
+      yield i, {"image": np.full((2,), i, np.float32), "label": i % 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_catalog(tmp_path_factory):
+  """A data_dir where ``tiny_catalog`` is prepared."""
+  path = tmp_path_factory.mktemp("tiny_catalog")
+  tfds.disable_progress_bar()
+  TinyCatalog(data_dir=str(path), file_format="array_record").download_and_prepare()
+  return path
+
+
+@pytest.fixture
+def offline(monkeypatch):
+  """The network probe refused (never an outside address): a download fails."""
+  monkeypatch.setattr(loading, "NETWORK_PROBE", ("127.0.0.1", 9))
 
 
 def _mnist_like(n, seed):
@@ -141,26 +181,49 @@ def test_omniglot_alphabets_are_tasks_with_a_held_out_split(tmp_path, kind):
   with tfds.testing.mock_data(as_data_source_fn=source):
     data = build.data_from_config(config)
   assert asked == [("omniglot", "train+test")]  # one TFDS split read, the test split carved
-  # The held-out records: a seeded permutation's first 20% (split_seed 0).
-  test_ids = np.sort(np.random.default_rng(0).permutation(60)[:12])
-  train_ids = np.setdiff1d(np.arange(60), test_ids)
   assert data.taskset.names == ("alphabet_03", "alphabet_07", "alphabet_11")
   alphabet = np.asarray([r["alphabet"] for r in records])
   chars = np.asarray([r["alphabet_char_id"] for r in records])
-  k = int(chars[train_ids].max()) + 1  # one class count for the family: train max + 1
-  assert {(t.kind, t.num_classes) for t in data.taskset} == {("classification", k)}
-  for split, ids in (("train", train_ids), ("test", test_ids)):
+  ids = {}
+  for split in ("train", "test"):  # record i's image is filled with i: which records each holds
     layout = data.split(split)
-    for t, a in enumerate((3, 7, 11)):
-      want = ids[alphabet[ids] == a]  # this alphabet's records of the split, in order
+    per_task = []
+    for t in range(3):
       n = layout["n"][t]
-      assert n == len(want)
       if kind == "device":
         x = layout["x"][layout["source"][t], :n]
       else:
         x = data.readers[split].inputs(layout["records"][layout["source"][t], :n])
-      np.testing.assert_allclose(x[:, 0, 0, 0], want / 255.0, rtol=1e-6)
-      np.testing.assert_array_equal(layout["y"][f"classification{k}"][t, :n], chars[want])
+      per_task.append(np.rint(np.asarray(x)[:, 0, 0, 0] * 255).astype(int))
+    ids[split] = per_task
+  k = int(chars[np.concatenate(ids["train"])].max()) + 1  # the family's count: train max + 1
+  assert {(t.kind, t.num_classes) for t in data.taskset} == {("classification", k)}
+  for split in ("train", "test"):
+    for t, a in enumerate((3, 7, 11)):
+      got = ids[split][t]
+      assert len(got) > 0 and np.all(alphabet[got] == a)  # every alphabet in both splits
+      assert np.all(np.diff(got) > 0)  # in record order
+      np.testing.assert_array_equal(data.split(split)["y"][f"classification{k}"][t, :len(got)],
+                                    chars[got])
+  train, test = (np.concatenate(ids[s]) for s in ("train", "test"))
+  assert len(test) == 12 and len(train) == 48  # round(0.2 * 60) held out
+  assert not set(train) & set(test) and set(train) | set(test) == set(range(60))
+
+
+def test_hold_out_is_a_seeded_disjoint_cover_and_never_leaves_train_empty():
+  records = list(range(10))
+  held = loading.hold_out(records, 0.3, seed=0)
+  # Pinned (written down once): seed 0's three held-out records of ten.
+  assert list(held["test"]) == [2, 4, 6]
+  assert list(held["train"]) == [0, 1, 3, 5, 7, 8, 9]
+  other = loading.hold_out(records, 0.3, seed=1)
+  assert list(other["test"]) != [2, 4, 6] and len(other["test"]) == 3  # the seed matters
+  assert sorted(list(other["test"]) + list(other["train"])) == records
+  assert len(loading.hold_out(records, 0.01, seed=0)["test"]) == 1  # at least one
+  with pytest.raises(ValueError) as e:
+    loading.hold_out([0, 1], 0.8, seed=0)  # round(1.6) = 2: nothing left to train on
+  assert str(e.value) == ("config.data.test_fraction=0.8 holds out 2 of the train split's 2 "
+                          "record(s): none would be left to train on.")
 
 
 # ----------------------------------------------------------------------------
@@ -256,7 +319,7 @@ def test_too_many_tasks_of_a_bundled_data_set_fail_before_it_is_generated(tmp_pa
     build.validate_config(config)
 
 
-def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path):
+def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path, tiny_catalog):
   config = helpers.small_sinusoids_config(**{
       "data.name": "multi_digits", "data.builder_config": "n0_m10_s0",
       "data.data_dir": str(tmp_path), "sampling.tasks_per_step": 0})
@@ -265,12 +328,13 @@ def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path):
   assert str(e.value) == ("config.data.builder_config='n0_m10_s0': data set 'multi_digits', "
                           "split 'train' has no examples (num_train=0).")
   assert os.listdir(tmp_path) == []
-  made = {"train": _mnist_like(5, 0), "test": []}
-  with tfds.testing.mock_data(as_data_source_fn=lambda self, split: made[split]):
-    with pytest.raises(ValueError) as e:
-      build.data_from_config(_catalog_config(tmp_path, **{"data.name": "mnist"}))
-  assert str(e.value) == ("config.data.test_split='test': data set 'mnist', split 'test' "
-                          "has no examples.")
+  # A catalog data set's empty split, on a real prepared builder (TFDS itself
+  # raises "Paths sequence can not be of 0 length" for it).
+  with pytest.raises(ValueError) as e:
+    build.data_from_config(_catalog_config(tiny_catalog, **{"data.name": "tiny_catalog",
+                                                           "data.test_split": "test[:0]"}))
+  assert str(e.value) == ("config.data.test_split='test[:0]': data set 'tiny_catalog', "
+                          "split 'test[:0]' has no examples.")
 
   class EmptySplitBuilder:  # what TFDS raises writing an empty split we did not foresee
     builder_config = type("Config", (), {"name": "c0"})()
@@ -375,6 +439,160 @@ def test_a_catalog_data_set_not_prepared_offline_fails_in_seconds_saying_how(tmp
       "--file_format=array_record --data_dir=DIR` (or set config.data.download=True "
       "there), copy DIR here and pass --config.data.data_dir=DIR. (ConnectionError: no "
       "network: 127.0.0.1:9 not reachable within 5 s")
+
+
+def test_spec_and_task_errors_come_before_any_download(tmp_path, offline):
+  """Nothing prepared, download on, the network refused: a typo in the spec's
+  settings or too many tasks is reported from the metadata (``tfds.builder
+  .info``), not as a failed download (CelebA's is over 1 GB)."""
+  base = {"data.name": "celeb_a", "data.download": True}
+  cases = [
+      ({"data.labels": {"attributes/Smilin": "binary"}},
+       "config.data.labels: 'attributes/Smilin' is not a feature; features are ["),
+      ({"data.input_key": "img"},
+       "config.data.input_key='img' is not a feature of this data set; features are ["),
+      ({"data.family": "alphabet", "data.labels": {"attributes/Smiling": "binary"}},
+       "config.data.family='alphabet' must be a scalar integer feature; features are ["),
+      ({"data.labels": {"attributes/Smiling": "binary"}, "data.tasks": ("attributes.Smile",)},
+       "config.data.tasks: unknown task(s) ['attributes.Smile'] for data set 'celeb_a'; its "
+       "tasks are ['attributes.Smiling']."),
+      ({"sampling.tasks_per_step": 50},
+       "config.sampling.tasks_per_step=50 must be in [1, 40] (or 0 = all tasks) when "
+       "sampling tasks without replacement: data set 'celeb_a' has at most 40 tasks (40 "
+       "label features)."),
+  ]
+  for overrides, message in cases:
+    config = _catalog_config(tmp_path, **{**base, **overrides})
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+      build.data_from_config(config)
+  # The same settings without a typo get as far as the (refused) download.
+  with pytest.raises(loading.DataNotAvailableError, match="ConnectionError: no network"):
+    build.data_from_config(_catalog_config(tmp_path, **{
+        **base, "data.labels": {"attributes/Smiling": "binary"}}))
+
+
+@pytest.mark.parametrize("split, message", [
+    ("trainn", "config.data.train_split='trainn': unknown split of data set 'tiny_catalog'; "
+               "available: ['train', 'test']."),
+    ("train+tset", "config.data.train_split='train+tset': unknown split of data set "
+                   "'tiny_catalog'; available: ['train', 'test']."),
+    ("train[:0]", "config.data.train_split='train[:0]': data set 'tiny_catalog', split "
+                  "'train[:0]' has no examples."),
+    ("train[30:]", "config.data.train_split='train[30:]': data set 'tiny_catalog': Requested "
+                   "slice [30:20] incompatible with 20 examples (available: ['train', "
+                   "'test'])."),
+])
+def test_a_bad_split_of_a_prepared_catalog_data_set_is_one_line_not_a_download(
+    tiny_catalog, offline, split, message):
+  config = _catalog_config(tiny_catalog, **{"data.name": "tiny_catalog",
+                                            "data.download": True, "data.train_split": split})
+  with pytest.raises(ValueError) as e:
+    build.data_from_config(config)
+  assert str(e.value) == message
+  assert not isinstance(e.value, loading.DataNotAvailableError)
+
+
+def test_a_slice_of_a_prepared_catalog_data_set_loads_offline(tiny_catalog, offline):
+  config = _catalog_config(tiny_catalog, **{"data.name": "tiny_catalog",
+                                            "data.download": True,
+                                            "data.train_split": "train[:6]+test[:2]"})
+  data = build.data_from_config(config)
+  np.testing.assert_array_equal(data.train["n"], [8])
+  np.testing.assert_array_equal(data.test["n"], [10])
+  images = data.train["x"][0, :, 0]  # image i is filled with i, its label is i % 2
+  np.testing.assert_array_equal(data.train["y"]["classification2"][0], images.astype(int) % 2)
+
+
+@pytest.mark.parametrize("split, message", [
+    ("trainn", "config.data.train_split='trainn': unknown split of data set 'sinusoids'; "
+               "available: ['train', 'test']."),
+    ("train[:0]", "config.data.train_split='train[:0]': data set 'sinusoids', split "
+                  "'train[:0]' has no examples."),
+])
+def test_a_bad_split_of_a_bundled_data_set_is_one_line(data_dir, split, message):
+  config = helpers.small_sinusoids_config(**{"data.train_split": split})
+  with pytest.raises(ValueError) as e:
+    build.data_from_config(config)
+  assert str(e.value) == message
+
+
+def test_process_0_downloads_a_catalog_data_set_before_the_others_read_it(tmp_path,
+                                                                          monkeypatch):
+  """Two processes on one disk, in turn: process 0 prepares, then meets the
+  others at the barrier; process 1 waits at the barrier first and then reads
+  what process 0 wrote, without preparing it again."""
+  events = []
+  prepare = TinyCatalog.download_and_prepare
+
+  def recorded(self, *args, **kwargs):
+    events.append(("prepare", self.is_prepared()))
+    return prepare(self, *args, **kwargs)
+  monkeypatch.setattr(TinyCatalog, "download_and_prepare", recorded)
+  monkeypatch.setattr(loading, "_check_network", lambda: None)  # (nothing is downloaded)
+  monkeypatch.setattr(loading, "_barrier", lambda name: events.append(("barrier", name)))
+  sizes = []
+  for index in (0, 1):
+    monkeypatch.setattr(loading, "_processes", lambda i=index: (i, 2))
+    events.append(("process", index))
+    _, sources = loading.open_sources("tiny_catalog", data_dir=str(tmp_path), download=True)
+    sizes.append({s: len(src) for s, src in sources.items()})
+  assert events == [("process", 0), ("prepare", False), ("barrier", "mtljax-prepared-tiny_catalog"),
+                    ("process", 1), ("barrier", "mtljax-prepared-tiny_catalog")]
+  assert sizes == [{"train": 20, "test": 10}] * 2
+
+
+def test_a_class_count_from_the_data_is_the_largest_over_every_process_shard():
+  """Two processes' shards of a family's train split (the host pipeline): the
+  shard without the largest class gets the same class count as the other,
+  through one all-process maximum (simulated with two threads; the real
+  two-process run is the slow test below)."""
+  spec = loading.DataSpec("x", (loading.TaskColumn(
+      tasks_lib.Task("f_", "classification", 2), "y", classes_from_data=True),), split_key="f")
+
+  def shard(labels):
+    split = {"x": np.zeros((4, 2), np.float32), "y": np.asarray(labels, np.int64),
+             "f": np.asarray([0, 1, 0, 1], np.int64)}
+    return {"train": split, "test": split}
+  shards = [shard([0, 1, 2, 3]), shard([0, 6, 1, 2])]  # largest classes 3 and 6
+  gathered, barrier, counts = [None, None], threading.Barrier(2), [None, None]
+
+  def run(i):
+    def reduce_max(local):
+      gathered[i] = local
+      barrier.wait(timeout=30)
+      return np.max(np.stack(gathered), axis=0)
+    data = loading.build_task_data("fam", spec, shards[i], reduce_max=reduce_max)
+    counts[i] = sorted({t.num_classes for t in data.taskset})
+  threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert [g.tolist() for g in gathered] == [[4], [7]]  # each shard's own max + 1
+  assert counts == [[7], [7]]  # both: the largest over the two shards
+  # One process: the all-process maximum is the value itself.
+  np.testing.assert_array_equal(loading.all_process_max(np.asarray([4, 2])), [4, 2])
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_a_class_count_from_their_shards():
+  """Two processes (gloo on localhost, about 11 s on 2 cores), each with its own shard of
+  a family's train split as on the host pipeline: the shard without the
+  largest class gets the same class count as the other (one model)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "tests/catalog_worker.py", f"127.0.0.1:{port}",
+                             str(i)], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  assert [(g["pid"], g["processes"], g["own"]) for g in got] == [(0, 2, 4), (1, 2, 7)]
+  assert [g["counts"] for g in got] == [[7], [7]]  # both: the largest over the two shards
 
 
 @pytest.mark.slow

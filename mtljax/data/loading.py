@@ -29,8 +29,10 @@ whose every value is a task on its own inputs (Omniglot's ``alphabet``), and
 several data sets joined by ``+`` (``mnist+fashion_mnist``: one spec per data
 set, :func:`prefixed`). :class:`Splits` maps mtljax's train and test splits to
 TFDS split strings, or holds a seeded fraction of the train split out as the
-test split. The name, builder config, splits and spec are checked on the
-metadata (:func:`check_name`, :func:`open_all`) before any record is read.
+test split. The name, builder config and spec are checked on the metadata
+(:func:`check_name`, :func:`describe_all`) before anything is downloaded,
+prepared or generated; the splits (unknown, malformed, empty) once the data
+set is prepared, before any record is read.
 """
 
 from __future__ import annotations
@@ -215,6 +217,9 @@ def hold_out(source, fraction: float, seed: int) -> dict:
   n = len(source)
   order = np.random.default_rng(seed).permutation(n)
   n_test = min(max(int(round(fraction * n)), 1), n)
+  if n_test >= n:
+    raise ValueError(f"config.data.test_fraction={fraction} holds out {n_test} of the train "
+                     f"split's {n} record(s): none would be left to train on.")
   return {"train": Subset(source, np.sort(order[n_test:])),
           "test": Subset(source, np.sort(order[:n_test]))}
 
@@ -274,14 +279,14 @@ def _bundled_builder(name: str, config_name: str, data_dir: str):
   config = cls.config_from_name(config_name)
   make = lambda: cls(config=config, data_dir=data_dir, file_format="array_record")
   builder = make()
-  several = jax.process_count() > 1
-  if several and jax.process_index() != 0:  # process 0 writes first (one shared disk)
+  index, count = _processes()
+  if count > 1 and index != 0:  # process 0 writes first (one shared disk)
     _barrier(f"mtljax-prepared-{name}-{config_name}")
     builder = make()
   if not builder.is_prepared():
     tfds.disable_progress_bar()
     _prepare(builder, name)  # (a host with a disk of its own writes its copy)
-  if several and jax.process_index() == 0:
+  if count > 1 and index == 0:
     _barrier(f"mtljax-prepared-{name}-{config_name}")
   return builder
 
@@ -298,6 +303,11 @@ def _prepare(builder, name: str) -> None:
     config = getattr(builder.builder_config, "name", "")
     raise ValueError(f"config.data.builder_config={config!r}: data set {name!r}, split "
                      f"{m.group(1)!r} has no examples.") from None
+
+
+def _processes() -> tuple[int, int]:
+  """``(this process's index, process count)``."""
+  return jax.process_index(), jax.process_count()
 
 
 def _barrier(name: str) -> None:
@@ -319,26 +329,70 @@ def _check_network(timeout: float = 5.0) -> None:
                           f"within {timeout:g} s ({e})") from None
 
 
-def _catalog_sources(name, full, data_dir, tfds_splits, download):
+def _catalog_builder(full: str, data_dir: str):
+  """``tfds.builder`` of a catalog data set (nothing downloaded: its features
+  come from the code, or from ``data_dir`` when prepared)."""
   try:
-    builder = tfds.builder(full, data_dir=data_dir, file_format="array_record")
+    return tfds.builder(full, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # pylint: disable=broad-except  (an unknown builder config)
     raise ValueError(f"config.data.builder_config: TFDS data set {full!r}: "
                      f"{str(e).strip().splitlines()[0]}") from None
+
+
+def _split_source(builder, name: str, split: str, tfds_split: str):
+  """``builder.as_data_source(tfds_split)``, mtljax's ``split`` (``train``
+  or ``test``) read from a builder that knows its splits (prepared): an
+  unknown, malformed or empty TFDS split is one line naming the config key
+  (TFDS raises ``Unknown split`` or, for a slice with no records, ``Paths
+  sequence can not be of 0 length``)."""
+  known = list(builder.info.splits)
+  key = f"config.data.{split}_split={tfds_split!r}"
+  if known:  # (a mocked or unprepared builder knows no split: TFDS decides)
+    try:
+      n = builder.info.splits[tfds_split].num_examples
+    except (ValueError, KeyError) as e:
+      why = (str(e).strip().strip('"').splitlines() or [type(e).__name__])[0].rstrip(".")
+      if why.startswith("Unknown split"):
+        raise ValueError(f"{key}: unknown split of data set {name!r}; available: "
+                         f"{known}.") from None
+      raise ValueError(f"{key}: data set {name!r}: {why} (available: {known}).") from None
+    if not n:
+      raise ValueError(f"{key}: data set {name!r}, split {tfds_split!r} has no "
+                       "examples.")
+  return builder.as_data_source(split=tfds_split)
+
+
+def _catalog_sources(name, full, data_dir, tfds_splits, download):
+  """Data sources of a catalog data set's splits; one not prepared in
+  ``data_dir`` is downloaded and prepared first when ``download`` (with
+  several processes, process 0 first, the others after it, as for bundled
+  data sets). A prepared data set is never downloaded again: its split
+  errors are :func:`_split_source`'s."""
+  index, count = _processes()
+  if count > 1 and index != 0:  # process 0 downloads first (one shared disk)
+    _barrier(f"mtljax-prepared-{full}")
+  builder = _catalog_builder(full, data_dir)
+  error = None
+  if not builder.is_prepared() and download:
+    try:
+      _check_network()
+      tfds.disable_progress_bar()
+      builder.download_and_prepare()
+      builder = _catalog_builder(full, data_dir)  # (its info now has the splits)
+    except Exception as e:  # pylint: disable=broad-except  (no network, ...)
+      error = e
+  if count > 1 and index == 0:
+    _barrier(f"mtljax-prepared-{full}")
+  prepared = builder.is_prepared()
   sources = {}
   for s, tfds_split in tfds_splits.items():
-    try:
+    if prepared:
+      sources[s] = _split_source(builder, full, s, tfds_split)
+      continue
+    try:  # (not prepared: TFDS's mock data sets, or an error saying how to prepare)
       sources[s] = builder.as_data_source(split=tfds_split)
     except Exception as e:  # pylint: disable=broad-except  (not prepared, other format)
-      if download and not sources:  # once: then every split is there
-        try:
-          _check_network()
-          tfds.disable_progress_bar()
-          builder.download_and_prepare()
-          sources[s] = builder.as_data_source(split=tfds_split)
-          continue
-        except Exception as e2:  # pylint: disable=broad-except  (no network, ...)
-          e = e2
+      e = error or e
       raise DataNotAvailableError(
           f"TFDS data set {full!r} (split {tfds_split!r}) is not prepared in data_dir="
           f"{data_dir!r}{' and could not be downloaded' if download else ''}. On a machine "
@@ -346,9 +400,6 @@ def _catalog_sources(name, full, data_dir, tfds_splits, download):
           f"(or set config.data.download=True there), copy DIR here and pass "
           f"--config.data.data_dir=DIR. ({type(e).__name__}: "
           f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if not len(sources[s]):
-      raise ValueError(f"config.data.{s}_split={tfds_split!r}: data set {full!r}, split "
-                       f"{tfds_split!r} has no examples.")
   return builder.info.features, sources
 
 
@@ -379,7 +430,7 @@ def open_sources(name: str, *, data_dir: str | None = None, builder_config: str 
   if name in builders.BUNDLED:
     builder = _bundled_builder(name, builder_config, data_dir)
     features = builder.info.features
-    sources = {s: builder.as_data_source(split=tfds_splits[s]) for s in wanted}
+    sources = {s: _split_source(builder, name, s, tfds_splits[s]) for s in wanted}
   else:
     full = f"{name}/{builder_config}" if builder_config else name
     features, sources = _catalog_sources(name, full, data_dir,
@@ -697,18 +748,32 @@ def _entries(name, spec: DataSpec, cols, split, records, limit):
   return out
 
 
-def _classes_from_data(spec: DataSpec, entries, split):
-  """``entries[split]`` as ``(task, x, y)``, with the class count of a
-  ``classes_from_data`` column set from its train labels (every task of a
-  family gets the family's count: one group, one stacked head)."""
-  out = []
-  for t, x, y, c in entries[split]:
-    if c.classes_from_data:
-      train_y = [yy for _, _, yy, cc in entries["train"] if cc is c and len(yy)]
-      k = max([int(np.max(yy)) + 1 for yy in train_y] + [2])
-      t = dataclasses.replace(t, num_classes=k)
-    out.append((t, x, y))
-  return out
+def all_process_max(values: np.ndarray) -> np.ndarray:
+  """The elementwise maximum of ``values`` over every process (each calls
+  this with the same shape); ``values`` itself with one process."""
+  values = np.asarray(values)
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.max(np.asarray(multihost_utils.process_allgather(values)), axis=0)
+
+
+def _classes_from_data(spec: DataSpec, entries, reduce_max=all_process_max):
+  """``{split: [(task, x, y)]}`` from ``entries`` with the class count of each
+  ``classes_from_data`` column set from its train labels: the maximum + 1
+  over every task of a family (one group, one stacked head) and, through
+  ``reduce_max`` (``[C] -> [C]``, one call, every process), over every
+  process's shard of the train split (on the host pipeline a shard can miss a
+  split's largest class)."""
+  cols = [c for c in spec.columns if c.classes_from_data]
+  counts = {}
+  if cols:
+    local = [max([int(np.max(y)) + 1 for _, _, y, cc in entries["train"]
+                  if cc is c and len(y)] + [2]) for c in cols]
+    counts = dict(zip(map(id, cols), (int(k) for k in reduce_max(np.asarray(local,
+                                                                             np.int64)))))
+  return {split: [(dataclasses.replace(t, num_classes=counts[id(c)]) if id(c) in counts
+                   else t, x, y) for t, x, y, c in entries[split]] for split in SPLITS}
 
 
 def build_task_data(name: str, spec: DataSpec | Sequence[DataSpec],
@@ -716,7 +781,8 @@ def build_task_data(name: str, spec: DataSpec | Sequence[DataSpec],
                     *, task_names: Sequence[str] = (),
                     max_train_examples: int | None = None,
                     normalize_labels: bool = True, records: bool = False,
-                    reduce_sums: Callable[[np.ndarray], np.ndarray] | None = None
+                    reduce_sums: Callable[[np.ndarray], np.ndarray] | None = None,
+                    reduce_max: Callable[[np.ndarray], np.ndarray] = all_process_max
                     ) -> MultiTaskData:
   """Lays out loaded splits as per-task arrays (see module docstring).
   ``spec``: one spec, or one per source of a multi-source data set (each
@@ -731,7 +797,10 @@ def build_task_data(name: str, spec: DataSpec | Sequence[DataSpec],
   (several processes, each with its shard) sums per-task ``[T, 4]`` (count,
   labelled count, sum, sum of squares) statistics over processes, so regression labels are
   normalised with the whole split's mean and standard deviation and
-  ``num_train`` holds the whole split's sizes."""
+  ``num_train`` holds the whole split's sizes. ``reduce_max`` (default: over
+  every process, :func:`all_process_max`) makes a class count taken from the
+  train labels (a plain integer label as classification) the largest over
+  every process's shard, so all processes build one model."""
   specs = (spec,) if isinstance(spec, DataSpec) else tuple(spec)
   per_split_tasks = {split: [] for split in SPLITS}
   for sp in specs:
@@ -739,8 +808,9 @@ def build_task_data(name: str, spec: DataSpec | Sequence[DataSpec],
     entries = {split: _entries(name, sp, marked[split], split, records,
                                max_train_examples if split == "train" else None)
                for split in SPLITS}
+    counted = _classes_from_data(sp, entries, reduce_max)
     for split in SPLITS:
-      per_split_tasks[split] += _classes_from_data(sp, entries, split)
+      per_split_tasks[split] += counted[split]
   train_names = [t.name for t, _, _ in per_split_tasks["train"]]
   test_names = [t.name for t, _, _ in per_split_tasks["test"]]
   if train_names != test_names:
@@ -877,23 +947,52 @@ def input_feature(features, spec: DataSpec):
   return tuple(feat.shape), np.dtype(feat.np_dtype)
 
 
-def open_all(name: str, *, data_dir: str | None = None, builder_config: str = "",
-             input_key: str = "image", label_keys=(), family: str = "",
-             split_spec: Splits = Splits(), download: bool = False
-             ) -> list[tuple[str, Any, dict, DataSpec]]:
-  """``[(source name, features, {split: data source}, spec)]`` for every data
-  set of ``name`` (several joined by ``+``), without reading records. The
-  input, label and family settings apply to each."""
+def describe_all(name: str, *, data_dir: str | None = None, builder_config: str = "",
+                 input_key: str = "image", label_keys=(), family: str = ""
+                 ) -> list[tuple[str, Any, None, DataSpec]]:
+  """``[(source name, features, None, spec)]`` for every data set of ``name``
+  from the metadata alone: nothing is downloaded, prepared or generated (a
+  catalog data set's features come from ``tfds.builder(...).info``; a bundled
+  one's spec needs none, its features are None). The input, label and family
+  settings apply to each; a bad one is refused here."""
+  data_dir = data_dir or default_data_dir()
+  parts = source_names(name)
   out = []
-  for part in source_names(name):
-    features, sources = open_sources(part, data_dir=data_dir, builder_config=builder_config,
-                                     split_spec=split_spec, download=download)
+  for part in parts:
+    check_name(part, builder_config)
+    features = None
+    if part not in builders.BUNDLED:
+      full = f"{part}/{builder_config}" if builder_config else part
+      features = _catalog_builder(full, data_dir).info.features
     try:
       spec = spec_for(part, features, builder_config, input_key, label_keys, family)
     except ValueError as e:
-      if len(source_names(name)) == 1:
+      if len(parts) == 1:
         raise
       raise ValueError(f"{e} (data set {part!r} of {name!r})") from None
+    out.append((part, features, None, spec))
+  return out
+
+
+def open_all(name: str, *, data_dir: str | None = None, builder_config: str = "",
+             input_key: str = "image", label_keys=(), family: str = "",
+             split_spec: Splits = Splits(), download: bool = False,
+             check: Callable[[list], None] | None = None
+             ) -> list[tuple[str, Any, dict, DataSpec]]:
+  """``[(source name, features, {split: data source}, spec)]`` for every data
+  set of ``name`` (several joined by ``+``), without reading records. The
+  input, label and family settings apply to each. The specs are made, and
+  ``check(describe_all(...))`` runs (e.g. the task counts), before anything is
+  downloaded, prepared or generated."""
+  described = describe_all(name, data_dir=data_dir, builder_config=builder_config,
+                           input_key=input_key, label_keys=label_keys, family=family)
+  split_spec.check()
+  if check is not None:
+    check(described)
+  out = []
+  for part, _, _, spec in described:
+    features, sources = open_sources(part, data_dir=data_dir, builder_config=builder_config,
+                                     split_spec=split_spec, download=download)
     out.append((part, features, sources, spec))
   return out
 
