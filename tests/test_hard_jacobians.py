@@ -257,6 +257,25 @@ def test_accurate_or_flagged_on_hard_jacobians(name):
 
 
 
+
+@pytest.mark.parametrize("name", ["aligned_mtl", "config", "imtl_g"])
+def test_float64_gradients_under_x64_resolve_every_hard_jacobian(name):
+  """Under ``jax_enable_x64`` the Gram of float64 gradients is float64
+  (:func:`gradients.gram`) and the methods float32 cannot resolve on these
+  inputs match the float64 reference everywhere; Aligned-MTL's flag, relative
+  to the dtype's precision, says so (IMTL-G's and ConFIG's ``max_cond`` are
+  absolute, sized for float32)."""
+  with jax.enable_x64(True):
+    fn = jax.jit(jax.vmap(lambda g: _lib(gradients)[name](gradients.gram(g))))
+    for items in _jacobians_by_t().values():
+      g64 = np.stack([g for _, g in items])
+      assert gradients.gram(jnp.asarray(g64[0])).dtype == jnp.float64
+      beta, info = jax.tree.map(np.asarray, fn(jnp.asarray(g64)))
+      assert name != "aligned_mtl" or np.all(info["converged"])
+      for (label, g), b in zip(items, beta):
+        assert _cos(b @ g, REFERENCES[name](g)) >= 1 - 1e-6, label
+
+
 def _kkt_violation(name, g, beta, info):
   """The method's own optimality condition in float64 on the returned weights,
   as a relative violation (0 when it holds exactly)."""
