@@ -6,11 +6,14 @@ Each WORKDIR is a run's directory (``summary.json``, ``config.json``,
 ``metrics.jsonl``). The table has a row per run: the config keys whose values
 differ between the runs as columns (dotted, e.g. ``model.arch``; ``-`` where a
 run lacks the key), then each task's final test metrics (``TASK/METRIC``,
-``mean ± s.e.`` for runs of several seeds), then Δm (%, positive = better than
-the single-task baselines) when a run measured it. The keys every run shares
-are listed under the table. The report is written to ``--out`` (default:
-``report.md`` in the first WORKDIR's parent directory, next to the runs, never
-the current directory) and printed;
+``mean ± s.e.`` for runs of several seeds), then ``mean/METRIC`` for each
+metric two or more tasks have (the mean over the run's tasks with it, ± s.e.
+over seeds: :func:`task_mean`), then Δm (%, positive = better than the
+single-task baselines; with seeds the mean over seeds of the paired per-seed
+Δm ± s.e.) when a run measured it. The keys every run shares are listed under
+the table. The report is written to ``--out`` (default: ``report.md`` in the
+first WORKDIR's parent directory, next to the runs -- never the current
+directory, e.g. the repository) and printed;
 ``--out``'s stem + ``_curves.png`` holds each task's test curves, a panel per
 metric and a line per run and task (:func:`mtljax.plotting.plot_run_comparison`).
 """
@@ -19,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+
+import numpy as np
 
 from mtljax import params as params_lib
 from mtljax import plotting
@@ -103,6 +109,26 @@ def _delta_m(dm: dict) -> str:
   return "nan" if dm["value"] is None else f"{dm['value']:+.2f}"
 
 
+def task_mean(summary: dict, metric: str) -> tuple[float | None, float | None]:
+  """``(mean, s.e.)`` over the run's tasks that have ``metric`` of their final
+  value (None: no task has it; NaN if one is null). With several seeds
+  (``summary["per_seed"]["tasks"]``) the mean over seeds of each seed's mean
+  over tasks, and its s.e. (``std(ddof=1) / sqrt(N)``); else s.e. None."""
+  def mean(tasks):
+    vals = [ms[metric] for ms in tasks.values() if metric in ms]
+    if not vals:
+      return None
+    return math.nan if any(v is None for v in vals) else float(np.mean(vals))
+  seeds = (summary.get("per_seed") or {}).get("tasks") or []
+  if len(seeds) < 2:
+    return mean(summary["tasks"]), None
+  per = [mean(t) for t in seeds]
+  if any(v is None for v in per):
+    return mean(summary["tasks"]), None
+  per = np.array(per, np.float64)
+  return float(per.mean()), float(per.std(ddof=1) / np.sqrt(per.size))
+
+
 def table(runs: dict[str, dict]) -> tuple[str, list[str]]:
   """``(Markdown table, the config keys every run shares)`` (module docstring)."""
   configs = [r["config"] for r in runs.values()]
@@ -115,7 +141,11 @@ def table(runs: dict[str, dict]) -> tuple[str, list[str]]:
     for task, ms in r["summary"]["tasks"].items():
       metrics += [(task, m) for m in sorted(ms) if (task, m) not in metrics]
   delta = any(r["summary"].get("delta_m") for r in runs.values())
-  header = ["run"] + differ + [f"{t}/{m}" for t, m in metrics] + (["Delta_m %"] if delta else [])
+  shared = [m for m in dict.fromkeys(m for _, m in metrics)  # a metric of 2+ tasks somewhere
+            if any(sum(m in ms for ms in r["summary"]["tasks"].values()) > 1
+                   for r in runs.values())]
+  header = (["run"] + differ + [f"{t}/{m}" for t, m in metrics] + [f"mean/{m}" for m in shared]
+            + (["Delta_m %"] if delta else []))
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, r in runs.items():
     s = r["summary"]
@@ -126,6 +156,9 @@ def table(runs: dict[str, dict]) -> tuple[str, list[str]]:
         continue
       se = s.get("tasks_se", {}).get(t, {}).get(m)
       cells.append(_metric(s["tasks"][t][m], se))
+    for m in shared:
+      mean, se = task_mean(s, m)
+      cells.append("-" if mean is None else _metric(None if math.isnan(mean) else mean, se))
     if delta:
       cells.append(_delta_m(s.get("delta_m") or {}))
     lines.append("| " + " | ".join(cells) + " |")
@@ -142,7 +175,8 @@ def report(workdirs, out: str | None = None) -> str:
   first = next(iter(runs.values()))["config"]
   parts = ["# mtljax runs", "",
            f"{len(runs)} run(s); config keys that differ are columns, final test metrics "
-           "per task (mean ± s.e. over seeds where a run has several), Delta_m in % "
+           "per task (mean ± s.e. over seeds where a run has several), their mean over "
+           "tasks (mean/METRIC), Delta_m in % "
            "(positive = better than single-task baselines).", "", text, ""]
   if out is not None:
     png = os.path.splitext(out)[0] + "_curves.png"

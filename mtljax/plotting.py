@@ -16,6 +16,12 @@ figure is laid out, saved and closed when the block ends.
   pairwise cosine of the tasks' gradients (``grad/cos/A/B``);
 * ``affinity.png`` (``config.tag_lr > 0``): TAG's affinity matrix.
 
+A task has one colour in every panel (:func:`task_colors`: ``tab10`` up to 10
+tasks, then 60 from ``tab20``/``tab20b``/``tab20c``, with the legend right of
+the panels beyond 10 tasks); a series of at most :data:`MARKERS_UP_TO` points
+also gets markers (a single evaluation is otherwise invisible); a null metric
+(None in ``summary.json``) is NaN -- not drawn.
+
 Each plotting function returns :func:`drawn` of its figure: the data the
 figure holds, read back from its matplotlib objects (tests compare it with the
 metrics).

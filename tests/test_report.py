@@ -178,11 +178,11 @@ def _three_runs(tmp_path):
 
 
 EXPECTED = """\
-| run | model.arch | num_seeds | objective.method | total_steps | left/accuracy | left/loss | right/accuracy | right/loss | Delta_m % |
-|---|---|---|---|---|---|---|---|---|---|
-| x/run | concat | - | fixed | 100 | 0.9000 | 0.2500 | 0.8000 | 0.5000 | +1.50 |
-| y/run | mmoe | 3 | fixed | 100 | 0.8750 ± 0.0100 | 0.3000 ± 0.0200 | 0.7500 ± 0.0300 | 0.6000 ± 0.0400 | - |
-| z | concat | - | cagrad | 200 | 0.5000 | nan | - | - | -2.25 |"""
+| run | model.arch | num_seeds | objective.method | total_steps | left/accuracy | left/loss | right/accuracy | right/loss | mean/accuracy | mean/loss | Delta_m % |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| x/run | concat | - | fixed | 100 | 0.9000 | 0.2500 | 0.8000 | 0.5000 | 0.8500 | 0.3750 | +1.50 |
+| y/run | mmoe | 3 | fixed | 100 | 0.8750 ± 0.0100 | 0.3000 ± 0.0200 | 0.7500 ± 0.0300 | 0.6000 ± 0.0400 | 0.8125 | 0.4500 | - |
+| z | concat | - | cagrad | 200 | 0.5000 | nan | - | - | 0.5000 | nan | -2.25 |"""
 
 
 def test_the_table_has_differing_keys_as_columns_and_final_metrics(tmp_path):
@@ -239,6 +239,22 @@ def test_delta_m_with_seeds_is_the_mean_over_seeds_and_its_se(tmp_path):
   text, _ = report.table(dict(zip(report.run_names(dirs), map(report.load_run, dirs))))
   assert [line.split(" | ")[-1] for line in text.splitlines()[2:]] == [
       "+3.50 ± 1.50 |", "nan |", "-0.50 |"]
+
+
+def test_the_mean_over_tasks_with_seeds_is_over_each_seeds_mean(tmp_path):
+  per_seed = [{"a": {"accuracy": 0.6}, "b": {"accuracy": 0.8}},  # seed means 0.7, 0.85
+              {"a": {"accuracy": 0.7}, "b": {"accuracy": 1.0}}]
+  _workdir(tmp_path / "s", {}, {"a": {"accuracy": 0.65}, "b": {"accuracy": 0.9}}, [],
+           per_seed={"seeds": [0, 1], "tasks": per_seed},
+           tasks_se={"a": {"accuracy": 0.05}, "b": {"accuracy": 0.1}})
+  summary = report.load_run(str(tmp_path / "s"))["summary"]
+  mean, se = report.task_mean(summary, "accuracy")
+  np.testing.assert_allclose([mean, se], [0.775, np.std([0.7, 0.85], ddof=1) / np.sqrt(2)],
+                             rtol=1e-12)
+  assert report.task_mean(summary, "mse") == (None, None)
+  text, _ = report.table({"s": report.load_run(str(tmp_path / "s"))})
+  assert text.splitlines()[0] == "| run | a/accuracy | b/accuracy | mean/accuracy |"
+  assert text.splitlines()[2].endswith("| 0.7750 ± 0.0750 |")
 
 
 def test_the_report_goes_next_to_the_runs_by_default(tmp_path, monkeypatch, capsys):
