@@ -190,7 +190,7 @@ def _task_legend(fig, ax, n_tasks: int, width: float) -> None:
     ax.legend(fontsize=6)
     return
   cols = math.ceil(n_tasks / 20)
-  space = 1.3 * cols  # inches
+  space = 1.1 * cols  # inches
   fig.set_size_inches(width + space, fig.get_size_inches()[1])
   fig.subplots_adjust(left=0.6 / (width + space), right=(width - 0.15) / (width + space))
   fig.legend(*ax.get_legend_handles_labels(), loc="center left", fontsize=6, ncol=cols,
