@@ -267,7 +267,9 @@ def test_float64_gradients_under_x64_resolve_every_hard_jacobian(name):
   absolute, sized for float32)."""
   with jax.enable_x64(True):
     fn = jax.jit(jax.vmap(lambda g: _lib(gradients)[name](gradients.gram(g))))
-    for items in _jacobians_by_t().values():
+    for (t, _), items in _jacobians_by_t().items():
+      if t not in (3, 8):  # two task counts: each is a float64 compilation
+        continue
       g64 = np.stack([g for _, g in items])
       assert gradients.gram(jnp.asarray(g64[0])).dtype == jnp.float64
       beta, info = jax.tree.map(np.asarray, fn(jnp.asarray(g64)))
