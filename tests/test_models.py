@@ -294,9 +294,14 @@ def test_every_parameter_is_in_exactly_one_layer_group(arch):
   if arch == "ple":
     assert "shared/gate/level_0/kernel" in members["gates_0"]
     assert "tasks/experts/level_1/layer_0/kernel" in members["level_1/layer_0"]
-  if arch == "mtan":  # a layer's attention modules and its shared f with the layer
-    assert {"tasks/attention/layer_0/a1/kernel", "shared/att_f/layer_0/kernel",
+  if arch == "mtan":  # a layer's attention modules, and the f producing its attention input
+    assert set(members["conv_0"]) == {
+        "shared/trunk/conv_0/kernel", "shared/trunk/conv_0/bias"} | {
+        f"tasks/attention/conv_0/{a}/{v}" for a in ("a1", "a2") for v in ("kernel", "bias")}
+    assert {"tasks/attention/layer_0/a1/kernel", "shared/att_f/conv_0/kernel",
             "shared/trunk/layer_0/kernel"} <= set(members["layer_0"])
+    assert {"tasks/attention/layer_1/a2/bias", "shared/att_f/layer_0/kernel",
+            "shared/att_f/layer_0/bias"} <= set(members["layer_1"])
   if arch == "cross_stitch":
     assert "shared/stitch/layer_0" in members["layer_0"]
 

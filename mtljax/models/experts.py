@@ -22,6 +22,15 @@ this module reads no config and imports no other architecture code.
   has no shared gate), this is the paper's: every level > 0 of the shared path
   reads every task's experts of the level before, so ``ple`` with more than one
   level has no task-independent part and a slot computes every task's path.
+  Cross-task experts: at every level but the last, task ``t``'s experts
+  (``tasks/experts/level_l``, ``l < L-1``) feed the shared gate, hence every
+  task's later levels, so they act as shared parameters stored in per-task
+  rows. :mod:`mtljax.jacobians` treats them as per-task parameters: they get
+  ``sum_k c_k grad L_k`` through ``task_grads`` (every slot's loss, not only
+  task ``t``'s) and are left out of the per-slot gradients and the Gram
+  matrix that the gradient methods (MGDA, PCGrad, ...) resolve; when ``t`` is
+  not sampled in a step the optimizer freezes its rows, these experts
+  included, although the sampled tasks read them.
 * ``dselect_k`` (Hazimeh et al., NeurIPS 2021): MMoE's experts with DSelect-k
   gates. A gate has ``k`` single-expert selectors: selector ``i`` puts
   ``r_i(e) = prod_j [b_ej S(z_ij) + (1 - b_ej)(1 - S(z_ij))]`` on expert ``e``
@@ -48,6 +57,8 @@ this module reads no config and imports no other architecture code.
   shared trunk's activations are task-independent, but ``f^j`` (shared
   parameters) runs on task-attended features, so the per-task part reads shared
   parameters: MTAN has no ``encode`` / ``decode`` and every slot runs the trunk.
+  Layer group ``j`` holds trunk layer ``j``, its attention modules and
+  ``f^{j-1}`` (which produces layer ``j``'s attention input ``p^{j-1}``).
 """
 
 from __future__ import annotations
@@ -191,7 +202,17 @@ def _gather(tree, rows):
 
 
 def ple_model(parts) -> dict:
-  """``cgc`` (one level) or ``ple`` (``spec.num_levels``): see the module docstring."""
+  """``cgc`` (one level) or ``ple`` (``spec.num_levels``): see the module docstring.
+
+  With ``num_levels >= 2`` and ``task_experts > 0``, task ``t``'s experts at
+  levels ``l < L-1`` are read by every task (through the shared gate ``h_s^l``)
+  but live in the per-task rows ``tasks/experts/level_l [T, ...]``: the
+  gradient methods see them as task parameters (``task_grads``, the gradient
+  of ``sum_k c_k L_k``; not in the Gram matrix they resolve), and they are
+  frozen in steps where ``t`` is not sampled although other tasks use them.
+  Set ``task_experts=0`` (or ``num_levels=1``, CGC) for a model whose every
+  cross-task parameter is shared.
+  """
   spec, num_tasks = parts.spec, parts.num_tasks
   levels, e_s, e_t = spec.num_levels, spec.num_experts, spec.task_experts
   mlp = encoders.MLP(spec.level_hidden)
@@ -395,6 +416,9 @@ def mtan_model(parts) -> dict:
   rows = {"attention": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
   if spec.tower:
     rows["towers"] = np.arange(num_tasks, dtype=np.int32)
-  return {"init": init, "apply": apply, "task_rows": rows,
-          "layer_groups": parts.layer_groups("shared/trunk|shared/att_f|tasks/attention",
-                                             parts.tower_groups())}
+  # f^j produces layer j+1's attention input (and, for a conv block, is a conv
+  # at layer j+1's width), so shared/att_f/<layer j> is in layer j+1's group.
+  groups = parts.layer_groups("shared/trunk|tasks/attention", parts.tower_groups())
+  groups = tuple((g, rf"{rx}|^shared/att_f/{names[i - 1]}(/|$)" if 0 < i < len(names) else rx)
+                 for i, (g, rx) in enumerate(groups))
+  return {"init": init, "apply": apply, "task_rows": rows, "layer_groups": groups}
