@@ -537,16 +537,20 @@ def _mtan_ref(p, taskset, x, ids, encoder, hidden, channels, tower):
   return out
 
 
-@pytest.mark.parametrize("arch, encoder, shape, levels, task_experts", [
-    ("cgc", "mlp", (5,), 1, 2), ("cgc", "cnn", (4, 4), 1, 1), ("ple", "mlp", (5,), 2, 1),
-    ("ple", "mlp", (2, 3), 3, 2), ("ple", "cnn", (4, 4), 2, 0)])
-def test_cgc_and_ple_match_numpy_reference(arch, encoder, shape, levels, task_experts):
+@pytest.mark.parametrize("arch, encoder, shape, levels, task_experts, level_hidden", [
+    ("cgc", "mlp", (5,), 1, 2, (4,)), ("cgc", "cnn", (4, 4), 1, 1, (4,)),
+    ("ple", "mlp", (5,), 2, 1, (4,)), ("ple", "mlp", (2, 3), 3, 2, (4,)),
+    ("ple", "cnn", (4, 4), 2, 0, (4,)), ("ple", "cnn", (4, 4), 2, 1, (4, 3))])
+def test_cgc_and_ple_match_numpy_reference(arch, encoder, shape, levels, task_experts,
+                                           level_hidden):
   kw = dict(encoder=encoder, hidden=(6, 5), channels=(3,), num_experts=2,
-            task_experts=task_experts, num_levels=levels, level_hidden=(4,), tower=(3,))
+            task_experts=task_experts, num_levels=levels, level_hidden=level_hidden,
+            tower=(3,))
   p, x, outs = _build(arch, MIX3, shape, IDS3, **kw)
   assert ("gate" in p["shared"]) == (levels > 1)
-  ref = _ple_ref(p, MIX3, x, IDS3, encoder, kw["hidden"], kw["channels"], levels, (4,),
-                 kw["tower"])
+  assert ("experts" in p["tasks"]) == (task_experts > 0)
+  ref = _ple_ref(p, MIX3, x, IDS3, encoder, kw["hidden"], kw["channels"], levels,
+                 level_hidden, kw["tower"])
   _check(MIX3, outs, ref, IDS3)
 
 
