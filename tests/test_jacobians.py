@@ -91,6 +91,20 @@ def _outputs(model, params, batch, needs, c):
   return out
 
 
+def _rep_grads_reference(model, params, x, ys, ids, c):
+  """One ``jax.grad`` per slot of ``c_k L_k`` w.r.t. ``Z = encode(theta^sh, x)``."""
+  ts = model.taskset
+  z = model.encode(params["shared"], jnp.asarray(x))
+  out = []
+  for s, t in enumerate(ids):
+    def loss_of_z(z, s=s, t=t):
+      o = model.decode(params["tasks"], z, jnp.asarray(x), jnp.array([t]))
+      g = ts.tasks[t].group
+      return c[s] * jnp.mean(tasks.example_loss(ts.tasks[t], o[g][0], ys[g][s]))
+    out.append(jax.grad(loss_of_z)(z))
+  return out
+
+
 @pytest.mark.parametrize("arch, heads", [
     pytest.param(a, h, marks=() if (a, h) == ("mmoe", "auto") else (pytest.mark.slow,))
     for a, h in _ARCHS if a in ("multi_head", "mmoe", "omoe", "shared_bottom")])
@@ -102,17 +116,7 @@ def test_representation_gradients_are_each_slots_gradient_of_the_encoding(arch, 
   c = jnp.asarray([0.5, 2.0, 1.0])
   ts = model.taskset
 
-  @jax.jit
-  def reference(params):  # one jax.grad per slot, w.r.t. Z = encode(theta^sh, x)
-    z = model.encode(params["shared"], jnp.asarray(x))
-    out = []
-    for s, t in enumerate(ids):
-      def loss_of_z(z, s=s, t=t):
-        o = model.decode(params["tasks"], z, jnp.asarray(x), jnp.array([t]))
-        g = ts.tasks[t].group
-        return c[s] * jnp.mean(tasks.example_loss(ts.tasks[t], o[g][0], ys[g][s]))
-      out.append(jax.grad(loss_of_z)(z))
-    return out
+  reference = jax.jit(lambda p: _rep_grads_reference(model, p, x, ys, ids, c))
 
   @jax.jit
   def library(params):
@@ -190,13 +194,8 @@ def test_factored_representation_gram_equals_the_gram_of_each_slots_gradient(sta
         params["tasks"]["heads"][g]["bias"][row])
     np.testing.assert_allclose(outs[g][s], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(kernels[g][s], params["tasks"]["heads"][g]["kernel"][row])
-  dz_ref = []
-  for s, t in enumerate(ids):
-    def loss_of_z(z, s=s, t=t):
-      o = model.decode(params["tasks"], z, jnp.asarray(x), jnp.array([t]))
-      g = ts.tasks[t].group
-      return c[s] * jnp.mean(tasks.example_loss(ts.tasks[t], o[g][0], ys[g][s]))
-    dz_ref.append(np.asarray(jax.grad(loss_of_z)(z), np.float64).ravel())
+  dz_ref = [np.asarray(g, np.float64).ravel()
+            for g in _rep_grads_reference(model, params, x, ys, ids, c)]
   want_gram = np.stack(dz_ref) @ np.stack(dz_ref).T
 
   lin = jacobians.linearize(model, params, batch, needs="representation")
