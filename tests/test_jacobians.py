@@ -114,8 +114,6 @@ def test_representation_gradients_are_each_slots_gradient_of_the_encoding(arch, 
   model, params, ids, x, ys = _setup(arch, True, 3, heads)
   batch = helpers.batch(jnp.asarray(ids, jnp.int32), x, ys, True)
   c = jnp.asarray([0.5, 2.0, 1.0])
-  ts = model.taskset
-
   reference = jax.jit(lambda p: _rep_grads_reference(model, p, x, ys, ids, c))
 
   @jax.jit
