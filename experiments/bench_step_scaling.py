@@ -24,8 +24,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from experiments import bench_common as bench
 

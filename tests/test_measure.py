@@ -14,7 +14,6 @@ from mtljax import steps
 from mtljax import tasks
 from mtljax import train
 from mtljax.data import loading
-from mtljax.data import sampling
 from mtljax.models import multitask
 
 

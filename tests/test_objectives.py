@@ -14,8 +14,6 @@ from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
-from mtljax import tasks
-from mtljax.data import sampling
 from mtljax.models import multitask
 
 _PROBS = np.full(4, 0.25)

@@ -2,7 +2,6 @@
 vmapped step equal N separate runs, and the reported mean and standard error
 are those of the per-seed values."""
 
-import os
 
 import numpy as np
 import pytest
