@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import helpers
+import test_model_references  # _dselect_ref: DSelect-k's selectors as scalar loops
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
@@ -101,23 +102,148 @@ def test_dselect_k_selects_at_most_k_experts_once_the_smooth_step_saturates():
 def test_dselect_k_penalty_is_entropy_plus_reachability():
   """Static gates: ``reg * sum -r log(r + 1e-6)`` over every task's selectors,
   plus ``sum 1 / sum_e r`` when E is not a power of 2 (the official code's
-  terms), in float64 from the selectors; no penalty when both are off."""
+  terms), in float64 from the scalar-loop selectors of
+  test_model_references at the model's gamma (0.4, so some logits saturate and
+  some do not); no penalty when both are off."""
+  gamma = 0.4
   for e, reg in ((5, 0.01), (3, 0.0), (4, 0.1)):
     model = multitask.make_model("dselect_k", MIXED, (5,), hidden=(4,), num_experts=e,
-                                 dselect_k=2, dselect_entropy_reg=reg)
-    p = _noisy(model.init(jax.random.key(0)), scale=0.3)
-    g = p["tasks"]["gates"]
-    assert g["z"].shape == (3, 2, int(np.ceil(np.log2(e)))) and g["w"].shape == (3, 2)
-    r = np.asarray(experts.dselect_weights(g["z"], g["w"], num_experts=e, gamma=1.0)[1],
-                   np.float64)  # [T, k, E], checked against scalar loops elsewhere
-    want = reg * -np.sum(r * np.log(r + 1e-6))
-    if e & (e - 1):
-      want += np.sum(1.0 / r.sum(-1))
-      assert (r.sum(-1) < 1 - 1e-3).any()  # some mass on unreachable codes
-    assert np.isfinite(want)
-    np.testing.assert_allclose(jax.jit(model.penalty)(p), want, rtol=1e-5)
+                                 dselect_k=2, dselect_entropy_reg=reg, dselect_gamma=gamma)
+    p = model.init(jax.random.key(0))
+    assert p["tasks"]["gates"]["z"].shape == (3, 2, int(np.ceil(np.log2(e))))
+    assert p["tasks"]["gates"]["w"].shape == (3, 2)
+    # Logits on both sides of the knots +-gamma/2; the leading bit inside them,
+    # so every selector keeps mass on codes 0... (reachable: 1/sum r finite).
+    rng = np.random.default_rng(e)
+    z = gamma * rng.uniform(-0.8, 0.8, (3, 2, p["tasks"]["gates"]["z"].shape[-1]))
+    z[..., 0] = gamma * rng.uniform(-0.45, 0.45, (3, 2))
+    p["tasks"]["gates"] = {"z": jnp.asarray(z, jnp.float32),
+                           "w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32)}
+    g = jax.tree.map(lambda a: np.asarray(a, np.float64), p["tasks"]["gates"])
+    saturated = np.abs(g["z"]) >= gamma / 2
+    assert saturated.any() and not saturated.all()
+
+    def want_at(gam):
+      r = np.stack([test_model_references._dselect_ref(g["z"][t], g["w"][t], e, gam)[1]
+                    for t in range(3)])  # [T, k, E]
+      want = reg * -np.sum(r * np.log(r + 1e-6))
+      if e & (e - 1):
+        want += np.sum(1.0 / r.sum(-1))
+        assert (r.sum(-1) < 1 - 1e-3).any()  # some mass on unreachable codes
+      return want
+    want = want_at(gamma)
+    assert np.isfinite(want) and want > 0
+    got = jax.jit(model.penalty)(p)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert abs(want_at(1.0) - want) > 1e-3 * want  # the test sees gamma
   assert multitask.make_model("dselect_k", MIXED, (5,), hidden=(4,), num_experts=4).penalty \
       is None
+
+
+# ---------------------------------------------------------------------------
+# Initialisation.
+# ---------------------------------------------------------------------------
+
+
+def _assert_uniform(a, bound, what):
+  """``a`` looks like i.i.d. U(-bound, bound): inside the bounds, reaching
+  near them, and a Kolmogorov-Smirnov test (fixed seed) does not reject."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  v = np.asarray(a, np.float64).ravel() / bound
+  assert np.abs(v).max() <= 1.0, what
+  assert np.abs(v).max() > 1.0 - 4.0 / len(v), what  # E max|U| = 1 - 1/(n+1)
+  assert stats.kstest(v, "uniform", args=(-1.0, 2.0)).pvalue > 1e-3, what
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_dselect_k_initialises_as_the_official_code(per_example):
+  """z ~ U(-gamma/100, gamma/100) and w ~ U(-0.05, 0.05) (google-research
+  dselect_k_moe), for static logits and for per-example gates' kernels and
+  biases, each task's gate drawn separately."""
+  gamma, e, k, d = 0.4, 64 if not per_example else 16, 8 if not per_example else 4, 40
+  m = int(np.log2(e))
+  model = multitask.make_model("dselect_k", MIXED, (d,), hidden=(2,), num_experts=e,
+                               dselect_k=k, dselect_gamma=gamma,
+                               dselect_per_example=per_example)
+  g = model.init(jax.random.key(0))["tasks"]["gates"]
+  if per_example:
+    leaves = {"z/kernel": (g["z"]["kernel"], (3, d, k * m), gamma / 100),
+              "z/bias": (g["z"]["bias"], (3, k * m), gamma / 100),
+              "w/kernel": (g["w"]["kernel"], (3, d, k), 0.05),
+              "w/bias": (g["w"]["bias"], (3, k), 0.05)}
+  else:
+    leaves = {"z": (g["z"], (3, k, m), gamma / 100), "w": (g["w"], (3, k), 0.05)}
+  for name, (a, shape, bound) in leaves.items():
+    assert a.shape == shape, name
+    _assert_uniform(a, bound, name)
+    assert not np.array_equal(a[0], a[1]), name  # per-task draws
+
+
+def test_cgc_and_ple_gates_start_at_zero():
+  """Every task gate and shared gate of every level is zero (uniform weights),
+  in the documented shapes; the experts are not."""
+  e_s, e_t, levels = 2, 1, 3
+  model = multitask.make_model("ple", MIXED, (5,), hidden=(6,), num_experts=e_s,
+                               task_experts=e_t, num_levels=levels, level_hidden=(4,))
+  p = model.init(jax.random.key(0))
+  gate_in = [5, 6, 4]  # x flattened, then level 0's (trunk) and level 1's widths
+  for l in range(levels):
+    g = p["tasks"]["gates"][f"level_{l}"]
+    assert g["kernel"].shape == (3, gate_in[l], e_s + e_t) and g["bias"].shape == (3, e_s + e_t)
+    assert not np.any(g["kernel"]) and not np.any(g["bias"]), l
+    if l < levels - 1:
+      s = p["shared"]["gate"][f"level_{l}"]
+      assert s["kernel"].shape == (gate_in[l], e_s + 3 * e_t), l
+      assert not np.any(s["kernel"]) and not np.any(s["bias"]), l
+    assert np.all(jax.tree.leaves(p["tasks"]["experts"][f"level_{l}"])[-1])  # a kernel
+  assert "gate" not in p["shared"] or f"level_{levels - 1}" not in p["shared"]["gate"]
+  cgc = multitask.make_model("cgc", MIXED, (5,), hidden=(6,), num_experts=e_s,
+                             task_experts=e_t).init(jax.random.key(0))
+  assert not any(np.any(a) for a in jax.tree.leaves(cgc["tasks"]["gates"]))
+
+
+_TRUNC = 0.87962566103423978  # std of a standard normal truncated at +-2
+
+
+@pytest.mark.parametrize("encoder, shape, kw", [
+    ("mlp", (20,), dict(hidden=(64, 32, 16))),
+    ("cnn", (8, 8, 2), dict(channels=(8, 16), hidden=(32,)))])
+def test_mtan_attention_and_f_initialise_lecun_normal_at_their_fan_in(encoder, shape, kw):
+  """A1 reads [s^j, p^{j-1}] (fan-in 2 w_j after the first layer), A2 w_j,
+  f^j a 3x3 conv (fan-in 9 C_j) or a dense map of the pooled, flattened
+  features: kernels of the documented shapes, truncated N(0, 1/fan_in) (the
+  sample std within 15%, |k| within the truncation), zero biases, and each
+  task's attention drawn separately."""
+  model = multitask.make_model("mtan", MIXED, shape, encoder=encoder, tower=(), **kw)
+  p = model.init(jax.random.key(0))
+  att, att_f = p["tasks"]["attention"], p["shared"]["att_f"]
+  if encoder == "mlp":
+    names, w = ["layer_0", "layer_1", "layer_2"], [64, 32, 16]
+    f_kernels = {"layer_0": (64, 32), "layer_1": (32, 16)}
+  else:
+    names, w = ["conv_0", "conv_1", "layer_0"], [8, 16, 32]
+    f_kernels = {"conv_0": (3, 3, 8, 16),        # conv on the 8x8x8 map to conv_1's width
+                 "conv_1": (2 * 2 * 16, 32)}     # 4x4x16 pooled to 2x2x16, flattened
+  assert set(att) == set(names) and set(att_f) == set(f_kernels)
+
+  def check(kernel, fan_in, what):
+    k = np.asarray(kernel, np.float64)
+    std = 1.0 / np.sqrt(fan_in)
+    assert abs(k.std() / std - 1.0) < 0.15, (what, k.std() * np.sqrt(fan_in))
+    assert np.abs(k).max() <= 2.0 * std / _TRUNC * (1 + 1e-5), what
+    assert abs(k.mean()) < 4 * std / np.sqrt(k.size), what
+  for j, n in enumerate(names):
+    a1, a2 = att[n]["a1"], att[n]["a2"]
+    u = w[j] * (1 if j == 0 else 2)
+    assert a1["kernel"].shape == (3, u, w[j]) and a2["kernel"].shape == (3, w[j], w[j]), n
+    check(a1["kernel"], u, n + "/a1")
+    check(a2["kernel"], w[j], n + "/a2")
+    for a in (a1, a2):
+      assert a["bias"].shape == (3, w[j]) and not np.any(a["bias"]), n
+      assert not np.array_equal(a["kernel"][0], a["kernel"][1]), n
+  for n, kshape in f_kernels.items():
+    assert att_f[n]["kernel"].shape == kshape and not np.any(att_f[n]["bias"]), n
+    check(att_f[n]["kernel"], int(np.prod(kshape[:-1])), "att_f/" + n)
 
 
 # ---------------------------------------------------------------------------
