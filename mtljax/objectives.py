@@ -49,14 +49,16 @@ Methods (``config.objective.method``):
   (init 1); the network trains on ``sum_k w_t L_k``; with
   ``G_i = w_i ||grad_W L_i||`` on the last shared layer ``W`` matching
   ``layer`` (a regex over ``shared/...``-relative paths; default the last
-  dense kernel of the trunk or of the experts, ``experts/level_L/layer_J/kernel`` for cgc), ``r_i = Ltilde_i / mean(Ltilde)`` where
+  dense kernel of the trunk or of the experts, ``experts/level_L/layer_J/kernel``
+  for cgc), ``r_i = Ltilde_i / mean(Ltilde)`` where
   ``Ltilde_i = L_i / L_i(first step task i was sampled)``, the weights take an
   Adam step (``w_lr``) on ``grad_w sum_i |G_i - stop_gradient(mean(G) r_i^alpha)|``
   (``alpha`` 1.5), only for sampled tasks (one Adam state per task), and are
   then renormalised to sum to T.
 * gradient combination, :data:`mtljax.gradients.GRADIENT_METHODS`
   (``mgda``, ``pcgrad``, ``cagrad``, ``imtl_g``, ``nash_mtl``,
-  ``aligned_mtl``): the per-slot gradients of the *shared* parameters,
+  ``aligned_mtl``, ``upgrad``, ``dualproj``, ``config`` (ConFIG), ``fairgrad``):
+  the per-slot gradients of the *shared* parameters,
   ``G [K, ...]`` (row k is the gradient of ``w[task_ids[k]] L_k``), come from the
   step's one linearisation; the method turns their Gram matrix into weights
   ``beta`` and the direction is ``sum_k beta_k g_k`` (see :mod:`mtljax.gradients`
