@@ -195,7 +195,9 @@ def test_cgc_and_ple_gates_start_at_zero():
       s = p["shared"]["gate"][f"level_{l}"]
       assert s["kernel"].shape == (gate_in[l], e_s + 3 * e_t), l
       assert not np.any(s["kernel"]) and not np.any(s["bias"]), l
-    assert np.all(jax.tree.leaves(p["tasks"]["experts"][f"level_{l}"])[-1])  # a kernel
+    for stack in (p["shared"]["experts"], p["tasks"]["experts"]):
+      kernel = np.asarray(stack[f"level_{l}"]["layer_0"]["kernel"])
+      assert kernel.std() > 0.1 and np.all(kernel), l
   assert "gate" not in p["shared"] or f"level_{levels - 1}" not in p["shared"]["gate"]
   cgc = multitask.make_model("cgc", MIXED, (5,), hidden=(6,), num_experts=e_s,
                              task_experts=e_t).init(jax.random.key(0))
