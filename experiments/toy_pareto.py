@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from experiments import common
+from mtljax import plotting
 from mtljax import toy
 
 logger = logging.getLogger("mtljax")
@@ -54,7 +55,7 @@ def plot(results: dict, scale: float, path: str) -> None:
   f = np.asarray(jax.vmap(lambda x: toy.losses(x, scale))(pts)).reshape(n, n, 2)
   front_x = np.stack([np.linspace(*toy.PARETO_X1, 200), np.full(200, toy.PARETO_X2)], 1)
   front_f = np.asarray(jax.vmap(lambda x: toy.losses(x, scale))(front_x))
-  colors = plt.cm.tab10(np.linspace(0, 1, 10))
+  colors = plotting.task_colors(len(results))
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 6.5))
   a1.contour(xx, yy, f.mean(axis=2), levels=25, cmap="viridis", linewidths=0.8)
   a1.plot(front_x[:, 0], front_x[:, 1], color="gray", linewidth=6, alpha=0.6,
@@ -64,10 +65,10 @@ def plot(results: dict, scale: float, path: str) -> None:
   for k, (method, runs) in enumerate(results.items()):
     for i, r in enumerate(runs):
       p = np.asarray(r["path"])
-      a1.plot(p[:, 0], p[:, 1], color=colors[k % 10], linewidth=1.2,
+      a1.plot(p[:, 0], p[:, 1], color=colors[k], linewidth=1.2,
               label=method if i == 0 else None)
-      a1.plot(*r["final"], "o", color=colors[k % 10], markersize=4)
-      a2.plot(*r["final_losses"], "o", color=colors[k % 10], markersize=6,
+      a1.plot(*r["final"], "o", color=colors[k], markersize=4)
+      a2.plot(*r["final_losses"], "o", color=colors[k], markersize=6,
               label=method if i == 0 else None)
     for r in runs:
       a1.plot(*r["start"], "k^", markersize=8)

@@ -47,9 +47,20 @@ PROTOCOLS = {
                  steps=50_000, scale=0.1, cagrad_rescale=1, famo_gamma=0.0),
 }
 
-# The loss-transforming methods (db_mtl, stch, gls, moco, imtl) take logs or
-# powers of the losses, which are negative on this problem.
-TOY_METHODS = ("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS + ("gradvac", "excess_mtl")
+# Methods that take logs or powers of the losses (or scale gradients by them)
+# need positive losses; this problem's are negative (down to -20), so they see
+# ``L - floor`` with FAMO's floors (:func:`loss_floor`): the same gradients, a
+# shifted value. (imtl is left out: its learned scales are per-task
+# parameters, which the toy's single point does not have.)
+POSITIVE_LOSS_METHODS = ("db_mtl", "stch", "gls", "moco")
+TOY_METHODS = (("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS + ("gradvac", "excess_mtl")
+               + POSITIVE_LOSS_METHODS)
+
+
+def loss_floor(scale: float = 1.0) -> tuple[float, float]:
+  """Lower bounds of the two losses (FAMO's ``min_losses``: every loss is above
+  ``-20 scale`` and ``-20``)."""
+  return (-21.0 * scale, -21.0)
 
 
 def clamp_min(x: jax.Array, low: float) -> jax.Array:
@@ -89,20 +100,22 @@ def objective(method: str, scale: float = 1.0, *, cagrad_c: float = 0.5,
   if method == "cagrad":
     hp = {"c": cagrad_c, "rescale": cagrad_rescale}
   elif method == "famo":
-    hp = {"gamma": famo_gamma, "min_losses": (-21.0 * scale, -21.0)}
+    hp = {"gamma": famo_gamma, "min_losses": loss_floor(scale)}
   return objectives.bind_shared(objectives.make_objective(method, 2, **hp),
                                 jax.ShapeDtypeStruct((2,), jnp.float32))
 
 
-def linearized(x: jax.Array, scale: float) -> jacobians.Linearized:
-  """The toy's two losses at ``x`` as a :class:`mtljax.jacobians.Linearized`
-  (``x`` is the "shared parameter"; the exact ``[2, 2]`` Jacobian)."""
-  l = losses(x, scale)
+def linearized(x: jax.Array, scale: float, shift=(0.0, 0.0)) -> jacobians.Linearized:
+  """The toy's two losses at ``x``, minus ``shift``, as a
+  :class:`mtljax.jacobians.Linearized` (``x`` is the "shared parameter"; the
+  exact ``[2, 2]`` Jacobian)."""
+  shift = jnp.asarray(shift, jnp.float32)
+  l = losses(x, scale) - shift
   g = jax.jacrev(lambda x: losses(x, scale))(x)            # [2 tasks, 2 coords]
   return jacobians.Linearized(
       losses=l, pullback=lambda c: {"shared": c @ g, "tasks": {}},
       slot_grads=lambda c: (c[:, None] * g, {}), rep_grads=None, rep_pullback=None,
-      loss_at=lambda p: losses(p["shared"], scale), one_pass=False)
+      loss_at=lambda p: losses(p["shared"], scale) - shift, one_pass=False)
 
 
 def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3,
@@ -117,16 +130,17 @@ def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3
   obj = objective(method, scale, cagrad_c=cagrad_c, cagrad_rescale=cagrad_rescale,
                   famo_gamma=famo_gamma)
   ids, ones = jnp.arange(2), jnp.ones((2,), jnp.float32)
+  shift = loss_floor(scale) if method in POSITIVE_LOSS_METHODS else (0.0, 0.0)
 
   def one_start(x0, key):
     def step(carry, i):
       x, opt_state, fails, mstate = carry
-      lin = linearized(x, scale)
+      lin = linearized(x, scale, shift)
       res = obj.gradients(lin, objectives.Inputs(ids, ones, mstate, {},
                                                  jax.random.fold_in(key, i)))
       upd, opt_state = tx.update(res.grads["shared"], opt_state, x)
       x_new = optax.apply_updates(x, upd)
-      new_losses = losses(x_new, scale) if obj.needs_new_losses else None
+      new_losses = lin.loss_at({"shared": x_new}) if obj.needs_new_losses else None
       mstate = obj.after_update(res.state, lin.losses, ids, new_losses)
       failed = res.measurements.get("solver_failures", jnp.zeros(()))
       return (x_new, opt_state, fails + failed.astype(jnp.int32), mstate), None

@@ -4,6 +4,7 @@ papers' qualitative result under the CAGrad protocol."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -180,3 +181,22 @@ def test_famo_protocol_famo_reaches_the_pareto_set_linear_scalarisation_does_not
   assert np.all(toy.distance_to_pareto_set(famo["final"]) < 0.05)
   fixed = toy.run("fixed", p["starts"], p["steps"], scale=p["scale"], record_every=1000)
   assert np.max(toy.distance_to_pareto_set(fixed["final"])) > 2.0
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_the_positive_loss_methods_see_losses_above_the_floor(scale):
+  """db_mtl, stch, gls and moco take logs of (or scale by) the losses: on the
+  toy they see ``L - loss_floor``, which is positive over the whole plotted
+  square (a 201 x 201 grid, plus the kinks at x2 = 0), with the gradients of L."""
+  grid = np.linspace(-10, 10, 201)
+  pts = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)
+  pts = np.concatenate([pts, np.stack([grid, np.zeros_like(grid)], 1)])
+  floor = np.asarray(toy.loss_floor(scale))
+  f = np.asarray(jax.vmap(lambda x: toy.losses(x, scale))(jnp.asarray(pts, jnp.float32)))
+  assert (f - floor).min() > 0.05  # the minima are -20 scale and -20
+  x = jnp.asarray([1.5, -2.0])
+  plain, shifted = toy.linearized(x, scale), toy.linearized(x, scale, toy.loss_floor(scale))
+  np.testing.assert_allclose(shifted.losses, plain.losses - floor, rtol=1e-6)
+  c = jnp.asarray([0.3, 1.7])
+  np.testing.assert_array_equal(shifted.pullback(c)["shared"], plain.pullback(c)["shared"])
+  assert set(toy.POSITIVE_LOSS_METHODS) <= set(toy.TOY_METHODS)
