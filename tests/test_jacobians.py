@@ -168,7 +168,8 @@ def test_path_misuse_is_a_clear_error():
     jacobians.linearize(model, params, batch, slot_backwards="loop")
 
 
-@pytest.mark.parametrize("static", [True, False], ids=["static-k4", "traced-k3"])
+@pytest.mark.parametrize("static", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["static-k4", "traced-k3"])
 def test_factored_representation_gram_equals_the_gram_of_each_slots_gradient(static):
   """Linear heads: ``<dZ_i, dZ_j>`` from the outputs' cotangents and the kernels
   (never forming ``dZ``) equals a float64 Gram of ``K`` separate ``jax.grad``
@@ -181,10 +182,19 @@ def test_factored_representation_gram_equals_the_gram_of_each_slots_gradient(sta
   batch = jacobians.Batch(jnp.asarray(x), {g: jnp.asarray(y) for g, y in ys.items()},
                           ids_in, True)
   c = jnp.asarray([0.5, 2.0, 1.0, 1.5][:k])
-  z = model.encode(params["shared"], jnp.asarray(x))
+
+  @jax.jit
+  def library(params):  # the batch (static ids) is closed over
+    z = model.encode(params["shared"], jnp.asarray(x))
+    kernels = model.rep_heads(params["tasks"], ids_in)
+    outs = model.decode(params["tasks"], z, jnp.asarray(x), ids_in)
+    douts = jax.vjp(lambda o: tasks.slot_losses(ts, o, batch.ys, ids_in), outs)[1](c)[0]
+    direct = jacobians.factored_gram(douts, kernels, tasks.static_group_slices(ts, ids_in))
+    lin = jacobians.linearize(model, params, batch, needs="representation")
+    return z, kernels, outs, direct, lin.rep_gram(c), lin.rep_grads(c)[1]
+
+  z, kernels, outs, direct, (gram, g_tasks), g_tasks_ref = library(params)
   # rep_heads: slot k's outputs of its own group are z @ W + b.
-  kernels = model.rep_heads(params["tasks"], ids_in)
-  outs = model.decode(params["tasks"], z, jnp.asarray(x), ids_in)
   for s, t in enumerate(ids):
     g = ts.tasks[t].group
     row = ts.local_index[t]
@@ -192,27 +202,23 @@ def test_factored_representation_gram_equals_the_gram_of_each_slots_gradient(sta
         params["tasks"]["heads"][g]["bias"][row])
     np.testing.assert_allclose(outs[g][s], want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(kernels[g][s], params["tasks"]["heads"][g]["kernel"][row])
-  dz_ref = [np.asarray(g, np.float64).ravel()
-            for g in _rep_grads_reference(model, params, x, ys, ids, c)]
+  reference = jax.jit(lambda p: _rep_grads_reference(model, p, x, ys, ids, c))
+  dz_ref = [np.asarray(g, np.float64).ravel() for g in reference(params)]
   want_gram = np.stack(dz_ref) @ np.stack(dz_ref).T
-
-  lin = jacobians.linearize(model, params, batch, needs="representation")
-  douts = lin.rep_grads(c)  # materialised path, for the fall-back check below
-  loss_vjp_douts = jax.vjp(lambda o: tasks.slot_losses(ts, o, batch.ys, ids_in), outs)[1](
-      c)[0]
-  got = jacobians.factored_gram(loss_vjp_douts, kernels,
-                                tasks.static_group_slices(ts, ids_in))
-  np.testing.assert_allclose(got, want_gram, rtol=2e-5, atol=1e-7 * np.abs(want_gram).max())
-  gram, g_tasks = lin.rep_gram(c)
-  np.testing.assert_allclose(gram, want_gram, rtol=2e-5, atol=1e-7 * np.abs(want_gram).max())
-  helpers.assert_trees_close(g_tasks, douts[1])
+  for got in (direct, gram):
+    np.testing.assert_allclose(got, want_gram, rtol=2e-5, atol=1e-7 * np.abs(want_gram).max())
+  helpers.assert_trees_close(g_tasks, g_tasks_ref)
   # mmoe has no linear-head factorisation: the Gram of its materialised dZ.
   model, params, ids, x, ys = _setup("mmoe", True, 3)
   assert model.rep_heads is None
   batch = helpers.batch(jnp.asarray(ids, jnp.int32), x, ys, True)
-  lin = jacobians.linearize(model, params, batch, needs="representation")
-  dz = lin.rep_grads(c[:3])[0]
+
+  @jax.jit
+  def fallback(params):
+    lin = jacobians.linearize(model, params, batch, needs="representation")
+    return lin.rep_grads(c[:3])[0], lin.rep_gram(c[:3])[0]
+  dz, gram = fallback(params)
   flat = np.concatenate([np.asarray(a, np.float64).reshape(3, -1)
                          for a in jax.tree.leaves(dz)], axis=1)
-  np.testing.assert_allclose(lin.rep_gram(c[:3])[0], flat @ flat.T, rtol=2e-5,
+  np.testing.assert_allclose(gram, flat @ flat.T, rtol=2e-5,
                              atol=1e-7 * np.abs(flat @ flat.T).max())
