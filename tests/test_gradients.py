@@ -158,13 +158,18 @@ def test_cagrad_dual_optimal_and_in_the_ball(t, c):
 # The references below solve the dual in float64 without the library's solver:
 # a fine grid plus golden-section search for T = 2, and for any T an exact
 # enumeration of the simplex's faces, each solved in closed form from its KKT
-# conditions, certified by the Frank-Wolfe gap.
+# conditions, certified by the Frank-Wolfe gap. The library has two solvers:
+# its own face enumeration in cosine coordinates (T <= exact_up_to, the
+# default) and FISTA (exact_up_to=0 here, as beyond exact_up_to); both are
+# checked.
 
 CAGRAD_CS = (0.2, 0.5, 0.9)
-# (c, rescale) pairs besides rescale=0 at every c, and early stops (at c = 0.5)
-# besides the default 300 iterations: one compiled call per task count.
+# (c, rescale) pairs besides rescale=0 at every c (exact solver), and FISTA's
+# early stops (at c = 0.5) besides its default 300 iterations at every c: one
+# compiled call per task count. Keys: (c, rescale, iters, exact_up_to).
 CAGRAD_RESCALED = ((0.2, 2), (0.5, 1), (0.9, 1), (0.9, 2))
 CAGRAD_ITERS = {2: (1, 10), 4: (1, 3, 10, 30)}
+CAGRAD_SOLVERS = {"exact": 10, "fista": 0}
 
 
 def _cagrad_dual(g, c):
@@ -282,9 +287,11 @@ def _cagrad_problems(t):
 def _cagrad_outputs(t):
   """``{problem: {(c, rescale, iters): (d, beta, info)}}`` from the library, one
   compilation per task count."""
-  keys = ([(c, 0, 300) for c in CAGRAD_CS] + [(c, r, 300) for c, r in CAGRAD_RESCALED]
-          + [(0.5, 0, it) for it in CAGRAD_ITERS[t]])
-  run = jax.jit(lambda g: {key: gradients.cagrad(g, c=key[0], rescale=key[1], iters=key[2])
+  keys = ([(c, 0, 300, e) for c in CAGRAD_CS for e in (10, 0)]
+          + [(c, r, 300, 10) for c, r in CAGRAD_RESCALED]
+          + [(0.5, 0, it, 0) for it in CAGRAD_ITERS[t]])
+  run = jax.jit(lambda g: {key: gradients.cagrad(g, c=key[0], rescale=key[1], iters=key[2],
+                                                 exact_up_to=key[3])
                            for key in keys})
   return {name: jax.tree.map(lambda x: np.asarray(x, np.float64),
                              run(jnp.asarray(g, jnp.float32)))
@@ -313,42 +320,47 @@ def _cagrad_cases():
   return [(t, name) for t in (2, 4) for name in sorted(_cagrad_problems(t))]
 
 
+@pytest.mark.parametrize("solver", CAGRAD_SOLVERS)
 @pytest.mark.parametrize("c", CAGRAD_CS)
 @pytest.mark.parametrize("t, name", _cagrad_cases())
-def test_cagrad_direction_is_the_papers_closed_form(t, name, c):
+def test_cagrad_direction_is_the_papers_closed_form(t, name, c, solver):
   g, well_conditioned = _cagrad_problems(t)[name]
+  exact = solver == "exact"
+  e = CAGRAD_SOLVERS[solver]
   w_ref, f_ref = _cagrad_reference(g, c)
   d_ref = _cagrad_direction(g, w_ref, c)
   scale = np.trace(g @ g.T) / t
   out = _cagrad_outputs(t)[name]
   # The dual weights are as good as the float64 optimum.
   f = _cagrad_dual(g, c)[0]
-  _, _, info = out[(c, 0, 300)]
+  _, _, info = out[(c, 0, 300, e)]
   assert np.all(info["w"] >= -1e-7) and abs(info["w"].sum() - 1) < 1e-5
   assert f(info["w"]) - f_ref <= 1e-6 * scale, (f(info["w"]) - f_ref) / scale
-  if well_conditioned:
+  if well_conditioned or exact:
     assert bool(info["converged"])
   # d = g0 + c ||g0|| g_w / ||g_w||, then / 1, / (1 + c^2), / (1 + c).
   for rescale, divisor in ((0, 1.0), (1, 1 + c * c), (2, 1 + c)):
-    if (c, rescale, 300) not in out:
+    if (c, rescale, 300, e) not in out:
       continue
-    d, beta, _ = out[(c, rescale, 300)]
+    d, beta, _ = out[(c, rescale, 300, e)]
     want = d_ref / divisor
     cos = d @ want / np.linalg.norm(d) / np.linalg.norm(want)
     assert cos >= 0.9999, (rescale, cos)
-    # Two near-opposite gradients, interior optimum (c = 0.5): the float32
-    # solver stalls at a Frank-Wolfe gap ~1e-4 (converged=False; more
-    # iterations do not help), and d = g0 + rho g_w / ||g_w|| amplifies the
-    # error in w by ||g_1 - g_2|| / ||g_w|| ~ 20: ~1e-3 relative error in d.
-    rel_tol = 1e-4 if well_conditioned else 5e-3
+    # Two near-opposite gradients, interior optimum (c = 0.5): FISTA stalls
+    # at a Frank-Wolfe gap ~1e-4 in float32 (converged=False; more iterations
+    # do not help), and d = g0 + rho g_w / ||g_w|| amplifies the error in w by
+    # ||g_1 - g_2|| / ||g_w|| ~ 20: ~1e-3 relative error in d. The exact
+    # solver, in cosine coordinates, resolves it.
+    rel_tol = 1e-4 if well_conditioned or exact else 5e-3
     assert np.linalg.norm(d - want) <= rel_tol * np.linalg.norm(want), (
         rescale, np.linalg.norm(d - want) / np.linalg.norm(want))
     np.testing.assert_allclose(d, beta @ g, rtol=1e-4, atol=1e-5 * np.linalg.norm(want))
 
 
+@pytest.mark.parametrize("solver", CAGRAD_SOLVERS)
 @pytest.mark.parametrize("c", CAGRAD_CS)
 @pytest.mark.parametrize("t, name", _cagrad_cases())
-def test_cagrad_direction_solves_the_primal(t, name, c):
+def test_cagrad_direction_solves_the_primal(t, name, c, solver):
   # Among d with ||d - g0|| <= c ||g0||, the returned d (rescale=0) maximises
   # min_i g_i . d. It is feasible and reaches the float64 dual optimum F*
   # (strong duality: nothing feasible does better). Exactly, since
@@ -358,7 +370,7 @@ def test_cagrad_direction_solves_the_primal(t, name, c):
   # No direction sampled on the ball, far from d or near it, does better.
   g, well_conditioned = _cagrad_problems(t)[name]
   _, f_ref = _cagrad_reference(g, c)
-  d, _, info = _cagrad_outputs(t)[name][(c, 0, 300)]
+  d, _, info = _cagrad_outputs(t)[name][(c, 0, 300, CAGRAD_SOLVERS[solver])]
   g0 = g.mean(0)
   rho = c * np.linalg.norm(g0)
   scale = np.trace(g @ g.T) / t
@@ -367,7 +379,7 @@ def test_cagrad_direction_solves_the_primal(t, name, c):
   assert worst <= f_ref + 1e-6 * scale
   slack = info["gap"] * scale + 1e-6 * scale
   assert worst >= f_ref - slack, ((f_ref - worst) / scale, info["gap"])
-  if well_conditioned:
+  if well_conditioned or solver == "exact":
     np.testing.assert_allclose(worst, f_ref, atol=1e-5 * scale)
   rng = np.random.default_rng(0)
   dim = g.shape[1]
@@ -393,21 +405,57 @@ def test_cagrad_invalid_rescale_raises(rescale):
     gradients.cagrad(jnp.asarray(_g(2), jnp.float32), c=0.5, rescale=rescale)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"exact_up_to": -1}, r"cagrad.exact_up_to must be in \[0, 12\]"),
+    ({"exact_up_to": 13}, r"cagrad.exact_up_to must be in \[0, 12\]"),
+    ({"tol": 1.0}, r"cagrad.tol must be in \[0, 1\)"),
+    ({"tol": -1e-3}, r"cagrad.tol must be in \[0, 1\)")])
+def test_cagrad_invalid_solver_arguments_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    gradients.cagrad(jnp.asarray(_g(2), jnp.float32), **kwargs)
+
+
+def test_cagrad_exact_solver_on_a_face_with_a_near_opposite_pair_and_a_100x_row():
+  # The inputs on which FISTA can stall in float32 (tests/test_hard_jacobians.py): a
+  # near-opposite pair, one row 100x, T = 3. The optimum lies on a face; the
+  # exact solver finds it, says converged, and d = beta G matches the float64
+  # face enumeration's direction. FISTA on the same input is either as close
+  # or says it has not converged.
+  rng = np.random.default_rng(3)
+  gs = rng.normal(size=(20, 3, 10))
+  gs[:, 2] = -0.999 * gs[:, 1] + 0.01 * rng.normal(size=(20, 10))
+  gs[:, 0] *= 100.0
+  for e in (10, 0):
+    run = jax.jit(jax.vmap(lambda g: gradients.cagrad(g, rescale=0, exact_up_to=e)[1:]))
+    betas, info = jax.tree.map(np.asarray, run(jnp.asarray(gs, jnp.float32)))
+    for g, beta, conv in zip(gs, betas.astype(np.float64), info["converged"]):
+      w_ref, _ = _cagrad_dual_exact(g, 0.5)
+      d_ref = _cagrad_direction(g, w_ref, 0.5)
+      d = beta @ g
+      cos = d @ d_ref / np.linalg.norm(d) / np.linalg.norm(d_ref)
+      if e:
+        assert conv and cos >= 0.9999, cos
+      elif conv:
+        assert cos >= 0.999, cos
+
+
 @pytest.mark.parametrize("t, name", _cagrad_cases())
 def test_cagrad_converged_means_the_returned_point_is_optimal(t, name):
   # info["gap"] is the Frank-Wolfe gap of the dual scaled by 1 / scale
   # (scale = tr(K) / T): by convexity it bounds the returned point's
   # suboptimality, and "converged" (gap <= 1e-5 (1 + |F|/scale)) may only be
   # reported at a point whose float64 suboptimality is that small. Checked on
-  # early stops (iters = 1 .. 30) and the default 300 iterations.
+  # FISTA's early stops (iters = 1 .. 30), its default 300 iterations and the
+  # exact solver (which reports the same gap).
   g = _cagrad_problems(t)[name][0]
   c = 0.5
   _, f_ref = _cagrad_reference(g, c)
   f = _cagrad_dual(g, c)[0]
   scale = np.trace(g @ g.T) / t
   out = _cagrad_outputs(t)[name]
-  for iters in CAGRAD_ITERS[t] + (300,):
-    _, _, info = out[(c, 0, iters)]
+  for key in [(c, 0, it, 0) for it in CAGRAD_ITERS[t] + (300,)] + [(c, 0, 300, 10)]:
+    _, _, info = out[key]
+    iters = key[2:]
     subopt = (f(info["w"]) - f_ref) / scale
     assert subopt <= info["gap"] + 1e-6, (iters, subopt, info["gap"])
     if info["converged"]:
@@ -415,37 +463,37 @@ def test_cagrad_converged_means_the_returned_point_is_optimal(t, name):
 
 
 def test_cagrad_one_iteration_is_not_enough_and_says_so():
-  # From the uniform start, one step does not reach the optimum of these
-  # problems (the float64 reference says how far it is): converged is False.
-  # The default 300 iterations reach it and say so.
+  # FISTA (exact_up_to=0): from the uniform start, one step does not reach the
+  # optimum of these problems (the float64 reference says how far it is):
+  # converged is False. The default 300 iterations reach it and say so.
   c = 0.5
   for t, name in [(2, "conflict"), (4, "conflict"), (4, "norms_100x")]:
     g = _cagrad_problems(t)[name][0]
     _, f_ref = _cagrad_reference(g, c)
     f = _cagrad_dual(g, c)[0]
     scale = np.trace(g @ g.T) / t
-    one = _cagrad_outputs(t)[name][(c, 0, 1)][2]
+    one = _cagrad_outputs(t)[name][(c, 0, 1, 0)][2]
     assert (f(one["w"]) - f_ref) / scale > 1e-4, name
     assert not bool(one["converged"]), name
-    full = _cagrad_outputs(t)[name][(c, 0, 300)][2]
+    full = _cagrad_outputs(t)[name][(c, 0, 300, 0)][2]
     assert (f(full["w"]) - f_ref) / scale < 1e-6 and bool(full["converged"]), name
 
 
 def test_cagrad_converged_after_one_step_when_it_is_optimal():
-  # Converged is about the returned point, not the iteration count. Orthonormal
+  # FISTA: converged is about the returned point, not the iteration count. Orthonormal
   # gradients: w* is the uniform start (by symmetry). Two tasks whose norms
   # differ by 100x: w* is the vertex of the small gradient, which one projected
   # step reaches. Either way one iteration returns the optimum and says so.
   g = _cagrad_problems(4)["orthonormal"][0]
   w_ref, _ = _cagrad_dual_exact(g, 0.5)
   np.testing.assert_allclose(w_ref, 0.25, atol=1e-12)
-  one = _cagrad_outputs(4)["orthonormal"][(0.5, 0, 1)][2]
+  one = _cagrad_outputs(4)["orthonormal"][(0.5, 0, 1, 0)][2]
   assert bool(one["converged"])
   np.testing.assert_allclose(one["w"], w_ref, atol=1e-6)
   g = _cagrad_problems(2)["norms_100x"][0]
   w_ref, _ = _cagrad_dual_grid(g, 0.5)
   np.testing.assert_allclose(w_ref, [0.0, 1.0], atol=1e-9)
-  one = _cagrad_outputs(2)["norms_100x"][(0.5, 0, 1)][2]
+  one = _cagrad_outputs(2)["norms_100x"][(0.5, 0, 1, 0)][2]
   assert bool(one["converged"])
   np.testing.assert_allclose(one["w"], w_ref, atol=1e-6)
 
