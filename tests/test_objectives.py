@@ -166,7 +166,7 @@ def test_mgda_ub_pure_function_is_mgda_on_representation_gradients():
     ("multi_head", "mgda", {"gram_path": "lazy"}, False, "gram_path='lazy' is not one of"),
     ("multi_head", "cagrad", {"c": 1.5}, False, r"cagrad.c must be in \[0, 1\)"),
     ("multi_head", "cagrad", {"C": 0.3}, False,
-     r"unknown hyper-parameter\(s\) \['C'\]; 'cagrad' takes \['c', 'iters'"),
+     r"unknown hyper-parameter\(s\) \['C'\]; 'cagrad' takes \['c', 'exact_up_to', 'iters'"),
     ("multi_head", "dwa", {"temperature": 0.0}, False, "dwa.temperature must be > 0"),
     ("multi_head", "gradnorm", {"layer": "nothing"}, False,
      "gradnorm.layer='nothing' matches no shared parameter"),
