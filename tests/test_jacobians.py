@@ -46,9 +46,16 @@ _FAST = {("multi_head", "auto", True, 4, True), ("mmoe", "auto", True, 3, False)
          ("independent", "auto", False, 4, True)}
 
 
+# The expert architectures added later share mmoe's code paths: two layouts
+# (one pass with the static layout, per slot with traced ids) cover them.
+_TWO_LAYOUTS = {"cgc", "ple", "dselect_k", "mtan"}
+
+
 def _slot_cases():
   for arch, heads in _ARCHS:
     for layout in _LAYOUTS:
+      if arch in _TWO_LAYOUTS and layout not in (_LAYOUTS[0], _LAYOUTS[3]):
+        continue
       marks = () if (arch, heads) + layout in _FAST else (pytest.mark.slow,)
       yield pytest.param(arch, heads, *layout, marks=marks,
                          id=f"{arch}-{heads}-{'shared' if layout[0] else 'slots'}-k{layout[1]}"
