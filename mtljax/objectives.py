@@ -401,15 +401,47 @@ def _bind_weights(weights_fn: Callable, hp: dict) -> Callable:
   return weights
 
 
+# Min-norm methods, whose hull would contain an absent slot's zero row.
+MIN_NORM_METHODS = ("mgda", "mgda_ub")
+
+
+def without_absent_slots(weights: Callable) -> Callable:
+  """``weights(K, rng)`` of a min-norm method (MGDA) solved on the *present*
+  slots only, ``present [K]`` = fixed weight > 0 (a slot with no labelled
+  example gets weight 0 for its step, as does a task of config weight 0).
+
+  An absent slot's row is zero, so the min-norm point of the hull would be 0
+  and the shared parameters would not move. Giving the absent slots a large
+  diagonal ``M`` (orthogonal to everything) makes the minimiser
+  ``((1 - t) b, t)`` with ``b`` exactly the min-norm point of the present rows
+  and ``t = |b|^2 / (|b|^2 + M)``; the absent weights are then set to 0 and the
+  present ones rescaled by ``1 / (1 - t)``: MGDA on the present slots.
+  """
+  def fn(k, rng, present):
+    big = 1e6 * jnp.maximum(jnp.max(jnp.diag(k)), 1e-30)
+    beta, info = weights(k + jnp.diag(jnp.where(present, 0.0, big)), rng)
+    kept = jnp.where(present, beta, 0.0)
+    total = jnp.sum(kept)
+    scale = jnp.where((total > 0) & jnp.any(present), jnp.sum(beta) / jnp.maximum(total, 1e-30),
+                      1.0)
+    return kept * scale, info
+  return fn
+
+
 def gram_combiner(name: str, num_tasks: int, weights_fn: Callable, *,
                   gram_path: str = "jacobian", **hp) -> Objective:
   """A gradient-combination method from ``weights_fn(K, [rng,] **hp)``."""
   if gram_path not in GRAM_PATHS:
     raise ValueError(f"config.objective.gram_path={gram_path!r} is not one of {GRAM_PATHS}.")
-  weights = _bind_weights(weights_fn, hp)
+  bound = _bind_weights(weights_fn, hp)
+  if name in MIN_NORM_METHODS:
+    present_weights = without_absent_slots(bound)
+  else:
+    present_weights = lambda k, rng, present: bound(k, rng)  # noqa: E731
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     w = inp.weights[inp.task_ids]
+    weights = functools.partial(present_weights, present=w > 0)
     if gram_path == "jacobian":
       g, g_tasks = lin.slot_grads(w)                # rows w_k grad L_k: [K, ...]
       k = gradients.gram(g)
@@ -429,12 +461,12 @@ def mgda_ub(num_tasks: int, *, iters: int = 300, tol: float = 1e-5,
             exact_up_to: int = 10) -> Objective:
   """MGDA-UB: MGDA on the per-slot gradients of the shared representation."""
   hp = {"iters": iters, "tol": tol, "exact_up_to": exact_up_to}
-  weights = _bind_weights(gradients.mgda_weights, hp)
+  weights = without_absent_slots(_bind_weights(gradients.mgda_weights, hp))
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     w = inp.weights[inp.task_ids]
     k, g_tasks = lin.rep_gram(w)                    # Gram of grad_Z (w_k L_k), [K, K]
-    beta, info = weights(k, inp.rng)
+    beta, info = weights(k, inp.rng, w > 0)
     # sum_k beta_k grad_Z (w_k L_k) back through the trunk: one backward of
     # sum_k beta_k w_k L_k through the one linearisation.
     shared = lin.pullback(beta * w)["shared"]

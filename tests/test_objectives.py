@@ -606,3 +606,30 @@ def test_gradnorm_and_dwa_leave_out_a_slot_with_no_labelled_example():
     helpers.assert_trees_close(a, b)
     st = a
   assert float(st["prev"][3]) == 0.0 and float(st["prev"][2]) == pytest.approx(0.9)
+
+
+def test_mgda_leaves_out_slots_of_weight_zero():
+  """An absent slot (weight 0: a task of config weight 0, or a slot with no
+  labelled example) has a zero row; MGDA then solves on the present slots --
+  its direction is the float64 min-norm point of the present rows (not 0)."""
+  import test_gradients  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  weights = objectives.without_absent_slots(
+      objectives._bind_weights(gradients.mgda_weights, {}))  # pylint: disable=protected-access
+  for t in (2, 3, 5):
+    g = rng.normal(size=(t, 12)) * np.array([1.0] + [100.0] + [1.0] * (t - 2))[:t, None]
+    for absent in range(t + 1):
+      rows = np.insert(g, absent, 0.0, axis=0)                 # [t + 1, 12]
+      present = np.arange(t + 1) != absent
+      k = jnp.asarray(rows @ rows.T, jnp.float32)
+      beta, _ = jax.jit(weights)(k, jax.random.key(0), jnp.asarray(present))
+      assert float(beta[absent]) == 0.0
+      want = g.T @ test_gradients._np_min_norm(g)              # pylint: disable=protected-access
+      got = rows.T @ np.asarray(beta, np.float64)
+      cos = got @ want / (np.linalg.norm(got) * np.linalg.norm(want))
+      assert cos > 0.9999 and np.linalg.norm(got) == pytest.approx(np.linalg.norm(want),
+                                                                   rel=1e-3)
+  # Every slot present: the plain MGDA weights.
+  k = jnp.asarray(g @ g.T, jnp.float32)
+  np.testing.assert_allclose(jax.jit(weights)(k, jax.random.key(0), jnp.ones(t, bool))[0],
+                             gradients.mgda_weights(k)[0], rtol=1e-6)
