@@ -51,6 +51,8 @@ def as_objective(objective, model: multitask.Model) -> objectives.Objective:
     objective = objectives.make_objective(objective, len(model.taskset))
   elif not isinstance(objective, objectives.Objective):
     raise TypeError(f"objective must be an Objective or a method name, got {objective!r}.")
+  if objective.init_shared_state is None:  # nothing to bind: skip tracing model.init
+    return objective
   return objectives.bind_shared(objective,
                                 jax.eval_shape(model.init, jax.random.key(0))["shared"])
 
