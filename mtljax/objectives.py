@@ -70,7 +70,13 @@ Methods (``config.objective.method``):
   reduce ``G G^T`` (each parameter's per-slot gradients are freed as the
   backward produces them), then gets the direction from one more backward of
   ``sum_k beta_k w L_k`` through the same linearisation -- every method here
-  needs only ``G G^T``, so both paths give the same update.
+  needs only ``G G^T``, so both paths give the same update in exact
+  arithmetic. In float32 the spectral methods (``imtl_g``, ``config``,
+  ``aligned_mtl``) resolve more on the Jacobian path: there they decompose
+  the rows' triangular factor (:func:`mtljax.gradients.cosine_factor`,
+  condition ``sqrt(cond(C))``) rather than the Gram matrix, and so stay exact
+  on nearly opposite or nearly collinear gradients where ``accumulate`` flags
+  ``converged=False``.
 * ``mgda_ub`` (Sener & Koltun 2018, MGDA-UB): MGDA's weights from the per-slot
   gradients with respect to the shared representation ``Z`` (the output of the
   model's task-independent part), which needs every slot to see the same inputs
@@ -391,11 +397,17 @@ def gram_measurements(k: jax.Array, beta: jax.Array, info: dict, task_ids: jax.A
 
 
 def _bind_weights(weights_fn: Callable, hp: dict) -> Callable:
-  """``weights(K, rng) -> (beta, info)``, hyper-parameters bound and checked."""
+  """``weights(K, rng, factor=None) -> (beta, info)``, hyper-parameters bound and
+  checked; ``factor`` (:func:`mtljax.gradients.cosine_factor` of the rows) is
+  passed on to the methods that take one."""
   rng_arg = gradients.uses_rng(weights_fn)
+  factor_arg = gradients.uses_factor(weights_fn)
 
-  def weights(k, rng):
-    return weights_fn(k, rng, **hp) if rng_arg else weights_fn(k, **hp)
+  def weights(k, rng, factor=None):
+    if rng_arg:
+      return weights_fn(k, rng, **hp)
+    return weights_fn(k, factor, **hp) if factor_arg else weights_fn(k, **hp)
+  weights.uses_factor = factor_arg
   # Trace once on a small problem: bad hyper-parameters fail here, not in jit.
   jax.eval_shape(weights, jnp.eye(2), jax.random.key(0))
   return weights
@@ -417,7 +429,7 @@ def without_absent_slots(weights: Callable) -> Callable:
   and ``t = |b|^2 / (|b|^2 + M)``; the absent weights are then set to 0 and the
   present ones rescaled by ``1 / (1 - t)``: MGDA on the present slots.
   """
-  def fn(k, rng, present):
+  def fn(k, rng, present, factor=None):  # min-norm methods read K only
     big = 1e6 * jnp.maximum(jnp.max(jnp.diag(k)), 1e-30)
     beta, info = weights(k + jnp.diag(jnp.where(present, 0.0, big)), rng)
     kept = jnp.where(present, beta, 0.0)
@@ -437,7 +449,7 @@ def gram_combiner(name: str, num_tasks: int, weights_fn: Callable, *,
   if name in MIN_NORM_METHODS:
     present_weights = without_absent_slots(bound)
   else:
-    present_weights = lambda k, rng, present: bound(k, rng)  # noqa: E731
+    present_weights = lambda k, rng, present, factor=None: bound(k, rng, factor)  # noqa: E731
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     w = inp.weights[inp.task_ids]
@@ -445,7 +457,9 @@ def gram_combiner(name: str, num_tasks: int, weights_fn: Callable, *,
     if gram_path == "jacobian":
       g, g_tasks = lin.slot_grads(w)                # rows w_k grad L_k: [K, ...]
       k = gradients.gram(g)
-      beta, info = weights(k, inp.rng)
+      # The spectral methods decompose the rows' factor, not K (cond sqrt(K)'s).
+      factor = gradients.cosine_factor(g) if bound.uses_factor else None
+      beta, info = weights(k, inp.rng, factor=factor)
       shared = gradients.combine(beta, g)
     else:  # G G^T without holding G, then one more backward for the direction
       k, g_tasks = lin.slot_gram(w)
@@ -778,7 +792,7 @@ def imtl(num_tasks: int, *, eps: float = 1e-12, max_cond: float = 1e6) -> Object
     scale = jnp.exp(s[ids])
     g, g_tasks = lin.slot_grads(w * scale)
     k = gradients.gram(g)
-    alpha, info = weights(k, inp.rng)
+    alpha, info = weights(k, inp.rng, gradients.cosine_factor(g))
     g_s = jax.ops.segment_sum(w * (scale * lin.losses - 1.0), ids, num_tasks)
     return _slot_result(lin, inp, num_tasks, k, alpha, gradients.combine(alpha, g),
                         {**g_tasks, "imtl": {"log_scale": g_s}}, inp.state,

@@ -867,6 +867,51 @@ def test_jacobi_eigh_matches_numpy_on_graded_matrices(t):
                              rtol=1e-4, atol=1e-5 * np.abs(k).max())
 
 
+def test_cosine_factor_is_the_cosine_matrix_factor():
+  """``R^T R = C`` (float64 cosines) for a pytree of rows with a zero row (its
+  ``C_ii = 1``, as :func:`gradients.cosine_gram`) and fewer columns than rows
+  (padded), and the pytree's factor is the concatenated matrix's."""
+  rng = np.random.default_rng(3)
+  g = rng.normal(size=(5, 7))
+  g[2] = 0.0
+  g[0] *= 100.0
+  tree = {"a": jnp.asarray(g[:, :3].reshape(5, 3, 1), jnp.float32),
+          "b": jnp.asarray(g[:, 3:], jnp.float32)}
+  r = np.asarray(gradients.cosine_factor(tree), np.float64)
+  n = np.linalg.norm(g, axis=1)
+  u = g / np.where(n > 0, n, 1.0)[:, None]
+  c = u @ u.T
+  c[2, 2] = 1.0
+  np.testing.assert_allclose(r.T @ r, c, atol=1e-6)
+  np.testing.assert_allclose(r.T @ r, np.asarray(gradients.cosine_gram(
+      gradients.gram(jnp.asarray(g, jnp.float32)))[0]), atol=1e-5)
+  short = rng.normal(size=(4, 2))               # D = 2 < T = 4: rank 2
+  rs = np.asarray(gradients.cosine_factor(jnp.asarray(short, jnp.float32)), np.float64)
+  us = short / np.linalg.norm(short, axis=1, keepdims=True)
+  np.testing.assert_allclose(rs.T @ rs, us @ us.T, atol=1e-6)
+  with pytest.raises(ValueError, match=r"factor must be \[M, 3\]"):
+    gradients.config_weights(jnp.eye(3), jnp.eye(2))
+
+
+@pytest.mark.parametrize("kind", ["opposite_100x", "collinear"])
+def test_jacobi_factor_eigh_resolves_what_the_gram_cannot(kind):
+  """One-sided Jacobi on the factor: every eigenvalue of ``C`` to relative
+  accuracy ~``eps sqrt(cond(C))`` (here ``cond(C)`` up to ~1e9, beyond what a
+  float32 ``C`` resolves at all), eigenvectors to match."""
+  import hard_jacobians  # noqa: PLC0415  (tests/ is on the path)
+  for g in hard_jacobians.hard_jacobian_batch(kind, 5, 10, 4, seed=1):
+    r = gradients.cosine_factor(jnp.asarray(g, jnp.float32))
+    lam, v = gradients.jacobi_factor_eigh(r)
+    u32 = np.float32(g).astype(np.float64)
+    u32 /= np.linalg.norm(u32, axis=1, keepdims=True)
+    want = np.linalg.eigvalsh(u32 @ u32.T)
+    cond = want[-1] / want[0]
+    got = np.sort(np.asarray(lam, np.float64))
+    np.testing.assert_allclose(got, want, rtol=50 * np.finfo(np.float32).eps * np.sqrt(cond))
+    lam, v = np.asarray(lam, np.float64), np.asarray(v, np.float64)
+    np.testing.assert_allclose(v.T @ v, np.eye(5), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
 def test_dual_cone_iterative_solver_matches_the_exact_one(name):
   """Above ``exact_up_to`` FISTA on the box QP: the exact solver's weights, and
