@@ -50,9 +50,10 @@ PROTOCOLS = {
 # Methods that take logs or powers of the losses (or scale gradients by them)
 # need positive losses; this problem's are negative (down to -20), so they see
 # ``L - floor`` with FAMO's floors (:func:`loss_floor`): the same gradients, a
-# shifted value. (imtl is left out: its learned scales are per-task
-# parameters, which the toy's single point does not have.)
-POSITIVE_LOSS_METHODS = ("db_mtl", "stch", "gls", "moco")
+# shifted value. So do the methods with learned per-task loss scales (imtl's
+# ``e^s L - s`` and uncertainty's ``e^{-s} L / 2 + s / 2`` have no minimum in
+# ``s`` for ``L < 0``); :func:`run` optimises those scales with Adam next to ``x``.
+POSITIVE_LOSS_METHODS = ("db_mtl", "stch", "gls", "moco", "imtl", "uncertainty")
 TOY_METHODS = (("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS + ("gradvac", "excess_mtl")
                + POSITIVE_LOSS_METHODS)
 
@@ -122,7 +123,13 @@ def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3
         record_every: int = 100, seed: int = 0, cagrad_c: float = 0.5,
         cagrad_rescale: int = 1, famo_gamma: float = 0.01) -> dict:
   """Adam from every start; returns numpy ``{"path": [S, steps/record_every + 1, 2],
-  "final": [S, 2], "final_losses": [S, 2], "solver_failures": [S]}``."""
+  "final": [S, 2], "final_losses": [S, 2], "solver_failures": [S]}``.
+
+  A method's own per-task parameters (``Objective.init_params``: imtl's and
+  uncertainty's log-scales) are optimised by the same Adam, jointly with ``x``
+  (as the train step does with ``params["tasks"][method]``); their final values
+  are returned as ``"method_params"`` (``{name: [S, 2]}``, empty for the others).
+  """
   if steps % record_every:
     raise ValueError(f"toy_pareto: steps={steps} must be a multiple of "
                      f"record_every={record_every}.")
@@ -134,30 +141,33 @@ def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3
 
   def one_start(x0, key):
     def step(carry, i):
-      x, opt_state, fails, mstate = carry
+      (x, own), opt_state, fails, mstate = carry
       lin = linearized(x, scale, shift)
-      res = obj.gradients(lin, objectives.Inputs(ids, ones, mstate, {},
+      res = obj.gradients(lin, objectives.Inputs(ids, ones, mstate, own,
                                                  jax.random.fold_in(key, i)))
-      upd, opt_state = tx.update(res.grads["shared"], opt_state, x)
-      x_new = optax.apply_updates(x, upd)
+      grads = (res.grads["shared"], res.grads["tasks"].get(method, {}) if own else {})
+      upd, opt_state = tx.update(grads, opt_state, (x, own))
+      x_new, own = optax.apply_updates((x, own), upd)
       new_losses = lin.loss_at({"shared": x_new}) if obj.needs_new_losses else None
       mstate = obj.after_update(res.state, lin.losses, ids, new_losses)
       failed = res.measurements.get("solver_failures", jnp.zeros(()))
-      return (x_new, opt_state, fails + failed.astype(jnp.int32), mstate), None
+      return ((x_new, own), opt_state, fails + failed.astype(jnp.int32), mstate), None
 
     def chunk(carry, c):
       carry, _ = jax.lax.scan(step, carry, c * record_every + jnp.arange(record_every))
-      return carry, carry[0]
+      return carry, carry[0][0]
 
-    init = (x0, tx.init(x0), jnp.zeros((), jnp.int32), obj.init_state())
-    (x, _, fails, _), path = jax.lax.scan(chunk, init, jnp.arange(steps // record_every))
-    return jnp.concatenate([x0[None], path]), x, losses(x, scale), fails
+    opt = (x0, obj.init_params())
+    init = (opt, tx.init(opt), jnp.zeros((), jnp.int32), obj.init_state())
+    ((x, own), _, fails, _), path = jax.lax.scan(chunk, init, jnp.arange(steps // record_every))
+    return jnp.concatenate([x0[None], path]), x, losses(x, scale), fails, own
 
   x0 = jnp.asarray(starts, jnp.float32)
   keys = jax.random.split(jax.random.key(seed), x0.shape[0])
-  path, final, final_losses, fails = jax.jit(jax.vmap(one_start))(x0, keys)
+  path, final, final_losses, fails, own = jax.jit(jax.vmap(one_start))(x0, keys)
   return {"path": np.asarray(path), "final": np.asarray(final),
-          "final_losses": np.asarray(final_losses), "solver_failures": np.asarray(fails)}
+          "final_losses": np.asarray(final_losses), "solver_failures": np.asarray(fails),
+          "method_params": {k: np.asarray(v) for k, v in own.items()}}
 
 
 def distance_to_pareto_set(x: np.ndarray) -> np.ndarray:

@@ -200,3 +200,23 @@ def test_the_positive_loss_methods_see_losses_above_the_floor(scale):
   c = jnp.asarray([0.3, 1.7])
   np.testing.assert_array_equal(shifted.pullback(c)["shared"], plain.pullback(c)["shared"])
   assert set(toy.POSITIVE_LOSS_METHODS) <= set(toy.TOY_METHODS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,name,balance", [
+    ("imtl", "log_scale", lambda s, l: np.exp(s) * l),          # d/ds (e^s L - s) = 0
+    ("uncertainty", "log_var", lambda s, l: np.exp(-s) * l),    # d/ds (e^-s L + s) / 2 = 0
+])
+def test_learned_loss_scales_reach_their_stationary_point(method, name, balance):
+  """imtl's and uncertainty's per-task scales are optimised with ``x`` by the
+  same Adam (as ``params["tasks"][method]`` in training): once ``x`` has
+  settled (the protocol's 35k steps), each scale sits where its own gradient
+  vanishes --
+  ``e^s (L - floor) = 1`` for IMTL-L, ``e^{-s} (L - floor) = 1`` for
+  uncertainty weighting -- at the losses the run ends on."""
+  p = toy.PROTOCOLS["nashmtl"]
+  r = toy.run(method, p["starts"], p["steps"], scale=p["scale"], record_every=1000)
+  s = r["method_params"][name]
+  assert s.shape == (len(p["starts"]), 2) and np.all(np.abs(s).max(axis=1) > 0.5)  # moved
+  lf = r["final_losses"].astype(np.float64) - np.asarray(toy.loss_floor(p["scale"]))
+  np.testing.assert_allclose(balance(s.astype(np.float64), lf), 1.0, atol=0.01)
