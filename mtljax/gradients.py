@@ -239,6 +239,18 @@ def cosine_factor(grads) -> jax.Array:
   return jnp.concatenate([r, jnp.diag((~pos).astype(dtype))], axis=0)
 
 
+def _jacobi_rotation(aii, ajj, aij):
+  """``(cos, sin, tan)`` of the Jacobi rotation zeroing ``aij`` of the symmetric
+  2x2 ``[[aii, aij], [aij, ajj]]`` (Golub & Van Loan, Alg. 8.5.1; the smaller
+  angle)."""
+  nz = aij != 0
+  tau = (ajj - aii) / (2.0 * jnp.where(nz, aij, 1.0))
+  tt = jnp.where(nz, jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau)),
+                 0.0)
+  c = 1.0 / jnp.sqrt(1.0 + tt * tt)
+  return c, tt * c, tt
+
+
 def jacobi_factor_eigh(a: jax.Array, sweeps: int = 10):
   """``(lambda [T], V [T, T])`` with ``A^T A = V diag(lambda) V^T``, from
   ``A [M, T]`` by one-sided (Hestenes) Jacobi rotations of its columns: each
@@ -258,12 +270,7 @@ def jacobi_factor_eigh(a: jax.Array, sweeps: int = 10):
     i, j = pq[0], pq[1]
     ai, aj = a[:, i], a[:, j]
     aii, ajj, aij = ai @ ai, aj @ aj, ai @ aj
-    nz = aij != 0
-    tau = (ajj - aii) / (2.0 * jnp.where(nz, aij, 1.0))
-    tt = jnp.where(nz, jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau)),
-                   0.0)
-    c = 1.0 / jnp.sqrt(1.0 + tt * tt)
-    s = tt * c
+    c, s, tt = _jacobi_rotation(aii, ajj, aij)
     a = a.at[:, i].set(c * ai - s * aj).at[:, j].set(s * ai + c * aj)
     vi, vj = v[:, i], v[:, j]
     v = v.at[:, i].set(c * vi - s * vj).at[:, j].set(s * vi + c * vj)
@@ -875,12 +882,7 @@ def jacobi_eigh(k: jax.Array, sweeps: int = 10):
     a, v = carry
     i, j = pq[0], pq[1]
     aii, ajj, aij = a[i, i], a[j, j], a[i, j]
-    nz = aij != 0
-    tau = (ajj - aii) / (2.0 * jnp.where(nz, aij, 1.0))
-    tt = jnp.where(nz, jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau)),
-                   0.0)
-    c = 1.0 / jnp.sqrt(1.0 + tt * tt)
-    s = tt * c
+    c, s, tt = _jacobi_rotation(aii, ajj, aij)
     ri, rj = a[i], a[j]
     a = a.at[i].set(c * ri - s * rj).at[j].set(s * ri + c * rj)
     ci, cj = a[:, i], a[:, j]

@@ -46,15 +46,20 @@ _FAST = {("multi_head", "auto", True, 4, True), ("mmoe", "auto", True, 3, False)
          ("independent", "auto", False, 4, True)}
 
 
-# The expert architectures added later share mmoe's code paths: two layouts
-# (one pass with the static layout, per slot with traced ids) cover them.
-_TWO_LAYOUTS = {"cgc", "ple", "dselect_k", "mtan"}
+# Two layouts (shared inputs with the static layout, distinct inputs with
+# traced ids) for the expert architectures added later, which share mmoe's code
+# paths, and for those with no task-independent part (always per slot: shared
+# or distinct inputs take the same path; the fast tier's cross_stitch and
+# independent cases keep the other two layouts in view).
+_TWO_LAYOUTS = {"cgc", "ple", "dselect_k", "mtan",
+                "concat", "additive", "multiplicative", "soft", "cross_stitch", "independent"}
 
 
 def _slot_cases():
   for arch, heads in _ARCHS:
     for layout in _LAYOUTS:
-      if arch in _TWO_LAYOUTS and layout not in (_LAYOUTS[0], _LAYOUTS[3]):
+      if (arch in _TWO_LAYOUTS and layout not in (_LAYOUTS[0], _LAYOUTS[3])
+          and (arch, heads) + layout not in _FAST):
         continue
       marks = () if (arch, heads) + layout in _FAST else (pytest.mark.slow,)
       yield pytest.param(arch, heads, *layout, marks=marks,
@@ -73,9 +78,11 @@ def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, s
   weighted = [jax.tree.map(lambda a, w=w: w * a, g) for w, g in zip(np.asarray(c), ref)]
   want_sum = jax.tree.map(lambda *a: sum(a), *weighted)
 
+  # The batch is closed over, not an argument: jit would trace static ids.
+  # Both linearisations in one program (one compilation).
+  both = jax.jit(lambda p: {n: _outputs(model, p, batch, n, c) for n in ("sum", "slots")})(params)
   for needs in ("sum", "slots"):
-    # The batch is closed over, not an argument: jit would trace static ids.
-    lin = jax.jit(lambda p, needs=needs: _outputs(model, p, batch, needs, c))(params)
+    lin = both[needs]
     assert bool(lin["one_pass"]) == (shared_inputs and model.encode is not None)
     np.testing.assert_allclose(lin["losses"], ref_losses, rtol=1e-5, atol=1e-6)
     helpers.assert_trees_close(lin["pullback"], want_sum)
