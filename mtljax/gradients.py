@@ -670,7 +670,8 @@ def _equal_cosine(k: jax.Array, factor: jax.Array | None = None, keep=None):
   """``(b, spec)`` with ``b = C^+ 1 / n``: ``d = b G`` has the same projection
   on every unit gradient (``u_i . d = 1`` for full-rank ``C``); zero gradients
   (and those off ``keep``) get ``b_i = 0``. ``spec``: :func:`_spectral_pinv_ones`
-  of ``C``, from ``factor`` when given. The shared core of IMTL-G and ConFIG."""
+  of ``C``, from ``factor`` when given, plus the norms ``n`` (of the kept rows).
+  The shared core of IMTL-G and ConFIG."""
   if keep is not None:
     k = k * keep[:, None] * keep[None, :]
   c, n = cosine_gram(k)
@@ -679,7 +680,7 @@ def _equal_cosine(k: jax.Array, factor: jax.Array | None = None, keep=None):
     factor = jnp.concatenate([factor * keep[None, :], jnp.diag(1.0 - keep)], axis=0)
   spec = _spectral_pinv_ones(c, factor)
   pos = n > 0
-  return jnp.where(pos, spec["y"] / jnp.where(pos, n, 1.0), 0.0), spec
+  return jnp.where(pos, spec["y"] / jnp.where(pos, n, 1.0), 0.0), {**spec, "n": n}
 
 
 # IMTL-G from the factor: the largest first-order relative error of the
@@ -711,12 +712,12 @@ def imtl_g_weights(k: jax.Array, factor: jax.Array | None = None, *, eps: float 
       what was decomposed (``C``; ``R``, i.e. ``sqrt(cond(C))``, given
       ``factor``) exceeds it (float32 resolves ``C``'s entries to ~1e-7).
   Returns:
-    ``alpha [T]``, ``info`` with ``cond`` (of ``C``), ``sensitivity`` (the
-    first-order relative error of the normalisation ``sum(b)``, ``b = C^+ 1 /
-    n``, under the rounding of what was decomposed) and ``converged``. Given
-    ``factor``, also ``sensitivity <= IMTL_SCALE_RESOLVE``: nearly collinear
-    rows can leave ``C`` resolved but ``sum(b)`` (the scale of ``alpha``, even
-    its sign) not.
+    ``alpha [T]``, ``info`` with ``cond`` (of ``C``) and ``converged``; given
+    ``factor``, also ``sensitivity`` (the first-order relative error of the
+    normalisation ``sum(b)``, ``b = C^+ 1 / n``, under the factor's rounding),
+    and ``converged`` requires ``sensitivity <= IMTL_SCALE_RESOLVE``: nearly
+    collinear rows can leave ``C`` resolved but ``sum(b)`` (the scale of
+    ``alpha``, even its sign) not.
   """
   if not max_cond > 1.0:
     raise ValueError(f"config.objective.imtl_g.max_cond must be > 1, got {max_cond}.")
@@ -725,32 +726,28 @@ def imtl_g_weights(k: jax.Array, factor: jax.Array | None = None, *, eps: float 
   b, spec = _equal_cosine(k, factor, keep)
   total = jnp.sum(b)
   alpha = b / jnp.where(total != 0, total, 1.0)
-  # The normalisation sum(b) = n^-1 . y, y = C^+ 1, to first order under C's
-  # rounding: dC ~ eps |C| from a Gram gives eps |C| |C^+ n^-1| |C^+ 1|; from
-  # the factor, dC = R^T dR + dR^T R with dR ~ eps gives
-  # eps (|R^-T n^-1| |C^+ 1| + |C^+ n^-1| |R^-T 1|). Nearly collinear rows make
-  # it exceed |sum(b)| while C itself is resolved: alpha's scale, even its
-  # sign, is then unknown (flagged, never returned as converged).
-  _, n = cosine_gram(k)
-  ninv = jnp.where(n * keep > 0, 1.0 / jnp.where(n * keep > 0, n, 1.0), 0.0)
-  p1 = spec["v"].T @ jnp.ones_like(n)
-  pn = spec["v"].T @ ninv
-  inv = spec["inv"]
-  eps = jnp.finfo(k.dtype).eps
-
-  def norm(x, power):  # |C^(-power/2) x| over the kept eigenpairs
-    return jnp.sqrt(jnp.sum(inv ** power * x * x))
-  if factor is None:
-    err = eps * jnp.max(spec["lam"]) * norm(pn, 2) * norm(p1, 2)
-  else:
-    err = eps * (norm(pn, 1) * norm(p1, 2) + norm(pn, 2) * norm(p1, 1))
-  sensitivity = err / jnp.maximum(jnp.abs(total), jnp.finfo(k.dtype).tiny)
   converged = jnp.isfinite(spec["cond"]) & (spec["solved_cond"] < max_cond) & (total != 0)
+  info = {"cond": spec["cond"]}
   if factor is not None:
-    # From a Gram, cond(C) < max_cond already bounds it (on every hard
-    # Jacobian of the tests); the factor resolves C far beyond, not sum(b).
-    converged = converged & (sensitivity <= IMTL_SCALE_RESOLVE)
-  return alpha, {"cond": spec["cond"], "sensitivity": sensitivity, "converged": converged}
+    # The normalisation sum(b) = n^-1 . y, y = C^+ 1, to first order under the
+    # factor's rounding (dC = R^T dR + dR^T R, dR ~ eps):
+    # eps (|R^-T n^-1| |C^+ 1| + |C^+ n^-1| |R^-T 1|). Nearly collinear rows
+    # make it exceed |sum(b)| while C itself is resolved: alpha's scale, even
+    # its sign, is then unknown (flagged, never returned as converged). From a
+    # Gram, cond(C) < max_cond already bounds it (on every hard Jacobian of
+    # the tests).
+    n = spec["n"]
+    ninv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 0.0)
+    p1 = spec["v"].T @ jnp.ones_like(n)
+    pn = spec["v"].T @ ninv
+    inv = spec["inv"]
+
+    def norm(x, power):  # |C^(-power/2) x| over the kept eigenpairs
+      return jnp.sqrt(jnp.sum(inv ** power * x * x))
+    err = jnp.finfo(k.dtype).eps * (norm(pn, 1) * norm(p1, 2) + norm(pn, 2) * norm(p1, 1))
+    info["sensitivity"] = err / jnp.maximum(jnp.abs(total), jnp.finfo(k.dtype).tiny)
+    converged = converged & (info["sensitivity"] <= IMTL_SCALE_RESOLVE)
+  return alpha, {**info, "converged": converged}
 
 
 def config_weights(k: jax.Array, factor: jax.Array | None = None, *, max_cond: float = 1e5):
@@ -781,10 +778,9 @@ def config_weights(k: jax.Array, factor: jax.Array | None = None, *, max_cond: f
   if not max_cond > 1.0:
     raise ValueError(f"config.objective.config.max_cond must be > 1, got {max_cond}.")
   _check_factor(factor, k.shape[0], "config")
-  _, n = cosine_gram(k)
   b, spec = _equal_cosine(k, factor)
   sq = jnp.maximum(spec["ycy"], jnp.finfo(k.dtype).tiny)
-  length = jnp.sum(n * spec["cy"]) / jnp.sqrt(sq)
+  length = jnp.sum(spec["n"] * spec["cy"]) / jnp.sqrt(sq)
   return b * length / jnp.sqrt(sq), {
       "cond": spec["cond"], "rank": spec["rank"],
       "converged": jnp.isfinite(spec["cond"]) & (spec["solved_cond"] < max_cond)}
