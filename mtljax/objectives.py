@@ -250,7 +250,7 @@ def fixed(num_tasks: int) -> Objective:
 
 def rlw_weights(rng: jax.Array, num_tasks: int) -> jax.Array:
   """``softmax(z)``, ``z ~ N(0, I_T)``."""
-  return jax.nn.softmax(jax.random.normal(rng, (num_tasks,)))
+  return jax.nn.softmax(jax.random.normal(rng, (num_tasks,), jnp.float32))
 
 
 def rlw(num_tasks: int) -> Objective:
@@ -523,7 +523,8 @@ def gradnorm_update(state: dict, norms: jax.Array, losses: jax.Array, task_ids: 
     return jnp.sum(v * pf) / jnp.maximum(jnp.sum(pf), 1.0)
   first = ~state["seen"][task_ids] & present
   l0 = state["initial_loss"].at[task_ids].set(
-      jnp.where(first, losses, state["initial_loss"][task_ids]))
+      jnp.where(first, losses, state["initial_loss"][task_ids]).astype(
+          state["initial_loss"].dtype))
   seen = state["seen"].at[task_ids].max(present)
   ratio = jnp.where(present, losses / jnp.maximum(l0[task_ids], 1e-12), 0.0)  # Ltilde
   r = ratio / jnp.maximum(mean(ratio), 1e-12)

@@ -414,6 +414,9 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
         state["objective_state"],
         params["tasks"].get(objective.name, {}), r_method))
     total, grads, pen = add_penalties(model, penalty, state, result.total, result.grads)
+    # A gradient has its parameter's dtype (an objective's own gradients, e.g.
+    # imtl's scales, are computed from float64 losses under jax_enable_x64).
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     tag = (tag_measurements(lin, params, ids, tag_lr, num_tasks, labelled) if tag_lr > 0
            else {})
     active = present  # a task sampled but unlabelled in this step: its rows stay
@@ -422,6 +425,11 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
                                          lr_scale)
     new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
     obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids), new_losses)
+    # The objective's state keeps the dtypes it was initialised with (its
+    # statistics are declared float32): under jax_enable_x64 the float64 losses
+    # and gradients would otherwise change the carried state's type.
+    obj_state = jax.tree.map(lambda new, old: new.astype(old.dtype), obj_state,
+                             state["objective_state"])
     # A non-finite loss or gradient never reaches the state (the last good one stays).
     finite = jnp.isfinite(total) & all_finite(grads)
     moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state}

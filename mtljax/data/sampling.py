@@ -58,7 +58,7 @@ def sample_tasks(rng: jax.Array, probs: jax.Array, num_tasks: int,
   logp = jnp.log(probs)
   if replace:
     return jax.random.categorical(rng, logp, shape=(num_tasks,)).astype(jnp.int32)
-  g = jax.random.gumbel(rng, logp.shape)
+  g = jax.random.gumbel(rng, logp.shape, logp.dtype)
   _, ids = jax.lax.top_k(logp + g, num_tasks)
   return ids.astype(jnp.int32)
 
@@ -83,7 +83,7 @@ def example_indices(rng: jax.Array, task_ids: jax.Array, stream_ids: jax.Array,
 
   def one(t, o):
     key = jax.random.fold_in(jax.random.fold_in(rng, stream_ids[t]), o)
-    return jax.random.randint(key, (batch_size,), 0, n[t])
+    return jax.random.randint(key, (batch_size,), 0, n[t], jnp.int32)
 
   return jax.vmap(one)(task_ids, occ)
 
@@ -108,7 +108,7 @@ def shared_example_indices(rng: jax.Array, task_ids: jax.Array, n: jax.Array,
   """``[K, B]`` indices, the same B i.i.d. uniform draws for every slot (the
   tasks share one input source of ``n[task_ids[0]]`` examples; see
   :func:`check_shared_inputs`)."""
-  idx = jax.random.randint(rng, (batch_size,), 0, n[task_ids[0]])
+  idx = jax.random.randint(rng, (batch_size,), 0, n[task_ids[0]], jnp.int32)
   return jnp.broadcast_to(idx, task_ids.shape + (batch_size,))
 
 

@@ -1,0 +1,93 @@
+"""Under ``jax_enable_x64`` every public gradient method and the train step with
+every objective run, and change nothing but the precision: the same seed
+samples the same batch (the sampling draws have fixed dtypes), a float32 state
+steps to the float32 result, and a float64 state steps in float64 (its logged
+losses equal float64 losses of the re-derived batch to 1e-12).
+
+The fast tier runs every public gradient method and the step with the
+objectives whose state or solver carried a dtype (mgda's active-set loop,
+dwa's and moco's tracked statistics); the rest of the step matrix is in the
+slow tier, on the same code path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from mtljax import gradients
+from mtljax import objectives
+from mtljax import optim
+from mtljax import steps
+from mtljax.models import multitask
+
+_PROBS = np.full(4, 0.25)
+_FAST = ("mgda", "dwa", "moco")
+
+
+def _public(name):
+  fn = getattr(gradients, name)
+  return (lambda g: fn(g, jax.random.key(1))) if name == "pcgrad" else fn
+
+
+def test_every_public_gradient_method_runs_in_float64_and_matches_float32():
+  """Each public method (mgda's active-set and exact solvers included) on
+  float64 rows gives float64 weights that agree with its float32 result on an
+  easy problem; before the fix mgda's while-loop state changed integer width
+  under x64."""
+  g = np.random.default_rng(0).normal(size=(4, 7))
+  g[0] *= 10.0
+  want = {name: np.asarray(_public(name)(jnp.asarray(g, jnp.float32))[1], np.float64)
+          for name in gradients.GRADIENT_METHODS}
+  with jax.enable_x64(True):
+    for name in gradients.GRADIENT_METHODS:
+      d, beta, _ = jax.jit(_public(name))(jnp.asarray(g, jnp.float64))
+      assert d.dtype == jnp.float64 and beta.dtype == jnp.float64, name
+      np.testing.assert_allclose(np.asarray(beta), want[name], rtol=2e-3, atol=2e-4,
+                                 err_msg=name)
+    beta, info = jax.jit(lambda k: gradients.mgda_weights(k, exact_up_to=0, iters=2000))(
+        jnp.asarray(g @ g.T))
+    assert bool(info["converged"])
+    np.testing.assert_allclose(np.asarray(beta), want["mgda"], atol=2e-4)
+
+
+def _setup(method):
+  data = helpers.toy_data()
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
+  tx = optim.make_optimizer("adam", lr=0.1)
+  obj = objectives.make_objective(method, 4)
+  obj = objectives.bind_shared(obj, jax.eval_shape(model.init, jax.random.key(0))["shared"])
+  fn = jax.jit(steps.make_train_step(
+      model, tx, obj, task_probs=_PROBS, weights=np.ones(4), tasks_per_step=3,
+      examples_per_task=8, seed=5, shared_inputs=True))
+  return data, model, tx, fn
+
+
+@pytest.mark.parametrize("method", [
+    m if m in _FAST else pytest.param(m, marks=pytest.mark.slow) for m in objectives.METHODS])
+def test_the_step_under_x64_changes_only_the_precision(method):
+  data, model, tx, fn = _setup(method)
+  state32 = steps.init_train_state(model, tx, jax.random.key(0), method)
+  want, _ = fn(state32, data.train)
+  with jax.enable_x64(True):
+    got, _ = fn(state32, data.train)           # a float32 state: the float32 step
+    state64 = steps.init_train_state(model, tx, jax.random.key(0), method)
+    new64, meas = fn(state64, data.train)
+  helpers.assert_trees_close(got["params"], want["params"], rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(got["objective_state"]),
+                  jax.tree.leaves(want["objective_state"])):
+    assert a.dtype == b.dtype
+  # A float64 state: float64 parameters, finite, the objective's state in its
+  # declared dtypes, and the logged losses are float64 losses of the batch the
+  # float32 sampling draws (re-derived with numpy indexing).
+  assert all(l.dtype == jnp.float64 for l in jax.tree.leaves(new64["params"]["shared"]))
+  assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(new64["params"]))
+  for a, b in zip(jax.tree.leaves(new64["objective_state"]),
+                  jax.tree.leaves(state64["objective_state"])):
+    assert a.dtype == b.dtype
+  ids, x, ys, _ = helpers.step_batch(data, _PROBS, seed=5, k=3, b=8, shared_inputs=True)
+  with jax.enable_x64(True):
+    losses = [float(helpers.slot_loss(model, state64["params"], x.astype(np.float64), ys, ids,
+                                      s, True)) for s in range(3)]
+  np.testing.assert_allclose(np.asarray(meas["task_loss_sum"]),
+                             np.bincount(ids, losses, minlength=4), rtol=1e-12)
