@@ -329,7 +329,9 @@ def _spectral_pinv_ones(c: jax.Array, factor: jax.Array | None = None):
 
 def _min_norm_scaled(k: jax.Array):
   c, n = cosine_gram(k)
-  n = jnp.maximum(n, 1e-30 * jnp.max(n) + 1e-38)
+  # finfo.tiny, not 1e-38: a float32 subnormal, flushed to zero on CPU (an
+  # all-zero Jacobian then gave 0 / 0).
+  n = jnp.maximum(n, 1e-30 * jnp.max(n) + jnp.finfo(n.dtype).tiny)
   return c, jnp.min(n) / n
 
 
@@ -418,7 +420,7 @@ def min_norm_active_set(kn: jax.Array, iters: int = 300, tol: float = 1e-5):
     s_minor = s & (x_minor > 0)
     x_new = jnp.where(inside, y, x_minor)
     s_new = jnp.where(inside, s_major, s_minor)
-    done = jnp.where(inside, jnp.where(kkt, 1, jnp.where(stuck, 2, 0)), 0)
+    done = jnp.where(inside, jnp.where(kkt, 1, jnp.where(stuck, 2, 0)), 0).astype(jnp.int32)
     return x_new, s_new, done, it + 1
 
   x, _, done, _ = jax.lax.while_loop(
@@ -600,7 +602,7 @@ def cagrad_weights(k: jax.Array, *, c: float = 0.5, rescale: int = 1, iters: int
   if t > exact_up_to:
     return fista()
   cm, n = cosine_gram(kn)
-  nc = jnp.maximum(n, 1e-30 * jnp.max(n) + 1e-38)
+  nc = jnp.maximum(n, 1e-30 * jnp.max(n) + jnp.finfo(n.dtype).tiny)
   m = jnp.min(nc) / nc
   g0c = jnp.maximum(jnp.sqrt(jnp.maximum(n @ cm @ n, 0.0)) / t, 1e-30)
   q = cm @ n / (t * g0c)                  # cos(u_i, g0)
@@ -1016,7 +1018,7 @@ def _dual_cone_weights(k, u, norm_eps, reg_eps, exact_up_to, iters, tol):
   c, n = cosine_gram(k)
   pos = n > jnp.sqrt(jnp.maximum(tr, 0.0)) * 1e-15
   n_safe = jnp.where(pos, n, 1.0)
-  rt = jnp.sqrt(jnp.maximum(tr, 1e-38))
+  rt = jnp.sqrt(jnp.maximum(tr, jnp.finfo(tr.dtype).tiny))
   a = jnp.where(pos[:, None] & pos[None, :], c, jnp.eye(t, dtype=k.dtype))
   a = a + jnp.diag(jnp.where(pos, reg_eps * tr / (n_safe * n_safe), 0.0))
 
