@@ -298,3 +298,26 @@ def test_fold_statistics_skip_missing_regression_labels():
                                [seen.mean(), seen.std()], rtol=1e-5)
     val = fold_val["y"]["regression1"][0][:fold_val["n"][0]]
     assert np.isnan(val).any() and np.isfinite(val).any()
+
+
+def test_choice_is_the_argmax_of_a_higher_is_better_metric_and_argmin_of_a_lower():
+  """The fast tier's check of the selection's direction: two learning rates
+  (1e-4 barely moves from the initialisation in 10 steps, 3e-2 trains) give
+  clearly different mean validation scores; with accuracy (higher is better,
+  written out here, not read from the library) the chosen point is the
+  scores' unique arg-max, with mse (lower) their unique arg-min, so choosing
+  in the wrong direction picks the other point. (The scores themselves
+  against plain runs: the slow tier's tests above.)"""
+  c = _config()
+  c.cv.lr = (1e-4, 3e-2)
+  c.cv.steps = (10,)
+  data = dataclasses.replace(_data(), test=None)
+  for metric, direction in (("accuracy", "higher"), ("mse", "lower")):
+    c.cv.metric = metric
+    out = cv.cross_validate(c, data)
+    assert out["metric"] == metric and out["direction"] == direction
+    scores = [p["score"] for p in out["points"]]
+    assert len(scores) == 2 and max(scores) - min(scores) > 0.05, scores
+    for p in out["points"]:
+      np.testing.assert_allclose(p["score"], np.mean(p["fold_scores"]), rtol=1e-12)
+    assert out["best"] == _unique_extreme(out["points"], direction), (metric, scores)

@@ -1,6 +1,7 @@
 """Measuring transfer: Δm on a hand-made table, cached single-task baselines,
 TAG lookahead affinity on identical and opposite tasks, task grouping."""
 
+import itertools
 import json
 
 import jax
@@ -152,3 +153,60 @@ def test_group_tasks_finds_the_affine_blocks():
   big = np.kron(np.eye(3), np.ones((4, 4))) - 0.5  # 12 tasks: the greedy path
   groups = measure.group_tasks(big, 3)["groups"]
   assert sorted(map(sorted, groups)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def _np_best_grouping(z, k):
+  """Brute force over every labelling of the tasks with exactly ``k`` used
+  labels (float64): the partitions maximising ``sum_g sum_{i != j in g}
+  Z[i, j]`` (every ordered pair, the paper's total within-group affinity), as
+  ``(score, [sorted groups, sorted])``, all ties listed."""
+  t = z.shape[0]
+  best, found = -np.inf, set()
+  for labels in itertools.product(range(k), repeat=t):
+    if len(set(labels)) != k:
+      continue
+    s = sum(z[i, j] for i in range(t) for j in range(t) if i != j and labels[i] == labels[j])
+    part = tuple(sorted(tuple(i for i in range(t) if labels[i] == g) for g in range(k)))
+    if s > best + 1e-12:
+      best, found = s, {part}
+    elif abs(s - best) <= 1e-12:
+      found.add(part)
+  return best, sorted(found)
+
+
+def test_group_tasks_on_asymmetric_affinities_counts_both_directions():
+  """TAG's affinity is not symmetric (``Z[i, j]``: i's step on j's loss). The
+  grouping scores a pair by ``Z[i, j] + Z[j, i]``: here 0 helps 1 a lot but
+  1 hurts 0 almost as much (net 0.1), while 0 and 2 help each other mildly
+  (net 0.6); likewise 2 -> 3 and 1 <-> 3. The best 2-grouping is {0, 2},
+  {1, 3} (score 1.2), where one direction only (the upper triangle) would
+  pick {0, 1}, {2, 3}. Checked against a float64 brute force over every
+  partition, on this case and on random asymmetric matrices; and on 12 tasks
+  (the greedy path), where the true pairs {i, i + 6} (0.3 each way) must be
+  merged before the one-sided decoys {2m, 2m + 1} (1.0 and -0.9)."""
+  z = np.full((4, 4), -0.5)
+  np.fill_diagonal(z, 0.0)
+  z[0, 1], z[1, 0] = 1.0, -0.9
+  z[2, 3], z[3, 2] = 1.0, -0.9
+  z[0, 2] = z[2, 0] = z[1, 3] = z[3, 1] = 0.3
+  score, (want,) = _np_best_grouping(z, 2)
+  assert want == ((0, 2), (1, 3)) and np.isclose(score, 1.2)
+  _, (one_sided,) = _np_best_grouping(np.triu(z), 2)   # what the upper triangle alone picks
+  assert one_sided == ((0, 1), (2, 3))
+  out = measure.group_tasks(z, 2, list("abcd"))
+  assert sorted(map(sorted, out["groups"])) == [["a", "c"], ["b", "d"]]
+  np.testing.assert_allclose(out["score"], 1.2, rtol=1e-12)
+  rng = np.random.default_rng(3)
+  for t, k in ((5, 2), (6, 3), (6, 2)):
+    for _ in range(3):
+      z = rng.normal(size=(t, t))
+      score, found = _np_best_grouping(z, k)
+      out = measure.group_tasks(z, k)
+      assert tuple(sorted(tuple(sorted(g)) for g in out["groups"])) in found
+      np.testing.assert_allclose(out["score"], score, rtol=1e-10)
+  big = np.full((12, 12), -0.5)
+  for i in range(6):
+    big[i, i + 6] = big[i + 6, i] = 0.3
+    big[2 * i, 2 * i + 1], big[2 * i + 1, 2 * i] = 1.0, -0.9
+  groups = measure.group_tasks(big, 6)["groups"]
+  assert sorted(map(sorted, groups)) == [[i, i + 6] for i in range(6)]

@@ -895,3 +895,76 @@ def test_spectral_methods_decompose_the_rows_factor_on_the_jacobian_path(method)
       if method in ("config", "aligned_mtl"):   # the Gram cannot resolve these
         assert out["accumulate"][1] > 0, (method, kind)
   assert exact >= 1
+
+
+def test_gradvac_targets_average_a_task_sampled_twice():
+  """Task ids ``[0, 2, 0, 1]`` with slot 3 invalid: task 0 fills two slots, so
+  the ordered task pairs (0, 2), (2, 0) and (0, 0) each come from two slot
+  pairs, and their target moves by ``(1 - beta) phi + beta mean(rho)`` once,
+  with the two cosines averaged (not summed, not applied twice); (0, 0) is
+  the cosine between task 0's two slots. The invalid slot's task 1 and every
+  pair never sampled keep their targets. Against a float64 numpy EMA written
+  from the rule."""
+  rng = np.random.default_rng(5)
+  t, beta = 3, 0.3
+  ids, valid = np.array([0, 2, 0, 1]), np.array([True, True, True, False])
+  phi0 = rng.uniform(-0.5, 0.5, (t, t))
+  rho = rng.uniform(-0.9, 0.9, (4, 4))
+  np.fill_diagonal(rho, 1.0)
+  got = np.asarray(tracked.gradvac_targets(
+      jnp.asarray(phi0, jnp.float32), jnp.asarray(rho, jnp.float32), jnp.asarray(ids),
+      jnp.asarray(valid), beta), np.float64)
+  cosines = {}                                  # ordered task pair -> its slot pairs' cosines
+  for a in range(4):
+    for b in range(4):
+      if a != b and valid[a] and valid[b]:
+        cosines.setdefault((ids[a], ids[b]), []).append(rho[a, b])
+  assert sorted(cosines) == [(0, 0), (0, 2), (2, 0)]
+  assert all(len(c) == 2 for c in cosines.values())
+  want = phi0.copy()
+  for (i, j), c in cosines.items():
+    want[i, j] = (1 - beta) * phi0[i, j] + beta * np.mean(c)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(got[1], np.float32(phi0[1]))       # task 1: invalid slot only
+  np.testing.assert_array_equal(got[:, 1], np.float32(phi0[:, 1]))
+
+
+def _np_simplex_by_bisection(v, iters=200):
+  """The Euclidean projection onto the simplex as ``max(v - tau, 0)`` with
+  ``sum max(v - tau, 0) = 1``, tau found by bisection (float64): the KKT
+  conditions, not the sort-based algorithm."""
+  lo, hi = np.min(v) - 1.0, np.max(v)
+  for _ in range(iters):
+    tau = 0.5 * (lo + hi)
+    lo, hi = (tau, hi) if np.maximum(v - tau, 0).sum() > 1 else (lo, tau)
+  return np.maximum(v - 0.5 * (lo + hi), 0)
+
+
+@pytest.mark.parametrize("simplex", ["project", "softmax"])
+def test_moco_lambda_regulariser_at_a_large_rho_from_non_uniform_weights(simplex):
+  """MoCo's weight step ``lambda <- Pi(lambda - gamma (Y Y^T + rho I) lambda)``
+  at rho = 2 from non-uniform weights (from uniform ones ``rho I lambda`` is
+  a constant shift, which neither the projection nor the softmax sees), with
+  task 3 inactive (``y_3 = 0``: left out, the rest renormalised to sum 1,
+  weight 0). Against float64 numpy: the projection by bisection on its
+  threshold, or the softmax over the active tasks; the regulariser moves the
+  answer by far more than the tolerance (checked against rho = 0 and -2)."""
+  rng = np.random.default_rng(2)
+  y = rng.normal(size=(4, 6)) * np.array([[0.6], [0.3], [0.5], [0.0]])
+  lam = np.array([0.5, 0.25, 0.1, 0.15])
+  active = np.array([True, True, True, False])
+  gamma, rho = 0.2, 2.0
+
+  def want(rho):
+    base = lam[:3] / lam[:3].sum()
+    v = base - gamma * (y[:3] @ y[:3].T + rho * np.eye(3)) @ base
+    new = _np_simplex_by_bisection(v) if simplex == "project" else np.exp(v) / np.exp(v).sum()
+    return np.append(new, 0.0)
+  got = np.asarray(tracked.moco_lambda(
+      jnp.asarray(lam, jnp.float32), jnp.asarray(y @ y.T, jnp.float32), jnp.asarray(gamma),
+      jnp.asarray(active), rho=rho, simplex=simplex), np.float64)
+  expected = want(rho)
+  np.testing.assert_allclose(expected.sum(), 1.0, rtol=1e-12)
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+  for other in (0.0, -rho):                     # the case is sensitive to rho and its sign
+    assert np.abs(want(other) - expected).max() > 0.02
