@@ -123,27 +123,48 @@ def ref_cagrad(g, c=0.5):
 # ``K``, as the train step's ``accumulate`` path, or, for the ``*_rows``
 # variants, with the rows' triangular factor, as its default Jacobian path).
 def _lib(mod):
-  k = mod.gram
+  """``{name: fn(k, r)}``: the library's weights from the float32 Gram ``k``
+  and, for the ``*_rows`` variants, the rows' factor ``r``
+  (:func:`_prepare`)."""
   def rows(fn, **hp):
-    return lambda g: fn(k(g), mod.cosine_factor(g), **hp)
+    return lambda k, r: fn(k, r, **hp)
   return {
-      "mgda": lambda g: mod.mgda_weights(k(g)),
-      "mgda_active_set": lambda g: mod.mgda_weights(k(g), exact_up_to=0),
-      "upgrad": lambda g: mod.upgrad_weights(k(g)),
-      "dualproj": lambda g: mod.dualproj_weights(k(g)),
-      "upgrad_exact": lambda g: mod.upgrad_weights(k(g), reg_eps=0.0),
-      "dualproj_exact": lambda g: mod.dualproj_weights(k(g), reg_eps=0.0),
-      "config": lambda g: mod.config_weights(k(g)),
-      "imtl_g": lambda g: mod.imtl_g_weights(k(g)),
-      "nash_mtl": lambda g: mod.nash_mtl_weights(k(g)),
-      "fairgrad": lambda g: mod.fairgrad_weights(k(g)),
-      "aligned_mtl": lambda g: mod.aligned_mtl_weights(k(g)),
-      "cagrad": lambda g: mod.cagrad_weights(k(g)),
-      "cagrad_fista": lambda g: mod.cagrad_weights(k(g), exact_up_to=0),
+      "mgda": lambda k, r: mod.mgda_weights(k),
+      "mgda_active_set": lambda k, r: mod.mgda_weights(k, exact_up_to=0),
+      "upgrad": lambda k, r: mod.upgrad_weights(k),
+      "dualproj": lambda k, r: mod.dualproj_weights(k),
+      "upgrad_exact": lambda k, r: mod.upgrad_weights(k, reg_eps=0.0),
+      "dualproj_exact": lambda k, r: mod.dualproj_weights(k, reg_eps=0.0),
+      "config": lambda k, r: mod.config_weights(k),
+      "imtl_g": lambda k, r: mod.imtl_g_weights(k),
+      "nash_mtl": lambda k, r: mod.nash_mtl_weights(k),
+      "fairgrad": lambda k, r: mod.fairgrad_weights(k),
+      "aligned_mtl": lambda k, r: mod.aligned_mtl_weights(k),
+      "cagrad": lambda k, r: mod.cagrad_weights(k),
+      "cagrad_fista": lambda k, r: mod.cagrad_weights(k, exact_up_to=0),
       "config_rows": rows(getattr(mod, "config_weights", None)),
       "imtl_g_rows": rows(getattr(mod, "imtl_g_weights", None)),
       "aligned_mtl_rows": rows(getattr(mod, "aligned_mtl_weights", None)),
   }
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare(mod):
+  """``g [N, T, P] -> (K [N, T, T], R [N, T, T])``: the library's Gram of the
+  rows (what the train step hands a method) and their :func:`cosine_factor`
+  (zeros where ``mod`` has none). One compilation per shape, shared by every
+  method, so a method compiles once per T, not per (T, P)."""
+  def one(g):
+    factor = (mod.cosine_factor(g) if hasattr(mod, "cosine_factor")
+              else jnp.zeros((g.shape[0],) * 2, jnp.float32))
+    return mod.gram(g), factor
+  return jax.jit(jax.vmap(one))
+
+
+def _apply(fn, mod, g):
+  """``fn(k, r)`` vmapped over the Jacobians ``g [N, T, P]``."""
+  k, r = _prepare(mod)(g)
+  return fn(k, r)
 
 
 REFERENCES = {
@@ -183,7 +204,7 @@ def run_method(name, mod=gradients):
   rows = []
   for items in _jacobians_by_t().values():
     g32 = jnp.asarray(np.stack([g for _, g in items]), jnp.float32)
-    beta, info = jax.tree.map(np.asarray, fn(g32))
+    beta, info = jax.tree.map(np.asarray, _apply(fn, mod, g32))
     for i, (label, g) in enumerate(items):
       rows.append((label, g, beta[i].astype(np.float64), jax.tree.map(lambda x: x[i], info)))
   return rows
@@ -304,7 +325,9 @@ def test_float64_gradients_under_x64_resolve_every_hard_jacobian(name):
         continue
       g64 = np.stack([g for _, g in items])
       assert gradients.gram(jnp.asarray(g64[0])).dtype == jnp.float64
-      beta, info = jax.tree.map(np.asarray, fn(jnp.asarray(g64)))
+      k, r = jax.jit(jax.vmap(lambda g: (gradients.gram(g), gradients.cosine_factor(g))))(
+          jnp.asarray(g64))
+      beta, info = jax.tree.map(np.asarray, fn(k, r))
       assert name != "aligned_mtl" or np.all(info["converged"])
       for (label, g), b in zip(items, beta):
         assert _cos(b @ g, REFERENCES[name](g)) >= 1 - 1e-6, label
