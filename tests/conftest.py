@@ -58,3 +58,105 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
         return i
     return len(_LONGEST_FIRST)
   items.sort(key=rank)  # stable: the rest keep their order
+
+
+# ----------------------------------------------------------------------------
+# Compile accounting. Every XLA compile request (a jit program, or an eager
+# op's one-op program, the first time a process sees it; answered by the
+# persistent cache or not) is counted, per test and per process: compilation
+# is most of the suite's time, and the count, unlike seconds, does not depend
+# on the machine's load.
+#
+# * MTLJAX_COMPILE_REPORT=FILE appends one JSON line per test (nodeid, wall
+#   seconds, compile requests, persistent-cache hits, compile seconds): the
+#   profile BUILD_NOTES' suite table comes from.
+# * The budget: a run of the whole fast tier (bare ``pytest``, or
+#   ``scripts/test.sh``'s first tier) fails when its compile requests, summed
+#   over the xdist workers, exceed FAST_TIER_COMPILE_BUDGET by more than 50 %:
+#   a new test that compiles a new program per case shows up here, not as a
+#   slowly doubling suite. Raise the budget, with the reason in BUILD_NOTES,
+#   only for compilations a new code path needs.
+# ----------------------------------------------------------------------------
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402  (after the cache settings above)
+
+_COUNTS = {"requests": 0, "hits": 0, "seconds": 0.0}
+
+
+def _on_duration(event, duration, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COUNTS["requests"] += 1
+    _COUNTS["seconds"] += duration
+
+
+def _on_event(event, **_):
+  if event == "/jax/compilation_cache/cache_hits":
+    _COUNTS["hits"] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+jax.monitoring.register_event_listener(_on_event)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
+  before = dict(_COUNTS)
+  start = time.perf_counter()
+  yield
+  path = os.environ.get("MTLJAX_COMPILE_REPORT")
+  if path:
+    row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - start, 3),
+           "compiles": _COUNTS["requests"] - before["requests"],
+           "cache_hits": _COUNTS["hits"] - before["hits"],
+           "compile_s": round(_COUNTS["seconds"] - before["seconds"], 3)}
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+# Compile requests of the whole fast tier on 2 xdist workers, measured from a
+# fresh clone (see BUILD_NOTES, "Suite time"). The run fails above 1.5x.
+FAST_TIER_COMPILE_BUDGET = 0
+_BUDGET_SLACK = 1.5
+
+
+def _whole_fast_tier(config) -> bool:
+  return (config.getoption("markexpr") == "not slow" and not config.getoption("keyword")
+          and config.args_source == pytest.Config.ArgsSource.TESTPATHS)
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  config = session.config
+  if hasattr(config, "workeroutput"):     # an xdist worker: report to the controller
+    config.workeroutput["mtljax_compiles"] = _COUNTS["requests"]
+    return
+  total = _COUNTS["requests"] + getattr(config, "_mtljax_worker_compiles", 0)
+  config._mtljax_compiles = total  # pylint: disable=protected-access
+  if (_whole_fast_tier(config) and session.testscollected
+      and total > _BUDGET_SLACK * FAST_TIER_COMPILE_BUDGET):
+    config._mtljax_over_budget = True  # pylint: disable=protected-access
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):  # pylint: disable=unused-argument
+  config = node.config
+  config._mtljax_worker_compiles = (  # pylint: disable=protected-access
+      getattr(config, "_mtljax_worker_compiles", 0)
+      + node.workeroutput.get("mtljax_compiles", 0))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # pylint: disable=unused-argument
+  total = getattr(config, "_mtljax_compiles", None)
+  if total is None or hasattr(config, "workeroutput"):
+    return
+  terminalreporter.write_line(
+      f"XLA compile requests: {total} (fast-tier budget {FAST_TIER_COMPILE_BUDGET}, "
+      f"fails above {int(_BUDGET_SLACK * FAST_TIER_COMPILE_BUDGET)} on the whole fast tier)")
+  if getattr(config, "_mtljax_over_budget", False):
+    terminalreporter.write_line(
+        f"FAILED: the fast tier made {total} XLA compile requests, more than "
+        f"{_BUDGET_SLACK}x its budget of {FAST_TIER_COMPILE_BUDGET} "
+        "(tests/conftest.py). Share compiled programs across the new cases (one jit, "
+        "vmap over data, session fixtures) or move the matrix to the slow tier.", red=True)

@@ -138,8 +138,17 @@ def _np_cagrad(g, c):
   return res.x, obj
 
 
-@pytest.mark.parametrize("t", TS)
-@pytest.mark.parametrize("c", [0.2, 0.5, 0.9])
+def _cagrad_dual_cases():
+  """T = 3 and 8 at c = 0.5 in the fast tier; the rest of the T x c matrix in
+  the slow tier (same code path: the exact face enumeration for T <= 10, c
+  only scales the ball)."""
+  for t in TS:
+    for c in (0.2, 0.5, 0.9):
+      fast = c == 0.5 and t in (3, 8)
+      yield pytest.param(t, c, id=f"{c}-{t}", marks=() if fast else (pytest.mark.slow,))
+
+
+@pytest.mark.parametrize("t, c", _cagrad_dual_cases())
 def test_cagrad_dual_optimal_and_in_the_ball(t, c):
   g = _g(t)
   d_raw, beta, info = _call("cagrad", jnp.asarray(g, jnp.float32), c=c, rescale=0)
@@ -638,19 +647,33 @@ def _degenerate_cases(t, n=12, d_max=8, seed=0):
   return out
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_no_nan_on_rank_deficient_and_zero_rows(name):
-  """Finite directions and weights on rank-deficient Jacobians with zero and
-  duplicated rows, T from 2 to 6 (12 cases per T, vmapped: one compilation
-  per T), and with fewer columns than rows (D = 2 < T = 6)."""
+def _assert_finite_on_degenerate_cases(name, ts, narrow):
   fn = jax.jit(jax.vmap(METHODS[name]))
-  batches = [_degenerate_cases(t) for t in range(2, 7)]
-  narrow = _degenerate_cases(6, d_max=2, seed=1)
-  for g in batches + [narrow]:
+  batches = [_degenerate_cases(t) for t in ts]
+  if narrow:
+    batches.append(_degenerate_cases(6, d_max=2, seed=1))
+  for g in batches:
     d_out, beta, _ = fn(jnp.asarray(g, jnp.float32))
     bad = ~(np.all(np.isfinite(np.asarray(d_out)), axis=1)
             & np.all(np.isfinite(np.asarray(beta)), axis=1))
     assert not bad.any(), (name, g[bad])
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_no_nan_on_rank_deficient_and_zero_rows(name):
+  """Finite directions and weights on rank-deficient Jacobians with zero and
+  duplicated rows (the zero Jacobian included), T = 3 and 6 (12 cases per T,
+  vmapped: one compilation per T), and with fewer columns than rows (D = 2 <
+  T = 6)."""
+  _assert_finite_on_degenerate_cases(name, (3, 6), narrow=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_no_nan_on_rank_deficient_and_zero_rows_at_every_small_t(name):
+  """The same at T = 2, 4, 5 (the fast test above covers the code path: the
+  solvers branch on T only beyond ``exact_up_to``)."""
+  _assert_finite_on_degenerate_cases(name, (2, 4, 5), narrow=False)
 
 
 # ---------------------------------------------------------------------------
