@@ -634,7 +634,9 @@ def test_the_celeba_config_trains_every_attribute_on_mock_faces(tmp_path):
   from mtljax import train  # pylint: disable=g-import-not-at-top
   with tfds.testing.mock_data(num_examples=1):
     names = list(tfds.builder("celeb_a").info.features["attributes"].keys())
-  assert len(names) == 40
+  assert len(names) == 40   # celeb_a's published attribute order:
+  assert names[:4] == ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes"]
+  assert names[-1] == "Young"
 
   def records(n, seed):
     rng = np.random.default_rng(seed)

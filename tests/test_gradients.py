@@ -813,6 +813,14 @@ def test_mgda_uses_the_active_set_point_when_the_exact_solver_finds_no_support(m
   beta, info = gradients.mgda_weights(jnp.asarray(g @ g.T, jnp.float32))
   np.testing.assert_allclose(np.asarray(beta), want, atol=2e-4)
   assert bool(info["converged"])
+  # An active set that has not converged (one step) and is worse: the exact
+  # candidate (here the optimum) is kept, and converged says the active set's no.
+  def optimum_unverified(kn, tol=1e-5):  # pylint: disable=unused-argument
+    return jnp.asarray(want, kn.dtype), jnp.asarray(False)
+  monkeypatch.setattr(gradients, "min_norm_exact", optimum_unverified)
+  beta, info = gradients.mgda_weights(jnp.asarray(g @ g.T, jnp.float32), iters=1)
+  np.testing.assert_allclose(np.asarray(beta), want, atol=1e-6)
+  assert not bool(info["converged"])
 
 
 def test_mgda_exact_up_to_is_bounded():

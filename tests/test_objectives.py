@@ -254,8 +254,10 @@ _ARCHS_BY_FAMILY = [("mmoe", "auto"), ("omoe", "auto"), ("shared_bottom", "auto"
 _FAMILIES = ("fixed", "uncertainty", "famo", "gradnorm", "mgda", "pcgrad", "gradvac", "db_mtl",
              "imtl")
 # In the slow tier: uncertainty (own parameters: imtl has them too), pcgrad
-# (a Gram combiner with a key: mgda's reading) and gradvac (a stateful Gram
-# method: db_mtl's state and mgda's reading), each a reading a fast case covers.
+# (a Gram combiner reading a key: the one-pass linearisation is mgda's reading,
+# and the key's use in the step is the fast (pcgrad, jacobian, False) case of
+# test_step_applies_the_method_to_per_task_gradients) and gradvac (a stateful
+# Gram method: db_mtl's state and mgda's reading).
 _FAMILIES_SLOW = ("uncertainty", "pcgrad", "gradvac")
 _ARCH_METHODS = ("fixed", "mgda")
 

@@ -4,10 +4,12 @@ samples the same batch (the sampling draws have fixed dtypes), a float32 state
 steps to the float32 result, and a float64 state steps in float64 (its logged
 losses equal float64 losses of the re-derived batch to 1e-12).
 
-The fast tier runs every public gradient method and the step with mgda (its
-active-set loop carried an integer dtype); the rest of the step matrix is in
-the slow tier (dwa, moco, famo, db_mtl, stch, excess_mtl and imtl carried
-float dtypes in their state or parameters: one code path, the step's)."""
+The fast tier runs every public gradient method, the sampling draws, and the
+step with mgda (its active-set loop carried an integer dtype) and imtl (state,
+its own parameters and their hand-written gradients: the step's dtype casts);
+the rest of the step matrix is in the slow tier (dwa, moco, famo, db_mtl,
+stch and excess_mtl carried float dtypes in their state: the casts imtl's
+case runs)."""
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +21,11 @@ from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
+from mtljax.data import sampling
 from mtljax.models import multitask
 
 _PROBS = np.full(4, 0.25)
-_FAST = ("mgda",)
+_FAST = ("mgda", "imtl")
 
 
 def _public(name):
@@ -51,6 +54,30 @@ def test_every_public_gradient_method_runs_in_float64_and_matches_float32():
     np.testing.assert_allclose(np.asarray(beta), want["mgda"], atol=2e-4)
 
 
+def test_sampling_draws_the_same_under_x64():
+  """Task ids (without and with replacement, from float32 or float64
+  probabilities) and per-slot example indices are the same draws with and
+  without x64, in int32."""
+  key = jax.random.key(3)
+  probs = np.array([0.1, 0.2, 0.3, 0.4])
+  n = jnp.asarray([50, 7, 1000, 3], jnp.int32)
+  stream = jnp.arange(4, dtype=jnp.int32)
+
+  def draws(p):
+    ids = sampling.sample_tasks(key, p, 3)
+    with_replacement = sampling.sample_tasks(key, p, 6, replace=True)
+    idx = sampling.example_indices(key, with_replacement, stream, n, 5)
+    shared = sampling.shared_example_indices(key, ids, n, 5)
+    return ids, with_replacement, idx, shared
+  want = [np.asarray(a) for a in draws(jnp.asarray(probs, jnp.float32))]
+  with jax.enable_x64(True):
+    for p in (jnp.asarray(probs, jnp.float32), jnp.asarray(probs, jnp.float64)):
+      got = draws(p)
+      for a, b in zip(got, want):
+        assert a.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def _setup(method):
   data = helpers.toy_data()
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
@@ -73,10 +100,12 @@ def test_the_step_under_x64_changes_only_the_precision(method):
     got, _ = fn(state32, data.train)           # a float32 state: the float32 step
     state64 = steps.init_train_state(model, tx, jax.random.key(0), method)
     new64, meas = fn(state64, data.train)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):   # the whole state
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
   helpers.assert_trees_close(got["params"], want["params"], rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(got["objective_state"]),
-                  jax.tree.leaves(want["objective_state"])):
-    assert a.dtype == b.dtype
+  helpers.assert_trees_close(got["objective_state"], want["objective_state"], rtol=1e-5,
+                             atol=1e-5)
   # A float64 state: float64 parameters, finite, the objective's state in its
   # declared dtypes, and the logged losses are float64 losses of the batch the
   # float32 sampling draws (re-derived with numpy indexing).

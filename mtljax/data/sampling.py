@@ -54,8 +54,9 @@ def task_probabilities(sampler: str, sizes, temperature: float = 1.0) -> np.ndar
 
 def sample_tasks(rng: jax.Array, probs: jax.Array, num_tasks: int,
                  replace: bool = False) -> jax.Array:
-  """``[K]`` int32 task ids (see module docstring for ``replace``)."""
-  logp = jnp.log(probs)
+  """``[K]`` int32 task ids (see module docstring for ``replace``). The draws
+  are float32 whatever ``probs``' dtype (the same tasks under jax_enable_x64)."""
+  logp = jnp.log(jnp.asarray(probs, jnp.float32))
   if replace:
     return jax.random.categorical(rng, logp, shape=(num_tasks,)).astype(jnp.int32)
   g = jax.random.gumbel(rng, logp.shape, logp.dtype)
