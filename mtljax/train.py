@@ -67,16 +67,18 @@ class _Progress:
 
 
 def gradient_record(taskset, meas, steps_per_call: int) -> dict:
-  """Per-task gradient norms and method weights, pairwise cosines (the
-  conflict matrix) and solver failures -- or a loss weighting's mean lambda --
-  averaged over a call's steps."""
+  """A loss weighting's mean lambda, and per-task gradient norms and method
+  weights, pairwise cosines (the conflict matrix) and solver failures,
+  averaged over a call's steps: each that the objective measures (moco, imtl
+  and excess_mtl measure both)."""
   names = taskset.names
+  rec = {}
   if "objective_lambda_sum" in meas:  # loss weighting: mean lambda over the call
     lam = np.asarray(meas["objective_lambda_sum"]) / steps_per_call
-    return {f"objective/{a}/lambda": float(lam[i]) for i, a in enumerate(names)}
+    rec.update({f"objective/{a}/lambda": float(lam[i]) for i, a in enumerate(names)})
   if "grad_norm_sum" not in meas:
-    return {}
-  rec = {"grad/solver_failures": float(np.sum(meas["solver_failures"]))}
+    return rec
+  rec["grad/solver_failures"] = float(np.sum(meas["solver_failures"]))
   for i, a in enumerate(names):
     n = meas["task_count"][i]
     if n > 0:

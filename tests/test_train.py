@@ -178,3 +178,27 @@ def test_step_inputs_of_the_wrong_length_or_state_of_the_wrong_shape_raise():
   state["objective_state"] = {**state["objective_state"], "opt": old}
   with pytest.raises(ValueError, match="not initialised for objective 'gradnorm'"):
     fn(state, data.train)
+
+
+def test_gradient_record_logs_lambda_and_gradients_when_an_objective_measures_both():
+  """moco, imtl and excess_mtl measure a lambda per task and the per-slot
+  gradients' norms, weights and cosines: the log row has both (it returned
+  after the lambdas), each the call's sum over its count, by hand."""
+  from mtljax import train  # pylint: disable=g-import-not-at-top
+  ts = tasks.TaskSet((tasks.Task("a", "regression"), tasks.Task("b", "binary"),
+                      tasks.Task("c", "regression")))
+  meas = {"objective_lambda_sum": np.array([0.9, 0.6, 1.5]),
+          "task_count": np.array([3.0, 0.0, 2.0]),
+          "grad_norm_sum": np.array([6.0, 0.0, 1.0]),
+          "grad_weight_sum": np.array([1.5, 0.0, 0.5]),
+          "grad_cos_sum": np.array([[3.0, 0.0, -0.8], [0.0, 0.0, 0.0], [-0.8, 0.0, 2.0]]),
+          "grad_pair_count": np.array([[3.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]]),
+          "solver_failures": np.array([0.0, 1.0, 1.0])}
+  rec = train.gradient_record(ts, meas, steps_per_call=3)
+  assert rec == pytest.approx({
+      "objective/a/lambda": 0.3, "objective/b/lambda": 0.2, "objective/c/lambda": 0.5,
+      "grad/solver_failures": 2.0, "grad/a/norm": 2.0, "grad/a/weight": 0.5,
+      "grad/c/norm": 0.5, "grad/c/weight": 0.25, "grad/cos/a/c": -0.4})
+  del meas["grad_norm_sum"]   # a loss weighting: the lambdas only
+  assert set(train.gradient_record(ts, meas, 3)) == {
+      "objective/a/lambda", "objective/b/lambda", "objective/c/lambda"}
