@@ -1,10 +1,15 @@
 """From a config to the objects of a run: checks, data, model, objective,
 optimizer, initial state, train and eval steps.
 
-The only module besides the loop (:mod:`mtljax.train`) that reads an
-``ml_collections.ConfigDict``; every function here turns config fields into
-explicit arguments of the library (so a notebook can skip it). Nothing here is
-compiled.
+Every function here turns config fields into explicit arguments of the
+library (so a notebook can skip it). Nothing here is compiled. The other
+modules that read an ``ml_collections.ConfigDict`` are the run-level ones: the
+loop (:mod:`mtljax.train`), cross-validation (:mod:`mtljax.cv`: overrides per
+grid point), transfer (:mod:`mtljax.transfer`: a strategy's config),
+single-task baselines (:mod:`mtljax.measure`: their configs and cache keys),
+:func:`mtljax.sharding.placement_from_config` and the TensorBoard config text.
+The library below them (gradients, objectives, jacobians, steps, models,
+optim, data) takes explicit arguments.
 """
 
 from __future__ import annotations
