@@ -118,7 +118,8 @@ def gradvac_targets(phi: jax.Array, rho: jax.Array, task_ids: jax.Array,
   both = (valid[:, None] & valid[None, :]).astype(phi.dtype)
   off = (1.0 - jnp.eye(n, dtype=phi.dtype)) * both
   pair = (task_ids[:, None], task_ids[None, :])
-  total = jnp.zeros((num_tasks, num_tasks), phi.dtype).at[pair].add((rho * off).astype(phi.dtype))
+  total = jnp.zeros((num_tasks, num_tasks), phi.dtype).at[pair].add(
+      (rho * off).astype(phi.dtype))
   count = jnp.zeros((num_tasks, num_tasks), phi.dtype).at[pair].add(off)
   mean = total / jnp.maximum(count, 1.0)
   return jnp.where(count > 0, (1.0 - beta) * phi + beta * mean, phi)

@@ -156,7 +156,8 @@ def pytest_testnodedown(node, error):
       + getattr(node, "workeroutput", {}).get("mtljax_compiles", 0))
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):  # pylint: disable=unused-argument
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  del exitstatus
   total = getattr(config, "_mtljax_compiles", None)
   if total is None or hasattr(config, "workeroutput"):
     return

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import helpers
+import test_gradients  # its METHODS: each public function, pcgrad with a key
 from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
@@ -27,11 +28,6 @@ from mtljax.models import multitask
 
 _PROBS = np.full(4, 0.25)
 _FAST = ("imtl",)
-
-
-def _public(name):
-  fn = getattr(gradients, name)
-  return (lambda g: fn(g, jax.random.key(1))) if name == "pcgrad" else fn
 
 
 @pytest.mark.parametrize("name", [
@@ -44,9 +40,10 @@ def test_every_public_gradient_method_runs_in_float64_and_matches_float32(name):
   methods in the slow tier)."""
   g = np.random.default_rng(0).normal(size=(4, 7))
   g[0] *= 10.0
-  want = np.asarray(jax.jit(_public(name))(jnp.asarray(g, jnp.float32))[1], np.float64)
+  fn = jax.jit(test_gradients.METHODS[name])
+  want = np.asarray(fn(jnp.asarray(g, jnp.float32))[1], np.float64)
   with jax.enable_x64(True):
-    d, beta, _ = jax.jit(_public(name))(jnp.asarray(g, jnp.float64))
+    d, beta, _ = fn(jnp.asarray(g, jnp.float64))
     assert d.dtype == jnp.float64 and beta.dtype == jnp.float64, name
     np.testing.assert_allclose(np.asarray(beta), want, rtol=2e-3, atol=2e-4)
     if name == "mgda":
