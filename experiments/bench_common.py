@@ -112,8 +112,7 @@ def plain_step(entry: str, data):
   tx = optax.adam(1e-3)
   per_task = entry.startswith("plain:per-task:")
   if per_task:
-    weights_fn = gradients.GRAM_METHODS[entry.split(":")[2]]
-    rng_arg = gradients.uses_rng(weights_fn)
+    method = gradients.get(entry.split(":")[2])
 
   def equal_grads(p, x, yr, yc, key):
     def loss(p):
@@ -133,7 +132,7 @@ def plain_step(entry: str, data):
     gc_sh, gc_k, gc_b = task_grad(_cls_loss)(shared, p["hc"], p["hcb"], yc)
     g = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), gr_sh, gc_sh)   # [T, ...]
     k = gradients.gram(g)
-    beta, _ = weights_fn(k, key) if rng_arg else weights_fn(k)
+    beta, _ = method(k, rng=key)
     return {**gradients.combine(beta, g), "hr": gr_k, "hrb": gr_b, "hc": gc_k, "hcb": gc_b}
 
   grads_fn = per_task_grads if per_task else equal_grads

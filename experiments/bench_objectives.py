@@ -21,7 +21,7 @@ Reference rows, written here as plain JAX on the same data and model shapes:
   the summed loss, Adam, steps in ``lax.scan``;
 * ``plain:per-task:NAME`` -- per-task gradients by ``vmap`` of ``jax.grad``
   (one per task group), then the same combiner (Gram weights of
-  :data:`mtljax.gradients.GRAM_METHODS`), Adam, steps in ``lax.scan``.
+  :data:`mtljax.gradients.REGISTRY`), Adam, steps in ``lax.scan``.
 
 Timing: every configuration is compiled first, then timed in ``--rounds``
 interleaved rounds (round-robin over configurations, so machine noise hits them
@@ -46,7 +46,7 @@ from mtljax import objectives
 _TASKS = flags.DEFINE_integer("num_tasks", 4, "Number of tasks T (K = T).")
 _METHODS = flags.DEFINE_list(
     "methods", ["plain:equal", "fixed", "fixed+shared"]
-    + [m + "+shared" for m in objectives.METHODS if m not in ("fixed", "mgda_ub")]
+    + [m + "+shared" for m in objectives.methods() if m not in ("fixed", "mgda_ub")]
     + ["mgda_ub", "mgda@accumulate+shared", "pcgrad+shared/vmap"]
     + [f"plain:per-task:{m}" for m in ("pcgrad", "cagrad", "mgda", "nash_mtl")],
     "Rows: NAME[@accumulate][+shared][/vmap] or plain:equal / plain:per-task:NAME.")

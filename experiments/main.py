@@ -72,7 +72,7 @@ def print_catalog(out=sys.stdout) -> None:
   print(f"heads (config.model.heads): {', '.join(multitask.HEADS)}", file=out)
   print("objectives (config.objective.method; hyper-parameters as "
         "config.objective.METHOD.NAME):", file=out)
-  for method in objectives.METHODS:
+  for method in objectives.methods():
     hp = objectives.hyperparameters(method)
     shown = ", ".join(f"{k}={v!r}" for k, v in hp.items()) or "-"
     print(f"  {method:<12} {shown}", file=out)

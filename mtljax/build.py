@@ -199,13 +199,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.init_from and not os.path.isdir(config.init_from):
     raise ValueError(f"config.init_from={config.init_from!r} is not a directory.")
   objectives.check_method(config.objective.method)
-  known = {"method", "weights", "gram_path", "slot_backwards"} | set(objectives.METHODS)
+  known = {"method", "weights", "gram_path", "slot_backwards"} | set(objectives.methods())
   unknown = sorted(set(config.objective) - known)
   if unknown:
     raise ValueError(f"config.objective: unknown key(s) {unknown}; keys are {sorted(known)} "
                      "(a method's hyper-parameters live under config.objective.<method>, e.g. "
                      "config.objective.dwa.window_steps).")
-  for method in set(config.objective) & set(objectives.METHODS):
+  for method in set(config.objective) & set(objectives.methods()):
     objectives.check_hyperparameters(method, config.objective[method].to_dict())
   _one_of("objective.gram_path", config.objective.gram_path, objectives.GRAM_PATHS)
   _one_of("objective.slot_backwards", config.objective.get("slot_backwards", "auto"),

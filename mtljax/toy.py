@@ -54,8 +54,11 @@ PROTOCOLS = {
 # ``e^s L - s`` and uncertainty's ``e^{-s} L / 2 + s / 2`` have no minimum in
 # ``s`` for ``L < 0``); :func:`run` optimises those scales with Adam next to ``x``.
 POSITIVE_LOSS_METHODS = ("db_mtl", "stch", "gls", "moco", "imtl", "uncertainty")
-TOY_METHODS = (("fixed", "rlw", "famo") + gradients.GRADIENT_METHODS + ("gradvac", "excess_mtl")
-               + POSITIVE_LOSS_METHODS)
+def toy_methods() -> tuple[str, ...]:
+  """The methods the toy runs: every registered gradient method (read now)
+  and the loss-based and stateful methods that fit a two-parameter problem."""
+  return (("fixed", "rlw", "famo") + tuple(gradients.REGISTRY) + ("gradvac", "excess_mtl")
+          + POSITIVE_LOSS_METHODS)
 
 
 def loss_floor(scale: float = 1.0) -> tuple[float, float]:
@@ -95,8 +98,8 @@ def objective(method: str, scale: float = 1.0, *, cagrad_c: float = 0.5,
   gradients: Adam makes it the authors' mean-gradient run up to its epsilon);
   FAMO uses the loss floors ``(-21 scale, -21)`` of the authors' trainer.
   """
-  if method not in TOY_METHODS:
-    raise ValueError(f"toy_pareto: method {method!r} is not one of {TOY_METHODS}.")
+  if method not in toy_methods():
+    raise ValueError(f"toy_pareto: method {method!r} is not one of {toy_methods()}.")
   hp = {}
   if method == "cagrad":
     hp = {"c": cagrad_c, "rescale": cagrad_rescale}

@@ -58,7 +58,7 @@ def test_list_names_every_config_architecture_objective_and_strategy():
   assert f"architectures (config.model.arch): {', '.join(multitask.ARCHS)}\n" in out
   assert f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}\n" in out
   assert f"heads (config.model.heads): {', '.join(multitask.HEADS)}\n" in out
-  for method in objectives.METHODS:
+  for method in objectives.methods():
     hp = objectives.hyperparameters(method)
     line = next(l for l in out.splitlines() if l.strip().startswith(method + " "))
     for k in hp:

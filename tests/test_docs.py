@@ -12,6 +12,7 @@ losses, the unit-norm weights against ``1 / ||g_k||`` in float64 on gradients
 whose norms differ 5000-fold, and the trained models against chance.
 """
 
+import io
 import os
 import re
 
@@ -43,17 +44,38 @@ def test_design_names_no_file_outside_the_repository():
     assert os.path.exists(os.path.join(ROOT, "docs", link)), link
 
 
+def _check_registered_method():
+  """While the example's gradient method is registered: it is read wherever a
+  method name is (the objectives, their hyper-parameters, the config, --list,
+  the toy, the public direction)."""
+  from experiments import main  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  from mtljax import objectives, toy  # pylint: disable=g-import-not-at-top
+  assert "unit_norm" in objectives.methods() and "unit_norm" in toy.toy_methods()
+  assert objectives.hyperparameters("unit_norm") == {"eps": 1e-12}
+  assert common.base_config().objective.unit_norm.eps == 1e-12
+  listed = io.StringIO()
+  main.print_catalog(listed)
+  assert "unit_norm    eps=1e-12" in listed.getvalue()
+  assert objectives.make_objective("unit_norm", 3, eps=1e-3).hparams["eps"] == 1e-3
+  g = np.array([[3.0, 4.0], [0.0, 2.0]], np.float32)
+  d, _, _ = gradients.direction("unit_norm", jnp.asarray(g))
+  np.testing.assert_allclose(d, [0.6, 1.8], rtol=1e-6)
+
+
 def _run_examples():
   blocks = _blocks()
   assert len(blocks) == 4, "task (arrays, TFDS), architecture, objective"
-  registries = (builders.BUNDLED, loading.BUNDLED_SPECS)
+  registries = (builders.BUNDLED, loading.BUNDLED_SPECS, gradients.REGISTRY)
   saved = [dict(r) for r in registries]
   out = {}
   try:
     for i, code in enumerate(blocks):
       exec(compile(code, f"DESIGN.md[python block {i}]", "exec"), out)  # pylint: disable=exec-used
+    _check_registered_method()
     return out
-  finally:  # the example registers a data set: later tests see the bundled ones only
+  finally:  # the examples register a data set and a gradient method: later tests
+    # see the shipped ones only
     for r, s in zip(registries, saved):
       r.clear()
       r.update(s)

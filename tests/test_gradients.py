@@ -602,17 +602,12 @@ def test_aligned_mtl_components_orthogonal_equal_norm(t):
 # Pytrees and properties
 # ---------------------------------------------------------------------------
 
+# Every registered method through the public direction(), as its record says
+# (a key for the methods that take one): a new record is picked up here.
 METHODS = {
-    "mgda": lambda g: gradients.mgda(g),
-    "pcgrad": lambda g: gradients.pcgrad(g, jax.random.key(0)),
-    "cagrad": lambda g: gradients.cagrad(g),
-    "imtl_g": lambda g: gradients.imtl_g(g),
-    "nash_mtl": lambda g: gradients.nash_mtl(g),
-    "aligned_mtl": lambda g: gradients.aligned_mtl(g),
-    "upgrad": lambda g: gradients.upgrad(g),
-    "dualproj": lambda g: gradients.dualproj(g),
-    "config": lambda g: gradients.config(g),
-    "fairgrad": lambda g: gradients.fairgrad(g),
+    name: (lambda g, name=name, m=m: gradients.direction(
+        name, g, rng=jax.random.key(0) if m.takes_rng else None))
+    for name, m in gradients.REGISTRY.items()
 }
 
 
@@ -809,7 +804,7 @@ def test_mgda_uses_the_active_set_point_when_the_exact_solver_finds_no_support(m
 
   def no_support(kn, tol=1e-5):  # pylint: disable=unused-argument
     return jnp.zeros((kn.shape[0],), kn.dtype).at[0].set(1.0), jnp.asarray(False)
-  monkeypatch.setattr(gradients, "min_norm_exact", no_support)
+  monkeypatch.setattr(gradients.solvers, "min_norm_exact", no_support)
   beta, info = gradients.mgda_weights(jnp.asarray(g @ g.T, jnp.float32))
   np.testing.assert_allclose(np.asarray(beta), want, atol=2e-4)
   assert bool(info["converged"])
@@ -817,7 +812,7 @@ def test_mgda_uses_the_active_set_point_when_the_exact_solver_finds_no_support(m
   # candidate (here the optimum) is kept, and converged says the active set's no.
   def optimum_unverified(kn, tol=1e-5):  # pylint: disable=unused-argument
     return jnp.asarray(want, kn.dtype), jnp.asarray(False)
-  monkeypatch.setattr(gradients, "min_norm_exact", optimum_unverified)
+  monkeypatch.setattr(gradients.solvers, "min_norm_exact", optimum_unverified)
   beta, info = gradients.mgda_weights(jnp.asarray(g @ g.T, jnp.float32), iters=1)
   np.testing.assert_allclose(np.asarray(beta), want, atol=1e-6)
   assert not bool(info["converged"])
@@ -917,12 +912,12 @@ def test_bad_hyperparameters_raise(call, match):
 
 
 def test_new_methods_are_registered_everywhere():
-  """GRAM_METHODS entries become objectives, config entries and toy methods."""
+  """Registered gradient methods become objectives, config entries and toy methods."""
   from mtljax import objectives, toy
   from experiments.configs import common
   for name in ("upgrad", "dualproj", "config", "fairgrad"):
-    assert name in gradients.GRADIENT_METHODS and name in objectives.METHODS
-    assert name in toy.TOY_METHODS
+    assert name in gradients.REGISTRY and name in objectives.methods()
+    assert name in toy.toy_methods()
   assert common.base_config().objective.fairgrad.alpha == 2.0
   assert common.base_config().objective.upgrad.reg_eps == 1e-4
 

@@ -45,7 +45,7 @@ _GRAM_FAST = {("mgda", "jacobian", False), ("pcgrad", "jacobian", False),
               ("config", "jacobian", False), ("mgda", "accumulate", False),
               ("mgda", "jacobian", True)}
 _GRAM = [pytest.param(*case, marks=() if case in _GRAM_FAST else (pytest.mark.slow,))
-         for case in ([(m, "jacobian", False) for m in gradients.GRADIENT_METHODS]
+         for case in ([(m, "jacobian", False) for m in gradients.REGISTRY]
                       + [(m, "accumulate", False) for m in ("mgda", "pcgrad", "nash_mtl")]
                       + [(m, "jacobian", True) for m in ("mgda", "pcgrad", "cagrad")])]
 
@@ -234,7 +234,7 @@ def test_accumulated_gram_path_never_holds_the_per_task_jacobian():
 # One trunk pass for every slot == the per-slot step, for every method.
 # ---------------------------------------------------------------------------
 
-_METHODS = [m for m in objectives.METHODS if m not in objectives.REPRESENTATION_METHODS]
+_METHODS = [m for m in objectives.methods() if objectives.needs(m) != "representation"]
 
 
 # An objective sees the step only through the linearisation (losses, pullback,
@@ -594,7 +594,7 @@ def test_gradnorm_step_uses_the_chosen_layer_weights_and_unsampled_tasks(layer, 
 def test_every_method_hyperparameter_is_in_the_config():
   from experiments.configs import common  # pylint: disable=g-import-not-at-top
   c = common.base_config()
-  for method in objectives.METHODS:
+  for method in objectives.methods():
     hp = objectives.hyperparameters(method)
     for name, default in hp.items():
       assert c.objective[method][name] == default, (method, name)
@@ -642,7 +642,7 @@ def test_mgda_leaves_out_slots_of_weight_zero():
   import test_gradients  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   weights = objectives.without_absent_slots(
-      objectives._bind_weights(gradients.mgda_weights, {}))  # pylint: disable=protected-access
+      objectives.gram.bind_weights(gradients.REGISTRY["mgda"], {}))
   for t in (2, 3, 5):
     g = rng.normal(size=(t, 12)) * np.array([1.0] + [100.0] + [1.0] * (t - 2))[:t, None]
     for absent in range(t + 1):

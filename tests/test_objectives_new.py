@@ -16,8 +16,8 @@ from mtljax import jacobians
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
-from mtljax import tracked
 from mtljax.models import multitask
+from mtljax.objectives import stateful
 
 import hard_jacobians
 
@@ -92,7 +92,7 @@ def test_gradvac_coefficients_match_the_paper_on_hard_jacobians(seed, t, kind):
   rng = np.random.default_rng(seed)
   phi = rng.uniform(-0.5, 0.6, size=(t, t))
   orders = np.stack([rng.permutation(t) for _ in range(t)])
-  c, rho = tracked.gradvac_coefficients(gradients.gram(jnp.asarray(g, jnp.float32)),
+  c, rho = stateful.gradvac_coefficients(gradients.gram(jnp.asarray(g, jnp.float32)),
                                         jnp.asarray(phi, jnp.float32), jnp.asarray(orders))
   want, want_rho = _np_gradvac(g, phi, orders)
   got = np.asarray(c, np.float64) @ g
@@ -108,14 +108,14 @@ def test_gradvac_reaches_the_target_cosine_for_a_pair():
   """After the adjustment ``cos(g_1', g_2) = phi`` exactly (norms 100x apart)."""
   g = np.array([[100.0, 0.0, 0.0], [-0.6, 0.8, 0.0]])
   for phi in (0.0, 0.3, 0.9):
-    c, _ = tracked.gradvac_coefficients(gradients.gram(jnp.asarray(g, jnp.float32)),
+    c, _ = stateful.gradvac_coefficients(gradients.gram(jnp.asarray(g, jnp.float32)),
                                         jnp.full((2, 2), phi, jnp.float32),
                                         jnp.asarray([[0, 1], [1, 0]]))
     adj = np.asarray(c, np.float64) @ g
     np.testing.assert_allclose(_cos(adj[0], g[1]), phi, atol=1e-5)
     np.testing.assert_allclose(_cos(adj[1], g[0]), phi, atol=1e-5)
   # Already above the target: untouched.
-  c, _ = tracked.gradvac_coefficients(gradients.gram(jnp.asarray(g, jnp.float32)),
+  c, _ = stateful.gradvac_coefficients(gradients.gram(jnp.asarray(g, jnp.float32)),
                                       jnp.full((2, 2), -0.9, jnp.float32),
                                       jnp.asarray([[0, 1], [1, 0]]))
   np.testing.assert_allclose(c, np.eye(2), atol=1e-7)
@@ -165,7 +165,7 @@ def test_graddrop_matches_algorithm_1(leak):
   dz = rng.normal(size=(3, 6, 5)) * np.array([100.0, 1.0, 0.01])[:, None, None]
   dz[1, :3] = -dz[0, :3] * 0.5       # conflicting coordinates
   key = jax.random.key(7)
-  got = tracked.graddrop_cotangent({"z": jnp.asarray(dz, jnp.float32)}, key, leak=leak)["z"]
+  got = stateful.graddrop_cotangent({"z": jnp.asarray(dz, jnp.float32)}, key, leak=leak)["z"]
   u = np.asarray(jax.random.uniform(jax.random.split(key, 1)[0], (6, 5)))
   np.testing.assert_allclose(got, _np_graddrop(dz, u, leak), rtol=1e-5, atol=1e-6)
 
@@ -175,11 +175,11 @@ def test_graddrop_keeps_everything_when_all_gradients_agree_in_sign():
   sign = np.where(rng.normal(size=(4, 7)) > 0, 1.0, -1.0)
   dz = np.abs(rng.normal(size=(3, 4, 7))) * sign[None] * np.array([100., 1., .01])[:, None, None]
   for seed in range(5):
-    got = tracked.graddrop_cotangent(jnp.asarray(dz, jnp.float32), jax.random.key(seed))
+    got = stateful.graddrop_cotangent(jnp.asarray(dz, jnp.float32), jax.random.key(seed))
     np.testing.assert_allclose(got, dz.sum(0), rtol=1e-5)
   # With leak = 1 nothing is ever dropped, whatever the signs.
   mixed = rng.normal(size=(3, 4, 7))
-  np.testing.assert_allclose(tracked.graddrop_cotangent(jnp.asarray(mixed, jnp.float32),
+  np.testing.assert_allclose(stateful.graddrop_cotangent(jnp.asarray(mixed, jnp.float32),
                                                         jax.random.key(0), leak=1.0),
                              mixed.sum(0), rtol=1e-5, atol=1e-6)
 
@@ -429,10 +429,9 @@ def test_new_methods_hyperparameters_reach_the_objective_from_the_config():
   from experiments.configs import common  # pylint: disable=g-import-not-at-top
   from mtljax import build  # pylint: disable=g-import-not-at-top
   c = common.base_config()
-  assert set(_NEW) <= set(objectives.METHODS)
+  assert set(_NEW) <= set(objectives.methods())
   # IMTL's are IMTL-G's (one set of defaults).
-  assert objectives.hyperparameters("imtl") == gradients.hyperparameters(
-      gradients.imtl_g_weights)
+  assert objectives.hyperparameters("imtl") == gradients.REGISTRY["imtl_g"].hparams
   changed = {"gradvac": ("beta", 0.2), "graddrop": ("leak", 0.4), "db_mtl": ("beta", 0.5),
              "stch": ("mu", 0.3), "imtl": ("max_cond", 1e4), "excess_mtl": ("step_size", 0.1),
              "moco": ("rho", 0.2)}
@@ -911,7 +910,7 @@ def test_gradvac_targets_average_a_task_sampled_twice():
   phi0 = rng.uniform(-0.5, 0.5, (t, t))
   rho = rng.uniform(-0.9, 0.9, (4, 4))
   np.fill_diagonal(rho, 1.0)
-  got = np.asarray(tracked.gradvac_targets(
+  got = np.asarray(stateful.gradvac_targets(
       jnp.asarray(phi0, jnp.float32), jnp.asarray(rho, jnp.float32), jnp.asarray(ids),
       jnp.asarray(valid), beta), np.float64)
   cosines = {}                                  # ordered task pair -> its slot pairs' cosines
@@ -960,7 +959,7 @@ def test_moco_lambda_regulariser_at_a_large_rho_from_non_uniform_weights(simplex
     v = base - gamma * (y[:3] @ y[:3].T + rho * np.eye(3)) @ base
     new = _np_simplex_by_bisection(v) if simplex == "project" else np.exp(v) / np.exp(v).sum()
     return np.append(new, 0.0)
-  got = np.asarray(tracked.moco_lambda(
+  got = np.asarray(stateful.moco_lambda(
       jnp.asarray(lam, jnp.float32), jnp.asarray(y @ y.T, jnp.float32), jnp.asarray(gamma),
       jnp.asarray(active), rho=rho, simplex=simplex), np.float64)
   expected = want(rho)

@@ -298,7 +298,7 @@ _FAST_METHODS = ("fixed", "famo", "nash_mtl")
 
 @pytest.mark.parametrize("method", [
     pytest.param(m, marks=() if m in _FAST_METHODS else (pytest.mark.slow,))
-    for m in objectives.METHODS])
+    for m in objectives.methods()])
 def test_every_objective_updates_finitely_with_one_fully_unlabelled_slot(method):
   """Zero loss and zero gradient in the unlabelled slot: every method's update
   is finite, the unlabelled task's head and its optimizer rows stay, the

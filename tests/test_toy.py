@@ -199,7 +199,7 @@ def test_the_positive_loss_methods_see_losses_above_the_floor(scale):
   np.testing.assert_allclose(shifted.losses, plain.losses - floor, rtol=1e-6)
   c = jnp.asarray([0.3, 1.7])
   np.testing.assert_array_equal(shifted.pullback(c)["shared"], plain.pullback(c)["shared"])
-  assert set(toy.POSITIVE_LOSS_METHODS) <= set(toy.TOY_METHODS)
+  assert set(toy.POSITIVE_LOSS_METHODS) <= set(toy.toy_methods())
 
 
 @pytest.mark.slow

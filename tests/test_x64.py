@@ -32,7 +32,7 @@ _FAST = ("imtl",)
 
 @pytest.mark.parametrize("name", [
     n if n == "mgda" else pytest.param(n, marks=pytest.mark.slow)
-    for n in gradients.GRADIENT_METHODS])
+    for n in gradients.REGISTRY])
 def test_every_public_gradient_method_runs_in_float64_and_matches_float32(name):
   """Each public method on float64 rows gives float64 weights that agree with
   its float32 result on an easy problem (mgda's exact and active-set solvers
@@ -90,7 +90,7 @@ def _setup(method):
 
 
 @pytest.mark.parametrize("method", [
-    m if m in _FAST else pytest.param(m, marks=pytest.mark.slow) for m in objectives.METHODS])
+    m if m in _FAST else pytest.param(m, marks=pytest.mark.slow) for m in objectives.methods()])
 def test_the_step_under_x64_changes_only_the_precision(method):
   """With a float64 state (every objective) and, for the fast tier's case, a
   float32 state under x64 against the float32 step: the float32 state's path

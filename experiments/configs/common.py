@@ -70,14 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.shared_inputs = False  # one example batch for every slot (tasks share inputs)
 
   c.objective = ml_collections.ConfigDict()
-  c.objective.method = "fixed"    # one of mtljax.objectives.METHODS
+  c.objective.method = "fixed"    # one of mtljax.objectives.methods()
   c.objective.weights = ml_collections.ConfigDict()  # task name -> weight (default 1)
   c.objective.gram_path = "jacobian"  # gradient methods: jacobian|accumulate (memory-light)
   c.objective.slot_backwards = "auto"  # per-task trunk backwards: auto|map|vmap
   # Every method's hyper-parameters, with the defaults of its paper/official code:
   # config.objective.<method>.<name>, e.g. --config.objective.cagrad.c=0.4,
   # --config.objective.nash_mtl.iters=100 (see mtljax/objectives.py, gradients.py).
-  for method in objectives.METHODS:
+  for method in objectives.methods():
     hparams = objectives.hyperparameters(method)
     if hparams:
       c.objective[method] = ml_collections.ConfigDict(hparams)
