@@ -25,8 +25,8 @@ from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import steps
 from mtljax.data import builders
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN = os.path.join(ROOT, "docs", "DESIGN.md")
@@ -46,7 +46,7 @@ def test_design_names_no_file_outside_the_repository():
 def _run_examples():
   blocks = _blocks()
   assert len(blocks) == 4, "task (arrays, TFDS), architecture, objective"
-  registries = (builders.BUNDLED, loading.BUNDLED_SPECS)
+  registries = (builders.BUNDLED, specs.BUNDLED_SPECS)
   saved = [dict(r) for r in registries]
   out = {}
   try:
