@@ -17,8 +17,9 @@ from mtljax import optim
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import specs
+from mtljax.data import task_data
 from mtljax.models import multitask
 
 SPC = 10  # steps per call
@@ -31,20 +32,20 @@ def _placement():
 B, D, H = 256, 64, 256
 
 
-def bench_data(num_tasks: int, n: int = 4096) -> loading.MultiTaskData:
+def bench_data(num_tasks: int, n: int = 4096) -> task_data.MultiTaskData:
   rng = np.random.default_rng(0)
   x = rng.normal(size=(n, D)).astype(np.float32)
   cols, columns = {"x": x}, []
   for t in range(num_tasks):
     if t % 2 == 0:
       cols[f"y{t}"] = (x @ rng.normal(size=D)).astype(np.float32)
-      columns.append(loading.TaskColumn(tasks.Task(f"reg{t}", "regression"), f"y{t}"))
+      columns.append(specs.TaskColumn(tasks.Task(f"reg{t}", "regression"), f"y{t}"))
     else:
       cols[f"y{t}"] = np.argmax(x @ rng.normal(size=(D, 10)), axis=1)
-      columns.append(loading.TaskColumn(tasks.Task(f"cls{t}", "classification", 10),
-                                        f"y{t}"))
-  return loading.build_task_data("bench", loading.DataSpec("x", tuple(columns)),
-                                 {"train": cols, "test": cols})
+      columns.append(specs.TaskColumn(tasks.Task(f"cls{t}", "classification", 10),
+                                      f"y{t}"))
+  return task_data.build_task_data("bench", specs.DataSpec("x", tuple(columns)),
+                                   {"train": cols, "test": cols})
 
 
 def parse_entry(entry: str):

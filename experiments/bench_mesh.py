@@ -36,16 +36,17 @@ B, D_IN, H, SPC = 64, 32, (64, 64), 5
 def _problem(num_tasks: int):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mtljax import tasks  # pylint: disable=g-import-not-at-top
-  from mtljax.data import loading  # pylint: disable=g-import-not-at-top
+  from mtljax.data import specs  # pylint: disable=g-import-not-at-top
+  from mtljax.data import task_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   n = 512
   cols = {"x": rng.normal(size=(n, D_IN)).astype(np.float32)}
   columns = []
   for t in range(num_tasks):
     cols[f"y{t}"] = (cols["x"] @ rng.normal(size=D_IN)).astype(np.float32)
-    columns.append(loading.TaskColumn(tasks.Task(f"t{t}", "regression"), f"y{t}"))
-  return loading.build_task_data("bench", loading.DataSpec("x", tuple(columns)),
-                                 {"train": cols, "test": cols})
+    columns.append(specs.TaskColumn(tasks.Task(f"t{t}", "regression"), f"y{t}"))
+  return task_data.build_task_data("bench", specs.DataSpec("x", tuple(columns)),
+                                   {"train": cols, "test": cols})
 
 
 def _step_fn(data, placement, steps_per_call=SPC):

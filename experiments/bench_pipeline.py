@@ -80,8 +80,8 @@ def _images64_sources(data_dir):
 def _problems(data_dir):
   from experiments.configs import multi_digits  # pylint: disable=g-import-not-at-top
   from mtljax import build  # pylint: disable=g-import-not-at-top
-  from mtljax.data import loading  # pylint: disable=g-import-not-at-top
   from mtljax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from mtljax.data import specs  # pylint: disable=g-import-not-at-top
 
   c = multi_digits.get_config()
   c.data.pipeline = "host"
@@ -90,7 +90,7 @@ def _problems(data_dir):
   c = multi_digits.get_config()
   c.data.pipeline, c.sampling.shared_inputs = "host", True
   features, sources = _images64_sources(data_dir)
-  spec = loading.catalog_spec(features, "image", ())
+  spec = specs.catalog_spec(features, "image", ())
   yield "images64", c, pipeline.load("images64", sources=sources, features=features,
                                      spec=spec)
 
@@ -110,7 +110,7 @@ def main(argv):
   from mtljax import build  # pylint: disable=g-import-not-at-top
   from mtljax import sharding  # pylint: disable=g-import-not-at-top
   from mtljax import train  # pylint: disable=g-import-not-at-top
-  from mtljax.data import loading  # pylint: disable=g-import-not-at-top
+  from mtljax.data import tfds_access  # pylint: disable=g-import-not-at-top
 
   calls = _CALLS.value
   data_dir = os.path.join(tempfile.gettempdir(), "mtljax_bench_pipeline")
@@ -160,7 +160,7 @@ def main(argv):
     ids = [int(i) for i in np.random.default_rng(0).integers(0, len(source), _RECORDS.value)]
     reader = data.readers["train"]
     single = _rate(lambda: [source[i] for i in ids], 2) * len(ids)
-    batched = _rate(lambda: loading.read_records(source, ids), 2) * len(ids)
+    batched = _rate(lambda: tfds_access.read_records(source, ids), 2) * len(ids)
     inputs = _rate(lambda: reader.inputs(np.asarray(ids)), 2) * len(np.unique(ids))
     reads.append((name, single, batched, inputs))
 

@@ -20,8 +20,9 @@ from mtljax import optim
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import specs
+from mtljax.data import task_data
 from mtljax.models import multitask
 
 _ENCODERS = flags.DEFINE_list("encoders", ["mlp", "cnn"], "Encoders to time.")
@@ -39,9 +40,9 @@ def _data(num_tasks, input_shape, n=2048):
   columns = []
   for t in range(num_tasks):
     cols[f"y{t}"] = rng.integers(0, 10, n)
-    columns.append(loading.TaskColumn(tasks.Task(f"t{t}", "classification", 10), f"y{t}"))
-  spec = loading.DataSpec("x", tuple(columns))
-  return loading.build_task_data("bench", spec, {"train": cols, "test": cols})
+    columns.append(specs.TaskColumn(tasks.Task(f"t{t}", "classification", 10), f"y{t}"))
+  spec = specs.DataSpec("x", tuple(columns))
+  return task_data.build_task_data("bench", spec, {"train": cols, "test": cols})
 
 
 def _time(arch, encoder, num_tasks, spc):

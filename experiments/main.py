@@ -30,7 +30,7 @@ from mtljax import checkpoint
 from mtljax import sharding
 from mtljax import train
 from mtljax import workdir
-from mtljax.data import loading
+from mtljax.data import tfds_access
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (get_config(arg)).", lock_config=True)
@@ -202,7 +202,7 @@ def main(argv):
     log.warning("%s", e)
     sys.exit(PREEMPTED_EXIT)
   except (train.NonFiniteError, workdir.WorkdirError, checkpoint.CheckpointError,
-          loading.DataNotAvailableError) as e:
+          tfds_access.DataNotAvailableError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except ValueError as e:

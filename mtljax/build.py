@@ -38,6 +38,9 @@ from mtljax import transfer
 from mtljax.data import loading
 from mtljax.data import pipeline
 from mtljax.data import sampling
+from mtljax.data import specs as specs_lib
+from mtljax.data import task_data
+from mtljax.data import tfds_access
 from mtljax.models import multitask
 
 logger = logging.getLogger("mtljax")
@@ -125,7 +128,7 @@ def _validate_data(config) -> None:
   d, s = config.data, config.sampling
   if not d.name:
     raise ValueError("config.data.name is empty.")
-  parts = loading.source_names(d.name)
+  parts = tfds_access.source_names(d.name)
   if not isinstance(d.max_train_examples, (int, np.integer)) or d.max_train_examples < 0:
     raise ValueError(f"config.data.max_train_examples must be an integer >= 0 (0 = all), got "
                      f"{d.max_train_examples!r}.")
@@ -138,7 +141,7 @@ def _validate_data(config) -> None:
                      f"{len(tasks)}] (or 0 = all tasks) when sampling tasks without "
                      f"replacement: config.data.tasks keeps {len(tasks)}.")
   for key, kind in (d.get("labels", None) or {}).items():
-    _one_of(f"data.labels[{key!r}]", kind, loading.LABEL_KINDS)
+    _one_of(f"data.labels[{key!r}]", kind, specs_lib.LABEL_KINDS)
   if not isinstance(d.get("family", ""), str):
     raise ValueError(f"config.data.family must be a feature name or '', got {d.family!r}.")
   for key in ("download", "normalize_labels"):
@@ -239,8 +242,9 @@ def data_options(config) -> dict:
       input_key=d.get("input_key", "image"),
       label_keys=labels.to_dict() if labels is not None else {},
       family=d.get("family", ""), normalize_labels=d.get("normalize_labels", True),
-      split_spec=loading.Splits(d.get("train_split", "train"), d.get("test_split", "test"),
-                                d.get("test_fraction", 0.0), d.get("split_seed", 0)),
+      split_spec=tfds_access.Splits(d.get("train_split", "train"),
+                                    d.get("test_split", "test"),
+                                    d.get("test_fraction", 0.0), d.get("split_seed", 0)),
       download=bool(d.get("download", False)))
 
 
@@ -250,7 +254,7 @@ def check_tasks_before_loading(config, opened) -> None:
   :func:`mtljax.data.loading.describe_all`, or :func:`~mtljax.data.loading.open_all`),
   before anything is downloaded or a record read."""
   d, s = config.data, config.sampling
-  specs = [loading.prefixed(sp, part) if len(opened) > 1 else sp
+  specs = [specs_lib.prefixed(sp, part) if len(opened) > 1 else sp
            for part, _, _, sp in opened]
   if all(sp.split_key is None for sp in specs):
     names = [c.task.name for sp in specs for c in sp.columns]
@@ -261,7 +265,7 @@ def check_tasks_before_loading(config, opened) -> None:
   k = s.tasks_per_step
   if not k or s.replace or d.tasks:  # (a count of config.data.tasks: validate_config)
     return
-  bounds = [loading.task_count_bound(part, features, sp, d.builder_config)
+  bounds = [specs_lib.task_count_bound(part, features, sp, d.builder_config)
             for part, features, _, sp in opened]
   if any(n is None for n, _ in bounds):
     return
@@ -274,7 +278,7 @@ def check_tasks_before_loading(config, opened) -> None:
                      f"has at most {n} tasks ({why}).")
 
 
-def data_from_config(config) -> loading.MultiTaskData:
+def data_from_config(config) -> task_data.MultiTaskData:
   """The run's data, on the device path or the host pipeline
   (``config.data.pipeline``; ``auto`` decides from the inputs' size, the log
   says which and why). The name, the spec and the task counts are checked on
@@ -479,7 +483,7 @@ def _initial_state(config, model, objective, tx, state, source=None
   return state, penalty, init_report
 
 
-def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
+def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
               eval_split: str = "test", placement: sharding.Placement | None = None
               ) -> Run:
   """The model, objective, optimizer, initial state (loaded from

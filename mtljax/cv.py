@@ -49,7 +49,7 @@ from mtljax import steps as steps_lib
 from mtljax import tasks as tasks_lib
 from mtljax import train
 from mtljax import workdir as workdir_lib
-from mtljax.data import loading
+from mtljax.data import task_data
 
 logger = logging.getLogger("mtljax")
 
@@ -80,9 +80,9 @@ def _pad(a: np.ndarray, n: int) -> np.ndarray:
   return out
 
 
-def make_folds(data: loading.MultiTaskData, k: int, seed: int = 0) -> list[tuple[dict, dict]]:
+def make_folds(data: task_data.MultiTaskData, k: int, seed: int = 0) -> list[tuple[dict, dict]]:
   """``[(fold_train, fold_val)] * k`` in the train-split layout of
-  :mod:`mtljax.data.loading`, every fold padded to the same shapes; each split
+  :mod:`mtljax.data.task_data`, every fold padded to the same shapes; each split
   also carries its ``label_mean``/``label_std`` ``[T]`` (original units)."""
   tr = jax.device_get(data.train)
   ts = data.taskset
@@ -197,7 +197,7 @@ def _score(ts: tasks_lib.TaskSet, metrics: dict, metric: str, counts) -> float:
 # ----------------------------------------------------------------------------
 
 
-def cross_validate(config: ml_collections.ConfigDict, data: loading.MultiTaskData) -> dict:
+def cross_validate(config: ml_collections.ConfigDict, data: task_data.MultiTaskData) -> dict:
   """Scores every grid point on k folds of ``data.train`` (``data.test`` is
   never read; pass it as ``None``). Returns ``{"points": [{"overrides",
   "lr", "steps", "score", "fold_scores"}], "best": {...}, "direction"}``."""

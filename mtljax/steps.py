@@ -353,7 +353,7 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
       (the loop stops), ``"skip"`` also counts it in
       ``state["nonfinite_skipped"]`` and goes on.
 
-  ``data`` is a train split as laid out by :mod:`mtljax.data.loading`, the
+  ``data`` is a train split as laid out by :mod:`mtljax.data.task_data`, the
   step sampling its batch; with ``host_batches`` it is the batch itself, as
   the host pipeline reads it (:mod:`mtljax.data.pipeline`: the same draws,
   :func:`sample_indices`), with a leading ``[steps_per_call]`` axis when

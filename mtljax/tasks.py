@@ -23,7 +23,7 @@ label"; NaN for regression), and :func:`label_mask` reads it back. Losses are
 means over each slot's *labelled* examples (:func:`slot_losses`; a slot with no
 labelled example has loss 0 and gradient 0), and metrics are sums over labelled
 examples, divided by their count. How the mask enters from a data set is
-:mod:`mtljax.data.loading`'s (a ``<label>_mask`` feature, or ``-1``).
+:func:`mtljax.data.task_data.mark_missing`'s (a ``<label>_mask`` feature, or ``-1``).
 """
 
 from __future__ import annotations

@@ -15,17 +15,18 @@ import numpy as np
 
 from mtljax import jacobians
 from mtljax import tasks
-from mtljax.data import loading
+from mtljax.data import specs
+from mtljax.data import task_data
 
 
 def shared_input_data(n_train=64, n_test=30, seed=0):
   """Four tasks of three kinds (regression, 3-class, binary, 3-class) reading
   the same 5-d inputs: ``(spec, {"train": columns, "test": columns})``."""
-  spec = loading.DataSpec("x", (
-      loading.TaskColumn(tasks.Task("r", "regression"), "y"),
-      loading.TaskColumn(tasks.Task("c", "classification", 3), "c"),
-      loading.TaskColumn(tasks.Task("b", "binary"), "b"),
-      loading.TaskColumn(tasks.Task("c2", "classification", 3), "c2")))
+  spec = specs.DataSpec("x", (
+      specs.TaskColumn(tasks.Task("r", "regression"), "y"),
+      specs.TaskColumn(tasks.Task("c", "classification", 3), "c"),
+      specs.TaskColumn(tasks.Task("b", "binary"), "b"),
+      specs.TaskColumn(tasks.Task("c2", "classification", 3), "c2")))
   rng = np.random.default_rng(seed)
 
   def split(n):
@@ -38,8 +39,8 @@ def shared_input_data(n_train=64, n_test=30, seed=0):
 
 def family_data(sizes_train, sizes_test):
   """One regression task per value of 'task', each with its own inputs and sizes."""
-  spec = loading.DataSpec("x", (loading.TaskColumn(tasks.Task("s", "regression"), "y"),),
-                          split_key="task")
+  spec = specs.DataSpec("x", (specs.TaskColumn(tasks.Task("s", "regression"), "y"),),
+                        split_key="task")
   rng = np.random.default_rng(1)
 
   def split(sizes):
@@ -50,8 +51,8 @@ def family_data(sizes_train, sizes_test):
   return spec, {"train": split(sizes_train), "test": split(sizes_test)}
 
 
-def toy_data(**kwargs) -> loading.MultiTaskData:
-  return loading.build_task_data("toy", *shared_input_data(**kwargs))
+def toy_data(**kwargs) -> task_data.MultiTaskData:
+  return task_data.build_task_data("toy", *shared_input_data(**kwargs))
 
 
 # ----------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import helpers  # noqa: E402
 
 from mtljax import build  # noqa: E402
-from mtljax.data import loading  # noqa: E402
 from mtljax import train  # noqa: E402
+from mtljax.data import tfds_access  # noqa: E402
 
 config = helpers.small_sinusoids_config(**{"data.pipeline": "auto", "mesh.data": 4,
                                            "mesh.task": 2, "total_steps": 10,
@@ -43,7 +43,7 @@ held = sorted({int(r) for t, n in enumerate(split["n"])
 # What the reader really read: the inputs of its first calls' batches, and the
 # inputs of the records this process holds, read straight from the data source.
 source = data.readers["train"].source
-held_x = sorted({float(r["x"][0]) for r in loading.read_records(source, held)})
+held_x = sorted({float(r["x"][0]) for r in tfds_access.read_records(source, held)})
 read_x, ids = set(), []
 for c in range(3):
   batch = run.batches.call(c)

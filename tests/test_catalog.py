@@ -23,6 +23,9 @@ from mtljax import build
 from mtljax.data import loading
 from mtljax.data import sampling
 from mtljax import tasks as tasks_lib
+from mtljax.data import specs
+from mtljax.data import task_data
+from mtljax.data import tfds_access
 
 ATTRS = ("attributes/Male", "attributes/Smiling", "attributes/Young")
 
@@ -79,7 +82,7 @@ def tiny_catalog(tmp_path_factory):
 @pytest.fixture
 def offline(monkeypatch):
   """The network probe refused (never an outside address): a download fails."""
-  monkeypatch.setattr(loading, "NETWORK_PROBE", ("127.0.0.1", 9))
+  monkeypatch.setattr(tfds_access, "NETWORK_PROBE", ("127.0.0.1", 9))
 
 
 def _mnist_like(n, seed):
@@ -212,16 +215,16 @@ def test_omniglot_alphabets_are_tasks_with_a_held_out_split(tmp_path, kind):
 
 def test_hold_out_is_a_seeded_disjoint_cover_and_never_leaves_train_empty():
   records = list(range(10))
-  held = loading.hold_out(records, 0.3, seed=0)
+  held = tfds_access.hold_out(records, 0.3, seed=0)
   # Pinned (written down once): seed 0's three held-out records of ten.
   assert list(held["test"]) == [2, 4, 6]
   assert list(held["train"]) == [0, 1, 3, 5, 7, 8, 9]
-  other = loading.hold_out(records, 0.3, seed=1)
+  other = tfds_access.hold_out(records, 0.3, seed=1)
   assert list(other["test"]) != [2, 4, 6] and len(other["test"]) == 3  # the seed matters
   assert sorted(list(other["test"]) + list(other["train"])) == records
-  assert len(loading.hold_out(records, 0.01, seed=0)["test"]) == 1  # at least one
+  assert len(tfds_access.hold_out(records, 0.01, seed=0)["test"]) == 1  # at least one
   with pytest.raises(ValueError) as e:
-    loading.hold_out([0, 1], 0.8, seed=0)  # round(1.6) = 2: nothing left to train on
+    tfds_access.hold_out([0, 1], 0.8, seed=0)  # round(1.6) = 2: nothing left to train on
   assert str(e.value) == ("config.data.test_fraction=0.8 holds out 2 of the train split's 2 "
                           "record(s): none would be left to train on.")
 
@@ -343,7 +346,7 @@ def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path, tiny_cat
       raise AssertionError('Failed to finalize writing of split "test": No examples were '
                            "yielded.")
   with pytest.raises(ValueError) as e:
-    loading._prepare(EmptySplitBuilder(), "digits")  # pylint: disable=protected-access
+    tfds_access._prepare(EmptySplitBuilder(), "digits")  # pylint: disable=protected-access
   assert str(e.value) == ("config.data.builder_config='c0': data set 'digits', split 'test' "
                           "has no examples.")
 
@@ -423,14 +426,14 @@ def test_label_kinds_the_features_cannot_have_are_refused(tmp_path):
   ]
   for features, kwargs, message in cases:
     with pytest.raises(ValueError, match="^" + re.escape(message)):
-      loading.catalog_spec(features, kwargs.get("input_key", "image"), kwargs["labels"],
-                           kwargs.get("family", ""))
+      specs.catalog_spec(features, kwargs.get("input_key", "image"), kwargs["labels"],
+                         kwargs.get("family", ""))
 
 
 def test_a_catalog_data_set_not_prepared_offline_fails_in_seconds_saying_how(tmp_path,
                                                                               monkeypatch):
-  monkeypatch.setattr(loading, "NETWORK_PROBE", ("127.0.0.1", 9))  # refused: "offline"
-  with pytest.raises(loading.DataNotAvailableError) as e:
+  monkeypatch.setattr(tfds_access, "NETWORK_PROBE", ("127.0.0.1", 9))  # refused: "offline"
+  with pytest.raises(tfds_access.DataNotAvailableError) as e:
     build.data_from_config(_catalog_config(tmp_path, **{"data.name": "mnist",
                                                         "data.download": True}))
   assert str(e.value).startswith(
@@ -466,7 +469,7 @@ def test_spec_and_task_errors_come_before_any_download(tmp_path, offline):
     with pytest.raises(ValueError, match="^" + re.escape(message)):
       build.data_from_config(config)
   # The same settings without a typo get as far as the (refused) download.
-  with pytest.raises(loading.DataNotAvailableError, match="ConnectionError: no network"):
+  with pytest.raises(tfds_access.DataNotAvailableError, match="ConnectionError: no network"):
     build.data_from_config(_catalog_config(tmp_path, **{
         **base, "data.labels": {"attributes/Smiling": "binary"}}))
 
@@ -489,7 +492,7 @@ def test_a_bad_split_of_a_prepared_catalog_data_set_is_one_line_not_a_download(
   with pytest.raises(ValueError) as e:
     build.data_from_config(config)
   assert str(e.value) == message
-  assert not isinstance(e.value, loading.DataNotAvailableError)
+  assert not isinstance(e.value, tfds_access.DataNotAvailableError)
 
 
 def test_a_slice_of_a_prepared_catalog_data_set_loads_offline(tiny_catalog, offline):
@@ -528,13 +531,13 @@ def test_process_0_downloads_a_catalog_data_set_before_the_others_read_it(tmp_pa
     events.append(("prepare", self.is_prepared()))
     return prepare(self, *args, **kwargs)
   monkeypatch.setattr(TinyCatalog, "download_and_prepare", recorded)
-  monkeypatch.setattr(loading, "_check_network", lambda: None)  # (nothing is downloaded)
-  monkeypatch.setattr(loading, "_barrier", lambda name: events.append(("barrier", name)))
+  monkeypatch.setattr(tfds_access, "_check_network", lambda: None)  # (nothing is downloaded)
+  monkeypatch.setattr(tfds_access, "_barrier", lambda name: events.append(("barrier", name)))
   sizes = []
   for index in (0, 1):
-    monkeypatch.setattr(loading, "_processes", lambda i=index: (i, 2))
+    monkeypatch.setattr(tfds_access, "_processes", lambda i=index: (i, 2))
     events.append(("process", index))
-    _, sources = loading.open_sources("tiny_catalog", data_dir=str(tmp_path), download=True)
+    _, sources = tfds_access.open_sources("tiny_catalog", data_dir=str(tmp_path), download=True)
     sizes.append({s: len(src) for s, src in sources.items()})
   assert events == [("process", 0), ("prepare", False), ("barrier", "mtljax-prepared-tiny_catalog"),
                     ("process", 1), ("barrier", "mtljax-prepared-tiny_catalog")]
@@ -546,7 +549,7 @@ def test_a_class_count_from_the_data_is_the_largest_over_every_process_shard():
   shard without the largest class gets the same class count as the other,
   through one all-process maximum (simulated with two threads; the real
   two-process run is the slow test below)."""
-  spec = loading.DataSpec("x", (loading.TaskColumn(
+  spec = specs.DataSpec("x", (specs.TaskColumn(
       tasks_lib.Task("f_", "classification", 2), "y", classes_from_data=True),), split_key="f")
 
   def shard(labels):
@@ -561,7 +564,7 @@ def test_a_class_count_from_the_data_is_the_largest_over_every_process_shard():
       gathered[i] = local
       barrier.wait(timeout=30)
       return np.max(np.stack(gathered), axis=0)
-    data = loading.build_task_data("fam", spec, shards[i], reduce_max=reduce_max)
+    data = task_data.build_task_data("fam", spec, shards[i], reduce_max=reduce_max)
     counts[i] = sorted({t.num_classes for t in data.taskset})
   threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
   for t in threads:
@@ -571,7 +574,7 @@ def test_a_class_count_from_the_data_is_the_largest_over_every_process_shard():
   assert [g.tolist() for g in gathered] == [[4], [7]]  # each shard's own max + 1
   assert counts == [[7], [7]]  # both: the largest over the two shards
   # One process: the all-process maximum is the value itself.
-  np.testing.assert_array_equal(loading.all_process_max(np.asarray([4, 2])), [4, 2])
+  np.testing.assert_array_equal(task_data.all_process_max(np.asarray([4, 2])), [4, 2])
 
 
 @pytest.mark.slow

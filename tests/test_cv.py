@@ -14,7 +14,7 @@ from mtljax import build
 from mtljax import cv
 from mtljax import steps
 from mtljax import train
-from mtljax.data import loading
+from mtljax.data import task_data
 
 import helpers
 
@@ -32,7 +32,7 @@ def _config():
 
 
 def _data():
-  return loading.build_task_data("toy", *helpers.shared_input_data(n_train=40))
+  return task_data.build_task_data("toy", *helpers.shared_input_data(n_train=40))
 
 
 class _Forbidden:
@@ -235,7 +235,7 @@ def test_select_and_train_trains_the_cv_argmin_after_choosing(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_tasks_too_small_to_split_train_in_every_fold_and_are_not_scored():
-  data = loading.build_task_data("fam", *helpers.family_data([2, 12, 9], [3, 3, 3]))
+  data = task_data.build_task_data("fam", *helpers.family_data([2, 12, 9], [3, 3, 3]))
   folds = cv.make_folds(data, 3, seed=0)
   for fold_train, fold_val in folds:
     assert fold_train["n"][0] == 2 and fold_val["n"][0] == 0  # never held out
@@ -281,7 +281,7 @@ def test_fold_statistics_skip_missing_regression_labels():
   mask = np.ones(40, bool)
   mask[::3] = False
   arrays["train"]["y_mask"] = mask
-  data = loading.build_task_data("toy", spec, arrays)
+  data = task_data.build_task_data("toy", spec, arrays)
   r = data.taskset.index("r")
   folds = cv.make_folds(data, 3, seed=1)
   raw = np.asarray(arrays["train"]["y"], np.float64)

@@ -7,6 +7,9 @@ import tensorflow_datasets as tfds
 from mtljax.data import builders
 from mtljax.data import generators
 from mtljax.data import loading
+from mtljax.data import specs
+from mtljax.data import task_data
+from mtljax.data import tfds_access
 
 # ---------------------------------------------------------------------------
 # multi_digits
@@ -186,8 +189,8 @@ def test_task_selection_and_max_examples(data_dir):
 
 def _toy_spec():
   from mtljax import tasks
-  return loading.DataSpec("x", (loading.TaskColumn(tasks.Task("r", "regression"), "y"),
-                                loading.TaskColumn(tasks.Task("c", "classification", 3), "c")))
+  return specs.DataSpec("x", (specs.TaskColumn(tasks.Task("r", "regression"), "y"),
+                              specs.TaskColumn(tasks.Task("c", "classification", 3), "c")))
 
 
 def _toy_arrays(n=8, y=None, c=None, x=None):
@@ -201,26 +204,26 @@ def _toy_arrays(n=8, y=None, c=None, x=None):
 def test_nan_labels_raise_naming_the_task():
   y = np.ones(8, np.float32); y[3] = np.nan
   with pytest.raises(ValueError, match=r"task 'r': 1 NaN or infinite label\(s\), the first at example 3"):
-    loading.build_task_data("toy", _toy_spec(), _toy_arrays(y=y))
+    task_data.build_task_data("toy", _toy_spec(), _toy_arrays(y=y))
 
 
 def test_out_of_range_class_labels_raise():
   with pytest.raises(ValueError, match=r"task 'c': labels must be in \[0, 3\).*first outside: "
                      r"example 3, label 3"):
-    loading.build_task_data("toy", _toy_spec(), _toy_arrays(c=np.array([0, 1, 2, 3] * 2)))
+    task_data.build_task_data("toy", _toy_spec(), _toy_arrays(c=np.array([0, 1, 2, 3] * 2)))
 
 
 def test_mismatched_input_and_label_lengths_raise():
   arrays = _toy_arrays()
   arrays["train"]["y"] = arrays["train"]["y"][:5]
   with pytest.raises(ValueError, match="8 inputs but 5 labels"):
-    loading.build_task_data("toy", _toy_spec(), arrays)
+    task_data.build_task_data("toy", _toy_spec(), arrays)
 
 
 def test_nan_inputs_raise():
   x = np.zeros((8, 4), np.float32); x[0, 0] = np.nan
   with pytest.raises(ValueError, match="inputs contain NaN"):
-    loading.build_task_data("toy", _toy_spec(), _toy_arrays(x=x))
+    task_data.build_task_data("toy", _toy_spec(), _toy_arrays(x=x))
 
 
 def test_unknown_builder_config_raises():
@@ -247,7 +250,7 @@ def test_catalog_dataset_loads_through_the_same_code_with_mock_data(tmp_path):
 
 
 def test_missing_catalog_dataset_offline_is_a_clear_error(tmp_path):
-  with pytest.raises(loading.DataNotAvailableError,
+  with pytest.raises(tfds_access.DataNotAvailableError,
                      match=r"'mnist' \(split 'train'\) is not prepared.*tfds build mnist"):
     loading.load("mnist", data_dir=str(tmp_path))
 

@@ -26,8 +26,8 @@ from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import steps
 from mtljax.data import builders
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import specs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN = os.path.join(ROOT, "docs", "DESIGN.md")
@@ -66,7 +66,7 @@ def _check_registered_method():
 def _run_examples():
   blocks = _blocks()
   assert len(blocks) == 4, "task (arrays, TFDS), architecture, objective"
-  registries = (builders.BUNDLED, loading.BUNDLED_SPECS, gradients.REGISTRY)
+  registries = (builders.BUNDLED, specs.BUNDLED_SPECS, gradients.REGISTRY)
   saved = [dict(r) for r in registries]
   out = {}
   try:

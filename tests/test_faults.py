@@ -150,8 +150,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_bitwise(
 def _nan_input_step(on_nonfinite):
   """A step on four regression tasks with inputs of their own; task 2's inputs
   are NaN, so every step sampling it is non-finite and no other is."""
-  from mtljax.data import loading  # pylint: disable=g-import-not-at-top
-  data = loading.build_task_data("family", *helpers.family_data([20] * 4, [10] * 4))
+  from mtljax.data import task_data  # pylint: disable=g-import-not-at-top
+  data = task_data.build_task_data("family", *helpers.family_data([20] * 4, [10] * 4))
   train_split = jax.tree.map(np.array, data.train)
   train_split["x"][2] = np.nan
   ts = data.taskset

@@ -14,7 +14,8 @@ from mtljax import measure
 from mtljax import steps
 from mtljax import tasks
 from mtljax import train
-from mtljax.data import loading
+from mtljax.data import specs
+from mtljax.data import task_data
 from mtljax.models import multitask
 
 
@@ -79,10 +80,10 @@ def _two_tasks(sign):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(200, 4)).astype(np.float32)
   y = (x @ np.array([1.0, -2.0, 0.5, 3.0])).astype(np.float32)
-  spec = loading.DataSpec("x", (loading.TaskColumn(tasks.Task("a", "regression"), "a"),
-                                loading.TaskColumn(tasks.Task("b", "regression"), "b")))
+  spec = specs.DataSpec("x", (specs.TaskColumn(tasks.Task("a", "regression"), "a"),
+                              specs.TaskColumn(tasks.Task("b", "regression"), "b")))
   split = {"x": x, "a": y, "b": sign * y}
-  return loading.build_task_data("pair", spec, {"train": split, "test": split})
+  return task_data.build_task_data("pair", spec, {"train": split, "test": split})
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

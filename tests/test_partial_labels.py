@@ -21,6 +21,8 @@ from mtljax import tasks
 from mtljax.data import loading
 from mtljax.data import pipeline
 from mtljax.data import sampling
+from mtljax.data import specs
+from mtljax.data import task_data
 from mtljax.models import multitask
 
 _MASKED = ("y", "c", "b")  # columns given a "<label>_mask" feature; c2 uses -1 alone
@@ -49,7 +51,7 @@ def _partial_arrays(n_train=48, n_test=40, seed=0, missing=0.4, rare_b=False):
 
 
 def _partial_data(**kw):
-  return loading.build_task_data("partial", *_partial_arrays(**kw))
+  return task_data.build_task_data("partial", *_partial_arrays(**kw))
 
 
 def _labelled(kind, y):
@@ -64,7 +66,7 @@ def _labelled(kind, y):
 
 def test_layout_marks_missing_labels_and_statistics_use_labelled_only():
   spec, arrays = _partial_arrays()
-  data = loading.build_task_data("partial", spec, arrays)
+  data = task_data.build_task_data("partial", spec, arrays)
   ts = data.taskset
   for split in ("train", "test"):
     cols, lay = arrays[split], data.split(split)
@@ -86,7 +88,7 @@ def test_layout_marks_missing_labels_and_statistics_use_labelled_only():
   np.testing.assert_allclose(got[keep], (arrays["test"]["y"][keep] - y.mean()) / y.std(),
                              rtol=1e-5, atol=1e-5)
   # The several-process formula (summed counts and sums) gives the same statistics.
-  summed = loading.build_task_data("partial", spec, arrays, reduce_sums=lambda a: a)
+  summed = task_data.build_task_data("partial", spec, arrays, reduce_sums=lambda a: a)
   np.testing.assert_allclose(summed.label_mean, data.label_mean, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(summed.label_std, data.label_std, rtol=1e-5)
   np.testing.assert_array_equal(summed.num_train, data.train["n"])
@@ -97,7 +99,7 @@ def test_family_tasks_take_their_rows_of_the_mask():
   for cols in arrays.values():
     keep = np.arange(len(cols["y"])) % 3 != 0
     cols["y_mask"], cols["y"] = keep, np.where(keep, cols["y"], np.nan).astype(np.float32)
-  data = loading.build_task_data("family", spec, arrays)
+  data = task_data.build_task_data("family", spec, arrays)
   tr = arrays["train"]
   for i, t in enumerate(data.taskset):
     sel = tr["task"] == i
@@ -120,7 +122,7 @@ def test_bad_labels_raise_naming_the_problem(edit, message):
   edit(arrays)
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")
                      .replace(")", r"\)")):
-    loading.build_task_data("partial", spec, arrays)
+    task_data.build_task_data("partial", spec, arrays)
 
 
 def test_mask_features_are_no_catalog_tasks():
@@ -130,9 +132,9 @@ def test_mask_features_are_no_catalog_tasks():
       "label": tfds.features.ClassLabel(num_classes=3),
       "label_mask": tfds.features.Tensor(shape=(), dtype=np.bool_),
       "smiling": tfds.features.Tensor(shape=(), dtype=np.bool_)})
-  spec = loading.catalog_spec(features, "image", ())
+  spec = specs.catalog_spec(features, "image", ())
   assert [c.label_key for c in spec.columns] == ["label", "smiling"]
-  assert loading.mask_keys(spec, loading.flatten_features(features)) == ["label_mask"]
+  assert specs.mask_keys(spec, specs.flatten_features(features)) == ["label_mask"]
 
 
 # ----------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def test_all_ones_mask_run_equals_run_without_mask_bitwise():
             for s, cols in arrays.items()}
   runs = []
   for a in (arrays, masked):
-    data = loading.build_task_data("toy", spec, a)
+    data = task_data.build_task_data("toy", spec, a)
     model, params = _model(data.taskset, data.input_shape)
     tx = optax.adam(1e-2)
     step = jax.jit(steps.make_train_step(
@@ -420,7 +422,7 @@ def _features(arrays):
 
 def test_host_pipeline_equals_device_path_with_missing_labels():
   spec, arrays = _partial_arrays()
-  device = loading.build_task_data("partial", spec, arrays)
+  device = task_data.build_task_data("partial", spec, arrays)
   sources = {s: [{k: v[i] for k, v in cols.items()} for i in range(len(cols["x"]))]
              for s, cols in arrays.items()}
   host = pipeline.load("partial", sources=sources, features=_features(arrays), spec=spec)

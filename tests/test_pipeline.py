@@ -28,6 +28,8 @@ from mtljax import train
 from mtljax.data import loading
 from mtljax.data import pipeline
 from mtljax.data import sampling
+from mtljax.data import specs
+from mtljax.data import tfds_access
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,7 +116,7 @@ def test_the_input_parsed_alone_equals_tfds_decoding(name, builder_config, tmp_p
     builder.download_and_prepare()
     source, keys = builder.as_data_source(split="train"), ("raw", "ints")
   else:
-    _, sources = loading.open_sources(name, builder_config=builder_config)
+    _, sources = tfds_access.open_sources(name, builder_config=builder_config)
     source, keys = sources["train"], ("image",)
   records = np.array([[3, 0, 3], [7, 11, 1]])
   for key in keys:
@@ -122,7 +124,7 @@ def test_the_input_parsed_alone_equals_tfds_decoding(name, builder_config, tmp_p
     reader = pipeline.Reader(source, key, tuple(feat.shape), np.dtype(feat.np_dtype))
     assert reader.raw is not None  # the fast path
     want = np.stack([reader.check(int(i), r) for i, r in
-                     zip(records.ravel(), loading.read_records(source, records.ravel()))])
+                     zip(records.ravel(), tfds_access.read_records(source, records.ravel()))])
     got = reader.inputs(records)
     np.testing.assert_array_equal(got, want.reshape(got.shape))
 
@@ -160,7 +162,7 @@ def _features(y_dtype=np.float32):
       "task": tfds.features.Tensor(shape=(), dtype=np.int64)})
 
 
-_FAMILY = loading.DataSpec("x", (loading._reg("t", "y"),), split_key="task")  # pylint: disable=protected-access
+_FAMILY = specs.DataSpec("x", (specs._reg("t", "y"),), split_key="task")  # pylint: disable=protected-access
 
 
 def _family(sizes, test_sizes=None, **kwargs):
@@ -305,7 +307,7 @@ def test_celeba_like_catalog_data_through_the_host_pipeline(tmp_path):
     source = data.readers["train"].source
     _, r_examples, _ = steps.step_keys(jax.random.key(0), 0)
     idx = np.asarray(jax.random.randint(r_examples, (4,), 0, 24))  # the shared draw
-    records = loading.read_records(source, idx)
+    records = tfds_access.read_records(source, idx)
     np.testing.assert_allclose(b["x"], np.stack([r["image"] for r in records]) / 255.0,
                                rtol=1e-6)
     (group,) = b["y"]
@@ -376,7 +378,7 @@ def test_an_input_larger_than_declared_names_task_split_and_record():
 
 
 def test_a_label_outside_the_classes_names_task_split_and_record():
-  spec = loading.DataSpec("x", (loading._cls("c", "y", 3),))  # pylint: disable=protected-access
+  spec = specs.DataSpec("x", (specs._cls("c", "y", 3),))  # pylint: disable=protected-access
   y = np.array([0, 1, 2, 0, 1, 5, 2, 0], np.int64)
   sources = {"train": _Records(np.zeros(8), y=y), "test": _Records(np.zeros(4), y=y[:4])}
   with pytest.raises(ValueError, match=r"split 'train', task 'c': labels must be in \[0, 3\)"

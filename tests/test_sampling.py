@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from mtljax import tasks
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import specs
+from mtljax.data import task_data
 
 SIZES = np.array([10, 1000, 50, 5000, 200])  # very unequal data sizes
 DRAWS = 40_000
@@ -158,7 +159,7 @@ def test_shared_inputs_check_names_the_tasks_that_differ():
 
 def _hand_built_split(seed=0):
   """Six tasks in three groups, three input sources of different sizes (two
-  tasks share source 0), laid out as in ``loading.build_task_data``. Inputs and
+  tasks share source 0), laid out as in ``task_data.build_task_data``. Inputs and
   regression labels encode (source or row, example) so a wrong index shows."""
   taskset = tasks.TaskSet((
       tasks.Task("c_a", "classification", 3),  # classification3 row 0, source 0
@@ -231,10 +232,10 @@ def test_gather_batch_reads_what_build_task_data_laid_out():
   # Three tasks labelling one set of inputs, through build_task_data: the
   # gathered inputs and labels are the raw columns at the drawn examples
   # (regression labels standardised with the train split's mean and sd).
-  spec = loading.DataSpec("x", (
-      loading.TaskColumn(tasks.Task("c", "classification", 3), "c"),
-      loading.TaskColumn(tasks.Task("r", "regression"), "r"),
-      loading.TaskColumn(tasks.Task("c2", "classification", 3), "c2")))
+  spec = specs.DataSpec("x", (
+      specs.TaskColumn(tasks.Task("c", "classification", 3), "c"),
+      specs.TaskColumn(tasks.Task("r", "regression"), "r"),
+      specs.TaskColumn(tasks.Task("c2", "classification", 3), "c2")))
   rng = np.random.default_rng(2)
 
   def columns(size):
@@ -242,7 +243,7 @@ def test_gather_batch_reads_what_build_task_data_laid_out():
             "c": rng.integers(0, 3, size), "c2": rng.integers(0, 3, size),
             "r": rng.normal(5.0, 3.0, size).astype(np.float32)}
   raw = {"train": columns(40), "test": columns(10)}
-  data = loading.build_task_data("toy", spec, raw)
+  data = task_data.build_task_data("toy", spec, raw)
   ts = data.taskset
   task_ids = np.array([1, 2, 0, 1], np.int32)
   idx = rng.integers(0, 40, size=(4, 8)).astype(np.int32)

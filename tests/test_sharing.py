@@ -12,15 +12,15 @@ import pytest
 from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import steps
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import task_data
 from mtljax.models import multitask
 
 import helpers
 
 
 def _data():
-  return loading.build_task_data("toy", *helpers.shared_input_data())
+  return task_data.build_task_data("toy", *helpers.shared_input_data())
 
 
 def _train(arch, num_steps, tx=None, **kwargs):

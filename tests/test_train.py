@@ -10,8 +10,8 @@ import helpers
 from mtljax import optim
 from mtljax import steps
 from mtljax import tasks
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import task_data
 from mtljax.models import multitask
 
 
@@ -29,7 +29,7 @@ def _setup(data, arch="multi_head", k=None, replace=False, steps_per_call=1, wei
 
 
 def test_unsampled_tasks_heads_and_optimizer_state_are_bitwise_unchanged():
-  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  data = task_data.build_task_data("toy", *helpers.shared_input_data())
   model, fn, state = _setup(data, k=1)  # one of four tasks per step
   step = jax.jit(fn)
   data_dev = jax.device_put(data.train)
@@ -78,14 +78,14 @@ def test_independent_equals_single_task_trainings(name):
   run of each task (its stream id keeps its initial values and examples):
   what the single-task baselines rely on."""
   spec, arrays = helpers.shared_input_data()
-  full = loading.build_task_data("toy", spec, arrays)
+  full = task_data.build_task_data("toy", spec, arrays)
   _, fn, state = _setup(full, arch="independent", steps_per_call=5)
   step = jax.jit(fn)
   d = jax.device_put(full.train)
   for _ in range(4):
     state, _ = step(state, d)
   t = full.taskset.index(name)
-  single = loading.build_task_data("toy", spec, arrays, task_names=(name,))
+  single = task_data.build_task_data("toy", spec, arrays, task_names=(name,))
   _, fn1, s1 = _setup(single, arch="independent", steps_per_call=5)
   s0 = s1
   step1 = jax.jit(fn1)
@@ -106,7 +106,7 @@ def test_independent_equals_single_task_trainings(name):
 
 
 def test_train_step_traces_once():
-  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  data = task_data.build_task_data("toy", *helpers.shared_input_data())
   _, fn, state = _setup(data, k=2, steps_per_call=3)
   step = jax.jit(chex.assert_max_traces(fn, n=1), donate_argnums=(0,))
   d = jax.device_put(data.train)
@@ -118,7 +118,7 @@ def test_train_step_traces_once():
 
 
 def test_zero_weight_task_does_not_move():
-  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  data = task_data.build_task_data("toy", *helpers.shared_input_data())
   _, fn, state = _setup(data, arch="independent", weights={"c": 0.0}, steps_per_call=5)
   new, _ = jax.jit(fn)(state, jax.device_put(data.train))
   before, after = state["params"]["tasks"]["trunk"], new["params"]["tasks"]["trunk"]
@@ -129,7 +129,7 @@ def test_zero_weight_task_does_not_move():
 
 
 def test_objective_is_the_weighted_sum_of_slot_losses():
-  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  data = task_data.build_task_data("toy", *helpers.shared_input_data())
   model, fn, state = _setup(data, k=4, steps_per_call=1, weights=[0.5, 2.0, 1.0, 3.0])
   _, meas = jax.jit(fn)(state, jax.device_put(data.train))
   per_task = np.asarray(meas["task_loss_sum"])  # each task once (K = T)
@@ -139,7 +139,7 @@ def test_objective_is_the_weighted_sum_of_slot_losses():
 
 def test_eval_step_matches_numpy_over_unequal_task_sizes():
   spec, arrays = helpers.family_data([20, 35, 9], [13, 31, 5])
-  data = loading.build_task_data("fam", spec, arrays)
+  data = task_data.build_task_data("fam", spec, arrays)
   model, _, state = _setup(data, arch="concat")
   n_pad = data.test["x"].shape[1]
   ev = jax.jit(steps.make_eval_step(model, label_mean=data.label_mean,
@@ -158,13 +158,13 @@ def test_eval_step_matches_numpy_over_unequal_task_sizes():
 
 
 def test_k_larger_than_t_without_replacement_raises():
-  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  data = task_data.build_task_data("toy", *helpers.shared_input_data())
   with pytest.raises(ValueError, match=r"tasks_per_step=5 must be in \[1, 4\]"):
     _setup(data, k=5)
 
 
 def test_step_inputs_of_the_wrong_length_or_state_of_the_wrong_shape_raise():
-  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  data = task_data.build_task_data("toy", *helpers.shared_input_data())
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("adam", lr=1e-2)
   with pytest.raises(ValueError, match=r"weights must have one entry per task \(4\)"):

@@ -16,15 +16,15 @@ from mtljax import schedules
 from mtljax import steps
 from mtljax import train
 from mtljax import transfer
-from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import task_data
 from mtljax.models import multitask
 
 import helpers
 
 
 def _model(encoder="mlp"):
-  data = loading.build_task_data("toy", *helpers.shared_input_data())
+  data = task_data.build_task_data("toy", *helpers.shared_input_data())
   if encoder == "cnn":  # 5 inputs as a 1 x 5 image
     data.train["x"] = data.train["x"].reshape(data.train["x"].shape[:2] + (1, 5))
     data.test["x"] = data.test["x"].reshape(data.test["x"].shape[:2] + (1, 5))
@@ -170,7 +170,7 @@ def test_load_params_leaves_exactly_the_dont_load_matches_fresh():
   assert sorted(report["fresh_dont_load"]) == sorted(n for n in l if "heads/" in n)
   assert sorted(report["loaded"]) == sorted(n for n in l if "heads/" not in n)
   # A model with other head sizes: a clear error unless the heads are skipped.
-  other = loading.build_task_data("toy", *helpers.shared_input_data())
+  other = task_data.build_task_data("toy", *helpers.shared_input_data())
   small = multitask.make_model("multi_head", other.taskset.subset(["r", "c"]),
                                other.input_shape, hidden=(16, 8))
   target = small.init(jax.random.key(3))

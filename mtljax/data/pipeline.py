@@ -42,6 +42,9 @@ from tensorflow_datasets.core import example_parser
 
 from mtljax.data import loading
 from mtljax.data import sampling
+from mtljax.data import specs as specs_lib
+from mtljax.data import task_data
+from mtljax.data import tfds_access
 
 _EXAMPLE = example_parser.tf_example_pb2.Example
 
@@ -55,9 +58,9 @@ PIPELINES = ("auto", "device", "host")
 # ----------------------------------------------------------------------------
 
 
-def input_bytes(features, sources: dict, spec: loading.DataSpec) -> int:
+def input_bytes(features, sources: dict, spec: specs_lib.DataSpec) -> int:
   """Bytes the device path needs for the inputs of every split (float32)."""
-  shape, _ = loading.input_feature(features, spec)
+  shape, _ = specs_lib.input_feature(features, spec)
   if any(d is None or d < 0 for d in shape):
     raise ValueError(f"Input feature {spec.input_key!r} has a dynamic shape {shape}; "
                      "mtljax needs inputs of one fixed shape.")
@@ -127,7 +130,7 @@ class Reader:
       return None
     if not type(inner).__module__.startswith("array_record"):
       return None  # e.g. tfds.testing.mock_data's stand-in
-    feat = loading.flatten_features(info.features).get(self.input_key)
+    feat = specs_lib.flatten_features(info.features).get(self.input_key)
     if type(feat) is not tfds.features.Tensor or feat._encoding not in (  # pylint: disable=protected-access
         tfds.features.Encoding.NONE, tfds.features.Encoding.BYTES):
       return None
@@ -174,16 +177,16 @@ class Reader:
       for j, (i, r) in enumerate(zip(ids, self.raw.__getitems__(ids))):
         out[j] = self._parse(i, r)
     else:
-      for j, (i, r) in enumerate(zip(ids, loading.read_records(self.source, ids))):
+      for j, (i, r) in enumerate(zip(ids, tfds_access.read_records(self.source, ids))):
         out[j] = self.check(i, r)
     return out[inv.reshape(-1)].reshape(records.shape + self.input_shape)
 
 
-def _task_of_record(spec: loading.DataSpec, record: dict) -> str:
+def _task_of_record(spec: specs_lib.DataSpec, record: dict) -> str:
   """The task(s) a record belongs to, for errors."""
   if spec.split_key is None:
     return f"task(s) {[c.task.name for c in spec.columns]}"
-  return f"task {loading.family_task_name(spec, record[spec.split_key])!r}"
+  return f"task {specs_lib.family_task_name(spec, record[spec.split_key])!r}"
 
 
 def shard(n: int, index: int, count: int) -> np.ndarray:
@@ -196,15 +199,15 @@ def shard(n: int, index: int, count: int) -> np.ndarray:
 def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
          task_names=(), max_train_examples: int | None = None, input_key: str = "image",
          label_keys=(), normalize_labels: bool = True, sources: dict | None = None,
-         features=None, spec: loading.DataSpec | None = None, shard_index: int = 0,
-         shard_count: int = 1) -> loading.MultiTaskData:
+         features=None, spec: specs_lib.DataSpec | None = None, shard_index: int = 0,
+         shard_count: int = 1) -> task_data.MultiTaskData:
   """A data set for the host pipeline: labels and record indices in memory
   (``records [S, N]`` in place of ``x``), inputs read on demand
   (``data.readers``). ``sources``/``features``/``spec`` stand in for a TFDS
   data set (any random-access sequence of dicts, for tests and custom data).
 
   Every record is read once here (batched): its labels (and ``<label>_mask``
-  features: missing labels, :func:`mtljax.data.loading.mark_missing`) are
+  features: missing labels, :func:`mtljax.data.task_data.mark_missing`) are
   kept, its input is checked against the declared shape and for NaN. ``shard_index`` of
   ``shard_count`` (:meth:`mtljax.sharding.Placement.data_shard`: this process's
   slice of the mesh's ``data`` axis): only that shard of the train split is
@@ -212,14 +215,14 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
   task sizes and label statistics are summed over the shards."""
   p, count = int(shard_index), int(shard_count)
   if sources is None:
-    features, sources = loading.open_sources(name, data_dir=data_dir,
-                                             builder_config=builder_config)
+    features, sources = tfds_access.open_sources(name, data_dir=data_dir,
+                                                 builder_config=builder_config)
   if spec is None:
     spec = loading.spec_for(name, features, builder_config, input_key, label_keys)
-  shape, dtype = loading.input_feature(features, spec)
+  shape, dtype = specs_lib.input_feature(features, spec)
   keys = list(dict.fromkeys([c.label_key for c in spec.columns] +
                             ([spec.split_key] if spec.split_key else []) +
-                            loading.mask_keys(spec, loading.flatten_features(features))))
+                            specs_lib.mask_keys(spec, specs_lib.flatten_features(features))))
   arrays, readers = {}, {}
   for split, src in sources.items():
     reader = Reader(src, spec.input_key, shape, np.dtype(dtype))
@@ -236,7 +239,7 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
         task = _task_of_record(spec, r)
         raise ValueError(f"Data set {name!r}, split {split!r}, {task}, record {i}: "
                          f"{e.what}.") from None
-    cols = loading.read_columns(src, keys, indices=ids, check=check)
+    cols = tfds_access.read_columns(src, keys, indices=ids, check=check)
     cols[spec.input_key] = ids
     arrays[split], readers[split] = cols, reader
   if jax.process_count() > 1:
@@ -250,10 +253,10 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
     reduce = lambda a: np.sum(multihost_utils.process_allgather(a), axis=0) / replicas
   limit = max(max_train_examples // count, 1) if max_train_examples else None
   try:
-    data = loading.build_task_data(name, spec, arrays, task_names=task_names,
-                                   max_train_examples=limit,
-                                   normalize_labels=normalize_labels, records=True,
-                                   reduce_sums=reduce)
+    data = task_data.build_task_data(name, spec, arrays, task_names=task_names,
+                                     max_train_examples=limit,
+                                     normalize_labels=normalize_labels, records=True,
+                                     reduce_sums=reduce)
   except ValueError as e:
     if count > 1:
       raise ValueError(f"{e} (this process reads shard {p} of {count} of the train "
@@ -275,7 +278,7 @@ class Batches:
   [B, ...] float32, "y" {group: [K, B]}}``, with ``B`` this process's share.
   """
 
-  def __init__(self, data: loading.MultiTaskData, sampler, seed: int, *,
+  def __init__(self, data: task_data.MultiTaskData, sampler, seed: int, *,
                steps_per_call: int = 1, shard_index: int = 0, shard_count: int = 1):
     from mtljax import steps  # pylint: disable=g-import-not-at-top
     if data.readers is None:
@@ -354,7 +357,7 @@ class Batches:
                                                      prefetch_buffer_size=int(prefetch))))
 
 
-def eval_chunks(data: loading.MultiTaskData, split_name: str, chunk: int
+def eval_chunks(data: task_data.MultiTaskData, split_name: str, chunk: int
                 ) -> Iterator[dict]:
   """Every example of every task, ``chunk`` positions at a time:
   ``{"x" [T, C, ...], "y" {group: [T, C]}, "valid" [T, C]}``."""

@@ -119,7 +119,7 @@ def gather_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
 
   Args:
     split: a split's arrays (``x``, ``source``, ``y``) as laid out by
-      :func:`mtljax.data.loading.build_task_data`.
+      :func:`mtljax.data.task_data.build_task_data`.
     taskset_arrays: ``{"local_index": [T]}`` from the task set.
     task_ids: ``[K]``; idx: ``[K, B]``.
 

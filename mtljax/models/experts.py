@@ -1,8 +1,10 @@
 """Expert families and task attention: CGC / PLE, DSelect-k gates, MTAN.
 
 The architectures here are built by :func:`mtljax.models.multitask.make_model`
-from its checked spec and its ``_Parts`` (trunk, towers, heads, per-task keys);
-this module reads no config and imports no other architecture code.
+from its checked :class:`~mtljax.models.parts.ArchSpec` and its
+:class:`~mtljax.models.parts.Parts` (trunk, towers, heads, per-task keys); this
+module reads no config and imports no other architecture code (the mixtures,
+:mod:`mtljax.models.mixtures`, take their gates from here).
 
 * ``cgc`` / ``ple`` (Tang et al., RecSys 2020, "Progressive Layered
   Extraction"): at level ``l`` there are ``num_experts`` shared experts
@@ -72,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtljax.models import encoders
+from mtljax.models import parts as parts_lib
 
 _ENTROPY_EPS = 1e-6  # the official code's log(r + 1e-6)
 
@@ -141,7 +144,7 @@ def dselect_weights(z, w, *, num_experts: int, gamma: float):
   return weights, selectors
 
 
-def dselect_gate(spec, in_dim: int) -> Gate:
+def dselect_gate(spec: parts_lib.ArchSpec, in_dim: int) -> Gate:
   """A DSelect-k gate, static (``{"z": [k, m], "w": [k]}``) or per example
   (``{"z": {"kernel" [D, k m], "bias"}, "w": {"kernel" [D, k], "bias"}}``)."""
   e, k, gamma = spec.num_experts, spec.dselect_k, spec.dselect_gamma
@@ -172,7 +175,7 @@ def dselect_gate(spec, in_dim: int) -> Gate:
   return Gate(init, weights)
 
 
-def dselect_penalty(spec) -> Callable | None:
+def dselect_penalty(spec: parts_lib.ArchSpec) -> Callable | None:
   """Static gates' regularisers over every task's gate: ``entropy_reg * sum_i
   H(r_i)`` (``H(r) = -sum_e r_e log(r_e + 1e-6)``) and, when E is not a power
   of 2, ``sum_i 1 / sum_e r_i(e)`` (keeps mass on reachable experts); None
@@ -201,7 +204,7 @@ def _gather(tree, rows):
 # ----------------------------------------------------------------------------
 
 
-def ple_model(parts) -> dict:
+def ple_model(parts: parts_lib.Parts) -> dict:
   """``cgc`` (one level) or ``ple`` (``spec.num_levels``): see the module docstring.
 
   With ``num_levels >= 2`` and ``task_experts > 0``, task ``t``'s experts at
@@ -215,19 +218,11 @@ def ple_model(parts) -> dict:
   """
   spec, num_tasks = parts.spec, parts.num_tasks
   levels, e_s, e_t = spec.num_levels, spec.num_experts, spec.task_experts
-  mlp = encoders.MLP(spec.level_hidden)
   dims = [parts.trunk_dim] + [spec.level_hidden[-1] if spec.level_hidden else 0] * (levels - 1)
   gate_in = [int(np.prod(spec.input_shape))] + dims[:-1]
   task_gates = [softmax_gate(e_s + e_t, gate_in[l]) for l in range(levels)]
   shared_gates = [softmax_gate(e_s + num_tasks * e_t, gate_in[l]) for l in range(levels - 1)]
-
-  def expert_init(l, rng):
-    if l == 0:
-      return parts.trunk_init(rng)
-    return mlp.init(rng, jnp.zeros((1, dims[l - 1]), jnp.float32))["params"]
-
-  def expert_apply(l, p, h):
-    return parts.trunk_apply(p, h) if l == 0 else mlp.apply({"params": p}, h)
+  expert_init, expert_apply = _level_experts(parts, dims)
 
   def init(rng):
     r_trunk, r_heads, r_extra = jax.random.split(rng, 3)
@@ -298,10 +293,44 @@ def ple_model(parts) -> dict:
     h = parts.towers_apply(task_params.get("towers"), feats, task_ids, 0)
     return parts.heads_apply(task_params["heads"], h, task_ids)
 
-  rows = {k: np.arange(num_tasks, dtype=np.int32)
-          for k in ("gates",) + (("experts",) if e_t else ()) + (("towers",) if spec.tower
-                                                                  else ())}
+  out = {"init": init, "apply": apply, "task_rows": _ple_task_rows(parts),
+         "layer_groups": _ple_layer_groups(parts)}
+  if levels > 1 or not spec.per_task_heads:
+    return out  # the shared path reads every task's experts / the heads are shared
+  return {**out, "encode": encode, "decode": decode}
+
+
+def _level_experts(parts: parts_lib.Parts, dims: list[int]):
+  """``(init(l, rng), apply(l, params, h))`` of one expert at level ``l``: the
+  configured encoder at level 0, ReLU layers of widths ``level_hidden`` on the
+  level before's ``dims[l - 1]`` features after."""
+  mlp = encoders.MLP(parts.spec.level_hidden)
+
+  def expert_init(l, rng):
+    if l == 0:
+      return parts.trunk_init(rng)
+    return mlp.init(rng, jnp.zeros((1, dims[l - 1]), jnp.float32))["params"]
+
+  def expert_apply(l, p, h):
+    return parts.trunk_apply(p, h) if l == 0 else mlp.apply({"params": p}, h)
+  return expert_init, expert_apply
+
+
+def _ple_task_rows(parts: parts_lib.Parts) -> dict[str, np.ndarray]:
+  """The per-task stacks of ``cgc`` / ``ple``: gates, task experts (when
+  ``task_experts > 0``), towers (with a tower) and per-task heads."""
+  spec = parts.spec
+  rows = {k: np.arange(parts.num_tasks, dtype=np.int32)
+          for k in ("gates",) + (("experts",) if spec.task_experts else ()) +
+          (("towers",) if spec.tower else ())}
   rows.update(parts.head_rows())
+  return rows
+
+
+def _ple_layer_groups(parts: parts_lib.Parts) -> tuple[tuple[str, str], ...]:
+  """Level 0's expert layers, then per level its expert layers (levels >= 1)
+  and its gates, then the towers and heads."""
+  spec, levels = parts.spec, parts.spec.num_levels
   extra = []
   for l in range(levels):
     if l:
@@ -309,12 +338,8 @@ def ple_model(parts) -> dict:
                 for j in range(len(spec.level_hidden))]
     extra.append(("gates" if levels == 1 else f"gates_{l}",
                   rf"^(tasks/gates|shared/gate)/level_{l}/"))
-  out = {"init": init, "apply": apply, "task_rows": rows,
-         "layer_groups": parts.layer_groups("shared/experts/level_0|tasks/experts/level_0",
-                                            extra + parts.tower_groups())}
-  if levels > 1 or not spec.per_task_heads:
-    return out  # the shared path reads every task's experts / the heads are shared
-  return {**out, "encode": encode, "decode": decode}
+  return parts.layer_groups("shared/experts/level_0|tasks/experts/level_0",
+                            extra + parts.tower_groups())
 
 
 # ----------------------------------------------------------------------------
@@ -333,7 +358,7 @@ def _dense(p, h):
   return h @ p["kernel"] + p["bias"]
 
 
-def mtan_model(parts) -> dict:
+def mtan_model(parts: parts_lib.Parts) -> dict:
   """``mtan``: see the module docstring."""
   spec, num_tasks = parts.spec, parts.num_tasks
   names = spec.layer_names
