@@ -26,7 +26,7 @@ from mtljax.data import task_data
 from mtljax.models import multitask
 
 _ENCODERS = flags.DEFINE_list("encoders", ["mlp", "cnn"], "Encoders to time.")
-_ARCHS = flags.DEFINE_list("archs", list(multitask.ARCHS), "Architectures to time.")
+_ARCHS = flags.DEFINE_list("archs", list(multitask.archs()), "Architectures to time.")
 _TASKS = flags.DEFINE_list("num_tasks", ["2", "8"], "Numbers of tasks T.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps per configuration.")
 _SPC = flags.DEFINE_list("steps_per_call", ["1", "50"],

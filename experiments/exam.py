@@ -29,7 +29,7 @@ def approach_config(config, approach: str, seed: int) -> ml_collections.ConfigDi
   else:
     c.model.arch = "soft"
     c.cv.folds = config.exam.cv_folds
-    c.cv.grid = "model.soft_lambda=" + ",".join(f"{v:g}" for v in config.exam.soft_lambdas)
+    c.cv.grid = "model.soft.lambda_=" + ",".join(f"{v:g}" for v in config.exam.soft_lambdas)
   return c
 
 
@@ -55,7 +55,7 @@ def run(config, workdir: str) -> dict:
       out_dir = os.path.join(workdir, f"seed{seed}", approach)
       if approach == "soft":
         out = cv.select_and_train(c, out_dir)
-        chosen.append(out["cv"]["best"]["overrides"]["model.soft_lambda"])
+        chosen.append(out["cv"]["best"]["overrides"]["model.soft.lambda_"])
         summary = out["final"]
       else:
         summary = train.train_and_evaluate(c, out_dir)

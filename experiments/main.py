@@ -43,8 +43,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join a multi-process run from the cluster's environment "
     "(SLURM, Open MPI, TPU pods: jax.distributed.initialize() with no arguments).")
 _LIST = flags.DEFINE_bool(
-    "list", False, "Print the configs and their variants, architectures, encoders, "
-    "objectives with their hyper-parameters and fine-tuning strategies, and exit.")
+    "list", False, "Print the configs and their variants, architectures and objectives with "
+    "their hyper-parameters, encoders, heads and fine-tuning strategies, and exit.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (file + overrides) and exit.")
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run is not finished; rerun to resume
@@ -67,7 +67,13 @@ def print_catalog(out=sys.stdout) -> None:
     module = importlib.import_module(f"experiments.configs.{name}")
     shown = ", ".join(repr(v) for v in getattr(module, "VARIANTS", ("",)))
     print(f"  {name:<22} variants: {shown}", file=out)
-  print(f"architectures (config.model.arch): {', '.join(multitask.ARCHS)}", file=out)
+  print("architectures (config.model.arch; hyper-parameters as config.model.ARCH.NAME):",
+        file=out)
+  for arch in multitask.archs():
+    shown = ", ".join(f"{k}={v!r}" for k, v in multitask.hyperparameters(arch).items()) or "-"
+    print(f"  {arch:<14} {shown}", file=out)
+  shown = ", ".join(f"{k}={v!r}" for k, v in multitask.trunk_defaults().items())
+  print(f"trunk, every architecture's (config.model.NAME): {shown}", file=out)
   print(f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}", file=out)
   print(f"heads (config.model.heads): {', '.join(multitask.HEADS)}", file=out)
   print("objectives (config.objective.method; hyper-parameters as "

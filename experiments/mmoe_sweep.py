@@ -27,7 +27,8 @@ logger = logging.getLogger("mtljax")
 MODELS = ("shared_bottom", "omoe", "mmoe", "independent", "cgc", "ple", "dselect_k", "mtan")
 GAPS = (("shared_bottom", "mmoe"), ("omoe", "mmoe"), ("cgc", "mmoe"), ("ple", "mmoe"),
         ("dselect_k", "mmoe"), ("mtan", "mmoe"))
-# Width-matched models: the layer widths as a function of the one width H searched.
+# Width-matched models: the layer widths as a function of the one width H searched
+# (and of MMoE's towers, config.model.mmoe.tower: the independent networks' depth).
 _SHAPES = {"shared_bottom": lambda h, tower: (h,),
            "independent": lambda h, tower: (h,) + tuple(tower),
            "cgc": lambda h, tower: (h,), "ple": lambda h, tower: (h,),
@@ -56,7 +57,7 @@ def model_sizes(config) -> dict:
   s = config.sweep
   out = {m: {"hidden": list(s.expert_hidden)} for m in ("mmoe", "omoe")}
   target = parameter_count(config, "mmoe", s.expert_hidden)
-  shapes = {m: lambda h, f=f: f(h, config.model.tower) for m, f in _SHAPES.items()}
+  shapes = {m: lambda h, f=f: f(h, config.model.mmoe.tower) for m, f in _SHAPES.items()}
   fixed = {"shared_bottom": s.bottom_hidden, "independent": s.independent_hidden,
            "cgc": s.expert_hidden, "ple": s.expert_hidden, "dselect_k": s.expert_hidden,
            "mtan": s.bottom_hidden}

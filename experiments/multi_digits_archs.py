@@ -18,7 +18,7 @@ logger = logging.getLogger("mtljax")
 
 def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  common.check_names("archs", config.archs, multitask.ARCHS)
+  common.check_names("archs", config.archs, multitask.archs())
   out = {"delta_m": {}, "per_task": {}, "tasks": {}, "train_metrics": {}, "curves": {}}
   for arch in config.archs:
     c = common.run_config(config, "archs")

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from mtljax import checkpoint as ckpt_lib
+from mtljax import errors
 from mtljax import jacobians
 from mtljax import objectives
 from mtljax import optim
@@ -83,13 +84,35 @@ def _positive_ints(field: str, values) -> None:
     raise ValueError(f"config.{field} must be positive integers, got {tuple(values)!r}.")
 
 
+def _model_arguments(m) -> dict:
+  """``config.model`` as :func:`mtljax.models.multitask.make_model`'s ``trunk``
+  (the fields at ``config.model.*``) and ``hparams`` (``config.model.<arch>``,
+  absent: the defaults)."""
+  trunk = multitask.Trunk(**{k: m[k] for k in multitask.TRUNK_FIELDS if k in m})
+  section = m.get(m.arch, None)
+  return {"trunk": trunk, "hparams": multitask.make_hparams(
+      m.arch, **(section.to_dict() if section is not None else {}))}
+
+
 def _validate_model(m) -> None:
-  _one_of("model.soft_norm", m.soft_norm, multitask.SOFT_NORMS)
-  _positive_ints("model.hidden", m.hidden)
-  _positive_ints("model.channels", m.channels)
-  _positive_ints("model.tower", m.tower)
-  _positive_ints("model.num_experts", (m.num_experts,))
-  _in_range("model.soft_lambda", m.soft_lambda, 0, None)
+  """``config.model``: the architecture's name, no unknown key in it or in an
+  architecture's section, and the chosen architecture's values (those that
+  need no input shape)."""
+  _one_of("model.arch", m.arch, multitask.archs())
+  sections = {a for a in multitask.archs() if multitask.hyperparameters(a)}
+  known = {"arch"} | set(multitask.TRUNK_FIELDS) | sections
+  unknown = sorted(set(m) - known)
+  if unknown:
+    raise ValueError(f"config.model: unknown key(s) {unknown}; keys are {sorted(known)} (an "
+                     "architecture's hyper-parameters live under config.model.<arch>, e.g. "
+                     "config.model.mmoe.num_experts).")
+  for arch in sorted(set(m) & sections):
+    unknown = sorted(set(m[arch]) - set(multitask.hyperparameters(arch)))
+    if unknown:
+      raise ValueError(f"config.model.{arch}: unknown hyper-parameter(s) {unknown}; {arch!r} "
+                       f"takes {sorted(multitask.hyperparameters(arch))}.")
+  with errors.config_section("model"):
+    multitask.checked_arguments(m.arch, **_model_arguments(m))
 
 
 def _validate_optim_numbers(o) -> None:
@@ -164,9 +187,6 @@ def _validate_data(config) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every name and count that needs no data, before anything loads."""
   m, s, o = config.model, config.sampling, config.optim
-  _one_of("model.arch", m.arch, multitask.ARCHS)
-  _one_of("model.encoder", m.encoder, multitask.ENCODERS)
-  _one_of("model.heads", m.heads, multitask.HEADS)
   _one_of("sampling.task_sampler", s.task_sampler, sampling.SAMPLERS)
   if s.tasks_per_step < 0:
     raise ValueError(f"config.sampling.tasks_per_step must be >= 0 (0 = all tasks), "
@@ -316,16 +336,12 @@ def data_from_config(config) -> task_data.MultiTaskData:
 
 
 def model_from_config(config, taskset, input_shape) -> multitask.Model:
+  """``config.model.arch`` with the trunk's fields (``config.model.*``) and its
+  hyper-parameters (``config.model.<arch>``); a wrong value raises
+  ``config.model: <the library's message>``."""
   m = config.model
-  return multitask.make_model(
-      m.arch, taskset, input_shape, encoder=m.encoder, hidden=tuple(m.hidden),
-      channels=tuple(m.channels), cond_layers=tuple(m.cond_layers), heads=m.heads,
-      soft_lambda=m.soft_lambda, soft_norm=m.soft_norm, soft_layers=m.soft_layers,
-      stitch_init=m.stitch_init, num_experts=m.num_experts, tower=tuple(m.tower),
-      task_experts=m.task_experts, num_levels=m.num_levels,
-      level_hidden=tuple(m.level_hidden), dselect_k=m.dselect_k,
-      dselect_gamma=m.dselect_gamma, dselect_per_example=m.dselect_per_example,
-      dselect_entropy_reg=m.dselect_entropy_reg)
+  with errors.config_section("model"):
+    return multitask.make_model(m.arch, taskset, input_shape, **_model_arguments(m))
 
 
 def objective_hparams(config) -> dict:

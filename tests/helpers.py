@@ -203,3 +203,12 @@ def with_overrides(config, overrides: dict):
       node = node[p]
     node[leaf] = tuple(value) if isinstance(value, list) else value
   return config
+
+
+def arch_kwargs(arch: str, **kwargs) -> dict:
+  """The keywords of ``kwargs`` that ``make_model(arch, ...)`` takes: the
+  trunk's fields and ``arch``'s hyper-parameters (a test that builds every
+  architecture from one set of settings; ``make_model`` refuses the others)."""
+  from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
+  takes = set(multitask.TRUNK_FIELDS) | set(multitask.hyperparameters(arch))
+  return {k: v for k, v in kwargs.items() if k in takes}

@@ -55,7 +55,12 @@ def test_list_names_every_config_architecture_objective_and_strategy():
   for name in configs:
     assert f"\n  {name} " in out, name
   assert "'protocol=nashmtl'" in out and "'source=multi_digits'" in out
-  assert f"architectures (config.model.arch): {', '.join(multitask.ARCHS)}\n" in out
+  assert "architectures (config.model.arch; hyper-parameters as config.model.ARCH.NAME):\n" in out
+  for arch in multitask.archs():
+    hp = multitask.hyperparameters(arch)
+    shown = ", ".join(f"{k}={v!r}" for k, v in hp.items()) or "-"
+    assert f"\n  {arch:<14} {shown}\n" in out, arch
+  assert "encoder='mlp', hidden=(128, 128), channels=(16, 32), heads='auto'\n" in out
   assert f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}\n" in out
   assert f"heads (config.model.heads): {', '.join(multitask.HEADS)}\n" in out
   for method in objectives.methods():

@@ -279,7 +279,9 @@ def test_quick_regression_configs_beat_predicting_the_mean(module, tmp_path):
 
 @pytest.mark.parametrize("field, value, match", [
     ("model.arch", "mixture", "config.model.arch='mixture'"),
-    ("model.encoder", "vit", "config.model.encoder='vit'"),
+    ("model.encoder", "vit", "config.model: encoder='vit' is not one of"),
+    ("model.num_experts", 4, r"config.model: unknown key\(s\) \['num_experts'\]"),
+    ("model.mmoe.experts", 4, r"config.model.mmoe: unknown hyper-parameter\(s\) \['experts'\]"),
     ("sampling.task_sampler", "greedy", "config.sampling.task_sampler='greedy'"),
     ("optim.name", "lion", "config.optim.name='lion'"),
     ("objective.method", "magic", "config.objective.method='magic'"),
@@ -290,12 +292,13 @@ def test_quick_regression_configs_beat_predicting_the_mean(module, tmp_path):
     ("data.tasks", ("left", "middle"), r"unknown task\(s\) \['middle'\]"),
     ("data.name", "", "config.data.name is empty"),
     ("sampling.examples_per_task", 0, "examples_per_task must be a positive integer"),
-    ("model.cond_layers", (3,), r"layer\(s\) \[3\] do not exist"),
+    ("model.concat.cond_layers", (3,),
+     r"config.model: concat.cond_layers=\(3,\): layer\(s\) \[3\] do not exist"),
     ("sampling.tasks_per_step", 3, r"tasks_per_step=3 must be in \[1, 2\]"),
 ])
 def test_bad_config_raises_naming_the_field_before_training(field, value, match, tmp_path):
   c = _small_digits_config()
-  c.model.arch = "concat" if field == "model.cond_layers" else c.model.arch
+  c.model.arch = "concat" if field == "model.concat.cond_layers" else c.model.arch
   *parents, key = field.split(".")
   node = c
   for part in parents:

@@ -6,8 +6,6 @@ regularisers against a float64 recomputation, the one-pass step against the
 per-slot step, unsampled tasks' rows frozen, bad settings rejected. The
 forward passes against numpy references are in test_model_references.py."""
 
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,9 +60,7 @@ def test_gates_are_on_the_simplex():
   np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
   for e in (1, 4, 8):
     for per_example in (False, True):
-      spec = types.SimpleNamespace(num_experts=e, dselect_k=min(3, e), dselect_gamma=1.0,
-                                   dselect_per_example=per_example)
-      gate = experts.dselect_gate(spec, 6)
+      gate = experts.dselect_gate(e, min(3, e), 1.0, per_example, 6)
       weights = jax.jit(lambda p, gate=gate: gate(p, h))
       for scale in (1.0, 30.0):  # in the cubic region / saturated
         w = np.asarray(weights(_noisy(gate.init(rng), scale=scale)), np.float64)
@@ -108,7 +104,7 @@ def test_dselect_k_penalty_is_entropy_plus_reachability():
   gamma = 0.4
   for e, reg in ((5, 0.01), (3, 0.0), (4, 0.1)):
     model = multitask.make_model("dselect_k", MIXED, (5,), hidden=(4,), num_experts=e,
-                                 dselect_k=2, dselect_entropy_reg=reg, dselect_gamma=gamma)
+                                 k=2, entropy_reg=reg, gamma=gamma)
     p = model.init(jax.random.key(0))
     assert p["tasks"]["gates"]["z"].shape == (3, 2, int(np.ceil(np.log2(e))))
     assert p["tasks"]["gates"]["w"].shape == (3, 2)
@@ -163,8 +159,7 @@ def test_dselect_k_initialises_as_the_official_code(per_example):
   gamma, e, k, d = 0.4, 64 if not per_example else 16, 8 if not per_example else 4, 40
   m = int(np.log2(e))
   model = multitask.make_model("dselect_k", MIXED, (d,), hidden=(2,), num_experts=e,
-                               dselect_k=k, dselect_gamma=gamma,
-                               dselect_per_example=per_example)
+                               k=k, gamma=gamma, per_example=per_example)
   g = model.init(jax.random.key(0))["tasks"]["gates"]
   if per_example:
     leaves = {"z/kernel": (g["z"]["kernel"], (3, d, k * m), gamma / 100),
@@ -263,7 +258,7 @@ def _shared_bottom_params(sb, trunk, task_params):
 
 @pytest.mark.parametrize("arch, kw", [
     ("mmoe", dict(num_experts=1)), ("cgc", dict(num_experts=1, task_experts=0)),
-    ("dselect_k", dict(num_experts=1, dselect_k=1))])
+    ("dselect_k", dict(num_experts=1, k=1))])
 @pytest.mark.parametrize("encoder, shape", [
     ("mlp", (5,)), pytest.param("cnn", (4, 4), marks=pytest.mark.slow)])
 def test_one_expert_reduces_to_shared_bottom(arch, kw, encoder, shape):
@@ -327,7 +322,8 @@ def test_one_pass_step_equals_the_per_slot_step(arch, method):
   and decodes per slot gives the per-slot step's losses, parameters and
   optimizer state."""
   data = helpers.toy_data()
-  model = multitask.make_model(arch, data.taskset, data.input_shape, **_KW)
+  model = multitask.make_model(arch, data.taskset, data.input_shape,
+                               **helpers.arch_kwargs(arch, **_KW))
   tx = optim.make_optimizer("adam", lr=1e-2)
   runs = {}
   for one_pass in (None, False):
@@ -358,8 +354,8 @@ def test_unsampled_tasks_rows_do_not_move(arch):
   DSelect-k's gates with their penalty) and its optimizer state are bitwise
   unchanged; the sampled task's rows move."""
   data = helpers.toy_data()
-  model = multitask.make_model(arch, data.taskset, data.input_shape,
-                               **{**_KW, "num_experts": 3, "dselect_entropy_reg": 0.1})
+  model = multitask.make_model(arch, data.taskset, data.input_shape, **helpers.arch_kwargs(
+      arch, **{**_KW, "num_experts": 3, "entropy_reg": 0.1}))
   assert model.penalty is not None or arch != "dselect_k"
   tx = optim.make_optimizer("adam", lr=1e-2)
   fn = jax.jit(steps.make_train_step(
@@ -390,16 +386,17 @@ def test_unsampled_tasks_rows_do_not_move(arch):
 
 
 @pytest.mark.parametrize("arch, kw, match", [
-    ("dselect_k", dict(num_experts=4, dselect_k=5), r"dselect_k must be in \[1, num_experts=4\]"),
-    ("dselect_k", dict(dselect_gamma=0.0), "dselect_gamma must be a finite number > 0"),
-    ("dselect_k", dict(dselect_per_example=True, dselect_entropy_reg=0.1),
-     "'dselect_k' with dselect_per_example=True"),
-    ("dselect_k", dict(dselect_per_example=True, num_experts=3), "not a power of 2"),
-    ("ple", dict(num_levels=0), "num_levels must be >= 1 for arch 'ple'"),
-    ("cgc", dict(task_experts=-1), "task_experts must be >= 0"),
-    ("cgc", dict(num_experts=0), "num_experts must be >= 1 for arch 'cgc'"),
-    ("ple", dict(level_hidden=(0,)), "level_hidden must be positive"),
+    ("dselect_k", dict(num_experts=4, k=5), r"^dselect_k.k must be in \[1, num_experts=4\]"),
+    ("dselect_k", dict(gamma=0.0), "^dselect_k.gamma must be a finite number > 0"),
+    ("dselect_k", dict(per_example=True, entropy_reg=0.1), "^dselect_k.per_example=True"),
+    ("dselect_k", dict(per_example=True, num_experts=3), "not a power of 2"),
+    ("ple", dict(num_levels=0), "^ple.num_levels must be >= 1"),
+    ("cgc", dict(task_experts=-1), "^cgc.task_experts must be >= 0"),
+    ("cgc", dict(num_experts=0), "^cgc.num_experts must be >= 1"),
+    ("ple", dict(level_hidden=(0,)), "^ple.level_hidden must be positive"),
+    ("ple", dict(hidden=(), level_hidden=()), "^ple.num_levels=2 needs ple.level_hidden"),
     ("mtan", dict(hidden=()), "'mtan' with encoder 'mlp' needs at least one trunk layer"),
+    ("cgc", dict(num_levels=2), r"^cgc: unknown hyper-parameter\(s\) \['num_levels'\]"),
 ])
 def test_bad_expert_settings_raise_before_compiling(arch, kw, match):
   with pytest.raises(ValueError, match=match):

@@ -27,7 +27,8 @@ def _noisy_params(model, seed=0):
 
 def _setup(arch, shared_inputs, k, heads="auto", seed=0):
   data = helpers.toy_data()
-  model = multitask.make_model(arch, data.taskset, data.input_shape, heads=heads, **_KW)
+  model = multitask.make_model(arch, data.taskset, data.input_shape,
+                               **helpers.arch_kwargs(arch, heads=heads, **_KW))
   params = _noisy_params(model, seed)
   probs = np.full(4, 0.25)
   ids, x, ys, _ = helpers.step_batch(data, probs, seed=seed + 3, k=k, b=6,
@@ -36,7 +37,7 @@ def _setup(arch, shared_inputs, k, heads="auto", seed=0):
 
 
 # (arch, heads): every architecture, and multi_head with shared heads (pooled).
-_ARCHS = [(a, "auto") for a in multitask.ARCHS] + [("multi_head", "shared")]
+_ARCHS = [(a, "auto") for a in multitask.archs()] + [("multi_head", "shared")]
 # (shared inputs, K, static slot layout): one pass or per slot, K = T or K < T.
 _LAYOUTS = [(True, 4, True), (True, 3, False), (False, 4, True), (False, 3, False)]
 # The fast tier: every path once -- one pass (static, traced), per slot on shared

@@ -47,13 +47,13 @@ def _perturbed(params, seed=1, scale=0.3):
   return jax.tree.unflatten(treedef, noisy)
 
 
-def _random_like(model, stitch_init=0.9, seed=1):
+def _random_like(model, init_diagonal=0.9, seed=1):
   """Random float32 parameters in the layout of ``model.init`` (its tree and
   shapes from ``jax.eval_shape``, so no initialiser runs: that is most of the
   run time of a small model on CPU). Each leaf is its documented initial value
   plus noise: kernels N(0, 1/fan_in), biases N(0, 0.3^2) (init: zeros),
   multiplicative gates 1 + N(0, 0.3^2) (init: ones), cross-stitch alphas
-  stitch_init on the diagonal and (1 - stitch_init) / (T - 1) off it, + N(0, 0.1^2).
+  init_diagonal on the diagonal and (1 - init_diagonal) / (T - 1) off it, + N(0, 0.1^2).
   MoE gate kernels are kernels (init: zeros), so the softmax is not uniform."""
   rng = np.random.default_rng(seed)
   n = len(model.taskset)
@@ -62,8 +62,8 @@ def _random_like(model, stitch_init=0.9, seed=1):
     names = [k.key for k in path]
     z = rng.standard_normal(a.shape)
     if "stitch" in names:
-      alpha = np.full((n, n), (1.0 - stitch_init) / max(n - 1, 1))
-      np.fill_diagonal(alpha, stitch_init)
+      alpha = np.full((n, n), (1.0 - init_diagonal) / max(n - 1, 1))
+      np.fill_diagonal(alpha, init_diagonal)
       v = alpha + 0.1 * z
     elif names[-1] == "z_gate":
       v = 1.0 + 0.3 * z
@@ -104,7 +104,7 @@ def _build(arch, taskset, shape, ids, init=None, **kw):
   if init is not None:
     params = _perturbed(init)
   else:
-    params = _random_like(model, kw.get("stitch_init", 0.9))
+    params = _random_like(model, kw.get("init_diagonal", 0.9))
   x = _inputs(shape, len(ids))
   outs = jax.jit(model.apply)(params, jnp.asarray(x), jnp.asarray(ids))
   return _f64(params), x, outs
@@ -289,7 +289,7 @@ def test_cross_stitch_matches_numpy_reference(encoder, shape, channels):
   """cross_stitch: all T columns run on each slot's inputs and are mixed after
   every layer (conv layers after ReLU and pooling) by h~_t = sum_t' alpha_tt' h_t';
   the slot reads its own task's column into its head."""
-  kw = dict(encoder=encoder, hidden=(7, 6), channels=channels, stitch_init=0.6)
+  kw = dict(encoder=encoder, hidden=(7, 6), channels=channels, init_diagonal=0.6)
   p, x, outs = _build("cross_stitch", MIX3, shape, IDS3, **kw)
   n_layers = len(channels) + 2
   assert len(p["shared"]["stitch"]) == n_layers
@@ -544,8 +544,9 @@ def _mtan_ref(p, taskset, x, ids, encoder, hidden, channels, tower):
 def test_cgc_and_ple_match_numpy_reference(arch, encoder, shape, levels, task_experts,
                                            level_hidden):
   kw = dict(encoder=encoder, hidden=(6, 5), channels=(3,), num_experts=2,
-            task_experts=task_experts, num_levels=levels, level_hidden=level_hidden,
-            tower=(3,))
+            task_experts=task_experts, tower=(3,))
+  if arch == "ple":  # cgc is one level: it takes neither
+    kw.update(num_levels=levels, level_hidden=level_hidden)
   p, x, outs = _build(arch, MIX3, shape, IDS3, **kw)
   assert ("gate" in p["shared"]) == (levels > 1)
   assert ("experts" in p["tasks"]) == (task_experts > 0)
@@ -578,8 +579,8 @@ def test_dselect_k_selector_matches_scalar_reference():
 
 @pytest.mark.parametrize("per_example, num_experts", [(False, 3), (False, 4), (True, 4)])
 def test_dselect_k_moe_matches_numpy_reference(per_example, num_experts):
-  kw = dict(hidden=(6, 5), num_experts=num_experts, dselect_k=2, dselect_gamma=1.5,
-            dselect_per_example=per_example, tower=(3,))
+  kw = dict(hidden=(6, 5), num_experts=num_experts, k=2, gamma=1.5, per_example=per_example,
+            tower=(3,))
   p, x, outs = _build("dselect_k", MIX3, (5,), IDS3, **kw)
   ref = _dselect_moe_ref(p, MIX3, x, IDS3, kw["hidden"], num_experts, 2, 1.5, per_example,
                          kw["tower"])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from mtljax import params as params_lib
 from mtljax import tasks
 from mtljax.models import multitask
@@ -59,12 +60,13 @@ def test_concat_and_additive_conditioning_are_the_same_function(encoder, shape, 
 def test_architectures_differ_from_each_other():
   x, ids = _x((6,)), jnp.array([0, 1, 2])
   outs, trees = {}, {}
-  for arch in multitask.ARCHS:
-    m = multitask.make_model(arch, CLS3, (6,), hidden=(16, 8), cond_layers=(0,))
+  for arch in multitask.archs():
+    m = multitask.make_model(arch, CLS3, (6,),
+                             **helpers.arch_kwargs(arch, hidden=(16, 8), cond_layers=(0,)))
     p = m.init(jax.random.key(0))
     trees[arch] = {n: a.shape for n, a in params_lib.flatten_with_names(p)}
     outs[arch] = np.asarray(m.apply(p, x, ids)["classification10"])
-  for a, b in itertools.combinations(multitask.ARCHS, 2):
+  for a, b in itertools.combinations(multitask.archs(), 2):
     # Equal at init by design: soft is independent plus a penalty; MMoE's
     # per-task gates and OMoE's one gate all start uniform (zero logits).
     if {a, b} in ({"independent", "soft"}, {"mmoe", "omoe"}):
@@ -142,7 +144,8 @@ def _random_labels(ts, task_ids, b, rng):
 @pytest.mark.parametrize("arch", ["independent", "multi_head", "concat"])
 def test_vmapped_slot_losses_equal_float64_numpy_loop(arch):
   ts = MIXED
-  model = multitask.make_model(arch, ts, (5,), hidden=(12, 7), cond_layers=(0,))
+  model = multitask.make_model(arch, ts, (5,),
+                               **helpers.arch_kwargs(arch, hidden=(12, 7), cond_layers=(0,)))
   p = jax.device_get(model.init(jax.random.key(3)))
   task_ids = np.array([3, 0, 2, 1, 0], np.int32)  # every group, one task twice
   rng = np.random.default_rng(0)
@@ -176,16 +179,84 @@ def test_vmapped_slot_losses_equal_float64_numpy_loop(arch):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(arch="mixture"), "config.model.arch='mixture'"),
-    (dict(arch="multi_head", encoder="transformer"), "config.model.encoder='transformer'"),
-    (dict(arch="multi_head", heads="some"), "config.model.heads='some'"),
-    (dict(arch="concat", cond_layers=(2,)), r"cond_layers=\(2,\): layer\(s\) \[2\]"),
-    (dict(arch="concat", cond_layers=()), "cond_layers is empty"),
+    (dict(arch="mixture"), "^arch='mixture' is not one of"),
+    (dict(arch="multi_head", encoder="transformer"), "^encoder='transformer' is not one of"),
+    (dict(arch="multi_head", heads="some"), "^heads='some' is not one of"),
+    (dict(arch="concat", cond_layers=(2,)), r"^concat.cond_layers=\(2,\): layer\(s\) \[2\]"),
+    (dict(arch="concat", cond_layers=()), "^concat.cond_layers is empty"),
     (dict(arch="multi_head", encoder="cnn"), "needs image inputs"),
+    (dict(arch="multi_head", hidden=(8, 0)), r"^hidden must be positive integers, got \(8, 0\)"),
+    (dict(arch="multi_head", num_experts=2),
+     r"^multi_head: unknown hyper-parameter\(s\) \['num_experts'\]; it takes none"),
+    (dict(arch="mmoe", experts=2), r"^mmoe: unknown hyper-parameter\(s\) \['experts'\]; it "
+     r"takes \['num_experts', 'tower'\] \(and the trunk's"),
 ])
 def test_bad_model_config_raises_before_compiling(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    multitask.make_model(kwargs.pop("arch"), CLS3, (6,), hidden=(8, 8), **kwargs)
+    multitask.make_model(kwargs.pop("arch"), CLS3, (6,), **{"hidden": (8, 8), **kwargs})
+
+
+def test_keyword_form_is_the_dataclasses_and_overrides_them():
+  """``make_model("mmoe", ..., hidden=(8,), num_experts=3)`` builds what
+  ``trunk=Trunk(hidden=(8,)), hparams=MixtureHParams(num_experts=3)`` builds,
+  keywords override the objects, and another architecture's dataclass (or a
+  dataclass for an architecture that takes none) is refused."""
+  from mtljax.models import mixtures, parts  # pylint: disable=g-import-not-at-top
+  want = multitask.make_model("mmoe", MIXED, (5,), hidden=(8,), num_experts=3)
+  assert multitask.hyperparameters("mmoe") == {"num_experts": 8, "tower": (8,)}
+  for model in (
+      multitask.make_model("mmoe", MIXED, (5,), trunk=parts.Trunk(hidden=(8,)),
+                           hparams=mixtures.MixtureHParams(num_experts=3)),
+      multitask.make_model("mmoe", MIXED, (5,), trunk=parts.Trunk(hidden=(4,)),
+                           hparams=mixtures.MixtureHParams(num_experts=2), hidden=(8,),
+                           num_experts=3)):
+    helpers.assert_trees_close(model.init(jax.random.key(0)), want.init(jax.random.key(0)),
+                               rtol=0, atol=0)
+    assert model.layer_groups == want.layer_groups
+  with pytest.raises(ValueError, match="^hparams for arch 'mmoe' must be a MixtureHParams, "
+                                       "got DSelectKHParams"):
+    multitask.make_model("mmoe", MIXED, (5,), hparams=mixtures.DSelectKHParams())
+  with pytest.raises(ValueError, match="takes no hyper-parameters"):
+    multitask.make_model("multi_head", MIXED, (5,), hparams=mixtures.MixtureHParams())
+
+
+def test_the_registry_is_the_config_and_refuses_malformed_records():
+  """``config.model.<arch>`` is generated from each record's dataclass (its
+  defaults), the trunk's fields sit at ``config.model.*``; a record whose
+  dataclass clashes with the trunk, lacks defaults or a check is refused."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  m = common.base_config().model
+  for arch in multitask.archs():
+    want = multitask.hyperparameters(arch)
+    assert (m[arch].to_dict() if want else m.get(arch, None)) == (want or None), arch
+  assert {k: m[k] for k in multitask.TRUNK_FIELDS} == multitask.trunk_defaults()
+
+  @dataclasses.dataclass(frozen=True)
+  class Clash:
+    hidden: tuple = ()
+    def checked(self, arch, trunk):
+      return self
+
+  @dataclasses.dataclass(frozen=True)
+  class NoDefault:
+    width: int
+    def checked(self, arch, trunk):
+      return self
+
+  @dataclasses.dataclass
+  class NotFrozen:
+    width: int = 1
+    def checked(self, arch, trunk):
+      return self
+  for cls, match in ((Clash, r"\['hidden'\] are the trunk's"), (NoDefault, r"\['width'\] have no"),
+                     (NotFrozen, "must be a frozen dataclass")):
+    with pytest.raises(ValueError, match=match):
+      multitask.Architecture("new", lambda *a: {}, cls)
+  with pytest.raises(ValueError, match="'hidden': the name is a config.model key"):
+    multitask.Architecture("hidden", lambda *a: {})
+  with pytest.raises(ValueError, match="'mmoe' exists"):
+    multitask.register(multitask.Architecture("mmoe", lambda *a: {}))
 
 
 @pytest.mark.parametrize("k, c_in, c_out", [(3, 1, 4), (3, 5, 2), (5, 3, 3), (2, 2, 3)])
@@ -213,8 +284,8 @@ _SPLIT = [("multi_head", "auto"), ("multi_head", "shared"), ("mmoe", "auto"),
 def test_decode_of_encode_is_apply_on_shared_inputs(arch, heads):
   """``decode(tasks, encode(shared, x), x, ids) == apply(params, [x] * K, ids)``,
   for traced task ids and for a static (numpy) slot layout."""
-  model = multitask.make_model(arch, MIXED, (5,), hidden=(12, 7), heads=heads,
-                               num_experts=3, tower=(4,))
+  model = multitask.make_model(arch, MIXED, (5,), **helpers.arch_kwargs(
+      arch, hidden=(12, 7), heads=heads, num_experts=3, tower=(4,)))
   p = model.init(jax.random.key(3))
   p = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(1), a.shape), p)
   x = jax.random.normal(jax.random.key(0), (9, 5))
@@ -240,7 +311,8 @@ def test_static_slot_layout_gives_the_same_losses_as_traced_ids(arch):
   layout ``grouped_order``; heads and losses then run per group on its own
   slots -- the losses must equal the masked computation on the same ids."""
   ts = MIXED
-  model = multitask.make_model(arch, ts, (5,), hidden=(12, 7), num_experts=3, tower=(4,))
+  model = multitask.make_model(arch, ts, (5,), **helpers.arch_kwargs(
+      arch, hidden=(12, 7), num_experts=3, tower=(4,)))
   p = model.init(jax.random.key(3))
   ids = ts.grouped_order
   np.testing.assert_array_equal(ids, [0, 2, 1, 3])  # classification10 tasks first
@@ -274,10 +346,11 @@ _GROUPS = {
 }
 
 
-@pytest.mark.parametrize("arch", multitask.ARCHS)
+@pytest.mark.parametrize("arch", multitask.archs())
 def test_every_parameter_is_in_exactly_one_layer_group(arch):
-  model = multitask.make_model(arch, MIXED, (6, 6), encoder="cnn", channels=(3,),
-                               hidden=(5, 4), num_experts=2, tower=(3,), cond_layers=(1,))
+  model = multitask.make_model(arch, MIXED, (6, 6), **helpers.arch_kwargs(
+      arch, encoder="cnn", channels=(3,), hidden=(5, 4), num_experts=2, tower=(3,),
+      cond_layers=(1,)))
   assert [g for g, _ in model.layer_groups] == _GROUPS[arch]
   shapes = jax.eval_shape(model.init, jax.random.key(0))
   names = [n for n, _ in params_lib.flatten_with_names(shapes)]
@@ -306,15 +379,15 @@ def test_every_parameter_is_in_exactly_one_layer_group(arch):
     assert "shared/stitch/layer_0" in members["layer_0"]
 
 
-@pytest.mark.parametrize("arch", multitask.ARCHS)
+@pytest.mark.parametrize("arch", multitask.archs())
 def test_shared_heads_work_for_every_architecture(arch):
   """``heads="shared"``: one head per task group at ``shared/heads/<group>``
   for every arch; tasks "a" and "b" (one group) then differ only through
   their per-task parameters -- copying a's rows into b's makes their outputs
   equal -- and a train state (with per-task optimizer rows) builds."""
   from mtljax import optim, steps  # pylint: disable=g-import-not-at-top
-  model = multitask.make_model(arch, MIXED, (5,), hidden=(6,), heads="shared",
-                               num_experts=2, tower=(3,), cond_layers=(0,))
+  model = multitask.make_model(arch, MIXED, (5,), **helpers.arch_kwargs(
+      arch, hidden=(6,), heads="shared", num_experts=2, tower=(3,), cond_layers=(0,)))
   p = model.init(jax.random.key(0))
   assert "heads" not in p["tasks"]
   assert p["shared"]["heads"]["classification10"]["kernel"].ndim == 2  # no task axis

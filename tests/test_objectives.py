@@ -281,8 +281,8 @@ def test_one_pass_step_equals_the_per_slot_step(arch, heads, method):
   layout, for multi_head, K = 3 of 4 sampled tasks for the others); and the
   objective state keeps the structure it had at init."""
   data = helpers.toy_data()
-  model = multitask.make_model(arch, data.taskset, data.input_shape, hidden=(8, 6),
-                               num_experts=3, tower=(5,), heads=heads)
+  model = multitask.make_model(arch, data.taskset, data.input_shape, **helpers.arch_kwargs(
+      arch, hidden=(8, 6), num_experts=3, tower=(5,), heads=heads))
   tx = optim.make_optimizer("adam", lr=1e-2)
   weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
   runs = {}

@@ -50,7 +50,7 @@ def _spread(trunk):
 
 
 def test_soft_with_zero_lambda_trains_exactly_like_independent():
-  model, _, soft = _train("soft", 10, soft_lambda=0.0)
+  model, _, soft = _train("soft", 10, lambda_=0.0)
   assert model.penalty is not None  # the penalty path runs; lambda = 0 must add nothing
   _, _, indep = _train("independent", 10)
   for (n, a), (_, b) in zip(_named(soft["params"]).items(), _named(indep["params"]).items()):
@@ -61,7 +61,7 @@ def test_soft_with_large_lambda_makes_the_copies_agree():
   # SGD with 2 lr lambda T = 1: each step averages the copies before their own
   # task step, so they differ only by one step's task gradients.
   lr, t = 0.05, 4
-  _, first, soft = _train("soft", 30, tx=optax.sgd(lr), soft_lambda=1 / (2 * lr * t))
+  _, first, soft = _train("soft", 30, tx=optax.sgd(lr), lambda_=1 / (2 * lr * t))
   _, _, indep = _train("independent", 30, tx=optax.sgd(lr))
   assert _spread(first["params"]["tasks"]["trunk"]) > 0.3  # different initial copies
   assert _spread(indep["params"]["tasks"]["trunk"]) > 0.3
@@ -73,7 +73,7 @@ def test_soft_penalty_and_gradient_match_float64(norm):
   data = _data()
   lam = 0.37
   model = multitask.make_model("soft", data.taskset, data.input_shape, hidden=(6, 5),
-                               soft_lambda=lam, soft_norm=norm, soft_layers="layer_1")
+                               lambda_=lam, norm=norm, layers="layer_1")
   params = model.init(jax.random.key(1))
   value, grad = jax.value_and_grad(model.penalty)(params)
   cols = params["tasks"]["trunk"]
@@ -95,7 +95,7 @@ def test_soft_penalty_and_gradient_match_float64(norm):
   got = np.concatenate([np.asarray(l).reshape(4, -1)
                         for l in jax.tree.leaves(grad["tasks"]["trunk"]["layer_1"])], axis=1)
   np.testing.assert_allclose(got, want_grad, rtol=1e-4, atol=1e-6)
-  # Layers outside soft_layers get no penalty gradient.
+  # Layers outside soft.layers get no penalty gradient.
   assert all(float(jnp.abs(l).max()) == 0.0
              for l in jax.tree.leaves(grad["tasks"]["trunk"]["layer_0"]))
 
@@ -105,7 +105,7 @@ def test_cross_stitch_with_identity_mixing_equals_independent_networks():
   x = jnp.asarray(data.train["x"][0][:24].reshape(4, 6, 5))
   ids = jnp.array([2, 0, 3, 1])
   cs = multitask.make_model("cross_stitch", data.taskset, data.input_shape, hidden=(16, 8),
-                            stitch_init=1.0)
+                            init_diagonal=1.0)
   ind = multitask.make_model("independent", data.taskset, data.input_shape, hidden=(16, 8))
   p_cs, p_ind = cs.init(jax.random.key(0)), ind.init(jax.random.key(0))
   for name, leaf in _named(p_ind["tasks"]).items():  # the same columns and heads
@@ -115,7 +115,7 @@ def test_cross_stitch_with_identity_mixing_equals_independent_networks():
   # Training with the stitch units frozen (an optimizer rule) is independent training.
   tx = optim.make_ruled_optimizer("adam", optim.parse_rules("shared/stitch/:frozen;.*:"),
                                   lr=1e-2, total_steps=10)
-  _, _, s_cs = _train("cross_stitch", 8, tx=tx, stitch_init=1.0)
+  _, _, s_cs = _train("cross_stitch", 8, tx=tx, init_diagonal=1.0)
   _, _, s_ind = _train("independent", 8)
   for name, leaf in _named(s_ind["params"]["tasks"]).items():
     np.testing.assert_allclose(_named(s_cs["params"]["tasks"])[name], leaf, rtol=1e-5,
@@ -185,10 +185,13 @@ def test_omoe_gates_are_shared_and_mmoe_gates_are_per_task():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"arch": "soft", "soft_norm": "l1"}, "soft_norm='l1' is not one of"),
-    ({"arch": "soft", "soft_layers": "conv_9"}, "soft_layers='conv_9' matches no trunk"),
-    ({"arch": "mmoe", "num_experts": 0}, "num_experts must be >= 1"),
-    ({"arch": "cross_stitch", "stitch_init": 1.5}, r"stitch_init must be in \[0, 1\]"),
+    ({"arch": "soft", "norm": "l1"}, "^soft.norm='l1' is not one of"),
+    ({"arch": "soft", "layers": "conv_9"}, "^soft.layers='conv_9' matches no trunk"),
+    ({"arch": "soft", "layers": "("}, r"^soft.layers='\(': missing \)"),
+    ({"arch": "soft", "lambda_": -0.1}, r"^soft.lambda_ must be >= 0, got -0.1"),
+    ({"arch": "mmoe", "num_experts": 0}, "^mmoe.num_experts must be >= 1, got 0"),
+    ({"arch": "cross_stitch", "init_diagonal": 1.5},
+     r"^cross_stitch.init_diagonal must be in \[0, 1\]"),
 ])
 def test_bad_sharing_settings_raise(kwargs, match):
   data = _data()

@@ -80,14 +80,14 @@ def test_exam_experiment_reports_held_out_mse_per_approach(tmp_path):
   # validation MSE -- and the final run trained with it.
   cv = json.loads((tmp_path / "seed0" / "soft" / "cv.json").read_text())
   assert cv["metric"] == "mse"
-  assert sorted(p["overrides"]["model.soft_lambda"] for p in cv["points"]) == [1e-3, 1e-1]
-  lam = min(cv["points"], key=lambda p: p["score"])["overrides"]["model.soft_lambda"]
+  assert sorted(p["overrides"]["model.soft.lambda_"] for p in cv["points"]) == [1e-3, 1e-1]
+  lam = min(cv["points"], key=lambda p: p["score"])["overrides"]["model.soft.lambda_"]
   assert out["soft_lambda_chosen"] == [lam]
   runs = {"pooled": tmp_path / "seed0" / "pooled",
           "independent": tmp_path / "seed0" / "independent",
           "soft": tmp_path / "seed0" / "soft" / "final"}
   final_soft = json.loads((runs["soft"] / "summary.json").read_text())
-  assert final_soft["config"]["model"]["soft_lambda"] == lam
+  assert final_soft["config"]["model"]["soft"]["lambda_"] == lam
   for approach, run_dir in runs.items():
     preds = _checkpoint_predictions(run_dir, xs)
     sq = [(p - y) ** 2 for p, y in zip(preds, ys)]

@@ -3,6 +3,88 @@
 import ml_collections
 
 from mtljax import objectives
+from mtljax.models import multitask
+
+
+def set_model_hparam(c: ml_collections.ConfigDict, name: str, value, archs=None) -> None:
+  """Sets ``config.model.<arch>.<name> = value`` for every architecture in
+  ``archs`` (default: all) that takes ``name`` (``tower``: every architecture
+  with per-task towers); raises when none does."""
+  chosen = [a for a in (archs or multitask.archs()) if name in multitask.hyperparameters(a)]
+  if not chosen:
+    raise ValueError(f"set_model_hparam: no architecture of {archs or 'all'} takes {name!r}.")
+  for arch in chosen:
+    c.model[arch][name] = value
+
+
+def _data_section() -> ml_collections.ConfigDict:
+  """``config.data``: which data set, its tasks and splits, how it is read."""
+  data = ml_collections.ConfigDict()
+  # A bundled data set (mtljax/data/builders.py) or a TFDS catalog name
+  # ("celeb_a"); several joined by "+" ("mnist+fashion_mnist") put each one's
+  # tasks side by side on its own inputs (tasks named SOURCE_TASK).
+  data.name = ""
+  data.builder_config = ""
+  # Where data sets are generated (bundled) or prepared (catalog):
+  # "" -> $MTLJAX_DATA_DIR, else ~/.cache/mtljax/tensorflow_datasets.
+  data.data_dir = ""
+  data.download = True        # catalog data not prepared in data_dir: download it (network)
+  data.tasks = ()             # task names to keep; () = all
+  data.max_train_examples = 0  # 0 = all; otherwise per task (per source)
+  data.input_key = "image"    # catalog data sets only: the input feature
+  # Catalog data sets only: label feature -> task kind (auto|binary|
+  # classification|regression), slash paths for nested features
+  # ({"attributes/Smiling": "binary"}); empty = every class label and bool feature.
+  data.labels = ml_collections.ConfigDict()
+  data.family = ""            # catalog only: integer feature whose values are tasks (alphabet)
+  data.train_split = "train"  # TFDS split strings ("train+test", "train[:80%]")
+  data.test_split = "test"    # "" with test_fraction > 0
+  data.test_fraction = 0.0    # > 0: hold out this fraction of train_split as the test split
+  data.split_seed = 0         # the held-out draw's seed
+  data.normalize_labels = True  # regression labels standardised per task (train stats)
+  data.pipeline = "auto"      # auto|device|host: inputs on the device, or read per step
+  data.device_budget_mb = 0.0  # auto: device path when inputs fit (0 = 1/4 of the device)
+  data.workers = 2            # host pipeline: Grain reader threads
+  data.prefetch = 2           # host pipeline: batches placed on the device ahead
+  return data
+
+
+def _model_section() -> ml_collections.ConfigDict:
+  """``config.model``: the architecture, the trunk every architecture shares
+  (``config.model.<name>``) and each architecture's hyper-parameters
+  (``config.model.<arch>.<name>``), generated from the registry."""
+  model = ml_collections.ConfigDict()
+  model.arch = "multi_head"   # one of mtljax.models.multitask.archs() (--list shows them)
+  # The trunk every architecture shares: config.model.<name> (encoder mlp|cnn,
+  # hidden, channels (cnn), heads auto|per_task|shared; mtljax/models/parts.py: Trunk).
+  model.update(multitask.trunk_defaults())
+  # Each architecture's hyper-parameters, with their defaults:
+  # config.model.<arch>.<name>, e.g. --config.model.mmoe.num_experts=4,
+  # --config.model.soft.lambda_=1e-3 (the dataclass of its record in
+  # mtljax/models/multitask.py: REGISTRY documents each field).
+  for arch in multitask.archs():
+    hparams = multitask.hyperparameters(arch)
+    if hparams:
+      model[arch] = ml_collections.ConfigDict(hparams)
+  return model
+
+
+def _objective_section() -> ml_collections.ConfigDict:
+  """``config.objective``: the method, task weights, and every method's
+  hyper-parameters (``config.objective.<method>.<name>``), generated."""
+  objective = ml_collections.ConfigDict()
+  objective.method = "fixed"    # one of mtljax.objectives.methods()
+  objective.weights = ml_collections.ConfigDict()  # task name -> weight (default 1)
+  objective.gram_path = "jacobian"  # gradient methods: jacobian|accumulate (memory-light)
+  objective.slot_backwards = "auto"  # per-task trunk backwards: auto|map|vmap
+  # Every method's hyper-parameters, with the defaults of its paper/official code:
+  # config.objective.<method>.<name>, e.g. --config.objective.cagrad.c=0.4,
+  # --config.objective.nash_mtl.iters=100 (see mtljax/objectives.py, gradients.py).
+  for method in objectives.methods():
+    hparams = objectives.hyperparameters(method)
+    if hparams:
+      objective[method] = ml_collections.ConfigDict(hparams)
+  return objective
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -10,56 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_seeds = 1   # > 1: seeds seed..seed+N-1 as one vmapped program (mean, s.e., per seed)
 
-  c.data = ml_collections.ConfigDict()
-  # A bundled data set (mtljax/data/builders.py) or a TFDS catalog name
-  # ("celeb_a"); several joined by "+" ("mnist+fashion_mnist") put each one's
-  # tasks side by side on its own inputs (tasks named SOURCE_TASK).
-  c.data.name = ""
-  c.data.builder_config = ""
-  # Where data sets are generated (bundled) or prepared (catalog):
-  # "" -> $MTLJAX_DATA_DIR, else ~/.cache/mtljax/tensorflow_datasets.
-  c.data.data_dir = ""
-  c.data.download = True        # catalog data not prepared in data_dir: download it (network)
-  c.data.tasks = ()             # task names to keep; () = all
-  c.data.max_train_examples = 0  # 0 = all; otherwise per task (per source)
-  c.data.input_key = "image"    # catalog data sets only: the input feature
-  # Catalog data sets only: label feature -> task kind (auto|binary|
-  # classification|regression), slash paths for nested features
-  # ({"attributes/Smiling": "binary"}); empty = every class label and bool feature.
-  c.data.labels = ml_collections.ConfigDict()
-  c.data.family = ""            # catalog only: integer feature whose values are tasks (alphabet)
-  c.data.train_split = "train"  # TFDS split strings ("train+test", "train[:80%]")
-  c.data.test_split = "test"    # "" with test_fraction > 0
-  c.data.test_fraction = 0.0    # > 0: hold out this fraction of train_split as the test split
-  c.data.split_seed = 0         # the held-out draw's seed
-  c.data.normalize_labels = True  # regression labels standardised per task (train stats)
-  c.data.pipeline = "auto"      # auto|device|host: inputs on the device, or read per step
-  c.data.device_budget_mb = 0.0  # auto: device path when inputs fit (0 = 1/4 of the device)
-  c.data.workers = 2            # host pipeline: Grain reader threads
-  c.data.prefetch = 2           # host pipeline: batches placed on the device ahead
-
-  c.model = ml_collections.ConfigDict()
-  c.model.arch = "multi_head"   # independent|multi_head|concat|additive|multiplicative|
-                                # soft|cross_stitch|mmoe|omoe|shared_bottom|cgc|ple|
-                                # dselect_k|mtan
-  c.model.encoder = "mlp"       # mlp|cnn
-  c.model.hidden = (128, 128)
-  c.model.channels = (16, 32)   # cnn only
-  c.model.cond_layers = (0,)    # dense layers conditioned on z (conditioned archs)
-  c.model.heads = "auto"        # auto|per_task|shared
-  c.model.soft_lambda = 0.0     # soft: lambda of sum_{t<t'} ||theta^t - theta^t'||
-  c.model.soft_norm = "squared"  # soft: squared|l2
-  c.model.soft_layers = ""      # soft: regex over trunk/<layer>/ paths ("" = all)
-  c.model.stitch_init = 0.9     # cross_stitch: alpha's diagonal at init (1 = identity)
-  c.model.num_experts = 8       # mmoe|omoe|dselect_k: experts; cgc|ple: shared experts
-  c.model.tower = (8,)          # mixtures, cgc|ple|dselect_k|mtan: per-task tower widths
-  c.model.task_experts = 1      # cgc|ple: experts per task
-  c.model.num_levels = 2        # ple: extraction levels (cgc is one)
-  c.model.level_hidden = ()     # ple: expert widths at levels >= 1 (() = (hidden[-1],))
-  c.model.dselect_k = 2         # dselect_k: selectors (at most k experts per gate)
-  c.model.dselect_gamma = 1.0   # dselect_k: smooth-step width
-  c.model.dselect_per_example = False  # dselect_k: gates read the input (else per task)
-  c.model.dselect_entropy_reg = 0.0    # dselect_k: entropy regulariser (static gates)
+  c.data = _data_section()
+  c.model = _model_section()
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.tasks_per_step = 0  # K; 0 = all tasks
@@ -69,18 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampling.replace = False
   c.sampling.shared_inputs = False  # one example batch for every slot (tasks share inputs)
 
-  c.objective = ml_collections.ConfigDict()
-  c.objective.method = "fixed"    # one of mtljax.objectives.methods()
-  c.objective.weights = ml_collections.ConfigDict()  # task name -> weight (default 1)
-  c.objective.gram_path = "jacobian"  # gradient methods: jacobian|accumulate (memory-light)
-  c.objective.slot_backwards = "auto"  # per-task trunk backwards: auto|map|vmap
-  # Every method's hyper-parameters, with the defaults of its paper/official code:
-  # config.objective.<method>.<name>, e.g. --config.objective.cagrad.c=0.4,
-  # --config.objective.nash_mtl.iters=100 (see mtljax/objectives.py, gradients.py).
-  for method in objectives.methods():
-    hparams = objectives.hyperparameters(method)
-    if hparams:
-      c.objective[method] = ml_collections.ConfigDict(hparams)
+  c.objective = _objective_section()
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"

@@ -42,8 +42,8 @@ def get_config(arg: str = ""):
   c.experiment = "mmoe_sweep"
   c.data.name = "mmoe_synthetic"
   c.model.encoder = "mlp"
-  c.model.num_experts = 8
-  c.model.tower = (8,)
+  common.set_model_hparam(c, "num_experts", 8)  # mmoe, omoe, dselect_k; cgc / ple: shared
+  common.set_model_hparam(c, "tower", (8,))     # every model's towers (independent: depth)
   c.sampling.examples_per_task = 128
   c.optim.lr = 1e-3
   c.total_steps = 3000
@@ -58,9 +58,9 @@ def get_config(arg: str = ""):
   c.sweep.data_seeds = tuple(range(10))  # 10 x 10 = 100 repetitions per (p, model)
   c.sweep.models = ("shared_bottom", "omoe", "mmoe", "independent", "cgc", "ple", "dselect_k",
                     "mtan")
-  c.model.task_experts = 1        # cgc / ple: 8 shared experts + 1 per task
-  c.model.num_levels = 2          # ple
-  c.model.dselect_k = 2           # dselect_k: static gates over the 8 experts
+  common.set_model_hparam(c, "task_experts", 1)  # cgc / ple: 8 shared experts + 1 per task
+  c.model.ple.num_levels = 2
+  c.model.dselect_k.k = 2         # dselect_k: static gates over the 8 experts
   c.sweep.num_train = 10_000
   c.sweep.num_test = 2_000
   c.sweep.expert_hidden = (16,)   # 8 experts of 16 units (the paper's setting)

@@ -13,6 +13,7 @@ over training. Writes ``summary.json`` ``{"delta_m": {ARCH: value},
 metrics}, "baselines": ..., "convention": ...}``. Variant ``:quick``.
 """
 
+from experiments.configs import common
 from experiments.configs import multi_digits
 
 
@@ -34,10 +35,10 @@ def get_config(arg: str = ""):
   c.baselines = True
   c.eval_train = True
   c.eval_steps = c.log_steps  # train/test curves at every log step
-  c.model.num_experts = 4       # mmoe, omoe, dselect_k; cgc / ple: shared experts
-  c.model.task_experts = 1      # cgc / ple
-  c.model.num_levels = 2        # ple
-  c.model.dselect_k = 2         # dselect_k: 2 of the 4 experts per task once saturated
-  c.model.tower = (32,)
-  c.model.soft_lambda = 1e-3
+  common.set_model_hparam(c, "num_experts", 4)  # mmoe, omoe, dselect_k; cgc / ple: shared
+  common.set_model_hparam(c, "task_experts", 1)  # cgc / ple
+  c.model.ple.num_levels = 2
+  c.model.dselect_k.k = 2       # dselect_k: 2 of the 4 experts per task once saturated
+  common.set_model_hparam(c, "tower", (32,))     # every architecture with towers
+  c.model.soft.lambda_ = 1e-3
   return c

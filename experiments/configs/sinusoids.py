@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
   c.model.arch = "concat"
   c.model.encoder = "mlp"
   c.model.hidden = (40, 40)
-  c.model.cond_layers = (0, 1)
+  common.set_model_hparam(c, "cond_layers", (0, 1))  # concat / additive / multiplicative
   c.sampling.tasks_per_step = 10
   c.sampling.examples_per_task = 25
   c.total_steps = 5000

@@ -2,4 +2,5 @@
 
 from mtljax.models import encoders
 from mtljax.models import multitask
-from mtljax.models.multitask import ARCHS, ENCODERS, HEADS, Model, make_model
+from mtljax.models.multitask import (ENCODERS, HEADS, Architecture, Model, Trunk, archs,
+                                     make_model, register)

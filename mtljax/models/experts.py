@@ -1,10 +1,12 @@
 """Expert families and task attention: CGC / PLE, DSelect-k gates, MTAN.
 
-The architectures here are built by :func:`mtljax.models.multitask.make_model`
-from its checked :class:`~mtljax.models.parts.ArchSpec` and its
+The architectures here (``cgc``, ``ple``, ``mtan``: their hyper-parameter
+dataclasses and build functions, recorded in
+:data:`mtljax.models.multitask.REGISTRY`) are built from their
 :class:`~mtljax.models.parts.Parts` (trunk, towers, heads, per-task keys); this
 module reads no config and imports no other architecture code (the mixtures,
-:mod:`mtljax.models.mixtures`, take their gates from here).
+:mod:`mtljax.models.mixtures`, take their gates from here, ``dselect_k``'s
+hyper-parameters live there).
 
 * ``cgc`` / ``ple`` (Tang et al., RecSys 2020, "Progressive Layered
   Extraction"): at level ``l`` there are ``num_experts`` shared experts
@@ -40,7 +42,7 @@ module reads no config and imports no other architecture code (the mixtures,
   first; ``S`` the smooth-step of width ``gamma``), and the gate's weights are
   ``sum_i softmax(w)_i r_i``. Static gates (default; the paper's task-only
   conditioning): ``tasks/gates/{z [T, k, m], w [T, k]}``; per-example gates
-  (``dselect_per_example``): ``z`` and ``w`` are linear maps of the flattened
+  (``per_example``): ``z`` and ``w`` are linear maps of the flattened
   input. Initialised as the official code: ``z ~ U(-gamma/100, gamma/100)``,
   ``w ~ U(-0.05, 0.05)``. Static gates carry the model penalty
   ``entropy_reg * sum H(r_i)`` and, when ``E`` is not a power of 2, the official
@@ -65,14 +67,16 @@ module reads no config and imports no other architecture code (the mixtures,
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
 from mtljax.models import parts as parts_lib
 
@@ -144,10 +148,13 @@ def dselect_weights(z, w, *, num_experts: int, gamma: float):
   return weights, selectors
 
 
-def dselect_gate(spec: parts_lib.ArchSpec, in_dim: int) -> Gate:
-  """A DSelect-k gate, static (``{"z": [k, m], "w": [k]}``) or per example
-  (``{"z": {"kernel" [D, k m], "bias"}, "w": {"kernel" [D, k], "bias"}}``)."""
-  e, k, gamma = spec.num_experts, spec.dselect_k, spec.dselect_gamma
+def dselect_gate(num_experts: int, k: int, gamma: float, per_example: bool,
+                 in_dim: int) -> Gate:
+  """A DSelect-k gate over ``num_experts`` experts with ``k`` selectors and
+  smooth-step width ``gamma``, static (``{"z": [k, m], "w": [k]}``) or
+  ``per_example`` (``{"z": {"kernel" [D, k m], "bias"}, "w": {"kernel" [D, k],
+  "bias"}}`` on ``in_dim = D`` flattened inputs)."""
+  e = num_experts
   m = binary_codes(e).shape[1]
 
   def uniform(key, shape, bound):
@@ -156,7 +163,7 @@ def dselect_gate(spec: parts_lib.ArchSpec, in_dim: int) -> Gate:
   def init(rng):
     r = jax.random.split(rng, 4)
     zb, wb = gamma / 100.0, 0.05
-    if not spec.dselect_per_example:
+    if not per_example:
       return {"z": uniform(r[0], (k, m), zb), "w": uniform(r[1], (k,), wb)}
     return {"z": {"kernel": uniform(r[0], (in_dim, k * m), zb),
                   "bias": uniform(r[1], (k * m,), zb)},
@@ -164,7 +171,7 @@ def dselect_gate(spec: parts_lib.ArchSpec, in_dim: int) -> Gate:
 
   def weights(p, h):
     b = h.shape[0]
-    if not spec.dselect_per_example:
+    if not per_example:
       g, _ = dselect_weights(p["z"], p["w"], num_experts=e, gamma=gamma)
       return jnp.broadcast_to(g, (b, e))
     hf = h.reshape(b, -1)
@@ -175,19 +182,19 @@ def dselect_gate(spec: parts_lib.ArchSpec, in_dim: int) -> Gate:
   return Gate(init, weights)
 
 
-def dselect_penalty(spec: parts_lib.ArchSpec) -> Callable | None:
+def dselect_penalty(num_experts: int, gamma: float, entropy_reg: float) -> Callable | None:
   """Static gates' regularisers over every task's gate: ``entropy_reg * sum_i
   H(r_i)`` (``H(r) = -sum_e r_e log(r_e + 1e-6)``) and, when E is not a power
   of 2, ``sum_i 1 / sum_e r_i(e)`` (keeps mass on reachable experts); None
   when both are off."""
-  e, reg = spec.num_experts, spec.dselect_entropy_reg
+  e, reg = num_experts, entropy_reg
   reachability = e & (e - 1) != 0
   if reg == 0 and not reachability:
     return None
 
   def penalty(params):
     g = params["tasks"]["gates"]
-    _, r = dselect_weights(g["z"], g["w"], num_experts=e, gamma=spec.dselect_gamma)
+    _, r = dselect_weights(g["z"], g["w"], num_experts=e, gamma=gamma)
     out = reg * -jnp.sum(r * jnp.log(r + _ENTROPY_EPS))
     if reachability:
       out = out + jnp.sum(1.0 / jnp.sum(r, axis=-1))
@@ -204,8 +211,101 @@ def _gather(tree, rows):
 # ----------------------------------------------------------------------------
 
 
-def ple_model(parts: parts_lib.Parts) -> dict:
-  """``cgc`` (one level) or ``ple`` (``spec.num_levels``): see the module docstring.
+@dataclasses.dataclass(frozen=True)
+class CGCHParams:
+  """``cgc`` (``config.model.cgc.*``): one extraction level.
+
+  Attributes:
+    num_experts: the shared experts, each a trunk.
+    task_experts: each task's own experts (0: none; then CGC is MMoE).
+    tower: the per-task ReLU towers' widths.
+  """
+  num_experts: int = 8
+  task_experts: int = 1
+  tower: tuple[int, ...] = (8,)
+
+  def checked(self, arch: str, trunk: parts_lib.Trunk) -> CGCHParams:
+    del trunk
+    return dataclasses.replace(
+        self, num_experts=parts_lib.at_least(f"{arch}.num_experts", self.num_experts, 1),
+        task_experts=parts_lib.at_least(f"{arch}.task_experts", self.task_experts, 0),
+        tower=parts_lib.checked_tower(arch, self.tower))
+
+
+@dataclasses.dataclass(frozen=True)
+class PLEHParams:
+  """``ple`` (``config.model.ple.*``): CGC's levels stacked, a shared gate
+  between them.
+
+  Attributes:
+    num_experts: the shared experts per level (level 0's are trunks).
+    task_experts: each task's own experts per level.
+    num_levels: the extraction levels (1: CGC).
+    level_hidden: the widths of the experts at levels >= 1, ReLU MLPs (``()``:
+      one layer of the trunk's last width, ``hidden[-1]``).
+    tower: the per-task ReLU towers' widths.
+  """
+  num_experts: int = 8
+  task_experts: int = 1
+  num_levels: int = 2
+  level_hidden: tuple[int, ...] = ()
+  tower: tuple[int, ...] = (8,)
+
+  def checked(self, arch: str, trunk: parts_lib.Trunk) -> PLEHParams:
+    """Checked, with ``level_hidden`` resolved (``()``: ``hidden[-1:]``)."""
+    levels = parts_lib.at_least(f"{arch}.num_levels", self.num_levels, 1)
+    level_hidden = parts_lib.positive_ints(f"{arch}.level_hidden", self.level_hidden)
+    if levels > 1 and not (level_hidden or trunk.hidden):
+      raise ValueError(f"{arch}.num_levels={levels} needs {arch}.level_hidden (or hidden, "
+                       "whose last width is the default).")
+    cgc = CGCHParams(self.num_experts, self.task_experts, self.tower).checked(arch, trunk)
+    return PLEHParams(cgc.num_experts, cgc.task_experts, levels,
+                      level_hidden or tuple(trunk.hidden[-1:]), cgc.tower)
+
+
+@dataclasses.dataclass(frozen=True)
+class MTANHParams:
+  """``mtan`` (``config.model.mtan.*``); it needs at least one trunk layer.
+
+  Attributes:
+    tower: the per-task ReLU towers' widths after the attended features.
+  """
+  tower: tuple[int, ...] = (8,)
+
+  def checked(self, arch: str, trunk: parts_lib.Trunk) -> MTANHParams:
+    if not trunk.layer_names:
+      raise ValueError(f"arch {arch!r} with encoder {trunk.encoder!r} needs at least one "
+                       "trunk layer to attend (hidden / channels are empty).")
+    return dataclasses.replace(self, tower=parts_lib.checked_tower(arch, self.tower))
+
+
+def cgc(arch: str, trunk: parts_lib.Trunk, hparams: CGCHParams, taskset: tasks_lib.TaskSet,
+        input_shape: Sequence[int]) -> dict:
+  """``cgc``: PLE's one level; the :class:`~mtljax.models.multitask.Model` fields."""
+  del arch
+  one_level = PLEHParams(hparams.num_experts, hparams.task_experts, 1,
+                         tuple(trunk.hidden[-1:]), hparams.tower)
+  return ple_model(parts_lib.Parts(trunk, taskset, input_shape, tower=hparams.tower),
+                   one_level)
+
+
+def ple(arch: str, trunk: parts_lib.Trunk, hparams: PLEHParams, taskset: tasks_lib.TaskSet,
+        input_shape: Sequence[int]) -> dict:
+  """``ple``: the :class:`~mtljax.models.multitask.Model` fields."""
+  del arch
+  return ple_model(parts_lib.Parts(trunk, taskset, input_shape, tower=hparams.tower), hparams)
+
+
+def mtan(arch: str, trunk: parts_lib.Trunk, hparams: MTANHParams, taskset: tasks_lib.TaskSet,
+         input_shape: Sequence[int]) -> dict:
+  """``mtan``: the :class:`~mtljax.models.multitask.Model` fields."""
+  del arch
+  return mtan_model(parts_lib.Parts(trunk, taskset, input_shape, tower=hparams.tower))
+
+
+def ple_model(parts: parts_lib.Parts, hparams: PLEHParams) -> dict:
+  """``hparams.num_levels`` levels (1: ``cgc``; ``level_hidden`` resolved):
+  see the module docstring.
 
   With ``num_levels >= 2`` and ``task_experts > 0``, task ``t``'s experts at
   levels ``l < L-1`` are read by every task (through the shared gate ``h_s^l``)
@@ -216,13 +316,13 @@ def ple_model(parts: parts_lib.Parts) -> dict:
   Set ``task_experts=0`` (or ``num_levels=1``, CGC) for a model whose every
   cross-task parameter is shared.
   """
-  spec, num_tasks = parts.spec, parts.num_tasks
-  levels, e_s, e_t = spec.num_levels, spec.num_experts, spec.task_experts
-  dims = [parts.trunk_dim] + [spec.level_hidden[-1] if spec.level_hidden else 0] * (levels - 1)
-  gate_in = [int(np.prod(spec.input_shape))] + dims[:-1]
+  num_tasks, level_hidden = parts.num_tasks, hparams.level_hidden
+  levels, e_s, e_t = hparams.num_levels, hparams.num_experts, hparams.task_experts
+  dims = [parts.trunk_dim] + [level_hidden[-1] if level_hidden else 0] * (levels - 1)
+  gate_in = [int(np.prod(parts.input_shape))] + dims[:-1]
   task_gates = [softmax_gate(e_s + e_t, gate_in[l]) for l in range(levels)]
   shared_gates = [softmax_gate(e_s + num_tasks * e_t, gate_in[l]) for l in range(levels - 1)]
-  expert_init, expert_apply = _level_experts(parts, dims)
+  expert_init, expert_apply = _level_experts(parts, level_hidden, dims)
 
   def init(rng):
     r_trunk, r_heads, r_extra = jax.random.split(rng, 3)
@@ -240,7 +340,7 @@ def ple_model(parts: parts_lib.Parts) -> dict:
         shared["gate"][name] = shared_gates[l].init(r_extra)
     shared = {k: v for k, v in shared.items() if v}
     tp = {k: v for k, v in tp.items() if v}
-    if spec.tower:
+    if parts.tower:
       tp["towers"] = parts.towers_init(r_extra, dims[-1])
     params = {"shared": shared, "tasks": tp}
     params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.feat_dim(dims[-1]))
@@ -293,18 +393,18 @@ def ple_model(parts: parts_lib.Parts) -> dict:
     h = parts.towers_apply(task_params.get("towers"), feats, task_ids, 0)
     return parts.heads_apply(task_params["heads"], h, task_ids)
 
-  out = {"init": init, "apply": apply, "task_rows": _ple_task_rows(parts),
-         "layer_groups": _ple_layer_groups(parts)}
-  if levels > 1 or not spec.per_task_heads:
+  out = {"init": init, "apply": apply, "task_rows": _ple_task_rows(parts, e_t),
+         "layer_groups": _ple_layer_groups(parts, levels, level_hidden)}
+  if levels > 1 or not parts.per_task_heads:
     return out  # the shared path reads every task's experts / the heads are shared
   return {**out, "encode": encode, "decode": decode}
 
 
-def _level_experts(parts: parts_lib.Parts, dims: list[int]):
+def _level_experts(parts: parts_lib.Parts, level_hidden: tuple[int, ...], dims: list[int]):
   """``(init(l, rng), apply(l, params, h))`` of one expert at level ``l``: the
   configured encoder at level 0, ReLU layers of widths ``level_hidden`` on the
   level before's ``dims[l - 1]`` features after."""
-  mlp = encoders.MLP(parts.spec.level_hidden)
+  mlp = encoders.MLP(level_hidden)
 
   def expert_init(l, rng):
     if l == 0:
@@ -316,26 +416,25 @@ def _level_experts(parts: parts_lib.Parts, dims: list[int]):
   return expert_init, expert_apply
 
 
-def _ple_task_rows(parts: parts_lib.Parts) -> dict[str, np.ndarray]:
+def _ple_task_rows(parts: parts_lib.Parts, task_experts: int) -> dict[str, np.ndarray]:
   """The per-task stacks of ``cgc`` / ``ple``: gates, task experts (when
   ``task_experts > 0``), towers (with a tower) and per-task heads."""
-  spec = parts.spec
   rows = {k: np.arange(parts.num_tasks, dtype=np.int32)
-          for k in ("gates",) + (("experts",) if spec.task_experts else ()) +
-          (("towers",) if spec.tower else ())}
+          for k in ("gates",) + (("experts",) if task_experts else ()) +
+          (("towers",) if parts.tower else ())}
   rows.update(parts.head_rows())
   return rows
 
 
-def _ple_layer_groups(parts: parts_lib.Parts) -> tuple[tuple[str, str], ...]:
+def _ple_layer_groups(parts: parts_lib.Parts, levels: int, level_hidden: tuple[int, ...]
+                      ) -> tuple[tuple[str, str], ...]:
   """Level 0's expert layers, then per level its expert layers (levels >= 1)
   and its gates, then the towers and heads."""
-  spec, levels = parts.spec, parts.spec.num_levels
   extra = []
   for l in range(levels):
     if l:
       extra += [(f"level_{l}/layer_{j}", rf"^(shared|tasks)/experts/level_{l}/layer_{j}/")
-                for j in range(len(spec.level_hidden))]
+                for j in range(len(level_hidden))]
     extra.append(("gates" if levels == 1 else f"gates_{l}",
                   rf"^(tasks/gates|shared/gate)/level_{l}/"))
   return parts.layer_groups("shared/experts/level_0|tasks/experts/level_0",
@@ -360,16 +459,16 @@ def _dense(p, h):
 
 def mtan_model(parts: parts_lib.Parts) -> dict:
   """``mtan``: see the module docstring."""
-  spec, num_tasks = parts.spec, parts.num_tasks
-  names = spec.layer_names
-  widths = (list(spec.channels) if spec.encoder == "cnn" else []) + list(spec.hidden)
+  num_tasks, encoder = parts.num_tasks, parts.trunk.encoder
+  names = parts.layer_names
+  widths = (list(parts.trunk.channels) if encoder == "cnn" else []) + list(parts.trunk.hidden)
   is_conv = [n.startswith("conv") for n in names]
   last = len(names) - 1
 
   def shared_acts(trunk, x):
     """Each trunk layer's output ``s^j`` (conv: after ReLU, before pooling)."""
-    h = x if spec.encoder == "mlp" or x.ndim == 4 else x[..., None]
-    if spec.encoder == "mlp":
+    h = x if encoder == "mlp" or x.ndim == 4 else x[..., None]
+    if encoder == "mlp":
       h = h.reshape(h.shape[0], -1)
     acts = []
     for j, n in enumerate(names):
@@ -425,7 +524,7 @@ def mtan_model(parts: parts_lib.Parts) -> dict:
         out[n] = {"a1": d1, "a2": d2}
       return out
     tp = {"attention": jax.vmap(one_task)(parts.all_task_keys(jax.random.fold_in(r_extra, 2)))}
-    if spec.tower:
+    if parts.tower:
       tp["towers"] = parts.towers_init(r_extra, parts.trunk_dim)
     params = {"shared": {"trunk": trunk, "att_f": att_f}, "tasks": tp}
     params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.feat_dim(
@@ -439,7 +538,7 @@ def mtan_model(parts: parts_lib.Parts) -> dict:
     return parts.heads_apply(params[parts.heads_home]["heads"], h, task_ids)
 
   rows = {"attention": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
-  if spec.tower:
+  if parts.tower:
     rows["towers"] = np.arange(num_tasks, dtype=np.int32)
   # f^j produces layer j+1's attention input (and, for a conv block, is a conv
   # at layer j+1's width), so shared/att_f/<layer j> is in layer j+1's group.

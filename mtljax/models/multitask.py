@@ -1,11 +1,17 @@
 """Multi-task architectures as pure ``init`` / ``apply`` over one parameter tree:
-the :class:`Model` record, the architectures' names (:data:`ARCHS`) and
-:func:`make_model`, which checks its arguments and builds the architecture from
-its :class:`~mtljax.models.parts.Parts` in :mod:`mtljax.models.shared_trunk`
-(``multi_head`` and the conditioned archs), :mod:`mtljax.models.per_task_trunks`
+the :class:`Model` record, the architectures' registry (:data:`REGISTRY`: one
+:class:`Architecture` record each, its build function and hyper-parameter
+dataclass; :func:`archs` lists them, :func:`register` adds one at run time)
+and :func:`make_model`, which checks the shared settings
+(:class:`~mtljax.models.parts.Trunk`) and the architecture's hyper-parameters,
+then calls its build function: :mod:`mtljax.models.shared_trunk` (``multi_head``
+and the conditioned archs), :mod:`mtljax.models.per_task_trunks`
 (``independent``, ``soft``, ``cross_stitch``), :mod:`mtljax.models.mixtures`
 (``mmoe``, ``omoe``, ``shared_bottom``, ``dselect_k``) or
-:mod:`mtljax.models.experts` (``cgc``, ``ple``, ``mtan``).
+:mod:`mtljax.models.experts` (``cgc``, ``ple``, ``mtan``). Each architecture's
+hyper-parameters are its own (``soft``'s ``lambda_``, ``mmoe``'s
+``num_experts``; ``config.model.<arch>.<name>``); the trunk's are everyone's
+(``config.model.<name>``).
 
 ::
 
@@ -20,14 +26,14 @@ Architectures (``arch``), i.e. where parameters are shared:
 * ``multi_head``: ``shared/trunk/...`` and per-task heads ``tasks/heads/<group>``.
 * ``soft``: soft parameter sharing -- per-task copies of the network (as
   ``independent``) plus the penalty ``lambda sum_{t<t'} ||theta^t - theta^t'||``
-  (squared L2 by default, ``soft_norm="l2"`` for the plain norm) over the trunk
-  parameters whose path matches ``soft_layers`` (a regex; default every trunk
-  layer), returned by ``Model.penalty``. ``lambda = 0`` is ``independent``.
+  (``lambda_``; squared L2 by default, ``norm="l2"`` for the plain norm) over
+  the trunk parameters whose path matches ``layers`` (a regex; default every
+  trunk layer), returned by ``Model.penalty``. ``lambda = 0`` is ``independent``.
 * ``cross_stitch`` (Misra et al. 2016): one network column per task
   (``tasks/trunk``); after every trunk layer l the columns' activations are
   mixed, ``h~_t = sum_t' alpha^l_{t t'} h_t'`` with learned ``alpha^l [T, T]``
   (``shared/stitch/layer_l``), initialised to 0.9 on the diagonal and
-  0.1/(T-1) off it (the paper's init; ``stitch_init=1`` gives the identity, i.e.
+  0.1/(T-1) off it (the paper's init; ``init_diagonal=1`` gives the identity, i.e.
   independent networks). Every slot runs all T columns on its inputs.
 * ``mmoe`` (Ma et al. 2018): ``num_experts`` expert trunks (``shared/experts``,
   stacked), one softmax gate per task on the flattened input
@@ -39,7 +45,7 @@ Architectures (``arch``), i.e. where parameters are shared:
 * ``cgc`` / ``ple`` (Tang et al. 2020: shared and per-task experts, per-task
   gates; PLE stacks ``num_levels`` levels with a shared gate between them),
   ``dselect_k`` (Hazimeh et al. 2021: MMoE's experts with DSelect-k gates, at
-  most ``dselect_k`` experts per task once the smooth-step saturates) and
+  most ``k`` experts per task once the smooth-step saturates) and
   ``mtan`` (Liu et al. 2019: the shared trunk with per-task attention modules
   at every trunk layer): :mod:`mtljax.models.experts`, with per-task towers
   and heads as the mixtures.
@@ -96,26 +102,18 @@ from ``fold_in(rng, stream_ids[t])``, so a subset run (see
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from mtljax import tasks as tasks_lib
-from mtljax.models import encoders
 from mtljax.models import experts
 from mtljax.models import mixtures
-from mtljax.models import parts as parts_lib
 from mtljax.models import per_task_trunks
 from mtljax.models import shared_trunk
+from mtljax.models.parts import ENCODERS, HEADS, Trunk  # pylint: disable=unused-import
 
-ARCHS = ("independent", "multi_head", "concat", "additive", "multiplicative", "soft",
-         "cross_stitch", "mmoe", "omoe", "shared_bottom", "cgc", "ple", "dselect_k", "mtan")
-SOFT_NORMS = ("squared", "l2")
-PER_TASK_TRUNK = ("independent", "soft", "cross_stitch")
-MIXTURES = ("mmoe", "omoe", "shared_bottom", "dselect_k")
-EXPERT_LEVELS = ("cgc", "ple")
-ENCODERS = ("mlp", "cnn")
-HEADS = ("auto", "per_task", "shared")
+TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(Trunk))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,133 +154,162 @@ class Model:
   rep_heads: Callable | None = None
 
 
-def _check(arch, input_shape, *, encoder, hidden, channels, cond_layers, heads, soft_lambda,
-           soft_norm, soft_layers, stitch_init, num_experts, tower, **expert_kw
-           ) -> parts_lib.ArchSpec:
-  """``make_model``'s arguments as an :class:`~mtljax.models.parts.ArchSpec`:
-  every name (against :data:`ARCHS`, :data:`ENCODERS`, :data:`HEADS`,
-  :data:`SOFT_NORMS`) and size checked, before anything is traced."""
-  for field, value, allowed in (("arch", arch, ARCHS), ("encoder", encoder, ENCODERS),
-                                ("heads", heads, HEADS), ("soft_norm", soft_norm, SOFT_NORMS)):
-    if value not in allowed:
-      raise ValueError(f"config.model.{field}={value!r} is not one of {allowed}.")
-  hidden, channels = tuple(int(h) for h in hidden), tuple(int(c) for c in channels)
-  if any(h <= 0 for h in hidden + channels):
-    raise ValueError(f"config.model.hidden/channels must be positive, got "
-                     f"{hidden}/{channels}.")
-  conditioned = arch in encoders.COND_MODES
-  cond_layers = tuple(int(l) for l in cond_layers) if conditioned else ()
-  if conditioned and not cond_layers:
-    raise ValueError(f"config.model.cond_layers is empty; arch {arch!r} needs at "
-                     "least one dense layer to condition.")
-  bad = [l for l in cond_layers if not 0 <= l < len(hidden)]
-  if bad:
-    raise ValueError(f"config.model.cond_layers={cond_layers}: layer(s) {bad} do not "
-                     f"exist; the encoder has {len(hidden)} dense layers "
-                     f"(config.model.hidden={hidden}).")
-  if soft_lambda < 0:
-    raise ValueError(f"config.model.soft_lambda must be >= 0, got {soft_lambda}.")
-  if arch in ("mmoe", "omoe", "dselect_k", "cgc", "ple") and num_experts < 1:
-    raise ValueError(f"config.model.num_experts must be >= 1 for arch {arch!r}, got "
-                     f"{num_experts}.")
-  if not 0.0 <= stitch_init <= 1.0:
-    raise ValueError(f"config.model.stitch_init must be in [0, 1], got {stitch_init}.")
-  tower = tuple(int(t) for t in tower)
-  if any(t <= 0 for t in tower):
-    raise ValueError(f"config.model.tower must be positive, got {tower}.")
-  if encoder == "cnn" and len(input_shape) not in (2, 3):
-    raise ValueError(f"config.model.encoder='cnn' needs image inputs [H, W] or "
-                     f"[H, W, C], got input shape {tuple(input_shape)}.")
-  if arch == "mtan" and not hidden + (channels if encoder == "cnn" else ()):
-    raise ValueError(f"arch 'mtan' with encoder {encoder!r} needs at least one trunk layer "
-                     "to attend (config.model.hidden / channels are empty).")
-  per_task_heads = heads == "per_task" or (heads == "auto" and not conditioned)
-  return parts_lib.ArchSpec(arch, tuple(int(s) for s in input_shape), encoder, hidden, channels,
-               cond_layers, per_task_heads, float(soft_lambda), soft_norm, soft_layers,
-               float(stitch_init), int(num_experts), tower,
-               **_check_experts(arch, hidden, int(num_experts), **expert_kw))
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """One architecture: its name, its build function and its hyper-parameters.
+
+  Attributes:
+    name: its name (``config.model.arch``).
+    build: ``build(arch, trunk, hparams, taskset, input_shape) -> dict``, the
+      :class:`Model` fields but ``arch`` and ``taskset`` (``init``, ``apply``,
+      ``task_rows``, ``layer_groups``, optionally ``encode``, ``decode``,
+      ``penalty``, ``rep_heads``), from the checked
+      :class:`~mtljax.models.parts.Trunk` and hyper-parameters (None when it
+      takes none) and one example's ``input_shape``. Nothing is traced before
+      it is called (a wrong value has been refused).
+    hparams: its hyper-parameters' frozen dataclass, or None: every field has
+      a default (the config's), and ``checked(arch, trunk)`` returns the
+      checked, normalised copy (tuples, floats; raising ``ValueError`` that
+      names ``<arch>.<field>``). Field names differ from the trunk's
+      (:data:`TRUNK_FIELDS`), so a keyword of :func:`make_model` belongs to one.
+  """
+  name: str
+  build: Callable[..., dict]
+  hparams: type | None = None
+
+  def __post_init__(self):
+    if self.name in TRUNK_FIELDS + ("arch",):
+      raise ValueError(f"Architecture {self.name!r}: the name is a config.model key.")
+    if self.hparams is None:
+      return
+    fields = dataclasses.fields(self.hparams) if dataclasses.is_dataclass(self.hparams) else ()
+    if not fields or not self.hparams.__dataclass_params__.frozen or not callable(
+        getattr(self.hparams, "checked", None)):
+      raise ValueError(f"Architecture {self.name!r}: hparams must be a frozen dataclass with "
+                       "fields and a checked(arch, trunk) method (None: no hyper-parameters).")
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and
+               f.default_factory is dataclasses.MISSING]
+    clash = [f.name for f in fields if f.name in TRUNK_FIELDS]
+    if missing or clash:
+      raise ValueError(f"Architecture {self.name!r}: hyper-parameters {missing} have no "
+                       f"default / {clash} are the trunk's ({list(TRUNK_FIELDS)}).")
 
 
-def _check_experts(arch, hidden, num_experts, *, task_experts, num_levels, level_hidden,
-                   dselect_k, dselect_gamma, dselect_per_example, dselect_entropy_reg
-                   ) -> dict:
-  """The CGC / PLE / DSelect-k settings, checked (unused ones keep defaults)."""
-  level_hidden = tuple(int(h) for h in level_hidden)
-  if any(h <= 0 for h in level_hidden):
-    raise ValueError(f"config.model.level_hidden must be positive, got {level_hidden}.")
-  out = {}
-  if arch in EXPERT_LEVELS:
-    if task_experts < 0:
-      raise ValueError(f"config.model.task_experts must be >= 0, got {task_experts}.")
-    levels = 1 if arch == "cgc" else int(num_levels)
-    if levels < 1:
-      raise ValueError(f"config.model.num_levels must be >= 1 for arch 'ple', got "
-                       f"{num_levels}.")
-    if levels > 1 and not (level_hidden or hidden):
-      raise ValueError("arch 'ple' with num_levels > 1 needs config.model.level_hidden (or "
-                       "config.model.hidden, whose last width is the default).")
-    out = dict(task_experts=int(task_experts), num_levels=levels,
-               level_hidden=level_hidden or tuple(hidden[-1:]))
-  if arch == "dselect_k":
-    if not 1 <= dselect_k <= num_experts:
-      raise ValueError(f"config.model.dselect_k must be in [1, num_experts={num_experts}], "
-                       f"got {dselect_k}.")
-    if not (dselect_gamma > 0 and np.isfinite(dselect_gamma)):
-      raise ValueError(f"config.model.dselect_gamma must be a finite number > 0, got "
-                       f"{dselect_gamma}.")
-    if not (dselect_entropy_reg >= 0 and np.isfinite(dselect_entropy_reg)):
-      raise ValueError(f"config.model.dselect_entropy_reg must be >= 0, got "
-                       f"{dselect_entropy_reg}.")
-    power_of_2 = num_experts & (num_experts - 1) == 0
-    if dselect_per_example and (dselect_entropy_reg > 0 or not power_of_2):
-      raise ValueError(
-          "arch 'dselect_k' with dselect_per_example=True: the entropy regulariser "
-          f"(dselect_entropy_reg={dselect_entropy_reg}) and the reachability term of "
-          f"num_experts={num_experts} (not a power of 2) read the batch, which a model "
-          "penalty cannot; use static gates or dselect_entropy_reg=0 with a power of 2.")
-    out = dict(dselect_k=int(dselect_k), dselect_gamma=float(dselect_gamma),
-               dselect_per_example=bool(dselect_per_example),
-               dselect_entropy_reg=float(dselect_entropy_reg))
-  return out
+# The architectures, in the order --list and the config show them.
+REGISTRY: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("independent", per_task_trunks.independent),
+    Architecture("multi_head", shared_trunk.multi_head),
+    Architecture("concat", shared_trunk.conditioned, shared_trunk.ConditionedHParams),
+    Architecture("additive", shared_trunk.conditioned, shared_trunk.ConditionedHParams),
+    Architecture("multiplicative", shared_trunk.conditioned, shared_trunk.ConditionedHParams),
+    Architecture("soft", per_task_trunks.soft, per_task_trunks.SoftHParams),
+    Architecture("cross_stitch", per_task_trunks.cross_stitch,
+                 per_task_trunks.CrossStitchHParams),
+    Architecture("mmoe", mixtures.mixture, mixtures.MixtureHParams),
+    Architecture("omoe", mixtures.mixture, mixtures.MixtureHParams),
+    Architecture("shared_bottom", mixtures.mixture, mixtures.SharedBottomHParams),
+    Architecture("cgc", experts.cgc, experts.CGCHParams),
+    Architecture("ple", experts.ple, experts.PLEHParams),
+    Architecture("dselect_k", mixtures.mixture, mixtures.DSelectKHParams),
+    Architecture("mtan", experts.mtan, experts.MTANHParams),
+)}
+
+
+def register(arch: Architecture) -> Architecture:
+  """Adds ``arch`` to :data:`REGISTRY` (:func:`make_model`, the config's
+  defaults and ``--list`` read it); a taken name raises."""
+  if not isinstance(arch, Architecture):
+    raise TypeError(f"register: expected an Architecture, got {type(arch).__name__}.")
+  if arch.name in REGISTRY:
+    raise ValueError(f"register: an architecture named {arch.name!r} exists.")
+  REGISTRY[arch.name] = arch
+  return arch
+
+
+def archs() -> tuple[str, ...]:
+  """Every architecture's name (read now: a registered one is included)."""
+  return tuple(REGISTRY)
+
+
+def get(arch: str) -> Architecture:
+  """The registered architecture ``arch``; an unknown name raises, listing the known."""
+  if arch not in REGISTRY:
+    raise ValueError(f"arch={arch!r} is not one of {archs()}.")
+  return REGISTRY[arch]
+
+
+def trunk_defaults() -> dict[str, Any]:
+  """``{name: default}`` of the settings every architecture shares
+  (:class:`~mtljax.models.parts.Trunk`; ``config.model.<name>``)."""
+  return {f.name: f.default for f in dataclasses.fields(Trunk)}
+
+
+def hyperparameters(arch: str) -> dict[str, Any]:
+  """``{name: default}`` of ``arch``'s hyper-parameters
+  (``config.model.<arch>.<name>``); ``{}`` when it takes none."""
+  cls = get(arch).hparams
+  return {} if cls is None else {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def make_hparams(arch: str, **values) -> Any:
+  """``arch``'s hyper-parameter dataclass with ``values`` (the others at their
+  defaults; unchecked), or None when it takes none. A name ``arch`` does not
+  take raises, listing the ones it takes."""
+  known = hyperparameters(arch)
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise ValueError(f"{arch}: unknown hyper-parameter(s) {unknown}; it takes "
+                     f"{sorted(known) or 'none'} (and the trunk's {sorted(TRUNK_FIELDS)}).")
+  cls = get(arch).hparams
+  return None if cls is None else cls(**values)
+
+
+def checked_arguments(arch: str, trunk: Trunk | None = None, hparams: Any = None,
+                      **overrides) -> tuple[Architecture, Trunk, Any]:
+  """:func:`make_model`'s arguments, checked without the input shape: the
+  record, the checked trunk and the checked hyper-parameters (None when
+  ``arch`` takes none). ``overrides`` are trunk fields or ``arch``'s
+  hyper-parameters, applied over ``trunk`` / ``hparams`` (their defaults when
+  None); any other name raises, listing what ``arch`` takes."""
+  record = get(arch)
+  trunk = Trunk() if trunk is None else trunk
+  if not isinstance(trunk, Trunk):
+    raise ValueError(f"trunk must be a Trunk, got {type(trunk).__name__}.")
+  own = {k: v for k, v in overrides.items() if k not in TRUNK_FIELDS}
+  if hparams is None:
+    hparams = make_hparams(arch, **own)
+  elif record.hparams is None or not isinstance(hparams, record.hparams):
+    want = "None (it takes no hyper-parameters)" if record.hparams is None else (
+        f"a {record.hparams.__name__}")
+    raise ValueError(f"hparams for arch {arch!r} must be {want}, got "
+                     f"{type(hparams).__name__}.")
+  else:
+    make_hparams(arch, **own)  # unknown names raise
+    hparams = dataclasses.replace(hparams, **own)
+  trunk = dataclasses.replace(trunk, **{k: v for k, v in overrides.items()
+                                        if k in TRUNK_FIELDS}).checked()
+  return record, trunk, None if hparams is None else hparams.checked(arch, trunk)
 
 
 def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int], *,
-               encoder: str = "mlp", hidden: Sequence[int] = (128, 128),
-               channels: Sequence[int] = (16, 32), cond_layers: Sequence[int] = (0,),
-               heads: str = "auto", soft_lambda: float = 0.0, soft_norm: str = "squared",
-               soft_layers: str = "", stitch_init: float = 0.9, num_experts: int = 8,
-               tower: Sequence[int] = (8,), task_experts: int = 1, num_levels: int = 2,
-               level_hidden: Sequence[int] = (), dselect_k: int = 2,
-               dselect_gamma: float = 1.0, dselect_per_example: bool = False,
-               dselect_entropy_reg: float = 0.0) -> Model:
-  """Builds a :class:`Model`; every name and size is checked here, before jit.
+               trunk: Trunk | None = None, hparams: Any = None, **overrides) -> Model:
+  """Builds the architecture ``arch`` (one of :func:`archs`); every name and
+  size is checked here, before anything is traced.
 
-  ``num_experts``: experts of mmoe / omoe / dselect_k, shared experts of cgc /
-  ple; ``task_experts``: cgc / ple experts per task; ``num_levels``: ple's
-  extraction levels (cgc is one); ``level_hidden``: widths of ple's experts at
-  levels >= 1 (``()``: one layer of width ``hidden[-1]``); ``dselect_k``,
-  ``dselect_gamma``, ``dselect_per_example``, ``dselect_entropy_reg``: DSelect-k's
-  number of selectors, smooth-step width, gates reading the input (else static
-  per task), entropy regulariser weight (:mod:`mtljax.models.experts`)."""
-  spec = _check(arch, input_shape, encoder=encoder, hidden=hidden, channels=channels,
-                cond_layers=cond_layers, heads=heads, soft_lambda=soft_lambda,
-                soft_norm=soft_norm, soft_layers=soft_layers, stitch_init=stitch_init,
-                num_experts=num_experts, tower=tower, task_experts=task_experts,
-                num_levels=num_levels, level_hidden=level_hidden, dselect_k=dselect_k,
-                dselect_gamma=dselect_gamma, dselect_per_example=dselect_per_example,
-                dselect_entropy_reg=dselect_entropy_reg)
-  parts = parts_lib.Parts(spec, taskset)
-  if arch in ("independent", "soft"):
-    model = per_task_trunks.per_task_trunks_model(parts)
-  elif arch == "cross_stitch":
-    model = per_task_trunks.cross_stitch_model(parts)
-  elif arch in MIXTURES:
-    model = mixtures.mixture_model(parts)
-  elif arch in EXPERT_LEVELS:
-    model = experts.ple_model(parts)
-  elif arch == "mtan":
-    model = experts.mtan_model(parts)
-  else:
-    model = shared_trunk.shared_trunk_model(parts)
-  return Model(arch=arch, taskset=taskset, **model)
-
+  Args:
+    arch: the architecture's name.
+    taskset: the tasks.
+    input_shape: one example's input shape.
+    trunk: the settings every architecture shares
+      (:class:`~mtljax.models.parts.Trunk`; default its defaults).
+    hparams: ``arch``'s hyper-parameters, an instance of its record's dataclass
+      (:func:`make_hparams`; default its defaults).
+    **overrides: the keyword form, for notebooks and tests: each name is a
+      trunk field (``hidden=(8,)``) or one of ``arch``'s hyper-parameters
+      (``num_experts=4`` for ``mmoe``), applied over ``trunk`` / ``hparams``;
+      another name raises, naming ``arch`` and listing what it takes.
+  """
+  record, trunk, hparams = checked_arguments(arch, trunk, hparams, **overrides)
+  trunk.check_input_shape(input_shape)
+  fields = record.build(arch, trunk, hparams, taskset, tuple(int(s) for s in input_shape))
+  return Model(arch=arch, taskset=taskset, **fields)

@@ -1,21 +1,25 @@
-"""What every architecture is built from: the checked architecture description
-(:class:`ArchSpec`) and its parts (:class:`Parts`: the trunk module, linear
-heads, per-task towers, per-task random keys, layer groups).
+"""What every architecture is built from: the settings they all share
+(:class:`Trunk`), the checks of their hyper-parameters, and their parts
+(:class:`Parts`: the trunk module, linear heads, per-task towers, per-task
+random keys, layer groups).
 
-:func:`mtljax.models.multitask.make_model` checks its arguments into an
-:class:`ArchSpec`, makes the :class:`Parts` and hands them to an architecture's
-constructor (:mod:`mtljax.models.shared_trunk`,
-:mod:`mtljax.models.per_task_trunks`, :mod:`mtljax.models.mixtures`,
-:mod:`mtljax.models.experts`), which returns the fields of a
+An architecture is its own module's build function and hyper-parameter
+dataclass, recorded in :data:`mtljax.models.multitask.REGISTRY`;
+:func:`mtljax.models.multitask.make_model` checks the :class:`Trunk` and the
+hyper-parameters, then calls the build function, which makes its
+:class:`Parts` and returns the fields of a
 :class:`mtljax.models.multitask.Model`. Per-task parameters of task ``t`` are
 initialised from ``fold_in(rng, stream_ids[t])`` (:meth:`Parts.per_task_keys`),
 so a subset run gets the same initial values.
+
+The checks here raise ``ValueError``s that name the argument (``hidden``,
+``mmoe.tower``), not a config path: :mod:`mtljax.build` adds that.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,53 +28,136 @@ import numpy as np
 from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
 
+ENCODERS = ("mlp", "cnn")
+HEADS = ("auto", "per_task", "shared")
+
+
+# ----------------------------------------------------------------------------
+# Checks shared by the hyper-parameter dataclasses.
+# ----------------------------------------------------------------------------
+
+
+def one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
+  """Raises ``ValueError("<name>=<value> is not one of <allowed>.")``."""
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}.")
+
+
+def positive_ints(name: str, values: Any) -> tuple[int, ...]:
+  """``values`` as a tuple of ints, each > 0 (bools refused); else raises
+  ``ValueError("<name> must be positive integers, got ...")``."""
+  try:
+    values = tuple(values)
+  except TypeError:
+    raise ValueError(f"{name} must be positive integers, got {values!r}.") from None
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+             for v in values):
+    raise ValueError(f"{name} must be positive integers, got {values!r}.")
+  return tuple(int(v) for v in values)
+
+
+def at_least(name: str, value: Any, low: int) -> int:
+  """``value`` as an int >= ``low`` (bools refused); else raises."""
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+  if value < low:
+    raise ValueError(f"{name} must be >= {low}, got {value!r}.")
+  return int(value)
+
+
+def finite_number(name: str, value: Any) -> float:
+  """``value`` as a float, refusing bools, strings, inf and nan."""
+  ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+  if not ok or not np.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value!r}.")
+  return float(value)
+
+
+# ----------------------------------------------------------------------------
+# The settings every architecture shares.
+# ----------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
-class ArchSpec:
-  """A checked architecture description (everything ``make_model`` takes)."""
-  arch: str
-  input_shape: tuple[int, ...]
-  encoder: str
-  hidden: tuple[int, ...]
-  channels: tuple[int, ...]
-  cond_layers: tuple[int, ...]
-  per_task_heads: bool
-  soft_lambda: float
-  soft_norm: str
-  soft_layers: str
-  stitch_init: float
-  num_experts: int
-  tower: tuple[int, ...]
-  task_experts: int = 1
-  num_levels: int = 1
-  level_hidden: tuple[int, ...] = ()
-  dselect_k: int = 2
-  dselect_gamma: float = 1.0
-  dselect_per_example: bool = False
-  dselect_entropy_reg: float = 0.0
+class Trunk:
+  """The settings every architecture shares (``config.model.<field>``): the
+  encoder that is its trunk -- each task's column, each expert -- and where
+  its heads live.
 
-  @property
-  def conditioned(self) -> bool:
-    return self.arch in encoders.COND_MODES
+  Attributes:
+    encoder: ``"mlp"`` (flatten, then ReLU dense layers of widths ``hidden``)
+      or ``"cnn"`` (3x3 ReLU convolutions of ``channels`` output channels, each
+      followed by 2x2 max-pooling, then the dense layers); :data:`ENCODERS`.
+    hidden: the dense layers' widths, input to output.
+    channels: the convolutions' output channels (``cnn`` only).
+    heads: ``"auto"`` (per-task heads, except one head per task group for the
+      conditioned architectures), ``"per_task"`` or ``"shared"`` (one head per
+      task group at ``shared/heads/<group>``); :data:`HEADS`.
+  """
+  encoder: str = "mlp"
+  hidden: tuple[int, ...] = (128, 128)
+  channels: tuple[int, ...] = (16, 32)
+  heads: str = "auto"
+
+  def checked(self) -> Trunk:
+    """The names checked, the sizes as tuples of positive ints; raises
+    ``ValueError`` naming the field."""
+    one_of("encoder", self.encoder, ENCODERS)
+    one_of("heads", self.heads, HEADS)
+    return dataclasses.replace(self, hidden=positive_ints("hidden", self.hidden),
+                               channels=positive_ints("channels", self.channels))
+
+  def check_input_shape(self, input_shape: Sequence[int]) -> None:
+    """Raises when the encoder cannot read inputs of this shape (one example's)."""
+    if self.encoder == "cnn" and len(input_shape) not in (2, 3):
+      raise ValueError(f"encoder='cnn' needs image inputs [H, W] or [H, W, C], got input "
+                       f"shape {tuple(input_shape)}.")
 
   @property
   def layer_names(self) -> tuple[str, ...]:
+    """The trunk's layers, input to output: ``conv_i`` (cnn) then ``layer_j``."""
     convs = [f"conv_{i}" for i in range(len(self.channels))] if self.encoder == "cnn" else []
     return tuple(convs + [f"layer_{j}" for j in range(len(self.hidden))])
 
 
+def checked_tower(arch: str, tower: Any) -> tuple[int, ...]:
+  """An architecture's per-task tower widths (``<arch>.tower``), checked."""
+  return positive_ints(f"{arch}.tower", tower)
+
+
+# ----------------------------------------------------------------------------
+# The parts.
+# ----------------------------------------------------------------------------
+
+
 class Parts:
   """The flax modules and sizes of one architecture, its heads, towers and
-  per-task keys: what the architecture constructors build a model from."""
+  per-task keys: what the architectures' build functions make a model from.
 
-  def __init__(self, spec: ArchSpec, taskset: tasks_lib.TaskSet):
-    self.spec, self.taskset = spec, taskset
+  Args:
+    trunk: the checked :class:`Trunk`.
+    taskset: the tasks.
+    input_shape: one example's input shape.
+    cond_mode: the conditioning of the trunk's dense layers on the one-hot
+      task descriptor (:data:`mtljax.models.encoders.COND_MODES`), or None.
+    cond_layers: the conditioned dense layers (with ``cond_mode``).
+    tower: the per-task ReLU towers' widths (``()``: no tower).
+  """
+
+  def __init__(self, trunk: Trunk, taskset: tasks_lib.TaskSet, input_shape: Sequence[int], *,
+               cond_mode: str | None = None, cond_layers: Sequence[int] = (),
+               tower: Sequence[int] = ()):
+    self.trunk, self.taskset = trunk, taskset
+    self.input_shape, self.tower = tuple(int(s) for s in input_shape), tuple(tower)
+    self.conditioned = cond_mode is not None
+    self.per_task_heads = trunk.heads == "per_task" or (trunk.heads == "auto" and
+                                                        not self.conditioned)
     self.num_tasks = len(taskset)
-    mode = spec.arch if spec.conditioned else None
-    self.trunk = (encoders.MLP(spec.hidden, mode, spec.cond_layers) if spec.encoder == "mlp"
-                  else encoders.CNN(spec.channels, spec.hidden, mode, spec.cond_layers))
-    self.x_example = jnp.zeros((1,) + spec.input_shape, jnp.float32)
-    self.z_example = (jnp.zeros((self.num_tasks,), jnp.float32) if spec.conditioned
+    self.module = (encoders.MLP(trunk.hidden, cond_mode, tuple(cond_layers))
+                   if trunk.encoder == "mlp" else
+                   encoders.CNN(trunk.channels, trunk.hidden, cond_mode, tuple(cond_layers)))
+    self.x_example = jnp.zeros((1,) + self.input_shape, jnp.float32)
+    self.z_example = (jnp.zeros((self.num_tasks,), jnp.float32) if self.conditioned
                       else None)
     self.trunk_dim = jax.eval_shape(
         lambda: self.trunk_apply(self.trunk_init(jax.random.key(0)), self.x_example,
@@ -79,16 +166,20 @@ class Parts:
     self.local_index = jnp.asarray(taskset.local_index)
 
   @property
+  def layer_names(self) -> tuple[str, ...]:
+    return self.trunk.layer_names
+
+  @property
   def heads_home(self) -> str:
     """Where the heads live: ``tasks`` (a row per task) or ``shared`` (one
     head per task group)."""
-    return "tasks" if self.spec.per_task_heads else "shared"
+    return "tasks" if self.per_task_heads else "shared"
 
   def trunk_init(self, rng):
-    return self.trunk.init(rng, self.x_example, self.z_example)["params"]
+    return self.module.init(rng, self.x_example, self.z_example)["params"]
 
   def trunk_apply(self, p, x, z=None):
-    return self.trunk.apply({"params": p}, x, z)
+    return self.module.apply({"params": p}, x, z)
 
   def per_task_keys(self, rng, members) -> jax.Array:
     """Keys ``fold_in(rng, stream_id)`` of the tasks ``members``."""
@@ -109,7 +200,7 @@ class Parts:
       return {"kernel": k, "bias": jnp.zeros((out_dim,), jnp.float32)}
     for gi, g in enumerate(ts.groups):
       dim = ts.group_task(g).out_dim
-      if self.spec.per_task_heads:  # keyed by stream id only, so subsets init alike
+      if self.per_task_heads:  # keyed by stream id only, so subsets init alike
         out[g] = jax.vmap(lambda k, d=dim: one(k, d))(
             self.per_task_keys(rng, ts.group_members(g)))
       else:
@@ -121,11 +212,11 @@ class Parts:
     ``feats [B, F]`` read by every slot (one matmul for all slots' heads)."""
     outs, k = {}, task_ids.shape[0]
     slices = tasks_lib.static_group_slices(self.taskset, task_ids)
-    if slices is not None and self.spec.per_task_heads:
+    if slices is not None and self.per_task_heads:
       return self._static_heads(head_params, feats, task_ids, slices)
     for g in self.taskset.groups:
       hp = head_params[g]
-      if self.spec.per_task_heads:
+      if self.per_task_heads:
         rows = jnp.clip(self.local_index[task_ids], 0, hp["kernel"].shape[0] - 1)
         hp = jax.tree.map(lambda a: a[rows], hp)
         spec = "kbf,kfo->kbo" if feats.ndim == 3 else "bf,kfo->kbo"
@@ -160,36 +251,36 @@ class Parts:
     return outs
 
   def head_rows(self) -> dict[str, np.ndarray]:
-    if not self.spec.per_task_heads:
+    if not self.per_task_heads:
       return {}
     return {f"heads/{g}": self.taskset.group_members(g) for g in self.taskset.groups}
 
   # --- towers ----------------------------------------------------------------
 
   def towers_init(self, rng, in_dim: int):
-    """Per-task ReLU towers of widths ``spec.tower`` on ``[B, in_dim]``
+    """Per-task ReLU towers of widths ``tower`` on ``[B, in_dim]``
     features, stacked ``[T, ...]``; None without a tower."""
-    if not self.spec.tower:
+    if not self.tower:
       return None
-    mod, f_example = encoders.MLP(self.spec.tower), jnp.zeros((1, in_dim), jnp.float32)
+    mod, f_example = encoders.MLP(self.tower), jnp.zeros((1, in_dim), jnp.float32)
     return jax.vmap(lambda r: mod.init(r, f_example)["params"])(self.all_task_keys(rng))
 
   def towers_apply(self, towers, h, task_ids, h_axis):
     """Slot k's tower on ``h`` (``[K, B, F]`` with ``h_axis=0``, or ``[B, F]``
     read by every slot with ``h_axis=None``): ``[K, B, F']`` (``h`` unchanged
     without a tower)."""
-    if not self.spec.tower:
+    if not self.tower:
       return h
-    mod = encoders.MLP(self.spec.tower)
+    mod = encoders.MLP(self.tower)
     tp = jax.tree.map(lambda a: a[task_ids], towers)
     return jax.vmap(lambda p, a: mod.apply({"params": p}, a), in_axes=(0, h_axis))(tp, h)
 
   def tower_groups(self) -> list[tuple[str, str]]:
-    return [(f"tower_{j}", rf"^tasks/towers/layer_{j}/") for j in range(len(self.spec.tower))]
+    return [(f"tower_{j}", rf"^tasks/towers/layer_{j}/") for j in range(len(self.tower))]
 
   def feat_dim(self, in_dim: int) -> int:
     """The heads' input width after the towers."""
-    return self.spec.tower[-1] if self.spec.tower else in_dim
+    return self.tower[-1] if self.tower else in_dim
 
   # --- layer groups ----------------------------------------------------------
 
@@ -197,6 +288,6 @@ class Parts:
                    ) -> tuple[tuple[str, str], ...]:
     """Trunk layers (under ``trunk_prefixes``, a regex alternative such as
     ``shared/trunk``), then ``extra`` groups, then the heads."""
-    groups = [(n, rf"^({trunk_prefixes})/{n}(/|$)") for n in self.spec.layer_names]
+    groups = [(n, rf"^({trunk_prefixes})/{n}(/|$)") for n in self.layer_names]
     return tuple(groups) + tuple(extra) + (("heads", r"^(shared|tasks)/heads/"),)
 

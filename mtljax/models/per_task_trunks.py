@@ -5,22 +5,109 @@ plus the soft sharing penalty on the trunks' differences) and ``cross_stitch``
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
 from mtljax.models import parts as parts_lib
 
+SOFT_NORMS = ("squared", "l2")
 
-def per_task_trunks_model(parts: parts_lib.Parts) -> dict:
-  """``independent`` or ``soft`` (with its penalty): the
+
+@dataclasses.dataclass(frozen=True)
+class SoftHParams:
+  """``soft`` (``config.model.soft.*``): the penalty
+  ``lambda_ sum_{t<t'} ||theta^t - theta^t'||`` on the per-task trunks.
+
+  Attributes:
+    lambda_: the penalty's weight, >= 0 (0: ``independent`` plus a zero penalty).
+    norm: ``"squared"`` (squared L2) or ``"l2"`` (the plain norm); :data:`SOFT_NORMS`.
+    layers: a regex over the trunk layers' paths ``trunk/<layer>/`` whose
+      parameters the penalty covers (``""``: every trunk layer); it must match one.
+  """
+  lambda_: float = 0.0
+  norm: str = "squared"
+  layers: str = ""
+
+  def checked(self, arch: str, trunk: parts_lib.Trunk) -> SoftHParams:
+    lam = parts_lib.finite_number(f"{arch}.lambda_", self.lambda_)
+    if lam < 0:
+      raise ValueError(f"{arch}.lambda_ must be >= 0, got {self.lambda_}.")
+    parts_lib.one_of(f"{arch}.norm", self.norm, SOFT_NORMS)
+    soft_layers(arch, self.layers, trunk.layer_names)
+    return dataclasses.replace(self, lambda_=lam)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossStitchHParams:
+  """``cross_stitch`` (``config.model.cross_stitch.*``).
+
+  Attributes:
+    init_diagonal: the stitch units' diagonal at init, in [0, 1]; the rest of
+      each row is ``(1 - init_diagonal) / (T - 1)`` (0.9: the paper's; 1: the
+      identity, i.e. independent networks).
+  """
+  init_diagonal: float = 0.9
+
+  def checked(self, arch: str, trunk: parts_lib.Trunk) -> CrossStitchHParams:
+    del trunk
+    value = parts_lib.finite_number(f"{arch}.init_diagonal", self.init_diagonal)
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f"{arch}.init_diagonal must be in [0, 1], got {self.init_diagonal}.")
+    return dataclasses.replace(self, init_diagonal=value)
+
+
+def soft_layers(arch: str, pattern: str, layer_names: Sequence[str]) -> list[str]:
+  """The trunk layers whose path ``trunk/<layer>/`` the regex ``pattern``
+  (``""``: every layer) matches; raises when it is not a regex or matches none."""
+  try:
+    soft_re = re.compile(pattern or ".*")
+  except re.error as e:
+    raise ValueError(f"{arch}.layers={pattern!r}: {e}.") from None
+  names = [n for n in layer_names if soft_re.search(f"trunk/{n}/")]
+  if not names:
+    raise ValueError(f"{arch}.layers={pattern!r} matches no trunk layer; layers are "
+                     f"{[f'trunk/{n}/' for n in layer_names]}.")
+  return names
+
+
+def independent(arch: str, trunk: parts_lib.Trunk, hparams: None,
+                taskset: tasks_lib.TaskSet, input_shape: Sequence[int]) -> dict:
+  """``independent``: one network per task; the
   :class:`~mtljax.models.multitask.Model` fields."""
-  spec, num_tasks = parts.spec, parts.num_tasks
+  del arch, hparams
+  return per_task_trunks_model(parts_lib.Parts(trunk, taskset, input_shape))
+
+
+def soft(arch: str, trunk: parts_lib.Trunk, hparams: SoftHParams,
+         taskset: tasks_lib.TaskSet, input_shape: Sequence[int]) -> dict:
+  """``soft``: ``independent`` plus the sharing penalty; the
+  :class:`~mtljax.models.multitask.Model` fields."""
+  parts = parts_lib.Parts(trunk, taskset, input_shape)
+  penalty = _soft_penalty(soft_layers(arch, hparams.layers, parts.layer_names), hparams,
+                          parts.num_tasks)
+  return per_task_trunks_model(parts, penalty)
+
+
+def cross_stitch(arch: str, trunk: parts_lib.Trunk, hparams: CrossStitchHParams,
+                 taskset: tasks_lib.TaskSet, input_shape: Sequence[int]) -> dict:
+  """``cross_stitch``: the :class:`~mtljax.models.multitask.Model` fields."""
+  del arch
+  return cross_stitch_model(parts_lib.Parts(trunk, taskset, input_shape),
+                            hparams.init_diagonal)
+
+
+def per_task_trunks_model(parts: parts_lib.Parts, penalty: Callable | None = None) -> dict:
+  """One trunk per task (with ``penalty``, soft sharing's, or none): the
+  :class:`~mtljax.models.multitask.Model` fields."""
+  num_tasks = parts.num_tasks
 
   home = parts.heads_home
 
@@ -37,27 +124,18 @@ def per_task_trunks_model(parts: parts_lib.Parts) -> dict:
     return parts.heads_apply(params[home]["heads"], feats, task_ids)
 
   rows = {"trunk": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
-  penalty = _soft_penalty(spec, num_tasks) if spec.arch == "soft" else None
   return {"init": init, "apply": apply, "task_rows": rows, "penalty": penalty,
           "layer_groups": parts.layer_groups("tasks/trunk")}
 
 
-def _soft_penalty(spec: parts_lib.ArchSpec, num_tasks: int) -> Callable:
-  try:
-    soft_re = re.compile(spec.soft_layers or ".*")
-  except re.error as e:
-    raise ValueError(f"config.model.soft_layers={spec.soft_layers!r}: {e}.") from None
-  paths = [n for n in spec.layer_names if soft_re.search(f"trunk/{n}/")]
-  if not paths:
-    raise ValueError(f"config.model.soft_layers={spec.soft_layers!r} matches no trunk "
-                     f"layer; layers are {[f'trunk/{n}/' for n in spec.layer_names]}.")
-  lam = spec.soft_lambda
+def _soft_penalty(paths: list[str], hparams: SoftHParams, num_tasks: int) -> Callable:
+  lam, norm = hparams.lambda_, hparams.norm
 
   def penalty(params):
     """``lambda sum_{t<t'} ||theta^t - theta^t'||`` over the chosen layers."""
     cols = params["tasks"]["trunk"]
     leaves = [leaf.reshape(num_tasks, -1) for n in paths for leaf in jax.tree.leaves(cols[n])]
-    if spec.soft_norm == "squared":  # sum_{t<t'} ||a_t - a_t'||^2 = T sum ||a_t - mean||^2
+    if norm == "squared":  # sum_{t<t'} ||a_t - a_t'||^2 = T sum ||a_t - mean||^2
       return lam * num_tasks * sum(jnp.sum(jnp.square(a - a.mean(axis=0))) for a in leaves)
     # Pairwise squared distances from Gram matrices: O(T^2 + T D) memory.
     d2 = sum(jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(a * a, 1)[None, :]
@@ -67,17 +145,19 @@ def _soft_penalty(spec: parts_lib.ArchSpec, num_tasks: int) -> Callable:
   return penalty
 
 
-def cross_stitch_model(parts: parts_lib.Parts) -> dict:
-  """``cross_stitch``: the :class:`~mtljax.models.multitask.Model` fields."""
-  spec, num_tasks = parts.spec, parts.num_tasks
+def cross_stitch_model(parts: parts_lib.Parts, init_diagonal: float) -> dict:
+  """One column per task, mixed after every trunk layer by stitch units
+  initialised to ``init_diagonal`` on the diagonal: the
+  :class:`~mtljax.models.multitask.Model` fields."""
+  trunk, num_tasks = parts.trunk, parts.num_tasks
 
   def init(rng):
     r_trunk, r_heads, _ = jax.random.split(rng, 3)
-    off = (1.0 - spec.stitch_init) / max(num_tasks - 1, 1)
+    off = (1.0 - init_diagonal) / max(num_tasks - 1, 1)
     alpha = jnp.full((num_tasks, num_tasks), off, jnp.float32)
     alpha = alpha.at[jnp.diag_indices(num_tasks)].set(
-        spec.stitch_init if num_tasks > 1 else 1.0)
-    params = {"shared": {"stitch": {n: alpha for n in spec.layer_names}},
+        init_diagonal if num_tasks > 1 else 1.0)
+    params = {"shared": {"stitch": {n: alpha for n in trunk.layer_names}},
               "tasks": {"trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk))}}
     params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.trunk_dim)
     return params
@@ -85,20 +165,20 @@ def cross_stitch_model(parts: parts_lib.Parts) -> dict:
   def stitched(params, xk):
     """All T task columns on one slot's inputs, mixed after every layer: [T, B, F]."""
     cols, alpha = params["tasks"]["trunk"], params["shared"]["stitch"]
-    h = xk if xk.ndim == 4 or spec.encoder == "mlp" else xk[..., None]
+    h = xk if xk.ndim == 4 or trunk.encoder == "mlp" else xk[..., None]
     h = jnp.broadcast_to(h, (num_tasks,) + h.shape)
-    if spec.encoder == "mlp":
+    if trunk.encoder == "mlp":
       h = h.reshape(num_tasks, h.shape[1], -1)
-    for name in spec.layer_names:
+    for name in trunk.layer_names:
       if name.startswith("conv"):
-        conv = encoders.PatchConv(spec.channels[int(name[5:])], 3)
+        conv = encoders.PatchConv(trunk.channels[int(name[5:])], 3)
         h = jax.vmap(lambda p, a: nn.relu(conv.apply({"params": p}, a)))(cols[name], h)
         if h.shape[2] >= 2 and h.shape[3] >= 2:
           h = jax.vmap(lambda a: nn.max_pool(a, (2, 2), strides=(2, 2)))(h)
       else:
         if h.ndim > 3:
           h = h.reshape(num_tasks, h.shape[1], -1)
-        dense = encoders.CondDense(spec.hidden[int(name[6:])])
+        dense = encoders.CondDense(trunk.hidden[int(name[6:])])
         h = jax.vmap(lambda p, a: nn.relu(dense.apply({"params": p}, a)))(cols[name], h)
       h = jnp.einsum("ts,s...->t...", alpha[name], h)
     return h.reshape(num_tasks, h.shape[1], -1)

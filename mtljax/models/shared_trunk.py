@@ -5,16 +5,68 @@ with per-task heads or one head per task group (see
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtljax import tasks as tasks_lib
 from mtljax.models import parts as parts_lib
 
 
-def shared_trunk_model(parts: parts_lib.Parts) -> dict:
-  """``multi_head``, ``concat``, ``additive`` or ``multiplicative``: the
+@dataclasses.dataclass(frozen=True)
+class ConditionedHParams:
+  """``concat`` / ``additive`` / ``multiplicative``
+  (``config.model.<arch>.*``; :mod:`mtljax.models.encoders`).
+
+  Attributes:
+    cond_layers: the dense layers (``layer_<l>``, counted after the
+      convolutions) conditioned on the one-hot task descriptor; at least one.
+  """
+  cond_layers: tuple[int, ...] = (0,)
+
+  def checked(self, arch: str, trunk: parts_lib.Trunk) -> ConditionedHParams:
+    try:
+      layers = tuple(self.cond_layers)
+    except TypeError:
+      layers = None
+    if layers is None or not all(isinstance(l, (int, np.integer)) and not isinstance(l, bool)
+                                 for l in layers):
+      raise ValueError(f"{arch}.cond_layers must be dense layer indices, got "
+                       f"{self.cond_layers!r}.")
+    layers = tuple(int(l) for l in layers)
+    if not layers:
+      raise ValueError(f"{arch}.cond_layers is empty; {arch!r} needs at least one dense layer "
+                       "to condition.")
+    bad = [l for l in layers if not 0 <= l < len(trunk.hidden)]
+    if bad:
+      raise ValueError(f"{arch}.cond_layers={layers}: layer(s) {bad} do not exist; the "
+                       f"encoder has {len(trunk.hidden)} dense layers (hidden={trunk.hidden}).")
+    return dataclasses.replace(self, cond_layers=layers)
+
+
+def multi_head(arch: str, trunk: parts_lib.Trunk, hparams: None,
+               taskset: tasks_lib.TaskSet, input_shape: Sequence[int]) -> dict:
+  """``multi_head``: one trunk, heads per task (or per group): the
   :class:`~mtljax.models.multitask.Model` fields."""
-  spec, num_tasks = parts.spec, parts.num_tasks
+  del arch, hparams
+  return shared_trunk_model(parts_lib.Parts(trunk, taskset, input_shape))
+
+
+def conditioned(arch: str, trunk: parts_lib.Trunk, hparams: ConditionedHParams,
+                taskset: tasks_lib.TaskSet, input_shape: Sequence[int]) -> dict:
+  """``concat``, ``additive`` or ``multiplicative`` (``arch`` is the
+  conditioning): the :class:`~mtljax.models.multitask.Model` fields."""
+  return shared_trunk_model(parts_lib.Parts(trunk, taskset, input_shape, cond_mode=arch,
+                                            cond_layers=hparams.cond_layers))
+
+
+def shared_trunk_model(parts: parts_lib.Parts) -> dict:
+  """One network for every task (conditioned on the task when
+  ``parts.conditioned``): the :class:`~mtljax.models.multitask.Model` fields."""
+  num_tasks = parts.num_tasks
   heads_home = parts.heads_home
 
   def init(rng):
@@ -25,7 +77,7 @@ def shared_trunk_model(parts: parts_lib.Parts) -> dict:
 
   def apply(params, x, task_ids):
     p = params["shared"]["trunk"]
-    if spec.conditioned:
+    if parts.conditioned:
       z = jax.nn.one_hot(task_ids, num_tasks, dtype=x.dtype)
       feats = jax.vmap(lambda xk, zk: parts.trunk_apply(p, xk, zk))(x, z)
     else:
@@ -34,10 +86,10 @@ def shared_trunk_model(parts: parts_lib.Parts) -> dict:
 
   out = {"init": init, "apply": apply, "task_rows": parts.head_rows(),
          "layer_groups": parts.layer_groups("shared/trunk")}
-  if spec.conditioned:
+  if parts.conditioned:
     return out  # the task descriptor enters the trunk: nothing is task-independent
 
-  if spec.per_task_heads:
+  if parts.per_task_heads:
     def encode(shared, x):
       return parts.trunk_apply(shared["trunk"], x)               # [B, F]
 
