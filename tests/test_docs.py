@@ -28,6 +28,7 @@ from mtljax import steps
 from mtljax.data import builders
 from mtljax.data import sampling
 from mtljax.data import specs
+from mtljax.models import multitask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DESIGN = os.path.join(ROOT, "docs", "DESIGN.md")
@@ -63,19 +64,47 @@ def _check_registered_method():
   np.testing.assert_allclose(d, [0.6, 1.8], rtol=1e-6)
 
 
+def _check_registered_architecture(scope):
+  """While the example's architecture is registered: it is read wherever an
+  architecture name is (the names, its hyper-parameters, the config, --list,
+  make_model's keywords and checks, the config's path to a model)."""
+  from experiments import main  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  from mtljax import build  # pylint: disable=g-import-not-at-top
+  data = scope["data"]
+  assert "tanh_multi_head" in multitask.archs()
+  assert multitask.hyperparameters("tanh_multi_head") == {"width": 16}
+  config = common.base_config()
+  assert config.model.tanh_multi_head.width == 16
+  listed = io.StringIO()
+  main.print_catalog(listed)
+  assert "\n  tanh_multi_head width=16\n" in listed.getvalue()
+  config.model.arch, config.model.tanh_multi_head.width = "tanh_multi_head", 8
+  model = build.model_from_config(config, data.taskset, data.input_shape)
+  assert model.init(jax.random.key(0))["shared"]["trunk"]["kernel"].shape == (4, 8)
+  with pytest.raises(ValueError, match=r"^config.model: tanh_multi_head.width must be an "
+                                       r"integer >= 1, got 0."):
+    config.model.tanh_multi_head.width = 0
+    build.model_from_config(config, data.taskset, data.input_shape)
+  with pytest.raises(ValueError, match=r"^tanh_multi_head: unknown hyper-parameter\(s\) "
+                                       r"\['depth'\]; it takes \['width'\]"):
+    multitask.make_model("tanh_multi_head", data.taskset, data.input_shape, depth=2)
+
+
 def _run_examples():
   blocks = _blocks()
   assert len(blocks) == 4, "task (arrays, TFDS), architecture, objective"
-  registries = (builders.BUNDLED, specs.BUNDLED_SPECS, gradients.REGISTRY)
+  registries = (builders.BUNDLED, specs.BUNDLED_SPECS, gradients.REGISTRY, multitask.REGISTRY)
   saved = [dict(r) for r in registries]
   out = {}
   try:
     for i, code in enumerate(blocks):
       exec(compile(code, f"DESIGN.md[python block {i}]", "exec"), out)  # pylint: disable=exec-used
     _check_registered_method()
+    _check_registered_architecture(out)
     return out
-  finally:  # the examples register a data set and a gradient method: later tests
-    # see the shipped ones only
+  finally:  # the examples register a data set, an architecture and a gradient
+    # method: later tests see the shipped ones only
     for r, s in zip(registries, saved):
       r.clear()
       r.update(s)
@@ -122,8 +151,9 @@ def _check_architecture_example(scope):
   for g in data.taskset.groups:
     np.testing.assert_allclose(direct[g], one_pass[g], rtol=1e-6, atol=1e-6)
   # A task's head starts from its own stream: a subset's model starts it alike.
-  sub = scope["tanh_multi_head"](data.taskset.subset(["kind"]), input_dim=4)
-  sub_heads = sub.init(jax.random.key(3))["tasks"]["heads"]["classification3"]
+  sub = scope["tanh_multi_head"]("tanh_multi_head", multitask.Trunk(), scope["TanhHParams"](),
+                                 data.taskset.subset(["kind"]), data.input_shape)
+  sub_heads = sub["init"](jax.random.key(3))["tasks"]["heads"]["classification3"]
   np.testing.assert_array_equal(sub_heads["kernel"][0],
                                 params["tasks"]["heads"]["classification3"]["kernel"][0])
   # Each slot's output is its own task's head on tanh(x W), in float64.
