@@ -539,7 +539,7 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
       on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host)
   batches = None
   if host:
-    sampler = steps.make_sampler(ts, probs, k, s.examples_per_task, s.replace, s.shared_inputs)
+    sampler = sampling.make_sampler(ts, probs, k, s.examples_per_task, s.replace, s.shared_inputs)
     index, count = placement.data_shard()
     batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc,
                                shard_index=index, shard_count=count)

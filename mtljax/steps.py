@@ -94,55 +94,12 @@ def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixe
 # ----------------------------------------------------------------------------
 
 
-class Sampler(NamedTuple):
-  """What sampling a step's batch needs (arrays closed over by the step)."""
-  probs: jax.Array          # [T] task distribution
-  stream_ids: jax.Array     # [T]
-  local_index: jax.Array    # [T]
-  tasks_per_step: int       # K
-  examples_per_task: int    # B
-  replace: bool
-  shared_inputs: bool
-  all_tasks: np.ndarray | None = None  # K = T without replacement: the slots' tasks
-
-
-def make_sampler(taskset: tasks_lib.TaskSet, task_probs, tasks_per_step: int,
-                 examples_per_task: int, replace: bool = False,
-                 shared_inputs: bool = False) -> Sampler:
-  """The step's :class:`Sampler` (the host pipeline builds the same one)."""
-  ts = taskset
-  all_tasks = ts.grouped_order if tasks_per_step == len(ts) and not replace else None
-  return Sampler(jnp.asarray(task_probs, jnp.float32), jnp.asarray(ts.stream_ids, jnp.int32),
-                 jnp.asarray(ts.local_index), int(tasks_per_step), int(examples_per_task),
-                 bool(replace), bool(shared_inputs), all_tasks)
-
-
-def step_keys(key: jax.Array, step) -> jax.Array:
-  """The three keys of step ``step``: tasks, examples, the method's."""
-  return jax.random.split(jax.random.fold_in(key, step), 3)
-
-
-def sample_indices(sampler: Sampler, n: jax.Array, r_tasks, r_examples,
-                   examples_per_task: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Task ids ``[K]`` and example indices: ``[B]`` shared by every slot, or
-  ``[K, B]``, each below the task's ``n``. The one definition of a step's
-  draw: the device path gathers these on the device, the host pipeline
-  (:mod:`mtljax.data.pipeline`) reads these records."""
+def sample_batch(sampler: sampling.Sampler, data: dict, r_tasks, r_examples
+                 ) -> jacobians.Batch:
+  """Task ids ``[K]``, then ``B`` examples per slot (or ``B`` for all slots):
+  the draw of :func:`mtljax.data.sampling.sample_indices`, gathered."""
   s = sampler
-  b = s.examples_per_task if examples_per_task is None else examples_per_task
-  if s.all_tasks is not None:  # every task in every step: a static slot layout
-    task_ids = jnp.asarray(s.all_tasks, jnp.int32)
-  else:
-    task_ids = sampling.sample_tasks(r_tasks, s.probs, s.tasks_per_step, s.replace)
-  if s.shared_inputs:
-    return task_ids, sampling.shared_example_indices(r_examples, task_ids, n, b)[0]
-  return task_ids, sampling.example_indices(r_examples, task_ids, s.stream_ids, n, b)
-
-
-def sample_batch(sampler: Sampler, data: dict, r_tasks, r_examples) -> jacobians.Batch:
-  """Task ids ``[K]``, then ``B`` examples per slot (or ``B`` for all slots)."""
-  s = sampler
-  task_ids, idx = sample_indices(sampler, data["n"], r_tasks, r_examples)
+  task_ids, idx = sampling.sample_indices(sampler, data["n"], r_tasks, r_examples)
   if s.all_tasks is not None:
     task_ids = s.all_tasks  # static: the slots' groups are known when tracing
   arrays = {"local_index": s.local_index}
@@ -153,7 +110,7 @@ def sample_batch(sampler: Sampler, data: dict, r_tasks, r_examples) -> jacobians
   return jacobians.Batch(x, ys, task_ids, s.shared_inputs)
 
 
-def host_batch(sampler: Sampler, batch: dict) -> jacobians.Batch:
+def host_batch(sampler: sampling.Sampler, batch: dict) -> jacobians.Batch:
   """A batch read by the host pipeline: ``{"task_ids" [K], "x" [K, B, ...]
   or [B, ...], "y" {group: [K, B]}}``."""
   ids = sampler.all_tasks if sampler.all_tasks is not None else batch["task_ids"]
@@ -356,7 +313,7 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   ``data`` is a train split as laid out by :mod:`mtljax.data.loading`, the
   step sampling its batch; with ``host_batches`` it is the batch itself, as
   the host pipeline reads it (:mod:`mtljax.data.pipeline`: the same draws,
-  :func:`sample_indices`), with a leading ``[steps_per_call]`` axis when
+  :func:`mtljax.data.sampling.sample_indices`), with a leading ``[steps_per_call]`` axis when
   ``steps_per_call > 1``.
   Missing labels (:mod:`mtljax.tasks`): a slot's loss is the mean over its
   labelled examples; a slot with none has loss 0 and gradient 0, and its task
@@ -386,8 +343,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
                               replace=replace, shared_inputs=shared_inputs, tag_lr=tag_lr,
                               one_pass=one_pass)
-  sampler = make_sampler(ts, task_probs, tasks_per_step, examples_per_task, replace,
-                         shared_inputs)
+  sampler = sampling.make_sampler(ts, task_probs, tasks_per_step, examples_per_task, replace,
+                                  shared_inputs)
   weights = jnp.asarray(weights, jnp.float32)
   rows = task_rows(model, objective)
   base_key = jax.random.key(seed)
@@ -396,7 +353,7 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     _check_state(state, objective, penalty)
     params = state["params"]
     key = jax.random.wrap_key_data(state["rng"]) if "rng" in state else base_key
-    r_tasks, r_examples, r_method = step_keys(key, state["step"])
+    r_tasks, r_examples, r_method = sampling.step_keys(key, state["step"])
     if host_batches:
       batch = host_batch(sampler, data)
     else:

@@ -429,13 +429,13 @@ def test_host_pipeline_equals_device_path_with_missing_labels():
     for g, y in device.split(split)["y"].items():
       np.testing.assert_array_equal(host.split(split)["y"][g], y)  # NaN where missing
   np.testing.assert_array_equal(host.label_mean, device.label_mean)
-  sampler = steps.make_sampler(ts, sampling.task_probabilities("uniform", device.num_train),
-                               3, 6, False, False)
+  sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", device.num_train),
+                                  3, 6, False, False)
   batches = pipeline.Batches(host, sampler, 7)
   on_device = jax.tree.map(jnp.asarray, device.train)
   for call in (0, 5):
     got = batches.call(call)
-    r_tasks, r_examples, _ = steps.step_keys(jax.random.key(7), call)
+    r_tasks, r_examples, _ = sampling.step_keys(jax.random.key(7), call)
     want = steps.sample_batch(sampler, on_device, r_tasks, r_examples)
     np.testing.assert_array_equal(got["x"], np.asarray(want.x))
     for g in want.ys:
