@@ -55,10 +55,10 @@ def _step_fn(data, placement, steps_per_call=SPC):
   ts = data.taskset
   model = multitask.make_model("multi_head", ts, (D_IN,), hidden=H)
   tx = optim.make_optimizer("adam", lr=1e-3)
-  fn = steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, None), tasks_per_step=len(ts), examples_per_task=B,
-      shared_inputs=True, steps_per_call=steps_per_call, placement=placement)
+  sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),
+                                  len(ts), B, shared_inputs=True)
+  fn = steps.make_train_step(model, tx, "fixed", sampler, weights=tasks.task_weights(ts, None),
+                             steps_per_call=steps_per_call, placement=placement)
   return model, tx, fn
 
 

@@ -529,17 +529,16 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
     raise ValueError(f"config.num_seeds={n_seeds} trains seeds side by side on data held on "
                      "the device (each seed draws its own batches); with the host pipeline "
                      "run one seed per job, or set config.data.pipeline='device'.")
-  k = s.tasks_per_step or len(ts)
+  # One sampler: the step draws with it, and the host pipeline reads its draws.
+  sampler = sampling.make_sampler(ts, probs, s.tasks_per_step or len(ts), s.examples_per_task,
+                                  s.replace, s.shared_inputs)
   train_fn = steps.make_train_step(
-      model, tx, objective, task_probs=probs, weights=weights,
-      tasks_per_step=k, examples_per_task=s.examples_per_task,
-      replace=s.replace, shared_inputs=s.shared_inputs, steps_per_call=spc, seed=config.seed,
+      model, tx, objective, sampler, weights=weights, steps_per_call=spc, seed=config.seed,
       penalty=penalty, tag_lr=config.tag_lr,
       slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement,
       on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host)
   batches = None
   if host:
-    sampler = sampling.make_sampler(ts, probs, k, s.examples_per_task, s.replace, s.shared_inputs)
     index, count = placement.data_shard()
     batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc,
                                shard_index=index, shard_count=count)

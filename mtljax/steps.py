@@ -204,14 +204,39 @@ def step_measurements(total, losses, task_ids, num_tasks: int, *extra: dict,
   return meas
 
 
-def _check_step(model, objective, *, tasks_per_step, replace, shared_inputs, tag_lr,
-                one_pass) -> tuple[str, list | None]:
+def _check_parts(model: multitask.Model, sampler, weights, *, slot_backwards: str,
+                 on_nonfinite: str, placement) -> None:
+  """The step's parts and options against the model's task set, before tracing."""
+  num_tasks = len(model.taskset)
+  if not isinstance(sampler, sampling.Sampler):
+    raise TypeError(f"make_train_step: sampler must be a mtljax.data.sampling.Sampler "
+                    f"(sampling.make_sampler), got {type(sampler).__name__}.")
+  jacobians.sequential_backwards(slot_backwards)  # checks the name
+  for name, value in (("task_probs", sampler.probs), ("weights", weights)):
+    if np.shape(value) != (num_tasks,):
+      raise ValueError(f"make_train_step: {name} must have one entry per task "
+                       f"({num_tasks}), got shape {np.shape(value)}.")
+  ts = model.taskset
+  if not (np.array_equal(np.asarray(sampler.stream_ids), np.asarray(ts.stream_ids)) and
+          np.array_equal(np.asarray(sampler.local_index), np.asarray(ts.local_index))):
+    raise ValueError("make_train_step: the sampler was made for another task set (its tasks' "
+                     "stream ids or label rows are not the model's): use "
+                     "sampling.make_sampler(model.taskset, ...).")
+  if on_nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"config.on_nonfinite={on_nonfinite!r} is not one of "
+                     f"{NONFINITE_POLICIES}.")
+  if placement is not None:
+    placement.check_batch(sampler.examples_per_task)
+
+
+def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, list | None]:
   """Everything about a step that can be wrong, before it is traced; returns
   what to linearise and which shared leaves need per-slot gradients."""
   num_tasks = len(model.taskset)
+  tasks_per_step, shared_inputs = sampler.tasks_per_step, sampler.shared_inputs
   if tasks_per_step < 1:
     raise ValueError(f"config.sampling.tasks_per_step must be >= 1, got {tasks_per_step}.")
-  if tasks_per_step > num_tasks and not replace:
+  if tasks_per_step > num_tasks and not sampler.replace:
     raise ValueError(f"config.sampling.tasks_per_step={tasks_per_step} must be in "
                      f"[1, {num_tasks}] when sampling tasks without replacement.")
   shared_names = [n for n, _ in params_lib.flatten_with_names(
@@ -270,10 +295,8 @@ def _check_state(state: dict, objective: objectives.Objective, penalty) -> None:
         f"same objective to init_train_state.")
 
 
-def make_train_step(model: multitask.Model, tx, objective="fixed", *,
-                    task_probs: np.ndarray, weights: np.ndarray, tasks_per_step: int,
-                    examples_per_task: int, replace: bool = False,
-                    shared_inputs: bool = False, steps_per_call: int = 1, seed: int = 0,
+def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sampler, *,
+                    weights: np.ndarray, steps_per_call: int = 1, seed: int = 0,
                     penalty: Callable | None = None, tag_lr: float = 0.0,
                     one_pass: bool | None = None, slot_backwards: str = "auto",
                     placement=None, on_nonfinite: str = "stop",
@@ -284,12 +307,16 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     model: a :class:`mtljax.models.multitask.Model`.
     tx: an optax transformation or :class:`mtljax.optim.RuledOptimizer`.
     objective: an :class:`mtljax.objectives.Objective` (or a method name, with
-      default hyper-parameters); the state must come from
+      default hyper-parameters, e.g. ``"fixed"``); the state must come from
       :func:`init_train_state` with the same objective.
-    task_probs: ``[T]`` task distribution; weights: ``[T]`` fixed task weights.
-    tasks_per_step: K; examples_per_task: B; replace: sample tasks i.i.d.
-    shared_inputs: every slot sees the same B examples (the tasks must share
-      one input source, :func:`mtljax.data.sampling.check_shared_inputs`).
+    sampler: how a step draws its batch, a :class:`mtljax.data.sampling.Sampler`
+      of the model's task set (:func:`mtljax.data.sampling.make_sampler`): the
+      ``[T]`` task distribution, K tasks per step, B examples per task, with
+      or without replacement, and whether every slot sees the same B examples
+      (shared inputs: the tasks must share one input source,
+      :func:`mtljax.data.sampling.check_shared_inputs`). The host pipeline
+      draws with the same sampler.
+    weights: ``[T]`` fixed task weights.
     steps_per_call: steps per call under ``lax.scan`` (measurements summed).
     seed: the random streams' key ``key(seed)``, unless the state holds
       ``"rng"`` (``jax.random.key_data`` of a key), which then wins.
@@ -299,8 +326,8 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     tag_lr: > 0 adds TAG's lookahead affinity (:mod:`mtljax.measure`):
       ``tag_sum [T, T]`` / ``tag_count [T, T]`` (source task i, target j).
     one_pass: run the task-independent part once for every slot (default:
-      whenever ``shared_inputs`` and the model has one); False forces the
-      per-slot path (the reference the one-pass path is tested against).
+      whenever the sampler's shared inputs and the model has one); False
+      forces the per-slot path (the reference the one-pass path is tested against).
     slot_backwards: ``"auto"`` | ``"map"`` | ``"vmap"``, how the one-pass path
       runs its K trunk backwards (:func:`mtljax.jacobians.sequential_backwards`).
     placement: a :class:`mtljax.sharding.Placement`: the sampled examples are
@@ -309,12 +336,14 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
       the parameters, optimizer or objective state; ``"stop"`` reports it
       (the loop stops), ``"skip"`` also counts it in
       ``state["nonfinite_skipped"]`` and goes on.
+    host_batches: ``data`` is the batch the host pipeline read, not a split.
 
+  Every part is checked before anything is traced (a bad one raises naming it).
   ``data`` is a train split as laid out by :mod:`mtljax.data.loading`, the
   step sampling its batch; with ``host_batches`` it is the batch itself, as
   the host pipeline reads it (:mod:`mtljax.data.pipeline`: the same draws,
-  :func:`mtljax.data.sampling.sample_indices`), with a leading ``[steps_per_call]`` axis when
-  ``steps_per_call > 1``.
+  :func:`mtljax.data.sampling.sample_indices`), with a leading
+  ``[steps_per_call]`` axis when ``steps_per_call > 1``.
   Missing labels (:mod:`mtljax.tasks`): a slot's loss is the mean over its
   labelled examples; a slot with none has loss 0 and gradient 0, and its task
   counts as not sampled in that step (:func:`labelled_slots`).
@@ -327,41 +356,54 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   ``nonfinite_steps`` / ``nonfinite_first`` / ``nonfinite_tasks``
   (:func:`nonfinite_measurements`).
   """
+  objective = as_objective(objective, model)
+  _check_parts(model, sampler, weights, slot_backwards=slot_backwards,
+               on_nonfinite=on_nonfinite, placement=placement)
+  needs, leaves = _check_step(model, objective, sampler, tag_lr=tag_lr, one_pass=one_pass)
+  one_step = _make_one_step(
+      model, tx, objective, sampler, jnp.asarray(weights, jnp.float32), needs=needs,
+      leaves=leaves, base_key=jax.random.key(seed), penalty=penalty, tag_lr=tag_lr,
+      one_pass=one_pass, slot_backwards=slot_backwards, placement=placement,
+      host_batches=host_batches)
+  return _scan_steps(one_step, steps_per_call, host_batches)
+
+
+def _step_batch(sampler: sampling.Sampler, state: dict, data, base_key, placement,
+                host_batches: bool) -> tuple[jacobians.Batch, jax.Array]:
+  """The step's batch (drawn from ``data``, or the host pipeline's) on the
+  placement's ``data`` axis, and the method's key."""
+  key = jax.random.wrap_key_data(state["rng"]) if "rng" in state else base_key
+  r_tasks, r_examples, r_method = sampling.step_keys(key, state["step"])
+  if host_batches:
+    batch = host_batch(sampler, data)
+  else:
+    batch = sample_batch(sampler, data, r_tasks, r_examples)
+  if placement is not None:
+    batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
+                            batch.task_ids, batch.shared)
+  return batch, r_method
+
+
+def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, base_key,
+                   penalty, tag_lr, one_pass, slot_backwards, placement, host_batches
+                   ) -> Callable:
+  """One step, ``(state, data) -> (state, measurements)``, of checked parts."""
   ts = model.taskset
   num_tasks = len(ts)
-  objective = as_objective(objective, model)
-  jacobians.sequential_backwards(slot_backwards)  # checks the name
-  for name, value in (("task_probs", task_probs), ("weights", weights)):
-    if np.shape(value) != (num_tasks,):
-      raise ValueError(f"make_train_step: {name} must have one entry per task "
-                       f"({num_tasks}), got shape {np.shape(value)}.")
-  if on_nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"config.on_nonfinite={on_nonfinite!r} is not one of "
-                     f"{NONFINITE_POLICIES}.")
-  if placement is not None:
-    placement.check_batch(examples_per_task)
-  needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
-                              replace=replace, shared_inputs=shared_inputs, tag_lr=tag_lr,
-                              one_pass=one_pass)
-  sampler = sampling.make_sampler(ts, task_probs, tasks_per_step, examples_per_task, replace,
-                                  shared_inputs)
-  weights = jnp.asarray(weights, jnp.float32)
   rows = task_rows(model, objective)
-  base_key = jax.random.key(seed)
 
   def one_step(state, data):
     _check_state(state, objective, penalty)
     params = state["params"]
-    key = jax.random.wrap_key_data(state["rng"]) if "rng" in state else base_key
-    r_tasks, r_examples, r_method = sampling.step_keys(key, state["step"])
-    if host_batches:
-      batch = host_batch(sampler, data)
-    else:
-      batch = sample_batch(sampler, data, r_tasks, r_examples)
-    if placement is not None:
-      batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
-                              batch.task_ids, batch.shared)
+    batch, r_method = _step_batch(sampler, state, data, base_key, placement, host_batches)
     ids = batch.task_ids
+    # The step's task masks, one meaning each:
+    #   labelled [K]  slot k has at least one labelled example in its batch;
+    #   sampled [T]   task t fills at least one slot, labelled or not;
+    #   present [T]   task t fills at least one labelled slot: the tasks whose
+    #                 rows of the per-task parameters and optimizer state move
+    #                 (optim.update's `active`). A task sampled but not present
+    #                 is seen by the objective with weight 0.
     labelled, present = labelled_slots(ts, batch)
     sampled = jnp.zeros((num_tasks,), bool).at[ids].set(True)
     lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
@@ -376,10 +418,9 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     tag = (tag_measurements(lin, params, ids, tag_lr, num_tasks, labelled) if tag_lr > 0
            else {})
-    active = present  # a task sampled but unlabelled in this step: its rows stay
     lr_scale = state["hparams"]["lr_scale"] if "hparams" in state else None
-    new_params, opt_state = optim.update(tx, grads, state["opt_state"], params, rows, active,
-                                         lr_scale)
+    new_params, opt_state = optim.update(tx, grads, state["opt_state"], params, rows,
+                                         present, lr_scale)
     new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
     obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids), new_losses)
     # The objective's state keeps the dtypes it was initialised with (its
@@ -399,6 +440,12 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
         nonfinite_measurements(finite, state["step"], lin.losses, ids, num_tasks),
         labelled=labelled)
 
+  return one_step
+
+
+def _scan_steps(one_step: Callable, steps_per_call: int, host_batches: bool) -> Callable:
+  """``steps_per_call`` steps per call under ``lax.scan``, their measurements
+  summed (``nonfinite_first``: the minimum); one step is returned as it is."""
   if steps_per_call == 1:  # a plain step: no loop to pay for
     return one_step
 

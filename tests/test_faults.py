@@ -158,9 +158,9 @@ def _nan_input_step(on_nonfinite):
   model = multitask.make_model("multi_head", ts, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("adam", lr=1e-2)
   fn = steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, None), tasks_per_step=2, examples_per_task=8, seed=3,
-      on_nonfinite=on_nonfinite)
+      model, tx, "fixed", sampling.make_sampler(
+          ts, sampling.task_probabilities("uniform", data.num_train), 2, 8),
+      weights=tasks.task_weights(ts, None), seed=3, on_nonfinite=on_nonfinite)
   return ts, jax.jit(fn), steps.init_train_state(model, tx, jax.random.key(0)), train_split
 
 

@@ -14,6 +14,7 @@ from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
+from mtljax.data import sampling
 from mtljax.models import multitask
 
 _PROBS = np.full(4, 0.25)
@@ -24,9 +25,10 @@ def _step_fn(model, method, tx, *, k, b=16, seed=5, weights=None, shared_inputs=
   obj = objectives.make_objective(method, len(model.taskset), gram_path=gram_path, **hp)
   obj = objectives.bind_shared(obj, jax.eval_shape(model.init, jax.random.key(0))["shared"])
   fn = steps.make_train_step(
-      model, tx, obj, task_probs=_PROBS, weights=np.ones(4) if weights is None else weights,
-      tasks_per_step=k, examples_per_task=b, seed=seed, shared_inputs=shared_inputs,
-      one_pass=one_pass, steps_per_call=steps_per_call)
+      model, tx, obj, sampling.make_sampler(model.taskset, _PROBS, k, b,
+                                            shared_inputs=shared_inputs),
+      weights=np.ones(4) if weights is None else weights, seed=seed, one_pass=one_pass,
+      steps_per_call=steps_per_call)
   return obj, fn
 
 

@@ -17,6 +17,7 @@ from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
 from mtljax import tracked
+from mtljax.data import sampling
 from mtljax.models import multitask
 
 import hard_jacobians
@@ -195,9 +196,9 @@ def test_graddrop_in_the_step_with_leak_one_is_the_weighted_sum_step():
 
   def run(method, **hp):
     obj = objectives.make_objective(method, 4, **hp)
-    fn = steps.make_train_step(model, tx, obj, task_probs=probs, weights=weights,
-                               tasks_per_step=3, examples_per_task=16, seed=5,
-                               shared_inputs=True)
+    fn = steps.make_train_step(
+        model, tx, obj, sampling.make_sampler(data.taskset, probs, 3, 16, shared_inputs=True),
+        weights=weights, seed=5)
     state = steps.init_train_state(model, tx, jax.random.key(0), obj)
     return jax.jit(fn)(state, data.train)[0]["params"]
 
@@ -830,8 +831,9 @@ def test_graddrop_step_drops_the_cotangent_of_algorithm_1():
   weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
   probs = np.full(4, 0.25)
   obj = objectives.make_objective("graddrop", 4)
-  fn = steps.make_train_step(model, tx, obj, task_probs=probs, weights=weights,
-                             tasks_per_step=3, examples_per_task=16, seed=5, shared_inputs=True)
+  fn = steps.make_train_step(
+      model, tx, obj, sampling.make_sampler(data.taskset, probs, 3, 16, shared_inputs=True),
+      weights=weights, seed=5)
   state = steps.init_train_state(model, tx, jax.random.key(0), obj)
   new = jax.jit(fn)(state, data.train)[0]["params"]
   ids, x, ys, r_method = helpers.step_batch(data, probs, seed=5, step=0, k=3, b=16,

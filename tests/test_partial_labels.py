@@ -215,8 +215,8 @@ def test_step_losses_and_gradients_equal_hand_computation_with_mask():
   w = np.array([1.0, 2.0, 0.5, 1.5], np.float32)
   tx = optax.sgd(1.0)
   train_step = jax.jit(steps.make_train_step(
-      model, tx, "fixed", task_probs=np.full(4, 0.25), weights=w, tasks_per_step=4,
-      examples_per_task=b, shared_inputs=True, seed=seed))
+      model, tx, "fixed", sampling.make_sampler(ts, np.full(4, 0.25), 4, b, shared_inputs=True),
+      weights=w, seed=seed))
   state = steps.init_train_state(model, tx, jax.random.key(0))
   state = {**state, "params": params, "step": jnp.asarray(step, jnp.int32)}
   new, meas = train_step(state, jax.tree.map(jnp.asarray, data.train))
@@ -274,8 +274,8 @@ def test_all_ones_mask_run_equals_run_without_mask_bitwise():
     model, params = _model(data.taskset, data.input_shape)
     tx = optax.adam(1e-2)
     step = jax.jit(steps.make_train_step(
-        model, tx, "dwa", task_probs=np.full(4, 0.25), weights=np.ones(4), tasks_per_step=3,
-        examples_per_task=8, steps_per_call=5, seed=2))
+        model, tx, "dwa", sampling.make_sampler(data.taskset, np.full(4, 0.25), 3, 8),
+        weights=np.ones(4), steps_per_call=5, seed=2))
     state = steps.init_train_state(model, tx, jax.random.key(0), "dwa")
     state = {**state, "params": params}
     train = jax.tree.map(jnp.asarray, data.train)
@@ -321,8 +321,8 @@ def test_every_objective_updates_finitely_with_one_fully_unlabelled_slot(method)
   tx = optax.adam(1e-2)
   objective = objectives.make_objective(method, len(ts))
   train_step = jax.jit(steps.make_train_step(
-      model, tx, objective, task_probs=np.full(4, 0.25), weights=np.ones(4),
-      tasks_per_step=k, examples_per_task=b, shared_inputs=True, host_batches=True))
+      model, tx, objective, sampling.make_sampler(ts, np.full(4, 0.25), k, b, shared_inputs=True),
+      weights=np.ones(4), host_batches=True))
   state = steps.init_train_state(model, tx, jax.random.key(0), objective)
   state["params"] = {"shared": params["shared"],  # (Adam's zero moments fit any values)
                      "tasks": {**state["params"]["tasks"], **params["tasks"]}}
@@ -362,8 +362,8 @@ def test_tag_affinity_leaves_out_pairs_with_an_unlabelled_slot():
   batch = {"task_ids": order, "x": rng.normal(size=(6, 5)).astype(np.float32), "y": ys}
   tx = optax.sgd(0.1)
   step = jax.jit(steps.make_train_step(
-      model, tx, "fixed", task_probs=np.full(4, 0.25), weights=np.ones(4), tasks_per_step=4,
-      examples_per_task=6, shared_inputs=True, host_batches=True, tag_lr=0.1))
+      model, tx, "fixed", sampling.make_sampler(ts, np.full(4, 0.25), 4, 6, shared_inputs=True),
+      weights=np.ones(4), host_batches=True, tag_lr=0.1))
   state = steps.init_train_state(model, tx, jax.random.key(0))
   _, meas = step({**state, "params": params}, jax.tree.map(jnp.asarray, batch))
   want = np.ones((4, 4))

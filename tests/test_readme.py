@@ -39,10 +39,10 @@ def test_readme_notebook_example_runs_and_its_numbers_are_sums_over_a_call():
   assert int(state["step"]) == 200
   data = scope["data"]
   single = jax.jit(steps.make_train_step(
-      scope["model"], scope["tx"], scope["objective"],
-      task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(data.taskset, None), tasks_per_step=2,
-      examples_per_task=64, steps_per_call=1, shared_inputs=True))
+      scope["model"], scope["tx"], scope["objective"], sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train),
+          tasks_per_step=2, examples_per_task=64, shared_inputs=True),
+      weights=tasks.task_weights(data.taskset, None), steps_per_call=1))
   s, losses, task_losses = before, [], []
   for _ in range(50):
     s, m = single(s, data.train)

@@ -29,8 +29,9 @@ def _train(arch, num_steps, tx=None, **kwargs):
                                **kwargs)
   tx = tx or optim.make_optimizer("adam", lr=1e-2)
   fn = jax.jit(steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=np.ones(4), tasks_per_step=4, examples_per_task=16, seed=3))
+      model, tx, "fixed", sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train), 4, 16),
+      weights=np.ones(4), seed=3))
   state = steps.init_train_state(model, tx, jax.random.key(0))
   first = state
   for _ in range(num_steps):

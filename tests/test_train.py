@@ -20,10 +20,10 @@ def _setup(data, arch="multi_head", k=None, replace=False, steps_per_call=1, wei
   ts = data.taskset
   model = multitask.make_model(arch, ts, data.input_shape, hidden=(16, 8))
   tx = optim.make_optimizer("adam", lr=lr)
-  fn = steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, weights), tasks_per_step=k or len(ts),
-      examples_per_task=16, replace=replace, steps_per_call=steps_per_call, seed=7)
+  sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),
+                                  k or len(ts), 16, replace)
+  fn = steps.make_train_step(model, tx, "fixed", sampler, weights=tasks.task_weights(ts, weights),
+                             steps_per_call=steps_per_call, seed=7)
   state = steps.init_train_state(model, tx, jax.random.key(0))
   return model, fn, state
 
@@ -167,11 +167,19 @@ def test_step_inputs_of_the_wrong_length_or_state_of_the_wrong_shape_raise():
   data = loading.build_task_data("toy", *helpers.shared_input_data())
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("adam", lr=1e-2)
+  sampler = sampling.make_sampler(data.taskset, np.full(4, 0.25), 2, 4)
+  with pytest.raises(ValueError, match=r"task_probs must have one entry per task \(4\)"):
+    steps.make_train_step(model, tx, "fixed", sampler._replace(probs=np.full(3, 1 / 3)),
+                          weights=np.ones(4))
+  other = tasks.TaskSet(data.taskset.tasks[::-1])
+  with pytest.raises(ValueError, match=r"sampler was made for another task set"):
+    steps.make_train_step(model, tx, "fixed", sampling.make_sampler(other, np.full(4, 0.25), 2, 4),
+                          weights=np.ones(4))
+  with pytest.raises(TypeError, match=r"sampler must be a mtljax.data.sampling.Sampler"):
+    steps.make_train_step(model, tx, "fixed", np.full(4, 0.25), weights=np.ones(4))
   with pytest.raises(ValueError, match=r"weights must have one entry per task \(4\)"):
-    steps.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(3),
-                          tasks_per_step=2, examples_per_task=4)
-  fn = steps.make_train_step(model, tx, "gradnorm", task_probs=np.full(4, 0.25),
-                             weights=np.ones(4), tasks_per_step=2, examples_per_task=4)
+    steps.make_train_step(model, tx, "fixed", sampler, weights=np.ones(3))
+  fn = steps.make_train_step(model, tx, "gradnorm", sampler, weights=np.ones(4))
   state = steps.init_train_state(model, tx, jax.random.key(0), "gradnorm")
   # A GradNorm state saved before its Adam state became per task: one scalar count.
   old = jax.tree.map(lambda a: a[0] if a.ndim else a, state["objective_state"]["opt"])

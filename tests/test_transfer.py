@@ -36,9 +36,9 @@ def _model(encoder="mlp"):
 
 def _steps(model, data, tx, n, seed=3, state=None, **kwargs):
   fn = jax.jit(steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=np.ones(len(data.taskset)), tasks_per_step=4, examples_per_task=16, seed=seed,
-      **kwargs))
+      model, tx, "fixed", sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train), 4, 16),
+      weights=np.ones(len(data.taskset)), seed=seed, **kwargs))
   state = state or steps.init_train_state(model, tx, jax.random.key(0))
   history = [state]
   for _ in range(n):

@@ -84,8 +84,8 @@ def _setup(method):
   obj = objectives.make_objective(method, 4)
   obj = objectives.bind_shared(obj, jax.eval_shape(model.init, jax.random.key(0))["shared"])
   fn = jax.jit(steps.make_train_step(
-      model, tx, obj, task_probs=_PROBS, weights=np.ones(4), tasks_per_step=3,
-      examples_per_task=8, seed=5, shared_inputs=True))
+      model, tx, obj, sampling.make_sampler(data.taskset, _PROBS, 3, 8, shared_inputs=True),
+      weights=np.ones(4), seed=5))
   return data, model, tx, fn
 
 
