@@ -377,11 +377,25 @@ def _decoupled_l2sp(config) -> optim.DecoupledL2SP | None:
   return optim.DecoupledL2SP(float(config.l2sp_alpha), float(config.l2sp_beta), kind)
 
 
-def optimizer_from_config(config, groups=None, param_names=()):
-  """The optimizer; a :class:`mtljax.optim.RuledOptimizer` when the config has
-  parameter rules, layer-wise decay, gradual unfreezing or frozen depth
-  (``groups``, the layer groups of :func:`layer_groups`, and the parameters'
-  slash paths are then needed)."""
+class LrSchedule(NamedTuple):
+  """A learning rate the log reports: its metrics key, its schedule of the
+  update count (None: a frozen group) and the global step the count starts at
+  (a group unfrozen at step s counts from s)."""
+  key: str
+  schedule: Callable | None
+  start: int
+
+
+def optimizer_from_config(config, groups=None, param_names=()
+                          ) -> tuple[Any, tuple[LrSchedule, ...]]:
+  """The optimizer and the schedules it applies (built once here: the loop
+  logs them, :func:`mtljax.train.learning_rates`). A
+  :class:`mtljax.optim.RuledOptimizer` when the config has parameter rules,
+  layer-wise decay, gradual unfreezing or frozen depth (``groups``, the layer
+  groups of :func:`layer_groups`, and the parameters' slash paths are then
+  needed), with one schedule per rule (``optim/lr/rule<i>``: its names in the
+  log's rule listing and its optax labels); else an optax optimizer and
+  ``optim/lr``."""
   o = config.optim
   kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                 momentum=o.momentum)
@@ -390,16 +404,20 @@ def optimizer_from_config(config, groups=None, param_names=()):
     if groups is None:
       raise ValueError("optimizer_from_config: parameter rules need the layer groups.")
     rules = rules_from_config(config, groups, param_names) or (optim.Rule(".*"),)
-    return optim.make_ruled_optimizer(
+    tx = optim.make_ruled_optimizer(
         o.name, rules, lr=o.lr, total_steps=config.total_steps,
         schedule=o.schedule, warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
         stlr_cut_frac=o.stlr_cut_frac, stlr_ratio=o.stlr_ratio, l2sp=l2sp, **kwargs)
-  lr = o.lr
-  if o.schedule != "constant":
-    lr = schedules.make_schedule(o.schedule, o.lr, config.total_steps,
-                                 warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
-                                 cut_frac=o.stlr_cut_frac, ratio=o.stlr_ratio)
-  return optim.make_optimizer(o.name, lr=lr, **kwargs)
+    return tx, tuple(LrSchedule(f"optim/lr/rule{i}", fn, r.unfreeze_at)
+                     for i, (r, fn) in enumerate(zip(tx.rules, tx.schedules)))
+  schedule = schedules.make_schedule(o.schedule, o.lr, config.total_steps,
+                                     warmup_steps=o.warmup_steps,
+                                     end_lr_factor=o.end_lr_factor, cut_frac=o.stlr_cut_frac,
+                                     ratio=o.stlr_ratio)
+  # A constant rate goes to optax as the number (its schedule is for the log).
+  tx = optim.make_optimizer(o.name, lr=o.lr if o.schedule == "constant" else schedule,
+                            **kwargs)
+  return tx, (LrSchedule("optim/lr", schedule, 0),)
 
 
 def num_seeds(config) -> int:
@@ -441,6 +459,7 @@ class Run(NamedTuple):
   # The host pipeline's batches (data too large for the device): train_fn then
   # takes a batch, eval_fn a chunk (mtljax.steps.make_chunk_eval_step).
   batches: pipeline.Batches | None = None
+  lr_schedules: tuple[LrSchedule, ...] = ()  # the optimizer's, as the log reports them
 
 
 def _initial_state(config, model, objective, tx, state, source=None
@@ -505,8 +524,8 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   shapes = jax.eval_shape(lambda r: steps.init_train_state(
       model, optax.set_to_zero(), r, objective), jax.random.key(0))["params"]
   groups = layer_groups(model, objective, shapes)
-  tx = optimizer_from_config(config, groups,
-                             [n for n, _ in params_lib.flatten_with_names(shapes)])
+  tx, lr_schedules = optimizer_from_config(
+      config, groups, [n for n, _ in params_lib.flatten_with_names(shapes)])
   if isinstance(tx, optim.RuledOptimizer):
     for line in tx.describe(shapes):
       logger.debug("optim rule: %s", line)
@@ -560,4 +579,4 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   for line in sharding.describe(state_shardings["params"]):
     logger.debug("sharding %s", line)
   return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report, placement,
-             state_shardings, n_seeds, batches)
+             state_shardings, n_seeds, batches, lr_schedules)

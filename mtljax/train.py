@@ -26,10 +26,8 @@ import numpy as np
 from mtljax import build
 from mtljax import checkpoint as ckpt_lib
 from mtljax import measure
-from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import plotting
-from mtljax import schedules
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks as tasks_lib
@@ -103,34 +101,28 @@ def train_record(taskset, meas, step: int, steps_per_call: int) -> dict:
   return record
 
 
-def learning_rates(config, tx) -> Callable[[int], dict]:
-  """``step -> {"optim/lr": lr}``, or ``{"optim/lr/rule<i>": lr}`` per
-  parameter rule ``i`` of a :class:`mtljax.optim.RuledOptimizer` (its names in
-  the log's rule listing and its optax labels): the learning rate of
-  the update that ended at ``step`` (update ``step - 1`` counted from 0), as
-  scheduled by the global step -- 0 for a frozen group and before a group's
+def learning_rates(config, lr_schedules: Sequence[build.LrSchedule]
+                   ) -> Callable[[int], dict]:
+  """``step -> {key: lr}`` for each of the optimizer's schedules (``optim/lr``,
+  or ``optim/lr/rule<i>`` per parameter rule: :func:`mtljax.build.optimizer_from_config`,
+  carried on the run as ``Run.lr_schedules``): the learning rate of the update
+  that ended at ``step`` (update ``step - 1`` counted from 0), as scheduled by
+  the global step -- 0 for a frozen group and before a group's
   ``unfreeze_at``. (A task's own parameters count only the steps that sampled
   the task; with a schedule other than constant theirs lag behind.)
 
-  The rates are the optimizer's own schedules (``tx.schedules``; without rules
-  the one :func:`mtljax.build.optimizer_from_config` gives optax), evaluated
-  once per group at the log steps' update counts here, so a log row only looks
-  a float up."""
-  o, total, every = config.optim, int(config.total_steps), max(int(config.log_steps), 1)
+  The schedules are evaluated once per group at the log steps' update counts
+  here (``config.total_steps``, ``config.log_steps``), so a log row only
+  looks a float up."""
+  total, every = int(config.total_steps), max(int(config.log_steps), 1)
   logged = np.unique(np.append(np.arange(every, total + 1, every), total))
 
   def table(fn, start):  # {update count: lr}: one vectorised call, then python floats
     counts = np.maximum(logged - 1 - start, 0)
     rates = np.broadcast_to(np.asarray(jax.device_get(fn(counts)), np.float64), counts.shape)
     return fn, dict(zip(counts.tolist(), rates.tolist()))
-  if not isinstance(tx, optim.RuledOptimizer):
-    fn = schedules.make_schedule(o.schedule, o.lr, total, warmup_steps=o.warmup_steps,
-                                 end_lr_factor=o.end_lr_factor, cut_frac=o.stlr_cut_frac,
-                                 ratio=o.stlr_ratio)
-    groups = [("optim/lr", table(fn, 0), 0)]
-  else:
-    groups = [(f"optim/lr/rule{i}", None if fn is None else table(fn, r.unfreeze_at),
-               r.unfreeze_at) for i, (r, fn) in enumerate(zip(tx.rules, tx.schedules))]
+  groups = [(s.key, None if s.schedule is None else table(s.schedule, s.start), s.start)
+            for s in lr_schedules]
 
   def at(step: int) -> dict:
     out = {}
@@ -444,7 +436,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   policy = config.get("on_nonfinite", "stop")
   total, step = int(config.total_steps), _step(state)
   progress, affinity, last_eval = _Progress(total, step), _Affinity(), None
-  lr_at = learning_rates(config, run.tx)
+  lr_at = learning_rates(config, run.lr_schedules)
   board = None
   if primary and config.get("tensorboard", True):  # hides what metrics.jsonl dropped
     board = tensorboard.Board(workdir, config.to_dict(), purge_step=step + 1,
