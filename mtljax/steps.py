@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtljax import affinity
 from mtljax import jacobians
-from mtljax import measure
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
@@ -158,7 +158,7 @@ def tag_measurements(lin: jacobians.Linearized, params: dict, task_ids, eta: flo
   """TAG's lookahead affinity of the sampled slots, placed by task pair (only
   pairs of slots that both have labelled examples, ``labelled [K]``)."""
   g, _ = lin.slot_grads(jnp.ones_like(lin.losses))
-  z = measure.lookahead_affinity(
+  z = affinity.lookahead_affinity(
       lambda sh: lin.loss_at({"shared": sh, "tasks": params["tasks"]}), params["shared"],
       g, eta, jax.lax.stop_gradient(lin.losses))
   pair = (task_ids[:, None], task_ids[None, :])
@@ -323,7 +323,7 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
     penalty: ``penalty(params, anchor) -> scalar`` (e.g.
       :func:`mtljax.transfer.l2sp_penalty`), added to the objective and its
       gradient to every method's update; the state must hold ``"anchor"``.
-    tag_lr: > 0 adds TAG's lookahead affinity (:mod:`mtljax.measure`):
+    tag_lr: > 0 adds TAG's lookahead affinity (:mod:`mtljax.affinity`):
       ``tag_sum [T, T]`` / ``tag_count [T, T]`` (source task i, target j).
     one_pass: run the task-independent part once for every slot (default:
       whenever the sampler's shared inputs and the model has one); False
