@@ -86,7 +86,7 @@ def _mesh_row(devices: int, num_tasks: int, calls: int) -> dict:
   return {"devices": devices, "ms_per_step": 1e3 * sec / SPC,
           "argument_mib_per_device": mem.argument_size_in_bytes / 2**20,
           "scratch_mib_per_device": mem.temp_size_in_bytes / 2**20,
-          "params_mib_total": sum(x.nbytes for x in jax.tree.leaves(state["params"])) / 2**20}
+          "params_mib_total": sum(x.nbytes for x in jax.tree.leaves(state.params)) / 2**20}
 
 
 def _seeds_rows(seeds, calls: int) -> list[dict]:
@@ -98,8 +98,8 @@ def _seeds_rows(seeds, calls: int) -> list[dict]:
   rows = []
   for n in seeds:
     model, tx, fn = _step_fn(data, placement)
-    states = [dict(steps.init_train_state(model, tx, jax.random.key(s + 1)),
-                   rng=jax.random.key_data(jax.random.key(s))) for s in range(n)]
+    states = [steps.init_train_state(model, tx, jax.random.key(s + 1))._replace(
+        rng=jax.random.key_data(jax.random.key(s))) for s in range(n)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
     # Placed before the loop with the step's shardings: one compilation each.
     data_sh = placement.data(data.train, len(data.taskset))

@@ -448,7 +448,7 @@ class Run(NamedTuple):
   model: multitask.Model
   objective: objectives.Objective
   tx: Any
-  state: dict
+  state: steps.TrainState  # with rng (the run's seed); N seeds: stacked
   train_fn: Callable
   eval_fn: Callable
   steps_per_call: int
@@ -462,8 +462,8 @@ class Run(NamedTuple):
   lr_schedules: tuple[LrSchedule, ...] = ()  # the optimizer's, as the log reports them
 
 
-def _initial_state(config, model, objective, tx, state, source=None
-                   ) -> tuple[dict, Callable | None, dict]:
+def _initial_state(config, model, objective, tx, state: steps.TrainState, source=None
+                   ) -> tuple[steps.TrainState, Callable | None, dict]:
   """The state after ``config.init_from`` (fine-tuning) and the L2-SP penalty.
   ``source``: ``read_params(config.init_from)`` when already read (N seeds
   read the checkpoint once)."""
@@ -474,13 +474,13 @@ def _initial_state(config, model, objective, tx, state, source=None
     return state, None, None
   source, source_step = source or ckpt_lib.read_params(config.init_from)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
-  params, report = ckpt_lib.load_params(state["params"], source, dont_load)
+  params, report = ckpt_lib.load_params(state.params, source, dont_load)
   init_report = {"from": config.init_from, "step": source_step, **report}
   logger.info("init_from %s (step %d): loaded %d, fresh (dont_load) %s, fresh (missing) "
               "%s, unused %s.", config.init_from, source_step, len(report["loaded"]),
               report["fresh_dont_load"], report["fresh_missing"], report["unused"])
-  state = {**state, "params": params,
-           "opt_state": optim.init_state(tx, params, steps.task_rows(model, objective))}
+  state = state._replace(
+      params=params, opt_state=optim.init_state(tx, params, steps.task_rows(model, objective)))
   penalty = None
   if isinstance(tx, optim.RuledOptimizer) and tx.l2sp is not None:
     # Decoupled: in the optimizer, anchored at the loaded values by init_state.
@@ -494,7 +494,7 @@ def _initial_state(config, model, objective, tx, state, source=None
     inner = transfer.l2sp_penalty(model_only(ckpt_lib.loaded_mask(params, report)),
                                   config.l2sp_alpha, config.l2sp_beta)
     penalty = lambda p, anchor: inner(model_only(p), model_only(anchor))
-    state["anchor"] = jax.tree.map(jnp.copy, params)
+    state = state._replace(anchor=jax.tree.map(jnp.copy, params))
   return state, penalty, init_report
 
 
@@ -522,7 +522,7 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   model = model_from_config(config, ts, data.input_shape)
   objective = objective_from_config(config, len(ts))
   shapes = jax.eval_shape(lambda r: steps.init_train_state(
-      model, optax.set_to_zero(), r, objective), jax.random.key(0))["params"]
+      model, optax.set_to_zero(), r, objective), jax.random.key(0)).params
   groups = layer_groups(model, objective, shapes)
   tx, lr_schedules = optimizer_from_config(
       config, groups, [n for n, _ in params_lib.flatten_with_names(shapes)])
@@ -537,7 +537,7 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   def seed_state(seed):  # seed s: initialised from key(s + 1), sampling from key(s)
     state = init(jax.random.key(seed + 1))
     state, penalty, init_report = _initial_state(config, model, objective, tx, state, source)
-    state["rng"] = jax.random.key_data(jax.random.key(seed))
+    state = state._replace(rng=jax.random.key_data(jax.random.key(seed)))
     return state, penalty, init_report
   state, penalty, init_report = seed_state(config.seed)
   if n_seeds > 1:  # seeds seed, seed + 1, ...: one stacked state, one vmapped program
@@ -576,7 +576,7 @@ def build_run(config: ml_collections.ConfigDict, data: loading.MultiTaskData,
   state = sharding.place(state, state_shardings)
   logger.info("Mesh %s on %d %s device(s).", dict(placement.mesh.shape),
               placement.mesh.size, jax.default_backend())
-  for line in sharding.describe(state_shardings["params"]):
+  for line in sharding.describe(state_shardings.params):
     logger.debug("sharding %s", line)
   return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report, placement,
              state_shardings, n_seeds, batches, lr_schedules)

@@ -17,7 +17,7 @@ task-independent part (``model.encode``), the trunk runs once on the ``B``
 examples and only the per-task part runs per slot (:mod:`mtljax.jacobians`).
 
 ``steps_per_call`` steps run per host call under ``lax.scan``; randomness is
-``fold_in(seed_key, step)`` (``seed_key``: ``state["rng"]`` when the state
+``fold_in(seed_key, step)`` (``seed_key``: ``state.rng`` when the state
 holds one -- the run's seed, checkpointed and vmappable over seeds -- else
 ``key(seed)``), so results do not depend on how steps are grouped
 into calls (an interrupted and resumed run equals an uninterrupted one).
@@ -26,7 +26,7 @@ into calls (an interrupted and resumed run equals an uninterrupted one).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,27 +66,58 @@ def task_rows(model: multitask.Model, objective) -> dict:
   return rows
 
 
+class TrainState(NamedTuple):
+  """Everything a train step reads and returns: a pytree that orbax saves
+  field by field (:mod:`mtljax.checkpoint`), ``jax.vmap`` maps over stacked
+  seeds and :meth:`mtljax.sharding.Placement.state` places.
+
+  Attributes:
+    step: int32 ``[]``, the steps taken; step ``s`` draws with ``fold_in(key, s)``.
+    params: ``{"shared": ..., "tasks": ...}`` (the objective's own per-task
+      parameters, if any, under ``tasks/<objective name>``).
+    opt_state: the optimizer's state (:func:`mtljax.optim.init_state`: per-task
+      rows for every per-task stack).
+    objective_state: the objective's state, structured as its ``init_state()``.
+    nonfinite_skipped: int32 ``[]``, updates skipped for a non-finite loss or
+      gradient (``on_nonfinite="skip"``).
+    rng: ``jax.random.key_data`` of the run's key, or None: the step's
+      ``seed`` then keys the draws.
+    hparams: ``{"lr_scale": float32 []}`` scaling every update
+      (:func:`mtljax.optim.update`; cross-validation's learning rates), or None.
+    anchor: the parameters a penalty pulls toward (L2-SP: :func:`make_train_step`'s
+      ``penalty``), or None.
+
+  An optional field is None when a run does not use it (None is an empty
+  pytree: nothing to place, map or update; orbax saves it as an empty entry).
+  Model state that is not trained by gradients -- batch-norm statistics, when
+  a model first has them -- belongs in a field of its own, next to ``params``,
+  default None, so a model without it keeps its state unchanged.
+  """
+  step: Any
+  params: Any
+  opt_state: Any
+  objective_state: Any
+  nonfinite_skipped: Any
+  rng: Any = None
+  hparams: Any = None
+  anchor: Any = None
+
+
 def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixed", *,
-                     anchor=None, hparams=None) -> dict:
-  """``{"step", "params", "opt_state", "objective_state", "nonfinite_skipped"}``
-  (updates skipped for a non-finite loss or gradient), plus ``"anchor"``
-  (the parameters a penalty pulls toward: see :func:`make_train_step`) and
-  ``"hparams"`` (``{"lr_scale": scalar}``, see :func:`mtljax.optim.update`)
-  when given."""
+                     anchor=None, hparams=None) -> TrainState:
+  """The :class:`TrainState` at step 0: parameters from ``model.init(rng)``
+  (and the objective's own), fresh optimizer and objective states, no update
+  skipped; ``anchor`` and ``hparams`` as given (``rng`` stays None: the step's
+  ``seed`` keys the draws unless the caller sets ``state._replace(rng=...)``)."""
   objective = as_objective(objective, model)
   params = model.init(rng)
   own = objective.init_params()
   if own:
     params = {"shared": params["shared"], "tasks": {**params["tasks"], objective.name: own}}
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": optim.init_state(tx, params, task_rows(model, objective)),
-           "objective_state": objective.init_state(),
-           "nonfinite_skipped": jnp.zeros((), jnp.int32)}
-  if anchor is not None:
-    state["anchor"] = anchor
-  if hparams is not None:
-    state["hparams"] = hparams
-  return state
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optim.init_state(tx, params, task_rows(model, objective)),
+                    objective_state=objective.init_state(),
+                    nonfinite_skipped=jnp.zeros((), jnp.int32), anchor=anchor, hparams=hparams)
 
 
 # ----------------------------------------------------------------------------
@@ -135,10 +166,10 @@ def labelled_slots(taskset: tasks_lib.TaskSet, batch: jacobians.Batch
   return labelled, present
 
 
-def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
+def add_penalties(model: multitask.Model, penalty: Callable | None, state: TrainState,
                   total, grads) -> tuple[jax.Array, dict, dict]:
   """The architecture's penalty (soft sharing) and the run's (L2-SP, pulling
-  toward ``state["anchor"]``), added to the objective and its gradient."""
+  toward ``state.anchor``), added to the objective and its gradient."""
   if penalty is None and model.penalty is None:
     return total, grads, {}
 
@@ -147,9 +178,9 @@ def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
     if model.penalty is not None:
       out = out + model.penalty(params)
     if penalty is not None:
-      out = out + penalty(params, state["anchor"])
+      out = out + penalty(params, state.anchor)
     return out
-  pen, pen_grads = jax.value_and_grad(total_penalty)(state["params"])
+  pen, pen_grads = jax.value_and_grad(total_penalty)(state.params)
   return total + pen, jax.tree.map(jnp.add, grads, pen_grads), {"penalty": pen}
 
 
@@ -277,19 +308,23 @@ def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, li
   return needs, leaves
 
 
-def _check_state(state: dict, objective: objectives.Objective, penalty) -> None:
-  """Raised while tracing: a state built for another objective or run (its
-  objective state's structure, shapes and dtypes are those of ``init_state``)."""
-  if penalty is not None and "anchor" not in state:
-    raise ValueError("make_train_step(penalty=...) needs state['anchor']: pass anchor= to "
+def _check_state(state: TrainState, objective: objectives.Objective, penalty) -> None:
+  """Raised while tracing: not a :class:`TrainState`, or a state built for
+  another objective or run (its objective state's structure, shapes and
+  dtypes are those of ``init_state``)."""
+  if not isinstance(state, TrainState):
+    raise TypeError(f"train_step: the state must be a steps.TrainState (init_train_state), "
+                    f"got {type(state).__name__}.")
+  if penalty is not None and state.anchor is None:
+    raise ValueError("make_train_step(penalty=...) needs state.anchor: pass anchor= to "
                      "init_train_state.")
   want = jax.eval_shape(objective.init_state)
   own = jax.eval_shape(objective.init_params)
-  have = state["objective_state"]
+  have = state.objective_state
   same = jax.tree.structure(have) == jax.tree.structure(want) and all(
       (jnp.shape(a), jnp.result_type(a)) == (b.shape, b.dtype)
       for a, b in zip(jax.tree.leaves(have), jax.tree.leaves(want)))
-  if not same or (own and objective.name not in state["params"]["tasks"]):
+  if not same or (own and objective.name not in state.params["tasks"]):
     raise ValueError(
         f"The train state was not initialised for objective {objective.name!r}: pass the "
         f"same objective to init_train_state.")
@@ -301,7 +336,8 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
                     one_pass: bool | None = None, slot_backwards: str = "auto",
                     placement=None, on_nonfinite: str = "stop",
                     host_batches: bool = False) -> Callable:
-  """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
+  """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted),
+  ``state`` a :class:`TrainState`.
 
   Args:
     model: a :class:`mtljax.models.multitask.Model`.
@@ -319,10 +355,10 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
     weights: ``[T]`` fixed task weights.
     steps_per_call: steps per call under ``lax.scan`` (measurements summed).
     seed: the random streams' key ``key(seed)``, unless the state holds
-      ``"rng"`` (``jax.random.key_data`` of a key), which then wins.
+      ``rng`` (``jax.random.key_data`` of a key), which then wins.
     penalty: ``penalty(params, anchor) -> scalar`` (e.g.
       :func:`mtljax.transfer.l2sp_penalty`), added to the objective and its
-      gradient to every method's update; the state must hold ``"anchor"``.
+      gradient to every method's update; the state must hold ``anchor``.
     tag_lr: > 0 adds TAG's lookahead affinity (:mod:`mtljax.affinity`):
       ``tag_sum [T, T]`` / ``tag_count [T, T]`` (source task i, target j).
     one_pass: run the task-independent part once for every slot (default:
@@ -335,7 +371,7 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
     on_nonfinite: a step whose loss or gradient is not finite never changes
       the parameters, optimizer or objective state; ``"stop"`` reports it
       (the loop stops), ``"skip"`` also counts it in
-      ``state["nonfinite_skipped"]`` and goes on.
+      ``state.nonfinite_skipped`` and goes on.
     host_batches: ``data`` is the batch the host pipeline read, not a split.
 
   Every part is checked before anything is traced (a bad one raises naming it).
@@ -368,12 +404,12 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
   return _scan_steps(one_step, steps_per_call, host_batches)
 
 
-def _step_batch(sampler: sampling.Sampler, state: dict, data, base_key, placement,
+def _step_batch(sampler: sampling.Sampler, state: TrainState, data, base_key, placement,
                 host_batches: bool) -> tuple[jacobians.Batch, jax.Array]:
   """The step's batch (drawn from ``data``, or the host pipeline's) on the
   placement's ``data`` axis, and the method's key."""
-  key = jax.random.wrap_key_data(state["rng"]) if "rng" in state else base_key
-  r_tasks, r_examples, r_method = sampling.step_keys(key, state["step"])
+  key = base_key if state.rng is None else jax.random.wrap_key_data(state.rng)
+  r_tasks, r_examples, r_method = sampling.step_keys(key, state.step)
   if host_batches:
     batch = host_batch(sampler, data)
   else:
@@ -394,7 +430,7 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
 
   def one_step(state, data):
     _check_state(state, objective, penalty)
-    params = state["params"]
+    params = state.params
     batch, r_method = _step_batch(sampler, state, data, base_key, placement, host_batches)
     ids = batch.task_ids
     # The step's task masks, one meaning each:
@@ -410,7 +446,7 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
                               one_pass=one_pass, slot_backwards=slot_backwards)
     result = objective.gradients(lin, objectives.Inputs(   # traced ids for objectives
         jnp.asarray(ids), jnp.where(sampled & ~present, 0.0, weights),
-        state["objective_state"],
+        state.objective_state,
         params["tasks"].get(objective.name, {}), r_method))
     total, grads, pen = add_penalties(model, penalty, state, result.total, result.grads)
     # A gradient has its parameter's dtype (an objective's own gradients, e.g.
@@ -418,8 +454,8 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     tag = (tag_measurements(lin, params, ids, tag_lr, num_tasks, labelled) if tag_lr > 0
            else {})
-    lr_scale = state["hparams"]["lr_scale"] if "hparams" in state else None
-    new_params, opt_state = optim.update(tx, grads, state["opt_state"], params, rows,
+    lr_scale = None if state.hparams is None else state.hparams["lr_scale"]
+    new_params, opt_state = optim.update(tx, grads, state.opt_state, params, rows,
                                          present, lr_scale)
     new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
     obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids), new_losses)
@@ -427,17 +463,17 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
     # statistics are declared float32): under jax_enable_x64 the float64 losses
     # and gradients would otherwise change the carried state's type.
     obj_state = jax.tree.map(lambda new, old: new.astype(old.dtype), obj_state,
-                             state["objective_state"])
+                             state.objective_state)
     # A non-finite loss or gradient never reaches the state (the last good one stays).
     finite = jnp.isfinite(total) & all_finite(grads)
     moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state}
-    kept = jax.lax.cond(finite, lambda: moved, lambda: {k: state[k] for k in moved})
-    new_state = {**state, **kept, "step": state["step"] + 1}
-    if "nonfinite_skipped" in state:
-      new_state["nonfinite_skipped"] = state["nonfinite_skipped"] + (~finite).astype(jnp.int32)
+    kept = jax.lax.cond(finite, lambda: moved, lambda: {k: getattr(state, k) for k in moved})
+    new_state = state._replace(
+        **kept, step=state.step + 1,
+        nonfinite_skipped=state.nonfinite_skipped + (~finite).astype(jnp.int32))
     return new_state, step_measurements(
         total, lin.losses, ids, num_tasks, result.measurements, pen, tag,
-        nonfinite_measurements(finite, state["step"], lin.losses, ids, num_tasks),
+        nonfinite_measurements(finite, state.step, lin.losses, ids, num_tasks),
         labelled=labelled)
 
   return one_step

@@ -224,7 +224,7 @@ class DeviceFeed:
     train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
     self.splits = {"train": sharding.place(data.train, train_sh),
                    "test": sharding.place(data.test, test_sh)}
-    params_sh = run.state_shardings["params"]
+    params_sh = run.state_shardings.params
     self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
     self.eval_steps = {"test": sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl)}
     if config.eval_train:  # sized for the train split
@@ -291,17 +291,17 @@ class HostFeed:
 
 
 def _log_parameters(state) -> None:
-  for name, leaf in params_lib.flatten_with_names(state["params"]):
+  for name, leaf in params_lib.flatten_with_names(state.params):
     logger.debug("param %-50s %s", name, tuple(leaf.shape))
   logger.info("Parameters: %d (shared %d, per-task %d).",
-              params_lib.count(state["params"]),
-              params_lib.count(state["params"]["shared"]),
-              params_lib.count(state["params"]["tasks"]))
+              params_lib.count(state.params),
+              params_lib.count(state.params["shared"]),
+              params_lib.count(state.params["tasks"]))
 
 
 def _step(state) -> int:
   """The state's step counter (every seed's is the same)."""
-  return int(np.max(jax.device_get(state["step"])))
+  return int(np.max(jax.device_get(state.step)))
 
 
 class NonFiniteError(RuntimeError):
@@ -426,7 +426,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
 
   def evaluate(split):
     """``{task: {metric}}`` (the mean over seeds), and per seed when N > 1."""
-    acc = feed.evaluate(state["params"], split)
+    acc = feed.evaluate(state.params, split)
     if n_seeds == 1:
       return steps.eval_metrics(ts, acc)
     return seed_metrics([steps.eval_metrics(ts, a) for a in per_seed(acc, n_seeds)])
@@ -462,7 +462,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
           record = combine_seed_records([train_record(ts, m, step, spc)
                                          for m in per_seed(host, n_seeds)])
         if policy == "skip":
-          record["train/nonfinite_skipped"] = int(np.sum(state["nonfinite_skipped"]))
+          record["train/nonfinite_skipped"] = int(np.sum(state.nonfinite_skipped))
         record.update(lr_at(step))
         logger.info("%s", progress.line(step, record["train/loss"]))
       if step % config.eval_steps == 0 or step == total:
@@ -499,7 +499,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
                             for ms in last_eval.values() for m in ms},
       "train_step_compilations": int(train_step._cache_size()),  # pylint: disable=protected-access
       "resumed_from_step": resumed_from, "init_from": run.init_report,
-      "nonfinite_skipped": int(np.sum(state["nonfinite_skipped"])),
+      "nonfinite_skipped": int(np.sum(state.nonfinite_skipped)),
       "num_seeds": n_seeds,
       "mesh": dict(pl.mesh.shape),
       "data_pipeline": feed.summary(),

@@ -341,7 +341,7 @@ def test_one_pass_step_equals_the_per_slot_step(arch, method):
   (a, ma), (b, mb) = runs[None], runs[False]
   helpers.assert_trees_close(ma, mb, rtol=2e-4, atol=2e-5)
   for key in ("params", "opt_state"):
-    helpers.assert_trees_close(a[key], b[key], rtol=2e-4, atol=2e-5)
+    helpers.assert_trees_close(getattr(a, key), getattr(b, key), rtol=2e-4, atol=2e-5)
 
 
 def _get(tree, path):
@@ -373,8 +373,8 @@ def test_unsampled_tasks_rows_do_not_move(arch):
     sampled = np.asarray(meas["task_count"]) > 0
     for stack, rows in model.task_rows.items():
       for part in ("params", "opt_state"):
-        for o, n in zip(jax.tree.leaves(_get(state[part]["tasks"], stack)),
-                        jax.tree.leaves(_get(new[part]["tasks"], stack))):
+        for o, n in zip(jax.tree.leaves(_get(getattr(state, part)["tasks"], stack)),
+                        jax.tree.leaves(_get(getattr(new, part)["tasks"], stack))):
           o, n = np.asarray(o), np.asarray(n)
           for r, t in enumerate(rows):
             if not sampled[t]:

@@ -171,26 +171,26 @@ def test_a_non_finite_step_leaves_the_state_untouched_and_names_the_task(policy)
   seen_bad = seen_good = 0
   for _ in range(12):
     new, meas = step(state, split)
-    assert int(new["step"]) == int(state["step"]) + 1
+    assert int(new.step) == int(state.step) + 1
     sampled_r = int(meas["task_count"][r]) > 0
     if sampled_r:  # the loss of r is NaN: nothing moves, the step and task are named
       seen_bad += 1
       assert int(meas["nonfinite_steps"]) == 1
-      assert int(meas["nonfinite_first"]) == int(state["step"])
+      assert int(meas["nonfinite_first"]) == int(state.step)
       assert np.flatnonzero(np.asarray(meas["nonfinite_tasks"])).tolist() == [r]
       for part in ("params", "opt_state", "objective_state"):
-        _assert_bitwise(new[part], state[part])
-      assert int(new["nonfinite_skipped"]) == int(state["nonfinite_skipped"]) + 1
+        _assert_bitwise(getattr(new, part), getattr(state, part))
+      assert int(new.nonfinite_skipped) == int(state.nonfinite_skipped) + 1
     else:
       seen_good += 1
       assert int(meas["nonfinite_steps"]) == 0
       assert int(meas["nonfinite_first"]) == np.iinfo(np.int32).max
-      assert not np.array_equal(new["params"]["shared"]["trunk"]["layer_0"]["kernel"],
-                                state["params"]["shared"]["trunk"]["layer_0"]["kernel"])
-      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new["params"]))
+      assert not np.array_equal(new.params["shared"]["trunk"]["layer_0"]["kernel"],
+                                state.params["shared"]["trunk"]["layer_0"]["kernel"])
+      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.params))
     state = new
   assert seen_bad and seen_good
-  assert int(state["nonfinite_skipped"]) == seen_bad
+  assert int(state.nonfinite_skipped) == seen_bad
 
 
 def _diverging(**overrides):  # SGD at lr=5 on sines: non-finite after a few dozen steps
@@ -215,8 +215,8 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert good < bad_step
     state = _final_state(workdir, build.build_run(
         _diverging(), build.data_from_config(_diverging())).state)
-    assert int(state["step"]) == good
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+    assert int(state.step) == good
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
   else:
     assert "no checkpoint had been saved yet" in message
 

@@ -200,7 +200,7 @@ def test_graddrop_in_the_step_with_leak_one_is_the_weighted_sum_step():
         model, tx, obj, sampling.make_sampler(data.taskset, probs, 3, 16, shared_inputs=True),
         weights=weights, seed=5)
     state = steps.init_train_state(model, tx, jax.random.key(0), obj)
-    return jax.jit(fn)(state, data.train)[0]["params"]
+    return jax.jit(fn)(state, data.train)[0].params
 
   helpers.assert_trees_close(run("graddrop", leak=1.0), run("fixed"), rtol=1e-5, atol=1e-6)
   # leak = 0: test_graddrop_step_drops_the_cotangent_of_algorithm_1.
@@ -835,10 +835,10 @@ def test_graddrop_step_drops_the_cotangent_of_algorithm_1():
       model, tx, obj, sampling.make_sampler(data.taskset, probs, 3, 16, shared_inputs=True),
       weights=weights, seed=5)
   state = steps.init_train_state(model, tx, jax.random.key(0), obj)
-  new = jax.jit(fn)(state, data.train)[0]["params"]
+  new = jax.jit(fn)(state, data.train)[0].params
   ids, x, ys, r_method = helpers.step_batch(data, probs, seed=5, step=0, k=3, b=16,
                                             shared_inputs=True)
-  lin = jacobians.linearize(model, state["params"], helpers.batch(ids, x, ys, True),
+  lin = jacobians.linearize(model, state.params, helpers.batch(ids, x, ys, True),
                             needs="representation", one_pass=True)
   dz, g_tasks = lin.rep_grads(jnp.asarray(weights[ids]))
   leaves, treedef = jax.tree.flatten(dz)
@@ -850,10 +850,10 @@ def test_graddrop_step_drops_the_cotangent_of_algorithm_1():
   assert not np.allclose(cot[0], np.asarray(leaves[0]).sum(0), rtol=1e-3)
   want = lin.rep_pullback(jax.tree.unflatten(treedef, [jnp.asarray(c) for c in cot]))
   helpers.assert_trees_close(new["shared"], jax.tree.map(lambda p, g: p - g,
-                                                         state["params"]["shared"], want),
+                                                         state.params["shared"], want),
                              rtol=1e-5, atol=1e-6)
   helpers.assert_trees_close(new["tasks"], jax.tree.map(lambda p, g: p - g,
-                                                        state["params"]["tasks"], g_tasks),
+                                                        state.params["tasks"], g_tasks),
                              rtol=1e-5, atol=1e-6)
 
 

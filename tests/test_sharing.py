@@ -54,7 +54,7 @@ def test_soft_with_zero_lambda_trains_exactly_like_independent():
   model, _, soft = _train("soft", 10, soft_lambda=0.0)
   assert model.penalty is not None  # the penalty path runs; lambda = 0 must add nothing
   _, _, indep = _train("independent", 10)
-  for (n, a), (_, b) in zip(_named(soft["params"]).items(), _named(indep["params"]).items()):
+  for (n, a), (_, b) in zip(_named(soft.params).items(), _named(indep.params).items()):
     assert a.tobytes() == b.tobytes(), n
 
 
@@ -64,9 +64,9 @@ def test_soft_with_large_lambda_makes_the_copies_agree():
   lr, t = 0.05, 4
   _, first, soft = _train("soft", 30, tx=optax.sgd(lr), soft_lambda=1 / (2 * lr * t))
   _, _, indep = _train("independent", 30, tx=optax.sgd(lr))
-  assert _spread(first["params"]["tasks"]["trunk"]) > 0.3  # different initial copies
-  assert _spread(indep["params"]["tasks"]["trunk"]) > 0.3
-  assert _spread(soft["params"]["tasks"]["trunk"]) < 0.05
+  assert _spread(first.params["tasks"]["trunk"]) > 0.3  # different initial copies
+  assert _spread(indep.params["tasks"]["trunk"]) > 0.3
+  assert _spread(soft.params["tasks"]["trunk"]) < 0.05
 
 
 @pytest.mark.parametrize("norm", ["squared", "l2"])
@@ -118,8 +118,8 @@ def test_cross_stitch_with_identity_mixing_equals_independent_networks():
                                   lr=1e-2, total_steps=10)
   _, _, s_cs = _train("cross_stitch", 8, tx=tx, stitch_init=1.0)
   _, _, s_ind = _train("independent", 8)
-  for name, leaf in _named(s_ind["params"]["tasks"]).items():
-    np.testing.assert_allclose(_named(s_cs["params"]["tasks"])[name], leaf, rtol=1e-5,
+  for name, leaf in _named(s_ind.params["tasks"]).items():
+    np.testing.assert_allclose(_named(s_cs.params["tasks"])[name], leaf, rtol=1e-5,
                                atol=1e-6)
 
 

@@ -302,7 +302,7 @@ class Batches:
     local_b, spc = self.local_b, self.spc
 
     def draws(call):
-      key = jax.random.key(seed)  # the step's key(seed) (state["rng"])
+      key = jax.random.key(seed)  # the step's key(seed) (state.rng)
       smp = sampler._replace(**{f: jnp.asarray(getattr(sampler, f))
                                 for f in ("probs", "stream_ids", "local_index")})
 
