@@ -8,6 +8,7 @@ uninterrupted run (parameters, optimizer state and every metrics row).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import helpers
@@ -366,6 +368,39 @@ def test_when_no_checkpoint_is_readable_the_error_says_which_and_what_to_do(tmp_
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"no checkpoint in .* is readable: step 10 .*delete the unreadable"):
     train.train_and_evaluate(_small(total_steps=20), workdir)
+
+
+def test_a_checkpoint_of_the_old_dict_layout_is_refused_in_one_line_saying_what_to_do(
+    tmp_path):
+  """A workdir whose checkpoint an mtljax before steps.TrainState wrote (the
+  state as a dict without its unused fields, saved with orbax as that version
+  did): resuming is refused in one line that names the layout and what to do,
+  and the checkpoint is left where it is (not moved aside as unreadable)."""
+  workdir = str(tmp_path)
+  config = _small(total_steps=20)
+  state = build.build_run(config, build.data_from_config(config)).state
+  old = {k: v for k, v in state._asdict().items() if v is not None}
+  assert set(old) == {"step", "params", "opt_state", "objective_state", "nonfinite_skipped",
+                      "rng"}
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(10, args=ocp.args.StandardSave(old))
+  manager.wait_until_finished()
+  manager.close()
+  with pytest.raises(checkpoint.CheckpointError) as raised:
+    train.train_and_evaluate(config, workdir)
+  message = str(raised.value)
+  assert "\n" not in message
+  assert re.fullmatch(
+      r"checkpoint step 10 in \S+ holds the train state as a dict \(the layout of mtljax "
+      r"before steps\.TrainState; it lacks \['anchor', 'hparams'\]\): this version does not "
+      r"resume it; retrain in a new --workdir, or resume it with the previous mtljax version "
+      r"\(fine-tuning from it with config\.init_from still works\)\.", message), message
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+  # As it says: its parameters still initialise a new run.
+  params, step = checkpoint.read_params(workdir)
+  assert step == 10
+  _assert_bitwise(params, state.params)
 
 
 # ----------------------------------------------------------------------------
