@@ -12,9 +12,10 @@ all inside one ``jax.jit``, reads like the recipe::
     obj state      = objective.after_update (FAMO: losses after the step)
     measurements   = losses per task, the objective's logs              step_measurements
 
-When every slot reads the same examples (``shared_inputs``) and the model has a
-task-independent part (``model.encode``), the trunk runs once on the ``B``
-examples and only the per-task part runs per slot (:mod:`mtljax.jacobians`).
+When every slot reads the same examples (the sampler's ``shared_inputs``) and
+the model has a task-independent part (``model.encode``), the trunk runs once on
+the ``B`` examples and only the per-task part runs per slot
+(:mod:`mtljax.jacobians`).
 
 ``steps_per_call`` steps run per host call under ``lax.scan``; randomness is
 ``fold_in(seed_key, step)`` (``seed_key``: ``state.rng`` when the state
@@ -90,8 +91,8 @@ class TrainState(NamedTuple):
   An optional field is None when a run does not use it (None is an empty
   pytree: nothing to place, map or update; orbax saves it as an empty entry).
   Model state that is not trained by gradients -- batch-norm statistics, when
-  a model first has them -- belongs in a field of its own, next to ``params``,
-  default None, so a model without it keeps its state unchanged.
+  a model first has them -- belongs in a field of its own, default None, so a
+  model without it keeps its state unchanged.
   """
   step: Any
   params: Any
