@@ -62,11 +62,11 @@ def mtljax_step(entry: str, data):
   model = multitask.make_model("multi_head", ts, (D,), hidden=(H, H))
   tx = optim.make_optimizer("adam", lr=1e-3)
   obj = objectives.make_objective(method, len(ts), gram_path=gram_path)
+  sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),
+                                  len(ts), B, shared_inputs=shared)
   fn = steps.make_train_step(
-      model, tx, obj, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, None), tasks_per_step=len(ts), examples_per_task=B,
-      steps_per_call=SPC, shared_inputs=shared, slot_backwards=backwards,
-      placement=_placement())
+      model, tx, obj, sampler, weights=tasks.task_weights(ts, None), steps_per_call=SPC,
+      slot_backwards=backwards, placement=_placement())
   state = steps.init_train_state(model, tx, jax.random.key(0), obj)
   return sharding.prepare_train_step(fn, state, data.train, len(ts), _placement())
 

@@ -56,10 +56,10 @@ def _step_fn(data, placement, steps_per_call=SPC):
   ts = data.taskset
   model = multitask.make_model("multi_head", ts, (D_IN,), hidden=H)
   tx = optim.make_optimizer("adam", lr=1e-3)
-  fn = steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, None), tasks_per_step=len(ts), examples_per_task=B,
-      shared_inputs=True, steps_per_call=steps_per_call, placement=placement)
+  sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),
+                                  len(ts), B, shared_inputs=True)
+  fn = steps.make_train_step(model, tx, "fixed", sampler, weights=tasks.task_weights(ts, None),
+                             steps_per_call=steps_per_call, placement=placement)
   return model, tx, fn
 
 
@@ -87,7 +87,7 @@ def _mesh_row(devices: int, num_tasks: int, calls: int) -> dict:
   return {"devices": devices, "ms_per_step": 1e3 * sec / SPC,
           "argument_mib_per_device": mem.argument_size_in_bytes / 2**20,
           "scratch_mib_per_device": mem.temp_size_in_bytes / 2**20,
-          "params_mib_total": sum(x.nbytes for x in jax.tree.leaves(state["params"])) / 2**20}
+          "params_mib_total": sum(x.nbytes for x in jax.tree.leaves(state.params)) / 2**20}
 
 
 def _seeds_rows(seeds, calls: int) -> list[dict]:
@@ -99,8 +99,8 @@ def _seeds_rows(seeds, calls: int) -> list[dict]:
   rows = []
   for n in seeds:
     model, tx, fn = _step_fn(data, placement)
-    states = [dict(steps.init_train_state(model, tx, jax.random.key(s + 1)),
-                   rng=jax.random.key_data(jax.random.key(s))) for s in range(n)]
+    states = [steps.init_train_state(model, tx, jax.random.key(s + 1))._replace(
+        rng=jax.random.key_data(jax.random.key(s))) for s in range(n)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
     # Placed before the loop with the step's shardings: one compilation each.
     data_sh = placement.data(data.train, len(data.taskset))

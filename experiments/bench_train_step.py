@@ -53,10 +53,12 @@ def _time(arch, encoder, num_tasks, spc):
                                channels=(16, 32))
   tx = optim.make_optimizer("adam", lr=1e-3)
   placement = sharding.Placement(sharding.make_mesh())
-  fn = steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(data.taskset, None), tasks_per_step=num_tasks,
-      examples_per_task=_BATCH.value, steps_per_call=spc, placement=placement)
+  sampler = sampling.make_sampler(
+      data.taskset, sampling.task_probabilities("uniform", data.num_train), num_tasks,
+      _BATCH.value)
+  fn = steps.make_train_step(model, tx, "fixed", sampler,
+                             weights=tasks.task_weights(data.taskset, None), steps_per_call=spc,
+                             placement=placement)
   step, state, d = sharding.prepare_train_step(
       fn, steps.init_train_state(model, tx, jax.random.key(0)), data.train, num_tasks,
       placement)

@@ -50,11 +50,11 @@ def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], d
   train_sh, test_sh = pl.data(data.train, n), pl.data(data.test, n)
   state = sharding.place(state, run.state_shardings)
   step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
-  evaluate = sharding.jit_eval_step(run.eval_fn, run.state_shardings["params"], test_sh, pl)
+  evaluate = sharding.jit_eval_step(run.eval_fn, run.state_shardings.params, test_sh, pl)
   train_data, test_data = sharding.place(data.train, train_sh), sharding.place(data.test, test_sh)
   curve = []
   for i in range(steps + 1):
-    metrics = steps_lib.eval_metrics(data.taskset, evaluate(state["params"], test_data))
+    metrics = steps_lib.eval_metrics(data.taskset, evaluate(state.params, test_data))
     curve.append(float(np.mean([m["mse"] for m in metrics.values()])))
     if i < steps:
       state, _ = step(state, train_data)
@@ -82,12 +82,13 @@ def strategy_curve(base, data, strategy: str, source: str, probe_steps: int,
     probe = transfer.apply_strategy(base, "lp_ft", source=source)
     head, probe_state = mse_curve(probe, data, probe_steps)
     ft = transfer.apply_strategy(base, "full_ft", source=source)
-    params = probe_state["params"]
+    params = probe_state.params
 
     def from_probe(run):  # the probed head and body, fresh optimizer state
-      return {**run.state, "params": params,
-              "opt_state": optim.init_state(run.tx, params,
-                                              steps_lib.task_rows(run.model, run.objective))}
+      return run.state._replace(
+          params=params,
+          opt_state=optim.init_state(run.tx, params,
+                                     steps_lib.task_rows(run.model, run.objective)))
     tail, state = mse_curve(ft, data, steps - probe_steps, from_probe)
     return head + tail[1:], state
   c = transfer.apply_strategy(base, strategy, source=source,
@@ -125,7 +126,7 @@ def run(config, workdir: str) -> dict:
       results[str(k)][strategy] = curve
       if strategy != "scratch":
         distance[str(k)][strategy] = transfer.body_distance(
-            jax.device_get(state["params"]), source)
+            jax.device_get(state.params), source)
       logger.info("K=%d %s: test MSE %.3f -> %.3f after %d steps", k, strategy, curve[0],
                   curve[-1], len(curve) - 1)
   summary = {"results": results,

@@ -397,11 +397,25 @@ def _decoupled_l2sp(config) -> optim.DecoupledL2SP | None:
   return optim.DecoupledL2SP(float(config.l2sp_alpha), float(config.l2sp_beta), kind)
 
 
-def optimizer_from_config(config, groups=None, param_names=()):
-  """The optimizer; a :class:`mtljax.optim.RuledOptimizer` when the config has
-  parameter rules, layer-wise decay, gradual unfreezing or frozen depth
-  (``groups``, the layer groups of :func:`layer_groups`, and the parameters'
-  slash paths are then needed)."""
+class LrSchedule(NamedTuple):
+  """A learning rate the log reports: its metrics key, its schedule of the
+  update count (None: a frozen group) and the global step the count starts at
+  (a group unfrozen at step s counts from s)."""
+  key: str
+  schedule: Callable | None
+  start: int
+
+
+def optimizer_from_config(config, groups=None, param_names=()
+                          ) -> tuple[Any, tuple[LrSchedule, ...]]:
+  """The optimizer and the schedules it applies (built once here: the loop
+  logs them, :func:`mtljax.train.learning_rates`). A
+  :class:`mtljax.optim.RuledOptimizer` when the config has parameter rules,
+  layer-wise decay, gradual unfreezing or frozen depth (``groups``, the layer
+  groups of :func:`layer_groups`, and the parameters' slash paths are then
+  needed), with one schedule per rule (``optim/lr/rule<i>``: its names in the
+  log's rule listing and its optax labels); else an optax optimizer and
+  ``optim/lr``."""
   o = config.optim
   kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                 momentum=o.momentum)
@@ -410,16 +424,20 @@ def optimizer_from_config(config, groups=None, param_names=()):
     if groups is None:
       raise ValueError("optimizer_from_config: parameter rules need the layer groups.")
     rules = rules_from_config(config, groups, param_names) or (optim.Rule(".*"),)
-    return optim.make_ruled_optimizer(
+    tx = optim.make_ruled_optimizer(
         o.name, rules, lr=o.lr, total_steps=config.total_steps,
         schedule=o.schedule, warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
         stlr_cut_frac=o.stlr_cut_frac, stlr_ratio=o.stlr_ratio, l2sp=l2sp, **kwargs)
-  lr = o.lr
-  if o.schedule != "constant":
-    lr = schedules.make_schedule(o.schedule, o.lr, config.total_steps,
-                                 warmup_steps=o.warmup_steps, end_lr_factor=o.end_lr_factor,
-                                 cut_frac=o.stlr_cut_frac, ratio=o.stlr_ratio)
-  return optim.make_optimizer(o.name, lr=lr, **kwargs)
+    return tx, tuple(LrSchedule(f"optim/lr/rule{i}", fn, r.unfreeze_at)
+                     for i, (r, fn) in enumerate(zip(tx.rules, tx.schedules)))
+  schedule = schedules.make_schedule(o.schedule, o.lr, config.total_steps,
+                                     warmup_steps=o.warmup_steps,
+                                     end_lr_factor=o.end_lr_factor, cut_frac=o.stlr_cut_frac,
+                                     ratio=o.stlr_ratio)
+  # A constant rate goes to optax as the number (its schedule is for the log).
+  tx = optim.make_optimizer(o.name, lr=o.lr if o.schedule == "constant" else schedule,
+                            **kwargs)
+  return tx, (LrSchedule("optim/lr", schedule, 0),)
 
 
 def num_seeds(config) -> int:
@@ -450,7 +468,7 @@ class Run(NamedTuple):
   model: multitask.Model
   objective: objectives.Objective
   tx: Any
-  state: dict
+  state: steps.TrainState  # with rng (the run's seed); N seeds: stacked
   train_fn: Callable
   eval_fn: Callable
   steps_per_call: int
@@ -461,10 +479,11 @@ class Run(NamedTuple):
   # The host pipeline's batches (data too large for the device): train_fn then
   # takes a batch, eval_fn a chunk (mtljax.steps.make_chunk_eval_step).
   batches: pipeline.Batches | None = None
+  lr_schedules: tuple[LrSchedule, ...] = ()  # the optimizer's, as the log reports them
 
 
-def _initial_state(config, model, objective, tx, state, source=None
-                   ) -> tuple[dict, Callable | None, dict]:
+def _initial_state(config, model, objective, tx, state: steps.TrainState, source=None
+                   ) -> tuple[steps.TrainState, Callable | None, dict]:
   """The state after ``config.init_from`` (fine-tuning) and the L2-SP penalty.
   ``source``: ``read_params(config.init_from)`` when already read (N seeds
   read the checkpoint once)."""
@@ -475,13 +494,13 @@ def _initial_state(config, model, objective, tx, state, source=None
     return state, None, None
   source, source_step = source or ckpt_lib.read_params(config.init_from)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
-  params, report = ckpt_lib.load_params(state["params"], source, dont_load)
+  params, report = ckpt_lib.load_params(state.params, source, dont_load)
   init_report = {"from": config.init_from, "step": source_step, **report}
   logger.info("init_from %s (step %d): loaded %d, fresh (dont_load) %s, fresh (missing) "
               "%s, unused %s.", config.init_from, source_step, len(report["loaded"]),
               report["fresh_dont_load"], report["fresh_missing"], report["unused"])
-  state = {**state, "params": params,
-           "opt_state": optim.init_state(tx, params, steps.task_rows(model, objective))}
+  state = state._replace(
+      params=params, opt_state=optim.init_state(tx, params, steps.task_rows(model, objective)))
   penalty = None
   if isinstance(tx, optim.RuledOptimizer) and tx.l2sp is not None:
     # Decoupled: in the optimizer, anchored at the loaded values by init_state.
@@ -495,7 +514,7 @@ def _initial_state(config, model, objective, tx, state, source=None
     inner = transfer.l2sp_penalty(model_only(ckpt_lib.loaded_mask(params, report)),
                                   config.l2sp_alpha, config.l2sp_beta)
     penalty = lambda p, anchor: inner(model_only(p), model_only(anchor))
-    state["anchor"] = jax.tree.map(jnp.copy, params)
+    state = state._replace(anchor=jax.tree.map(jnp.copy, params))
   return state, penalty, init_report
 
 
@@ -523,10 +542,10 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
   model = model_from_config(config, ts, data.input_shape)
   objective = objective_from_config(config, len(ts))
   shapes = jax.eval_shape(lambda r: steps.init_train_state(
-      model, optax.set_to_zero(), r, objective), jax.random.key(0))["params"]
+      model, optax.set_to_zero(), r, objective), jax.random.key(0)).params
   groups = layer_groups(model, objective, shapes)
-  tx = optimizer_from_config(config, groups,
-                             [n for n, _ in params_lib.flatten_with_names(shapes)])
+  tx, lr_schedules = optimizer_from_config(
+      config, groups, [n for n, _ in params_lib.flatten_with_names(shapes)])
   if isinstance(tx, optim.RuledOptimizer):
     for line in tx.describe(shapes):
       logger.debug("optim rule: %s", line)
@@ -538,7 +557,7 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
   def seed_state(seed):  # seed s: initialised from key(s + 1), sampling from key(s)
     state = init(jax.random.key(seed + 1))
     state, penalty, init_report = _initial_state(config, model, objective, tx, state, source)
-    state["rng"] = jax.random.key_data(jax.random.key(seed))
+    state = state._replace(rng=jax.random.key_data(jax.random.key(seed)))
     return state, penalty, init_report
   state, penalty, init_report = seed_state(config.seed)
   if n_seeds > 1:  # seeds seed, seed + 1, ...: one stacked state, one vmapped program
@@ -549,17 +568,16 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
     raise ValueError(f"config.num_seeds={n_seeds} trains seeds side by side on data held on "
                      "the device (each seed draws its own batches); with the host pipeline "
                      "run one seed per job, or set config.data.pipeline='device'.")
-  k = s.tasks_per_step or len(ts)
+  # One sampler: the step draws with it, and the host pipeline reads its draws.
+  sampler = sampling.make_sampler(ts, probs, s.tasks_per_step or len(ts), s.examples_per_task,
+                                  s.replace, s.shared_inputs)
   train_fn = steps.make_train_step(
-      model, tx, objective, task_probs=probs, weights=weights,
-      tasks_per_step=k, examples_per_task=s.examples_per_task,
-      replace=s.replace, shared_inputs=s.shared_inputs, steps_per_call=spc, seed=config.seed,
+      model, tx, objective, sampler, weights=weights, steps_per_call=spc, seed=config.seed,
       penalty=penalty, tag_lr=config.tag_lr,
       slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement,
       on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host)
   batches = None
   if host:
-    sampler = steps.make_sampler(ts, probs, k, s.examples_per_task, s.replace, s.shared_inputs)
     index, count = placement.data_shard()
     batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc,
                                shard_index=index, shard_count=count)
@@ -578,7 +596,7 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
   state = sharding.place(state, state_shardings)
   logger.info("Mesh %s on %d %s device(s).", dict(placement.mesh.shape),
               placement.mesh.size, jax.default_backend())
-  for line in sharding.describe(state_shardings["params"]):
+  for line in sharding.describe(state_shardings.params):
     logger.debug("sharding %s", line)
   return Run(model, objective, tx, state, train_fn, eval_fn, spc, init_report, placement,
-             state_shardings, n_seeds, batches)
+             state_shardings, n_seeds, batches, lr_schedules)

@@ -1,10 +1,13 @@
-"""Checkpoints (Orbax): the train state as a dict of arrays in DIR/checkpoints.
+"""Checkpoints (Orbax): the train state in DIR/checkpoints.
 
 Resume order used by the loop: the workdir's latest checkpoint, else a fresh
 state (initialised from ``config.init_from`` when set: :func:`load_params`).
-A checkpoint holds the train state ``{"step", "params", "opt_state",
-"objective_state"}``; a fine-tuning run reads only ``params`` from another
-run's checkpoint and never its data.
+A checkpoint holds a :class:`mtljax.steps.TrainState` field by field, a None
+field as an empty entry, so every field is on disk. Checkpoints of mtljax
+before ``TrainState`` hold a dict without the unused fields (the *dict
+layout*); resuming one is refused with what to do (:func:`restore_latest`). A
+fine-tuning run reads only ``params`` from another run's checkpoint, of
+either layout, and never its data.
 """
 
 from __future__ import annotations
@@ -57,7 +60,9 @@ def restore_latest(manager: ocp.CheckpointManager, like):
   ``like``, or None when the directory has none. An unreadable checkpoint
   (truncated file, empty step directory) is skipped with a warning naming it,
   falling back to the one before; when none is readable the error says which
-  and what to do."""
+  and what to do. A train state ``like`` (a named tuple) refuses a checkpoint
+  of the dict layout at once, with a :class:`CheckpointError` saying so and
+  what to do (the checkpoint is left where it is)."""
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
@@ -68,7 +73,8 @@ def restore_latest(manager: ocp.CheckpointManager, like):
     # empty step directory): read with a throwaway manager, save with ``manager``.
     reader = ocp.CheckpointManager(manager.directory)
     try:
-      restored = reader.restore(step, args=ocp.args.StandardRestore(abstract))
+      old = _old_layout(manager.directory, step, like)
+      restored = None if old else reader.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # pylint: disable=broad-except
       where = os.path.join(str(manager.directory), str(step))
       problems.append(f"step {step} ({where}): {type(e).__name__}: {_first_line(e)}")
@@ -78,6 +84,8 @@ def restore_latest(manager: ocp.CheckpointManager, like):
       continue
     finally:
       reader.close()
+    if old:
+      raise CheckpointError(old)
     if bad and jax.process_index() == 0:  # kept for a look, out of the way of new saves
       for where in bad:
         os.replace(where, f"{where}.unreadable")
@@ -89,6 +97,26 @@ def restore_latest(manager: ocp.CheckpointManager, like):
       ". A file may be truncated, or the workdir holds a different model than this config "
       "builds: delete the unreadable step directories to start over from the last good "
       "one, or choose a new --workdir.")
+
+
+def _old_layout(directory, step: int, like) -> str | None:
+  """What to do, when ``like`` is a train state (a named tuple: every field is
+  saved, None ones as empty entries) and checkpoint ``step`` holds the dict
+  layout of mtljax before it (some of those fields missing); else None."""
+  fields = getattr(type(like), "_fields", None)
+  if fields is None:
+    return None
+  reader = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    saved = reader.item_metadata(step).tree
+  finally:
+    reader.close()
+  if not isinstance(saved, dict) or not {"step", "params"} <= set(saved) < set(fields):
+    return None
+  return (f"checkpoint step {step} in {directory} holds the train state as a dict (the layout "
+          f"of mtljax before steps.TrainState; it lacks {sorted(set(fields) - set(saved))}): "
+          "this version does not resume it; retrain in a new --workdir, or resume it with the "
+          "previous mtljax version (fine-tuning from it with config.init_from still works).")
 
 
 # ----------------------------------------------------------------------------

@@ -241,12 +241,11 @@ def cross_validate(config: ml_collections.ConfigDict, data: task_data.MultiTaskD
     fold0 = dataclasses.replace(data, train=folds[0][0], test=folds[0][1])
     run = build.build_run(c, fold0, placement=placement)
     base_lr = float(c.optim.lr)
-    state = dict(run.state)
-    state["hparams"] = {"lr_scale": jnp.asarray(1.0, jnp.float32)}
+    state = run.state._replace(hparams={"lr_scale": jnp.asarray(1.0, jnp.float32)})
     # [F, G] copies of the initial state; lr_scale per column.
     states = jax.tree.map(lambda a: jnp.broadcast_to(a, (k, len(lrs)) + a.shape), state)
-    states["hparams"]["lr_scale"] = jnp.broadcast_to(
-        jnp.asarray([v / base_lr for v in lrs], jnp.float32), (k, len(lrs)))
+    states = states._replace(hparams={"lr_scale": jnp.broadcast_to(
+        jnp.asarray([v / base_lr for v in lrs], jnp.float32), (k, len(lrs)))})
     state_sh = placement.state(states, lead=2)
     states = sharding.place(states, state_sh)
     step_fn = sharding.jit_train_step(
@@ -254,14 +253,14 @@ def cross_validate(config: ml_collections.ConfigDict, data: task_data.MultiTaskD
         state_sh, train_sh, placement)
     eval_fn = sharding.jit_eval_step(
         jax.vmap(jax.vmap(run.eval_fn, in_axes=(0, None)), in_axes=(0, 0)),
-        state_sh["params"], val_sh, placement)
+        state_sh.params, val_sh, placement)
     done = 0
     scores = np.zeros((k, len(lrs), len(steps)))
     for si, target in enumerate(steps):
       while done < target:
         states, _ = step_fn(states, fold_train)
         done += c.steps_per_call
-      acc = jax.device_get(eval_fn(states["params"], fold_val))
+      acc = jax.device_get(eval_fn(states.params, fold_val))
       for f in range(k):
         for g in range(len(lrs)):
           one = jax.tree.map(lambda a: a[f, g], acc)

@@ -21,11 +21,12 @@ the normalised ``loss``. **Positive Δm means better than the single-task
 baselines**; the per-task terms are reported with the same sign convention.
 
 **Task affinity by lookahead** (TAG, Fifty et al. 2021) is computed inside the
-train step when ``config.tag_lr > 0`` (:func:`lookahead_affinity`): for the
-sampled slots, ``Z_{i->j} = 1 - L_j(theta^sh - eta g_i) / L_j(theta^sh)`` with
-``g_i`` slot i's gradient of the shared parameters and ``L_j`` slot j's loss on
-its own batch; averaged over steps per task pair. :func:`group_tasks` then
-partitions the tasks into k groups maximising the summed within-group affinity.
+train step when ``config.tag_lr > 0`` (:func:`mtljax.affinity.lookahead_affinity`:
+the step imports that module, not this one): for the sampled slots,
+``Z_{i->j} = 1 - L_j(theta^sh - eta g_i) / L_j(theta^sh)`` with ``g_i`` slot i's
+gradient of the shared parameters and ``L_j`` slot j's loss on its own batch;
+averaged over steps per task pair. :func:`group_tasks` then partitions the
+tasks into k groups maximising the summed within-group affinity.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ import logging
 import os
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -158,20 +157,6 @@ def single_task_baselines(config, train_fn: Callable) -> dict:
 # ----------------------------------------------------------------------------
 # Task affinity (TAG).
 # ----------------------------------------------------------------------------
-
-
-def lookahead_affinity(loss_of_slots: Callable, shared, slot_grads, eta: float,
-                       losses: jax.Array) -> jax.Array:
-  """``Z [K, K]``, ``Z[i, j] = 1 - L_j(shared - eta g_i) / L_j(shared)``.
-
-  ``loss_of_slots(shared) -> [K]`` evaluates every slot's loss on its batch
-  with the given shared parameters; ``slot_grads`` has a leading slot axis;
-  ``losses [K]`` are the losses at ``shared``.
-  """
-  def after(g_i):
-    return loss_of_slots(jax.tree.map(lambda p, g: p - eta * g, shared, g_i))
-  looked = jax.vmap(after)(slot_grads)                                   # [K, K]
-  return 1.0 - looked / jnp.maximum(losses[None, :], 1e-12)
 
 
 def group_tasks(affinity: np.ndarray, k: int, names=None) -> dict:

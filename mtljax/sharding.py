@@ -261,15 +261,17 @@ class Placement:
     return params_lib.tree_map_with_names(one, opt_state)
 
   def state(self, state, lead: int = 0, seeds: bool = False):
-    """Shardings for a train state ``{"step", "params", "opt_state",
-    "objective_state", ["anchor"], ["hparams"]}`` with ``lead`` leading
-    (vmapped) axes that are not split -- except, with ``seeds``, the one
-    leading seeds axis, split along the mesh's ``seed`` axis."""
-    out = {k: jax.tree.map(lambda _: self.named(P(), lead), v) for k, v in state.items()}
-    out["params"] = self.params(state["params"], lead)
-    out["opt_state"] = self.opt_state(state["opt_state"], state["params"], lead)
-    if "anchor" in state:
-      out["anchor"] = self.params(state["anchor"], lead)
+    """Shardings for a train state (:class:`mtljax.steps.TrainState`, the same
+    structure back) with ``lead`` leading (vmapped) axes that are not split --
+    except, with ``seeds``, the one leading seeds axis, split along the mesh's
+    ``seed`` axis. ``params`` and ``anchor`` follow the rules, ``opt_state``
+    mirrors ``params``; every other field (the step, counters, keys, the
+    objective's state, ``hparams``) is replicated, and a None field stays None."""
+    out = jax.tree.map(lambda _: self.named(P(), lead), state)
+    out = out._replace(params=self.params(state.params, lead),
+                       opt_state=self.opt_state(state.opt_state, state.params, lead))
+    if state.anchor is not None:
+      out = out._replace(anchor=self.params(state.anchor, lead))
     if seeds and self.mesh.shape["seed"] > 1:
       n = {np.shape(a)[0] for a in jax.tree.leaves(state)}
       self.check_seeds(n.pop() if len(n) == 1 else 0)

@@ -12,12 +12,13 @@ all inside one ``jax.jit``, reads like the recipe::
     obj state      = objective.after_update (FAMO: losses after the step)
     measurements   = losses per task, the objective's logs              step_measurements
 
-When every slot reads the same examples (``shared_inputs``) and the model has a
-task-independent part (``model.encode``), the trunk runs once on the ``B``
-examples and only the per-task part runs per slot (:mod:`mtljax.jacobians`).
+When every slot reads the same examples (the sampler's ``shared_inputs``) and
+the model has a task-independent part (``model.encode``), the trunk runs once on
+the ``B`` examples and only the per-task part runs per slot
+(:mod:`mtljax.jacobians`).
 
 ``steps_per_call`` steps run per host call under ``lax.scan``; randomness is
-``fold_in(seed_key, step)`` (``seed_key``: ``state["rng"]`` when the state
+``fold_in(seed_key, step)`` (``seed_key``: ``state.rng`` when the state
 holds one -- the run's seed, checkpointed and vmappable over seeds -- else
 ``key(seed)``), so results do not depend on how steps are grouped
 into calls (an interrupted and resumed run equals an uninterrupted one).
@@ -26,14 +27,14 @@ into calls (an interrupted and resumed run equals an uninterrupted one).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtljax import affinity
 from mtljax import jacobians
-from mtljax import measure
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
@@ -66,27 +67,58 @@ def task_rows(model: multitask.Model, objective) -> dict:
   return rows
 
 
+class TrainState(NamedTuple):
+  """Everything a train step reads and returns: a pytree that orbax saves
+  field by field (:mod:`mtljax.checkpoint`), ``jax.vmap`` maps over stacked
+  seeds and :meth:`mtljax.sharding.Placement.state` places.
+
+  Attributes:
+    step: int32 ``[]``, the steps taken; step ``s`` draws with ``fold_in(key, s)``.
+    params: ``{"shared": ..., "tasks": ...}`` (the objective's own per-task
+      parameters, if any, under ``tasks/<objective name>``).
+    opt_state: the optimizer's state (:func:`mtljax.optim.init_state`: per-task
+      rows for every per-task stack).
+    objective_state: the objective's state, structured as its ``init_state()``.
+    nonfinite_skipped: int32 ``[]``, updates skipped for a non-finite loss or
+      gradient (``on_nonfinite="skip"``).
+    rng: ``jax.random.key_data`` of the run's key, or None: the step's
+      ``seed`` then keys the draws.
+    hparams: ``{"lr_scale": float32 []}`` scaling every update
+      (:func:`mtljax.optim.update`; cross-validation's learning rates), or None.
+    anchor: the parameters a penalty pulls toward (L2-SP: :func:`make_train_step`'s
+      ``penalty``), or None.
+
+  An optional field is None when a run does not use it (None is an empty
+  pytree: nothing to place, map or update; orbax saves it as an empty entry).
+  Model state that is not trained by gradients -- batch-norm statistics, when
+  a model first has them -- belongs in a field of its own, default None, so a
+  model without it keeps its state unchanged.
+  """
+  step: Any
+  params: Any
+  opt_state: Any
+  objective_state: Any
+  nonfinite_skipped: Any
+  rng: Any = None
+  hparams: Any = None
+  anchor: Any = None
+
+
 def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixed", *,
-                     anchor=None, hparams=None) -> dict:
-  """``{"step", "params", "opt_state", "objective_state", "nonfinite_skipped"}``
-  (updates skipped for a non-finite loss or gradient), plus ``"anchor"``
-  (the parameters a penalty pulls toward: see :func:`make_train_step`) and
-  ``"hparams"`` (``{"lr_scale": scalar}``, see :func:`mtljax.optim.update`)
-  when given."""
+                     anchor=None, hparams=None) -> TrainState:
+  """The :class:`TrainState` at step 0: parameters from ``model.init(rng)``
+  (and the objective's own), fresh optimizer and objective states, no update
+  skipped; ``anchor`` and ``hparams`` as given (``rng`` stays None: the step's
+  ``seed`` keys the draws unless the caller sets ``state._replace(rng=...)``)."""
   objective = as_objective(objective, model)
   params = model.init(rng)
   own = objective.init_params()
   if own:
     params = {"shared": params["shared"], "tasks": {**params["tasks"], objective.name: own}}
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": optim.init_state(tx, params, task_rows(model, objective)),
-           "objective_state": objective.init_state(),
-           "nonfinite_skipped": jnp.zeros((), jnp.int32)}
-  if anchor is not None:
-    state["anchor"] = anchor
-  if hparams is not None:
-    state["hparams"] = hparams
-  return state
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optim.init_state(tx, params, task_rows(model, objective)),
+                    objective_state=objective.init_state(),
+                    nonfinite_skipped=jnp.zeros((), jnp.int32), anchor=anchor, hparams=hparams)
 
 
 # ----------------------------------------------------------------------------
@@ -94,55 +126,12 @@ def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixe
 # ----------------------------------------------------------------------------
 
 
-class Sampler(NamedTuple):
-  """What sampling a step's batch needs (arrays closed over by the step)."""
-  probs: jax.Array          # [T] task distribution
-  stream_ids: jax.Array     # [T]
-  local_index: jax.Array    # [T]
-  tasks_per_step: int       # K
-  examples_per_task: int    # B
-  replace: bool
-  shared_inputs: bool
-  all_tasks: np.ndarray | None = None  # K = T without replacement: the slots' tasks
-
-
-def make_sampler(taskset: tasks_lib.TaskSet, task_probs, tasks_per_step: int,
-                 examples_per_task: int, replace: bool = False,
-                 shared_inputs: bool = False) -> Sampler:
-  """The step's :class:`Sampler` (the host pipeline builds the same one)."""
-  ts = taskset
-  all_tasks = ts.grouped_order if tasks_per_step == len(ts) and not replace else None
-  return Sampler(jnp.asarray(task_probs, jnp.float32), jnp.asarray(ts.stream_ids, jnp.int32),
-                 jnp.asarray(ts.local_index), int(tasks_per_step), int(examples_per_task),
-                 bool(replace), bool(shared_inputs), all_tasks)
-
-
-def step_keys(key: jax.Array, step) -> jax.Array:
-  """The three keys of step ``step``: tasks, examples, the method's."""
-  return jax.random.split(jax.random.fold_in(key, step), 3)
-
-
-def sample_indices(sampler: Sampler, n: jax.Array, r_tasks, r_examples,
-                   examples_per_task: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Task ids ``[K]`` and example indices: ``[B]`` shared by every slot, or
-  ``[K, B]``, each below the task's ``n``. The one definition of a step's
-  draw: the device path gathers these on the device, the host pipeline
-  (:mod:`mtljax.data.pipeline`) reads these records."""
+def sample_batch(sampler: sampling.Sampler, data: dict, r_tasks, r_examples
+                 ) -> jacobians.Batch:
+  """Task ids ``[K]``, then ``B`` examples per slot (or ``B`` for all slots):
+  the draw of :func:`mtljax.data.sampling.sample_indices`, gathered."""
   s = sampler
-  b = s.examples_per_task if examples_per_task is None else examples_per_task
-  if s.all_tasks is not None:  # every task in every step: a static slot layout
-    task_ids = jnp.asarray(s.all_tasks, jnp.int32)
-  else:
-    task_ids = sampling.sample_tasks(r_tasks, s.probs, s.tasks_per_step, s.replace)
-  if s.shared_inputs:
-    return task_ids, sampling.shared_example_indices(r_examples, task_ids, n, b)[0]
-  return task_ids, sampling.example_indices(r_examples, task_ids, s.stream_ids, n, b)
-
-
-def sample_batch(sampler: Sampler, data: dict, r_tasks, r_examples) -> jacobians.Batch:
-  """Task ids ``[K]``, then ``B`` examples per slot (or ``B`` for all slots)."""
-  s = sampler
-  task_ids, idx = sample_indices(sampler, data["n"], r_tasks, r_examples)
+  task_ids, idx = sampling.sample_indices(sampler, data["n"], r_tasks, r_examples)
   if s.all_tasks is not None:
     task_ids = s.all_tasks  # static: the slots' groups are known when tracing
   arrays = {"local_index": s.local_index}
@@ -153,7 +142,7 @@ def sample_batch(sampler: Sampler, data: dict, r_tasks, r_examples) -> jacobians
   return jacobians.Batch(x, ys, task_ids, s.shared_inputs)
 
 
-def host_batch(sampler: Sampler, batch: dict) -> jacobians.Batch:
+def host_batch(sampler: sampling.Sampler, batch: dict) -> jacobians.Batch:
   """A batch read by the host pipeline: ``{"task_ids" [K], "x" [K, B, ...]
   or [B, ...], "y" {group: [K, B]}}``."""
   ids = sampler.all_tasks if sampler.all_tasks is not None else batch["task_ids"]
@@ -178,10 +167,10 @@ def labelled_slots(taskset: tasks_lib.TaskSet, batch: jacobians.Batch
   return labelled, present
 
 
-def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
+def add_penalties(model: multitask.Model, penalty: Callable | None, state: TrainState,
                   total, grads) -> tuple[jax.Array, dict, dict]:
   """The architecture's penalty (soft sharing) and the run's (L2-SP, pulling
-  toward ``state["anchor"]``), added to the objective and its gradient."""
+  toward ``state.anchor``), added to the objective and its gradient."""
   if penalty is None and model.penalty is None:
     return total, grads, {}
 
@@ -190,9 +179,9 @@ def add_penalties(model: multitask.Model, penalty: Callable | None, state: dict,
     if model.penalty is not None:
       out = out + model.penalty(params)
     if penalty is not None:
-      out = out + penalty(params, state["anchor"])
+      out = out + penalty(params, state.anchor)
     return out
-  pen, pen_grads = jax.value_and_grad(total_penalty)(state["params"])
+  pen, pen_grads = jax.value_and_grad(total_penalty)(state.params)
   return total + pen, jax.tree.map(jnp.add, grads, pen_grads), {"penalty": pen}
 
 
@@ -201,7 +190,7 @@ def tag_measurements(lin: jacobians.Linearized, params: dict, task_ids, eta: flo
   """TAG's lookahead affinity of the sampled slots, placed by task pair (only
   pairs of slots that both have labelled examples, ``labelled [K]``)."""
   g, _ = lin.slot_grads(jnp.ones_like(lin.losses))
-  z = measure.lookahead_affinity(
+  z = affinity.lookahead_affinity(
       lambda sh: lin.loss_at({"shared": sh, "tasks": params["tasks"]}), params["shared"],
       g, eta, jax.lax.stop_gradient(lin.losses))
   pair = (task_ids[:, None], task_ids[None, :])
@@ -247,14 +236,39 @@ def step_measurements(total, losses, task_ids, num_tasks: int, *extra: dict,
   return meas
 
 
-def _check_step(model, objective, *, tasks_per_step, replace, shared_inputs, tag_lr,
-                one_pass) -> tuple[str, list | None]:
+def _check_parts(model: multitask.Model, sampler, weights, *, slot_backwards: str,
+                 on_nonfinite: str, placement) -> None:
+  """The step's parts and options against the model's task set, before tracing."""
+  num_tasks = len(model.taskset)
+  if not isinstance(sampler, sampling.Sampler):
+    raise TypeError(f"make_train_step: sampler must be a mtljax.data.sampling.Sampler "
+                    f"(sampling.make_sampler), got {type(sampler).__name__}.")
+  jacobians.sequential_backwards(slot_backwards)  # checks the name
+  for name, value in (("task_probs", sampler.probs), ("weights", weights)):
+    if np.shape(value) != (num_tasks,):
+      raise ValueError(f"make_train_step: {name} must have one entry per task "
+                       f"({num_tasks}), got shape {np.shape(value)}.")
+  ts = model.taskset
+  if not (np.array_equal(np.asarray(sampler.stream_ids), np.asarray(ts.stream_ids)) and
+          np.array_equal(np.asarray(sampler.local_index), np.asarray(ts.local_index))):
+    raise ValueError("make_train_step: the sampler was made for another task set (its tasks' "
+                     "stream ids or label rows are not the model's): use "
+                     "sampling.make_sampler(model.taskset, ...).")
+  if on_nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"config.on_nonfinite={on_nonfinite!r} is not one of "
+                     f"{NONFINITE_POLICIES}.")
+  if placement is not None:
+    placement.check_batch(sampler.examples_per_task)
+
+
+def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, list | None]:
   """Everything about a step that can be wrong, before it is traced; returns
   what to linearise and which shared leaves need per-slot gradients."""
   num_tasks = len(model.taskset)
+  tasks_per_step, shared_inputs = sampler.tasks_per_step, sampler.shared_inputs
   if tasks_per_step < 1:
     raise ValueError(f"config.sampling.tasks_per_step must be >= 1, got {tasks_per_step}.")
-  if tasks_per_step > num_tasks and not replace:
+  if tasks_per_step > num_tasks and not sampler.replace:
     raise ValueError(f"config.sampling.tasks_per_step={tasks_per_step} must be in "
                      f"[1, {num_tasks}] when sampling tasks without replacement.")
   shared_names = [n for n, _ in params_lib.flatten_with_names(
@@ -295,55 +309,62 @@ def _check_step(model, objective, *, tasks_per_step, replace, shared_inputs, tag
   return needs, leaves
 
 
-def _check_state(state: dict, objective: objectives.Objective, penalty) -> None:
-  """Raised while tracing: a state built for another objective or run (its
-  objective state's structure, shapes and dtypes are those of ``init_state``)."""
-  if penalty is not None and "anchor" not in state:
-    raise ValueError("make_train_step(penalty=...) needs state['anchor']: pass anchor= to "
+def _check_state(state: TrainState, objective: objectives.Objective, penalty) -> None:
+  """Raised while tracing: not a :class:`TrainState`, or a state built for
+  another objective or run (its objective state's structure, shapes and
+  dtypes are those of ``init_state``)."""
+  if not isinstance(state, TrainState):
+    raise TypeError(f"train_step: the state must be a steps.TrainState (init_train_state), "
+                    f"got {type(state).__name__}.")
+  if penalty is not None and state.anchor is None:
+    raise ValueError("make_train_step(penalty=...) needs state.anchor: pass anchor= to "
                      "init_train_state.")
   want = jax.eval_shape(objective.init_state)
   own = jax.eval_shape(objective.init_params)
-  have = state["objective_state"]
+  have = state.objective_state
   same = jax.tree.structure(have) == jax.tree.structure(want) and all(
       (jnp.shape(a), jnp.result_type(a)) == (b.shape, b.dtype)
       for a, b in zip(jax.tree.leaves(have), jax.tree.leaves(want)))
-  if not same or (own and objective.name not in state["params"]["tasks"]):
+  if not same or (own and objective.name not in state.params["tasks"]):
     raise ValueError(
         f"The train state was not initialised for objective {objective.name!r}: pass the "
         f"same objective to init_train_state.")
 
 
-def make_train_step(model: multitask.Model, tx, objective="fixed", *,
-                    task_probs: np.ndarray, weights: np.ndarray, tasks_per_step: int,
-                    examples_per_task: int, replace: bool = False,
-                    shared_inputs: bool = False, steps_per_call: int = 1, seed: int = 0,
+def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sampler, *,
+                    weights: np.ndarray, steps_per_call: int = 1, seed: int = 0,
                     penalty: Callable | None = None, tag_lr: float = 0.0,
                     one_pass: bool | None = None, slot_backwards: str = "auto",
                     placement=None, on_nonfinite: str = "stop",
                     host_batches: bool = False) -> Callable:
-  """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted).
+  """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted),
+  ``state`` a :class:`TrainState`.
 
   Args:
     model: a :class:`mtljax.models.multitask.Model`.
     tx: an optax transformation or :class:`mtljax.optim.RuledOptimizer`.
     objective: an :class:`mtljax.objectives.Objective` (or a method name, with
-      default hyper-parameters); the state must come from
+      default hyper-parameters, e.g. ``"fixed"``); the state must come from
       :func:`init_train_state` with the same objective.
-    task_probs: ``[T]`` task distribution; weights: ``[T]`` fixed task weights.
-    tasks_per_step: K; examples_per_task: B; replace: sample tasks i.i.d.
-    shared_inputs: every slot sees the same B examples (the tasks must share
-      one input source, :func:`mtljax.data.sampling.check_shared_inputs`).
+    sampler: how a step draws its batch, a :class:`mtljax.data.sampling.Sampler`
+      of the model's task set (:func:`mtljax.data.sampling.make_sampler`): the
+      ``[T]`` task distribution, K tasks per step, B examples per task, with
+      or without replacement, and whether every slot sees the same B examples
+      (shared inputs: the tasks must share one input source,
+      :func:`mtljax.data.sampling.check_shared_inputs`). The host pipeline
+      draws with the same sampler.
+    weights: ``[T]`` fixed task weights.
     steps_per_call: steps per call under ``lax.scan`` (measurements summed).
     seed: the random streams' key ``key(seed)``, unless the state holds
-      ``"rng"`` (``jax.random.key_data`` of a key), which then wins.
+      ``rng`` (``jax.random.key_data`` of a key), which then wins.
     penalty: ``penalty(params, anchor) -> scalar`` (e.g.
       :func:`mtljax.transfer.l2sp_penalty`), added to the objective and its
-      gradient to every method's update; the state must hold ``"anchor"``.
-    tag_lr: > 0 adds TAG's lookahead affinity (:mod:`mtljax.measure`):
+      gradient to every method's update; the state must hold ``anchor``.
+    tag_lr: > 0 adds TAG's lookahead affinity (:mod:`mtljax.affinity`):
       ``tag_sum [T, T]`` / ``tag_count [T, T]`` (source task i, target j).
     one_pass: run the task-independent part once for every slot (default:
-      whenever ``shared_inputs`` and the model has one); False forces the
-      per-slot path (the reference the one-pass path is tested against).
+      whenever the sampler's shared inputs and the model has one); False
+      forces the per-slot path (the reference the one-pass path is tested against).
     slot_backwards: ``"auto"`` | ``"map"`` | ``"vmap"``, how the one-pass path
       runs its K trunk backwards (:func:`mtljax.jacobians.sequential_backwards`).
     placement: a :class:`mtljax.sharding.Placement`: the sampled examples are
@@ -351,13 +372,15 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     on_nonfinite: a step whose loss or gradient is not finite never changes
       the parameters, optimizer or objective state; ``"stop"`` reports it
       (the loop stops), ``"skip"`` also counts it in
-      ``state["nonfinite_skipped"]`` and goes on.
+      ``state.nonfinite_skipped`` and goes on.
+    host_batches: ``data`` is the batch the host pipeline read, not a split.
 
+  Every part is checked before anything is traced (a bad one raises naming it).
   ``data`` is a train split as laid out by :mod:`mtljax.data.task_data`, the
   step sampling its batch; with ``host_batches`` it is the batch itself, as
   the host pipeline reads it (:mod:`mtljax.data.pipeline`: the same draws,
-  :func:`sample_indices`), with a leading ``[steps_per_call]`` axis when
-  ``steps_per_call > 1``.
+  :func:`mtljax.data.sampling.sample_indices`), with a leading
+  ``[steps_per_call]`` axis when ``steps_per_call > 1``.
   Missing labels (:mod:`mtljax.tasks`): a slot's loss is the mean over its
   labelled examples; a slot with none has loss 0 and gradient 0, and its task
   counts as not sampled in that step (:func:`labelled_slots`).
@@ -370,48 +393,61 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
   ``nonfinite_steps`` / ``nonfinite_first`` / ``nonfinite_tasks``
   (:func:`nonfinite_measurements`).
   """
+  objective = as_objective(objective, model)
+  _check_parts(model, sampler, weights, slot_backwards=slot_backwards,
+               on_nonfinite=on_nonfinite, placement=placement)
+  needs, leaves = _check_step(model, objective, sampler, tag_lr=tag_lr, one_pass=one_pass)
+  one_step = _make_one_step(
+      model, tx, objective, sampler, jnp.asarray(weights, jnp.float32), needs=needs,
+      leaves=leaves, base_key=jax.random.key(seed), penalty=penalty, tag_lr=tag_lr,
+      one_pass=one_pass, slot_backwards=slot_backwards, placement=placement,
+      host_batches=host_batches)
+  return _scan_steps(one_step, steps_per_call, host_batches)
+
+
+def _step_batch(sampler: sampling.Sampler, state: TrainState, data, base_key, placement,
+                host_batches: bool) -> tuple[jacobians.Batch, jax.Array]:
+  """The step's batch (drawn from ``data``, or the host pipeline's) on the
+  placement's ``data`` axis, and the method's key."""
+  key = base_key if state.rng is None else jax.random.wrap_key_data(state.rng)
+  r_tasks, r_examples, r_method = sampling.step_keys(key, state.step)
+  if host_batches:
+    batch = host_batch(sampler, data)
+  else:
+    batch = sample_batch(sampler, data, r_tasks, r_examples)
+  if placement is not None:
+    batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
+                            batch.task_ids, batch.shared)
+  return batch, r_method
+
+
+def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, base_key,
+                   penalty, tag_lr, one_pass, slot_backwards, placement, host_batches
+                   ) -> Callable:
+  """One step, ``(state, data) -> (state, measurements)``, of checked parts."""
   ts = model.taskset
   num_tasks = len(ts)
-  objective = as_objective(objective, model)
-  jacobians.sequential_backwards(slot_backwards)  # checks the name
-  for name, value in (("task_probs", task_probs), ("weights", weights)):
-    if np.shape(value) != (num_tasks,):
-      raise ValueError(f"make_train_step: {name} must have one entry per task "
-                       f"({num_tasks}), got shape {np.shape(value)}.")
-  if on_nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"config.on_nonfinite={on_nonfinite!r} is not one of "
-                     f"{NONFINITE_POLICIES}.")
-  if placement is not None:
-    placement.check_batch(examples_per_task)
-  needs, leaves = _check_step(model, objective, tasks_per_step=tasks_per_step,
-                              replace=replace, shared_inputs=shared_inputs, tag_lr=tag_lr,
-                              one_pass=one_pass)
-  sampler = make_sampler(ts, task_probs, tasks_per_step, examples_per_task, replace,
-                         shared_inputs)
-  weights = jnp.asarray(weights, jnp.float32)
   rows = task_rows(model, objective)
-  base_key = jax.random.key(seed)
 
   def one_step(state, data):
     _check_state(state, objective, penalty)
-    params = state["params"]
-    key = jax.random.wrap_key_data(state["rng"]) if "rng" in state else base_key
-    r_tasks, r_examples, r_method = step_keys(key, state["step"])
-    if host_batches:
-      batch = host_batch(sampler, data)
-    else:
-      batch = sample_batch(sampler, data, r_tasks, r_examples)
-    if placement is not None:
-      batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
-                              batch.task_ids, batch.shared)
+    params = state.params
+    batch, r_method = _step_batch(sampler, state, data, base_key, placement, host_batches)
     ids = batch.task_ids
+    # The step's task masks, one meaning each:
+    #   labelled [K]  slot k has at least one labelled example in its batch;
+    #   sampled [T]   task t fills at least one slot, labelled or not;
+    #   present [T]   task t fills at least one labelled slot: the tasks whose
+    #                 rows of the per-task parameters and optimizer state move
+    #                 (optim.update's `active`). A task sampled but not present
+    #                 is seen by the objective with weight 0.
     labelled, present = labelled_slots(ts, batch)
     sampled = jnp.zeros((num_tasks,), bool).at[ids].set(True)
     lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
                               one_pass=one_pass, slot_backwards=slot_backwards)
     result = objective.gradients(lin, objectives.Inputs(   # traced ids for objectives
         jnp.asarray(ids), jnp.where(sampled & ~present, 0.0, weights),
-        state["objective_state"],
+        state.objective_state,
         params["tasks"].get(objective.name, {}), r_method))
     total, grads, pen = add_penalties(model, penalty, state, result.total, result.grads)
     # A gradient has its parameter's dtype (an objective's own gradients, e.g.
@@ -419,29 +455,34 @@ def make_train_step(model: multitask.Model, tx, objective="fixed", *,
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     tag = (tag_measurements(lin, params, ids, tag_lr, num_tasks, labelled) if tag_lr > 0
            else {})
-    active = present  # a task sampled but unlabelled in this step: its rows stay
-    lr_scale = state["hparams"]["lr_scale"] if "hparams" in state else None
-    new_params, opt_state = optim.update(tx, grads, state["opt_state"], params, rows, active,
-                                         lr_scale)
+    lr_scale = None if state.hparams is None else state.hparams["lr_scale"]
+    new_params, opt_state = optim.update(tx, grads, state.opt_state, params, rows,
+                                         present, lr_scale)
     new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
     obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids), new_losses)
     # The objective's state keeps the dtypes it was initialised with (its
     # statistics are declared float32): under jax_enable_x64 the float64 losses
     # and gradients would otherwise change the carried state's type.
     obj_state = jax.tree.map(lambda new, old: new.astype(old.dtype), obj_state,
-                             state["objective_state"])
+                             state.objective_state)
     # A non-finite loss or gradient never reaches the state (the last good one stays).
     finite = jnp.isfinite(total) & all_finite(grads)
     moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state}
-    kept = jax.lax.cond(finite, lambda: moved, lambda: {k: state[k] for k in moved})
-    new_state = {**state, **kept, "step": state["step"] + 1}
-    if "nonfinite_skipped" in state:
-      new_state["nonfinite_skipped"] = state["nonfinite_skipped"] + (~finite).astype(jnp.int32)
+    kept = jax.lax.cond(finite, lambda: moved, lambda: {k: getattr(state, k) for k in moved})
+    new_state = state._replace(
+        **kept, step=state.step + 1,
+        nonfinite_skipped=state.nonfinite_skipped + (~finite).astype(jnp.int32))
     return new_state, step_measurements(
         total, lin.losses, ids, num_tasks, result.measurements, pen, tag,
-        nonfinite_measurements(finite, state["step"], lin.losses, ids, num_tasks),
+        nonfinite_measurements(finite, state.step, lin.losses, ids, num_tasks),
         labelled=labelled)
 
+  return one_step
+
+
+def _scan_steps(one_step: Callable, steps_per_call: int, host_batches: bool) -> Callable:
+  """``steps_per_call`` steps per call under ``lax.scan``, their measurements
+  summed (``nonfinite_first``: the minimum); one step is returned as it is."""
   if steps_per_call == 1:  # a plain step: no loop to pay for
     return one_step
 

@@ -26,10 +26,8 @@ import numpy as np
 from mtljax import build
 from mtljax import checkpoint as ckpt_lib
 from mtljax import measure
-from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import plotting
-from mtljax import schedules
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks as tasks_lib
@@ -103,34 +101,28 @@ def train_record(taskset, meas, step: int, steps_per_call: int) -> dict:
   return record
 
 
-def learning_rates(config, tx) -> Callable[[int], dict]:
-  """``step -> {"optim/lr": lr}``, or ``{"optim/lr/rule<i>": lr}`` per
-  parameter rule ``i`` of a :class:`mtljax.optim.RuledOptimizer` (its names in
-  the log's rule listing and its optax labels): the learning rate of
-  the update that ended at ``step`` (update ``step - 1`` counted from 0), as
-  scheduled by the global step -- 0 for a frozen group and before a group's
+def learning_rates(config, lr_schedules: Sequence[build.LrSchedule]
+                   ) -> Callable[[int], dict]:
+  """``step -> {key: lr}`` for each of the optimizer's schedules (``optim/lr``,
+  or ``optim/lr/rule<i>`` per parameter rule: :func:`mtljax.build.optimizer_from_config`,
+  carried on the run as ``Run.lr_schedules``): the learning rate of the update
+  that ended at ``step`` (update ``step - 1`` counted from 0), as scheduled by
+  the global step -- 0 for a frozen group and before a group's
   ``unfreeze_at``. (A task's own parameters count only the steps that sampled
   the task; with a schedule other than constant theirs lag behind.)
 
-  The rates are the optimizer's own schedules (``tx.schedules``; without rules
-  the one :func:`mtljax.build.optimizer_from_config` gives optax), evaluated
-  once per group at the log steps' update counts here, so a log row only looks
-  a float up."""
-  o, total, every = config.optim, int(config.total_steps), max(int(config.log_steps), 1)
+  The schedules are evaluated once per group at the log steps' update counts
+  here (``config.total_steps``, ``config.log_steps``), so a log row only
+  looks a float up."""
+  total, every = int(config.total_steps), max(int(config.log_steps), 1)
   logged = np.unique(np.append(np.arange(every, total + 1, every), total))
 
   def table(fn, start):  # {update count: lr}: one vectorised call, then python floats
     counts = np.maximum(logged - 1 - start, 0)
     rates = np.broadcast_to(np.asarray(jax.device_get(fn(counts)), np.float64), counts.shape)
     return fn, dict(zip(counts.tolist(), rates.tolist()))
-  if not isinstance(tx, optim.RuledOptimizer):
-    fn = schedules.make_schedule(o.schedule, o.lr, total, warmup_steps=o.warmup_steps,
-                                 end_lr_factor=o.end_lr_factor, cut_frac=o.stlr_cut_frac,
-                                 ratio=o.stlr_ratio)
-    groups = [("optim/lr", table(fn, 0), 0)]
-  else:
-    groups = [(f"optim/lr/rule{i}", None if fn is None else table(fn, r.unfreeze_at),
-               r.unfreeze_at) for i, (r, fn) in enumerate(zip(tx.rules, tx.schedules))]
+  groups = [(s.key, None if s.schedule is None else table(s.schedule, s.start), s.start)
+            for s in lr_schedules]
 
   def at(step: int) -> dict:
     out = {}
@@ -232,7 +224,7 @@ class DeviceFeed:
     train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
     self.splits = {"train": sharding.place(data.train, train_sh),
                    "test": sharding.place(data.test, test_sh)}
-    params_sh = run.state_shardings["params"]
+    params_sh = run.state_shardings.params
     self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
     self.eval_steps = {"test": sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl)}
     if config.eval_train:  # sized for the train split
@@ -299,17 +291,17 @@ class HostFeed:
 
 
 def _log_parameters(state) -> None:
-  for name, leaf in params_lib.flatten_with_names(state["params"]):
+  for name, leaf in params_lib.flatten_with_names(state.params):
     logger.debug("param %-50s %s", name, tuple(leaf.shape))
   logger.info("Parameters: %d (shared %d, per-task %d).",
-              params_lib.count(state["params"]),
-              params_lib.count(state["params"]["shared"]),
-              params_lib.count(state["params"]["tasks"]))
+              params_lib.count(state.params),
+              params_lib.count(state.params["shared"]),
+              params_lib.count(state.params["tasks"]))
 
 
 def _step(state) -> int:
   """The state's step counter (every seed's is the same)."""
-  return int(np.max(jax.device_get(state["step"])))
+  return int(np.max(jax.device_get(state.step)))
 
 
 class NonFiniteError(RuntimeError):
@@ -404,16 +396,17 @@ def _train(config, workdir, callbacks, sigterm) -> dict:
     manager.close()
 
 
-def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
-  ts, state, spc = data.taskset, run.state, run.steps_per_call
+def _resume(workdir, run, manager) -> tuple[steps.TrainState, int | None]:
+  """The state the loop starts from -- the workdir's latest readable
+  checkpoint (``metrics.jsonl`` cut back to its step), else the run's fresh
+  state -- and the restored step (None when fresh)."""
+  state, resumed_from = run.state, None
   restored = ckpt_lib.restore_latest(manager, state)
-  resumed_from = last_saved = None
   if restored is not None:
-    resumed_from = last_saved = _step(restored)
+    resumed_from = _step(restored)
     state = restored
     logger.info("Resumed from %s at step %d.", manager.directory, resumed_from)
-  primary = sharding.is_primary()
-  dropped = workdir_lib.trim_metrics(workdir, _step(state)) if primary else 0
+  dropped = workdir_lib.trim_metrics(workdir, _step(state)) if sharding.is_primary() else 0
   if dropped:
     logger.info("metrics.jsonl: dropped %d row(s) past step %d (written after the last "
                 "checkpoint).", dropped, _step(state))
@@ -423,28 +416,56 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
         f"steps_per_call={run.steps_per_call} does not divide (this run's calls would not "
         "line up with the steps already taken): resume with a config.steps_per_call "
         f"dividing {_step(state)} and the intervals.")
-  pl = run.placement
-  if run.batches is None:
-    feed = DeviceFeed(config, data, run)
+  return state, resumed_from
+
+
+def _train_row(config, ts, run, state, meas, step: int, lr_at: Callable) -> dict:
+  """A log step's row: the call's ``train/...`` entries (N seeds: the mean,
+  ``/se`` and ``per_seed``), skipped updates under ``on_nonfinite="skip"``,
+  and the learning rates."""
+  host, n_seeds, spc = jax.device_get(meas), run.num_seeds, run.steps_per_call
+  if n_seeds == 1:
+    record = train_record(ts, host, step, spc)
   else:
-    feed = HostFeed(config, data, run, _step(state))
+    record = combine_seed_records([train_record(ts, m, step, spc)
+                                   for m in per_seed(host, n_seeds)])
+  if config.get("on_nonfinite", "stop") == "skip":
+    record["train/nonfinite_skipped"] = int(np.sum(state.nonfinite_skipped))
+  record.update(lr_at(step))
+  return record
+
+
+def _feed(config, data, run, step: int):
+  """The run's feed from step ``step`` on: :class:`DeviceFeed`, or
+  :class:`HostFeed` for data read by the host pipeline."""
+  if run.batches is None:
+    return DeviceFeed(config, data, run)
+  return HostFeed(config, data, run, step)
+
+
+def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
+  """Resumes, trains to ``config.total_steps`` call by call (logs, evaluations,
+  checkpoints, the non-finite policy, SIGTERM), then writes and returns the summary."""
+  ts, spc, n_seeds = data.taskset, run.steps_per_call, run.num_seeds
+  primary, policy = sharding.is_primary(), config.get("on_nonfinite", "stop")
+  state, resumed_from = _resume(workdir, run, manager)
+  last_saved = resumed_from
+  feed = _feed(config, data, run, _step(state))
   state = sharding.place(state, run.state_shardings)
   train_step = feed.train_step
-  n_seeds = run.num_seeds
 
   def evaluate(split):
     """``{task: {metric}}`` (the mean over seeds), and per seed when N > 1."""
-    acc = feed.evaluate(state["params"], split)
+    acc = feed.evaluate(state.params, split)
     if n_seeds == 1:
       return steps.eval_metrics(ts, acc)
     return seed_metrics([steps.eval_metrics(ts, a) for a in per_seed(acc, n_seeds)])
 
   # --- Loop -------------------------------------------------------------------
   metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-  policy = config.get("on_nonfinite", "stop")
   total, step = int(config.total_steps), _step(state)
   progress, affinity, last_eval = _Progress(total, step), _Affinity(), None
-  lr_at = learning_rates(config, run.tx)
+  lr_at = learning_rates(config, run.lr_schedules)
   board = None
   if primary and config.get("tensorboard", True):  # hides what metrics.jsonl dropped
     board = tensorboard.Board(workdir, config.to_dict(), purge_step=step + 1,
@@ -463,15 +484,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       affinity.add(meas)
       record = None
       if step % config.log_steps == 0 or step == total:
-        host = jax.device_get(meas)
-        if n_seeds == 1:
-          record = train_record(ts, host, step, spc)
-        else:
-          record = combine_seed_records([train_record(ts, m, step, spc)
-                                         for m in per_seed(host, n_seeds)])
-        if policy == "skip":
-          record["train/nonfinite_skipped"] = int(np.sum(state["nonfinite_skipped"]))
-        record.update(lr_at(step))
+        record = _train_row(config, ts, run, state, meas, step, lr_at)
         logger.info("%s", progress.line(step, record["train/loss"]))
       if step % config.eval_steps == 0 or step == total:
         last_eval = evaluate("test")
@@ -496,6 +509,27 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       board.close()
   if last_eval is None:  # resumed at or past the end: evaluate what was restored
     last_eval = evaluate("test")
+  summary = _summary(config, data, run, last_eval, step=step, resumed_from=resumed_from,
+                     compilations=int(train_step._cache_size()),  # pylint: disable=protected-access
+                     nonfinite_skipped=int(np.sum(state.nonfinite_skipped)),
+                     pipeline=feed.summary(), evaluate=evaluate,
+                     affinity=affinity.summary(config, ts))
+  if primary:
+    workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
+    if config.get("plots", True):
+      plotting.run_plots(workdir, plotting.metrics_rows(workdir), workdir_lib.json_safe(summary))
+  logger.info("Final test metrics:\n%s", format_table(summary["tasks"]))
+  return workdir_lib.json_safe(summary)
+
+
+def _summary(config, data, run, last_eval, *, step: int, resumed_from, compilations: int,
+             nonfinite_skipped: int, pipeline: dict, evaluate: Callable,
+             affinity: dict | None) -> dict:
+  """The run's ``summary.json``: the last evaluation (N seeds: the mean, with
+  ``tasks_se`` and ``per_seed``), how the run went, the train split's metrics
+  (``config.eval_train``), TAG's affinity and Δm against the single-task
+  baselines (``config.baselines``)."""
+  n_seeds = run.num_seeds
   seeds_report = None
   if isinstance(last_eval, SeedMetrics):
     seeds_report = {"seeds": [config.seed + i for i in range(n_seeds)],
@@ -505,12 +539,12 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       "data": data.name, "arch": config.model.arch, "step": step, "tasks": last_eval,
       "metric_directions": {m: tasks_lib.METRIC_DIRECTIONS[m]
                             for ms in last_eval.values() for m in ms},
-      "train_step_compilations": int(train_step._cache_size()),  # pylint: disable=protected-access
+      "train_step_compilations": compilations,
       "resumed_from_step": resumed_from, "init_from": run.init_report,
-      "nonfinite_skipped": int(np.sum(state["nonfinite_skipped"])),
+      "nonfinite_skipped": nonfinite_skipped,
       "num_seeds": n_seeds,
-      "mesh": dict(pl.mesh.shape),
-      "data_pipeline": feed.summary(),
+      "mesh": dict(run.placement.mesh.shape),
+      "data_pipeline": pipeline,
       "config": config.to_dict(),
   }
   if seeds_report is not None:  # "tasks" is the mean over seeds
@@ -519,27 +553,28 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   if config.eval_train:
     train_metrics = evaluate("train")
     summary["train_metrics"] = getattr(train_metrics, "mean", train_metrics)
-  tag = affinity.summary(config, ts)
-  if tag is not None:
-    summary["affinity"] = tag
+  if affinity is not None:
+    summary["affinity"] = affinity
   if config.baselines:
-    base_summary = measure.single_task_baseline_summary(config, train_and_evaluate)
-    base = base_summary["tasks"]
-    dm, per_task = measure.delta_m(last_eval, base)
-    summary["delta_m"] = {"value": dm, "per_task": per_task, "baselines": base,
-                          "convention": measure.DELTA_M_CONVENTION}
-    if seeds_report is not None:  # paired: seed s of the run against seed s of the baselines
-      per = [measure.delta_m(mine, theirs)[0] for mine, theirs in
-             zip(seeds_report["tasks"], base_summary["per_seed"]["tasks"])]
-      mean, se = mean_se(per)
-      summary["delta_m"].update({"per_seed": per, "mean_over_seeds": mean, "se": se})
-    logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
-  if primary:
-    workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
-    if config.get("plots", True):
-      plotting.run_plots(workdir, plotting.metrics_rows(workdir), workdir_lib.json_safe(summary))
-  logger.info("Final test metrics:\n%s", format_table(last_eval))
-  return workdir_lib.json_safe(summary)
+    summary["delta_m"] = _delta_m(config, last_eval, seeds_report)
+  return summary
+
+
+def _delta_m(config, last_eval: dict, seeds_report: dict | None) -> dict:
+  """Δm against the single-task baselines (trained once, then cached:
+  :mod:`mtljax.measure`); with N seeds also paired per seed, mean ± s.e."""
+  base_summary = measure.single_task_baseline_summary(config, train_and_evaluate)
+  base = base_summary["tasks"]
+  dm, per_task = measure.delta_m(last_eval, base)
+  out = {"value": dm, "per_task": per_task, "baselines": base,
+         "convention": measure.DELTA_M_CONVENTION}
+  if seeds_report is not None:  # paired: seed s of the run against seed s of the baselines
+    per = [measure.delta_m(mine, theirs)[0] for mine, theirs in
+           zip(seeds_report["tasks"], base_summary["per_seed"]["tasks"])]
+    mean, se = mean_se(per)
+    out.update({"per_seed": per, "mean_over_seeds": mean, "se": se})
+  logger.info("Delta_m = %+.2f%% vs single-task baselines (positive = better).", dm)
+  return out
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtljax import measure
+from mtljax import affinity
 
 K, B, D = 4, 32, 6
 ETAS = (0.01, 0.1)
@@ -81,7 +81,7 @@ def _jax_affinity(x, y, theta, eta):
   shared = jnp.asarray(theta, jnp.float32)
   slot_grads = jax.jacrev(loss_of_slots)(shared)  # [K, D]
   np.testing.assert_allclose(slot_grads, _np_grads(x, y, theta), rtol=1e-4, atol=1e-5)
-  z = measure.lookahead_affinity(loss_of_slots, shared, slot_grads, eta,
+  z = affinity.lookahead_affinity(loss_of_slots, shared, slot_grads, eta,
                                  loss_of_slots(shared))
   return np.asarray(z, np.float64)
 
@@ -169,6 +169,6 @@ def test_affinity_with_shared_parameters_as_a_pytree():
   np.testing.assert_allclose(slot_grads["w"], g[:, :D], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(slot_grads["b"], g[:, D], rtol=1e-4, atol=1e-5)
   for eta in ETAS:
-    z = measure.lookahead_affinity(loss_of_slots, shared, slot_grads, eta,
+    z = affinity.lookahead_affinity(loss_of_slots, shared, slot_grads, eta,
                                    loss_of_slots(shared))
     _assert_close(np.asarray(z, np.float64), _np_affinity(x, y, theta, eta))

@@ -71,8 +71,8 @@ def _plain_runs(lr: float, total: int, frozen_depth: int = 0) -> dict:
     state = run.state
     for done in out:
       state, _ = step(state, fold_train)
-      assert int(state["step"]) == done
-      out[done].append(steps.eval_metrics(data.taskset, evaluate(state["params"], fold_val)))
+      assert int(state.step) == done
+      out[done].append(steps.eval_metrics(data.taskset, evaluate(state.params, fold_val)))
   return out
 
 
@@ -268,7 +268,7 @@ def test_vmapped_folds_and_rates_with_a_gradient_or_stateful_objective(method):
   want = []
   for fold_train, fold_val in folds:
     state, _ = step(run.state, fold_train)
-    want.append(_mean(steps.eval_metrics(data.taskset, evaluate(state["params"], fold_val)),
+    want.append(_mean(steps.eval_metrics(data.taskset, evaluate(state.params, fold_val)),
                       "loss"))
   np.testing.assert_allclose(_point(out, 3e-2, 10)["fold_scores"], want, rtol=2e-4)
 

@@ -173,9 +173,10 @@ def _check_objective_examples(scope):
   # the weight it logs for task k is 1 / L_k (w = 1).
   si = scope["scale_invariant"](len(data.taskset))
   step = jax.jit(steps.make_train_step(
-      model, tx, si, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=np.ones(3, np.float32), tasks_per_step=3, examples_per_task=64,
-      shared_inputs=True))
+      model, tx, si, sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train), 3, 64,
+          shared_inputs=True),
+      weights=np.ones(3, np.float32)))
   state = steps.init_train_state(model, tx, jax.random.key(0), si)
   for _ in range(3):
     state, m = step(state, data.train)

@@ -122,7 +122,7 @@ def test_interrupted_run_resumes_from_its_checkpoint_and_matches(tmp_path):
   assert helpers.metrics_rows(interrupted) == helpers.metrics_rows(straight)
   fresh = _fresh_state(config())
   final_a, final_b = _restore(straight, fresh), _restore(interrupted, fresh)
-  assert int(final_a["step"]) == 60
+  assert int(final_a.step) == 60
   _assert_bitwise_equal(final_b, final_a)  # params, Adam moments and counts, step
   # Running again at the end resumes, trains nothing, and reports the same metrics.
   again = train.train_and_evaluate(config(), interrupted)
@@ -145,8 +145,8 @@ def _objective_config(method):
 def _own_state(state, method):
   """The objective's own state: its ``objective_state`` and per-task parameters
   (uncertainty weighting keeps ``log sigma^2`` as parameters)."""
-  return {"objective_state": state["objective_state"],
-          "params": state["params"]["tasks"].get(method, {})}
+  return {"objective_state": state.objective_state,
+          "params": state.params["tasks"].get(method, {})}
 
 
 @pytest.mark.slow
@@ -164,7 +164,7 @@ def test_resuming_restores_the_objective_state_and_matches_an_uninterrupted_run(
     train.train_and_evaluate(c, interrupted, callbacks=[preempt])
   fresh = _fresh_state(c)
   at_20 = _restore(interrupted, fresh)
-  assert int(at_20["step"]) == 20
+  assert int(at_20.step) == 20
   # Every leaf of the objective's own state has moved from its initial value by
   # step 20, and steps 21..60 read it: a resume that dropped or garbled it
   # could not give the uninterrupted run's bits (checked below by resetting it).
@@ -181,23 +181,24 @@ def test_resuming_restores_the_objective_state_and_matches_an_uninterrupted_run(
   assert helpers.metrics_rows(interrupted) == rows  # 10, 20 before the interruption; 30..60 after
   assert summary_b["tasks"] == summary_a["tasks"]
   final_a, final_b = _restore(straight, fresh), _restore(interrupted, fresh)
-  assert int(final_a["step"]) == 60
+  assert int(final_a.step) == 60
   _assert_bitwise_equal(final_b, final_a)  # params, opt_state, objective_state, step
 
   # The control: the same checkpoint with the objective's own state reset to its
   # initial value resumes to a different result.
-  tampered = {**at_20, "objective_state": fresh["objective_state"],
-              "params": {"shared": at_20["params"]["shared"],
-                         "tasks": {**at_20["params"]["tasks"],
-                                   **({method: fresh["params"]["tasks"][method]}
-                                      if method in fresh["params"]["tasks"] else {})}}}
+  tampered = at_20._replace(
+      objective_state=fresh.objective_state,
+      params={"shared": at_20.params["shared"],
+              "tasks": {**at_20.params["tasks"],
+                        **({method: fresh.params["tasks"][method]}
+                           if method in fresh.params["tasks"] else {})}})
   manager = checkpoint.make_manager(reset)
   checkpoint.save(manager, 20, tampered)
   manager.close()
   train.train_and_evaluate(c, reset)
   final_c = _restore(reset, fresh)
-  assert not np.array_equal(final_c["params"]["shared"]["trunk"]["layer_0"]["kernel"],
-                            final_a["params"]["shared"]["trunk"]["layer_0"]["kernel"])
+  assert not np.array_equal(final_c.params["shared"]["trunk"]["layer_0"]["kernel"],
+                            final_a.params["shared"]["trunk"]["layer_0"]["kernel"])
 
 
 def _objective_state_after_updates(objective, method, num_tasks, rng):
@@ -233,8 +234,8 @@ def test_checkpoint_round_trips_a_trained_objective_state_bitwise(method, tmp_pa
   # zeros, and the objective's initial state.
   shapes = jax.eval_shape(lambda r: steps.init_train_state(model, tx, r, objective),
                           jax.random.key(0))
-  fresh = {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-           "objective_state": objective.init_state()}
+  fresh = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)._replace(
+      objective_state=objective.init_state())
   rng = np.random.default_rng(0)
 
   def scramble(leaf):  # arbitrary bits of the leaf's dtype and shape
@@ -243,13 +244,13 @@ def test_checkpoint_round_trips_a_trained_objective_state_bitwise(method, tmp_pa
     if jnp.issubdtype(leaf.dtype, jnp.integer):
       return jnp.asarray(rng.integers(1, 1000, leaf.shape), leaf.dtype)
     return jnp.asarray(rng.normal(size=leaf.shape), leaf.dtype)
-  trained = {"step": jnp.asarray(7, jnp.int32), "nonfinite_skipped": jnp.asarray(3, jnp.int32),
-             "params": jax.tree.map(scramble, fresh["params"]),
-             "opt_state": jax.tree.map(scramble, fresh["opt_state"]),
-             "objective_state": _objective_state_after_updates(objective, method, num_tasks,
-                                                               rng)}
-  for a, b in zip(jax.tree.leaves(trained["objective_state"]),
-                  jax.tree.leaves(fresh["objective_state"])):
+  trained = steps.TrainState(
+      step=jnp.asarray(7, jnp.int32), nonfinite_skipped=jnp.asarray(3, jnp.int32),
+      params=jax.tree.map(scramble, fresh.params),
+      opt_state=jax.tree.map(scramble, fresh.opt_state),
+      objective_state=_objective_state_after_updates(objective, method, num_tasks, rng))
+  for a, b in zip(jax.tree.leaves(trained.objective_state),
+                  jax.tree.leaves(fresh.objective_state)):
     assert not np.array_equal(a, b)  # every leaf moved: restoring ``fresh`` would fail
   manager = checkpoint.make_manager(str(tmp_path))
   checkpoint.save(manager, 7, trained)
@@ -354,7 +355,7 @@ def _softmax(z):
 def _logged_lambda(method, state, config):
   """A loss weighting's lambda [T] in a step that starts from ``state``, by the
   methods' definitions (float64 numpy)."""
-  st = {k: np.asarray(v, np.float64) for k, v in state["objective_state"].items()
+  st = {k: np.asarray(v, np.float64) for k, v in state.objective_state.items()
         if not isinstance(v, (dict, tuple))}
   if method == "dwa":  # T softmax((L_prev / L_prev2) / temperature)
     return len(st["prev"]) * _softmax(st["prev"] / st["prev2"] /
@@ -362,7 +363,7 @@ def _logged_lambda(method, state, config):
   if method == "famo":  # softmax of the logits xi
     return _softmax(st["xi"])
   if method == "uncertainty":  # the coefficient 1 / (2 sigma^2) of each loss
-    return 0.5 * np.exp(-np.asarray(state["params"]["tasks"]["uncertainty"]["log_var"],
+    return 0.5 * np.exp(-np.asarray(state.params["tasks"]["uncertainty"]["log_var"],
                                     np.float64))
   assert method == "gradnorm"  # the weights w
   return st["w"]
@@ -394,14 +395,14 @@ def test_objective_methods_log_their_state_and_resume_to_the_same_metrics(method
   data = build.data_from_config(c)
   run = build.build_run(c, data)
   before = _restore(workdir, run.state, step=59)
-  assert int(before["step"]) == 59
+  assert int(before.step) == 59
   names = data.taskset.names
   probs = sampling.task_probabilities("uniform", data.num_train)
   ids, x, ys, _ = helpers.step_batch(data, probs, seed=c.seed, step=59, k=len(names),
                                      b=c.sampling.examples_per_task,
                                      shared_inputs=c.sampling.shared_inputs)
-  model_params = {"shared": before["params"]["shared"],
-                  "tasks": {k: v for k, v in before["params"]["tasks"].items() if k != method}}
+  model_params = {"shared": before.params["shared"],
+                  "tasks": {k: v for k, v in before.params["tasks"].items() if k != method}}
   losses, grads = helpers.per_task_grads(run.model, model_params, x, ys, ids,
                                          c.sampling.shared_inputs)
   for slot, t in enumerate(ids):
@@ -438,9 +439,9 @@ def test_objective_methods_log_their_state_and_resume_to_the_same_metrics(method
                else _logged_lambda(method, run.state, c))
     assert not np.allclose(want, initial, rtol=1e-3, atol=0)  # the state has moved
     if method == "dwa":
-      assert int(before["objective_state"]["windows"]) == 2  # DWA's formula, not its ones
+      assert int(before.objective_state["windows"]) == 2  # DWA's formula, not its ones
     if method == "gradnorm":
-      assert np.array_equal(logged, np.asarray(before["objective_state"]["w"]))  # exactly
+      assert np.array_equal(logged, np.asarray(before.objective_state["w"]))  # exactly
 
   again = train.train_and_evaluate(c, workdir)  # restores objective state too
   assert again["resumed_from_step"] == 60 and again["step"] == 60

@@ -329,15 +329,15 @@ def test_one_pass_step_equals_the_per_slot_step(arch, method):
   for one_pass in (None, False):
     obj = objectives.make_objective(method, 4)
     fn = steps.make_train_step(
-        model, tx, obj, task_probs=np.full(4, 0.25), weights=np.array([1.0, 2.0, 0.5, 1.0]),
-        tasks_per_step=3, examples_per_task=8, seed=5, shared_inputs=True,
-        one_pass=one_pass, steps_per_call=2)
+        model, tx, obj, sampling.make_sampler(data.taskset, np.full(4, 0.25), 3, 8,
+                                              shared_inputs=True),
+        weights=np.array([1.0, 2.0, 0.5, 1.0]), seed=5, one_pass=one_pass, steps_per_call=2)
     state = steps.init_train_state(model, tx, jax.random.key(0), obj)
     runs[one_pass] = jax.jit(fn)(state, data.train)
   (a, ma), (b, mb) = runs[None], runs[False]
   helpers.assert_trees_close(ma, mb, rtol=2e-4, atol=2e-5)
   for key in ("params", "opt_state"):
-    helpers.assert_trees_close(a[key], b[key], rtol=2e-4, atol=2e-5)
+    helpers.assert_trees_close(getattr(a, key), getattr(b, key), rtol=2e-4, atol=2e-5)
 
 
 def _get(tree, path):
@@ -359,8 +359,9 @@ def test_unsampled_tasks_rows_do_not_move(arch):
   assert model.penalty is not None or arch != "dselect_k"
   tx = optim.make_optimizer("adam", lr=1e-2)
   fn = jax.jit(steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=np.ones(4), tasks_per_step=1, examples_per_task=8, seed=7))
+      model, tx, "fixed", sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train), 1, 8),
+      weights=np.ones(4), seed=7))
   state = steps.init_train_state(model, tx, jax.random.key(0))
   moved = set()
   for _ in range(3):
@@ -368,8 +369,8 @@ def test_unsampled_tasks_rows_do_not_move(arch):
     sampled = np.asarray(meas["task_count"]) > 0
     for stack, rows in model.task_rows.items():
       for part in ("params", "opt_state"):
-        for o, n in zip(jax.tree.leaves(_get(state[part]["tasks"], stack)),
-                        jax.tree.leaves(_get(new[part]["tasks"], stack))):
+        for o, n in zip(jax.tree.leaves(_get(getattr(state, part)["tasks"], stack)),
+                        jax.tree.leaves(_get(getattr(new, part)["tasks"], stack))):
           o, n = np.asarray(o), np.asarray(n)
           for r, t in enumerate(rows):
             if not sampled[t]:

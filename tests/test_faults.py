@@ -8,6 +8,7 @@ uninterrupted run (parameters, optimizer state and every metrics row).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import helpers
@@ -158,9 +160,9 @@ def _nan_input_step(on_nonfinite):
   model = multitask.make_model("multi_head", ts, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("adam", lr=1e-2)
   fn = steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, None), tasks_per_step=2, examples_per_task=8, seed=3,
-      on_nonfinite=on_nonfinite)
+      model, tx, "fixed", sampling.make_sampler(
+          ts, sampling.task_probabilities("uniform", data.num_train), 2, 8),
+      weights=tasks.task_weights(ts, None), seed=3, on_nonfinite=on_nonfinite)
   return ts, jax.jit(fn), steps.init_train_state(model, tx, jax.random.key(0)), train_split
 
 
@@ -171,26 +173,26 @@ def test_a_non_finite_step_leaves_the_state_untouched_and_names_the_task(policy)
   seen_bad = seen_good = 0
   for _ in range(12):
     new, meas = step(state, split)
-    assert int(new["step"]) == int(state["step"]) + 1
+    assert int(new.step) == int(state.step) + 1
     sampled_r = int(meas["task_count"][r]) > 0
     if sampled_r:  # the loss of r is NaN: nothing moves, the step and task are named
       seen_bad += 1
       assert int(meas["nonfinite_steps"]) == 1
-      assert int(meas["nonfinite_first"]) == int(state["step"])
+      assert int(meas["nonfinite_first"]) == int(state.step)
       assert np.flatnonzero(np.asarray(meas["nonfinite_tasks"])).tolist() == [r]
       for part in ("params", "opt_state", "objective_state"):
-        _assert_bitwise(new[part], state[part])
-      assert int(new["nonfinite_skipped"]) == int(state["nonfinite_skipped"]) + 1
+        _assert_bitwise(getattr(new, part), getattr(state, part))
+      assert int(new.nonfinite_skipped) == int(state.nonfinite_skipped) + 1
     else:
       seen_good += 1
       assert int(meas["nonfinite_steps"]) == 0
       assert int(meas["nonfinite_first"]) == np.iinfo(np.int32).max
-      assert not np.array_equal(new["params"]["shared"]["trunk"]["layer_0"]["kernel"],
-                                state["params"]["shared"]["trunk"]["layer_0"]["kernel"])
-      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new["params"]))
+      assert not np.array_equal(new.params["shared"]["trunk"]["layer_0"]["kernel"],
+                                state.params["shared"]["trunk"]["layer_0"]["kernel"])
+      assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.params))
     state = new
   assert seen_bad and seen_good
-  assert int(state["nonfinite_skipped"]) == seen_bad
+  assert int(state.nonfinite_skipped) == seen_bad
 
 
 def _diverging(**overrides):  # SGD at lr=5 on sines: non-finite after a few dozen steps
@@ -215,8 +217,8 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert good < bad_step
     state = _final_state(workdir, build.build_run(
         _diverging(), build.data_from_config(_diverging())).state)
-    assert int(state["step"]) == good
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state["params"]))
+    assert int(state.step) == good
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
   else:
     assert "no checkpoint had been saved yet" in message
 
@@ -366,6 +368,39 @@ def test_when_no_checkpoint_is_readable_the_error_says_which_and_what_to_do(tmp_
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"no checkpoint in .* is readable: step 10 .*delete the unreadable"):
     train.train_and_evaluate(_small(total_steps=20), workdir)
+
+
+def test_a_checkpoint_of_the_old_dict_layout_is_refused_in_one_line_saying_what_to_do(
+    tmp_path):
+  """A workdir whose checkpoint an mtljax before steps.TrainState wrote (the
+  state as a dict without its unused fields, saved with orbax as that version
+  did): resuming is refused in one line that names the layout and what to do,
+  and the checkpoint is left where it is (not moved aside as unreadable)."""
+  workdir = str(tmp_path)
+  config = _small(total_steps=20)
+  state = build.build_run(config, build.data_from_config(config)).state
+  old = {k: v for k, v in state._asdict().items() if v is not None}
+  assert set(old) == {"step", "params", "opt_state", "objective_state", "nonfinite_skipped",
+                      "rng"}
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(10, args=ocp.args.StandardSave(old))
+  manager.wait_until_finished()
+  manager.close()
+  with pytest.raises(checkpoint.CheckpointError) as raised:
+    train.train_and_evaluate(config, workdir)
+  message = str(raised.value)
+  assert "\n" not in message
+  assert re.fullmatch(
+      r"checkpoint step 10 in \S+ holds the train state as a dict \(the layout of mtljax "
+      r"before steps\.TrainState; it lacks \['anchor', 'hparams'\]\): this version does not "
+      r"resume it; retrain in a new --workdir, or resume it with the previous mtljax version "
+      r"\(fine-tuning from it with config\.init_from still works\)\.", message), message
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["10"]
+  # As it says: its parameters still initialise a new run.
+  params, step = checkpoint.read_params(workdir)
+  assert step == 10
+  _assert_bitwise(params, state.params)
 
 
 # ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from mtljax import measure
 from mtljax import steps
 from mtljax import tasks
 from mtljax import train
+from mtljax.data import sampling
 from mtljax.data import specs
 from mtljax.data import task_data
 from mtljax.models import multitask
@@ -95,8 +96,9 @@ def test_tag_affinity_identical_tasks_positive_symmetric_opposite_negative(sign)
                                heads="shared")
   tx = optax.sgd(1e-3)
   fn = jax.jit(steps.make_train_step(
-      model, tx, task_probs=np.full(2, 0.5), weights=np.ones(2), tasks_per_step=2,
-      examples_per_task=32, shared_inputs=True, tag_lr=0.05, steps_per_call=5))
+      model, tx, "fixed", sampling.make_sampler(data.taskset, np.full(2, 0.5), 2, 32,
+                                                shared_inputs=True),
+      weights=np.ones(2), tag_lr=0.05, steps_per_call=5))
   state = steps.init_train_state(model, tx, jax.random.key(0))
   state, meas = fn(state, data.train)
   z = np.asarray(meas["tag_sum"]) / np.asarray(meas["tag_count"])
@@ -113,9 +115,9 @@ def test_tag_needs_shared_parameters():
   data = _two_tasks(1.0)
   model = multitask.make_model("independent", data.taskset, data.input_shape, hidden=(8,))
   with pytest.raises(ValueError, match="arch 'independent' has no shared parameters"):
-    steps.make_train_step(model, optax.sgd(1e-3), task_probs=np.full(2, 0.5),
-                          weights=np.ones(2), tasks_per_step=2, examples_per_task=4,
-                          tag_lr=0.1)
+    steps.make_train_step(model, optax.sgd(1e-3), "fixed",
+                          sampling.make_sampler(model.taskset, np.full(2, 0.5), 2, 4),
+                          weights=np.ones(2), tag_lr=0.1)
 
 
 @pytest.mark.parametrize("path, value, same", [

@@ -405,4 +405,4 @@ def test_shared_heads_work_for_every_architecture(arch):
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
   tx = optim.make_optimizer("adam", lr=1e-3)
   state = steps.init_train_state(model, tx, jax.random.key(0))
-  assert set(state["opt_state"]["tasks"]) == {s.split("/")[0] for s in model.task_rows}
+  assert set(state.opt_state["tasks"]) == {s.split("/")[0] for s in model.task_rows}

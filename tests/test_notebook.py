@@ -39,15 +39,15 @@ def _accuracy(model, params, split, taskset):
   return out
 
 _check = {
-    "multitask": {name: _accuracy(model, st["params"], data.test, data.taskset)
+    "multitask": {name: _accuracy(model, st.params, data.test, data.taskset)
                   for name, (st, _) in runs.items()},
-    "transfer": {name: _accuracy(new_model, st["params"], new.test, new.taskset)["digit"]
+    "transfer": {name: _accuracy(new_model, st.params, new.test, new.taskset)["digit"]
                  for name, (st, _) in transfer.items()},
     "fixed_loss_gap": max(abs(h["objective_sum"] - float(_np.sum(h["task_loss_sum"])))
                           / abs(h["objective_sum"]) for h in runs["fixed"][1]),
-    "steps": {name: int(st["step"]) for name, (st, _) in {**runs, **transfer}.items()},
+    "steps": {name: int(st.step) for name, (st, _) in {**runs, **transfer}.items()},
 }
-_trained = dict(_params_lib.flatten_with_names(runs["fixed"][0]["params"]))
+_trained = dict(_params_lib.flatten_with_names(runs["fixed"][0].params))
 _fresh = dict(_params_lib.flatten_with_names(fresh_params))
 _check["init"] = {
     name: ("trained" if name in _trained and _np.array_equal(leaf, _trained[name]) else

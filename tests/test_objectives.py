@@ -14,6 +14,7 @@ from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
+from mtljax.data import sampling
 from mtljax.models import multitask
 
 _PROBS = np.full(4, 0.25)
@@ -24,9 +25,10 @@ def _step_fn(model, method, tx, *, k, b=16, seed=5, weights=None, shared_inputs=
   obj = objectives.make_objective(method, len(model.taskset), gram_path=gram_path, **hp)
   obj = objectives.bind_shared(obj, jax.eval_shape(model.init, jax.random.key(0))["shared"])
   fn = steps.make_train_step(
-      model, tx, obj, task_probs=_PROBS, weights=np.ones(4) if weights is None else weights,
-      tasks_per_step=k, examples_per_task=b, seed=seed, shared_inputs=shared_inputs,
-      one_pass=one_pass, steps_per_call=steps_per_call)
+      model, tx, obj, sampling.make_sampler(model.taskset, _PROBS, k, b,
+                                            shared_inputs=shared_inputs),
+      weights=np.ones(4) if weights is None else weights, seed=seed, one_pass=one_pass,
+      steps_per_call=steps_per_call)
   return obj, fn
 
 
@@ -68,15 +70,15 @@ def test_step_applies_the_method_to_per_task_gradients(method, gram_path, shared
 
   ids, x, ys, r_method = helpers.step_batch(data, _PROBS, seed=5, k=3, b=16,
                                             shared_inputs=shared_inputs)
-  p = state["params"]
+  p = state.params
   losses, grads = helpers.per_task_grads(model, p, x, ys, ids, shared_inputs, weights)
   g_shared = helpers.stack([g["shared"] for g in grads])
   fns = {"pcgrad": lambda g: gradients.pcgrad(g, r_method)}
   d, beta, _ = fns.get(method, getattr(gradients, method))(g_shared)
-  helpers.assert_trees_close(new["params"]["shared"],
+  helpers.assert_trees_close(new.params["shared"],
                              jax.tree.map(lambda a, b: a - b, p["shared"], d))
   plain = jax.tree.map(lambda *r: sum(r), *[g["tasks"] for g in grads])
-  helpers.assert_trees_close(new["params"]["tasks"],
+  helpers.assert_trees_close(new.params["tasks"],
                              jax.tree.map(lambda a, g: a - g, p["tasks"], plain))
   np.testing.assert_allclose(meas["task_loss_sum"], np.bincount(ids, losses, minlength=4),
                              rtol=1e-5)
@@ -107,7 +109,7 @@ def test_mgda_ub_weights_are_min_norm_on_representation_gradients():
   new, meas = jax.jit(fn)(state, data.train)
 
   ids, x, ys, _ = helpers.step_batch(data, _PROBS, seed=5, k=4, b=16, shared_inputs=True)
-  p = state["params"]
+  p = state.params
   w = weights[ids]
   # Z by definition: the trunk (a ReLU MLP) on the batch; heads are linear.
   trunk = p["shared"]["trunk"]["layer_0"]
@@ -132,7 +134,7 @@ def test_mgda_ub_weights_are_min_norm_on_representation_gradients():
   _, grads = helpers.per_task_grads(model, p, x, ys, ids, True, weights)
   want = jax.tree.map(lambda *g: sum(bk * gk for bk, gk in zip(beta, g)),
                       *[g["shared"] for g in grads])
-  helpers.assert_trees_close(new["params"]["shared"],
+  helpers.assert_trees_close(new.params["shared"],
                              jax.tree.map(lambda a, b: a - b, p["shared"], want), atol=2e-5)
   np.testing.assert_allclose(np.asarray(meas["grad_norm_sum"])[ids], np.linalg.norm(gz, axis=1),
                              rtol=1e-4)
@@ -291,14 +293,14 @@ def test_one_pass_step_equals_the_per_slot_step(arch, heads, method):
     obj, fn = _step_fn(model, method, tx, k=k, weights=weights, shared_inputs=True,
                        one_pass=one_pass, steps_per_call=3)
     state = steps.init_train_state(model, tx, jax.random.key(0), obj)
-    structure = jax.tree.structure(state["objective_state"])
+    structure = jax.tree.structure(state.objective_state)
     new, meas = jax.jit(fn)(state, data.train)
-    assert jax.tree.structure(new["objective_state"]) == structure
+    assert jax.tree.structure(new.objective_state) == structure
     runs[one_pass] = (new, meas)
   (a, ma), (b, mb) = runs[None], runs[False]
   helpers.assert_trees_close(ma, mb, rtol=2e-4, atol=2e-5)
   for key in ("params", "opt_state", "objective_state"):
-    helpers.assert_trees_close(a[key], b[key], rtol=2e-4, atol=2e-5)
+    helpers.assert_trees_close(getattr(a, key), getattr(b, key), rtol=2e-4, atol=2e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -368,8 +370,8 @@ def test_uncertainty_log_var_is_a_per_task_parameter_frozen_when_unsampled():
   for _ in range(6):
     new, meas = step(state, data.train)
     sampled = np.asarray(meas["task_count"]) > 0
-    s0 = np.asarray(state["params"]["tasks"]["uncertainty"]["log_var"])
-    s1 = np.asarray(new["params"]["tasks"]["uncertainty"]["log_var"])
+    s0 = np.asarray(state.params["tasks"]["uncertainty"]["log_var"])
+    s1 = np.asarray(new.params["tasks"]["uncertainty"]["log_var"])
     assert np.array_equal(s0[~sampled], s1[~sampled])
     assert not np.array_equal(s0[sampled], s1[sampled])
     state = new
@@ -465,11 +467,12 @@ def test_famo_in_the_step_clips_the_shared_gradient_and_updates_from_new_losses(
   obj, fn = _step_fn(model, "famo", tx, k=3, max_norm=max_norm)
   state = steps.init_train_state(model, tx, jax.random.key(0), obj)
   xi0 = np.array([0.2, -0.1, 0.4, 0.0])
-  state["objective_state"] = {**state["objective_state"], "xi": jnp.asarray(xi0, jnp.float32)}
+  state = state._replace(
+      objective_state={**state.objective_state, "xi": jnp.asarray(xi0, jnp.float32)})
   new, _ = jax.jit(fn)(state, data.train)
 
   ids, x, ys, _ = helpers.step_batch(data, _PROBS, seed=5, k=3, b=16)
-  p = state["params"]
+  p = state.params
   losses, grads = helpers.per_task_grads(model, p, x, ys, ids, False)
   z = np.exp(xi0) / np.exp(xi0).sum()
   c = z[ids] / losses / np.sum(z[ids] / losses)
@@ -477,12 +480,12 @@ def test_famo_in_the_step_clips_the_shared_gradient_and_updates_from_new_losses(
   norm = np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64))) for a in jax.tree.leaves(sh)))
   assert norm > max_norm  # the clip is active
   helpers.assert_trees_close(
-      new["params"]["shared"],
+      new.params["shared"],
       jax.tree.map(lambda a, g: a - lr * g * max_norm / norm, p["shared"], sh))
   tp = jax.tree.map(lambda *g: sum(ck * gk for ck, gk in zip(c, g)), *[g["tasks"] for g in grads])
-  helpers.assert_trees_close(new["params"]["tasks"],
+  helpers.assert_trees_close(new.params["tasks"],
                              jax.tree.map(lambda a, g: a - lr * g, p["tasks"], tp))
-  after = np.array([float(helpers.slot_loss(model, new["params"], x, ys, ids, s, False))
+  after = np.array([float(helpers.slot_loss(model, new.params, x, ys, ids, s, False))
                     for s in range(3)])
   before = np.zeros(4)
   upd = np.zeros(4)
@@ -492,7 +495,7 @@ def test_famo_in_the_step_clips_the_shared_gradient_and_updates_from_new_losses(
   mask[ids] = True
   xi, _, _ = _np_famo_xi(xi0, np.zeros(4), np.zeros(4), 1, np.where(mask, before, 1.0),
                          np.where(mask, upd, 1.0), 0.025, 0.01)
-  np.testing.assert_allclose(new["objective_state"]["xi"], xi, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(new.objective_state["xi"], xi, rtol=1e-4, atol=1e-6)
 
 
 def test_dwa_in_the_step_uses_each_tasks_window_means():
@@ -582,13 +585,13 @@ def test_gradnorm_step_uses_the_chosen_layer_weights_and_unsampled_tasks(layer, 
   t_adam = np.zeros(4, int)
   for i in range(3):
     ids, x, ys, _ = helpers.step_batch(data, _PROBS, seed=3, step=i, k=2, b=16)
-    losses, grads = helpers.per_task_grads(model, state["params"], x, ys, ids, False, weights)
+    losses, grads = helpers.per_task_grads(model, state.params, x, ys, ids, False, weights)
     norms = np.array([np.linalg.norm(g["shared"][path[0]][path[1]][path[2]]) for g in grads])
     ref = _np_gradnorm(ref, norms, losses, ids, 1.5, 0.025, t_adam)
     state, meas = step(state, data.train)
     np.testing.assert_array_equal(np.flatnonzero(np.asarray(meas["task_count"])), np.sort(ids))
-    np.testing.assert_allclose(state["objective_state"]["w"], ref["w"], rtol=1e-4)
-    np.testing.assert_allclose(state["objective_state"]["initial_loss"], ref["l0"], rtol=1e-5)
+    np.testing.assert_allclose(state.objective_state["w"], ref["w"], rtol=1e-4)
+    np.testing.assert_allclose(state.objective_state["initial_loss"], ref["l0"], rtol=1e-5)
 
 
 def test_every_method_hyperparameter_is_in_the_config():

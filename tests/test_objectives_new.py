@@ -16,6 +16,7 @@ from mtljax import jacobians
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
+from mtljax.data import sampling
 from mtljax.models import multitask
 from mtljax.objectives import stateful
 
@@ -195,11 +196,11 @@ def test_graddrop_in_the_step_with_leak_one_is_the_weighted_sum_step():
 
   def run(method, **hp):
     obj = objectives.make_objective(method, 4, **hp)
-    fn = steps.make_train_step(model, tx, obj, task_probs=probs, weights=weights,
-                               tasks_per_step=3, examples_per_task=16, seed=5,
-                               shared_inputs=True)
+    fn = steps.make_train_step(
+        model, tx, obj, sampling.make_sampler(data.taskset, probs, 3, 16, shared_inputs=True),
+        weights=weights, seed=5)
     state = steps.init_train_state(model, tx, jax.random.key(0), obj)
-    return jax.jit(fn)(state, data.train)[0]["params"]
+    return jax.jit(fn)(state, data.train)[0].params
 
   helpers.assert_trees_close(run("graddrop", leak=1.0), run("fixed"), rtol=1e-5, atol=1e-6)
   # leak = 0: test_graddrop_step_drops_the_cotangent_of_algorithm_1.
@@ -829,13 +830,14 @@ def test_graddrop_step_drops_the_cotangent_of_algorithm_1():
   weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
   probs = np.full(4, 0.25)
   obj = objectives.make_objective("graddrop", 4)
-  fn = steps.make_train_step(model, tx, obj, task_probs=probs, weights=weights,
-                             tasks_per_step=3, examples_per_task=16, seed=5, shared_inputs=True)
+  fn = steps.make_train_step(
+      model, tx, obj, sampling.make_sampler(data.taskset, probs, 3, 16, shared_inputs=True),
+      weights=weights, seed=5)
   state = steps.init_train_state(model, tx, jax.random.key(0), obj)
-  new = jax.jit(fn)(state, data.train)[0]["params"]
+  new = jax.jit(fn)(state, data.train)[0].params
   ids, x, ys, r_method = helpers.step_batch(data, probs, seed=5, step=0, k=3, b=16,
                                             shared_inputs=True)
-  lin = jacobians.linearize(model, state["params"], helpers.batch(ids, x, ys, True),
+  lin = jacobians.linearize(model, state.params, helpers.batch(ids, x, ys, True),
                             needs="representation", one_pass=True)
   dz, g_tasks = lin.rep_grads(jnp.asarray(weights[ids]))
   leaves, treedef = jax.tree.flatten(dz)
@@ -847,10 +849,10 @@ def test_graddrop_step_drops_the_cotangent_of_algorithm_1():
   assert not np.allclose(cot[0], np.asarray(leaves[0]).sum(0), rtol=1e-3)
   want = lin.rep_pullback(jax.tree.unflatten(treedef, [jnp.asarray(c) for c in cot]))
   helpers.assert_trees_close(new["shared"], jax.tree.map(lambda p, g: p - g,
-                                                         state["params"]["shared"], want),
+                                                         state.params["shared"], want),
                              rtol=1e-5, atol=1e-6)
   helpers.assert_trees_close(new["tasks"], jax.tree.map(lambda p, g: p - g,
-                                                        state["params"]["tasks"], g_tasks),
+                                                        state.params["tasks"], g_tasks),
                              rtol=1e-5, atol=1e-6)
 
 

@@ -217,10 +217,10 @@ def test_step_losses_and_gradients_equal_hand_computation_with_mask():
   w = np.array([1.0, 2.0, 0.5, 1.5], np.float32)
   tx = optax.sgd(1.0)
   train_step = jax.jit(steps.make_train_step(
-      model, tx, "fixed", task_probs=np.full(4, 0.25), weights=w, tasks_per_step=4,
-      examples_per_task=b, shared_inputs=True, seed=seed))
+      model, tx, "fixed", sampling.make_sampler(ts, np.full(4, 0.25), 4, b, shared_inputs=True),
+      weights=w, seed=seed))
   state = steps.init_train_state(model, tx, jax.random.key(0))
-  state = {**state, "params": params, "step": jnp.asarray(step, jnp.int32)}
+  state = state._replace(params=params, step=jnp.asarray(step, jnp.int32))
   new, meas = train_step(state, jax.tree.map(jnp.asarray, data.train))
   losses, grads = _hand_step(params, x, ys, ids, ts, w)
   per_task = np.zeros(4)
@@ -230,9 +230,9 @@ def test_step_losses_and_gradients_equal_hand_computation_with_mask():
   np.testing.assert_array_equal(meas["task_count"], [1, 1, 0, 1])  # b's slot: no label
   np.testing.assert_allclose(meas["loss"], np.sum(w[ids] * losses), rtol=1e-5)
   want = jax.tree.map(lambda p_, g: np.asarray(p_, np.float64) - g, params, grads)
-  helpers.assert_trees_close(new["params"], want, rtol=1e-5, atol=1e-6)
+  helpers.assert_trees_close(new.params, want, rtol=1e-5, atol=1e-6)
   # The unlabelled task's head rows are untouched (not even by a zero update).
-  heads, old = new["params"]["tasks"]["heads"]["binary1"], params["tasks"]["heads"]["binary1"]
+  heads, old = new.params["tasks"]["heads"]["binary1"], params["tasks"]["heads"]["binary1"]
   for leaf in ("kernel", "bias"):
     np.testing.assert_array_equal(heads[leaf], old[leaf])
 
@@ -276,10 +276,10 @@ def test_all_ones_mask_run_equals_run_without_mask_bitwise():
     model, params = _model(data.taskset, data.input_shape)
     tx = optax.adam(1e-2)
     step = jax.jit(steps.make_train_step(
-        model, tx, "dwa", task_probs=np.full(4, 0.25), weights=np.ones(4), tasks_per_step=3,
-        examples_per_task=8, steps_per_call=5, seed=2))
+        model, tx, "dwa", sampling.make_sampler(data.taskset, np.full(4, 0.25), 3, 8),
+        weights=np.ones(4), steps_per_call=5, seed=2))
     state = steps.init_train_state(model, tx, jax.random.key(0), "dwa")
-    state = {**state, "params": params}
+    state = state._replace(params=params)
     train = jax.tree.map(jnp.asarray, data.train)
     for _ in range(2):
       state, meas = step(state, train)
@@ -323,23 +323,24 @@ def test_every_objective_updates_finitely_with_one_fully_unlabelled_slot(method)
   tx = optax.adam(1e-2)
   objective = objectives.make_objective(method, len(ts))
   train_step = jax.jit(steps.make_train_step(
-      model, tx, objective, task_probs=np.full(4, 0.25), weights=np.ones(4),
-      tasks_per_step=k, examples_per_task=b, shared_inputs=True, host_batches=True))
+      model, tx, objective, sampling.make_sampler(ts, np.full(4, 0.25), k, b, shared_inputs=True),
+      weights=np.ones(4), host_batches=True))
   state = steps.init_train_state(model, tx, jax.random.key(0), objective)
-  state["params"] = {"shared": params["shared"],  # (Adam's zero moments fit any values)
-                     "tasks": {**state["params"]["tasks"], **params["tasks"]}}
+  # Adam's zero moments fit any values.
+  state = state._replace(params={"shared": params["shared"],
+                                 "tasks": {**state.params["tasks"], **params["tasks"]}})
   new, meas = train_step(state, jax.tree.map(jnp.asarray, batch))
   assert int(meas["nonfinite_steps"]) == 0
-  for leaf in jax.tree.leaves((new["params"], new["opt_state"], new["objective_state"], meas)):
+  for leaf in jax.tree.leaves((new.params, new.opt_state, new.objective_state, meas)):
     assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
   assert float(meas["task_loss_sum"][unl]) == 0.0 and float(meas["task_count"][unl]) == 0
-  heads, old = new["params"]["tasks"]["heads"], params["tasks"]["heads"]
+  heads, old = new.params["tasks"]["heads"], params["tasks"]["heads"]
   for leaf in ("kernel", "bias"):  # the unlabelled task's head and Adam rows: unchanged
     np.testing.assert_array_equal(heads["classification3"][leaf][row],
                                   old["classification3"][leaf][row])
   rows = 0
-  for (path, after), before in zip(jax.tree_util.tree_flatten_with_path(new["opt_state"])[0],
-                                   jax.tree.leaves(state["opt_state"])):
+  for (path, after), before in zip(jax.tree_util.tree_flatten_with_path(new.opt_state)[0],
+                                   jax.tree.leaves(state.opt_state)):
     if "classification3" in jax.tree_util.keystr(path) and np.ndim(after) >= 1:
       np.testing.assert_array_equal(after[row], before[row])  # Adam's moments of the row
       rows += 1
@@ -364,10 +365,10 @@ def test_tag_affinity_leaves_out_pairs_with_an_unlabelled_slot():
   batch = {"task_ids": order, "x": rng.normal(size=(6, 5)).astype(np.float32), "y": ys}
   tx = optax.sgd(0.1)
   step = jax.jit(steps.make_train_step(
-      model, tx, "fixed", task_probs=np.full(4, 0.25), weights=np.ones(4), tasks_per_step=4,
-      examples_per_task=6, shared_inputs=True, host_batches=True, tag_lr=0.1))
+      model, tx, "fixed", sampling.make_sampler(ts, np.full(4, 0.25), 4, 6, shared_inputs=True),
+      weights=np.ones(4), host_batches=True, tag_lr=0.1))
   state = steps.init_train_state(model, tx, jax.random.key(0))
-  _, meas = step({**state, "params": params}, jax.tree.map(jnp.asarray, batch))
+  _, meas = step(state._replace(params=params), jax.tree.map(jnp.asarray, batch))
   want = np.ones((4, 4))
   want[unl, :] = want[:, unl] = 0.0
   np.testing.assert_array_equal(meas["tag_count"], want)
@@ -431,13 +432,13 @@ def test_host_pipeline_equals_device_path_with_missing_labels():
     for g, y in device.split(split)["y"].items():
       np.testing.assert_array_equal(host.split(split)["y"][g], y)  # NaN where missing
   np.testing.assert_array_equal(host.label_mean, device.label_mean)
-  sampler = steps.make_sampler(ts, sampling.task_probabilities("uniform", device.num_train),
-                               3, 6, False, False)
+  sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", device.num_train),
+                                  3, 6, False, False)
   batches = pipeline.Batches(host, sampler, 7)
   on_device = jax.tree.map(jnp.asarray, device.train)
   for call in (0, 5):
     got = batches.call(call)
-    r_tasks, r_examples, _ = steps.step_keys(jax.random.key(7), call)
+    r_tasks, r_examples, _ = sampling.step_keys(jax.random.key(7), call)
     want = steps.sample_batch(sampler, on_device, r_tasks, r_examples)
     np.testing.assert_array_equal(got["x"], np.asarray(want.x))
     for g in want.ys:

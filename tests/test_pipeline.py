@@ -49,14 +49,14 @@ def test_host_batches_are_the_device_path_draws(name, builder_config, k, shared,
   host = pipeline.load(name, builder_config=builder_config)
   ts = device.taskset
   probs = sampling.task_probabilities("uniform", device.num_train)
-  sampler = steps.make_sampler(ts, probs, k, 6, replace, shared)
+  sampler = sampling.make_sampler(ts, probs, k, 6, replace, shared)
   spc, key = 2, jax.random.key(7)
   batches = pipeline.Batches(host, sampler, 7, steps_per_call=spc)
   on_device = jax.tree.map(jnp.asarray, device.train)
   for call in (0, 3):
     got = batches.call(call)
     for i in range(spc):
-      r_tasks, r_examples, _ = steps.step_keys(key, call * spc + i)
+      r_tasks, r_examples, _ = sampling.step_keys(key, call * spc + i)
       want = steps.sample_batch(sampler, on_device, r_tasks, r_examples)
       np.testing.assert_array_equal(got["task_ids"][i], np.asarray(want.task_ids))
       np.testing.assert_array_equal(got["x"][i], np.asarray(want.x))
@@ -178,7 +178,7 @@ def test_task_and_example_frequencies_follow_the_sampler():
   sources = _family(sizes)
   data = pipeline.load("fam", sources=sources, features=_features(), spec=_FAMILY)
   probs = sampling.task_probabilities("proportional", data.num_train)
-  sampler = steps.make_sampler(data.taskset, probs, 2, 4, True, False)
+  sampler = sampling.make_sampler(data.taskset, probs, 2, 4, True, False)
   batches = pipeline.Batches(data, sampler, 0, steps_per_call=50)
   ids, records = [], []
   for c in range(8):
@@ -237,7 +237,7 @@ def test_each_process_reads_its_own_shard():
     assert all(r % 2 == p for r in held[p])
   assert not held[0] & held[1] and held[0] | held[1] == set(range(sum(sizes)))
   probs = sampling.task_probabilities("uniform", np.asarray(sizes))
-  sampler = steps.make_sampler(shards[0].taskset, probs, 2, 6, False, False)
+  sampler = sampling.make_sampler(shards[0].taskset, probs, 2, 6, False, False)
   calls = [pipeline.Batches(d, sampler, 1, steps_per_call=4,
                             shard_index=p, shard_count=2).call(2)
            for p, d in enumerate(shards)]
@@ -301,11 +301,11 @@ def test_celeba_like_catalog_data_through_the_host_pipeline(tmp_path):
     assert len(ts) == 40 and {t.kind for t in ts} == {"binary"}
     assert data.input_shape == (218, 178, 3)
     probs = sampling.task_probabilities("uniform", data.num_train)
-    sampler = steps.make_sampler(ts, probs, 40, 4, False, True)
+    sampler = sampling.make_sampler(ts, probs, 40, 4, False, True)
     b = pipeline.Batches(data, sampler, 0).call(0)
     assert b["x"].shape == (4, 218, 178, 3)
     source = data.readers["train"].source
-    _, r_examples, _ = steps.step_keys(jax.random.key(0), 0)
+    _, r_examples, _ = sampling.step_keys(jax.random.key(0), 0)
     idx = np.asarray(jax.random.randint(r_examples, (4,), 0, 24))  # the shared draw
     records = tfds_access.read_records(source, idx)
     np.testing.assert_allclose(b["x"], np.stack([r["image"] for r in records]) / 255.0,
@@ -391,7 +391,7 @@ def test_a_bad_record_met_by_a_reader_thread_is_raised_not_hung():
   data = pipeline.load("fam", sources=sources, features=_features(), spec=_FAMILY)
   sources["train"].corrupt = True  # the files changed after loading
   probs = sampling.task_probabilities("uniform", data.num_train)
-  sampler = steps.make_sampler(data.taskset, probs, 2, 4, False, False)
+  sampler = sampling.make_sampler(data.taskset, probs, 2, 4, False, False)
   reader = pipeline.Batches(data, sampler, 0).iterator(0, 10, workers=2)
   feed = pipeline.Prefetch(reader, lambda b: b)
   with pytest.raises(ValueError, match=r"Data set 'fam', split 'train', task 't0[01]', "

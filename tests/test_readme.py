@@ -33,16 +33,16 @@ def test_readme_notebook_example_runs_and_its_numbers_are_sums_over_a_call():
   scope = {}
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   before = scope["state"]
-  assert int(before["step"]) == 150
+  assert int(before.step) == 150
   # The README's fourth call, and the same 50 steps one per call.
   state, measurements = scope["step"](before, scope["data"].train)
-  assert int(state["step"]) == 200
+  assert int(state.step) == 200
   data = scope["data"]
   single = jax.jit(steps.make_train_step(
-      scope["model"], scope["tx"], scope["objective"],
-      task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(data.taskset, None), tasks_per_step=2,
-      examples_per_task=64, steps_per_call=1, shared_inputs=True))
+      scope["model"], scope["tx"], scope["objective"], sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train),
+          tasks_per_step=2, examples_per_task=64, shared_inputs=True),
+      weights=tasks.task_weights(data.taskset, None), steps_per_call=1))
   s, losses, task_losses = before, [], []
   for _ in range(50):
     s, m = single(s, data.train)
@@ -50,7 +50,7 @@ def test_readme_notebook_example_runs_and_its_numbers_are_sums_over_a_call():
     task_losses.append(np.asarray(m["task_loss_sum"], np.float64))
     # One step's loss is sum_k w_k L_k over its slots (w = 1, both tasks sampled).
     np.testing.assert_allclose(losses[-1], task_losses[-1].sum(), rtol=1e-6)
-  assert int(s["step"]) == 200
+  assert int(s.step) == 200
   counts = measurements["task_count"]
   assert counts.tolist() == [50.0, 50.0]  # K = T = 2: both tasks every step
   np.testing.assert_allclose(float(measurements["loss"]), np.sum(losses), rtol=1e-4)

@@ -22,6 +22,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import helpers
 from mtljax import sharding
+from mtljax import steps
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORKER = os.path.join(_ROOT, "tests", "mesh_worker.py")
@@ -114,9 +115,10 @@ def test_seeds_must_fill_the_seed_axis():
                                          "seeds over devices; num_seeds must be a multiple"):
       pl.check_seeds(n)
   pl.check_seeds(8)
-  state = {"step": jnp.zeros((8,), jnp.int32),
-           "params": jax.tree.map(lambda a: jnp.zeros((8,) + a.shape), _params()),
-           "opt_state": {"shared": {}, "tasks": {}}, "objective_state": {}}
+  state = steps.TrainState(step=jnp.zeros((8,), jnp.int32),
+                           params=jax.tree.map(lambda a: jnp.zeros((8,) + a.shape), _params()),
+                           opt_state={"shared": {}, "tasks": {}}, objective_state={},
+                           nonfinite_skipped=jnp.zeros((8,), jnp.int32))
   sh = pl.state(state, lead=1, seeds=True)
   assert all(s.spec[0] == "seed" for s in jax.tree.leaves(sh))
 
@@ -124,8 +126,9 @@ def test_seeds_must_fill_the_seed_axis():
 def test_one_device_placement_leaves_every_leaf_replicated():
   """On this machine's single device the default mesh is 1 x 1: nothing moves."""
   pl = sharding.Placement(sharding.make_mesh())
-  state = {"step": jnp.zeros((), jnp.int32), "params": _params(),
-           "opt_state": {"shared": {}, "tasks": {}}, "objective_state": {}}
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=_params(),
+                           opt_state={"shared": {}, "tasks": {}}, objective_state={},
+                           nonfinite_skipped=jnp.zeros((), jnp.int32))
   sh = pl.state(state)
   assert all(s.spec == P() for s in jax.tree.leaves(sh))
 

@@ -29,8 +29,9 @@ def _train(arch, num_steps, tx=None, **kwargs):
                                **kwargs)
   tx = tx or optim.make_optimizer("adam", lr=1e-2)
   fn = jax.jit(steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=np.ones(4), tasks_per_step=4, examples_per_task=16, seed=3))
+      model, tx, "fixed", sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train), 4, 16),
+      weights=np.ones(4), seed=3))
   state = steps.init_train_state(model, tx, jax.random.key(0))
   first = state
   for _ in range(num_steps):
@@ -53,7 +54,7 @@ def test_soft_with_zero_lambda_trains_exactly_like_independent():
   model, _, soft = _train("soft", 10, lambda_=0.0)
   assert model.penalty is not None  # the penalty path runs; lambda = 0 must add nothing
   _, _, indep = _train("independent", 10)
-  for (n, a), (_, b) in zip(_named(soft["params"]).items(), _named(indep["params"]).items()):
+  for (n, a), (_, b) in zip(_named(soft.params).items(), _named(indep.params).items()):
     assert a.tobytes() == b.tobytes(), n
 
 
@@ -63,9 +64,9 @@ def test_soft_with_large_lambda_makes_the_copies_agree():
   lr, t = 0.05, 4
   _, first, soft = _train("soft", 30, tx=optax.sgd(lr), lambda_=1 / (2 * lr * t))
   _, _, indep = _train("independent", 30, tx=optax.sgd(lr))
-  assert _spread(first["params"]["tasks"]["trunk"]) > 0.3  # different initial copies
-  assert _spread(indep["params"]["tasks"]["trunk"]) > 0.3
-  assert _spread(soft["params"]["tasks"]["trunk"]) < 0.05
+  assert _spread(first.params["tasks"]["trunk"]) > 0.3  # different initial copies
+  assert _spread(indep.params["tasks"]["trunk"]) > 0.3
+  assert _spread(soft.params["tasks"]["trunk"]) < 0.05
 
 
 @pytest.mark.parametrize("norm", ["squared", "l2"])
@@ -117,8 +118,8 @@ def test_cross_stitch_with_identity_mixing_equals_independent_networks():
                                   lr=1e-2, total_steps=10)
   _, _, s_cs = _train("cross_stitch", 8, tx=tx, init_diagonal=1.0)
   _, _, s_ind = _train("independent", 8)
-  for name, leaf in _named(s_ind["params"]["tasks"]).items():
-    np.testing.assert_allclose(_named(s_cs["params"]["tasks"])[name], leaf, rtol=1e-5,
+  for name, leaf in _named(s_ind.params["tasks"]).items():
+    np.testing.assert_allclose(_named(s_cs.params["tasks"])[name], leaf, rtol=1e-5,
                                atol=1e-6)
 
 

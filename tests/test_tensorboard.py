@@ -193,11 +193,11 @@ def test_the_logged_learning_rate_is_the_one_the_optimizer_applied(schedule, rul
   config = helpers.small_sinusoids_config(**{
       "optim.name": "sgd", "optim.momentum": 0.0, "optim.lr": 0.1, "optim.schedule": schedule,
       "optim.warmup_steps": 6, "optim.rules": rules, "total_steps": 30})
-  tx = build.optimizer_from_config(config, groups=(), param_names=())
+  tx, lr_schedules = build.optimizer_from_config(config, groups=(), param_names=())
   params = {"enc": {"w": np.zeros(2, np.float32)}, "frozen_part": {"w": np.zeros(2, np.float32)},
             "head": {"w": np.zeros(3, np.float32)}}
   applied = _sgd_rates(config, tx, params, 30)
-  lr_at = train.learning_rates(config, tx)
+  lr_at = train.learning_rates(config, lr_schedules)
   for step in range(1, 31):  # the row at `step` follows update number step - 1
     logged, got = lr_at(step), applied[step - 1]
     if not rules:

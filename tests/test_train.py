@@ -20,10 +20,10 @@ def _setup(data, arch="multi_head", k=None, replace=False, steps_per_call=1, wei
   ts = data.taskset
   model = multitask.make_model(arch, ts, data.input_shape, hidden=(16, 8))
   tx = optim.make_optimizer("adam", lr=lr)
-  fn = steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=tasks.task_weights(ts, weights), tasks_per_step=k or len(ts),
-      examples_per_task=16, replace=replace, steps_per_call=steps_per_call, seed=7)
+  sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),
+                                  k or len(ts), 16, replace)
+  fn = steps.make_train_step(model, tx, "fixed", sampler, weights=tasks.task_weights(ts, weights),
+                             steps_per_call=steps_per_call, seed=7)
   state = steps.init_train_state(model, tx, jax.random.key(0))
   return model, fn, state
 
@@ -41,8 +41,8 @@ def test_unsampled_tasks_heads_and_optimizer_state_are_bitwise_unchanged():
     times_sampled += sampled
     for stack, rows in model.task_rows.items():
       for part in ("params", "opt_state"):
-        old_leaves = jax.tree.leaves(_get(state[part]["tasks"], stack))
-        new_leaves = jax.tree.leaves(_get(new[part]["tasks"], stack))
+        old_leaves = jax.tree.leaves(_get(getattr(state, part)["tasks"], stack))
+        new_leaves = jax.tree.leaves(_get(getattr(new, part)["tasks"], stack))
         assert old_leaves
         for o, n in zip(old_leaves, new_leaves):
           o, n = np.asarray(o), np.asarray(n)
@@ -53,14 +53,14 @@ def test_unsampled_tasks_heads_and_optimizer_state_are_bitwise_unchanged():
     t = int(np.flatnonzero(sampled)[0])
     g = data.taskset.tasks[t].group
     r = int(data.taskset.local_index[t])
-    assert not np.array_equal(state["params"]["tasks"]["heads"][g]["kernel"][r],
-                              new["params"]["tasks"]["heads"][g]["kernel"][r])
-    assert not np.array_equal(state["params"]["shared"]["trunk"]["layer_0"]["kernel"],
-                              new["params"]["shared"]["trunk"]["layer_0"]["kernel"])
+    assert not np.array_equal(state.params["tasks"]["heads"][g]["kernel"][r],
+                              new.params["tasks"]["heads"][g]["kernel"][r])
+    assert not np.array_equal(state.params["shared"]["trunk"]["layer_0"]["kernel"],
+                              new.params["shared"]["trunk"]["layer_0"]["kernel"])
     state = new
   # Each head's Adam step count is the number of steps its task was sampled.
   for g in data.taskset.groups:
-    counts = np.asarray(state["opt_state"]["tasks"]["heads"][g][0].count)
+    counts = np.asarray(state.opt_state["tasks"]["heads"][g][0].count)
     np.testing.assert_array_equal(counts, times_sampled[data.taskset.group_members(g)])
   assert times_sampled.min() > 0
 
@@ -94,15 +94,15 @@ def test_independent_equals_single_task_trainings(name):
     s1, _ = step1(s1, d1)
   g = full.taskset.tasks[t].group
   r = int(full.taskset.local_index[t])
-  pairs = [(jax.tree.map(lambda a: a[t], state["params"]["tasks"]["trunk"]),
-            jax.tree.map(lambda a: a[0], s1["params"]["tasks"]["trunk"])),
-           (jax.tree.map(lambda a: a[r], state["params"]["tasks"]["heads"][g]),
-            jax.tree.map(lambda a: a[0], s1["params"]["tasks"]["heads"][g]))]
+  pairs = [(jax.tree.map(lambda a: a[t], state.params["tasks"]["trunk"]),
+            jax.tree.map(lambda a: a[0], s1.params["tasks"]["trunk"])),
+           (jax.tree.map(lambda a: a[r], state.params["tasks"]["heads"][g]),
+            jax.tree.map(lambda a: a[0], s1.params["tasks"]["heads"][g]))]
   for multi, alone in pairs:
     chex.assert_trees_all_close(multi, alone, rtol=1e-5, atol=1e-6)
   # ... and training really moved the parameters.
-  assert not np.allclose(s0["params"]["tasks"]["trunk"]["layer_0"]["kernel"],
-                         s1["params"]["tasks"]["trunk"]["layer_0"]["kernel"])
+  assert not np.allclose(s0.params["tasks"]["trunk"]["layer_0"]["kernel"],
+                         s1.params["tasks"]["trunk"]["layer_0"]["kernel"])
 
 
 def test_train_step_traces_once():
@@ -113,7 +113,7 @@ def test_train_step_traces_once():
   state = jax.device_put(state)
   for _ in range(4):
     state, _ = step(state, d)
-  assert int(state["step"]) == 12
+  assert int(state.step) == 12
   assert step._cache_size() == 1  # pylint: disable=protected-access
 
 
@@ -121,7 +121,7 @@ def test_zero_weight_task_does_not_move():
   data = task_data.build_task_data("toy", *helpers.shared_input_data())
   _, fn, state = _setup(data, arch="independent", weights={"c": 0.0}, steps_per_call=5)
   new, _ = jax.jit(fn)(state, jax.device_put(data.train))
-  before, after = state["params"]["tasks"]["trunk"], new["params"]["tasks"]["trunk"]
+  before, after = state.params["tasks"]["trunk"], new.params["tasks"]["trunk"]
   c = data.taskset.index("c")
   for o, n in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     assert np.array_equal(o[c], n[c])
@@ -145,11 +145,11 @@ def test_eval_step_matches_numpy_over_unequal_task_sizes():
   ev = jax.jit(steps.make_eval_step(model, label_mean=data.label_mean,
                                     label_std=data.label_std, num_examples=n_pad,
                                     batch_size=7))  # 5 chunks, the last one partial
-  got = steps.eval_metrics(data.taskset, ev(state["params"], jax.device_put(data.test)))
+  got = steps.eval_metrics(data.taskset, ev(state.params, jax.device_put(data.test)))
   for t, name in enumerate(data.taskset.names):
     n = int(data.test["n"][t])
     x = data.test["x"][data.test["source"][t], :n][None]
-    out = np.asarray(model.apply(state["params"], jnp.asarray(x),
+    out = np.asarray(model.apply(state.params, jnp.asarray(x),
                                  jnp.array([t]))["regression1"])[0, :, 0].astype(np.float64)
     pred = out * data.label_std[t] + data.label_mean[t]
     y_raw = arrays["test"]["y"][arrays["test"]["task"] == t].astype(np.float64)
@@ -167,15 +167,23 @@ def test_step_inputs_of_the_wrong_length_or_state_of_the_wrong_shape_raise():
   data = task_data.build_task_data("toy", *helpers.shared_input_data())
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("adam", lr=1e-2)
+  sampler = sampling.make_sampler(data.taskset, np.full(4, 0.25), 2, 4)
+  with pytest.raises(ValueError, match=r"task_probs must have one entry per task \(4\)"):
+    steps.make_train_step(model, tx, "fixed", sampler._replace(probs=np.full(3, 1 / 3)),
+                          weights=np.ones(4))
+  other = tasks.TaskSet(data.taskset.tasks[::-1])
+  with pytest.raises(ValueError, match=r"sampler was made for another task set"):
+    steps.make_train_step(model, tx, "fixed", sampling.make_sampler(other, np.full(4, 0.25), 2, 4),
+                          weights=np.ones(4))
+  with pytest.raises(TypeError, match=r"sampler must be a mtljax.data.sampling.Sampler"):
+    steps.make_train_step(model, tx, "fixed", np.full(4, 0.25), weights=np.ones(4))
   with pytest.raises(ValueError, match=r"weights must have one entry per task \(4\)"):
-    steps.make_train_step(model, tx, task_probs=np.full(4, 0.25), weights=np.ones(3),
-                          tasks_per_step=2, examples_per_task=4)
-  fn = steps.make_train_step(model, tx, "gradnorm", task_probs=np.full(4, 0.25),
-                             weights=np.ones(4), tasks_per_step=2, examples_per_task=4)
+    steps.make_train_step(model, tx, "fixed", sampler, weights=np.ones(3))
+  fn = steps.make_train_step(model, tx, "gradnorm", sampler, weights=np.ones(4))
   state = steps.init_train_state(model, tx, jax.random.key(0), "gradnorm")
   # A GradNorm state saved before its Adam state became per task: one scalar count.
-  old = jax.tree.map(lambda a: a[0] if a.ndim else a, state["objective_state"]["opt"])
-  state["objective_state"] = {**state["objective_state"], "opt": old}
+  old = jax.tree.map(lambda a: a[0] if a.ndim else a, state.objective_state["opt"])
+  state = state._replace(objective_state={**state.objective_state, "opt": old})
   with pytest.raises(ValueError, match="not initialised for objective 'gradnorm'"):
     fn(state, data.train)
 

@@ -36,9 +36,9 @@ def _model(encoder="mlp"):
 
 def _steps(model, data, tx, n, seed=3, state=None, **kwargs):
   fn = jax.jit(steps.make_train_step(
-      model, tx, task_probs=sampling.task_probabilities("uniform", data.num_train),
-      weights=np.ones(len(data.taskset)), tasks_per_step=4, examples_per_task=16, seed=seed,
-      **kwargs))
+      model, tx, "fixed", sampling.make_sampler(
+          data.taskset, sampling.task_probabilities("uniform", data.num_train), 4, 16),
+      weights=np.ones(len(data.taskset)), seed=seed, **kwargs))
   state = state or steps.init_train_state(model, tx, jax.random.key(0))
   history = [state]
   for _ in range(n):
@@ -60,16 +60,16 @@ def test_frozen_parameters_are_bitwise_unchanged_and_carry_no_state():
   data, model = _model()
   tx = _ruled("heads/:;.*:frozen")  # a linear probe
   hist = _steps(model, data, tx, 30)
-  first, last = _named(hist[0]["params"]), _named(hist[-1]["params"])
+  first, last = _named(hist[0].params), _named(hist[-1].params)
   for name in first:
     if name.startswith("shared/trunk/"):
       assert first[name].tobytes() == last[name].tobytes(), name
     else:
       assert not np.array_equal(first[name], last[name]), name
   # The frozen group (rule 1) holds no optimizer state at all.
-  shared_state = hist[-1]["opt_state"]["shared"].inner_states
+  shared_state = hist[-1].opt_state["shared"].inner_states
   assert jax.tree.leaves(shared_state["rule1"]) == []
-  head_state = jax.tree.leaves(hist[-1]["opt_state"]["tasks"])
+  head_state = jax.tree.leaves(hist[-1].opt_state["tasks"])
   assert head_state  # the trained heads keep their Adam moments
 
 
@@ -97,11 +97,11 @@ def test_realised_learning_rates_equal_the_multipliers():
   mults = {"trunk/layer_0/": 0.25, "trunk/layer_1/": 3.0, ".*": 1.0}
   tx = _ruled(";".join(f"{k}:lr_mult={v}" for k, v in mults.items()), name="sgd", lr=0.1)
   hist = _steps(model, data, tx, 1, seed=11)
-  p0 = hist[0]["params"]
+  p0 = hist[0].params
   # The reference gradient of the same batch, from the plain optimizer.
   plain = _steps(model, data, optax.sgd(1.0), 1, seed=11)
-  grad = jax.tree.map(lambda a, b: a - b, p0, plain[1]["params"])
-  got = jax.tree.map(lambda a, b: a - b, p0, hist[1]["params"])
+  grad = jax.tree.map(lambda a, b: a - b, p0, plain[1].params)
+  got = jax.tree.map(lambda a, b: a - b, p0, hist[1].params)
   for name, g in _named(grad).items():
     m = next(v for k, v in mults.items() if re.search(k, name))
     np.testing.assert_allclose(_named(got)[name], 0.1 * m * g, rtol=1e-4, atol=2e-7)  # float32 p - p_new
@@ -116,11 +116,11 @@ def test_layerwise_decay_factors_are_exact_per_layer():
   tx = optim.make_ruled_optimizer("sgd", rules, lr=0.1, total_steps=10)
   hist = _steps(model, data, tx, 1, seed=2)
   plain = _steps(model, data, optax.sgd(1.0), 1, seed=2)
-  p0 = hist[0]["params"]
-  for name, g in _named(jax.tree.map(lambda a, b: a - b, p0, plain[1]["params"])).items():
+  p0 = hist[0].params
+  for name, g in _named(jax.tree.map(lambda a, b: a - b, p0, plain[1].params)).items():
     depth = next(i for i, (_, rx) in enumerate(groups) if re.search(rx, name))
     want = 0.1 * (1 / 2.6) ** (4 - depth) * g
-    got = _named(p0)[name] - _named(hist[1]["params"])[name]
+    got = _named(p0)[name] - _named(hist[1].params)[name]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-7)
 
 
@@ -133,7 +133,7 @@ def test_gradual_unfreezing_unfreezes_groups_from_the_top_with_fresh_adam_state(
   assert [r.unfreeze_at for r in rules] == [6, 3, 0]
   tx = optim.make_ruled_optimizer("adam", rules, lr=lr, total_steps=20)
   hist = _steps(model, data, tx, 9)
-  named = [_named(h["params"]) for h in hist]
+  named = [_named(h.params) for h in hist]
   for name in named[0]:
     group = next(i for i, (_, rx) in enumerate(groups) if re.search(rx, name))
     start = rules[group].unfreeze_at
@@ -366,13 +366,13 @@ def test_weight_decay_multiplier_per_group_matches_optax_adamw():
               weight_decay=wd)
   hist = _steps(model, data, tx, 1, seed=4)
   plain = _steps(model, data, optax.sgd(1.0), 1, seed=4)
-  p0 = hist[0]["params"]
-  grad = _named(jax.tree.map(lambda a, b: a - b, p0, plain[1]["params"]))
+  p0 = hist[0].params
+  grad = _named(jax.tree.map(lambda a, b: a - b, p0, plain[1].params))
   for name, p in _named(p0).items():
     decay = 0.0 if "trunk/layer_0/" in name else 2 * wd
     ref = optax.adamw(lr, weight_decay=decay)
     u, _ = ref.update(grad[name], ref.init(p), p)
-    np.testing.assert_allclose(_named(hist[1]["params"])[name], p + u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_named(hist[1].params)[name], p + u, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -435,7 +435,7 @@ class _Finetune:
     manager.close()
     # The parameters a run starts from without init_from (the fresh ones).
     self.fresh = jax.device_get(build.build_run(
-        transfer.apply_strategy(c, "scratch", source=""), self.data).state["params"])
+        transfer.apply_strategy(c, "scratch", source=""), self.data).state.params)
     self.num_tasks = len(self.data.taskset)
     self.probs = sampling.task_probabilities("uniform", self.data.num_train)
     self.ids = helpers.step_task_ids(self.data, self.probs, seed=c.seed, step=0,
@@ -488,8 +488,8 @@ def _check_updates(ft, hist, want, rtol=1e-4, atol=1e-6):
   """Step t's update of every parameter equals ``want(t, name, g)`` (g: the
   reference gradient at the run's parameters of step t); None: bitwise unchanged."""
   for t in range(len(hist) - 1):
-    grads = ft.grad(hist[t]["params"], t)
-    before, after = _named(hist[t]["params"]), _named(hist[t + 1]["params"])
+    grads = ft.grad(hist[t].params, t)
+    before, after = _named(hist[t].params), _named(hist[t + 1].params)
     for name, g in grads.items():
       expected = want(t, name, g)
       if expected is None:
@@ -527,7 +527,7 @@ def test_strategy_updates_are_lr_times_the_strategys_multiplier(ft, strategy, he
   run, hist, _ = ft.run(c, 2)
   groups = run.model.layer_groups
   assert [g for g, _ in groups] == ["layer_0", "layer_1", "heads"]
-  _check_loaded(ft, hist[0]["params"], head_loaded=strategy == "head_kept")
+  _check_loaded(ft, hist[0].params, head_loaded=strategy == "head_kept")
   fresh_head = sorted(n for n in _named(ft.source) if "heads/" in n)
   assert sorted(run.init_report["fresh_dont_load"]) == (
       [] if strategy == "head_kept" else fresh_head)
@@ -562,7 +562,7 @@ def test_gradual_unfreezing_strategy_unfreezes_from_the_top_with_fresh_adam_stat
   c.optim.name, c.optim.lr = "adam", 1e-2
   c.optim.eps = 1e-4  # float32 round-off in a tiny gradient cannot swing g / sqrt(v)
   run, hist, _ = ft.run(c, 6)
-  _check_loaded(ft, hist[0]["params"], head_loaded=False)
+  _check_loaded(ft, hist[0].params, head_loaded=False)
   groups, adam = run.model.layer_groups, _adam(1e-2, eps=1e-4)
 
   def want(t, name, g):
@@ -584,7 +584,7 @@ def test_frozen_depth_freezes_the_groups_nearest_the_input(ft, depth):
   _check_updates(ft, hist, lambda t, n, g: None if n in frozen else adam(n, g),
                  rtol=1e-3, atol=1e-6)
   # Adam's state: two moments per trained element and nothing for frozen ones.
-  moments = sum(x.size for x in jax.tree.leaves(hist[-1]["opt_state"])
+  moments = sum(x.size for x in jax.tree.leaves(hist[-1].opt_state)
                 if jnp.issubdtype(x.dtype, jnp.floating))
   trained = sum(np.size(v) for n, v in _named(ft.source).items() if n not in frozen)
   assert moments == 2 * trained
@@ -676,20 +676,20 @@ def test_l2sp_adds_alpha_pull_to_loaded_and_beta_decay_to_fresh_parameters(ft):
   run, hist, meas = ft.run(c, 3)
   fresh_names = {n for n in _named(ft.source) if "heads/" in n or n.endswith("layer_1/bias")}
   assert len(fresh_names) == 7  # 3 heads (kernel, bias) and one bias
-  mask = _named(checkpoint.loaded_mask(hist[0]["params"], run.init_report))
+  mask = _named(checkpoint.loaded_mask(hist[0].params, run.init_report))
   assert all(type(m) is bool for m in mask.values())  # pylint: disable=unidiomatic-typecheck
   assert {n for n, m in mask.items() if not m} == fresh_names
-  p0, source, fresh = _named(hist[0]["params"]), _named(ft.source), _named(ft.fresh)
+  p0, source, fresh = _named(hist[0].params), _named(ft.source), _named(ft.fresh)
   for name, loaded in mask.items():  # the mask's True leaves are the source's values
     np.testing.assert_array_equal(p0[name], source[name] if loaded else fresh[name])
-  anchor = {n: np.asarray(v, np.float64) for n, v in _named(hist[0]["anchor"]).items()}
+  anchor = {n: np.asarray(v, np.float64) for n, v in _named(hist[0].anchor).items()}
   for name in p0:
     np.testing.assert_array_equal(anchor[name], p0[name])
-    np.testing.assert_array_equal(_named(hist[-1]["anchor"])[name], p0[name])
+    np.testing.assert_array_equal(_named(hist[-1].anchor)[name], p0[name])
   w_moved = []
 
   def want(t, name, g):
-    w = np.asarray(_named(hist[t]["params"])[name], np.float64)
+    w = np.asarray(_named(hist[t].params)[name], np.float64)
     if mask[name]:
       w_moved.append(np.any(w != anchor[name]))
       return -lr * (g + alpha * (w - anchor[name]))
@@ -697,7 +697,7 @@ def test_l2sp_adds_alpha_pull_to_loaded_and_beta_decay_to_fresh_parameters(ft):
   _check_updates(ft, hist, want, atol=2e-7)
   assert any(w_moved)  # the pull was not 0 throughout (it is at step 0: w = w0)
   for t in range(3):
-    w = {n: np.asarray(v, np.float64) for n, v in _named(hist[t]["params"]).items()}
+    w = {n: np.asarray(v, np.float64) for n, v in _named(hist[t].params).items()}
     penalty = sum(0.5 * alpha * np.sum((w[n] - anchor[n]) ** 2) if mask[n]
                   else 0.5 * beta * np.sum(w[n] ** 2) for n in w)
     np.testing.assert_allclose(float(meas[t]["penalty"]), penalty, rtol=1e-5)
@@ -712,9 +712,9 @@ def test_l2sp_leaves_the_objectives_own_parameters_alone(ft):
   base.objective.method = "uncertainty"
   c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir)
   run, hist, meas = ft.run(c, 2)
-  mask = _named(checkpoint.loaded_mask(hist[0]["params"], run.init_report))
-  anchor = {n: np.asarray(v, np.float64) for n, v in _named(hist[0]["anchor"]).items()}
-  w = {n: np.asarray(v, np.float64) for n, v in _named(hist[1]["params"]).items()}
+  mask = _named(checkpoint.loaded_mask(hist[0].params, run.init_report))
+  anchor = {n: np.asarray(v, np.float64) for n, v in _named(hist[0].anchor).items()}
+  w = {n: np.asarray(v, np.float64) for n, v in _named(hist[1].params).items()}
   assert np.any(w["tasks/uncertainty/log_var"] != 0.0)  # moved in step 1
   penalty = sum(0.5 * 0.5 * np.sum((w[n] - anchor[n]) ** 2) if mask[n]
                 else 0.5 * 0.2 * np.sum(w[n] ** 2)
@@ -737,10 +737,10 @@ def test_decoupled_l2sp_is_adams_update_minus_lr_times_the_pull(ft, head_lr_mult
   c.init_dont_load = r"heads/;trunk/layer_1/bias"
   lr, (b1, b2, eps) = c.optim.lr, (c.optim.b1, c.optim.b2, c.optim.eps)
   run, hist, meas = ft.run(c, 3)
-  assert "anchor" not in hist[0] and "penalty" not in meas[0]
-  mask = _named(checkpoint.loaded_mask(hist[0]["params"], run.init_report))
+  assert hist[0].anchor is None and "penalty" not in meas[0]
+  mask = _named(checkpoint.loaded_mask(hist[0].params, run.init_report))
   assert sum(not m for m in mask.values()) == 7
-  w0 = {n: np.asarray(v, np.float64) for n, v in _named(hist[0]["params"]).items()}
+  w0 = {n: np.asarray(v, np.float64) for n, v in _named(hist[0].params).items()}
   source = _named(ft.source)
   for name, loaded in mask.items():
     if loaded:
@@ -752,7 +752,7 @@ def test_decoupled_l2sp_is_adams_update_minus_lr_times_the_pull(ft, head_lr_mult
     m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
     moments[name] = (m, v)
     adam = (m / (1 - b1 ** (t + 1))) / (np.sqrt(v / (1 - b2 ** (t + 1))) + eps)
-    w = np.asarray(_named(hist[t]["params"])[name], np.float64)
+    w = np.asarray(_named(hist[t].params)[name], np.float64)
     pull = 0.5 * (w - w0[name]) if mask[name] else 0.2 * w
     rate = lr * (head_lr_mult if "heads/" in name else 1.0)
     return -rate * (adam + pull)
@@ -760,7 +760,7 @@ def test_decoupled_l2sp_is_adams_update_minus_lr_times_the_pull(ft, head_lr_mult
 
   def want_and_record(t, name, g):
     out = want(t, name, g)
-    w = np.asarray(_named(hist[t]["params"])[name], np.float64)
+    w = np.asarray(_named(hist[t].params)[name], np.float64)
     pulls.append(np.max(np.abs(lr * (0.5 * (w - w0[name]) if mask[name] else 0.2 * w))))
     return out
   _check_updates(ft, hist, want_and_record, rtol=2e-4, atol=1e-6)
@@ -831,8 +831,8 @@ def test_decoupled_and_coupled_l2sp_coincide_under_plain_sgd(ft):
     c = transfer.apply_strategy(base, "l2sp", source=ft.source_dir)
     runs[mode] = ft.run(c, 3)[1]
   for t in range(1, 4):
-    got, want = _named(runs["decoupled"][t]["params"]), _named(runs["coupled"][t]["params"])
+    got, want = _named(runs["decoupled"][t].params), _named(runs["coupled"][t].params)
     for name in want:
       np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
-  moved = _named(runs["decoupled"][3]["params"])
-  assert any(np.any(moved[n] != v) for n, v in _named(runs["decoupled"][0]["params"]).items())
+  moved = _named(runs["decoupled"][3].params)
+  assert any(np.any(moved[n] != v) for n, v in _named(runs["decoupled"][0].params).items())

@@ -84,8 +84,8 @@ def _setup(method):
   obj = objectives.make_objective(method, 4)
   obj = objectives.bind_shared(obj, jax.eval_shape(model.init, jax.random.key(0))["shared"])
   fn = jax.jit(steps.make_train_step(
-      model, tx, obj, task_probs=_PROBS, weights=np.ones(4), tasks_per_step=3,
-      examples_per_task=8, seed=5, shared_inputs=True))
+      model, tx, obj, sampling.make_sampler(data.taskset, _PROBS, 3, 8, shared_inputs=True),
+      weights=np.ones(4), seed=5))
   return data, model, tx, fn
 
 
@@ -105,8 +105,8 @@ def test_the_step_under_x64_changes_only_the_precision(method):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):   # the whole state
       assert a.dtype == b.dtype, (a.dtype, b.dtype)
-    helpers.assert_trees_close(got["params"], want["params"], rtol=1e-5, atol=1e-5)
-    helpers.assert_trees_close(got["objective_state"], want["objective_state"], rtol=1e-5,
+    helpers.assert_trees_close(got.params, want.params, rtol=1e-5, atol=1e-5)
+    helpers.assert_trees_close(got.objective_state, want.objective_state, rtol=1e-5,
                                atol=1e-5)
   with jax.enable_x64(True):
     state64 = steps.init_train_state(model, tx, jax.random.key(0), method)
@@ -114,14 +114,14 @@ def test_the_step_under_x64_changes_only_the_precision(method):
   # A float64 state: float64 parameters, finite, the objective's state in its
   # declared dtypes, and the logged losses are float64 losses of the batch the
   # float32 sampling draws (re-derived with numpy indexing).
-  assert all(l.dtype == jnp.float64 for l in jax.tree.leaves(new64["params"]["shared"]))
-  assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(new64["params"]))
-  for a, b in zip(jax.tree.leaves(new64["objective_state"]),
-                  jax.tree.leaves(state64["objective_state"])):
+  assert all(l.dtype == jnp.float64 for l in jax.tree.leaves(new64.params["shared"]))
+  assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(new64.params))
+  for a, b in zip(jax.tree.leaves(new64.objective_state),
+                  jax.tree.leaves(state64.objective_state)):
     assert a.dtype == b.dtype
   ids, x, ys, _ = helpers.step_batch(data, _PROBS, seed=5, k=3, b=8, shared_inputs=True)
   with jax.enable_x64(True):
-    losses = [float(helpers.slot_loss(model, state64["params"], x.astype(np.float64), ys, ids,
+    losses = [float(helpers.slot_loss(model, state64.params, x.astype(np.float64), ys, ids,
                                       s, True)) for s in range(3)]
   np.testing.assert_allclose(np.asarray(meas["task_loss_sum"]),
                              np.bincount(ids, losses, minlength=4), rtol=1e-12)

@@ -8,8 +8,8 @@ and normalised on the host, in Grain worker threads, and prefetched to the
 device with the step's input shardings, double-buffered.
 
 The draws are the step's own: task ids and example indices come from
-:func:`mtljax.steps.sample_indices` with the keys of
-:func:`mtljax.steps.step_keys` (computed on the host's CPU), so with one
+:func:`mtljax.data.sampling.sample_indices` with the keys of
+:func:`mtljax.data.sampling.step_keys` (computed on the host's CPU), so with one
 process the host path reads exactly the examples the device path gathers, and
 a batch is a pure function of ``(seed, step)``. The pipeline's state is
 therefore the step, which the checkpoint holds: a resumed run reads the
@@ -278,9 +278,8 @@ class Batches:
   [B, ...] float32, "y" {group: [K, B]}}``, with ``B`` this process's share.
   """
 
-  def __init__(self, data: task_data.MultiTaskData, sampler, seed: int, *,
+  def __init__(self, data: task_data.MultiTaskData, sampler: sampling.Sampler, seed: int, *,
                steps_per_call: int = 1, shard_index: int = 0, shard_count: int = 1):
-    from mtljax import steps  # pylint: disable=g-import-not-at-top
     if data.readers is None:
       raise ValueError("Batches needs data loaded for the host pipeline "
                        "(mtljax.data.pipeline.load).")
@@ -306,15 +305,15 @@ class Batches:
     local_b, spc = self.local_b, self.spc
 
     def draws(call):
-      key = jax.random.key(seed)  # the step's key(seed) (state["rng"])
+      key = jax.random.key(seed)  # the step's key(seed) (state.rng)
       smp = sampler._replace(**{f: jnp.asarray(getattr(sampler, f))
                                 for f in ("probs", "stream_ids", "local_index")})
 
       def one(i):
-        r_tasks, r_examples, _ = steps.step_keys(key, call * spc + i)
+        r_tasks, r_examples, _ = sampling.step_keys(key, call * spc + i)
         if count > 1:  # this shard's own examples, the same tasks everywhere
           r_examples = jax.random.fold_in(r_examples, p)
-        return steps.sample_indices(smp, jnp.asarray(n), r_tasks, r_examples, local_b)
+        return sampling.sample_indices(smp, jnp.asarray(n), r_tasks, r_examples, local_b)
       return jax.vmap(one)(jnp.arange(spc))
     with jax.default_device(cpu):
       self._draws = jax.jit(draws)

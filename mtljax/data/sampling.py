@@ -21,13 +21,24 @@ Examples: by default every slot draws its own B examples
 :func:`shared_example_indices`) one draw of B examples serves every slot -- the
 multi-label setting where all tasks label the same inputs, which methods that
 differentiate through one shared representation (MGDA-UB) require.
+
+**One step's draw** (:func:`sample_indices`, with the keys of
+:func:`step_keys`) is the single definition both data paths read: the compiled
+step gathers those examples on the device (:func:`mtljax.steps.sample_batch`),
+the host pipeline (:mod:`mtljax.data.pipeline`) reads those records. A
+:class:`Sampler` (:func:`make_sampler`) holds what the draw needs; a run builds
+it once (:func:`mtljax.build.build_run`) and hands it to both.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mtljax import tasks as tasks_lib
 
 SAMPLERS = ("uniform", "proportional", "temperature")
 
@@ -149,3 +160,57 @@ def gather_shared_batch(split: dict, taskset_arrays: dict, task_ids: jax.Array,
   :func:`check_shared_inputs`)."""
   x = split["x"][split["source"][task_ids[0]], idx]
   return x, gather_labels(split["y"], taskset_arrays["local_index"], task_ids, idx)
+
+
+# ----------------------------------------------------------------------------
+# One step's draw: what the compiled step and the host pipeline share.
+# ----------------------------------------------------------------------------
+
+
+class Sampler(NamedTuple):
+  """What drawing a step's tasks and examples needs (arrays closed over by the
+  step; the host pipeline keeps host copies)."""
+  probs: jax.Array          # [T] task distribution
+  stream_ids: jax.Array     # [T] each task's stream id (its examples' key)
+  local_index: jax.Array    # [T] each task's row in its group's label stack
+  tasks_per_step: int       # K
+  examples_per_task: int    # B
+  replace: bool             # K i.i.d. tasks, else K distinct ones
+  shared_inputs: bool       # one draw of B examples serves every slot
+  all_tasks: np.ndarray | None = None  # K = T without replacement: the slots' tasks
+
+
+def make_sampler(taskset: tasks_lib.TaskSet, task_probs, tasks_per_step: int,
+                 examples_per_task: int, replace: bool = False,
+                 shared_inputs: bool = False) -> Sampler:
+  """The :class:`Sampler` of ``taskset`` with task distribution ``task_probs``
+  ``[T]``; with ``tasks_per_step == len(taskset)`` and no replacement every
+  task is in every step, in the task set's grouped order (a static layout)."""
+  ts = taskset
+  all_tasks = ts.grouped_order if tasks_per_step == len(ts) and not replace else None
+  return Sampler(jnp.asarray(task_probs, jnp.float32), jnp.asarray(ts.stream_ids, jnp.int32),
+                 jnp.asarray(ts.local_index), int(tasks_per_step), int(examples_per_task),
+                 bool(replace), bool(shared_inputs), all_tasks)
+
+
+def step_keys(key: jax.Array, step) -> jax.Array:
+  """The three keys of step ``step``: tasks, examples, the method's."""
+  return jax.random.split(jax.random.fold_in(key, step), 3)
+
+
+def sample_indices(sampler: Sampler, n: jax.Array, r_tasks, r_examples,
+                   examples_per_task: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Task ids ``[K]`` and example indices: ``[B]`` shared by every slot, or
+  ``[K, B]``, each below the task's ``n``. The one definition of a step's
+  draw: the device path gathers these on the device, the host pipeline
+  (:mod:`mtljax.data.pipeline`) reads these records. ``examples_per_task``
+  overrides ``B`` (a process's share of it)."""
+  s = sampler
+  b = s.examples_per_task if examples_per_task is None else examples_per_task
+  if s.all_tasks is not None:  # every task in every step: a static slot layout
+    task_ids = jnp.asarray(s.all_tasks, jnp.int32)
+  else:
+    task_ids = sample_tasks(r_tasks, s.probs, s.tasks_per_step, s.replace)
+  if s.shared_inputs:
+    return task_ids, shared_example_indices(r_examples, task_ids, n, b)[0]
+  return task_ids, example_indices(r_examples, task_ids, s.stream_ids, n, b)
