@@ -67,10 +67,12 @@ def make_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
               method: str = "upgrad", **hparams) -> Callable:
   """``step(params, opt_state, batch, rng=None) -> (params, opt_state, info)``
   (not jitted): one optimizer step on the IWRM direction (a descent direction:
-  it goes to ``tx`` as the gradient). ``method`` and ``hparams`` are checked
-  here, before anything is traced."""
+  it goes to ``tx`` as the gradient). ``method`` and ``hparams`` (names and
+  values) are checked here, before anything is traced."""
   m = gradients.get(method)
   m.check(hparams)
+  # Trace the weights once on a small problem: bad values fail here, not in jit.
+  jax.eval_shape(lambda k: m(k, rng=jax.random.key(0), factor=None, **hparams), jnp.eye(2))
 
   def step(params, opt_state, batch, rng=None):
     if m.takes_rng and rng is None:
@@ -85,8 +87,9 @@ def model_example_losses(model: multitask.Model, task: str) -> Callable:
   """``loss_fn(params, (x [B, ...], y [B])) -> [B]``: each example's training
   loss (:func:`mtljax.tasks.example_loss`) for task ``task`` of ``model``, the
   model run on the ``B`` examples as one slot. Regression labels are the
-  normalised ones the data layout holds. Every label must be present (an
-  unlabelled example has no loss to be an objective)."""
+  normalised ones the data layout holds. An unlabelled example
+  (:func:`mtljax.tasks.missing_label`) has loss 0 and a zero gradient row,
+  which UPGrad ignores (its preference weight ``1 / B`` still counts it)."""
   ts = model.taskset
   if task not in ts.names:
     raise ValueError(f"model_example_losses: task {task!r} is not one of {ts.names}.")
@@ -96,5 +99,5 @@ def model_example_losses(model: multitask.Model, task: str) -> Callable:
   def loss_fn(params, batch):
     x, y = batch
     out = model.apply(params, x[None], jnp.asarray([tid], jnp.int32))[t.group][0]
-    return tasks_lib.example_loss(t, out, y)
+    return jnp.where(tasks_lib.label_mask(t, y), tasks_lib.example_loss(t, out, y), 0.0)
   return loss_fn

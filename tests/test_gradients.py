@@ -2,6 +2,7 @@
 papers, optimality conditions, two-task closed forms, and property tests."""
 
 import functools
+import inspect
 import itertools
 
 import jax
@@ -997,3 +998,36 @@ def test_dual_cone_iterative_solver_matches_the_exact_one(name):
   short, info_s = fn(k, exact_up_to=0, iters=2)
   assert not bool(info_s["converged"])
   assert np.max(np.abs(np.asarray(short) - np.asarray(exact))) > 1e-3
+
+
+def test_records_are_checked_when_built_and_registered():
+  """A record's positional arity, key/factor/min-norm combinations and
+  hyper-parameter defaults are checked when it is built; its defaults are
+  read-only; a name another objective has is refused; the generated public
+  functions bind like real signatures."""
+  def w1(k, *, eps=1e-3):
+    return jnp.ones(k.shape[0]), {}
+  with pytest.raises(ValueError, match=r"must take 2 positional argument\(s\) \(K, rng\)"):
+    gradients.GramMethod("bad", w1, takes_rng=True)
+  with pytest.raises(ValueError, match="not both"):
+    gradients.GramMethod("bad", lambda k, r: None, takes_rng=True, takes_factor=True)
+  with pytest.raises(ValueError, match="min-norm method .* cannot take one"):
+    gradients.GramMethod("bad", lambda k, f: None, takes_factor=True, min_norm=True)
+  with pytest.raises(ValueError, match=r"hyper-parameter\(s\) \['eps'\] have no default"):
+    gradients.GramMethod("bad", lambda k, *, eps: None)
+  with pytest.raises(TypeError):
+    gradients.REGISTRY["mgda"].hparams["iters"] = 1  # pytype: disable=unsupported-operands
+  with pytest.raises(ValueError, match="'fixed' is the name of another objective"):
+    gradients.register(gradients.GramMethod("fixed", w1))
+  with pytest.raises(ValueError, match="'mgda' exists"):
+    gradients.register(gradients.GramMethod("mgda", w1))
+  assert "fixed" not in gradients.REGISTRY
+  with pytest.raises(TypeError, match="mgda: .*'rng'"):
+    gradients.mgda(jnp.eye(2), rng=jax.random.key(0))
+  with pytest.raises(TypeError, match="cagrad: .*'C'"):
+    gradients.cagrad(jnp.eye(2), C=0.3)
+  assert list(inspect.signature(gradients.mgda_ub).parameters)[0] == "rep_grads"
+  g = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
+  d1, _, _ = gradients.pcgrad(g, rng=jax.random.key(1))
+  d2, _, _ = gradients.pcgrad(g, jax.random.key(1))
+  np.testing.assert_array_equal(d1, d2)

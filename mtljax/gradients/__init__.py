@@ -6,7 +6,7 @@ minimisation (:mod:`mtljax.instance_wise`) passes one row per example. Every
 method here returns an update direction ``d = sum_j beta_j g_j`` whose
 weights ``beta`` are computable from the Gram matrix ``K = G G^T`` alone
 (``G [T, D]``: one row per task gradient of the shared parameters). So each
-method is written once as ``NAME_weights(K, [rng,] *, hyper-parameters) ->
+method is written once as ``NAME_weights(K, [rng | factor,] *, hyper-parameters) ->
 (beta, info)`` and exposed as ``NAME(G, [rng,] *, hyper-parameters) -> (d, beta,
 info)``, where ``G`` is a ``[T, D]`` matrix or a pytree whose leaves have a
 leading task axis (``K`` is then summed over leaves, never materialising the
@@ -86,6 +86,7 @@ from mtljax.gradients.registry import get
 from mtljax.gradients.registry import GramMethod
 from mtljax.gradients.registry import public_function
 from mtljax.gradients.registry import register
+from mtljax.gradients.registry import reserve
 from mtljax.gradients.registry import REGISTRY
 from mtljax.gradients.solvers import jacobi_eigh
 from mtljax.gradients.solvers import jacobi_factor_eigh
@@ -106,7 +107,7 @@ upgrad = public_function(REGISTRY["upgrad"])
 dualproj = public_function(REGISTRY["dualproj"])
 config = public_function(REGISTRY["config"])
 fairgrad = public_function(REGISTRY["fairgrad"])
-mgda_ub = public_function(REGISTRY["mgda"], "mgda_ub", doc=(
+mgda_ub = public_function(REGISTRY["mgda"], "mgda_ub", rows="rep_grads", doc=(
     "MGDA-UB (Sener & Koltun 2018, sec. 3.3): MGDA's min-norm weights on the task "
     "gradients with respect to the shared representation ``rep_grads`` (``[T, B, F]``, "
     "``[T, D]`` or a pytree with task axis 0). Returns ``(d_Z, beta [T], info)``, "

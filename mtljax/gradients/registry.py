@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Mapping
+import types
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 
@@ -61,12 +62,16 @@ class GramMethod:
   takes_rng: bool = False
   takes_factor: bool = False
   min_norm: bool = False
-  hparams: Mapping[str, Any] = dataclasses.field(init=False)
+  hparams: Mapping[str, Any] = dataclasses.field(init=False, compare=False, hash=False)
 
   def __post_init__(self):
     if self.takes_rng and self.takes_factor:
       raise ValueError(f"GramMethod {self.name!r}: a weight function takes a key or a "
                        "factor as its second argument, not both.")
+    if self.min_norm and self.takes_factor:
+      raise ValueError(f"GramMethod {self.name!r}: a min-norm method is solved on the "
+                       "present rows' Gram matrix only, which has no factor; it cannot "
+                       "take one.")
     params = list(inspect.signature(self.weights).parameters.values())
     positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -77,8 +82,13 @@ class GramMethod:
           f"argument(s) (K{', rng' if self.takes_rng else ''}"
           f"{', factor' if self.takes_factor else ''}), got "
           f"{[p.name for p in positional]}; hyper-parameters are keyword-only.")
-    object.__setattr__(self, "hparams", {p.name: p.default for p in params
-                                         if p.kind == inspect.Parameter.KEYWORD_ONLY})
+    keyword = [p for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    missing = [p.name for p in keyword if p.default is inspect.Parameter.empty]
+    if missing:
+      raise ValueError(f"GramMethod {self.name!r}: hyper-parameter(s) {missing} have no "
+                       "default; every keyword-only parameter needs one.")
+    object.__setattr__(self, "hparams",
+                       types.MappingProxyType({p.name: p.default for p in keyword}))
 
   def check(self, hparams: Mapping[str, Any]) -> None:
     """Raises on a hyper-parameter name the method does not take."""
@@ -101,7 +111,7 @@ class GramMethod:
     return self.weights(k, **hparams)
 
 
-# The methods, in the order --list shows them.
+# The methods, in the order --list shows them (after the other objectives).
 REGISTRY: dict[str, GramMethod] = {m.name: m for m in (
     GramMethod("mgda", min_norm.mgda_weights, min_norm=True),
     GramMethod("pcgrad", projections.pcgrad_weights, takes_rng=True),
@@ -116,6 +126,16 @@ REGISTRY: dict[str, GramMethod] = {m.name: m for m in (
 )}
 
 
+# Names a gradient method may not take: the other objectives' (set by
+# mtljax.objectives, which builds on this registry).
+_RESERVED: set[str] = set()
+
+
+def reserve(names: Iterable[str]) -> None:
+  """Marks ``names`` as taken by other objectives (:func:`register` refuses them)."""
+  _RESERVED.update(names)
+
+
 def register(method: GramMethod) -> GramMethod:
   """Adds ``method`` to :data:`REGISTRY` (the train step's objectives, the
   config's defaults, ``--list`` and the toy read it); a taken name raises."""
@@ -123,6 +143,8 @@ def register(method: GramMethod) -> GramMethod:
     raise TypeError(f"register: expected a GramMethod, got {type(method).__name__}.")
   if method.name in REGISTRY:
     raise ValueError(f"register: a gradient method named {method.name!r} exists.")
+  if method.name in _RESERVED:
+    raise ValueError(f"register: {method.name!r} is the name of another objective.")
   REGISTRY[method.name] = method
   return method
 
@@ -148,17 +170,20 @@ def direction(method: str | GramMethod, grads, *, rng: jax.Array | None = None,
 
 
 def public_function(method: GramMethod, name: str | None = None,
-                    doc: str | None = None) -> Callable:
+                    doc: str | None = None, rows: str = "grads") -> Callable:
   """``fn(grads, [rng,] *, **hparams) -> (d, beta, info)``: :func:`direction`
-  for one method, with its real signature (the weight function's defaults)."""
-  def fn(grads, *args, **hparams):
-    rng = hparams.pop("rng", None) if method.takes_rng else None
-    if len(args) + (rng is not None) != int(method.takes_rng):
-      raise TypeError(f"{fn.__name__}(grads{', rng' if method.takes_rng else ''}, *, "
-                      f"...): got {1 + len(args)} positional argument(s).")
-    return direction(method, grads, rng=args[0] if args else rng, **hparams)
+  for one method, with its real signature (the weight function's defaults;
+  ``rows``: the name of the first parameter)."""
+  def fn(*args, **kwargs):
+    try:
+      bound = fn.__signature__.bind(*args, **kwargs)
+    except TypeError as e:
+      raise TypeError(f"{fn.__name__}: {e}.") from None
+    a = bound.arguments
+    hparams = {k: v for k, v in a.items() if k not in (rows, "rng")}
+    return direction(method, a[rows], rng=a.get("rng"), **hparams)
 
-  params = [inspect.Parameter("grads", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+  params = [inspect.Parameter(rows, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
   if method.takes_rng:
     params.append(inspect.Parameter("rng", inspect.Parameter.POSITIONAL_OR_KEYWORD))
   params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)

@@ -14,7 +14,8 @@ and its state and per-task parameters, whose keys are fixed by ``init_state`` /
 ``init_params``. :func:`make_objective` is the one place a method is chosen
 by name; :data:`REGISTRY` maps the names of the objectives that are not a
 gradient method's to factories whose keyword-only parameters are the method's
-hyper-parameters, and every registered gradient method
+hyper-parameters (``mgda_ub`` and ``imtl`` take MGDA's and IMTL-G's,
+``registry.HPARAMS_OF``), and every registered gradient method
 (:data:`mtljax.gradients.REGISTRY`) is an objective too (:func:`methods`;
 :func:`hyperparameters`, exposed as ``config.objective.NAME.PARAM``).
 
