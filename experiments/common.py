@@ -8,6 +8,7 @@ from typing import Iterable
 
 import ml_collections
 
+from mtljax import errors
 from mtljax import workdir as workdir_lib
 
 
@@ -22,7 +23,7 @@ def run_config(config: ml_collections.ConfigDict, section: str) -> ml_collection
 def check_names(field: str, names: Iterable[str], known: Iterable[str]) -> None:
   unknown = sorted(set(names) - set(known))
   if unknown:
-    raise ValueError(f"config.{field}: unknown {unknown}; known are {tuple(known)}.")
+    raise errors.ConfigError(f"config.{field}: unknown {unknown}; known are {tuple(known)}.")
 
 
 def write_json(workdir: str, name: str, obj) -> None:

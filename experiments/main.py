@@ -27,6 +27,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mtljax import checkpoint
+from mtljax import errors
 from mtljax import sharding
 from mtljax import train
 from mtljax import workdir
@@ -211,9 +212,7 @@ def main(argv):
           tfds_access.DataNotAvailableError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  except ValueError as e:
-    if not str(e).startswith("config."):  # not a config check: keep the traceback
-      raise
+  except errors.ConfigError as e:  # a config value is wrong: one line, status 2
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if sharding.is_primary():

@@ -15,6 +15,7 @@ import numpy as np
 from experiments import common
 from mtljax import build
 from mtljax import cv as cv_lib
+from mtljax import errors
 from mtljax import params as params_lib
 from mtljax import plotting
 from mtljax import tasks as tasks_lib
@@ -135,7 +136,7 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   common.check_names("sweep.models", s.models, MODELS)
   if not s.data_seeds:
-    raise ValueError("config.sweep.data_seeds is empty.")
+    raise errors.ConfigError("config.sweep.data_seeds is empty.")
   sizes = model_sizes(config)
   for m in s.models:
     logger.info("%s: hidden %s, %d parameters", m, sizes[m]["hidden"], sizes[m]["parameters"])

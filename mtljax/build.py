@@ -6,10 +6,14 @@ library (so a notebook can skip it). Nothing here is compiled. The other
 modules that read an ``ml_collections.ConfigDict`` are the run-level ones: the
 loop (:mod:`mtljax.train`), cross-validation (:mod:`mtljax.cv`: overrides per
 grid point), transfer (:mod:`mtljax.transfer`: a strategy's config),
-single-task baselines (:mod:`mtljax.measure`: their configs and cache keys),
-:func:`mtljax.sharding.placement_from_config` and the TensorBoard config text.
-The library below them (gradients, objectives, jacobians, steps, models,
-optim, data) takes explicit arguments.
+single-task baselines (:mod:`mtljax.measure`: their configs and cache keys)
+and the TensorBoard config text. The library below them (gradients,
+objectives, jacobians, steps, models, optim, sharding, data) takes explicit
+arguments, and its errors name those arguments; here each library call that
+reads a config section is wrapped in :func:`mtljax.errors.config_section`, so
+a wrong value is a :class:`~mtljax.errors.ConfigError` that starts with its
+config path (``config.objective.cagrad.c must be in [0, 1), got 2``), the one
+error type ``experiments/main.py`` prints as one line.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from mtljax.data import tfds_access
 from mtljax.models import multitask
 
 logger = logging.getLogger("mtljax")
+ConfigError = errors.ConfigError  # what every config check here raises
 
 
 # ----------------------------------------------------------------------------
@@ -57,13 +62,13 @@ def _positive_int(config, path):
   for part in path.split("."):
     value = value[part]
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"config.{path} must be a positive integer, got {value!r}.")
+    raise ConfigError(f"config.{path} must be a positive integer, got {value!r}.")
   return int(value)
 
 
 def _one_of(field: str, value, allowed) -> None:
   if value not in allowed:
-    raise ValueError(f"config.{field}={value!r} is not one of {tuple(allowed)}.")
+    raise ConfigError(f"config.{field}={value!r} is not one of {tuple(allowed)}.")
 
 
 def _in_range(field: str, value, lo, hi, lo_open=False, hi_open=True, note="") -> None:
@@ -75,13 +80,13 @@ def _in_range(field: str, value, lo, hi, lo_open=False, hi_open=True, note="") -
   if not ok:
     interval = (f"{'(' if lo_open else '['}{lo}, {'inf)' if hi is None else hi}"
                 f"{'' if hi is None else (')' if hi_open else ']')}")
-    raise ValueError(f"config.{field} must be a number in {interval}{note}, got {value!r}.")
+    raise ConfigError(f"config.{field} must be a number in {interval}{note}, got {value!r}.")
 
 
 def _positive_ints(field: str, values) -> None:
   if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
              for v in values):
-    raise ValueError(f"config.{field} must be positive integers, got {tuple(values)!r}.")
+    raise ConfigError(f"config.{field} must be positive integers, got {tuple(values)!r}.")
 
 
 def _model_arguments(m) -> dict:
@@ -103,14 +108,14 @@ def _validate_model(m) -> None:
   known = {"arch"} | set(multitask.TRUNK_FIELDS) | sections
   unknown = sorted(set(m) - known)
   if unknown:
-    raise ValueError(f"config.model: unknown key(s) {unknown}; keys are {sorted(known)} (an "
-                     "architecture's hyper-parameters live under config.model.<arch>, e.g. "
-                     "config.model.mmoe.num_experts).")
+    raise ConfigError(f"config.model: unknown key(s) {unknown}; keys are {sorted(known)} (an "
+                      "architecture's hyper-parameters live under config.model.<arch>, e.g. "
+                      "config.model.mmoe.num_experts).")
   for arch in sorted(set(m) & sections):
     unknown = sorted(set(m[arch]) - set(multitask.hyperparameters(arch)))
     if unknown:
-      raise ValueError(f"config.model.{arch}: unknown hyper-parameter(s) {unknown}; {arch!r} "
-                       f"takes {sorted(multitask.hyperparameters(arch))}.")
+      raise ConfigError(f"config.model.{arch}: unknown hyper-parameter(s) {unknown}; {arch!r} "
+                        f"takes {sorted(multitask.hyperparameters(arch))}.")
   with errors.config_section("model"):
     multitask.checked_arguments(m.arch, **_model_arguments(m))
 
@@ -125,8 +130,8 @@ def _validate_optim_numbers(o) -> None:
   _in_range("optim.stlr_cut_frac", o.stlr_cut_frac, 0, 1, lo_open=True)
   _in_range("optim.stlr_ratio", o.stlr_ratio, 1, None)
   if not isinstance(o.warmup_steps, (int, np.integer)) or o.warmup_steps < 0:
-    raise ValueError(f"config.optim.warmup_steps must be an integer >= 0, got "
-                     f"{o.warmup_steps!r}.")
+    raise ConfigError(f"config.optim.warmup_steps must be an integer >= 0, got "
+                      f"{o.warmup_steps!r}.")
 
 
 def _validate_cv(config) -> None:
@@ -136,11 +141,11 @@ def _validate_cv(config) -> None:
     return
   if not isinstance(cv.folds, (int, np.integer)) or isinstance(cv.folds, bool) or \
       cv.folds < 2:
-    raise ValueError(f"config.cv.folds must be 0 (off) or an integer >= 2, got {cv.folds!r}.")
+    raise ConfigError(f"config.cv.folds must be 0 (off) or an integer >= 2, got {cv.folds!r}.")
   _one_of("cv.metric", cv.metric, sorted(tasks_lib.METRIC_DIRECTIONS))
   if not all(isinstance(v, (int, float)) and v > 0 and math.isfinite(v) for v in cv.lr):
-    raise ValueError(f"config.cv.lr must be positive numbers (() = config.optim.lr), got "
-                     f"{tuple(cv.lr)!r}.")
+    raise ConfigError(f"config.cv.lr must be positive numbers (() = config.optim.lr), got "
+                      f"{tuple(cv.lr)!r}.")
   _positive_ints("cv.steps", cv.steps)
 
 
@@ -150,35 +155,37 @@ def _validate_data(config) -> None:
   (tests and notebooks build runs on data of their own)."""
   d, s = config.data, config.sampling
   if not d.name:
-    raise ValueError("config.data.name is empty.")
-  parts = tfds_access.source_names(d.name)
+    raise ConfigError("config.data.name is empty.")
+  with errors.config_section("data", d):
+    parts = tfds_access.source_names(d.name)
   if not isinstance(d.max_train_examples, (int, np.integer)) or d.max_train_examples < 0:
-    raise ValueError(f"config.data.max_train_examples must be an integer >= 0 (0 = all), got "
-                     f"{d.max_train_examples!r}.")
+    raise ConfigError(f"config.data.max_train_examples must be an integer >= 0 (0 = all), got "
+                      f"{d.max_train_examples!r}.")
   tasks = tuple(d.tasks)
   if not all(isinstance(t, str) and t for t in tasks) or len(set(tasks)) != len(tasks):
-    raise ValueError(f"config.data.tasks must be distinct task names (() = all), got "
-                     f"{tasks!r}.")
+    raise ConfigError(f"config.data.tasks must be distinct task names (() = all), got "
+                      f"{tasks!r}.")
   if tasks and s.tasks_per_step > len(tasks) and not s.replace:
-    raise ValueError(f"config.sampling.tasks_per_step={s.tasks_per_step} must be in [1, "
-                     f"{len(tasks)}] (or 0 = all tasks) when sampling tasks without "
-                     f"replacement: config.data.tasks keeps {len(tasks)}.")
+    raise ConfigError(f"config.sampling.tasks_per_step={s.tasks_per_step} must be in [1, "
+                      f"{len(tasks)}] (or 0 = all tasks) when sampling tasks without "
+                      f"replacement: config.data.tasks keeps {len(tasks)}.")
   for key, kind in (d.get("labels", None) or {}).items():
     _one_of(f"data.labels[{key!r}]", kind, specs_lib.LABEL_KINDS)
   if not isinstance(d.get("family", ""), str):
-    raise ValueError(f"config.data.family must be a feature name or '', got {d.family!r}.")
+    raise ConfigError(f"config.data.family must be a feature name or '', got {d.family!r}.")
   for key in ("download", "normalize_labels"):
     if not isinstance(d.get(key, False), bool):
-      raise ValueError(f"config.data.{key} must be True or False, got {d[key]!r}.")
-  data_options(config)["split_spec"].check()
+      raise ConfigError(f"config.data.{key} must be True or False, got {d[key]!r}.")
+  with errors.config_section("data", d):
+    data_options(config)["split_spec"].check()
   _one_of("data.pipeline", d.get("pipeline", "auto"), pipeline.PIPELINES)
   if len(parts) > 1 and d.get("pipeline", "auto") == "host":
-    raise ValueError(f"config.data.pipeline='host' reads one data set's records; "
-                     f"config.data.name={d.name!r} joins {len(parts)}: use 'device' or "
-                     "'auto'.")
+    raise ConfigError(f"config.data.pipeline='host' reads one data set's records; "
+                      f"config.data.name={d.name!r} joins {len(parts)}: use 'device' or "
+                      "'auto'.")
   if not d.get("device_budget_mb", 0.0) >= 0:
-    raise ValueError(f"config.data.device_budget_mb must be >= 0 (0 = a quarter of the "
-                     f"device's memory), got {d.device_budget_mb}.")
+    raise ConfigError(f"config.data.device_budget_mb must be >= 0 (0 = a quarter of the "
+                      f"device's memory), got {d.device_budget_mb}.")
   for key in ("workers", "prefetch"):
     if key in d:
       _positive_int(config, f"data.{key}")
@@ -189,47 +196,50 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   m, s, o = config.model, config.sampling, config.optim
   _one_of("sampling.task_sampler", s.task_sampler, sampling.SAMPLERS)
   if s.tasks_per_step < 0:
-    raise ValueError(f"config.sampling.tasks_per_step must be >= 0 (0 = all tasks), "
-                     f"got {s.tasks_per_step}.")
+    raise ConfigError(f"config.sampling.tasks_per_step must be >= 0 (0 = all tasks), "
+                      f"got {s.tasks_per_step}.")
   _positive_int(config, "sampling.examples_per_task")
   if s.task_sampler == "temperature" and not (s.temperature > 0 and
                                                math.isfinite(s.temperature)):
-    raise ValueError(f"config.sampling.temperature must be a finite number > 0 (1 = "
-                     f"proportional), got {s.temperature}.")
+    raise ConfigError(f"config.sampling.temperature must be a finite number > 0 (1 = "
+                      f"proportional), got {s.temperature}.")
   _validate_model(m)
   _one_of("optim.name", o.name, optim.OPTIMIZERS)
   _validate_optim_numbers(o)
   if not (o.lr > 0 and math.isfinite(o.lr)):
-    raise ValueError(f"config.optim.lr must be a finite number > 0, got {o.lr}.")
+    raise ConfigError(f"config.optim.lr must be a finite number > 0, got {o.lr}.")
   _one_of("on_nonfinite", config.get("on_nonfinite", "stop"), steps.NONFINITE_POLICIES)
   _one_of("optim.schedule", o.schedule, schedules.SCHEDULES)
-  optim.parse_rules(o.rules)  # raises on bad syntax, regexes, settings
+  with errors.config_section("optim", o):
+    optim.parse_rules(o.rules)  # raises on bad syntax, regexes, settings
   if o.layerwise_decay and not 0 < o.layerwise_decay <= 1:
-    raise ValueError(f"config.optim.layerwise_decay must be in (0, 1] (ULMFiT: 1/2.6), got "
-                     f"{o.layerwise_decay}.")
+    raise ConfigError(f"config.optim.layerwise_decay must be in (0, 1] (ULMFiT: 1/2.6), got "
+                      f"{o.layerwise_decay}.")
   for key in ("frozen_depth", "unfreeze_every"):
     if o[key] < 0:
-      raise ValueError(f"config.optim.{key} must be >= 0, got {o[key]}.")
+      raise ConfigError(f"config.optim.{key} must be >= 0, got {o[key]}.")
   for key in ("tensorboard", "plots"):
     if not isinstance(config.get(key, True), bool):
-      raise ValueError(f"config.{key} must be True or False, got {config[key]!r}.")
+      raise ConfigError(f"config.{key} must be True or False, got {config[key]!r}.")
   if config.tag_lr < 0 or config.tag_groups < 1:
-    raise ValueError(f"config.tag_lr must be >= 0 and config.tag_groups >= 1, got "
-                     f"{config.tag_lr}, {config.tag_groups}.")
+    raise ConfigError(f"config.tag_lr must be >= 0 and config.tag_groups >= 1, got "
+                      f"{config.tag_lr}, {config.tag_groups}.")
   if config.l2sp_alpha < 0 or config.l2sp_beta < 0:
-    raise ValueError("config.l2sp_alpha and config.l2sp_beta must be >= 0.")
+    raise ConfigError("config.l2sp_alpha and config.l2sp_beta must be >= 0.")
   _one_of("l2sp_mode", config.get("l2sp_mode", "decoupled"), transfer.L2SP_MODES)
   if config.init_from and not os.path.isdir(config.init_from):
-    raise ValueError(f"config.init_from={config.init_from!r} is not a directory.")
-  objectives.check_method(config.objective.method)
+    raise ConfigError(f"config.init_from={config.init_from!r} is not a directory.")
+  with errors.config_section("objective", config.objective):
+    objectives.check_method(config.objective.method)
   known = {"method", "weights", "gram_path", "slot_backwards"} | set(objectives.methods())
   unknown = sorted(set(config.objective) - known)
   if unknown:
-    raise ValueError(f"config.objective: unknown key(s) {unknown}; keys are {sorted(known)} "
-                     "(a method's hyper-parameters live under config.objective.<method>, e.g. "
-                     "config.objective.dwa.window_steps).")
+    raise ConfigError(f"config.objective: unknown key(s) {unknown}; keys are {sorted(known)} "
+                      "(a method's hyper-parameters live under config.objective.<method>, e.g. "
+                      "config.objective.dwa.window_steps).")
   for method in set(config.objective) & set(objectives.methods()):
-    objectives.check_hyperparameters(method, config.objective[method].to_dict())
+    with errors.config_section("objective", config.objective):
+      objectives.check_hyperparameters(method, config.objective[method].to_dict())
   _one_of("objective.gram_path", config.objective.gram_path, objectives.GRAM_PATHS)
   _one_of("objective.slot_backwards", config.objective.get("slot_backwards", "auto"),
           jacobians.SLOT_BACKWARDS)
@@ -240,11 +250,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _validate_cv(config)
   if config.eval_train and jax.process_count() > 1 and \
       config.data.get("pipeline", "auto") != "device":
-    raise ValueError("config.eval_train with several processes needs "
-                     "config.data.pipeline='device' (on the host pipeline each process "
-                     "holds only its shard of the train split).")
-  placement = sharding.placement_from_config(config)  # mesh sizes, rules' axis names
-  placement.check_seeds(num_seeds(config))
+    raise ConfigError("config.eval_train with several processes needs "
+                      "config.data.pipeline='device' (on the host pipeline each process "
+                      "holds only its shard of the train split).")
+  placement = placement_from_config(config)  # mesh sizes, rules' axis names
+  with errors.config_section("mesh", ("seed",)):
+    placement.check_seeds(num_seeds(config))
 
 
 # ----------------------------------------------------------------------------
@@ -280,8 +291,8 @@ def check_tasks_before_loading(config, opened) -> None:
     names = [c.task.name for sp in specs for c in sp.columns]
     unknown = [n for n in d.tasks if n not in names]
     if unknown:
-      raise ValueError(f"config.data.tasks: unknown task(s) {unknown} for data set "
-                       f"{d.name!r}; its tasks are {names}.")
+      raise ConfigError(f"config.data.tasks: unknown task(s) {unknown} for data set "
+                        f"{d.name!r}; its tasks are {names}.")
   k = s.tasks_per_step
   if not k or s.replace or d.tasks:  # (a count of config.data.tasks: validate_config)
     return
@@ -293,16 +304,22 @@ def check_tasks_before_loading(config, opened) -> None:
   if k > n:
     why = "; ".join(f"{part}: {w}" if len(opened) > 1 else w
                     for (part, *_), (_, w) in zip(opened, bounds))
-    raise ValueError(f"config.sampling.tasks_per_step={k} must be in [1, {n}] (or 0 = all "
-                     f"tasks) when sampling tasks without replacement: data set {d.name!r} "
-                     f"has at most {n} tasks ({why}).")
+    raise ConfigError(f"config.sampling.tasks_per_step={k} must be in [1, {n}] (or 0 = all "
+                      f"tasks) when sampling tasks without replacement: data set {d.name!r} "
+                      f"has at most {n} tasks ({why}).")
 
 
 def data_from_config(config) -> task_data.MultiTaskData:
   """The run's data, on the device path or the host pipeline
   (``config.data.pipeline``; ``auto`` decides from the inputs' size, the log
   says which and why). The name, the spec and the task counts are checked on
-  the data's metadata, before any record is read."""
+  the data's metadata, before any record is read; a wrong value raises a
+  :class:`~mtljax.errors.ConfigError` under ``config.data``."""
+  with errors.config_section("data", config.data):
+    return _load_data(config)
+
+
+def _load_data(config) -> task_data.MultiTaskData:
   d = config.data
   kwargs = data_options(config)
   opened = loading.open_all(  # the specs and task counts checked before any download
@@ -330,7 +347,7 @@ def data_from_config(config) -> task_data.MultiTaskData:
     kind, why = "host", (f"the device layout, each input source padded to the longest, "
                          f"is {padded / 2**20:.1f} MiB: over the budget")
   logger.info("Data pipeline: host (%s).", why)
-  index, count = sharding.placement_from_config(config).data_shard()
+  index, count = placement_from_config(config).data_shard()
   return pipeline.load(d.name, sources=sources, features=features, spec=spec,
                        shard_index=index, shard_count=count, **kwargs)
 
@@ -353,8 +370,9 @@ def objective_hparams(config) -> dict:
 
 def objective_from_config(config, num_tasks: int) -> objectives.Objective:
   o = config.objective
-  return objectives.make_objective(o.method, num_tasks, gram_path=o.gram_path,
-                                   **objective_hparams(config))
+  with errors.config_section("objective", o):
+    return objectives.make_objective(o.method, num_tasks, gram_path=o.gram_path,
+                                     **objective_hparams(config))
 
 
 def layer_groups(model: multitask.Model, objective: objectives.Objective, params
@@ -408,6 +426,12 @@ class LrSchedule(NamedTuple):
 
 def optimizer_from_config(config, groups=None, param_names=()
                           ) -> tuple[Any, tuple[LrSchedule, ...]]:
+  """:func:`_optimizer`, a wrong value raising under ``config.optim``."""
+  with errors.config_section("optim", config.optim):
+    return _optimizer(config, groups, param_names)
+
+
+def _optimizer(config, groups, param_names) -> tuple[Any, tuple[LrSchedule, ...]]:
   """The optimizer and the schedules it applies (built once here: the loop
   logs them, :func:`mtljax.train.learning_rates`). A
   :class:`mtljax.optim.RuledOptimizer` when the config has parameter rules,
@@ -440,12 +464,24 @@ def optimizer_from_config(config, groups=None, param_names=()
   return tx, (LrSchedule("optim/lr", schedule, 0),)
 
 
+def placement_from_config(config) -> sharding.Placement:
+  """The mesh and sharding rules of ``config.mesh`` (all devices on the data
+  axis without one); a wrong size or rule raises under ``config.mesh``."""
+  m = config.get("mesh", None)
+  if m is None:
+    return sharding.Placement(sharding.make_mesh())
+  with errors.config_section("mesh", m):
+    rules = sharding.parse_rules(m.get("rules", ""))
+    return sharding.Placement(sharding.make_mesh(m.get("data", -1), m.get("task", 1),
+                                                 seed=m.get("seed", 1)), rules)
+
+
 def num_seeds(config) -> int:
   """``config.num_seeds`` (default 1): seeds ``seed .. seed + N - 1`` trained
   side by side as one vmapped program."""
   n = config.get("num_seeds", 1)
   if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-    raise ValueError(f"config.num_seeds must be a positive integer, got {n!r}.")
+    raise ConfigError(f"config.num_seeds must be a positive integer, got {n!r}.")
   return int(n)
 
 
@@ -489,8 +525,8 @@ def _initial_state(config, model, objective, tx, state: steps.TrainState, source
   read the checkpoint once)."""
   if not config.init_from:
     if config.l2sp_alpha or config.l2sp_beta:
-      raise ValueError("config.l2sp_alpha/l2sp_beta pull parameters toward pretrained "
-                       "values: set config.init_from.")
+      raise ConfigError("config.l2sp_alpha/l2sp_beta pull parameters toward pretrained "
+                        "values: set config.init_from.")
     return state, None, None
   source, source_step = source or ckpt_lib.read_params(config.init_from)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
@@ -528,14 +564,15 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
   and rules (default: ``config.mesh``)."""
   validate_config(config)
   if placement is None:
-    placement = sharding.placement_from_config(config)
+    placement = placement_from_config(config)
   ts = data.taskset
   s = config.sampling
-  probs = sampling.task_probabilities(s.task_sampler, data.num_train, s.temperature)
+  with errors.config_section("sampling", s):
+    probs = sampling.task_probabilities(s.task_sampler, data.num_train, s.temperature)
+    if s.shared_inputs:
+      sampling.check_shared_inputs(data.train, ts.names)
   weights = tasks_lib.task_weights(ts, config.objective.weights.to_dict())
   spc = steps_per_call(config)
-  if s.shared_inputs:
-    sampling.check_shared_inputs(data.train, ts.names)
   logger.info("Data %s: %d tasks %s, input shape %s, train sizes %s, groups %s.",
               data.name, len(ts), list(ts.names), data.input_shape,
               data.num_train.tolist(), list(ts.groups))
@@ -565,17 +602,18 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
     state = jax.tree.map(lambda *a: jnp.stack(a), state, *others)
   host = data.readers is not None
   if host and n_seeds > 1:
-    raise ValueError(f"config.num_seeds={n_seeds} trains seeds side by side on data held on "
-                     "the device (each seed draws its own batches); with the host pipeline "
-                     "run one seed per job, or set config.data.pipeline='device'.")
+    raise ConfigError(f"config.num_seeds={n_seeds} trains seeds side by side on data held on "
+                      "the device (each seed draws its own batches); with the host pipeline "
+                      "run one seed per job, or set config.data.pipeline='device'.")
   # One sampler: the step draws with it, and the host pipeline reads its draws.
   sampler = sampling.make_sampler(ts, probs, s.tasks_per_step or len(ts), s.examples_per_task,
                                   s.replace, s.shared_inputs)
-  train_fn = steps.make_train_step(
-      model, tx, objective, sampler, weights=weights, steps_per_call=spc, seed=config.seed,
-      penalty=penalty, tag_lr=config.tag_lr,
-      slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement,
-      on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host)
+  with errors.config_section("", config):  # its messages name config sections
+    train_fn = steps.make_train_step(
+        model, tx, objective, sampler, weights=weights, steps_per_call=spc, seed=config.seed,
+        penalty=penalty, tag_lr=config.tag_lr,
+        slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement,
+        on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host)
   batches = None
   if host:
     index, count = placement.data_shard()

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from mtljax import build
+from mtljax import errors
 from mtljax import sharding
 from mtljax import steps as steps_lib
 from mtljax import tasks as tasks_lib
@@ -52,6 +53,8 @@ from mtljax import workdir as workdir_lib
 from mtljax.data import task_data
 
 logger = logging.getLogger("mtljax")
+
+ConfigError = errors.ConfigError  # what the cross-validation config checks raise
 
 
 # ----------------------------------------------------------------------------
@@ -65,7 +68,7 @@ def fold_assignment(n: int, k: int, seed: int, source: int) -> np.ndarray:
   is never held out (fold id -1): its tasks train on everything in every fold
   and are not scored (a task needs training data in every fold)."""
   if k < 2:
-    raise ValueError(f"config.cv.folds={k} must be >= 2.")
+    raise ConfigError(f"config.cv.folds={k} must be >= 2.")
   if n < k:
     return np.full(n, -1, np.int64)
   perm = np.random.default_rng([seed, source]).permutation(n)
@@ -96,8 +99,8 @@ def make_folds(data: task_data.MultiTaskData, k: int, seed: int = 0) -> list[tup
                        "numbers of examples.")
   folds = {s: fold_assignment(sizes[s], k, seed, s) for s in sizes}
   if all((f < 0).all() for f in folds.values()):
-    raise ValueError(f"config.cv.folds={k}: every task has fewer than {k} training "
-                     "examples; nothing can be held out.")
+    raise ConfigError(f"config.cv.folds={k}: every task has fewer than {k} training "
+                      "examples; nothing can be held out.")
   # Raw labels (undo the train split's normalisation) per task.
   raw = {}
   for t, task in enumerate(ts):
@@ -160,7 +163,7 @@ def parse_grid(spec: str) -> list[dict[str, Any]]:
   for part in filter(None, (p.strip() for p in spec.split(";"))):
     key, eq, values = part.partition("=")
     if not eq or not values:
-      raise ValueError(f"config.cv.grid: {part!r} is not KEY=V1,V2,...")
+      raise ConfigError(f"config.cv.grid: {part!r} is not KEY=V1,V2,...")
     axes.append([(key.strip(), _parse_value(v.strip())) for v in values.split(",")])
   return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
@@ -172,10 +175,10 @@ def _with_overrides(config, overrides: dict):
     parts = path.split(".")
     for p in parts[:-1]:
       if p not in parent:
-        raise ValueError(f"config.cv.grid: {path!r} is not a config field.")
+        raise ConfigError(f"config.cv.grid: {path!r} is not a config field.")
       parent = parent[p]
     if parts[-1] not in parent:
-      raise ValueError(f"config.cv.grid: {path!r} is not a config field.")
+      raise ConfigError(f"config.cv.grid: {path!r} is not a config field.")
     old = parent[parts[-1]]
     parent[parts[-1]] = type(old)(value) if isinstance(old, (int, float)) and not \
         isinstance(old, bool) else value
@@ -187,8 +190,8 @@ def _score(ts: tasks_lib.TaskSet, metrics: dict, metric: str, counts) -> float:
   vals = [metrics[t.name][metric] for i, t in enumerate(ts)
           if metric in metrics[t.name] and counts[i] > 0]
   if not vals:
-    raise ValueError(f"config.cv.metric={metric!r}: no task reports it; metrics are "
-                     f"{sorted({k for m in metrics.values() for k in m})}.")
+    raise ConfigError(f"config.cv.metric={metric!r}: no task reports it; metrics are "
+                      f"{sorted({k for m in metrics.values() for k in m})}.")
   return float(np.mean(vals))
 
 
@@ -204,21 +207,22 @@ def cross_validate(config: ml_collections.ConfigDict, data: task_data.MultiTaskD
   cv = config.cv
   k = int(cv.folds)
   if data.readers is not None:
-    raise ValueError("Cross-validation trains every fold x learning rate as one vmapped "
-                     "program over the train split held on the device; these data came "
-                     "through the host pipeline (too large for the device, or "
-                     "config.data.pipeline='host'): set config.data.pipeline='device' or "
-                     "select hyper-parameters on a subset (config.data.max_train_examples).")
+    raise ConfigError("config.cv: Cross-validation trains every fold x learning rate as one "
+                      "vmapped "
+                      "program over the train split held on the device; these data came "
+                      "through the host pipeline (too large for the device, or "
+                      "config.data.pipeline='host'): set config.data.pipeline='device' or "
+                      "select hyper-parameters on a subset (config.data.max_train_examples).")
   if cv.metric not in tasks_lib.METRIC_DIRECTIONS:
-    raise ValueError(f"config.cv.metric={cv.metric!r} is not one of "
-                     f"{sorted(tasks_lib.METRIC_DIRECTIONS)}.")
+    raise ConfigError(f"config.cv.metric={cv.metric!r} is not one of "
+                      f"{sorted(tasks_lib.METRIC_DIRECTIONS)}.")
   direction = tasks_lib.METRIC_DIRECTIONS[cv.metric]
   lrs = [float(v) for v in (cv.lr or (config.optim.lr,))]
   if any(not v > 0 for v in lrs):
-    raise ValueError(f"config.cv.lr must be positive, got {lrs}.")
+    raise ConfigError(f"config.cv.lr must be positive, got {lrs}.")
   steps = sorted({int(v) for v in (cv.steps or (config.total_steps,))})
   if steps[0] <= 0:
-    raise ValueError(f"config.cv.steps must be positive, got {steps}.")
+    raise ConfigError(f"config.cv.steps must be positive, got {steps}.")
   grid = parse_grid(cv.grid)
   folds = make_folds(data, k, cv.seed)
   ts = data.taskset
@@ -226,7 +230,7 @@ def cross_validate(config: ml_collections.ConfigDict, data: task_data.MultiTaskD
   if config.get("mesh", None) is not None and config.mesh.get("seed", 1) > 1:
     config = _with_overrides(config, {})  # one seed per fold: the seed axis's devices
     config.mesh.seed, config.mesh.data = 1, -1  # go to `data` for the selection
-  placement = sharding.placement_from_config(config)
+  placement = build.placement_from_config(config)
   fold_train, fold_val = (stack([f[i] for f in folds]) for i in (0, 1))
   train_sh = placement.data(fold_train, len(ts), lead=1)
   val_sh = placement.data(fold_val, len(ts), lead=1)

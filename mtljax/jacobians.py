@@ -118,7 +118,7 @@ def sequential_backwards(slot_backwards: str = "auto") -> bool:
   accelerators, where the batched products fill the device.
   """
   if slot_backwards not in SLOT_BACKWARDS:
-    raise ValueError(f"config.objective.slot_backwards={slot_backwards!r} is not one of "
+    raise ValueError(f"slot_backwards={slot_backwards!r} is not one of "
                      f"{SLOT_BACKWARDS}.")
   if slot_backwards == "auto":
     return jax.default_backend() == "cpu"
@@ -152,13 +152,13 @@ def linearize(model: multitask.Model, params: dict, batch: Batch, *, needs: str 
   one_pass = possible if one_pass is None else one_pass
   if one_pass and not possible:
     raise ValueError(f"the one-trunk-pass step needs every slot to read the same examples "
-                     f"(config.sampling.shared_inputs=True) and an architecture with a "
+                     f"(Batch.shared=True) and an architecture with a "
                      f"task-independent part; arch {model.arch!r} with shared inputs "
                      f"{batch.shared} has none.")
   if needs == "representation" and not one_pass:
     raise ValueError(
         f"gradients with respect to the shared representation need every slot to read "
-        f"the same examples (config.sampling.shared_inputs=True) and an architecture "
+        f"the same examples (Batch.shared=True) and an architecture "
         f"whose task-independent part ends in a representation; arch {model.arch!r} "
         f"(shared inputs: {batch.shared}) does not have one.")
   select = _leaf_selector(params["shared"], slot_leaves)

@@ -85,9 +85,9 @@ def make_optimizer(name: str = "adam", *, lr: float = 1e-3, b1: float = 0.9,
   decay -- e.g. :func:`pull_to_initial` (decoupled L2-SP): its term is then
   multiplied by the (scheduled, rule-multiplied) learning rate only."""
   if name not in OPTIMIZERS:
-    raise ValueError(f"config.optim.name={name!r} is not one of {OPTIMIZERS}.")
+    raise ValueError(f"name={name!r} is not one of {OPTIMIZERS}.")
   if not callable(lr) and not lr > 0:
-    raise ValueError(f"config.optim.lr must be > 0, got {lr}.")
+    raise ValueError(f"lr must be > 0, got {lr}.")
   if decoupled is not None:  # the same chains as optax.adam / adamw / sgd
     scale = {"adam": lambda: optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
              "adamw": lambda: optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
@@ -120,15 +120,15 @@ class Rule:
     try:
       re.compile(self.pattern)
     except re.error as e:
-      raise ValueError(f"config.optim.rules: bad regex {self.pattern!r}: {e}.") from None
+      raise ValueError(f"rules: bad regex {self.pattern!r}: {e}.") from None
     if not self.lr_mult >= 0 or not self.wd_mult >= 0:
-      raise ValueError(f"config.optim.rules[{self.pattern!r}]: lr_mult and wd_mult must be "
+      raise ValueError(f"rules[{self.pattern!r}]: lr_mult and wd_mult must be "
                        f">= 0, got {self.lr_mult}, {self.wd_mult}.")
     if self.schedule and self.schedule not in schedules_lib.SCHEDULES:
-      raise ValueError(f"config.optim.rules[{self.pattern!r}]: schedule {self.schedule!r} "
+      raise ValueError(f"rules[{self.pattern!r}]: schedule {self.schedule!r} "
                        f"is not one of {schedules_lib.SCHEDULES}.")
     if self.unfreeze_at < 0:
-      raise ValueError(f"config.optim.rules[{self.pattern!r}]: unfreeze_at must be >= 0.")
+      raise ValueError(f"rules[{self.pattern!r}]: unfreeze_at must be >= 0.")
 
   def settings(self) -> str:
     if self.frozen:
@@ -150,7 +150,7 @@ _SETTING_TYPES = {"lr_mult": float, "frozen": bool, "wd_mult": float, "schedule"
 def _rule_from(pattern, settings) -> Rule:
   unknown = sorted(set(settings) - set(_SETTING_TYPES))
   if unknown:
-    raise ValueError(f"config.optim.rules[{pattern!r}]: unknown setting(s) {unknown}; "
+    raise ValueError(f"rules[{pattern!r}]: unknown setting(s) {unknown}; "
                      f"settings are {sorted(_SETTING_TYPES)}.")
   return Rule(pattern, **{k: _SETTING_TYPES[k](v) for k, v in settings.items()})
 
@@ -173,7 +173,7 @@ def parse_rules(spec) -> tuple[Rule, ...]:
         key, eq, value = item.partition("=")
         if not eq:
           if key != "frozen":
-            raise ValueError(f"config.optim.rules: {item!r} in {part!r} is not key=value.")
+            raise ValueError(f"rules: {item!r} in {part!r} is not key=value.")
           value = True
         elif key == "frozen":
           value = value.lower() in ("1", "true", "yes")
@@ -209,7 +209,7 @@ def check_layer_groups(groups: Sequence[tuple[str, str]], param_names: Sequence[
     elif len(hits) > 1:
       doubled.append(f"{n} in {hits}")
   if loose:
-    raise ValueError(f"layer-wise rules (config.optim.layerwise_decay / unfreeze_every / "
+    raise ValueError(f"layer-wise rules (layerwise_decay / unfreeze_every / "
                      f"frozen_depth) need every parameter in a layer group; {loose} are in "
                      f"none of {[g for g, _ in groups]}.")
   if doubled:
@@ -219,7 +219,7 @@ def check_layer_groups(groups: Sequence[tuple[str, str]], param_names: Sequence[
 def layerwise_decay_rules(groups: Sequence[tuple[str, str]], decay: float) -> tuple[Rule, ...]:
   """Group ``l`` of ``L`` (1 = input side, L = top) gets ``lr_mult = decay^(L - l)``."""
   if not 0 < decay <= 1:
-    raise ValueError(f"config.optim.layerwise_decay must be in (0, 1] (ULMFiT: 1/2.6), "
+    raise ValueError(f"layerwise_decay must be in (0, 1] (ULMFiT: 1/2.6), "
                      f"got {decay}.")
   n = len(groups)
   return tuple(Rule(rx, lr_mult=decay ** (n - 1 - i)) for i, (_, rx) in enumerate(groups))
@@ -233,7 +233,7 @@ def gradual_unfreezing_rules(groups: Sequence[tuple[str, str]], every: int,
   other settings are kept.
   """
   if every <= 0:
-    raise ValueError(f"config.optim.unfreeze_every must be > 0, got {every}.")
+    raise ValueError(f"unfreeze_every must be > 0, got {every}.")
   n = len(groups)
   base = list(base) or [Rule(rx) for _, rx in groups]
   return tuple(dataclasses.replace(r, unfreeze_at=(n - 1 - i) * every)
@@ -243,7 +243,7 @@ def gradual_unfreezing_rules(groups: Sequence[tuple[str, str]], every: int,
 def frozen_depth_rules(groups: Sequence[tuple[str, str]], depth: int) -> tuple[Rule, ...]:
   """The ``depth`` layer groups nearest the input frozen (``depth < len(groups)``)."""
   if not 0 <= depth < len(groups):
-    raise ValueError(f"config.optim.frozen_depth={depth} must be in [0, {len(groups)}): the "
+    raise ValueError(f"frozen_depth={depth} must be in [0, {len(groups)}): the "
                      f"model has layer groups {[g for g, _ in groups]} and the top one "
                      "always trains.")
   return tuple(Rule(rx, frozen=True) for _, rx in groups[:depth])
@@ -315,7 +315,7 @@ class RuledOptimizer:
   def __init__(self, rules: Sequence[Rule], make_tx: Callable, schedule_for: Callable,
                default_schedule: str, l2sp: DecoupledL2SP | None = None):
     if not rules:
-      raise ValueError("config.optim.rules: empty rule list.")
+      raise ValueError("rules: empty rule list.")
     self.rules = tuple(rules)
     self.l2sp = l2sp
     # Each rule's learning-rate schedule (a function of the group's own update
@@ -349,7 +349,7 @@ class RuledOptimizer:
     out = {n: self.rule_index(n) for n in names}
     unmatched = [n for n, i in out.items() if i is None]
     if unmatched:
-      raise ValueError(f"config.optim.rules: parameter(s) {unmatched} match no rule "
+      raise ValueError(f"rules: parameter(s) {unmatched} match no rule "
                        f"(rules: {[r.pattern for r in self.rules]}); add a final "
                        "catch-all rule such as '.*'.")
     return out
@@ -373,7 +373,7 @@ class RuledOptimizer:
         path = f"{prefix}/{name}" if name else prefix
         i = self.rule_index(path)
         if i is None:
-          raise ValueError(f"config.optim.rules: parameter {prefix}/{name} matches no rule.")
+          raise ValueError(f"rules: parameter {prefix}/{name} matches no rule.")
         kind = self.l2sp.kind(path) if self.l2sp is not None else None
         return f"rule{i}/{kind}" if kind and not self.rules[i].frozen else f"rule{i}"
       return params_lib.tree_map_with_names(one, tree)

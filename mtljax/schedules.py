@@ -28,9 +28,9 @@ SCHEDULES = ("constant", "warmup_cosine", "slanted_triangular")
 def slanted_triangular(lr: float, total_steps: int, cut_frac: float = 0.1,
                        ratio: float = 32.0) -> Callable:
   if not 0 < cut_frac < 1:
-    raise ValueError(f"config.optim.stlr_cut_frac must be in (0, 1), got {cut_frac}.")
+    raise ValueError(f"stlr: cut_frac must be in (0, 1), got {cut_frac}.")
   if not ratio >= 1:
-    raise ValueError(f"config.optim.stlr_ratio must be >= 1, got {ratio}.")
+    raise ValueError(f"stlr: ratio must be >= 1, got {ratio}.")
   cut = max(1, int(total_steps * cut_frac))
 
   def schedule(count):
@@ -51,7 +51,7 @@ def make_schedule(name: str, lr: float, total_steps: int, *, warmup_steps: int =
     return optax.constant_schedule(lr)
   if name == "warmup_cosine":
     if not 0 <= warmup_steps < total_steps:
-      raise ValueError(f"config.optim.warmup_steps={warmup_steps} must be in "
+      raise ValueError(f"warmup_steps={warmup_steps} must be in "
                        f"[0, total_steps={total_steps}).")
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps, total_steps, end_value=lr * end_lr_factor)

@@ -58,21 +58,21 @@ def make_mesh(data: int = -1, task: int = 1, devices: Sequence | None = None,
   sizes = {"data": int(data), "task": int(task), "seed": int(seed)}
   unknown = [k for k, v in sizes.items() if v == -1]
   if len(unknown) > 1:
-    raise ValueError("config.mesh: at most one of data/task/seed may be -1 (the rest of "
+    raise ValueError("at most one of data/task/seed may be -1 (the rest of "
                      "the devices).")
   for k, v in sizes.items():
     if v == 0 or v < -1:
-      raise ValueError(f"config.mesh.{k}={v} must be a positive size or -1.")
+      raise ValueError(f"{k}={v} must be a positive size or -1.")
   if unknown:
     other = math.prod(v for k, v in sizes.items() if v != -1)
     if n % other:
-      raise ValueError(f"config.mesh: {n} devices cannot be split into "
+      raise ValueError(f"{n} devices cannot be split into "
                        f"{'x'.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} "
                        "and a whole number for the rest.")
     sizes[unknown[0]] = n // other
   total = math.prod(sizes.values())
   if total != n:
-    raise ValueError(f"config.mesh: {' x '.join(f'{k}={v}' for k, v in sizes.items())} = "
+    raise ValueError(f"mesh {' x '.join(f'{k}={v}' for k, v in sizes.items())} = "
                      f"{total} devices, but there are {n} ({jax.default_backend()}); the "
                      "product must equal the device count (use -1 for one axis to take "
                      "the rest).")
@@ -106,7 +106,7 @@ def parse_rules(spec) -> tuple[tuple[str, P], ...]:
     for part in filter(None, (p.strip() for p in spec.split(";"))):
       pattern, sep, axes = part.rpartition(":")
       if not sep:
-        raise ValueError(f"config.mesh.rules: {part!r} is not REGEX:AXES.")
+        raise ValueError(f"rules: {part!r} is not REGEX:AXES.")
       pairs.append((pattern, [a.strip() for a in axes.split(",")] if axes.strip() else []))
   else:
     pairs = [(p, list(s)) for p, s in spec]
@@ -115,8 +115,8 @@ def parse_rules(spec) -> tuple[tuple[str, P], ...]:
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f"config.mesh.rules: bad regex {pattern!r}: {e}.") from None
-    rules.append((pattern, P(*[_axis_entry(a, f"config.mesh.rules[{pattern!r}]")
+      raise ValueError(f"rules: bad regex {pattern!r}: {e}.") from None
+    rules.append((pattern, P(*[_axis_entry(a, f"rules[{pattern!r}]")
                                for a in axes])))
   return tuple(rules)
 
@@ -145,7 +145,7 @@ def _check_spec(mesh: Mesh, name: str, shape, spec: P) -> None:
       raise ValueError(
           f"{name} {tuple(shape)}: dimension {dim} ({shape[dim]}) is split along mesh axis "
           f"{entry!r} of size {size}, which does not divide it. Choose a mesh whose "
-          f"{entry!r} size divides {shape[dim]} (e.g. config.mesh.task dividing the task "
+          f"{entry!r} size divides {shape[dim]} (e.g. a task axis dividing the task "
           "count), or a rule that leaves this leaf replicated.")
 
 
@@ -169,13 +169,13 @@ def param_specs(params, rules, mesh: Mesh) -> dict:
     return P()
   out = params_lib.tree_map_with_names(spec, params)
   if unmatched:
-    raise ValueError(f"config.mesh.rules: no rule matches {unmatched[:5]}"
+    raise ValueError(f"rules: no rule matches {unmatched[:5]}"
                      f"{' ...' if len(unmatched) > 5 else ''}; end the rules with '.*:' "
                      "to replicate the rest.")
   unused = [rules[i][0] for i, u in enumerate(used)
             if not u and rules[i][0] not in _CATCH_ALL]
   if unused:
-    raise ValueError(f"config.mesh.rules: rule(s) {unused} match no parameter; parameters "
+    raise ValueError(f"rules: rule(s) {unused} match no parameter; parameters "
                      f"are e.g. {[n for n, _ in params_lib.flatten_with_names(params)][:6]}.")
   return out
 
@@ -211,9 +211,9 @@ class Placement:
   def check_batch(self, examples_per_task: int) -> None:
     d = self.mesh.shape["data"]
     if examples_per_task % d:
-      raise ValueError(f"config.sampling.examples_per_task={examples_per_task} is split "
+      raise ValueError(f"examples_per_task={examples_per_task} is split "
                        f"along mesh axis 'data' of size {d}, which does not divide it; "
-                       "choose config.mesh.data dividing it.")
+                       "choose a data axis size dividing it.")
 
   def constrain_batch(self, x, shared_inputs: bool):
     """``x`` constrained to :meth:`batch_spec` (inside the step)."""
@@ -297,16 +297,16 @@ class Placement:
         or mine[0] % len(mine):
       raise ValueError(f"The mesh gives process {jax.process_index()} the data-axis rows "
                        f"{mine} of {size}, not one of equal contiguous slices; the host "
-                       "pipeline cannot split examples so. Choose config.mesh.data as a "
+                       "pipeline cannot split examples so. Choose a data axis size that is a "
                        "multiple of the process count (or 1).")
     return mine[0] // len(mine), size // len(mine)
 
   def check_seeds(self, num_seeds: int) -> None:
     s = self.mesh.shape["seed"]
     if s > 1 and (num_seeds < 2 or num_seeds % s):
-      raise ValueError(f"config.mesh.seed={s} splits config.num_seeds={num_seeds} seeds "
+      raise ValueError(f"seed={s} splits num_seeds={num_seeds} seeds "
                        "over devices; num_seeds must be a multiple of it (or set "
-                       "config.mesh.seed=1).")
+                       "seed=1).")
 
   def data(self, split: dict, num_tasks: int, lead: int = 0):
     """A split's arrays: per-task leaves (inputs of one source per task,
@@ -339,15 +339,6 @@ def _mirrors(opt_name: str, param_name: str) -> bool:
     return False
   return any(o[:k] == p[:k] and o[len(o) - (len(p) - k):] == p[k:]
              for k in range(1, len(p)))
-
-
-def placement_from_config(config) -> Placement:
-  m = config.get("mesh", None)
-  if m is None:
-    return Placement(make_mesh())
-  rules = parse_rules(m.get("rules", ""))
-  return Placement(make_mesh(m.get("data", -1), m.get("task", 1), seed=m.get("seed", 1)),
-                   rules)
 
 
 # ----------------------------------------------------------------------------

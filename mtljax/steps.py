@@ -255,7 +255,7 @@ def _check_parts(model: multitask.Model, sampler, weights, *, slot_backwards: st
                      "stream ids or label rows are not the model's): use "
                      "sampling.make_sampler(model.taskset, ...).")
   if on_nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f"config.on_nonfinite={on_nonfinite!r} is not one of "
+    raise ValueError(f"on_nonfinite={on_nonfinite!r} is not one of "
                      f"{NONFINITE_POLICIES}.")
   if placement is not None:
     placement.check_batch(sampler.examples_per_task)
@@ -267,26 +267,26 @@ def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, li
   num_tasks = len(model.taskset)
   tasks_per_step, shared_inputs = sampler.tasks_per_step, sampler.shared_inputs
   if tasks_per_step < 1:
-    raise ValueError(f"config.sampling.tasks_per_step must be >= 1, got {tasks_per_step}.")
+    raise ValueError(f"sampling.tasks_per_step must be >= 1, got {tasks_per_step}.")
   if tasks_per_step > num_tasks and not sampler.replace:
-    raise ValueError(f"config.sampling.tasks_per_step={tasks_per_step} must be in "
+    raise ValueError(f"sampling.tasks_per_step={tasks_per_step} must be in "
                      f"[1, {num_tasks}] when sampling tasks without replacement.")
   shared_names = [n for n, _ in params_lib.flatten_with_names(
       jax.eval_shape(model.init, jax.random.key(0))["shared"])]
   needs = objective.needs
   if needs == "representation":
     if one_pass is False:
-      raise ValueError(f"config.objective.method={objective.name!r} differentiates through "
+      raise ValueError(f"objective.method={objective.name!r} differentiates through "
                        "the task-independent representation, which only the one-pass "
                        "path has: leave one_pass=None.")
     if not shared_inputs:
       raise ValueError(
-          f"config.objective.method={objective.name!r} differentiates through one shared "
-          "representation of one batch: set config.sampling.shared_inputs=True (the tasks "
+          f"objective.method={objective.name!r} differentiates through one shared "
+          "representation of one batch: set sampling.shared_inputs=True (the tasks "
           "must label the same inputs).")
     if model.encode is None:
       raise ValueError(
-          f"config.objective.method={objective.name!r} needs a task-independent shared "
+          f"objective.method={objective.name!r} needs a task-independent shared "
           f"representation followed by per-task parts; arch {model.arch!r} does not "
           "have one.")
   if one_pass and not (shared_inputs and model.encode is not None):
@@ -295,10 +295,10 @@ def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, li
                      f"{shared_inputs}.")
   if needs == "slots" and not shared_names:
     raise ValueError(
-        f"config.objective.method={objective.name!r} combines per-task gradients of the "
+        f"objective.method={objective.name!r} combines per-task gradients of the "
         f"shared parameters, and arch {model.arch!r} has none.")
   if tag_lr > 0 and not shared_names:
-    raise ValueError(f"config.tag_lr > 0 measures how one task's step on the shared "
+    raise ValueError(f"tag_lr > 0 measures how one task's step on the shared "
                      f"parameters moves the others' losses; arch {model.arch!r} has no "
                      "shared parameters.")
   leaves = None

@@ -25,6 +25,7 @@ import numpy as np
 
 from mtljax import build
 from mtljax import checkpoint as ckpt_lib
+from mtljax import errors
 from mtljax import measure
 from mtljax import params as params_lib
 from mtljax import plotting
@@ -411,9 +412,10 @@ def _resume(workdir, run, manager) -> tuple[steps.TrainState, int | None]:
     logger.info("metrics.jsonl: dropped %d row(s) past step %d (written after the last "
                 "checkpoint).", dropped, _step(state))
   if _step(state) % run.steps_per_call:
-    raise ValueError(
-        f"The checkpoint in {manager.directory} is at step {_step(state)}, which "
-        f"steps_per_call={run.steps_per_call} does not divide (this run's calls would not "
+    raise errors.ConfigError(
+        f"config.steps_per_call: the checkpoint in {manager.directory} is at step "
+        f"{_step(state)}, which steps_per_call={run.steps_per_call} does not divide (this "
+        "run's calls would not "
         "line up with the steps already taken): resume with a config.steps_per_call "
         f"dividing {_step(state)} and the intervals.")
   return state, resumed_from

@@ -225,7 +225,7 @@ def test_hold_out_is_a_seeded_disjoint_cover_and_never_leaves_train_empty():
   assert len(tfds_access.hold_out(records, 0.01, seed=0)["test"]) == 1  # at least one
   with pytest.raises(ValueError) as e:
     tfds_access.hold_out([0, 1], 0.8, seed=0)  # round(1.6) = 2: nothing left to train on
-  assert str(e.value) == ("config.data.test_fraction=0.8 holds out 2 of the train split's 2 "
+  assert str(e.value) == ("test_fraction=0.8 holds out 2 of the train split's 2 "
                           "record(s): none would be left to train on.")
 
 
@@ -263,7 +263,7 @@ def test_an_unknown_data_set_name_is_mtljax_s_one_line_first(tmp_path):
       "'celeb_a', 'celeb_a_hq', 'voxceleb'?")
   assert e.value.__cause__ is None and e.value.__suppress_context__  # no catalog dump
   with pytest.raises(ValueError, match=re.escape(
-      "config.data.name='no_such_set_xyz' is neither a bundled data set (digits, exam, "
+      "name='no_such_set_xyz' is neither a bundled data set (digits, exam, "
       "mmoe_synthetic, multi_digits, sinusoids) nor a TFDS catalog data set "
       "(tfds.list_builders() lists the catalog).")):
     loading.load("no_such_set_xyz", data_dir=str(tmp_path))
@@ -347,7 +347,7 @@ def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path, tiny_cat
                            "yielded.")
   with pytest.raises(ValueError) as e:
     tfds_access._prepare(EmptySplitBuilder(), "digits")  # pylint: disable=protected-access
-  assert str(e.value) == ("config.data.builder_config='c0': data set 'digits', split 'test' "
+  assert str(e.value) == ("builder_config='c0': data set 'digits', split 'test' "
                           "has no examples.")
 
 
@@ -359,11 +359,11 @@ def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path, tiny_cat
      "config.data.test_fraction must be in [0, 1) (0 = the data set's own test split), "
      "got 1.0."),
     ({"data.test_fraction": 0.2},
-     "config.data.test_fraction=0.2 holds out part of config.data.train_split as the test "
-     "split: set config.data.test_split='' (it is 'test')."),
+     "config.data.test_fraction=0.2 holds out part of train_split as the test "
+     "split: set test_split='' (it is 'test')."),
     ({"data.test_split": ""},
      "config.data.test_split must be a TFDS split string such as 'test' (or '' with "
-     "config.data.test_fraction > 0), got ''."),
+     "test_fraction > 0), got ''."),
     ({"data.train_split": ""},
      "config.data.train_split must be a TFDS split string such as 'train' or 'train+test', "
      "got ''."),
@@ -406,23 +406,23 @@ def test_label_kinds_the_features_cannot_have_are_refused(tmp_path):
     omniglot = tfds.builder("omniglot", data_dir=str(tmp_path)).info.features
   cases = [
       (celeb, {"labels": {"attributes/Smiling": "regression"}},
-       "config.data.labels: feature 'attributes/Smiling' (scalar bool) cannot be a "
+       "labels: feature 'attributes/Smiling' (scalar bool) cannot be a "
        "'regression' label (binary: a scalar bool, integer or 2-class label; classification: "
        "a class label or scalar integer; regression: a scalar number)."),
       (celeb, {"labels": {"attributes/Smile": "binary"}},
-       "config.data.labels: 'attributes/Smile' is not a feature; features are ["),
+       "labels: 'attributes/Smile' is not a feature; features are ["),
       (omniglot, {"labels": {"alphabet_char_id": "auto"}},
-       "config.data.labels: feature 'alphabet_char_id' (scalar int64) needs its kind named: "
+       "labels: feature 'alphabet_char_id' (scalar int64) needs its kind named: "
        "one of "
        "('classification', 'binary', 'regression')."),
       (omniglot, {"labels": {"alphabet_char_id": "classification", "label": "auto"},
                   "family": "alphabet"},
-       "config.data.family='alphabet': config.data.labels must name exactly one label "
+       "family='alphabet': labels must name exactly one label "
        "feature (every family task's), got ['alphabet_char_id', 'label']."),
       (omniglot, {"labels": {"label": "auto"}, "family": "image"},
-       "config.data.family='image' must be a scalar integer feature; features are ["),
+       "family='image' must be a scalar integer feature; features are ["),
       (omniglot, {"labels": {"label": "auto"}, "input_key": "img"},
-       "config.data.input_key='img' is not a feature of this data set; features are ["),
+       "input_key='img' is not a feature of this data set; features are ["),
   ]
   for features, kwargs, message in cases:
     with pytest.raises(ValueError, match="^" + re.escape(message)):

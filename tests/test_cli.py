@@ -120,3 +120,30 @@ def test_a_run_is_quiet_unless_asked_and_its_progress_has_rates_from_the_second_
   params = [l for l in r.stderr.splitlines() if " param " in l]
   assert params and all(re.search(r"param \S+ +\(\d+(, \d+)*,?\)$", l) for l in params)
   assert _TFDS_PER_RUN[0] in r.stderr, r.stderr  # (the other one: on generation only)
+
+
+def test_library_errors_name_their_arguments_and_build_names_the_config_path():
+  """A library function's error names its own argument; the same error raised
+  where build reads the config is a ConfigError under the config path (a
+  message that starts with a key of the section reads as that key's path)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mtljax import build, errors, gradients, sharding  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError) as e:
+    gradients.cagrad_weights(jnp.eye(2), c=2.0)
+  assert str(e.value) == "cagrad.c must be in [0, 1), got 2.0."
+  assert not isinstance(e.value, errors.ConfigError)
+  config = helpers.small_sinusoids_config(**{"objective.method": "cagrad",
+                                             "objective.cagrad.c": 2.0})
+  with pytest.raises(errors.ConfigError) as e:
+    build.objective_from_config(config, 3)
+  assert str(e.value) == "config.objective.cagrad.c must be in [0, 1), got 2.0."
+  with pytest.raises(ValueError, match=r"^data=0 must be a positive size"):
+    sharding.make_mesh(0, 1)
+  config = helpers.small_sinusoids_config(**{"mesh.data": 0})
+  with pytest.raises(errors.ConfigError, match=r"^config\.mesh\.data=0 must be a positive"):
+    build.placement_from_config(config)
+  with pytest.raises(errors.ConfigError, match=r"^config\.optim: stlr: cut_frac must be"):
+    with errors.config_section("optim", config.optim):
+      from mtljax import schedules  # pylint: disable=g-import-not-at-top
+      schedules.make_schedule("slanted_triangular", 1e-3, 100, cut_frac=2.0)

@@ -256,5 +256,5 @@ def test_missing_catalog_dataset_offline_is_a_clear_error(tmp_path):
 
 
 def test_unknown_dataset_name_is_a_clear_error(tmp_path):
-  with pytest.raises(ValueError, match="config.data.name='no_such_data_set_xyz'"):
+  with pytest.raises(ValueError, match="^name='no_such_data_set_xyz'"):
     loading.load("no_such_data_set_xyz", data_dir=str(tmp_path))

@@ -170,7 +170,7 @@ def test_mgda_ub_pure_function_is_mgda_on_representation_gradients():
 
 
 @pytest.mark.parametrize("arch, method, kwargs, shared, match", [
-    ("multi_head", "mgda_ub", {}, False, "set config.sampling.shared_inputs=True"),
+    ("multi_head", "mgda_ub", {}, False, "set sampling.shared_inputs=True"),
     ("concat", "mgda_ub", {}, True, "arch 'concat' does not have one"),
     ("independent", "mgda", {}, False, "arch 'independent' has none"),
     ("multi_head", "fixed", {"gram_path": "accumulate"}, False,

@@ -86,7 +86,7 @@ def test_a_task_axis_that_does_not_divide_the_task_count_is_an_error():
 @pytest.mark.parametrize("data, task, message", [
     (3, 1, r"data=3 x task=1 x seed=1 = 3 devices, but there are 1"),
     (-1, -1, "at most one of data/task/seed may be -1"),
-    (0, 1, "config.mesh.data=0 must be a positive size or -1"),
+    (0, 1, "^data=0 must be a positive size or -1"),
     (-1, 2, "1 devices cannot be split into task=2"),
 ])
 def test_an_invalid_mesh_is_named(data, task, message):
@@ -111,7 +111,7 @@ def test_examples_per_task_must_divide_along_the_data_axis():
 def test_seeds_must_fill_the_seed_axis():
   pl = sharding.Placement(AbstractMesh((2, 1, 4), sharding.AXES))
   for n in (1, 6):
-    with pytest.raises(ValueError, match=f"config.mesh.seed=4 splits config.num_seeds={n} "
+    with pytest.raises(ValueError, match=f"^seed=4 splits num_seeds={n} "
                                          "seeds over devices; num_seeds must be a multiple"):
       pl.check_seeds(n)
   pl.check_seeds(8)

@@ -79,7 +79,7 @@ def _objective_section() -> ml_collections.ConfigDict:
   objective.slot_backwards = "auto"  # per-task trunk backwards: auto|map|vmap
   # Every method's hyper-parameters, with the defaults of its paper/official code:
   # config.objective.<method>.<name>, e.g. --config.objective.cagrad.c=0.4,
-  # --config.objective.nash_mtl.iters=100 (see mtljax/objectives.py, gradients.py).
+  # --config.objective.nash_mtl.iters=100 (see mtljax/objectives/, mtljax/gradients/).
   for method in objectives.methods():
     hparams = objectives.hyperparameters(method)
     if hparams:

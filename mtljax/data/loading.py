@@ -46,8 +46,8 @@ def spec_for(name: str, features, builder_config: str = "", input_key: str = "im
   from a catalog data set's features (:func:`mtljax.data.specs.catalog_spec`)."""
   if name in specs_lib.BUNDLED_SPECS:
     if label_keys or family:
-      raise ValueError(f"config.data.labels/family: bundled data set {name!r} has fixed "
-                       "tasks (select them with config.data.tasks).")
+      raise ValueError(f"labels/family: bundled data set {name!r} has fixed "
+                       "tasks (select them with tasks).")
     spec = specs_lib.BUNDLED_SPECS[name]
     return spec(builder_config) if callable(spec) else spec
   return specs_lib.catalog_spec(features, input_key, label_keys, family)

@@ -82,7 +82,7 @@ def choose(pipeline: str, nbytes: int, budget_mb: float, process_count: int = 1
   """``(pipeline, why)``: ``auto`` picks the device path when the inputs fit
   ``budget_mb`` and one process runs, else the host pipeline."""
   if pipeline not in PIPELINES:
-    raise ValueError(f"config.data.pipeline={pipeline!r} is not one of {PIPELINES}.")
+    raise ValueError(f"pipeline={pipeline!r} is not one of {PIPELINES}.")
   budget_mb = budget_mb or default_budget_mb()
   size = f"inputs {nbytes / 2**20:.1f} MiB as float32, budget {budget_mb:g} MiB"
   if pipeline != "auto":
@@ -288,7 +288,7 @@ class Batches:
     self.shard_count = count
     b = sampler.examples_per_task
     if b % count:
-      raise ValueError(f"config.sampling.examples_per_task={b} is split over {count} "
+      raise ValueError(f"examples_per_task={b} is split over {count} "
                        "data shards, which does not divide it.")
     self.local_b = b // count
     self.local_index = np.asarray(data.taskset.local_index)

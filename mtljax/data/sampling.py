@@ -56,10 +56,10 @@ def task_probabilities(sampler: str, sizes, temperature: float = 1.0) -> np.ndar
     p = sizes
   elif sampler == "temperature":
     if not temperature > 0:
-      raise ValueError(f"config.sampling.temperature must be > 0, got {temperature}.")
+      raise ValueError(f"temperature must be > 0, got {temperature}.")
     p = sizes ** (1.0 / temperature)
   else:
-    raise ValueError(f"config.sampling.task_sampler={sampler!r} is not one of {SAMPLERS}.")
+    raise ValueError(f"task_sampler={sampler!r} is not one of {SAMPLERS}.")
   return p / p.sum()
 
 
@@ -111,7 +111,7 @@ def check_shared_inputs(split: dict, task_names=None) -> None:
   if len(set(source.tolist())) != 1 or len(set(n.tolist())) != 1:
     detail = ", ".join(f"{a}: source {s}, {c} examples" for a, s, c in zip(names, source, n))
     raise ValueError(
-        "config.sampling.shared_inputs=True needs every task to label the same inputs "
+        "shared_inputs=True needs every task to label the same inputs "
         f"(one input source, equal sizes); here {detail}.")
 
 

@@ -121,13 +121,13 @@ def _column(key: str, feat, kind: str, explicit: bool) -> TaskColumn | None:
     elif not explicit:
       return None
     else:
-      raise ValueError(f"config.data.labels: feature {key!r} ({_describe(feat)}) needs its "
+      raise ValueError(f"labels: feature {key!r} ({_describe(feat)}) needs its "
                        f"kind named: one of {tasks_lib.KINDS}.")
   ok = {"binary": is_bool or is_int or (is_class and getattr(feat, "num_classes", 0) == 2),
         "classification": is_class or is_int,
         "regression": is_float or is_int}[kind]
   if not ok:
-    raise ValueError(f"config.data.labels: feature {key!r} ({_describe(feat)}) cannot be a "
+    raise ValueError(f"labels: feature {key!r} ({_describe(feat)}) cannot be a "
                      f"{kind!r} label (binary: a scalar bool, integer or 2-class label; "
                      "classification: a class label or scalar integer; regression: a "
                      "scalar number).")
@@ -159,7 +159,7 @@ def catalog_spec(features, input_key: str, label_keys: Sequence[str] | Mapping[s
   flat = flatten_features(features)
   if input_key not in flat:
     raise ValueError(
-        f"config.data.input_key={input_key!r} is not a feature of this data set; "
+        f"input_key={input_key!r} is not a feature of this data set; "
         f"features are {sorted(flat)}.")
   if isinstance(label_keys, Mapping):
     kinds = dict(label_keys)
@@ -169,18 +169,18 @@ def catalog_spec(features, input_key: str, label_keys: Sequence[str] | Mapping[s
     kinds = {k: "auto" for k in label_keys}
   for key, kind in kinds.items():
     if key not in flat:
-      raise ValueError(f"config.data.labels: {key!r} is not a feature; features are "
+      raise ValueError(f"labels: {key!r} is not a feature; features are "
                        f"{sorted(flat)}.")
     if kind not in LABEL_KINDS:
-      raise ValueError(f"config.data.labels[{key!r}]={kind!r} is not one of {LABEL_KINDS}.")
+      raise ValueError(f"labels[{key!r}]={kind!r} is not one of {LABEL_KINDS}.")
   if family:
     feat = flat.get(family)
     if feat is None or not _scalar(feat) or not np.issubdtype(np.dtype(feat.np_dtype),
                                                                np.integer):
-      raise ValueError(f"config.data.family={family!r} must be a scalar integer feature; "
+      raise ValueError(f"family={family!r} must be a scalar integer feature; "
                        f"features are {sorted(flat)}.")
     if len(kinds) != 1:
-      raise ValueError(f"config.data.family={family!r}: config.data.labels must name "
+      raise ValueError(f"family={family!r}: labels must name "
                        f"exactly one label feature (every family task's), got "
                        f"{sorted(kinds)}.")
   explicit = bool(kinds)
@@ -191,7 +191,7 @@ def catalog_spec(features, input_key: str, label_keys: Sequence[str] | Mapping[s
   columns = [c for c in (_column(k, flat[k], kind, explicit) for k, kind in kinds.items())
              if c is not None]
   if not columns:
-    raise ValueError("No task labels found: name them in config.data.labels "
+    raise ValueError("No task labels found: name them in labels "
                      "({feature: kind}).")
   if family:
     (c,) = columns

@@ -277,10 +277,10 @@ def _selected_tasks(name, task_names, train_names) -> list[str]:
   selected = list(task_names) or train_names
   unknown = [n for n in selected if n not in train_names]
   if unknown:
-    raise ValueError(f"config.data.tasks: unknown task(s) {unknown} for data set "
+    raise ValueError(f"tasks: unknown task(s) {unknown} for data set "
                      f"{name!r}; its tasks are {train_names}.")
   if not selected:
-    raise ValueError(f"config.data.tasks selects no task of {name!r}.")
+    raise ValueError(f"tasks selects no task of {name!r}.")
   return selected
 
 

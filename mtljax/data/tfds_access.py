@@ -119,18 +119,18 @@ class Splits:
 
   def check(self) -> None:
     if not (isinstance(self.test_fraction, (int, float)) and 0 <= self.test_fraction < 1):
-      raise ValueError(f"config.data.test_fraction must be in [0, 1) (0 = the data set's "
+      raise ValueError(f"test_fraction must be in [0, 1) (0 = the data set's "
                        f"own test split), got {self.test_fraction!r}.")
     if not isinstance(self.train, str) or not self.train:
-      raise ValueError(f"config.data.train_split must be a TFDS split string such as "
+      raise ValueError(f"train_split must be a TFDS split string such as "
                        f"'train' or 'train+test', got {self.train!r}.")
     if self.test_fraction and self.test:
-      raise ValueError(f"config.data.test_fraction={self.test_fraction} holds out part of "
-                       f"config.data.train_split as the test split: set "
-                       f"config.data.test_split='' (it is {self.test!r}).")
+      raise ValueError(f"test_fraction={self.test_fraction} holds out part of "
+                       f"train_split as the test split: set "
+                       f"test_split='' (it is {self.test!r}).")
     if not self.test_fraction and (not isinstance(self.test, str) or not self.test):
-      raise ValueError(f"config.data.test_split must be a TFDS split string such as 'test' "
-                       f"(or '' with config.data.test_fraction > 0), got {self.test!r}.")
+      raise ValueError(f"test_split must be a TFDS split string such as 'test' "
+                       f"(or '' with test_fraction > 0), got {self.test!r}.")
 
 
 class Subset:
@@ -157,7 +157,7 @@ def hold_out(source, fraction: float, seed: int) -> dict:
   order = np.random.default_rng(seed).permutation(n)
   n_test = min(max(int(round(fraction * n)), 1), n)
   if n_test >= n:
-    raise ValueError(f"config.data.test_fraction={fraction} holds out {n_test} of the train "
+    raise ValueError(f"test_fraction={fraction} holds out {n_test} of the train "
                      f"split's {n} record(s): none would be left to train on.")
   return {"train": Subset(source, np.sort(order[n_test:])),
           "test": Subset(source, np.sort(order[:n_test]))}
@@ -173,10 +173,10 @@ def source_names(name: str) -> tuple[str, ...]:
   ``+`` (``"mnist+fashion_mnist"``: each data set's tasks on its own inputs)."""
   parts = tuple(p.strip() for p in str(name).split("+"))
   if not name or not all(parts):
-    raise ValueError(f"config.data.name={name!r}: give a data set name, or several joined "
+    raise ValueError(f"name={name!r}: give a data set name, or several joined "
                      "by '+' (e.g. 'mnist+fashion_mnist').")
   if len(set(parts)) != len(parts):
-    raise ValueError(f"config.data.name={name!r} names a data set twice.")
+    raise ValueError(f"name={name!r} names a data set twice.")
   return parts
 
 
@@ -191,8 +191,8 @@ def check_name(name: str, builder_config: str = "") -> None:
   (TFDS would stop with an assertion while writing it)."""
   parts = source_names(name)
   if len(parts) > 1 and builder_config:
-    raise ValueError(f"config.data.builder_config={builder_config!r} applies to one data "
-                     f"set; config.data.name={name!r} has {len(parts)} (write "
+    raise ValueError(f"builder_config={builder_config!r} applies to one data "
+                     f"set; name={name!r} has {len(parts)} (write "
                      "'NAME/CONFIG' for a catalog data set's builder config).")
   for part in parts:
     if part in builders.BUNDLED:
@@ -200,7 +200,7 @@ def check_name(name: str, builder_config: str = "") -> None:
       for split, fields in _EMPTY_SPLIT_FIELDS.items():
         for f in fields:
           if getattr(config, f, None) == 0:
-            raise ValueError(f"config.data.builder_config={builder_config!r}: data set "
+            raise ValueError(f"builder_config={builder_config!r}: data set "
                              f"{part!r}, split {split!r} has no examples ({f}=0).")
       continue
     try:
@@ -213,7 +213,7 @@ def check_name(name: str, builder_config: str = "") -> None:
       near = difflib.get_close_matches(part, list(dict.fromkeys(known)), n=3)
       hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
           " (tfds.list_builders() lists the catalog)."
-      raise ValueError(f"config.data.name={part!r} is neither a bundled data set "
+      raise ValueError(f"name={part!r} is neither a bundled data set "
                        f"({', '.join(sorted(builders.BUNDLED))}) nor a TFDS catalog data "
                        f"set{hint}") from None
 
@@ -250,7 +250,7 @@ def _prepare(builder, name: str) -> None:
     if m is None:
       raise
     config = getattr(builder.builder_config, "name", "")
-    raise ValueError(f"config.data.builder_config={config!r}: data set {name!r}, split "
+    raise ValueError(f"builder_config={config!r}: data set {name!r}, split "
                      f"{m.group(1)!r} has no examples.") from None
 
 
@@ -284,7 +284,7 @@ def catalog_builder(full: str, data_dir: str):
   try:
     return tfds.builder(full, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # pylint: disable=broad-except  (an unknown builder config)
-    raise ValueError(f"config.data.builder_config: TFDS data set {full!r}: "
+    raise ValueError(f"builder_config: TFDS data set {full!r}: "
                      f"{str(e).strip().splitlines()[0]}") from None
 
 
@@ -295,7 +295,7 @@ def _split_source(builder, name: str, split: str, tfds_split: str):
   (TFDS raises ``Unknown split`` or, for a slice with no records, ``Paths
   sequence can not be of 0 length``)."""
   known = list(builder.info.splits)
-  key = f"config.data.{split}_split={tfds_split!r}"
+  key = f"{split}_split={tfds_split!r}"
   if known:  # (a mocked or unprepared builder knows no split: TFDS decides)
     try:
       n = builder.info.splits[tfds_split].num_examples

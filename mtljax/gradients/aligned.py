@@ -39,7 +39,7 @@ def aligned_mtl_weights(k: jax.Array, factor: jax.Array | None = None, *,
     ``beta [T]``, ``info`` with ``B``, ``rank`` and ``converged``.
   """
   if not 0 < resolve < 1:
-    raise ValueError(f"config.objective.aligned_mtl.resolve must be in (0, 1), got {resolve}.")
+    raise ValueError(f"aligned_mtl.resolve must be in (0, 1), got {resolve}.")
   t = k.shape[0]
   algebra.check_factor(factor, t, "aligned_mtl")
   eps = jnp.finfo(k.dtype).eps

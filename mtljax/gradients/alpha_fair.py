@@ -44,7 +44,8 @@ def _alpha_fair_solve(k: jax.Array, alpha: float, iters: int, tol: float):
   # difference of large terms, which float32 resolves to ~1e-3 only. Allowed
   # up to 100 tol, and only once Newton has stalled: where no solution exists
   # K w cancels exactly and the relative residual stays near 1.
-  floor = jnp.where(last_step < 1e-2, jnp.minimum(algebra.rounding_level(kn, a) * a ** p, 100.0 * tol), 0.0)
+  floor = jnp.where(last_step < 1e-2,
+                    jnp.minimum(algebra.rounding_level(kn, a) * a ** p, 100.0 * tol), 0.0)
   w = a * scale ** (-1.0 / (1.0 + p))
   ok = jnp.all(jnp.isfinite(w))   # no solution (K ~ 0): zeros, not converged
   return jnp.where(ok, w, 0.0), {"residual": jnp.max(res),
@@ -77,6 +78,6 @@ def fairgrad_weights(k: jax.Array, *, alpha: float = 2.0, iters: int = 50,
       accepted as converged.
   """
   if not alpha > 0:
-    raise ValueError(f"config.objective.fairgrad.alpha must be > 0, got {alpha}.")
+    raise ValueError(f"fairgrad.alpha must be > 0, got {alpha}.")
   w, info = _alpha_fair_solve(k, float(alpha), iters, tol)
   return k.shape[0] * w, {**info, "w": w}

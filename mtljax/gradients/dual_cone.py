@@ -47,13 +47,13 @@ def _dual_cone_weights(k, u, norm_eps, reg_eps, exact_up_to, iters, tol):
 
 def _check_dual_cone_args(name, norm_eps, reg_eps, exact_up_to, tol):
   if not (norm_eps >= 0 and reg_eps >= 0):
-    raise ValueError(f"config.objective.{name}: norm_eps and reg_eps must be >= 0, got "
+    raise ValueError(f"{name}: norm_eps and reg_eps must be >= 0, got "
                      f"{norm_eps}, {reg_eps}.")
   if not 0 <= exact_up_to <= 12:
-    raise ValueError(f"config.objective.{name}.exact_up_to must be in [0, 12] (the exact "
+    raise ValueError(f"{name}.exact_up_to must be in [0, 12] (the exact "
                      f"solver builds 2^T systems), got {exact_up_to}.")
   if not tol > 0:
-    raise ValueError(f"config.objective.{name}.tol must be > 0, got {tol}.")
+    raise ValueError(f"{name}.tol must be > 0, got {tol}.")
 
 
 def upgrad_weights(k: jax.Array, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4,

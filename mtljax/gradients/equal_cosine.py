@@ -69,7 +69,7 @@ def imtl_g_weights(k: jax.Array, factor: jax.Array | None = None, *, eps: float 
     ``alpha``, even its sign) not.
   """
   if not max_cond > 1.0:
-    raise ValueError(f"config.objective.imtl_g.max_cond must be > 1, got {max_cond}.")
+    raise ValueError(f"imtl_g.max_cond must be > 1, got {max_cond}.")
   algebra.check_factor(factor, k.shape[0], "imtl_g")
   keep = (jnp.sqrt(jnp.maximum(jnp.diag(k), 0.0)) > eps).astype(k.dtype)
   b, spec = _equal_cosine(k, factor, keep)
@@ -125,7 +125,7 @@ def config_weights(k: jax.Array, factor: jax.Array | None = None, *, max_cond: f
     rank.
   """
   if not max_cond > 1.0:
-    raise ValueError(f"config.objective.config.max_cond must be > 1, got {max_cond}.")
+    raise ValueError(f"config.max_cond must be > 1, got {max_cond}.")
   algebra.check_factor(factor, k.shape[0], "config")
   b, spec = _equal_cosine(k, factor)
   sq = jnp.maximum(spec["ycy"], jnp.finfo(k.dtype).tiny)

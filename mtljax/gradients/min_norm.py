@@ -13,6 +13,14 @@ import jax.numpy as jnp
 from mtljax.gradients import algebra
 from mtljax.gradients import solvers
 
+def _check_solver(name: str, exact_up_to: int, tol: float) -> None:
+  if not 0 <= exact_up_to <= 12:
+    raise ValueError(f"{name}.exact_up_to must be in [0, 12] (the exact "
+                     f"solver builds 2^T systems), got {exact_up_to}.")
+  if not 0.0 <= tol < 1.0:
+    raise ValueError(f"{name}.tol must be in [0, 1), got {tol}.")
+
+
 def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5,
                  exact_up_to: int = 10):
   """MGDA: ``argmin_{a in simplex} a^T K a`` (the min-norm element).
@@ -36,11 +44,7 @@ def mgda_weights(k: jax.Array, *, iters: int = 300, tol: float = 1e-5,
     ``beta [T]`` on the simplex, ``info`` with ``gap`` (Frank-Wolfe duality gap
     of ``a^T K a / max_i K_ii``) and ``converged``.
   """
-  if not 0 <= exact_up_to <= 12:
-    raise ValueError(f"config.objective.mgda.exact_up_to must be in [0, 12] (the exact "
-                     f"solver builds 2^T systems), got {exact_up_to}.")
-  if not 0.0 <= tol < 1.0:
-    raise ValueError(f"config.objective.mgda.tol must be in [0, 1), got {tol}.")
+  _check_solver("mgda", exact_up_to, tol)
   t = k.shape[0]
   kn = k / jnp.maximum(jnp.max(jnp.diag(k)), 1e-30)
 
@@ -159,14 +163,10 @@ def cagrad_weights(k: jax.Array, *, c: float = 0.5, rescale: int = 1, iters: int
     Frank-Wolfe gap over ``tr K / T``), ``converged`` and the dual weights ``w``.
   """
   if not 0.0 <= c < 1.0:
-    raise ValueError(f"config.objective.cagrad.c must be in [0, 1), got {c}.")
+    raise ValueError(f"cagrad.c must be in [0, 1), got {c}.")
   if rescale not in (0, 1, 2):
     raise ValueError(f"cagrad: rescale must be 0, 1 or 2, got {rescale}.")
-  if not 0 <= exact_up_to <= 12:
-    raise ValueError(f"config.objective.cagrad.exact_up_to must be in [0, 12] (the exact "
-                     f"solver builds 2^T systems), got {exact_up_to}.")
-  if not 0.0 <= tol < 1.0:
-    raise ValueError(f"config.objective.cagrad.tol must be in [0, 1), got {tol}.")
+  _check_solver("cagrad", exact_up_to, tol)
   t = k.shape[0]
   b = jnp.full((t,), 1.0 / t, k.dtype)
   scale = jnp.maximum(jnp.trace(k) / t, 1e-30)

@@ -98,4 +98,4 @@ def unbound_state(name: str) -> Callable:
 
 def check_hparam(name: str, ok: bool, what: str) -> None:
   if not ok:
-    raise ValueError(f"config.objective.{name}: {what}.")
+    raise ValueError(f"{name}: {what}.")

@@ -76,17 +76,17 @@ def gradnorm(num_tasks: int, *, alpha: float = 1.5, w_lr: float = 0.025,
   """GradNorm (Chen et al. 2018, Algorithm 1) on the last shared leaf matching
   ``layer`` (a regex over paths relative to ``shared/``)."""
   if not w_lr > 0 or alpha < 0:
-    raise ValueError(f"config.objective.gradnorm: w_lr must be > 0 and alpha >= 0, got "
+    raise ValueError(f"gradnorm: w_lr must be > 0 and alpha >= 0, got "
                      f"{w_lr}, {alpha}.")
   try:
     rx = re.compile(layer)
   except re.error as e:
-    raise ValueError(f"config.objective.gradnorm.layer={layer!r}: {e}.") from None
+    raise ValueError(f"gradnorm.layer={layer!r}: {e}.") from None
 
   def pick(names):
     found = sorted((n for n in names if rx.search(n)), key=_natural)
     if not found:
-      raise ValueError(f"config.objective.gradnorm.layer={layer!r} matches no shared "
+      raise ValueError(f"gradnorm.layer={layer!r} matches no shared "
                        f"parameter; shared parameters are {list(names)}.")
     return found[-1:]  # the last shared layer matching (layer_10 after layer_9)
 

@@ -84,7 +84,7 @@ def gram_combiner(method: gradients.GramMethod, num_tasks: int, *,
     raise TypeError(f"gram_combiner: expected a gradients.GramMethod, got "
                     f"{type(method).__name__}.")
   if gram_path not in GRAM_PATHS:
-    raise ValueError(f"config.objective.gram_path={gram_path!r} is not one of {GRAM_PATHS}.")
+    raise ValueError(f"gram_path={gram_path!r} is not one of {GRAM_PATHS}.")
   bound = bind_weights(method, hp)
   if method.min_norm:
     present_weights = without_absent_slots(bound)

@@ -24,6 +24,8 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
     "excess_mtl": stateful.excess_mtl, "moco": stateful.moco,
 }
 
+gradients.reserve(REGISTRY)  # a gradient method may not take one of these names
+
 # Objectives whose hyper-parameters (and defaults) are a gradient method's:
 # MGDA-UB runs MGDA's solver, IMTL runs IMTL-G's.
 HPARAMS_OF = {"mgda_ub": "mgda", "imtl": "imtl_g"}
@@ -37,7 +39,7 @@ def methods() -> tuple[str, ...]:
 
 def check_method(method: str) -> None:
   if method not in REGISTRY and method not in gradients.REGISTRY:
-    raise ValueError(f"config.objective.method={method!r} is not one of {methods()}.")
+    raise ValueError(f"method={method!r} is not one of {methods()}.")
 
 
 def hyperparameters(method: str) -> dict:
@@ -55,7 +57,7 @@ def check_hyperparameters(method: str, hparams: dict) -> None:
   known = hyperparameters(method)
   unknown = sorted(set(hparams) - set(known))
   if unknown:
-    raise ValueError(f"config.objective.{method}: unknown hyper-parameter(s) {unknown}; "
+    raise ValueError(f"{method}: unknown hyper-parameter(s) {unknown}; "
                      f"{method!r} takes {sorted(known) or 'none'}.")
 
 
@@ -73,7 +75,7 @@ def make_objective(method: str, num_tasks: int, *, gram_path: str = "jacobian",
                               **hparams)
   if gram_path != "jacobian":
     raise ValueError(
-        f"config.objective.gram_path={gram_path!r} applies to the gradient methods "
+        f"gram_path={gram_path!r} applies to the gradient methods "
         f"{tuple(gradients.REGISTRY)}, whose per-task parameter gradients it accumulates; "
         f"method {method!r} does not use it (mgda_ub never forms the parameter Jacobian). "
         "Leave gram_path='jacobian'.")
@@ -83,5 +85,7 @@ def make_objective(method: str, num_tasks: int, *, gram_path: str = "jacobian",
 def needs(method: str) -> str:
   """What ``method`` asks the step to linearise (:attr:`Objective.needs`: a
   loss weighting ``"sum"``, a gradient method ``"slots"``, MGDA-UB and
-  GradDrop ``"representation"``), read from the objective it builds."""
+  GradDrop ``"representation"``), read from the objective it builds (for
+  two tasks; a gradient method's build traces its weights once on a 2 x 2
+  Gram matrix, milliseconds)."""
   return make_objective(method, 2).needs

@@ -51,7 +51,7 @@ def weighted_sum(losses: jax.Array, task_ids: jax.Array, weights: jax.Array) -> 
 
 
 def fixed(num_tasks: int) -> Objective:
-  """Equal (or fixed, ``config.objective.weights``) weighting."""
+  """Equal (or fixed, ``weights``) weighting."""
   return loss_weighting("fixed", lambda l, inp: (weighted_sum(l, inp.task_ids, inp.weights),
                                                  jnp.ones((num_tasks,))), log_lambda=False)
 
@@ -105,8 +105,8 @@ def dwa_weights(prev: jax.Array, prev2: jax.Array, windows_done: jax.Array,
 def dwa(num_tasks: int, *, temperature: float = 2.0, window_steps: int = 100) -> Objective:
   """Dynamic weight average (Liu et al. 2019) over windows of ``window_steps``."""
   if not temperature > 0 or window_steps < 1:
-    raise ValueError("config.objective.dwa.temperature must be > 0 and "
-                     "config.objective.dwa.window_steps >= 1.")
+    raise ValueError(f"dwa.temperature must be > 0 and dwa.window_steps >= 1, got "
+                     f"{temperature}, {window_steps}.")
 
   def init():  # distinct buffers, so the state can be donated
     z = lambda: jnp.zeros((num_tasks,), jnp.float32)
@@ -152,10 +152,10 @@ def famo(num_tasks: int, *, w_lr: float = 0.025, gamma: float = 0.01, max_norm: 
          min_losses: tuple = ()) -> Objective:
   """FAMO (Liu et al. 2023); ``min_losses``: per-task loss lower bounds (default 0)."""
   if not w_lr > 0 or gamma < 0 or max_norm < 0:
-    raise ValueError(f"config.objective.famo: w_lr must be > 0, gamma >= 0 and "
+    raise ValueError(f"famo: w_lr must be > 0, gamma >= 0 and "
                      f"max_norm >= 0 (0 = no clipping), got {w_lr}, {gamma}, {max_norm}.")
   if min_losses and len(min_losses) != num_tasks:
-    raise ValueError(f"config.objective.famo.min_losses has {len(min_losses)} values for "
+    raise ValueError(f"famo.min_losses has {len(min_losses)} values for "
                      f"{num_tasks} tasks.")
   floor = (jnp.asarray(min_losses, jnp.float32) if min_losses
            else jnp.zeros((num_tasks,), jnp.float32))
