@@ -518,6 +518,13 @@ class Run(NamedTuple):
   lr_schedules: tuple[LrSchedule, ...] = ()  # the optimizer's, as the log reports them
 
 
+def read_source(config) -> tuple[dict, int]:
+  """``(params, step)`` of the checkpoint ``config.init_from`` names; a missing
+  or unusable one is a :class:`~mtljax.errors.ConfigError` under that key."""
+  with errors.config_section("init_from", catch=(ValueError, FileNotFoundError)):
+    return ckpt_lib.read_params(config.init_from)
+
+
 def _initial_state(config, model, objective, tx, state: steps.TrainState, source=None
                    ) -> tuple[steps.TrainState, Callable | None, dict]:
   """The state after ``config.init_from`` (fine-tuning) and the L2-SP penalty.
@@ -528,9 +535,10 @@ def _initial_state(config, model, objective, tx, state: steps.TrainState, source
       raise ConfigError("config.l2sp_alpha/l2sp_beta pull parameters toward pretrained "
                         "values: set config.init_from.")
     return state, None, None
-  source, source_step = source or ckpt_lib.read_params(config.init_from)
+  source, source_step = source or read_source(config)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
-  params, report = ckpt_lib.load_params(state.params, source, dont_load)
+  with errors.config_section("init_from"):
+    params, report = ckpt_lib.load_params(state.params, source, dont_load)
   init_report = {"from": config.init_from, "step": source_step, **report}
   logger.info("init_from %s (step %d): loaded %d, fresh (dont_load) %s, fresh (missing) "
               "%s, unused %s.", config.init_from, source_step, len(report["loaded"]),
@@ -589,7 +597,7 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
   init = jax.jit(lambda r: steps.init_train_state(model, tx, r, objective))
   n_seeds = num_seeds(config)
 
-  source = ckpt_lib.read_params(config.init_from) if config.init_from else None
+  source = read_source(config) if config.init_from else None
 
   def seed_state(seed):  # seed s: initialised from key(s + 1), sampling from key(s)
     state = init(jax.random.key(seed + 1))

@@ -135,11 +135,11 @@ def read_params(path: str, step: int | None = None) -> tuple[dict, int]:
   directory), latest step unless ``step``; returns ``(params, step)``."""
   directory = _checkpoint_dir(path)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"config.init_from={path!r}: no such directory.")
+    raise FileNotFoundError(f"path={path!r}: no such directory.")
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"config.init_from={path!r}: no checkpoint in {directory}.")
+    raise FileNotFoundError(f"path={path!r}: no checkpoint in {directory}.")
   # Onto this process's first device, whatever mesh the source was saved from
   # (pretrained on 8 devices, fine-tuned on 1): the run places it afterwards.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -148,7 +148,7 @@ def read_params(path: str, step: int | None = None) -> tuple[dict, int]:
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
   if not isinstance(restored, dict) or "params" not in restored:
-    raise ValueError(f"config.init_from={path!r}: checkpoint step {step} holds no 'params'.")
+    raise ValueError(f"path={path!r}: checkpoint step {step} holds no 'params'.")
   return restored["params"], int(step)
 
 
@@ -195,12 +195,12 @@ def load_params(target, source, dont_load: Sequence[str] = ()) -> tuple[dict, di
       report["loaded"].append(name)
   nonfinite = [n for n, v in values.items() if not np.all(np.isfinite(np.asarray(v)))]
   if nonfinite:
-    raise ValueError(f"config.init_from: the source checkpoint holds NaN/inf in "
+    raise ValueError(f"the source checkpoint holds NaN/inf in "
                      f"{nonfinite[:5]}{' ...' if len(nonfinite) > 5 else ''} (a diverged run?); "
                      "choose another checkpoint.")
   if mismatched:
-    raise ValueError("config.init_from: shape mismatch for " + "; ".join(mismatched) +
-                     ". Add a config.init_dont_load pattern to re-initialise them.")
+    raise ValueError("shape mismatch for " + "; ".join(mismatched) +
+                     ". Add a dont_load pattern to re-initialise them.")
   used = set(values) | {"shared/" + n[len("tasks/"):] for n in report["broadcast"]}
   report["unused"] = sorted(set(src) - used - set(report["fresh_dont_load"]))
 

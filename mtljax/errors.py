@@ -36,15 +36,18 @@ def in_section(path: str, message: str, keys: Iterable[str] = ()) -> str:
 
 
 @contextlib.contextmanager
-def config_section(path: str, keys: Iterable[str] = ()) -> Iterator[None]:
+def config_section(path: str, keys: Iterable[str] = (),
+                   catch: tuple[type[Exception], ...] = (ValueError,)) -> Iterator[None]:
   """Inside, a library ``ValueError`` (not already a :class:`ConfigError`)
   becomes a :class:`ConfigError` with its message under ``config.<path>``
   (:func:`in_section`; ``keys``: the section's keys), with its traceback and
-  cause (a library error raised ``from None`` stays one line)."""
+  cause (a library error raised ``from None`` stays one line). ``catch``: the
+  library error types to convert (a missing checkpoint directory is a
+  ``FileNotFoundError``)."""
   try:
     yield
   except ConfigError:
     raise
-  except ValueError as e:  # its traceback, and its own cause (None: suppressed)
+  except catch as e:  # its traceback, and its own cause (None: suppressed)
     raise ConfigError(in_section(path, str(e), keys)).with_traceback(
         e.__traceback__) from e.__cause__

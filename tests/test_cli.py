@@ -122,13 +122,14 @@ def test_a_run_is_quiet_unless_asked_and_its_progress_has_rates_from_the_second_
   assert _TFDS_PER_RUN[0] in r.stderr, r.stderr  # (the other one: on generation only)
 
 
-def test_library_errors_name_their_arguments_and_build_names_the_config_path():
+def test_library_errors_name_their_arguments_and_build_names_the_config_path(tmp_path):
   """A library function's error names its own argument; the same error raised
   where build reads the config is a ConfigError under the config path (a
   message that starts with a key of the section reads as that key's path)."""
   import helpers  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mtljax import build, errors, gradients, sharding  # pylint: disable=g-import-not-at-top
+  from mtljax import build, checkpoint, errors  # pylint: disable=g-import-not-at-top
+  from mtljax import gradients, sharding  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError) as e:
     gradients.cagrad_weights(jnp.eye(2), c=2.0)
   assert str(e.value) == "cagrad.c must be in [0, 1), got 2.0."
@@ -143,6 +144,15 @@ def test_library_errors_name_their_arguments_and_build_names_the_config_path():
   config = helpers.small_sinusoids_config(**{"mesh.data": 0})
   with pytest.raises(errors.ConfigError, match=r"^config\.mesh\.data=0 must be a positive"):
     build.placement_from_config(config)
+  # A fine-tuning source with no checkpoint: the library's FileNotFoundError
+  # names its path argument; build reports it under config.init_from.
+  empty = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"^path='.*': no checkpoint in"):
+    checkpoint.read_params(empty)
+  config = helpers.small_sinusoids_config(init_from=empty)
+  with pytest.raises(errors.ConfigError,
+                     match=r"^config\.init_from: path='.*': no checkpoint in"):
+    build.read_source(config)
   with pytest.raises(errors.ConfigError, match=r"^config\.optim: stlr: cut_frac must be"):
     with errors.config_section("optim", config.optim):
       from mtljax import schedules  # pylint: disable=g-import-not-at-top

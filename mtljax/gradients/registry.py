@@ -32,6 +32,7 @@ import types
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from mtljax.gradients import algebra
 from mtljax.gradients import aligned
@@ -96,6 +97,17 @@ class GramMethod:
     if unknown:
       raise ValueError(f"{self.name}: unknown hyper-parameter(s) {unknown}; it takes "
                        f"{sorted(self.hparams) or 'none'}.")
+
+  def bind(self, **hparams) -> Callable[..., tuple[jax.Array, dict]]:
+    """``weights(K, rng=None, factor=None) -> (beta, info)`` with ``hparams``
+    bound; their names and values are checked here (the weights are traced
+    once on a 2 x 2 problem), so a bad value fails before any jit."""
+    self.check(hparams)
+
+    def weights(k, rng=None, factor=None):
+      return self(k, rng=rng, factor=factor, **hparams)
+    jax.eval_shape(lambda k: weights(k, jax.random.key(0)), jnp.eye(2))
+    return weights
 
   def __call__(self, k: jax.Array, *, rng: jax.Array | None = None,
                factor: jax.Array | None = None, **hparams) -> tuple[jax.Array, dict]:

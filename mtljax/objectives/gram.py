@@ -38,20 +38,6 @@ def gram_measurements(k: jax.Array, beta: jax.Array, info: dict, task_ids: jax.A
   }
 
 
-def bind_weights(method: gradients.GramMethod, hp: dict) -> Callable:
-  """``weights(K, rng, factor=None) -> (beta, info)`` of a gradient method,
-  hyper-parameters bound and checked; ``factor``
-  (:func:`mtljax.gradients.cosine_factor` of the rows) reaches the methods whose
-  record takes it (``None`` on the ``accumulate`` path)."""
-  method.check(hp)
-
-  def weights(k, rng, factor=None):
-    return method(k, rng=rng, factor=factor, **hp)
-  # Trace once on a small problem: bad hyper-parameters fail here, not in jit.
-  jax.eval_shape(weights, jnp.eye(2), jax.random.key(0))
-  return weights
-
-
 def without_absent_slots(weights: Callable) -> Callable:
   """``weights(K, rng)`` of a min-norm method (MGDA) solved on the *present*
   slots only, ``present [K]`` = fixed weight > 0 (a slot with no labelled
@@ -85,7 +71,7 @@ def gram_combiner(method: gradients.GramMethod, num_tasks: int, *,
                     f"{type(method).__name__}.")
   if gram_path not in GRAM_PATHS:
     raise ValueError(f"gram_path={gram_path!r} is not one of {GRAM_PATHS}.")
-  bound = bind_weights(method, hp)
+  bound = method.bind(**hp)
   if method.min_norm:
     present_weights = without_absent_slots(bound)
   else:
@@ -117,7 +103,7 @@ def mgda_ub(num_tasks: int, **hp) -> Objective:
   defaults included)."""
   mgda = gradients.REGISTRY["mgda"]
   hp = {**mgda.hparams, **hp}
-  weights = without_absent_slots(bind_weights(mgda, hp))
+  weights = without_absent_slots(mgda.bind(**hp))
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     w = inp.weights[inp.task_ids]

@@ -423,7 +423,7 @@ def imtl(num_tasks: int, **hp) -> Objective:
   ``sum_k w_k e^{s_t} L_k``."""
   imtl_g = gradients.REGISTRY["imtl_g"]
   hp = {**imtl_g.hparams, **hp}
-  weights = gram.bind_weights(imtl_g, hp)
+  weights = imtl_g.bind(**hp)
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     ids, w = inp.task_ids, inp.weights[inp.task_ids]
