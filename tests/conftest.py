@@ -68,8 +68,9 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
 # on the machine's speed (only, a little, on which worker runs which test).
 #
 # * MTLJAX_COMPILE_REPORT=FILE appends one JSON line per test (nodeid, wall
-#   seconds, compile requests, persistent-cache hits, compile seconds): the
-#   profile BUILD_NOTES' suite table comes from.
+#   seconds, compile requests, persistent-cache hits, compile seconds, and
+#   per program name its requests and seconds): the profile BUILD_NOTES'
+#   suite table comes from.
 # * The budget: a run of the whole fast tier from the repository root (bare
 #   ``pytest``, or ``scripts/test.sh``'s first tier; no paths, no ``-k``) on
 #   at most 2 xdist workers fails when its compile requests, summed over the
@@ -86,12 +87,16 @@ import time  # noqa: E402
 import jax  # noqa: E402  (after the cache settings above)
 
 _COUNTS = {"requests": 0, "hits": 0, "seconds": 0.0}
+_PROGRAMS: dict = {}  # fun_name -> [requests, seconds], this test's (for the report)
 
 
-def _on_duration(event, duration, **_):
+def _on_duration(event, duration, fun_name="?", **_):
   if event == "/jax/core/compile/backend_compile_duration":
     _COUNTS["requests"] += 1
     _COUNTS["seconds"] += duration
+    entry = _PROGRAMS.setdefault(fun_name, [0, 0.0])
+    entry[0] += 1
+    entry[1] += duration
 
 
 def _on_event(event, **_):
@@ -106,6 +111,7 @@ jax.monitoring.register_event_listener(_on_event)
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
   before = dict(_COUNTS)
+  _PROGRAMS.clear()
   start = time.perf_counter()
   yield
   path = os.environ.get("MTLJAX_COMPILE_REPORT")
@@ -113,7 +119,8 @@ def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
     row = {"test": item.nodeid, "wall_s": round(time.perf_counter() - start, 3),
            "compiles": _COUNTS["requests"] - before["requests"],
            "cache_hits": _COUNTS["hits"] - before["hits"],
-           "compile_s": round(_COUNTS["seconds"] - before["seconds"], 3)}
+           "compile_s": round(_COUNTS["seconds"] - before["seconds"], 3),
+           "programs": {k: [n, round(sec, 3)] for k, (n, sec) in _PROGRAMS.items()}}
     with open(path, "a", encoding="utf-8") as f:
       f.write(json.dumps(row) + "\n")
 
