@@ -3,7 +3,8 @@
 Rules and checks run here on this process's device(s) (an ``AbstractMesh``
 stands in for sizes > 1). Runs on a mesh start a process of their own with 8
 fake CPU devices (``XLA_FLAGS`` set before jax is imported:
-``tests/mesh_worker.py``) and are compared with the same runs on one device:
+``tests/mesh_worker.py``) and are compared with the same runs on one device
+(this process's own, by the same worker code):
 the same parameters and metrics within float tolerance (the order of the
 batch sums differs across devices), one compilation, and the compiled step's
 input/output shardings equal to what the rules ask for.
@@ -21,6 +22,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import helpers
+import mesh_worker
 from mtljax import sharding
 from mtljax import steps
 
@@ -146,7 +148,14 @@ _MESHES = {"data": (8, 1), "task": (1, 8), "both": (4, 2)}
 
 
 def _run_worker(tmp_path, name, cases, devices):
+  """Runs ``cases`` (tests/mesh_worker.py) on ``devices`` CPU devices: in this
+  process when that is 1 (its own device count; no process start and imports to
+  pay), else in a process of its own with that many fake devices."""
   out = tmp_path / name
+  if devices == 1:
+    assert jax.device_count() == 1
+    mesh_worker.main(str(out), json.loads(json.dumps(cases)))
+    return out
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
