@@ -91,6 +91,7 @@ def _small_digits_config():
   c.data.builder_config = "n600_m200_s0"
   c.total_steps = 200
   c.log_steps = c.eval_steps = c.checkpoint_steps = 100
+  c.plots = False  # a run's figures are tests/test_report.py's; about 1 s a run here
   return c
 
 

@@ -41,6 +41,7 @@ def _small_config(tmp_path):
   c.model.hidden = (16,)
   c.total_steps = c.log_steps = c.eval_steps = c.checkpoint_steps = 50
   c.baselines_cache = str(tmp_path / "cache")
+  c.plots = False  # a run's figures are tests/test_report.py's; about 1 s a run here
   return c
 
 
@@ -59,7 +60,10 @@ def test_baselines_are_trained_once_then_cached_and_delta_m_reported(tmp_path):
   assert calls == ["independent"] and again == base
   # Another budget is another cache entry.
   c2 = _small_config(tmp_path)
-  c2.total_steps = c2.log_steps = c2.eval_steps = c2.checkpoint_steps = 25
+  # 100 steps in calls of 50, as the first budget's: its train and eval steps
+  # are the programs compiled for that one (25 would be calls of 25: two more).
+  c2.total_steps = c2.log_steps = c2.eval_steps = c2.checkpoint_steps = 100
+  c2.steps_per_call = 50
   measure.single_task_baselines(c2, counting_train)
   assert len(calls) == 2
   out = train.train_and_evaluate(c, str(tmp_path / "run"))

@@ -10,7 +10,6 @@ they fail (they are not skipped).
 import json
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -32,13 +31,22 @@ def _checkpoint_predictions(run_dir, xs, seed=None) -> list[np.ndarray]:
   model = build.model_from_config(config, data.taskset, data.input_shape)
   params, step = checkpoint.read_params(str(run_dir))
   assert step == summary["step"] == config.total_steps
+  params = jax.tree.map(np.asarray, params)  # host arrays: no eager op to slice them
   if seed is not None:
     params = jax.tree.map(lambda a: a[seed], params)
+  # One compiled forward pass for every task: each task's inputs zero-padded to
+  # the longest (the model maps each example on its own, so the padding rows
+  # change nothing in the real ones, which are all that is kept) and the task
+  # id an argument -- not one eager op per layer, task and input length.
+  width = max(len(x) for x in xs)
+  apply = jax.jit(model.apply)
   out = []
   for t, x in enumerate(xs):
     group = data.taskset.tasks[t].group
-    pred = model.apply(params, jnp.asarray(x, jnp.float32)[None], jnp.array([t], jnp.int32))
-    out.append(np.asarray(pred[group][0, :, 0], np.float64))
+    padded = np.zeros((width,) + np.shape(x)[1:], np.float32)
+    padded[:len(x)] = x
+    pred = apply(params, padded[None], np.array([t], np.int32))
+    out.append(np.asarray(pred[group], np.float64)[0, :len(x), 0])
   return out
 
 
@@ -68,6 +76,7 @@ def test_exam_experiment_reports_held_out_mse_per_approach(tmp_path):
   from experiments.configs import exam as exam_config  # pylint: disable=g-import-not-at-top
   c = exam_config.get_config("quick")
   c.total_steps = c.log_steps = c.eval_steps = c.checkpoint_steps = 100
+  c.plots = False  # each run's curves.png (not the experiment's own figure)
   out = exam.run(c, str(tmp_path))
   assert set(out["results"]) == {"pooled", "independent", "soft"}
   # The held-out students of seed 0, from the table itself (not the TFDS files).
@@ -131,6 +140,7 @@ def test_mmoe_sweep_writes_curves_repetitions_and_paired_gaps(tmp_path):
   c.sweep.lrs, c.sweep.cv_folds = (1e-3, 1e-2), 2  # chosen by cross-validation
   c.total_steps, c.steps_per_call, c.log_steps = 100, 50, 50
   c.eval_steps = c.checkpoint_steps = 100
+  c.plots = False  # each run's curves.png (not the sweep's figure, checked below)
   mmoe_sweep.run(c, str(tmp_path))
   sweep = json.loads((tmp_path / "sweep.json").read_text())
   summary = json.loads((tmp_path / "summary.json").read_text())
@@ -193,6 +203,7 @@ def test_multi_digits_archs_reports_delta_m_against_cached_baselines(tmp_path):
   c.model.encoder, c.model.hidden = "mlp", (32,)
   c.total_steps, c.log_steps, c.eval_steps, c.checkpoint_steps = 100, 50, 50, 100
   c.baselines_cache = str(tmp_path / "cache")
+  c.plots = False  # each run's curves.png etc. (tests/test_report.py checks those)
   out = multi_digits_archs.run(c, str(tmp_path / "run"))
   # The baselines: one cached independent run, trained once, its test metrics.
   (cached,) = list((tmp_path / "cache" / "baselines").iterdir())

@@ -77,7 +77,7 @@ def _config():
   return helpers.small_sinusoids_config(**{
       "objective.method": "pcgrad", "optim.lr": 1e-2, "optim.schedule": "warmup_cosine",
       "optim.warmup_steps": 10, "optim.rules": "^tasks/:lr_mult=0.5;.*:",
-      "checkpoint_steps": 20})
+      "checkpoint_steps": 20, "plots": False})  # figures: tests/test_report.py
 
 
 @pytest.mark.slow
