@@ -26,15 +26,19 @@ MIXED = tasks.TaskSet((tasks.Task("a", "classification", 4), tasks.Task("r", "re
 IDS = jnp.array([2, 0, 1, 0])
 
 
+# Perturbations and inputs are drawn with numpy: an eager jax.random draw
+# compiles a threefry program per new shape (seconds each on XLA:CPU), and
+# these tests only need arbitrary standard-normal values.
 def _noisy(params, seed=0, scale=0.3):
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  return jax.tree.unflatten(treedef, [a + scale * jax.random.normal(k, a.shape)
-                                      for a, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed + 100)
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(np.asarray(a) + scale * rng.standard_normal(a.shape), jnp.float32)
+      for a in leaves])
 
 
 def _x(shape=(5,), k=4, b=6, seed=0):
-  return jax.random.normal(jax.random.key(seed), (k, b) + shape)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((k, b) + shape), jnp.float32)
 
 
 def _assert_outputs_equal(a, b, ids=IDS, taskset=MIXED, tol=1e-5):
@@ -52,7 +56,7 @@ def test_gates_are_on_the_simplex():
   """Softmax gates (CGC / PLE) and DSelect-k gates (E a power of 2, static and
   per example, random and saturated logits): weights >= 0 summing to one."""
   rng = jax.random.key(0)
-  h = jax.random.normal(rng, (7, 3, 2))
+  h = jnp.asarray(np.random.default_rng(0).standard_normal((7, 3, 2)), jnp.float32)
   g = experts.softmax_gate(5, 6)
   p = _noisy(g.init(rng), scale=2.0)
   w = np.asarray(g(p, h), np.float64)
@@ -325,16 +329,18 @@ def test_one_pass_step_equals_the_per_slot_step(arch, method):
   model = multitask.make_model(arch, data.taskset, data.input_shape,
                                **helpers.arch_kwargs(arch, **_KW))
   tx = optim.make_optimizer("adam", lr=1e-2)
-  runs = {}
+  fns, states = [], []
   for one_pass in (None, False):
     obj = objectives.make_objective(method, 4)
-    fn = steps.make_train_step(
+    fns.append(steps.make_train_step(
         model, tx, obj, sampling.make_sampler(data.taskset, np.full(4, 0.25), 3, 8,
                                               shared_inputs=True),
-        weights=np.array([1.0, 2.0, 0.5, 1.0]), seed=5, one_pass=one_pass, steps_per_call=2)
-    state = steps.init_train_state(model, tx, jax.random.key(0), obj)
-    runs[one_pass] = jax.jit(fn)(state, data.train)
-  (a, ma), (b, mb) = runs[None], runs[False]
+        weights=np.array([1.0, 2.0, 0.5, 1.0]), seed=5, one_pass=one_pass, steps_per_call=2))
+    states.append(steps.init_train_state(model, tx, jax.random.key(0), obj))
+  # Both steps in one program (one compilation instead of two), each on its
+  # own state, as two separate calls would run them.
+  (a, ma), (b, mb) = jax.jit(lambda s0, s1, d: (fns[0](s0, d), fns[1](s1, d)))(
+      *states, data.train)
   helpers.assert_trees_close(ma, mb, rtol=2e-4, atol=2e-5)
   for key in ("params", "opt_state"):
     helpers.assert_trees_close(getattr(a, key), getattr(b, key), rtol=2e-4, atol=2e-5)

@@ -74,7 +74,8 @@ def test_step_applies_the_method_to_per_task_gradients(method, gram_path, shared
   losses, grads = helpers.per_task_grads(model, p, x, ys, ids, shared_inputs, weights)
   g_shared = helpers.stack([g["shared"] for g in grads])
   fns = {"pcgrad": lambda g: gradients.pcgrad(g, r_method)}
-  d, beta, _ = fns.get(method, getattr(gradients, method))(g_shared)
+  # The reference method jitted: one program, not one eager program per op.
+  d, beta = jax.jit(lambda g: fns.get(method, getattr(gradients, method))(g)[:2])(g_shared)
   helpers.assert_trees_close(new.params["shared"],
                              jax.tree.map(lambda a, b: a - b, p["shared"], d))
   plain = jax.tree.map(lambda *r: sum(r), *[g["tasks"] for g in grads])
@@ -287,17 +288,20 @@ def test_one_pass_step_equals_the_per_slot_step(arch, heads, method):
       arch, hidden=(8, 6), num_experts=3, tower=(5,), heads=heads))
   tx = optim.make_optimizer("adam", lr=1e-2)
   weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
-  runs = {}
   k = 4 if (arch, heads) == ("multi_head", "auto") else 3
+  fns, states = [], []
   for one_pass in (None, False):
     obj, fn = _step_fn(model, method, tx, k=k, weights=weights, shared_inputs=True,
                        one_pass=one_pass, steps_per_call=3)
-    state = steps.init_train_state(model, tx, jax.random.key(0), obj)
-    structure = jax.tree.structure(state.objective_state)
-    new, meas = jax.jit(fn)(state, data.train)
-    assert jax.tree.structure(new.objective_state) == structure
-    runs[one_pass] = (new, meas)
-  (a, ma), (b, mb) = runs[None], runs[False]
+    fns.append(fn)
+    states.append(steps.init_train_state(model, tx, jax.random.key(0), obj))
+  # Both steps in one program (one compilation instead of two: ~40 % less
+  # compile time); each runs on its own state, as two separate calls would.
+  runs = jax.jit(lambda s0, s1, d: (fns[0](s0, d), fns[1](s1, d)))(*states, data.train)
+  for state, (new, _) in zip(states, runs):
+    assert (jax.tree.structure(new.objective_state)
+            == jax.tree.structure(state.objective_state))
+  (a, ma), (b, mb) = runs
   helpers.assert_trees_close(ma, mb, rtol=2e-4, atol=2e-5)
   for key in ("params", "opt_state", "objective_state"):
     helpers.assert_trees_close(getattr(a, key), getattr(b, key), rtol=2e-4, atol=2e-5)
@@ -662,4 +666,4 @@ def test_mgda_leaves_out_slots_of_weight_zero():
   # Every slot present: the plain MGDA weights.
   k = jnp.asarray(g @ g.T, jnp.float32)
   np.testing.assert_allclose(jax.jit(weights)(k, jax.random.key(0), jnp.ones(t, bool))[0],
-                             gradients.mgda_weights(k)[0], rtol=1e-6)
+                             jax.jit(gradients.mgda_weights)(k)[0], rtol=1e-6)

@@ -837,9 +837,14 @@ def test_graddrop_step_drops_the_cotangent_of_algorithm_1():
   new = jax.jit(fn)(state, data.train)[0].params
   ids, x, ys, r_method = helpers.step_batch(data, probs, seed=5, step=0, k=3, b=16,
                                             shared_inputs=True)
-  lin = jacobians.linearize(model, state.params, helpers.batch(ids, x, ys, True),
-                            needs="representation", one_pass=True)
-  dz, g_tasks = lin.rep_grads(jnp.asarray(weights[ids]))
+  bt = helpers.batch(ids, x, ys, True)
+
+  def lin_at(params):
+    return jacobians.linearize(model, params, bt, needs="representation", one_pass=True)
+  # The reference's two passes each jitted (one program each, not one eager
+  # program per op).
+  dz, g_tasks = jax.jit(lambda p: lin_at(p).rep_grads(jnp.asarray(weights[ids])))(
+      state.params)
   leaves, treedef = jax.tree.flatten(dz)
   keys = jax.random.split(r_method, len(leaves))
   cot = [np.float32(_np_graddrop(np.asarray(g, np.float64),
@@ -847,7 +852,8 @@ def test_graddrop_step_drops_the_cotangent_of_algorithm_1():
          for k, g in zip(keys, leaves)]
   # Something is dropped: the cotangent is not the plain sum.
   assert not np.allclose(cot[0], np.asarray(leaves[0]).sum(0), rtol=1e-3)
-  want = lin.rep_pullback(jax.tree.unflatten(treedef, [jnp.asarray(c) for c in cot]))
+  want = jax.jit(lambda p, c: lin_at(p).rep_pullback(c))(
+      state.params, jax.tree.unflatten(treedef, [jnp.asarray(c) for c in cot]))
   helpers.assert_trees_close(new["shared"], jax.tree.map(lambda p, g: p - g,
                                                          state.params["shared"], want),
                              rtol=1e-5, atol=1e-6)

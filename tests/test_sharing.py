@@ -111,8 +111,9 @@ def test_cross_stitch_with_identity_mixing_equals_independent_networks():
   p_cs, p_ind = cs.init(jax.random.key(0)), ind.init(jax.random.key(0))
   for name, leaf in _named(p_ind["tasks"]).items():  # the same columns and heads
     np.testing.assert_array_equal(_named(p_cs["tasks"])[name], leaf)
-  for g, out in ind.apply(p_ind, x, ids).items():
-    np.testing.assert_allclose(cs.apply(p_cs, x, ids)[g], out, rtol=1e-6, atol=1e-7)
+  out_cs = jax.jit(cs.apply)(p_cs, x, ids)  # jitted: one program, not one per op
+  for g, out in jax.jit(ind.apply)(p_ind, x, ids).items():
+    np.testing.assert_allclose(out_cs[g], out, rtol=1e-6, atol=1e-7)
   # Training with the stitch units frozen (an optimizer rule) is independent training.
   tx = optim.make_ruled_optimizer("adam", optim.parse_rules("shared/stitch/:frozen;.*:"),
                                   lr=1e-2, total_steps=10)
@@ -147,13 +148,14 @@ def test_mmoe_with_one_expert_equals_shared_bottom():
   sb = multitask.make_model("shared_bottom", data.taskset, data.input_shape, hidden=(16,),
                             tower=(8,))
   p_mm = mm.init(jax.random.key(0))
+  rng = np.random.default_rng(5)  # numpy: an eager jax.random draw compiles per shape
   p_mm["tasks"]["gates"] = jax.tree.map(  # any gate: a softmax over one expert is 1
-      lambda a: jax.random.normal(jax.random.key(5), a.shape), p_mm["tasks"]["gates"])
+      lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), p_mm["tasks"]["gates"])
   p_sb = sb.init(jax.random.key(0))
   p_sb["shared"]["trunk"] = jax.tree.map(lambda a: a[0], p_mm["shared"]["experts"])
   for name, leaf in _named(p_sb["tasks"]).items():  # same towers and heads
     np.testing.assert_array_equal(_named(p_mm["tasks"])[name], leaf)
-  out_mm, out_sb = mm.apply(p_mm, x, ids), sb.apply(p_sb, x, ids)
+  out_mm, out_sb = jax.jit(mm.apply)(p_mm, x, ids), jax.jit(sb.apply)(p_sb, x, ids)
   for g in out_sb:
     np.testing.assert_allclose(out_mm[g], out_sb[g], rtol=1e-6, atol=1e-7)
 
@@ -171,8 +173,9 @@ def test_omoe_gates_are_shared_and_mmoe_gates_are_per_task():
                              num_experts=3, tower=())
     p = m.init(jax.random.key(0))
     key = ("tasks", "gates") if arch == "mmoe" else ("shared", "gate")
+    rng = np.random.default_rng(7)  # numpy: an eager jax.random draw compiles per shape
     p[key[0]][key[1]] = jax.tree.map(
-        lambda a: jax.random.normal(jax.random.key(7), a.shape), p[key[0]][key[1]])
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32), p[key[0]][key[1]])
     models[arch], params[arch] = m, p
   assert models["omoe"].encode(params["omoe"]["shared"], x).shape == (6, 8)
   assert models["mmoe"].encode(params["mmoe"]["shared"], x).shape == (3, 6, 8)
