@@ -17,10 +17,11 @@ _KW = dict(hidden=(8, 6), num_experts=3, tower=(5,), cond_layers=(0,))
 
 def _noisy_params(model, seed=0):
   """Initial parameters plus noise, so gates and stitch units are not at their
-  symmetric initial values. ``model.init`` as one compiled program (not op by
-  op: each eager random draw compiles its own program per shape); the noise is
-  numpy's (float32 standard normal, times 0.3)."""
-  p = jax.jit(model.init)(jax.random.key(seed))
+  symmetric initial values. The noise is numpy's (float32 standard normal,
+  times 0.3): an eager jax draw compiles a program per leaf shape. (The init
+  stays op by op: its ops' programs are shared across architectures, where a
+  jitted init per architecture compiles more.)"""
+  p = model.init(jax.random.key(seed))
   rng = np.random.default_rng(seed + 100)
   return jax.tree.map(
       lambda a: jnp.asarray(np.asarray(a) + np.float32(0.3) * rng.standard_normal(
