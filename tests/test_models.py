@@ -407,6 +407,7 @@ def test_shared_heads_work_for_every_architecture(arch):
       v[list(rows).index(b)] = v[list(rows).index(a)]
       return v
     node[leaf] = jax.tree.map(copy_row, node[leaf])
+  p = jax.tree.map(jnp.asarray, p)   # the model takes jax arrays
   x = np.broadcast_to(np.random.default_rng(1).standard_normal((7, 5), np.float32), (2, 7, 5))
   out = model.apply(p, x, jnp.array([a, b]))["classification10"]
   if arch not in ("concat", "additive", "multiplicative"):  # those read the task id
