@@ -17,12 +17,15 @@ _KW = dict(hidden=(8, 6), num_experts=3, tower=(5,), cond_layers=(0,))
 
 def _noisy_params(model, seed=0):
   """Initial parameters plus noise, so gates and stitch units are not at their
-  symmetric initial values."""
+  symmetric initial values. The noise is numpy's (float32 standard normal,
+  times 0.3): an eager jax draw compiles a program per leaf shape. (The init
+  stays op by op: its ops' programs are shared across architectures, where a
+  jitted init per architecture compiles more.)"""
   p = model.init(jax.random.key(seed))
-  leaves, treedef = jax.tree.flatten(p)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  return jax.tree.unflatten(treedef, [a + 0.3 * jax.random.normal(k, a.shape)
-                                      for a, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed + 100)
+  return jax.tree.map(
+      lambda a: jnp.asarray(np.asarray(a) + np.float32(0.3) * rng.standard_normal(
+          a.shape, np.float32)), p)
 
 
 def _setup(arch, shared_inputs, k, heads="auto", seed=0):
@@ -76,7 +79,9 @@ def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, s
                           ids_in, shared_inputs)
   c = jnp.asarray([0.5, 2.0, 1.0, 1.5][:k])
   ref_losses, ref = helpers.per_task_grads(model, params, x, ys, ids, shared_inputs)
-  weighted = [jax.tree.map(lambda a, w=w: w * a, g) for w, g in zip(np.asarray(c), ref)]
+  # The weighted sum of the reference gradients in numpy (no eager jnp op).
+  weighted = [jax.tree.map(lambda a, w=w: w * np.asarray(a, np.float32), g)
+              for w, g in zip(np.asarray(c), ref)]
   want_sum = jax.tree.map(lambda *a: sum(a), *weighted)
 
   # The batch is closed over, not an argument: jit would trace static ids.
@@ -89,7 +94,8 @@ def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, s
     helpers.assert_trees_close(lin["pullback"], want_sum)
     if needs == "slots":
       # Row k of G is c_k grad_sh L_k; the task gradients are those of the sum.
-      helpers.assert_trees_close(lin["G"], helpers.stack([g["shared"] for g in weighted]))
+      helpers.assert_trees_close(lin["G"], jax.tree.map(lambda *a: np.stack(a),
+                                                        *[g["shared"] for g in weighted]))
       helpers.assert_trees_close(lin["g_tasks"], want_sum["tasks"])
 
 
@@ -166,10 +172,13 @@ def test_selected_leaves_only():
 def test_sequential_and_batched_trunk_backwards_agree(slot_backwards):
   model, params, ids, x, ys = _setup("mmoe", True, 4)
   batch = helpers.batch(np.asarray(ids, np.int32), x, ys, True)
-  lin = jacobians.linearize(model, params, batch, needs="slots", slot_backwards=slot_backwards)
+  # One compiled program (the batch, static ids, closed over), as the step runs it.
+  got = jax.jit(lambda p: jacobians.linearize(
+      model, p, batch, needs="slots", slot_backwards=slot_backwards).slot_grads(jnp.ones(4))[0])(
+          params)
   _, ref = helpers.per_task_grads(model, params, x, ys, ids, True)
-  helpers.assert_trees_close(lin.slot_grads(jnp.ones(4))[0],
-                             helpers.stack([g["shared"] for g in ref]))
+  helpers.assert_trees_close(got, jax.tree.map(lambda *a: np.stack([np.asarray(x) for x in a]),
+                                               *[g["shared"] for g in ref]))
 
 
 def test_path_misuse_is_a_clear_error():
