@@ -305,7 +305,7 @@ def _step(state) -> int:
   return int(np.max(jax.device_get(state.step)))
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.RunError):
   """A non-finite loss or gradient under ``config.on_nonfinite = "stop"``."""
 
 
@@ -379,8 +379,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with lock, _sigterm_flag() as sigterm:
     # Compared now, stored only once the data and the run are built: a config
     # refused while building leaves no config.json behind to refuse its fix.
-    workdir_lib.check_config(workdir, config.to_dict(), write=False)
+    workdir_lib.check_config(workdir, config.to_dict(), write=False,
+                             stored_with_checkpoints=_stored_identity(workdir))
     return _train(config, workdir, callbacks, sigterm)
+
+
+def _stored_identity(workdir: str) -> tuple[int, dict] | None:
+  """The config kept with the workdir's latest checkpoint (its manifest)."""
+  return ckpt_lib.read_identity(os.path.join(workdir, "checkpoints"))
 
 
 def _train(config, workdir, callbacks, sigterm) -> dict:
@@ -388,7 +394,8 @@ def _train(config, workdir, callbacks, sigterm) -> dict:
   data = build.data_from_config(config)
   run = build.build_run(config, data)
   if sharding.is_primary():
-    workdir_lib.check_config(workdir, config.to_dict(), write=True)
+    workdir_lib.check_config(workdir, config.to_dict(), write=True,
+                             stored_with_checkpoints=_stored_identity(workdir))
   _log_parameters(run.state)
   manager = ckpt_lib.make_manager(workdir)
   try:
@@ -500,7 +507,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       preempted = sharding.any_process(sigterm["set"])  # every process stops at one step
       if step % config.checkpoint_steps == 0 or step == total or preempted:
         if last_saved != step:
-          ckpt_lib.save(manager, step, state)
+          ckpt_lib.save(manager, step, state, identity=config.to_dict())
           last_saved = step
         if preempted and step < total:
           raise Preempted(step, str(manager.directory))

@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Transfer: start from another run's parameters (its workdir).
   c.init_from = ""
   c.init_dont_load = ""          # regexes (";"-separated) of parameters left fresh
+  c.init_allow_nothing_loaded = False  # True: an init_from that loads no parameter may start
   c.l2sp_alpha = 0.0             # L2-SP: alpha/2 ||w - w0||^2 on loaded parameters
   c.l2sp_beta = 0.0              # L2-SP: beta/2 ||w||^2 on fresh parameters
   c.l2sp_mode = "decoupled"      # decoupled (after Adam's scaling, as AdamW) | coupled (in the loss)

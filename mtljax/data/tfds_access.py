@@ -34,13 +34,14 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtljax import errors
 from mtljax import params as params_lib
 from mtljax.data import builders
 
 SPLITS = ("train", "test")
 
 
-class DataNotAvailableError(RuntimeError):
+class DataNotAvailableError(errors.DataError):
   """A catalog data set is not prepared here and mtljax never downloads."""
 
 
