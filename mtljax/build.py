@@ -173,6 +173,16 @@ def check_weights(config, names) -> None:
                       "nothing would train; give at least one task a weight > 0.")
 
 
+def _check_objective_values(config) -> None:
+  """The chosen method's hyper-parameter values (``cagrad.c`` in [0, 1), ...),
+  checked by building it for a stand-in task count (the run builds it again
+  for the data's): ``config.data.tasks``' count, else the length of a
+  per-task hyper-parameter (``famo.min_losses``), else 2. Nothing is traced."""
+  lengths = [len(v) for v in objective_hparams(config).values()
+             if isinstance(v, (tuple, list)) and v]
+  objective_from_config(config, len(config.data.tasks) or (lengths[0] if lengths else 2))
+
+
 def _validate_data(config) -> None:
   """``config.data``'s names and numbers; the data set's name itself is
   checked against the catalog by :func:`data_from_config`, before loading
@@ -268,6 +278,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       objectives.check_hyperparameters(method, config.objective[method].to_dict())
   _validate_weights(config)
   _one_of("objective.gram_path", config.objective.gram_path, objectives.GRAM_PATHS)
+  _check_objective_values(config)
   _one_of("objective.slot_backwards", config.objective.get("slot_backwards", "auto"),
           jacobians.SLOT_BACKWARDS)
   for key in ("total_steps", "steps_per_call", "log_steps", "eval_steps",
