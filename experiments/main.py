@@ -209,7 +209,9 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
   if not flags.FLAGS["verbosity"].present:  # other libraries' chatter only when asked (-v 0)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's per-run warnings
+    # TFDS's per-run warnings; Orbax's logged tracebacks of a failed save (the
+    # failure itself is the one-line error).
+    absl_logging.set_verbosity(absl_logging.FATAL)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" at start
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)

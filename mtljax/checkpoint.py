@@ -20,11 +20,13 @@ between the commit and the manifest) is restored unverified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import sys
 from typing import Sequence
 
 import jax
@@ -128,13 +130,38 @@ def save(manager: ocp.CheckpointManager, step: int, state, identity: dict | None
   (Orbax writes into a temporary directory and renames it when complete, so
   the previous checkpoint stays the latest readable one)."""
   try:
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    with _background_errors_logged():
+      manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      manager.wait_until_finished()
     if jax.process_index() == 0:
       write_manifest(os.path.join(str(manager.directory), str(step)), step, identity)
   except Exception as e:  # pylint: disable=broad-except
+    full = f"{e} {errors.os_reason(e)}"
+    full_disk = "No space" in full or "RESOURCE_EXHAUSTED" in full
+    what = (" The disk is full: free space and rerun the same command to resume from the "
+            "previous checkpoint, which is kept." if full_disk
+            else " The previous checkpoint is kept.")
     raise CheckpointError(f"saving checkpoint step {step} to {manager.directory} failed: "
-                          f"{_reason(e)}. The previous checkpoint is kept.") from e
+                          f"{_reason(e)}.{what}") from e
+
+
+@contextlib.contextmanager
+def _background_errors_logged():
+  """While saving, an exception that a background callback of the writers
+  raises and nobody catches (when a write fails, TensorStore's completions
+  call into Orbax's closed event loop: "Event loop is closed", one traceback
+  each) goes to the log at DEBUG instead of stderr: the save's own failure is
+  the error raised. ``sys.excepthook`` is restored afterwards."""
+  old = sys.excepthook
+
+  def hook(kind, value, tb):
+    logger.debug("During a checkpoint save, a background callback raised %s: %s",
+                 kind.__name__, value, exc_info=(kind, value, tb))
+  sys.excepthook = hook
+  try:
+    yield
+  finally:
+    sys.excepthook = old
 
 
 def _first_line(e: BaseException) -> str:

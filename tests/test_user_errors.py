@@ -305,3 +305,38 @@ def test_a_workdir_without_config_json_still_refuses_a_changed_config(tmp_path):
   summary = train.train_and_evaluate(helpers.small_sinusoids_config(total_steps=10), workdir)
   assert summary["resumed_from_step"] == 10
   assert os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE))
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_while_checkpointing_is_one_line_and_the_rerun_resumes(tmp_path):
+  """A 2 MiB file system (tmpfs; skipped where it cannot be mounted) with
+  160 KiB free: the second checkpoint fails. One line says the disk is full
+  (no tracebacks of Orbax's background writers); after space is freed the
+  same command resumes from the first checkpoint and finishes."""
+  mount = tmp_path / "small"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here")
+  try:
+    fill = mount / "fill"
+    fill.write_bytes(b"\0" * (2048 - 160) * 1024)
+    command = ["--config=experiments/configs/sinusoids.py:quick", f"--workdir={mount / 'w'}",
+               "--config.total_steps=100", "--config.log_steps=10", "--config.eval_steps=100",
+               "--config.checkpoint_steps=10", "--config.steps_per_call=5",
+               "--config.plots=False", "--config.tensorboard=False"]
+    r = _main(*command)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors_shown = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors_shown) == 1 and r.stderr.strip().endswith(errors_shown[0])
+    assert errors_shown[0].startswith("error: saving checkpoint step ")
+    assert errors_shown[0].endswith("The disk is full: free space and rerun the same command "
+                                    "to resume from the previous checkpoint, which is kept.")
+    fill.unlink()
+    r = _main(*command)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from " in r.stderr
+    with open(mount / "w" / "summary.json") as f:
+      assert json.load(f)["step"] == 100
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
