@@ -183,11 +183,17 @@ def fail(e: errors.UserError) -> None:
   """The one handler of the errors a user can act on: ``error: <message>`` as
   one line (the traceback too with ``-v``), then exit with the error type's
   status (:attr:`mtljax.errors.UserError.exit_code`: 2 for a config value, 1
-  otherwise)."""
-  if flags.FLAGS["verbosity"].present:
+  otherwise). Without ``-v``, the errors that finalizers raise while the
+  process tears down a run stopped half-way (Orbax's coroutines: "Exception
+  ignored in ...", screens of them after an unreadable checkpoint) are not
+  printed after the line."""
+  verbose = flags.FLAGS["verbosity"].present
+  if verbose:
     traceback.print_exception(e)
   message = " ".join(str(e).split())  # one line, whatever the message holds
   print(f"error: {message}", file=sys.stderr)
+  if not verbose:
+    sys.unraisablehook = lambda unraisable: None
   sys.exit(e.exit_code)
 
 

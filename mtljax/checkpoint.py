@@ -20,7 +20,6 @@ between the commit and the manifest) is restored unverified.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -130,9 +129,9 @@ def save(manager: ocp.CheckpointManager, step: int, state, identity: dict | None
   (Orbax writes into a temporary directory and renames it when complete, so
   the previous checkpoint stays the latest readable one)."""
   try:
-    with _background_errors_logged():
-      manager.save(step, args=ocp.args.StandardSave(state), force=True)
-      manager.wait_until_finished()
+    _quiet_closed_loop_callbacks()
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
     if jax.process_index() == 0:
       write_manifest(os.path.join(str(manager.directory), str(step)), step, identity)
   except Exception as e:  # pylint: disable=broad-except
@@ -145,23 +144,29 @@ def save(manager: ocp.CheckpointManager, step: int, state, identity: dict | None
                           f"{_reason(e)}.{what}") from e
 
 
-@contextlib.contextmanager
-def _background_errors_logged():
-  """While saving, an exception that a background callback of the writers
-  raises and nobody catches (when a write fails, TensorStore's completions
-  call into Orbax's closed event loop: "Event loop is closed", one traceback
-  each) goes to the log at DEBUG instead of stderr: the save's own failure is
-  the error raised. ``sys.excepthook`` is restored afterwards."""
-  old = sys.excepthook
+def _closed_loop(value) -> bool:
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
 
-  def hook(kind, value, tb):
-    logger.debug("During a checkpoint save, a background callback raised %s: %s",
-                 kind.__name__, value, exc_info=(kind, value, tb))
-  sys.excepthook = hook
-  try:
-    yield
-  finally:
-    sys.excepthook = old
+
+def _quiet_closed_loop_callbacks() -> None:
+  """When a write fails, TensorStore's completions keep calling into Orbax's
+  closed event loop, during the save and after it has returned; each is an
+  unraisable "Event loop is closed" with a traceback on stderr. From the first
+  save on, those go to the log at DEBUG (a ``sys.unraisablehook`` in front of
+  the one before, which gets every other unraisable error): the save's own
+  failure is the error raised."""
+  old = sys.unraisablehook
+  if getattr(old, "_mtljax_filter", False):
+    return
+
+  def hook(unraisable):
+    if _closed_loop(unraisable.exc_value):
+      logger.debug("A checkpoint writer's callback found Orbax's event loop closed (after a "
+                   "failed write).")
+    else:
+      old(unraisable)
+  hook._mtljax_filter = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _first_line(e: BaseException) -> str:
