@@ -24,6 +24,7 @@ import pytest
 import helpers
 from mtljax import build
 from mtljax import checkpoint
+from mtljax import errors
 from mtljax import optim
 from mtljax import steps
 from mtljax import tasks
@@ -330,8 +331,8 @@ def test_resuming_where_steps_per_call_does_not_divide_the_step_is_refused(tmp_p
   workdir = str(tmp_path)
   train.train_and_evaluate(_small(total_steps=15, log_steps=5, eval_steps=15,
                                   checkpoint_steps=5), workdir)
-  with pytest.raises(ValueError, match=r"at step 15, which steps_per_call=10 does not "
-                                       r"divide.*dividing 15"):
+  with pytest.raises(errors.ConfigError, match=r"at step 15, which steps_per_call=10 does not "
+                                              r"divide.*dividing 15"):
     train.train_and_evaluate(_small(total_steps=40, steps_per_call=10, log_steps=10,
                                     eval_steps=20, checkpoint_steps=10), workdir)
 

@@ -175,6 +175,26 @@ def test_a_data_dir_where_the_data_cannot_be_written_is_a_data_error(tmp_path):
   assert e.value.exit_code == 1
 
 
+def test_a_read_only_data_dir_with_data_to_generate_is_a_data_error(tmp_path):
+  """A read-only file system (tmpfs mounted ro; skipped where it cannot be
+  mounted): one line naming the directory and the reason."""
+  mount = tmp_path / "ro"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a read-only tmpfs here")
+  try:
+    config = helpers.small_sinusoids_config(**{"data.data_dir": str(mount)})
+    with pytest.raises(errors.DataError) as e:
+      build.data_from_config(config)
+  finally:
+    subprocess.run(["umount", str(mount)], check=False)
+  assert str(e.value).startswith(f"data set 'sinusoids' cannot be prepared or read in "
+                                 f"{str(mount)!r} (")
+  assert "Read-only file system" in str(e.value), str(e.value)
+  assert "\n" not in str(e.value)
+
+
 def test_a_task_with_no_labelled_example_is_a_config_error():
   config = _md(**{"data.builder_config": "n2_m10_s0_miss0.9"})
   with pytest.raises(errors.ConfigError) as e:
