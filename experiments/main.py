@@ -48,6 +48,7 @@ _LIST = flags.DEFINE_bool(
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (file + overrides) and exit.")
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run is not finished; rerun to resume
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: a Ctrl-C (a checkpoint saved) or two (stopped at once)
 EXPERIMENTS = ("toy_pareto", "transfer_digits", "transfer_sinusoids", "mmoe_sweep",
                "multi_digits_archs", "exam")
 
@@ -243,9 +244,15 @@ def main(argv):
       cv.select_and_train(_CONFIG.value, _WORKDIR.value)
     else:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.Preempted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM, no traceback
+  except train.Preempted as e:  # SIGTERM/Ctrl-C: checkpoint saved; 128 + signal, no traceback
     log.warning("%s", e)
-    sys.exit(PREEMPTED_EXIT)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl-C (or one before the run's handler is set)
+    if flags.FLAGS["verbosity"].present:
+      traceback.print_exc()
+    print("error: interrupted: stopped at once, without saving (the last checkpoint in the "
+          "workdir is kept; rerun the same command to resume from it).", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT)
   except errors.UserError as e:
     fail(e)
   if sharding.is_primary():
