@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -360,3 +361,58 @@ def test_a_disk_that_fills_while_checkpointing_is_one_line_and_the_rerun_resumes
       assert json.load(f)["step"] == 100
   finally:
     subprocess.run(["umount", str(mount)], check=False)
+
+
+# ----------------------------------------------------------------------------
+# Concurrency: two runs preparing one data set into one data_dir.
+# ----------------------------------------------------------------------------
+
+_OPEN = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from mtljax.data import tfds_access
+_, sources = tfds_access.open_sources("sinusoids", data_dir=sys.argv[1],
+                                      builder_config="t3_n20_m10_s5")
+print("train", len(sources["train"]), "test", len(sources["test"]))
+"""
+
+
+def test_two_runs_preparing_one_new_data_set_take_turns(tmp_path):
+  """While another process holds the data set's lock (this test's), two real
+  processes that need it both say they wait; once it is released they
+  prepare it in turn (one generates, the other reads it) and both open the
+  same records."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from mtljax.data import builders  # pylint: disable=g-import-not-at-top
+  from mtljax.data import tfds_access  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "data")
+  version = builders.BUNDLED["sinusoids"].VERSION
+  path = tfds_access.lock_path(data_dir, "sinusoids", "t3_n20_m10_s5", version)
+  os.makedirs(os.path.dirname(path))
+  held = open(path, "a+")
+  fcntl.flock(held, fcntl.LOCK_EX)
+  logs = [tmp_path / f"run{i}.err" for i in range(2)]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+  procs = [subprocess.Popen([sys.executable, "-c", _OPEN, data_dir], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+           for log in logs]
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(
+        "is being prepared in" in log.read_text() for log in logs):
+      assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+      time.sleep(0.1)
+    waiting = [log.read_text() for log in logs]
+    assert all("Data set 'sinusoids' (t3_n20_m10_s5, version " in w and
+               "by another run: waiting for it." in w for w in waiting), waiting
+    assert all(p.poll() is None for p in procs)  # still waiting
+  finally:
+    fcntl.flock(held, fcntl.LOCK_UN)
+    held.close()
+  outs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [log.read_text() for log in logs]
+  assert [o.splitlines()[-1] for o in outs] == ["train 60 test 30"] * 2
+  assert sum("downloaded and prepared" in o for o in outs) == 1  # one generated, one read
+  assert not [f for f in os.listdir(os.path.join(data_dir, "sinusoids"))
+              if "incomplete" in f]
