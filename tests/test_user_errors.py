@@ -416,3 +416,69 @@ def test_two_runs_preparing_one_new_data_set_take_turns(tmp_path):
   assert sum("downloaded and prepared" in o for o in outs) == 1  # one generated, one read
   assert not [f for f in os.listdir(os.path.join(data_dir, "sinusoids"))
               if "incomplete" in f]
+
+
+_BASELINES = """
+import json, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from experiments.configs import common
+from mtljax import measure, train
+c = common.base_config()
+c.data.name, c.data.builder_config = "mmoe_synthetic", "p0.9_n300_m100_s0"
+c.model.hidden = (16,)
+c.total_steps = c.log_steps = c.eval_steps = c.checkpoint_steps = 20
+c.plots = c.tensorboard = False
+c.baselines_cache = sys.argv[1]
+print(json.dumps(measure.single_task_baseline_summary(c, train.train_and_evaluate)["tasks"]))
+"""
+
+
+def _baselines_config(cache: str):
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  c.data.name, c.data.builder_config = "mmoe_synthetic", "p0.9_n300_m100_s0"
+  c.model.hidden = (16,)
+  c.total_steps = c.log_steps = c.eval_steps = c.checkpoint_steps = 20
+  c.plots = c.tensorboard = False
+  c.baselines_cache = cache
+  return c
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_baselines_cache_train_it_once(tmp_path):
+  """Two real processes need the same single-task baselines from one cache
+  (a sweep) while the entry's lock is held (by this test): both say they
+  wait; once released, one trains and the other reads its summary, and
+  neither fails on the entry's workdir lock."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from mtljax import measure  # pylint: disable=g-import-not-at-top
+  cache = str(tmp_path / "cache")
+  config = _baselines_config(cache)
+  entry = os.path.join(measure.cache_root(config), measure.cache_key(config))
+  os.makedirs(os.path.dirname(entry))
+  held = open(f"{entry}.lock", "a+")
+  fcntl.flock(held, fcntl.LOCK_EX)
+  logs = [tmp_path / f"run{i}.err" for i in range(2)]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+  procs = [subprocess.Popen([sys.executable, "-c", _BASELINES, cache], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+           for log in logs]
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and not all(
+        "is training the single-task baselines" in log.read_text() for log in logs):
+      assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+      time.sleep(0.1)
+    assert all(f"Another run is training the single-task baselines into {entry}: waiting "
+               "for it." in log.read_text() for log in logs), [l.read_text() for l in logs]
+  finally:
+    fcntl.flock(held, fcntl.LOCK_UN)
+    held.close()
+  outs = [p.communicate(timeout=400)[0] for p in procs]
+  errs = [log.read_text() for log in logs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+  assert sum("Training single-task baselines" in e for e in errs) == 1
+  assert sum("Single-task baselines from the cache" in e for e in errs) == 1
+  tasks = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+  assert tasks[0] == tasks[1] and set(tasks[0]) == {"y1", "y2"}
