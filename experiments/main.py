@@ -180,6 +180,28 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def format_config(config) -> str:
+  """What ``--print_config`` prints: the config as YAML a reader would write
+  (tuples as plain lists, inline: ``hidden: [64, 64]``; no
+  ``!!python/tuple`` tags or ``&id001`` anchors)."""
+  import yaml  # pylint: disable=g-import-not-at-top
+
+  def plain(node):
+    if isinstance(node, dict):
+      return {k: plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+      return [plain(v) for v in node]
+    return node
+
+  class Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+      return True
+  Dumper.add_representer(list, lambda d, v: d.represent_sequence(
+      "tag:yaml.org,2002:seq", v, flow_style=True))
+  return yaml.dump(plain(config.to_dict()), Dumper=Dumper, default_flow_style=False,
+                   sort_keys=True)
+
+
 def fail(e: errors.UserError) -> None:
   """The one handler of the errors a user can act on: ``error: <message>`` as
   one line (the traceback too with ``-v``), then exit with the error type's
@@ -211,7 +233,7 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required (--list shows the configs).")
   if _PRINT_CONFIG.value:
-    print(_CONFIG.value)
+    print(format_config(config), end="")
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
