@@ -221,7 +221,7 @@ def _validate_data(config) -> None:
                       "'auto'.")
   if not d.get("device_budget_mb", 0.0) >= 0:
     raise ConfigError(f"config.data.device_budget_mb must be >= 0 (0 = a quarter of the "
-                      f"device's memory), got {d.device_budget_mb}.")
+                      f"device's memory; 4096 MiB on CPU), got {d.device_budget_mb}.")
   for key in ("workers", "prefetch"):
     if key in d:
       _positive_int(config, f"data.{key}")
