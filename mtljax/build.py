@@ -289,13 +289,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.get("pipeline", "auto") == "host":  # (with "auto": known once data is opened)
     if num_seeds(config) > 1:
       raise ConfigError(f"config.num_seeds={num_seeds(config)} trains seeds side by side on "
-                        "data held on the device; with config.data.pipeline='host' run one "
-                        "seed per job, or set config.data.pipeline='device'.")
+                        "data held on the device; with the host pipeline "
+                        "(config.data.pipeline='host') run one seed per job, or set "
+                        "config.data.pipeline='device'.")
     if config.get("cv", None) is not None and config.cv.folds:
       raise ConfigError("config.cv: cross-validation trains every fold x learning rate as one "
-                        "program over the train split held on the device; with "
-                        "config.data.pipeline='host' set config.data.pipeline='device' or "
-                        "select hyper-parameters on a subset (config.data.max_train_examples).")
+                        "program over the train split held on the device; with the host "
+                        "pipeline (config.data.pipeline='host') set config.data.pipeline='device' "
+                        "or select hyper-parameters on a subset "
+                        "(config.data.max_train_examples).")
   if config.eval_train and jax.process_count() > 1 and \
       config.data.get("pipeline", "auto") != "device":
     raise ConfigError("config.eval_train with several processes needs "

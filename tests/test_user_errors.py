@@ -141,11 +141,12 @@ def test_config_only_checks_come_before_the_data(tmp_path):
   before any data access), with the message the user sees."""
   cases = (
       ({"data.pipeline": "host", "num_seeds": 2},
-       "config.num_seeds=2 trains seeds side by side on data held on the device; with "
-       "config.data.pipeline='host' run one seed per job, or set config.data.pipeline='device'."),
+       "config.num_seeds=2 trains seeds side by side on data held on the device; with the host "
+       "pipeline (config.data.pipeline='host') run one seed per job, or set "
+       "config.data.pipeline='device'."),
       ({"data.pipeline": "host", "cv.folds": 2},
        "config.cv: cross-validation trains every fold x learning rate as one program over the "
-       "train split held on the device; with config.data.pipeline='host' set "
+       "train split held on the device; with the host pipeline (config.data.pipeline='host') set "
        "config.data.pipeline='device' or select hyper-parameters on a subset "
        "(config.data.max_train_examples)."),
       ({"objective.method": "cagrad", "objective.cagrad.c": 2.0},
