@@ -17,21 +17,20 @@ import difflib
 import glob
 import importlib
 import logging
+import math
 import os
 import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mtljax import checkpoint
 from mtljax import errors
 from mtljax import sharding
 from mtljax import train
-from mtljax import workdir
-from mtljax.data import tfds_access
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (get_config(arg)).", lock_config=True)
@@ -49,6 +48,7 @@ _LIST = flags.DEFINE_bool(
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (file + overrides) and exit.")
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the run is not finished; rerun to resume
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: a Ctrl-C (a checkpoint saved) or two (stopped at once)
 EXPERIMENTS = ("toy_pareto", "transfer_digits", "transfer_sinusoids", "mmoe_sweep",
                "multi_digits_archs", "exam")
 
@@ -92,12 +92,22 @@ def print_catalog(out=sys.stdout) -> None:
 _WEIGHT_FLAG = re.compile(r"^--config\.objective\.weights\.([^=]+)=(.+)$")
 
 
+def _weight(text: str):
+  """A weight flag's value: a finite number as a float, anything else as the
+  string given (the config check refuses it, naming the key and the value)."""
+  try:
+    value = float(text)
+  except ValueError:
+    return text
+  return value if math.isfinite(value) else text
+
+
 def _gather_weight_flags(argv: list[str]) -> list[str]:
   weights, rest = {}, []
   for arg in argv:
     m = _WEIGHT_FLAG.match(arg)
     if m:
-      weights[m.group(1)] = float(m.group(2))
+      weights[m.group(1)] = _weight(m.group(2))
     else:
       rest.append(arg)
   if weights:
@@ -148,6 +158,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with one line for a ``--config.KEY`` that does not
   exist (naming the key and the nearest valid keys) instead of a traceback."""
   argv = _gather_weight_flags(argv)
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    print(f"error: --config={spec}: no such config file {spec.partition(':')[0]!r} "
+          "(--list shows the configs).", file=sys.stderr)
+    sys.exit(2)
   sys.argv[:] = argv  # config_flags reads its overrides from sys.argv too
   try:
     return flags.FLAGS(argv)
@@ -165,21 +180,67 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def format_config(config) -> str:
+  """What ``--print_config`` prints: the config as YAML a reader would write
+  (tuples as plain lists, inline: ``hidden: [64, 64]``; no
+  ``!!python/tuple`` tags or ``&id001`` anchors)."""
+  import yaml  # pylint: disable=g-import-not-at-top
+
+  def plain(node):
+    if isinstance(node, dict):
+      return {k: plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+      return [plain(v) for v in node]
+    return node
+
+  class Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):
+      return True
+  Dumper.add_representer(list, lambda d, v: d.represent_sequence(
+      "tag:yaml.org,2002:seq", v, flow_style=True))
+  return yaml.dump(plain(config.to_dict()), Dumper=Dumper, default_flow_style=False,
+                   sort_keys=True)
+
+
+def fail(e: errors.UserError) -> None:
+  """The one handler of the errors a user can act on: ``error: <message>`` as
+  one line (the traceback too with ``-v``), then exit with the error type's
+  status (:attr:`mtljax.errors.UserError.exit_code`: 2 for a config value, 1
+  otherwise). Without ``-v``, the errors that finalizers raise while the
+  process tears down a run stopped half-way (Orbax's coroutines: "Exception
+  ignored in ...", screens of them after an unreadable checkpoint) are not
+  printed after the line."""
+  verbose = flags.FLAGS["verbosity"].present
+  if verbose:
+    traceback.print_exception(e)
+  message = " ".join(str(e).split())  # one line, whatever the message holds
+  print(f"error: {message}", file=sys.stderr)
+  if not verbose:
+    sys.unraisablehook = lambda unraisable: None
+  sys.exit(e.exit_code)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _LIST.value:
     print_catalog()
     return
-  if _CONFIG.value is None:
+  try:  # loaded on first use: a config file that fails to load is one line too
+    config = _CONFIG.value
+  except Exception as e:  # pylint: disable=broad-except
+    fail(errors.ConfigError(f"--config: {errors.os_reason(e) or f'{type(e).__name__}: {e}'}"))
+  if config is None:
     raise app.UsageError("--config is required (--list shows the configs).")
   if _PRINT_CONFIG.value:
-    print(_CONFIG.value)
+    print(format_config(config), end="")
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
   if not flags.FLAGS["verbosity"].present:  # other libraries' chatter only when asked (-v 0)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's per-run warnings
+    # TFDS's per-run warnings; Orbax's logged tracebacks of a failed save (the
+    # failure itself is the one-line error).
+    absl_logging.set_verbosity(absl_logging.FATAL)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" at start
   sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   auto=_DISTRIBUTED.value)
@@ -205,16 +266,17 @@ def main(argv):
       cv.select_and_train(_CONFIG.value, _WORKDIR.value)
     else:
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train.Preempted as e:  # SIGTERM: checkpoint saved; 128 + SIGTERM, no traceback
+  except train.Preempted as e:  # SIGTERM/Ctrl-C: checkpoint saved; 128 + signal, no traceback
     log.warning("%s", e)
-    sys.exit(PREEMPTED_EXIT)
-  except (train.NonFiniteError, workdir.WorkdirError, checkpoint.CheckpointError,
-          tfds_access.DataNotAvailableError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except errors.ConfigError as e:  # a config value is wrong: one line, status 2
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl-C (or one before the run's handler is set)
+    if flags.FLAGS["verbosity"].present:
+      traceback.print_exc()
+    print("error: interrupted: stopped at once, without saving (the last checkpoint in the "
+          "workdir is kept; rerun the same command to resume from it).", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT)
+  except errors.UserError as e:
+    fail(e)
   if sharding.is_primary():
     print(f"summary: {_WORKDIR.value}/summary.json")
 

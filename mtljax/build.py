@@ -149,6 +149,40 @@ def _validate_cv(config) -> None:
   _positive_ints("cv.steps", cv.steps)
 
 
+def _validate_weights(config) -> None:
+  """``config.objective.weights``: every value a finite number >= 0 (the task
+  names are checked against the data's spec: :func:`check_tasks_before_loading`)."""
+  for name, value in config.objective.weights.items():
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+      raise ConfigError(f"config.objective.weights.{name} must be a finite number >= 0, got "
+                        f"{value!r}.")
+
+
+def check_weights(config, names) -> None:
+  """``config.objective.weights`` against the run's task names ``names``: no
+  unknown task, and not every task's weight 0 (it would train nothing)."""
+  weights = config.objective.weights.to_dict()
+  unknown = sorted(set(weights) - set(names))
+  if unknown:
+    raise ConfigError(f"config.objective.weights: unknown task(s) {unknown} for data set "
+                      f"{config.data.name!r}; its tasks are {list(names)}.")
+  if names and all(weights.get(n, 1.0) == 0 for n in names):
+    raise ConfigError(f"config.objective.weights: every task's weight is 0 ({list(names)}): "
+                      "nothing would train; give at least one task a weight > 0.")
+
+
+def _check_objective_values(config) -> None:
+  """The chosen method's hyper-parameter values (``cagrad.c`` in [0, 1), ...),
+  checked by building it for a stand-in task count (the run builds it again
+  for the data's): ``config.data.tasks``' count, else the length of a
+  per-task hyper-parameter (``famo.min_losses``), else 2. Nothing is traced."""
+  lengths = [len(v) for v in objective_hparams(config).values()
+             if isinstance(v, (tuple, list)) and v]
+  objective_from_config(config, len(config.data.tasks) or (lengths[0] if lengths else 2))
+
+
 def _validate_data(config) -> None:
   """``config.data``'s names and numbers; the data set's name itself is
   checked against the catalog by :func:`data_from_config`, before loading
@@ -171,6 +205,8 @@ def _validate_data(config) -> None:
                       f"replacement: config.data.tasks keeps {len(tasks)}.")
   for key, kind in (d.get("labels", None) or {}).items():
     _one_of(f"data.labels[{key!r}]", kind, specs_lib.LABEL_KINDS)
+  if d.data_dir and os.path.exists(d.data_dir) and not os.path.isdir(d.data_dir):
+    raise ConfigError(f"config.data.data_dir={d.data_dir!r} is a file, not a directory.")
   if not isinstance(d.get("family", ""), str):
     raise ConfigError(f"config.data.family must be a feature name or '', got {d.family!r}.")
   for key in ("download", "normalize_labels"):
@@ -185,7 +221,7 @@ def _validate_data(config) -> None:
                       "'auto'.")
   if not d.get("device_budget_mb", 0.0) >= 0:
     raise ConfigError(f"config.data.device_budget_mb must be >= 0 (0 = a quarter of the "
-                      f"device's memory), got {d.device_budget_mb}.")
+                      f"device's memory; 4096 MiB on CPU), got {d.device_budget_mb}.")
   for key in ("workers", "prefetch"):
     if key in d:
       _positive_int(config, f"data.{key}")
@@ -240,7 +276,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for method in set(config.objective) & set(objectives.methods()):
     with errors.config_section("objective", config.objective):
       objectives.check_hyperparameters(method, config.objective[method].to_dict())
+  _validate_weights(config)
   _one_of("objective.gram_path", config.objective.gram_path, objectives.GRAM_PATHS)
+  _check_objective_values(config)
   _one_of("objective.slot_backwards", config.objective.get("slot_backwards", "auto"),
           jacobians.SLOT_BACKWARDS)
   for key in ("total_steps", "steps_per_call", "log_steps", "eval_steps",
@@ -248,6 +286,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, key)
   _validate_data(config)
   _validate_cv(config)
+  if config.data.get("pipeline", "auto") == "host":  # (with "auto": known once data is opened)
+    if num_seeds(config) > 1:
+      raise ConfigError(f"config.num_seeds={num_seeds(config)} trains seeds side by side on "
+                        "data held on the device; with the host pipeline "
+                        "(config.data.pipeline='host') run one seed per job, or set "
+                        "config.data.pipeline='device'.")
+    if config.get("cv", None) is not None and config.cv.folds:
+      raise ConfigError("config.cv: cross-validation trains every fold x learning rate as one "
+                        "program over the train split held on the device; with the host "
+                        "pipeline (config.data.pipeline='host') set config.data.pipeline='device' "
+                        "or select hyper-parameters on a subset "
+                        "(config.data.max_train_examples).")
   if config.eval_train and jax.process_count() > 1 and \
       config.data.get("pipeline", "auto") != "device":
     raise ConfigError("config.eval_train with several processes needs "
@@ -293,6 +343,7 @@ def check_tasks_before_loading(config, opened) -> None:
     if unknown:
       raise ConfigError(f"config.data.tasks: unknown task(s) {unknown} for data set "
                         f"{d.name!r}; its tasks are {names}.")
+    check_weights(config, [n for n in names if not d.tasks or n in d.tasks])
   k = s.tasks_per_step
   if not k or s.replace or d.tasks:  # (a count of config.data.tasks: validate_config)
     return
@@ -316,7 +367,14 @@ def data_from_config(config) -> task_data.MultiTaskData:
   the data's metadata, before any record is read; a wrong value raises a
   :class:`~mtljax.errors.ConfigError` under ``config.data``."""
   with errors.config_section("data", config.data):
-    return _load_data(config)
+    try:
+      return _load_data(config)
+    except OSError as e:  # an unwritable or unusable data directory: what to do
+      where = config.data.data_dir or tfds_access.default_data_dir()
+      raise errors.DataError(
+          f"data set {config.data.name!r} cannot be prepared or read in {where!r} "
+          f"({errors.os_reason(e) or e}): set config.data.data_dir (or $MTLJAX_DATA_DIR) to a "
+          "writable directory.") from e
 
 
 def _load_data(config) -> task_data.MultiTaskData:
@@ -539,6 +597,14 @@ def _initial_state(config, model, objective, tx, state: steps.TrainState, source
   dont_load = [p for p in config.init_dont_load.split(";") if p]
   with errors.config_section("init_from"):
     params, report = ckpt_lib.load_params(state.params, source, dont_load)
+  if not report["loaded"] and not config.get("init_allow_nothing_loaded", False):
+    raise ConfigError(
+        f"config.init_from={config.init_from!r} (step {source_step}) loads none of this "
+        f"model's parameters (left fresh by config.init_dont_load: "
+        f"{len(report['fresh_dont_load'])}, not in the checkpoint: "
+        f"{len(report['fresh_missing'])}): the run would train from scratch. Fix "
+        "config.init_from or config.init_dont_load, or set "
+        "config.init_allow_nothing_loaded=True to start so anyway.")
   init_report = {"from": config.init_from, "step": source_step, **report}
   logger.info("init_from %s (step %d): loaded %d, fresh (dont_load) %s, fresh (missing) "
               "%s, unused %s.", config.init_from, source_step, len(report["loaded"]),
@@ -579,6 +645,7 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
     probs = sampling.task_probabilities(s.task_sampler, data.num_train, s.temperature)
     if s.shared_inputs:
       sampling.check_shared_inputs(data.train, ts.names)
+  check_weights(config, ts.names)  # (tasks named by a split key: known only now)
   weights = tasks_lib.task_weights(ts, config.objective.weights.to_dict())
   spc = steps_per_call(config)
   logger.info("Data %s: %d tasks %s, input shape %s, train sizes %s, groups %s.",

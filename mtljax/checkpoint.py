@@ -8,13 +8,24 @@ before ``TrainState`` hold a dict without the unused fields (the *dict
 layout*); resuming one is refused with what to do (:func:`restore_latest`). A
 fine-tuning run reads only ``params`` from another run's checkpoint, of
 either layout, and never its data.
+
+Every checkpoint gets a manifest once Orbax has committed it
+(``DIR/checkpoints/STEP/mtljax_manifest.json``: each file's size and SHA-256,
+and the run's identity, its config): a restore verifies the files first and
+treats a checkpoint whose bytes changed like an unreadable one (the one before
+is restored, and the warning says which step was rejected and why). A
+checkpoint without a manifest (written by an older mtljax, or a run killed
+between the commit and the manifest) is restored unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
+import sys
 from typing import Sequence
 
 import jax
@@ -22,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mtljax import errors
 from mtljax import params as params_lib
 
 logger = logging.getLogger("mtljax")
@@ -33,21 +45,128 @@ def make_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
       path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be written or read (with what to do)."""
+CheckpointError = errors.CheckpointError  # a checkpoint that cannot be written or read
 
 
-def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-  """Saves and waits; a failed save is one clear error (Orbax writes into a
-  temporary directory and renames it when complete, so the previous
-  checkpoint stays the latest readable one)."""
+MANIFEST = "mtljax_manifest.json"
+
+
+def _digests(step_dir: str) -> dict:
+  """``{relative path: [size, sha256]}`` of every file under ``step_dir`` but
+  the manifest."""
+  out = {}
+  for d, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(d, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel == MANIFEST or rel.startswith(MANIFEST + ".tmp"):
+        continue
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda f=f: f.read(1 << 20), b""):
+          h.update(block)
+      out[rel] = [os.path.getsize(path), h.hexdigest()]
+  return dict(sorted(out.items()))
+
+
+def write_manifest(step_dir: str, step: int, identity: dict | None = None) -> None:
+  """Writes ``step_dir``'s manifest (atomically: temp file, fsync, rename):
+  each file's size and SHA-256, and ``identity`` (the run's config) when given."""
+  record = {"step": int(step), "files": _digests(step_dir)}
+  if identity is not None:
+    record["identity"] = identity
+  tmp = os.path.join(step_dir, f"{MANIFEST}.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    json.dump(record, f, default=str)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify(step_dir: str) -> str | None:
+  """Why ``step_dir``'s files do not match its manifest (a file missing, of
+  another size or with other bytes), or None: they match, or there is no
+  manifest (the checkpoint is then used unverified)."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
   try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"its manifest {path} is unreadable ({type(e).__name__})"
+  found = _digests(step_dir)
+  for rel, (size, digest) in files.items():
+    if rel not in found:
+      return f"checksum manifest: {rel} is missing"
+    if found[rel][0] != size:
+      return f"checksum manifest: {rel} has {found[rel][0]} bytes, {size} when written"
+    if found[rel][1] != digest:
+      return f"checksum manifest: the bytes of {rel} changed since it was written (SHA-256)"
+  return None
+
+
+def read_identity(directory: str) -> tuple[int, dict] | None:
+  """``(step, identity)`` of the latest checkpoint in ``directory`` (a
+  workdir's ``checkpoints/``) whose manifest holds the run's identity, or None."""
+  if not os.path.isdir(directory):
+    return None
+  for step in sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True):
+    try:
+      with open(os.path.join(directory, str(step), MANIFEST)) as f:
+        identity = json.load(f).get("identity")
+    except (OSError, ValueError, AttributeError):
+      continue
+    if identity is not None:
+      return step, identity
+  return None
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, identity: dict | None = None
+         ) -> None:
+  """Saves and waits, then writes the step's manifest (process 0; ``identity``:
+  the run's config, compared on resume); a failed save is one clear error
+  (Orbax writes into a temporary directory and renames it when complete, so
+  the previous checkpoint stays the latest readable one)."""
+  try:
+    _quiet_closed_loop_callbacks()
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+      write_manifest(os.path.join(str(manager.directory), str(step)), step, identity)
   except Exception as e:  # pylint: disable=broad-except
+    full = f"{e} {errors.os_reason(e)}"
+    full_disk = "No space" in full or "RESOURCE_EXHAUSTED" in full
+    what = (" The disk is full: free space and rerun the same command to resume from the "
+            "previous checkpoint, which is kept." if full_disk
+            else " The previous checkpoint is kept.")
     raise CheckpointError(f"saving checkpoint step {step} to {manager.directory} failed: "
-                          f"{type(e).__name__}: {_first_line(e)}. The previous checkpoint "
-                          "is kept.") from e
+                          f"{_reason(e)}.{what}") from e
+
+
+def _closed_loop(value) -> bool:
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """When a write fails, TensorStore's completions keep calling into Orbax's
+  closed event loop, during the save and after it has returned; each is an
+  unraisable "Event loop is closed" with a traceback on stderr. From the first
+  save on, those go to the log at DEBUG (a ``sys.unraisablehook`` in front of
+  the one before, which gets every other unraisable error): the save's own
+  failure is the error raised."""
+  old = sys.unraisablehook
+  if getattr(old, "_mtljax_filter", False):
+    return
+
+  def hook(unraisable):
+    if _closed_loop(unraisable.exc_value):
+      logger.debug("A checkpoint writer's callback found Orbax's event loop closed (after a "
+                   "failed write).")
+    else:
+      old(unraisable)
+  hook._mtljax_filter = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _first_line(e: BaseException) -> str:
@@ -55,10 +174,20 @@ def _first_line(e: BaseException) -> str:
   return text[0][:300] if text else type(e).__name__
 
 
+def _reason(e: BaseException) -> str:
+  """``e``'s type and first line, and the operating system's reason when an
+  ``OSError`` caused it (``No space left on device``), which Orbax's own
+  message may bury past its first line."""
+  head = f"{type(e).__name__}: {_first_line(e)}"
+  why = errors.os_reason(e)
+  return head if not why or why in head else f"{head} ({why})"
+
+
 def restore_latest(manager: ocp.CheckpointManager, like):
   """The latest readable checkpoint restored into the structure/shardings of
   ``like``, or None when the directory has none. An unreadable checkpoint
-  (truncated file, empty step directory) is skipped with a warning naming it,
+  (truncated file, empty step directory, files that fail the checksums of its
+  manifest: :func:`verify`) is skipped with a warning naming it and why,
   falling back to the one before; when none is readable the error says which
   and what to do. A train state ``like`` (a named tuple) refuses a checkpoint
   of the dict layout at once, with a :class:`CheckpointError` saying so and
@@ -71,12 +200,19 @@ def restore_latest(manager: ocp.CheckpointManager, like):
   for step in steps:
     # A failed restore can leave a manager's item handlers set wrongly (an
     # empty step directory): read with a throwaway manager, save with ``manager``.
+    where = os.path.join(str(manager.directory), str(step))
+    corrupt = verify(where)
+    if corrupt:
+      problems.append(f"step {step} ({where}): {corrupt}")
+      logger.warning("Checkpoint step %d in %s is rejected as unreadable (%s); trying the one "
+                     "before.", step, where, corrupt)
+      bad.append(where)
+      continue
     reader = ocp.CheckpointManager(manager.directory)
     try:
       old = _old_layout(manager.directory, step, like)
       restored = None if old else reader.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # pylint: disable=broad-except
-      where = os.path.join(str(manager.directory), str(step))
       problems.append(f"step {step} ({where}): {type(e).__name__}: {_first_line(e)}")
       logger.warning("Checkpoint step %d in %s is unreadable (%s); trying the one before.",
                      step, where, _first_line(e))
@@ -139,7 +275,13 @@ def read_params(path: str, step: int | None = None) -> tuple[dict, int]:
   manager = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step() if step is None else step
   if step is None:
+    manager.close()
     raise FileNotFoundError(f"path={path!r}: no checkpoint in {directory}.")
+  corrupt = verify(os.path.join(directory, str(step)))
+  if corrupt:
+    manager.close()
+    raise ValueError(f"path={path!r}: checkpoint step {step} is corrupt ({corrupt}); choose "
+                     "another checkpoint.")
   # Onto this process's first device, whatever mesh the source was saved from
   # (pretrained on 8 devices, fine-tuned on 1): the run places it afterwards.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

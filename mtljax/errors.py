@@ -10,6 +10,15 @@ with the name of one of the section's keys reads as that key's path:
 ``config.objective.cagrad.c must be ...``), and the entry point
 (``experiments/main.py``) prints a :class:`ConfigError` as one line and exits
 with status 2.
+
+Every error a user can act on is a :class:`UserError`, raised where the run
+meets the outside (build, data access, checkpoints, the workdir) with a
+message that says what to do, and carrying its exit status
+(:attr:`UserError.exit_code`): :class:`ConfigError` (2), :class:`DataError`,
+:class:`CheckpointError`, :class:`WorkdirError` and :class:`RunError` (1).
+The entry point has one handler: it prints ``error: <message>`` as one line
+and exits with the error's status (a traceback only with ``-v``); any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,8 +28,45 @@ import re
 from typing import Iterable, Iterator
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+  """An error the user can act on: its message is one line saying what is
+  wrong and what to do; ``exit_code`` is the process's exit status."""
+  exit_code = 1
+
+
+class ConfigError(UserError, ValueError):
   """A config value is wrong; the message starts with ``config.<path>``."""
+  exit_code = 2
+
+
+class DataError(UserError, RuntimeError):
+  """The data cannot be read or prepared where the config says (an
+  unwritable or missing data directory, a data set not prepared here)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint that cannot be written or read (with what to do)."""
+
+
+class WorkdirError(UserError, RuntimeError):
+  """A workdir that cannot be used as asked (with what to do about it)."""
+
+
+class RunError(UserError, RuntimeError):
+  """A run that stopped on its own terms (a non-finite loss), saying why."""
+
+
+def os_reason(e: BaseException) -> str:
+  """What an ``OSError`` in ``e`` or its causes says (``No space left on
+  device: '/path'``; the disk full named as such), else ``e``'s first line."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.strerror:
+      where = f": {e.filename!r}" if e.filename else ""
+      return f"{type(e).__name__}: {e.strerror}{where}"
+    e = e.__cause__ or e.__context__
+  return ""
 
 
 def in_section(path: str, message: str, keys: Iterable[str] = ()) -> str:

@@ -9,7 +9,9 @@ this module imports no training code). Each task's model gets
 ``total_steps`` updates. Results are cached by a hash of the whole baseline
 config except the fields that only change reporting (:func:`cache_key`), under
 ``config.baselines_cache`` (default ``$MTLJAX_CACHE_DIR`` or
-``~/.cache/mtljax``)``/baselines/<hash>/``.
+``~/.cache/mtljax``)``/baselines/<hash>/``. Runs sharing the cache (a sweep)
+take turns per entry (a file lock, ``<hash>.lock``): one trains, the others
+wait for it and read its summary.
 
 **Δm** (:func:`delta_m`, Maninis et al. 2019; the form LibMTL reports)::
 
@@ -31,6 +33,8 @@ tasks into k groups maximising the summed within-group affinity.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -38,6 +42,7 @@ import logging
 import os
 from typing import Callable
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -136,16 +141,54 @@ def single_task_baseline_summary(config, train_fn: Callable) -> dict:
   (:func:`mtljax.train.train_and_evaluate`) and then read from the cache
   (keyed by :func:`cache_key`)."""
   workdir = os.path.join(cache_root(config), cache_key(config))
-  path = os.path.join(workdir, "summary.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      summary = json.load(f)
-    if summary.get("step") == config.total_steps:
-      logger.info("Single-task baselines from the cache %s.", workdir)
+  summary = _cached(workdir, config.total_steps)
+  if summary is not None:
+    return summary
+  with _turn(workdir):  # another run sharing the cache may be training them
+    summary = _cached(workdir, config.total_steps)
+    if summary is not None:
       return summary
-  logger.info("Training single-task baselines (independent, %d steps) into %s.",
-              config.total_steps, workdir)
-  return train_fn(baseline_config(config), workdir)
+    logger.info("Training single-task baselines (independent, %d steps) into %s.",
+                config.total_steps, workdir)
+    return train_fn(baseline_config(config), workdir)
+
+
+def _cached(workdir: str, total_steps: int) -> dict | None:
+  """The cached summary in ``workdir`` when it ran ``total_steps``, else None."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  if summary.get("step") != total_steps:
+    return None
+  logger.info("Single-task baselines from the cache %s.", workdir)
+  return summary
+
+
+@contextlib.contextmanager
+def _turn(workdir: str):
+  """This run's turn at a cache entry: ``fcntl.flock`` on ``WORKDIR.lock``
+  (the kernel drops it when the holder dies; the next run then resumes the
+  entry's checkpoints). A run that finds it taken says so and waits. With
+  several processes (one run across hosts) there is no lock: its processes
+  train together, and a lock taken by one would keep the others waiting in
+  its collectives."""
+  if jax.process_count() > 1:
+    yield
+    return
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  with open(f"{workdir}.lock", "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      logger.warning("Another run is training the single-task baselines into %s: waiting for "
+                     "it.", workdir)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def single_task_baselines(config, train_fn: Callable) -> dict:

@@ -333,7 +333,8 @@ def task_weights(taskset: TaskSet, weights: Mapping[str, float] | Sequence[float
   """``[T]`` float32 weights ``w_i`` from a mapping name->w or a full sequence.
 
   Tasks missing from a mapping get weight 1. Unknown names, a sequence of the
-  wrong length, and negative or non-finite weights raise.
+  wrong length, negative or non-finite weights, and every weight 0 (nothing
+  would train) raise.
   """
   w = np.ones(len(taskset), np.float32)
   if weights is None:
@@ -352,4 +353,7 @@ def task_weights(taskset: TaskSet, weights: Mapping[str, float] | Sequence[float
     w[:] = np.asarray(weights, np.float32)
   if not np.all(np.isfinite(w)) or np.any(w < 0):
     raise ValueError(f"Task weights must be finite and >= 0, got {w.tolist()}.")
+  if not np.any(w > 0):
+    raise ValueError(f"Task weights are all 0 for tasks {list(taskset.names)}: nothing would "
+                     "train; give at least one task a weight > 0.")
   return w

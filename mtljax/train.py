@@ -305,35 +305,49 @@ def _step(state) -> int:
   return int(np.max(jax.device_get(state.step)))
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.RunError):
   """A non-finite loss or gradient under ``config.on_nonfinite = "stop"``."""
 
 
 class Preempted(RuntimeError):
-  """SIGTERM arrived: a checkpoint was saved; rerunning resumes."""
+  """SIGTERM or SIGINT (Ctrl-C) arrived: a checkpoint was saved; rerunning
+  resumes. ``exit_code``: 128 + the signal's number, as a shell reports it."""
 
-  def __init__(self, step: int, directory: str):
-    super().__init__(f"Preempted (SIGTERM) at step {step}: checkpoint saved in {directory}; "
+  def __init__(self, step: int, directory: str, signum: int = signal.SIGTERM):
+    name = signal.Signals(signum).name
+    super().__init__(f"Preempted ({name}) at step {step}: checkpoint saved in {directory}; "
                      "rerun the same command to resume.")
     self.step = step
+    self.exit_code = 128 + int(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
 def _sigterm_flag():
   """A flag set by SIGTERM (what cluster schedulers send before killing a
-  job), checked after every host call; the previous handler is restored."""
-  flag = {"set": False}
+  job) or SIGINT (Ctrl-C), checked after every host call (``flag["signum"]``:
+  the first signal's number); a second SIGINT raises ``KeyboardInterrupt`` at
+  once (stop now, without saving). The previous handlers are restored."""
+  flag = {"set": False, "signum": None}
   if threading.current_thread() is not threading.main_thread():
     yield flag  # signals reach the main thread only
     return
 
   def handler(signum, frame):  # pylint: disable=unused-argument
-    flag["set"] = True
-  old = signal.signal(signal.SIGTERM, handler)
+    if flag["set"] and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if not flag["set"]:
+      logger.warning("%s: stopping at the next step with a checkpoint (Ctrl-C again: stop now, "
+                     "without saving).", signal.Signals(signum).name)
+    flag["set"], flag["signum"] = True, flag["signum"] or signum
+  old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
   try:
     yield flag
   finally:
-    signal.signal(signal.SIGTERM, old)
+    for s, h in old.items():
+      signal.signal(s, h)
 
 
 def _nonfinite_message(ts, meas, last_saved, directory, seed0: int = 0) -> str:
@@ -364,7 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   the same workdir resumes from the latest readable checkpoint (the config
   must be the same apart from :data:`mtljax.workdir.RESUMABLE_KEYS`;
   ``metrics.jsonl`` is cut back to the restored step). One run per workdir at
-  a time. SIGTERM saves a checkpoint and raises :class:`Preempted`; a
+  a time. SIGTERM or Ctrl-C saves a checkpoint and raises :class:`Preempted`
+  (a second Ctrl-C: ``KeyboardInterrupt`` at once); a
   non-finite loss or gradient raises :class:`NonFiniteError` (or is skipped
   and counted: ``config.on_nonfinite``). ``callbacks(step, measurements)``
   run after every host call (e.g. to stop a run early in tests).
@@ -379,8 +394,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with lock, _sigterm_flag() as sigterm:
     # Compared now, stored only once the data and the run are built: a config
     # refused while building leaves no config.json behind to refuse its fix.
-    workdir_lib.check_config(workdir, config.to_dict(), write=False)
+    workdir_lib.check_config(workdir, config.to_dict(), write=False,
+                             stored_with_checkpoints=_stored_identity(workdir))
     return _train(config, workdir, callbacks, sigterm)
+
+
+def _stored_identity(workdir: str) -> tuple[int, dict] | None:
+  """The config kept with the workdir's latest checkpoint (its manifest)."""
+  return ckpt_lib.read_identity(os.path.join(workdir, "checkpoints"))
 
 
 def _train(config, workdir, callbacks, sigterm) -> dict:
@@ -388,7 +409,8 @@ def _train(config, workdir, callbacks, sigterm) -> dict:
   data = build.data_from_config(config)
   run = build.build_run(config, data)
   if sharding.is_primary():
-    workdir_lib.check_config(workdir, config.to_dict(), write=True)
+    workdir_lib.check_config(workdir, config.to_dict(), write=True,
+                             stored_with_checkpoints=_stored_identity(workdir))
   _log_parameters(run.state)
   manager = ckpt_lib.make_manager(workdir)
   try:
@@ -500,10 +522,10 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       preempted = sharding.any_process(sigterm["set"])  # every process stops at one step
       if step % config.checkpoint_steps == 0 or step == total or preempted:
         if last_saved != step:
-          ckpt_lib.save(manager, step, state)
+          ckpt_lib.save(manager, step, state, identity=config.to_dict())
           last_saved = step
         if preempted and step < total:
-          raise Preempted(step, str(manager.directory))
+          raise Preempted(step, str(manager.directory), sigterm["signum"] or signal.SIGTERM)
 
   finally:  # the reader threads stop with the loop, however it ends
     feed.close()

@@ -7,7 +7,9 @@ the config it was started with, and JSON that other tools can read.
   the same workdir at once; the kernel releases it when the process dies
   (SIGKILL included), so a killed run never leaves a stale lock.
 * :func:`check_config` stores the config at the first run
-  (``WORKDIR/config.json``) and refuses a resume whose config differs, listing
+  (``WORKDIR/config.json``; the checkpoints keep it too, so a deleted
+  ``config.json`` does not let a changed config resume) and refuses a resume
+  whose config differs, listing
   the keys, apart from :data:`RESUMABLE_KEYS` (step budget, intervals,
   evaluation chunking, where data and caches live, the mesh, which outputs are
   written).
@@ -27,6 +29,7 @@ import os
 
 import numpy as np
 
+from mtljax import errors
 from mtljax import params as params_lib
 
 # Config keys a resumed run may change (prefixes match subtrees).
@@ -40,8 +43,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-class WorkdirError(RuntimeError):
-  """A workdir that cannot be used as asked (with what to do about it)."""
+WorkdirError = errors.WorkdirError  # a workdir that cannot be used as asked
 
 
 def check_writable(workdir: str) -> None:
@@ -102,18 +104,29 @@ def _normal(value):
   return json.loads(json.dumps(value, default=str))
 
 
-def check_config(workdir: str, config: dict, write: bool = True) -> None:
+def check_config(workdir: str, config: dict, write: bool = True,
+                 stored_with_checkpoints: tuple[int, dict] | None = None) -> None:
   """Stores ``config`` in the workdir at the first run; on a later run
   refuses one that differs outside :data:`RESUMABLE_KEYS`. ``write=False``
-  (processes other than 0) only compares."""
+  (processes other than 0) only compares. ``stored_with_checkpoints``:
+  ``(step, config)`` kept with the latest checkpoint
+  (:func:`mtljax.checkpoint.read_identity`), compared when ``config.json`` is
+  gone (a workdir with checkpoints and no ``config.json`` is still a resume)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = _normal(config)
-  if not os.path.exists(path):
+  source = f"workdir {workdir!r} was started with another config"
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+  elif stored_with_checkpoints is not None:
+    step, stored = stored_with_checkpoints
+    stored = _normal(stored)
+    source = (f"workdir {workdir!r} has no {CONFIG_FILE}, and its checkpoint step {step} was "
+              "written with another config")
+  else:
     if write:
       write_json(path, current)
     return
-  with open(path) as f:
-    stored = json.load(f)
   a, b = params_lib.flatten_dict(stored, "."), params_lib.flatten_dict(current, ".")
   differ = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
                   and not _resumable(k))
@@ -124,7 +137,7 @@ def check_config(workdir: str, config: dict, write: bool = True) -> None:
     model = [k for k in differ if k.startswith(("model.", "objective.method", "data."))]
     what = " The workdir holds a different model or data." if model else ""
     raise WorkdirError(
-        f"workdir {workdir!r} was started with another config: {shown}{more}.{what} "
+        f"{source}: {shown}{more}.{what} "
         f"Resume with the same config (only {', '.join(RESUMABLE_KEYS)} may change) or "
         "choose a new --workdir.")
   if write:

@@ -157,3 +157,16 @@ def test_library_errors_name_their_arguments_and_build_names_the_config_path(tmp
     with errors.config_section("optim", config.optim):
       from mtljax import schedules  # pylint: disable=g-import-not-at-top
       schedules.make_schedule("slanted_triangular", 1e-3, 100, cut_frac=2.0)
+
+
+def test_print_config_is_plain_yaml_a_reader_would_write():
+  import helpers  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import yaml  # pylint: disable=g-import-not-at-top
+  config = helpers.small_sinusoids_config(**{"objective.weights": {"sine_00": 2.0}})
+  text = main_lib.format_config(config)
+  assert "!!" not in text and "&id" not in text and "*id" not in text
+  assert "\n  hidden: [16, 16]\n" in text and "\n  tasks: []\n" in text
+  assert "\n  weights:\n    sine_00: 2.0\n" in text
+  # It reads back as the config (tuples as lists).
+  assert yaml.safe_load(text) == json.loads(json.dumps(config.to_dict()))

@@ -24,6 +24,7 @@ import pytest
 import helpers
 from mtljax import build
 from mtljax import checkpoint
+from mtljax import errors
 from mtljax import optim
 from mtljax import steps
 from mtljax import tasks
@@ -142,6 +143,40 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_bitwise(
   assert helpers.metrics_rows(workdir) == helpers.metrics_rows(straight_run)
   like = _like()
   _assert_bitwise(_final_state(workdir, like), _final_state(straight_run, like))
+
+
+def test_ctrl_c_saves_a_checkpoint_like_sigterm_and_exits_130(tmp_path):
+  workdir = str(tmp_path / "interrupted")
+  rc, err, signalled = _start_and_signal(workdir, signal.SIGINT, after_step=50)
+  assert signalled and rc == 130, err[-2000:]
+  assert "Traceback" not in err and "Preempted (SIGINT) at step" in err
+  step = int(err.split("Preempted (SIGINT) at step ")[1].split(":")[0])
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if d.isdigit())
+  assert saved[-1] == step
+
+
+def _interrupt(times: int, at_step: int):
+  def callback(step, _):
+    if step == at_step:
+      for _ in range(times):
+        os.kill(os.getpid(), signal.SIGINT)
+  return callback
+
+
+def test_one_ctrl_c_saves_at_the_step_and_a_second_stops_at_once(tmp_path):
+  old = signal.getsignal(signal.SIGINT)
+  with pytest.raises(train.Preempted) as e:
+    train.train_and_evaluate(_small(total_steps=40), str(tmp_path / "a"),
+                             callbacks=[_interrupt(1, 15)])
+  assert str(e.value).startswith("Preempted (SIGINT) at step 15: checkpoint saved in ")
+  assert e.value.exit_code == 130 and e.value.step == 15
+  assert "15" in os.listdir(tmp_path / "a" / "checkpoints")
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_small(total_steps=40), str(tmp_path / "b"),
+                             callbacks=[_interrupt(2, 15)])
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["10"]  # nothing saved at 15
+  assert signal.getsignal(signal.SIGINT) is old  # the handlers are restored
 
 
 # ----------------------------------------------------------------------------
@@ -330,8 +365,8 @@ def test_resuming_where_steps_per_call_does_not_divide_the_step_is_refused(tmp_p
   workdir = str(tmp_path)
   train.train_and_evaluate(_small(total_steps=15, log_steps=5, eval_steps=15,
                                   checkpoint_steps=5), workdir)
-  with pytest.raises(ValueError, match=r"at step 15, which steps_per_call=10 does not "
-                                       r"divide.*dividing 15"):
+  with pytest.raises(errors.ConfigError, match=r"at step 15, which steps_per_call=10 does not "
+                                              r"divide.*dividing 15"):
     train.train_and_evaluate(_small(total_steps=40, steps_per_call=10, log_steps=10,
                                     eval_steps=20, checkpoint_steps=10), workdir)
 

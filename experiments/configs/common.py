@@ -43,7 +43,7 @@ def _data_section() -> ml_collections.ConfigDict:
   data.split_seed = 0         # the held-out draw's seed
   data.normalize_labels = True  # regression labels standardised per task (train stats)
   data.pipeline = "auto"      # auto|device|host: inputs on the device, or read per step
-  data.device_budget_mb = 0.0  # auto: device path when inputs fit (0 = 1/4 of the device)
+  data.device_budget_mb = 0.0  # auto: device path when inputs fit (0: GPU/TPU 1/4, CPU 4096)
   data.workers = 2            # host pipeline: Grain reader threads
   data.prefetch = 2           # host pipeline: batches placed on the device ahead
   return data
@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Transfer: start from another run's parameters (its workdir).
   c.init_from = ""
   c.init_dont_load = ""          # regexes (";"-separated) of parameters left fresh
+  c.init_allow_nothing_loaded = False  # True: an init_from that loads no parameter may start
   c.l2sp_alpha = 0.0             # L2-SP: alpha/2 ||w - w0||^2 on loaded parameters
   c.l2sp_beta = 0.0              # L2-SP: beta/2 ||w||^2 on fresh parameters
   c.l2sp_mode = "decoupled"      # decoupled (after Adam's scaling, as AdamW) | coupled (in the loss)

@@ -9,6 +9,9 @@ out as the test split (:func:`hold_out`, a :class:`Subset` of records).
 * a *bundled* data set (:data:`mtljax.data.builders.BUNDLED`) is generated into
   the data directory (:func:`default_data_dir`) on first use, no network; with
   several processes process 0 writes first and the others wait at a barrier;
+  runs of their own that prepare the same data set and version into one data
+  directory take turns (:func:`preparing`: a file lock), the later ones
+  reading what the first prepared;
 * a TFDS *catalog* data set is read from the data directory in array_record
   format; one not prepared there is downloaded and prepared only when asked
   (after a quick network probe, :data:`NETWORK_PROBE`), else
@@ -23,8 +26,11 @@ records as flattened slash paths.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import fcntl
+import logging
 import os
 import re
 import socket
@@ -34,13 +40,15 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtljax import errors
 from mtljax import params as params_lib
 from mtljax.data import builders
 
 SPLITS = ("train", "test")
+logger = logging.getLogger("mtljax")
 
 
-class DataNotAvailableError(RuntimeError):
+class DataNotAvailableError(errors.DataError):
   """A catalog data set is not prepared here and mtljax never downloads."""
 
 
@@ -223,6 +231,33 @@ def check_name(name: str, builder_config: str = "") -> None:
 # ----------------------------------------------------------------------------
 
 
+def lock_path(data_dir: str, name: str, config_name: str, version) -> str:
+  """The lock file of one data set, builder config and version in ``data_dir``."""
+  safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-{config_name or 'default'}-{version}")
+  return os.path.join(data_dir, ".mtljax-locks", f"{safe}.lock")
+
+
+@contextlib.contextmanager
+def preparing(data_dir: str, name: str, config_name: str, version):
+  """Holds the data set's preparation lock (``fcntl.flock`` on
+  :func:`lock_path`; the kernel drops it when the holder dies): a run that
+  finds it taken says so and waits. Inside, check again whether the data set
+  is prepared: the holder before may have prepared it."""
+  path = lock_path(data_dir, name, config_name, version)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      logger.warning("Data set %r (%s, version %s) is being prepared in %s by another run: "
+                     "waiting for it.", name, config_name or "default", version, data_dir)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _bundled_builder(name: str, config_name: str, data_dir: str):
   cls = builders.BUNDLED[name]
   config = cls.config_from_name(config_name)
@@ -233,8 +268,11 @@ def _bundled_builder(name: str, config_name: str, data_dir: str):
     _barrier(f"mtljax-prepared-{name}-{config_name}")
     builder = make()
   if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    _prepare(builder, name)  # (a host with a disk of its own writes its copy)
+    with preparing(data_dir, name, config.name, builder.version):
+      builder = make()  # (prepared meanwhile by the run that held the lock?)
+      if not builder.is_prepared():
+        tfds.disable_progress_bar()
+        _prepare(builder, name)  # (a host with a disk of its own writes its copy)
   if count > 1 and index == 0:
     _barrier(f"mtljax-prepared-{name}-{config_name}")
   return builder
@@ -324,10 +362,13 @@ def _catalog_sources(name, full, data_dir, tfds_splits, download):
   error = None
   if not builder.is_prepared() and download:
     try:
-      _check_network()
-      tfds.disable_progress_bar()
-      builder.download_and_prepare()
-      builder = catalog_builder(full, data_dir)  # (its info now has the splits)
+      with preparing(data_dir, name, full.partition("/")[2], builder.version):
+        builder = catalog_builder(full, data_dir)  # (prepared meanwhile by the lock's holder?)
+        if not builder.is_prepared():
+          _check_network()
+          tfds.disable_progress_bar()
+          builder.download_and_prepare()
+        builder = catalog_builder(full, data_dir)  # (its info now has the splits)
     except Exception as e:  # pylint: disable=broad-except  (no network, ...)
       error = e
   if count > 1 and index == 0:
