@@ -206,7 +206,8 @@ def test_multi_digits_archs_reports_delta_m_against_cached_baselines(tmp_path):
   c.plots = False  # each run's curves.png etc. (tests/test_report.py checks those)
   out = multi_digits_archs.run(c, str(tmp_path / "run"))
   # The baselines: one cached independent run, trained once, its test metrics.
-  (cached,) = list((tmp_path / "cache" / "baselines").iterdir())
+  # (Beside each entry its lock file, ``<hash>.lock``: measure's turn-taking.)
+  (cached,) = [p for p in (tmp_path / "cache" / "baselines").iterdir() if p.is_dir()]
   base = json.loads((cached / "summary.json").read_text())
   assert base["arch"] == "independent" and base["step"] == 100
   assert out["baselines"] == base["tasks"]
