@@ -199,9 +199,14 @@ def test_the_command_writes_and_prints_the_report_and_its_curves(tmp_path, capsy
   out.parent.mkdir()
   assert report.main([*dirs, f"--out={out}"]) == 0
   printed = capsys.readouterr().out
-  assert printed == out.read_text() + "\n"
-  assert EXPECTED in printed and "![test curves](cmp_curves.png)" in printed
-  assert "Shared by every run (2 keys): model.hidden=(16, 16), seed=0" in printed
+  md = out.read_text()
+  assert EXPECTED in md and "![test curves](cmp_curves.png)" in md
+  # The file lists the shared keys, one a line; the terminal has one line that
+  # counts them and names the file, else it is the file.
+  listing = "## Shared by every run (2 keys)\n\n- model.hidden=(16, 16)\n- seed=0\n"
+  assert md.endswith(listing)
+  assert printed == (md[:-len(listing)]
+                     + f"Shared by every run: 2 config keys (listed in {out}).\n\n")
   # The curves are the runs' metrics: the same figure drawn here, pixel for pixel.
   rows = {n: helpers.metrics_rows(d) for n, d in zip(("x/run", "y/run", "z"), dirs)}
   got = plotting.plot_run_comparison(rows, str(tmp_path / "again.png"))
@@ -265,8 +270,24 @@ def test_the_report_goes_next_to_the_runs_by_default(tmp_path, monkeypatch, caps
   assert report.main(dirs) == 0
   assert os.listdir(cwd) == []
   out = tmp_path / "x" / "report.md"  # the first workdir's parent
-  assert capsys.readouterr().out == out.read_text() + "\n"
+  assert f"(listed in {out})" in capsys.readouterr().out
+  assert "- seed=0" in out.read_text()
   assert os.path.exists(tmp_path / "x" / "report_curves.png")
+
+
+def test_the_header_mentions_delta_m_only_with_its_column(tmp_path, capsys):
+  dirs = _three_runs(tmp_path)
+  assert report.main([*dirs, f"--out={tmp_path / 'with.md'}"]) == 0
+  without = [dirs[1]]  # the one run without delta_m
+  assert report.main([*without, f"--out={tmp_path / 'without.md'}"]) == 0
+  heads = [(tmp_path / f).read_text().splitlines()[2] for f in ("with.md", "without.md")]
+  assert heads[0].endswith(", Delta_m in % (positive = better than single-task baselines).")
+  assert "Delta_m" in (tmp_path / "with.md").read_text().splitlines()[4]  # the table's header
+  assert heads[1] == ("1 run(s); config keys that differ are columns, final test metrics per "
+                      "task (mean ± s.e. over seeds where a run has several), their mean over "
+                      "tasks (mean/METRIC).")
+  assert "Delta_m" not in (tmp_path / "without.md").read_text()
+  capsys.readouterr()
 
 
 def test_a_workdir_without_a_summary_is_one_line(tmp_path, capsys):
