@@ -269,6 +269,32 @@ def test_an_unknown_data_set_name_is_mtljax_s_one_line_first(tmp_path):
     loading.load("no_such_set_xyz", data_dir=str(tmp_path))
 
 
+def test_a_bundled_builder_config_under_a_catalog_name_is_one_line_naming_its_owner(tmp_path):
+  # The multi_digits config with only the name changed: its builder config is
+  # multi_digits', and mnist has none. One line, exit 2, nothing downloaded.
+  data_dir = tmp_path / "data"
+  r = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/multi_digits.py:quick", f"--workdir={tmp_path / 'w'}",
+       "--config.data.name=mnist", f"--config.data.data_dir={data_dir}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=300)
+  assert r.returncode == 2
+  assert r.stderr == ("error: config.data.builder_config='n3000_m600_s0' belongs to the bundled "
+                      "data set 'multi_digits', not to 'mnist' (which has no builder configs): "
+                      "set builder_config=''.\n")
+  assert not data_dir.exists() or not os.listdir(data_dir)
+  # A catalog data set with builder configs names a few of them; its own pass.
+  names = [c.name for c in tfds.builder_cls("cifar10_corrupted").BUILDER_CONFIGS]
+  with pytest.raises(ValueError) as e:
+    tfds_access.check_name("cifar10_corrupted", "zzz")
+  assert str(e.value) == (
+      "builder_config='zzz' is not a builder config of 'cifar10_corrupted' (whose builder "
+      f"configs are {', '.join(map(repr, names[:5]))}, ... ({len(names)} in all)): set "
+      "builder_config='' or one of them.")
+  tfds_access.check_name("cifar10_corrupted", names[-1])
+
+
 def test_too_many_tasks_per_step_fail_before_a_record_is_read(tmp_path):
   source = _Counting(_mnist_like(6, 0))
   cases = [
