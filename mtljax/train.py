@@ -388,15 +388,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     the summary dict.
   """
   build.validate_config(config)
+  fresh = not os.path.exists(workdir)
   workdir_lib.check_writable(workdir)
   primary = sharding.is_primary()  # with several processes, process 0 writes
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   with lock, _sigterm_flag() as sigterm:
     # Compared now, stored only once the data and the run are built: a config
     # refused while building leaves no config.json behind to refuse its fix.
-    workdir_lib.check_config(workdir, config.to_dict(), write=False,
-                             stored_with_checkpoints=_stored_identity(workdir))
-    return _train(config, workdir, callbacks, sigterm)
+    try:
+      workdir_lib.check_config(workdir, config.to_dict(), write=False,
+                               stored_with_checkpoints=_stored_identity(workdir))
+      return _train(config, workdir, callbacks, sigterm)
+    except BaseException:
+      if fresh and primary:  # refused before writing anything: no empty workdir left
+        workdir_lib.remove_if_unused(workdir)
+      raise
 
 
 def _stored_identity(workdir: str) -> tuple[int, dict] | None:

@@ -26,6 +26,7 @@ from mtljax import tasks as tasks_lib
 from mtljax.data import specs
 from mtljax.data import task_data
 from mtljax.data import tfds_access
+from mtljax import train
 
 ATTRS = ("attributes/Male", "attributes/Smiling", "attributes/Young")
 
@@ -293,6 +294,24 @@ def test_a_bundled_builder_config_under_a_catalog_name_is_one_line_naming_its_ow
       f"configs are {', '.join(map(repr, names[:5]))}, ... ({len(names)} in all)): set "
       "builder_config='' or one of them.")
   tfds_access.check_name("cifar10_corrupted", names[-1])
+
+
+def test_celeba_offline_is_refused_leaving_nothing_behind(tmp_path, offline):
+  # A fresh workdir and data_dir: the refusal takes back the workdir it made
+  # (and its lock file) and writes nothing into the data_dir.
+  config = celeba_config.get_config("quick")
+  helpers.with_overrides(config, {"data.data_dir": str(tmp_path / "data"),
+                                  "data.download": True})
+  with pytest.raises(tfds_access.DataNotAvailableError, match=re.escape(
+      "TFDS data set 'celeb_a' (split 'train') is not prepared in data_dir="
+      f"'{tmp_path / 'data'}' and could not be downloaded.")):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert os.listdir(tmp_path) == []
+  # A workdir that was there before is the user's: it is kept.
+  (tmp_path / "mine").mkdir()
+  with pytest.raises(tfds_access.DataNotAvailableError):
+    train.train_and_evaluate(config, str(tmp_path / "mine"))
+  assert sorted(os.listdir(tmp_path)) == ["mine"]
 
 
 def test_too_many_tasks_per_step_fail_before_a_record_is_read(tmp_path):

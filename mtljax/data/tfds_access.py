@@ -390,10 +390,10 @@ def _catalog_sources(name, full, data_dir, tfds_splits, download):
   error = None
   if not builder.is_prepared() and download:
     try:
+      _check_network()  # before the lock: offline, nothing is written to data_dir
       with preparing(data_dir, name, full.partition("/")[2], builder.version):
         builder = catalog_builder(full, data_dir)  # (prepared meanwhile by the lock's holder?)
         if not builder.is_prepared():
-          _check_network()
           tfds.disable_progress_bar()
           builder.download_and_prepare()
         builder = catalog_builder(full, data_dir)  # (its info now has the splits)
