@@ -40,6 +40,34 @@ def test_curves_hold_each_tasks_train_loss_and_test_and_train_metrics(tmp_path):
       "b test": ([20], [0.25])}  # a null (NaN) value is not drawn
 
 
+def test_every_curves_panel_has_a_readable_legend_and_promises_only_what_is_drawn(tmp_path):
+  got = plotting.plot_curves(ROWS, str(tmp_path / "c.png"), ["a", "b"])
+  assert got["train/TASK/loss"]["legend"] == ["a", "b"]
+  assert got["eval/TASK/accuracy"]["legend"] == ["a test", "a train", "b test"]
+  assert all(got[p]["legend fontsize"] >= 8 for p in ("train/TASK/loss", "eval/TASK/accuracy"))
+  assert got["eval/TASK/accuracy"]["ylabel"] == "test (solid), train split (dashed)"
+  # Without eval_train (no train_eval keys) there is no dashed line to promise.
+  test_only = [{k: v for k, v in r.items() if not k.startswith("train_eval/")} for r in ROWS]
+  got = plotting.plot_curves(test_only, str(tmp_path / "t.png"), ["a", "b"])
+  assert not any(s[1] == "--" for s in got["eval/TASK/accuracy"]["styles"].values())
+  assert got["eval/TASK/accuracy"]["ylabel"] == "test split"
+
+
+def test_with_seeds_each_curve_has_a_band_of_one_standard_error(tmp_path):
+  rows = [{"step": 10, "train/a/loss": 1.0, "train/a/loss/se": 0.25, "eval/a/accuracy": 0.5,
+           "eval/a/accuracy/se": 0.125},
+          {"step": 20, "train/a/loss": 0.5, "train/a/loss/se": 0.125, "eval/a/accuracy": 0.75,
+           "eval/a/accuracy/se": 0.0625, "train_eval/a/accuracy": 0.875,
+           "train_eval/a/accuracy/se": 0.03125}]
+  got = plotting.plot_curves(rows, str(tmp_path / "c.png"))
+  assert got["train/TASK/loss"]["bands"] == {"a": ([10, 20], [0.75, 0.375], [1.25, 0.625])}
+  assert got["eval/TASK/accuracy"]["bands"] == {
+      "a test": ([10, 20], [0.375, 0.6875], [0.625, 0.8125]),
+      "a train": ([20], [0.84375], [0.90625])}
+  assert got["eval/TASK/accuracy"]["legend"] == ["a test", "a train"]  # bands: no entries
+  assert "bands" not in plotting.plot_curves(ROWS, str(tmp_path / "one.png"))["train/TASK/loss"]
+
+
 def test_grad_cosine_heatmap_is_the_mean_over_rows(tmp_path):
   names = ["a", "b", "c"]
   want = np.array([[1.0, (0.5 - 0.25) / 2, 0.125], [(0.5 - 0.25) / 2, 1.0, np.nan],
