@@ -11,9 +11,10 @@ metric two or more tasks have (the mean over the run's tasks with it, ± s.e.
 over seeds: :func:`task_mean`), then Δm (%, positive = better than the
 single-task baselines; with seeds the mean over seeds of the paired per-seed
 Δm ± s.e.) when a run measured it. The keys every run shares are listed under
-the table. The report is written to ``--out`` (default: ``report.md`` in the
-first WORKDIR's parent directory, next to the runs -- never the current
-directory, e.g. the repository) and printed;
+the table, one a line. The report is written to ``--out`` (default:
+``report.md`` in the first WORKDIR's parent directory, next to the runs --
+never the current directory, e.g. the repository) and printed, the shared
+keys as one line that counts them and names the file;
 ``--out``'s stem + ``_curves.png`` holds each task's test curves, a panel per
 metric and a line per run and task (:func:`mtljax.plotting.plot_run_comparison`).
 """
@@ -165,30 +166,37 @@ def table(runs: dict[str, dict]) -> tuple[str, list[str]]:
   return "\n".join(lines), same
 
 
-def report(workdirs, out: str | None = None) -> str:
-  """The Markdown report of ``workdirs``; written to ``out`` (with the curves
-  next to it) when given."""
+def report(workdirs, out: str | None = None) -> tuple[str, str]:
+  """``(the Markdown report of workdirs, its text for the terminal)``; the
+  report is written to ``out`` (with the curves next to it) when given. The
+  report lists the config keys every run shares, one a line; the terminal
+  text has one line in their place that counts them and says where they are
+  (a run has a hundred or more: one line of them floods a terminal)."""
   if not workdirs:
     raise ReportError("no workdirs given.")
   runs = dict(zip(run_names(workdirs), (load_run(w) for w in workdirs)))
   text, same = table(runs)
+  delta = any(r["summary"].get("delta_m") for r in runs.values())
   first = next(iter(runs.values()))["config"]
   parts = ["# mtljax runs", "",
            f"{len(runs)} run(s); config keys that differ are columns, final test metrics "
            "per task (mean ± s.e. over seeds where a run has several), their mean over "
-           "tasks (mean/METRIC), Delta_m in % "
-           "(positive = better than single-task baselines).", "", text, ""]
+           "tasks (mean/METRIC)"
+           + (", Delta_m in % (positive = better than single-task baselines)." if delta
+              else "."), "", text, ""]
   if out is not None:
     png = os.path.splitext(out)[0] + "_curves.png"
     plotting.plot_run_comparison({n: r["rows"] for n, r in runs.items()}, png)
     parts += [f"![test curves]({os.path.basename(png)})", ""]
-  parts += [f"Shared by every run ({len(same)} keys): "
-            + ", ".join(f"{k}={_value(first[k])}" for k in same), ""]
-  md = "\n".join(parts)
+  listing = [f"## Shared by every run ({len(same)} keys)", ""]
+  listing += [f"- {k}={_value(first[k])}" for k in same] + [""]
+  md = "\n".join(parts + listing)
+  where = f"listed in {out}" if out is not None else "not listed: no report file"
+  printed = "\n".join(parts + [f"Shared by every run: {len(same)} config keys ({where}).", ""])
   if out is not None:
     with open(out, "w") as f:
       f.write(md)
-  return md
+  return md, printed
 
 
 def default_out(workdirs) -> str:
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
                            "parent directory); the curves go next to it")
   args = parser.parse_args(argv)
   try:
-    print(report(args.workdirs, args.out or default_out(args.workdirs)))
+    print(report(args.workdirs, args.out or default_out(args.workdirs))[1])
   except ReportError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -8,7 +8,8 @@ figure is laid out, saved and closed when the block ends.
 
 * ``curves.png``: per task, the training loss (``train/TASK/loss``) and each
   evaluation metric on the test split (solid) and, with ``config.eval_train``,
-  on the train split (dashed), against the step -- for every run;
+  on the train split (dashed), against the step -- for every run; a legend
+  in every panel; with N seeds the mean and a band ± its s.e.;
 * ``delta_m.png`` (with ``config.baselines``): per metric, the single-task
   baseline and the multi-task value of each task side by side, and each task's
   relative change (%), titled with Δm;
@@ -66,11 +67,12 @@ def _visible(line) -> bool:
 
 def drawn(fig) -> dict:
   """``{axis title: {"lines": {label: (x, y)}, "styles": {label: (colour as
-  #rrggbb, linestyle, marker)}, "legend": [labels], "bars": {label: heights},
+  #rrggbb, linestyle, marker)}, "legend": [labels], "legend fontsize": points,
+  "bands": {label: (x, low, high)}, "ylabel": text, "bars": {label: heights},
   "image": matrix}}`` of a figure, read from its lines (only those that draw
-  something: a single point needs a marker), legends, bar containers and
-  images (the keys an axis has none of are left out); a figure-level legend's
-  labels under ``"figure legend"``."""
+  something: a single point needs a marker), legends, seed bands
+  (:func:`_band`), bar containers and images (the keys an axis has none of
+  are left out); a figure-level legend's labels under ``"figure legend"``."""
   from matplotlib import colors  # pylint: disable=g-import-not-at-top
   out = {}
   for i, ax in enumerate(fig.axes):
@@ -85,6 +87,13 @@ def drawn(fig) -> dict:
                                          l.get_marker()) for l in shown}
     if ax.get_legend() is not None:
       entry["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+      entry["legend fontsize"] = ax.get_legend().get_texts()[0].get_fontsize()
+    bands = {c.get_label()[len("_band "):]: _band_edges(c) for c in ax.collections
+             if c.get_label().startswith("_band ")}
+    if bands:
+      entry["bands"] = bands
+    if ax.get_ylabel():
+      entry["ylabel"] = ax.get_ylabel()
     bars = {c.get_label(): [float(p.get_height()) for p in c.patches] for c in ax.containers}
     if bars:
       entry["bars"] = bars
@@ -149,10 +158,37 @@ def _tasks_and_metrics(rows):
   return list(tasks), list(metrics)
 
 
+LEGEND_FONTSIZE = 8  # points: every panel's legend and label
+
+
+def _band(ax, rows: list[dict], key: str, color, label: str) -> None:
+  """With N seeds (rows with ``KEY/se``): a shaded band mean ± s.e. around
+  ``key``'s line, labelled ``_band LABEL`` (kept out of legends; :func:`drawn`
+  reads it back)."""
+  pts = [(r["step"], float(r[key]), float(r[f"{key}/se"])) for r in rows
+         if r.get(key) is not None and r.get(f"{key}/se") is not None
+         and math.isfinite(float(r[f"{key}/se"]))]
+  if not pts:
+    return
+  x, y, se = map(np.asarray, zip(*pts))
+  ax.fill_between(x, y - se, y + se, color=color, alpha=0.2, linewidth=0,
+                  label=f"_band {label}")
+
+
+def _band_edges(collection) -> tuple[list[float], list[float], list[float]]:
+  """``(x, low, high)`` of a :func:`_band`, from its polygon's vertices."""
+  v = np.concatenate([p.vertices for p in collection.get_paths()])
+  xs = sorted(set(map(float, v[:, 0])))
+  return (xs, [float(v[v[:, 0] == x, 1].min()) for x in xs],
+          [float(v[v[:, 0] == x, 1].max()) for x in xs])
+
+
 def plot_curves(rows: list[dict], path: str, tasks=None) -> dict:
   """``curves.png``: one panel for the training loss and one per evaluation
-  metric, a line per task (test solid, train split dashed); ``tasks``: their
-  order (default: as they first appear in the rows)."""
+  metric, a line per task (test solid, train split dashed), each with a
+  legend (one legend right of the panels beyond 10 tasks); with N seeds a
+  band mean ± s.e. around each line. ``tasks``: their order (default: as they
+  first appear in the rows)."""
   found, metrics = _tasks_and_metrics(rows)
   tasks = list(tasks or found)
   panels = ["train/TASK/loss"] + [f"eval/TASK/{m}" for m in metrics]
@@ -162,38 +198,47 @@ def plot_curves(rows: list[dict], path: str, tasks=None) -> dict:
                         wspace=0.3)
     axes = axes if isinstance(axes, list) else [axes]
     colors = task_colors(len(tasks))  # a task's colour in every panel
+    dashed = False
     for ax, panel in zip(axes, panels):
       for t, color in zip(tasks, colors):
         if panel.startswith("train/"):
           pts = series(rows, f"train/{t}/loss")
           ax.plot(*pts, color=color, label=t, **_marker(pts[0]))
+          _band(ax, rows, f"train/{t}/loss", color, t)
           continue
         m = panel.split("/")[-1]
         pts = series(rows, f"eval/{t}/{m}")
         ax.plot(*pts, color=color, label=f"{t} test", **_marker(pts[0]))
+        _band(ax, rows, f"eval/{t}/{m}", color, f"{t} test")
         train_eval = series(rows, f"train_eval/{t}/{m}")
         if train_eval[0]:
+          dashed = True
           ax.plot(*train_eval, ls="--", color=color, label=f"{t} train",
                   **_marker(train_eval[0], "x"))
+          _band(ax, rows, f"train_eval/{t}/{m}", color, f"{t} train")
       ax.set_title(panel)
       ax.set_xlabel("step")
-    _task_legend(fig, axes[0], len(tasks), width)
-    if len(panels) > 1:
-      axes[1].set_ylabel("test (solid), train split (dashed)", fontsize=7)
+    _task_legend(fig, axes, len(tasks), width)
+    if len(panels) > 1:  # dashed lines are promised only where they are drawn
+      axes[1].set_ylabel("test (solid), train split (dashed)" if dashed else "test split",
+                         fontsize=LEGEND_FONTSIZE)
     return drawn(fig)
 
 
-def _task_legend(fig, ax, n_tasks: int, width: float) -> None:
-  """Up to 10 tasks: a legend in ``ax``; more: the first panel's labels (one
-  per task) in a legend right of the panels, whose margin grows to fit it."""
+def _task_legend(fig, axes, n_tasks: int, width: float) -> None:
+  """Up to 10 tasks: a legend in every panel; more: the first panel's labels
+  (one per task, its colour in every panel) in one legend right of the
+  panels, whose margin grows to fit it."""
   if n_tasks <= 10:
-    ax.legend(fontsize=6)
+    for ax in axes:
+      ax.legend(fontsize=LEGEND_FONTSIZE)
     return
   cols = math.ceil(n_tasks / 20)
-  space = 1.1 * cols  # inches
+  space = 1.4 * cols  # inches
   fig.set_size_inches(width + space, fig.get_size_inches()[1])
   fig.subplots_adjust(left=0.6 / (width + space), right=(width - 0.15) / (width + space))
-  fig.legend(*ax.get_legend_handles_labels(), loc="center left", fontsize=6, ncol=cols,
+  fig.legend(*axes[0].get_legend_handles_labels(), loc="center left",
+             fontsize=LEGEND_FONTSIZE, ncol=cols,
              bbox_to_anchor=((width - 0.05) / (width + space), 0.5), frameon=False)
 
 

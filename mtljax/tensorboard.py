@@ -11,7 +11,8 @@ Every row of ``metrics.jsonl`` is written as scalars at its ``step``, named by
   ``grad/TASK/weight`` (a gradient method's weight) and ``objective/TASK/lambda``
   (a loss weighting's) -> ``objective/weights/TASK``;
 * with N seeds: ``KEY/se`` -> ``NAME/se`` and each seed's value ``NAME/seed_S``
-  (``S`` the seed; a task a seed did not sample at that step is left out).
+  (``S`` the seed; a task a seed did not sample at that step is left out),
+  train and eval keys alike (a row's ``per_seed`` has both).
 
 A ``null`` in ``metrics.jsonl`` (a NaN or inf there) is written as NaN. The
 config is written once as text (tag ``config``, JSON in a code block).

@@ -181,6 +181,18 @@ def combine_seed_records(records: list[dict]) -> dict:
   return out
 
 
+def _add_metrics(record: dict, prefix: str, metrics) -> dict:
+  """``record`` with ``PREFIX/TASK/METRIC`` added; with N seeds (a
+  :class:`SeedMetrics`) the mean, ``/se`` and each seed's value in the row's
+  ``per_seed`` lists, as the train keys have them (TensorBoard's ``/seed_S``
+  tags)."""
+  record.update(_flat_metrics(prefix, metrics))
+  if isinstance(metrics, SeedMetrics):
+    flats = [_flat_metrics(prefix, m) for m in metrics.per_seed]
+    record.setdefault("per_seed", {}).update({k: [f[k] for f in flats] for k in flats[0]})
+  return record
+
+
 def _flat_metrics(prefix: str, metrics) -> dict:
   if isinstance(metrics, SeedMetrics):
     flat = _flat_metrics(prefix, metrics.mean)
@@ -291,13 +303,15 @@ class HostFeed:
             "input_wait_s": round(self.feed.wait_s if self.feed else 0.0, 3)}
 
 
-def _log_parameters(state) -> None:
+def _log_parameters(state, num_seeds: int = 1) -> None:
+  """The model's parameter count: of one model, also with N seeds (whose
+  parameters carry a leading seed axis: N models side by side)."""
   for name, leaf in params_lib.flatten_with_names(state.params):
     logger.debug("param %-50s %s", name, tuple(leaf.shape))
-  logger.info("Parameters: %d (shared %d, per-task %d).",
-              params_lib.count(state.params),
-              params_lib.count(state.params["shared"]),
-              params_lib.count(state.params["tasks"]))
+  total, shared, tasks = (params_lib.count(p) // num_seeds for p in
+                          (state.params, state.params["shared"], state.params["tasks"]))
+  seeds = f"; {num_seeds} seeds train {num_seeds} such models" if num_seeds > 1 else ""
+  logger.info("Parameters: %d (shared %d, per-task %d)%s.", total, shared, tasks, seeds)
 
 
 def _step(state) -> int:
@@ -388,15 +402,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     the summary dict.
   """
   build.validate_config(config)
+  fresh = not os.path.exists(workdir)
   workdir_lib.check_writable(workdir)
   primary = sharding.is_primary()  # with several processes, process 0 writes
   lock = workdir_lib.Lock(workdir) if primary else contextlib.nullcontext()
   with lock, _sigterm_flag() as sigterm:
     # Compared now, stored only once the data and the run are built: a config
     # refused while building leaves no config.json behind to refuse its fix.
-    workdir_lib.check_config(workdir, config.to_dict(), write=False,
-                             stored_with_checkpoints=_stored_identity(workdir))
-    return _train(config, workdir, callbacks, sigterm)
+    try:
+      workdir_lib.check_config(workdir, config.to_dict(), write=False,
+                               stored_with_checkpoints=_stored_identity(workdir))
+      return _train(config, workdir, callbacks, sigterm)
+    except BaseException:
+      if fresh and primary:  # refused before writing anything: no empty workdir left
+        workdir_lib.remove_if_unused(workdir)
+      raise
 
 
 def _stored_identity(workdir: str) -> tuple[int, dict] | None:
@@ -411,7 +431,7 @@ def _train(config, workdir, callbacks, sigterm) -> dict:
   if sharding.is_primary():
     workdir_lib.check_config(workdir, config.to_dict(), write=True,
                              stored_with_checkpoints=_stored_identity(workdir))
-  _log_parameters(run.state)
+  _log_parameters(run.state, run.num_seeds)
   manager = ckpt_lib.make_manager(workdir)
   try:
     return _loop(config, workdir, callbacks, sigterm, data, run, manager)
@@ -512,9 +532,9 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
         logger.info("%s", progress.line(step, record["train/loss"]))
       if step % config.eval_steps == 0 or step == total:
         last_eval = evaluate("test")
-        record = {**(record or {"step": step}), **_flat_metrics("eval", last_eval)}
+        record = _add_metrics(record or {"step": step}, "eval", last_eval)
         if config.eval_train:  # train-split metrics at eval steps: overfitting, shown
-          record.update(_flat_metrics("train_eval", evaluate("train")))
+          _add_metrics(record, "train_eval", evaluate("train"))
       if record is not None and primary:
         workdir_lib.append_jsonl(metrics_path, record)
         if board is not None:
@@ -542,7 +562,10 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
     if config.get("plots", True):
       plotting.run_plots(workdir, plotting.metrics_rows(workdir), workdir_lib.json_safe(summary))
-  logger.info("Final test metrics:\n%s", format_table(summary["tasks"]))
+  n_seeds = summary["num_seeds"]
+  logger.info("Final test metrics%s:\n%s",
+              f" (mean ± s.e. over n={n_seeds} seeds)" if n_seeds > 1 else "",
+              format_table(summary["tasks"], summary.get("tasks_se")))
   return workdir_lib.json_safe(summary)
 
 
@@ -601,10 +624,17 @@ def _delta_m(config, last_eval: dict, seeds_report: dict | None) -> dict:
   return out
 
 
-def format_table(metrics: dict[str, dict[str, float]]) -> str:
+def format_table(metrics: dict[str, dict[str, float]],
+                 se: dict[str, dict[str, float]] | None = None) -> str:
+  """The final metrics as a right-aligned text table, a row per task; with
+  ``se`` (several seeds) each cell is ``mean ± s.e.``."""
   names = sorted({m for ms in metrics.values() for m in ms})
   rows = [["task"] + names]
+
+  def cell(t, m):
+    e = (se or {}).get(t, {}).get(m)
+    return f"{metrics[t][m]:.4f}" + ("" if se is None or e is None else f" ± {e:.4f}")
   for t, ms in metrics.items():
-    rows.append([t] + [f"{ms[m]:.4f}" if m in ms else "-" for m in names])
+    rows.append([t] + [cell(t, m) if m in ms else "-" for m in names])
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)

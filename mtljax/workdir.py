@@ -95,6 +95,21 @@ class Lock:
       self._f = None
 
 
+def remove_if_unused(workdir: str) -> bool:
+  """Removes ``workdir`` if it holds nothing but its lock file (a run refused
+  before it wrote anything: no empty workdir is left behind); call it with
+  the :class:`Lock` held. True if removed."""
+  try:
+    if os.listdir(workdir) not in ([], [".lock"]):
+      return False
+    if os.path.exists(os.path.join(workdir, ".lock")):
+      os.remove(os.path.join(workdir, ".lock"))
+    os.rmdir(workdir)  # (fails, and is left, if another run wrote into it meanwhile)
+  except OSError:
+    return False
+  return True
+
+
 def _resumable(key: str) -> bool:
   return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
 

@@ -26,6 +26,7 @@ from mtljax import tasks as tasks_lib
 from mtljax.data import specs
 from mtljax.data import task_data
 from mtljax.data import tfds_access
+from mtljax import train
 
 ATTRS = ("attributes/Male", "attributes/Smiling", "attributes/Young")
 
@@ -267,6 +268,50 @@ def test_an_unknown_data_set_name_is_mtljax_s_one_line_first(tmp_path):
       "mmoe_synthetic, multi_digits, sinusoids) nor a TFDS catalog data set "
       "(tfds.list_builders() lists the catalog).")):
     loading.load("no_such_set_xyz", data_dir=str(tmp_path))
+
+
+def test_a_bundled_builder_config_under_a_catalog_name_is_one_line_naming_its_owner(tmp_path):
+  # The multi_digits config with only the name changed: its builder config is
+  # multi_digits', and mnist has none. One line, exit 2, nothing downloaded.
+  data_dir = tmp_path / "data"
+  r = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/multi_digits.py:quick", f"--workdir={tmp_path / 'w'}",
+       "--config.data.name=mnist", f"--config.data.data_dir={data_dir}"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True, timeout=300)
+  assert r.returncode == 2
+  assert r.stderr == ("error: config.data.builder_config='n3000_m600_s0' belongs to the bundled "
+                      "data set 'multi_digits', not to 'mnist' (which has no builder configs): "
+                      "set builder_config=''.\n")
+  assert not data_dir.exists() or not os.listdir(data_dir)
+  # A catalog data set with builder configs names a few of them; its own pass.
+  names = [c.name for c in tfds.builder_cls("cifar10_corrupted").BUILDER_CONFIGS]
+  with pytest.raises(ValueError) as e:
+    tfds_access.check_name("cifar10_corrupted", "zzz")
+  assert str(e.value) == (
+      "builder_config='zzz' is not a builder config of 'cifar10_corrupted' (whose builder "
+      f"configs are {', '.join(map(repr, names[:5]))}, ... ({len(names)} in all)): set "
+      "builder_config='' or one of them.")
+  tfds_access.check_name("cifar10_corrupted", names[-1])
+
+
+def test_celeba_offline_is_refused_leaving_nothing_behind(tmp_path, offline):
+  # A fresh workdir and data_dir: the refusal takes back the workdir it made
+  # (and its lock file) and writes nothing into the data_dir.
+  config = celeba_config.get_config("quick")
+  helpers.with_overrides(config, {"data.data_dir": str(tmp_path / "data"),
+                                  "data.download": True})
+  with pytest.raises(tfds_access.DataNotAvailableError, match=re.escape(
+      "TFDS data set 'celeb_a' (split 'train') is not prepared in data_dir="
+      f"'{tmp_path / 'data'}' and could not be downloaded.")):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert os.listdir(tmp_path) == []
+  # A workdir that was there before is the user's: it is kept.
+  (tmp_path / "mine").mkdir()
+  with pytest.raises(tfds_access.DataNotAvailableError):
+    train.train_and_evaluate(config, str(tmp_path / "mine"))
+  assert sorted(os.listdir(tmp_path)) == ["mine"]
 
 
 def test_too_many_tasks_per_step_fail_before_a_record_is_read(tmp_path):

@@ -40,6 +40,34 @@ def test_curves_hold_each_tasks_train_loss_and_test_and_train_metrics(tmp_path):
       "b test": ([20], [0.25])}  # a null (NaN) value is not drawn
 
 
+def test_every_curves_panel_has_a_readable_legend_and_promises_only_what_is_drawn(tmp_path):
+  got = plotting.plot_curves(ROWS, str(tmp_path / "c.png"), ["a", "b"])
+  assert got["train/TASK/loss"]["legend"] == ["a", "b"]
+  assert got["eval/TASK/accuracy"]["legend"] == ["a test", "a train", "b test"]
+  assert all(got[p]["legend fontsize"] >= 8 for p in ("train/TASK/loss", "eval/TASK/accuracy"))
+  assert got["eval/TASK/accuracy"]["ylabel"] == "test (solid), train split (dashed)"
+  # Without eval_train (no train_eval keys) there is no dashed line to promise.
+  test_only = [{k: v for k, v in r.items() if not k.startswith("train_eval/")} for r in ROWS]
+  got = plotting.plot_curves(test_only, str(tmp_path / "t.png"), ["a", "b"])
+  assert not any(s[1] == "--" for s in got["eval/TASK/accuracy"]["styles"].values())
+  assert got["eval/TASK/accuracy"]["ylabel"] == "test split"
+
+
+def test_with_seeds_each_curve_has_a_band_of_one_standard_error(tmp_path):
+  rows = [{"step": 10, "train/a/loss": 1.0, "train/a/loss/se": 0.25, "eval/a/accuracy": 0.5,
+           "eval/a/accuracy/se": 0.125},
+          {"step": 20, "train/a/loss": 0.5, "train/a/loss/se": 0.125, "eval/a/accuracy": 0.75,
+           "eval/a/accuracy/se": 0.0625, "train_eval/a/accuracy": 0.875,
+           "train_eval/a/accuracy/se": 0.03125}]
+  got = plotting.plot_curves(rows, str(tmp_path / "c.png"))
+  assert got["train/TASK/loss"]["bands"] == {"a": ([10, 20], [0.75, 0.375], [1.25, 0.625])}
+  assert got["eval/TASK/accuracy"]["bands"] == {
+      "a test": ([10, 20], [0.375, 0.6875], [0.625, 0.8125]),
+      "a train": ([20], [0.84375], [0.90625])}
+  assert got["eval/TASK/accuracy"]["legend"] == ["a test", "a train"]  # bands: no entries
+  assert "bands" not in plotting.plot_curves(ROWS, str(tmp_path / "one.png"))["train/TASK/loss"]
+
+
 def test_grad_cosine_heatmap_is_the_mean_over_rows(tmp_path):
   names = ["a", "b", "c"]
   want = np.array([[1.0, (0.5 - 0.25) / 2, 0.125], [(0.5 - 0.25) / 2, 1.0, np.nan],
@@ -199,9 +227,14 @@ def test_the_command_writes_and_prints_the_report_and_its_curves(tmp_path, capsy
   out.parent.mkdir()
   assert report.main([*dirs, f"--out={out}"]) == 0
   printed = capsys.readouterr().out
-  assert printed == out.read_text() + "\n"
-  assert EXPECTED in printed and "![test curves](cmp_curves.png)" in printed
-  assert "Shared by every run (2 keys): model.hidden=(16, 16), seed=0" in printed
+  md = out.read_text()
+  assert EXPECTED in md and "![test curves](cmp_curves.png)" in md
+  # The file lists the shared keys, one a line; the terminal has one line that
+  # counts them and names the file, else it is the file.
+  listing = "## Shared by every run (2 keys)\n\n- model.hidden=(16, 16)\n- seed=0\n"
+  assert md.endswith(listing)
+  assert printed == (md[:-len(listing)]
+                     + f"Shared by every run: 2 config keys (listed in {out}).\n\n")
   # The curves are the runs' metrics: the same figure drawn here, pixel for pixel.
   rows = {n: helpers.metrics_rows(d) for n, d in zip(("x/run", "y/run", "z"), dirs)}
   got = plotting.plot_run_comparison(rows, str(tmp_path / "again.png"))
@@ -265,8 +298,24 @@ def test_the_report_goes_next_to_the_runs_by_default(tmp_path, monkeypatch, caps
   assert report.main(dirs) == 0
   assert os.listdir(cwd) == []
   out = tmp_path / "x" / "report.md"  # the first workdir's parent
-  assert capsys.readouterr().out == out.read_text() + "\n"
+  assert f"(listed in {out})" in capsys.readouterr().out
+  assert "- seed=0" in out.read_text()
   assert os.path.exists(tmp_path / "x" / "report_curves.png")
+
+
+def test_the_header_mentions_delta_m_only_with_its_column(tmp_path, capsys):
+  dirs = _three_runs(tmp_path)
+  assert report.main([*dirs, f"--out={tmp_path / 'with.md'}"]) == 0
+  without = [dirs[1]]  # the one run without delta_m
+  assert report.main([*without, f"--out={tmp_path / 'without.md'}"]) == 0
+  heads = [(tmp_path / f).read_text().splitlines()[2] for f in ("with.md", "without.md")]
+  assert heads[0].endswith(", Delta_m in % (positive = better than single-task baselines).")
+  assert "Delta_m" in (tmp_path / "with.md").read_text().splitlines()[4]  # the table's header
+  assert heads[1] == ("1 run(s); config keys that differ are columns, final test metrics per "
+                      "task (mean ± s.e. over seeds where a run has several), their mean over "
+                      "tasks (mean/METRIC).")
+  assert "Delta_m" not in (tmp_path / "without.md").read_text()
+  capsys.readouterr()
 
 
 def test_a_workdir_without_a_summary_is_one_line(tmp_path, capsys):

@@ -14,12 +14,31 @@ def _small(**overrides):  # 20 steps
   return helpers.small_sinusoids_config(**{"total_steps": 20, **overrides})
 
 
-def test_three_seeds_in_one_program_equal_three_runs(tmp_path):
-  seeds = train.train_and_evaluate(_small(num_seeds=3, seed=4), str(tmp_path / "n"))
+def _logged(caplog, start: str) -> list[str]:
+  return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+
+def test_three_seeds_in_one_program_equal_three_runs(tmp_path, caplog):
+  with caplog.at_level("INFO", logger="mtljax"):
+    seeds = train.train_and_evaluate(_small(num_seeds=3, seed=4), str(tmp_path / "n"))
+  logged = (_logged(caplog, "Parameters:"), _logged(caplog, "Final test metrics"))
+  caplog.clear()
   assert seeds["train_step_compilations"] == 1 and seeds["num_seeds"] == 3
   assert seeds["per_seed"]["seeds"] == [4, 5, 6]
-  singles = [train.train_and_evaluate(_small(seed=s), str(tmp_path / f"s{s}"))
-             for s in (4, 5, 6)]
+  with caplog.at_level("INFO", logger="mtljax"):
+    singles = [train.train_and_evaluate(_small(seed=s), str(tmp_path / f"s{s}"))
+               for s in (4, 5, 6)]
+  # The console: "Parameters:" counts one model (a one-seed run's count), and
+  # the final table is mean ± s.e. with the number of seeds.
+  one = _logged(caplog, "Parameters:")[0]
+  assert logged[0] == [one[:-1] + "; 3 seeds train 3 such models."]
+  table = logged[1][0].splitlines()
+  assert table[0] == "Final test metrics (mean ± s.e. over n=3 seeds):"
+  for task, ms in seeds["tasks"].items():
+    row = next(line.split() for line in table[2:] if line.split()[0] == task)
+    want = [f"{ms[m]:.4f} ± {seeds['tasks_se'][task][m]:.4f}" for m in sorted(ms)]
+    assert [" ".join(row[i:i + 3]) for i in range(1, len(row), 3)] == want
+  assert _logged(caplog, "Final test metrics")[0].startswith("Final test metrics:\n")
   for i, single in enumerate(singles):
     for task, ms in single["tasks"].items():
       for m, v in ms.items():

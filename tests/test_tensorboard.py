@@ -147,6 +147,13 @@ def test_seeds_are_written_as_mean_se_and_one_curve_per_seed(tmp_path):
   want = _expected(helpers.metrics_rows(tmp_path), seeds=(3, 4))
   assert {"train/loss/seed_3", "train/loss/seed_4", "train/loss/se"} <= set(want)
   assert set(scalars) == set(want)
+  # Eval tags have their seeds too, whose mean is the eval tag's value.
+  evals = [k for k in scalars if k.startswith("eval/") and k.count("/") == 2]
+  assert evals
+  for k in evals:
+    np.testing.assert_allclose(
+        scalars[k], np.mean([scalars[f"{k}/seed_3"], scalars[f"{k}/seed_4"]], axis=0),
+        rtol=1e-5, err_msg=k)
   for tag, points in want.items():
     np.testing.assert_array_equal(np.array(scalars[tag], np.float64),
                                   np.array(points, np.float64), err_msg=tag)

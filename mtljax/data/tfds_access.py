@@ -212,7 +212,7 @@ def check_name(name: str, builder_config: str = "") -> None:
                              f"{part!r}, split {split!r} has no examples ({f}=0).")
       continue
     try:
-      tfds.builder_cls(part.split("/")[0])
+      cls = tfds.builder_cls(part.split("/")[0])
     except Exception:  # pylint: disable=broad-except  (DatasetNotFoundError and friends)
       try:
         known = list(builders.BUNDLED) + tfds.list_builders(with_community_datasets=False)
@@ -224,6 +224,34 @@ def check_name(name: str, builder_config: str = "") -> None:
       raise ValueError(f"name={part!r} is neither a bundled data set "
                        f"({', '.join(sorted(builders.BUNDLED))}) nor a TFDS catalog data "
                        f"set{hint}") from None
+    if builder_config and "/" not in part:
+      _check_catalog_config(part, cls, builder_config)
+
+
+def _check_catalog_config(part: str, cls, builder_config: str) -> None:
+  """Refuses a builder config the catalog data set ``part`` (its builder class
+  ``cls``) does not have, naming the bundled data set it belongs to if any
+  (e.g. ``name=mnist`` with multi_digits' config left in place): TFDS's own
+  error lists no close match and comes later."""
+  names = [c.name for c in getattr(cls, "BUILDER_CONFIGS", None) or ()]
+  if builder_config.split(":")[0] in names:
+    return
+  owners = []
+  candidates = () if builder_config == "default" else sorted(builders.BUNDLED.items())
+  for bundled, bcls in candidates:
+    try:
+      bcls.config_from_name(builder_config)
+    except ValueError:
+      continue
+    owners.append(bundled)
+  shown = ", ".join(repr(n) for n in names[:5]) + (f", ... ({len(names)} in all)"
+                                                   if len(names) > 5 else "")
+  has = (f"whose builder configs are {shown}): set builder_config='' or one of them"
+         if names else "which has no builder configs): set builder_config=''")
+  whose = (f"belongs to the bundled data set{'s' * (len(owners) > 1)} "
+           f"{', '.join(repr(o) for o in owners)}, not to {part!r}" if owners
+           else f"is not a builder config of {part!r}")
+  raise ValueError(f"builder_config={builder_config!r} {whose} ({has}.")
 
 
 # ----------------------------------------------------------------------------
@@ -362,10 +390,10 @@ def _catalog_sources(name, full, data_dir, tfds_splits, download):
   error = None
   if not builder.is_prepared() and download:
     try:
+      _check_network()  # before the lock: offline, nothing is written to data_dir
       with preparing(data_dir, name, full.partition("/")[2], builder.version):
         builder = catalog_builder(full, data_dir)  # (prepared meanwhile by the lock's holder?)
         if not builder.is_prepared():
-          _check_network()
           tfds.disable_progress_bar()
           builder.download_and_prepare()
         builder = catalog_builder(full, data_dir)  # (its info now has the splits)
