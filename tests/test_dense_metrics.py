@@ -142,31 +142,33 @@ def _loss_batch(rng, b=3, h=3, w=4):
 
 @functools.lru_cache(maxsize=None)
 def _loss_fn():
+  """Per-pixel losses, batch means and their gradients for the three kinds at
+  once, vmapped over cases (one program)."""
   kinds = losses.DENSE_KINDS
 
   def f(outs, ys, example_mask):
-    per_pixel = tuple(losses.pixel_loss(k, o, y) for k, o, y in zip(kinds, outs, ys))
-
     def total(outs):
-      return tuple(losses.batch_loss(k, o, y, example_mask) for k, o, y in zip(kinds, outs, ys))
-    means = total(outs)
-    grads = tuple(jax.grad(lambda o, i=i: total(outs[:i] + (o,) + outs[i + 1:])[i])(outs[i])
-                  for i in range(3))
+      means = tuple(losses.batch_loss(k, o, y, example_mask) for k, o, y in zip(kinds, outs, ys))
+      return sum(means), means  # each mean depends on its own outputs only
+    (_, means), grads = jax.value_and_grad(total, has_aux=True)(outs)
+    per_pixel = tuple(losses.pixel_loss(k, o, y) for k, o, y in zip(kinds, outs, ys))
     return per_pixel, means, grads
-  return jax.jit(f)
+  return jax.jit(jax.vmap(f))
 
 
-def _run_losses(outs, ys, example_mask):
-  f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-  res = _loss_fn()(tuple(map(f32, outs)), (ys[0], f32(ys[1]), f32(ys[2])), example_mask)
-  return jax.tree.map(np.asarray, res)
-
-
-def test_pixel_losses_and_gradients_match_float64_numpy_with_missing_pixels_and_examples():
+def test_pixel_losses_and_gradients_match_float64_numpy_and_fully_masked_batches_give_zero():
   rng = np.random.default_rng(0)
   outs, ys = _loss_batch(rng)
   example_mask = np.array([True, False, True])
-  per_pixel, means, grads = _run_losses(outs, ys, example_mask)
+  # Case 1: the same predictions, every label missing.
+  ys_none = (np.full_like(ys[0], -1), np.zeros_like(ys[1]), np.zeros_like(ys[2]))
+  f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+  stack = lambda a, b: np.stack([a, b])  # noqa: E731
+  res = _loss_fn()(tuple(stack(f32(o), f32(o)) for o in outs),
+                   (stack(ys[0], ys_none[0]), f32(stack(ys[1], ys_none[1])),
+                    f32(stack(ys[2], ys_none[2]))),
+                   stack(example_mask, np.ones(3, bool)))
+  per_pixel, means, grads = jax.tree.map(lambda a: np.asarray(a)[0], res)
   want_pp = _np_pixel_losses(outs, ys)
   masks = _np_masks(ys, example_mask)
   want_grads = _np_grads(outs, ys, example_mask)
@@ -184,6 +186,12 @@ def test_pixel_losses_and_gradients_match_float64_numpy_with_missing_pixels_and_
   assert np.all(grads[2][0, 1, 1] == 0)
   # The target whose components sum to 0 is a valid pixel under the exact rule.
   assert masks[2][0, 0, 1] and np.any(grads[2][0, 0, 1] != 0)
+  # A fully masked batch: finite per-pixel losses, mean 0, gradient 0.
+  per_pixel, means, grads = jax.tree.map(lambda a: np.asarray(a)[1], res)
+  for i in range(3):
+    assert np.all(np.isfinite(per_pixel[i]))
+    assert means[i] == 0
+    assert np.all(grads[i] == 0)
 
 
 def test_numpy_loss_gradients_agree_with_finite_differences():
@@ -208,17 +216,6 @@ def test_numpy_loss_gradients_agree_with_finite_differences():
         fd = (_np_mean_loss(i, up, ys, example_mask)
               - _np_mean_loss(i, dn, ys, example_mask)) / (2 * eps)
         assert fd == pytest.approx(want[i][b, h, w, c], rel=1e-5, abs=1e-8)
-
-
-def test_fully_masked_batch_has_loss_zero_and_gradient_zero():
-  rng = np.random.default_rng(2)
-  outs, ys = _loss_batch(rng)
-  ys = (np.full_like(ys[0], -1), np.zeros_like(ys[1]), np.zeros_like(ys[2]))
-  per_pixel, means, grads = _run_losses(outs, ys, np.ones(3, bool))
-  for i in range(3):
-    assert np.all(np.isfinite(per_pixel[i]))
-    assert means[i] == 0
-    assert np.all(grads[i] == 0)
 
 
 def test_pixel_mask_rules_and_published_normals_test():
@@ -295,36 +292,45 @@ def _split(seed=3):
   return {"seg": (s_out, s_y), "depth": (d_out, d_y), "normals": (n_out, n_y), "valid": valid}
 
 
-@functools.lru_cache(maxsize=None)
-def _sums_fn(convention):
-  bins = HIST_BINS[convention]
+# The kinds whose sums differ by convention: segmentation's are the same under
+# all three and depth's under exact and libmtl (module docstring), so one
+# program computes each distinct set once.
+_PROGRAM_KINDS = {"exact": ("segmentation", "depth", "normals"), "libmtl": ("normals",),
+                  "mtan": ("depth", "normals")}
 
+
+@functools.lru_cache(maxsize=None)
+def _sums_fn():
   def f(s_out, s_y, d_out, d_y, n_out, n_y, valid):
     v = valid[:, None, None]
-    r = {"segmentation": metrics.batch_sums("segmentation", s_out, s_y, v, convention, bins),
-         "depth": metrics.batch_sums("depth", d_out, d_y, v, convention, bins),
-         "normals": metrics.batch_sums("normals", n_out, n_y, v, convention, bins)}
-    r["angles"] = metrics.normal_angles(n_out, n_y, convention)
+    args = {"segmentation": (s_out, s_y), "depth": (d_out, d_y), "normals": (n_out, n_y)}
+    r = {}
+    for conv, kinds in _PROGRAM_KINDS.items():
+      r[conv] = {k: metrics.batch_sums(k, *args[k], v, conv, HIST_BINS[conv]) for k in kinds}
+      if conv != "mtan":
+        r[conv]["angles"] = metrics.normal_angles(n_out, n_y, conv)
     return r
   return jax.jit(jax.vmap(f))
 
 
 @pytest.fixture(scope="module")
 def split_sums():
-  """``{convention: (per-batch sums, the split's sums, angles)}``: each
-  convention's program run once over the split's batches."""
+  """``{convention: (per-batch sums, the split's sums, angles)}`` by kind, from
+  one program run once over the split's batches."""
   data = _split()
+  res = jax.tree.map(np.asarray, _sums_fn()(*data["seg"], *data["depth"], *data["normals"],
+                                            data["valid"]))
   out = {}
   for conv in metrics.CONVENTIONS:
-    per_batch = jax.tree.map(np.asarray, _sums_fn(conv)(*data["seg"], *data["depth"],
-                                                          *data["normals"], data["valid"]))
+    per_batch = {k: res[conv].get(k, res["exact"][k])
+                 for k in ("segmentation", "depth", "normals")}
     total = {}
-    for kind in ("segmentation", "depth", "normals"):
+    for kind in per_batch:
       acc = metrics.zero_sums(kind, C, conv, HIST_BINS[conv])
       for i in range(NB):
         acc = metrics.add(acc, {k: v[i] for k, v in per_batch[kind].items()})
       total[kind] = acc
-    out[conv] = (per_batch, total, per_batch["angles"])
+    out[conv] = (per_batch, total, res[conv].get("angles"))
   return data, out
 
 
