@@ -423,9 +423,9 @@ def test_normal_metrics_mtan_are_means_of_per_batch_values(split_sums):
   assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
-def test_uneven_batches_sum_to_the_split_and_padding_counts_nothing(split_sums):
-  """The additive sums of the three uneven batches equal the sums of the
-  split's real examples (numpy), and a batch of padding only adds nothing."""
+def test_uneven_padded_batches_sum_to_the_counts_and_histogram_of_the_split(split_sums):
+  """The additive sums of the three uneven batches (their padding masked by
+  ``valid``) equal the counts of the split's real examples (numpy)."""
   data, sums = split_sums
   total = sums["exact"][1]
   out, gt = _valid_examples(data, "depth")
@@ -451,12 +451,17 @@ def test_finalize_refuses_sums_of_another_convention_and_bad_arguments(split_sum
     metrics.finalize("depth", sums["mtan"][1]["depth"], "exact")
   with pytest.raises(ValueError, match="unknown metric convention 'pytorch'"):
     metrics.zero_sums("depth", convention="pytorch")
+  with pytest.raises(ValueError, match=r"valid of shape \(2,\) does not fit the pixels "
+                     r"\(2, 3, 2\): give it their rank"):
+    metrics.batch_sums("depth", np.ones((2, 3, 2, 1)), np.ones((2, 3, 2, 1)), np.ones(2, bool))
   with pytest.raises(ValueError, match="bins must be a positive integer"):
     metrics.batch_sums("normals", np.ones((1, 2, 2, 3)), np.ones((1, 2, 2, 3)), bins=0)
   with pytest.raises(ValueError, match="median is for normals"):
     metrics.finalize("normals", sums["mtan"][1]["normals"], "mtan", median=1.0)
   with pytest.raises(ValueError, match="different kinds or conventions"):
     metrics.add(sums["exact"][1]["normals"], sums["libmtl"][1]["normals"])
+  with pytest.raises(ValueError, match="different shapes"):
+    metrics.add(sums["exact"][1]["normals"], metrics.zero_sums("normals"))
 
 
 def test_empty_split_gives_nan_and_directions_cover_every_metric():

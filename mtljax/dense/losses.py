@@ -30,7 +30,7 @@ is valid. That is the published code's reduction: LibMTL's
 ``nn.CrossEntropyLoss(ignore_index=-1)`` (a mean over the non-ignored pixels
 of the batch), its ``DepthLoss``/``NormalLoss``
 (``sum(|pred - gt| * mask) / count_nonzero(mask)`` over the batch tensor,
-``examples/nyu/utils.py``), and MTAN's ``model_fit`` (``im2pred/utils.py``),
+``examples/nyu/utils.py``), and MTAN's ``model_fit`` (``im2im_pred/utils.py``),
 identical. It is not a mean of per-image means: an image with many valid
 pixels weighs more. Missing *examples* (a whole image unlabelled for a task)
 combine with missing pixels through ``example_mask`` (``[..., B]``).

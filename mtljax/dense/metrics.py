@@ -8,7 +8,8 @@ data into batches, even uneven ones, gives the same sums as one pass, up to
 float32 rounding); then ``finalize(kind, sums, ...) -> {metric: float}`` on
 the host in float64. ``batch_sums`` reduces over every leading axis of
 ``out [..., H, W, C]`` (vmap it for a task or seed axis); ``valid``
-(broadcastable to ``[..., H, W]``, e.g. ``example_mask[:, None, None]``)
+(of the pixels' rank, broadcastable to ``[..., H, W]``: an example mask as
+``example_mask[:, None, None]``)
 drops padding examples or unlabelled ones besides the missing pixels.
 
 **Metrics** (:data:`METRIC_NAMES`, directions in :data:`DENSE_METRIC_DIRECTIONS`),
@@ -181,6 +182,9 @@ def add(a: Mapping, b: Mapping) -> dict:
   if set(a) != set(b):
     raise ValueError(f"add: sums of different kinds or conventions: {sorted(a)} vs "
                      f"{sorted(b)}.")
+  shapes = {k: (np.shape(a[k]), np.shape(b[k])) for k in a if np.shape(a[k]) != np.shape(b[k])}
+  if shapes:
+    raise ValueError(f"add: sums of different shapes (classes or histogram bins): {shapes}.")
   return {k: a[k] + b[k] for k in a}
 
 
@@ -210,19 +214,21 @@ def normal_angles(out: jax.Array, y: jax.Array, convention: str = "exact"
 def batch_sums(kind: str, out: jax.Array, y: jax.Array, valid: jax.Array | None = None,
                convention: str = "exact", bins: int = DEFAULT_BINS) -> dict[str, jax.Array]:
   """The sums of one batch (see the module docstring), over every leading axis
-  of ``out [..., H, W, C]`` and ``y``. ``valid`` (bool, broadcastable to
-  ``[..., H, W]``) further restricts the pixels counted. Jittable; shapes and
+  of ``out [..., H, W, C]`` and ``y``. ``valid`` (bool, of rank
+  ``out.ndim - 1``, broadcastable to ``[..., H, W]``) further restricts the
+  pixels counted. Jittable; shapes and
   arguments are checked at trace time."""
   _check(kind, convention, bins)
   losses.check_shapes(kind, out.shape, y.shape)
   i32, f32 = jnp.int32, jnp.float32
   pix_shape = out.shape[:-1]
   if valid is not None:
-    try:
-      valid = jnp.broadcast_to(jnp.asarray(valid, bool), pix_shape)
-    except ValueError:
-      raise ValueError(f"{kind}: valid of shape {jnp.shape(valid)} does not broadcast to the "
-                       f"pixels {pix_shape}.") from None
+    # Same rank as the pixels: a [B] mask would align with W, not B.
+    v_shape = jnp.shape(valid)
+    if len(v_shape) != len(pix_shape) or any(a not in (1, b) for a, b in zip(v_shape, pix_shape)):
+      raise ValueError(f"{kind}: valid of shape {v_shape} does not fit the pixels {pix_shape}: "
+                       "give it their rank (an example mask [B] as mask[:, None, None]).")
+    valid = jnp.broadcast_to(jnp.asarray(valid, bool), pix_shape)
   sums = {"batches": jnp.ones((), i32)}
 
   if kind == "segmentation":
