@@ -2,9 +2,10 @@
 definitions and from the published code (LibMTL's examples/nyu/utils.py,
 MTAN's im2im_pred/utils.py, Nash-MTL's delta_fn, LibMTL's count_improvement).
 
-Compiles: one program for the three losses and their gradients, one per
-metric convention (the three kinds' sums vmapped over a split's batches);
-everything else is numpy."""
+Compiles (fast tier): one program for the three losses and their gradients
+(vmapped over two cases), one for the metrics (the three kinds' sums under the
+three conventions, vmapped over a split's batches); everything else is
+numpy. The slow test compiles one program per batch shape."""
 
 import functools
 
