@@ -40,7 +40,8 @@ angles with ``bins`` equal bins on [0, 180] degrees (default
 :data:`DEFAULT_BINS` = 18000: width ``w = 0.01`` degree); ``finalize`` returns
 the midpoint of the bin holding the median's order statistic(s) (the mean of
 two midpoints for an even count), within ``w / 2`` (0.005 degree) of the
-exact median of the float32 angles (:func:`median_bound`). The exact median is
+exact median of the float32 angles (:func:`median_bound`; plus the float32
+rounding of ``angle / w`` at a bin edge, ~1e-5 degree). The exact median is
 a host-side pass: :class:`AngleGatherer` keeps the valid angles of each batch
 (:func:`normal_angles`, 4 bytes per valid pixel: 290 MB for NYUv2's test
 split) and ``finalize(..., median=gatherer.median())`` uses it -- what
@@ -141,7 +142,9 @@ def mask_rule(convention: str) -> str:
 
 def median_bound(bins: int = DEFAULT_BINS) -> float:
   """Bound (degrees) on ``|histogram median - exact median|`` of the float32
-  angles: half a bin, ``90 / bins``."""
+  angles: half a bin, ``90 / bins`` (the middle order statistics lie in the
+  bins whose midpoints are averaged; a value within float32 rounding, ~1e-5
+  degree, of a bin edge may be binned on the other side)."""
   return 90.0 / bins
 
 
