@@ -56,8 +56,27 @@ DELTA_M_CONVENTION = ("Delta_m% = 100/T sum_t mean_m s_m (M - B)/B over each tas
 
 
 def delta_m(metrics: dict, baseline: dict,
-            directions: dict[str, str] | None = None) -> tuple[float, dict]:
-  """``(Δm%, {task: {metric: signed relative change %}})`` (module docstring)."""
+            directions: dict[str, str] | None = None,
+            average: str = "per_task") -> tuple[float, dict]:
+  """``(Δm%, {task: {metric: signed relative change %}})`` (module docstring).
+
+  ``average`` says how the signed relative changes
+  ``d_{t,m} = 100 s_m (M_{t,m} - B_{t,m}) / |B_{t,m}|`` become one number:
+
+  * ``"per_task"`` (default; LibMTL's ``count_improvement``, Maninis et al.):
+    ``Δm = 1/T sum_t 1/|M_t| sum_m d_{t,m}``: each task weighs ``1/T``,
+    whatever its number of metrics.
+  * ``"per_metric"`` (Nash-MTL's ``delta_fn``, ``experiments/nyuv2/utils.py``):
+    ``Δm = 1/sum_t |M_t| sum_t sum_m d_{t,m}``: every metric weighs
+    the same, so on NYUv2 (2 segmentation, 2 depth, 5 normals metrics) the
+    normals carry 5/9. Nash-MTL's code reports the opposite sign (its
+    ``(-1)^SIGN`` flips the higher-is-better metrics: positive = worse there,
+    lower is better in its tables); here positive is better under both.
+
+  The per-task terms returned are the ``d_{t,m}`` under either.
+  """
+  if average not in ("per_task", "per_metric"):
+    raise ValueError(f"delta_m: average must be 'per_task' or 'per_metric', got {average!r}.")
   directions = directions or tasks_lib.METRIC_DIRECTIONS
   if not metrics:
     raise ValueError("delta_m: no tasks.")
@@ -78,7 +97,10 @@ def delta_m(metrics: dict, baseline: dict,
                          "undefined.")
       sign = 1.0 if directions[m] == "higher" else -1.0
       per_task[task][m] = 100.0 * sign * (ms[m] - b) / abs(b)
-    terms.append(np.mean(list(per_task[task].values())))
+    if average == "per_task":
+      terms.append(np.mean(list(per_task[task].values())))
+    else:
+      terms.extend(per_task[task].values())
   return float(np.mean(terms)), per_task
 
 
