@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "mtljax"
 # reads configs; train is the loop; cv trains through the loop.
 LAYERS = (
     ("errors", "params", "tasks", "schedules", "tensorboard", "plotting"),
-    ("data", "models", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
+    ("data", "models", "dense", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
     ("gradients",),
     ("jacobians", "affinity"),
     ("objectives", "instance_wise"),
