@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+from typing import Callable
 
 import jax
 import ml_collections
@@ -63,18 +64,41 @@ def model_sizes(config) -> dict:
            "cgc": s.expert_hidden, "ple": s.expert_hidden, "dselect_k": s.expert_hidden,
            "mtan": s.bottom_hidden}
   for m, shape in shapes.items():
-    if s.match_parameters:  # the count grows with the width: bisect, then the nearer
-      lo, hi = 1, 4096
-      while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if parameter_count(config, m, shape(mid)) <= target else (lo, mid)
-      best = min((lo, hi), key=lambda h: abs(parameter_count(config, m, shape(h)) - target))
-      out[m] = {"hidden": list(shape(best))}
+    if s.match_parameters:
+      best, count = _matched_width(lambda h: parameter_count(config, m, shape(h)), target)
+      out[m] = {"hidden": list(shape(best)), "parameters": count}
     else:
       out[m] = {"hidden": list(fixed[m])}
   for m in out:
-    out[m]["parameters"] = parameter_count(config, m, out[m]["hidden"])
+    out[m].setdefault("parameters", parameter_count(config, m, out[m]["hidden"]))
   return out
+
+
+def _matched_width(count: Callable[[int], int], target: int, max_width: int = 4096
+                   ) -> tuple[int, int]:
+  """``(h, count(h))`` with ``count(h)`` closest to ``target`` over ``1 <= h <=
+  max_width`` (the smaller ``h`` on a tie). Every layer of these models has
+  ``in * out + out`` parameters and the width enters at most two consecutive
+  layers, so ``count`` is a quadratic in ``h``: it is read at h = 1, 2, 3 and
+  the quadratic's exact integer values are searched (three model traces
+  instead of a bisection's twelve). The chosen width is traced once more, and
+  a count that is not the quadratic's is an error, not a silent fallback."""
+  f1, f2, f3 = count(1), count(2), count(3)
+  a2 = f3 - 2 * f2 + f1                         # 2a
+  if a2 % 2:
+    raise ValueError(f"parameter counts {f1}, {f2}, {f3} at widths 1-3 are not a quadratic "
+                     "with integer coefficients")
+  a = a2 // 2
+  b = f2 - f1 - 3 * a
+  c = f1 - a - b
+  h = np.arange(1, max_width + 1, dtype=np.int64)
+  best = int(h[np.argmin(np.abs(a * h * h + b * h + c - target))])
+  got = count(best)
+  if got != a * best * best + b * best + c:
+    raise ValueError(f"parameter count at width {best} is {got}, not the quadratic's "
+                     f"{a * best * best + b * best + c}: the width enters the model "
+                     "other than through two consecutive layers")
+  return best, got
 
 
 def model_config(config, model: str, p: float, data_seed: int, hidden,
