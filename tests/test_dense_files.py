@@ -12,6 +12,7 @@ import pytest
 from mtljax import errors
 from mtljax.data import dense_files as df
 from mtljax.data import pipeline
+from mtljax.data import tfds_access
 
 NYU_H, NYU_W = df.NYUV2_SHAPE
 CITY_H, CITY_W = 128, 256
@@ -104,19 +105,24 @@ def test_nyuv2_is_prepared_once_and_reused(nyuv2):
   assert os.listdir(os.path.dirname(b.data_dir.rstrip("/"))) == ["1.0.0"]
 
 
-def test_the_host_pipelines_reader_parses_the_prepared_images(nyuv2):
-  """The pipeline's fast path (the image's raw bytes out of the serialized
-  record) reads these records, equal to the files."""
+def test_the_pipelines_readers_read_the_prepared_records(nyuv2):
+  """The host pipeline's fast path (the image's raw bytes out of the
+  serialized record) and the device path's column read give the files."""
   _, _, written, _, sources = nyuv2
   reader = pipeline.Reader(sources["train"], "image", (NYU_H, NYU_W, 3), np.dtype(np.float32))
   assert reader.raw is not None
   got = reader.inputs(np.array([1, 0, 1]))
   for k, i in enumerate((1, 0, 1)):
     np.testing.assert_array_equal(got[k], written["train", i]["image"])
+  # ... and the device path's column read.
+  cols = tfds_access.read_columns(sources["train"], ["label", "normal"])
+  for i in range(2):
+    np.testing.assert_array_equal(cols["label"][i], written["train", i]["label"])
+    np.testing.assert_array_equal(cols["normal"][i], written["train", i]["normal"])
 
 
 def test_dense_bytes_states_float32_sizes(nyuv2):
-  _, _, _, _, sources = nyuv2
+  _, _, _, features, sources = nyuv2
   sizes = df.dense_bytes(df.NYUV2_SHAPE, 795, normals=True)
   assert sizes["image"] == 795 * 288 * 384 * 3 * 4 == 1_055_047_680  # 0.98 GiB
   assert sizes["total"] == 795 * 288 * 384 * 8 * 4
@@ -124,6 +130,8 @@ def test_dense_bytes_states_float32_sizes(nyuv2):
   assert sizes["total"] == 795 * sum(x.nbytes for x in record.values())
   assert {k: v // 795 for k, v in sizes.items() if k != "total"} == {
       k: x.nbytes for k, x in record.items()}
+  assert df.source_bytes(features, sources) == {
+      s: df.dense_bytes(df.NYUV2_SHAPE, n, normals=True) for s, n in (("train", 2), ("test", 1))}
   city = df.layout_bytes(df.cityscapes_layout(7), {"train": 2975, "test": 500})
   assert city["train"]["total"] == 2975 * 128 * 256 * 5 * 4 and "normal" not in city["test"]
 

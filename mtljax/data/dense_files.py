@@ -66,7 +66,8 @@ Interface for the integration::
   features, sources = open_dense("cityscapes_mtan", root, classes=7)
   # sources: {"train": data source, "test": data source} of dicts
   # {"image", "label", "depth"[, "normal"]}
-  dense_bytes(layout, n) -> {"image": B, "label": B, ..., "total": B}
+  dense_bytes(shape, n, normals) -> {"image": B, "label": B, ..., "total": B}
+  source_bytes(features, sources) -> {split: {field: B, "total": B}}
   layout_of(name, classes=..., shape=..., label_folder=...) -> Layout
 """
 
@@ -75,6 +76,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import re
 from typing import Sequence
@@ -343,6 +345,19 @@ def dense_bytes(shape: Sequence[int], num_examples: int, normals: bool) -> dict[
 def layout_bytes(layout: Layout, counts: dict[str, int]) -> dict[str, dict[str, int]]:
   """:func:`dense_bytes` of each split in ``counts`` (:func:`scan`'s answer)."""
   return {s: dense_bytes(layout.shape, n, layout.normals) for s, n in counts.items()}
+
+
+def source_bytes(features, sources: dict) -> dict[str, dict[str, int]]:
+  """``{split: {field: bytes, "total": bytes}}`` of prepared dense data sources
+  as float32/int32 (every value 4 bytes), from the record's declared
+  ``features`` and each source's length: any dense data set's, the bundled
+  scenes' included."""
+  per = {k: math.prod(f.shape) * 4 for k, f in features.items()}
+  out = {}
+  for split, src in sources.items():
+    out[split] = {k: len(src) * b for k, b in per.items()}
+    out[split]["total"] = sum(out[split].values())
+  return out
 
 
 # ----------------------------------------------------------------------------
