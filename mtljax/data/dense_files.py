@@ -236,9 +236,9 @@ def _path(root: str, layout: Layout, split: str, field: str, i: int) -> str:
   return os.path.join(root, SPLIT_FOLDERS[split], layout.folder(field), f"{i}.npy")
 
 
-def _load(path: str, layout: Layout, field: str, mmap: bool = False) -> np.ndarray:
+def _load(path: str, layout: Layout, field: str) -> np.ndarray:
   try:
-    x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    x = np.load(path, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise errors.DataError(f"{layout.name}: file {path!r} is not a readable .npy array "
                            f"({errors.os_reason(e) or str(e).splitlines()[0]}).") from None
