@@ -131,7 +131,12 @@ def test_normal_convention_x_right_y_up_z_towards_the_camera():
   np.testing.assert_allclose(n[0, 10], [0, -1, 0], atol=1e-12)
   np.testing.assert_allclose(n[8, 19], [-1, 0, 0], atol=1e-12)
   np.testing.assert_allclose(n[8, 0], [1, 0, 0], atol=1e-12)
+  np.testing.assert_allclose(scenes.convert_normals(n[15, 10], "opencv"), [0, -1, 0])
   np.testing.assert_allclose(scenes.convert_normals(n[8, 10], "opencv"), [0, 0, -1])
+  np.testing.assert_allclose(scenes.convert_normals(n[15, 10], "2d3ds"), [0, -1, 0])
+  np.testing.assert_allclose(scenes.convert_normals(n[8, 10], "2d3ds"), [0, 0, 1])
+  with pytest.raises(ValueError, match="^convert_normals: to must be one of"):
+    scenes.convert_normals(n, "nyu")
 
 
 # ---------------------------------------------------------------------------
@@ -281,6 +286,21 @@ def test_every_pixel_back_projects_onto_a_primitive_of_its_class_with_its_normal
   np.testing.assert_allclose(_world_normals_to_output(sc, normal), r["normal"], atol=1e-9)
 
 
+def test_a_pixels_colour_says_little_about_its_class():
+  """Albedos are drawn alike for every class: a classifier that reads one
+  pixel's colour (the majority class of its 8x8x8 RGB bin, fitted on 24
+  images) is at most 10 points better than the majority class on 24 others."""
+  a = scenes.render_split(1, 1, 48, 32, 40)
+  q = np.minimum((a["image"] * 8).astype(np.int64), 7)
+  code = ((q[..., 0] * 8 + q[..., 1]) * 8 + q[..., 2]).reshape(2, -1)
+  lab = a["label"].reshape(2, -1)
+  table = np.zeros((512, scenes.NUM_CLASSES))
+  np.add.at(table, (code[0], lab[0]), 1)
+  colour_acc = np.mean(table.argmax(1)[code[1]] == lab[1])
+  majority_acc = np.mean(lab[1] == np.bincount(lab[0]).argmax())
+  assert colour_acc < majority_acc + 0.1, (colour_acc, majority_acc)
+
+
 # ---------------------------------------------------------------------------
 # Determinism, missing pixels, the builder
 # ---------------------------------------------------------------------------
@@ -349,6 +369,9 @@ def test_builder_writes_array_record_files_read_back_by_the_data_source(tmp_path
     ("h64_w80_n10_m5_s0_dmiss1.5", r"the missing fraction dmiss must be in \[0, 1\), got 1.5"),
     ("h2_w80_n10_m5_s0", "images must be at least 4x4 pixels, got 2x80"),
     ("h8_w8_n10_m5_s0_lmiss0.1_dmiss0.1", "unknown builder config"),  # order is fixed
+    ("h288_w384_n795_m654_s0", r"the train split of 'h288_w384_n795_m654_s0' would be "
+                               r"2431.8 MiB; TFDS writes at most 1000 MiB per split without "
+                               r"TensorFlow .*: at 288x384 use at most 326 images per split"),
 ])
 def test_bad_builder_config_is_one_line_naming_the_allowed_forms(name, match):
   with pytest.raises(ValueError, match=f"^scenes: {match}") as e:
@@ -356,12 +379,31 @@ def test_bad_builder_config_is_one_line_naming_the_allowed_forms(name, match):
   assert "\n" not in str(e.value)
 
 
+def test_the_size_bound_covers_a_serialised_record():
+  """The bound behind the split size check is at least the size of a record
+  as TFDS serialises it (labels -1 cost 10 bytes, 0-6 one)."""
+  from tensorflow_datasets.core import example_serializer
+  for config, lmiss in (("h12_w16_n1_m1_s0", 0.0), ("h12_w16_n1_m1_s0_lmiss0.9", 0.9)):
+    builder = builders.Scenes(config=builders.Scenes.config_from_name(config),
+                              data_dir="/nonexistent")
+    features = builder.info.features
+    ex = {k: v[0] for k, v in scenes.render_split(0, 1, 1, 12, 16, label_missing=lmiss).items()}
+    ex["label"][:] = -1 if lmiss else scenes.CYLINDER
+    size = len(example_serializer.ExampleSerializer(features.get_serialized_info())
+               .serialize_example(features.encode_example(ex)))
+    bound = builders._scenes_record_bytes(12, 16, lmiss > 0)  # pylint: disable=protected-access
+    assert size <= bound < size + 256, (size, bound)
+
+
 def test_named_configs_and_an_empty_split():
   quick = builders.Scenes.config_from_name("quick")
   assert builders.Scenes.config_from_name("") is quick
   assert (quick.height, quick.width, quick.num_train, quick.num_test) == (64, 80, 2000, 500)
   full = builders.Scenes.config_from_name("full")
-  assert (full.height, full.width, full.num_train, full.num_test) == (128, 160, 3000, 1000)
+  assert (full.height, full.width, full.num_train, full.num_test) == (128, 160, 1600, 500)
+  for config in builders.Scenes.BUILDER_CONFIGS:  # (the names with values are checked)
+    assert builders.Scenes.config_from_name(
+        f"h{config.height}_w{config.width}_n{config.num_train}_m{config.num_test}_s0")
   c = builders.Scenes.config_from_name("h16_w24_n7_m3_s9_nmiss0.25_lmiss0.5")
   assert (c.height, c.width, c.num_train, c.num_test, c.seed) == (16, 24, 7, 3, 9)
   assert (c.depth_missing, c.normal_missing, c.label_missing) == (0.0, 0.25, 0.5)

@@ -32,11 +32,12 @@ Builder configs are named so that any setting can be asked for by name:
 * ``scenes``: rendered rooms with exact per-pixel class, depth and normals
   (:mod:`mtljax.data.scenes`), records in the preprocessed NYUv2 layout
   (``image``, ``label``, ``depth``, ``normal``): ``quick`` (the default;
-  64x80, 2,000 train / 500 test, seed 0), ``full`` (128x160, 3,000 / 1,000),
+  64x80, 2,000 train / 500 test, seed 0), ``full`` (128x160, 1,600 / 500),
   or ``h{H}_w{W}_n{TRAIN}_m{TEST}_s{SEED}``, optionally followed, in this
   order, by ``_dmiss{F}``, ``_nmiss{F}``, ``_lmiss{F}`` (depth, normals,
   labels missing on that fraction of 4x4-pixel cells: depth 0, normal 0,
-  label -1).
+  label -1). A split may be at most 1000 MiB (29 bytes per pixel, 38 with
+  ``_lmiss``): TFDS spills a larger one through TensorFlow, not installed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from mtljax.data import generators
 from mtljax.data import scenes
@@ -351,6 +353,21 @@ class Exam(tfds.core.GeneratorBasedBuilder):
     yield from _examples(arrays)
 
 
+# TFDS's writer keeps a split's serialised records in memory up to this size
+# and spills larger splits to temporary files through tf.io.gfile, which needs
+# TensorFlow (not installed): a scenes config whose split would exceed it is
+# refused by name, before anything is rendered.
+_TFDS_SPLIT_LIMIT = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+
+
+def _scenes_record_bytes(height: int, width: int, ignored_labels: bool) -> int:
+  """An upper bound on one serialised ``scenes`` record: a tf.train.Example
+  with 7 float32 values per pixel (4 bytes each, packed) and a label per pixel
+  as a varint (1 byte for 0-6, 10 for -1), plus at most 256 bytes of its own
+  (measured: 97 at 128x160)."""
+  return height * width * (7 * 4 + (10 if ignored_labels else 1)) + 256
+
+
 @dataclasses.dataclass
 class ScenesConfig(tfds.core.BuilderConfig):
   height: int = 64
@@ -368,8 +385,8 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
 
   VERSION = _VERSION
   BUILDER_CONFIGS = [ScenesConfig(name="quick"),
-                     ScenesConfig(name="full", height=128, width=160, num_train=3_000,
-                                  num_test=1_000)]
+                     ScenesConfig(name="full", height=128, width=160, num_train=1_600,
+                                  num_test=500)]
 
   @classmethod
   def config_from_name(cls, name: str) -> ScenesConfig:
@@ -382,7 +399,7 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
     if not m:
       raise ValueError(
           f"scenes: unknown builder config {name!r}; use 'quick' (64x80, 2000 train / 500 "
-          "test), 'full' (128x160, 3000 / 1000) or "
+          "test), 'full' (128x160, 1600 / 500) or "
           "'h{H}_w{W}_n{TRAIN}_m{TEST}_s{SEED}[_dmiss{F}][_nmiss{F}][_lmiss{F}]', "
           "e.g. 'h64_w80_n200_m50_s1' or 'h64_w80_n200_m50_s1_dmiss0.05'.")
     h, w, n, t, s = map(int, m.groups()[:5])
@@ -394,6 +411,14 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
       if not 0.0 <= f < 1.0:
         raise ValueError(f"scenes: the missing fraction {key} must be in [0, 1), got {f} "
                          f"in {name!r}.")
+    record = _scenes_record_bytes(h, w, missing[2] > 0)
+    for split, count in (("train", n), ("test", t)):
+      if count * record > _TFDS_SPLIT_LIMIT:
+        raise ValueError(
+            f"scenes: the {split} split of {name!r} would be {count * record / 2**20:.1f} "
+            f"MiB; TFDS writes at most {_TFDS_SPLIT_LIMIT / 2**20:.0f} MiB per split "
+            "without TensorFlow (a larger one spills through tf.io.gfile): at "
+            f"{h}x{w} use at most {_TFDS_SPLIT_LIMIT // record} images per split.")
     return ScenesConfig(name=name, height=h, width=w, num_train=n, num_test=t, seed=s,
                         depth_missing=missing[0], normal_missing=missing[1],
                         label_missing=missing[2])
@@ -418,14 +443,19 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     c = self.builder_config
-    data = scenes.make_scenes(c.seed, c.num_train, c.num_test, c.height, c.width,
-                              depth_missing=c.depth_missing,
-                              normal_missing=c.normal_missing,
-                              label_missing=c.label_missing)
-    return {s: self._generate_examples(data[s]) for s in ("train", "test")}
+    kw = dict(depth_missing=c.depth_missing, normal_missing=c.normal_missing,
+              label_missing=c.label_missing)
+    return {split: self._generate_examples(c.seed, stream, n, c.height, c.width, kw)
+            for split, stream, n in scenes.split_streams(c.num_train, c.num_test)}
 
-  def _generate_examples(self, arrays):
-    yield from _examples(arrays)
+  def _generate_examples(self, seed, stream, n, height, width, missing):
+    """A chunk of scenes at a time (:func:`mtljax.data.scenes.iter_split`):
+    the split is never in memory whole; keys are the scenes' indices."""
+    i = 0
+    for chunk in scenes.iter_split(seed, stream, n, height, width, **missing):
+      for key, example in _examples(chunk):
+        yield i + key, example
+      i += len(chunk["label"])
 
 
 BUNDLED = {

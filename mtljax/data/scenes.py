@@ -60,8 +60,11 @@ is image-horizontal as in the preprocessed NYUv2 files that MTAN, LibMTL and
 Nash-MTL read (MTAN's ``create_dataset.py`` negates channel 0 when it flips an
 image horizontally), so the flip augmentation is the same for both. The sign
 of NYUv2's y and z channels (Eigen and Fergus's precomputed normals) could not
-be checked against the files here (no network); :func:`convert_normals` gives
-the other common convention (OpenCV: x right, y down, z forward).
+be checked against the files here (no network): the authors of 2D-3D-Semantics
+describe NYU Depth's normal images as x right, y down, z towards the camera;
+:func:`convert_normals` converts to that and to OpenCV's frame. Angular errors,
+the normals metrics, do not change when prediction and target are converted
+alike.
 
 **Image.** Lambertian shading from a point light near the ceiling plus ambient,
 ``albedo * texture * (0.25 + 0.75 min(1, 2 max(0, n.l) / (1 + 0.08 |p - light|^2)))``
@@ -203,16 +206,25 @@ def backproject(depth: np.ndarray) -> np.ndarray:
   return depth[..., None] * pixel_rays(h, w).reshape(h, w, 3)
 
 
+NORMAL_CONVENTIONS = {
+    "scenes": (1.0, 1.0, 1.0),  # x right, y up, z towards the camera (this data set)
+    "opencv": (1.0, -1.0, -1.0),  # x right, y down, z forward (away from the camera)
+    "2d3ds": (1.0, -1.0, 1.0),  # x right, y down, z towards the camera
+}
+
+
 def convert_normals(normal: np.ndarray, to: str = "opencv") -> np.ndarray:
-  """Normals from this data set's convention (x right, y up, z towards the
-  camera) to ``to``: ``"opencv"`` (x right, y down, z forward: ``(x, -y, -z)``)
-  or ``"scenes"`` (unchanged). Missing (all-zero) normals stay zero."""
+  """Normals ``[..., 3]`` from this data set's convention (x right, y up, z
+  towards the camera) to another of :data:`NORMAL_CONVENTIONS`: ``"opencv"``
+  (x right, y down, z forward) or ``"2d3ds"`` (x right, y down, z towards the
+  camera: how the 2D-3D-Semantics authors describe NYU Depth's normal images;
+  a left-handed frame). Each is a sign flip per axis, its own inverse; missing
+  (all-zero) normals stay zero."""
+  if to not in NORMAL_CONVENTIONS:
+    raise ValueError(f"convert_normals: to must be one of {sorted(NORMAL_CONVENTIONS)}, "
+                     f"got {to!r}.")
   normal = np.asarray(normal)
-  if to == "scenes":
-    return normal
-  if to == "opencv":
-    return normal * np.array([1, -1, -1], normal.dtype)
-  raise ValueError(f"convert_normals: to must be 'opencv' or 'scenes', got {to!r}.")
+  return normal * np.asarray(NORMAL_CONVENTIONS[to], normal.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -390,71 +402,58 @@ def _cast(sc: Scenes, d: np.ndarray):
   return t, surface
 
 
-def _gather(arr: np.ndarray, k: np.ndarray) -> np.ndarray:
-  """``arr[b, k[b, p]]`` for ``arr`` [B, K, ...] and ``k`` [B, P] -> [B, P, ...]."""
-  b = np.arange(len(arr))[:, None]
-  return arr[b, np.clip(k, 0, arr.shape[1] - 1)]
-
-
-def _surface_fields(sc: Scenes, p: np.ndarray, surface: np.ndarray):
-  """World normals [B, P, 3], classes [B, P], albedo [B, P, 3] and local
-  texture coordinates [B, P, 3] at the hit points ``p`` of ``surface``."""
-  normal = np.zeros_like(p)
-  cls = np.zeros(surface.shape, np.int64)
-  albedo = np.zeros_like(p)
+def _surface_fields(sc: Scenes, b: np.ndarray, p: np.ndarray, surface: np.ndarray):
+  """At the hit points ``p`` [N, 3] of pixels of images ``b`` [N] that see
+  ``surface`` [N]: world normals [N, 3], classes [N], albedos [N, 3], texture
+  coordinates [N, 3] (in the primitive's frame) and whether on a cylinder's
+  top [N]; each primitive kind is computed on its own pixels only."""
+  n = len(surface)
+  normal = np.zeros((n, 3))
+  cls = np.zeros(n, np.int64)
+  albedo = np.zeros((n, 3))
   local = p.copy()
-  # Room.
-  room = surface < ROOM_SURFACES
-  axis = np.where(surface < 2, 1, np.where(surface < 4, 0, 2))
-  sign = np.where(surface % 2 == 0, 1.0, -1.0)  # the lower bound faces +axis
-  room_n = np.zeros_like(p)
-  np.put_along_axis(room_n, axis[..., None], sign[..., None], -1)
-  normal = np.where(room[..., None], room_n, normal)
-  room_cls = np.where(surface == 0, FLOOR, np.where(surface == 1, CEILING, WALL))
-  cls = np.where(room, room_cls, cls)
-  which = np.where(surface == 0, 0, np.where(surface == 1, 2, 1))
-  albedo = np.where(room[..., None], _gather(sc.room_albedo, which), albedo)
-  # Boxes.
-  is_box = (surface >= BOX_BASE) & (surface < SPHERE_BASE)
-  k = (surface - BOX_BASE) // 6
-  face = (surface - BOX_BASE) % 6
-  fa, fs = face // 2, np.where(face % 2 == 1, 1.0, -1.0)
-  yaw = _gather(sc.box_yaw, k)
-  c, s = np.cos(yaw), np.sin(yaw)
-  nl = np.zeros_like(p)
-  np.put_along_axis(nl, fa[..., None], fs[..., None], -1)
-  box_n = np.stack([c * nl[..., 0] + s * nl[..., 2], nl[..., 1],
-                    -s * nl[..., 0] + c * nl[..., 2]], -1)  # R_y(yaw) nl
-  rel = p - _gather(sc.box_center, k)
-  box_local = np.stack([c * rel[..., 0] - s * rel[..., 2], rel[..., 1],
-                        s * rel[..., 0] + c * rel[..., 2]], -1)
-  normal = np.where(is_box[..., None], box_n, normal)
-  cls = np.where(is_box, _gather(sc.box_class, k), cls)
-  albedo = np.where(is_box[..., None], _gather(sc.box_albedo, k), albedo)
-  local = np.where(is_box[..., None], box_local, local)
+  top = np.zeros(n, bool)
+  # Room: surface 0 floor (+y), 1 ceiling (-y), 2 / 3 walls x = -a / a (+x / -x),
+  # 4 / 5 walls z = -b / b (+z / -z).
+  m = np.flatnonzero(surface < ROOM_SURFACES)
+  s = surface[m]
+  axis = np.where(s < 2, 1, np.where(s < 4, 0, 2))
+  normal[m, axis] = np.where(s % 2 == 0, 1.0, -1.0)
+  cls[m] = np.where(s == 0, FLOOR, np.where(s == 1, CEILING, WALL))
+  albedo[m] = sc.room_albedo[b[m], np.where(s == 0, 0, np.where(s == 1, 2, 1))]
+  # Boxes: face 2 i + 1 has outward normal +e_i, face 2 i has -e_i (box frame).
+  m = np.flatnonzero((surface >= BOX_BASE) & (surface < SPHERE_BASE))
+  bm, k, face = b[m], (surface[m] - BOX_BASE) // 6, (surface[m] - BOX_BASE) % 6
+  c, sn = np.cos(sc.box_yaw[bm, k]), np.sin(sc.box_yaw[bm, k])
+  nl = np.zeros((len(m), 3))
+  nl[np.arange(len(m)), face // 2] = np.where(face % 2 == 1, 1.0, -1.0)
+  normal[m] = np.stack([c * nl[:, 0] + sn * nl[:, 2], nl[:, 1],
+                        -sn * nl[:, 0] + c * nl[:, 2]], -1)  # R_y(yaw) nl
+  rel = p[m] - sc.box_center[bm, k]
+  local[m] = np.stack([c * rel[:, 0] - sn * rel[:, 2], rel[:, 1],
+                       sn * rel[:, 0] + c * rel[:, 2]], -1)  # R_y(yaw)^T rel
+  cls[m] = sc.box_class[bm, k]
+  albedo[m] = sc.box_albedo[bm, k]
   # Spheres.
-  is_sph = (surface >= SPHERE_BASE) & (surface < CYLINDER_BASE)
-  k = surface - SPHERE_BASE
-  rel = p - _gather(sc.sphere_center, k)
-  sph_n = rel / _gather(sc.sphere_radius, k)[..., None]
-  normal = np.where(is_sph[..., None], sph_n, normal)
-  cls = np.where(is_sph, SPHERE, cls)
-  albedo = np.where(is_sph[..., None], _gather(sc.sphere_albedo, k), albedo)
-  local = np.where(is_sph[..., None], rel, local)
-  # Cylinders.
-  is_cyl = surface >= CYLINDER_BASE
-  k = (surface - CYLINDER_BASE) // 2
-  top = (surface - CYLINDER_BASE) % 2 == 1
-  xz = _gather(sc.cyl_xz, k)
-  rel = np.stack([p[..., 0] - xz[..., 0], p[..., 1], p[..., 2] - xz[..., 1]], -1)
-  r = _gather(sc.cyl_radius, k)[..., None]
-  side_n = rel * np.array([1.0, 0.0, 1.0]) / r
-  cyl_n = np.where(top[..., None], np.array([0.0, 1.0, 0.0]), side_n)
-  normal = np.where(is_cyl[..., None], cyl_n, normal)
-  cls = np.where(is_cyl, CYLINDER, cls)
-  albedo = np.where(is_cyl[..., None], _gather(sc.cyl_albedo, k), albedo)
-  local = np.where(is_cyl[..., None], rel, local)
-  return normal, cls, albedo, local, top & is_cyl
+  m = np.flatnonzero((surface >= SPHERE_BASE) & (surface < CYLINDER_BASE))
+  bm, k = b[m], surface[m] - SPHERE_BASE
+  rel = p[m] - sc.sphere_center[bm, k]
+  normal[m] = rel / sc.sphere_radius[bm, k][:, None]
+  local[m] = rel
+  cls[m] = SPHERE
+  albedo[m] = sc.sphere_albedo[bm, k]
+  # Cylinders: side 26 + 2 k, top 27 + 2 k.
+  m = np.flatnonzero(surface >= CYLINDER_BASE)
+  bm, k, on_top = b[m], (surface[m] - CYLINDER_BASE) // 2, (surface[m] - CYLINDER_BASE) % 2 == 1
+  xz = sc.cyl_xz[bm, k]
+  rel = np.stack([p[m, 0] - xz[:, 0], p[m, 1], p[m, 2] - xz[:, 1]], -1)
+  side = rel * np.array([1.0, 0.0, 1.0]) / sc.cyl_radius[bm, k][:, None]
+  normal[m] = np.where(on_top[:, None], np.array([0.0, 1.0, 0.0]), side)
+  local[m] = rel
+  top[m] = on_top
+  cls[m] = CYLINDER
+  albedo[m] = sc.cyl_albedo[bm, k]
+  return normal, cls, albedo, local, top
 
 
 def _hash01(i: np.ndarray, key: np.ndarray) -> np.ndarray:
@@ -465,22 +464,37 @@ def _hash01(i: np.ndarray, key: np.ndarray) -> np.ndarray:
 
 
 def _texture(cls, local, p, surface, cyl_top, key):
-  """A per-class multiplicative texture in about [0.6, 1.2] (module docstring)."""
+  """A per-class multiplicative texture in about [0.6, 1.2], per pixel [N]
+  (each class's pattern computed on its own pixels): floor planks 0.22 m wide
+  of random brightness with a fine grain; walls vertical stripes 0.3 m apart;
+  the ceiling a faint ripple; cubes a 0.2 m checkerboard; slabs a wavy wood
+  grain; spheres six alternating segments; cylinders rings 0.12 m apart."""
   tau = 2.0 * np.pi
-  phase = _hash01(surface, key) * tau
-  plank = np.floor(p[..., 0] / 0.22)
-  floor = 0.8 + 0.3 * _hash01(plank, key) + 0.04 * np.sin(tau * p[..., 2] / 0.07 + 5.0 * plank)
-  along = np.where(surface < 4, p[..., 2], p[..., 0])  # x = +-a walls run along z
-  wall = 1.0 + 0.1 * np.sign(np.sin(tau * along / 0.3 + phase))
-  ceiling = 1.0 + 0.04 * np.sin(tau * p[..., 0] / 1.3 + phase)
-  q = np.floor(local / 0.2)
-  cube = np.where((q.sum(-1) % 2) == 0, 1.1, 0.75)
-  slab = 1.0 + 0.15 * np.sin(tau * local[..., 0] / 0.05 + 3.0 * np.sin(tau * local[..., 2] / 0.4))
-  sphere = np.where(np.floor((np.arctan2(local[..., 2], local[..., 0]) + phase) / (np.pi / 3)) % 2
-                    == 0, 1.1, 0.7)
-  radial = np.hypot(local[..., 0], local[..., 2])
-  cyl = 1.0 + 0.2 * np.sign(np.sin(tau * np.where(cyl_top, radial, local[..., 1]) / 0.12))
-  return np.choose(cls, [floor, wall, ceiling, cube, slab, sphere, cyl])
+  out = np.ones(len(cls))
+
+  def at(c):
+    m = np.flatnonzero(cls == c)
+    return m, local[m], p[m], surface[m], key[m]
+
+  m, _, q, _, k = at(FLOOR)
+  plank = np.floor(q[:, 0] / 0.22)
+  out[m] = 0.8 + 0.3 * _hash01(plank, k) + 0.04 * np.sin(tau * q[:, 2] / 0.07 + 5.0 * plank)
+  m, _, q, s, k = at(WALL)
+  along = np.where(s < 4, q[:, 2], q[:, 0])  # walls x = -a, a run along z
+  out[m] = 1.0 + 0.1 * np.sign(np.sin(tau * along / 0.3 + tau * _hash01(s, k)))
+  m, _, q, s, k = at(CEILING)
+  out[m] = 1.0 + 0.04 * np.sin(tau * q[:, 0] / 1.3 + tau * _hash01(s, k))
+  m, loc, _, _, _ = at(CUBE)
+  out[m] = np.where(np.floor(loc / 0.2).sum(-1) % 2 == 0, 1.1, 0.75)
+  m, loc, _, _, _ = at(SLAB)
+  out[m] = 1.0 + 0.15 * np.sin(tau * loc[:, 0] / 0.05 + 3.0 * np.sin(tau * loc[:, 2] / 0.4))
+  m, loc, _, s, k = at(SPHERE)
+  seg = np.floor((np.arctan2(loc[:, 2], loc[:, 0]) + tau * _hash01(s, k)) / (np.pi / 3))
+  out[m] = np.where(seg % 2 == 0, 1.1, 0.7)
+  m, loc, _, _, _ = at(CYLINDER)
+  coord = np.where(cyl_top[m], np.hypot(loc[:, 0], loc[:, 2]), loc[:, 1])
+  out[m] = 1.0 + 0.2 * np.sign(np.sin(tau * coord / 0.12))
+  return out
 
 
 def render(scenes: Scenes, height: int, width: int,
@@ -495,17 +509,19 @@ def render(scenes: Scenes, height: int, width: int,
   b = len(scenes)
   d = np.einsum("bij,pj->bpi", scenes.cam_rot, pixel_rays(height, width))  # [B, P, 3]
   t, surface = _cast(scenes, d)
-  p = scenes.cam_pos[:, None, :] + t[..., None] * d
-  normal, cls, albedo, local, cyl_top = _surface_fields(scenes, p, surface)
-  key = scenes.texture_key[:, None]
-  tex = _texture(cls, local, p, surface, cyl_top, key)
-  to_light = scenes.light[:, None, :] - p
-  dist2 = np.einsum("bpi,bpi->bp", to_light, to_light)
-  lambert = np.maximum(np.einsum("bpi,bpi->bp", normal, to_light), 0.0) / np.sqrt(dist2)
+  p = (scenes.cam_pos[:, None, :] + t[..., None] * d).reshape(-1, 3)  # [N = B P, 3]
+  bidx = np.repeat(np.arange(b), height * width)
+  surface = surface.reshape(-1)
+  normal, cls, albedo, local, cyl_top = _surface_fields(scenes, bidx, p, surface)
+  tex = _texture(cls, local, p, surface, cyl_top, scenes.texture_key[bidx])
+  to_light = scenes.light[bidx] - p
+  dist2 = np.einsum("ni,ni->n", to_light, to_light)
+  lambert = np.maximum(np.einsum("ni,ni->n", normal, to_light), 0.0) / np.sqrt(dist2)
   shade = AMBIENT + (1.0 - AMBIENT) * np.minimum(1.0, 2.0 * lambert / (1.0 + 0.08 * dist2))
   image = albedo * (tex * shade)[..., None]
   if noise_rng is not None:
     image = image + PIXEL_NOISE * noise_rng.standard_normal(image.shape)
+  normal = normal.reshape(b, -1, 3)
   n_cv = np.einsum("bji,bpj->bpi", scenes.cam_rot, normal)  # R^T n: OpenCV camera frame
   shape = (b, height, width)
   return {"image": np.clip(image, 0.0, 1.0).reshape(shape + (3,)),
@@ -531,30 +547,47 @@ def hole_mask(rng: np.random.Generator, n: int, height: int, width: int,
   return np.repeat(np.repeat(cells, HOLE_CELL, 1), HOLE_CELL, 2)[:, :height, :width]
 
 
-def render_split(seed: int, stream: int, n: int, height: int, width: int, *,
-                 depth_missing: float = 0.0, normal_missing: float = 0.0,
-                 label_missing: float = 0.0) -> dict[str, np.ndarray]:
-  """``n`` scenes of one split (RNG streams ``[seed, stream, ...]``), rendered
-  :data:`CHUNK` at a time and cast to the record dtypes."""
+def iter_split(seed: int, stream: int, n: int, height: int, width: int, *,
+               depth_missing: float = 0.0, normal_missing: float = 0.0,
+               label_missing: float = 0.0):
+  """The ``n`` scenes of one split, :data:`CHUNK` at a time (so that a large
+  split is never held in memory whole): yields dicts of record arrays
+  (``image``, ``label``, ``depth``, ``normal``; leading axis <= CHUNK) cast to
+  the record dtypes. The scenes come from RNG stream ``[seed, stream, 0]``;
+  chunk ``i``'s pixel noise from ``[seed, stream, 1, i]`` and its missing
+  cells from ``[seed, stream, 2, j, i]`` (``j``: depth 0, normal 1, label 2)."""
+  for fraction in (depth_missing, normal_missing, label_missing):
+    if not 0.0 <= fraction < 1.0:
+      raise ValueError(f"scenes: a missing fraction must be in [0, 1), got {fraction}.")
   scenes = sample_scenes(np.random.default_rng([seed, stream, 0]), n)
-  out = {"image": np.empty((n, height, width, 3), np.float32),
-         "label": np.empty((n, height, width), np.int32),
-         "depth": np.empty((n, height, width, 1), np.float32),
-         "normal": np.empty((n, height, width, 3), np.float32)}
   for i, start in enumerate(range(0, n, CHUNK)):
     part = render(scenes.take(slice(start, start + CHUNK)), height, width,
                   noise_rng=np.random.default_rng([seed, stream, 1, i]))
-    for key, arr in out.items():
-      arr[start:start + CHUNK] = part[key]
-  # (unit in float64; renormalise after the cast so that |n| = 1 to float32)
-  out["normal"] /= np.linalg.norm(out["normal"], axis=-1, keepdims=True)
-  for j, (fraction, key, fill) in enumerate(((depth_missing, "depth", 0.0),
-                                            (normal_missing, "normal", 0.0),
-                                            (label_missing, "label", -1))):
-    if fraction:
-      holes = hole_mask(np.random.default_rng([seed, stream, 2, j]), n, height, width, fraction)
-      out[key][holes] = fill
-  return out
+    out = {"image": part["image"].astype(np.float32), "label": part["label"],
+           "depth": part["depth"].astype(np.float32),
+           "normal": part["normal"].astype(np.float32)}
+    # (unit in float64; renormalised after the cast so that |n| = 1 to float32)
+    out["normal"] /= np.linalg.norm(out["normal"], axis=-1, keepdims=True)
+    m = len(out["label"])
+    for j, (fraction, key, fill) in enumerate(((depth_missing, "depth", 0.0),
+                                              (normal_missing, "normal", 0.0),
+                                              (label_missing, "label", -1))):
+      if fraction:
+        holes = hole_mask(np.random.default_rng([seed, stream, 2, j, i]), m, height, width,
+                          fraction)
+        out[key][holes] = fill
+    yield out
+
+
+def render_split(seed: int, stream: int, n: int, height: int, width: int,
+                 **missing) -> dict[str, np.ndarray]:
+  """:func:`iter_split`'s chunks of one split, concatenated."""
+  empty = {"image": np.zeros((0, height, width, 3), np.float32),
+           "label": np.zeros((0, height, width), np.int32),
+           "depth": np.zeros((0, height, width, 1), np.float32),
+           "normal": np.zeros((0, height, width, 3), np.float32)}
+  parts = [empty] + list(iter_split(seed, stream, n, height, width, **missing))
+  return {k: np.concatenate([p[k] for p in parts]) for k in empty}
 
 
 def make_scenes(seed: int, num_train: int, num_test: int, height: int, width: int, *,
@@ -566,5 +599,10 @@ def make_scenes(seed: int, num_train: int, num_test: int, height: int, width: in
     raise ValueError(f"scenes: images must be at least 4x4 pixels, got {height}x{width}.")
   kw = dict(depth_missing=depth_missing, normal_missing=normal_missing,
             label_missing=label_missing)
-  return {"train": render_split(seed, 1, num_train, height, width, **kw),
-          "test": render_split(seed, 2, num_test, height, width, **kw)}
+  return {split: render_split(seed, stream, n, height, width, **kw)
+          for split, stream, n in split_streams(num_train, num_test)}
+
+
+def split_streams(num_train: int, num_test: int):
+  """``(split, RNG stream, size)`` of the two splits."""
+  return (("train", 1, num_train), ("test", 2, num_test))
