@@ -11,8 +11,10 @@ and pixels; a loop only over the few primitive *slots*).
 ``y in [0, c]`` (``y`` up, the floor at ``y = 0``), ``z in [-b, b]``: floor,
 four walls and a ceiling. On the floor stand up to 3 boxes (rotated about the
 vertical), 2 spheres and 2 vertical capped cylinders (each slot present with
-probability 0.6, at least one object per scene), placed at random in the part of
-the room in front of the camera; objects may intersect and occlude each other.
+probability 0.6, at least one object per scene), placed 1.2-4.5 m ahead of
+the camera and at most 0.45 times that to the side (about the field of view),
+then moved inside the room; objects may intersect and occlude each other.
+Rooms are 4-7 m wide and deep, 2.5-3.2 m high.
 A pinhole camera stands 0.3-1.0 m in front of the wall ``z = -b`` at height
 1.3-1.8 m (above every object), turned by a yaw of up to 35 degrees, pitched
 down 10-30 degrees and rolled by up to 4 degrees.
@@ -92,8 +94,13 @@ preprocessed NYUv2 files (and of :mod:`mtljax.tasks`' dense kinds).
   ``(scenes, height, width, noise_rng=None)`` -> the arrays above plus
   ``surface`` (which face of which primitive each pixel sees; for tests), in
   float64 before the cast.
+* :func:`iter_split` (one split, :data:`CHUNK` images at a time; what the
+  builder writes) and :func:`render_split` (the same, concatenated).
 * :data:`CLASS_NAMES`, :data:`NUM_CLASSES`, :func:`intrinsics`,
   :func:`backproject`, :func:`convert_normals`.
+
+Rendering costs about 12 s of one core per 2,500 images at 64x80 (float64;
+the ray casting is half of it).
 """
 
 from __future__ import annotations
@@ -329,7 +336,7 @@ def _cast(sc: Scenes, d: np.ndarray):
   """Nearest hit of the rays ``o + t d`` (``d`` [B, P, 3] world): ``(t, surface)``
   each [B, P]."""
   o = sc.cam_pos[:, None, :]  # [B, 1, 3]
-  with np.errstate(divide="ignore", invalid="ignore"):
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
     # Room: exit of the box, per axis the bound d points to.
     lo = np.stack([-sc.room[:, 0], np.zeros(len(sc)), -sc.room[:, 2]], -1)[:, None]
     hi = sc.room[:, None, :]
