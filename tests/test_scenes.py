@@ -303,6 +303,51 @@ def test_a_pixels_colour_says_little_about_its_class():
   assert colour_acc < majority_acc + 0.1, (colour_acc, majority_acc)
 
 
+def _inside_each_object(sc, x):
+  """[slots, B, N] bool: world points ``x`` [B, N, 3] strictly inside each
+  object slot's primitive (False where the slot is empty), from each
+  primitive's inequality written out."""
+  out = []
+  for k in range(scenes.SPHERE_SLOTS):
+    r2 = np.sum((x - sc.sphere_center[:, None, k]) ** 2, -1)
+    out.append(sc.sphere_on[:, None, k] & (r2 < sc.sphere_radius[:, None, k] ** 2))
+  for k in range(scenes.CYLINDER_SLOTS):
+    r2 = (x[..., 0] - sc.cyl_xz[:, None, k, 0]) ** 2 + (x[..., 2] - sc.cyl_xz[:, None, k, 1]) ** 2
+    out.append(sc.cyl_on[:, None, k] & (r2 < sc.cyl_radius[:, None, k] ** 2)
+               & (x[..., 1] > 0) & (x[..., 1] < sc.cyl_height[:, None, k]))
+  for k in range(scenes.BOX_SLOTS):
+    rel = x - sc.box_center[:, None, k]
+    c, s = np.cos(sc.box_yaw[:, None, k]), np.sin(sc.box_yaw[:, None, k])
+    q = np.stack([c * rel[..., 0] - s * rel[..., 2], rel[..., 1],
+                  s * rel[..., 0] + c * rel[..., 2]], -1)  # R_y(yaw)^T rel
+    out.append(sc.box_on[:, None, k] & np.all(np.abs(q) < sc.box_half[:, None, k], -1))
+  return np.stack(out)
+
+
+def test_nothing_lies_between_the_camera_and_the_surface_a_pixel_sees(random_scenes):
+  """Occlusion: 60 points evenly spaced on the segment from the camera to
+  each pixel's back-projected point (up to 1 % short of it; every other row
+  and column) are inside no object. The check has teeth: the same rays,
+  followed 4x as far (past the room, outside which there are no objects),
+  pass through two objects or more for over 1 % of the pixels, so the nearer
+  one has to hide the other."""
+  sc, r = random_scenes
+  n = len(sc)
+  p = _camera_points_to_world(sc, scenes.backproject(r["depth"]))[:, ::2, ::2]  # (time)
+  p = p.reshape(n, -1, 1, 3)
+  o = sc.cam_pos[:, None, None, :]
+  for frac, check in ((np.linspace(0.0, 0.99, 60), "before"),
+                      (np.linspace(0.0, 4.0, 120), "through")):
+    pts = o + frac[:, None] * (p - o)  # [B, P, S, 3]
+    inside = _inside_each_object(sc, pts.reshape(n, -1, 3)).reshape(
+        (-1,) + pts.shape[:-1])  # [slots, B, P, S]
+    if check == "before":
+      assert not inside.any(), np.argwhere(inside)[:5]
+    else:
+      crossed = inside.any(-1).sum(0)  # objects each pixel's ray passes through
+      assert np.mean(crossed >= 2) > 0.01, np.mean(crossed >= 2)
+
+
 # ---------------------------------------------------------------------------
 # Determinism, missing pixels, the builder
 # ---------------------------------------------------------------------------
