@@ -384,27 +384,34 @@ def _cast(sc: Scenes, d: np.ndarray):
     top = np.take_along_axis(ttop < tside, k[:, None], 1)[:, 0]
     t, surface = _closer(t, surface, np.min(tc, 1), CYLINDER_BASE + 2 * k + top)
 
-    # Boxes: slab method in each box's frame.
+    # Boxes: slab method in each box's frame, one axis at a time.
     c, s = np.cos(sc.box_yaw)[..., None], np.sin(sc.box_yaw)[..., None]  # [B, K, 1]
-    dl = np.stack([c * dx - s * dz, np.broadcast_to(dy, c.shape[:2] + dy.shape[2:]),
-                   s * dx + c * dz], -1)  # [B, K, P, 3]
     rel = o[:, None, 0, :] - sc.box_center  # [B, K, 3]
     cb, sb = c[..., 0], s[..., 0]
-    ol = np.stack([cb * rel[..., 0] - sb * rel[..., 2], rel[..., 1],
-                   sb * rel[..., 0] + cb * rel[..., 2]], -1)[:, :, None, :]  # [B, K, 1, 3]
-    e = sc.box_half[:, :, None, :]
-    dl = np.where(dl == 0.0, 1e-300, dl)
-    t1, t2 = (-e - ol) / dl, (e - ol) / dl
-    tmin, tmax = np.minimum(t1, t2), np.maximum(t1, t2)
-    face_axis = np.argmax(tmin, -1)  # [B, K, P]
-    tnear, tfar = np.max(tmin, -1), np.min(tmax, -1)
+    ol = (cb * rel[..., 0] - sb * rel[..., 2], rel[..., 1],
+          sb * rel[..., 0] + cb * rel[..., 2])  # R_y(yaw)^T (o - centre), each [B, K]
+    dl = (c * dx - s * dz, dy, s * dx + c * dz)  # R_y(yaw)^T d: [B, K, P] ([B, 1, P])
+    tnear = tfar = face_axis = face_neg = None
+    for i in range(3):
+      di = np.where(dl[i] == 0.0, 1e-300, dl[i])
+      e, oi = sc.box_half[..., i, None], ol[i][..., None]
+      t1, t2 = (-e - oi) / di, (e - oi) / di
+      lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)
+      if i == 0:
+        tnear, tfar = lo, hi
+        face_axis = np.zeros(lo.shape, np.int64)
+        face_neg = di < 0
+      else:
+        later = lo > tnear
+        tnear, tfar = np.where(later, lo, tnear), np.minimum(tfar, hi)
+        face_axis = np.where(later, i, face_axis)
+        face_neg = np.where(later, di < 0, face_neg)
     ok = sc.box_on[..., None] & (tnear <= tfar) & (tnear > _EPS)
-    tb = np.where(ok, tnear, np.inf)
+    tb = np.where(ok, tnear, np.inf)  # [B, K, P]
     k = np.argmin(tb, 1)
     axis = np.take_along_axis(face_axis, k[:, None], 1)[:, 0]
-    dsign = np.take_along_axis(np.take_along_axis(dl, k[:, None, :, None], 1)[:, 0],
-                               axis[..., None], -1)[..., 0]
-    face = 2 * axis + (dsign < 0)  # outward normal along +e_i when d_i < 0
+    neg = np.take_along_axis(np.broadcast_to(face_neg, tb.shape), k[:, None], 1)[:, 0]
+    face = 2 * axis + neg  # outward normal along +e_i when d_i < 0
     t, surface = _closer(t, surface, np.min(tb, 1), BOX_BASE + 6 * k + face)
   return t, surface
 
