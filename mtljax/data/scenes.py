@@ -99,8 +99,8 @@ preprocessed NYUv2 files (and of :mod:`mtljax.tasks`' dense kinds).
 * :data:`CLASS_NAMES`, :data:`NUM_CLASSES`, :func:`intrinsics`,
   :func:`backproject`, :func:`convert_normals`.
 
-Rendering costs about 12 s of one core per 2,500 images at 64x80 (float64;
-the ray casting is half of it).
+Rendering costs about 6-9 s of one core per 2,500 images at 64x80 (float64;
+the ray casting is 60 % of it).
 """
 
 from __future__ import annotations
