@@ -85,6 +85,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtljax import errors
+from mtljax.data import split_parts
 from mtljax.data import tfds_access
 
 logger = logging.getLogger("mtljax")
@@ -394,8 +395,11 @@ class DenseFilesConfig(tfds.core.BuilderConfig):
   counts: dict | None = None
 
 
-class _DenseFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Reads a validated ROOT (the config's) into mtljax's dense record."""
+class _DenseFiles(split_parts.PartedBuilder, tfds.core.GeneratorBasedBuilder,
+                  skip_registration=True):
+  """Reads a validated ROOT (the config's) into mtljax's dense record; a
+  split over :data:`mtljax.data.split_parts.PART_BYTES` is written in parts
+  and merged into one split (:mod:`mtljax.data.split_parts`)."""
 
   VERSION = _VERSION
   BUILDER_CONFIGS: list = []
@@ -410,14 +414,15 @@ class _DenseFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         features=record_features(c.layout.shape, c.layout.normals),
         disable_shuffling=True)  # record i is file {i}.npy
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # local files
+  def _split_sizes(self):
     c = self.builder_config
-    return {split: self._generate_examples(split) for split in c.counts}
+    record = split_parts.raw_record_bytes(self.info.features)
+    return {split: (n, record) for split, n in c.counts.items()}
 
-  def _generate_examples(self, split):
+  def _generate_examples(self, split, start, stop):
+    """Files ``start..stop-1`` of ``split``, keyed by index (file order)."""
     c = self.builder_config
-    for i in range(c.counts[split]):
+    for i in range(start, stop):
       yield i, read_example(c.root, c.layout, split, i)
 
 
@@ -460,6 +465,7 @@ def builder(name: str, root: str, *, data_dir: str | None = None, classes: int |
     with tfds_access.preparing(data_dir, name, config.name, b.version):
       b = make()  # (prepared meanwhile by the run that held the lock?)
       if not b.is_prepared():
+        b.check_disk()  # (the records fit on the data directory's disk)
         check_files(root, layout, counts)  # every file, before anything is written
         logger.info("Preparing %s from %s (%s) into %s.", name, root,
                     ", ".join(f"{s} {n}" for s, n in counts.items()), data_dir)
