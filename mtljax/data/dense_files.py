@@ -53,7 +53,12 @@ and prepares only when no copy of that fingerprint is there, under
 copy take turns; with several processes process 0 prepares, the others wait
 at a barrier). Changing a file under ROOT (its size or modification time)
 prepares a new copy; the old one stays until deleted. The copy is then read
-with ``builder.as_data_source`` (random access, no TensorFlow).
+with ``builder.as_data_source`` (random access, no TensorFlow). A split over
+TFDS's 1000 MiB in-memory writer limit (NYUv2's both, Cityscapes' train) is
+written as parts of consecutive files merged into one split of several shards
+(:mod:`mtljax.data.split_parts`; without it TFDS needs TensorFlow), records
+still in file order; the data directory's free disk is checked before any
+file is read.
 
 **Sizes** (:func:`dense_bytes`): every value is 4 bytes (float32 / int32), so
 a split of ``n`` images takes ``n H W (3 + 1 + 1 [+ 3]) 4`` bytes: NYUv2's

@@ -94,8 +94,9 @@ preprocessed NYUv2 files (and of :mod:`mtljax.tasks`' dense kinds).
   ``(scenes, height, width, noise_rng=None)`` -> the arrays above plus
   ``surface`` (which face of which primitive each pixel sees; for tests), in
   float64 before the cast.
-* :func:`iter_split` (one split, :data:`CHUNK` images at a time; what the
-  builder writes) and :func:`render_split` (the same, concatenated).
+* :func:`iter_split` (one split, or scenes ``start..stop-1`` of it,
+  :data:`CHUNK` images at a time; what the builder writes, a part of a large
+  split at a time) and :func:`render_split` (the same, concatenated).
 * :data:`CLASS_NAMES`, :data:`NUM_CLASSES`, :func:`intrinsics`,
   :func:`backproject`, :func:`convert_normals`.
 

@@ -131,15 +131,18 @@ def merge_parts(split_dict: splits_lib.SplitDict) -> splits_lib.SplitDict:
   parts' concatenated and ``num_bytes`` their sum. Splits that are no part
   are kept as they are."""
   parts: dict[str, dict[int, splits_lib.SplitInfo]] = {}
-  kept = []
+  out: dict[str, splits_lib.SplitInfo | None] = {}  # (in the splits' order)
   for name, info in split_dict.items():
     m = _PART.fullmatch(name)
     if m is None:
-      kept.append(info)
+      out[name] = info
     else:
       parts.setdefault(m.group("split"), {})[int(m.group("part"))] = info
+      out.setdefault(m.group("split"), None)
+  if not parts:
+    return split_dict
   for split, by_part in parts.items():
-    if sorted(by_part) != list(range(len(by_part))) or split in split_dict:
+    if sorted(by_part) != list(range(len(by_part))) or out[split] is not None:
       raise ValueError(f"split {split!r}: parts {sorted(by_part)} are not 0..K-1 or the "
                        "split exists besides its parts.")
     infos = [by_part[p] for p in range(len(by_part))]
@@ -153,10 +156,10 @@ def merge_parts(split_dict: splits_lib.SplitDict) -> splits_lib.SplitDict:
       os.rename(os.fspath(a), os.fspath(b))
       if os.path.exists(f"{os.fspath(a)}_index.json"):  # (TFDS's index, where written)
         os.rename(f"{os.fspath(a)}_index.json", f"{os.fspath(b)}_index.json")
-    kept.append(splits_lib.SplitInfo(
+    out[split] = splits_lib.SplitInfo(
         name=split, shard_lengths=lengths, num_bytes=sum(int(i.num_bytes) for i in infos),
-        filename_template=template))
-  return splits_lib.SplitDict(kept)
+        filename_template=template)
+  return splits_lib.SplitDict(list(out.values()))
 
 
 def _free_bytes(path: str) -> int:
