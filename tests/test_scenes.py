@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from scipy import spatial
 
 from mtljax.data import builders
@@ -457,31 +458,53 @@ def test_iter_split_ranges_are_cuts_of_the_whole_split():
 
 def test_a_split_over_the_part_size_is_written_in_parts_of_consecutive_scenes(
     tmp_path, monkeypatch):
-  """With parts of 10 records, a 37-scene train split is written as parts of
-  scenes 0-9, 10-19, 20-29, 30-36 (each in TFDS's hashed order, as a split of
-  one part is) merged into one split of 4 shards; the 5-scene test split is
-  one part. Every record is bitwise the scene rendered whole."""
-  config = "h8_w12_n37_m5_s3_dmiss0.3_lmiss0.2"
-  monkeypatch.setattr(split_parts, "PART_BYTES", 10 * (32 * 8 * 12 + 256))
+  """With parts of 3 records, a 37-scene train split is written as 13 parts
+  of scenes 0-2, 3-5, ..., 36 (each in TFDS's hashed order, as a split of one
+  part is; 13 parts: part10 sorts before part2 as text) merged into one split
+  of 13 shards; the 3-scene test split is one part. Every record is bitwise
+  the scene rendered whole."""
+  config = "h8_w12_n37_m3_s3_dmiss0.3_lmiss0.2"
+  monkeypatch.setattr(split_parts, "PART_BYTES", 3 * (32 * 8 * 12 + 256))
   _, sources = tfds_access.open_sources("scenes", data_dir=str(tmp_path),
                                         builder_config=config)
   builder = builders.Scenes(config=builders.Scenes.config_from_name(config),
                             data_dir=str(tmp_path))
   assert {s: list(i.shard_lengths) for s, i in builder.info.splits.items()} == {
-      "train": [10, 10, 10, 7], "test": [5]}
-  want = scenes.make_scenes(3, 37, 5, 8, 12, depth_missing=0.3, label_missing=0.2)
-  for split, ranges in (("train", ((0, 10), (10, 20), (20, 30), (30, 37))),
-                        ("test", ((0, 5),))):
-    src = sources[split]
-    images = [im.tobytes() for im in want[split]["image"]]
-    order = [images.index(src[i]["image"].tobytes()) for i in range(len(src))]
-    at = 0
-    for lo, hi in ranges:  # each shard holds its range of scenes
-      assert sorted(order[at:at + hi - lo]) == list(range(lo, hi))
-      at += hi - lo
-    for i, j in enumerate(order):
-      for key in ("label", "depth", "normal"):
-        assert src[i][key].tobytes() == want[split][key][j].tobytes()
+      "train": [3] * 12 + [1], "test": [3]}
+  want = scenes.make_scenes(3, 37, 3, 8, 12, depth_missing=0.3, label_missing=0.2)
+  _check_parts(sources["train"], want["train"], [(lo, min(lo + 3, 37)) for lo in range(0, 37, 3)])
+  _check_parts(sources["test"], want["test"], ((0, 3),))
+
+
+def _check_parts(src, want, ranges):
+  """Records ``src`` are, range by range, a permutation of the scenes of each
+  range, every record bitwise ``want``'s scene."""
+  images = [im.tobytes() for im in want["image"]]
+  order = [images.index(src[i]["image"].tobytes()) for i in range(len(src))]
+  at = 0
+  for lo, hi in ranges:
+    assert sorted(order[at:at + hi - lo]) == list(range(lo, hi))
+    at += hi - lo
+  assert at == len(src) == len(images)
+  for i, j in enumerate(order):
+    for key in ("label", "depth", "normal"):
+      assert src[i][key].tobytes() == want[key][j].tobytes()
+
+
+def test_parts_that_tfds_writes_as_several_shards_are_merged_in_order(tmp_path, monkeypatch):
+  """TFDS may write a part as several shards (by size; here asked for 2 per
+  split): the merged split's shards are the parts' shards in order."""
+  monkeypatch.setattr(split_parts, "PART_BYTES", 4 * (32 * 4 * 4 + 256))
+  config = builders.Scenes.config_from_name("h4_w4_n10_m3_s0")
+  make = lambda: builders.Scenes(config=config, data_dir=str(tmp_path),
+                                 file_format="array_record")
+  make().download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=2))
+  builder = make()
+  assert {s: list(i.shard_lengths) for s, i in builder.info.splits.items()} == {
+      "train": [2, 2, 2, 2, 1, 1], "test": [2, 1]}
+  want = scenes.make_scenes(0, 10, 3, 4, 4)
+  _check_parts(builder.as_data_source("train"), want["train"], ((0, 4), (4, 8), (8, 10)))
+  _check_parts(builder.as_data_source("test"), want["test"], ((0, 3),))
 
 
 def test_named_configs_and_an_empty_split():
