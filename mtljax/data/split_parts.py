@@ -32,7 +32,7 @@ of the key salted with the part's name).
 A split of at most :data:`PART_BYTES` is written as one TFDS split under its
 own name, as TFDS would write it: since :data:`PART_BYTES` defaults to TFDS's
 limit, every split TFDS could write without TensorFlow is written exactly as
-before (same files, same record order), and only the splits it could not
+before (the same records in the same order), and only the splits it could not
 write are parted. Peak memory while preparing is about one part (at most
 :data:`PART_BYTES`) plus what the generator holds.
 
@@ -57,6 +57,7 @@ without TFDS would drop the builder and its ``dataset_info.json``.)
   part_ranges(num_examples, record_bytes) -> [(start, stop), ...]
   part_names(split, num_parts) -> [split] or [split_part0, ...]
   merge_parts(split_dict) -> SplitDict (renames the parts' files)
+  builder.check_disk()            # one-line DataError if the records won't fit
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ import math
 import os
 import re
 import shutil
+
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import shuffle as tfds_shuffle
