@@ -162,7 +162,7 @@ def _bn_programs():
     y1, s1 = net.apply(variables, x1, True, mutable=["batch_stats"])
     y2, s2 = net.apply({**variables, **s1}, x2, True, mutable=["batch_stats"])
     ev = net.apply({**variables, **s2}, x1, False)
-    return y1, y2, s2["batch_stats"], ev
+    return y1, y2, s2["batch_stats"], ev, s1["batch_stats"]
 
   sync = _BNNet(axis_name="data")
 
@@ -188,7 +188,7 @@ def test_batchnorm_train_eval_and_running_averages_follow_torch():
   x1 = rng.normal(2.0, 3.0, size=(4, 3, 5, 3))
   x2 = rng.normal(-1.0, 0.5, size=(4, 3, 5, 3))
   _, train_two_steps, _ = _bn_programs()
-  y1, y2, stats, ev = train_two_steps(v, np.float32(x1), np.float32(x2))
+  y1, y2, stats, ev, _ = train_two_steps(v, np.float32(x1), np.float32(x2))
 
   # torch.nn.BatchNorm2d docs: train mode normalises with the biased batch
   # variance; running = (1 - 0.1) running + 0.1 batch, the variance unbiased.
@@ -222,20 +222,19 @@ def test_sync_batchnorm_under_vmap_equals_batchnorm_on_the_concatenated_batch():
   xs = np.float32(rng.normal(1.0, 2.0, size=(4, 2, 3, 5, 3)))  # 4 "devices" x 2 examples
   _, train_two_steps, sync_step = _bn_programs()
   ys, stats = sync_step(v, xs)
-  y_all, _, stats_all, _ = train_two_steps(v, xs.reshape(8, 3, 5, 3), xs.reshape(8, 3, 5, 3))
+  y_all, _, _, _, s1 = train_two_steps(v, xs.reshape(8, 3, 5, 3), xs.reshape(8, 3, 5, 3))
   np.testing.assert_allclose(np.asarray(ys).reshape(8, 3, 5, 3), y_all, rtol=1e-5, atol=1e-5)
   # the running averages after one step, equal on every device and to the big batch's
-  _, s1 = _BNNet().apply(v, xs.reshape(8, 3, 5, 3), True, mutable=["batch_stats"])
   for name in ("bn0", "bn1"):
     for a in ("mean", "var"):
       got = np.asarray(stats["batch_stats"][name][a])
       np.testing.assert_allclose(got, np.broadcast_to(got[0], got.shape), rtol=1e-6)
-      np.testing.assert_allclose(got[0], s1["batch_stats"][name][a], rtol=1e-5, atol=1e-6)
-  del stats_all
+      np.testing.assert_allclose(got[0], s1[name][a], rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_init_leaves_running_averages_at_zero_and_one():
-  v = _BNNet().init(jax.random.key(0), np.ones((2, 2, 2, 3), np.float32), True)
+  v = jax.jit(_BNNet().init, static_argnums=2)(jax.random.key(0), np.ones((2, 2, 2, 3), np.float32),
+                                              True)
   np.testing.assert_array_equal(v["batch_stats"]["bn0"]["mean"], np.zeros(3))
   np.testing.assert_array_equal(v["batch_stats"]["bn1"]["var"], np.ones(3))
 
@@ -245,8 +244,8 @@ def test_groupnorm_matches_torch_definition():
   x = rng.normal(size=(2, 3, 4, 8)) * 3 + 1
   scale, bias = rng.uniform(0.5, 1.5, 8), rng.normal(size=8)
   gn = layers.GroupNorm(num_groups=4)
-  got = gn.apply({"params": {"scale": np.float32(scale), "bias": np.float32(bias)}},
-                 np.float32(x))
+  got = jax.jit(gn.apply)({"params": {"scale": np.float32(scale), "bias": np.float32(bias)}},
+                         np.float32(x))
   g = x.reshape(2, 3, 4, 4, 2)
   mu = g.mean((1, 2, 4), keepdims=True)
   var = g.var((1, 2, 4), keepdims=True)
@@ -263,14 +262,15 @@ def test_groupnorm_matches_torch_definition():
 @pytest.mark.parametrize("align_corners", [True, False])
 def test_resize_bilinear_matches_torch_formula(align_corners):
   rng = np.random.default_rng(4)
-  x = rng.normal(size=(2, 3, 5, 2))
-  for size in ((7, 11), (2, 3), (1, 1)):
-    got = layers.resize_bilinear(jnp.float32(x), size, align_corners=align_corners)
+  x = rng.normal(size=(2, 4, 5, 2))
+  x[1] = np.arange(4.0)[:, None, None]  # a linear ramp down the rows
+  sizes = ((7, 11), (2, 3), (1, 1))
+  outs = jax.jit(lambda x: [layers.resize_bilinear(x, s, align_corners=align_corners)
+                            for s in sizes])(np.float32(x))
+  for size, got in zip(sizes, outs):
     np.testing.assert_allclose(got, np_interp(x, size, align_corners), rtol=1e-5, atol=1e-5)
-  if align_corners:  # a linear ramp is reproduced exactly, corners pinned
-    ramp = np.arange(4.0)[None, :, None, None] * np.ones((1, 4, 3, 1))
-    up = np.asarray(layers.resize_bilinear(jnp.float32(ramp), (7, 3), align_corners=True))
-    np.testing.assert_allclose(up[0, :, 0, 0], np.linspace(0, 3, 7), atol=1e-6)
+  if align_corners:  # the ramp is reproduced exactly, corners pinned
+    np.testing.assert_allclose(outs[0][1, :, 3, 0], np.linspace(0, 3, 7), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------
@@ -374,6 +374,9 @@ def test_resnet_init_and_options():
       jax.eval_shape(resnet.ResNet(**bad).init, jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"images \[B, H, W, 3\]"):
     jax.eval_shape(resnet.ResNet(18).init, jax.random.key(0), x[..., :1])
+  with pytest.raises(ValueError, match="more than one value per channel"):
+    jax.eval_shape(functools.partial(resnet.DeepLabHead(3).init, train=True),
+                   jax.random.key(0), x[:, :4, :4])
   with pytest.raises(ValueError, match="dropout must be in"):
     jax.eval_shape(resnet.DeepLabHead(3, dropout=1.0).init, jax.random.key(0), x)
 

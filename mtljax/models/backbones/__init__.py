@@ -7,6 +7,9 @@ Flax linen modules used as pure functions:
 training, ``module.apply(variables, x, train=False)`` in evaluation.
 Torchvision weights: :mod:`mtljax.pretrained`."""
 
-from mtljax.models.backbones.layers import (  # noqa: F401
+from mtljax.models.backbones.layers import (
     BatchNorm, Conv, GroupNorm, conv2d, norm_layer, resize_bilinear, resolve_conv_impl)
-from mtljax.models.backbones.resnet import STAGES, DeepLabHead, ResNet  # noqa: F401
+from mtljax.models.backbones.resnet import STAGES, DeepLabHead, ResNet
+
+__all__ = ["BatchNorm", "Conv", "GroupNorm", "conv2d", "norm_layer", "resize_bilinear",
+           "resolve_conv_impl", "STAGES", "DeepLabHead", "ResNet"]

@@ -46,7 +46,9 @@ one). ``scale`` / ``bias`` are parameters (init 1 / 0), ``mean`` / ``var``
 live in the ``"batch_stats"`` collection (init 0 / 1); the statistics are
 updated only in train mode and not while initialising, so ``apply(...,
 train=True, mutable=["batch_stats"])`` returns the new running averages and
-``train=False`` reads them. Statistics are computed in float32 at least.
+``train=False`` reads them. Statistics are computed in float32 at least. A
+train-mode call with one value per channel (batch 1 into the ASPP's image
+pooling) is refused, as torch refuses it.
 Under ``axis_name`` every device must hold the same number of examples.
 
 Group norm (:class:`GroupNorm`)
@@ -217,6 +219,10 @@ class BatchNorm(nn.Module):
       axes = tuple(range(x.ndim - 1))
       xf = x.astype(stat_dtype)
       n = int(np.prod([x.shape[a] for a in axes]))
+      if n == 1 and self.axis_name is None:
+        raise ValueError(f"BatchNorm in train mode needs more than one value per channel, "
+                         f"got input shape {x.shape} (torch refuses the same; with batch "
+                         "size 1 use norm='group' or a larger batch)")
       mean = jnp.mean(xf, axes)
       if self.axis_name is not None:
         mean = lax.pmean(mean, self.axis_name)
