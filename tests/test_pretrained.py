@@ -139,8 +139,12 @@ def test_reader_refuses_bad_files_in_one_line_naming_them(tmp_path):
 
 
 def _resnet18_sd(outputs):
-  return {k: np.float32(v) for k, v in fx.numpy_state_dict(
-      fx.keys_shapes_of(outputs, "resnet18")).items()}
+  return dict(_resnet18_sd_cached(tuple(fx.keys_shapes_of(outputs, "resnet18"))))
+
+
+@functools.lru_cache(maxsize=1)
+def _resnet18_sd_cached(keys_shapes):
+  return {k: np.float32(v) for k, v in fx.numpy_state_dict(keys_shapes).items()}
 
 
 def test_mapping_layout_and_fc_options(outputs):
