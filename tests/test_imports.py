@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "mtljax"
 LAYERS = (
     ("errors", "params", "tasks", "schedules", "tensorboard", "plotting"),
     ("data", "models", "dense", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
-    ("gradients",),
+    ("gradients", "pretrained"),
     ("jacobians", "affinity"),
     ("objectives", "instance_wise"),
     ("steps", "toy"),
