@@ -1,6 +1,7 @@
 r"""Steps/second of the compiled multi-task train step, per architecture.
 
-    python -m experiments.bench_train_step [--encoders=mlp,cnn] [--steps=200]
+    python -m experiments.bench_train_step [--encoders=mlp,cnn] [--steps=200] \
+        [--json=out.json]
 
 Synthetic data (no TFDS): T tasks of 10-class classification on one shared
 input; K = T tasks per step, B examples per task, Adam. Times only the compiled
@@ -9,6 +10,7 @@ step (after one warm-up call), for each ``steps_per_call`` (1 = a plain step,
 table; record it in BUILD_NOTES.md with the machine it ran on.
 """
 
+import json
 import time
 
 from absl import app
@@ -32,6 +34,7 @@ _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps per configuration.")
 _SPC = flags.DEFINE_list("steps_per_call", ["1", "50"],
                          "Steps per host call (1 = no loop; >1 = lax.scan).")
 _BATCH = flags.DEFINE_integer("examples_per_task", 64, "B.")
+_JSON = flags.DEFINE_string("json", "", "Write the rows as JSON here.")
 
 
 def _data(num_tasks, input_shape, n=2048):
@@ -80,6 +83,7 @@ def main(argv):
         f"devices {jax.devices()}, B={_BATCH.value}")
   print(f"{'encoder':8} {'arch':15} {'T=K':>4} {'steps/call':>10} {'steps/s':>9} "
         f"{'ms/step':>8} {'compile s':>9}")
+  rows = []
   for encoder in _ENCODERS.value:
     for arch in _ARCHS.value:
       for t in _TASKS.value:
@@ -87,6 +91,13 @@ def main(argv):
           rate, comp = _time(arch, encoder, int(t), int(spc))
           print(f"{encoder:8} {arch:15} {t:>4} {spc:>10} {rate:9.1f} {1000 / rate:8.2f} "
                 f"{comp:9.2f}", flush=True)
+          rows.append({"encoder": encoder, "arch": arch, "num_tasks": int(t),
+                       "steps_per_call": int(spc), "examples_per_task": _BATCH.value,
+                       "steps_per_s": rate, "ms_per_step": 1000 / rate,
+                       "compile_s": comp})
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"backend": jax.default_backend(), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

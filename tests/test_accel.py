@@ -191,3 +191,22 @@ def test_the_non_finite_stop_is_that_of_a_call_by_call_check(tmp_path):
     assert "no checkpoint had been saved yet" in message
   else:
     _assert_bitwise(_final_state(workdir, _diverging()), good_state)
+
+
+@pytest.mark.slow
+def test_device_check_runs_in_tiny_mode_on_cpu(tmp_path):
+  out = tmp_path / "device_check.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable}
+  proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), "--tiny",
+                         "--out", str(out), "--no-tests", "--", "--nodefault_experiment"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["mode"] == "tiny" and report["backend"] == "cpu"
+  assert report["versions"]["jax"] == jax.__version__
+  for bench in ("bench_objectives", "bench_train_step"):
+    rows = report["benchmarks"][bench]
+    assert rows and all(r["ms_per_step"] > 0 for r in rows)
+  assert report["cost_analysis"] and all(
+      r["flops_per_step"] > 0 and r["bytes_per_step"] > 0 for r in report["cost_analysis"])
+  assert "device_check" in proc.stdout and "ms/step" in proc.stdout
