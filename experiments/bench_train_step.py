@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from mtljax import optim
+from mtljax import precision
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks
@@ -35,6 +36,8 @@ _SPC = flags.DEFINE_list("steps_per_call", ["1", "50"],
                          "Steps per host call (1 = no loop; >1 = lax.scan).")
 _BATCH = flags.DEFINE_integer("examples_per_task", 64, "B.")
 _JSON = flags.DEFINE_string("json", "", "Write the rows as JSON here.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
+                               "The model's compute dtype (mtljax/precision.py).")
 
 
 def _data(num_tasks, input_shape, n=2048):
@@ -51,9 +54,9 @@ def _data(num_tasks, input_shape, n=2048):
 def _time(arch, encoder, num_tasks, spc):
   shape = (12, 16) if encoder == "cnn" else (64,)
   data = _data(num_tasks, shape)
-  model = multitask.make_model(arch, data.taskset, shape, encoder=encoder,
-                               hidden=(128,) if encoder == "cnn" else (256, 256),
-                               channels=(16, 32))
+  model = precision.mixed(multitask.make_model(
+      arch, data.taskset, shape, encoder=encoder, hidden=(128,) if encoder == "cnn" else (256, 256),
+      channels=(16, 32)), _PRECISION.value)
   tx = optim.make_optimizer("adam", lr=1e-3)
   placement = sharding.Placement(sharding.make_mesh())
   sampler = sampling.make_sampler(
@@ -80,7 +83,7 @@ def _time(arch, encoder, num_tasks, spc):
 def main(argv):
   del argv
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"devices {jax.devices()}, B={_BATCH.value}")
+        f"devices {jax.devices()}, B={_BATCH.value}, {_PRECISION.value}")
   print(f"{'encoder':8} {'arch':15} {'T=K':>4} {'steps/call':>10} {'steps/s':>9} "
         f"{'ms/step':>8} {'compile s':>9}")
   rows = []
@@ -93,11 +96,13 @@ def main(argv):
                 f"{comp:9.2f}", flush=True)
           rows.append({"encoder": encoder, "arch": arch, "num_tasks": int(t),
                        "steps_per_call": int(spc), "examples_per_task": _BATCH.value,
+                       "precision": _PRECISION.value,
                        "steps_per_s": rate, "ms_per_step": 1000 / rate,
                        "compile_s": comp})
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump({"backend": jax.default_backend(), "rows": rows}, f, indent=2)
+      json.dump({"backend": jax.default_backend(), "precision": _PRECISION.value,
+                 "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

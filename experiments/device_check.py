@@ -1,5 +1,5 @@
 r"""The driver of ``scripts/device_check.sh``: the device and versions, the two
-step benchmarks, XLA's cost analysis of the steps against an H100's peak, one
+step benchmarks in float32 and bfloat16, XLA's cost analysis of the steps against an H100's peak, one
 JSON file and a short table.
 
     python -m experiments.device_check [--tiny] [--out=device_check.json]
@@ -48,6 +48,8 @@ _OUT = flags.DEFINE_string("out", "device_check.json", "The JSON report.")
 _DEFAULT = flags.DEFINE_bool("default_experiment", True,
                              "Include the default experiment's step in the cost analysis "
                              "(builds its bundled data on first use).")
+
+PRECISIONS = ("float32", "bfloat16")  # every benchmark runs in both (mtljax/precision.py)
 
 # H100 SXM5 peaks (NVIDIA's data sheet; dense, no sparsity).
 H100 = {"name": "H100 SXM5", "fp32_flops": 67e12, "bf16_flops": 989e12, "hbm_bytes": 3.35e12}
@@ -175,20 +177,20 @@ def train_step_costs(tiny: bool) -> list[dict]:
   return rows
 
 
-def default_experiment_cost() -> dict:
+def default_experiment_cost(compute: str = "float32") -> dict:
   """The cost of the default experiment's step (``scripts/run_default.sh``:
   multi_digits, CNN, multi_head), compiled as the loop compiles it (with one
   step per call: see the module's docstring)."""
   from experiments.configs import multi_digits  # pylint: disable=g-import-not-at-top
   from mtljax import build, train  # pylint: disable=g-import-not-at-top
   config = multi_digits.get_config()
-  config.steps_per_call = 1
+  config.steps_per_call, config.precision = 1, compute
   data = build.data_from_config(config)
   run = build.build_run(config, data)
   feed = train.DeviceFeed(config, data, run)
   guard = train.initial_guard(len(data.taskset), run.num_seeds)
   compiled = feed.train_step.lower((run.state, guard), feed.next()).compile()
-  return {"step": f"default experiment (multi_digits, {config.model.encoder}, "
+  return {"step": f"default experiment {compute} (multi_digits, {config.model.encoder}, "
                   f"{config.model.arch}, B={config.sampling.examples_per_task})",
           **cost(compiled)}
 
@@ -202,7 +204,7 @@ def table(report: dict) -> str:
     for r in rows:
       label = r.get("entry") or (f"{r['encoder']} {r['arch']} T={r['num_tasks']} "
                                  f"spc={r['steps_per_call']}")
-      lines.append(f"{name[6:] + ': ' + label:52} {r['ms_per_step']:9.3f} "
+      lines.append(f"{name[6:] + ' ' + label:52} {r['ms_per_step']:9.3f} "
                    f"{1000 / r['ms_per_step']:9.1f}")
   lines.append(f"{'cost analysis, per step':52} {'MFLOP':>9} {'MB':>9} {'H100 us':>9}")
   for r in report["cost_analysis"]:
@@ -223,15 +225,16 @@ def main(argv):
   os.makedirs(out_dir, exist_ok=True)
   report = {**env, "mode": mode, "h100_peaks": H100, "benchmarks": {}, "wall_s": {}}
   for bench in ("bench_objectives", "bench_train_step"):
-    path = os.path.join(out_dir, f".{bench}.json")
-    rows, wall = run_benchmark(bench, sizes[bench], path)
-    os.remove(path)
-    report["benchmarks"][bench], report["wall_s"][bench] = rows, round(wall, 2)
+    for p in PRECISIONS:
+      path = os.path.join(out_dir, f".{bench}.json")
+      rows, wall = run_benchmark(bench, sizes[bench] + [f"--precision={p}"], path)
+      os.remove(path)
+      report["benchmarks"][f"{bench}:{p}"], report["wall_s"][f"{bench}:{p}"] = rows, round(wall, 2)
   t1 = time.perf_counter()
   costs = objective_costs(sizes["objective_costs"], sizes["objective_tasks"])
   costs += train_step_costs(tiny)
   if _DEFAULT.value:
-    costs.append(default_experiment_cost())
+    costs += [default_experiment_cost(p) for p in PRECISIONS]
   report["cost_analysis"] = costs
   report["wall_s"]["cost_analysis"] = round(time.perf_counter() - t1, 2)
   report["wall_s"]["total"] = round(time.perf_counter() - t0, 2)

@@ -259,6 +259,7 @@ def halting_step(fn: Callable) -> Callable:
 
   def step(carry, data):
     state, guard = carry
+    shapes.clear()  # this trace's, set by run (traced first: lax.cond's true branch)
 
     def run():
       new, meas = fn(state, data)
@@ -272,7 +273,7 @@ def halting_step(fn: Callable) -> Callable:
       meas["nonfinite_first"] = jnp.full(like["nonfinite_first"].shape, steps.NO_STEP,
                                          like["nonfinite_first"].dtype)
       return (state, guard), meas
-    return jax.lax.cond(guard["halted"], hold, run)
+    return jax.lax.cond(jnp.logical_not(guard["halted"]), run, hold)
   return step
 
 

@@ -12,9 +12,10 @@
 # 2. Prints the device and the versions.
 # 3. Runs the device-relevant tests by name (step equivalence, the loop's
 #    donation / no-sync / non-finite stop, the run on the real device count,
-#    checkpoint round trips), deterministic XLA ops on GPU. --no-tests skips.
+#    checkpoint round trips, bfloat16 precision), deterministic XLA ops on GPU.
+#    --no-tests skips.
 # 4. Runs experiments/device_check.py: bench_objectives and bench_train_step
-#    (tiny sizes on CPU or with --tiny), XLA's cost analysis of the default
+#    in float32 and bfloat16 (tiny sizes on CPU or with --tiny), XLA's cost analysis of the default
 #    experiment's step and the benchmarks' against an H100's peak; writes one
 #    JSON file (--out, default device_check.json) and prints a short table.
 set -euo pipefail
@@ -78,7 +79,10 @@ if [ "$tests" = 1 ]; then
     "tests/test_faults.py::test_a_non_finite_step_leaves_the_state_untouched_and_names_the_task" \
     "tests/test_experiments.py::test_interrupted_run_resumes_from_its_checkpoint_and_matches" \
     "tests/test_experiments.py::test_checkpoint_round_trips_a_trained_objective_state_bitwise" \
-    "tests/test_seeds.py::test_seeds_resume_bitwise_after_an_interruption"
+    "tests/test_seeds.py::test_seeds_resume_bitwise_after_an_interruption" \
+    "tests/test_precision.py::test_bf16_computes_in_bf16_and_the_solver_gradients_and_state_are_float32" \
+    "tests/test_precision.py::test_a_bf16_run_checkpoints_float32_and_ends_near_the_float32_run" \
+    "tests/test_precision.py::test_a_bf16_run_resumes_bitwise"
 fi
 
 echo "== device_check: benchmarks and cost analysis"
