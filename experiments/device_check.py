@@ -58,7 +58,7 @@ H100 = {"name": "H100 SXM5", "fp32_flops": 67e12, "bf16_flops": 989e12, "hbm_byt
 SIZES = {
     "tiny": {
         "bench_objectives": ["--num_tasks=2", "--rounds=1", "--calls=2",
-                             "--methods=fixed+shared,pcgrad+shared"],
+                             "--methods=pcgrad+shared"],
         "bench_train_step": ["--encoders=mlp", "--archs=multi_head", "--num_tasks=2",
                              "--steps=20", "--steps_per_call=5", "--examples_per_task=16"],
         "objective_costs": ("pcgrad+shared",),
