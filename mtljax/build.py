@@ -35,6 +35,7 @@ from mtljax import jacobians
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
+from mtljax import precision
 from mtljax import schedules
 from mtljax import sharding
 from mtljax import steps
@@ -245,6 +246,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (o.lr > 0 and math.isfinite(o.lr)):
     raise ConfigError(f"config.optim.lr must be a finite number > 0, got {o.lr}.")
   _one_of("on_nonfinite", config.get("on_nonfinite", "stop"), steps.NONFINITE_POLICIES)
+  _one_of("precision", config.get("precision", "float32"), precision.PRECISIONS)
   _one_of("optim.schedule", o.schedule, schedules.SCHEDULES)
   with errors.config_section("optim", o):
     optim.parse_rules(o.rules)  # raises on bad syntax, regexes, settings
@@ -416,7 +418,8 @@ def model_from_config(config, taskset, input_shape) -> multitask.Model:
   ``config.model: <the library's message>``."""
   m = config.model
   with errors.config_section("model"):
-    return multitask.make_model(m.arch, taskset, input_shape, **_model_arguments(m))
+    model = multitask.make_model(m.arch, taskset, input_shape, **_model_arguments(m))
+  return precision.mixed(model, config.get("precision", "float32"))
 
 
 def objective_hparams(config) -> dict:

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "mtljax"
 # Lowest first. The library (up to steps) takes explicit arguments; build
 # reads configs; train is the loop; cv trains through the loop.
 LAYERS = (
-    ("errors", "params", "tasks", "schedules", "tensorboard", "plotting"),
+    ("errors", "params", "precision", "tasks", "schedules", "tensorboard", "plotting"),
     ("data", "models", "dense", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
     ("gradients", "pretrained"),
     ("jacobians", "affinity"),
