@@ -13,6 +13,8 @@ init); one jitted program per thing under test, module-scoped. Slow tier: the
 paper's widths at 288x384.
 """
 
+import importlib.util
+import os
 import re
 
 import jax
@@ -22,6 +24,7 @@ import pytest
 
 from mtljax.models.backbones import segnet
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NYU = (("seg", "segmentation", 13), ("depth", "depth", 1), ("normal", "normals", 3))
 TINY = (4, 6, 8, 10, 12)
 HW = (32, 40)
@@ -461,6 +464,118 @@ def test_gradients_are_finite_and_nonzero_except_where_batch_norm_cancels_them(m
     else:
       assert (np.abs(a) > 0).mean() > 0.5, p
   assert len(flat) > 150
+
+
+# ---------------------------------------------------------------------------
+# Against the MTAN code itself (torch, float64; scripts/make_segnet_fixtures.py)
+
+def _fixtures_module():
+  spec = importlib.util.spec_from_file_location(
+      "make_segnet_fixtures", os.path.join(ROOT, "scripts", "make_segnet_fixtures.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+_HEADS = {"pred_task1": "segmentation13", "pred_task2": "depth1", "pred_task3": "normals3"}
+_BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
+
+
+def torch_key_to_path(key):
+  """A state-dict key of the MTAN code's SegNet -> (collection, path tuple,
+  task row or None, kind of tensor). Read off the torch module definitions:
+  ``encoder_block[j]`` is ``encoder_j/conv_0``; ``conv_block_enc[j]`` is
+  ``conv_1`` (j < 2, one conv_layer) or ``conv_1``, ``conv_2`` (a Sequential of
+  two); the decoder alike; ``encoder_att[t][j]`` is row t of
+  ``attention/encoder_j_mask`` (Sequential: 0 conv, 1 BN, 3 conv, 4 BN);
+  ``encoder_block_att[j]`` is ``attention/encoder_j_block``; ``pred_task<n>``
+  the heads (0: 3x3 conv, 1: 1x1 conv)."""
+  parts = key.split(".")
+  leaf = parts[-1]
+  coll = "batch_stats" if leaf.startswith("running") else "params"
+  m = re.fullmatch(r"(encoder|decoder)_block\.(\d)\.(\d)\.\w+", key)
+  if m:
+    conv = ("shared", f"{m[1]}_{m[2]}", "conv_0")
+    return coll, conv + (("kernel",) if leaf == "weight" and m[3] == "0" else
+                         ("bias",) if m[3] == "0" else ("bn", _BN[leaf])), None
+  m = re.fullmatch(r"conv_block_(enc|dec)\.(\d)\.(\d)(?:\.(\d))?\.\w+", key)
+  if m:
+    side = "encoder" if m[1] == "enc" else "decoder"
+    i, sub = (1, m[3]) if m[4] is None else (int(m[3]) + 1, m[4])
+    conv = ("shared", f"{side}_{m[2]}", f"conv_{i}")
+    return coll, conv + (("kernel",) if leaf == "weight" and sub == "0" else
+                         ("bias",) if sub == "0" else ("bn", _BN[leaf])), None
+  m = re.fullmatch(r"(encoder|decoder)_att\.(\d)\.(\d)\.(\d)\.\w+", key)
+  if m:
+    base = ("tasks", "attention", f"{m[1]}_{m[3]}_mask")
+    layer = {"0": "conv_0", "1": "bn_0", "3": "conv_1", "4": "bn_1"}[m[4]]
+    if layer.startswith("conv"):
+      return coll, base + (f"{layer}_{'kernel' if leaf == 'weight' else 'bias'}",), int(m[2])
+    return coll, base + (layer, _BN[leaf]), int(m[2])
+  m = re.fullmatch(r"(encoder|decoder)_block_att\.(\d)\.(\d)\.\w+", key)
+  if m:
+    base = ("tasks", "attention", f"{m[1]}_{m[2]}_block")
+    return coll, base + (("kernel",) if leaf == "weight" and m[3] == "0" else
+                         ("bias",) if m[3] == "0" else ("bn", _BN[leaf])), None
+  m = re.fullmatch(r"(pred_task\d)\.(\d)\.\w+", key)
+  assert m, key
+  return coll, ("tasks", "heads", _HEADS[m[1]], f"conv_{m[2]}_{'kernel' if leaf == 'weight' else 'bias'}"), 0
+
+
+def torch_to_variables(entries, shapes_tree):
+  """``{key: array}`` of the torch state dict -> mtljax variables in
+  ``shapes_tree``'s layout (conv weights OIHW -> HWIO, task rows stacked)."""
+  flat = {}
+  for key, value in entries.items():
+    coll, path, row = torch_key_to_path(key)
+    if value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    flat.setdefault((coll,) + path, {})[row] = value
+
+  def build(path, s):
+    rows = flat.pop(tuple(str(k.key) for k in path))
+    if None in rows:
+      a = rows[None]
+    else:
+      a = np.stack([rows[t] for t in range(len(rows))])
+    assert a.shape == s.shape, (path, a.shape, s.shape)
+    return a.astype(np.float32)
+  out = jax.tree_util.tree_map_with_path(build, shapes_tree)
+  assert not flat, sorted(flat)  # every torch entry used, every leaf filled
+  return out
+
+
+def test_forward_and_running_statistics_match_the_mtan_codes_torch_models():
+  fx = _fixtures_module()
+  data = np.load(os.path.join(ROOT, "tests", "data", "segnet_mtan_torch.npz"))
+  widths = tuple(int(w) for w in data["widths"])
+  n, c, h, w = (int(a) for a in data["input_shape"])
+  x = fx.numpy_input().transpose(0, 2, 3, 1).astype(np.float32)
+  models, variables = {}, {}
+  for arch in segnet.ARCHS:
+    models[arch] = segnet.make_segnet(NYU, arch=arch, widths=widths, seg_log_softmax=True)
+    shapes = jax.eval_shape(lambda: models[arch].init(jax.random.key(0), (h, w, c)))
+    keys = [str(k) for k in data[f"{arch}/keys"]]
+    dims = [tuple(int(a) for a in str(s).split(",") if a) for s in data[f"{arch}/shapes"]]
+    variables[arch] = torch_to_variables({k: fx.numpy_tensor(k, d) for k, d in zip(keys, dims)},
+                                         dict(shapes))
+
+  @jax.jit
+  def run(variables, x):
+    return {arch: (models[arch].apply(variables[arch], x, False)[0],
+                   models[arch].apply(variables[arch], x, True)) for arch in segnet.ARCHS}
+  got = run(variables, x)
+  st = fx.STRIDE
+  for arch in segnet.ARCHS:
+    out_eval, (out_train, new_stats) = got[arch]
+    for name in ("seg", "depth", "normal"):
+      for mode, out in (("eval", out_eval), ("train", out_train)):
+        want = data[f"{arch}/{mode}/{name}"]
+        np.testing.assert_allclose(np.asarray(out[name])[:, ::st, ::st], want, rtol=2e-4, atol=2e-4,
+                                   err_msg=f"{arch} {mode} {name}")
+    stats = {k[len(arch) + 7:]: data[k] for k in data.files if k.startswith(f"{arch}/stats/")}
+    want = torch_to_variables(stats, {"batch_stats": jax.eval_shape(lambda: new_stats)})["batch_stats"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), new_stats, want)
 
 
 # ---------------------------------------------------------------------------
