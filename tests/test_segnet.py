@@ -1,16 +1,16 @@
-"""SegNet and MTAN-over-SegNet (mtljax.models.backbones.segnet): pooling with
-indices and unpooling against a numpy re-statement of torch's MaxPool2d /
-MaxUnpool2d loops (ties included), the task-axis batch norm against numpy,
-parameter counts against the integers the MTAN code gives, the first layer's
-running statistics against a numpy convolution, batched MTAN branches against
-one-task branches, MTAN with masks forced to 1 against the split model,
-gradients against batch norm's invariance (a conv bias before it gets 0).
+"""SegNet and MTAN-over-SegNet (mtljax.models.backbones.segnet) against the
+MTAN code's own torch models (outputs in train and eval mode, every running
+statistic; fixture from scripts/make_segnet_fixtures.py), pooling with indices
+and unpooling against a numpy re-statement of torch's loops (ties included),
+the task-axis batch norm against numpy, parameter counts against the integers
+the MTAN code gives, the first layer's running statistics against a numpy
+convolution, batched MTAN branches against one-task branches, MTAN with masks
+forced to 1 against the split model, heads against numpy convolutions.
 
-Fast tier: widths (4, 6, 8, 10, 12) (f_3 != f_4 exercises the general
-channel arithmetic) at 32x40 (40 -> 20 -> 10 -> 5 -> 2 -> 1: the odd-size
-pooling and padded unpooling), parameters drawn with numpy (no compiled
-init); one jitted program per thing under test, module-scoped. Slow tier: the
-paper's widths at 288x384.
+Fast tier: the torch fixture's widths (4, 8, 8, 16, 16) at 32x64 with its
+weights; one jitted program per model and mode, module-scoped, shared by the
+tests (other sizes and widths by eval_shape: traced, not compiled). Slow tier:
+gradients, and the paper's widths at 288x384.
 """
 
 import importlib.util
@@ -26,8 +26,8 @@ from mtljax.models.backbones import segnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NYU = (("seg", "segmentation", 13), ("depth", "depth", 1), ("normal", "normals", 3))
-TINY = (4, 6, 8, 10, 12)
-HW = (32, 40)
+TINY = (4, 8, 8, 16, 16)  # the torch fixture's widths (the MTAN code needs f_3 = f_4)
+HW = (32, 64)
 B = 2
 
 
@@ -74,27 +74,6 @@ def np_conv3x3(x, k, bias):
     for j in range(3):
       out += xp[:, i:i + h, j:j + w, :] @ k[i, j]
   return out + bias
-
-
-def numpy_variables(model, seed):
-  """Variables of ``model`` drawn with numpy in init's tree (from eval_shape:
-  no compile): kernels N(0, 1/fan_in), biases and BN shifts N(0, 0.1^2), BN
-  scales 1 + N(0, 0.1^2), running means N(0, 0.1^2), variances U(0.5, 1.5)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), HW + (3,)))
-  rng = np.random.RandomState(seed)
-
-  def draw(path, s):
-    name, coll = path[-1].key, path[0].key
-    if coll == "batch_stats":
-      v = rng.normal(0, 0.1, s.shape) if name == "mean" else rng.uniform(0.5, 1.5, s.shape)
-    elif name.endswith("kernel"):
-      v = rng.normal(0, 1, s.shape) / np.sqrt(np.prod(s.shape[-4:-1]))
-    elif name == "scale":
-      v = 1 + rng.normal(0, 0.1, s.shape)
-    else:
-      v = rng.normal(0, 0.1, s.shape)
-    return np.asarray(v, np.float32)  # numpy: jit takes it as is, edits compile nothing
-  return jax.tree_util.tree_map_with_path(draw, dict(shapes))
 
 
 def path_str(path):
@@ -293,181 +272,9 @@ def test_bad_input_is_one_line_naming_the_problem():
 
 
 # ---------------------------------------------------------------------------
-# The models at tiny widths
-
-def _weights(seed=7):
-  rng = np.random.RandomState(seed)
-  return {n: rng.normal(size=(B,) + HW + (c,)).astype(np.float32) for n, _, c in NYU}
-
-
-def _loss(outputs, w):
-  return sum(jnp.sum(outputs[k] * w[k]) for k in w)
-
-
-@pytest.fixture(scope="module")
-def mtan():
-  model = segnet.make_segnet(NYU, arch="mtan", widths=TINY)
-  variables = numpy_variables(model, seed=0)
-
-  @jax.jit
-  def train(params, stats, x, w):
-    def f(p):
-      out, new = model.apply({"params": p, "batch_stats": stats}, x, True)
-      return _loss(out, w), (out, new)
-    return jax.value_and_grad(f, has_aux=True)(params)
-  evaluate = jax.jit(lambda v, x: model.apply(v, x, False))
-  return model, variables, train, evaluate
-
-
-@pytest.fixture(scope="module")
-def images():
-  return np.random.RandomState(5).normal(size=(3, B) + HW + (3,)).astype(np.float32)
-
-
-def test_forward_shapes_per_task_and_unit_normals(mtan, images):
-  model, v, train, evaluate = mtan
-  (_, (out, _)), _ = train(v["params"], v["batch_stats"], images[0], _weights())
-  out_eval, stats = evaluate(v, images[0])
-  jax.tree.map(np.testing.assert_array_equal, stats, v["batch_stats"])  # unchanged
-  for o in (out, out_eval):
-    assert {k: a.shape for k, a in o.items()} == {n: (B,) + HW + (c,) for n, _, c in NYU}
-    np.testing.assert_allclose(np.linalg.norm(o["normal"], axis=-1), 1, rtol=1e-5)
-    assert all(np.isfinite(a).all() for a in o.values())
-
-
-def test_train_mode_uses_the_batch_and_eval_mode_the_running_statistics(mtan, images):
-  model, v, train, evaluate = mtan
-  x0, x1, x2 = images
-  pair_a = np.stack([x0[0], x1[0]])
-  pair_b = np.stack([x0[0], x2[0]])
-  # Eval: example 0's outputs do not depend on the rest of the batch.
-  ea, _ = evaluate(v, pair_a)
-  eb, _ = evaluate(v, pair_b)
-  for k in ea:
-    np.testing.assert_allclose(np.asarray(ea[k])[0], np.asarray(eb[k])[0], rtol=1e-5, atol=1e-6)
-  # Train: they do (batch statistics), and differ from eval's.
-  (_, (ta, new)), _ = train(v["params"], v["batch_stats"], pair_a, _weights())
-  (_, (tb, _)), _ = train(v["params"], v["batch_stats"], pair_b, _weights())
-  ta, tb, ea = (np.asarray(o["depth"])[0] for o in (ta, tb, ea))
-  assert not np.allclose(ta, tb, atol=1e-3)
-  assert not np.allclose(ta, ea, atol=1e-3)
-  # The first layer's running statistics: torch's update from a numpy convolution.
-  p = v["params"]["shared"]["encoder_0"]["conv_0"]
-  s = v["batch_stats"]["shared"]["encoder_0"]["conv_0"]["bn"]
-  z = np_conv3x3(np.asarray(pair_a, np.float64), np.asarray(p["kernel"], np.float64), np.asarray(p["bias"]))
-  n = z[..., 0].size
-  got = new["shared"]["encoder_0"]["conv_0"]["bn"]
-  np.testing.assert_allclose(got["mean"], 0.9 * np.asarray(s["mean"]) + 0.1 * z.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(got["var"], 0.9 * np.asarray(s["var"]) + 0.1 * z.var((0, 1, 2)) * n / (n - 1), rtol=1e-4)
-  # Every running statistic moved.
-  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), new, v["batch_stats"])
-  assert all(jax.tree.leaves(moved))
-
-
-def _split_variables(v):
-  """The split model's variables inside MTAN's: the shared SegNet and the heads."""
-  return {"params": {"shared": v["params"]["shared"], "tasks": {"heads": v["params"]["tasks"]["heads"]}},
-          "batch_stats": {"shared": v["batch_stats"]["shared"]}}
-
-
-def test_mtan_with_attention_masks_forced_to_one_is_the_split_model(mtan, images):
-  # With every mask = 1 the attended features are the shared features (the
-  # decoder's last mask multiplies d_0), so each head reads d_0 as in split.
-  model, v, train, _ = mtan
-  split = segnet.make_segnet(NYU, arch="split", widths=TINY)
-  sv = _split_variables(v)
-  assert jax.tree.structure(sv) == jax.tree.structure(
-      jax.eval_shape(lambda: split.init(jax.random.key(0), HW + (3,))))
-
-  def force(path, a):  # the masks' last BN: scale 0, shift 50 -> sigmoid(50) = 1.0 in float32
-    p = path_str(path)
-    if re.search(r"_mask/bn_1/scale$", p):
-      return np.zeros_like(a)
-    if re.search(r"_mask/bn_1/bias$", p):
-      return np.full_like(a, 50.0)
-    return a
-  params = jax.tree_util.tree_map_with_path(force, v["params"])
-  (_, (out, new)), _ = train(params, v["batch_stats"], images[0], _weights())
-  out_split, new_split = jax.jit(lambda v, x: split.apply(v, x, True))(sv, images[0])
-  for k in out:
-    np.testing.assert_allclose(out[k], out_split[k], rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new["shared"], new_split["shared"])
-  # Not vacuous: the model's own masks change the outputs.
-  (_, (out_own, _)), _ = train(v["params"], v["batch_stats"], images[0], _weights())
-  assert not np.allclose(out_own["seg"], out_split["seg"], atol=1e-3)
-
-
-def test_batched_attention_branches_equal_one_task_branches_run_alone(mtan, images, encode):
-  # All tasks' branches in one batched computation == each task's branch alone
-  # (row t of the stacked parameters); the shared blocks' running statistics ==
-  # torch's, the one-task module applied to the tasks in order.
-  model, v, _, _ = mtan
-  rep, _ = encode(v, images[1])
-  att = {k: v[k]["tasks"]["attention"] for k in ("params", "batch_stats")}
-  run3 = jax.jit(lambda a, r: segnet.MTANAttention(3, TINY).apply(a, r, True, mutable=["batch_stats"]))
-  run1 = jax.jit(lambda a, r: segnet.MTANAttention(1, TINY).apply(a, r, True, mutable=["batch_stats"]))
-  a3, new3 = run3(att, rep)
-
-  def row(t, stats_now):
-    def pick(path, a):
-      return np.asarray(a)[t:t + 1] if "_mask/" in path_str(path) else a
-    return {"params": jax.tree_util.tree_map_with_path(pick, att["params"]),
-            "batch_stats": jax.tree_util.tree_map_with_path(pick, stats_now)}
-  stats_now = att["batch_stats"]
-  for t in range(3):
-    a1, new1 = run1(row(t, stats_now), rep)
-    np.testing.assert_allclose(np.asarray(a1)[0], np.asarray(a3)[t], rtol=1e-4, atol=1e-5)
-    # Chain the shared blocks' statistics through the tasks, torch's order.
-    stats_now = jax.tree_util.tree_map_with_path(
-        lambda path, s, n: n if "_block/" in path_str(path) else s, stats_now, new1["batch_stats"])
-    masks = {k: s for k, s in new3["batch_stats"].items() if k.endswith("_mask")}
-    mine = {k: s for k, s in new1["batch_stats"].items() if k.endswith("_mask")}
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a)[t:t + 1], b, rtol=1e-5, atol=1e-6),
-                 masks, mine)
-  blocks = lambda s: {k: x for k, x in s.items() if k.endswith("_block")}  # noqa: E731
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               blocks(new3["batch_stats"]), blocks(stats_now))
-
-
-@pytest.fixture(scope="module")
-def encode(mtan):
-  model = mtan[0]
-  return jax.jit(lambda v, x: model.encode(v, x, True))
-
-
-def test_encode_then_decode_is_apply(mtan, images, encode):
-  model, v, train, _ = mtan
-  dec = jax.jit(lambda v, r: model.decode(v, r, True))
-  rep, s_enc = encode(v, images[0])
-  out, s_dec = dec(v, rep)
-  (_, (want, new)), _ = train(v["params"], v["batch_stats"], images[0], _weights())
-  for k in want:
-    np.testing.assert_allclose(out[k], want[k], rtol=1e-5, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s_enc["shared"], new["shared"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s_dec["tasks"], new["tasks"])
-  assert set(rep) == {"e0", "e1", "u", "d"} and rep["d"][0].shape == (B,) + HW + (TINY[0],)
-
-
-def test_gradients_are_finite_and_nonzero_except_where_batch_norm_cancels_them(mtan, images):
-  model, v, train, _ = mtan
-  w = _weights()
-  _, g = train(v["params"], v["batch_stats"], images[2], w)
-  flat = {path_str(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(g)}
-  # A conv bias feeding a batch norm has gradient 0 in train mode (the norm
-  # subtracts the batch mean); every other parameter moves the loss.
-  before_bn = re.compile(r"(conv_\d+|_block)/bias$|_mask/conv_\d_bias$")
-  for p, a in flat.items():
-    assert np.isfinite(a).all(), p
-    if before_bn.search(p):
-      kernel = flat[p[:-len("bias")] + "kernel"]
-      assert np.abs(a).max() < 1e-3 * np.abs(kernel).max(), p
-    else:
-      assert (np.abs(a) > 0).mean() > 0.5, p
-  assert len(flat) > 150
-
-
-# ---------------------------------------------------------------------------
-# Against the MTAN code itself (torch, float64; scripts/make_segnet_fixtures.py)
+# The MTAN code itself (torch, float64; scripts/make_segnet_fixtures.py): its
+# weights (numpy-seeded per state-dict key, so split's are MTAN's subset),
+# input and outputs are the fast tier's model tests' data.
 
 def _fixtures_module():
   spec = importlib.util.spec_from_file_location(
@@ -545,27 +352,55 @@ def torch_to_variables(entries, shapes_tree):
   return out
 
 
-def test_forward_and_running_statistics_match_the_mtan_codes_torch_models():
-  fx = _fixtures_module()
-  data = np.load(os.path.join(ROOT, "tests", "data", "segnet_mtan_torch.npz"))
-  widths = tuple(int(w) for w in data["widths"])
-  n, c, h, w = (int(a) for a in data["input_shape"])
-  x = fx.numpy_input().transpose(0, 2, 3, 1).astype(np.float32)
-  models, variables = {}, {}
-  for arch in segnet.ARCHS:
-    models[arch] = segnet.make_segnet(NYU, arch=arch, widths=widths, seg_log_softmax=True)
-    shapes = jax.eval_shape(lambda: models[arch].init(jax.random.key(0), (h, w, c)))
-    keys = [str(k) for k in data[f"{arch}/keys"]]
-    dims = [tuple(int(a) for a in str(s).split(",") if a) for s in data[f"{arch}/shapes"]]
-    variables[arch] = torch_to_variables({k: fx.numpy_tensor(k, d) for k, d in zip(keys, dims)},
-                                         dict(shapes))
 
-  @jax.jit
-  def run(variables, x):
-    return {arch: (models[arch].apply(variables[arch], x, False)[0],
-                   models[arch].apply(variables[arch], x, True)) for arch in segnet.ARCHS}
-  got = run(variables, x)
-  st = fx.STRIDE
+@pytest.fixture(scope="module")
+def fx():
+  mod = _fixtures_module()
+  data = np.load(os.path.join(ROOT, "tests", "data", "segnet_mtan_torch.npz"))
+  assert tuple(data["widths"]) == TINY and tuple(data["input_shape"]) == (B, 3) + HW
+  return mod, data
+
+
+@pytest.fixture(scope="module")
+def mtan(fx):
+  """The tiny MTAN and split models on the torch fixture's weights, and their
+  jitted programs (one per mode and model, shared by the tests)."""
+  mod, data = fx
+  model = segnet.make_segnet(NYU, arch="mtan", widths=TINY, seg_log_softmax=True)
+  split = segnet.make_segnet(NYU, arch="split", widths=TINY, seg_log_softmax=True)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), HW + (3,)))
+  keys = [str(k) for k in data["mtan/keys"]]
+  dims = [tuple(int(a) for a in str(s).split(",") if a) for s in data["mtan/shapes"]]
+  v = torch_to_variables({k: mod.numpy_tensor(k, d) for k, d in zip(keys, dims)}, dict(shapes))
+  programs = dict(
+      train=jax.jit(lambda v, x: model.apply(v, x, True)),
+      eval=jax.jit(lambda v, x: model.apply(v, x, False)[0]),
+      split=jax.jit(lambda v, x: (split.apply(v, x, False)[0], split.apply(v, x, True))),
+      encode=jax.jit(lambda v, x: model.encode(v, x, True)))
+  return model, split, v, programs
+
+
+@pytest.fixture(scope="module")
+def images(fx):
+  """[3, B, H, W, 3]: the torch fixture's input, then two more."""
+  x = fx[0].numpy_input().transpose(0, 2, 3, 1)
+  more = np.random.RandomState(5).normal(size=(2, B) + HW + (3,))
+  return np.concatenate([x[None], more]).astype(np.float32)
+
+
+def _split_variables(v):
+  """The split model's variables inside MTAN's: the shared SegNet and the heads."""
+  return {"params": {"shared": v["params"]["shared"], "tasks": {"heads": v["params"]["tasks"]["heads"]}},
+          "batch_stats": {"shared": v["batch_stats"]["shared"]}}
+
+
+def test_forward_and_running_statistics_match_the_mtan_codes_torch_models(fx, mtan, images):
+  _, data = fx
+  model, split, v, run = mtan
+  sv = _split_variables(v)
+  got = {"mtan": (run["eval"](v, images[0]), run["train"](v, images[0])),
+         "split": run["split"](sv, images[0])}
+  st = fx[0].STRIDE
   for arch in segnet.ARCHS:
     out_eval, (out_train, new_stats) = got[arch]
     for name in ("seg", "depth", "normal"):
@@ -578,6 +413,180 @@ def test_forward_and_running_statistics_match_the_mtan_codes_torch_models():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), new_stats, want)
 
 
+def test_forward_shapes_per_task_and_unit_normals(mtan, images):
+  model, split, v, run = mtan
+  out, _ = run["train"](v, images[1])
+  for o in (out, run["eval"](v, images[1])):
+    assert {k: a.shape for k, a in o.items()} == {n: (B,) + HW + (c,) for n, _, c in NYU}
+    np.testing.assert_allclose(np.linalg.norm(o["normal"], axis=-1), 1, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(o["seg"]).sum(-1), 1, rtol=1e-5)  # log_softmax
+    assert all(np.isfinite(a).all() for a in o.values())
+
+
+def test_shapes_at_any_size_from_32_and_any_widths_without_compiling():
+  # Odd sizes (40 -> 20 -> 10 -> 5 -> 2 -> 1; 80 -> ... -> 5 -> 2) and widths
+  # with f_3 != f_4 (the code's MTAN cannot): traced with eval_shape.
+  for arch, hw in (("mtan", (32, 40)), ("mtan", (64, 80)), ("split", (33, 35))):
+    model = segnet.make_segnet(NYU, arch=arch, widths=(4, 6, 8, 10, 12))
+
+    def f(model=model, hw=hw):
+      v = model.init(jax.random.key(0), hw + (3,))
+      return model.apply(v, jnp.zeros((B,) + hw + (3,)), True)
+    out, _ = jax.eval_shape(f)
+    assert {k: a.shape for k, a in out.items()} == {n: (B,) + hw + (c,) for n, _, c in NYU}
+
+
+def test_train_mode_uses_the_batch_and_eval_mode_the_running_statistics(mtan, images):
+  model, split, v, run = mtan
+  x0, x1, x2 = images
+  pair_a = np.stack([x0[0], x1[0]])
+  pair_b = np.stack([x0[0], x2[0]])
+  # Eval: example 0's outputs do not depend on the rest of the batch.
+  ea, eb = run["eval"](v, pair_a), run["eval"](v, pair_b)
+  for k in ea:
+    np.testing.assert_allclose(np.asarray(ea[k])[0], np.asarray(eb[k])[0], rtol=1e-5, atol=1e-6)
+  # Train: they do (batch statistics), and differ from eval's.
+  ta, new = run["train"](v, pair_a)
+  tb, _ = run["train"](v, pair_b)
+  ta, tb, ea = (np.asarray(o["depth"])[0] for o in (ta, tb, ea))
+  assert not np.allclose(ta, tb, atol=1e-3)
+  assert not np.allclose(ta, ea, atol=1e-3)
+  # The first layer's running statistics: torch's update from a numpy convolution.
+  p = v["params"]["shared"]["encoder_0"]["conv_0"]
+  s = v["batch_stats"]["shared"]["encoder_0"]["conv_0"]["bn"]
+  z = np_conv3x3(np.asarray(pair_a, np.float64), np.asarray(p["kernel"], np.float64), np.asarray(p["bias"]))
+  n = z[..., 0].size
+  got = new["shared"]["encoder_0"]["conv_0"]["bn"]
+  np.testing.assert_allclose(got["mean"], 0.9 * np.asarray(s["mean"]) + 0.1 * z.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got["var"], 0.9 * np.asarray(s["var"]) + 0.1 * z.var((0, 1, 2)) * n / (n - 1), rtol=1e-4)
+  # Every running statistic moved.
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), new, v["batch_stats"])
+  assert all(jax.tree.leaves(moved))
+
+
+def test_mtan_with_attention_masks_forced_to_one_is_the_split_model(mtan, images):
+  # With every mask = 1 the attended features are the shared features (the
+  # decoder's last mask multiplies d_0), so each head reads d_0 as in split;
+  # and split's heads are numpy convolutions of d_0.
+  model, split, v, run = mtan
+  sv = _split_variables(v)
+  assert jax.tree.structure(sv) == jax.tree.structure(
+      jax.eval_shape(lambda: split.init(jax.random.key(0), HW + (3,))))
+
+  def force(path, a):  # the masks' last BN: scale 0, shift 50 -> sigmoid(50) = 1.0 in float32
+    p = path_str(path)
+    if re.search(r"_mask/bn_1/scale$", p):
+      return np.zeros_like(a)
+    if re.search(r"_mask/bn_1/bias$", p):
+      return np.full_like(a, 50.0)
+    return a
+  forced = {"params": jax.tree_util.tree_map_with_path(force, v["params"]), "batch_stats": v["batch_stats"]}
+  out, new = run["train"](forced, images[1])
+  _, (out_split, new_split) = run["split"](sv, images[1])
+  for k in out:
+    np.testing.assert_allclose(out[k], out_split[k], rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new["shared"], new_split["shared"])
+  d0 = np.asarray(run["encode"](v, images[1])[0]["d"][0], np.float64)
+  h = v["params"]["tasks"]["heads"]["depth1"]
+  z = np_conv3x3(d0, h["conv_0_kernel"][0].astype(np.float64), h["conv_0_bias"][0])
+  np.testing.assert_allclose(out_split["depth"], z @ h["conv_1_kernel"][0, 0, 0] + h["conv_1_bias"][0],
+                             rtol=1e-4, atol=1e-4)
+  # Not vacuous: the model's own masks change the outputs.
+  out_own, _ = run["train"](v, images[1])
+  assert not np.allclose(out_own["seg"], out_split["seg"], atol=1e-3)
+
+
+def test_heads_of_one_kind_are_stacked_and_read_their_own_rows():
+  # Two depth tasks around a segmentation task: group depth1 stacks rows
+  # (d1, d2) = task rows (0, 2). On a shared [B, H, W, C] input (split: one
+  # convolution with the kernels concatenated) and on per-task [T, B, H, W, C]
+  # input (MTAN: rows gathered), against numpy convolutions.
+  specs = tuple(segnet.HeadSpec(*s) for s in (("d1", "depth", 1), ("s", "segmentation", 3),
+                                               ("d2", "depth", 1)))
+  heads = segnet.Heads(specs, normalize_normals=False)
+  rng = np.random.RandomState(8)
+  shared = rng.normal(size=(B, 5, 6, 4)).astype(np.float32)
+  per_task = rng.normal(size=(3, B, 5, 6, 4)).astype(np.float32)
+  shapes = jax.eval_shape(lambda: heads.init(jax.random.key(0), shared))
+  params = jax.tree.map(lambda s: rng.normal(0, 0.5, s.shape).astype(np.float32), shapes)
+  out_shared, out_task = jax.jit(lambda p: (heads.apply(p, shared), heads.apply(p, per_task)))(params)
+  h = params["params"]
+  for name, group, r, t in (("d1", "depth1", 0, 0), ("s", "segmentation3", 0, 1), ("d2", "depth1", 1, 2)):
+    g = h[group]
+    for out, x in ((out_shared, shared), (out_task, per_task[t])):
+      z = np_conv3x3(x.astype(np.float64), g["conv_0_kernel"][r].astype(np.float64), g["conv_0_bias"][r])
+      np.testing.assert_allclose(out[name], z @ g["conv_1_kernel"][r, 0, 0] + g["conv_1_bias"][r],
+                                 rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_batched_attention_branches_equal_one_task_branches_run_alone(mtan, images):
+  # All tasks' branches in one batched computation == each task's branch alone
+  # (row t of the stacked parameters); the shared blocks' running statistics ==
+  # torch's, the one-task module applied to the tasks in order.
+  model, split, v, run = mtan
+  rep, _ = run["encode"](v, images[2])
+  att = {k: v[k]["tasks"]["attention"] for k in ("params", "batch_stats")}
+  t_all = len(NYU)
+  run3 = jax.jit(lambda a, r: segnet.MTANAttention(t_all, TINY).apply(a, r, True, mutable=["batch_stats"]))
+  run1 = jax.jit(lambda a, r: segnet.MTANAttention(1, TINY).apply(a, r, True, mutable=["batch_stats"]))
+  a3, new3 = run3(att, rep)
+
+  def row(t, stats_now):
+    def pick(path, a):
+      return np.asarray(a)[t:t + 1] if "_mask/" in path_str(path) else a
+    return {"params": jax.tree_util.tree_map_with_path(pick, att["params"]),
+            "batch_stats": jax.tree_util.tree_map_with_path(pick, stats_now)}
+  stats_now = att["batch_stats"]
+  for t in range(t_all):
+    a1, new1 = run1(row(t, stats_now), rep)
+    np.testing.assert_allclose(np.asarray(a1)[0], np.asarray(a3)[t], rtol=1e-4, atol=1e-5)
+    # Chain the shared blocks' statistics through the tasks, torch's order.
+    stats_now = jax.tree_util.tree_map_with_path(
+        lambda path, s, n: n if "_block/" in path_str(path) else s, stats_now, new1["batch_stats"])
+    masks = {k: s for k, s in new3["batch_stats"].items() if k.endswith("_mask")}
+    mine = {k: s for k, s in new1["batch_stats"].items() if k.endswith("_mask")}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a)[t:t + 1], b, rtol=1e-5, atol=1e-6),
+                 masks, mine)
+  blocks = lambda s: {k: x for k, x in s.items() if k.endswith("_block")}  # noqa: E731
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               blocks(new3["batch_stats"]), blocks(stats_now))
+
+
+def test_encode_then_decode_is_apply(mtan, images):
+  model, split, v, run = mtan
+  rep, s_enc = run["encode"](v, images[0])
+  out, s_dec = jax.jit(lambda v, r: model.decode(v, r, True))(v, rep)
+  want, new = run["train"](v, images[0])
+  for k in want:
+    np.testing.assert_allclose(out[k], want[k], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s_enc["shared"], new["shared"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s_dec["tasks"], new["tasks"])
+  assert set(rep) == {"e0", "e1", "u", "d"} and rep["d"][0].shape == (B,) + HW + (TINY[0],)
+
+
+@pytest.mark.slow
+def test_gradients_are_finite_and_nonzero_except_where_batch_norm_cancels_them(mtan, images):
+  model, split, v, run = mtan
+  w = {n: np.random.RandomState(7).normal(size=(B,) + HW + (c,)).astype(np.float32) for n, _, c in NYU}
+
+  def loss(p):
+    out, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, images[2], True)
+    return sum(jnp.sum(out[k] * w[k]) for k in w)
+  g = jax.jit(jax.grad(loss))(v["params"])
+  flat = {path_str(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(g)}
+  # A conv bias feeding a batch norm has gradient 0 in train mode (the norm
+  # subtracts the batch mean); every other parameter moves the loss.
+  before_bn = re.compile(r"(conv_\d+|_block)/bias$|_mask/conv_\d_bias$")
+  for p, a in flat.items():
+    assert np.isfinite(a).all(), p
+    if before_bn.search(p):
+      kernel = flat[p[:-len("bias")] + "kernel"]
+      assert np.abs(a).max() < 1e-3 * np.abs(kernel).max(), p
+    else:
+      assert (np.abs(a) > 0).mean() > 0.5, p
+  assert len(flat) > 150
+
+
 # ---------------------------------------------------------------------------
 # Slow tier: the paper's widths at 288x384.
 
@@ -585,14 +594,18 @@ def test_forward_and_running_statistics_match_the_mtan_codes_torch_models():
 @pytest.mark.parametrize("arch", segnet.ARCHS)
 def test_full_width_forward_at_288x384_and_init_as_torch(arch):
   model = segnet.make_segnet(NYU, arch=arch)
-  v = jax.jit(lambda k: model.init(k, (288, 384, 3)))(jax.random.key(0))
+
+  @jax.jit
+  def init_and_train_forward(key, x):  # one program: init, then a train-mode forward
+    v = model.init(key, (288, 384, 3))
+    return v, model.apply(v, x, True)
+  x = np.random.RandomState(0).normal(size=(1, 288, 384, 3)).astype(np.float32)
+  v, (out, new) = init_and_train_forward(jax.random.key(0), x)
   assert sum(a.size for a in jax.tree.leaves(v["params"])) == (25_055_185 if arch == "split" else 44_229_073)
   k = np.asarray(v["params"]["shared"]["encoder_3"]["conv_1"]["kernel"])  # [3, 3, 512, 512]
   assert abs(k.std() / np.sqrt(2 / (2 * 9 * 512)) - 1) < 0.01
   assert all(np.all(np.asarray(a) == 0) for p, a in jax.tree_util.tree_leaves_with_path(v["params"])
              if path_str(p).endswith("/bias") and "/bn/" not in path_str(p))
-  x = jnp.asarray(np.random.RandomState(0).normal(size=(1, 288, 384, 3)), jnp.float32)
-  out, new = jax.jit(lambda v, x: model.apply(v, x, True))(v, x)
   assert {k: a.shape for k, a in out.items()} == {n: (1, 288, 384, c) for n, _, c in NYU}
   assert all(np.isfinite(np.asarray(a)).all() for a in out.values())
   np.testing.assert_allclose(np.linalg.norm(out["normal"], axis=-1), 1, rtol=1e-5)

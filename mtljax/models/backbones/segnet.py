@@ -38,7 +38,9 @@ computation exactly.
 (``normalize_normals``), with the norm floored at 1e-12 (torch's
 ``F.normalize``) where the code divides by the bare norm (NaN at 0). Heads of
 one ``(kind, C)`` form a group whose parameters are stacked on a leading axis
-(``tasks/heads/<kind><C>``), computed with one vmap.
+(``tasks/heads/<kind><C>``): on the split model's shared ``d_0`` the group's
+3x3 convolutions run as one convolution with the kernels concatenated on the
+output axis; on MTAN's per-task features as a vmap over the group.
 
 **MTAN** (``arch="mtan"``, ``model_segnet_mtan.py``): the shared SegNet plus,
 per task ``t``, attention modules ``att = 1x1 conv -> BN -> ReLU -> 1x1 conv ->
@@ -75,15 +77,22 @@ no Python loop over tasks. The concat before a 1x1 convolution is never formed:
 ``concat(s, a) @ K = s @ K[:C_s] + a @ K[C_s:]`` with ``s`` (shared, no task
 axis) multiplied once per task by an einsum.
 
-**Batch norm** as torch's ``BatchNorm2d`` (this is what the code trains with):
-train mode normalises by the batch mean and biased variance over ``(B, H, W)``
-and updates the running averages ``r <- (1 - m) r + m s`` with momentum
-``m = 0.1`` and the *unbiased* batch variance (``n / (n - 1)``); eval mode
-normalises by the running averages (initial mean 0, variance 1); eps 1e-5.
-(flax's ``nn.BatchNorm`` keeps the biased variance: it differs from torch.)
-``axis_name`` computes the batch statistics across a mapped data axis
+**Batch norm** as torch's ``BatchNorm2d`` (:class:`.layers.BatchNorm`; the
+code trains with it): train mode normalises by the batch mean and biased
+variance over ``(B, H, W)`` and updates the running averages ``r <- (1 - m) r
++ m s`` with momentum ``m = 0.1`` and the *unbiased* batch variance (``n / (n
+- 1)``); eval mode normalises by the running averages (initial mean 0,
+variance 1); eps 1e-5. :class:`TaskBatchNorm` is the same over ``[T, B, H, W,
+C]`` with statistics per task (the attention modules, and the shared blocks
+above). ``axis_name`` computes the batch statistics across a mapped data axis
 (synchronised batch norm). Statistics live in the ``batch_stats`` collection,
-parameters in ``params``, both with the same paths.
+parameters in ``params``, both with the same paths. Convolutions are
+:func:`.layers.conv2d` (``conv_impl``: ``"auto"``, ``"im2col"``, ``"lax"``).
+
+The outputs, in train and eval mode, and every running statistic after a
+train-mode forward equal those of the MTAN code's own torch modules run on
+the same weights (``tests/test_segnet.py``, fixture from
+``scripts/make_segnet_fixtures.py``).
 
 **Initialisation** as the code: conv kernels Xavier-normal (``std =
 sqrt(2 / (fan_in + fan_out))``, fans times the receptive field, an untruncated
@@ -99,7 +108,9 @@ them); in train mode their gradient is 0, the batch norm removes any constant.
 
 Interface for the integration (:func:`make_segnet`)::
 
-    model = make_segnet(specs, arch="split" | "mtan", widths=..., ...)
+    model = make_segnet(specs, arch="split" | "mtan", widths=(64, 128, 256, 512, 512),
+                        seg_log_softmax=False, normalize_normals=True,
+                        shared_update="sequential", axis_name=None, conv_impl="auto")
     variables = model.init(rng, (H, W, C_in))   # {"params", "batch_stats"}
     outputs, batch_stats = model.apply(variables, x [B, H, W, C_in], train)
     #   outputs: {task_name: [B, H, W, C_task]}; batch_stats: the new
@@ -558,7 +569,9 @@ class SegNetModel:
   task_independent: tuple[str, ...] = ("shared",)
 
   def init(self, rng: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
-    """Variables for inputs ``[B, *input_shape]`` (``(H, W, C_in)``)."""
+    """Variables for inputs ``[B, *input_shape]`` (``(H, W, C_in)``). Runs
+    one eval-mode forward on a ``[1, H, W, C_in]`` zero image: call it under
+    ``jax.jit`` (op by op at 288x384 it takes minutes on a CPU)."""
     _check_input_shape(tuple(input_shape))
     x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
     return dict(self.module.init(rng, x, False))
