@@ -263,6 +263,9 @@ class TaskBatchNorm(nn.Module):
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if train:
       n = math.prod(x.shape[i] for i in red)
+      if n == 1 and self.axis_name is None:
+        raise ValueError(f"TaskBatchNorm in train mode needs more than one value per task "
+                         f"and channel, got input shape {x.shape} (torch refuses the same).")
       mean = xf.mean(red)  # [T, C]
       if self.axis_name is not None:
         mean = lax.pmean(mean, self.axis_name)
