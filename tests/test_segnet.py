@@ -264,6 +264,8 @@ def test_bad_input_is_one_line_naming_the_problem():
       (lambda: segnet.make_segnet(NYU, conv_impl="fft"), "conv_impl"),
       (lambda: segnet.make_segnet(NYU).init(jax.random.key(0), (16, 64, 3)), "at least 32x32"),
       (lambda: segnet.make_segnet(NYU).init(jax.random.key(0), (64, 64)), "[B, H, W, C]"),
+      (lambda: jax.eval_shape(lambda: segnet.TaskBatchNorm(2).init(
+          jax.random.key(0), jnp.zeros((2, 1, 1, 1, 3)), True)), "more than one value"),
   ]
   for f, text in cases:
     with pytest.raises(ValueError) as e:
