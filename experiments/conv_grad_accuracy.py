@@ -2,7 +2,7 @@
 float64 ones, through ResNet-18 OS8 in train mode (batch statistics) and
 eval mode (running averages). Prints, per mode and implementation, the worst
 leaf's ``max|g32 - g64| / max|g64|``. Run: ``python experiments/conv_grad_accuracy.py``
-(about a minute on 2 cores). Findings in docs/notes/backbones-resnet.md."""
+(about a minute on 2 cores). Findings in BUILD_NOTES.md ("Backbones: ResNet...")."""
 
 import jax
 

@@ -1,5 +1,5 @@
 """Times augment_batch on a NYUv2-sized batch (B=8, 288x384), both normal
-interpolations: the numbers in docs/notes/dense-readers.md.
+interpolations: the numbers in BUILD_NOTES.md ("Dense readers and augmentation").
 
   PYTHONPATH=$PWD .venv/bin/python scripts/bench_dense_augment.py
 """

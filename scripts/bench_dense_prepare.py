@@ -1,6 +1,6 @@
 """Times scanning, checking and preparing NYUv2-sized mock files
 (dense_files), and reading records back: the numbers in
-docs/notes/dense-readers.md.
+BUILD_NOTES.md ("Dense readers and augmentation").
 
   PYTHONPATH=$PWD .venv/bin/python scripts/bench_dense_prepare.py [N_TRAIN] [N_VAL]
 """

@@ -385,7 +385,7 @@ def test_im2col_and_lax_agree_on_a_dilated_resnet_with_head_values_and_gradients
   gradients, equal up to float32 rounding. (Train-mode gradients are not
   compared: there XLA:CPU's convolution gradient of layer4's projection is
   4 % off the float64 one while im2col's is within 1e-5 --
-  experiments/conv_grad_accuracy.py, docs/notes/backbones-resnet.md.)"""
+  experiments/conv_grad_accuracy.py, BUILD_NOTES.md ("Backbones: ResNet...").)"""
   x = np.float32(np.random.default_rng(5).normal(size=(2, 40, 48, 3)))
   nets = {impl: (resnet.ResNet(18, output_stride=8, conv_impl=impl),
                  resnet.DeepLabHead(3, dropout=0.0, conv_impl=impl)) for impl in ("im2col", "lax")}

@@ -143,7 +143,7 @@ def test_a_bf16_run_checkpoints_float32_and_ends_near_the_float32_run(tmp_path):
   floats = [a for a in jax.tree.leaves(state) if jnp.issubdtype(a.dtype, jnp.floating)]
   assert floats and all(a.dtype == jnp.float32 for a in floats)
   # Test MSE per task after 40 steps: within 5 % of float32's (measured: at most 1.2 %,
-  # docs/notes/accel.md).
+  # BUILD_NOTES.md ("Ready for accelerators")).
   for t, ms in s32["tasks"].items():
     np.testing.assert_allclose(s16["tasks"][t]["mse"], ms["mse"], rtol=0.05, err_msg=t)
 
@@ -179,6 +179,6 @@ def test_multi_digits_in_bf16_is_within_tolerance_of_float32(tmp_path):
     c.tensorboard = c.plots = False
     out[p] = train.train_and_evaluate(c, str(tmp_path / p))["tasks"]
   # Test accuracy per digit after the quick variant's 400 steps: within 0.03
-  # (absolute) of float32's (measured: 0.007 and 0.018, docs/notes/accel.md).
+  # (absolute) of float32's (measured: 0.007 and 0.018, BUILD_NOTES.md ("Ready for accelerators")).
   for t, ms in out["float32"].items():
     assert abs(out["bfloat16"][t]["accuracy"] - ms["accuracy"]) <= 0.03, (t, out)

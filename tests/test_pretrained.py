@@ -220,7 +220,7 @@ def test_dilated_resnet18_and_libmtl_head_match_torch_in_eval_and_train(outputs,
   # 5e-5, not 1e-5: normalising by the statistics of tiny batches (2 values per
   # channel in the pooling branch's BN) amplifies float32 rounding; the same
   # forward in float64 (jax_enable_x64) is within 3.4e-8 of torch's, float32
-  # 1.3e-5 (measured; docs/notes/backbones-resnet.md).
+  # 1.3e-5 (measured; BUILD_NOTES.md ("Backbones: ResNet...")).
   assert _rel(y, outputs[f"{name}/train_head"]) < 5e-5
   where = {"bn1": (s, ("stem", "bn1")), "layer3.0.bn1": (s, ("layer3", "block0", "bn1")),
            "layer4.1.bn2": (s, ("layer4", "block1", "bn2")),

@@ -20,7 +20,7 @@ equal up to float rounding:
   concatenated on the channel axis (index ``(i*kw + j)*C + c``, the row-major
   flattening of ``K``'s first three axes) and one matmul with
   ``K.reshape(kh*kw*C, F)``. XLA:CPU runs this faster than its convolution in
-  the backbones here (the table in ``docs/notes/backbones-resnet.md``,
+  the backbones here (the table in ``BUILD_NOTES.md ("Backbones: ResNet...")``,
   ``experiments/bench_backbones.py``), and a vmapped dot is a batched matmul
   where a vmapped convolution becomes a grouped one.
 
