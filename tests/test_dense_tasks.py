@@ -1,0 +1,150 @@
+"""Dense task kinds in the task system: groups, per-slot losses over the valid
+pixels of each slot's batch (against float64 numpy written from the published
+reductions), the per-task layout of dense labels, and their checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtljax import errors
+from mtljax import tasks
+from mtljax.data import specs
+from mtljax.data import task_data
+
+H, W, C = 4, 5, 3
+
+
+def _taskset():
+  return tasks.TaskSet((tasks.Task("segmentation", "segmentation", C),
+                        tasks.Task("depth", "depth"), tasks.Task("normal", "normals")))
+
+
+def test_dense_kinds_have_their_heads_metrics_and_groups():
+  ts = _taskset()
+  assert ts.groups == ("segmentation3", "depth1", "normals3")
+  assert [t.out_dim for t in ts] == [C, 1, 3]
+  assert all(t.dense for t in ts) and not tasks.Task("r", "regression").dense
+  assert ts.tasks[0].metric_names == ("loss", "miou", "pix_acc")
+  assert ts.tasks[2].metric_names[-1] == "within_30"
+  for t in ts:  # every metric declares its direction (Delta_m)
+    assert all(m in tasks.METRIC_DIRECTIONS for m in t.metric_names)
+  assert [t.label_dtype for t in ts] == [np.int32, np.float32, np.float32]
+  with pytest.raises(ValueError, match="segmentation needs num_classes >= 2"):
+    tasks.Task("s", "segmentation", 1)
+  with pytest.raises(ValueError, match="split sums"):
+    tasks.example_metrics(ts.tasks[1], jnp.zeros((1, H, W, 1)), jnp.zeros((1, H, W, 1)),
+                          0.0, 1.0)
+
+
+def _labels(rng, k, b):
+  """Labels of ``k`` slots of ``b`` images with missing pixels and one image
+  of slot 0 without any valid pixel."""
+  seg = rng.integers(-1, C, (k, b, H, W)).astype(np.int32)
+  seg[0, 1] = -1
+  depth = rng.uniform(0.5, 3.0, (k, b, H, W, 1)).astype(np.float32)
+  depth[rng.random((k, b, H, W)) < 0.3] = 0.0
+  depth[0, 1] = 0.0
+  n = rng.normal(size=(k, b, H, W, 3))
+  n /= np.linalg.norm(n, axis=-1, keepdims=True)
+  n[rng.random((k, b, H, W)) < 0.3] = 0.0
+  n[0, 1] = 0.0
+  return {"segmentation3": seg, "depth1": depth, "normals3": n.astype(np.float32)}
+
+
+def _numpy_slot_losses(outs, ys, ids, ts):
+  """Float64, from the published reductions: each slot's mean over the valid
+  pixels of its whole batch (CE ignoring -1; L1 where depth != 0; 1 - cos
+  where the normal is not all-zero)."""
+  out = []
+  for k, t in enumerate(ids):
+    g = ts.tasks[t].group
+    o, y = np.asarray(outs[g][k], np.float64), ys[g][k]
+    if ts.tasks[t].kind == "segmentation":
+      m = o.max(-1, keepdims=True)
+      lse = (m + np.log(np.exp(o - m).sum(-1, keepdims=True)))[..., 0]
+      valid = y >= 0
+      per = lse - np.take_along_axis(o, np.maximum(y, 0)[..., None], -1)[..., 0]
+    elif ts.tasks[t].kind == "depth":
+      valid = y[..., 0] != 0
+      per = np.abs(o[..., 0] - y[..., 0])
+    else:
+      valid = np.any(y != 0, -1)
+      p = o / np.linalg.norm(o, axis=-1, keepdims=True)
+      gt = y / np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), 1e-30)
+      per = 1 - np.sum(p * gt, -1)
+    out.append(per[valid].sum() / max(valid.sum(), 1))
+  return np.array(out)
+
+
+def test_slot_losses_average_over_every_valid_pixel_of_each_slots_batch():
+  """Static and traced slot layouts, one compiled program: slot k's loss is
+  the float64 mean over its batch's valid pixels (an image with none adds
+  nothing; it is not a mean of per-image means), and the slot masks mark an
+  image with no valid pixel unlabelled."""
+  ts = _taskset()
+  rng = np.random.default_rng(0)
+  k, b = 3, 2
+  ys = _labels(rng, k, b)
+  outs = {g: rng.normal(size=(k, b, H, W, ts.group_task(g).out_dim)).astype(np.float32)
+          for g in ts.groups}
+  static = np.array([0, 1, 2], np.int32)
+  traced = np.array([2, 0, 1], np.int32)
+  ys_traced = {g: ys[g][np.argsort(np.argsort(traced))] for g in ts.groups}
+
+  @jax.jit
+  def both(outs, ys, ys_traced, ids):
+    return (tasks.slot_losses(ts, outs, ys, static),
+            tasks.slot_losses(ts, outs, ys_traced, ids),
+            tasks.slot_masks(ts, ys, static))
+  got_static, got_traced, masks = both(outs, ys, ys_traced, traced)
+  np.testing.assert_allclose(got_static, _numpy_slot_losses(outs, ys, static, ts), rtol=1e-5)
+  np.testing.assert_allclose(got_traced, _numpy_slot_losses(outs, ys_traced, traced, ts),
+                             rtol=1e-5)
+  assert not masks[0, 1] and masks[0, 0] and masks[1:].all()
+
+
+def _dense_spec():
+  return specs.DataSpec("image", (
+      specs.TaskColumn(tasks.Task("segmentation", "segmentation", C), "label"),
+      specs.TaskColumn(tasks.Task("depth", "depth"), "depth"),
+      specs.TaskColumn(tasks.Task("normal", "normals"), "normal")))
+
+
+def _dense_split(rng, n):
+  y = _labels(rng, 1, n)
+  return {"image": rng.uniform(size=(n, H, W, 3)).astype(np.float32),
+          "label": y["segmentation3"][0], "depth": y["depth1"][0], "normal": y["normals3"][0]}
+
+
+def test_dense_labels_keep_their_pixels_in_the_per_task_layout():
+  rng = np.random.default_rng(1)
+  arrays = {"train": _dense_split(rng, 6), "test": _dense_split(rng, 3)}
+  arrays["train"]["depth_mask"] = np.array([1, 1, 0, 1, 1, 1], bool)  # image 2 unlabelled
+  data = task_data.build_task_data("dense", _dense_spec(), arrays)
+  assert data.input_shape == (H, W, 3) and data.train["x"].shape == (1, 6, H, W, 3)
+  assert data.train["y"]["segmentation3"].shape == (1, 6, H, W)
+  assert data.train["y"]["depth1"].shape == (1, 6, H, W, 1)
+  assert data.train["y"]["normals3"].shape == (1, 6, H, W, 3)
+  np.testing.assert_array_equal(data.train["y"]["segmentation3"][0], arrays["train"]["label"])
+  np.testing.assert_array_equal(data.test["y"]["normals3"][0], arrays["test"]["normal"])
+  depth = data.train["y"]["depth1"][0]
+  assert np.all(depth[2] == 0)  # the unlabelled image: every pixel missing
+  np.testing.assert_array_equal(np.delete(depth, 2, 0), np.delete(arrays["train"]["depth"], 2, 0))
+  # No normalisation of dense labels (regression only).
+  np.testing.assert_array_equal(data.label_mean, 0) and np.testing.assert_array_equal(
+      data.label_std, 1)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("label", 3, r"task 'segmentation', example 4: segmentation label 3 outside \[-1, 3\)"),
+    ("depth", np.nan, r"task 'depth', example 4: depth holds NaN"),
+    ("depth", -1.0, r"task 'depth', example 4: depth holds negative"),
+    ("normal", 2.0, r"task 'normal', example 4: normals must be unit"),
+])
+def test_bad_dense_labels_name_the_example(field, value, match):
+  rng = np.random.default_rng(2)
+  arrays = {"train": _dense_split(rng, 6), "test": _dense_split(rng, 3)}
+  arrays["train"][field][4, 1, 2] = value
+  with pytest.raises(errors.DataError, match=match):
+    task_data.build_task_data("dense", _dense_spec(), arrays)
