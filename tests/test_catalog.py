@@ -260,12 +260,12 @@ def test_an_unknown_data_set_name_is_mtljax_s_one_line_first(tmp_path):
     build.data_from_config(config)
   assert str(e.value) == (
       "config.data.name='celeba' is neither a bundled data set (digits, exam, "
-      "mmoe_synthetic, multi_digits, sinusoids) nor a TFDS catalog data set; did you mean "
+      "mmoe_synthetic, multi_digits, scenes, sinusoids) nor a TFDS catalog data set; did you mean "
       "'celeb_a', 'celeb_a_hq', 'voxceleb'?")
   assert e.value.__cause__ is None and e.value.__suppress_context__  # no catalog dump
   with pytest.raises(ValueError, match=re.escape(
       "name='no_such_set_xyz' is neither a bundled data set (digits, exam, "
-      "mmoe_synthetic, multi_digits, sinusoids) nor a TFDS catalog data set "
+      "mmoe_synthetic, multi_digits, scenes, sinusoids) nor a TFDS catalog data set "
       "(tfds.list_builders() lists the catalog).")):
     loading.load("no_such_set_xyz", data_dir=str(tmp_path))
 
