@@ -148,3 +148,54 @@ def test_bad_dense_labels_name_the_example(field, value, match):
   arrays["train"][field][4, 1, 2] = value
   with pytest.raises(errors.DataError, match=match):
     task_data.build_task_data("dense", _dense_spec(), arrays)
+
+
+def _nyuv2_config(root, data_dir, pipeline):
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  c = common.base_config()
+  c.data.name, c.data.root, c.data.data_dir = "nyuv2_mtan", str(root), str(data_dir)
+  c.data.pipeline = pipeline
+  return c
+
+
+def test_nyuv2_files_load_as_three_dense_tasks_on_the_device_and_the_host_pipeline(tmp_path):
+  """Mock files in MTAN's layout, through the config: the device layout holds
+  the files' labels (segmentation, depth, normal, as LibMTL names the tasks),
+  and the host pipeline holds the same labels with the records' indices, its
+  reader giving the files' images."""
+  from test_dense_files import write_nyuv2  # pylint: disable=g-import-not-at-top
+  from mtljax import build  # pylint: disable=g-import-not-at-top
+  written = write_nyuv2(str(tmp_path / "nyu"), counts=(("train", 3), ("val", 2)))
+  device = build.data_from_config(_nyuv2_config(tmp_path / "nyu", tmp_path / "d", "device"))
+  assert device.taskset.names == ("segmentation", "depth", "normal")
+  assert [t.kind for t in device.taskset] == ["segmentation", "depth", "normals"]
+  assert device.taskset.tasks[0].num_classes == 13
+  for i in range(3):
+    np.testing.assert_array_equal(device.train["x"][0, i], written["train", i]["image"])
+    np.testing.assert_array_equal(device.train["y"]["segmentation13"][0, i],
+                                  written["train", i]["label"].astype(np.int32))
+    np.testing.assert_array_equal(device.train["y"]["normals3"][0, i],
+                                  written["train", i]["normal"])
+  np.testing.assert_array_equal(device.test["y"]["depth1"][0, 1], written["val", 1]["depth"])
+  host = build.data_from_config(_nyuv2_config(tmp_path / "nyu", tmp_path / "d", "host"))
+  assert host.readers is not None and host.taskset == device.taskset
+  for split in ("train", "test"):
+    for g in device.taskset.groups:
+      np.testing.assert_array_equal(host.split(split)["y"][g], device.split(split)["y"][g])
+    records = host.split(split)["records"]
+    np.testing.assert_array_equal(host.readers[split].inputs(records[0]),
+                                  device.split(split)["x"][0])
+
+
+def test_files_data_set_needs_its_root_and_options_only_apply_to_it(tmp_path):
+  from mtljax import build  # pylint: disable=g-import-not-at-top
+  c = _nyuv2_config("", tmp_path / "d", "auto")
+  with pytest.raises(errors.ConfigError, match="config.data.root is empty"):
+    build.validate_config(c)
+  c.data.root = str(tmp_path / "nowhere")
+  with pytest.raises(errors.DataError, match="nowhere"):
+    build.data_from_config(c)
+  c.data.name = "multi_digits"
+  with pytest.raises(errors.ConfigError, match="config.data.root=.* applies to the data sets "
+                                               "of preprocessed files"):
+    build.validate_config(c)

@@ -28,6 +28,13 @@ def _data_section() -> ml_collections.ConfigDict:
   # Where data sets are generated (bundled) or prepared (catalog):
   # "" -> $MTLJAX_DATA_DIR, else ~/.cache/mtljax/tensorflow_datasets.
   data.data_dir = ""
+  # Data sets of preprocessed files downloaded elsewhere (nyuv2_mtan,
+  # cityscapes_mtan): the directory holding their train/ and val/ folders, the
+  # class count (0: the layout's; Cityscapes 2, 7 or 19) and the label folder
+  # ('': label, or label_{classes} for Cityscapes; LibMTL's copy: 'label').
+  data.root = ""
+  data.classes = 0
+  data.label_folder = ""
   data.download = True        # catalog data not prepared in data_dir: download it (network)
   data.tasks = ()             # task names to keep; () = all
   data.max_train_examples = 0  # 0 = all; otherwise per task (per source)
