@@ -199,3 +199,69 @@ def test_files_data_set_needs_its_root_and_options_only_apply_to_it(tmp_path):
   with pytest.raises(errors.ConfigError, match="config.data.root=.* applies to the data sets "
                                                "of preprocessed files"):
     build.validate_config(c)
+
+
+def _np_dense_metrics(kind, out, y, c=C):
+  """Float64 numpy, from the definitions: mIoU over classes present in the
+  ground truth or the prediction and pixel accuracy; depth abs/rel error over
+  valid pixels; normal angles' mean, median and fractions under 11.25, 22.5,
+  30 degrees; the loss over every valid pixel."""
+  out = np.asarray(out, np.float64)
+  if kind == "segmentation":
+    valid = y >= 0
+    pred, gt = out.argmax(-1)[valid], y[valid]
+    conf = np.zeros((c, c))
+    np.add.at(conf, (gt, pred), 1)
+    union = conf.sum(0) + conf.sum(1) - np.diag(conf)
+    m = out.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(out - m).sum(-1, keepdims=True)))[..., 0]
+    loss = (lse - np.take_along_axis(out, np.maximum(y, 0)[..., None], -1)[..., 0])[valid]
+    return {"loss": loss.mean(), "miou": np.mean((np.diag(conf) / np.where(union > 0, union, 1))
+                                                 [union > 0]),
+            "pix_acc": np.trace(conf) / conf.sum()}
+  if kind == "depth":
+    valid = y[..., 0] != 0
+    err = np.abs(out[..., 0] - y[..., 0])[valid]
+    return {"loss": err.mean(), "abs_err": err.mean(), "rel_err": (err / y[..., 0][valid]).mean()}
+  valid = np.any(y != 0, -1)
+  # A zero prediction (dead ReLU features, zero bias) has no direction: cosine 0.
+  p = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-300)
+  g = y / np.maximum(np.linalg.norm(y, axis=-1, keepdims=True), 1e-300)
+  cos = np.clip(np.sum(p * g, -1), -1, 1)[valid]
+  deg = np.degrees(np.arccos(cos))
+  return {"loss": (1 - cos).mean(), "mean_angle": deg.mean(), "median_angle": np.median(deg),
+          "within_11_25": np.mean(deg < 11.25), "within_22_5": np.mean(deg < 22.5),
+          "within_30": np.mean(deg < 30)}
+
+
+def test_eval_step_gives_each_dense_tasks_split_metrics_over_uneven_chunks():
+  """A fully convolutional multi_head's eval step over 7 test images in chunks
+  of 3 (3 + 3 + 1): every dense metric and the pixel loss equal a float64
+  numpy computation over the whole split from the model's own outputs (the
+  median from the histogram, within its stated bound)."""
+  from mtljax import steps  # pylint: disable=g-import-not-at-top
+  from mtljax.dense import metrics as dense_metrics  # pylint: disable=g-import-not-at-top
+  from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  arrays = {"train": _dense_split(rng, 6), "test": _dense_split(rng, 7)}
+  data = task_data.build_task_data("dense", _dense_spec(), arrays)
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape, encoder="fcn",
+                               channels=(6,), hidden=(5,))
+  params = model.init(jax.random.key(0))
+  ev = steps.make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
+                            num_examples=7, batch_size=3)
+  ids = np.arange(3, dtype=np.int32)
+
+  @jax.jit
+  def both(params, split, x):
+    return ev(params, split), model.apply(params, x[None].repeat(3, 0), ids)
+  acc, outs = both(params, jax.device_put(data.test), data.test["x"][0])
+  got = steps.eval_metrics(data.taskset, acc)
+  np.testing.assert_array_equal(acc["count"], [6, 6, 6])  # image 1 has no valid pixel
+  for t in data.taskset:
+    y = data.test["y"][t.group][0]
+    want = _np_dense_metrics(t.kind, outs[t.group][data.taskset.index(t.name)], y)
+    assert set(got[t.name]) == set(t.metric_names)
+    for k, v in want.items():
+      tol = dense_metrics.median_bound() if k == "median_angle" else 1e-5 * max(1, abs(v))
+      assert abs(got[t.name][k] - v) <= tol + 1e-5, (t.name, k, got[t.name][k], v)
