@@ -46,6 +46,7 @@ from mtljax.data import sampling
 from mtljax.data import specs as specs_lib
 from mtljax.data import task_data
 from mtljax.data import tfds_access
+from mtljax.dense import metrics as dense_metrics
 from mtljax.models import multitask
 
 logger = logging.getLogger("mtljax")
@@ -261,6 +262,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (o.lr > 0 and math.isfinite(o.lr)):
     raise ConfigError(f"config.optim.lr must be a finite number > 0, got {o.lr}.")
   _one_of("on_nonfinite", config.get("on_nonfinite", "stop"), steps.NONFINITE_POLICIES)
+  _one_of("dense_convention", config.get("dense_convention", "exact"),
+          dense_metrics.CONVENTIONS)
   _one_of("optim.schedule", o.schedule, schedules.SCHEDULES)
   with errors.config_section("optim", o):
     optim.parse_rules(o.rules)  # raises on bad syntax, regexes, settings
@@ -715,12 +718,15 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
     batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc,
                                shard_index=index, shard_count=count)
     eval_fn = steps.make_chunk_eval_step(model, label_mean=data.label_mean,
-                                         label_std=data.label_std)
+                                         label_std=data.label_std,
+                                         dense_convention=config.get("dense_convention",
+                                                                     "exact"))
   else:
     eval_fn = steps.make_eval_step(model, label_mean=data.label_mean,
                                    label_std=data.label_std,
                                    num_examples=data.split(eval_split)["x"].shape[1],
-                                   batch_size=config.eval_batch_size)
+                                   batch_size=config.eval_batch_size,
+                                   dense_convention=config.get("dense_convention", "exact"))
   if n_seeds > 1:  # on a mesh with a seed axis, each device group runs its seeds
     spmd = placement.seed_axis
     train_fn = jax.vmap(train_fn, in_axes=(0, None), spmd_axis_name=spmd)

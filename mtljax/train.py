@@ -243,7 +243,8 @@ class DeviceFeed:
     if config.eval_train:  # sized for the train split
       self.eval_steps["train"] = sharding.jit_eval_step(steps.make_eval_step(
           run.model, label_mean=data.label_mean, label_std=data.label_std,
-          num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size),
+          num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size,
+          dense_convention=config.get("dense_convention", "exact")),
           params_sh, train_sh, pl)
 
   def next(self):
@@ -267,6 +268,7 @@ class HostFeed:
   def __init__(self, config, data, run, first_step: int):
     pl, spc = run.placement, run.steps_per_call
     self.data, self.chunk = data, int(config.eval_batch_size)
+    self.dense_convention = config.get("dense_convention", "exact")
     batch_sh = pl.host_batch(data.train, config.sampling.shared_inputs, lead=int(spc > 1))
     self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, batch_sh, pl)
     self._chunk_step = jax.jit(run.eval_fn, out_shardings=pl.replicated)
@@ -288,7 +290,7 @@ class HostFeed:
     return next(self.feed)
 
   def evaluate(self, params, split):
-    acc = steps.eval_zeros(self.data.taskset)
+    acc = steps.eval_zeros(self.data.taskset, self.dense_convention)
     for chunk in pipeline.eval_chunks(self.data, split, self.chunk):
       chunk = sharding.place(chunk, jax.tree.map(lambda _: self._replicated, chunk))
       acc = jax.tree.map(jnp.add, acc, self._chunk_step(params, chunk))

@@ -147,6 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tag_lr = 0.0          # > 0: TAG lookahead affinity with this SGD step size
   c.tag_groups = 2        # tasks grouped by affinity into this many groups
   c.eval_train = False    # also evaluate the train split at eval steps (overfitting)
+  # Dense tasks' metrics (mtljax/dense/metrics.py): exact over the split, or a
+  # published code's convention (libmtl: its normal mask and angle; mtan:
+  # per-batch averages, as MTAN's and Nash-MTL's tables were computed).
+  c.dense_convention = "exact"
 
   # Outputs besides metrics.jsonl/summary.json (mtljax/tensorboard.py, plotting.py).
   c.tensorboard = True    # TensorBoard event files next to metrics.jsonl
