@@ -8,10 +8,12 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from mtljax import errors
 from mtljax.data import dense_files as df
 from mtljax.data import pipeline
+from mtljax.data import split_parts
 from mtljax.data import tfds_access
 
 NYU_H, NYU_W = df.NYUV2_SHAPE
@@ -272,3 +274,135 @@ def test_bad_options_name_the_option():
     df.layout_of("nyuv2_mtan", classes=7)
   with pytest.raises(ValueError, match="'nyu' is not a preprocessed dense data set"):
     df.layout_of("nyu")
+
+
+# ----------------------------------------------------------------------------
+# Splits over TFDS's in-memory limit: written in parts, read as one split.
+# ----------------------------------------------------------------------------
+
+CITY_RECORD = CITY_H * CITY_W * (3 + 1 + 1) * 4  # raw bytes of one record's arrays
+
+
+@pytest.fixture(scope="module")
+def parted(tmp_path_factory):
+  """Cityscapes files (5 train, 3 val) prepared with parts of 2 records:
+  train in parts of 2, 2, 1 and val of 2, 1."""
+  root = str(tmp_path_factory.mktemp("city_parts"))
+  data_dir = str(tmp_path_factory.mktemp("city_parts_tfds"))
+  written = write_cityscapes(root, counts=(("train", 5), ("val", 3)), seed=3)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(split_parts, "PART_BYTES", 2 * split_parts.raw_record_bytes(
+        df.record_features((CITY_H, CITY_W), normals=False)))
+    features, sources = df.open_dense("cityscapes_mtan", root, data_dir=data_dir)
+  return root, data_dir, written, features, sources
+
+
+def test_a_split_over_the_part_size_is_one_split_of_several_shards(parted):
+  root, data_dir, _, _, sources = parted
+  b = df.builder("cityscapes_mtan", root, data_dir=data_dir, prepare=False)
+  assert b.is_prepared()
+  assert {s: list(i.shard_lengths) for s, i in b.info.splits.items()} == {
+      "train": [2, 2, 1], "test": [2, 1]}  # the parts are hidden: no train_part0
+  assert sorted(f for f in os.listdir(b.data_dir) if "array_record" in f) == [
+      f"cityscapes_mtan-test.array_record-0000{k}-of-00002" for k in range(2)] + [
+      f"cityscapes_mtan-train.array_record-0000{k}-of-00003" for k in range(3)]
+  assert {s: len(v) for s, v in sources.items()} == {"train": 5, "test": 3}
+  # ... read again from the directory alone (dataset_info.json), as TFDS does.
+  again = tfds.builder_from_directory(b.data_dir)
+  assert [again.info.splits[s].num_examples for s in ("train", "test")] == [5, 3]
+
+
+def test_parted_records_read_back_in_file_order_bitwise_through_both_readers(parted):
+  _, _, written, _, sources = parted
+  for split, sub, n in (("train", "train", 5), ("test", "val", 3)):
+    src = sources[split]
+    for i in range(n):  # record access
+      for field, file_field in (("image", "image"), ("label", "label_7"), ("depth", "depth")):
+        assert src[i][field].tobytes() == written[sub, i][file_field].astype(
+            src[i][field].dtype).tobytes()
+    # The device path's column read, records across the parts in any order.
+    order = np.array([n - 1, 0, n // 2, 1, n - 1])
+    cols = tfds_access.read_columns(src, ["image", "label", "depth"], indices=order, chunk=2)
+    for k, i in enumerate(order):
+      np.testing.assert_array_equal(cols["image"][k], written[sub, i]["image"])
+      np.testing.assert_array_equal(cols["label"][k], written[sub, i]["label_7"])
+      np.testing.assert_array_equal(cols["depth"][k], written[sub, i]["depth"])
+    # The host pipeline's Reader, on the raw array_record reader (fast path).
+    reader = pipeline.Reader(src, "image", (CITY_H, CITY_W, 3), np.dtype(np.float32))
+    assert reader.raw is not None
+    got = reader.inputs(order)
+    for k, i in enumerate(order):
+      assert got[k].tobytes() == written[sub, i]["image"].tobytes()
+
+
+def test_slices_of_a_parted_split_cross_the_parts(parted):
+  root, data_dir, written, _, _ = parted
+  b = df.builder("cityscapes_mtan", root, data_dir=data_dir, prepare=False)
+  src = b.as_data_source(split="train[1:4]")  # parts hold 0-1, 2-3, 4
+  assert len(src) == 3
+  for k in range(3):
+    np.testing.assert_array_equal(src[k]["depth"], written["train", k + 1]["depth"])
+
+
+def test_the_record_bound_covers_each_serialised_record(parted, nyuv2):
+  """Each record as written (the raw array_record bytes) is at most the bound
+  the parts are sized by, and less than 256 bytes under it."""
+  for features, sources, arrays in ((parted[3], parted[4], CITY_RECORD),
+                                    (nyuv2[3], nyuv2[4], NYU_H * NYU_W * 8 * 4)):
+    bound = split_parts.raw_record_bytes(features)
+    assert bound == arrays + split_parts.RECORD_OVERHEAD
+    for src in sources.values():
+      sizes = [len(src.data_source[i]) for i in range(len(src))]
+      assert all(arrays < s <= bound for s in sizes), (sizes, bound)
+
+
+def test_parts_stay_within_tfds_in_memory_limit(tmp_path, monkeypatch):
+  """With TFDS's own limit lowered to 2 records' bytes (its Shuffler would
+  then spill a 3-record split through TensorFlow, which is not installed),
+  the parts are sized by it and preparing a 5-record split succeeds."""
+  from tensorflow_datasets.core import shuffle as tfds_shuffle
+  record = split_parts.raw_record_bytes(df.record_features((CITY_H, CITY_W), normals=False))
+  monkeypatch.setattr(tfds_shuffle, "MAX_MEM_BUFFER_SIZE", 2 * record)
+  root = str(tmp_path / "city")
+  written = write_cityscapes(root, counts=(("train", 5), ("val", 1)), seed=4,
+                             label_folders=("label_7",))
+  _, sources = df.open_dense("cityscapes_mtan", root, data_dir=str(tmp_path / "tfds"))
+  assert [sources["train"][i]["image"].tobytes() for i in range(5)] == [
+      written["train", i]["image"].tobytes() for i in range(5)]
+
+
+def test_part_ranges_cover_the_split_in_order():
+  record = 1000
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(split_parts, "PART_BYTES", 3500)  # 3 records per part
+    assert split_parts.records_per_part(record) == 3
+    for n in (1, 2, 3, 4, 7, 9, 10):
+      ranges = split_parts.part_ranges(n, record)
+      assert len(ranges) == -(-n // 3)
+      assert [lo for lo, _ in ranges] == list(range(0, n, 3))
+      assert [hi for _, hi in ranges] == [min(lo + 3, n) for lo, _ in ranges]
+      names = split_parts.part_names("train", len(ranges))
+      assert names == (["train"] if n <= 3 else [f"train_part{p}" for p in range(len(ranges))])
+    with pytest.raises(ValueError, match="one record of 4000 bytes is over the 3500 bytes"):
+      split_parts.part_ranges(2, 4000)
+  assert split_parts.records_per_part(record) == (1000 << 20) // record  # TFDS's 1000 MiB
+  with pytest.raises(ValueError, match="looks like a part's name"):
+    split_parts.part_names("train_part3", 2)
+
+
+def test_not_enough_disk_is_one_line_before_anything_is_read(tmp_path, monkeypatch):
+  root = str(tmp_path / "city")
+  write_cityscapes(root, counts=(("train", 2), ("val", 1)), label_folders=("label_7",))
+  monkeypatch.setattr(split_parts, "_free_bytes", lambda path: 1 << 20)
+  monkeypatch.setattr(df, "check_files", None)  # (reading a file would fail)
+  monkeypatch.setattr(df, "read_example", None)
+  with pytest.raises(errors.DataError) as e:
+    df.open_dense("cityscapes_mtan", root, data_dir=str(tmp_path / "tfds"))
+  assert not df.builder("cityscapes_mtan", root, data_dir=str(tmp_path / "tfds"),
+                        prepare=False).is_prepared()
+  msg = str(e.value)
+  assert "\n" not in msg
+  need = 3 * (CITY_RECORD + split_parts.RECORD_OVERHEAD) / 2**20
+  assert re.fullmatch(rf"cityscapes_mtan/c7_128x256_\w+: preparing needs about {need:.1f} MiB "
+                      rf"in '.*' \(train 2, test 1 records\) but only 1.0 MiB is free there.",
+                      msg), msg

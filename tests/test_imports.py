@@ -19,7 +19,7 @@ LAYERS = (
     ("dense",),
     ("tasks",),
     ("data", "models", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
-    ("gradients",),
+    ("gradients", "pretrained"),
     ("jacobians", "affinity"),
     ("objectives", "instance_wise"),
     ("steps", "toy"),

@@ -13,10 +13,12 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from scipy import spatial
 
 from mtljax.data import builders
 from mtljax.data import scenes
+from mtljax.data import split_parts
 from mtljax.data import tfds_access
 
 H, W = 48, 60
@@ -416,9 +418,6 @@ def test_builder_writes_array_record_files_read_back_by_the_data_source(tmp_path
     ("h64_w80_n10_m5_s0_dmiss1.5", r"the missing fraction dmiss must be in \[0, 1\), got 1.5"),
     ("h2_w80_n10_m5_s0", "images must be at least 4x4 pixels, got 2x80"),
     ("h8_w8_n10_m5_s0_lmiss0.1_dmiss0.1", "unknown builder config"),  # order is fixed
-    ("h288_w384_n795_m654_s0", r"the train split of 'h288_w384_n795_m654_s0' would be "
-                               r"2683.3 MiB; TFDS writes at most 1000 MiB per split without "
-                               r"TensorFlow .*: at 288x384 use at most 296 images per split"),
 ])
 def test_bad_builder_config_is_one_line_naming_the_allowed_forms(name, match):
   with pytest.raises(ValueError, match=f"^scenes: {match}") as e:
@@ -427,8 +426,9 @@ def test_bad_builder_config_is_one_line_naming_the_allowed_forms(name, match):
 
 
 def test_the_size_bound_covers_a_serialised_record():
-  """The bound behind the split size check is at least the size of a record
-  as TFDS serialises it, and at most 256 bytes more."""
+  """The bound the parts of a large split are sized by (32 bytes per pixel
+  plus 256) is at least the size of a record as TFDS serialises it, and at
+  most 256 bytes more."""
   from tensorflow_datasets.core import example_serializer
   builder = builders.Scenes(config=builders.Scenes.config_from_name("h12_w16_n1_m1_s0"),
                             data_dir="/nonexistent")
@@ -436,8 +436,75 @@ def test_the_size_bound_covers_a_serialised_record():
   ex = {k: v[0] for k, v in scenes.render_split(0, 1, 1, 12, 16, label_missing=0.5).items()}
   size = len(example_serializer.ExampleSerializer(features.get_serialized_info())
              .serialize_example(features.encode_example(ex)))
-  bound = builders._scenes_record_bytes(12, 16)  # pylint: disable=protected-access
+  bound = split_parts.raw_record_bytes(features)
+  assert bound == 32 * 12 * 16 + 256
   assert size <= bound < size + 256, (size, bound)
+
+
+def test_iter_split_ranges_are_cuts_of_the_whole_split():
+  """Scenes start..stop-1 (across chunk boundaries: CHUNK = 16) are bitwise
+  the whole split's, so a split written in parts holds the same scenes."""
+  whole = scenes.render_split(3, 1, 37, 8, 12, depth_missing=0.3, label_missing=0.2)
+  for start, stop in ((0, 10), (10, 20), (20, 37), (16, 32), (5, 6), (36, 37)):
+    chunks = list(scenes.iter_split(3, 1, 37, 8, 12, depth_missing=0.3, label_missing=0.2,
+                                    start=start, stop=stop))
+    for key, x in whole.items():
+      if key == "surface":
+        continue
+      assert np.concatenate([c[key] for c in chunks]).tobytes() == x[start:stop].tobytes()
+  with pytest.raises(ValueError, match="start=5, stop=40 is not a range of 0..37"):
+    next(scenes.iter_split(3, 1, 37, 8, 12, start=5, stop=40))
+
+
+def test_a_split_over_the_part_size_is_written_in_parts_of_consecutive_scenes(
+    tmp_path, monkeypatch):
+  """With parts of 3 records, a 37-scene train split is written as 13 parts
+  of scenes 0-2, 3-5, ..., 36 (each in TFDS's hashed order, as a split of one
+  part is; 13 parts: part10 sorts before part2 as text) merged into one split
+  of 13 shards; the 3-scene test split is one part. Every record is bitwise
+  the scene rendered whole."""
+  config = "h8_w12_n37_m3_s3_dmiss0.3_lmiss0.2"
+  monkeypatch.setattr(split_parts, "PART_BYTES", 3 * (32 * 8 * 12 + 256))
+  _, sources = tfds_access.open_sources("scenes", data_dir=str(tmp_path),
+                                        builder_config=config)
+  builder = builders.Scenes(config=builders.Scenes.config_from_name(config),
+                            data_dir=str(tmp_path))
+  assert {s: list(i.shard_lengths) for s, i in builder.info.splits.items()} == {
+      "train": [3] * 12 + [1], "test": [3]}
+  want = scenes.make_scenes(3, 37, 3, 8, 12, depth_missing=0.3, label_missing=0.2)
+  _check_parts(sources["train"], want["train"], [(lo, min(lo + 3, 37)) for lo in range(0, 37, 3)])
+  _check_parts(sources["test"], want["test"], ((0, 3),))
+
+
+def _check_parts(src, want, ranges):
+  """Records ``src`` are, range by range, a permutation of the scenes of each
+  range, every record bitwise ``want``'s scene."""
+  images = [im.tobytes() for im in want["image"]]
+  order = [images.index(src[i]["image"].tobytes()) for i in range(len(src))]
+  at = 0
+  for lo, hi in ranges:
+    assert sorted(order[at:at + hi - lo]) == list(range(lo, hi))
+    at += hi - lo
+  assert at == len(src) == len(images)
+  for i, j in enumerate(order):
+    for key in ("label", "depth", "normal"):
+      assert src[i][key].tobytes() == want[key][j].tobytes()
+
+
+def test_parts_that_tfds_writes_as_several_shards_are_merged_in_order(tmp_path, monkeypatch):
+  """TFDS may write a part as several shards (by size; here asked for 2 per
+  split): the merged split's shards are the parts' shards in order."""
+  monkeypatch.setattr(split_parts, "PART_BYTES", 4 * (32 * 4 * 4 + 256))
+  config = builders.Scenes.config_from_name("h4_w4_n10_m3_s0")
+  make = lambda: builders.Scenes(config=config, data_dir=str(tmp_path),
+                                 file_format="array_record")
+  make().download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=2))
+  builder = make()
+  assert {s: list(i.shard_lengths) for s, i in builder.info.splits.items()} == {
+      "train": [2, 2, 2, 2, 1, 1], "test": [2, 1]}
+  want = scenes.make_scenes(0, 10, 3, 4, 4)
+  _check_parts(builder.as_data_source("train"), want["train"], ((0, 4), (4, 8), (8, 10)))
+  _check_parts(builder.as_data_source("test"), want["test"], ((0, 3),))
 
 
 def test_named_configs_and_an_empty_split():
@@ -445,7 +512,13 @@ def test_named_configs_and_an_empty_split():
   assert builders.Scenes.config_from_name("") is quick
   assert (quick.height, quick.width, quick.num_train, quick.num_test) == (64, 80, 2000, 500)
   full = builders.Scenes.config_from_name("full")
-  assert (full.height, full.width, full.num_train, full.num_test) == (128, 160, 1500, 500)
+  assert (full.height, full.width, full.num_train, full.num_test) == (128, 160, 3000, 1000)
+  versions = {c: str(builders.Scenes(config=builders.Scenes.config_from_name(c),
+                                    data_dir="/nonexistent").version)
+              for c in ("quick", "full", "h8_w8_n1_m1_s0")}
+  assert versions == {"quick": "1.0.0", "full": "1.1.0", "h8_w8_n1_m1_s0": "1.0.0"}
+  big = builders.Scenes.config_from_name("h288_w384_n795_m654_s0")  # (over 1000 MiB: parts)
+  assert (big.num_train, big.num_test) == (795, 654)
   for config in builders.Scenes.BUILDER_CONFIGS:  # (the names with values are checked)
     assert builders.Scenes.config_from_name(
         f"h{config.height}_w{config.width}_n{config.num_train}_m{config.num_test}_s0")

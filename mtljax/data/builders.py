@@ -32,12 +32,15 @@ Builder configs are named so that any setting can be asked for by name:
 * ``scenes``: rendered rooms with exact per-pixel class, depth and normals
   (:mod:`mtljax.data.scenes`), records in the preprocessed NYUv2 layout
   (``image``, ``label``, ``depth``, ``normal``): ``quick`` (the default;
-  64x80, 2,000 train / 500 test, seed 0), ``full`` (128x160, 1,500 / 500),
+  64x80, 2,000 train / 500 test, seed 0), ``full`` (128x160, 3,000 / 1,000),
   or ``h{H}_w{W}_n{TRAIN}_m{TEST}_s{SEED}``, optionally followed, in this
   order, by ``_dmiss{F}``, ``_nmiss{F}``, ``_lmiss{F}`` (depth, normals,
   labels missing on that fraction of 4x4-pixel cells: depth 0, normal 0,
-  label -1). A split may be at most 1000 MiB (32 bytes per pixel): TFDS
-  spills a larger one through TensorFlow, which is not installed.
+  label -1). A split over TFDS's 1000 MiB in-memory limit (32 bytes per
+  pixel) is written in parts and merged into one split
+  (:mod:`mtljax.data.split_parts`: TFDS spills a larger split through
+  TensorFlow, which is not installed); the data directory's free disk is
+  checked first.
 """
 
 from __future__ import annotations
@@ -47,10 +50,10 @@ import re
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from mtljax.data import generators
 from mtljax.data import scenes
+from mtljax.data import split_parts
 
 _VERSION = tfds.core.Version("1.0.0")
 _NUM = r"(\d+(?:\.\d+)?)"
@@ -353,20 +356,6 @@ class Exam(tfds.core.GeneratorBasedBuilder):
     yield from _examples(arrays)
 
 
-# TFDS's writer keeps a split's serialised records in memory up to this size
-# and spills larger splits to temporary files through tf.io.gfile, which needs
-# TensorFlow (not installed): a scenes config whose split would exceed it is
-# refused by name, before anything is rendered.
-_TFDS_SPLIT_LIMIT = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-
-
-def _scenes_record_bytes(height: int, width: int) -> int:
-  """An upper bound on one serialised ``scenes`` record: its four arrays as
-  raw bytes (``Encoding.BYTES``: 8 values of 4 bytes per pixel) plus at most
-  256 bytes of the tf.train.Example's own (measured: 97 at 64x80)."""
-  return 32 * height * width + 256
-
-
 def _raw(shape, dtype):
   """A tensor feature stored as its raw bytes: 4.5x faster to serialise than
   TFDS's default (a packed float / varint int list), 0.9 against 4.2 ms per
@@ -386,13 +375,22 @@ class ScenesConfig(tfds.core.BuilderConfig):
   label_missing: float = 0.0  # ... with label -1
 
 
-class Scenes(tfds.core.GeneratorBasedBuilder):
-  """Rendered rooms with boxes, spheres and cylinders; tasks: class, depth, normals."""
+class Scenes(split_parts.PartedBuilder, tfds.core.GeneratorBasedBuilder):
+  """Rendered rooms with boxes, spheres and cylinders; tasks: class, depth, normals.
+
+  A split over :data:`mtljax.data.split_parts.PART_BYTES` (TFDS's 1000 MiB
+  in-memory limit) is rendered and written in parts of consecutive scenes and
+  merged into one split (:mod:`mtljax.data.split_parts`): within a part the
+  records are in TFDS's hashed order, as in a split of one part. ``full`` is
+  version 1.1.0 (3,000 / 1,000 at 128x160; 1.0.0 was 1,500 / 500), so that a
+  data directory's copy of the old ``full`` is not read as the new one."""
 
   VERSION = _VERSION
   BUILDER_CONFIGS = [ScenesConfig(name="quick"),
-                     ScenesConfig(name="full", height=128, width=160, num_train=1_500,
-                                  num_test=500)]
+                     ScenesConfig(name="full", version=tfds.core.Version("1.1.0"),
+                                  release_notes={"1.1.0": "3,000 / 1,000 images (1.0.0: "
+                                                 "1,500 / 500: TFDS's 1000 MiB split limit)"},
+                                  height=128, width=160, num_train=3_000, num_test=1_000)]
 
   @classmethod
   def config_from_name(cls, name: str) -> ScenesConfig:
@@ -405,7 +403,7 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
     if not m:
       raise ValueError(
           f"scenes: unknown builder config {name!r}; use 'quick' (64x80, 2000 train / 500 "
-          "test), 'full' (128x160, 1500 / 500) or "
+          "test), 'full' (128x160, 3000 / 1000) or "
           "'h{H}_w{W}_n{TRAIN}_m{TEST}_s{SEED}[_dmiss{F}][_nmiss{F}][_lmiss{F}]', "
           "e.g. 'h64_w80_n200_m50_s1' or 'h64_w80_n200_m50_s1_dmiss0.05'.")
     h, w, n, t, s = map(int, m.groups()[:5])
@@ -417,14 +415,6 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
       if not 0.0 <= f < 1.0:
         raise ValueError(f"scenes: the missing fraction {key} must be in [0, 1), got {f} "
                          f"in {name!r}.")
-    record = _scenes_record_bytes(h, w)
-    for split, count in (("train", n), ("test", t)):
-      if count * record > _TFDS_SPLIT_LIMIT:
-        raise ValueError(
-            f"scenes: the {split} split of {name!r} would be {count * record / 2**20:.1f} "
-            f"MiB; TFDS writes at most {_TFDS_SPLIT_LIMIT / 2**20:.0f} MiB per split "
-            "without TensorFlow (a larger one spills through tf.io.gfile): at "
-            f"{h}x{w} use at most {_TFDS_SPLIT_LIMIT // record} images per split.")
     return ScenesConfig(name=name, height=h, width=w, num_train=n, num_test=t, seed=s,
                         depth_missing=missing[0], normal_missing=missing[1],
                         label_missing=missing[2])
@@ -446,19 +436,23 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
             "normal": _raw((h, w, 3), np.float32),
         }))
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
+  def _split_sizes(self):
     c = self.builder_config
-    kw = dict(depth_missing=c.depth_missing, normal_missing=c.normal_missing,
-              label_missing=c.label_missing)
-    return {split: self._generate_examples(c.seed, stream, n, c.height, c.width, kw)
-            for split, stream, n in scenes.split_streams(c.num_train, c.num_test)}
+    record = split_parts.raw_record_bytes(self.info.features)
+    return {split: (n, record)
+            for split, _, n in scenes.split_streams(c.num_train, c.num_test)}
 
-  def _generate_examples(self, seed, stream, n, height, width, missing):
-    """A chunk of scenes at a time (:func:`mtljax.data.scenes.iter_split`):
-    the split is never in memory whole; keys are the scenes' indices."""
-    i = 0
-    for chunk in scenes.iter_split(seed, stream, n, height, width, **missing):
+  def _generate_examples(self, split, start, stop):
+    """Scenes ``start..stop-1`` of ``split``, a chunk at a time
+    (:func:`mtljax.data.scenes.iter_split`): the split is never in memory
+    whole; keys are the scenes' indices in the split."""
+    c = self.builder_config
+    stream, n = {s: (k, m) for s, k, m in scenes.split_streams(c.num_train, c.num_test)}[split]
+    i = start
+    for chunk in scenes.iter_split(c.seed, stream, n, c.height, c.width,
+                                   depth_missing=c.depth_missing,
+                                   normal_missing=c.normal_missing,
+                                   label_missing=c.label_missing, start=start, stop=stop):
       for key, example in _examples(chunk):
         yield i + key, example
       i += len(chunk["label"])

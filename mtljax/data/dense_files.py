@@ -53,7 +53,12 @@ and prepares only when no copy of that fingerprint is there, under
 copy take turns; with several processes process 0 prepares, the others wait
 at a barrier). Changing a file under ROOT (its size or modification time)
 prepares a new copy; the old one stays until deleted. The copy is then read
-with ``builder.as_data_source`` (random access, no TensorFlow).
+with ``builder.as_data_source`` (random access, no TensorFlow). A split over
+TFDS's 1000 MiB in-memory writer limit (NYUv2's both, Cityscapes' train) is
+written as parts of consecutive files merged into one split of several shards
+(:mod:`mtljax.data.split_parts`; without it TFDS needs TensorFlow), records
+still in file order; the data directory's free disk is checked before any
+file is read.
 
 **Sizes** (:func:`dense_bytes`): every value is 4 bytes (float32 / int32), so
 a split of ``n`` images takes ``n H W (3 + 1 + 1 [+ 3]) 4`` bytes: NYUv2's
@@ -85,6 +90,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtljax import errors
+from mtljax.data import split_parts
 from mtljax.data import tfds_access
 
 logger = logging.getLogger("mtljax")
@@ -394,8 +400,11 @@ class DenseFilesConfig(tfds.core.BuilderConfig):
   counts: dict | None = None
 
 
-class _DenseFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Reads a validated ROOT (the config's) into mtljax's dense record."""
+class _DenseFiles(split_parts.PartedBuilder, tfds.core.GeneratorBasedBuilder,
+                  skip_registration=True):
+  """Reads a validated ROOT (the config's) into mtljax's dense record; a
+  split over :data:`mtljax.data.split_parts.PART_BYTES` is written in parts
+  and merged into one split (:mod:`mtljax.data.split_parts`)."""
 
   VERSION = _VERSION
   BUILDER_CONFIGS: list = []
@@ -410,14 +419,15 @@ class _DenseFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         features=record_features(c.layout.shape, c.layout.normals),
         disable_shuffling=True)  # record i is file {i}.npy
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # local files
+  def _split_sizes(self):
     c = self.builder_config
-    return {split: self._generate_examples(split) for split in c.counts}
+    record = split_parts.raw_record_bytes(self.info.features)
+    return {split: (n, record) for split, n in c.counts.items()}
 
-  def _generate_examples(self, split):
+  def _generate_examples(self, split, start, stop):
+    """Files ``start..stop-1`` of ``split``, keyed by index (file order)."""
     c = self.builder_config
-    for i in range(c.counts[split]):
+    for i in range(start, stop):
       yield i, read_example(c.root, c.layout, split, i)
 
 
@@ -460,6 +470,7 @@ def builder(name: str, root: str, *, data_dir: str | None = None, classes: int |
     with tfds_access.preparing(data_dir, name, config.name, b.version):
       b = make()  # (prepared meanwhile by the run that held the lock?)
       if not b.is_prepared():
+        b.check_disk()  # (the records fit on the data directory's disk)
         check_files(root, layout, counts)  # every file, before anything is written
         logger.info("Preparing %s from %s (%s) into %s.", name, root,
                     ", ".join(f"{s} {n}" for s, n in counts.items()), data_dir)

@@ -94,8 +94,9 @@ preprocessed NYUv2 files (and of :mod:`mtljax.tasks`' dense kinds).
   ``(scenes, height, width, noise_rng=None)`` -> the arrays above plus
   ``surface`` (which face of which primitive each pixel sees; for tests), in
   float64 before the cast.
-* :func:`iter_split` (one split, :data:`CHUNK` images at a time; what the
-  builder writes) and :func:`render_split` (the same, concatenated).
+* :func:`iter_split` (one split, or scenes ``start..stop-1`` of it,
+  :data:`CHUNK` images at a time; what the builder writes, a part of a large
+  split at a time) and :func:`render_split` (the same, concatenated).
 * :data:`CLASS_NAMES`, :data:`NUM_CLASSES`, :func:`intrinsics`,
   :func:`backproject`, :func:`convert_normals`.
 
@@ -563,19 +564,28 @@ def hole_mask(rng: np.random.Generator, n: int, height: int, width: int,
 
 def iter_split(seed: int, stream: int, n: int, height: int, width: int, *,
                depth_missing: float = 0.0, normal_missing: float = 0.0,
-               label_missing: float = 0.0):
+               label_missing: float = 0.0, start: int = 0, stop: int | None = None):
   """The ``n`` scenes of one split, :data:`CHUNK` at a time (so that a large
   split is never held in memory whole): yields dicts of record arrays
   (``image``, ``label``, ``depth``, ``normal``; leading axis <= CHUNK) cast to
   the record dtypes. The scenes come from RNG stream ``[seed, stream, 0]``;
   chunk ``i``'s pixel noise from ``[seed, stream, 1, i]`` and its missing
-  cells from ``[seed, stream, 2, j, i]`` (``j``: depth 0, normal 1, label 2)."""
+  cells from ``[seed, stream, 2, j, i]`` (``j``: depth 0, normal 1, label 2).
+
+  ``start``, ``stop``: only scenes ``start..stop-1`` of the split (the
+  chunks that hold them, rendered whole and cut), bitwise the same as in the
+  whole split: a part of a large split (:mod:`mtljax.data.split_parts`)."""
   for fraction in (depth_missing, normal_missing, label_missing):
     if not 0.0 <= fraction < 1.0:
       raise ValueError(f"scenes: a missing fraction must be in [0, 1), got {fraction}.")
+  stop = n if stop is None else stop
+  if not 0 <= start <= stop <= n:
+    raise ValueError(f"scenes: start={start}, stop={stop} is not a range of 0..{n}.")
   scenes = sample_scenes(np.random.default_rng([seed, stream, 0]), n)
-  for i, start in enumerate(range(0, n, CHUNK)):
-    part = render(scenes.take(slice(start, start + CHUNK)), height, width,
+  for i in range(start // CHUNK, -(-stop // CHUNK)):
+    lo = i * CHUNK
+    cut = slice(max(start - lo, 0), min(stop - lo, CHUNK))
+    part = render(scenes.take(slice(lo, lo + CHUNK)), height, width,
                   noise_rng=np.random.default_rng([seed, stream, 1, i]))
     out = {"image": part["image"].astype(np.float32), "label": part["label"],
            "depth": part["depth"].astype(np.float32),
@@ -590,6 +600,8 @@ def iter_split(seed: int, stream: int, n: int, height: int, width: int, *,
         holes = hole_mask(np.random.default_rng([seed, stream, 2, j, i]), m, height, width,
                           fraction)
         out[key][holes] = fill
+    if cut != slice(0, m):
+      out = {k: v[cut] for k, v in out.items()}
     yield out
 
 
