@@ -564,11 +564,48 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
     if config.get("plots", True):
       plotting.run_plots(workdir, plotting.metrics_rows(workdir), workdir_lib.json_safe(summary))
+      if any(t.dense for t in ts):
+        dense_examples(run.model, data, state.params, summary["num_seeds"],
+                       os.path.join(workdir, "dense_examples.png"))
   n_seeds = summary["num_seeds"]
   logger.info("Final test metrics%s:\n%s",
               f" (mean ± s.e. over n={n_seeds} seeds)" if n_seeds > 1 else "",
               format_table(summary["tasks"], summary.get("tasks_se")))
   return workdir_lib.json_safe(summary)
+
+
+def dense_examples(model, data, params, num_seeds: int, path: str, num: int = 4) -> dict:
+  """``dense_examples.png``: the first ``num`` test images, each dense task's
+  ground truth and the model's prediction (seed 0's parameters): class maps,
+  depth on one scale per image, normals as colours. Returns
+  :func:`mtljax.plotting.plot_dense_examples`' summary."""
+  ts = data.taskset
+  params = jax.device_get(params if num_seeds == 1 else jax.tree.map(lambda a: a[0], params))
+  test = data.test
+  n = int(min(num, np.min(test["n"])))
+  src = int(test["source"][0])  # (dense data sets read one input source)
+  x = (data.readers["test"].inputs(np.asarray(test["records"][src, :n]))
+       if data.readers is not None else np.asarray(test["x"][src, :n]))
+  ids = np.arange(len(ts), dtype=np.int32)
+  outs = jax.device_get(jax.jit(model.apply)(params, np.broadcast_to(x, (len(ts),) + x.shape),
+                                             ids))
+  columns, classes = [], {}
+  for i, t in enumerate(ts):
+    if not t.dense:
+      continue
+    y = np.asarray(test["y"][t.group][int(ts.local_index[i]), :n])
+    out = np.asarray(outs[t.group][i], np.float64)
+    if t.kind == "segmentation":
+      truth, pred = y, out.argmax(-1)
+      classes[f"{t.name} truth"] = classes[f"{t.name} predicted"] = t.num_classes
+    elif t.kind == "depth":
+      truth, pred = y[..., 0], out[..., 0]
+    else:
+      norm = np.linalg.norm(out, axis=-1, keepdims=True)
+      truth, pred = y, out / np.where(norm > 0, norm, 1.0)
+    columns += [(f"{t.name} truth", t.kind, list(truth)), (f"{t.name} predicted", t.kind,
+                                                           list(pred))]
+  return plotting.plot_dense_examples(list(x), columns, path, classes)
 
 
 def _summary(config, data, run, last_eval, *, step: int, resumed_from, compilations: int,

@@ -32,6 +32,7 @@ def get_config(arg: str = ""):
   c.model.channels = (32, 32, 32)
   c.model.hidden = (32,)
   c.sampling.examples_per_task = 16
+  c.sampling.shared_inputs = True  # one batch of images labelled for every task (as NYUv2)
   c.optim.lr = 3e-3
   c.eval_batch_size = 100
   if arg in ("", "quick"):
