@@ -653,7 +653,9 @@ def _delta_m(config, last_eval: dict, seeds_report: dict | None) -> dict:
   base = base_summary["tasks"]
   dm, per_task = measure.delta_m(last_eval, base)
   out = {"value": dm, "per_task": per_task, "baselines": base,
-         "convention": measure.DELTA_M_CONVENTION}
+         "convention": measure.DELTA_M_CONVENTION,
+         # Nash-MTL's average over every metric at once (sign: positive = better).
+         "value_per_metric": measure.delta_m(last_eval, base, average="per_metric")[0]}
   if seeds_report is not None:  # paired: seed s of the run against seed s of the baselines
     per = [measure.delta_m(mine, theirs)[0] for mine, theirs in
            zip(seeds_report["tasks"], base_summary["per_seed"]["tasks"])]

@@ -265,3 +265,36 @@ def test_eval_step_gives_each_dense_tasks_split_metrics_over_uneven_chunks():
     for k, v in want.items():
       tol = dense_metrics.median_bound() if k == "median_angle" else 1e-5 * max(1, abs(v))
       assert abs(got[t.name][k] - v) <= tol + 1e-5, (t.name, k, got[t.name][k], v)
+
+
+@pytest.mark.slow
+def test_scenes_config_trains_reports_every_dense_metric_delta_m_and_draws_examples(tmp_path):
+  """The scenes config end to end on small scenes (16x20, 40 images), with
+  single-task baselines: the summary holds the nine NYUv2-style metrics and
+  each task's loss, Δm is over every metric with its declared direction
+  (recomputed here from the summary's own numbers, both averages), and the
+  run draws its example grid."""
+  from experiments.configs import scenes  # pylint: disable=g-import-not-at-top
+  from mtljax import train  # pylint: disable=g-import-not-at-top
+  c = scenes.get_config("quick")
+  c.data.builder_config = "h16_w20_n40_m10_s0"
+  c.total_steps, c.steps_per_call, c.log_steps = 20, 10, 10
+  c.eval_steps = c.checkpoint_steps = 20
+  c.baselines, c.baselines_cache = True, str(tmp_path / "cache")
+  summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+  got = summary["tasks"]
+  assert set(got) == {"segmentation", "depth", "normal"}
+  assert set(got["normal"]) == {"loss", "mean_angle", "median_angle", "within_11_25",
+                                "within_22_5", "within_30"}
+  assert 0 <= got["segmentation"]["miou"] <= 1 and 0 <= got["segmentation"]["pix_acc"] <= 1
+  base = summary["delta_m"]["baselines"]
+  metrics = {t: {k: v for k, v in m.items() if k != "loss"} for t, m in got.items()}
+  terms = [100 * (1 if tasks.METRIC_DIRECTIONS[k] == "higher" else -1) * (v - base[t][k])
+           / abs(base[t][k]) for t, ms in metrics.items() for k, v in ms.items()]
+  assert len(terms) == 9
+  per_task = np.mean([np.mean([100 * (1 if tasks.METRIC_DIRECTIONS[k] == "higher" else -1)
+                               * (v - base[t][k]) / abs(base[t][k]) for k, v in ms.items()])
+                      for t, ms in metrics.items()])
+  assert summary["delta_m"]["value"] == pytest.approx(per_task, rel=1e-6)
+  assert summary["delta_m"]["value_per_metric"] == pytest.approx(np.mean(terms), rel=1e-6)
+  assert (tmp_path / "run" / "dense_examples.png").stat().st_size > 0

@@ -113,8 +113,9 @@ from mtljax.models import per_task_trunks
 from mtljax.models import shared_trunk
 from mtljax.models.parts import ENCODERS, HEADS, Trunk  # pylint: disable=unused-import
 
-# The architectures that take per-pixel features (the dense tasks') so far.
-DENSE_ARCHS = ("multi_head",)
+# The architectures that take per-pixel features (the dense tasks') so far
+# (independent: the single-task baselines).
+DENSE_ARCHS = ("multi_head", "independent")
 
 TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(Trunk))
 
