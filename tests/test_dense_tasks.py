@@ -298,3 +298,20 @@ def test_scenes_config_trains_reports_every_dense_metric_delta_m_and_draws_examp
   assert summary["delta_m"]["value"] == pytest.approx(per_task, rel=1e-6)
   assert summary["delta_m"]["value_per_metric"] == pytest.approx(np.mean(terms), rel=1e-6)
   assert (tmp_path / "run" / "dense_examples.png").stat().st_size > 0
+
+
+def test_dense_configs_validate_and_need_their_files_root():
+  from experiments.configs import cityscapes, nyuv2, scenes  # pylint: disable=g-import-not-at-top
+  from mtljax import build  # pylint: disable=g-import-not-at-top
+  for variant in scenes.VARIANTS:
+    build.validate_config(scenes.get_config(variant))
+  for module in (nyuv2, cityscapes):
+    c = module.get_config()
+    with pytest.raises(errors.ConfigError, match="config.data.root is empty"):
+      build.validate_config(c)
+    c.data.root = "/data/somewhere"
+    build.validate_config(c)
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+      module.get_config("fast")
+  with pytest.raises(ValueError, match="unknown variant 'fast'"):
+    scenes.get_config("fast")
