@@ -2,6 +2,8 @@
 pixels of each slot's batch (against float64 numpy written from the published
 reductions), the per-task layout of dense labels, and their checks."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,3 +317,55 @@ def test_dense_configs_validate_and_need_their_files_root():
       module.get_config("fast")
   with pytest.raises(ValueError, match="unknown variant 'fast'"):
     scenes.get_config("fast")
+
+
+_SCENES_CLI = ["--config=experiments/configs/scenes.py:quick",
+               "--config.data.builder_config=h16_w20_n40_m10_s0", "--config.total_steps=300",
+               "--config.steps_per_call=5", "--config.log_steps=10", "--config.eval_steps=100",
+               "--config.checkpoint_steps=20", "--config.plots=False",
+               "--config.tensorboard=False"]
+
+
+def _scenes_run(workdir, data_dir):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  return subprocess.Popen([sys.executable, "-m", "experiments.main", *_SCENES_CLI,
+                           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_dense_run_killed_with_sigkill_resumes_bitwise(tmp_path):
+  """The scenes config through the command line: SIGKILL after the first
+  checkpoints, the same command again, and every logged number, the final
+  metrics and the whole final state equal an uninterrupted run's bits."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import helpers  # pylint: disable=g-import-not-at-top
+  from test_faults import _assert_bitwise, _final_state  # pylint: disable=g-import-not-at-top
+  from experiments.configs import scenes  # pylint: disable=g-import-not-at-top
+  from mtljax import build  # pylint: disable=g-import-not-at-top
+  data_dir, straight, killed = tmp_path / "data", tmp_path / "a", tmp_path / "b"
+  proc = _scenes_run(straight, data_dir)
+  assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+  proc = _scenes_run(killed, data_dir)
+  ckpts, deadline = killed / "checkpoints", time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(d.isdigit() and int(d) >= 60 for d in os.listdir(ckpts)):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=60) == -signal.SIGKILL
+  proc = _scenes_run(killed, data_dir)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0 and "Resumed from" in err, err[-3000:]
+  assert helpers.metrics_rows(killed) == helpers.metrics_rows(straight)
+  with open(killed / "summary.json") as f, open(straight / "summary.json") as g:
+    import json  # pylint: disable=g-import-not-at-top
+    assert json.load(f)["tasks"] == json.load(g)["tasks"]
+  c = scenes.get_config("quick")
+  c.data.builder_config, c.data.data_dir = "h16_w20_n40_m10_s0", str(data_dir)
+  like = build.build_run(c, build.data_from_config(c)).state
+  _assert_bitwise(_final_state(killed, like), _final_state(straight, like))
