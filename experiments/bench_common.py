@@ -14,6 +14,7 @@ import optax
 from mtljax import gradients
 from mtljax import objectives
 from mtljax import optim
+from mtljax import precision
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks
@@ -56,10 +57,11 @@ def parse_entry(entry: str):
   return method, path or "jacobian", shared or method == "mgda_ub", backwards or "auto"
 
 
-def mtljax_step(entry: str, data):
+def mtljax_step(entry: str, data, compute: str = "float32"):
+  """The entry's step, its model computing in ``compute`` (:mod:`mtljax.precision`)."""
   method, gram_path, shared, backwards = parse_entry(entry)
   ts = data.taskset
-  model = multitask.make_model("multi_head", ts, (D,), hidden=(H, H))
+  model = precision.mixed(multitask.make_model("multi_head", ts, (D,), hidden=(H, H)), compute)
   tx = optim.make_optimizer("adam", lr=1e-3)
   obj = objectives.make_objective(method, len(ts), gram_path=gram_path)
   sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),

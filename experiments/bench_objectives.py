@@ -53,6 +53,9 @@ _METHODS = flags.DEFINE_list(
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 _CALLS = flags.DEFINE_integer("calls", 10, "Host calls per round (10 steps each).")
 _JSON = flags.DEFINE_string("json", "", "Write the rows as JSON here.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
+                               "The mtljax rows' compute dtype (mtljax/precision.py); the "
+                               "plain-JAX rows stay float32.")
 
 
 # ----------------------------------------------------------------------------
@@ -61,8 +64,10 @@ _JSON = flags.DEFINE_string("json", "", "Write the rows as JSON here.")
 
 
 def _prepare(entry, data):
-  make = bc.plain_step if entry.startswith("plain:") else bc.mtljax_step
-  step, state, d = make(entry, data)
+  if entry.startswith("plain:"):
+    step, state, d = bc.plain_step(entry, data)
+  else:
+    step, state, d = bc.mtljax_step(entry, data, _PRECISION.value)
   t0 = time.perf_counter()
   compiled = step.lower(state, d).compile()
   stats = compiled.memory_analysis()
@@ -94,7 +99,7 @@ def main(argv):
   del argv
   data = bc.bench_data(_TASKS.value)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, T=K={_TASKS.value}, "
-        f"B={bc.B}, MLP {bc.D}-{bc.H}-{bc.H}, steps/call={bc.SPC}, "
+        f"B={bc.B}, MLP {bc.D}-{bc.H}-{bc.H}, steps/call={bc.SPC}, {_PRECISION.value}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"cpus={sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}")
   rows = [_prepare(e, data) for e in _METHODS.value]
@@ -126,6 +131,7 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({"num_tasks": _TASKS.value, "backend": jax.default_backend(),
+                 "precision": _PRECISION.value,
                  "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": out}, f, indent=2)
 
 

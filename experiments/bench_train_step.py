@@ -1,6 +1,7 @@
 r"""Steps/second of the compiled multi-task train step, per architecture.
 
-    python -m experiments.bench_train_step [--encoders=mlp,cnn] [--steps=200]
+    python -m experiments.bench_train_step [--encoders=mlp,cnn] [--steps=200] \
+        [--json=out.json]
 
 Synthetic data (no TFDS): T tasks of 10-class classification on one shared
 input; K = T tasks per step, B examples per task, Adam. Times only the compiled
@@ -9,6 +10,7 @@ step (after one warm-up call), for each ``steps_per_call`` (1 = a plain step,
 table; record it in BUILD_NOTES.md with the machine it ran on.
 """
 
+import json
 import time
 
 from absl import app
@@ -17,6 +19,7 @@ import jax
 import numpy as np
 
 from mtljax import optim
+from mtljax import precision
 from mtljax import sharding
 from mtljax import steps
 from mtljax import tasks
@@ -32,6 +35,9 @@ _STEPS = flags.DEFINE_integer("steps", 200, "Timed steps per configuration.")
 _SPC = flags.DEFINE_list("steps_per_call", ["1", "50"],
                          "Steps per host call (1 = no loop; >1 = lax.scan).")
 _BATCH = flags.DEFINE_integer("examples_per_task", 64, "B.")
+_JSON = flags.DEFINE_string("json", "", "Write the rows as JSON here.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
+                               "The model's compute dtype (mtljax/precision.py).")
 
 
 def _data(num_tasks, input_shape, n=2048):
@@ -48,9 +54,9 @@ def _data(num_tasks, input_shape, n=2048):
 def _time(arch, encoder, num_tasks, spc):
   shape = (12, 16) if encoder == "cnn" else (64,)
   data = _data(num_tasks, shape)
-  model = multitask.make_model(arch, data.taskset, shape, encoder=encoder,
-                               hidden=(128,) if encoder == "cnn" else (256, 256),
-                               channels=(16, 32))
+  model = precision.mixed(multitask.make_model(
+      arch, data.taskset, shape, encoder=encoder, hidden=(128,) if encoder == "cnn" else (256, 256),
+      channels=(16, 32)), _PRECISION.value)
   tx = optim.make_optimizer("adam", lr=1e-3)
   placement = sharding.Placement(sharding.make_mesh())
   sampler = sampling.make_sampler(
@@ -77,9 +83,10 @@ def _time(arch, encoder, num_tasks, spc):
 def main(argv):
   del argv
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"devices {jax.devices()}, B={_BATCH.value}")
+        f"devices {jax.devices()}, B={_BATCH.value}, {_PRECISION.value}")
   print(f"{'encoder':8} {'arch':15} {'T=K':>4} {'steps/call':>10} {'steps/s':>9} "
         f"{'ms/step':>8} {'compile s':>9}")
+  rows = []
   for encoder in _ENCODERS.value:
     for arch in _ARCHS.value:
       for t in _TASKS.value:
@@ -87,6 +94,15 @@ def main(argv):
           rate, comp = _time(arch, encoder, int(t), int(spc))
           print(f"{encoder:8} {arch:15} {t:>4} {spc:>10} {rate:9.1f} {1000 / rate:8.2f} "
                 f"{comp:9.2f}", flush=True)
+          rows.append({"encoder": encoder, "arch": arch, "num_tasks": int(t),
+                       "steps_per_call": int(spc), "examples_per_task": _BATCH.value,
+                       "precision": _PRECISION.value,
+                       "steps_per_s": rate, "ms_per_step": 1000 / rate,
+                       "compile_s": comp})
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"backend": jax.default_backend(), "precision": _PRECISION.value,
+                 "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from mtljax import jacobians
 from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
+from mtljax import precision
 from mtljax import schedules
 from mtljax import sharding
 from mtljax import steps
@@ -264,6 +265,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of("on_nonfinite", config.get("on_nonfinite", "stop"), steps.NONFINITE_POLICIES)
   _one_of("dense_convention", config.get("dense_convention", "exact"),
           dense_metrics.CONVENTIONS)
+  _one_of("precision", config.get("precision", "float32"), precision.PRECISIONS)
   _one_of("optim.schedule", o.schedule, schedules.SCHEDULES)
   with errors.config_section("optim", o):
     optim.parse_rules(o.rules)  # raises on bad syntax, regexes, settings
@@ -439,7 +441,8 @@ def model_from_config(config, taskset, input_shape) -> multitask.Model:
   ``config.model: <the library's message>``."""
   m = config.model
   with errors.config_section("model"):
-    return multitask.make_model(m.arch, taskset, input_shape, **_model_arguments(m))
+    model = multitask.make_model(m.arch, taskset, input_shape, **_model_arguments(m))
+  return precision.mixed(model, config.get("precision", "float32"))
 
 
 def objective_hparams(config) -> dict:

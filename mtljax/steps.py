@@ -203,7 +203,7 @@ def tag_measurements(lin: jacobians.Linearized, params: dict, task_ids, eta: flo
 
 
 NONFINITE_POLICIES = ("stop", "skip")
-_NO_STEP = np.iinfo(np.int32).max
+NO_STEP = np.iinfo(np.int32).max
 
 
 def all_finite(tree) -> jax.Array:
@@ -219,7 +219,7 @@ def nonfinite_measurements(finite, step, losses, task_ids, num_tasks: int) -> di
   ``nonfinite_tasks [T]`` (slots whose loss is not finite, by task)."""
   bad = jnp.logical_not(finite)
   return {"nonfinite_steps": bad.astype(jnp.int32),
-          "nonfinite_first": jnp.where(bad, step, _NO_STEP).astype(jnp.int32),
+          "nonfinite_first": jnp.where(bad, step, NO_STEP).astype(jnp.int32),
           "nonfinite_tasks": jax.ops.segment_sum(
               jnp.logical_not(jnp.isfinite(losses)).astype(jnp.int32), task_ids, num_tasks)}
 

@@ -208,18 +208,20 @@ class _Affinity:
     self.sum = self.count = None
 
   def add(self, meas):
+    """Adds on the device (no host sync: read once, by :meth:`summary`)."""
     if "tag_sum" not in meas:
       return
-    got = jax.device_get((meas["tag_sum"], meas["tag_count"]))
-    if got[0].ndim == 3:  # N seeds: pooled
-      got = (got[0].sum(axis=0), got[1].sum(axis=0))
+    got = (meas["tag_sum"], meas["tag_count"])
     self.sum = got[0] if self.sum is None else self.sum + got[0]
     self.count = got[1] if self.count is None else self.count + got[1]
 
   def summary(self, config, taskset) -> dict | None:
     if self.sum is None:
       return None
-    affinity = np.where(self.count > 0, self.sum / np.maximum(self.count, 1), np.nan)
+    total, count = jax.device_get((self.sum, self.count))
+    if total.ndim == 3:  # N seeds: pooled
+      total, count = total.sum(axis=0), count.sum(axis=0)
+    affinity = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     out = {"tasks": list(taskset.names), "lookahead_lr": config.tag_lr,
            "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in affinity],
            "definition": "Z[i][j] = 1 - L_j(after a step on task i's gradient) / L_j, "
@@ -227,6 +229,74 @@ class _Affinity:
     if not np.isnan(affinity).any() and 1 <= config.tag_groups <= len(taskset):
       out["grouping"] = measure.group_tasks(affinity, config.tag_groups, taskset.names)
     return out
+
+
+# ----------------------------------------------------------------------------
+# The loop's compiled call: donated state, a device-side stop on non-finite steps.
+# ----------------------------------------------------------------------------
+
+DONATE_STATE = True  # the loop's state is donated to its step (tests compare with False)
+NONFINITE_KEYS = ("nonfinite_steps", "nonfinite_first", "nonfinite_tasks")
+
+
+def halting_step(fn: Callable) -> Callable:
+  """``fn(state, data) -> (state, meas)`` as ``((state, guard), data) ->
+  ((state, guard), meas)``, for ``on_nonfinite="stop"`` without a host sync per call.
+
+  ``guard = {"halted": bool [], "nonfinite": {key: meas[key]}}``
+  (:data:`NONFINITE_KEYS`). A call whose steps are all finite runs ``fn`` and
+  returns ``halted`` False; the first call with a non-finite step runs ``fn`` as
+  well (its bad steps never apply: :func:`mtljax.steps.make_train_step`) and
+  sets ``halted``, keeping that call's non-finite measurements. From then on
+  every call is the identity on ``(state, guard)`` (a ``lax.cond``: nothing is
+  computed; with donation the buffers are passed through) and its
+  measurements are zeros (``nonfinite_first``: int32 max). The loop reads the
+  guard only where it reads the device anyway (log, eval, checkpoint,
+  preemption points) and raises then, with the message of the call that went
+  bad: the state after it is never logged, evaluated or saved, exactly as when
+  the loop checked after every call."""
+  shapes = {}
+
+  def step(carry, data):
+    state, guard = carry
+    shapes.clear()  # this trace's, set by run (traced first: lax.cond's true branch)
+
+    def run():
+      new, meas = fn(state, data)
+      shapes["meas"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), meas)
+      bad = jnp.sum(meas["nonfinite_steps"]) > 0
+      return (new, {"halted": bad, "nonfinite": {k: meas[k] for k in NONFINITE_KEYS}}), meas
+
+    def hold():
+      like = shapes.get("meas") or jax.eval_shape(fn, state, data)[1]
+      meas = {k: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), v) for k, v in like.items()}
+      meas["nonfinite_first"] = jnp.full(like["nonfinite_first"].shape, steps.NO_STEP,
+                                         like["nonfinite_first"].dtype)
+      return (state, guard), meas
+    return jax.lax.cond(jnp.logical_not(guard["halted"]), run, hold)
+  return step
+
+
+def initial_guard(num_tasks: int, num_seeds: int) -> dict:
+  """The guard of :func:`halting_step` before any call: not halted."""
+  lead = (num_seeds,) if num_seeds > 1 else ()
+  return {"halted": np.zeros((), bool),
+          "nonfinite": {"nonfinite_steps": np.zeros(lead, np.int32),
+                        "nonfinite_first": np.full(lead, steps.NO_STEP, np.int32),
+                        "nonfinite_tasks": np.zeros(lead + (num_tasks,), np.int32)}}
+
+
+def jit_loop_step(run, data_shardings, policy: str) -> Callable:
+  """The run's step as the loop calls it: ``(carry, data) -> (carry, meas)``,
+  ``carry`` the state (``on_nonfinite="skip"``) or ``(state, guard)``
+  (``"stop"``: :func:`halting_step`), donated (:data:`DONATE_STATE`)."""
+  pl = run.placement
+  if policy == "stop":
+    return sharding.jit_train_step(halting_step(run.train_fn),
+                                   (run.state_shardings, pl.replicated), data_shardings, pl,
+                                   donate=DONATE_STATE)
+  return sharding.jit_train_step(run.train_fn, run.state_shardings, data_shardings, pl,
+                                 donate=DONATE_STATE)
 
 
 class DeviceFeed:
@@ -238,7 +308,7 @@ class DeviceFeed:
     self.splits = {"train": sharding.place(data.train, train_sh),
                    "test": sharding.place(data.test, test_sh)}
     params_sh = run.state_shardings.params
-    self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
+    self.train_step = jit_loop_step(run, train_sh, config.get("on_nonfinite", "stop"))
     self.eval_steps = {"test": sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl)}
     if config.eval_train:  # sized for the train split
       self.eval_steps["train"] = sharding.jit_eval_step(steps.make_eval_step(
@@ -270,7 +340,7 @@ class HostFeed:
     self.data, self.chunk = data, int(config.eval_batch_size)
     self.dense_convention = config.get("dense_convention", "exact")
     batch_sh = pl.host_batch(data.train, config.sampling.shared_inputs, lead=int(spc > 1))
-    self.train_step = sharding.jit_train_step(run.train_fn, run.state_shardings, batch_sh, pl)
+    self.train_step = jit_loop_step(run, batch_sh, config.get("on_nonfinite", "stop"))
     self._chunk_step = jax.jit(run.eval_fn, out_shardings=pl.replicated)
     self._replicated = pl.replicated
     count, prefetch = run.batches.shard_count, config.data.get("prefetch", 2)
@@ -343,7 +413,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 @contextlib.contextmanager
 def _sigterm_flag():
   """A flag set by SIGTERM (what cluster schedulers send before killing a
-  job) or SIGINT (Ctrl-C), checked after every host call (``flag["signum"]``:
+  job) or SIGINT (Ctrl-C), checked after every call with one process, at the
+  loop's sync points with several (:func:`_loop`) (``flag["signum"]``:
   the first signal's number); a second SIGINT raises ``KeyboardInterrupt`` at
   once (stop now, without saving). The previous handlers are restored."""
   flag = {"set": False, "signum": None}
@@ -398,7 +469,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   (a second Ctrl-C: ``KeyboardInterrupt`` at once); a
   non-finite loss or gradient raises :class:`NonFiniteError` (or is skipped
   and counted: ``config.on_nonfinite``). ``callbacks(step, measurements)``
-  run after every host call (e.g. to stop a run early in tests).
+  run after every host call (e.g. to stop a run early in tests); they are
+  no sync point: after a non-finite step under ``"stop"`` they see the calls
+  up to the next sync point, which hold the state and measure zeros.
 
   Returns:
     the summary dict.
@@ -476,7 +549,7 @@ def _train_row(config, ts, run, state, meas, step: int, lr_at: Callable) -> dict
     record = combine_seed_records([train_record(ts, m, step, spc)
                                    for m in per_seed(host, n_seeds)])
   if config.get("on_nonfinite", "stop") == "skip":
-    record["train/nonfinite_skipped"] = int(np.sum(state.nonfinite_skipped))
+    record["train/nonfinite_skipped"] = int(np.sum(jax.device_get(state.nonfinite_skipped)))
   record.update(lr_at(step))
   return record
 
@@ -491,14 +564,29 @@ def _feed(config, data, run, step: int):
 
 def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   """Resumes, trains to ``config.total_steps`` call by call (logs, evaluations,
-  checkpoints, the non-finite policy, SIGTERM), then writes and returns the summary."""
+  checkpoints, the non-finite policy, SIGTERM), then writes and returns the summary.
+
+  The host reads the device only at sync points -- log, eval and checkpoint
+  steps, the last step, and a preemption -- and never between them: calls are
+  dispatched back to back, the state donated to each (:func:`jit_loop_step`).
+  Under ``on_nonfinite="stop"`` the step itself halts after a call with a
+  non-finite step (:func:`halting_step`) and the loop raises at the next sync
+  point, before it logs, evaluates or saves anything. A SIGTERM is seen after
+  the next call with one process; with several, the processes agree on it
+  (a collective) at sync points only, so a run stops within
+  ``min(log_steps, eval_steps, checkpoint_steps)`` steps of the signal."""
   ts, spc, n_seeds = data.taskset, run.steps_per_call, run.num_seeds
   primary, policy = sharding.is_primary(), config.get("on_nonfinite", "stop")
   state, resumed_from = _resume(workdir, run, manager)
   last_saved = resumed_from
   feed = _feed(config, data, run, _step(state))
   state = sharding.place(state, run.state_shardings)
+  guard = None
+  if policy == "stop":  # placed like the step's output, so the step compiles once
+    guard = initial_guard(len(ts), n_seeds)
+    guard = sharding.place(guard, jax.tree.map(lambda _: run.placement.replicated, guard))
   train_step = feed.train_step
+  single = jax.process_count() == 1
 
   def evaluate(split):
     """``{task: {metric}}`` (the mean over seeds), and per seed when N > 1."""
@@ -506,6 +594,15 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     if n_seeds == 1:
       return steps.eval_metrics(ts, acc)
     return seed_metrics([steps.eval_metrics(ts, a) for a in per_seed(acc, n_seeds)])
+
+  def check_finite():
+    """At a sync point: raises if a call since the last one went non-finite."""
+    if guard is None:
+      return
+    got = jax.device_get(guard)
+    if got["halted"]:
+      raise NonFiniteError(_nonfinite_message(ts, got["nonfinite"], last_saved,
+                                              manager.directory, config.seed))
 
   # --- Loop -------------------------------------------------------------------
   metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
@@ -519,20 +616,24 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
                               else ())
   try:
     while step < total:
-      state, meas = train_step(state, feed.next())
+      if guard is None:
+        state, meas = train_step(state, feed.next())
+      else:
+        (state, guard), meas = train_step((state, guard), feed.next())
       step += spc
-      if policy == "stop" and int(np.sum(meas["nonfinite_steps"])):
-        raise NonFiniteError(_nonfinite_message(ts, jax.device_get(meas), last_saved,
-                                                manager.directory, config.seed))
       progress.tick(step)
       for cb in callbacks:
         cb(step, meas)
       affinity.add(meas)
       record = None
-      if step % config.log_steps == 0 or step == total:
+      logs, evals = step % config.log_steps == 0, step % config.eval_steps == 0
+      saves = step % config.checkpoint_steps == 0 or step == total
+      if logs or evals or saves:  # a sync point
+        check_finite()
+      if logs or step == total:
         record = _train_row(config, ts, run, state, meas, step, lr_at)
         logger.info("%s", progress.line(step, record["train/loss"]))
-      if step % config.eval_steps == 0 or step == total:
+      if evals or step == total:
         last_eval = evaluate("test")
         record = _add_metrics(record or {"step": step}, "eval", last_eval)
         if config.eval_train:  # train-split metrics at eval steps: overfitting, shown
@@ -541,9 +642,12 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
         workdir_lib.append_jsonl(metrics_path, record)
         if board is not None:
           board.write(workdir_lib.json_safe(record))
-      preempted = sharding.any_process(sigterm["set"])  # every process stops at one step
-      if step % config.checkpoint_steps == 0 or step == total or preempted:
+      # Every process stops at one step: with several, they agree at sync points only.
+      preempted = (sharding.any_process(sigterm["set"]) if single or logs or evals or saves
+                   else False)
+      if saves or preempted:
         if last_saved != step:
+          check_finite()  # (a preemption between sync points)
           ckpt_lib.save(manager, step, state, identity=config.to_dict())
           last_saved = step
         if preempted and step < total:
@@ -557,7 +661,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     last_eval = evaluate("test")
   summary = _summary(config, data, run, last_eval, step=step, resumed_from=resumed_from,
                      compilations=int(train_step._cache_size()),  # pylint: disable=protected-access
-                     nonfinite_skipped=int(np.sum(state.nonfinite_skipped)),
+                     nonfinite_skipped=int(np.sum(jax.device_get(state.nonfinite_skipped))),
                      pipeline=feed.summary(), evaluate=evaluate,
                      affinity=affinity.summary(config, ts))
   if primary:

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "mtljax"
 # Lowest first. The library (up to steps) takes explicit arguments; build
 # reads configs; train is the loop; cv trains through the loop.
 LAYERS = (
-    ("errors", "params", "schedules", "tensorboard", "plotting"),
+    ("errors", "params", "precision", "schedules", "tensorboard", "plotting"),
     ("dense",),
     ("tasks",),
     ("data", "models", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),

@@ -178,6 +178,11 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpoint stays) or "skip" (the update is skipped and counted).
   c.on_nonfinite = "stop"
 
+  # "float32", or "bfloat16": the model computes in bfloat16; parameters,
+  # optimizer state, losses, gradients, the Gram matrix, every solver and the
+  # checkpoints stay float32 (mtljax/precision.py).
+  c.precision = "float32"
+
   c.total_steps = 1000
   c.steps_per_call = 50
   c.log_steps = 100
