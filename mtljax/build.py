@@ -47,6 +47,7 @@ from mtljax.data import sampling
 from mtljax.data import specs as specs_lib
 from mtljax.data import task_data
 from mtljax.data import tfds_access
+from mtljax.dense import metrics as dense_metrics
 from mtljax.models import multitask
 
 logger = logging.getLogger("mtljax")
@@ -213,6 +214,22 @@ def _validate_data(config) -> None:
   for key in ("download", "normalize_labels"):
     if not isinstance(d.get(key, False), bool):
       raise ConfigError(f"config.data.{key} must be True or False, got {d[key]!r}.")
+  local = any(p in tfds_access.LOCAL_FILES for p in parts)
+  for key in ("root", "label_folder"):
+    if not isinstance(d.get(key, ""), str):
+      raise ConfigError(f"config.data.{key} must be a string, got {d[key]!r}.")
+    if d.get(key, "") and not local:
+      raise ConfigError(f"config.data.{key}={d[key]!r} applies to the data sets of "
+                        f"preprocessed files ({', '.join(tfds_access.LOCAL_FILES)}), not to "
+                        f"{d.name!r}.")
+  if d.get("classes", 0) and not local:
+    raise ConfigError(f"config.data.classes={d.classes!r} applies to the data sets of "
+                      f"preprocessed files ({', '.join(tfds_access.LOCAL_FILES)}), not to "
+                      f"{d.name!r}.")
+  if local and not d.get("root", ""):
+    raise ConfigError(f"config.data.root is empty: data set {d.name!r} is read from its "
+                      "preprocessed files; set it to the directory holding train/ and val/ "
+                      "(the README says where the files come from).")
   with errors.config_section("data", d):
     data_options(config)["split_spec"].check()
   _one_of("data.pipeline", d.get("pipeline", "auto"), pipeline.PIPELINES)
@@ -246,6 +263,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not (o.lr > 0 and math.isfinite(o.lr)):
     raise ConfigError(f"config.optim.lr must be a finite number > 0, got {o.lr}.")
   _one_of("on_nonfinite", config.get("on_nonfinite", "stop"), steps.NONFINITE_POLICIES)
+  _one_of("dense_convention", config.get("dense_convention", "exact"),
+          dense_metrics.CONVENTIONS)
   _one_of("precision", config.get("precision", "float32"), precision.PRECISIONS)
   _one_of("optim.schedule", o.schedule, schedules.SCHEDULES)
   with errors.config_section("optim", o):
@@ -328,7 +347,9 @@ def data_options(config) -> dict:
       split_spec=tfds_access.Splits(d.get("train_split", "train"),
                                     d.get("test_split", "test"),
                                     d.get("test_fraction", 0.0), d.get("split_seed", 0)),
-      download=bool(d.get("download", False)))
+      download=bool(d.get("download", False)),
+      local=tfds_access.LocalFiles(os.path.expanduser(d.get("root", "")),
+                                   d.get("classes", 0), d.get("label_folder", "")))
 
 
 def check_tasks_before_loading(config, opened) -> None:
@@ -385,7 +406,7 @@ def _load_data(config) -> task_data.MultiTaskData:
   opened = loading.open_all(  # the specs and task counts checked before any download
       d.name, check=lambda described: check_tasks_before_loading(config, described),
       **{k: kwargs[k] for k in ("data_dir", "builder_config", "input_key", "label_keys",
-                                "family", "split_spec", "download")})
+                                "family", "split_spec", "download", "local")})
   kwargs = {k: kwargs[k] for k in ("builder_config", "task_names", "max_train_examples",
                                    "input_key", "label_keys", "normalize_labels")}
   kind = d.get("pipeline", "auto")
@@ -399,7 +420,9 @@ def _load_data(config) -> task_data.MultiTaskData:
                               jax.process_count())
   if kind == "device":
     data = loading.load(d.name, opened=opened, **kwargs)
-    padded = data.train["x"].nbytes + data.test["x"].nbytes
+    padded = sum(split["x"].nbytes + sum(  # a dense task's labels are as large as its inputs
+        y.nbytes for g, y in split["y"].items() if data.taskset.group_task(g).dense)
+                 for split in (data.train, data.test))
     if d.get("pipeline", "auto") != "auto" or padded <= (budget or
                                                          pipeline.default_budget_mb()) * 2**20:
       logger.info("Data pipeline: device (%s).", why)
@@ -698,12 +721,15 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
     batches = pipeline.Batches(data, sampler, config.seed, steps_per_call=spc,
                                shard_index=index, shard_count=count)
     eval_fn = steps.make_chunk_eval_step(model, label_mean=data.label_mean,
-                                         label_std=data.label_std)
+                                         label_std=data.label_std,
+                                         dense_convention=config.get("dense_convention",
+                                                                     "exact"))
   else:
     eval_fn = steps.make_eval_step(model, label_mean=data.label_mean,
                                    label_std=data.label_std,
                                    num_examples=data.split(eval_split)["x"].shape[1],
-                                   batch_size=config.eval_batch_size)
+                                   batch_size=config.eval_batch_size,
+                                   dense_convention=config.get("dense_convention", "exact"))
   if n_seeds > 1:  # on a mesh with a seed axis, each device group runs its seeds
     spmd = placement.seed_axis
     train_fn = jax.vmap(train_fn, in_axes=(0, None), spmd_axis_name=spmd)

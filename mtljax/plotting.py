@@ -340,6 +340,55 @@ def plot_run_comparison(runs: dict[str, list[dict]], path: str) -> dict:
     return drawn(fig)
 
 
+def normals_rgb(n) -> np.ndarray:
+  """Unit normals ``[..., 3]`` as colours in [0, 1] (``(n + 1) / 2``; a
+  missing, all-zero normal is mid-grey)."""
+  return np.clip((np.asarray(n, np.float64) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def plot_dense_examples(images, columns: list[tuple[str, str, list]], path: str,
+                        num_classes: dict[str, int] | None = None) -> dict:
+  """A grid with one row per example: the input, then for each dense task its
+  ground truth and its prediction. ``columns``: ``[(title, kind, [per-example
+  map])]`` (``segmentation`` class ids with -1 ignored, drawn black;
+  ``depth`` ``[H, W]`` with 0 missing, on one colour scale per row;
+  ``normals`` ``[H, W, 3]``). Returns :func:`drawn`'s summary."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  num_classes = num_classes or {}
+  n = len(images)
+  with figure(path, ncols=1 + len(columns), figsize=(1.7 * (1 + len(columns)), 1.5 * n + 0.4)
+              ) as (fig, _):
+    fig.clear()
+    axes = fig.subplots(n, 1 + len(columns), squeeze=False)
+    for i in range(n):
+      axes[i][0].imshow(np.clip(np.asarray(images[i], np.float64), 0, 1))
+      depth_range = [np.asarray(m[i], np.float64) for _, kind, m in columns if kind == "depth"]
+      valid = [d[d > 0] for d in depth_range]
+      lo = min((v.min() for v in valid if v.size), default=0.0)
+      hi = max((v.max() for v in valid if v.size), default=1.0)
+      for j, (title, kind, maps) in enumerate(columns, start=1):
+        m = np.asarray(maps[i])
+        ax = axes[i][j]
+        if kind == "segmentation":
+          cmap = matplotlib.colormaps["tab20"].resampled(max(num_classes.get(title, 20), 2))
+          cmap.set_bad("black")
+          ax.imshow(np.ma.masked_less(m, 0), cmap=cmap, vmin=0,
+                    vmax=max(num_classes.get(title, 20), 2) - 1, interpolation="nearest")
+        elif kind == "depth":
+          ax.imshow(np.ma.masked_equal(m.reshape(m.shape[:2]), 0.0), cmap="viridis", vmin=lo,
+                    vmax=hi)
+        else:
+          ax.imshow(normals_rgb(m))
+        if i == 0:
+          ax.set_title(title, fontsize=7)
+    axes[0][0].set_title("input", fontsize=7)
+    for row in axes:
+      for ax in row:
+        ax.set_xticks([])
+        ax.set_yticks([])
+  return {"rows": n, "columns": ["input"] + [t for t, _, _ in columns]}
+
+
 def run_plots(workdir: str, rows: list[dict], summary: dict) -> dict[str, dict]:
   """Writes a run's plots (module docstring) into ``workdir``; returns
   ``{file name: drawn(figure)}``."""

@@ -40,6 +40,7 @@ from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import tasks as tasks_lib
 from mtljax.data import sampling
+from mtljax.dense import metrics as dense_metrics
 from mtljax.models import multitask
 
 
@@ -505,13 +506,17 @@ def _scan_steps(one_step: Callable, steps_per_call: int, host_batches: bool) -> 
 
 
 def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
-                   label_std: np.ndarray, num_examples: int, batch_size: int
-                   ) -> Callable:
+                   label_std: np.ndarray, num_examples: int, batch_size: int,
+                   dense_convention: str = "exact") -> Callable:
   """Returns ``eval_step(params, split) -> {"sums": {group: {metric: [T]}},
-  "count": [T]}`` over every example of every task (not jitted).
+  "count": [T], "dense": {group: sums}}`` over every example of every task
+  (not jitted).
 
   ``num_examples`` is the padded example axis of the split (static). A split
   may carry its own ``label_mean`` / ``label_std`` (cross-validation folds).
+  A dense group's sums are :mod:`mtljax.dense.metrics`' (stacked over the
+  group's tasks, under ``dense_convention``) plus its pixel loss's sum and
+  count; the per-example groups' are metric sums over labelled examples.
   """
   ts = model.taskset
   num_tasks = len(ts)
@@ -520,7 +525,7 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
   task_ids = jnp.arange(num_tasks, dtype=jnp.int32)
   ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
 
-  chunk_sums = _chunk_sums(model)
+  chunk_sums = _chunk_sums(model, dense_convention)
 
   def eval_step(params, split):
     m = jnp.asarray(split.get("label_mean", label_mean))[:, None]
@@ -533,59 +538,99 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
       x, ys = sampling.gather_batch(split, ts_arrays, task_ids, idx)
       return jax.tree.map(jnp.add, acc, chunk_sums(params, x, ys, valid, m, sd)), None
 
-    acc, _ = jax.lax.scan(body, eval_zeros(ts), jnp.arange(num_chunks))
+    acc, _ = jax.lax.scan(body, eval_zeros(ts, dense_convention), jnp.arange(num_chunks))
     return acc
 
   return eval_step
 
 
-def eval_zeros(taskset: tasks_lib.TaskSet) -> dict:
-  """An evaluation's empty sums: ``{"sums": {group: {metric: [T]}}, "count": [T]}``."""
+def eval_zeros(taskset: tasks_lib.TaskSet, dense_convention: str = "exact") -> dict:
+  """An evaluation's empty sums: ``{"sums": {group: {metric: [T]}}, "count":
+  [T], "dense": {group: sums [T_g, ...]}}`` (:func:`make_eval_step`)."""
   zeros = jnp.zeros((len(taskset),), jnp.float32)
+  dense = {}
+  for g in taskset.groups:
+    task = taskset.group_task(g)
+    if task.dense:
+      one = {**dense_metrics.zero_sums(task.kind, task.num_classes, dense_convention),
+             "loss_sum": np.zeros((), np.float32), "loss_count": np.zeros((), np.int32)}
+      rows = len(taskset.group_members(g))
+      dense[g] = {k: jnp.zeros((rows,) + v.shape, v.dtype) for k, v in one.items()}
   return {"sums": {g: {k: zeros for k in taskset.group_task(g).metric_names}
-                   for g in taskset.groups},
-          "count": jnp.zeros((len(taskset),), jnp.int32)}
+                   for g in taskset.groups if not taskset.group_task(g).dense},
+          "count": jnp.zeros((len(taskset),), jnp.int32), "dense": dense}
 
 
-def _chunk_sums(model: multitask.Model) -> Callable:
-  """``sums(params, x [T, C, ...], ys {group: [T, C]}, valid [T, C], mean
-  [T, 1], std [T, 1])``: one chunk's metric sums and counts per task, over
-  the valid examples each task labels (missing labels,
-  :func:`mtljax.tasks.label_mask`, are neither summed nor counted)."""
+def _chunk_sums(model: multitask.Model, dense_convention: str = "exact") -> Callable:
+  """``sums(params, x [T, C, ...], ys {group: [T, C, ...]}, valid [T, C],
+  mean [T, 1], std [T, 1])``: one chunk's metric sums and counts per task,
+  over the valid examples each task labels (missing labels,
+  :func:`mtljax.tasks.label_mask`, are neither summed nor counted; a dense
+  task's missing pixels neither)."""
   ts = model.taskset
   task_ids = jnp.arange(len(ts), dtype=jnp.int32)
   group_of = jnp.asarray(ts.group_of_task)
 
   def sums(params, x, ys, valid, m, sd):
     outs = model.apply(params, x, task_ids)
-    out = {}
+    out, dense = {}, {}
     count = jnp.zeros((len(ts),), jnp.int32)
     for gi, g in enumerate(ts.groups):
       task = ts.group_task(g)
+      if task.dense:
+        members = ts.group_members(g)
+        dense[g], labelled = _dense_chunk_sums(task, outs[g][members], ys[g][members],
+                                               valid[members], dense_convention)
+        count = count.at[members].add(labelled)
+        continue
       vals = tasks_lib.example_metrics(task, outs[g], ys[g], m, sd)
       mask = valid & (group_of == gi)[:, None] & tasks_lib.label_mask(task, ys[g])
       out[g] = {k: jnp.sum(jnp.where(mask, v, 0.0), axis=1) for k, v in vals.items()}
       count = count + mask.sum(axis=1).astype(jnp.int32)
-    return {"sums": out, "count": count}
+    return {"sums": out, "count": count, "dense": dense}
   return sums
 
 
+def _dense_chunk_sums(task: tasks_lib.Task, out, y, valid, convention: str):
+  """A dense group's chunk: per task (rows of ``out [T_g, C, H, W, c]``) the
+  metrics' sums over its valid examples' valid pixels, the pixel loss's sum
+  and count, and the number of labelled examples ``[T_g]``."""
+  valid = valid & tasks_lib.example_mask(task, y)                     # [T_g, C]
+
+  def one(o, yy, v):
+    got = dense_metrics.batch_sums(task.kind, o, yy, v[:, None, None], convention)
+    pix = tasks_lib.label_mask(task, yy) & v[:, None, None]
+    loss = tasks_lib.example_loss(task, o, yy)
+    return {**got, "loss_sum": jnp.sum(jnp.where(pix, loss, 0.0)),
+            "loss_count": jnp.sum(pix, dtype=jnp.int32)}
+  return jax.vmap(one)(out, y, valid), valid.sum(axis=1).astype(jnp.int32)
+
+
 def make_chunk_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
-                         label_std: np.ndarray) -> Callable:
+                         label_std: np.ndarray, dense_convention: str = "exact") -> Callable:
   """``chunk_step(params, chunk) -> sums`` for one chunk the host pipeline
   read (``{"x" [T, C, ...], "y" {group: [T, C]}, "valid" [T, C]}``); the sums
   of every chunk add up to :func:`make_eval_step`'s result (not jitted)."""
-  chunk_sums = _chunk_sums(model)
+  chunk_sums = _chunk_sums(model, dense_convention)
   m = jnp.asarray(label_mean)[:, None]
   sd = jnp.asarray(label_std)[:, None]
   return lambda params, chunk: chunk_sums(params, chunk["x"], chunk["y"], chunk["valid"], m, sd)
 
 
 def eval_metrics(taskset: tasks_lib.TaskSet, acc) -> dict[str, dict[str, float]]:
-  """``{task: {metric: value}}`` from an eval step's sums and counts."""
+  """``{task: {metric: value}}`` from an eval step's sums and counts (a dense
+  task's from its split sums: :func:`mtljax.dense.metrics.finalize`, under the
+  convention they were taken with, and its loss over every valid pixel)."""
   acc = jax.device_get(acc)
   out = {}
   for i, t in enumerate(taskset):
+    if t.dense:
+      row = int(taskset.local_index[i])
+      sums = {k: np.asarray(v)[row] for k, v in acc["dense"][t.group].items()}
+      loss = float(sums.pop("loss_sum")) / max(int(sums.pop("loss_count")), 1)
+      out[t.name] = {"loss": loss, **dense_metrics.finalize(
+          t.kind, sums, dense_metrics.convention_of(t.kind, sums))}
+      continue
     n = max(int(acc["count"][i]), 1)
     out[t.name] = {k: float(acc["sums"][t.group][k][i]) / n for k in t.metric_names}
   return out

@@ -15,6 +15,16 @@ Losses and metrics are written once here, per kind:
 * ``regression`` (scalar target): squared error on the per-task *normalised*
   label (so scales are comparable across tasks, as the lecture asks); metrics
   ``mse`` and ``mae`` in the label's original units, and ``loss`` (normalised).
+* the **dense** kinds (:data:`mtljax.dense.DENSE_KINDS`, one label per pixel;
+  losses and masks in :mod:`mtljax.dense.losses`): ``segmentation``
+  (``num_classes`` >= 2; label ``[H, W]`` int, -1 = ignored pixel;
+  cross-entropy), ``depth`` (label ``[H, W, 1]``, 0 = missing; L1) and
+  ``normals`` (label ``[H, W, 3]``, all-zero = missing; 1 - cosine). A slot's
+  loss is the mean over **every valid pixel of its batch**
+  (:func:`mtljax.dense.losses.masked_pixel_mean`, as the published code
+  reduces), not a mean of per-image means. Their metrics are exact over a
+  split (:mod:`mtljax.dense.metrics`: sums on the device, finalised on the
+  host), not means of per-example values.
 
 **Missing labels.** An example may be labelled for only some tasks. The mask
 travels in the labels themselves: an unlabelled entry holds :func:`missing_label`
@@ -35,7 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("classification", "binary", "regression")
+from mtljax import dense
+
+KINDS = ("classification", "binary", "regression") + dense.DENSE_KINDS
 
 # Whether a larger value of each metric is better; used by reports and Delta_m.
 METRIC_DIRECTIONS = {
@@ -43,6 +55,7 @@ METRIC_DIRECTIONS = {
     "loss": "lower",
     "mse": "lower",
     "mae": "lower",
+    **dense.DENSE_METRIC_DIRECTIONS,
 }
 
 
@@ -53,7 +66,8 @@ class Task:
   Attributes:
     name: unique name, used in measurement names (``eval/<name>/accuracy``).
     kind: one of :data:`KINDS`.
-    num_classes: number of classes for ``classification``; ignored otherwise.
+    num_classes: number of classes for ``classification`` and
+      ``segmentation``; ignored otherwise.
   """
 
   name: str
@@ -68,13 +82,21 @@ class Task:
     if self.kind not in KINDS:
       raise ValueError(
           f"Task {self.name!r}: unknown kind {self.kind!r}; expected one of {KINDS}.")
-    if self.kind == "classification" and self.num_classes < 2:
+    if self.kind in ("classification", "segmentation") and self.num_classes < 2:
       raise ValueError(
-          f"Task {self.name!r}: classification needs num_classes >= 2, "
+          f"Task {self.name!r}: {self.kind} needs num_classes >= 2, "
           f"got {self.num_classes}.")
 
   @property
+  def dense(self) -> bool:
+    """One label per pixel (a dense kind), not one per example."""
+    return self.kind in dense.DENSE_KINDS
+
+  @property
   def out_dim(self) -> int:
+    """The head's outputs per example (per pixel for a dense kind)."""
+    if self.dense:
+      return dense.losses.out_channels(self.kind, self.num_classes)
     return self.num_classes if self.kind == "classification" else 1
 
   @property
@@ -84,10 +106,13 @@ class Task:
 
   @property
   def label_dtype(self):
-    return np.int32 if self.kind in ("classification", "binary") else np.float32
+    return (np.int32 if self.kind in ("classification", "binary", "segmentation")
+            else np.float32)
 
   @property
   def metric_names(self) -> tuple[str, ...]:
+    if self.dense:
+      return ("loss",) + dense.METRIC_NAMES[self.kind]
     if self.kind == "regression":
       return ("loss", "mse", "mae")
     return ("loss", "accuracy")
@@ -193,21 +218,45 @@ class TaskSet:
 
 def missing_label(task: Task):
   """The value an unlabelled entry holds in a task's label arrays: ``-1`` for
-  classification and binary (int labels), NaN for regression."""
-  return np.float32(np.nan) if task.kind == "regression" else task.label_dtype(-1)
+  classification, binary and segmentation (int labels), NaN for regression, 0
+  for depth and normals (a missing depth, an all-zero normal)."""
+  if task.kind == "regression":
+    return np.float32(np.nan)
+  if task.kind in ("depth", "normals"):
+    return np.float32(0.0)
+  return task.label_dtype(-1)
 
 
 def label_mask(task: Task, y):
-  """``[...]`` bool, whether each entry of the labels ``y`` (numpy or jax, of
-  any task of the group) is a label rather than :func:`missing_label`."""
+  """Bool, whether each entry of the labels ``y`` (numpy or jax, of any task
+  of the group) is a label rather than :func:`missing_label`: ``[...]`` for
+  ``y [...]``; for a dense kind one entry per pixel, ``[..., H, W]``
+  (:func:`mtljax.dense.losses.pixel_mask`)."""
+  if task.dense:
+    return dense.pixel_mask(task.kind, y)
   if task.kind == "regression":
     return y == y  # not NaN
   return y >= 0
 
 
+def example_mask(task: Task, y):
+  """``[...]`` bool, whether each example of ``y`` (``[...]``, or ``[..., H,
+  W(, C)]`` for a dense kind) is labelled: for a dense kind, whether any of
+  its pixels is."""
+  m = label_mask(task, y)
+  if task.dense:
+    xp = np if isinstance(m, np.ndarray) else jnp
+    return xp.any(m, axis=(-2, -1))
+  return m
+
+
 def fill_missing(task: Task, y):
   """``y`` with unlabelled entries set to 0 (a valid label, so losses and their
-  gradients stay finite before they are masked)."""
+  gradients stay finite before they are masked). Dense labels are returned as
+  they are (:func:`mtljax.dense.losses.pixel_loss` is finite on missing
+  pixels)."""
+  if task.dense:
+    return y
   return jnp.where(label_mask(task, y), y, jnp.zeros((), y.dtype))
 
 
@@ -222,8 +271,11 @@ def example_loss(task: Task, out: jax.Array, y: jax.Array) -> jax.Array:
       0, for the caller to mask (:func:`label_mask`).
 
   Returns:
-    ``[...]`` float32 losses.
+    ``[...]`` float32 losses; ``[..., H, W]`` per-pixel losses for a dense
+    kind (``out [..., H, W, C]``, :func:`mtljax.dense.losses.pixel_loss`).
   """
+  if task.dense:
+    return dense.pixel_loss(task.kind, out, y)
   y = fill_missing(task, y)
   if task.kind == "classification":
     logz = jax.nn.logsumexp(out, axis=-1)
@@ -271,23 +323,36 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 def slot_masks(taskset: TaskSet, ys: dict, task_ids) -> jax.Array:
   """``[K, B]`` bool: which of each slot's examples its task labels (read from
-  the labels of the slot's own group, :func:`label_mask`)."""
+  the labels of the slot's own group, :func:`example_mask`)."""
   group_of = jnp.asarray(taskset.group_of_task)[jnp.asarray(task_ids)]
   mask = None
   for gi, g in enumerate(taskset.groups):
-    m = (group_of == gi)[:, None] & label_mask(taskset.group_task(g), ys[g])
+    m = (group_of == gi)[:, None] & example_mask(taskset.group_task(g), ys[g])
     mask = m if mask is None else mask | m
   return mask
 
 
+def batch_mean_loss(task: Task, out: jax.Array, y: jax.Array) -> jax.Array:
+  """``[...]`` the loss of a batch of each slot: the mean of :func:`example_loss`
+  over the labelled examples of ``out [..., B, out]`` / ``y [..., B]``
+  (:func:`masked_mean`), or for a dense kind over every valid pixel of the
+  batch (``out [..., B, H, W, C]``; :func:`mtljax.dense.losses.masked_pixel_mean`).
+  0, with gradient 0, when nothing is labelled."""
+  if task.dense:
+    return dense.masked_pixel_mean(example_loss(task, out, y), label_mask(task, y))
+  return masked_mean(example_loss(task, out, y), label_mask(task, y))
+
+
 def slot_losses(taskset: TaskSet, outs: dict, ys: dict, task_ids: jax.Array) -> jax.Array:
   """``[K]`` mean loss of each slot's task over its labelled examples among
-  its ``B`` (:func:`masked_mean`: 0, with gradient 0, when none is labelled).
+  its ``B`` (:func:`batch_mean_loss`: 0, with gradient 0, when none is
+  labelled; over the valid pixels of the batch for a dense kind).
 
-  ``outs``: ``{group: [K, B, out]}`` (every group computed for every slot);
-  ``ys``: ``{group: [K, B]}``; slot k's loss is read from its task's group.
-  With a static slot layout (:func:`static_group_slices`) each group's loss is
-  computed on its own slots only.
+  ``outs``: ``{group: [K, B, out]}`` (``[K, B, H, W, C]`` for a dense group;
+  every group computed for every slot); ``ys``: ``{group: [K, B(, H, W,
+  ...)]}``; slot k's loss is read from its task's group. With a static slot
+  layout (:func:`static_group_slices`) each group's loss is computed on its
+  own slots only.
   """
   slices = static_group_slices(taskset, task_ids)
   if slices is not None:
@@ -295,15 +360,13 @@ def slot_losses(taskset: TaskSet, outs: dict, ys: dict, task_ids: jax.Array) -> 
     for g, s in slices.items():
       if s.stop > s.start:
         task = taskset.group_task(g)
-        pieces.append((s.start, masked_mean(example_loss(task, outs[g][s], ys[g][s]),
-                                            label_mask(task, ys[g][s]))))
+        pieces.append((s.start, batch_mean_loss(task, outs[g][s], ys[g][s])))
     return jnp.concatenate([p for _, p in sorted(pieces, key=lambda e: e[0])])
   group_of = jnp.asarray(taskset.group_of_task)[task_ids]
   losses = jnp.zeros(task_ids.shape, jnp.float32)
   for gi, g in enumerate(taskset.groups):
-    task = taskset.group_task(g)
-    per_example = masked_mean(example_loss(task, outs[g], ys[g]), label_mask(task, ys[g]))
-    losses = losses + jnp.where(group_of == gi, per_example, 0.0)
+    per_slot = batch_mean_loss(taskset.group_task(g), outs[g], ys[g])
+    losses = losses + jnp.where(group_of == gi, per_slot, 0.0)
   return losses
 
 
@@ -314,7 +377,12 @@ def example_metrics(task: Task, out: jax.Array, y: jax.Array,
   ``mean``/``std`` are the task's label statistics (broadcastable to ``y``);
   regression metrics are reported in the label's original units. Unlabelled
   entries get finite values, for the caller to mask (:func:`label_mask`).
+  A dense kind's metrics are not per-example values (they are exact over a
+  split: :mod:`mtljax.dense.metrics`), so it is refused here.
   """
+  if task.dense:
+    raise ValueError(f"Task {task.name!r}: a {task.kind} task's metrics are split sums "
+                     "(mtljax.dense.metrics), not per-example values.")
   y = fill_missing(task, y)
   metrics = {"loss": example_loss(task, out, y)}
   if task.kind == "classification":

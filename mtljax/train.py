@@ -313,7 +313,8 @@ class DeviceFeed:
     if config.eval_train:  # sized for the train split
       self.eval_steps["train"] = sharding.jit_eval_step(steps.make_eval_step(
           run.model, label_mean=data.label_mean, label_std=data.label_std,
-          num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size),
+          num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size,
+          dense_convention=config.get("dense_convention", "exact")),
           params_sh, train_sh, pl)
 
   def next(self):
@@ -337,6 +338,7 @@ class HostFeed:
   def __init__(self, config, data, run, first_step: int):
     pl, spc = run.placement, run.steps_per_call
     self.data, self.chunk = data, int(config.eval_batch_size)
+    self.dense_convention = config.get("dense_convention", "exact")
     batch_sh = pl.host_batch(data.train, config.sampling.shared_inputs, lead=int(spc > 1))
     self.train_step = jit_loop_step(run, batch_sh, config.get("on_nonfinite", "stop"))
     self._chunk_step = jax.jit(run.eval_fn, out_shardings=pl.replicated)
@@ -358,7 +360,7 @@ class HostFeed:
     return next(self.feed)
 
   def evaluate(self, params, split):
-    acc = steps.eval_zeros(self.data.taskset)
+    acc = steps.eval_zeros(self.data.taskset, self.dense_convention)
     for chunk in pipeline.eval_chunks(self.data, split, self.chunk):
       chunk = sharding.place(chunk, jax.tree.map(lambda _: self._replicated, chunk))
       acc = jax.tree.map(jnp.add, acc, self._chunk_step(params, chunk))
@@ -666,11 +668,48 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
     workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary, indent=2)
     if config.get("plots", True):
       plotting.run_plots(workdir, plotting.metrics_rows(workdir), workdir_lib.json_safe(summary))
+      if any(t.dense for t in ts):
+        dense_examples(run.model, data, state.params, summary["num_seeds"],
+                       os.path.join(workdir, "dense_examples.png"))
   n_seeds = summary["num_seeds"]
   logger.info("Final test metrics%s:\n%s",
               f" (mean ± s.e. over n={n_seeds} seeds)" if n_seeds > 1 else "",
               format_table(summary["tasks"], summary.get("tasks_se")))
   return workdir_lib.json_safe(summary)
+
+
+def dense_examples(model, data, params, num_seeds: int, path: str, num: int = 4) -> dict:
+  """``dense_examples.png``: the first ``num`` test images, each dense task's
+  ground truth and the model's prediction (seed 0's parameters): class maps,
+  depth on one scale per image, normals as colours. Returns
+  :func:`mtljax.plotting.plot_dense_examples`' summary."""
+  ts = data.taskset
+  params = jax.device_get(params if num_seeds == 1 else jax.tree.map(lambda a: a[0], params))
+  test = data.test
+  n = int(min(num, np.min(test["n"])))
+  src = int(test["source"][0])  # (dense data sets read one input source)
+  x = (data.readers["test"].inputs(np.asarray(test["records"][src, :n]))
+       if data.readers is not None else np.asarray(test["x"][src, :n]))
+  ids = np.arange(len(ts), dtype=np.int32)
+  outs = jax.device_get(jax.jit(model.apply)(params, np.broadcast_to(x, (len(ts),) + x.shape),
+                                             ids))
+  columns, classes = [], {}
+  for i, t in enumerate(ts):
+    if not t.dense:
+      continue
+    y = np.asarray(test["y"][t.group][int(ts.local_index[i]), :n])
+    out = np.asarray(outs[t.group][i], np.float64)
+    if t.kind == "segmentation":
+      truth, pred = y, out.argmax(-1)
+      classes[f"{t.name} truth"] = classes[f"{t.name} predicted"] = t.num_classes
+    elif t.kind == "depth":
+      truth, pred = y[..., 0], out[..., 0]
+    else:
+      norm = np.linalg.norm(out, axis=-1, keepdims=True)
+      truth, pred = y, out / np.where(norm > 0, norm, 1.0)
+    columns += [(f"{t.name} truth", t.kind, list(truth)), (f"{t.name} predicted", t.kind,
+                                                           list(pred))]
+  return plotting.plot_dense_examples(list(x), columns, path, classes)
 
 
 def _summary(config, data, run, last_eval, *, step: int, resumed_from, compilations: int,
@@ -718,7 +757,9 @@ def _delta_m(config, last_eval: dict, seeds_report: dict | None) -> dict:
   base = base_summary["tasks"]
   dm, per_task = measure.delta_m(last_eval, base)
   out = {"value": dm, "per_task": per_task, "baselines": base,
-         "convention": measure.DELTA_M_CONVENTION}
+         "convention": measure.DELTA_M_CONVENTION,
+         # Nash-MTL's average over every metric at once (sign: positive = better).
+         "value_per_metric": measure.delta_m(last_eval, base, average="per_metric")[0]}
   if seeds_report is not None:  # paired: seed s of the run against seed s of the baselines
     per = [measure.delta_m(mine, theirs)[0] for mine, theirs in
            zip(seeds_report["tasks"], base_summary["per_seed"]["tasks"])]

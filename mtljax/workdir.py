@@ -110,6 +110,13 @@ def remove_if_unused(workdir: str) -> bool:
   return True
 
 
+# Config keys added after workdirs were written, with the value that does what
+# a config without them did: a stored config that lacks one reads as having
+# that value (so a run from before resumes), any other value still differs.
+ADDED_KEYS = {"precision": "float32", "dense_convention": "exact", "data.root": "",
+              "data.classes": 0, "data.label_folder": ""}
+
+
 def _resumable(key: str) -> bool:
   return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
 
@@ -143,6 +150,7 @@ def check_config(workdir: str, config: dict, write: bool = True,
       write_json(path, current)
     return
   a, b = params_lib.flatten_dict(stored, "."), params_lib.flatten_dict(current, ".")
+  a = {**{k: v for k, v in ADDED_KEYS.items() if k in b}, **a}  # a config from before them
   differ = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>")
                   and not _resumable(k))
   if differ:

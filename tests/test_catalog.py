@@ -260,12 +260,14 @@ def test_an_unknown_data_set_name_is_mtljax_s_one_line_first(tmp_path):
     build.data_from_config(config)
   assert str(e.value) == (
       "config.data.name='celeba' is neither a bundled data set (digits, exam, "
-      "mmoe_synthetic, multi_digits, scenes, sinusoids) nor a TFDS catalog data set; did you mean "
+      "mmoe_synthetic, multi_digits, scenes, sinusoids), a data set of preprocessed files "
+      "(nyuv2_mtan, cityscapes_mtan) nor a TFDS catalog data set; did you mean "
       "'celeb_a', 'celeb_a_hq', 'voxceleb'?")
   assert e.value.__cause__ is None and e.value.__suppress_context__  # no catalog dump
   with pytest.raises(ValueError, match=re.escape(
       "name='no_such_set_xyz' is neither a bundled data set (digits, exam, "
-      "mmoe_synthetic, multi_digits, scenes, sinusoids) nor a TFDS catalog data set "
+      "mmoe_synthetic, multi_digits, scenes, sinusoids), a data set of preprocessed files "
+      "(nyuv2_mtan, cityscapes_mtan) nor a TFDS catalog data set "
       "(tfds.list_builders() lists the catalog).")):
     loading.load("no_such_set_xyz", data_dir=str(tmp_path))
 
@@ -434,7 +436,9 @@ def test_an_empty_split_is_one_line_naming_data_set_and_split(tmp_path, tiny_cat
     ({"optim.warmup_steps": -1}, "config.optim.warmup_steps must be an integer >= 0, got -1."),
     ({"cv.folds": 1}, "config.cv.folds must be 0 (off) or an integer >= 2, got 1."),
     ({"cv.folds": 3, "cv.metric": "f1"},
-     "config.cv.metric='f1' is not one of ('accuracy', 'loss', 'mae', 'mse')."),
+     "config.cv.metric='f1' is not one of ('abs_err', 'accuracy', 'loss', 'mae', "
+     "'mean_angle', 'median_angle', 'miou', 'mse', 'pix_acc', 'rel_err', 'within_11_25', "
+     "'within_22_5', 'within_30')."),
     ({"cv.folds": 3, "cv.lr": (1e-3, -1.0)},
      "config.cv.lr must be positive numbers (() = config.optim.lr), got (0.001, -1.0)."),
 ])

@@ -15,8 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "mtljax"
 # Lowest first. The library (up to steps) takes explicit arguments; build
 # reads configs; train is the loop; cv trains through the loop.
 LAYERS = (
-    ("errors", "params", "precision", "tasks", "schedules", "tensorboard", "plotting"),
-    ("data", "models", "dense", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
+    ("errors", "params", "precision", "schedules", "tensorboard", "plotting"),
+    ("dense",),
+    ("tasks",),
+    ("data", "models", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
     ("gradients", "pretrained"),
     ("jacobians", "affinity"),
     ("objectives", "instance_wise"),

@@ -28,6 +28,13 @@ def _data_section() -> ml_collections.ConfigDict:
   # Where data sets are generated (bundled) or prepared (catalog):
   # "" -> $MTLJAX_DATA_DIR, else ~/.cache/mtljax/tensorflow_datasets.
   data.data_dir = ""
+  # Data sets of preprocessed files downloaded elsewhere (nyuv2_mtan,
+  # cityscapes_mtan): the directory holding their train/ and val/ folders, the
+  # class count (0: the layout's; Cityscapes 2, 7 or 19) and the label folder
+  # ('': label, or label_{classes} for Cityscapes; LibMTL's copy: 'label').
+  data.root = ""
+  data.classes = 0
+  data.label_folder = ""
   data.download = True        # catalog data not prepared in data_dir: download it (network)
   data.tasks = ()             # task names to keep; () = all
   data.max_train_examples = 0  # 0 = all; otherwise per task (per source)
@@ -140,6 +147,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tag_lr = 0.0          # > 0: TAG lookahead affinity with this SGD step size
   c.tag_groups = 2        # tasks grouped by affinity into this many groups
   c.eval_train = False    # also evaluate the train split at eval steps (overfitting)
+  # Dense tasks' metrics (mtljax/dense/metrics.py): exact over the split, or a
+  # published code's convention (libmtl: its normal mask and angle; mtan:
+  # per-batch averages, as MTAN's and Nash-MTL's tables were computed).
+  c.dense_convention = "exact"
 
   # Outputs besides metrics.jsonl/summary.json (mtljax/tensorboard.py, plotting.py).
   c.tensorboard = True    # TensorBoard event files next to metrics.jsonl

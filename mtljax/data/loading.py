@@ -21,29 +21,70 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 from mtljax.data import builders
+from mtljax.data import dense_files
 from mtljax.data import specs as specs_lib
 from mtljax.data import task_data
 from mtljax.data import tfds_access
 
 
+def local_layout(name: str, local: tfds_access.LocalFiles) -> dense_files.Layout:
+  """The layout of a data set of preprocessed files (:data:`~mtljax.data.tfds_access.LOCAL_FILES`)
+  with ``local``'s class count and label folder."""
+  return dense_files.layout_of(name, classes=local.classes or None,
+                               label_folder=local.label_folder or None)
+
+
+def open_sources(name: str, *, data_dir: str | None = None, builder_config: str = "",
+                 splits: Sequence[str] = tfds_access.SPLITS,
+                 split_spec: tfds_access.Splits = tfds_access.Splits(), download: bool = False,
+                 local: tfds_access.LocalFiles = tfds_access.LocalFiles()):
+  """:func:`mtljax.data.tfds_access.open_sources`, or for a data set of
+  preprocessed files (:data:`~mtljax.data.tfds_access.LOCAL_FILES`) its
+  files under ``local.root`` prepared into ``data_dir`` once
+  (:func:`mtljax.data.dense_files.open_dense`): ``(features, {split: data source})``."""
+  if name not in tfds_access.LOCAL_FILES:
+    return tfds_access.open_sources(name, data_dir=data_dir, builder_config=builder_config,
+                                    splits=splits, split_spec=split_spec, download=download)
+  tfds_access.check_name(name, builder_config)
+  if not local.root:
+    raise ValueError(f"data set {name!r} is read from its preprocessed files: set root "
+                     "to the directory holding train/ and val/ (the README says where "
+                     "the files come from).")
+  if split_spec != tfds_access.Splits():
+    raise ValueError(f"data set {name!r} has its files' train and val splits; "
+                     "train_split, test_split and test_fraction do not apply.")
+  return dense_files.open_dense(name, local.root, data_dir=data_dir,
+                                classes=local.classes or None,
+                                label_folder=local.label_folder or None, splits=splits)
+
+
 def read_splits(name: str, *, data_dir: str | None = None, builder_config: str = "",
-                splits: Sequence[str] = tfds_access.SPLITS):
+                splits: Sequence[str] = tfds_access.SPLITS,
+                local: tfds_access.LocalFiles = tfds_access.LocalFiles()):
   """Reads whole splits of a bundled or catalog data set as numpy arrays
   (:func:`mtljax.data.tfds_access.open_sources`, then every record).
 
   Returns:
     (builder_info_features, {split: {feature_path: array [N, ...]}})
   """
-  features, sources = tfds_access.open_sources(name, data_dir=data_dir,
-                                               builder_config=builder_config, splits=splits)
+  features, sources = open_sources(name, data_dir=data_dir, builder_config=builder_config,
+                                   splits=splits, local=local)
   return features, {s: tfds_access.read_columns(src) for s, src in sources.items()}
 
 
 def spec_for(name: str, features, builder_config: str = "", input_key: str = "image",
-             label_keys: Sequence[str] | Mapping[str, str] = (), family: str = ""
+             label_keys: Sequence[str] | Mapping[str, str] = (), family: str = "",
+             local: tfds_access.LocalFiles = tfds_access.LocalFiles()
              ) -> specs_lib.DataSpec:
-  """The :class:`~mtljax.data.specs.DataSpec` of a bundled data set, or one
-  from a catalog data set's features (:func:`mtljax.data.specs.catalog_spec`)."""
+  """The :class:`~mtljax.data.specs.DataSpec` of a bundled data set, of a data
+  set of preprocessed files (its layout's tasks: :func:`mtljax.data.specs.dense_spec`),
+  or one from a catalog data set's features (:func:`mtljax.data.specs.catalog_spec`)."""
+  if name in tfds_access.LOCAL_FILES:
+    if label_keys or family or input_key != "image":
+      raise ValueError(f"labels/family/input_key: data set {name!r} has fixed tasks "
+                       "(select them with tasks).")
+    layout = local_layout(name, local)
+    return specs_lib.dense_spec(layout.classes, layout.normals)
   if name in specs_lib.BUNDLED_SPECS:
     if label_keys or family:
       raise ValueError(f"labels/family: bundled data set {name!r} has fixed "
@@ -54,7 +95,8 @@ def spec_for(name: str, features, builder_config: str = "", input_key: str = "im
 
 
 def describe_all(name: str, *, data_dir: str | None = None, builder_config: str = "",
-                 input_key: str = "image", label_keys=(), family: str = ""
+                 input_key: str = "image", label_keys=(), family: str = "",
+                 local: tfds_access.LocalFiles = tfds_access.LocalFiles()
                  ) -> list[tuple[str, Any, None, specs_lib.DataSpec]]:
   """``[(source name, features, None, spec)]`` for every data set of ``name``
   from the metadata alone: nothing is downloaded, prepared or generated (a
@@ -67,11 +109,11 @@ def describe_all(name: str, *, data_dir: str | None = None, builder_config: str 
   for part in parts:
     tfds_access.check_name(part, builder_config)
     features = None
-    if part not in builders.BUNDLED:
+    if part not in builders.BUNDLED and part not in tfds_access.LOCAL_FILES:
       full = f"{part}/{builder_config}" if builder_config else part
       features = tfds_access.catalog_builder(full, data_dir).info.features
     try:
-      spec = spec_for(part, features, builder_config, input_key, label_keys, family)
+      spec = spec_for(part, features, builder_config, input_key, label_keys, family, local)
     except ValueError as e:
       if len(parts) == 1:
         raise
@@ -83,7 +125,8 @@ def describe_all(name: str, *, data_dir: str | None = None, builder_config: str 
 def open_all(name: str, *, data_dir: str | None = None, builder_config: str = "",
              input_key: str = "image", label_keys=(), family: str = "",
              split_spec: tfds_access.Splits = tfds_access.Splits(), download: bool = False,
-             check: Callable[[list], None] | None = None
+             check: Callable[[list], None] | None = None,
+             local: tfds_access.LocalFiles = tfds_access.LocalFiles()
              ) -> list[tuple[str, Any, dict, specs_lib.DataSpec]]:
   """``[(source name, features, {split: data source}, spec)]`` for every data
   set of ``name`` (several joined by ``+``), without reading records. The
@@ -91,15 +134,16 @@ def open_all(name: str, *, data_dir: str | None = None, builder_config: str = ""
   ``check(describe_all(...))`` runs (e.g. the task counts), before anything is
   downloaded, prepared or generated."""
   described = describe_all(name, data_dir=data_dir, builder_config=builder_config,
-                           input_key=input_key, label_keys=label_keys, family=family)
+                           input_key=input_key, label_keys=label_keys, family=family,
+                           local=local)
   split_spec.check()
   if check is not None:
     check(described)
   out = []
   for part, _, _, spec in described:
-    features, sources = tfds_access.open_sources(
+    features, sources = open_sources(
         part, data_dir=data_dir, builder_config=builder_config, split_spec=split_spec,
-        download=download)
+        download=download, local=local)
     out.append((part, features, sources, spec))
   return out
 
@@ -109,7 +153,8 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
          input_key: str = "image", label_keys: Sequence[str] | Mapping[str, str] = (),
          family: str = "", normalize_labels: bool = True,
          split_spec: tfds_access.Splits = tfds_access.Splits(), download: bool = False,
-         opened=None) -> task_data.MultiTaskData:
+         opened=None, local: tfds_access.LocalFiles = tfds_access.LocalFiles()
+         ) -> task_data.MultiTaskData:
   """Loads a bundled or catalog data set, or several joined by ``+``
   (``"mnist+fashion_mnist"``: their tasks, named ``SOURCE_TASK``, side by
   side on their own inputs), as a :class:`~mtljax.data.task_data.MultiTaskData`.
@@ -117,7 +162,7 @@ def load(name: str, *, data_dir: str | None = None, builder_config: str = "",
   features are read)."""
   opened = opened or open_all(name, data_dir=data_dir, builder_config=builder_config,
                               input_key=input_key, label_keys=label_keys, family=family,
-                              split_spec=split_spec, download=download)
+                              split_spec=split_spec, download=download, local=local)
   several = len(opened) > 1
   source_specs, arrays = [], {s: {} for s in tfds_access.SPLITS}
   for part, features, sources, spec in opened:

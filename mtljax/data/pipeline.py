@@ -59,12 +59,19 @@ PIPELINES = ("auto", "device", "host")
 
 
 def input_bytes(features, sources: dict, spec: specs_lib.DataSpec) -> int:
-  """Bytes the device path needs for the inputs of every split (float32)."""
+  """Bytes the device path needs for the inputs of every split (float32),
+  and for a dense task's per-pixel labels (4 bytes a value: a segmentation
+  map, depth, normals), which are as large as the images."""
   shape, _ = specs_lib.input_feature(features, spec)
   if any(d is None or d < 0 for d in shape):
     raise ValueError(f"Input feature {spec.input_key!r} has a dynamic shape {shape}; "
                      "mtljax needs inputs of one fixed shape.")
-  return sum(len(src) for src in sources.values()) * math.prod(shape) * 4
+  per_example = math.prod(shape)
+  flat = specs_lib.flatten_features(features)
+  for c in spec.columns:
+    if c.task.dense:
+      per_example += math.prod(flat[c.label_key].shape)
+  return sum(len(src) for src in sources.values()) * per_example * 4
 
 
 def default_budget_mb() -> float:
@@ -84,7 +91,8 @@ def choose(pipeline: str, nbytes: int, budget_mb: float, process_count: int = 1
   if pipeline not in PIPELINES:
     raise ValueError(f"pipeline={pipeline!r} is not one of {PIPELINES}.")
   budget_mb = budget_mb or default_budget_mb()
-  size = f"inputs {nbytes / 2**20:.1f} MiB as float32, budget {budget_mb:g} MiB"
+  size = (f"inputs (with any per-pixel labels) {nbytes / 2**20:.1f} MiB as float32, budget "
+          f"{budget_mb:g} MiB")
   if pipeline != "auto":
     return pipeline, f"config.data.pipeline={pipeline!r} ({size})"
   if process_count > 1:

@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtljax import dense
 from mtljax import tasks as tasks_lib
 from mtljax.data import builders
 
@@ -70,6 +71,18 @@ def _digits_spec(builder_config: str) -> DataSpec:
   return DataSpec("image", (_cls("digit", "label", len(classes)),))
 
 
+def dense_spec(classes: int, normals: bool) -> DataSpec:
+  """The tasks of a dense data set's records (``image``, ``label``,
+  ``depth``, ``normal``: :func:`mtljax.data.dense_files.record_features`),
+  named as LibMTL names them: ``segmentation`` (``classes`` classes),
+  ``depth`` and, with normals, ``normal``."""
+  cols = (TaskColumn(tasks_lib.Task("segmentation", "segmentation", classes), "label"),
+          TaskColumn(tasks_lib.Task("depth", "depth"), "depth"))
+  if normals:
+    cols += (TaskColumn(tasks_lib.Task("normal", "normals"), "normal"),)
+  return DataSpec("image", cols)
+
+
 BUNDLED_SPECS = {
     "digits": _digits_spec,
     "exam": DataSpec("x", (_reg("school_", "y"),), split_key="school"),
@@ -77,6 +90,7 @@ BUNDLED_SPECS = {
                                        _cls("right", "right_label", 10))),
     "mmoe_synthetic": DataSpec("x", (_reg("y1", "y1"), _reg("y2", "y2"))),
     "sinusoids": DataSpec("x", (_reg("sine_", "y"),), split_key="task"),
+    "scenes": dense_spec(builders.scenes.NUM_CLASSES, normals=True),
 }
 
 
@@ -86,7 +100,10 @@ def family_task_name(spec: DataSpec, value) -> str:
 
 
 # What ``config.data.labels`` maps a feature to ("auto": from the feature's type).
-LABEL_KINDS = ("auto",) + tuple(tasks_lib.KINDS)
+# (Per-example kinds only: a catalog feature is one label per example; the
+# dense kinds come with the dense data sets' own specs, :func:`dense_spec`.)
+EXAMPLE_KINDS = tuple(k for k in tasks_lib.KINDS if k not in dense.DENSE_KINDS)
+LABEL_KINDS = ("auto",) + EXAMPLE_KINDS
 
 
 def _scalar(feat) -> bool:
@@ -122,7 +139,7 @@ def _column(key: str, feat, kind: str, explicit: bool) -> TaskColumn | None:
       return None
     else:
       raise ValueError(f"labels: feature {key!r} ({_describe(feat)}) needs its "
-                       f"kind named: one of {tasks_lib.KINDS}.")
+                       f"kind named: one of {EXAMPLE_KINDS}.")
   ok = {"binary": is_bool or is_int or (is_class and getattr(feat, "num_classes", 0) == 2),
         "classification": is_class or is_int,
         "regression": is_float or is_int}[kind]

@@ -6,7 +6,12 @@ Per split, a dict of numpy arrays laid out for sampling inside a jitted step::
     {"x":      [S, N, *input_shape] float32   # S input sources, padded to N
      "source": [T] int32                      # which source each task reads
      "n":      [T] int32                      # valid examples of each task
-     "y":      {group: [T_g, N]}}             # labels, per task group
+     "y":      {group: [T_g, N, ...]}}        # labels, per task group
+
+A dense task's labels keep their per-pixel axes (``[T_g, N, H, W]`` for
+segmentation, ``[T_g, N, H, W, C]`` for depth and normals) and are checked by
+:func:`mtljax.dense.losses.check_targets`; an example with no valid pixel is
+an unlabelled example.
 
 Tasks that read the same inputs (``multi_digits``' left and right digit, the two
 ``mmoe_synthetic`` targets) share one source, so the inputs are stored once.
@@ -31,6 +36,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from mtljax import dense
+from mtljax import errors
 from mtljax import tasks as tasks_lib
 from mtljax.data import specs as specs_lib
 from mtljax.data import tfds_access
@@ -71,9 +78,14 @@ def _as_inputs(x: np.ndarray) -> np.ndarray:
 def _check_labels(name, split, task: tasks_lib.Task, y: np.ndarray, records=None,
                   labelled=None):
   """Raises on a NaN, infinite or out-of-range label among the ``labelled``
-  entries (default: those not :func:`mtljax.tasks.missing_label`)."""
+  entries (default: those not :func:`mtljax.tasks.missing_label`); a dense
+  task's labels through :func:`mtljax.dense.losses.check_targets` (one line
+  naming the first bad example)."""
   def where(pos):
     return f"example {pos}" if records is None else f"example {pos} (record {records[pos]})"
+  if task.dense:
+    _check_dense_labels(name, split, task, y, where, labelled)
+    return
   labelled = tasks_lib.label_mask(task, y) if labelled is None else labelled
   finite = np.isfinite(y) if np.issubdtype(y.dtype, np.floating) else np.ones(y.shape, bool)
   finite |= ~labelled
@@ -94,6 +106,25 @@ def _check_labels(name, split, task: tasks_lib.Task, y: np.ndarray, records=None
         f"{y[labelled].max()}]; first outside: {where(pos)}, label {y[pos]}.")
 
 
+def _check_dense_labels(name, split, task: tasks_lib.Task, y: np.ndarray, where, labelled):
+  """:func:`mtljax.dense.losses.check_targets` on the ``labelled`` examples
+  (``[N]``; default all), all at once, then, on an error, example by
+  example to name the first bad one."""
+  y = np.asarray(y)
+  if labelled is not None:
+    y = y[np.asarray(labelled, bool)]
+  try:
+    dense.check_targets(task.kind, y, task.num_classes)
+  except errors.DataError:
+    positions = (np.arange(len(y)) if labelled is None
+                 else np.flatnonzero(np.asarray(labelled, bool)))
+    for pos, yi in zip(positions, y):
+      dense.check_targets(task.kind, yi, task.num_classes,
+                          where=f"Data set {name!r}, split {split!r}, task {task.name!r}, "
+                                f"{where(int(pos))}")
+    raise
+
+
 def mark_missing(name: str, spec: specs_lib.DataSpec, cols: dict, split: str,
                  records: bool = False) -> dict:
   """``cols`` with each label column's unlabelled examples set to
@@ -112,20 +143,22 @@ def mark_missing(name: str, spec: specs_lib.DataSpec, cols: dict, split: str,
       continue  # reported by the caller
     y = np.asarray(cols[c.label_key])
     mask = cols.get(c.label_key + specs_lib.MASK_SUFFIX)
-    labelled = np.ones(y.shape, bool) if mask is None else np.asarray(mask).astype(bool)
-    if mask is not None and labelled.shape != y.shape:
+    per_example = y.shape[:1] if c.task.dense else y.shape  # a dense label is [N, H, W, ...]
+    labelled = np.ones(per_example, bool) if mask is None else np.asarray(mask).astype(bool)
+    if mask is not None and labelled.shape != per_example:
       raise ValueError(f"Data set {name!r}, split {split!r}: feature "
                        f"{c.label_key + specs_lib.MASK_SUFFIX!r} has shape "
                        f"{labelled.shape}, its label {c.label_key!r} {y.shape}.")
     task = c.task
-    if task.kind != "regression":
+    if task.kind not in ("regression",) + dense.DENSE_KINDS:  # a dense label masks pixels
       labelled &= y != -1
       if getattr(c, "classes_from_data", False):  # the class count comes later
         task = dataclasses.replace(task, num_classes=max(int(np.max(y, initial=0)) + 1, 2))
     _check_labels(name, split, task, y, rec, labelled)
     if not np.all(labelled):
       kind = np.float32 if c.task.kind == "regression" else y.dtype
-      out[c.label_key] = np.where(labelled, y, tasks_lib.missing_label(c.task)).astype(kind)
+      wide = labelled.reshape(labelled.shape + (1,) * (y.ndim - labelled.ndim))
+      out[c.label_key] = np.where(wide, y, tasks_lib.missing_label(c.task)).astype(kind)
   return out
 
 
@@ -299,7 +332,7 @@ def _check_chosen(name, split, chosen, records) -> None:
       raise ValueError(f"Data set {name!r}, split {split!r}, task {t.name!r}: "
                        "inputs contain NaN or infinite values.")
     _check_labels(name, split, t, y, x if records else None)
-    if not np.any(tasks_lib.label_mask(t, y)):
+    if not np.any(tasks_lib.example_mask(t, y)):
       raise ValueError(f"Data set {name!r}, split {split!r}: task {t.name!r} has no "
                        "labelled examples (every label is missing).")
 
@@ -332,7 +365,7 @@ def _label_statistics(chosen, mean, std, normalize_labels, reduce_sums):
 def _label_sums(task: tasks_lib.Task, y: np.ndarray) -> list[float]:
   """``[examples, labelled examples, sum, sum of squares]`` of a task's labels
   (the sums over labelled regression labels; 0 for other kinds)."""
-  labelled = tasks_lib.label_mask(task, y)
+  labelled = tasks_lib.example_mask(task, y)
   yl = np.asarray(y[labelled], np.float64) if task.kind == "regression" else np.zeros(0)
   return [len(y), float(np.sum(labelled)), float(np.sum(yl)), float(np.sum(yl * yl))]
 
@@ -361,7 +394,11 @@ def _layout(taskset, chosen, mean, std, records: bool = False):
   for g in taskset.groups:
     members = taskset.group_members(g)
     dtype = taskset.tasks[members[0]].label_dtype
-    yg = np.zeros((len(members), n_max), dtype)
+    label_shapes = {np.shape(chosen[i][2])[1:] for i in members}
+    if len(label_shapes) != 1:  # a dense group's label maps differ in size
+      raise ValueError(f"Tasks {[taskset.tasks[i].name for i in members]} of group {g!r} "
+                       f"have labels of different shapes {sorted(label_shapes)}.")
+    yg = np.zeros((len(members), n_max) + label_shapes.pop(), dtype)
     for row, i in enumerate(members):
       t, _, y = chosen[i]
       y = np.asarray(y)

@@ -176,6 +176,22 @@ def hold_out(source, fraction: float, seed: int) -> dict:
 # ----------------------------------------------------------------------------
 
 
+# Data sets read from preprocessed files the user downloaded elsewhere
+# (mtljax.data.dense_files): their files are under LocalFiles.root.
+LOCAL_FILES = ("nyuv2_mtan", "cityscapes_mtan")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalFiles:
+  """Where a :data:`LOCAL_FILES` data set's preprocessed files are
+  (``config.data.root``) and how to read them: ``classes`` (0: the layout's
+  default; Cityscapes: 2, 7 or 19) and ``label_folder`` ('': ``label`` for
+  NYUv2, ``label_{classes}`` for Cityscapes; LibMTL's copy names it ``label``)."""
+  root: str = ""
+  classes: int = 0
+  label_folder: str = ""
+
+
 def source_names(name: str) -> tuple[str, ...]:
   """The data sets of ``config.data.name``: one name, or several joined by
   ``+`` (``"mnist+fashion_mnist"``: each data set's tasks on its own inputs)."""
@@ -203,6 +219,14 @@ def check_name(name: str, builder_config: str = "") -> None:
                      f"set; name={name!r} has {len(parts)} (write "
                      "'NAME/CONFIG' for a catalog data set's builder config).")
   for part in parts:
+    if part in LOCAL_FILES:
+      if len(parts) > 1:
+        raise ValueError(f"name={name!r}: {part!r} is read from its own files (root) and "
+                         "cannot be joined with another data set by '+'.")
+      if builder_config:
+        raise ValueError(f"builder_config={builder_config!r}: {part!r} has no builder "
+                         "configs (its files are chosen by root, classes and label_folder).")
+      continue
     if part in builders.BUNDLED:
       config = builders.BUNDLED[part].config_from_name(builder_config)
       for split, fields in _EMPTY_SPLIT_FIELDS.items():
@@ -222,8 +246,9 @@ def check_name(name: str, builder_config: str = "") -> None:
       hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
           " (tfds.list_builders() lists the catalog)."
       raise ValueError(f"name={part!r} is neither a bundled data set "
-                       f"({', '.join(sorted(builders.BUNDLED))}) nor a TFDS catalog data "
-                       f"set{hint}") from None
+                       f"({', '.join(sorted(builders.BUNDLED))}), a data set of "
+                       f"preprocessed files ({', '.join(LOCAL_FILES)}) nor a TFDS catalog "
+                       f"data set{hint}") from None
     if builder_config and "/" not in part:
       _check_catalog_config(part, cls, builder_config)
 
@@ -432,7 +457,9 @@ def open_sources(name: str, *, data_dir: str | None = None, builder_config: str 
   prepared there is downloaded and prepared when ``download`` (needs the
   network), otherwise :class:`DataNotAvailableError` says how to prepare it.
   ``split_spec`` maps mtljax's splits to TFDS splits (and a held-out test
-  split, :class:`Splits`).
+  split, :class:`Splits`). A :data:`LOCAL_FILES` data set is read from
+  ``local.root``'s preprocessed files, prepared into ``data_dir`` once
+  (:func:`mtljax.data.dense_files.open_dense`).
 
   Returns:
     (builder_info_features, {split: data source})
@@ -445,6 +472,9 @@ def open_sources(name: str, *, data_dir: str | None = None, builder_config: str 
   split_spec.check()
   tfds_splits = {"train": split_spec.train, "test": split_spec.test}
   wanted = ("train",) if split_spec.test_fraction else tuple(splits)
+  if name in LOCAL_FILES:
+    raise ValueError(f"data set {name!r} is read from its preprocessed files: open it with "
+                     "mtljax.data.loading.open_all(..., local=LocalFiles(root=...)).")
   if name in builders.BUNDLED:
     builder = _bundled_builder(name, builder_config, data_dir)
     features = builder.info.features

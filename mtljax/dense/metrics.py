@@ -305,6 +305,19 @@ def _hist_median(hist: np.ndarray) -> float:
   return float(np.mean((j + 0.5) * width))
 
 
+def convention_of(kind: str, sums: Mapping) -> str:
+  """The first convention (in :data:`CONVENTIONS` order) whose sums have the
+  keys of ``sums``: the one they were taken with, or one that finalises them
+  to the same numbers (a segmentation's sums, and depth's under ``exact`` and
+  ``libmtl``, are the same in every convention that shares their keys)."""
+  have = set(sums)
+  for c in CONVENTIONS:
+    if _keys(kind, c) == have:
+      return c
+  raise ValueError(f"{kind}: sums with keys {sorted(have)} are no convention's "
+                   f"({CONVENTIONS}).")
+
+
 def finalize(kind: str, sums: Mapping, convention: str = "exact",
              median: float | None = None) -> dict[str, float]:
   """``{metric: float}`` from a split's sums (host, float64). ``median``

@@ -1,5 +1,6 @@
-"""Encoders (trunks): MLP and a small CNN, optionally conditioned on a task
-descriptor ``z`` at chosen dense layers.
+"""Encoders (trunks): MLP, a small CNN and a small fully convolutional network
+(FCN: per-pixel features for the dense tasks), optionally conditioned on a
+task descriptor ``z`` at chosen dense layers.
 
 Conditioning of dense layer ``l`` with input ``h`` and descriptor ``z``
 (a one-hot task id, ``[Z]``), names as in the parameter tree:
@@ -111,6 +112,26 @@ class CNN(nn.Module):
       if h.shape[1] >= 2 and h.shape[2] >= 2:
         h = nn.max_pool(h, (2, 2), strides=(2, 2))
     h = h.reshape(h.shape[0], -1)
+    return _dense_stack(h, z, self.hidden, self.cond_mode, self.cond_layers)
+
+
+class FCN(nn.Module):
+  """Per-pixel features for dense prediction: 3x3 SAME ReLU convolutions of
+  ``channels`` (stride 1, no pooling: the map keeps the input's size), then
+  ReLU dense layers of ``hidden`` applied at every pixel (1x1 convolutions).
+  ``[B, H, W(, C)] -> [B, H, W, F]``. The small dense model that trains on the
+  bundled rendered scenes on a CPU; the field's backbones (ResNet, SegNet)
+  are their own modules."""
+  channels: Sequence[int]
+  hidden: Sequence[int]
+  cond_mode: str | None = None
+  cond_layers: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x, z=None):
+    h = x if x.ndim == 4 else x[..., None]  # [B, H, W] -> [B, H, W, 1]
+    for i, c in enumerate(self.channels):
+      h = nn.relu(PatchConv(c, 3, name=f"conv_{i}")(h))
     return _dense_stack(h, z, self.hidden, self.cond_mode, self.cond_layers)
 
 

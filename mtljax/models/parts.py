@@ -28,7 +28,10 @@ import numpy as np
 from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
 
-ENCODERS = ("mlp", "cnn")
+ENCODERS = ("mlp", "cnn", "fcn")
+# Encoders whose features are per pixel ([B, H, W, F]): the dense tasks' (and
+# only theirs: a per-example task needs one feature vector per example).
+DENSE_ENCODERS = ("fcn",)
 HEADS = ("auto", "per_task", "shared")
 
 
@@ -85,9 +88,11 @@ class Trunk:
   its heads live.
 
   Attributes:
-    encoder: ``"mlp"`` (flatten, then ReLU dense layers of widths ``hidden``)
-      or ``"cnn"`` (3x3 ReLU convolutions of ``channels`` output channels, each
-      followed by 2x2 max-pooling, then the dense layers); :data:`ENCODERS`.
+    encoder: ``"mlp"`` (flatten, then ReLU dense layers of widths ``hidden``),
+      ``"cnn"`` (3x3 ReLU convolutions of ``channels`` output channels, each
+      followed by 2x2 max-pooling, then the dense layers) or ``"fcn"`` (the
+      convolutions without pooling, then the dense layers at every pixel:
+      per-pixel features for the dense tasks); :data:`ENCODERS`.
     hidden: the dense layers' widths, input to output.
     channels: the convolutions' output channels (``cnn`` only).
     heads: ``"auto"`` (per-task heads, except one head per task group for the
@@ -109,14 +114,33 @@ class Trunk:
 
   def check_input_shape(self, input_shape: Sequence[int]) -> None:
     """Raises when the encoder cannot read inputs of this shape (one example's)."""
-    if self.encoder == "cnn" and len(input_shape) not in (2, 3):
-      raise ValueError(f"encoder='cnn' needs image inputs [H, W] or [H, W, C], got input "
-                       f"shape {tuple(input_shape)}.")
+    if self.encoder in ("cnn", "fcn") and len(input_shape) not in (2, 3):
+      raise ValueError(f"encoder={self.encoder!r} needs image inputs [H, W] or [H, W, C], "
+                       f"got input shape {tuple(input_shape)}.")
+
+  def check_tasks(self, arch: str, taskset: tasks_lib.TaskSet,
+                  dense_archs: Sequence[str]) -> None:
+    """Raises unless the encoder's features fit every task: per-pixel
+    features (:data:`DENSE_ENCODERS`) for dense tasks only, on an
+    architecture in ``dense_archs``; per-example features for the others."""
+    dense = [t.name for t in taskset if t.dense]
+    if self.encoder in DENSE_ENCODERS:
+      other = [t.name for t in taskset if not t.dense]
+      if other:
+        raise ValueError(f"encoder={self.encoder!r} gives per-pixel features; task(s) "
+                         f"{other} need one prediction per example (use 'mlp' or 'cnn').")
+      if arch not in dense_archs:
+        raise ValueError(f"arch={arch!r} does not take per-pixel features yet; the dense "
+                         f"tasks train with {tuple(dense_archs)}.")
+    elif dense:
+      raise ValueError(f"dense task(s) {dense} need per-pixel features: encoder one of "
+                       f"{DENSE_ENCODERS}, not {self.encoder!r}.")
 
   @property
   def layer_names(self) -> tuple[str, ...]:
     """The trunk's layers, input to output: ``conv_i`` (cnn) then ``layer_j``."""
-    convs = [f"conv_{i}" for i in range(len(self.channels))] if self.encoder == "cnn" else []
+    convs = ([f"conv_{i}" for i in range(len(self.channels))]
+             if self.encoder in ("cnn", "fcn") else [])
     return tuple(convs + [f"layer_{j}" for j in range(len(self.hidden))])
 
 
@@ -153,9 +177,14 @@ class Parts:
     self.per_task_heads = trunk.heads == "per_task" or (trunk.heads == "auto" and
                                                         not self.conditioned)
     self.num_tasks = len(taskset)
-    self.module = (encoders.MLP(trunk.hidden, cond_mode, tuple(cond_layers))
-                   if trunk.encoder == "mlp" else
-                   encoders.CNN(trunk.channels, trunk.hidden, cond_mode, tuple(cond_layers)))
+    module = {"mlp": lambda: encoders.MLP(trunk.hidden, cond_mode, tuple(cond_layers)),
+              "cnn": lambda: encoders.CNN(trunk.channels, trunk.hidden, cond_mode,
+                                          tuple(cond_layers)),
+              "fcn": lambda: encoders.FCN(trunk.channels, trunk.hidden, cond_mode,
+                                          tuple(cond_layers))}
+    self.module = module[trunk.encoder]()
+    # The rank of one example's features: 1 ([F]) or 3 ([H, W, F], per pixel).
+    self.feat_rank = 3 if trunk.encoder in DENSE_ENCODERS else 1
     self.x_example = jnp.zeros((1,) + self.input_shape, jnp.float32)
     self.z_example = (jnp.zeros((self.num_tasks,), jnp.float32) if self.conditioned
                       else None)
@@ -207,9 +236,16 @@ class Parts:
         out[g] = one(jax.random.fold_in(rng, gi), dim)
     return out
 
+  def _per_slot(self, feats) -> bool:
+    """Whether ``feats`` has a slot axis (``[K, B, ...]``) or is read by every
+    slot (``[B, ...]``)."""
+    return feats.ndim == self.feat_rank + 2
+
   def heads_apply(self, head_params, feats, task_ids) -> dict:
     """``{group: [K, B, out]}`` from per-slot ``feats [K, B, F]`` or from
-    ``feats [B, F]`` read by every slot (one matmul for all slots' heads)."""
+    ``feats [B, F]`` read by every slot (one matmul for all slots' heads);
+    per-pixel features ``[K, B, H, W, F]`` / ``[B, H, W, F]`` give
+    ``[K, B, H, W, out]`` (a linear head at every pixel)."""
     outs, k = {}, task_ids.shape[0]
     slices = tasks_lib.static_group_slices(self.taskset, task_ids)
     if slices is not None and self.per_task_heads:
@@ -219,12 +255,20 @@ class Parts:
       if self.per_task_heads:
         rows = jnp.clip(self.local_index[task_ids], 0, hp["kernel"].shape[0] - 1)
         hp = jax.tree.map(lambda a: a[rows], hp)
-        spec = "kbf,kfo->kbo" if feats.ndim == 3 else "bf,kfo->kbo"
-        outs[g] = jnp.einsum(spec, feats, hp["kernel"]) + hp["bias"][:, None]
+        outs[g] = self._heads(feats, hp)
       else:
         out = feats @ hp["kernel"] + hp["bias"]
-        outs[g] = out if feats.ndim == 3 else jnp.broadcast_to(out, (k,) + out.shape)
+        outs[g] = out if self._per_slot(feats) else jnp.broadcast_to(out, (k,) + out.shape)
     return outs
+
+  def _heads(self, feats, hp):
+    """Slot k's head ``hp[k]`` on its features: ``[K, B, ..., out]``."""
+    spec = "kbf,kfo->kbo" if self._per_slot(feats) else "bf,kfo->kbo"
+    if self.feat_rank == 3:
+      spec = spec.replace("b", "bhw")
+    bias = hp["bias"].reshape(hp["bias"].shape[:1] + (1,) * self.feat_rank
+                              + hp["bias"].shape[1:])
+    return jnp.einsum(spec, feats, hp["kernel"]) + bias
 
   def head_kernels(self, head_params, task_ids) -> dict:
     """``{group: [K, F, out]}``: each slot's kernel of the group's per-task heads
@@ -244,10 +288,8 @@ class Parts:
       rows = self.taskset.local_index[task_ids[sl]]
       if not np.array_equal(rows, np.arange(hp["kernel"].shape[0])):
         hp = jax.tree.map(lambda a, r=rows: a[r], hp)
-      f = feats[sl] if feats.ndim == 3 else feats
-      spec = "kbf,kfo->kbo" if feats.ndim == 3 else "bf,kfo->kbo"
-      out = jnp.einsum(spec, f, hp["kernel"]) + hp["bias"][:, None]
-      outs[g] = jnp.pad(out, ((sl.start, k - sl.stop), (0, 0), (0, 0)))
+      out = self._heads(feats[sl] if self._per_slot(feats) else feats, hp)
+      outs[g] = jnp.pad(out, ((sl.start, k - sl.stop),) + ((0, 0),) * (out.ndim - 1))
     return outs
 
   def head_rows(self) -> dict[str, np.ndarray]:

@@ -99,7 +99,8 @@ def shared_trunk_model(parts: parts_lib.Parts) -> dict:
 
     def rep_heads(task_params, task_ids):
       return parts.head_kernels(task_params["heads"], task_ids)
-    out["rep_heads"] = rep_heads
+    if parts.feat_rank == 1:  # (the factored Gram reads rep [B, F]; per-pixel reps do not)
+      out["rep_heads"] = rep_heads
   else:  # a pooled model: the whole network is task-independent
     def encode(shared, x):
       feats = parts.trunk_apply(shared["trunk"], x)

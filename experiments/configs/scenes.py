@@ -1,0 +1,55 @@
+r"""Dense scene understanding on the bundled rendered scenes: semantic
+segmentation (7 classes), depth and surface normals of one image, the tasks
+and metrics of NYUv2 (mtljax/data/scenes.py renders them with exact ground
+truth; nothing is downloaded).
+
+    python -m experiments.main --config=experiments/configs/scenes.py:quick \
+        --workdir=/tmp/mtljax/scenes_quick
+
+Any objective (``--config.objective.method=mgda``, ``pcgrad``, ``uw``...);
+``--config.baselines=True`` adds single-task baselines and Δm over all
+nine metrics. The model is a small fully convolutional multi_head
+(``encoder='fcn'``: 3x3 convolutions at full resolution, then per-pixel
+layers and linear per-pixel heads), sized for a CPU; the field's backbones
+(ResNet-dilated + ASPP, SegNet, MTAN) are issue 26's. Metrics are exact over
+the test split (``dense_convention='exact'``; ``libmtl`` / ``mtan`` give the
+published code's numbers).
+
+Variants: ``quick`` (64x80 scenes, 2,000 train / 500 test, a few hundred steps:
+minutes on 2 CPU cores), ``full`` (128x160 scenes).
+"""
+
+from experiments.configs import common
+
+VARIANTS = ("", "quick", "full")
+
+
+def get_config(arg: str = ""):
+  c = common.base_config()
+  c.data.name = "scenes"
+  c.model.arch = "multi_head"
+  c.model.encoder = "fcn"
+  c.model.channels = (32, 32, 32)
+  c.model.hidden = (32,)
+  c.sampling.examples_per_task = 16
+  c.sampling.shared_inputs = True  # one batch of images labelled for every task (as NYUv2)
+  c.optim.lr = 3e-3
+  c.eval_batch_size = 100
+  if arg in ("", "quick"):
+    c.data.builder_config = "quick"
+    c.total_steps = 600
+    c.steps_per_call = 50
+    c.log_steps = 100
+    c.eval_steps = 300
+    c.checkpoint_steps = 300
+  elif arg == "full":
+    c.data.builder_config = "full"
+    c.model.channels = (32, 64, 64, 64)
+    c.model.hidden = (64,)
+    c.total_steps = 3000
+    c.log_steps = 250
+    c.eval_steps = 1000
+    c.checkpoint_steps = 1000
+  else:
+    raise ValueError(f"scenes config: unknown variant {arg!r}; use '', 'quick' or 'full'.")
+  return c
