@@ -72,16 +72,17 @@ def _gram_run(method, gram_path, shared_inputs):
 
 
 @functools.lru_cache(maxsize=None)
-def _gram_fast_runs():
-  """``_gram_run`` of every fast case without shared inputs, in one program
-  (computed once per process, read by those cases): their steps start from
+def _gram_runs(fast):
+  """``_gram_run`` of every case of a tier (``fast``: the fast tier's, else
+  the slow tier's) without shared inputs, in one program (computed once per
+  process, read by those cases): their steps start from
   the same parameters and step counter (one parameter of the program each)
   and draw the same batch, so XLA's common-subexpression elimination computes
   the draw, the forward pass and what the paths share of the per-task
   gradients once; each method's combination and update is its own. Every
   other field of each state is its own, as in separate calls."""
   data, model, tx, weights = _gram_setup()
-  cases = sorted(c for c in _GRAM_FAST if not c[2])
+  cases = sorted(c.values for c in _GRAM if not c.values[2] and (c.values in _GRAM_FAST) == fast)
   fns, states = [], []
   for method, gram_path, shared_inputs in cases:
     fns.append(_step_fn(model, method, tx, k=3, weights=weights, gram_path=gram_path,
@@ -107,7 +108,7 @@ def test_step_applies_the_method_to_per_task_gradients(method, gram_path, shared
   the pairwise cosines of those gradients."""
   data, model, _, weights = _gram_setup()
   case = (method, gram_path, shared_inputs)
-  state, new, meas = (_gram_fast_runs()[case] if case in _GRAM_FAST and not shared_inputs
+  state, new, meas = (_gram_runs(case in _GRAM_FAST)[case] if not shared_inputs
                       else _gram_run(*case))
 
   ids, x, ys, r_method = helpers.step_batch(data, _PROBS, seed=5, k=3, b=16,
