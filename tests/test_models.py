@@ -33,7 +33,9 @@ def _params(model, seed):
   program per new leaf shape (about 0.5 s each; an architecture has several),
   and a jitted one per architecture compiles more. ``model.init`` itself runs
   in test_keyword_form_..., test_multiplicative_gating_closed_forms,
-  test_shared_heads_work_for_every_architecture and the training tests."""
+  test_shared_heads_work_for_every_architecture and the training tests.
+  Not where an init's values are what a check reads (cross_stitch's stitch
+  units start symmetric in the tasks; gates start at one or uniform)."""
   rng = np.random.default_rng(seed)
 
   def leaf(a):
@@ -431,7 +433,9 @@ def test_shared_heads_work_for_every_architecture(arch):
   from mtljax import optim, steps  # pylint: disable=g-import-not-at-top
   model = multitask.make_model(arch, MIXED, (5,), **helpers.arch_kwargs(
       arch, hidden=(6,), heads="shared", num_experts=2, tower=(3,), cond_layers=(0,)))
-  p = _params(model, 0)  # init's tree and shapes, generic values
+  # The init's values: cross_stitch's stitch units start symmetric in the
+  # tasks, so a's and b's outputs are equal only from there.
+  p = model.init(jax.random.key(0))
   assert "heads" not in p["tasks"]
   assert p["shared"]["heads"]["classification10"]["kernel"].ndim == 2  # no task axis
   a, b = MIXED.index("a"), MIXED.index("b")
@@ -447,7 +451,8 @@ def test_shared_heads_work_for_every_architecture(arch):
   if arch not in ("concat", "additive", "multiplicative"):  # those read the task id
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
   tx = optim.make_optimizer("adam", lr=1e-3)
-  # The state's tree, traced without running its draws (an eager init compiles
-  # a random program per leaf shape; the training tests run init_train_state).
+  # The state's tree, traced without running it (its init's programs are the
+  # ones above; its optimizer init's one-op programs are not compiled; the
+  # training tests run init_train_state).
   state = jax.eval_shape(lambda r: steps.init_train_state(model, tx, r), jax.random.key(0))
   assert set(state.opt_state["tasks"]) == {s.split("/")[0] for s in model.task_rows}
