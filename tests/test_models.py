@@ -20,7 +20,32 @@ MIXED = tasks.TaskSet((tasks.Task("a", "classification", 10), tasks.Task("r", "r
 
 
 def _x(shape, k=3, b=5, seed=0):
-  return jax.random.normal(jax.random.key(seed), (k, b) + shape)
+  """Standard normal inputs ``[k, b, *shape]``, drawn with numpy: an eager
+  jax.random draw compiles a program per shape (about 0.5 s each)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((k, b) + shape, np.float32))
+
+
+def _params(model, seed):
+  """Parameters of ``model.init``'s tree and shapes (its ``eval_shape``:
+  nothing compiled) with numpy values of the scale of an init: kernels (ndim
+  >= 2) N(0, 1 / fan_in), every other leaf N(0, 0.1^2). For the tests where
+  the values only need to be generic: eager ``model.init`` compiles a random
+  program per new leaf shape (about 0.5 s each; an architecture has several),
+  and a jitted one per architecture compiles more. ``model.init`` itself runs
+  in test_keyword_form_..., test_multiplicative_gating_closed_forms,
+  test_shared_heads_work_for_every_architecture and the training tests.
+  Not where an init's values are what a check reads (cross_stitch's stitch
+  units start symmetric in the tasks; gates start at one or uniform)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(a):
+    if len(a.shape) >= 2:
+      fan_in = int(np.prod(a.shape[:-1])) if len(a.shape) == 4 else a.shape[-2]
+      scale = 1 / np.sqrt(fan_in)
+    else:
+      scale = 0.1
+    return jnp.asarray(np.float32(scale) * rng.standard_normal(a.shape, np.float32))
+  return jax.tree.map(leaf, jax.eval_shape(model.init, jax.random.key(0)))
 
 
 def _concat_to_additive(params, cond_layers):
@@ -42,17 +67,19 @@ def test_concat_and_additive_conditioning_are_the_same_function(encoder, shape, 
   kw = dict(encoder=encoder, hidden=(16, 8), channels=(4,), cond_layers=layers)
   concat = multitask.make_model("concat", CLS3, shape, **kw)
   additive = multitask.make_model("additive", CLS3, shape, **kw)
-  p_concat = concat.init(jax.random.key(0))
+  p_concat = _params(concat, 0)
   p_add = _concat_to_additive(p_concat, layers)
   # Same tree as additive's own init: the mapping is a re-labelling of parameters.
-  assert (jax.tree.structure(p_add) ==
-          jax.tree.structure(additive.init(jax.random.key(1))))
+  shapes = jax.eval_shape(additive.init, jax.random.key(1))
+  assert jax.tree.structure(p_add) == jax.tree.structure(shapes)
+  assert jax.tree.map(jnp.shape, p_add) == jax.tree.map(lambda a: a.shape, shapes)
   x, ids = _x(shape), jnp.array([0, 2, 1])
-  out_c = concat.apply(p_concat, x, ids)["classification10"]
-  out_a = additive.apply(p_add, x, ids)["classification10"]
+  # The three forward passes in one program (op by op, each op compiles its own).
+  out_c, out_a, other = jax.jit(lambda pc, pa, x, i, j: (
+      concat.apply(pc, x, i)["classification10"], additive.apply(pa, x, i)["classification10"],
+      concat.apply(pc, x, j)["classification10"]))(p_concat, p_add, x, ids, jnp.array([1, 0, 2]))
   np.testing.assert_allclose(out_c, out_a, rtol=1e-5, atol=1e-5)
   # And the conditioning does something: the same inputs, another task, other outputs.
-  other = concat.apply(p_concat, x, jnp.array([1, 0, 2]))["classification10"]
   assert not np.allclose(out_c, other, atol=1e-3)
 
 
@@ -146,13 +173,13 @@ def test_vmapped_slot_losses_equal_float64_numpy_loop(arch):
   ts = MIXED
   model = multitask.make_model(arch, ts, (5,),
                                **helpers.arch_kwargs(arch, hidden=(12, 7), cond_layers=(0,)))
-  p = jax.device_get(model.init(jax.random.key(3)))
+  p = jax.device_get(_params(model, 3))
   task_ids = np.array([3, 0, 2, 1, 0], np.int32)  # every group, one task twice
   rng = np.random.default_rng(0)
   x = rng.normal(size=(len(task_ids), 9, 5)).astype(np.float32)
   ys = _random_labels(ts, task_ids, 9, rng)
-  got = np.asarray(tasks.slot_losses(ts, model.apply(p, jnp.asarray(x), jnp.asarray(task_ids)),
-                                     jax.tree.map(jnp.asarray, ys), jnp.asarray(task_ids)))
+  got = np.asarray(jax.jit(lambda p, x, ys, i: tasks.slot_losses(ts, model.apply(p, x, i), ys, i))(
+      p, jnp.asarray(x), jax.tree.map(jnp.asarray, ys), jnp.asarray(task_ids)))
 
   want = []
   for k, t in enumerate(task_ids):  # the reference: one task at a time
@@ -262,14 +289,22 @@ def test_the_registry_is_the_config_and_refuses_malformed_records():
 @pytest.mark.parametrize("k, c_in, c_out", [(3, 1, 4), (3, 5, 2), (5, 3, 3), (2, 2, 3)])
 def test_patch_conv_equals_xla_same_convolution(k, c_in, c_out):
   from mtljax.models import encoders
-  x = jax.random.normal(jax.random.key(0), (2, 7, 9, c_in))
+  rng = np.random.default_rng(0)  # numpy draws: no random program per shape
+  x = jnp.asarray(rng.standard_normal((2, 7, 9, c_in), np.float32))
   conv = encoders.PatchConv(c_out, k)
-  p = conv.init(jax.random.key(1), x)
-  p = jax.tree.map(lambda a: a + 0.1, p)  # a non-zero bias too
-  want = jax.lax.conv_general_dilated(
+  # Generic parameters of conv.init's shapes: kernel N(0, 1 / fan_in), a non-zero bias.
+  shapes = jax.eval_shape(conv.init, jax.random.key(1), x)
+  assert jax.tree.map(lambda a: a.shape, shapes) == {
+      "params": {"kernel": (k, k, c_in, c_out), "bias": (c_out,)}}
+  p = {"params": {
+      "kernel": jnp.asarray(rng.standard_normal((k, k, c_in, c_out), np.float32)
+                            / np.float32(np.sqrt(k * k * c_in))),
+      "bias": jnp.asarray(np.float32(0.1) + rng.standard_normal(c_out, np.float32))}}
+  # PatchConv and XLA's convolution in one program (op by op, each op compiles its own).
+  got, want = jax.jit(lambda p, x: (conv.apply(p, x), jax.lax.conv_general_dilated(
       x, p["params"]["kernel"], (1, 1), "SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["params"]["bias"]
-  np.testing.assert_allclose(conv.apply(p, x), want, rtol=1e-5, atol=1e-5)
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["params"]["bias"]))(p, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
@@ -286,18 +321,22 @@ def test_decode_of_encode_is_apply_on_shared_inputs(arch, heads):
   for traced task ids and for a static (numpy) slot layout."""
   model = multitask.make_model(arch, MIXED, (5,), **helpers.arch_kwargs(
       arch, hidden=(12, 7), heads=heads, num_experts=3, tower=(4,)))
-  # The noise and x from numpy (no eager random program per leaf shape). The
-  # init stays op by op: its ops' programs are shared across architectures
-  # (one jitted init per architecture compiles more).
-  p = model.init(jax.random.key(3))
+  # Parameters and x from numpy (no eager random program per leaf shape): an
+  # init's scale plus noise (gates, zero at init, are not uniform).
+  p = _params(model, 3)
   rng = np.random.default_rng(1)
   p = jax.tree.map(lambda a: jnp.asarray(
       np.asarray(a) + np.float32(0.2) * rng.standard_normal(a.shape, np.float32)), p)
   x = jnp.asarray(rng.standard_normal((9, 5), np.float32))
-  for ids in (jnp.array([3, 0, 2, 1, 0]), MIXED.grouped_order):
-    want = jax.jit(lambda p, i: model.apply(p, jnp.broadcast_to(x, (len(ids),) + x.shape),
-                                            i))(p, jnp.asarray(ids))
-    got = jax.jit(lambda p: model.decode(p["tasks"], model.encode(p["shared"], x), x, ids))(p)
+  layouts = (jnp.array([3, 0, 2, 1, 0]), MIXED.grouped_order)  # traced ids; a static layout
+
+  def both(p, traced):  # per layout: (apply on [x] * K, traced ids; decode of encode)
+    return [(model.apply(p, jnp.broadcast_to(x, (len(ids),) + x.shape), i),
+             model.decode(p["tasks"], model.encode(p["shared"], x), x, ids))
+            for ids, i in zip(layouts, traced)]
+  # One program for the four (each alone compiles its own).
+  outs = jax.jit(both)(p, [jnp.asarray(ids) for ids in layouts])
+  for ids, (want, got) in zip(layouts, outs):
     for k, t in enumerate(np.asarray(ids)):  # the rows each slot's task reads
       g = MIXED.tasks[t].group
       np.testing.assert_allclose(got[g][k], want[g][k], rtol=1e-5, atol=1e-6)
@@ -318,15 +357,16 @@ def test_static_slot_layout_gives_the_same_losses_as_traced_ids(arch):
   ts = MIXED
   model = multitask.make_model(arch, ts, (5,), **helpers.arch_kwargs(
       arch, hidden=(12, 7), num_experts=3, tower=(4,)))
-  p = model.init(jax.random.key(3))
+  p = _params(model, 3)
   ids = ts.grouped_order
   np.testing.assert_array_equal(ids, [0, 2, 1, 3])  # classification10 tasks first
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(4, 9, 5)).astype(np.float32))
   ys = jax.tree.map(jnp.asarray, _random_labels(ts, ids, 9, rng))
-  static = tasks.slot_losses(ts, model.apply(p, x, ids), ys, ids)
-  traced = jax.jit(lambda i: tasks.slot_losses(ts, model.apply(p, x, i), ys, i))(
-      jnp.asarray(ids))
+  # Both in one program: ``ids`` (numpy) is static there, ``i`` traced.
+  static, traced = jax.jit(lambda p, x, ys, i: (
+      tasks.slot_losses(ts, model.apply(p, x, ids), ys, ids),
+      tasks.slot_losses(ts, model.apply(p, x, i), ys, i)))(p, x, ys, jnp.asarray(ids))
   np.testing.assert_allclose(static, traced, rtol=1e-6)
   assert tasks.static_group_slices(ts, np.array([0, 1, 2, 3])) is None  # interleaved
 
@@ -393,6 +433,8 @@ def test_shared_heads_work_for_every_architecture(arch):
   from mtljax import optim, steps  # pylint: disable=g-import-not-at-top
   model = multitask.make_model(arch, MIXED, (5,), **helpers.arch_kwargs(
       arch, hidden=(6,), heads="shared", num_experts=2, tower=(3,), cond_layers=(0,)))
+  # The init's values: cross_stitch's stitch units start symmetric in the
+  # tasks, so a's and b's outputs are equal only from there.
   p = model.init(jax.random.key(0))
   assert "heads" not in p["tasks"]
   assert p["shared"]["heads"]["classification10"]["kernel"].ndim == 2  # no task axis
@@ -404,10 +446,13 @@ def test_shared_heads_work_for_every_architecture(arch):
       node = node[part]
     node[leaf] = jax.tree.map(lambda v: v.at[list(rows).index(b)].set(v[list(rows).index(a)]),
                               node[leaf])
-  x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (7, 5)), (2, 7, 5))
+  x = jnp.broadcast_to(_x((5,), k=1, b=7, seed=1)[0], (2, 7, 5))
   out = model.apply(p, x, jnp.array([a, b]))["classification10"]
   if arch not in ("concat", "additive", "multiplicative"):  # those read the task id
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
   tx = optim.make_optimizer("adam", lr=1e-3)
-  state = steps.init_train_state(model, tx, jax.random.key(0))
+  # The state's tree, traced without running it (its init's programs are the
+  # ones above; its optimizer init's one-op programs are not compiled; the
+  # training tests run init_train_state).
+  state = jax.eval_shape(lambda r: steps.init_train_state(model, tx, r), jax.random.key(0))
   assert set(state.opt_state["tasks"]) == {s.split("/")[0] for s in model.task_rows}

@@ -4,6 +4,8 @@ numpy indexing, per-task gradients from one ``jax.grad`` per slot, weights
 recomputed in float64 from the papers' equations -- and the one-pass step
 (the trunk once for every slot) against the per-slot step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,21 +54,62 @@ _GRAM = [pytest.param(*case, marks=() if case in _GRAM_FAST else (pytest.mark.sl
                       + [(m, "jacobian", True) for m in ("mgda", "pcgrad", "cagrad")])]
 
 
+def _gram_setup():
+  data = helpers.toy_data()
+  model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
+  tx = optim.make_optimizer("sgd", lr=1.0)  # update = -gradient
+  weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
+  return data, model, tx, weights
+
+
+def _gram_run(method, gram_path, shared_inputs):
+  """``(state_0, state_1, measurements)`` of one step of ``method``."""
+  data, model, tx, weights = _gram_setup()
+  _, fn = _step_fn(model, method, tx, k=3, weights=weights, gram_path=gram_path,
+                   shared_inputs=shared_inputs)
+  state = steps.init_train_state(model, tx, jax.random.key(0), method)
+  return (state,) + tuple(jax.jit(fn)(state, data.train))
+
+
+@functools.lru_cache(maxsize=None)
+def _gram_runs(fast):
+  """``_gram_run`` of every case of a tier (``fast``: the fast tier's, else
+  the slow tier's) without shared inputs, in one program (computed once per
+  process, read by those cases): their steps start from
+  the same parameters and step counter (one parameter of the program each)
+  and draw the same batch, so XLA's common-subexpression elimination computes
+  the draw, the forward pass and what the paths share of the per-task
+  gradients once; each method's combination and update is its own. Every
+  other field of each state is its own, as in separate calls."""
+  data, model, tx, weights = _gram_setup()
+  cases = sorted(c.values for c in _GRAM if not c.values[2] and (c.values in _GRAM_FAST) == fast)
+  fns, states = [], []
+  for method, gram_path, shared_inputs in cases:
+    fns.append(_step_fn(model, method, tx, k=3, weights=weights, gram_path=gram_path,
+                        shared_inputs=shared_inputs)[1])
+    states.append(steps.init_train_state(model, tx, jax.random.key(0), method))
+  base = states[0]
+  for state in states[1:]:  # the same initial parameters and step whatever the method
+    helpers.assert_trees_close(state.params, base.params, rtol=0, atol=0)
+    assert int(state.step) == int(base.step)
+
+  @jax.jit
+  def run(params, step, states, train):
+    return [fn(st._replace(params=params, step=step), train) for fn, st in zip(fns, states)]
+  outs = run(base.params, base.step, states, data.train)
+  return {case: (state, *out) for case, state, out in zip(cases, states, outs)}
+
+
 @pytest.mark.parametrize("method, gram_path, shared_inputs", _GRAM)
 def test_step_applies_the_method_to_per_task_gradients(method, gram_path, shared_inputs):
   """Shared parameters move by the method's direction over the per-task
   gradients (rows ``w_k grad L_k``); task parameters by the plain gradient of
   the weighted sum; the logs are the per-task norms, the method's weights and
   the pairwise cosines of those gradients."""
-  data = helpers.toy_data()
-  ts = data.taskset
-  model = multitask.make_model("multi_head", ts, data.input_shape, hidden=(8,))
-  tx = optim.make_optimizer("sgd", lr=1.0)  # update = -gradient
-  weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
-  _, fn = _step_fn(model, method, tx, k=3, weights=weights, gram_path=gram_path,
-                   shared_inputs=shared_inputs)
-  state = steps.init_train_state(model, tx, jax.random.key(0), method)
-  new, meas = jax.jit(fn)(state, data.train)
+  data, model, _, weights = _gram_setup()
+  case = (method, gram_path, shared_inputs)
+  state, new, meas = (_gram_runs(case in _GRAM_FAST)[case] if not shared_inputs
+                      else _gram_run(*case))
 
   ids, x, ys, r_method = helpers.step_batch(data, _PROBS, seed=5, k=3, b=16,
                                             shared_inputs=shared_inputs)
@@ -159,8 +202,9 @@ def _np_loss_grad_z(task, z, head, y):
 def test_mgda_ub_pure_function_is_mgda_on_representation_gradients():
   """``gradients.mgda_ub`` on [T, B, F] equals the min-norm point computed in
   float64 from the flattened rows' Gram matrix (KKT conditions)."""
-  gz = jax.random.normal(jax.random.key(0), (3, 16, 5))
-  d, beta, info = gradients.mgda_ub(gz)
+  gz = jnp.asarray(np.random.default_rng(0).standard_normal((3, 16, 5), np.float32))
+  # Jitted, as the step runs it (op by op its solver compiles ~80 one-op programs).
+  d, beta, info = jax.jit(gradients.mgda_ub)(gz)
   g = np.asarray(gz, np.float64).reshape(3, -1)
   k = g @ g.T
   beta = np.asarray(beta, np.float64)
@@ -663,7 +707,10 @@ def test_mgda_leaves_out_slots_of_weight_zero():
       cos = got @ want / (np.linalg.norm(got) * np.linalg.norm(want))
       assert cos > 0.9999 and np.linalg.norm(got) == pytest.approx(np.linalg.norm(want),
                                                                    rel=1e-3)
-  # Every slot present: the plain MGDA weights.
+  # Every slot present: the plain MGDA weights. Three rows (one scaled x100, as
+  # above): the [3, 3] program of the t = 2 cases above, not a fifth solver
+  # compiled for another size.
+  g = rng.normal(size=(3, 12)) * np.array([1.0, 100.0, 1.0])[:, None]
   k = jnp.asarray(g @ g.T, jnp.float32)
-  np.testing.assert_allclose(jax.jit(weights)(k, jax.random.key(0), jnp.ones(t, bool))[0],
+  np.testing.assert_allclose(jax.jit(weights)(k, jax.random.key(0), jnp.ones(3, bool))[0],
                              jax.jit(gradients.mgda_weights)(k)[0], rtol=1e-6)

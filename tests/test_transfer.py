@@ -48,6 +48,31 @@ def _steps(model, data, tx, n, seed=3, state=None, **kwargs):
   return history
 
 
+def _first_steps(model, data, txs, seed):
+  """The parameters after one step of each optimizer in ``txs`` from the same
+  initial state (the state of ``_steps``: init key 0, the step's ``seed``):
+  ``(params_0, [params_1 per optimizer])``. One compiled program: the states
+  share every field but the optimizer state (one parameter of the program),
+  so XLA's common-subexpression elimination computes the batch draw, the
+  forward pass and the gradient once for all of them; each optimizer's
+  update is its own. The same numbers as ``_steps(model, data, tx, 1, seed)``
+  per optimizer (the multi-step path: test_frozen_parameters_... and
+  test_gradual_unfreezing_unfreezes_...)."""
+  sampler = sampling.make_sampler(
+      data.taskset, sampling.task_probabilities("uniform", data.num_train), 4, 16)
+  fns = [steps.make_train_step(model, tx, "fixed", sampler, weights=np.ones(len(data.taskset)),
+                               seed=seed) for tx in txs]
+  states = [steps.init_train_state(model, tx, jax.random.key(0)) for tx in txs]
+  base = states[0]
+  for s in states[1:]:  # the same initial parameters whatever the optimizer
+    helpers.assert_trees_close(s.params, base.params, rtol=0, atol=0)
+
+  @jax.jit
+  def step(base, opt_states, train):
+    return [fn(base._replace(opt_state=o), train)[0].params for fn, o in zip(fns, opt_states)]
+  return base.params, step(base, [s.opt_state for s in states], data.train)
+
+
 def _ruled(rules, name="adam", lr=1e-2, total_steps=100, **kwargs):
   return optim.make_ruled_optimizer(name, optim.parse_rules(rules), lr=lr,
                                     total_steps=total_steps, **kwargs)
@@ -92,17 +117,33 @@ def test_bad_rules_raise(spec, match):
     optim.parse_rules(spec)
 
 
+_SEED_11_MULTS = {"trunk/layer_0/": 0.25, "trunk/layer_1/": 3.0, ".*": 1.0}
+_SEED_11_ADAMW = (1e-2, 0.1)  # lr, weight decay
+
+
+def _seed_11_first_steps(model, data):
+  """``_first_steps`` (seed 11) of the optimizers of the next two tests: SGD
+  with test_realised_...'s multipliers, plain SGD(1) (the reference gradient),
+  and AdamW with test_weight_decay_...'s decay multipliers: one program for
+  both tests (a persistent-cache hit for the second on another worker)."""
+  lr, wd = _SEED_11_ADAMW
+  return _first_steps(model, data, [
+      _ruled(";".join(f"{k}:lr_mult={v}" for k, v in _SEED_11_MULTS.items()), name="sgd",
+             lr=0.1),
+      optax.sgd(1.0),
+      _ruled("trunk/layer_0/:wd_mult=0;.*:wd_mult=2", name="adamw", lr=lr, weight_decay=wd)],
+      seed=11)
+
+
 def test_realised_learning_rates_equal_the_multipliers():
   """SGD: each group's update is exactly -lr * lr_mult * gradient."""
   data, model = _model()
   mults = {"trunk/layer_0/": 0.25, "trunk/layer_1/": 3.0, ".*": 1.0}
-  tx = _ruled(";".join(f"{k}:lr_mult={v}" for k, v in mults.items()), name="sgd", lr=0.1)
-  hist = _steps(model, data, tx, 1, seed=11)
-  p0 = hist[0].params
+  p0, (ruled, plain, _) = _seed_11_first_steps(model, data)
+  assert mults == _SEED_11_MULTS
   # The reference gradient of the same batch, from the plain optimizer.
-  plain = _steps(model, data, optax.sgd(1.0), 1, seed=11)
-  grad = jax.tree.map(lambda a, b: a - b, p0, plain[1].params)
-  got = jax.tree.map(lambda a, b: a - b, p0, hist[1].params)
+  grad = jax.tree.map(lambda a, b: a - b, p0, plain)
+  got = jax.tree.map(lambda a, b: a - b, p0, ruled)
   for name, g in _named(grad).items():
     m = next(v for k, v in mults.items() if re.search(k, name))
     np.testing.assert_allclose(_named(got)[name], 0.1 * m * g, rtol=1e-4, atol=2e-7)  # float32 p - p_new
@@ -115,13 +156,12 @@ def test_layerwise_decay_factors_are_exact_per_layer():
   rules = optim.layerwise_decay_rules(groups, optim.ULMFIT_DECAY)
   assert [r.lr_mult for r in rules] == [(1 / 2.6) ** k for k in (4, 3, 2, 1, 0)]
   tx = optim.make_ruled_optimizer("sgd", rules, lr=0.1, total_steps=10)
-  hist = _steps(model, data, tx, 1, seed=2)
-  plain = _steps(model, data, optax.sgd(1.0), 1, seed=2)
-  p0 = hist[0].params
-  for name, g in _named(jax.tree.map(lambda a, b: a - b, p0, plain[1].params)).items():
+  # The ruled step and the plain reference step in one program (see _first_steps).
+  p0, (ruled, plain) = _first_steps(model, data, [tx, optax.sgd(1.0)], seed=2)
+  for name, g in _named(jax.tree.map(lambda a, b: a - b, p0, plain)).items():
     depth = next(i for i, (_, rx) in enumerate(groups) if re.search(rx, name))
     want = 0.1 * (1 / 2.6) ** (4 - depth) * g
-    got = _named(p0)[name] - _named(hist[1].params)[name]
+    got = _named(p0)[name] - _named(ruled)[name]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-7)
 
 
@@ -372,14 +412,12 @@ def test_weight_decay_multiplier_per_group_matches_optax_adamw():
   with that decay on the same gradients."""
   data, model = _model()
   lr, wd = 1e-2, 0.1
-  tx = _ruled("trunk/layer_0/:wd_mult=0;.*:wd_mult=2", name="adamw", lr=lr,
-              weight_decay=wd)
-  # seed 11: the batch of test_realised_learning_rates_equal_the_multipliers, so
-  # the plain-SGD reference step below is the same compiled program as there.
-  hist = _steps(model, data, tx, 1, seed=11)
-  plain = _steps(model, data, optax.sgd(1.0), 1, seed=11)
-  p0 = hist[0].params
-  grad = jax.tree.map(lambda a, b: a - b, p0, plain[1].params)
+  assert _SEED_11_ADAMW == (lr, wd)
+  # seed 11: the batch of test_realised_learning_rates_equal_the_multipliers;
+  # the AdamW step ("trunk/layer_0/:wd_mult=0;.*:wd_mult=2") and the plain-SGD
+  # reference step are in the program compiled there (_seed_11_first_steps).
+  p0, (_, plain, adamw) = _seed_11_first_steps(model, data)
+  grad = jax.tree.map(lambda a, b: a - b, p0, plain)
   # optax.adamw with each group's decay, applied to the whole tree at once (its
   # update is leaf by leaf: the same per-leaf numbers as one call per leaf, in
   # one compiled program per decay instead of an eager op per leaf shape).
@@ -391,7 +429,7 @@ def test_weight_decay_multiplier_per_group_matches_optax_adamw():
   for name, p in _named(p0).items():
     decay = 0.0 if "trunk/layer_0/" in name else 2 * wd
     u = ref_updates[decay][name]
-    np.testing.assert_allclose(_named(hist[1].params)[name], p + u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_named(adamw)[name], p + u, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

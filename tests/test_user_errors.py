@@ -10,6 +10,7 @@ seconds); the rest call the boundary functions and check the error's type
 (which picks the exit code) and its message.
 """
 
+import ast
 import errno
 import json
 import os
@@ -58,23 +59,47 @@ def test_exit_codes_by_type():
   assert issubclass(tfds_access.DataNotAvailableError, errors.DataError)
 
 
-def test_the_command_line_gives_one_line_and_the_exit_code_of_its_type(tmp_path):
-  """The cryptic cases through the real entry point: a missing config file
-  without overrides, a NaN weight, an unknown task in the weights and every
-  weight 0 (refused before the data set is generated: the fresh data_dir
-  stays empty), and -v shows the traceback too."""
+def test_the_command_line_gives_one_line_and_the_exit_code_of_its_type(tmp_path, capsys,
+                                                                      monkeypatch):
+  """The cryptic cases: a missing config file without overrides, a NaN
+  weight, an unknown task in the weights and every weight 0 (refused before
+  the data set is generated: the fresh data_dir stays empty), and -v shows the
+  traceback too. The last two run the real entry point (a process: exit code 2
+  with one line; -v with the traceback; nothing generated); the first two call
+  what it calls in-process (a process costs seconds): the flags parser that
+  ``app.run`` is given, and for the NaN weight the weight flags' gathering,
+  the run function main calls and main's one handler."""
   fresh = tmp_path / "data"
   fresh.mkdir()
   w = f"--workdir={tmp_path / 'w'}"
   data_dir = f"--config.data.data_dir={fresh}"
-  r = _main("--config=experiments/configs/nosuch.py:quick", w)
-  assert r.returncode == 2
-  assert _one_line(r) == ("error: --config=experiments/configs/nosuch.py:quick: no such config "
-                          "file 'experiments/configs/nosuch.py' (--list shows the configs).")
-  r = _main(*BASE, w, data_dir, "--config.objective.weights.left=nan")
-  assert r.returncode == 2
+  # A missing config file: parse_flags (app.run's flags_parser) stops first.
+  with pytest.raises(SystemExit) as e:
+    main_lib.parse_flags(["main.py", "--config=experiments/configs/nosuch.py:quick", w])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert [l for l in err.splitlines() if l.strip()] == [
+      "error: --config=experiments/configs/nosuch.py:quick: no such config file "
+      "'experiments/configs/nosuch.py' (--list shows the configs)."]
+  # A NaN weight: the flag as main's parser gathers it (one dict-valued
+  # config flag, its literal applied to the config as config_flags does),
+  # main's run function, and main's handler (fail: one line, the exit code).
+  gathered = main_lib._gather_weight_flags(  # pylint: disable=protected-access
+      ["main.py", *BASE, w, data_dir, "--config.objective.weights.left=nan"])
+  assert gathered[-1] == "--config.objective.weights={'left': 'nan'}"
+  config = helpers.with_overrides(multi_digits.get_config("quick"), {
+      "total_steps": 200, "data.data_dir": str(fresh),
+      "objective.weights": ast.literal_eval(gathered[-1].split("=", 1)[1])})
+  with pytest.raises(errors.ConfigError) as e:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # fail() silences it
+  with pytest.raises(SystemExit) as ex:
+    main_lib.fail(e.value)
+  assert ex.value.code == 2
+  r = subprocess.CompletedProcess([], ex.value.code, "", capsys.readouterr().err)
   assert _one_line(r) == ("error: config.objective.weights.left must be a finite number >= 0, "
                           "got 'nan'.")
+  # The real entry point.
   r = _main(*BASE, w, data_dir, "--config.objective.weights.nosuch=2")
   assert r.returncode == 2
   assert _one_line(r) == ("error: config.objective.weights: unknown task(s) ['nosuch'] for data "
