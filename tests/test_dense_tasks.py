@@ -225,6 +225,7 @@ def _np_dense_metrics(kind, out, y, c=C):
     valid = y[..., 0] != 0
     err = np.abs(out[..., 0] - y[..., 0])[valid]
     return {"loss": err.mean(), "abs_err": err.mean(), "rel_err": (err / y[..., 0][valid]).mean()}
+  y = np.asarray(y, np.float64)
   valid = np.any(y != 0, -1)
   # A zero prediction (dead ReLU features, zero bias) has no direction: cosine 0.
   p = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-300)
