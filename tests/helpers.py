@@ -212,3 +212,16 @@ def arch_kwargs(arch: str, **kwargs) -> dict:
   from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
   takes = set(multitask.TRUNK_FIELDS) | set(multitask.hyperparameters(arch))
   return {k: v for k, v in kwargs.items() if k in takes}
+
+
+def final_state(workdir, config):
+  """The latest checkpoint of ``workdir``, restored into the state a run of
+  ``config`` builds (its data loaded as the run loads it)."""
+  from mtljax import build  # pylint: disable=g-import-not-at-top
+  from mtljax import checkpoint  # pylint: disable=g-import-not-at-top
+  like = build.build_run(config, build.data_from_config(config)).state
+  manager = checkpoint.make_manager(str(workdir))
+  try:
+    return checkpoint.restore_latest(manager, like)
+  finally:
+    manager.close()

@@ -51,15 +51,6 @@ def _assert_bitwise(a, b):
     assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
 
 
-def _final_state(workdir, config):
-  like = build.build_run(config, build.data_from_config(config)).state
-  manager = checkpoint.make_manager(str(workdir))
-  try:
-    return checkpoint.restore_latest(manager, like)
-  finally:
-    manager.close()
-
-
 class _GuardBetweenSyncPoints:
   """A callback that, from the callback of a call that is not a sync point to
   the next call's, holds ``transfer_guard_device_to_host("disallow_explicit")``
@@ -118,7 +109,7 @@ def test_a_run_with_donation_equals_the_run_without_bitwise(donated_run, tmp_pat
   assert kept["train_step_compilations"] == 1
   assert kept["tasks"] == summary["tasks"] and kept["affinity"] == summary["affinity"]
   assert helpers.metrics_rows(tmp_path) == helpers.metrics_rows(workdir)
-  _assert_bitwise(_final_state(tmp_path, _config()), _final_state(workdir, _config()))
+  _assert_bitwise(helpers.final_state(tmp_path, _config()), helpers.final_state(workdir, _config()))
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
@@ -190,7 +181,7 @@ def test_the_non_finite_stop_is_that_of_a_call_by_call_check(tmp_path):
   if good is None:
     assert "no checkpoint had been saved yet" in message
   else:
-    _assert_bitwise(_final_state(workdir, _diverging()), good_state)
+    _assert_bitwise(helpers.final_state(workdir, _diverging()), good_state)
 
 
 @pytest.mark.slow

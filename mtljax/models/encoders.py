@@ -106,11 +106,7 @@ class CNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, z=None):
-    h = x if x.ndim == 4 else x[..., None]  # [B, H, W] -> [B, H, W, 1]
-    for i, c in enumerate(self.channels):
-      h = nn.relu(PatchConv(c, 3, name=f"conv_{i}")(h))
-      if h.shape[1] >= 2 and h.shape[2] >= 2:
-        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = _conv_stack(x, self.channels, pool=True)
     h = h.reshape(h.shape[0], -1)
     return _dense_stack(h, z, self.hidden, self.cond_mode, self.cond_layers)
 
@@ -129,10 +125,20 @@ class FCN(nn.Module):
 
   @nn.compact
   def __call__(self, x, z=None):
-    h = x if x.ndim == 4 else x[..., None]  # [B, H, W] -> [B, H, W, 1]
-    for i, c in enumerate(self.channels):
-      h = nn.relu(PatchConv(c, 3, name=f"conv_{i}")(h))
+    h = _conv_stack(x, self.channels, pool=False)
     return _dense_stack(h, z, self.hidden, self.cond_mode, self.cond_layers)
+
+
+def _conv_stack(x, channels, pool: bool):
+  """3x3 SAME ReLU convolutions ``conv_i`` (im2col), each followed by 2x2
+  max-pooling where the map is at least 2x2 when ``pool`` (called inside the
+  compact ``__call__`` of the module that owns them)."""
+  h = x if x.ndim == 4 else x[..., None]  # [B, H, W] -> [B, H, W, 1]
+  for i, c in enumerate(channels):
+    h = nn.relu(PatchConv(c, 3, name=f"conv_{i}")(h))
+    if pool and h.shape[1] >= 2 and h.shape[2] >= 2:
+      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+  return h
 
 
 def _dense_stack(h, z, hidden, mode, layers):
