@@ -36,6 +36,7 @@ from mtljax import objectives
 from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import precision
+from mtljax import pretrained
 from mtljax import schedules
 from mtljax import sharding
 from mtljax import steps
@@ -49,6 +50,7 @@ from mtljax.data import task_data
 from mtljax.data import tfds_access
 from mtljax.dense import metrics as dense_metrics
 from mtljax.models import multitask
+from mtljax.models import parts as parts_lib
 
 logger = logging.getLogger("mtljax")
 ConfigError = errors.ConfigError  # what every config check here raises
@@ -285,7 +287,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.l2sp_alpha and config.l2sp_beta must be >= 0.")
   _one_of("l2sp_mode", config.get("l2sp_mode", "decoupled"), transfer.L2SP_MODES)
   if config.init_from and not os.path.isdir(config.init_from):
-    raise ConfigError(f"config.init_from={config.init_from!r} is not a directory.")
+    if not os.path.isfile(config.init_from):
+      raise ConfigError(f"config.init_from={config.init_from!r} is neither a run's directory "
+                        "nor a weights file.")
+    if config.model.encoder not in parts_lib.BACKBONES:
+      raise ConfigError(f"config.init_from={config.init_from!r} is a file: torchvision ResNet "
+                        f"weights, which initialise config.model.encoder one of "
+                        f"{parts_lib.BACKBONES}, not {config.model.encoder!r}.")
+    if config.model.get("normalization", "batch") != "batch":
+      raise ConfigError(f"config.init_from={config.init_from!r} holds a torchvision ResNet "
+                        "with batch norm; config.model.normalization must be 'batch'.")
   with errors.config_section("objective", config.objective):
     objectives.check_method(config.objective.method)
   known = {"method", "weights", "gram_path", "slot_backwards"} | set(objectives.methods())
@@ -603,10 +614,29 @@ class Run(NamedTuple):
 
 
 def read_source(config) -> tuple[dict, int]:
-  """``(params, step)`` of the checkpoint ``config.init_from`` names; a missing
-  or unusable one is a :class:`~mtljax.errors.ConfigError` under that key."""
-  with errors.config_section("init_from", catch=(ValueError, FileNotFoundError)):
-    return ckpt_lib.read_params(config.init_from)
+  """``(tree, step)`` of the checkpoint ``config.init_from`` names (``tree``:
+  its ``params`` and ``model_state``, None when the source has none); a
+  missing or unusable one is a :class:`~mtljax.errors.ConfigError` under that key.
+
+  A file is a torchvision ResNet state dict (``.pth``/``.pt``/``.safetensors``/
+  ``.npz``; :mod:`mtljax.pretrained`, ImageNet weights) for the ResNet encoder
+  of ``config.model.encoder``: its parameters and batch statistics as the
+  shared trunk's (``shared/trunk``, copied into every task's trunk by
+  ``independent``), step 0. Everything else of fine-tuning applies as to a
+  run's checkpoint: ``init_dont_load``, L2-SP toward the loaded values,
+  layer-wise rates and unfreezing by the stage names."""
+  with errors.config_section("init_from", catch=(ValueError, FileNotFoundError,
+                                                 errors.CheckpointError)):
+    if os.path.isfile(config.init_from):
+      depth = int(config.model.encoder[len("resnet"):])
+      v = pretrained.import_torchvision_resnet(config.init_from, depth)
+      return {"params": {"shared": {"trunk": v["params"]}},
+              "model_state": {"shared": {"trunk": v["batch_stats"]}}}, 0
+    tree, step = ckpt_lib.read_tree(config.init_from)
+    if "params" not in tree:
+      raise ValueError(f"path={config.init_from!r}: checkpoint step {step} holds no "
+                       "'params'.")
+    return {"params": tree["params"], "model_state": tree.get("model_state") or None}, step
 
 
 def _initial_state(config, model, objective, tx, state: steps.TrainState, source=None
@@ -622,7 +652,13 @@ def _initial_state(config, model, objective, tx, state: steps.TrainState, source
   source, source_step = source or read_source(config)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
   with errors.config_section("init_from"):
-    params, report = ckpt_lib.load_params(state.params, source, dont_load)
+    params, report = ckpt_lib.load_params(state.params, source["params"], dont_load)
+    if state.model_state is not None and source["model_state"] is not None:
+      # The batch statistics of the loaded layers come with them (the same
+      # paths and dont_load patterns): eval mode reads them from the start.
+      model_state, _ = ckpt_lib.load_params(state.model_state, source["model_state"],
+                                            dont_load)
+      state = state._replace(model_state=model_state)
   if not report["loaded"] and not config.get("init_allow_nothing_loaded", False):
     raise ConfigError(
         f"config.init_from={config.init_from!r} (step {source_step}) loads none of this "
@@ -733,7 +769,7 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
   if n_seeds > 1:  # on a mesh with a seed axis, each device group runs its seeds
     spmd = placement.seed_axis
     train_fn = jax.vmap(train_fn, in_axes=(0, None), spmd_axis_name=spmd)
-    eval_fn = jax.vmap(eval_fn, in_axes=(0, None), spmd_axis_name=spmd)
+    eval_fn = jax.vmap(eval_fn, in_axes=(0, None, 0), spmd_axis_name=spmd)
   state_shardings = placement.state(state, lead=int(n_seeds > 1), seeds=n_seeds > 1)
   state = sharding.place(state, state_shardings)
   logger.info("Mesh %s on %d %s device(s).", dict(placement.mesh.shape),

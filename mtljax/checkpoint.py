@@ -196,6 +196,7 @@ def restore_latest(manager: ocp.CheckpointManager, like):
   if not steps:
     return None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  fields = getattr(type(like), "_fields", ())
   problems, bad = [], []
   for step in steps:
     # A failed restore can leave a manager's item handlers set wrongly (an
@@ -210,8 +211,17 @@ def restore_latest(manager: ocp.CheckpointManager, like):
       continue
     reader = ocp.CheckpointManager(manager.directory)
     try:
-      old = _old_layout(manager.directory, step, like)
-      restored = None if old else reader.restore(step, args=ocp.args.StandardRestore(abstract))
+      saved = _saved_keys(manager.directory, step) if fields else None
+      old = _old_layout(saved, manager.directory, step, like)
+      # Fields the train state gained later, None in this run, absent from the
+      # checkpoint: restored as None (a checkpoint of the version before them).
+      later = [f for f in LATER_FIELDS if f in fields and getattr(like, f) is None and
+               saved is not None and f not in saved]
+      target = ({f: getattr(abstract, f) for f in fields if f not in later} if later
+                else abstract)
+      restored = None if old else reader.restore(step, args=ocp.args.StandardRestore(target))
+      if later and restored is not None:
+        restored = type(like)(**restored, **{f: None for f in later})
     except Exception as e:  # pylint: disable=broad-except
       problems.append(f"step {step} ({where}): {type(e).__name__}: {_first_line(e)}")
       logger.warning("Checkpoint step %d in %s is unreadable (%s); trying the one before.",
@@ -235,19 +245,31 @@ def restore_latest(manager: ocp.CheckpointManager, like):
       "one, or choose a new --workdir.")
 
 
-def _old_layout(directory, step: int, like) -> str | None:
-  """What to do, when ``like`` is a train state (a named tuple: every field is
-  saved, None ones as empty entries) and checkpoint ``step`` holds the dict
-  layout of mtljax before it (some of those fields missing); else None."""
-  fields = getattr(type(like), "_fields", None)
-  if fields is None:
-    return None
+# Fields steps.TrainState gained after its first layout: a checkpoint written
+# before one of them resumes a run that does not use it (the field None).
+LATER_FIELDS = ("model_state",)
+
+
+def _saved_keys(directory, step: int):
+  """The top-level keys of checkpoint ``step``'s tree (None when not a dict)."""
   reader = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
   try:
     saved = reader.item_metadata(step).tree
   finally:
     reader.close()
-  if not isinstance(saved, dict) or not {"step", "params"} <= set(saved) < set(fields):
+  return set(saved) if isinstance(saved, dict) else None
+
+
+def _old_layout(saved, directory, step: int, like) -> str | None:
+  """What to do, when ``like`` is a train state (a named tuple: every field is
+  saved, None ones as empty entries) and checkpoint ``step`` (top-level keys
+  ``saved``) holds the dict layout of mtljax before it (some of those fields
+  missing, besides :data:`LATER_FIELDS` that ``like`` leaves None); else None."""
+  fields = getattr(type(like), "_fields", None)
+  if fields is None or saved is None:
+    return None
+  fields = {f for f in fields if f not in LATER_FIELDS or getattr(like, f) is not None}
+  if not {"step", "params"} <= saved < fields:
     return None
   return (f"checkpoint step {step} in {directory} holds the train state as a dict (the layout "
           f"of mtljax before steps.TrainState; it lacks {sorted(set(fields) - set(saved))}): "
@@ -269,6 +291,16 @@ def _checkpoint_dir(path: str) -> str:
 def read_params(path: str, step: int | None = None) -> tuple[dict, int]:
   """The parameter tree saved by a run (its workdir or its ``checkpoints/``
   directory), latest step unless ``step``; returns ``(params, step)``."""
+  tree, step = read_tree(path, step)
+  if "params" not in tree:
+    raise ValueError(f"path={path!r}: checkpoint step {step} holds no 'params'.")
+  return tree["params"], step
+
+
+def read_tree(path: str, step: int | None = None) -> tuple[dict, int]:
+  """The whole train state saved by a run, as a dict of its fields
+  (``params``, ``model_state``, ...), latest step unless ``step``; returns
+  ``(tree, step)``."""
   directory = _checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"path={path!r}: no such directory.")
@@ -289,9 +321,9 @@ def read_params(path: str, step: int | None = None) -> tuple[dict, int]:
                         manager.item_metadata(step).tree)
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
-  if not isinstance(restored, dict) or "params" not in restored:
-    raise ValueError(f"path={path!r}: checkpoint step {step} holds no 'params'.")
-  return restored["params"], int(step)
+  if not isinstance(restored, dict):
+    raise ValueError(f"path={path!r}: checkpoint step {step} holds no train state.")
+  return restored, int(step)
 
 
 def load_params(target, source, dont_load: Sequence[str] = ()) -> tuple[dict, dict]:

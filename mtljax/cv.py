@@ -256,15 +256,15 @@ def cross_validate(config: ml_collections.ConfigDict, data: task_data.MultiTaskD
         jax.vmap(jax.vmap(run.train_fn, in_axes=(0, None)), in_axes=(0, 0)),
         state_sh, train_sh, placement)
     eval_fn = sharding.jit_eval_step(
-        jax.vmap(jax.vmap(run.eval_fn, in_axes=(0, None)), in_axes=(0, 0)),
-        state_sh.params, val_sh, placement)
+        jax.vmap(jax.vmap(run.eval_fn, in_axes=(0, None, 0)), in_axes=(0, 0, 0)),
+        state_sh.params, val_sh, placement, state_sh.model_state)
     done = 0
     scores = np.zeros((k, len(lrs), len(steps)))
     for si, target in enumerate(steps):
       while done < target:
         states, _ = step_fn(states, fold_train)
         done += c.steps_per_call
-      acc = jax.device_get(eval_fn(states.params, fold_val))
+      acc = jax.device_get(eval_fn(states.params, fold_val, states.model_state))
       for f in range(k):
         for g in range(len(lrs)):
           one = jax.tree.map(lambda a: a[f, g], acc)

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,8 +91,14 @@ class Linearized(NamedTuple):
       per-slot representation gradients (one-pass path only, else None);
       without forming ``dZ`` when the model's per-task part is linear heads
       (:attr:`mtljax.models.multitask.Model.rep_heads`) and that is cheaper.
-    loss_at: ``params -> [K]``, the slots' losses on the same batch (forward only).
+    loss_at: ``params -> [K]``, the slots' losses on the same batch (forward only;
+      a model with state runs in train mode on the state given to
+      :func:`linearize`, its updates dropped).
     one_pass: whether the trunk ran once for every slot.
+    model_state: a model with state (:attr:`mtljax.models.multitask.Model.init_state`):
+      the state after this forward in train mode (batch-norm running averages
+      updated once, from the one forward the losses come from -- never by the
+      per-slot backwards); None for a model without.
   """
   losses: jax.Array
   pullback: Callable
@@ -103,6 +109,7 @@ class Linearized(NamedTuple):
   one_pass: bool
   slot_gram: Callable | None = None
   rep_gram: Callable | None = None
+  model_state: Any = None
 
 
 SLOT_BACKWARDS = ("auto", "map", "vmap")
@@ -132,7 +139,7 @@ def can_run_once(model: multitask.Model, batch: Batch) -> bool:
 
 def linearize(model: multitask.Model, params: dict, batch: Batch, *, needs: str = "sum",
               slot_leaves: Sequence[str] | None = None, one_pass: bool | None = None,
-              slot_backwards: str = "auto") -> Linearized:
+              slot_backwards: str = "auto", model_state=None) -> Linearized:
   """Linearises the slots' losses at ``params`` (module docstring).
 
   Args:
@@ -144,6 +151,12 @@ def linearize(model: multitask.Model, params: dict, batch: Batch, *, needs: str 
     one_pass: force the path (None: one pass whenever :func:`can_run_once`).
     slot_backwards: how the one-pass path runs its K trunk backwards
       (:func:`sequential_backwards`).
+    model_state: the model's state (a model with ``init_state``; None
+      without): the forward runs in train mode and ``Linearized.model_state``
+      is the updated state. On the per-slot path a shared trunk's batch
+      statistics are each slot's own (slot k's loss reads only its own
+      examples, so the per-slot gradients stay separable); the model
+      averages the slots' updates.
   """
   sequential_backwards(slot_backwards)  # a bad name fails before tracing
   if needs not in NEEDS:
@@ -163,8 +176,8 @@ def linearize(model: multitask.Model, params: dict, batch: Batch, *, needs: str 
         f"(shared inputs: {batch.shared}) does not have one.")
   select = _leaf_selector(params["shared"], slot_leaves)
   if one_pass:
-    return _one_pass(model, params, batch, select, needs, slot_backwards)
-  return _per_slot(model, params, batch, select if needs == "slots" else None)
+    return _one_pass(model, params, batch, select, needs, slot_backwards, model_state)
+  return _per_slot(model, params, batch, select if needs == "slots" else None, model_state)
 
 
 def _leaf_selector(shared, names: Sequence[str] | None):
@@ -177,19 +190,30 @@ def _leaf_selector(shared, names: Sequence[str] | None):
 
 
 def _one_pass(model, params, batch: Batch, select, needs: str,
-              slot_backwards: str) -> Linearized:
+              slot_backwards: str, model_state) -> Linearized:
   ts, x, ys, ids = model.taskset, batch.x, batch.ys, batch.task_ids
+  sh_state, task_state = (None, None) if model_state is None else (
+      model_state["shared"], model_state["tasks"])
+
+  def encode(sh):                               # (rep, new shared state)
+    return multitask.encoder(model, sh, x, sh_state, train=True)
+
+  def decode(task_params, rep, slot_ids):       # (outs, new per-task state)
+    return multitask.decoder(model, task_params, rep, x, slot_ids, task_state, train=True)
 
   def head_losses(rep, task_params):            # every slot reads the one rep
-    return tasks_lib.slot_losses(ts, model.decode(task_params, rep, x, ids), ys, ids)
+    return tasks_lib.slot_losses(ts, decode(task_params, rep, ids)[0], ys, ids)
 
   def slot_head_loss(r, task_params, t, yk):    # one slot's loss from the rep
-    outs = model.decode(task_params, r, x, t[None])
+    outs = decode(task_params, r, t[None])[0]
     return tasks_lib.slot_losses(ts, outs, jax.tree.map(lambda a: a[None], yk), t[None])[0]
 
-  rep, enc_vjp = jax.vjp(lambda sh: model.encode(sh, x), params["shared"])
-  outs, decode_vjp = jax.vjp(lambda r, tp: model.decode(tp, r, x, ids), rep, params["tasks"])
+  rep, enc_vjp, new_sh_state = jax.vjp(encode, params["shared"], has_aux=True)
+  outs, decode_vjp, new_task_state = jax.vjp(lambda r, tp: decode(tp, r, ids), rep,
+                                             params["tasks"], has_aux=True)
   losses, loss_vjp = jax.vjp(lambda o: tasks_lib.slot_losses(ts, o, ys, ids), outs)
+  new_state = None if model_state is None else {"shared": new_sh_state,
+                                                "tasks": new_task_state}
 
   def head_vjp(c):                              # (dZ of sum_k c_k L_k, task grads)
     return decode_vjp(loss_vjp(c)[0])
@@ -239,10 +263,10 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
       return gradients.gram(dz), g_tasks
 
   def loss_at(p):
-    return head_losses(model.encode(p["shared"], x), p["tasks"])
+    return head_losses(encode(p["shared"])[0], p["tasks"])
 
   return Linearized(losses, pullback, slot_grads, rep_grads, rep_pullback, loss_at, True,
-                    slot_gram, rep_gram)
+                    slot_gram, rep_gram, new_state)
 
 
 def factored_gram(douts: dict, kernels: dict, slices: dict | None) -> jax.Array:
@@ -280,31 +304,35 @@ def _factored_is_cheaper(taskset, outs: dict, rep, ids) -> bool:
   return factored * (b + f) < k * k * b * f
 
 
-def _per_slot(model, params, batch: Batch, select) -> Linearized:
+def _per_slot(model, params, batch: Batch, select, model_state) -> Linearized:
   ts, ys, ids = model.taskset, batch.ys, batch.task_ids
   k = ids.shape[0]
   x = jnp.broadcast_to(batch.x, (k,) + batch.x.shape) if batch.shared else batch.x
 
-  def loss_at(p):
-    return tasks_lib.slot_losses(ts, model.apply(p, x, ids), ys, ids)
+  def losses_and_state(p):
+    outs, new_state = multitask.forward(model, p, x, ids, model_state, train=True)
+    return tasks_lib.slot_losses(ts, outs, ys, ids), new_state
 
+  def loss_at(p):
+    return losses_and_state(p)[0]
+
+  losses, vjp, new_state = jax.vjp(losses_and_state, params, has_aux=True)
   if select is None:  # one backward of the weighted sum
-    losses, vjp = jax.vjp(loss_at, params)
     return Linearized(losses, lambda c: vjp(c.astype(losses.dtype))[0], None, None, None,
-                      loss_at, False)
+                      loss_at, False, model_state=new_state)
 
   # Per-slot shared gradients: vmap over slots of one slot's gradient with the
   # shared weights unbatched -- the vmapped forward is the forward of the K B
   # examples once (one big matmul per layer, no per-slot weight copies), and
   # each slot's backward touches only its own B examples.
-  losses, vjp = jax.vjp(loss_at, params)
   chosen = jax.tree.map(lambda s, a: a if s else None, select, params["shared"])
 
   def one_slot(xk, yk, t, ck):
     def f(sel):
       sh = jax.tree.map(lambda s, a, b: b if s else a, select, params["shared"], sel,
                         is_leaf=lambda a: a is None)
-      outs = model.apply({"shared": sh, "tasks": params["tasks"]}, xk[None], t[None])
+      outs = multitask.forward(model, {"shared": sh, "tasks": params["tasks"]}, xk[None],
+                               t[None], model_state, train=True)[0]
       return ck * tasks_lib.slot_losses(ts, outs, jax.tree.map(lambda a: a[None], yk),
                                         t[None])[0]
     return jax.grad(f)(chosen)
@@ -321,4 +349,5 @@ def _per_slot(model, params, batch: Batch, select) -> Linearized:
     g, g_tasks = slot_grads(c)
     return gradients.gram(g), g_tasks
 
-  return Linearized(losses, pullback, slot_grads, None, None, loss_at, False, slot_gram)
+  return Linearized(losses, pullback, slot_grads, None, None, loss_at, False, slot_gram,
+                    model_state=new_state)

@@ -23,7 +23,9 @@ else changes type:
   gradient method's solver (:mod:`mtljax.gradients`) and the optimizer see
   float32; so do the representation gradients of the one-pass path (``encode``'s
   output is cast back to float32 before the per-task part reads it);
-* optimizer and objective states, the train state and checkpoints are float32.
+* optimizer and objective states, the train state and checkpoints are float32;
+  a model's batch statistics are computed and kept in float32 (batch norm
+  normalises in float32 at least and casts back).
 
 Bfloat16 has float32's exponent range, so there is no loss scaling (optax's
 ``MultiSteps`` / dynamic loss scaling exist for float16). Its 8-bit mantissa
@@ -70,14 +72,17 @@ def mixed(model, precision: str):
   up = lambda tree: cast_floats(tree, jnp.float32)  # noqa: E731
   inner = model
 
-  def apply(params, x, task_ids):
-    return up(inner.apply(down(params), down(x), task_ids))
+  def out(result):  # a model with state returns (outputs, new_state): the state as it is
+    return (up(result[0]), result[1]) if inner.stateful else up(result)
 
-  def encode(shared, x):
-    return up(inner.encode(down(shared), down(x)))
+  def apply(params, x, task_ids, **state):
+    return out(inner.apply(down(params), down(x), task_ids, **state))
 
-  def decode(task_params, rep, x, task_ids):
-    return up(inner.decode(down(task_params), down(rep), down(x), task_ids))
+  def encode(shared, x, **state):
+    return out(inner.encode(down(shared), down(x), **state))
+
+  def decode(task_params, rep, x, task_ids, **state):
+    return out(inner.decode(down(task_params), down(rep), down(x), task_ids, **state))
   if inner.encode is None:
     return dataclasses.replace(model, apply=apply)
   return dataclasses.replace(model, apply=apply, encode=encode, decode=decode)

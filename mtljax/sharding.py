@@ -424,10 +424,11 @@ def prepare_train_step(fn: Callable, state, data: dict, num_tasks: int,
           place(state, state_sh), place(data, data_sh))
 
 
-def jit_eval_step(fn: Callable, params_shardings, data_shardings, placement: Placement
-                  ) -> Callable:
-  """``fn(params, split) -> sums`` jitted; results replicated."""
-  return jax.jit(fn, in_shardings=(params_shardings, data_shardings),
+def jit_eval_step(fn: Callable, params_shardings, data_shardings, placement: Placement,
+                  model_state_shardings=None) -> Callable:
+  """``fn(params, split, model_state) -> sums`` jitted; results replicated
+  (``model_state``: the model's batch statistics, or None)."""
+  return jax.jit(fn, in_shardings=(params_shardings, data_shardings, model_state_shardings),
                  out_shardings=placement.replicated)
 
 

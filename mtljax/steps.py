@@ -88,12 +88,15 @@ class TrainState(NamedTuple):
       (:func:`mtljax.optim.update`; cross-validation's learning rates), or None.
     anchor: the parameters a penalty pulls toward (L2-SP: :func:`make_train_step`'s
       ``penalty``), or None.
+    model_state: the model's state that gradients do not train --
+      batch-norm running averages, ``{"shared": ..., "tasks": ...}``
+      (:attr:`mtljax.models.multitask.Model.init_state`) -- or None for a model
+      without. A step updates it once, from the forward its losses come from
+      (:attr:`mtljax.jacobians.Linearized.model_state`), and only when the
+      step applies (a non-finite step keeps it, as the parameters).
 
   An optional field is None when a run does not use it (None is an empty
   pytree: nothing to place, map or update; orbax saves it as an empty entry).
-  Model state that is not trained by gradients -- batch-norm statistics, when
-  a model first has them -- belongs in a field of its own, default None, so a
-  model without it keeps its state unchanged.
   """
   step: Any
   params: Any
@@ -103,12 +106,14 @@ class TrainState(NamedTuple):
   rng: Any = None
   hparams: Any = None
   anchor: Any = None
+  model_state: Any = None
 
 
 def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixed", *,
                      anchor=None, hparams=None) -> TrainState:
   """The :class:`TrainState` at step 0: parameters from ``model.init(rng)``
-  (and the objective's own), fresh optimizer and objective states, no update
+  (and the objective's own) and the model's state from ``model.init_state(rng)``
+  (None without), fresh optimizer and objective states, no update
   skipped; ``anchor`` and ``hparams`` as given (``rng`` stays None: the step's
   ``seed`` keys the draws unless the caller sets ``state._replace(rng=...)``)."""
   objective = as_objective(objective, model)
@@ -119,7 +124,8 @@ def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixe
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optim.init_state(tx, params, task_rows(model, objective)),
                     objective_state=objective.init_state(),
-                    nonfinite_skipped=jnp.zeros((), jnp.int32), anchor=anchor, hparams=hparams)
+                    nonfinite_skipped=jnp.zeros((), jnp.int32), anchor=anchor, hparams=hparams,
+                    model_state=None if model.init_state is None else model.init_state(rng))
 
 
 # ----------------------------------------------------------------------------
@@ -310,13 +316,20 @@ def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, li
   return needs, leaves
 
 
-def _check_state(state: TrainState, objective: objectives.Objective, penalty) -> None:
+def _check_state(state: TrainState, objective: objectives.Objective, penalty,
+                 model: multitask.Model | None = None) -> None:
   """Raised while tracing: not a :class:`TrainState`, or a state built for
-  another objective or run (its objective state's structure, shapes and
-  dtypes are those of ``init_state``)."""
+  another objective, model or run (its objective state's structure, shapes and
+  dtypes are those of ``init_state``; the model's state is there exactly when
+  the model has one)."""
   if not isinstance(state, TrainState):
     raise TypeError(f"train_step: the state must be a steps.TrainState (init_train_state), "
                     f"got {type(state).__name__}.")
+  if model is not None and model.stateful != (state.model_state is not None):
+    have = "has none" if state.model_state is None else "has one"
+    raise ValueError(f"train_step: arch {model.arch!r} {'has' if model.stateful else 'has no'} "
+                     f"model state (batch-norm statistics) and the train state {have}: "
+                     "build the state with init_train_state for this model.")
   if penalty is not None and state.anchor is None:
     raise ValueError("make_train_step(penalty=...) needs state.anchor: pass anchor= to "
                      "init_train_state.")
@@ -431,7 +444,7 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
   rows = task_rows(model, objective)
 
   def one_step(state, data):
-    _check_state(state, objective, penalty)
+    _check_state(state, objective, penalty, model)
     params = state.params
     batch, r_method = _step_batch(sampler, state, data, base_key, placement, host_batches)
     ids = batch.task_ids
@@ -445,7 +458,8 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
     labelled, present = labelled_slots(ts, batch)
     sampled = jnp.zeros((num_tasks,), bool).at[ids].set(True)
     lin = jacobians.linearize(model, params, batch, needs=needs, slot_leaves=leaves,
-                              one_pass=one_pass, slot_backwards=slot_backwards)
+                              one_pass=one_pass, slot_backwards=slot_backwards,
+                              model_state=state.model_state)
     result = objective.gradients(lin, objectives.Inputs(   # traced ids for objectives
         jnp.asarray(ids), jnp.where(sampled & ~present, 0.0, weights),
         state.objective_state,
@@ -468,7 +482,8 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
                              state.objective_state)
     # A non-finite loss or gradient never reaches the state (the last good one stays).
     finite = jnp.isfinite(total) & all_finite(grads)
-    moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state}
+    moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state,
+             "model_state": lin.model_state}
     kept = jax.lax.cond(finite, lambda: moved, lambda: {k: getattr(state, k) for k in moved})
     new_state = state._replace(
         **kept, step=state.step + 1,
@@ -508,9 +523,10 @@ def _scan_steps(one_step: Callable, steps_per_call: int, host_batches: bool) -> 
 def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
                    label_std: np.ndarray, num_examples: int, batch_size: int,
                    dense_convention: str = "exact") -> Callable:
-  """Returns ``eval_step(params, split) -> {"sums": {group: {metric: [T]}},
-  "count": [T], "dense": {group: sums}}`` over every example of every task
-  (not jitted).
+  """Returns ``eval_step(params, split, model_state=None) -> {"sums": {group:
+  {metric: [T]}}, "count": [T], "dense": {group: sums}}`` over every example
+  of every task (not jitted); a model with state runs in eval mode on
+  ``model_state`` (batch norm with its running averages).
 
   ``num_examples`` is the padded example axis of the split (static). A split
   may carry its own ``label_mean`` / ``label_std`` (cross-validation folds).
@@ -527,7 +543,7 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
 
   chunk_sums = _chunk_sums(model, dense_convention)
 
-  def eval_step(params, split):
+  def eval_step(params, split, model_state=None):
     m = jnp.asarray(split.get("label_mean", label_mean))[:, None]
     sd = jnp.asarray(split.get("label_std", label_std))[:, None]
 
@@ -536,7 +552,8 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
       valid = pos[None, :] < split["n"][:, None]                      # [T, C]
       idx = jnp.broadcast_to(jnp.minimum(pos, num_examples - 1), (num_tasks, chunk))
       x, ys = sampling.gather_batch(split, ts_arrays, task_ids, idx)
-      return jax.tree.map(jnp.add, acc, chunk_sums(params, x, ys, valid, m, sd)), None
+      return jax.tree.map(jnp.add, acc, chunk_sums(params, x, ys, valid, m, sd,
+                                                   model_state)), None
 
     acc, _ = jax.lax.scan(body, eval_zeros(ts, dense_convention), jnp.arange(num_chunks))
     return acc
@@ -563,7 +580,7 @@ def eval_zeros(taskset: tasks_lib.TaskSet, dense_convention: str = "exact") -> d
 
 def _chunk_sums(model: multitask.Model, dense_convention: str = "exact") -> Callable:
   """``sums(params, x [T, C, ...], ys {group: [T, C, ...]}, valid [T, C],
-  mean [T, 1], std [T, 1])``: one chunk's metric sums and counts per task,
+  mean [T, 1], std [T, 1], model_state)``: one chunk's metric sums and counts per task,
   over the valid examples each task labels (missing labels,
   :func:`mtljax.tasks.label_mask`, are neither summed nor counted; a dense
   task's missing pixels neither)."""
@@ -571,8 +588,8 @@ def _chunk_sums(model: multitask.Model, dense_convention: str = "exact") -> Call
   task_ids = jnp.arange(len(ts), dtype=jnp.int32)
   group_of = jnp.asarray(ts.group_of_task)
 
-  def sums(params, x, ys, valid, m, sd):
-    outs = model.apply(params, x, task_ids)
+  def sums(params, x, ys, valid, m, sd, model_state=None):
+    outs, _ = multitask.forward(model, params, x, task_ids, model_state, train=False)
     out, dense = {}, {}
     count = jnp.zeros((len(ts),), jnp.int32)
     for gi, g in enumerate(ts.groups):
@@ -608,13 +625,14 @@ def _dense_chunk_sums(task: tasks_lib.Task, out, y, valid, convention: str):
 
 def make_chunk_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
                          label_std: np.ndarray, dense_convention: str = "exact") -> Callable:
-  """``chunk_step(params, chunk) -> sums`` for one chunk the host pipeline
+  """``chunk_step(params, chunk, model_state=None) -> sums`` for one chunk the host pipeline
   read (``{"x" [T, C, ...], "y" {group: [T, C]}, "valid" [T, C]}``); the sums
   of every chunk add up to :func:`make_eval_step`'s result (not jitted)."""
   chunk_sums = _chunk_sums(model, dense_convention)
   m = jnp.asarray(label_mean)[:, None]
   sd = jnp.asarray(label_std)[:, None]
-  return lambda params, chunk: chunk_sums(params, chunk["x"], chunk["y"], chunk["valid"], m, sd)
+  return lambda params, chunk, model_state=None: chunk_sums(
+      params, chunk["x"], chunk["y"], chunk["valid"], m, sd, model_state)
 
 
 def eval_metrics(taskset: tasks_lib.TaskSet, acc) -> dict[str, dict[str, float]]:

@@ -35,6 +35,7 @@ from mtljax import tasks as tasks_lib
 from mtljax import tensorboard
 from mtljax import workdir as workdir_lib
 from mtljax.data import pipeline
+from mtljax.models import multitask
 
 logger = logging.getLogger("mtljax")
 
@@ -307,21 +308,22 @@ class DeviceFeed:
     train_sh, test_sh = pl.data(data.train, n_tasks), pl.data(data.test, n_tasks)
     self.splits = {"train": sharding.place(data.train, train_sh),
                    "test": sharding.place(data.test, test_sh)}
-    params_sh = run.state_shardings.params
+    params_sh, ms_sh = run.state_shardings.params, run.state_shardings.model_state
     self.train_step = jit_loop_step(run, train_sh, config.get("on_nonfinite", "stop"))
-    self.eval_steps = {"test": sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl)}
+    self.eval_steps = {"test": sharding.jit_eval_step(run.eval_fn, params_sh, test_sh, pl,
+                                                      ms_sh)}
     if config.eval_train:  # sized for the train split
       self.eval_steps["train"] = sharding.jit_eval_step(steps.make_eval_step(
           run.model, label_mean=data.label_mean, label_std=data.label_std,
           num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size,
           dense_convention=config.get("dense_convention", "exact")),
-          params_sh, train_sh, pl)
+          params_sh, train_sh, pl, ms_sh)
 
   def next(self):
     return self.splits["train"]
 
-  def evaluate(self, params, split):
-    return self.eval_steps[split](params, self.splits[split])
+  def evaluate(self, params, split, model_state=None):
+    return self.eval_steps[split](params, self.splits[split], model_state)
 
   def close(self):
     pass
@@ -359,11 +361,11 @@ class HostFeed:
     self.calls += 1
     return next(self.feed)
 
-  def evaluate(self, params, split):
+  def evaluate(self, params, split, model_state=None):
     acc = steps.eval_zeros(self.data.taskset, self.dense_convention)
     for chunk in pipeline.eval_chunks(self.data, split, self.chunk):
       chunk = sharding.place(chunk, jax.tree.map(lambda _: self._replicated, chunk))
-      acc = jax.tree.map(jnp.add, acc, self._chunk_step(params, chunk))
+      acc = jax.tree.map(jnp.add, acc, self._chunk_step(params, chunk, model_state))
     return acc
 
   def close(self):
@@ -590,7 +592,7 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
 
   def evaluate(split):
     """``{task: {metric}}`` (the mean over seeds), and per seed when N > 1."""
-    acc = feed.evaluate(state.params, split)
+    acc = feed.evaluate(state.params, split, state.model_state)
     if n_seeds == 1:
       return steps.eval_metrics(ts, acc)
     return seed_metrics([steps.eval_metrics(ts, a) for a in per_seed(acc, n_seeds)])
@@ -670,7 +672,8 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
       plotting.run_plots(workdir, plotting.metrics_rows(workdir), workdir_lib.json_safe(summary))
       if any(t.dense for t in ts):
         dense_examples(run.model, data, state.params, summary["num_seeds"],
-                       os.path.join(workdir, "dense_examples.png"))
+                       os.path.join(workdir, "dense_examples.png"),
+                       model_state=state.model_state)
   n_seeds = summary["num_seeds"]
   logger.info("Final test metrics%s:\n%s",
               f" (mean ± s.e. over n={n_seeds} seeds)" if n_seeds > 1 else "",
@@ -678,21 +681,25 @@ def _loop(config, workdir, callbacks, sigterm, data, run, manager) -> dict:
   return workdir_lib.json_safe(summary)
 
 
-def dense_examples(model, data, params, num_seeds: int, path: str, num: int = 4) -> dict:
+def dense_examples(model, data, params, num_seeds: int, path: str, num: int = 4,
+                   model_state=None) -> dict:
   """``dense_examples.png``: the first ``num`` test images, each dense task's
-  ground truth and the model's prediction (seed 0's parameters): class maps,
+  ground truth and the model's prediction (seed 0's parameters and model
+  state, in eval mode): class maps,
   depth on one scale per image, normals as colours. Returns
   :func:`mtljax.plotting.plot_dense_examples`' summary."""
   ts = data.taskset
-  params = jax.device_get(params if num_seeds == 1 else jax.tree.map(lambda a: a[0], params))
+  params, model_state = jax.device_get(
+      (params, model_state) if num_seeds == 1 else
+      jax.tree.map(lambda a: a[0], (params, model_state)))
   test = data.test
   n = int(min(num, np.min(test["n"])))
   src = int(test["source"][0])  # (dense data sets read one input source)
   x = (data.readers["test"].inputs(np.asarray(test["records"][src, :n]))
        if data.readers is not None else np.asarray(test["x"][src, :n]))
   ids = np.arange(len(ts), dtype=np.int32)
-  outs = jax.device_get(jax.jit(model.apply)(params, np.broadcast_to(x, (len(ts),) + x.shape),
-                                             ids))
+  outs = jax.device_get(jax.jit(lambda p, xs, s: multitask.forward(model, p, xs, ids, s)[0])(
+      params, np.broadcast_to(x, (len(ts),) + x.shape), model_state))
   columns, classes = [], {}
   for i, t in enumerate(ts):
     if not t.dense:

@@ -6,7 +6,7 @@ imported) and writes what they produced for the test to compare.
 
 ``CASES_JSON``: ``[{"name", "kind", "config", "overrides"[, "check_shardings",
 "workdir"]}]`` (cases naming the same ``workdir`` resume one another);
-``kind`` is ``train`` (``train_and_evaluate``: final parameters, metrics.jsonl
+``kind`` is ``train`` (``train_and_evaluate``: final parameters and batch statistics, metrics.jsonl
 rows, and with ``check_shardings`` the compiled step's shardings), ``cv`` (``cross_validate``'s scores) or
 ``transfer`` (``transfer_sinusoids.mse_curve`` from a pretrained run) or
 ``error`` (the ``ValueError`` message building the run raises, or None).
@@ -64,9 +64,10 @@ def main(out_dir, cases):
     result = {"devices": jax.device_count()}
     if kind == "train":
       summary = train.train_and_evaluate(c, workdir)
-      params, _ = ckpt_lib.read_params(workdir)
+      tree, _ = ckpt_lib.read_tree(workdir)  # the parameters and the batch statistics
+      saved = {"params": tree["params"], "model_state": tree.get("model_state") or {}}
       np.savez(os.path.join(out_dir, f"{name}.npz"),
-               **{n: np.asarray(v) for n, v in params_lib.flatten_with_names(params)})
+               **{n: np.asarray(v) for n, v in params_lib.flatten_with_names(saved)})
       with open(os.path.join(workdir, "metrics.jsonl")) as f:
         result["metrics"] = [json.loads(line) for line in f]
       result["tasks"] = summary["tasks"]

@@ -60,7 +60,10 @@ def test_list_names_every_config_architecture_objective_and_strategy():
     hp = multitask.hyperparameters(arch)
     shown = ", ".join(f"{k}={v!r}" for k, v in hp.items()) or "-"
     assert f"\n  {arch:<14} {shown}\n" in out, arch
-  assert "encoder='mlp', hidden=(128, 128), channels=(16, 32), heads='auto'\n" in out
+  assert ("encoder='mlp', hidden=(128, 128), channels=(16, 32), heads='auto', "
+          "output_stride=8, normalization='batch', conv_impl='auto'\n") in out
+  assert (f"  per-pixel (dense tasks only): {', '.join(multitask.DENSE_ENCODERS)}; with arch "
+          f"{', '.join(multitask.DENSE_ARCHS)} (the ResNets") in out
   assert f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}\n" in out
   assert f"heads (config.model.heads): {', '.join(multitask.HEADS)}\n" in out
   for method in objectives.methods():

@@ -405,6 +405,30 @@ def test_when_no_checkpoint_is_readable_the_error_says_which_and_what_to_do(tmp_
     train.train_and_evaluate(_small(total_steps=20), workdir)
 
 
+def test_a_checkpoint_from_before_model_state_restores_with_it_none(tmp_path):
+  """A checkpoint written by the train state before its ``model_state`` field
+  (eight fields) restores into today's state bitwise, ``model_state`` None,
+  without being taken for the dict layout or moved aside."""
+  import collections  # pylint: disable=g-import-not-at-top
+  before = collections.namedtuple("TrainState", [f for f in steps.TrainState._fields
+                                                 if f != "model_state"])
+  state = steps.TrainState(jnp.int32(7), {"shared": {"w": jnp.arange(3.0)}, "tasks": {}},
+                           {"mu": jnp.full((3,), 0.5)}, {}, jnp.int32(1),
+                           rng=jnp.asarray([1, 2], jnp.uint32))
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, 7, before(*state[:-1]))
+  manager.close()
+  manager = checkpoint.make_manager(str(tmp_path))
+  try:
+    restored = checkpoint.restore_latest(manager, jax.tree.map(jnp.zeros_like, state))
+  finally:
+    manager.close()
+  assert isinstance(restored, steps.TrainState) and restored.model_state is None
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  assert os.listdir(tmp_path / "checkpoints") == ["7"]
+
+
 def test_a_checkpoint_of_the_old_dict_layout_is_refused_in_one_line_saying_what_to_do(
     tmp_path):
   """A workdir whose checkpoint an mtljax before steps.TrainState wrote (the

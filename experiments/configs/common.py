@@ -133,7 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.unfreeze_every = 0     # > 0: unfreeze one layer group from the top every N steps
   c.optim.frozen_depth = 0       # > 0: freeze that many layer groups from the input side
 
-  # Transfer: start from another run's parameters (its workdir).
+  # Transfer: start from another run's parameters (its workdir), or, for a ResNet
+  # encoder, from a torchvision state dict file (ImageNet weights).
   c.init_from = ""
   c.init_dont_load = ""          # regexes (";"-separated) of parameters left fresh
   c.init_allow_nothing_loaded = False  # True: an init_from that loads no parameter may start

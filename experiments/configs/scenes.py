@@ -16,12 +16,17 @@ the test split (``dense_convention='exact'``; ``libmtl`` / ``mtan`` give the
 published code's numbers).
 
 Variants: ``quick`` (64x80 scenes, 2,000 train / 500 test, a few hundred steps:
-minutes on 2 CPU cores), ``full`` (128x160 scenes).
+minutes on 2 CPU cores), ``full`` (128x160 scenes), ``resnet`` (the quick
+scenes with LibMTL's NYUv2 model: a dilated ResNet-18 at output stride 8, one
+DeepLab ASPP head per task, batch norm, batch 8; from scratch, so Adam at
+1e-3 rather than LibMTL's fine-tuning 1e-4 (ImageNet weights:
+``mtljax.pretrained``); ``--config.model.encoder=resnet50`` is LibMTL's
+default depth, which wants a GPU).
 """
 
 from experiments.configs import common
 
-VARIANTS = ("", "quick", "full")
+VARIANTS = ("", "quick", "full", "resnet")
 
 
 def get_config(arg: str = ""):
@@ -35,13 +40,21 @@ def get_config(arg: str = ""):
   c.sampling.shared_inputs = True  # one batch of images labelled for every task (as NYUv2)
   c.optim.lr = 3e-3
   c.eval_batch_size = 100
-  if arg in ("", "quick"):
+  if arg in ("", "quick", "resnet"):
     c.data.builder_config = "quick"
     c.total_steps = 600
     c.steps_per_call = 50
     c.log_steps = 100
     c.eval_steps = 300
     c.checkpoint_steps = 300
+    if arg == "resnet":
+      c.model.encoder = "resnet18"
+      c.model.output_stride = 8
+      c.sampling.examples_per_task = 8
+      c.optim.lr = 1e-3  # from scratch (LibMTL's 1e-4 fine-tunes ImageNet weights)
+      c.total_steps, c.steps_per_call, c.log_steps = 400, 20, 100
+      c.eval_steps = c.checkpoint_steps = 200
+      c.eval_batch_size = 50
   elif arg == "full":
     c.data.builder_config = "full"
     c.model.channels = (32, 64, 64, 64)
@@ -51,5 +64,5 @@ def get_config(arg: str = ""):
     c.eval_steps = 1000
     c.checkpoint_steps = 1000
   else:
-    raise ValueError(f"scenes config: unknown variant {arg!r}; use '', 'quick' or 'full'.")
+    raise ValueError(f"scenes config: unknown variant {arg!r}; use one of {VARIANTS}.")
   return c

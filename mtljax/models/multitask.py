@@ -111,7 +111,8 @@ from mtljax.models import experts
 from mtljax.models import mixtures
 from mtljax.models import per_task_trunks
 from mtljax.models import shared_trunk
-from mtljax.models.parts import ENCODERS, HEADS, Trunk  # pylint: disable=unused-import
+from mtljax.models.parts import (  # pylint: disable=unused-import
+    DENSE_ENCODERS, ENCODERS, HEADS, Trunk)
 
 # The architectures that take per-pixel features (the dense tasks') so far
 # (independent: the single-task baselines).
@@ -145,6 +146,16 @@ class Model:
       never read); else None. Lets the step form the Gram matrix of per-slot
       representation gradients without materialising them
       (:mod:`mtljax.jacobians`).
+    init_state: ``init_state(rng) -> {"shared": ..., "tasks": ...}``, the
+      model's state that gradients do not train (batch-norm running
+      statistics; per-task stacks ``[T, ...]`` under ``tasks`` as in the
+      parameters), or None for a model without state. A model with state
+      takes it in ``apply``, ``encode`` and ``decode`` as the keywords
+      ``state`` (the whole state, its ``shared`` part, its ``tasks`` part)
+      and ``train`` (batch statistics and updated running averages, or the
+      running averages), and returns ``(outputs, new_state)`` (the same part
+      of the state back); :func:`forward`, :func:`encoder` and
+      :func:`decoder` call either kind alike.
   """
   arch: str
   taskset: tasks_lib.TaskSet
@@ -156,6 +167,36 @@ class Model:
   decode: Callable | None = None
   penalty: Callable | None = None
   rep_heads: Callable | None = None
+  init_state: Callable | None = None
+
+  @property
+  def stateful(self) -> bool:
+    """Whether the model has state besides its parameters (``init_state``)."""
+    return self.init_state is not None
+
+
+def forward(model: Model, params, x, task_ids, state=None, train: bool = False):
+  """``(outputs, new_state)``: ``model.apply`` with the model's state (a model
+  without state: its outputs and ``state`` unchanged, None)."""
+  if model.init_state is None:
+    return model.apply(params, x, task_ids), state
+  return model.apply(params, x, task_ids, state=state, train=train)
+
+
+def encoder(model: Model, shared, x, state=None, train: bool = False):
+  """``(rep, new_shared_state)``: ``model.encode`` with ``state``, the shared
+  part of the model's state (:func:`forward`)."""
+  if model.init_state is None:
+    return model.encode(shared, x), state
+  return model.encode(shared, x, state=state, train=train)
+
+
+def decoder(model: Model, task_params, rep, x, task_ids, state=None, train: bool = False):
+  """``(outputs, new_task_state)``: ``model.decode`` with ``state``, the
+  per-task part of the model's state (:func:`forward`)."""
+  if model.init_state is None:
+    return model.decode(task_params, rep, x, task_ids), state
+  return model.decode(task_params, rep, x, task_ids, state=state, train=train)
 
 
 @dataclasses.dataclass(frozen=True)

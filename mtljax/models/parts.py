@@ -28,11 +28,17 @@ import numpy as np
 from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
 
-ENCODERS = ("mlp", "cnn", "fcn")
+# The dense backbones (mtljax.models.backbone_models): a ResNet trunk with
+# per-task DeepLab heads.
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+ENCODERS = ("mlp", "cnn", "fcn") + BACKBONES
 # Encoders whose features are per pixel ([B, H, W, F]): the dense tasks' (and
 # only theirs: a per-example task needs one feature vector per example).
-DENSE_ENCODERS = ("fcn",)
+DENSE_ENCODERS = ("fcn",) + BACKBONES
 HEADS = ("auto", "per_task", "shared")
+NORMS = ("batch", "group")
+CONV_IMPLS = ("auto", "im2col", "lax")
+OUTPUT_STRIDES = (8, 16, 32)
 
 
 # ----------------------------------------------------------------------------
@@ -98,17 +104,30 @@ class Trunk:
     heads: ``"auto"`` (per-task heads, except one head per task group for the
       conditioned architectures), ``"per_task"`` or ``"shared"`` (one head per
       task group at ``shared/heads/<group>``); :data:`HEADS`.
+    output_stride: a ResNet encoder's (:data:`BACKBONES`) output stride: 8
+      (LibMTL's ``resnet_dilated``, the dense benchmarks' default), 16 or 32
+      (torchvision's undilated network).
+    normalization: a ResNet encoder's normalisation, ``"batch"`` (batch norm with
+      running averages in the model state) or ``"group"``; :data:`NORMS`.
+    conv_impl: a ResNet encoder's convolution, ``"auto"`` (im2col on CPU,
+      ``lax.conv`` on GPU/TPU), ``"im2col"`` or ``"lax"``; :data:`CONV_IMPLS`.
   """
   encoder: str = "mlp"
   hidden: tuple[int, ...] = (128, 128)
   channels: tuple[int, ...] = (16, 32)
   heads: str = "auto"
+  output_stride: int = 8
+  normalization: str = "batch"
+  conv_impl: str = "auto"
 
   def checked(self) -> Trunk:
     """The names checked, the sizes as tuples of positive ints; raises
     ``ValueError`` naming the field."""
     one_of("encoder", self.encoder, ENCODERS)
     one_of("heads", self.heads, HEADS)
+    one_of("output_stride", self.output_stride, OUTPUT_STRIDES)
+    one_of("normalization", self.normalization, NORMS)
+    one_of("conv_impl", self.conv_impl, CONV_IMPLS)
     return dataclasses.replace(self, hidden=positive_ints("hidden", self.hidden),
                                channels=positive_ints("channels", self.channels))
 
@@ -117,6 +136,9 @@ class Trunk:
     if self.encoder in ("cnn", "fcn") and len(input_shape) not in (2, 3):
       raise ValueError(f"encoder={self.encoder!r} needs image inputs [H, W] or [H, W, C], "
                        f"got input shape {tuple(input_shape)}.")
+    if self.encoder in BACKBONES and (len(input_shape) != 3 or input_shape[-1] != 3):
+      raise ValueError(f"encoder={self.encoder!r} needs RGB image inputs [H, W, 3], got "
+                       f"input shape {tuple(input_shape)}.")
 
   def check_tasks(self, arch: str, taskset: tasks_lib.TaskSet,
                   dense_archs: Sequence[str]) -> None:
@@ -132,6 +154,9 @@ class Trunk:
       if arch not in dense_archs:
         raise ValueError(f"arch={arch!r} does not take per-pixel features yet; the dense "
                          f"tasks train with {tuple(dense_archs)}.")
+      if self.encoder in BACKBONES and self.heads == "shared":
+        raise ValueError(f"encoder={self.encoder!r} has one DeepLab head per task; "
+                         "heads='shared' is not offered with it (use heads='auto').")
     elif dense:
       raise ValueError(f"dense task(s) {dense} need per-pixel features: encoder one of "
                        f"{DENSE_ENCODERS}, not {self.encoder!r}.")

@@ -16,6 +16,7 @@ import numpy as np
 
 from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
+from mtljax.models import backbone_models
 from mtljax.models import parts as parts_lib
 
 SOFT_NORMS = ("squared", "l2")
@@ -83,6 +84,8 @@ def independent(arch: str, trunk: parts_lib.Trunk, hparams: None,
   """``independent``: one network per task; the
   :class:`~mtljax.models.multitask.Model` fields."""
   del arch, hparams
+  if trunk.encoder in parts_lib.BACKBONES:
+    return backbone_models.independent(trunk, taskset, input_shape)
   return per_task_trunks_model(parts_lib.Parts(trunk, taskset, input_shape))
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtljax import tasks as tasks_lib
+from mtljax.models import backbone_models
 from mtljax.models import parts as parts_lib
 
 
@@ -52,6 +53,8 @@ def multi_head(arch: str, trunk: parts_lib.Trunk, hparams: None,
   """``multi_head``: one trunk, heads per task (or per group): the
   :class:`~mtljax.models.multitask.Model` fields."""
   del arch, hparams
+  if trunk.encoder in parts_lib.BACKBONES:
+    return backbone_models.multi_head(trunk, taskset, input_shape)
   return shared_trunk_model(parts_lib.Parts(trunk, taskset, input_shape))
 
 
