@@ -114,7 +114,8 @@ def remove_if_unused(workdir: str) -> bool:
 # a config without them did: a stored config that lacks one reads as having
 # that value (so a run from before resumes), any other value still differs.
 ADDED_KEYS = {"precision": "float32", "dense_convention": "exact", "data.root": "",
-              "data.classes": 0, "data.label_folder": ""}
+              "data.classes": 0, "data.label_folder": "", "model.output_stride": 8,
+              "model.normalization": "batch", "model.conv_impl": "auto"}
 
 
 def _resumable(key: str) -> bool:

@@ -483,14 +483,19 @@ def test_a_config_from_before_added_keys_resumes_and_another_value_is_refused(tm
   that does what the old config did; another value is a changed config."""
   from mtljax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   current = {"seed": 0, "precision": "float32", "dense_convention": "exact",
-             "data": {"name": "scenes", "root": "", "classes": 0, "label_folder": ""}}
-  old = {"seed": 0, "data": {"name": "scenes"}}
+             "data": {"name": "scenes", "root": "", "classes": 0, "label_folder": ""},
+             "model": {"arch": "mmoe", "output_stride": 8, "normalization": "batch",
+                       "conv_impl": "auto"}}
+  old = {"seed": 0, "data": {"name": "scenes"}, "model": {"arch": "mmoe"}}
   with open(tmp_path / workdir_lib.CONFIG_FILE, "w") as f:
     json.dump(old, f)
   workdir_lib.check_config(str(tmp_path), current, write=False)
   for key, value in (("precision", "bfloat16"), ("dense_convention", "mtan")):
     with pytest.raises(workdir_lib.WorkdirError, match=f"{key}: 'float32|{key}: 'exact"):
       workdir_lib.check_config(str(tmp_path), {**current, key: value}, write=False)
+  with pytest.raises(workdir_lib.WorkdirError, match="model.normalization: 'batch' -> 'group'"):
+    workdir_lib.check_config(str(tmp_path), {**current, "model": {
+        **current["model"], "normalization": "group"}}, write=False)
   with pytest.raises(workdir_lib.WorkdirError, match="data.root: '' -> '/data'"):
     workdir_lib.check_config(str(tmp_path), {**current, "data": {**current["data"],
                                                                  "root": "/data"}}, write=False)
