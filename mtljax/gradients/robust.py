@@ -32,7 +32,8 @@ def pairwise_sq_distances(k: jax.Array, factor: jax.Array | None = None) -> jax.
   ``n`` the norms): the norm difference is exact in floats, and the unit rows'
   distance comes from the factor's columns (``C = R^T R``, so
   ``||u_i - u_j|| = ||R e_i - R e_j||``) to relative accuracy, or else as
-  ``2 (1 - C_ij)``, absolute accuracy ``eps``. The plain form
+  ``2 (1 - C_ij)``, absolute accuracy ``eps``; then symmetrised, so that two
+  rows each other's nearest score exactly alike. The plain form
   ``K_ii + K_jj - 2 K_ij`` loses every digit of the distance of two nearly
   equal rows (and of a row to one 100x its norm, ``eps`` of ``10^4``)."""
   c, n = algebra.cosine_gram(k)
@@ -43,6 +44,7 @@ def pairwise_sq_distances(k: jax.Array, factor: jax.Array | None = None) -> jax.
     diff = r[:, :, None] - r[:, None, :]                     # [M, T, T]
     unit = jnp.sum(diff * diff, axis=0)
   d = (n[:, None] - n[None, :]) ** 2 + n[:, None] * n[None, :] * unit
+  d = 0.5 * (d + d.T)          # exactly symmetric: a tie in exact arithmetic stays one
   return jnp.where(jnp.eye(k.shape[0], dtype=bool), 0.0, jnp.maximum(d, 0.0))
 
 
