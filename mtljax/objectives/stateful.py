@@ -236,36 +236,43 @@ def excess_weights(weights: jax.Array, risk: jax.Array, initial: jax.Array,
 def trimmed_mean_rows(rows, present: jax.Array, trim_number: int):
   """The coordinate-wise trimmed mean of the present rows of a pytree with
   leading axis K: per coordinate, the ``p`` present values (``present [K]``)
-  sorted, the ``trim`` smallest and ``trim`` largest dropped, the other
+  ranked, the ``trim`` smallest and ``trim`` largest dropped, the other
   ``p - 2 trim`` averaged (Yin et al. 2018, Option II; TorchJD's
   ``TrimmedMean``). ``trim = trim_number`` when ``p >= 2 trim_number + 1``,
   else the most that leaves one value, ``(p - 1) // 2`` (the median of the
   present values; absent rows -- weight 0, no labelled example -- are left
   out, not counted as zeros).
 
+  No sort: each value's rank among its coordinate's present values is the
+  count of those below it (equal values: the lower row index ranks first),
+  accumulated by a ``lax.scan`` over the K rows -- ``O(K^2)`` comparisons per
+  coordinate, elementwise, which for a handful of task slots is several
+  times faster on CPU than sorting along the slot axis.
+
   Returns ``(mean, share [K])``: the mean has no slot axis; ``share_k`` is the
   fraction of all coordinates' kept values that came from row k (each kept
   value weighs ``1 / (p - 2 trim)``), summing to 1 over the rows (0 when no
-  row is present): the slot weights the step logs. Ties in a coordinate keep
-  the lower row index first (the mean does not depend on it).
+  row is present): the slot weights the step logs.
   """
   p = jnp.sum(present.astype(jnp.int32))
   trim = jnp.minimum(trim_number, jnp.maximum(p - 1, 0) // 2)
   kept = jnp.maximum(p - 2 * trim, 1)
   leaves, treedef = jax.tree.flatten(rows)
   n = leaves[0].shape[0]
-  rank = jnp.arange(n)[:, None]
-  keep = (rank >= trim) & (rank < p - trim)                  # [K, 1], in sorted order
+  index = jnp.arange(n)
   out, counts, size = [], jnp.zeros((n,), jnp.float32), 0
   for a in leaves:
     flat = a.reshape(n, -1)
-    order = jnp.argsort(jnp.where(present[:, None], flat, jnp.inf), axis=0, stable=True)
-    ordered = jnp.take_along_axis(flat, order, axis=0)
-    out.append((jnp.sum(jnp.where(keep, ordered, 0.0), axis=0) / kept.astype(a.dtype)
+
+    def below(rank, row):          # row j's value below (or tied, j first) each value
+      aj, pj, j = row
+      lower = (aj[None] < flat) | ((aj[None] == flat) & (j < index)[:, None])
+      return rank + (lower & pj).astype(jnp.int32), None
+    rank, _ = jax.lax.scan(below, jnp.zeros(flat.shape, jnp.int32), (flat, present, index))
+    keep = present[:, None] & (rank >= trim) & (rank < p - trim)
+    out.append((jnp.sum(jnp.where(keep, flat, 0.0), axis=0) / kept.astype(a.dtype)
                 ).reshape(a.shape[1:]))
-    counts = counts + jax.ops.segment_sum(
-        jnp.broadcast_to(keep, order.shape).astype(jnp.float32).reshape(-1),
-        order.reshape(-1), n)
+    counts = counts + jnp.sum(keep, axis=1).astype(jnp.float32)
     size += flat.shape[1]
   share = counts / (kept.astype(jnp.float32) * size)
   return jax.tree.unflatten(treedef, out), share
