@@ -156,7 +156,7 @@ def test_the_step_refuses_too_few_slots_before_tracing(method, hp, need):
   """Krum scores ``T - f - 2 >= 1`` neighbours and averages ``m <= T`` rows;
   the trimmed mean keeps ``T - 2 trim >= 1`` values (TorchJD's checks): with
   3 task slots per step the step is refused when it is built, naming the
-  setting; the config names its path."""
+  setting, and so is a config that says so (before any data loads)."""
   data = helpers.toy_data()
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
   obj = objectives.make_objective(method, 4, **hp)
@@ -167,15 +167,25 @@ def test_the_step_refuses_too_few_slots_before_tracing(method, hp, need):
     steps.make_train_step(model, optim.make_optimizer("sgd", lr=1.0), obj,
                           sampling.make_sampler(data.taskset, np.full(4, 0.25), 3, 8),
                           weights=np.ones(4))
-  from experiments.configs import common  # pylint: disable=g-import-not-at-top
   from mtljax import build  # pylint: disable=g-import-not-at-top
   from mtljax import errors  # pylint: disable=g-import-not-at-top
-  c = common.base_config()
+  c = helpers.small_sinusoids_config()
+  c.objective.method = method
+  c.objective[method].update(hp)
+  c.sampling.tasks_per_step = 3
+  with pytest.raises(errors.ConfigError, match=rf"config.objective.method='{method}' .* needs "
+                                               rf"at least {need} task slots per step, got "
+                                               r"config.sampling.tasks_per_step=3\."):
+    build.validate_config(c)
+  c.sampling.tasks_per_step = 0                      # all tasks: 3 named
+  c.data.tasks = ("sine_00", "sine_01", "sine_02")
+  with pytest.raises(errors.ConfigError, match=r"tasks_per_step=0 \(all 3 of config.data"):
+    build.validate_config(c)
   c.objective.method = "krum"
   c.objective.krum.n_byzantine = -2
   with pytest.raises(errors.ConfigError, match=r"config.objective.krum.n_byzantine must be an "
                                                r"integer >= 0, got -2"):
-    build.objective_from_config(c, 4)
+    build.validate_config(c)
 
 
 # ---------------------------------------------------------------------------
