@@ -22,6 +22,8 @@ from mtljax.data import sampling
 from mtljax.models import multitask
 from mtljax.objectives import stateful
 
+_np_min_norm = test_gradients._np_min_norm  # pylint: disable=protected-access
+
 
 # ---------------------------------------------------------------------------
 # Krum.
@@ -305,7 +307,7 @@ def _np_cr_mogm(seq, weights, alpha, num_tasks):
     rows = weights[ids][:, None] * jac
     present = weights[ids] > 0
     hat_slots = np.zeros(len(ids))
-    hat_slots[present] = test_gradients._np_min_norm(rows[present])  # pylint: disable=protected-access
+    hat_slots[present] = _np_min_norm(rows[present])
     hat = np.bincount(ids, hat_slots, minlength=num_tasks)
     count = np.bincount(ids, present, minlength=num_tasks)
     active = count > 0
@@ -382,7 +384,7 @@ def test_the_three_methods_in_one_train_step():
   leaves = [jax.tree.leaves(g["shared"]) for g in grads]
   rows = np.stack([np.concatenate([np.asarray(a, np.float64).ravel() for a in l])
                    for l in leaves])
-  mgda = test_gradients._np_min_norm(rows)  # pylint: disable=protected-access
+  mgda = _np_min_norm(rows)
   want = {"krum": _np_krum(rows, 0, 1)[0] @ rows,
           "trimmed_mean": _np_trimmed_mean(rows, np.ones(4, bool), 1)[0],
           "cr_mogm": mgda @ rows}
