@@ -181,10 +181,22 @@ def _check_objective_values(config) -> None:
   """The chosen method's hyper-parameter values (``cagrad.c`` in [0, 1), ...),
   checked by building it for a stand-in task count (the run builds it again
   for the data's): ``config.data.tasks``' count, else the length of a
-  per-task hyper-parameter (``famo.min_losses``), else 2. Nothing is traced."""
+  per-task hyper-parameter (``famo.min_losses``), else 2; and the slots a step
+  has, where the config says, against the fewest the method takes
+  (:attr:`mtljax.objectives.Objective.min_slots`). Nothing is traced."""
   lengths = [len(v) for v in objective_hparams(config).values()
              if isinstance(v, (tuple, list)) and v]
-  objective_from_config(config, len(config.data.tasks) or (lengths[0] if lengths else 2))
+  obj = objective_from_config(config, len(config.data.tasks) or (lengths[0] if lengths else 2))
+  # The slots a step has, where the config says (else the step checks, once
+  # the data set's task count is known): Krum and the trimmed mean need several.
+  slots = config.sampling.tasks_per_step or len(config.data.tasks)
+  if slots and slots < obj.min_slots:
+    raise ConfigError(
+        f"config.objective.method={obj.name!r} with {objective_hparams(config)} needs at "
+        f"least {obj.min_slots} task slots per step, got config.sampling.tasks_per_step="
+        f"{config.sampling.tasks_per_step}"
+        + (f" (all {slots} of config.data.tasks)" if not config.sampling.tasks_per_step
+           else "") + ".")
 
 
 def _validate_data(config) -> None:

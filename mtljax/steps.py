@@ -278,6 +278,10 @@ def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, li
   if tasks_per_step > num_tasks and not sampler.replace:
     raise ValueError(f"sampling.tasks_per_step={tasks_per_step} must be in "
                      f"[1, {num_tasks}] when sampling tasks without replacement.")
+  if tasks_per_step < objective.min_slots:
+    raise ValueError(f"objective.method={objective.name!r} with {objective.hparams} needs at "
+                     f"least {objective.min_slots} task slots per step, got "
+                     f"sampling.tasks_per_step={tasks_per_step}.")
   shared_names = [n for n, _ in params_lib.flatten_with_names(
       jax.eval_shape(model.init, jax.random.key(0))["shared"])]
   needs = objective.needs

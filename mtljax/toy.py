@@ -56,8 +56,11 @@ PROTOCOLS = {
 POSITIVE_LOSS_METHODS = ("db_mtl", "stch", "gls", "moco", "imtl", "uncertainty")
 def toy_methods() -> tuple[str, ...]:
   """The methods the toy runs: every registered gradient method (read now)
-  and the loss-based and stateful methods that fit a two-parameter problem."""
-  return (("fixed", "rlw", "famo") + tuple(gradients.REGISTRY) + ("gradvac", "excess_mtl")
+  that takes two rows with its default hyper-parameters (not Krum: it needs
+  ``n_byzantine + 3``), and the loss-based and stateful methods that fit a
+  two-parameter problem."""
+  grams = tuple(name for name, m in gradients.REGISTRY.items() if m.rows_needed({}) <= 2)
+  return (("fixed", "rlw", "famo") + grams + ("gradvac", "excess_mtl")
           + POSITIVE_LOSS_METHODS)
 
 

@@ -645,7 +645,8 @@ def _degenerate_cases(t, n=12, d_max=8, seed=0):
 
 def _assert_finite_on_degenerate_cases(name, ts, narrow):
   fn = jax.jit(jax.vmap(METHODS[name]))
-  batches = [_degenerate_cases(t) for t in ts]
+  need = gradients.REGISTRY[name].rows_needed({})   # Krum: n_byzantine + 3 rows
+  batches = [_degenerate_cases(t) for t in ts if t >= need]
   if narrow:
     batches.append(_degenerate_cases(6, d_max=2, seed=1))
   for g in batches:

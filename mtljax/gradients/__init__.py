@@ -27,7 +27,7 @@ matrices, the cosine factor), :mod:`.solvers` (simplex, min-norm, box QPs,
 Jacobi), the method families :mod:`.min_norm` (MGDA, CAGrad),
 :mod:`.projections` (PCGrad), :mod:`.equal_cosine` (IMTL-G, ConFIG),
 :mod:`.alpha_fair` (Nash-MTL, FairGrad), :mod:`.aligned` (Aligned-MTL),
-:mod:`.dual_cone` (UPGrad, DualProj), and :mod:`.registry`.
+:mod:`.dual_cone` (UPGrad, DualProj), :mod:`.robust` (Krum), and :mod:`.registry`.
 
 Solvers run in JAX on the device, on the cosine matrix ``C`` of the gradients
 (:func:`cosine_gram`: ``K = diag(n) C diag(n)``) where the method allows, so
@@ -64,6 +64,14 @@ Scaling conventions (stated per method, as the papers' code does them):
   direction (Liu et al. 2024, the code's ``ProjectionLength``).
 * ``fairgrad``: ``beta = T w`` with ``(K w)_i = w_i^{-1/alpha}`` (Ban & Ji 2024,
   the code's ``n_tasks`` factor).
+* ``krum``: ``beta = 1/m`` on the ``m = n_selected`` rows of lowest Krum score
+  (Blanchard et al. 2017; TorchJD's ``Krum``): ``d`` is one row (``m = 1``) or
+  the mean of ``m``, on the rows' own scale. It needs ``T >= n_byzantine + 3``
+  rows (:attr:`GramMethod.min_rows`).
+
+Not every method is a function of ``K``: TorchJD's ``TrimmedMean`` is
+coordinate-wise, so it is an objective that reads the rows themselves
+(:func:`mtljax.objectives.stateful.trimmed_mean`), as GradDrop is.
 """
 
 from mtljax.gradients.algebra import combine
@@ -81,6 +89,8 @@ from mtljax.gradients.min_norm import cagrad_weights
 from mtljax.gradients.min_norm import mgda_weights
 from mtljax.gradients.projections import pcgrad_orders
 from mtljax.gradients.projections import pcgrad_weights
+from mtljax.gradients.robust import krum_weights
+from mtljax.gradients.robust import pairwise_sq_distances
 from mtljax.gradients.registry import direction
 from mtljax.gradients.registry import get
 from mtljax.gradients.registry import GramMethod
@@ -107,6 +117,7 @@ upgrad = public_function(REGISTRY["upgrad"])
 dualproj = public_function(REGISTRY["dualproj"])
 config = public_function(REGISTRY["config"])
 fairgrad = public_function(REGISTRY["fairgrad"])
+krum = public_function(REGISTRY["krum"])
 mgda_ub = public_function(REGISTRY["mgda"], "mgda_ub", rows="rep_grads", doc=(
     "MGDA-UB (Sener & Koltun 2018, sec. 3.3): MGDA's min-norm weights on the task "
     "gradients with respect to the shared representation ``rep_grads`` (``[T, B, F]``, "

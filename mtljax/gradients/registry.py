@@ -16,7 +16,10 @@ The record says, explicitly, what the weight function takes besides ``K``:
   ``accumulate`` path);
 * ``min_norm``: its answer lies in the rows' convex hull, which an absent
   (all-zero) row would pull to 0; the train step then solves on the present
-  rows only.
+  rows only;
+* ``min_rows``: the fewest rows its hyper-parameters allow (Krum's
+  ``n_byzantine + 3``), checked by :meth:`GramMethod.bind` and, through the
+  objective's ``min_slots``, against the train step's slots before tracing.
 
 Its hyper-parameters are the weight function's keyword-only parameters: their
 defaults are read from that one signature, by :attr:`GramMethod.hparams`, the
@@ -41,6 +44,7 @@ from mtljax.gradients import dual_cone
 from mtljax.gradients import equal_cosine
 from mtljax.gradients import min_norm
 from mtljax.gradients import projections
+from mtljax.gradients import robust
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,9 @@ class GramMethod:
     takes_factor: ``weights`` takes the cosine factor (or ``None``) as its
       second argument.
     min_norm: the weights are a min-norm point of the rows' hull.
+    min_rows: ``min_rows(**hparams) -> int``, the fewest rows the weight
+      function accepts with those hyper-parameters (None: any number); the
+      weight function raises on fewer.
     hparams: ``{name: default}``, the keyword-only parameters of ``weights``
       (derived; not an argument).
   """
@@ -63,6 +70,7 @@ class GramMethod:
   takes_rng: bool = False
   takes_factor: bool = False
   min_norm: bool = False
+  min_rows: Callable[..., int] | None = None
   hparams: Mapping[str, Any] = dataclasses.field(init=False, compare=False, hash=False)
 
   def __post_init__(self):
@@ -98,15 +106,23 @@ class GramMethod:
       raise ValueError(f"{self.name}: unknown hyper-parameter(s) {unknown}; it takes "
                        f"{sorted(self.hparams) or 'none'}.")
 
+  def rows_needed(self, hparams: Mapping[str, Any]) -> int:
+    """The fewest rows the method takes with ``hparams`` (defaults filled in)."""
+    if self.min_rows is None:
+      return 1
+    return int(self.min_rows(**{**self.hparams, **hparams}))
+
   def bind(self, **hparams) -> Callable[..., tuple[jax.Array, dict]]:
     """``weights(K, rng=None, factor=None) -> (beta, info)`` with ``hparams``
     bound; their names and values are checked here (the weights are traced
-    once on a 2 x 2 problem), so a bad value fails before any jit."""
+    once on a 2 x 2 problem, or on the fewest rows the method takes), so a bad
+    value fails before any jit."""
     self.check(hparams)
 
     def weights(k, rng=None, factor=None):
       return self(k, rng=rng, factor=factor, **hparams)
-    jax.eval_shape(lambda k: weights(k, jax.random.key(0)), jnp.eye(2))
+    t = max(2, self.rows_needed(hparams))
+    jax.eval_shape(lambda k: weights(k, jax.random.key(0)), jnp.eye(t))
     return weights
 
   def __call__(self, k: jax.Array, *, rng: jax.Array | None = None,
@@ -135,6 +151,8 @@ REGISTRY: dict[str, GramMethod] = {m.name: m for m in (
     GramMethod("dualproj", dual_cone.dualproj_weights),
     GramMethod("config", equal_cosine.config_weights, takes_factor=True),
     GramMethod("fairgrad", alpha_fair.fairgrad_weights),
+    GramMethod("krum", robust.krum_weights, takes_factor=True,
+               min_rows=robust.krum_min_rows),
 )}
 
 

@@ -60,7 +60,8 @@ Methods (``config.objective.method``):
   then renormalised to sum to T.
 * gradient combination, :data:`mtljax.gradients.REGISTRY`
   (``mgda``, ``pcgrad``, ``cagrad``, ``imtl_g``, ``nash_mtl``,
-  ``aligned_mtl``, ``upgrad``, ``dualproj``, ``config`` (ConFIG), ``fairgrad``):
+  ``aligned_mtl``, ``upgrad``, ``dualproj``, ``config`` (ConFIG), ``fairgrad``,
+  ``krum``):
   the per-slot gradients of the *shared* parameters,
   ``G [K, ...]`` (row k is the gradient of ``w[task_ids[k]] L_k``), come from the
   step's one linearisation; the method turns their Gram matrix into weights
@@ -94,9 +95,16 @@ Methods (``config.objective.method``):
   ``db_mtl`` (Lin et al. 2023), ``moco`` (Fernando et al. 2023) and
   ``excess_mtl`` (He et al. 2024), whose state holds per-task gradients
   ``[T, ...shared]`` (:func:`bind_shared`), ``imtl`` (Liu et al. 2021: IMTL-L's
-  learned scales at ``tasks/imtl/log_scale`` with IMTL-G), and the
+  learned scales at ``tasks/imtl/log_scale`` with IMTL-G), the
   scalarisations ``gls`` (Chennupati et al. 2019, geometric mean) and ``stch``
-  (Lin et al. 2024, smooth Tchebycheff with a warm-up for the nadir).
+  (Lin et al. 2024, smooth Tchebycheff with a warm-up for the nadir), and
+  TorchJD's ``trimmed_mean`` (Yin et al. 2018: coordinate-wise, so it reads
+  the per-slot gradients, not their Gram matrix) and ``cr_mogm`` (Zhou et al.
+  2022: MGDA's weights smoothed across steps, state ``lambda [T]``).
+
+**Slots a method needs.** :attr:`Objective.min_slots` (Krum's
+``n_byzantine + 3``, the trimmed mean's ``2 trim_number + 1``) is checked by
+the train step against ``sampling.tasks_per_step`` before anything is traced.
 
 **State shaped like the parameters.** An objective whose state holds per-task
 gradients declares ``init_shared_state(shared) -> dict`` instead of

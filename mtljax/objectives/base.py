@@ -61,6 +61,9 @@ class Objective:
       (``[T, ...]`` like every shared parameter: DB-MTL, ExcessMTL, MoCo),
       ``shared -> dict``; :func:`bind_shared` turns it into ``init_state``
       (until then ``init_state`` raises). None for every other method.
+    min_slots: the fewest task slots per step the method takes (Krum's
+      ``n_byzantine + 3``, the trimmed mean's ``2 trim_number + 1``); the
+      train step checks ``sampling.tasks_per_step`` against it before tracing.
   """
   name: str
   needs: str
@@ -72,6 +75,7 @@ class Objective:
   slot_leaves: Callable | None = None
   hparams: dict = dataclasses.field(default_factory=dict)
   init_shared_state: Callable | None = None
+  min_slots: int = 1
 
 
 def bind_shared(objective: Objective, shared) -> Objective:

@@ -94,7 +94,8 @@ def gram_combiner(method: gradients.GramMethod, num_tasks: int, *,
     return Result(jnp.sum(w * lin.losses), {"shared": shared, "tasks": g_tasks}, inp.state,
                   gram_measurements(k, beta, info, inp.task_ids, num_tasks))
 
-  return Objective(method.name, "slots", grads_fn, hparams={**hp, "gram_path": gram_path})
+  return Objective(method.name, "slots", grads_fn, hparams={**hp, "gram_path": gram_path},
+                   min_slots=method.rows_needed(hp))
 
 
 def mgda_ub(num_tasks: int, **hp) -> Objective:

@@ -22,6 +22,7 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
     "gradvac": stateful.gradvac, "graddrop": stateful.graddrop, "db_mtl": stateful.db_mtl,
     "stch": weightings.stch, "gls": weightings.gls, "imtl": stateful.imtl,
     "excess_mtl": stateful.excess_mtl, "moco": stateful.moco,
+    "trimmed_mean": stateful.trimmed_mean, "cr_mogm": stateful.cr_mogm,
 }
 
 gradients.reserve(REGISTRY)  # a gradient method may not take one of these names
