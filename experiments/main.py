@@ -76,9 +76,9 @@ def print_catalog(out=sys.stdout) -> None:
   shown = ", ".join(f"{k}={v!r}" for k, v in multitask.trunk_defaults().items())
   print(f"trunk, every architecture's (config.model.NAME): {shown}", file=out)
   print(f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}", file=out)
-  print(f"  per-pixel (dense tasks only): {', '.join(multitask.DENSE_ENCODERS)}; with arch "
-        f"{', '.join(multitask.DENSE_ARCHS)} (the ResNets: per-task DeepLab heads, "
-        "output_stride, normalization, conv_impl)", file=out)
+  print("  per-pixel (dense tasks only), with the architectures built for each:", file=out)
+  for encoder, built in multitask.DENSE_ARCHS.items():
+    print(f"    {encoder:<10} {', '.join(built)}", file=out)
   print(f"heads (config.model.heads): {', '.join(multitask.HEADS)}", file=out)
   print("objectives (config.objective.method; hyper-parameters as "
         "config.objective.METHOD.NAME):", file=out)

@@ -302,10 +302,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not os.path.isfile(config.init_from):
       raise ConfigError(f"config.init_from={config.init_from!r} is neither a run's directory "
                         "nor a weights file.")
-    if config.model.encoder not in parts_lib.BACKBONES:
+    if config.model.encoder not in parts_lib.RESNETS:
       raise ConfigError(f"config.init_from={config.init_from!r} is a file: torchvision ResNet "
                         f"weights, which initialise config.model.encoder one of "
-                        f"{parts_lib.BACKBONES}, not {config.model.encoder!r}.")
+                        f"{parts_lib.RESNETS}, not {config.model.encoder!r}.")
     if config.model.get("normalization", "batch") != "batch":
       raise ConfigError(f"config.init_from={config.init_from!r} holds a torchvision ResNet "
                         "with batch norm; config.model.normalization must be 'batch'.")
@@ -771,13 +771,15 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
     eval_fn = steps.make_chunk_eval_step(model, label_mean=data.label_mean,
                                          label_std=data.label_std,
                                          dense_convention=config.get("dense_convention",
-                                                                     "exact"))
+                                                                     "exact"),
+                                         shared_inputs=bool(s.shared_inputs))
   else:
     eval_fn = steps.make_eval_step(model, label_mean=data.label_mean,
                                    label_std=data.label_std,
                                    num_examples=data.split(eval_split)["x"].shape[1],
                                    batch_size=config.eval_batch_size,
-                                   dense_convention=config.get("dense_convention", "exact"))
+                                   dense_convention=config.get("dense_convention", "exact"),
+                                   shared_inputs=bool(s.shared_inputs))
   if n_seeds > 1:  # on a mesh with a seed axis, each device group runs its seeds
     spmd = placement.seed_axis
     train_fn = jax.vmap(train_fn, in_axes=(0, None), spmd_axis_name=spmd)

@@ -526,7 +526,7 @@ def _scan_steps(one_step: Callable, steps_per_call: int, host_batches: bool) -> 
 
 def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
                    label_std: np.ndarray, num_examples: int, batch_size: int,
-                   dense_convention: str = "exact") -> Callable:
+                   dense_convention: str = "exact", shared_inputs: bool = False) -> Callable:
   """Returns ``eval_step(params, split, model_state=None) -> {"sums": {group:
   {metric: [T]}}, "count": [T], "dense": {group: sums}}`` over every example
   of every task (not jitted); a model with state runs in eval mode on
@@ -534,6 +534,10 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
 
   ``num_examples`` is the padded example axis of the split (static). A split
   may carry its own ``label_mean`` / ``label_std`` (cross-validation folds).
+  ``shared_inputs``: every task reads the same examples of one input source
+  (:func:`mtljax.data.sampling.check_shared_inputs`, as the train step's
+  sampler): a chunk's inputs are gathered once and a model's task-independent
+  part (``encode``) runs once on them, then every task's ``decode``.
   A dense group's sums are :mod:`mtljax.dense.metrics`' (stacked over the
   group's tasks, under ``dense_convention``) plus its pixel loss's sum and
   count; the per-example groups' are metric sums over labelled examples.
@@ -545,7 +549,7 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
   task_ids = jnp.arange(num_tasks, dtype=jnp.int32)
   ts_arrays = {"local_index": jnp.asarray(ts.local_index)}
 
-  chunk_sums = _chunk_sums(model, dense_convention)
+  chunk_sums = _chunk_sums(model, dense_convention, shared_inputs)
 
   def eval_step(params, split, model_state=None):
     m = jnp.asarray(split.get("label_mean", label_mean))[:, None]
@@ -555,7 +559,10 @@ def make_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
       pos = c * chunk + jnp.arange(chunk)
       valid = pos[None, :] < split["n"][:, None]                      # [T, C]
       idx = jnp.broadcast_to(jnp.minimum(pos, num_examples - 1), (num_tasks, chunk))
-      x, ys = sampling.gather_batch(split, ts_arrays, task_ids, idx)
+      if shared_inputs:
+        x, ys = sampling.gather_shared_batch(split, ts_arrays, task_ids, idx[0])
+      else:
+        x, ys = sampling.gather_batch(split, ts_arrays, task_ids, idx)
       return jax.tree.map(jnp.add, acc, chunk_sums(params, x, ys, valid, m, sd,
                                                    model_state)), None
 
@@ -582,9 +589,11 @@ def eval_zeros(taskset: tasks_lib.TaskSet, dense_convention: str = "exact") -> d
           "count": jnp.zeros((len(taskset),), jnp.int32), "dense": dense}
 
 
-def _chunk_sums(model: multitask.Model, dense_convention: str = "exact") -> Callable:
-  """``sums(params, x [T, C, ...], ys {group: [T, C, ...]}, valid [T, C],
-  mean [T, 1], std [T, 1], model_state)``: one chunk's metric sums and counts per task,
+def _chunk_sums(model: multitask.Model, dense_convention: str = "exact",
+                shared_inputs: bool = False) -> Callable:
+  """``sums(params, x [T, C, ...] (or [C, ...], read by every task), ys
+  {group: [T, C, ...]}, valid [T, C], mean [T, 1], std [T, 1], model_state)``:
+  one chunk's metric sums and counts per task,
   over the valid examples each task labels (missing labels,
   :func:`mtljax.tasks.label_mask`, are neither summed nor counted; a dense
   task's missing pixels neither)."""
@@ -593,7 +602,7 @@ def _chunk_sums(model: multitask.Model, dense_convention: str = "exact") -> Call
   group_of = jnp.asarray(ts.group_of_task)
 
   def sums(params, x, ys, valid, m, sd, model_state=None):
-    outs, _ = multitask.forward(model, params, x, task_ids, model_state, train=False)
+    outs = _eval_outputs(model, params, x, task_ids, model_state, shared_inputs)
     out, dense = {}, {}
     count = jnp.zeros((len(ts),), jnp.int32)
     for gi, g in enumerate(ts.groups):
@@ -612,6 +621,22 @@ def _chunk_sums(model: multitask.Model, dense_convention: str = "exact") -> Call
   return sums
 
 
+def _eval_outputs(model: multitask.Model, params, x, task_ids, model_state, shared: bool):
+  """Every task's outputs in eval mode on ``x [T, C, ...]``, or with
+  ``shared`` on ``x [C, ...]`` read by every task: the task-independent part
+  once, then each task's (the whole model per task when it has no such part)."""
+  if not shared:
+    return multitask.forward(model, params, x, task_ids, model_state, train=False)[0]
+  if model.encode is None:
+    xs = jnp.broadcast_to(x, task_ids.shape + x.shape)
+    return multitask.forward(model, params, xs, task_ids, model_state, train=False)[0]
+  sh_state, task_state = (None, None) if model_state is None else (
+      model_state["shared"], model_state["tasks"])
+  rep, _ = multitask.encoder(model, params["shared"], x, sh_state, train=False)
+  return multitask.decoder(model, params["tasks"], rep, x, task_ids, task_state,
+                           train=False)[0]
+
+
 def _dense_chunk_sums(task: tasks_lib.Task, out, y, valid, convention: str):
   """A dense group's chunk: per task (rows of ``out [T_g, C, H, W, c]``) the
   metrics' sums over its valid examples' valid pixels, the pixel loss's sum
@@ -628,15 +653,17 @@ def _dense_chunk_sums(task: tasks_lib.Task, out, y, valid, convention: str):
 
 
 def make_chunk_eval_step(model: multitask.Model, *, label_mean: np.ndarray,
-                         label_std: np.ndarray, dense_convention: str = "exact") -> Callable:
+                         label_std: np.ndarray, dense_convention: str = "exact",
+                         shared_inputs: bool = False) -> Callable:
   """``chunk_step(params, chunk, model_state=None) -> sums`` for one chunk the host pipeline
   read (``{"x" [T, C, ...], "y" {group: [T, C]}, "valid" [T, C]}``); the sums
   of every chunk add up to :func:`make_eval_step`'s result (not jitted)."""
-  chunk_sums = _chunk_sums(model, dense_convention)
+  chunk_sums = _chunk_sums(model, dense_convention, shared_inputs)
   m = jnp.asarray(label_mean)[:, None]
   sd = jnp.asarray(label_std)[:, None]
   return lambda params, chunk, model_state=None: chunk_sums(
-      params, chunk["x"], chunk["y"], chunk["valid"], m, sd, model_state)
+      params, chunk["x"][0] if shared_inputs else chunk["x"], chunk["y"], chunk["valid"], m,
+      sd, model_state)
 
 
 def eval_metrics(taskset: tasks_lib.TaskSet, acc) -> dict[str, dict[str, float]]:

@@ -316,7 +316,8 @@ class DeviceFeed:
       self.eval_steps["train"] = sharding.jit_eval_step(steps.make_eval_step(
           run.model, label_mean=data.label_mean, label_std=data.label_std,
           num_examples=data.train["x"].shape[1], batch_size=config.eval_batch_size,
-          dense_convention=config.get("dense_convention", "exact")),
+          dense_convention=config.get("dense_convention", "exact"),
+          shared_inputs=bool(config.sampling.shared_inputs)),
           params_sh, train_sh, pl, ms_sh)
 
   def next(self):

@@ -241,7 +241,8 @@ def test_eval_step_gives_each_dense_tasks_split_metrics_over_uneven_chunks():
   """A fully convolutional multi_head's eval step over 7 test images in chunks
   of 3 (3 + 3 + 1): every dense metric and the pixel loss equal a float64
   numpy computation over the whole split from the model's own outputs (the
-  median from the histogram, within its stated bound)."""
+  median from the histogram, within its stated bound); with shared inputs
+  (the trunk once per chunk) the sums are the same."""
   from mtljax import steps  # pylint: disable=g-import-not-at-top
   from mtljax.dense import metrics as dense_metrics  # pylint: disable=g-import-not-at-top
   from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
@@ -253,12 +254,20 @@ def test_eval_step_gives_each_dense_tasks_split_metrics_over_uneven_chunks():
   params = model.init(jax.random.key(0))
   ev = steps.make_eval_step(model, label_mean=data.label_mean, label_std=data.label_std,
                             num_examples=7, batch_size=3)
+  ev_shared = steps.make_eval_step(model, label_mean=data.label_mean,
+                                   label_std=data.label_std, num_examples=7, batch_size=3,
+                                   shared_inputs=True)
   ids = np.arange(3, dtype=np.int32)
 
   @jax.jit
   def both(params, split, x):
-    return ev(params, split), model.apply(params, x[None].repeat(3, 0), ids)
-  acc, outs = both(params, jax.device_put(data.test), data.test["x"][0])
+    return (ev(params, split), ev_shared(params, split),
+            model.apply(params, x[None].repeat(3, 0), ids))
+  acc, acc_shared, outs = both(params, jax.device_put(data.test), data.test["x"][0])
+  # Shared inputs: the trunk once per chunk, then each task's head -- the same sums.
+  for a, b in zip(jax.tree.leaves(acc), jax.tree.leaves(acc_shared)):
+    np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                               rtol=1e-5, atol=1e-4)
   got = steps.eval_metrics(data.taskset, acc)
   np.testing.assert_array_equal(acc["count"], [6, 6, 6])  # image 1 has no valid pixel
   for t in data.taskset:

@@ -21,12 +21,15 @@ scenes with LibMTL's NYUv2 model: a dilated ResNet-18 at output stride 8, one
 DeepLab ASPP head per task, batch norm, batch 8; from scratch, so Adam at
 1e-3 rather than LibMTL's fine-tuning 1e-4 (ImageNet weights:
 ``mtljax.pretrained``); ``--config.model.encoder=resnet50`` is LibMTL's
-default depth, which wants a GPU).
+default depth, which wants a GPU), ``mtan`` (the quick scenes with the MTAN
+paper's model: attention over a SegNet of widths (16, 32, 64, 64, 64), a
+quarter of the paper's; ``--config.model.channels='(64, 128, 256, 512, 512)'`` and
+``--config.model.arch=multi_head`` for the paper's SegNet "split").
 """
 
 from experiments.configs import common
 
-VARIANTS = ("", "quick", "full", "resnet")
+VARIANTS = ("", "quick", "full", "resnet", "mtan")
 
 
 def get_config(arg: str = ""):
@@ -40,7 +43,7 @@ def get_config(arg: str = ""):
   c.sampling.shared_inputs = True  # one batch of images labelled for every task (as NYUv2)
   c.optim.lr = 3e-3
   c.eval_batch_size = 100
-  if arg in ("", "quick", "resnet"):
+  if arg in ("", "quick", "resnet", "mtan"):
     c.data.builder_config = "quick"
     c.total_steps = 600
     c.steps_per_call = 50
@@ -52,6 +55,16 @@ def get_config(arg: str = ""):
       c.model.output_stride = 8
       c.sampling.examples_per_task = 8
       c.optim.lr = 1e-3  # from scratch (LibMTL's 1e-4 fine-tunes ImageNet weights)
+      c.total_steps, c.steps_per_call, c.log_steps = 400, 20, 100
+      c.eval_steps = c.checkpoint_steps = 200
+      c.eval_batch_size = 50
+    if arg == "mtan":
+      c.model.arch = "mtan"
+      c.model.encoder = "segnet"
+      c.model.channels = (16, 32, 64, 64, 64)
+      c.model.mtan.tower = ()
+      c.sampling.examples_per_task = 8
+      c.optim.lr = 1e-3  # the MTAN code's Adam 1e-4, x10 for a short run
       c.total_steps, c.steps_per_call, c.log_steps = 400, 20, 100
       c.eval_steps = c.checkpoint_steps = 200
       c.eval_batch_size = 50

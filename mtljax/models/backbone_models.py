@@ -56,6 +56,7 @@ import numpy as np
 from mtljax import tasks as tasks_lib
 from mtljax.models import parts as parts_lib
 from mtljax.models.backbones import resnet
+from mtljax.models.backbones import segnet
 
 # encoder name -> ResNet depth.
 RESNETS = {"resnet18": 18, "resnet34": 34, "resnet50": 50}
@@ -194,8 +195,17 @@ def _stage_groups(prefix: str) -> tuple[tuple[str, str], ...]:
       ("heads", r"^tasks/heads/"),)
 
 
-def multi_head(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
-               input_shape: Sequence[int]) -> dict:
+def build(arch: str, trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
+          input_shape: Sequence[int]) -> dict:
+  """The Model fields of ``arch`` on the backbone ``trunk.encoder``."""
+  if trunk.encoder in parts_lib.SEGNETS:
+    return segnet_model(arch, trunk, taskset, input_shape)
+  return {"multi_head": resnet_multi_head,
+          "independent": resnet_independent}[arch](trunk, taskset, input_shape)
+
+
+def resnet_multi_head(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
+                      input_shape: Sequence[int]) -> dict:
   """One shared ResNet, per-task DeepLab heads: the Model fields."""
   bb = _Backbone(trunk, taskset, input_shape)
 
@@ -232,8 +242,8 @@ def multi_head(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
                  _stage_groups("shared/trunk"))
 
 
-def independent(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
-                input_shape: Sequence[int]) -> dict:
+def resnet_independent(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
+                       input_shape: Sequence[int]) -> dict:
   """One ResNet and DeepLab head per task: the Model fields."""
   bb = _Backbone(trunk, taskset, input_shape)
   num = len(taskset)
@@ -280,3 +290,160 @@ def _fields(bb: _Backbone, init_all, apply, encode, decode, task_rows, groups) -
     out.update(encode=encode, decode=decode)
   return out
 
+
+
+# ----------------------------------------------------------------------------
+# SegNet and MTAN over SegNet (the MTAN paper's models).
+# ----------------------------------------------------------------------------
+
+
+def _by_group(taskset: tasks_lib.TaskSet, outs: dict, task_ids) -> dict:
+  """``{group: [K, B, ...]}``: slot k's task's output from the per-task
+  outputs ``{name: [B, ...]}`` (a clipped row of the group for slots of
+  another group, as the linear heads do: never read)."""
+  out = {}
+  for g in taskset.groups:
+    members = taskset.group_members(g)
+    stacked = jnp.stack([outs[taskset.names[t]] for t in members])
+    rows = jnp.clip(jnp.asarray(taskset.local_index)[task_ids], 0, len(members) - 1)
+    out[g] = stacked[rows]
+  return out
+
+
+def segnet_model(arch: str, trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
+                 input_shape: Sequence[int]) -> dict:
+  """SegNet (:mod:`mtljax.models.backbones.segnet`, widths ``trunk.channels``)
+  as ``multi_head`` (the MTAN code's "split": the shared encoder-decoder and
+  per-task heads), ``mtan`` (the MTAN paper's attention over it) or
+  ``independent`` (one SegNet per task: the code's single-task baselines).
+
+  The task part runs every task's branch on every forward, as the MTAN code
+  does, and slot k reads its task's output: MTAN's attention statistics move
+  for every task each step (their parameters only for the sampled tasks, by
+  the optimizer's per-task rows). MTAN's attention blocks are shared
+  parameters read by the per-task part, so ``mtan`` has no ``encode`` (as on
+  the small encoders). Per-task initial values come from one key, not one
+  per task's stream id (a subset run's heads start elsewhere)."""
+  net = segnet.make_segnet(taskset.tasks, arch="mtan" if arch == "mtan" else "split",
+                           widths=trunk.channels, conv_impl=trunk.conv_impl)
+  shape = tuple(int(s) for s in input_shape)
+  names = set(taskset.names)
+
+  def variables(params, state):
+    return {"params": params, "batch_stats": state}
+
+  def init_one(rng):
+    v = net.init(rng, shape)
+    stats = v.get("batch_stats", {})
+    return v["params"], {"shared": stats.get("shared", {}), "tasks": stats.get("tasks", {})}
+
+  def encode(shared, x, state=None, train=False):
+    rep, st = net.encode(variables({"shared": shared}, {"shared": state}), x, train)
+    return rep, st["shared"]
+
+  def task_part(task_params, rep, task_ids, state, train):
+    outs, st = net.decode(variables({"tasks": task_params}, {"tasks": state}), rep, train)
+    assert set(outs) == names
+    return _by_group(taskset, outs, task_ids), st.get("tasks", {})
+
+  def decode(task_params, rep, x, task_ids, state=None, train=False):
+    del x
+    return task_part(task_params, rep, task_ids, state, train)
+
+  if arch == "multi_head":
+    def apply(params, x, task_ids, state=None, train=False):
+      # Per slot (its own batch statistics); every slot runs every task's
+      # head and reads its own; the statistics' update is the slots' mean.
+      def one(xk, t):
+        rep, sh = encode(params["shared"], xk, state["shared"], train)
+        outs, ts_ = task_part(params["tasks"], rep, t[None], state["tasks"], train)
+        return jax.tree.map(lambda a: a[0], outs), {"shared": sh, "tasks": ts_}
+      outs, st = jax.vmap(one)(x, jnp.asarray(task_ids))
+      return outs, (jax.tree.map(lambda a: jnp.mean(a, axis=0), st) if train else state)
+
+    return {"init": lambda rng: init_one(rng)[0], "init_state": lambda rng: init_one(rng)[1],
+            "apply": apply, "encode": encode, "decode": decode,
+            "task_rows": {f"heads/{g}": taskset.group_members(g) for g in taskset.groups},
+            "layer_groups": tuple((n, "^" + rx) for n, rx in net.layer_groups)}
+
+  if arch == "mtan":
+    # The attention's convolution blocks are one set for every task (the
+    # code's): shared parameters (shared/attention/*_block) that the per-task
+    # part reads, so MTAN has no task-independent part (as mtan on the small
+    # encoders): every slot runs the network, the gradient methods see the
+    # blocks as shared. The per-task masks stay task stacks.
+    def to_mtljax(tree):
+      att = tree["tasks"].get("attention", {})
+      shared = {**tree["shared"],
+                "attention": {k: v for k, v in att.items() if k.endswith("_block")}}
+      tasks = {**tree["tasks"],
+               "attention": {k: v for k, v in att.items() if not k.endswith("_block")}}
+      return {"shared": shared, "tasks": tasks}
+
+    def to_net(tree):
+      shared = {k: v for k, v in tree["shared"].items() if k != "attention"}
+      tasks = {**tree["tasks"],
+               "attention": {**tree["tasks"].get("attention", {}),
+                             **tree["shared"].get("attention", {})}}
+      return {"shared": shared, "tasks": tasks}
+
+    def init_mtan(rng):
+      p, st = init_one(rng)
+      return to_mtljax(p), to_mtljax(st)
+
+    def apply_mtan(params, x, task_ids, state=None, train=False):
+      p, st0 = to_net(params), to_net(state)
+
+      def one(xk, t):
+        rep, sh = encode(p["shared"], xk, st0["shared"], train)
+        outs, ts_ = task_part(p["tasks"], rep, t[None], st0["tasks"], train)
+        return jax.tree.map(lambda a: a[0], outs), {"shared": sh, "tasks": ts_}
+      outs, st = jax.vmap(one)(x, jnp.asarray(task_ids))
+      if not train:
+        return outs, state
+      return outs, to_mtljax(jax.tree.map(lambda a: jnp.mean(a, axis=0), st))
+
+    abstract = jax.eval_shape(lambda: init_mtan(jax.random.key(0))[0])
+    rows = {f"heads/{g}": taskset.group_members(g) for g in taskset.groups}
+    rows.update({f"attention/{name}": np.arange(len(taskset), dtype=np.int32)
+                 for name in abstract["tasks"]["attention"]})
+    groups = tuple((n, "^" + (rx.replace("tasks/attention/", "(shared|tasks)/attention/")))
+                   for n, rx in net.layer_groups)
+    return {"init": lambda rng: init_mtan(rng)[0], "init_state": lambda rng: init_mtan(rng)[1],
+            "apply": apply_mtan, "task_rows": rows, "layer_groups": groups}
+
+  # independent: one SegNet per task (stacked tasks/trunk), the heads as the split model's.
+  stream_ids = jnp.asarray(taskset.stream_ids, jnp.int32)
+
+  def init_indep(rng):
+    r_trunk, r_heads = jax.random.split(rng)
+    keys = jax.vmap(lambda s: jax.random.fold_in(r_trunk, s))(stream_ids)
+    trunks, trunk_stats = jax.vmap(lambda k: init_one(k))(keys)
+    heads, head_stats = init_one(r_heads)
+    return ({"shared": {}, "tasks": {"trunk": trunks["shared"], **heads["tasks"]}},
+            {"shared": {}, "tasks": {"trunk": trunk_stats["shared"], **head_stats["tasks"]}})
+
+  def apply_indep(params, x, task_ids, state=None, train=False):
+    tp = params["tasks"]
+    heads = {k: v for k, v in tp.items() if k != "trunk"}
+    head_state = {k: v for k, v in state["tasks"].items() if k != "trunk"}
+
+    def one(xk, t):
+      p = jax.tree.map(lambda a: a[t], tp["trunk"])
+      s = jax.tree.map(lambda a: a[t], state["tasks"]["trunk"])
+      rep, st = encode(p, xk, s, train)
+      outs, _ = task_part(heads, rep, t[None], head_state, train)
+      return jax.tree.map(lambda a: a[0], outs), st
+    ids = jnp.asarray(task_ids)
+    outs, st = jax.vmap(one)(x, ids)
+    trunks = state["tasks"]["trunk"]
+    if train:
+      trunks = scatter_rows(trunks, st, ids, jnp.ones(ids.shape, bool))
+    return outs, {"shared": {}, "tasks": {"trunk": trunks, **head_state}}
+
+  rows = {"trunk": np.arange(len(taskset), dtype=np.int32),
+          **{f"heads/{g}": taskset.group_members(g) for g in taskset.groups}}
+  groups = tuple((n, "^" + rx.replace("shared/", "tasks/trunk/", 1))
+                 for n, rx in net.layer_groups)
+  return {"init": lambda rng: init_indep(rng)[0], "init_state": lambda rng: init_indep(rng)[1],
+          "apply": apply_indep, "task_rows": rows, "layer_groups": groups}

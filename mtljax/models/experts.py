@@ -77,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtljax import tasks as tasks_lib
+from mtljax.models import backbone_models
 from mtljax.models import encoders
 from mtljax.models import parts as parts_lib
 
@@ -298,8 +299,13 @@ def ple(arch: str, trunk: parts_lib.Trunk, hparams: PLEHParams, taskset: tasks_l
 
 def mtan(arch: str, trunk: parts_lib.Trunk, hparams: MTANHParams, taskset: tasks_lib.TaskSet,
          input_shape: Sequence[int]) -> dict:
-  """``mtan``: the :class:`~mtljax.models.multitask.Model` fields."""
-  del arch
+  """``mtan``: the :class:`~mtljax.models.multitask.Model` fields (on the
+  SegNet encoder: the MTAN paper's model, :mod:`mtljax.models.backbone_models`)."""
+  if trunk.encoder in parts_lib.SEGNETS:
+    if hparams.tower:
+      raise ValueError(f"mtan.tower={hparams.tower}: MTAN over SegNet has the MTAN code's "
+                       "heads, no tower; leave mtan.tower empty.")
+    return backbone_models.build(arch, trunk, taskset, input_shape)
   return mtan_model(parts_lib.Parts(trunk, taskset, input_shape, tower=hparams.tower))
 
 

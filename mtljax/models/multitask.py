@@ -112,11 +112,8 @@ from mtljax.models import mixtures
 from mtljax.models import per_task_trunks
 from mtljax.models import shared_trunk
 from mtljax.models.parts import (  # pylint: disable=unused-import
-    DENSE_ENCODERS, ENCODERS, HEADS, Trunk)
+    DENSE_ARCHS, DENSE_ENCODERS, ENCODERS, HEADS, Trunk)
 
-# The architectures that take per-pixel features (the dense tasks') so far
-# (independent: the single-task baselines).
-DENSE_ARCHS = ("multi_head", "independent")
 
 TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(Trunk))
 
@@ -356,6 +353,6 @@ def make_model(arch: str, taskset: tasks_lib.TaskSet, input_shape: Sequence[int]
   """
   record, trunk, hparams = checked_arguments(arch, trunk, hparams, **overrides)
   trunk.check_input_shape(input_shape)
-  trunk.check_tasks(arch, taskset, DENSE_ARCHS)
+  trunk.check_tasks(arch, taskset)
   fields = record.build(arch, trunk, hparams, taskset, tuple(int(s) for s in input_shape))
   return Model(arch=arch, taskset=taskset, **fields)

@@ -29,12 +29,18 @@ from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
 
 # The dense backbones (mtljax.models.backbone_models): a ResNet trunk with
-# per-task DeepLab heads.
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+# per-task DeepLab heads, and the MTAN paper's SegNet.
+RESNETS = ("resnet18", "resnet34", "resnet50")
+SEGNETS = ("segnet",)
+BACKBONES = RESNETS + SEGNETS
 ENCODERS = ("mlp", "cnn", "fcn") + BACKBONES
 # Encoders whose features are per pixel ([B, H, W, F]): the dense tasks' (and
-# only theirs: a per-example task needs one feature vector per example).
-DENSE_ENCODERS = ("fcn",) + BACKBONES
+# only theirs: a per-example task needs one feature vector per example), and
+# the architectures each is built for.
+DENSE_ARCHS = {"fcn": ("multi_head", "independent"),
+               **{r: ("multi_head", "independent") for r in RESNETS},
+               "segnet": ("multi_head", "independent", "mtan")}
+DENSE_ENCODERS = tuple(DENSE_ARCHS)
 HEADS = ("auto", "per_task", "shared")
 NORMS = ("batch", "group")
 CONV_IMPLS = ("auto", "im2col", "lax")
@@ -109,7 +115,7 @@ class Trunk:
       (torchvision's undilated network).
     normalization: a ResNet encoder's normalisation, ``"batch"`` (batch norm with
       running averages in the model state) or ``"group"``; :data:`NORMS`.
-    conv_impl: a ResNet encoder's convolution, ``"auto"`` (im2col on CPU,
+    conv_impl: a backbone's (ResNet, SegNet) convolution, ``"auto"`` (im2col on CPU,
       ``lax.conv`` on GPU/TPU), ``"im2col"`` or ``"lax"``; :data:`CONV_IMPLS`.
   """
   encoder: str = "mlp"
@@ -128,34 +134,45 @@ class Trunk:
     one_of("output_stride", self.output_stride, OUTPUT_STRIDES)
     one_of("normalization", self.normalization, NORMS)
     one_of("conv_impl", self.conv_impl, CONV_IMPLS)
+    channels = positive_ints("channels", self.channels)
+    if self.encoder in SEGNETS and len(channels) != 5:
+      raise ValueError(f"encoder={self.encoder!r} takes the widths of its 5 levels as channels "
+                       f"(the MTAN code's (64, 128, 256, 512, 512)), got {channels}.")
+    if self.encoder in SEGNETS and self.normalization != "batch":
+      raise ValueError(f"encoder={self.encoder!r} is the MTAN code's SegNet, with batch norm; "
+                       f"normalization={self.normalization!r} is not offered with it.")
     return dataclasses.replace(self, hidden=positive_ints("hidden", self.hidden),
-                               channels=positive_ints("channels", self.channels))
+                               channels=channels)
 
   def check_input_shape(self, input_shape: Sequence[int]) -> None:
     """Raises when the encoder cannot read inputs of this shape (one example's)."""
     if self.encoder in ("cnn", "fcn") and len(input_shape) not in (2, 3):
       raise ValueError(f"encoder={self.encoder!r} needs image inputs [H, W] or [H, W, C], "
                        f"got input shape {tuple(input_shape)}.")
-    if self.encoder in BACKBONES and (len(input_shape) != 3 or input_shape[-1] != 3):
+    if self.encoder in RESNETS and (len(input_shape) != 3 or input_shape[-1] != 3):
       raise ValueError(f"encoder={self.encoder!r} needs RGB image inputs [H, W, 3], got "
                        f"input shape {tuple(input_shape)}.")
+    if self.encoder in SEGNETS and (len(input_shape) != 3 or min(input_shape[:2]) < 32):
+      raise ValueError(f"encoder={self.encoder!r} needs images [H, W, C] of at least 32x32 "
+                       f"pixels (5 poolings), got input shape {tuple(input_shape)}.")
 
-  def check_tasks(self, arch: str, taskset: tasks_lib.TaskSet,
-                  dense_archs: Sequence[str]) -> None:
+  def check_tasks(self, arch: str, taskset: tasks_lib.TaskSet) -> None:
     """Raises unless the encoder's features fit every task: per-pixel
     features (:data:`DENSE_ENCODERS`) for dense tasks only, on an
-    architecture in ``dense_archs``; per-example features for the others."""
+    architecture built for the encoder (:data:`DENSE_ARCHS`); per-example
+    features for the others."""
     dense = [t.name for t in taskset if t.dense]
     if self.encoder in DENSE_ENCODERS:
       other = [t.name for t in taskset if not t.dense]
       if other:
         raise ValueError(f"encoder={self.encoder!r} gives per-pixel features; task(s) "
                          f"{other} need one prediction per example (use 'mlp' or 'cnn').")
-      if arch not in dense_archs:
-        raise ValueError(f"arch={arch!r} does not take per-pixel features yet; the dense "
-                         f"tasks train with {tuple(dense_archs)}.")
-      if self.encoder in BACKBONES and self.heads == "shared":
-        raise ValueError(f"encoder={self.encoder!r} has one DeepLab head per task; "
+      if arch not in DENSE_ARCHS[self.encoder]:
+        raise ValueError(f"arch={arch!r} does not take per-pixel features from encoder="
+                         f"{self.encoder!r} yet; it is built for "
+                         f"{DENSE_ARCHS[self.encoder]}.")
+      if self.encoder in RESNETS + SEGNETS and self.heads == "shared":
+        raise ValueError(f"encoder={self.encoder!r} has one head per task; "
                          "heads='shared' is not offered with it (use heads='auto').")
     elif dense:
       raise ValueError(f"dense task(s) {dense} need per-pixel features: encoder one of "

@@ -85,7 +85,7 @@ def independent(arch: str, trunk: parts_lib.Trunk, hparams: None,
   :class:`~mtljax.models.multitask.Model` fields."""
   del arch, hparams
   if trunk.encoder in parts_lib.BACKBONES:
-    return backbone_models.independent(trunk, taskset, input_shape)
+    return backbone_models.build("independent", trunk, taskset, input_shape)
   return per_task_trunks_model(parts_lib.Parts(trunk, taskset, input_shape))
 
 

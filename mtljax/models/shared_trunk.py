@@ -54,7 +54,7 @@ def multi_head(arch: str, trunk: parts_lib.Trunk, hparams: None,
   :class:`~mtljax.models.multitask.Model` fields."""
   del arch, hparams
   if trunk.encoder in parts_lib.BACKBONES:
-    return backbone_models.multi_head(trunk, taskset, input_shape)
+    return backbone_models.build("multi_head", trunk, taskset, input_shape)
   return shared_trunk_model(parts_lib.Parts(trunk, taskset, input_shape))
 
 
