@@ -48,6 +48,7 @@ from mtljax.data import sampling
 from mtljax.data import specs as specs_lib
 from mtljax.data import task_data
 from mtljax.data import tfds_access
+from mtljax.dense import augment as dense_augment
 from mtljax.dense import metrics as dense_metrics
 from mtljax.models import multitask
 from mtljax.models import parts as parts_lib
@@ -240,6 +241,14 @@ def _validate_data(config) -> None:
     raise ConfigError(f"config.data.classes={d.classes!r} applies to the data sets of "
                       f"preprocessed files ({', '.join(tfds_access.LOCAL_FILES)}), not to "
                       f"{d.name!r}.")
+  with errors.config_section("data", d):
+    ops = dense_augment.parse_ops(d.get("augment", ""))
+  scales = d.get("augment_scales", dense_augment.SCALES)
+  if ops and not (isinstance(scales, (tuple, list)) and scales and all(
+      isinstance(s, (int, float)) and not isinstance(s, bool) and np.isfinite(s) and s >= 1
+      for s in scales)):
+    raise ConfigError(f"config.data.augment_scales={scales!r}: give one or more finite "
+                      "scales >= 1 (a crop is 1/scale of the image).")
   if local and not d.get("root", ""):
     raise ConfigError(f"config.data.root is empty: data set {d.name!r} is read from its "
                       "preprocessed files; set it to the directory holding train/ and val/ "
@@ -757,12 +766,16 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
   # One sampler: the step draws with it, and the host pipeline reads its draws.
   sampler = sampling.make_sampler(ts, probs, s.tasks_per_step or len(ts), s.examples_per_task,
                                   s.replace, s.shared_inputs)
+  with errors.config_section("data", config.data):
+    augment = steps.dense_augmenter(ts, config.data.get("augment", ""),
+                                    tuple(config.data.get("augment_scales",
+                                                          dense_augment.SCALES)))
   with errors.config_section("", config):  # its messages name config sections
     train_fn = steps.make_train_step(
         model, tx, objective, sampler, weights=weights, steps_per_call=spc, seed=config.seed,
         penalty=penalty, tag_lr=config.tag_lr,
         slot_backwards=config.objective.get("slot_backwards", "auto"), placement=placement,
-        on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host)
+        on_nonfinite=config.get("on_nonfinite", "stop"), host_batches=host, augment=augment)
   batches = None
   if host:
     index, count = placement.data_shard()

@@ -40,6 +40,7 @@ from mtljax import optim
 from mtljax import params as params_lib
 from mtljax import tasks as tasks_lib
 from mtljax.data import sampling
+from mtljax.dense import augment as dense_augment
 from mtljax.dense import metrics as dense_metrics
 from mtljax.models import multitask
 
@@ -154,6 +155,36 @@ def host_batch(sampler: sampling.Sampler, batch: dict) -> jacobians.Batch:
   or [B, ...], "y" {group: [K, B]}}``."""
   ids = sampler.all_tasks if sampler.all_tasks is not None else batch["task_ids"]
   return jacobians.Batch(batch["x"], batch["y"], ids, sampler.shared_inputs)
+
+
+# fold_in(r_examples, AUGMENT_STREAM) keys a step's augmentation (a stream of
+# its own: the examples drawn do not change when augmentation is switched on).
+AUGMENT_STREAM = 0x617567
+
+
+def dense_augmenter(taskset: tasks_lib.TaskSet, ops, scales=dense_augment.SCALES
+                    ) -> Callable | None:
+  """``augment(key, batch) -> batch``: the literature's augmentation of a
+  step's dense batch (:func:`mtljax.dense.augment.augment_slots`: random
+  scale-crop with depth divided by the scale, horizontal flip with the
+  normals' x negated; ``ops`` a subset of
+  :data:`mtljax.dense.augment.OPS`), or None for no ``ops``. Checked here:
+  the task set needs dense tasks."""
+  ops = dense_augment.parse_ops(",".join(ops) if not isinstance(ops, str) else ops)
+  if not ops:
+    return None
+  dense_augment.check({"image": np.zeros((2, 2, 3), np.float32)}, scales)
+  kinds = {g: taskset.group_task(g).kind for g in taskset.groups
+           if taskset.group_task(g).dense}
+  if not kinds:
+    raise ValueError(f"augment={','.join(ops)!r} crops and flips images with their "
+                     f"per-pixel labels; the tasks {list(taskset.names)} have none.")
+
+  def augment(key, batch: jacobians.Batch) -> jacobians.Batch:
+    x, ys = dense_augment.augment_slots(key, batch.x, batch.ys, kinds, shared=batch.shared,
+                                        ops=ops, scales=scales)
+    return jacobians.Batch(x, ys, batch.task_ids, batch.shared)
+  return augment
 
 
 def labelled_slots(taskset: tasks_lib.TaskSet, batch: jacobians.Batch
@@ -354,7 +385,7 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
                     penalty: Callable | None = None, tag_lr: float = 0.0,
                     one_pass: bool | None = None, slot_backwards: str = "auto",
                     placement=None, on_nonfinite: str = "stop",
-                    host_batches: bool = False) -> Callable:
+                    host_batches: bool = False, augment: Callable | None = None) -> Callable:
   """Returns ``train_step(state, data) -> (state, measurements)`` (not jitted),
   ``state`` a :class:`TrainState`.
 
@@ -392,6 +423,10 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
       (the loop stops), ``"skip"`` also counts it in
       ``state.nonfinite_skipped`` and goes on.
     host_batches: ``data`` is the batch the host pipeline read, not a split.
+    augment: ``augment(key, batch) -> batch`` (:func:`dense_augmenter`),
+      applied to every step's batch with ``fold_in(r_examples,
+      AUGMENT_STREAM)`` -- a function of the run's key and the step, so
+      seeded, the same on both pipelines and after a resume -- or None.
 
   Every part is checked before anything is traced (a bad one raises naming it).
   ``data`` is a train split as laid out by :mod:`mtljax.data.task_data`, the
@@ -419,12 +454,12 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
       model, tx, objective, sampler, jnp.asarray(weights, jnp.float32), needs=needs,
       leaves=leaves, base_key=jax.random.key(seed), penalty=penalty, tag_lr=tag_lr,
       one_pass=one_pass, slot_backwards=slot_backwards, placement=placement,
-      host_batches=host_batches)
+      host_batches=host_batches, augment=augment)
   return _scan_steps(one_step, steps_per_call, host_batches)
 
 
 def _step_batch(sampler: sampling.Sampler, state: TrainState, data, base_key, placement,
-                host_batches: bool) -> tuple[jacobians.Batch, jax.Array]:
+                host_batches: bool, augment=None) -> tuple[jacobians.Batch, jax.Array]:
   """The step's batch (drawn from ``data``, or the host pipeline's) on the
   placement's ``data`` axis, and the method's key."""
   key = base_key if state.rng is None else jax.random.wrap_key_data(state.rng)
@@ -433,6 +468,8 @@ def _step_batch(sampler: sampling.Sampler, state: TrainState, data, base_key, pl
     batch = host_batch(sampler, data)
   else:
     batch = sample_batch(sampler, data, r_tasks, r_examples)
+  if augment is not None:
+    batch = augment(jax.random.fold_in(r_examples, AUGMENT_STREAM), batch)
   if placement is not None:
     batch = jacobians.Batch(placement.constrain_batch(batch.x, batch.shared), batch.ys,
                             batch.task_ids, batch.shared)
@@ -440,8 +477,8 @@ def _step_batch(sampler: sampling.Sampler, state: TrainState, data, base_key, pl
 
 
 def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, base_key,
-                   penalty, tag_lr, one_pass, slot_backwards, placement, host_batches
-                   ) -> Callable:
+                   penalty, tag_lr, one_pass, slot_backwards, placement, host_batches,
+                   augment=None) -> Callable:
   """One step, ``(state, data) -> (state, measurements)``, of checked parts."""
   ts = model.taskset
   num_tasks = len(ts)
@@ -450,7 +487,8 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
   def one_step(state, data):
     _check_state(state, objective, penalty, model)
     params = state.params
-    batch, r_method = _step_batch(sampler, state, data, base_key, placement, host_batches)
+    batch, r_method = _step_batch(sampler, state, data, base_key, placement, host_batches,
+                                  augment)
     ids = batch.task_ids
     # The step's task masks, one meaning each:
     #   labelled [K]  slot k has at least one labelled example in its batch;

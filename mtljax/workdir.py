@@ -115,7 +115,8 @@ def remove_if_unused(workdir: str) -> bool:
 # that value (so a run from before resumes), any other value still differs.
 ADDED_KEYS = {"precision": "float32", "dense_convention": "exact", "data.root": "",
               "data.classes": 0, "data.label_folder": "", "model.output_stride": 8,
-              "model.normalization": "batch", "model.conv_impl": "auto"}
+              "model.normalization": "batch", "model.conv_impl": "auto", "data.augment": "",
+              "data.augment_scales": [1.0, 1.2, 1.5]}
 
 
 def _resumable(key: str) -> bool:

@@ -39,9 +39,9 @@ def test_dense_kinds_have_their_heads_metrics_and_groups():
                           0.0, 1.0)
 
 
-def _labels(rng, k, b):
-  """Labels of ``k`` slots of ``b`` images with missing pixels and one image
-  of slot 0 without any valid pixel."""
+def _labels(rng, k, b, H=H, W=W):  # pylint: disable=invalid-name
+  """Labels of ``k`` slots of ``b`` images (``H x W``) with missing pixels
+  and one image of slot 0 without any valid pixel."""
   seg = rng.integers(-1, C, (k, b, H, W)).astype(np.int32)
   seg[0, 1] = -1
   depth = rng.uniform(0.5, 3.0, (k, b, H, W, 1)).astype(np.float32)
@@ -333,7 +333,7 @@ _SCENES_CLI = ["--config=experiments/configs/scenes.py:quick",
                "--config.data.builder_config=h16_w20_n40_m10_s0", "--config.total_steps=300",
                "--config.steps_per_call=5", "--config.log_steps=10", "--config.eval_steps=100",
                "--config.checkpoint_steps=20", "--config.plots=False",
-               "--config.tensorboard=False"]
+               "--config.tensorboard=False", "--config.data.augment=scale_crop,flip"]
 
 
 def _scenes_run(workdir, data_dir):
@@ -347,9 +347,10 @@ def _scenes_run(workdir, data_dir):
 
 @pytest.mark.slow
 def test_a_dense_run_killed_with_sigkill_resumes_bitwise(tmp_path):
-  """The scenes config through the command line: SIGKILL after the first
-  checkpoints, the same command again, and every logged number, the final
-  metrics and the whole final state equal an uninterrupted run's bits."""
+  """The scenes config through the command line, with the scale-crop and
+  flip augmentation: SIGKILL after the first checkpoints, the same command
+  again, and every logged number, the final metrics and the whole final state
+  equal an uninterrupted run's bits."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   import helpers  # pylint: disable=g-import-not-at-top
@@ -377,5 +378,66 @@ def test_a_dense_run_killed_with_sigkill_resumes_bitwise(tmp_path):
     assert json.load(f)["tasks"] == json.load(g)["tasks"]
   c = scenes.get_config("quick")
   c.data.builder_config, c.data.data_dir = "h16_w20_n40_m10_s0", str(data_dir)
+  c.data.augment = "scale_crop,flip"
   like = build.build_run(c, build.data_from_config(c)).state
   _assert_bitwise(_final_state(killed, like), _final_state(straight, like))
+
+
+def test_the_train_step_augments_each_image_with_its_labels_for_every_slot():
+  """``augment='scale_crop,flip'``: the step's losses equal the model's
+  losses on the batch augmented here, image by image with the library's
+  window (checked against numpy in test_dense_augment) drawn from
+  ``fold_in(r_examples, AUGMENT_STREAM)``: every slot's labels of an image
+  take that image's window (depth divided by its scale, normals' x negated
+  when flipped). A data set without dense labels is refused."""
+  from mtljax import steps  # pylint: disable=g-import-not-at-top
+  from mtljax.data import sampling  # pylint: disable=g-import-not-at-top
+  from mtljax.dense import augment  # pylint: disable=g-import-not-at-top
+  from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
+  import helpers  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  h, w, b = 8, 10, 6
+
+  def split(n):
+    y = _labels(rng, 1, n, h, w)
+    return {"image": rng.uniform(size=(n, h, w, 3)).astype(np.float32),
+            "label": y["segmentation3"][0], "depth": y["depth1"][0], "normal": y["normals3"][0]}
+  data = task_data.build_task_data("dense", _dense_spec(), {"train": split(9), "test": split(2)})
+  ts = data.taskset
+  model = multitask.make_model("multi_head", ts, data.input_shape, encoder="fcn",
+                               channels=(4,), hidden=(4,))
+  sampler = sampling.make_sampler(ts, np.full(3, 1 / 3), 3, b, False, True)
+  step = steps.make_train_step(model, optax.adam(1e-3), "fixed", sampler,
+                               weights=np.ones(3, np.float32),
+                               augment=steps.dense_augmenter(ts, "scale_crop,flip"))
+  params = model.init(jax.random.key(0))
+  state = steps.init_train_state(model, optax.adam(1e-3), jax.random.key(0), "fixed")
+  ids, x, ys, _ = helpers.step_batch(data, np.full(3, 1 / 3), seed=0, k=3, b=b,
+                                     shared_inputs=True)
+  key = jax.random.fold_in(helpers.step_keys(0, 0)[1], steps.AUGMENT_STREAM)
+  fields = {"segmentation3": "label", "depth1": "depth", "normals3": "normal"}
+  xa, ya = np.zeros_like(x), {g: np.zeros_like(v) for g, v in ys.items()}
+  scales_used = []
+  for i, k in enumerate(jax.random.split(key, b)):
+    win = augment.draw_window(k, (h, w))
+    scales_used.append((int(win.scale), bool(win.flip)))
+    for slot in range(3):
+      ex = {"image": x[i], **{fields[g]: ys[g][slot, i] for g in ys}}
+      out = augment.apply_window(ex, win)
+      xa[i] = out["image"]
+      for g in ys:
+        ya[g][slot, i] = out[fields[g]]
+  assert len(set(scales_used)) > 1  # the windows differ: something to check
+
+  @jax.jit
+  def run(state, split, xa, ya):
+    _, meas = step(state, split)
+    want = tasks.slot_losses(ts, model.apply(params, jnp.broadcast_to(xa, (3,) + xa.shape),
+                                             jnp.asarray(ids)), ya, jnp.asarray(ids))
+    return meas["task_loss_sum"], want
+  got, want = run(state, data.train, xa, ya)
+  np.testing.assert_allclose(np.asarray(got)[ids], np.asarray(want), rtol=1e-5)
+  plain = tasks.TaskSet((tasks.Task("y", "regression"),))
+  with pytest.raises(ValueError, match=r"crops and flips images with their per-pixel labels"):
+    steps.dense_augmenter(plain, "flip")

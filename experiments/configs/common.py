@@ -35,6 +35,12 @@ def _data_section() -> ml_collections.ConfigDict:
   data.root = ""
   data.classes = 0
   data.label_folder = ""
+  # Dense tasks: the literature's augmentation of every train batch, a
+  # comma-separated subset of "scale_crop,flip" ("" none): random scale-crop
+  # (scale drawn from augment_scales, depth divided by it) and horizontal flip
+  # (normals' x negated), on the device inside the step, seeded by the step.
+  data.augment = ""
+  data.augment_scales = (1.0, 1.2, 1.5)
   data.download = True        # catalog data not prepared in data_dir: download it (network)
   data.tasks = ()             # task names to keep; () = all
   data.max_train_examples = 0  # 0 = all; otherwise per task (per source)

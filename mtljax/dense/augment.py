@@ -203,8 +203,18 @@ def apply_window(example: dict, window: Window, *, scales: Sequence[float] = SCA
                  inverse_depth: bool = False) -> dict:
   """``example`` scale-cropped and flipped as ``window`` says (module
   docstring)."""
+  check(example, scales, normal_interpolation)
+  return {k: resample(k, x, window, scales=scales, normal_interpolation=normal_interpolation,
+                      inverse_depth=inverse_depth) for k, x in example.items()}
+
+
+def resample(field: str, x: jax.Array, window: Window, *, scales: Sequence[float] = SCALES,
+             normal_interpolation: str = "nearest", inverse_depth: bool = False) -> jax.Array:
+  """One field (:data:`FIELDS`) of one example ``[H, W(, C)]`` scale-cropped
+  and flipped as ``window`` says, by that field's rule (module docstring;
+  :func:`apply_window` checks the example first)."""
   scales = tuple(float(s) for s in scales)
-  h, w = check(example, scales, normal_interpolation)
+  h, w = x.shape[:2]
   t = {k: jnp.asarray(v) for k, v in _tables(h, w, scales).items()}
   s = window.scale
   top, left = window.top, window.left
@@ -221,17 +231,15 @@ def apply_window(example: dict, window: Window, *, scales: Sequence[float] = SCA
     return ((1 - fx) * jnp.take(x, left + t["lo_x"][s], axis=1, mode="clip")
             + fx * jnp.take(x, left + t["hi_x"][s], axis=1, mode="clip"))
 
-  out = {}
-  for k, x in example.items():
-    if k == "image" or (k == "normal" and normal_interpolation == "bilinear"):
-      out[k] = bilinear(x)
-    else:
-      out[k] = nearest(x)
-  if "depth" in out:
-    sc = jnp.asarray(scales, jnp.float32)[s].astype(out["depth"].dtype)
-    out["depth"] = out["depth"] * sc if inverse_depth else out["depth"] / sc
-  flipped = hflip(out)
-  return {k: jnp.where(window.flip, flipped[k], out[k]) for k in out}
+  if field == "image" or (field == "normal" and normal_interpolation == "bilinear"):
+    out = bilinear(x)
+  else:
+    out = nearest(x)
+  if field == "depth":
+    sc = jnp.asarray(scales, jnp.float32)[s].astype(out.dtype)
+    out = out * sc if inverse_depth else out / sc
+  flipped = hflip({field: out})[field]
+  return jnp.where(window.flip, flipped, out)
 
 
 def augment(key: jax.Array, example: dict, *, scales: Sequence[float] = SCALES,
@@ -264,3 +272,65 @@ def augment_batch(key: jax.Array, batch: dict, *, scales: Sequence[float] = SCAL
                          normal_interpolation=normal_interpolation,
                          inverse_depth=inverse_depth)
   return jax.vmap(fn)(keys, batch)
+
+
+# ----------------------------------------------------------------------------
+# In the train step: a step's batch, every slot's labels with its image.
+# ----------------------------------------------------------------------------
+
+OPS = ("scale_crop", "flip")
+# The field whose rule a dense task kind's labels follow.
+KIND_FIELDS = {"segmentation": "label", "depth": "depth", "normals": "normal"}
+
+
+def parse_ops(spec: str) -> tuple[str, ...]:
+  """``"scale_crop,flip"`` -> the operations (``""``: none); an unknown name
+  raises, listing :data:`OPS`."""
+  ops = tuple(o.strip() for o in str(spec).split(",") if o.strip())
+  unknown = [o for o in ops if o not in OPS]
+  if unknown or len(set(ops)) != len(ops):
+    raise ValueError(f"augment={spec!r}: give a comma-separated subset of {OPS} "
+                     "('' for none).")
+  return ops
+
+
+def augment_slots(key: jax.Array, x: jax.Array, ys: dict, kinds: dict, *, shared: bool,
+                  ops: Sequence[str] = OPS, scales: Sequence[float] = SCALES,
+                  normal_interpolation: str = "nearest",
+                  inverse_depth: bool = False) -> tuple[jax.Array, dict]:
+  """A train step's batch augmented: images ``x [B, H, W, 3]`` read by every
+  slot (``shared``) or ``[K, B, H, W, 3]``, labels ``ys {group: [K, B, ...]}``
+  of which the groups in ``kinds`` (``{group: dense kind}``) are per pixel
+  (the others, per example, are left as they are). One window per image
+  (``jax.random.split(key, B)``, or ``K * B`` without shared inputs), applied
+  to the image and to every slot's labels of it, so an image and its labels
+  stay aligned across the tasks that label it. ``ops``: ``scale_crop``
+  (:data:`SCALES` or ``scales``) and/or ``flip``."""
+  ops = parse_ops(",".join(ops))
+  scales = tuple(float(s) for s in scales) if "scale_crop" in ops else (1.0,)
+  lead = x.shape[:1] if shared else x.shape[:2]
+  hw = x.shape[-3:-1]
+  check({"image": jnp.zeros(x.shape[-3:], x.dtype)}, scales, normal_interpolation)
+  keys = jax.random.split(key, math.prod(lead))
+  windows = jax.vmap(lambda k: draw_window(k, hw, scales, "flip" in ops))(keys)
+  windows = jax.tree.map(lambda a: a.reshape(lead), windows)
+  kw = dict(scales=scales, normal_interpolation=normal_interpolation,
+            inverse_depth=inverse_depth)
+
+  def field_fn(field):
+    one = functools.partial(resample, field, **kw)
+    return lambda arr, win: one(arr, win)
+
+  image = field_fn("image")
+  if shared:
+    x = jax.vmap(image)(x, windows)
+  else:
+    x = jax.vmap(jax.vmap(image))(x, windows)
+  out = dict(ys)
+  for g, kind in kinds.items():
+    fn = field_fn(KIND_FIELDS[kind])
+    if shared:   # [K, B, ...]: slot k's label of image b takes image b's window
+      out[g] = jax.vmap(jax.vmap(fn), in_axes=(0, None))(ys[g], windows)
+    else:
+      out[g] = jax.vmap(jax.vmap(fn))(ys[g], windows)
+  return x, out
