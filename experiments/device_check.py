@@ -1,6 +1,10 @@
-r"""The driver of ``scripts/device_check.sh``: the device and versions, the two
-step benchmarks in float32 and bfloat16, XLA's cost analysis of the steps against an H100's peak, one
-JSON file and a short table.
+r"""The driver of ``scripts/device_check.sh``: the device and versions, the
+three step benchmarks in float32 and bfloat16 (``bench_objectives``,
+``bench_train_step``, and ``bench_dense_step``: LibMTL's NYUv2 model,
+ResNet-50 dilated + three DeepLab heads at 288x384, B = 8, with equal
+weighting, PCGrad and MGDA-UB against a plain JAX step, and XLA's memory
+analysis of each; a tiny FCN stand-in on CPU), XLA's cost analysis of the
+steps against an H100's peak, one JSON file and a short table.
 
     python -m experiments.device_check [--tiny] [--out=device_check.json]
 
@@ -8,9 +12,9 @@ Sizes: full on an accelerator; ``--tiny`` (the default when the backend is
 the CPU) gives every benchmark a few small configurations, so the check runs
 on CPU in CI and cannot rot.
 
-The benchmarks run as processes of their own (``experiments.bench_objectives``
-and ``experiments.bench_train_step`` with ``--json``); their rows are copied
-into the report under ``benchmarks``.
+The benchmarks run as processes of their own (``experiments.bench_objectives``,
+``experiments.bench_train_step`` and ``experiments.bench_dense_step`` with
+``--json``); their rows are copied into the report under ``benchmarks``.
 
 Cost analysis (``cost_analysis``): for each step -- the default experiment's
 (``experiments/configs/multi_digits.py``, its train step as the loop compiles
@@ -61,6 +65,8 @@ SIZES = {
                              "--methods=pcgrad+shared"],
         "bench_train_step": ["--encoders=mlp", "--archs=multi_head", "--num_tasks=2",
                              "--steps=20", "--steps_per_call=5", "--examples_per_task=16"],
+        "bench_dense_step": ["--encoder=fcn", "--size=16x20", "--batch=2", "--calls=2",
+                             "--rounds=1", "--methods=fixed"],
         "objective_costs": ("pcgrad+shared",),
         "objective_tasks": 2,
     },
@@ -72,6 +78,8 @@ SIZES = {
                              "plain:per-task:pcgrad,plain:per-task:mgda"],
         "bench_train_step": ["--encoders=mlp,cnn", "--archs=multi_head,mtan",
                              "--num_tasks=8", "--steps=200", "--steps_per_call=1,50"],
+        "bench_dense_step": ["--encoder=resnet50", "--size=288x384", "--batch=8",
+                             "--calls=5", "--rounds=3", "--methods=fixed,pcgrad,mgda_ub"],
         "objective_costs": ("fixed+shared", "pcgrad+shared", "mgda@accumulate+shared"),
         "objective_tasks": 4,
     },
@@ -204,8 +212,9 @@ def table(report: dict) -> str:
     for r in rows:
       label = r.get("entry") or (f"{r['encoder']} {r['arch']} T={r['num_tasks']} "
                                  f"spc={r['steps_per_call']}")
-      lines.append(f"{name[6:] + ' ' + label:52} {r['ms_per_step']:9.3f} "
-                   f"{1000 / r['ms_per_step']:9.1f}")
+      if r.get("ms_per_step"):
+        lines.append(f"{name[6:] + ' ' + label:52} {r['ms_per_step']:9.3f} "
+                     f"{1000 / r['ms_per_step']:9.1f}")
   lines.append(f"{'cost analysis, per step':52} {'MFLOP':>9} {'MB':>9} {'H100 us':>9}")
   for r in report["cost_analysis"]:
     lines.append(f"{r['step'][:52]:52} {r['flops_per_step'] / 1e6:9.2f} "
@@ -224,7 +233,7 @@ def main(argv):
   out_dir = os.path.dirname(os.path.abspath(_OUT.value))
   os.makedirs(out_dir, exist_ok=True)
   report = {**env, "mode": mode, "h100_peaks": H100, "benchmarks": {}, "wall_s": {}}
-  for bench in ("bench_objectives", "bench_train_step"):
+  for bench in ("bench_objectives", "bench_train_step", "bench_dense_step"):
     for p in PRECISIONS:
       path = os.path.join(out_dir, f".{bench}.json")
       rows, wall = run_benchmark(bench, sizes[bench] + [f"--precision={p}"], path)

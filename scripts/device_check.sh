@@ -14,7 +14,8 @@
 #    donation / no-sync / non-finite stop, the run on the real device count,
 #    checkpoint round trips, bfloat16 precision), deterministic XLA ops on GPU.
 #    --no-tests skips.
-# 4. Runs experiments/device_check.py: bench_objectives and bench_train_step
+# 4. Runs experiments/device_check.py: bench_objectives, bench_train_step and
+#    bench_dense_step (ResNet-50 + DeepLab heads, 288x384, B=8)
 #    in float32 and bfloat16 (tiny sizes on CPU or with --tiny), XLA's cost analysis of the default
 #    experiment's step and the benchmarks' against an H100's peak; writes one
 #    JSON file (--out, default device_check.json) and prints a short table.

@@ -195,8 +195,9 @@ def test_device_check_runs_in_tiny_mode_on_cpu(tmp_path):
   report = json.loads(out.read_text())
   assert report["mode"] == "tiny" and report["backend"] == "cpu"
   assert report["versions"]["jax"] == jax.__version__
-  assert set(report["benchmarks"]) == {f"{b}:{p}" for b in ("bench_objectives", "bench_train_step")
-                                       for p in ("float32", "bfloat16")}
+  assert set(report["benchmarks"]) == {
+      f"{b}:{p}" for b in ("bench_objectives", "bench_train_step", "bench_dense_step")
+      for p in ("float32", "bfloat16")}
   for rows in report["benchmarks"].values():
     assert rows and all(r["ms_per_step"] > 0 for r in rows)
   assert report["cost_analysis"] and all(
