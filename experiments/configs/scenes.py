@@ -42,7 +42,7 @@ def get_config(arg: str = ""):
   c.sampling.examples_per_task = 16
   c.sampling.shared_inputs = True  # one batch of images labelled for every task (as NYUv2)
   c.optim.lr = 3e-3
-  c.eval_batch_size = 100
+  c.eval_batch_size = 50  # dense: a chunk of 50 images per task slot (memory)
   if arg in ("", "quick", "resnet", "mtan"):
     c.data.builder_config = "quick"
     c.total_steps = 600
@@ -57,7 +57,6 @@ def get_config(arg: str = ""):
       c.optim.lr = 1e-3  # from scratch (LibMTL's 1e-4 fine-tunes ImageNet weights)
       c.total_steps, c.steps_per_call, c.log_steps = 400, 20, 100
       c.eval_steps = c.checkpoint_steps = 200
-      c.eval_batch_size = 50
     if arg == "mtan":
       c.model.arch = "mtan"
       c.model.encoder = "segnet"
@@ -67,7 +66,6 @@ def get_config(arg: str = ""):
       c.optim.lr = 1e-3  # the MTAN code's Adam 1e-4, x10 for a short run
       c.total_steps, c.steps_per_call, c.log_steps = 400, 20, 100
       c.eval_steps = c.checkpoint_steps = 200
-      c.eval_batch_size = 50
   elif arg == "full":
     c.data.builder_config = "full"
     c.model.channels = (32, 64, 64, 64)
