@@ -99,7 +99,8 @@ def build(model, data, method: str, batch: int):
 
 def plain(model, data, batch: int):
   """The plain JAX step of the same model: value_and_grad of the summed
-  slot losses on a fixed batch (batch statistics), Adam, the new statistics."""
+  slot losses on a fixed batch (the trunk once, every task's head on its
+  features; batch statistics), Adam, the new statistics."""
   ts = data.taskset
   ids = np.arange(len(ts), dtype=np.int32)
   x, ys = sampling.gather_shared_batch(
@@ -111,8 +112,14 @@ def plain(model, data, batch: int):
     params, opt, ms = carry
 
     def loss(p):
-      outs, new = multitask.forward(model, p, jnp.broadcast_to(x, (len(ts),) + x.shape), ids,
-                                    ms, train=True)
+      if model.encode is None:  # every slot runs the whole model
+        outs, new = multitask.forward(model, p, jnp.broadcast_to(x, (len(ts),) + x.shape),
+                                      ids, ms, train=True)
+      else:  # the trunk once, then every task's head: what one writes by hand
+        sh, tk = (None, None) if ms is None else (ms["shared"], ms["tasks"])
+        rep, new_sh = multitask.encoder(model, p["shared"], x, sh, train=True)
+        outs, new_tk = multitask.decoder(model, p["tasks"], rep, x, ids, tk, train=True)
+        new = None if ms is None else {"shared": new_sh, "tasks": new_tk}
       return jnp.sum(tasks.slot_losses(ts, outs, ys, ids)), new
     (_, new), g = jax.value_and_grad(loss, has_aux=True)(params)
     upd, opt = tx.update(g, opt, params)

@@ -513,20 +513,29 @@ def _make_one_step(model, tx, objective, sampler, weights, *, needs, leaves, bas
     tag = (tag_measurements(lin, params, ids, tag_lr, num_tasks, labelled) if tag_lr > 0
            else {})
     lr_scale = None if state.hparams is None else state.hparams["lr_scale"]
-    new_params, opt_state = optim.update(tx, grads, state.opt_state, params, rows,
-                                         present, lr_scale)
-    new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
-    obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids), new_losses)
-    # The objective's state keeps the dtypes it was initialised with (its
-    # statistics are declared float32): under jax_enable_x64 the float64 losses
-    # and gradients would otherwise change the carried state's type.
-    obj_state = jax.tree.map(lambda new, old: new.astype(old.dtype), obj_state,
-                             state.objective_state)
-    # A non-finite loss or gradient never reaches the state (the last good one stays).
+
+    def moved():
+      new_params, opt_state = optim.update(tx, grads, state.opt_state, params, rows,
+                                           present, lr_scale)
+      new_losses = lin.loss_at(new_params) if objective.needs_new_losses else None
+      obj_state = objective.after_update(result.state, lin.losses, jnp.asarray(ids),
+                                         new_losses)
+      # The objective's state keeps the dtypes it was initialised with (its
+      # statistics are declared float32): under jax_enable_x64 the float64
+      # losses and gradients would otherwise change the carried state's type.
+      obj_state = jax.tree.map(lambda new, old: new.astype(old.dtype), obj_state,
+                               state.objective_state)
+      return {"params": new_params, "opt_state": opt_state, "objective_state": obj_state,
+              "model_state": lin.model_state}
+
+    # A non-finite loss or gradient never reaches the state (the last good one
+    # stays). The update runs inside the taken branch, so XLA updates the
+    # (donated) state in place rather than materialising a new one to choose
+    # from (a copy of the parameters and optimizer state per step).
     finite = jnp.isfinite(total) & all_finite(grads)
-    moved = {"params": new_params, "opt_state": opt_state, "objective_state": obj_state,
-             "model_state": lin.model_state}
-    kept = jax.lax.cond(finite, lambda: moved, lambda: {k: getattr(state, k) for k in moved})
+    kept = jax.lax.cond(finite, moved,
+                        lambda: {k: getattr(state, k) for k in
+                                 ("params", "opt_state", "objective_state", "model_state")})
     new_state = state._replace(
         **kept, step=state.step + 1,
         nonfinite_skipped=state.nonfinite_skipped + (~finite).astype(jnp.int32))
