@@ -59,7 +59,7 @@ def test_gates_are_on_the_simplex():
   h = jnp.asarray(np.random.default_rng(0).standard_normal((7, 3, 2)), jnp.float32)
   g = experts.softmax_gate(5, 6)
   p = _noisy(g.init(rng), scale=2.0)
-  w = np.asarray(g(p, h), np.float64)
+  w = np.asarray(jax.jit(lambda p, h: g(p, h))(p, h), np.float64)
   assert w.shape == (7, 5) and (w >= 0).all()
   np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
   for e in (1, 4, 8):
@@ -81,22 +81,26 @@ def test_dselect_k_selects_at_most_k_experts_once_the_smooth_step_saturates():
   gamma = 0.7
   for e, k in ((8, 2), (16, 3), (4, 4), (8, 1)):
     m = int(np.log2(e))
+    zs, ws = [], []
     for _ in range(20):
-      z = rng.choice([-1.0, 1.0], (k, m)) * (gamma / 2 + rng.exponential(1.0, (k, m)))
-      w = rng.standard_normal(k)
-      weights, sel = experts.dselect_weights(jnp.asarray(z, jnp.float32),
-                                             jnp.asarray(w, jnp.float32), num_experts=e,
-                                             gamma=gamma)
-      weights, sel = np.asarray(weights), np.asarray(sel)
+      zs.append(rng.choice([-1.0, 1.0], (k, m)) * (gamma / 2 + rng.exponential(1.0, (k, m))))
+      ws.append(rng.standard_normal(k))
+    # The 20 draws and the inside case (last) in one program per (E, k)
+    # (eagerly, each call compiled a dozen one-op programs per shape).
+    zs.append(np.zeros((k, m)) + 0.1 * gamma)
+    ws.append(np.zeros(k))
+    all_weights, all_sel = map(np.asarray, jax.jit(jax.vmap(
+        lambda z, w, e=e: experts.dselect_weights(z, w, num_experts=e, gamma=gamma)))(
+            jnp.asarray(np.stack(zs), jnp.float32), jnp.asarray(np.stack(ws), jnp.float32)))
+    for z, w, weights, sel in zip(zs[:-1], ws[:-1], all_weights[:-1], all_sel[:-1]):
       chosen = [int("".join("1" if v > 0 else "0" for v in row), 2) for row in z]
       np.testing.assert_array_equal(sel, np.eye(e)[chosen])
       assert np.count_nonzero(weights) <= k
       want = np.zeros(e)
       np.add.at(want, chosen, np.exp(w) / np.exp(w).sum())
       np.testing.assert_allclose(weights, want, rtol=1e-6, atol=1e-7)
-    inside = experts.dselect_weights(jnp.zeros((k, m)) + 0.1 * gamma, jnp.zeros(k),
-                                     num_experts=e, gamma=gamma)[0]
-    assert np.count_nonzero(np.asarray(inside)) == e
+    inside = all_weights[-1]
+    assert np.count_nonzero(inside) == e
 
 
 def test_dselect_k_penalty_is_entropy_plus_reachability():
@@ -256,7 +260,8 @@ def test_mtan_attention_and_f_initialise_lecun_normal_at_their_fan_in(encoder, s
 def _shared_bottom_params(sb, trunk, task_params):
   mapped = {"shared": {"trunk": trunk},
             "tasks": {"towers": task_params["towers"], "heads": task_params["heads"]}}
-  assert jax.tree.structure(mapped) == jax.tree.structure(sb.init(jax.random.key(9)))
+  assert jax.tree.structure(mapped) == jax.tree.structure(
+      jax.eval_shape(sb.init, jax.random.key(9)))  # the tree only: traced, not compiled
   return mapped
 
 
@@ -273,7 +278,8 @@ def test_one_expert_reduces_to_shared_bottom(arch, kw, encoder, shape):
   sb = multitask.make_model("shared_bottom", MIXED, shape, **common)
   p = _noisy(model.init(jax.random.key(0)), scale=1.0)
   experts_p = p["shared"]["experts"]["level_0"] if arch == "cgc" else p["shared"]["experts"]
-  mapped = _shared_bottom_params(sb, jax.tree.map(lambda a: a[0], experts_p), p["tasks"])
+  trunk = jax.tree.map(lambda a: np.asarray(a)[0], experts_p)  # numpy: no slicing programs
+  mapped = _shared_bottom_params(sb, trunk, p["tasks"])
   x = _x(shape)
   _assert_outputs_equal(jax.jit(model.apply)(p, x, IDS), jax.jit(sb.apply)(mapped, x, IDS))
 
@@ -288,7 +294,7 @@ def test_cgc_without_task_experts_is_mmoe():
   mapped = {"shared": {"experts": p["shared"]["experts"]["level_0"]},
             "tasks": {**p["tasks"], "gates": p["tasks"]["gates"]["level_0"]}}
   assert (jax.tree.structure(mapped) ==
-          jax.tree.structure(mmoe.init(jax.random.key(1))))
+          jax.tree.structure(jax.eval_shape(mmoe.init, jax.random.key(1))))
   x = _x()
   _assert_outputs_equal(jax.jit(cgc.apply)(p, x, IDS), jax.jit(mmoe.apply)(mapped, x, IDS))
 

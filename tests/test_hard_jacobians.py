@@ -203,7 +203,8 @@ def run_method(name, mod=gradients):
   fn = jax.jit(jax.vmap(_lib(mod)[name]))
   rows = []
   for items in _jacobians_by_t().values():
-    g32 = jnp.asarray(np.stack([g for _, g in items]), jnp.float32)
+    # Cast in numpy: jnp.asarray(float64, float32) compiles a convert per shape.
+    g32 = jnp.asarray(np.stack([g for _, g in items]).astype(np.float32))
     beta, info = jax.tree.map(np.asarray, _apply(fn, mod, g32))
     for i, (label, g) in enumerate(items):
       rows.append((label, g, beta[i].astype(np.float64), jax.tree.map(lambda x: x[i], info)))
@@ -311,6 +312,14 @@ def test_accurate_or_flagged_on_hard_jacobians(name):
 
 
 
+@jax.jit
+@jax.vmap
+def _prepare_x64(g):
+  """The float64 Gram and factor (one program per shape, shared by the
+  methods of the x64 test)."""
+  return gradients.gram(g), gradients.cosine_factor(g)
+
+
 @pytest.mark.parametrize("name", ["aligned_mtl", "config", "imtl_g"])
 def test_float64_gradients_under_x64_resolve_every_hard_jacobian(name):
   """Under ``jax_enable_x64`` the Gram of float64 gradients is float64
@@ -324,9 +333,10 @@ def test_float64_gradients_under_x64_resolve_every_hard_jacobian(name):
       if t not in (3, 8):  # two task counts: each is a float64 compilation
         continue
       g64 = np.stack([g for _, g in items])
-      assert gradients.gram(jnp.asarray(g64[0])).dtype == jnp.float64
-      k, r = jax.jit(jax.vmap(lambda g: (gradients.gram(g), gradients.cosine_factor(g))))(
-          jnp.asarray(g64))
+      # The Gram's dtype from the traced function (run eagerly, its ops would
+      # each compile a program).
+      assert jax.eval_shape(gradients.gram, jnp.asarray(g64[0])).dtype == jnp.float64
+      k, r = _prepare_x64(jnp.asarray(g64))
       beta, info = jax.tree.map(np.asarray, fn(k, r))
       assert name != "aligned_mtl" or np.all(info["converged"])
       for (label, g), b in zip(items, beta):

@@ -132,13 +132,18 @@ def test_krum_resists_outliers_and_is_the_mean_when_every_row_is_chosen():
   np.testing.assert_allclose(b7, np.full(7, 1.0 / 7), rtol=1e-6)
 
 
+def _eye(n):
+  """A numpy Gram (``jnp.eye`` would compile four one-op programs per n)."""
+  return np.eye(n, dtype=np.float32)
+
+
 @pytest.mark.parametrize("call, match", [
-    (lambda: gradients.krum_weights(jnp.eye(4), n_byzantine=-1), r"krum.n_byzantine must be"),
-    (lambda: gradients.krum_weights(jnp.eye(4), n_selected=0), r"krum.n_selected must be"),
-    (lambda: gradients.krum_weights(jnp.eye(4), n_byzantine=1.5), r"krum.n_byzantine must be"),
-    (lambda: gradients.krum_weights(jnp.eye(3), n_byzantine=1),
+    (lambda: gradients.krum_weights(_eye(4), n_byzantine=-1), r"krum.n_byzantine must be"),
+    (lambda: gradients.krum_weights(_eye(4), n_selected=0), r"krum.n_selected must be"),
+    (lambda: gradients.krum_weights(_eye(4), n_byzantine=1.5), r"krum.n_byzantine must be"),
+    (lambda: gradients.krum_weights(_eye(3), n_byzantine=1),
      r"krum needs at least 4 rows \(n_byzantine \+ 3 = 4 and n_selected = 1\), got 3"),
-    (lambda: gradients.krum_weights(jnp.eye(3), n_selected=4), r"krum needs at least 4 rows"),
+    (lambda: gradients.krum_weights(_eye(3), n_selected=4), r"krum needs at least 4 rows"),
     (lambda: objectives.make_objective("krum", 4, n_selected=True), r"krum.n_selected must be"),
     (lambda: objectives.make_objective("trimmed_mean", 4, trim_number=-1),
      r"trimmed_mean: trim_number must be an integer >= 0, got -1"),
@@ -270,13 +275,18 @@ def _run(obj, seq, weights):
   """``obj.gradients`` over ``seq`` of ``(task_ids, losses, jac)`` (one
   compiled program); returns ``[(shared gradient, Result, state)]``."""
   state = obj.init_state()
-  fn = jax.jit(lambda ids, l, jac, st, key: obj.gradients(
-      _linear_lin(l, jac), objectives.Inputs(ids, jnp.asarray(weights), st, {}, key)))
+
+  @jax.jit
+  def fn(ids, l, jac, st, n):
+    # The step's key and ``after_update`` in the same program (run eagerly,
+    # each of their ops would compile a program of its own).
+    res = obj.gradients(_linear_lin(l, jac), objectives.Inputs(
+        ids, jnp.asarray(weights), st, {}, jax.random.key(n)))
+    return res, obj.after_update(res.state, l, ids, None)
   out = []
   for n, (ids, l, jac) in enumerate(seq):
-    res = fn(jnp.asarray(ids), jnp.asarray(l, jnp.float32), jnp.asarray(jac, jnp.float32),
-             state, jax.random.key(n))
-    state = obj.after_update(res.state, jnp.asarray(l, jnp.float32), jnp.asarray(ids), None)
+    res, state = fn(jnp.asarray(ids), jnp.asarray(l, jnp.float32),
+                    jnp.asarray(jac, jnp.float32), state, np.int32(n))
     out.append((np.asarray(res.grads["shared"], np.float64), res, state))
   return out
 
@@ -388,14 +398,16 @@ def test_the_three_methods_in_one_train_step():
   want = {"krum": _np_krum(rows, 0, 1)[0] @ rows,
           "trimmed_mean": _np_trimmed_mean(rows, np.ones(4, bool), 1)[0],
           "cr_mogm": mgda @ rows}
-  plain = jax.tree.map(lambda *r: sum(r), *[g["tasks"] for g in grads])
+  # In float32 numpy: the same IEEE sums and differences as jnp's, no compiles.
+  plain = jax.tree.map(lambda *r: sum(np.asarray(a) for a in r), *[g["tasks"] for g in grads])
   for m, (new, meas) in zip(methods, outs):
-    moved = np.concatenate([np.asarray(a - b, np.float64).ravel() for a, b in zip(
-        jax.tree.leaves(p["shared"]), jax.tree.leaves(new.params["shared"]))])
+    moved = np.concatenate([(np.asarray(a) - np.asarray(b)).astype(np.float64).ravel()
+                            for a, b in zip(jax.tree.leaves(p["shared"]),
+                                            jax.tree.leaves(new.params["shared"]))])
     np.testing.assert_allclose(moved, want[m], rtol=1e-3, atol=1e-5 * np.abs(want[m]).max(),
                                err_msg=m)
     helpers.assert_trees_close(new.params["tasks"],
-                               jax.tree.map(lambda a, g: a - g, p["tasks"], plain))
+                               jax.tree.map(lambda a, g: np.asarray(a) - g, p["tasks"], plain))
     assert np.all(np.isfinite(np.asarray(meas["grad_weight_sum"]))), m
   np.testing.assert_allclose(np.asarray(outs[2][0].objective_state["lambda"])[ids], mgda,
                              atol=2e-4)

@@ -8,8 +8,8 @@ convolution, batched MTAN branches against one-task branches, MTAN with masks
 forced to 1 against the split model, heads against numpy convolutions.
 
 Fast tier: the torch fixture's widths (4, 8, 8, 16, 16) at 32x64 with its
-weights; one jitted program per model and mode, module-scoped, shared by the
-tests (other sizes and widths by eval_shape: traced, not compiled). Slow tier:
+weights; one jitted program (both models in both modes, encode, decode and
+the batched attention branches), module-scoped, shared by the tests (other sizes and widths by eval_shape: traced, not compiled). Slow tier:
 gradients, and the paper's widths at 288x384.
 """
 
@@ -374,11 +374,30 @@ def mtan(fx):
   keys = [str(k) for k in data["mtan/keys"]]
   dims = [tuple(int(a) for a in str(s).split(",") if a) for s in data["mtan/shapes"]]
   v = torch_to_variables({k: mod.numpy_tensor(k, d) for k, d in zip(keys, dims)}, dict(shapes))
-  programs = dict(
-      train=jax.jit(lambda v, x: model.apply(v, x, True)),
-      eval=jax.jit(lambda v, x: model.apply(v, x, False)[0]),
-      split=jax.jit(lambda v, x: (split.apply(v, x, False)[0], split.apply(v, x, True))),
-      encode=jax.jit(lambda v, x: model.encode(v, x, True)))
+  att3 = segnet.MTANAttention(len(NYU), TINY)
+
+  @jax.jit
+  def forward(v, x):
+    """Everything the tests run on one input, in one program: MTAN in train
+    mode (``apply``; ``encode``, ``decode`` of its representation and the
+    batched attention branches on it) and eval mode, the split model (on its
+    variables inside MTAN's) in both modes. XLA's common-subexpression
+    elimination shares what they compute alike (encode and decode within
+    apply; the shared SegNet of split within MTAN's, in each mode), so this
+    compiles in about the time of MTAN's two modes, where a program for each
+    compiled the network again (and a worker ran several)."""
+    out = model.apply(v, x, True)
+    rep, s_enc = model.encode(v, x, True)
+    att = {k: v[k]["tasks"]["attention"] for k in ("params", "batch_stats")}
+    sv = _split_variables(v)
+    return dict(train=out, encode=(rep, s_enc), decode=model.decode(v, rep, True),
+                attention=att3.apply(att, rep, True, mutable=["batch_stats"]),
+                eval=model.apply(v, x, False)[0],
+                split=(split.apply(sv, x, False)[0], split.apply(sv, x, True)))
+  programs = {k: (lambda v, x, k=k: forward(v, x)[k])
+              for k in ("train", "encode", "decode", "attention", "eval")}
+  programs["split"] = lambda sv, x: forward(_split_inside(sv, v), x)["split"]
+  programs["all"] = forward
   return model, split, v, programs
 
 
@@ -390,12 +409,28 @@ def images(fx):
   return np.concatenate([x[None], more]).astype(np.float32)
 
 
+# The tests of the fixture's program: under ``pytest -n N --dist loadgroup``
+# one worker runs them all and compiles the program once (under the default
+# ``--dist load`` the mark does nothing, and each worker that draws one of
+# them compiles it).
+_ONE_WORKER = pytest.mark.xdist_group("segnet_mtan")
+
+
+def _split_inside(sv, v):
+  """MTAN's variables ``v`` with the split model's ``sv`` in their place (the
+  fixture's one program takes MTAN's and runs split on its subset)."""
+  params = {"shared": sv["params"]["shared"],
+            "tasks": {**v["params"]["tasks"], "heads": sv["params"]["tasks"]["heads"]}}
+  return {"params": params, "batch_stats": {**v["batch_stats"], "shared": sv["batch_stats"]["shared"]}}
+
+
 def _split_variables(v):
   """The split model's variables inside MTAN's: the shared SegNet and the heads."""
   return {"params": {"shared": v["params"]["shared"], "tasks": {"heads": v["params"]["tasks"]["heads"]}},
           "batch_stats": {"shared": v["batch_stats"]["shared"]}}
 
 
+@_ONE_WORKER
 def test_forward_and_running_statistics_match_the_mtan_codes_torch_models(fx, mtan, images):
   _, data = fx
   model, split, v, run = mtan
@@ -415,6 +450,7 @@ def test_forward_and_running_statistics_match_the_mtan_codes_torch_models(fx, mt
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), new_stats, want)
 
 
+@_ONE_WORKER
 def test_forward_shapes_per_task_and_unit_normals(mtan, images):
   model, split, v, run = mtan
   out, _ = run["train"](v, images[1])
@@ -438,6 +474,7 @@ def test_shapes_at_any_size_from_32_and_any_widths_without_compiling():
     assert {k: a.shape for k, a in out.items()} == {n: (B,) + hw + (c,) for n, _, c in NYU}
 
 
+@_ONE_WORKER
 def test_train_mode_uses_the_batch_and_eval_mode_the_running_statistics(mtan, images):
   model, split, v, run = mtan
   x0, x1, x2 = images
@@ -466,6 +503,7 @@ def test_train_mode_uses_the_batch_and_eval_mode_the_running_statistics(mtan, im
   assert all(jax.tree.leaves(moved))
 
 
+@_ONE_WORKER
 def test_mtan_with_attention_masks_forced_to_one_is_the_split_model(mtan, images):
   # With every mask = 1 the attended features are the shared features (the
   # decoder's last mask multiplies d_0), so each head reads d_0 as in split;
@@ -521,17 +559,20 @@ def test_heads_of_one_kind_are_stacked_and_read_their_own_rows():
                                  rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@_ONE_WORKER
 def test_batched_attention_branches_equal_one_task_branches_run_alone(mtan, images):
   # All tasks' branches in one batched computation == each task's branch alone
   # (row t of the stacked parameters); the shared blocks' running statistics ==
   # torch's, the one-task module applied to the tasks in order.
   model, split, v, run = mtan
-  rep, _ = run["encode"](v, images[2])
+  # The batched branches (MTANAttention(3) on the attention variables) run in
+  # the fixture's program, on the representation it encodes.
+  both = run["all"](v, images[2])
+  rep = both["encode"][0]
+  a3, new3 = both["attention"]
   att = {k: v[k]["tasks"]["attention"] for k in ("params", "batch_stats")}
   t_all = len(NYU)
-  run3 = jax.jit(lambda a, r: segnet.MTANAttention(t_all, TINY).apply(a, r, True, mutable=["batch_stats"]))
   run1 = jax.jit(lambda a, r: segnet.MTANAttention(1, TINY).apply(a, r, True, mutable=["batch_stats"]))
-  a3, new3 = run3(att, rep)
 
   def row(t, stats_now):
     def pick(path, a):
@@ -554,11 +595,15 @@ def test_batched_attention_branches_equal_one_task_branches_run_alone(mtan, imag
                blocks(new3["batch_stats"]), blocks(stats_now))
 
 
+@_ONE_WORKER
 def test_encode_then_decode_is_apply(mtan, images):
   model, split, v, run = mtan
-  rep, s_enc = run["encode"](v, images[0])
-  out, s_dec = jax.jit(lambda v, r: model.decode(v, r, True))(v, rep)
-  want, new = run["train"](v, images[0])
+  # encode, decode (of encode's representation) and apply, all three in the
+  # fixture's program.
+  both = run["all"](v, images[0])
+  rep, s_enc = both["encode"]
+  out, s_dec = both["decode"]
+  want, new = both["train"]
   for k in want:
     np.testing.assert_allclose(out[k], want[k], rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s_enc["shared"], new["shared"])
