@@ -161,6 +161,17 @@ def identity_linearization(losses) -> jacobians.Linearized:
       loss_at=lambda p: losses, one_pass=False)
 
 
+def linear_linearization(losses, jac) -> jacobians.Linearized:
+  """A linearisation with slot losses ``losses [K]`` and per-slot gradients
+  ``jac [K, P]`` of a "shared parameter" vector (no task parameters)."""
+  l = jnp.asarray(losses, jnp.float32)
+  j = jnp.asarray(jac, jnp.float32)
+  return jacobians.Linearized(
+      losses=l, pullback=lambda c: {"shared": c @ j, "tasks": {}},
+      slot_grads=lambda c: (c[:, None] * j, {}), rep_grads=None, rep_pullback=None,
+      loss_at=lambda p: l, one_pass=False)
+
+
 def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb), (len(la), len(lb))

@@ -37,15 +37,7 @@ def _cos(a, b):
   return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def _linear_lin(losses, jac) -> jacobians.Linearized:
-  """A linearisation with slot losses ``losses [K]`` and per-slot gradients
-  ``jac [K, P]`` of a "shared parameter" vector (no task parameters)."""
-  l = jnp.asarray(losses, jnp.float32)
-  j = jnp.asarray(jac, jnp.float32)
-  return jacobians.Linearized(
-      losses=l, pullback=lambda c: {"shared": c @ j, "tasks": {}},
-      slot_grads=lambda c: (c[:, None] * j, {}), rep_grads=None, rep_pullback=None,
-      loss_at=lambda p: l, one_pass=False)
+_linear_lin = helpers.linear_linearization
 
 
 def _run(obj, seq, weights, shared_dim):

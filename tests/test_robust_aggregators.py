@@ -14,7 +14,6 @@ import hard_jacobians
 import helpers
 import test_gradients  # its float64 min-norm point (MGDA's reference)
 from mtljax import gradients
-from mtljax import jacobians
 from mtljax import objectives
 from mtljax import optim
 from mtljax import steps
@@ -260,15 +259,7 @@ def test_trimmed_mean_matches_the_coordinate_wise_reference(t):
 # ---------------------------------------------------------------------------
 
 
-def _linear_lin(losses, jac) -> jacobians.Linearized:
-  """Slot losses ``losses [K]`` and per-slot gradients ``jac [K, P]`` of a
-  shared parameter vector (no task parameters)."""
-  l = jnp.asarray(losses, jnp.float32)
-  j = jnp.asarray(jac, jnp.float32)
-  return jacobians.Linearized(
-      losses=l, pullback=lambda c: {"shared": c @ j, "tasks": {}},
-      slot_grads=lambda c: (c[:, None] * j, {}), rep_grads=None, rep_pullback=None,
-      loss_at=lambda p: l, one_pass=False)
+_linear_lin = helpers.linear_linearization
 
 
 def _run(obj, seq, weights):
