@@ -50,11 +50,13 @@ def mse_curve(config, data, steps: int, init_state=None) -> tuple[list[float], d
   train_sh, test_sh = pl.data(data.train, n), pl.data(data.test, n)
   state = sharding.place(state, run.state_shardings)
   step = sharding.jit_train_step(run.train_fn, run.state_shardings, train_sh, pl)
-  evaluate = sharding.jit_eval_step(run.eval_fn, run.state_shardings.params, test_sh, pl)
+  evaluate = sharding.jit_eval_step(run.eval_fn, run.state_shardings.params, test_sh, pl,
+                                    run.state_shardings.model_state)
   train_data, test_data = sharding.place(data.train, train_sh), sharding.place(data.test, test_sh)
   curve = []
   for i in range(steps + 1):
-    metrics = steps_lib.eval_metrics(data.taskset, evaluate(state.params, test_data))
+    metrics = steps_lib.eval_metrics(data.taskset, evaluate(state.params, test_data,
+                                                            state.model_state))
     curve.append(float(np.mean([m["mse"] for m in metrics.values()])))
     if i < steps:
       state, _ = step(state, train_data)
