@@ -399,9 +399,8 @@ def test_segnet_architectures_partition_their_parameters_by_level_and_name_rows(
     assert groups[0] == "encoder_0" and groups[-1] == "heads" and "decoder_0" in groups
     assert ("attention_encoder_0" in groups) == (arch == "mtan")
     for path, rows in m.task_rows.items():
-      leaves = jax.tree.leaves(params["tasks"][path.split("/")[0]] if "/" not in path else
-                               params["tasks"][path.split("/")[0]][path.split("/")[1]])
-      assert all(leaf.shape[0] == len(rows) for leaf in leaves), path
+      leaves = jax.tree.leaves(params_lib.get_path(params["tasks"], path))
+      assert leaves and all(leaf.shape[0] == len(rows) for leaf in leaves), path
     assert any(p.startswith("attention/") for p in m.task_rows) == (arch == "mtan")
 
 
