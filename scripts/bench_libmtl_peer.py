@@ -33,6 +33,12 @@ _shim = types.ModuleType("torchvision.models.utils")
 _shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url
 sys.modules.setdefault("torchvision.models.utils", _shim)
 
+# LibMTL 1.1.5 was written for torch 1.x, whose zero_grad() zeroed the
+# gradients; torch 2's sets them to None, and LibMTL's gradient methods
+# (PCGrad's _reset_grad) then write into a None gradient. Restore torch 1.x's
+# default for this process.
+_zero_grad = torch.nn.Module.zero_grad
+torch.nn.Module.zero_grad = lambda self, set_to_none=False: _zero_grad(self, set_to_none)
 from LibMTL.architecture import HPS  # noqa: E402
 from LibMTL.model import resnet_dilated  # noqa: E402
 from LibMTL import weighting as weighting_lib  # noqa: E402
@@ -84,7 +90,7 @@ def main():
   def step():
     preds = model(x)
     losses = losses_of(preds)
-    opt.zero_grad()
+    opt.zero_grad(set_to_none=False)
     model.backward(losses, **weight_args)
     opt.step()
   for _ in range(a.warmup):
