@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh requirements-test.txt || exit 1
 
 run() {
-  .venv/bin/python -m pytest -n "${MTLJAX_TEST_WORKERS:-2}" --dist loadgroup "$@"
+  .venv/bin/python -m pytest -n "${MTLJAX_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
   local rc=$?
   if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests (exit 5) for: $*" >&2

@@ -32,32 +32,46 @@ def data_dir(tmp_path_factory):
     os.environ["MTLJAX_DATA_DIR"] = old
 
 
-# The longest tests (a minute or so each on 2 cores), started first: pytest-xdist
-# hands tests out in collection order, and one of these drawn last would leave
-# the other worker idle for its whole length. Order only; nothing is skipped.
-_LONGEST_FIRST = (
-    "test_sharding.py::test_sharded_runs_equal_one_device_for_every_mesh_and_method_kind",
-    "test_sharding.py::test_cross_validation_and_transfer_run_on_the_mesh",
-    "test_sharing_experiments.py::test_exam_experiment_reports_held_out_mse_per_approach",
-    "test_transfer.py::test_transfer_digits_experiment_writes_results_per_strategy_and_shots",
-    "test_pipeline.py::test_two_processes_read_disjoint_shards_and_train_on_a_global_mesh",
-    "test_sharing_experiments.py::test_mmoe_sweep_writes_curves_repetitions_and_paired_gaps",
-    "test_toy.py::test_cagrad_protocol_reproduces_the_papers_picture",
-    "test_sharding.py::test_two_processes_on_a_global_mesh_of_eight_equal_one_process",
-    "test_notebook.py::test_quickstart_notebook_executes",
-    "test_readme.py::test_readme_notebook_example_runs_and_its_numbers_are_sums_over_a_call",
-    "test_objectives.py::test_accumulated_gram_path_never_holds_the_per_task_jacobian",
-    "test_sharding.py::test_a_run_resumes_on_another_mesh",
+# ----------------------------------------------------------------------------
+# Scheduling on xdist workers: `--dist loadfile --no-loadscope-reorder` (both
+# tiers, setup.cfg and scripts/test.sh) makes every test file one work unit,
+# run by one worker, handed out in this file's order.
+#
+# * Why: a file's tests share compiled programs (module fixtures, per-process
+#   caches of built steps and methods, identical programs hit XLA's persistent
+#   cache). Handed out test by test, neighbouring tests of a file ran on both
+#   workers at the same moment, so each worker compiled the file's shared
+#   programs itself, concurrently, and neither found it in the persistent cache
+#   (a 66 s module fixture of test_backbone_models was compiled twice at once).
+#   (`--dist loadgroup` with xdist_group marks would group finer, but xdist 3.8
+#   marks a group by rewriting ``item._nodeid``, which pytest 9.2 no longer
+#   reads: the groups were silently ignored.)
+# * Order: the files with the most worker-seconds are handed out first, so that
+#   none of them starts last and leaves the other worker idle (longest
+#   processing time first; measured per file in BUILD_NOTES, "Suite time").
+#   Order only: nothing is skipped, and a file missing here keeps its place.
+# ----------------------------------------------------------------------------
+_HEAVIEST_FILES_FIRST = (  # both tiers' worker-seconds, heaviest first
+    "test_backbone_models.py", "test_objectives.py", "test_sharding.py",
+    "test_jacobians.py", "test_segnet.py", "test_transfer.py", "test_gradients.py",
+    "test_experiments.py", "test_cv.py", "test_x64.py", "test_objectives_new.py",
+    "test_sharing_experiments.py", "test_partial_labels.py", "test_experts.py",
+    "test_hard_jacobians.py", "test_models.py", "test_sharing.py", "test_train.py",
+    "test_pipeline.py", "test_faults.py", "test_dense_tasks.py", "test_toy.py",
+    "test_accel.py", "test_model_references.py", "test_seeds.py", "test_notebook.py",
 )
 
 
+def _file_rank(item) -> int:
+  name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+  try:
+    return _HEAVIEST_FILES_FIRST.index(name)
+  except ValueError:
+    return len(_HEAVIEST_FILES_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  def rank(item):
-    for i, name in enumerate(_LONGEST_FIRST):
-      if name in item.nodeid:
-        return i
-    return len(_LONGEST_FIRST)
-  items.sort(key=rank)  # stable: the rest keep their order
+  items.sort(key=_file_rank)  # stable: each file's tests keep their order
 
 
 # ----------------------------------------------------------------------------

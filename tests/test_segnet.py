@@ -409,13 +409,6 @@ def images(fx):
   return np.concatenate([x[None], more]).astype(np.float32)
 
 
-# The tests of the fixture's program: under ``pytest -n N --dist loadgroup``
-# one worker runs them all and compiles the program once (under the default
-# ``--dist load`` the mark does nothing, and each worker that draws one of
-# them compiles it).
-_ONE_WORKER = pytest.mark.xdist_group("segnet_mtan")
-
-
 def _split_inside(sv, v):
   """MTAN's variables ``v`` with the split model's ``sv`` in their place (the
   fixture's one program takes MTAN's and runs split on its subset)."""
@@ -430,7 +423,6 @@ def _split_variables(v):
           "batch_stats": {"shared": v["batch_stats"]["shared"]}}
 
 
-@_ONE_WORKER
 def test_forward_and_running_statistics_match_the_mtan_codes_torch_models(fx, mtan, images):
   _, data = fx
   model, split, v, run = mtan
@@ -450,7 +442,6 @@ def test_forward_and_running_statistics_match_the_mtan_codes_torch_models(fx, mt
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), new_stats, want)
 
 
-@_ONE_WORKER
 def test_forward_shapes_per_task_and_unit_normals(mtan, images):
   model, split, v, run = mtan
   out, _ = run["train"](v, images[1])
@@ -474,7 +465,6 @@ def test_shapes_at_any_size_from_32_and_any_widths_without_compiling():
     assert {k: a.shape for k, a in out.items()} == {n: (B,) + hw + (c,) for n, _, c in NYU}
 
 
-@_ONE_WORKER
 def test_train_mode_uses_the_batch_and_eval_mode_the_running_statistics(mtan, images):
   model, split, v, run = mtan
   x0, x1, x2 = images
@@ -503,7 +493,6 @@ def test_train_mode_uses_the_batch_and_eval_mode_the_running_statistics(mtan, im
   assert all(jax.tree.leaves(moved))
 
 
-@_ONE_WORKER
 def test_mtan_with_attention_masks_forced_to_one_is_the_split_model(mtan, images):
   # With every mask = 1 the attended features are the shared features (the
   # decoder's last mask multiplies d_0), so each head reads d_0 as in split;
@@ -559,7 +548,6 @@ def test_heads_of_one_kind_are_stacked_and_read_their_own_rows():
                                  rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-@_ONE_WORKER
 def test_batched_attention_branches_equal_one_task_branches_run_alone(mtan, images):
   # All tasks' branches in one batched computation == each task's branch alone
   # (row t of the stacked parameters); the shared blocks' running statistics ==
@@ -595,7 +583,6 @@ def test_batched_attention_branches_equal_one_task_branches_run_alone(mtan, imag
                blocks(new3["batch_stats"]), blocks(stats_now))
 
 
-@_ONE_WORKER
 def test_encode_then_decode_is_apply(mtan, images):
   model, split, v, run = mtan
   # encode, decode (of encode's representation) and apply, all three in the
