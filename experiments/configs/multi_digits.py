@@ -16,6 +16,8 @@ small Vision Transformer (``encoder="vit"``: 4x4 patches of the 12x16 canvases,
 quick variant: 1,000 steps of 64 examples) and
 per-task linear heads on the class token (``multi_head``); Hugging Face
 ``ViTModel`` weights of these sizes load with ``--config.init_from=model.safetensors``.
+Measured (seed 0, 2 CPU cores): ``:vit`` test accuracy 0.79 / 0.82 (left /
+right) in about 2.5 minutes, ``:vit_quick`` 0.47 / 0.64 in under a minute.
 """
 
 from experiments.configs import common

@@ -109,12 +109,12 @@ class ViT(nn.Module):
   one channel) -> ``LN(z_L^0)`` ``[B, width]``; with ``tokens=True`` every
   token's final-norm output ``[B, N+1, width]`` (HF's ``last_hidden_state``).
   ``z`` (a task descriptor) is refused: the ViT is not conditioned."""
-  width: int = 64
-  depth: int = 4
-  heads: int = 4
-  mlp_dim: int = 128
-  patch: int = 4
-  eps: float = 1e-12
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+  eps: float  # (the defaults: mtljax.models.parts.Trunk's vit_* fields)
 
   @nn.compact
   def __call__(self, x, z=None, tokens: bool = False):
