@@ -311,6 +311,14 @@ def test_layer_groups_name_the_blocks_and_cover_every_parameter():
       hits = [g for g, rx in model.layer_groups if re.search(rx, name)]
       assert len(hits) == 1, (name, hits)
       assert name.startswith(home) or hits == ["heads"], name
+    optim.check_layer_groups(model.layer_groups, names)
+  # layer-wise decay and gradual unfreezing generated over those groups
+  c = multi_digits.get_config("vit_quick")
+  c.optim.layerwise_decay, c.optim.unfreeze_every = 0.5, 3
+  rules = build.rules_from_config(c, model.layer_groups, names)
+  assert [r.lr_mult for r in rules] == [0.5 ** k for k in (4, 3, 2, 1, 0)]
+  assert [r.unfreeze_at for r in rules] == [12, 9, 6, 3, 0]
+  assert [r.pattern for r in rules] == [rx for _, rx in model.layer_groups]
 
 
 @pytest.mark.parametrize("kwargs, match", [
