@@ -32,8 +32,9 @@ Interface
   {query,key,value}`` / ``attention.output.dense`` / ``intermediate.dense`` /
   ``output.dense`` / ``layernorm_{before,after}`` -> ``layer_{i}/{query,key,
   value,output,mlp_in,mlp_out,layernorm_before,layernorm_after}`` (linear
-  weights transposed), ``layernorm`` -> ``norm``; ``pooler.*`` and
-  ``classifier.*`` ignored; the same missing / mismatched / unused report).
+  weights transposed), ``layernorm`` -> ``norm``; ``pooler.*``,
+  ``classifier.*`` and ``embeddings.mask_token`` ignored; the same missing /
+  mismatched / unused report).
 * :func:`export_variables(variables, path)` / :func:`load_exported(path)`:
   ``*.msgpack`` -> flax's msgpack serialisation of the tree (one file),
   anything else -> an Orbax ``StandardCheckpointer`` directory.
@@ -489,10 +490,11 @@ VIT_CONFIG_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attenti
                        "intermediate_size": 3072, "patch_size": 16, "image_size": 224,
                        "num_channels": 3, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
                        "qkv_bias": True}
-# Heads that are not the encoder's: HF's pooler (tanh(dense(cls))) and a
+# Keys that are not the encoder's: HF's pooler (tanh(dense(cls))) and a
 # ViTForImageClassification's classifier (the per-task heads replace both;
-# mtljax.models.backbones.vit explains why).
-VIT_IGNORED = ("pooler.", "classifier.")
+# mtljax.models.backbones.vit explains why), and the mask token of masked
+# image modelling (pre-training only).
+VIT_IGNORED = ("pooler.", "classifier.", "embeddings.mask_token")
 
 
 def _vit_prefix(keys) -> str:
@@ -606,10 +608,10 @@ def vit_variables(state_dict: dict[str, np.ndarray], cfg: dict, *,
                   what: str = "the state dict") -> dict:
   """``{"params"}`` of :class:`mtljax.models.backbones.vit.ViT` with the sizes
   ``cfg`` (:func:`vit_config`) from a Hugging Face ``ViTModel`` state dict
-  (keys optionally under ``vit.``; ``pooler.*`` and ``classifier.*`` are not
-  the encoder's and are ignored). Every key of the encoder must be in the
-  file with its shape and every other key of the file must be one of those
-  ignored, else one :class:`CheckpointError` line lists the missing, the
+  (keys optionally under ``vit.``; ``pooler.*``, ``classifier.*`` and
+  ``embeddings.mask_token`` are not the encoder's and are ignored). Every key
+  of the encoder must be in the file with its shape and every other key of
+  the file must be one of those ignored, else one :class:`CheckpointError` line lists the missing, the
   mismatched and the unused keys."""
   if not cfg["qkv_bias"]:
     raise CheckpointError(f"{what}: qkv_bias=False; the ViT encoder has query/key/value biases")

@@ -226,11 +226,13 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
 
 
 def test_prefixed_checkpoint_with_a_classifier_imports_the_same_encoder(tmp_path):
-  """ViTForImageClassification's layout: keys under ``vit.``, a classifier."""
+  """ViTForImageClassification's layout: keys under ``vit.``, a classifier
+  (and a masked-image-modelling mask token): the same encoder."""
   sd = pretrained.read_state_dict(WEIGHTS)
   prefixed = {"vit." + k: v for k, v in sd.items() if not k.startswith("pooler.")}
   prefixed["classifier.weight"] = np.zeros((10, 16), np.float32)
   prefixed["classifier.bias"] = np.zeros((10,), np.float32)
+  prefixed["vit.embeddings.mask_token"] = np.zeros((1, 1, 16), np.float32)
   v, _ = pretrained.import_hf_vit(_variant(tmp_path, prefixed))
   jax.tree.map(np.testing.assert_array_equal, v, pretrained.import_hf_vit(WEIGHTS)[0])
 
