@@ -311,11 +311,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not os.path.isfile(config.init_from):
       raise ConfigError(f"config.init_from={config.init_from!r} is neither a run's directory "
                         "nor a weights file.")
-    if config.model.encoder not in parts_lib.RESNETS:
+    if config.model.encoder not in parts_lib.RESNETS + parts_lib.VITS:
       raise ConfigError(f"config.init_from={config.init_from!r} is a file: torchvision ResNet "
-                        f"weights, which initialise config.model.encoder one of "
-                        f"{parts_lib.RESNETS}, not {config.model.encoder!r}.")
-    if config.model.get("normalization", "batch") != "batch":
+                        f"weights or a Hugging Face ViT, which initialise config.model.encoder "
+                        f"one of {parts_lib.RESNETS + parts_lib.VITS}, not "
+                        f"{config.model.encoder!r}.")
+    if (config.model.encoder in parts_lib.RESNETS
+        and config.model.get("normalization", "batch") != "batch"):
       raise ConfigError(f"config.init_from={config.init_from!r} holds a torchvision ResNet "
                         "with batch norm; config.model.normalization must be 'batch'.")
   with errors.config_section("objective", config.objective):
@@ -645,9 +647,19 @@ def read_source(config) -> tuple[dict, int]:
   shared trunk's (``shared/trunk``, copied into every task's trunk by
   ``independent``), step 0. Everything else of fine-tuning applies as to a
   run's checkpoint: ``init_dont_load``, L2-SP toward the loaded values,
-  layer-wise rates and unfreezing by the stage names."""
+  layer-wise rates and unfreezing by the stage names.
+
+  With ``config.model.encoder="vit"`` the file is a Hugging Face ViT
+  (``ViTModel`` / ``ViTForImageClassification`` safetensors or torch file,
+  its ``config.json`` beside it; :func:`mtljax.pretrained.import_hf_vit`):
+  the encoder's parameters as ``shared/trunk``; the checkpoint's sizes must
+  equal ``config.model``'s ViT settings (:func:`check_vit_sizes`)."""
   with errors.config_section("init_from", catch=(ValueError, FileNotFoundError,
                                                  errors.CheckpointError)):
+    if os.path.isfile(config.init_from) and config.model.encoder in parts_lib.VITS:
+      v, cfg = pretrained.import_hf_vit(config.init_from, heads=config.model.vit_heads)
+      check_vit_sizes(config.init_from, cfg, config.model)
+      return {"params": {"shared": {"trunk": v["params"]}}, "model_state": None}, 0
     if os.path.isfile(config.init_from):
       depth = int(config.model.encoder[len("resnet"):])
       v = pretrained.import_torchvision_resnet(config.init_from, depth)
@@ -658,6 +670,40 @@ def read_source(config) -> tuple[dict, int]:
       raise ValueError(f"path={config.init_from!r}: checkpoint step {step} holds no "
                        "'params'.")
     return {"params": tree["params"], "model_state": tree.get("model_state") or None}, step
+
+
+# A Hugging Face ViT config's sizes -> the config.model fields that must equal them.
+_VIT_SIZES = (("hidden_size", "vit_width"), ("num_hidden_layers", "vit_depth"),
+              ("num_attention_heads", "vit_heads"), ("intermediate_size", "vit_mlp_dim"),
+              ("patch_size", "patch_size"), ("layer_norm_eps", "vit_eps"))
+
+
+def check_vit_sizes(path: str, cfg: dict, model_config) -> None:
+  """Raises one ``ValueError`` line naming every ``config.model`` ViT size
+  that differs from the checkpoint's (``cfg``: :func:`mtljax.pretrained.vit_config`)."""
+  bad = [f"config.model.{ours}={model_config[ours]!r} (checkpoint {theirs}={cfg[theirs]!r})"
+         for theirs, ours in _VIT_SIZES
+         if not np.isclose(float(cfg[theirs]), float(model_config[ours]), rtol=1e-6, atol=0)]
+  if bad:
+    raise ValueError(f"{path} is a ViT of other sizes: {'; '.join(bad)}; set them to the "
+                     "checkpoint's.")
+
+
+def check_vit_grid(path: str, source_params: dict, params) -> None:
+  """Raises when the checkpoint's position embeddings are for another patch
+  grid than the model's (another image size): interpolating them (HF's
+  bicubic ``interpolate_pos_encoding``, big_vision's ``resample_posemb``) is
+  not offered."""
+  src = dict(params_lib.flatten_with_names(source_params))
+  for name, leaf in params_lib.flatten_with_names(params):
+    if not name.endswith("trunk/embeddings/position_embeddings"):
+      continue
+    theirs = np.shape(src.get("shared/trunk/embeddings/position_embeddings", ()))
+    if theirs and tuple(theirs[-2:]) != tuple(leaf.shape[-2:]):
+      raise ValueError(f"{path}: its position embeddings are for {theirs[-2] - 1} patches, "
+                       f"the model's images give {leaf.shape[-2] - 1}; interpolating position "
+                       "embeddings to another image size is not offered: resize the images "
+                       "to the checkpoint's image_size.")
 
 
 def _initial_state(config, model, objective, tx, state: steps.TrainState, source=None
@@ -673,6 +719,8 @@ def _initial_state(config, model, objective, tx, state: steps.TrainState, source
   source, source_step = source or read_source(config)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
   with errors.config_section("init_from"):
+    if config.model.encoder in parts_lib.VITS and os.path.isfile(config.init_from):
+      check_vit_grid(config.init_from, source["params"], state.params)
     params, report = ckpt_lib.load_params(state.params, source["params"], dont_load)
     if state.model_state is not None and source["model_state"] is not None:
       # The batch statistics of the loaded layers come with them (the same

@@ -1,6 +1,6 @@
 """Pretrained weights: torchvision ResNet state dicts into mtljax's ResNet
-variables (issue 26), read without torch, and an export back to flax msgpack
-or Orbax.
+variables and Hugging Face ViT checkpoints into mtljax's ViT (issue 26), read
+without torch, and an export back to flax msgpack or Orbax.
 
 Interface
 ---------
@@ -21,6 +21,20 @@ Interface
   LibMTL ``DeepLabHead`` (``DeepLabHead`` here).
 * :func:`import_torchvision_resnet(path, depth, fc="ignore", prefix="")`:
   :func:`read_state_dict` then :func:`resnet_variables`.
+* :func:`import_hf_vit(path, heads=None)` -> ``(variables, cfg)``: a Hugging
+  Face ``ViTModel`` (or ``ViTForImageClassification``: keys under ``vit.``)
+  state dict into :class:`mtljax.models.backbones.vit.ViT`'s ``params``, its
+  sizes from the ``config.json`` beside the file or the tensors' shapes
+  (:func:`vit_config`, :func:`vit_variables`; the mapping is in
+  :func:`_vit_table`: ``embeddings.*`` -> ``embeddings/*``, the patch
+  convolution ``[D, C, P, P]`` -> a kernel ``[P*P*C, D]`` over patches
+  flattened (row, column, channel), ``encoder.layer.{i}.attention.attention.
+  {query,key,value}`` / ``attention.output.dense`` / ``intermediate.dense`` /
+  ``output.dense`` / ``layernorm_{before,after}`` -> ``layer_{i}/{query,key,
+  value,output,mlp_in,mlp_out,layernorm_before,layernorm_after}`` (linear
+  weights transposed), ``layernorm`` -> ``norm``; ``pooler.*``,
+  ``classifier.*`` and ``embeddings.mask_token`` ignored; the same missing /
+  mismatched / unused report).
 * :func:`export_variables(variables, path)` / :func:`load_exported(path)`:
   ``*.msgpack`` -> flax's msgpack serialisation of the tree (one file),
   anything else -> an Orbax ``StandardCheckpointer`` directory.
@@ -465,6 +479,173 @@ def import_torchvision_resnet(path: str, depth: int, *, fc: str = "ignore",
                               prefix: str = "") -> dict:
   """:func:`read_state_dict` + :func:`resnet_variables`; errors name ``path``."""
   return resnet_variables(read_state_dict(path), depth, fc=fc, prefix=prefix, what=path)
+
+
+# ----------------------------------------------------------------------------
+# Hugging Face ViT
+
+# config.json keys of a ViT -> what the model needs; the defaults are
+# transformers' ViTConfig's (used for a key config.json lacks).
+VIT_CONFIG_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                       "intermediate_size": 3072, "patch_size": 16, "image_size": 224,
+                       "num_channels": 3, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
+                       "qkv_bias": True}
+# Keys that are not the encoder's: HF's pooler (tanh(dense(cls))) and a
+# ViTForImageClassification's classifier (the per-task heads replace both;
+# mtljax.models.backbones.vit explains why), and the mask token of masked
+# image modelling (pre-training only).
+VIT_IGNORED = ("pooler.", "classifier.", "embeddings.mask_token")
+
+
+def _vit_prefix(keys) -> str:
+  """``"vit."`` when the encoder's keys carry it (ViTForImageClassification,
+  ViTForMaskedImageModeling), else ``""``."""
+  return "vit." if any(k.startswith("vit.embeddings.") for k in keys) else ""
+
+
+def vit_config(state_dict: dict[str, np.ndarray], config_json: dict | None = None, *,
+               heads: int | None = None, what: str = "the state dict") -> dict:
+  """The ViT's sizes (the keys of :data:`VIT_CONFIG_DEFAULTS`, ``image_size``
+  as ``(height, width)``): from
+  ``config_json`` (HF's ``config.json``) when given, else inferred from the
+  tensors' shapes (the number of heads is not in them: ``heads`` must be
+  given; ``layer_norm_eps`` is then HF's default, 1e-12). Raises a one-line
+  :class:`CheckpointError` for a config that is not a ViT's, an activation
+  other than exact GELU, a non-square patch, or a state dict with no
+  ViT embeddings."""
+  p = _vit_prefix(state_dict)
+  if config_json is not None:
+    kind = config_json.get("model_type", "vit")
+    if kind != "vit":
+      raise CheckpointError(f"{what}: config.json has model_type={kind!r}, not 'vit'")
+    cfg = {k: config_json.get(k, d) for k, d in VIT_CONFIG_DEFAULTS.items()}
+    patch = cfg["patch_size"]
+    if isinstance(patch, (list, tuple)):
+      if len(set(patch)) != 1:
+        raise CheckpointError(f"{what}: config.json's patch_size={patch} is not square; only "
+                              "square patches are supported")
+      cfg["patch_size"] = patch[0]
+    size = cfg["image_size"]
+    cfg["image_size"] = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+  else:
+    cls = state_dict.get(p + "embeddings.cls_token")
+    proj = state_dict.get(p + "embeddings.patch_embeddings.projection.weight")
+    pos = state_dict.get(p + "embeddings.position_embeddings")
+    mlp = state_dict.get(p + "encoder.layer.0.intermediate.dense.weight")
+    absent = [n for n, v in (("embeddings.cls_token", cls), ("embeddings.patch_embeddings."
+                             "projection.weight", proj), ("embeddings.position_embeddings", pos),
+                             ("encoder.layer.0.intermediate.dense.weight", mlp)) if v is None]
+    if absent:
+      raise CheckpointError(f"{what}: not a Hugging Face ViT state dict (no {p}{absent[0]}) and "
+                            "no config.json beside it")
+    if heads is None:
+      raise CheckpointError(f"{what}: the number of attention heads is not in the tensors' "
+                            "shapes; put the checkpoint's config.json beside it")
+    grid = int(round(np.sqrt(pos.shape[1] - 1)))
+    if grid * grid != pos.shape[1] - 1:
+      raise CheckpointError(f"{what}: position embeddings for {pos.shape[1] - 1} patches, not a "
+                            "square grid; put the checkpoint's config.json (its image_size) "
+                            "beside it")
+    layers = 0
+    while f"{p}encoder.layer.{layers}.layernorm_before.weight" in state_dict:
+      layers += 1
+    cfg = {**VIT_CONFIG_DEFAULTS, "hidden_size": int(cls.shape[-1]), "num_hidden_layers": layers,
+           "num_attention_heads": int(heads), "intermediate_size": int(mlp.shape[0]),
+           "patch_size": int(proj.shape[-1]),
+           "image_size": (grid * int(proj.shape[-1]),) * 2,
+           "num_channels": int(proj.shape[1])}
+  if cfg["hidden_act"] != "gelu":
+    raise CheckpointError(f"{what}: hidden_act={cfg['hidden_act']!r}; the ViT encoder uses the "
+                          "exact GELU ('gelu') only")
+  if cfg["hidden_size"] % cfg["num_attention_heads"]:
+    raise CheckpointError(f"{what}: hidden_size={cfg['hidden_size']} is not a multiple of "
+                          f"num_attention_heads={cfg['num_attention_heads']}")
+  return cfg
+
+
+def _vit_table(cfg: dict, prefix: str):
+  """HF ViTModel key -> (collection, path, expected torch shape, transform)."""
+  d, m, pz, c = (cfg["hidden_size"], cfg["intermediate_size"], cfg["patch_size"],
+                 cfg["num_channels"])
+  n = (cfg["image_size"][0] // pz) * (cfg["image_size"][1] // pz)
+  table = {}
+
+  def linear(tk, path, o, i, bias=True):
+    table[f"{prefix}{tk}.weight"] = ("params", path + ("kernel",), (o, i),
+                                     lambda t: np.ascontiguousarray(t.T))
+    if bias:
+      table[f"{prefix}{tk}.bias"] = ("params", path + ("bias",), (o,), None)
+
+  def norm(tk, path):
+    table[f"{prefix}{tk}.weight"] = ("params", path + ("scale",), (d,), None)
+    table[f"{prefix}{tk}.bias"] = ("params", path + ("bias",), (d,), None)
+
+  emb = ("embeddings",)
+  table[prefix + "embeddings.cls_token"] = ("params", emb + ("cls_token",), (1, 1, d), None)
+  table[prefix + "embeddings.position_embeddings"] = (
+      "params", emb + ("position_embeddings",), (1, n + 1, d), None)
+  # The patch convolution [D, C, P, P] as a matmul over patches flattened
+  # (row, column, channel): kernel [P*P*C, D].
+  table[prefix + "embeddings.patch_embeddings.projection.weight"] = (
+      "params", emb + ("patch", "kernel"), (d, c, pz, pz),
+      lambda t: np.ascontiguousarray(t.transpose(2, 3, 1, 0).reshape(-1, t.shape[0])))
+  table[prefix + "embeddings.patch_embeddings.projection.bias"] = (
+      "params", emb + ("patch", "bias"), (d,), None)
+  for i in range(cfg["num_hidden_layers"]):
+    tk, path = f"encoder.layer.{i}", (f"layer_{i}",)
+    norm(tk + ".layernorm_before", path + ("layernorm_before",))
+    for name in ("query", "key", "value"):
+      linear(f"{tk}.attention.attention.{name}", path + (name,), d, d, bias=cfg["qkv_bias"])
+    linear(tk + ".attention.output.dense", path + ("output",), d, d)
+    norm(tk + ".layernorm_after", path + ("layernorm_after",))
+    linear(tk + ".intermediate.dense", path + ("mlp_in",), m, d)
+    linear(tk + ".output.dense", path + ("mlp_out",), d, m)
+  norm("layernorm", ("norm",))
+  return table
+
+
+def vit_variables(state_dict: dict[str, np.ndarray], cfg: dict, *,
+                  what: str = "the state dict") -> dict:
+  """``{"params"}`` of :class:`mtljax.models.backbones.vit.ViT` with the sizes
+  ``cfg`` (:func:`vit_config`) from a Hugging Face ``ViTModel`` state dict
+  (keys optionally under ``vit.``; ``pooler.*``, ``classifier.*`` and
+  ``embeddings.mask_token`` are not the encoder's and are ignored). Every key
+  of the encoder must be in the file with its shape and every other key of
+  the file must be one of those ignored, else one :class:`CheckpointError` line lists the missing, the
+  mismatched and the unused keys."""
+  if not cfg["qkv_bias"]:
+    raise CheckpointError(f"{what}: qkv_bias=False; the ViT encoder has query/key/value biases")
+  p = _vit_prefix(state_dict)
+  table = _vit_table(cfg, p)
+
+  def ignore(k):
+    return k[len(p):].startswith(VIT_IGNORED) or k.startswith(VIT_IGNORED)
+  out = _apply_table(state_dict, table, "", ignore, f"{what} (Hugging Face ViT)")
+  return {"params": out["params"]}
+
+
+def read_vit_config_json(path: str) -> dict | None:
+  """The ``config.json`` beside the weights file ``path`` (None when absent)."""
+  cj = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  if not os.path.isfile(cj):
+    return None
+  try:
+    with open(cj) as f:
+      out = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{cj}: cannot read it as JSON ({e})") from None
+  if not isinstance(out, dict):
+    raise CheckpointError(f"{cj}: holds a {type(out).__name__}, not a config object")
+  return out
+
+
+def import_hf_vit(path: str, *, heads: int | None = None) -> tuple[dict, dict]:
+  """``(variables, cfg)``: :func:`read_state_dict` of ``path``, the sizes from
+  the ``config.json`` beside it (or its shapes, with ``heads``;
+  :func:`vit_config`), then :func:`vit_variables`; errors name ``path``."""
+  sd = read_state_dict(path)
+  cfg = vit_config(sd, read_vit_config_json(path), heads=heads, what=path)
+  return vit_variables(sd, cfg, what=path), cfg
 
 
 # ----------------------------------------------------------------------------

@@ -116,7 +116,9 @@ def remove_if_unused(workdir: str) -> bool:
 ADDED_KEYS = {"precision": "float32", "dense_convention": "exact", "data.root": "",
               "data.classes": 0, "data.label_folder": "", "model.output_stride": 8,
               "model.normalization": "batch", "model.conv_impl": "auto", "data.augment": "",
-              "data.augment_scales": [1.0, 1.2, 1.5]}
+              "data.augment_scales": [1.0, 1.2, 1.5], "model.patch_size": 4,
+              "model.vit_width": 64, "model.vit_depth": 4, "model.vit_heads": 4,
+              "model.vit_mlp_dim": 128, "model.vit_eps": 1e-12}
 
 
 def _resumable(key: str) -> bool:

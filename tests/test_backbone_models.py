@@ -238,8 +238,9 @@ def test_a_weights_file_for_init_from_needs_a_resnet_encoder(tmp_path):
   path = tmp_path / "w.pth"
   path.write_bytes(b"")
   config = helpers.small_sinusoids_config(init_from=str(path))
-  with pytest.raises(errors.ConfigError, match=r"is a file: torchvision ResNet weights, which "
-                     r"initialise config.model.encoder one of \('resnet18'"):
+  with pytest.raises(errors.ConfigError, match=r"is a file: torchvision ResNet weights or a "
+                     r"Hugging Face ViT, which initialise config.model.encoder one of "
+                     r"\('resnet18'.*'vit'\)"):
     build.validate_config(config)
   config = helpers.small_sinusoids_config(init_from=str(tmp_path / "none.pth"))
   with pytest.raises(errors.ConfigError, match="is neither a run's directory nor a weights"):

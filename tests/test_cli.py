@@ -61,7 +61,8 @@ def test_list_names_every_config_architecture_objective_and_strategy():
     shown = ", ".join(f"{k}={v!r}" for k, v in hp.items()) or "-"
     assert f"\n  {arch:<14} {shown}\n" in out, arch
   assert ("encoder='mlp', hidden=(128, 128), channels=(16, 32), heads='auto', "
-          "output_stride=8, normalization='batch', conv_impl='auto'\n") in out
+          "output_stride=8, normalization='batch', conv_impl='auto', patch_size=4, "
+          "vit_width=64, vit_depth=4, vit_heads=4, vit_mlp_dim=128, vit_eps=1e-12\n") in out
   assert "  per-pixel (dense tasks only), with the architectures built for each:\n" in out
   assert "\n    resnet50   multi_head, independent\n" in out
   assert "\n    segnet     multi_head, independent, mtan\n" in out

@@ -27,13 +27,19 @@ import numpy as np
 
 from mtljax import tasks as tasks_lib
 from mtljax.models import encoders
+from mtljax.models.backbones import vit as vit_lib
 
 # The dense backbones (mtljax.models.backbone_models): a ResNet trunk with
 # per-task DeepLab heads, and the MTAN paper's SegNet.
 RESNETS = ("resnet18", "resnet34", "resnet50")
 SEGNETS = ("segnet",)
 BACKBONES = RESNETS + SEGNETS
-ENCODERS = ("mlp", "cnn", "fcn") + BACKBONES
+# The Vision Transformer (mtljax.models.backbones.vit, Hugging Face ViTModel
+# layout): per-example features (the class token), on the architectures built
+# for it.
+VITS = ("vit",)
+VIT_ARCHS = ("multi_head", "independent")
+ENCODERS = ("mlp", "cnn", "fcn") + BACKBONES + VITS
 # Encoders whose features are per pixel ([B, H, W, F]): the dense tasks' (and
 # only theirs: a per-example task needs one feature vector per example), and
 # the architectures each is built for.
@@ -117,6 +123,13 @@ class Trunk:
       running averages in the model state) or ``"group"``; :data:`NORMS`.
     conv_impl: a backbone's (ResNet, SegNet) convolution, ``"auto"`` (im2col on CPU,
       ``lax.conv`` on GPU/TPU), ``"im2col"`` or ``"lax"``; :data:`CONV_IMPLS`.
+    patch_size, vit_width, vit_depth, vit_heads, vit_mlp_dim, vit_eps: the ViT
+      encoder's (``encoder="vit"``) patch side, token width (HF
+      ``hidden_size``), number of blocks, attention heads, MLP width
+      (``intermediate_size``) and layer-norm epsilon (``layer_norm_eps``);
+      a Hugging Face checkpoint (``config.init_from``) must have these sizes.
+      The ViT reads none of ``hidden``/``channels``: its representation is the
+      class token's final-norm output, ``vit_width`` wide.
   """
   encoder: str = "mlp"
   hidden: tuple[int, ...] = (128, 128)
@@ -125,6 +138,12 @@ class Trunk:
   output_stride: int = 8
   normalization: str = "batch"
   conv_impl: str = "auto"
+  patch_size: int = 4
+  vit_width: int = 64
+  vit_depth: int = 4
+  vit_heads: int = 4
+  vit_mlp_dim: int = 128
+  vit_eps: float = 1e-12
 
   def checked(self) -> Trunk:
     """The names checked, the sizes as tuples of positive ints; raises
@@ -141,8 +160,16 @@ class Trunk:
     if self.encoder in SEGNETS and self.normalization != "batch":
       raise ValueError(f"encoder={self.encoder!r} is the MTAN code's SegNet, with batch norm; "
                        f"normalization={self.normalization!r} is not offered with it.")
+    vit = {k: at_least(k, getattr(self, k), 1) for k in
+           ("patch_size", "vit_width", "vit_depth", "vit_heads", "vit_mlp_dim")}
+    eps = finite_number("vit_eps", self.vit_eps)
+    if eps <= 0:
+      raise ValueError(f"vit_eps must be > 0, got {self.vit_eps!r}.")
+    if vit["vit_width"] % vit["vit_heads"]:
+      raise ValueError(f"vit_width={vit['vit_width']} is not a multiple of "
+                       f"vit_heads={vit['vit_heads']}.")
     return dataclasses.replace(self, hidden=positive_ints("hidden", self.hidden),
-                               channels=channels)
+                               channels=channels, vit_eps=eps, **vit)
 
   def check_input_shape(self, input_shape: Sequence[int]) -> None:
     """Raises when the encoder cannot read inputs of this shape (one example's)."""
@@ -152,6 +179,11 @@ class Trunk:
     if self.encoder in RESNETS and (len(input_shape) != 3 or input_shape[-1] != 3):
       raise ValueError(f"encoder={self.encoder!r} needs RGB image inputs [H, W, 3], got "
                        f"input shape {tuple(input_shape)}.")
+    if self.encoder in VITS and (len(input_shape) not in (2, 3) or any(
+        s % self.patch_size for s in input_shape[:2])):
+      raise ValueError(f"encoder={self.encoder!r} needs images [H, W] or [H, W, C] whose sides "
+                       f"are multiples of patch_size={self.patch_size}, got input shape "
+                       f"{tuple(input_shape)}.")
     if self.encoder in SEGNETS and (len(input_shape) != 3 or min(input_shape[:2]) < 32):
       raise ValueError(f"encoder={self.encoder!r} needs images [H, W, C] of at least 32x32 "
                        f"pixels (5 poolings), got input shape {tuple(input_shape)}.")
@@ -162,6 +194,9 @@ class Trunk:
     architecture built for the encoder (:data:`DENSE_ARCHS`); per-example
     features for the others."""
     dense = [t.name for t in taskset if t.dense]
+    if self.encoder in VITS and arch not in VIT_ARCHS:
+      raise ValueError(f"arch={arch!r} is not built for encoder={self.encoder!r}; it is built "
+                       f"for {VIT_ARCHS}.")
     if self.encoder in DENSE_ENCODERS:
       other = [t.name for t in taskset if not t.dense]
       if other:
@@ -181,6 +216,8 @@ class Trunk:
   @property
   def layer_names(self) -> tuple[str, ...]:
     """The trunk's layers, input to output: ``conv_i`` (cnn) then ``layer_j``."""
+    if self.encoder in VITS:
+      return vit_lib.layer_names(self.vit_depth)
     convs = ([f"conv_{i}" for i in range(len(self.channels))]
              if self.encoder in ("cnn", "fcn") else [])
     return tuple(convs + [f"layer_{j}" for j in range(len(self.hidden))])
@@ -223,7 +260,12 @@ class Parts:
               "cnn": lambda: encoders.CNN(trunk.channels, trunk.hidden, cond_mode,
                                           tuple(cond_layers)),
               "fcn": lambda: encoders.FCN(trunk.channels, trunk.hidden, cond_mode,
-                                          tuple(cond_layers))}
+                                          tuple(cond_layers)),
+              "vit": lambda: vit_lib.ViT(trunk.vit_width, trunk.vit_depth, trunk.vit_heads,
+                                         trunk.vit_mlp_dim, trunk.patch_size, trunk.vit_eps)}
+    if trunk.encoder in VITS and cond_mode is not None:
+      raise ValueError(f"encoder={trunk.encoder!r} is not conditioned on the task; it is built "
+                       f"for {VIT_ARCHS}.")
     self.module = module[trunk.encoder]()
     # The rank of one example's features: 1 ([F]) or 3 ([H, W, F], per pixel).
     self.feat_rank = 3 if trunk.encoder in DENSE_ENCODERS else 1
