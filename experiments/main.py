@@ -79,6 +79,9 @@ def print_catalog(out=sys.stdout) -> None:
   print("  per-pixel (dense tasks only), with the architectures built for each:", file=out)
   for encoder, built in multitask.DENSE_ARCHS.items():
     print(f"    {encoder:<10} {', '.join(built)}", file=out)
+  others = [a for a in multitask.archs()
+            if not any(a in built for built in multitask.DENSE_ARCHS.values())]
+  print(f"    (not on any per-pixel encoder: {', '.join(others)})", file=out)
   print(f"heads (config.model.heads): {', '.join(multitask.HEADS)}", file=out)
   print("objectives (config.objective.method; hyper-parameters as "
         "config.objective.METHOD.NAME):", file=out)

@@ -14,6 +14,11 @@ with
   the sampled tasks' heads.
 * ``independent``: one ResNet per task (``tasks/trunk``, stacked ``[T, ...]``)
   and its head: the single-task baselines.
+* ``mtan``: LibMTL's MTAN over the ResNet stages (:func:`resnet_mtan`):
+  per-task attention masks after each stage, blocks shared between stages.
+* ``cross_stitch``: LibMTL's cross-stitch over the ResNet stages
+  (:func:`resnet_cross_stitch`): one ResNet per task, stitch units after
+  ``layer1..3``.
 
 Batch norm (torch's semantics, :class:`mtljax.models.backbones.BatchNorm`)
 keeps its running averages in the model state (:attr:`Model.init_state`,
@@ -42,19 +47,23 @@ no dropout key yet (BUILD_NOTES.md, issue 26's open items).
 
 Layer groups, input to output: the ResNet stages ``stem``, ``layer1`` ..
 ``layer4`` (so layer-wise learning rates and gradual unfreezing address them
-by name), then ``heads``.
+by name; MTAN's masks and blocks, cross-stitch's units, in the group of the
+stage they follow), then ``heads``.
 """
 
 from __future__ import annotations
 
+import types
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtljax import tasks as tasks_lib
 from mtljax.models import parts as parts_lib
+from mtljax.models.backbones import layers
 from mtljax.models.backbones import resnet
 from mtljax.models.backbones import segnet
 
@@ -88,6 +97,9 @@ class _Backbone:
                        f"shape is {tuple(input_shape)}.")
     self.taskset, self.trunk = taskset, trunk
     self.net, self.heads = _modules(trunk, taskset)
+    # The same network stage by stage (each applies to params[stage]).
+    self.stages = resnet.stage_modules(RESNETS[trunk.encoder], trunk.output_stride,
+                                       norm=trunk.normalization, conv_impl=trunk.conv_impl)
     self.size = tuple(int(s) for s in input_shape[:2])
     # Batch norm needs more than one value per channel in train mode: a batch of
     # 2 images. (Init runs in eval mode and reads no statistic.)
@@ -117,24 +129,41 @@ class _Backbone:
       params[g], stats[g] = self.head_variables(rng, g)
     return params, stats
 
+  def per_task_trunks(self, rng) -> tuple[dict, dict]:
+    """One ResNet and head per task: ``({"trunk": [T, ...], "heads": ...}``
+    parameters, the same of statistics); trunk ``t`` from its stream id."""
+    r_trunk, r_heads = jax.random.split(rng)
+    keys = jax.vmap(lambda s: jax.random.fold_in(r_trunk, s))(self.stream_ids)
+    tp, ts_ = jax.vmap(self.trunk_variables)(keys)
+    hp, hs = self.all_heads(r_heads)
+    return {"trunk": tp, "heads": hp}, {"trunk": ts_, "heads": hs}
+
   # --- apply -----------------------------------------------------------------
+
+  def run(self, module, p, s, *args, train: bool, **kwargs):
+    """``(module's output, its new batch statistics)`` on ``args``: train
+    mode updates the statistics ``s``, eval mode reads them (without batch
+    norm ``s`` is ``{}`` and comes back as it is)."""
+    v = {"params": p, "batch_stats": s} if self.stateful else {"params": p}
+    if train and self.stateful:
+      out, new = module.apply(v, *args, train=True, mutable=["batch_stats"], **kwargs)
+      return out, new["batch_stats"]
+    return module.apply(v, *args, train=False, **kwargs), s
 
   def trunk_apply(self, p, s, x, train: bool):
     """``(layer4 features, new stats)`` of one trunk on ``x [B, H, W, 3]``."""
-    v = {"params": p, "batch_stats": s} if self.stateful else {"params": p}
-    if train and self.stateful:
-      out, new = self.net.apply(v, x, True, mutable=["batch_stats"])
-      return out["layer4"], new["batch_stats"]
-    return self.net.apply(v, x, False)["layer4"], s
+    out, s = self.run(self.net, p, s, x, train=train)
+    return out["layer4"], s
+
+  def stage_apply(self, name: str, p, s, h, train: bool, **kwargs):
+    """``(output, new stats)`` of the trunk's stage ``name`` (its parameters
+    ``p[name]``, statistics ``s[name]``) on ``h``."""
+    return self.run(self.stages[name], p[name], s[name] if self.stateful else {}, h,
+                    train=train, **kwargs)
 
   def head_apply(self, group: str, p, s, feats, train: bool):
     """``(outputs [B, H, W, out], new stats)`` of one head on ``feats``."""
-    head = self.heads[group]
-    v = {"params": p, "batch_stats": s} if self.stateful else {"params": p}
-    if train and self.stateful:
-      out, new = head.apply(v, feats, True, self.size, mutable=["batch_stats"])
-      return out, new["batch_stats"]
-    return head.apply(v, feats, False, self.size), s
+    return self.run(self.heads[group], p, s, feats, train=train, out_size=self.size)
 
   def heads_apply(self, head_params, head_stats, feats, task_ids, train: bool,
                   per_slot: bool):
@@ -190,18 +219,35 @@ def scatter_rows(old, new, rows, valid):
   return jax.tree.map(one, old, new)
 
 
+def per_slot(one, args, state, train: bool):
+  """``one(*slot's args) -> (outputs, new shared stats)`` run on every slot
+  (``vmap`` over the leading axis of ``args``, each slot with its own batch
+  statistics): ``(outputs [K, ...], the slots' mean of the new statistics)``
+  in train mode, ``state`` unchanged in eval mode (module docstring)."""
+  outs, st = jax.vmap(one)(*args)
+  return outs, (jax.tree.map(lambda a: jnp.mean(a, axis=0), st) if train else state)
+
+
+def _rows(tree, ids):
+  return jax.tree.map(lambda a: a[ids], tree)
+
+
 def _stage_groups(prefix: str) -> tuple[tuple[str, str], ...]:
   return tuple((s, rf"^{prefix}/{s}/") for s in resnet.STAGES) + (
       ("heads", r"^tasks/heads/"),)
 
 
 def build(arch: str, trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
-          input_shape: Sequence[int]) -> dict:
-  """The Model fields of ``arch`` on the backbone ``trunk.encoder``."""
+          input_shape: Sequence[int], hparams=None) -> dict:
+  """The Model fields of ``arch`` on the backbone ``trunk.encoder``
+  (``hparams``: ``cross_stitch``'s, which sets the stitch units' init)."""
   if trunk.encoder in parts_lib.SEGNETS:
     return segnet_model(arch, trunk, taskset, input_shape)
-  return {"multi_head": resnet_multi_head,
-          "independent": resnet_independent}[arch](trunk, taskset, input_shape)
+  if arch == "cross_stitch":
+    return resnet_cross_stitch(trunk, taskset, input_shape, hparams.init_diagonal,
+                               hparams.ones_init)
+  return {"multi_head": resnet_multi_head, "independent": resnet_independent,
+          "mtan": resnet_mtan}[arch](trunk, taskset, input_shape)
 
 
 def resnet_multi_head(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
@@ -229,12 +275,11 @@ def resnet_multi_head(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
   def apply(params, x, task_ids, state=None, train=False):
     # Per slot: each slot's own batch statistics; the trunk's update is the
     # slots' mean (module docstring).
-    feats, st = jax.vmap(lambda xk: bb.trunk_apply(params["shared"]["trunk"],
-                                                   state["shared"]["trunk"], xk, train))(x)
+    feats, trunk_state = per_slot(
+        lambda xk: bb.trunk_apply(params["shared"]["trunk"], state["shared"]["trunk"], xk,
+                                  train), (x,), state["shared"]["trunk"], train)
     outs, hs = bb.heads_apply(params["tasks"]["heads"], state["tasks"]["heads"], feats,
                               task_ids, train, per_slot=True)
-    trunk_state = (jax.tree.map(lambda a: jnp.mean(a, axis=0), st) if train
-                   else state["shared"]["trunk"])
     return outs, {"shared": {"trunk": trunk_state}, "tasks": {"heads": hs}}
 
   return _fields(bb, init_all, apply, encode, decode,
@@ -249,12 +294,8 @@ def resnet_independent(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
   num = len(taskset)
 
   def init_all(rng):
-    r_trunk, r_heads = jax.random.split(rng)
-    keys = jax.vmap(lambda s: jax.random.fold_in(r_trunk, s))(bb.stream_ids)
-    tp, ts_ = jax.vmap(bb.trunk_variables)(keys)
-    hp, hs = bb.all_heads(r_heads)
-    return ({"shared": {}, "tasks": {"trunk": tp, "heads": hp}},
-            {"shared": {}, "tasks": {"trunk": ts_, "heads": hs}})
+    tasks_p, tasks_s = bb.per_task_trunks(rng)
+    return {"shared": {}, "tasks": tasks_p}, {"shared": {}, "tasks": tasks_s}
 
   def apply(params, x, task_ids, state=None, train=False):
     tp = jax.tree.map(lambda a: a[task_ids], params["tasks"]["trunk"])
@@ -270,6 +311,273 @@ def resnet_independent(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
   rows = {"trunk": np.arange(num, dtype=np.int32),
           **{f"heads/{g}": taskset.group_members(g) for g in taskset.groups}}
   return _fields(bb, init_all, apply, None, None, rows, _stage_groups("tasks/trunk"))
+
+
+# ----------------------------------------------------------------------------
+# MTAN and cross-stitch over ResNet stages (LibMTL's architecture/MTAN.py and
+# architecture/Cross_stitch.py on its ResNet encoders).
+# ----------------------------------------------------------------------------
+
+
+class AttentionMask(nn.Module):
+  """LibMTL's ``MTAN._att_layer``: a 1x1 convolution (with bias) to ``mid``
+  channels, norm, ReLU, a 1x1 convolution (with bias) to ``out``, norm,
+  sigmoid. Built outside LibMTL's ResNet, its convolutions keep torch's
+  default init (U(+-1/sqrt(fan_in)) for kernel and bias)."""
+  mid: int
+  out: int
+  norm: str = "batch"
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    make_norm = layers.norm_layer(self.norm)
+    h = x
+    for i, f in enumerate((self.mid, self.out)):
+      h = layers.Conv(f, 1, use_bias=True, conv_impl=self.conv_impl,
+                      kernel_init=resnet.torch_default_init((0, 1, 2)),
+                      bias_init=resnet._bias_init(h.shape[-1]),  # pylint: disable=protected-access
+                      name=f"conv{i + 1}")(h)
+      h = make_norm(name=f"bn{i + 1}")(h, train)
+      h = nn.relu(h) if i == 0 else nn.sigmoid(h)
+    return h
+
+
+# The stages a stitch unit follows (LibMTL's Cross_stitch: after layer1..3;
+# layer4's features go to the heads unmixed).
+STITCHED = ("layer1", "layer2", "layer3")
+
+
+def _max_pool2(h):
+  """torch's ``MaxPool2d(2, 2)``: windows 2x2, stride 2, the remainder dropped."""
+  return nn.max_pool(h, (2, 2), strides=(2, 2))
+
+
+def resnet_mtan(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
+                input_shape: Sequence[int], internals: bool = False):
+  """MTAN over ResNet stages, LibMTL's ``_transform_resnet_MTAN``: the
+  Model fields.
+
+  The shared ResNet (``shared/trunk/<stage>``) runs as usual; stage ``i``
+  (``layer1..4``) gives ``pre_i`` (its blocks but the last: LibMTL's
+  ``layer[:-1]``) and ``out_i`` (after its last block). Task ``t``'s
+  attended feature ``a`` follows it:
+
+  * ``layer1``: ``a = mask_1^t(pre_1) * out_1``;
+  * ``layer2..4``: ``a = mask_i^t(concat(pre_i, a)) * out_i``, ``a`` first
+    max-pooled 2x2 when its size is not ``pre_i``'s (undilated stages);
+  * after ``layer1..3``: ``a = block_i(a)``, a ResNet block (basic or
+    bottleneck as the trunk's; stride 1, its 1x1 projection to
+    ``layer_{i+1}``'s width) -- after ``layer1`` also max-pooled 2x2;
+
+  the mask ``mask_i^t`` is :class:`AttentionMask` (1x1 conv to ``C_i /
+  expansion``, norm, ReLU, 1x1 conv to ``C_i``, norm, sigmoid; ``C_i`` the
+  stage's output width). Task ``t``'s DeepLab head reads its ``a`` after
+  ``layer4``.
+
+  Parameters: the masks per task, ``tasks/attention/<stage>`` stacked
+  ``[T, ...]`` (init per stream id); the blocks, one set for every task as in
+  LibMTL, at ``shared/attention/<stage>`` (the block after that stage).
+  State: the masks' statistics per task (``tasks/attention``, only the
+  slots' tasks' rows move, :func:`scatter_rows`), the blocks' and the trunk's
+  shared (the slots' mean). Each slot runs the trunk and its own task's
+  attention branch (LibMTL runs every task's branch on every forward; here a
+  task that is not sampled neither runs nor moves). No ``encode``: the
+  blocks are shared parameters read by the per-task part (as ``mtan`` on
+  SegNet). Layer groups: ``stem``, ``layer1..4`` (each with its masks and
+  the block after it), ``heads``.
+
+  With ``internals``: ``(fields, namespace)``, the namespace holding
+  ``trunk_stages(p, s, x, train)`` and ``attend(feats, mask params, mask
+  stats, block params, block stats, train, taps=None)`` (``taps``: a dict
+  that receives each stage's attended feature ``a_<stage>`` before and
+  after its block and pooling), for tests."""
+  bb = _Backbone(trunk, taskset, input_shape)
+  kind, _ = resnet.DEPTHS[RESNETS[trunk.encoder]]
+  exp = resnet.EXPANSION[kind]
+  widths = [64 * exp, 128 * exp, 256 * exp, 512 * exp]
+  names = resnet.STAGES[1:]
+  common = dict(norm=trunk.normalization, conv_impl=trunk.conv_impl)
+  masks = {n: AttentionMask(widths[i] // exp, widths[i], **common) for i, n in enumerate(names)}
+  blocks = {n: resnet._Block(kind, widths[i + 1] // exp, 1,  # pylint: disable=protected-access
+                             (1, 1) if kind == "basic" else (1,), True,
+                             kernel_init=resnet.torch_default_init((0, 1, 2)), **common)
+            for i, n in enumerate(names[:-1])}
+
+  def trunk_stages(p, s, x, train):
+    """``({stage: (out, pre)}, new trunk stats)`` of the shared ResNet."""
+    h, new_stem = bb.stage_apply("stem", p, s, x, train)
+    feats, new = {}, {"stem": new_stem}
+    for n in names:
+      (h, pre), new[n] = bb.stage_apply(n, p, s, h, train, penultimate=True)
+      feats[n] = (h, pre)
+    return feats, (new if bb.stateful else s)
+
+  def attend(feats, mp, ms, bp, bs, train, taps=None):
+    """``(task's attended layer4 feature, new mask stats, new block stats)``."""
+    a, new_m, new_b = None, {}, {}
+    taps = {} if taps is None else taps
+    for i, n in enumerate(names):
+      out, pre = feats[n]
+      if i > 0 and a.shape[1:3] != pre.shape[1:3]:
+        a = _max_pool2(a)
+      m, new_m[n] = bb.run(masks[n], mp[n], ms.get(n, {}), pre if i == 0 else
+                           jnp.concatenate([pre, a], axis=-1), train=train)
+      a = taps[f"masked_{n}"] = m * out
+      if n in blocks:
+        a, new_b[n] = bb.run(blocks[n], bp[n], bs.get(n, {}), a, train=train)
+      if i == 0:
+        a = _max_pool2(a)
+      taps[f"a_{n}"] = a
+    return a, (new_m if bb.stateful else ms), (new_b if bb.stateful else bs)
+
+  # Stage sizes: the attended feature must meet each stage's size after at
+  # most one pooling (torch would fail at the concatenation otherwise).
+  shapes = jax.eval_shape(lambda: trunk_stages(
+      bb.trunk_variables(jax.random.key(0))[0], bb.trunk_variables(jax.random.key(0))[1],
+      bb.x_example, False)[0])
+  size = None
+  for i, n in enumerate(names):
+    pre = tuple(shapes[n][1].shape[1:3])
+    if i > 0 and size != pre:
+      size = (size[0] // 2, size[1] // 2)
+    if i > 0 and size != pre:
+      raise ValueError(f"arch='mtan' with encoder={trunk.encoder!r}: the input shape "
+                       f"{tuple(input_shape)} gives {n} features of {pre[0]}x{pre[1]} that "
+                       f"the attention path ({size[0]}x{size[1]}) cannot meet by 2x2 pooling; "
+                       "use a height and width divisible by 32.")
+    size = tuple(shapes[n][0].shape[1:3])
+    if i == 0:
+      size = (size[0] // 2, size[1] // 2)
+
+  def init_masks(key):
+    p, s = {}, {}
+    for i, (n, k) in enumerate(zip(names, jax.random.split(key, len(names)))):
+      c = widths[i] * (1 if i == 0 else 2)
+      x = jnp.zeros(shapes[n][1].shape[:3] + (c,), jnp.float32)
+      p[n], s[n] = _split(masks[n].init(k, x))
+    return p, s
+
+  def init_blocks(key):
+    p, s = {}, {}
+    for n, k in zip(blocks, jax.random.split(key, len(blocks))):
+      p[n], s[n] = _split(blocks[n].init(k, jnp.zeros(shapes[n][0].shape, jnp.float32)))
+    return p, s
+
+  def init_all(rng):
+    r_trunk, r_heads, r_masks, r_blocks = jax.random.split(rng, 4)
+    tp, ts_ = bb.trunk_variables(r_trunk)
+    hp, hs = bb.all_heads(r_heads)
+    keys = jax.vmap(lambda i: jax.random.fold_in(r_masks, i))(bb.stream_ids)
+    mp, ms = jax.vmap(init_masks)(keys)
+    bp, bs = init_blocks(r_blocks)
+    return ({"shared": {"trunk": tp, "attention": bp}, "tasks": {"attention": mp, "heads": hp}},
+            {"shared": {"trunk": ts_, "attention": bs}, "tasks": {"attention": ms, "heads": hs}})
+
+  def apply(params, x, task_ids, state=None, train=False):
+    ids = jnp.asarray(task_ids)
+    sh_p, sh_s = params["shared"], state["shared"]
+
+    def one(xk, mp, ms):
+      feats, trunk_st = trunk_stages(sh_p["trunk"], sh_s["trunk"], xk, train)
+      a, new_m, new_b = attend(feats, mp, ms, sh_p["attention"], sh_s["attention"], train)
+      return (a, new_m), {"trunk": trunk_st, "attention": new_b}
+    (reps, new_m), shared = per_slot(
+        one, (x, _rows(params["tasks"]["attention"], ids),
+              _rows(state["tasks"]["attention"], ids)), sh_s, train)
+    outs, hs = bb.heads_apply(params["tasks"]["heads"], state["tasks"]["heads"], reps, ids,
+                              train, per_slot=True)
+    att = state["tasks"]["attention"]
+    if train:
+      att = scatter_rows(att, new_m, ids, jnp.ones(ids.shape, bool))
+    return outs, {"shared": shared, "tasks": {"attention": att, "heads": hs}}
+
+  rows = {"attention": np.arange(len(taskset), dtype=np.int32),
+          **{f"heads/{g}": taskset.group_members(g) for g in taskset.groups}}
+  groups = (("stem", r"^shared/trunk/stem/"),) + tuple(
+      (n, rf"^(shared/trunk|shared/attention|tasks/attention)/{n}/") for n in names) + (
+      ("heads", r"^tasks/heads/"),)
+  fields = _fields(bb, init_all, apply, None, None, rows, groups)
+  if internals:
+    return fields, types.SimpleNamespace(trunk_stages=trunk_stages, attend=attend, bb=bb)
+  return fields
+
+
+def stitch_init(num_tasks: int, diagonal: float, ones: bool = False):
+  """A ``[T, T]`` stitch unit at init: ``diagonal`` on the diagonal and
+  ``(1 - diagonal) / (T - 1)`` elsewhere (rows summing to one, the paper's
+  convex init; one task: ``[[1]]``), or every entry 1 with ``ones``
+  (LibMTL's)."""
+  if ones:
+    return jnp.ones((num_tasks, num_tasks), jnp.float32)
+  off = (1.0 - diagonal) / max(num_tasks - 1, 1)
+  alpha = jnp.full((num_tasks, num_tasks), off, jnp.float32)
+  return alpha.at[jnp.diag_indices(num_tasks)].set(diagonal if num_tasks > 1 else 1.0)
+
+
+def resnet_cross_stitch(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
+                        input_shape: Sequence[int], init_diagonal: float,
+                        ones_init: bool = False, internals: bool = False):
+  """Cross-stitch over ResNet stages, LibMTL's ``_transform_resnet_cross``:
+  one ResNet per task (``tasks/trunk``, stacked ``[T, ...]``, init per stream
+  id), every column on the slot's images, the columns' outputs after
+  ``layer1``, ``layer2`` and ``layer3`` mixed by a learned stitch unit
+  ``alpha [T, T]`` (``shared/stitch/<stage>``): column ``t`` continues from
+  ``sum_s alpha[t, s] h_s``. Task ``t``'s DeepLab head reads column ``t``'s
+  ``layer4``. LibMTL initialises ``alpha`` to ones (``ones_init``); the
+  default here is the paper's convex rows (``init_diagonal`` 0.9, the rest
+  ``0.1 / (T - 1)``), as on the small encoders.
+
+  Every column runs on every forward (the stitch needs them all), so every
+  task's trunk statistics move each step (the slots' mean); the heads' only
+  for the slots' tasks. No ``encode`` (no task-independent part). Layer
+  groups: ``stem``, ``layer1..4`` (each with the stitch after it), ``heads``.
+
+  With ``internals``: ``(fields, namespace)``, the namespace holding
+  ``columns(trunk params, trunk stats, stitch, x, train, taps=None)``
+  (``taps`` receives each stage's columns ``[T, B, ...]`` before and after its
+  stitch) and the stage modules, for tests."""
+  bb = _Backbone(trunk, taskset, input_shape)
+  num = len(taskset)
+
+  def init_all(rng):
+    tasks_p, tasks_s = bb.per_task_trunks(rng)
+    alpha = stitch_init(num, init_diagonal, ones_init)
+    return ({"shared": {"stitch": {n: alpha for n in STITCHED}}, "tasks": tasks_p},
+            {"shared": {}, "tasks": tasks_s})
+
+  def columns(cols, col_stats, alpha, xk, train, taps=None):
+    """Every task's column on ``xk``: ``(layer4 features [T, B, h, w, C], new stats)``."""
+    h, new = xk, {}
+    taps = {} if taps is None else taps
+    for n in resnet.STAGES:
+      h, new[n] = jax.vmap(lambda p, s, a, n=n: bb.stage_apply(n, p, s, a, train),
+                           in_axes=(0, 0, None if n == "stem" else 0))(cols, col_stats, h)
+      taps[f"{n}"] = h
+      if n in STITCHED:
+        h = taps[f"{n}_stitched"] = jnp.einsum("ts,s...->t...", alpha[n], h)
+    return h, (new if bb.stateful else col_stats)
+
+  def apply(params, x, task_ids, state=None, train=False):
+    ids = jnp.asarray(task_ids)
+
+    def one(xk, t):
+      h, st = columns(params["tasks"]["trunk"], state["tasks"]["trunk"],
+                      params["shared"]["stitch"], xk, train)
+      return h[t], st
+    feats, trunks = per_slot(one, (x, ids), state["tasks"]["trunk"], train)
+    outs, hs = bb.heads_apply(params["tasks"]["heads"], state["tasks"]["heads"], feats, ids,
+                              train, per_slot=True)
+    return outs, {"shared": {}, "tasks": {"trunk": trunks, "heads": hs}}
+
+  rows = {"trunk": np.arange(num, dtype=np.int32),
+          **{f"heads/{g}": taskset.group_members(g) for g in taskset.groups}}
+  groups = tuple((n, rf"^(tasks/trunk/{n}/|shared/stitch/{n}$)") for n in resnet.STAGES) + (
+      ("heads", r"^tasks/heads/"),)
+  fields = _fields(bb, init_all, apply, None, None, rows, groups)
+  if internals:
+    return fields, types.SimpleNamespace(columns=columns, bb=bb)
+  return fields
 
 
 def _fields(bb: _Backbone, init_all, apply, encode, decode, task_rows, groups) -> dict:
@@ -348,16 +656,19 @@ def segnet_model(arch: str, trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
     del x
     return task_part(task_params, rep, task_ids, state, train)
 
+  def slot(p, st, xk, t, train):
+    """One slot: the shared part, then every task's branch; slot ``t``'s
+    outputs and the new statistics."""
+    rep, sh = encode(p["shared"], xk, st["shared"], train)
+    outs, ts_ = task_part(p["tasks"], rep, t[None], st["tasks"], train)
+    return jax.tree.map(lambda a: a[0], outs), {"shared": sh, "tasks": ts_}
+
   if arch == "multi_head":
     def apply(params, x, task_ids, state=None, train=False):
       # Per slot (its own batch statistics); every slot runs every task's
       # head and reads its own; the statistics' update is the slots' mean.
-      def one(xk, t):
-        rep, sh = encode(params["shared"], xk, state["shared"], train)
-        outs, ts_ = task_part(params["tasks"], rep, t[None], state["tasks"], train)
-        return jax.tree.map(lambda a: a[0], outs), {"shared": sh, "tasks": ts_}
-      outs, st = jax.vmap(one)(x, jnp.asarray(task_ids))
-      return outs, (jax.tree.map(lambda a: jnp.mean(a, axis=0), st) if train else state)
+      return per_slot(lambda xk, t: slot(params, state, xk, t, train),
+                      (x, jnp.asarray(task_ids)), state, train)
 
     return {"init": lambda rng: init_one(rng)[0], "init_state": lambda rng: init_one(rng)[1],
             "apply": apply, "encode": encode, "decode": decode,
@@ -391,15 +702,9 @@ def segnet_model(arch: str, trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
 
     def apply_mtan(params, x, task_ids, state=None, train=False):
       p, st0 = to_net(params), to_net(state)
-
-      def one(xk, t):
-        rep, sh = encode(p["shared"], xk, st0["shared"], train)
-        outs, ts_ = task_part(p["tasks"], rep, t[None], st0["tasks"], train)
-        return jax.tree.map(lambda a: a[0], outs), {"shared": sh, "tasks": ts_}
-      outs, st = jax.vmap(one)(x, jnp.asarray(task_ids))
-      if not train:
-        return outs, state
-      return outs, to_mtljax(jax.tree.map(lambda a: jnp.mean(a, axis=0), st))
+      outs, st = per_slot(lambda xk, t: slot(p, st0, xk, t, train),
+                          (x, jnp.asarray(task_ids)), st0, train)
+      return outs, (to_mtljax(st) if train else state)
 
     abstract = jax.eval_shape(lambda: init_mtan(jax.random.key(0))[0])
     rows = {f"heads/{g}": taskset.group_members(g) for g in taskset.groups}

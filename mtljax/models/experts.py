@@ -300,11 +300,14 @@ def ple(arch: str, trunk: parts_lib.Trunk, hparams: PLEHParams, taskset: tasks_l
 def mtan(arch: str, trunk: parts_lib.Trunk, hparams: MTANHParams, taskset: tasks_lib.TaskSet,
          input_shape: Sequence[int]) -> dict:
   """``mtan``: the :class:`~mtljax.models.multitask.Model` fields (on the
-  SegNet encoder: the MTAN paper's model, :mod:`mtljax.models.backbone_models`)."""
-  if trunk.encoder in parts_lib.SEGNETS:
+  SegNet encoder: the MTAN paper's model; on a ResNet encoder: LibMTL's
+  attention over the ResNet stages; :mod:`mtljax.models.backbone_models`)."""
+  if trunk.encoder in parts_lib.BACKBONES:
     if hparams.tower:
-      raise ValueError(f"mtan.tower={hparams.tower}: MTAN over SegNet has the MTAN code's "
-                       "heads, no tower; leave mtan.tower empty.")
+      which = ("MTAN over SegNet has the MTAN code's heads" if trunk.encoder in parts_lib.SEGNETS
+               else "MTAN over ResNet stages has LibMTL's DeepLab heads")
+      raise ValueError(f"mtan.tower={hparams.tower}: {which}, no tower; leave mtan.tower "
+                       "empty.")
     return backbone_models.build(arch, trunk, taskset, input_shape)
   return mtan_model(parts_lib.Parts(trunk, taskset, input_shape, tower=hparams.tower))
 

@@ -43,8 +43,10 @@ ENCODERS = ("mlp", "cnn", "fcn") + BACKBONES + VITS
 # Encoders whose features are per pixel ([B, H, W, F]): the dense tasks' (and
 # only theirs: a per-example task needs one feature vector per example), and
 # the architectures each is built for.
+# (mmoe / cgc / ple and soft are not offered on the backbones: BUILD_NOTES.md,
+# issue 26, "MTAN and cross-stitch over ResNet stages".)
 DENSE_ARCHS = {"fcn": ("multi_head", "independent"),
-               **{r: ("multi_head", "independent") for r in RESNETS},
+               **{r: ("multi_head", "independent", "mtan", "cross_stitch") for r in RESNETS},
                "segnet": ("multi_head", "independent", "mtan")}
 DENSE_ENCODERS = tuple(DENSE_ARCHS)
 HEADS = ("auto", "per_task", "shared")

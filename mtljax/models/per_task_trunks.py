@@ -54,15 +54,21 @@ class CrossStitchHParams:
     init_diagonal: the stitch units' diagonal at init, in [0, 1]; the rest of
       each row is ``(1 - init_diagonal) / (T - 1)`` (0.9: the paper's; 1: the
       identity, i.e. independent networks).
+    ones_init: every entry of every unit 1 at init (LibMTL's
+      ``Cross_stitch``: ``torch.ones(4, T, T)``) instead of the rows above;
+      ``init_diagonal`` is then unused.
   """
   init_diagonal: float = 0.9
+  ones_init: bool = False
 
   def checked(self, arch: str, trunk: parts_lib.Trunk) -> CrossStitchHParams:
     del trunk
     value = parts_lib.finite_number(f"{arch}.init_diagonal", self.init_diagonal)
     if not 0.0 <= value <= 1.0:
       raise ValueError(f"{arch}.init_diagonal must be in [0, 1], got {self.init_diagonal}.")
-    return dataclasses.replace(self, init_diagonal=value)
+    if not isinstance(self.ones_init, (bool, np.bool_)):
+      raise ValueError(f"{arch}.ones_init must be True or False, got {self.ones_init!r}.")
+    return dataclasses.replace(self, init_diagonal=value, ones_init=bool(self.ones_init))
 
 
 def soft_layers(arch: str, pattern: str, layer_names: Sequence[str]) -> list[str]:
@@ -101,10 +107,14 @@ def soft(arch: str, trunk: parts_lib.Trunk, hparams: SoftHParams,
 
 def cross_stitch(arch: str, trunk: parts_lib.Trunk, hparams: CrossStitchHParams,
                  taskset: tasks_lib.TaskSet, input_shape: Sequence[int]) -> dict:
-  """``cross_stitch``: the :class:`~mtljax.models.multitask.Model` fields."""
+  """``cross_stitch``: the :class:`~mtljax.models.multitask.Model` fields
+  (on a ResNet encoder: stitched ResNet stages, LibMTL's form,
+  :func:`mtljax.models.backbone_models.resnet_cross_stitch`)."""
   del arch
+  if trunk.encoder in parts_lib.RESNETS:
+    return backbone_models.build("cross_stitch", trunk, taskset, input_shape, hparams)
   return cross_stitch_model(parts_lib.Parts(trunk, taskset, input_shape),
-                            hparams.init_diagonal)
+                            hparams.init_diagonal, hparams.ones_init)
 
 
 def per_task_trunks_model(parts: parts_lib.Parts, penalty: Callable | None = None) -> dict:
@@ -148,18 +158,16 @@ def _soft_penalty(paths: list[str], hparams: SoftHParams, num_tasks: int) -> Cal
   return penalty
 
 
-def cross_stitch_model(parts: parts_lib.Parts, init_diagonal: float) -> dict:
+def cross_stitch_model(parts: parts_lib.Parts, init_diagonal: float,
+                       ones_init: bool = False) -> dict:
   """One column per task, mixed after every trunk layer by stitch units
-  initialised to ``init_diagonal`` on the diagonal: the
+  initialised to ``init_diagonal`` on the diagonal (or ones): the
   :class:`~mtljax.models.multitask.Model` fields."""
   trunk, num_tasks = parts.trunk, parts.num_tasks
 
   def init(rng):
     r_trunk, r_heads, _ = jax.random.split(rng, 3)
-    off = (1.0 - init_diagonal) / max(num_tasks - 1, 1)
-    alpha = jnp.full((num_tasks, num_tasks), off, jnp.float32)
-    alpha = alpha.at[jnp.diag_indices(num_tasks)].set(
-        init_diagonal if num_tasks > 1 else 1.0)
+    alpha = backbone_models.stitch_init(num_tasks, init_diagonal, ones_init)
     params = {"shared": {"stitch": {n: alpha for n in trunk.layer_names}},
               "tasks": {"trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk))}}
     params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.trunk_dim)

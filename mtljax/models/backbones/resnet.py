@@ -79,7 +79,7 @@ is ``out_size`` with the default ``align_corners=True`` here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -135,13 +135,18 @@ class _Block(nn.Module):
   axis_name: str | None = None
   conv_impl: str = "auto"
   zero_init_residual: bool = False
+  # The convolutions' kernel init; None: torchvision's ResNet init (kaiming
+  # normal, fan out). LibMTL's MTAN builds its attention blocks outside the
+  # ResNet, so they keep torch's default init (``torch_default_init``).
+  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     make_norm = layers.norm_layer(self.norm, axis_name=self.axis_name)
     last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    init = {} if self.kernel_init is None else {"kernel_init": self.kernel_init}
     conv = lambda f, k, s, d, name: layers.Conv(  # noqa: E731
-        f, k, stride=s, dilation=d, conv_impl=self.conv_impl, name=name)
+        f, k, stride=s, dilation=d, conv_impl=self.conv_impl, name=name, **init)
     if self.kind == "basic":
       out_ch = self.planes
       h = conv(self.planes, 3, self.stride, self.dilations[0], "conv1")(x)
@@ -176,15 +181,39 @@ class _Stage(nn.Module):
   zero_init_residual: bool = False
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x, train: bool = False, penultimate: bool = False):
+    """The stage's output; with ``penultimate``, ``(output, the input of its
+    last block)`` (what LibMTL's MTAN attends: ``layer[:-1]`` and ``layer[-1]``)."""
     stride = 1 if self.dilate > 1 else self.stride
     out_ch = self.planes * EXPANSION[self.kind]
+    pre = x
     for i, dil in enumerate(stage_dilations(self.kind, self.blocks, self.dilate)):
+      pre = x
       x = _Block(self.kind, self.planes, stride if i == 0 else 1, dil,
                  downsample=(i == 0 and (self.stride != 1 or self.in_channels != out_ch)),
                  norm=self.norm, axis_name=self.axis_name, conv_impl=self.conv_impl,
                  zero_init_residual=self.zero_init_residual, name=f"block{i}")(x, train)
-    return x
+    return (x, pre) if penultimate else x
+
+
+def stage_modules(depth: int, output_stride: int, *, norm: str = "batch",
+                  axis_name: str | None = None, conv_impl: str = "auto",
+                  zero_init_residual: bool = False) -> dict[str, nn.Module]:
+  """The ResNet's stages as modules, ``{"stem", "layer1", ..., "layer4"}``:
+  made inside :class:`ResNet` (its submodules) or outside it, where each one
+  applies to ``params[stage]`` of a ResNet's parameters (the per-stage
+  architectures: MTAN and cross-stitch over ResNet stages)."""
+  kind, counts = DEPTHS[depth]
+  dilate = {32: (1, 1), 16: (1, 2), 8: (2, 4)}[output_stride]
+  common = dict(norm=norm, axis_name=axis_name, conv_impl=conv_impl)
+  out, in_ch = {"stem": _Stem(**common, name="stem")}, 64
+  for s, (planes, n) in enumerate(zip((64, 128, 256, 512), counts)):
+    out[f"layer{s + 1}"] = _Stage(kind, planes, n, stride=1 if s == 0 else 2,
+                                  dilate=(1, 1, dilate[0], dilate[1])[s], in_channels=in_ch,
+                                  zero_init_residual=zero_init_residual, **common,
+                                  name=f"layer{s + 1}")
+    in_ch = planes * EXPANSION[kind]
+  return out
 
 
 class _Stem(nn.Module):
@@ -226,18 +255,13 @@ class ResNet(nn.Module):
     self._check()
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ResNet takes images [B, H, W, 3], got shape {x.shape}")
-    kind, counts = DEPTHS[self.depth]
-    dilate = {32: (1, 1), 16: (1, 2), 8: (2, 4)}[self.output_stride]
-    common = dict(norm=self.norm, axis_name=self.axis_name, conv_impl=self.conv_impl)
-    out = {"stem": _Stem(**common, name="stem")(x, train)}
-    h, in_ch = out["stem"], 64
-    for s, (planes, n) in enumerate(zip((64, 128, 256, 512), counts)):
-      h = _Stage(kind, planes, n, stride=1 if s == 0 else 2,
-                 dilate=(1, 1, dilate[0], dilate[1])[s], in_channels=in_ch,
-                 zero_init_residual=self.zero_init_residual, **common,
-                 name=f"layer{s + 1}")(h, train)
-      in_ch = planes * EXPANSION[kind]
-      out[f"layer{s + 1}"] = h
+    modules = stage_modules(self.depth, self.output_stride, norm=self.norm,
+                            axis_name=self.axis_name, conv_impl=self.conv_impl,
+                            zero_init_residual=self.zero_init_residual)
+    out, h = {}, x
+    for name in STAGES:
+      h = out[name] = modules[name](h, train)
+    in_ch = self.feature_channels
     if self.num_classes is not None:
       pooled = jnp.mean(h, axis=(1, 2))
       out["logits"] = nn.Dense(self.num_classes, kernel_init=torch_default_init((0,)),
