@@ -47,6 +47,7 @@ import ml_collections
 import numpy as np
 
 from mtljax import tasks as tasks_lib
+from mtljax import workdir as workdir_lib
 
 logger = logging.getLogger("mtljax")
 
@@ -141,10 +142,21 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def cache_key(config) -> str:
   """A hash of everything in the baselines' config that can change their
   result (every field but :data:`_NOT_RESULTS`, and the objective's settings,
-  which the baselines ignore)."""
+  which the baselines ignore). A key added to the configs later
+  (:data:`mtljax.workdir.ADDED_KEYS`) at the value that does what a config
+  without it did is left out, so adding a setting keeps the cached baselines
+  of every config that does not use it."""
   c = baseline_config(config).to_dict()
   for key in _NOT_RESULTS:
     c.pop(key, None)
+  for dotted, default in workdir_lib.ADDED_KEYS.items():
+    *parents, leaf = dotted.split(".")
+    node = c
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if (isinstance(node, dict) and leaf in node
+        and workdir_lib.normal(node[leaf]) == workdir_lib.normal(default)):
+      del node[leaf]
   c["objective"] = {"method": "fixed"}
   blob = json.dumps(c, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]

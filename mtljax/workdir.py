@@ -125,7 +125,7 @@ def _resumable(key: str) -> bool:
   return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
 
 
-def _normal(value):
+def normal(value):
   """JSON round trip (tuples become lists) for comparing configs."""
   return json.loads(json.dumps(value, default=str))
 
@@ -139,14 +139,14 @@ def check_config(workdir: str, config: dict, write: bool = True,
   (:func:`mtljax.checkpoint.read_identity`), compared when ``config.json`` is
   gone (a workdir with checkpoints and no ``config.json`` is still a resume)."""
   path = os.path.join(workdir, CONFIG_FILE)
-  current = _normal(config)
+  current = normal(config)
   source = f"workdir {workdir!r} was started with another config"
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
   elif stored_with_checkpoints is not None:
     step, stored = stored_with_checkpoints
-    stored = _normal(stored)
+    stored = normal(stored)
     source = (f"workdir {workdir!r} has no {CONFIG_FILE}, and its checkpoint step {step} was "
               "written with another config")
   else:

@@ -5,6 +5,7 @@ import itertools
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -14,6 +15,7 @@ from mtljax import measure
 from mtljax import steps
 from mtljax import tasks
 from mtljax import train
+from mtljax import workdir
 from mtljax.data import sampling
 from mtljax.data import specs
 from mtljax.data import task_data
@@ -146,6 +148,34 @@ def test_baseline_cache_key_covers_every_field_that_changes_the_result(path, val
     node = node[part]
   node[leaf] = value
   assert (measure.cache_key(c) == key) == same, path
+
+
+def test_a_setting_added_later_keeps_the_cache_key_at_its_old_behaviour(tmp_path):
+  """A config that lacks a key added later (``workdir.ADDED_KEYS``: what the
+  configs had before it) and one that holds it at the value that does what
+  the old config did share their cached baselines; any other value is
+  another entry."""
+  c = _small_config(tmp_path)
+  key = measure.cache_key(c)
+  old = c.to_dict()
+  checked = 0
+  for dotted, default in workdir.ADDED_KEYS.items():
+    *parents, leaf = dotted.split(".")
+    node = old
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      continue
+    assert workdir.normal(node[leaf]) == workdir.normal(default), dotted  # base config: default
+    del node[leaf]
+    checked += 1
+  assert checked >= 10  # the base config holds most of them
+  assert measure.cache_key(ml_collections.ConfigDict(old)) == key
+  c.model.output_stride = 16
+  assert measure.cache_key(c) != key
+  c.model.output_stride = 8
+  c.data.augment_scales = (1.0, 1.25)
+  assert measure.cache_key(c) != key
 
 
 def test_group_tasks_finds_the_affine_blocks():
