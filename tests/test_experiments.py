@@ -281,7 +281,7 @@ def test_quick_regression_configs_beat_predicting_the_mean(module, tmp_path):
 
 @pytest.mark.parametrize("field, value, match", [
     ("model.arch", "mixture", "config.model.arch='mixture'"),
-    ("model.encoder", "vit", "config.model: encoder='vit' is not one of"),
+    ("model.encoder", "swin", "config.model: encoder='swin' is not one of"),
     ("model.num_experts", 4, r"config.model: unknown key\(s\) \['num_experts'\]"),
     ("model.mmoe.experts", 4, r"config.model.mmoe: unknown hyper-parameter\(s\) \['experts'\]"),
     ("sampling.task_sampler", "greedy", "config.sampling.task_sampler='greedy'"),

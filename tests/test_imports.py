@@ -17,8 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "mtljax"
 LAYERS = (
     ("errors", "params", "precision", "schedules", "tensorboard", "plotting"),
     ("dense",),
-    ("tasks",),
-    ("data", "models", "checkpoint", "transfer", "sharding", "optim", "measure", "workdir"),
+    ("tasks", "workdir"),
+    ("data", "models", "checkpoint", "transfer", "sharding", "optim", "measure"),
     ("gradients", "pretrained"),
     ("jacobians", "affinity"),
     ("objectives", "instance_wise"),
