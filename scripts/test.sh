@@ -10,8 +10,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh requirements-test.txt || exit 1
 
+# The fast tier hands out whole files (a file's shared programs compile once:
+# tests/conftest.py); the slow tier hands out single tests, longest files
+# first, because its files hold minutes-long tests that one worker would run
+# in series (test_backbone_models' slow tests, about 11 minutes).
 run() {
-  .venv/bin/python -m pytest -n "${MTLJAX_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+  local dist=$1
+  shift
+  .venv/bin/python -m pytest -n "${MTLJAX_TEST_WORKERS:-2}" --dist "$dist" \
+    --no-loadscope-reorder "$@"
   local rc=$?
   if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests (exit 5) for: $*" >&2
@@ -21,10 +28,10 @@ run() {
 }
 
 if [ "$#" -gt 0 ]; then
-  run "$@"
+  run loadfile "$@"
   exit $?
 fi
 echo "== fast tier (-m 'not slow') =="
-run -m "not slow" --durations=15 || exit $?
+run loadfile -m "not slow" --durations=15 || exit $?
 echo "== slow tier (-m slow) =="
-run -m slow --durations=25
+run load -m slow --durations=25
