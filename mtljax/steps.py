@@ -416,7 +416,11 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
       or without replacement, and whether every slot sees the same B examples
       (shared inputs: the tasks must share one input source,
       :func:`mtljax.data.sampling.check_shared_inputs`). The host pipeline
-      draws with the same sampler.
+      draws with the same sampler. Its ``draws`` must be the objective's
+      :attr:`~mtljax.objectives.Objective.draws` (MoDo, SDMGrad: 3
+      independent mini-batches of the step's tasks, one batch of ``3 K``
+      slots; with shared inputs each draw's ``B`` examples are read by its
+      ``K`` slots, on the per-slot path).
     weights: ``[T]`` fixed task weights.
     steps_per_call: steps per call under ``lax.scan`` (measurements summed).
     seed: the random streams' key ``key(seed)``, unless the state holds
