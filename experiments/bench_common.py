@@ -65,7 +65,7 @@ def mtljax_step(entry: str, data, compute: str = "float32"):
   tx = optim.make_optimizer("adam", lr=1e-3)
   obj = objectives.make_objective(method, len(ts), gram_path=gram_path)
   sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),
-                                  len(ts), B, shared_inputs=shared)
+                                  len(ts), B, shared_inputs=shared, draws=obj.draws)
   fn = steps.make_train_step(
       model, tx, obj, sampler, weights=tasks.task_weights(ts, None), steps_per_call=SPC,
       slot_backwards=backwards, placement=_placement())

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtljax import objectives
 from mtljax import precision as precision_lib
 from mtljax import steps
 from mtljax import tasks
@@ -87,7 +88,8 @@ def build(model, data, method: str, batch: int):
   """mtljax's step, its initial state and the split, compiled."""
   ts = data.taskset
   sampler = sampling.make_sampler(ts, np.full(len(ts), 1 / len(ts)), len(ts), batch,
-                                  False, True)
+                                  False, True,
+                                  draws=objectives.make_objective(method, len(ts)).draws)
   tx = optax.adam(1e-4)
   fn = steps.make_train_step(model, tx, method, sampler, weights=np.ones(len(ts), np.float32))
   state = jax.jit(lambda: steps.init_train_state(model, tx, jax.random.key(0), method))()

@@ -813,7 +813,7 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
                       "run one seed per job, or set config.data.pipeline='device'.")
   # One sampler: the step draws with it, and the host pipeline reads its draws.
   sampler = sampling.make_sampler(ts, probs, s.tasks_per_step or len(ts), s.examples_per_task,
-                                  s.replace, s.shared_inputs)
+                                  s.replace, s.shared_inputs, draws=objective.draws)
   with errors.config_section("data", config.data):
     augment = steps.dense_augmenter(ts, config.data.get("augment", ""),
                                     tuple(config.data.get("augment_scales",

@@ -137,24 +137,27 @@ def init_train_state(model: multitask.Model, tx, rng: jax.Array, objective="fixe
 def sample_batch(sampler: sampling.Sampler, data: dict, r_tasks, r_examples
                  ) -> jacobians.Batch:
   """Task ids ``[K]``, then ``B`` examples per slot (or ``B`` for all slots):
-  the draw of :func:`mtljax.data.sampling.sample_indices`, gathered."""
+  the draw of :func:`mtljax.data.sampling.sample_indices`, gathered. With
+  ``sampler.draws = D > 1``, the ``D`` independent draws of
+  :func:`mtljax.data.sampling.sample_draws` as ``D K`` slots (each slot with
+  its own inputs)."""
   s = sampler
-  task_ids, idx = sampling.sample_indices(sampler, data["n"], r_tasks, r_examples)
+  task_ids, idx = sampling.sample_draws(sampler, data["n"], r_tasks, r_examples)
   if s.all_tasks is not None:
-    task_ids = s.all_tasks  # static: the slots' groups are known when tracing
+    task_ids = s.slot_tasks  # static: the slots' groups are known when tracing
   arrays = {"local_index": s.local_index}
-  if s.shared_inputs:
+  if s.shared_batch:
     x, ys = sampling.gather_shared_batch(data, arrays, task_ids, idx)
   else:
     x, ys = sampling.gather_batch(data, arrays, task_ids, idx)
-  return jacobians.Batch(x, ys, task_ids, s.shared_inputs)
+  return jacobians.Batch(x, ys, task_ids, s.shared_batch)
 
 
 def host_batch(sampler: sampling.Sampler, batch: dict) -> jacobians.Batch:
   """A batch read by the host pipeline: ``{"task_ids" [K], "x" [K, B, ...]
-  or [B, ...], "y" {group: [K, B]}}``."""
-  ids = sampler.all_tasks if sampler.all_tasks is not None else batch["task_ids"]
-  return jacobians.Batch(batch["x"], batch["y"], ids, sampler.shared_inputs)
+  or [B, ...], "y" {group: [K, B]}}`` (``D K`` slots for ``sampler.draws = D``)."""
+  ids = sampler.slot_tasks if sampler.all_tasks is not None else batch["task_ids"]
+  return jacobians.Batch(batch["x"], batch["y"], ids, sampler.shared_batch)
 
 
 # fold_in(r_examples, AUGMENT_STREAM) keys a step's augmentation (a stream of
@@ -309,6 +312,18 @@ def _check_step(model, objective, sampler, *, tag_lr, one_pass) -> tuple[str, li
   if tasks_per_step > num_tasks and not sampler.replace:
     raise ValueError(f"sampling.tasks_per_step={tasks_per_step} must be in "
                      f"[1, {num_tasks}] when sampling tasks without replacement.")
+  if sampler.draws != objective.draws:
+    raise ValueError(
+        f"objective.method={objective.name!r} reads {objective.draws} independent "
+        f"mini-batch(es) of the step's tasks per step and the sampler draws "
+        f"{sampler.draws}: make it with sampling.make_sampler(..., "
+        f"draws={objective.draws}) (the objective's Objective.draws).")
+  if objective.draws > 1 and tag_lr > 0:
+    raise ValueError(f"tag_lr > 0 measures affinities between the step's slots; "
+                     f"objective.method={objective.name!r} reads {objective.draws} draws "
+                     "of the same tasks per step, whose slots are not distinct tasks: "
+                     "set tag_lr=0.")
+  shared_inputs = sampler.shared_batch  # several draws: each slot has its own inputs
   if tasks_per_step < objective.min_slots:
     raise ValueError(f"objective.method={objective.name!r} with {objective.hparams} needs at "
                      f"least {objective.min_slots} task slots per step, got "
@@ -401,7 +416,11 @@ def make_train_step(model: multitask.Model, tx, objective, sampler: sampling.Sam
       or without replacement, and whether every slot sees the same B examples
       (shared inputs: the tasks must share one input source,
       :func:`mtljax.data.sampling.check_shared_inputs`). The host pipeline
-      draws with the same sampler.
+      draws with the same sampler. Its ``draws`` must be the objective's
+      :attr:`~mtljax.objectives.Objective.draws` (MoDo, SDMGrad: 3
+      independent mini-batches of the step's tasks, one batch of ``3 K``
+      slots; with shared inputs each draw's ``B`` examples are read by its
+      ``K`` slots, on the per-slot path).
     weights: ``[T]`` fixed task weights.
     steps_per_call: steps per call under ``lax.scan`` (measurements summed).
     seed: the random streams' key ``key(seed)``, unless the state holds

@@ -60,7 +60,7 @@ def toy_methods() -> tuple[str, ...]:
   ``n_byzantine + 3``), and the loss-based and stateful methods that fit a
   two-parameter problem."""
   grams = tuple(name for name, m in gradients.REGISTRY.items() if m.rows_needed({}) <= 2)
-  return (("fixed", "rlw", "famo") + grams + ("gradvac", "excess_mtl")
+  return (("fixed", "rlw", "famo") + grams + ("gradvac", "excess_mtl", "modo", "sdmgrad")
           + POSITIVE_LOSS_METHODS)
 
 
@@ -112,17 +112,21 @@ def objective(method: str, scale: float = 1.0, *, cagrad_c: float = 0.5,
                                 jax.ShapeDtypeStruct((2,), jnp.float32))
 
 
-def linearized(x: jax.Array, scale: float, shift=(0.0, 0.0)) -> jacobians.Linearized:
+def linearized(x: jax.Array, scale: float, shift=(0.0, 0.0),
+               draws: int = 1) -> jacobians.Linearized:
   """The toy's two losses at ``x``, minus ``shift``, as a
   :class:`mtljax.jacobians.Linearized` (``x`` is the "shared parameter"; the
-  exact ``[2, 2]`` Jacobian)."""
+  exact ``[2, 2]`` Jacobian). ``draws``: the slots of that many independent
+  draws of the two tasks (MoDo, SDMGrad: :attr:`mtljax.objectives.Objective.draws`);
+  the toy is deterministic, so every draw is the same exact Jacobian (their
+  double sampling is then the deterministic method)."""
   shift = jnp.asarray(shift, jnp.float32)
-  l = losses(x, scale) - shift
-  g = jax.jacrev(lambda x: losses(x, scale))(x)            # [2 tasks, 2 coords]
+  l = jnp.tile(losses(x, scale) - shift, draws)
+  g = jnp.tile(jax.jacrev(lambda x: losses(x, scale))(x), (draws, 1))   # [D 2 slots, 2]
   return jacobians.Linearized(
       losses=l, pullback=lambda c: {"shared": c @ g, "tasks": {}},
       slot_grads=lambda c: (c[:, None] * g, {}), rep_grads=None, rep_pullback=None,
-      loss_at=lambda p: losses(p["shared"], scale) - shift, one_pass=False)
+      loss_at=lambda p: jnp.tile(losses(p["shared"], scale) - shift, draws), one_pass=False)
 
 
 def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3,
@@ -142,13 +146,13 @@ def run(method: str, starts, steps: int, *, scale: float = 1.0, lr: float = 1e-3
   tx = optax.adam(lr)
   obj = objective(method, scale, cagrad_c=cagrad_c, cagrad_rescale=cagrad_rescale,
                   famo_gamma=famo_gamma)
-  ids, ones = jnp.arange(2), jnp.ones((2,), jnp.float32)
+  ids, ones = jnp.tile(jnp.arange(2), obj.draws), jnp.ones((2,), jnp.float32)
   shift = loss_floor(scale) if method in POSITIVE_LOSS_METHODS else (0.0, 0.0)
 
   def one_start(x0, key):
     def step(carry, i):
       (x, own), opt_state, fails, mstate = carry
-      lin = linearized(x, scale, shift)
+      lin = linearized(x, scale, shift, obj.draws)
       res = obj.gradients(lin, objectives.Inputs(ids, ones, mstate, own,
                                                  jax.random.fold_in(key, i)))
       grads = (res.grads["shared"], res.grads["tasks"].get(method, {}) if own else {})

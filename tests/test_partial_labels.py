@@ -324,8 +324,14 @@ def test_every_objective_updates_finitely_with_one_fully_unlabelled_slot(method)
   row = ts.local_index[unl]
   tx = optax.adam(1e-2)
   objective = objectives.make_objective(method, len(ts))
+  draws = objective.draws
+  if draws > 1:  # MoDo, SDMGrad: the same examples in each of the three draws' slots
+    batch = {"task_ids": np.tile(order, draws),
+             "x": np.broadcast_to(x, (draws * k,) + x.shape),
+             "y": {g: np.tile(v, (draws, 1)) for g, v in ys.items()}}
   train_step = jax.jit(steps.make_train_step(
-      model, tx, objective, sampling.make_sampler(ts, np.full(4, 0.25), k, b, shared_inputs=True),
+      model, tx, objective, sampling.make_sampler(ts, np.full(4, 0.25), k, b, shared_inputs=True,
+                                                  draws=draws),
       weights=np.ones(4), host_batches=True))
   state = steps.init_train_state(model, tx, jax.random.key(0), objective)
   # Adam's zero moments fit any values.

@@ -39,17 +39,20 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, builder_config, k, shared, replace", [
-    ("multi_digits", "n300_m60_s0", 2, True, False),    # shared inputs, K = T
-    ("multi_digits", "n300_m60_s0", 2, False, False),   # per-slot draws of one source
-    ("sinusoids", "t5_n30_m20_s0", 3, False, True),     # tasks on different inputs, K < T
+@pytest.mark.parametrize("name, builder_config, k, shared, replace, draws", [
+    ("multi_digits", "n300_m60_s0", 2, True, False, 1),    # shared inputs, K = T
+    ("multi_digits", "n300_m60_s0", 2, False, False, 1),   # per-slot draws of one source
+    ("sinusoids", "t5_n30_m20_s0", 3, False, True, 1),     # tasks on different inputs, K < T
+    ("multi_digits", "n300_m60_s0", 2, True, False, 3),    # MoDo / SDMGrad: three draws
+    ("sinusoids", "t5_n30_m20_s0", 3, False, True, 3),
 ])
-def test_host_batches_are_the_device_path_draws(name, builder_config, k, shared, replace):
+def test_host_batches_are_the_device_path_draws(name, builder_config, k, shared, replace,
+                                                draws):
   device = loading.load(name, builder_config=builder_config)
   host = pipeline.load(name, builder_config=builder_config)
   ts = device.taskset
   probs = sampling.task_probabilities("uniform", device.num_train)
-  sampler = sampling.make_sampler(ts, probs, k, 6, replace, shared)
+  sampler = sampling.make_sampler(ts, probs, k, 6, replace, shared, draws=draws)
   spc, key = 2, jax.random.key(7)
   batches = pipeline.Batches(host, sampler, 7, steps_per_call=spc)
   on_device = jax.tree.map(jnp.asarray, device.train)
@@ -218,6 +221,38 @@ def test_resumed_host_run_reads_the_same_batches(tmp_path):
   summary = train.train_and_evaluate(config, str(tmp_path / "cut"))
   assert summary["resumed_from_step"] == 10
   _assert_same_run(str(tmp_path / "whole"), str(tmp_path / "cut"))  # bitwise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["modo", "sdmgrad"])
+def test_a_double_sampling_run_on_either_pipeline_resumes_bitwise(method, tmp_path):
+  """MoDo / SDMGrad read three draws a step: the host pipeline reads the
+  device path's three draws (the same run, to float32 rounding), and a host
+  run stopped between checkpoints resumes to the uninterrupted run's bits
+  (parameters, every metrics row, the weights' state)."""
+  runs = {}
+  for kind in ("device", "host"):
+    config = helpers.small_sinusoids_config(**{"data.pipeline": kind,
+                                               "objective.method": method})
+    runs[kind] = train.train_and_evaluate(config, str(tmp_path / kind))
+    assert runs[kind]["data_pipeline"]["pipeline"] == kind
+  _assert_same_run(str(tmp_path / "device"), str(tmp_path / "host"), rtol=1e-6)
+
+  def stop_at_15(step, _):
+    if step == 15:
+      raise _Stop()
+  config = helpers.small_sinusoids_config(**{"data.pipeline": "host",
+                                             "objective.method": method})
+  with pytest.raises(_Stop):
+    train.train_and_evaluate(config, str(tmp_path / "cut"), callbacks=[stop_at_15])
+  summary = train.train_and_evaluate(config, str(tmp_path / "cut"))
+  assert summary["resumed_from_step"] == 10
+  _assert_same_run(str(tmp_path / "host"), str(tmp_path / "cut"))  # bitwise
+  (a, _), (b, _) = (ckpt_lib.read_tree(str(tmp_path / d)) for d in ("host", "cut"))
+  key = "lambda" if method == "modo" else "w"
+  np.testing.assert_array_equal(np.asarray(a["objective_state"][key]),
+                                np.asarray(b["objective_state"][key]))
+  assert not np.allclose(np.asarray(a["objective_state"][key]), 1 / 8)  # it moved
 
 
 # ----------------------------------------------------------------------------

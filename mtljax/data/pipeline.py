@@ -283,7 +283,9 @@ class Batches:
 
   ``call(c)`` is host call ``c``'s batch: ``steps_per_call`` steps stacked
   (no leading axis when it is 1), ``{"task_ids" [K] int32, "x" [K, B, ...] or
-  [B, ...] float32, "y" {group: [K, B]}}``, with ``B`` this process's share.
+  [B, ...] float32, "y" {group: [K, B]}}``, with ``B`` this process's share;
+  with ``sampler.draws = D > 1`` (:func:`mtljax.data.sampling.sample_draws`)
+  the ``D`` draws are ``D K`` slots, each with its own ``[B, ...]`` inputs.
   """
 
   def __init__(self, data: task_data.MultiTaskData, sampler: sampling.Sampler, seed: int, *,
@@ -321,14 +323,15 @@ class Batches:
         r_tasks, r_examples, _ = sampling.step_keys(key, call * spc + i)
         if count > 1:  # this shard's own examples, the same tasks everywhere
           r_examples = jax.random.fold_in(r_examples, p)
-        return sampling.sample_indices(smp, jnp.asarray(n), r_tasks, r_examples, local_b)
+        return sampling.sample_draws(smp, jnp.asarray(n), r_tasks, r_examples, local_b)
       return jax.vmap(one)(jnp.arange(spc))
     with jax.default_device(cpu):
       self._draws = jax.jit(draws)
     self._cpu = cpu
 
   def indices(self, call: int) -> tuple[np.ndarray, np.ndarray]:
-    """Task ids ``[spc, K]`` and example indices ``[spc, (K,) B]`` of a call."""
+    """Task ids ``[spc, D K]`` and example indices ``[spc, (D K,) B]`` of a call
+    (``D = sampler.draws``)."""
     with jax.default_device(self._cpu):
       ids, idx = self._draws(jnp.asarray(call, jnp.int32))
     return np.asarray(ids), np.asarray(idx)
@@ -338,7 +341,7 @@ class Batches:
     split, reader = self.data.train, self.data.readers["train"]
     out = {"task_ids": ids, "x": [], "y": []}
     for t_ids, e_idx in zip(ids, idx):
-      if self.sampler.shared_inputs:
+      if self.sampler.shared_batch:
         records = split["records"][split["source"][t_ids[0]], e_idx]
       else:
         records = split["records"][split["source"][t_ids][:, None], e_idx]

@@ -178,19 +178,36 @@ class Sampler(NamedTuple):
   replace: bool             # K i.i.d. tasks, else K distinct ones
   shared_inputs: bool       # one draw of B examples serves every slot
   all_tasks: np.ndarray | None = None  # K = T without replacement: the slots' tasks
+  draws: int = 1            # independent example draws per step (MoDo, SDMGrad: 3)
+
+  @property
+  def slot_tasks(self) -> np.ndarray | None:
+    """The static task of every slot of a step's batch (``all_tasks`` once
+    per draw, :func:`sample_draws`), or None when the tasks are sampled."""
+    return None if self.all_tasks is None else np.tile(self.all_tasks, self.draws)
+
+  @property
+  def shared_batch(self) -> bool:
+    """Whether a step's batch holds one ``[B, ...]`` input read by every slot
+    (shared inputs and one draw; with several draws each draw has its own)."""
+    return self.shared_inputs and self.draws == 1
 
 
 def make_sampler(taskset: tasks_lib.TaskSet, task_probs, tasks_per_step: int,
                  examples_per_task: int, replace: bool = False,
-                 shared_inputs: bool = False) -> Sampler:
+                 shared_inputs: bool = False, draws: int = 1) -> Sampler:
   """The :class:`Sampler` of ``taskset`` with task distribution ``task_probs``
   ``[T]``; with ``tasks_per_step == len(taskset)`` and no replacement every
-  task is in every step, in the task set's grouped order (a static layout)."""
+  task is in every step, in the task set's grouped order (a static layout).
+  ``draws``: independent mini-batches per step (:func:`sample_draws`; the
+  objective's :attr:`mtljax.objectives.Objective.draws`)."""
   ts = taskset
+  if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+    raise ValueError(f"make_sampler: draws must be an integer >= 1, got {draws!r}.")
   all_tasks = ts.grouped_order if tasks_per_step == len(ts) and not replace else None
   return Sampler(jnp.asarray(task_probs, jnp.float32), jnp.asarray(ts.stream_ids, jnp.int32),
                  jnp.asarray(ts.local_index), int(tasks_per_step), int(examples_per_task),
-                 bool(replace), bool(shared_inputs), all_tasks)
+                 bool(replace), bool(shared_inputs), all_tasks, int(draws))
 
 
 def step_keys(key: jax.Array, step) -> jax.Array:
@@ -214,3 +231,40 @@ def sample_indices(sampler: Sampler, n: jax.Array, r_tasks, r_examples,
   if s.shared_inputs:
     return task_ids, shared_example_indices(r_examples, task_ids, n, b)[0]
   return task_ids, example_indices(r_examples, task_ids, s.stream_ids, n, b)
+
+
+# fold_in(r_examples, DRAW_STREAM) keys the draws after a step's first
+# (:func:`draw_keys`): a stream of its own, so the first draw is the
+# single-draw step's batch.
+DRAW_STREAM = 0x647261
+
+
+def draw_keys(r_examples: jax.Array, draws: int) -> jax.Array:
+  """``[draws]`` example keys of a step: ``r_examples`` itself for draw 0
+  (so a step's first draw is the batch a one-draw step reads), then
+  ``fold_in(fold_in(r_examples, DRAW_STREAM), d)`` for draw ``d >= 1``."""
+  extra = jax.random.fold_in(r_examples, DRAW_STREAM)
+  later = [jax.random.fold_in(extra, d) for d in range(1, draws)]
+  return jnp.stack([r_examples] + later)
+
+
+def sample_draws(sampler: Sampler, n: jax.Array, r_tasks, r_examples,
+                 examples_per_task: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """A step's ``D = sampler.draws`` independent mini-batches as one batch of
+  ``D K`` slots: task ids ``[D K]`` (the step's K tasks, drawn once with
+  ``r_tasks`` and repeated for every draw: draw d holds slots
+  ``d K .. (d + 1) K - 1``) and example indices ``[D K, B]``, draw d's drawn
+  as :func:`sample_indices` with draw d's key of :func:`draw_keys` (with
+  shared inputs, draw d's ``B`` examples are read by each of its K slots).
+  With ``D = 1`` this is :func:`sample_indices` itself (``[B]`` indices with
+  shared inputs). Methods that need several independent estimates of the
+  same tasks' gradients in one step (MoDo, SDMGrad: double sampling) read
+  them from these slots; both data paths draw with this function."""
+  if sampler.draws == 1:
+    return sample_indices(sampler, n, r_tasks, r_examples, examples_per_task)
+  keys = draw_keys(r_examples, sampler.draws)
+  ids, idx = jax.vmap(lambda r: sample_indices(sampler, n, r_tasks, r, examples_per_task))(keys)
+  k = ids.shape[1]
+  if sampler.shared_inputs:                     # [D, B]: each draw's B, for its K slots
+    idx = jnp.broadcast_to(idx[:, None, :], (sampler.draws, k, idx.shape[-1]))
+  return ids.reshape(-1), idx.reshape(sampler.draws * k, idx.shape[-1])

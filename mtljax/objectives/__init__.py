@@ -101,6 +101,13 @@ Methods (``config.objective.method``):
   TorchJD's ``trimmed_mean`` (Yin et al. 2018: coordinate-wise, so it reads
   the per-slot gradients, not their Gram matrix) and ``cr_mogm`` (Zhou et al.
   2022: MGDA's weights smoothed across steps, state ``lambda [T]``).
+* stochastic methods with double sampling (:mod:`.double_sampling`): ``modo``
+  (Chen et al. 2023: ``lambda`` by projected SGD on ``J_1 J_2^T lambda``,
+  the model along ``J_3^T lambda``) and ``sdmgrad`` (Xiao et al. 2023:
+  direction-oriented MGDA regularised toward the mean gradient, its own
+  projected-SGD inner solve). Each step reads three independent mini-batches
+  of its tasks (:attr:`Objective.draws`; the step draws them,
+  :func:`mtljax.data.sampling.sample_draws`), linearised as ``3 K`` slots.
 
 **Slots a method needs.** :attr:`Objective.min_slots` (Krum's
 ``n_byzantine + 3``, the trimmed mean's ``2 trim_number + 1``) is checked by
@@ -115,7 +122,7 @@ shapes are fixed like any other's and the step checks them.
 The package, one family a module: :mod:`.base` (the interface),
 :mod:`.weightings` (loss weightings and scalarisations), :mod:`.gram`
 (gradient methods in the step, MGDA-UB), :mod:`.gradnorm`, :mod:`.stateful`,
-and :mod:`.registry`.
+:mod:`.double_sampling` and :mod:`.registry`.
 """
 
 from mtljax.objectives.base import bind_shared

@@ -64,6 +64,12 @@ class Objective:
     min_slots: the fewest task slots per step the method takes (Krum's
       ``n_byzantine + 3``, the trimmed mean's ``2 trim_number + 1``); the
       train step checks ``sampling.tasks_per_step`` against it before tracing.
+    draws: independent mini-batches of the step's tasks the method reads per
+      step (1; MoDo and SDMGrad: 3, double sampling). With ``D > 1`` the step
+      draws them (:func:`mtljax.data.sampling.sample_draws`; the sampler is
+      made with ``draws=D``) and linearises them as one batch of ``D K``
+      slots, draw d in slots ``d K .. (d + 1) K - 1``: ``lin.losses [D K]``,
+      ``inputs.task_ids [D K]`` (the K tasks repeated per draw).
   """
   name: str
   needs: str
@@ -76,6 +82,7 @@ class Objective:
   hparams: dict = dataclasses.field(default_factory=dict)
   init_shared_state: Callable | None = None
   min_slots: int = 1
+  draws: int = 1
 
 
 def bind_shared(objective: Objective, shared) -> Objective:

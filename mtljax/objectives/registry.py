@@ -7,6 +7,7 @@ import inspect
 from typing import Callable
 
 from mtljax import gradients
+from mtljax.objectives import double_sampling
 from mtljax.objectives import gradnorm
 from mtljax.objectives import gram
 from mtljax.objectives import stateful
@@ -23,6 +24,7 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
     "stch": weightings.stch, "gls": weightings.gls, "imtl": stateful.imtl,
     "excess_mtl": stateful.excess_mtl, "moco": stateful.moco,
     "trimmed_mean": stateful.trimmed_mean, "cr_mogm": stateful.cr_mogm,
+    "modo": double_sampling.modo, "sdmgrad": double_sampling.sdmgrad,
 }
 
 gradients.reserve(REGISTRY)  # a gradient method may not take one of these names
