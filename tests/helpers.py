@@ -225,12 +225,14 @@ def arch_kwargs(arch: str, **kwargs) -> dict:
   return {k: v for k, v in kwargs.items() if k in takes}
 
 
-def final_state(workdir, config):
+def final_state(workdir, config, like=None):
   """The latest checkpoint of ``workdir``, restored into the state a run of
-  ``config`` builds (its data loaded as the run loads it)."""
+  ``config`` builds (its data loaded as the run loads it), or into ``like``
+  (such a state, built once for several workdirs)."""
   from mtljax import build  # pylint: disable=g-import-not-at-top
   from mtljax import checkpoint  # pylint: disable=g-import-not-at-top
-  like = build.build_run(config, build.data_from_config(config)).state
+  if like is None:
+    like = build.build_run(config, build.data_from_config(config)).state
   manager = checkpoint.make_manager(str(workdir))
   try:
     return checkpoint.restore_latest(manager, like)

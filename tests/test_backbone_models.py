@@ -281,19 +281,19 @@ def test_a_resnet_scenes_run_resumes_bitwise_with_its_batch_statistics(tmp_path)
   resumed = train.train_and_evaluate(_scenes_resnet(tmp_path), str(tmp_path / "b"))
   assert resumed["tasks"] == straight["tasks"]
   assert helpers.metrics_rows(tmp_path / "b") == helpers.metrics_rows(tmp_path / "a")
+  from mtljax import build  # pylint: disable=g-import-not-at-top
   config = _scenes_resnet(tmp_path)
-  a, b = (helpers.final_state(tmp_path / w, config) for w in "ab")
+  fresh = build.build_run(config, build.data_from_config(config)).state
+  a, b = (helpers.final_state(tmp_path / w, config, like=fresh) for w in "ab")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   stem = a.model_state["shared"]["trunk"]["stem"]["bn1"]
   assert np.all(np.asarray(stem["var"]) != 1.0) and int(a.step) == 8
   # Fine-tuning from the run (config.init_from) starts from its parameters and
   # its batch statistics, except those of the layers left fresh by dont_load.
-  from mtljax import build  # pylint: disable=g-import-not-at-top
   tuned = _scenes_resnet(tmp_path, init_from=str(tmp_path / "a"),
                          init_dont_load="tasks/heads/depth")
   state = build.build_run(tuned, build.data_from_config(tuned)).state
-  fresh = build.build_run(config, build.data_from_config(config)).state
   for part in ("params", "model_state"):
     got = dict(params_lib.flatten_with_names(getattr(state, part)))
     want = dict(params_lib.flatten_with_names(getattr(a, part)))
