@@ -52,6 +52,7 @@ from mtljax.dense import augment as dense_augment
 from mtljax.dense import metrics as dense_metrics
 from mtljax.models import multitask
 from mtljax.models import parts as parts_lib
+from mtljax.models.backbones import vit as vit_lib
 
 logger = logging.getLogger("mtljax")
 ConfigError = errors.ConfigError  # what every config check here raises
@@ -659,7 +660,9 @@ def read_source(config) -> tuple[dict, int]:
     if os.path.isfile(config.init_from) and config.model.encoder in parts_lib.VITS:
       v, cfg = pretrained.import_hf_vit(config.init_from, heads=config.model.vit_heads)
       check_vit_sizes(config.init_from, cfg, config.model)
-      return {"params": {"shared": {"trunk": v["params"]}}, "model_state": None}, 0
+      grid = tuple(int(n) // int(cfg["patch_size"]) for n in cfg["image_size"])
+      return {"params": {"shared": {"trunk": v["params"]}}, "model_state": None,
+              "vit_grid": grid}, 0
     if os.path.isfile(config.init_from):
       depth = int(config.model.encoder[len("resnet"):])
       v = pretrained.import_torchvision_resnet(config.init_from, depth)
@@ -689,28 +692,38 @@ def check_vit_sizes(path: str, cfg: dict, model_config) -> None:
                      "checkpoint's.")
 
 
-def check_vit_grid(path: str, source_params: dict, params) -> None:
-  """Raises when the checkpoint's position embeddings are for another patch
-  grid than the model's (another image size): interpolating them (HF's
-  bicubic ``interpolate_pos_encoding``, big_vision's ``resample_posemb``) is
-  not offered."""
-  src = dict(params_lib.flatten_with_names(source_params))
-  for name, leaf in params_lib.flatten_with_names(params):
-    if not name.endswith("trunk/embeddings/position_embeddings"):
-      continue
-    theirs = np.shape(src.get("shared/trunk/embeddings/position_embeddings", ()))
-    if theirs and tuple(theirs[-2:]) != tuple(leaf.shape[-2:]):
-      raise ValueError(f"{path}: its position embeddings are for {theirs[-2] - 1} patches, "
-                       f"the model's images give {leaf.shape[-2] - 1}; interpolating position "
-                       "embeddings to another image size is not offered: resize the images "
-                       "to the checkpoint's image_size.")
+def fit_vit_grid(path: str, source: dict, grid: tuple[int, int]) -> dict:
+  """``source`` (:func:`read_source` of a ViT file, whose ``vit_grid`` is its
+  ``config.json``'s patch grid) with its position embeddings resized to the
+  model's patch ``grid`` when the two differ (another image size:
+  :func:`mtljax.models.backbones.vit.resample_position_embeddings`, Hugging
+  Face's and timm's bicubic resize, logged); as it is otherwise."""
+  src = tuple(source["vit_grid"])
+  if src == tuple(grid):
+    return source
+  trunk = source["params"]["shared"]["trunk"]
+  pos = vit_lib.resample_position_embeddings(trunk["embeddings"]["position_embeddings"], src,
+                                             grid)
+  logger.info("%s: position embeddings resized from the checkpoint's %dx%d patch grid to "
+              "the model's %dx%d (bicubic, as Hugging Face's interpolate_pos_encoding).",
+              path, *src, *grid)
+  trunk = {**trunk, "embeddings": {**trunk["embeddings"], "position_embeddings": pos}}
+  return {**source, "params": {**source["params"], "shared": {
+      **source["params"]["shared"], "trunk": trunk}}}
 
 
-def _initial_state(config, model, objective, tx, state: steps.TrainState, source=None
-                   ) -> tuple[steps.TrainState, Callable | None, dict]:
+def vit_grid(config, input_shape) -> tuple[int, int]:
+  """The ViT encoder's patch grid on inputs of ``input_shape`` (H, W[, C])."""
+  p = int(config.model.patch_size)
+  return int(input_shape[0]) // p, int(input_shape[1]) // p
+
+
+def _initial_state(config, model, objective, tx, state: steps.TrainState, source=None,
+                   input_shape=None) -> tuple[steps.TrainState, Callable | None, dict]:
   """The state after ``config.init_from`` (fine-tuning) and the L2-SP penalty.
   ``source``: ``read_params(config.init_from)`` when already read (N seeds
-  read the checkpoint once)."""
+  read the checkpoint once); ``input_shape``: the data's (a ViT file's
+  position embeddings are resized to its patch grid)."""
   if not config.init_from:
     if config.l2sp_alpha or config.l2sp_beta:
       raise ConfigError("config.l2sp_alpha/l2sp_beta pull parameters toward pretrained "
@@ -719,8 +732,8 @@ def _initial_state(config, model, objective, tx, state: steps.TrainState, source
   source, source_step = source or read_source(config)
   dont_load = [p for p in config.init_dont_load.split(";") if p]
   with errors.config_section("init_from"):
-    if config.model.encoder in parts_lib.VITS and os.path.isfile(config.init_from):
-      check_vit_grid(config.init_from, source["params"], state.params)
+    if "vit_grid" in source:
+      source = fit_vit_grid(config.init_from, source, vit_grid(config, input_shape))
     params, report = ckpt_lib.load_params(state.params, source["params"], dont_load)
     if state.model_state is not None and source["model_state"] is not None:
       # The batch statistics of the loaded layers come with them (the same
@@ -799,7 +812,8 @@ def build_run(config: ml_collections.ConfigDict, data: task_data.MultiTaskData,
 
   def seed_state(seed):  # seed s: initialised from key(s + 1), sampling from key(s)
     state = init(jax.random.key(seed + 1))
-    state, penalty, init_report = _initial_state(config, model, objective, tx, state, source)
+    state, penalty, init_report = _initial_state(config, model, objective, tx, state, source,
+                                                 data.input_shape)
     state = state._replace(rng=jax.random.key_data(jax.random.key(seed)))
     return state, penalty, init_report
   state, penalty, init_report = seed_state(config.seed)

@@ -273,14 +273,107 @@ def test_a_weights_file_with_another_encoder_is_refused():
     build.validate_config(c)
 
 
-def test_position_embeddings_for_another_grid_are_refused():
-  src = {"shared": {"trunk": {"embeddings": {"position_embeddings": np.zeros((1, 5, 16))}}}}
-  ok = {"shared": {"trunk": {"embeddings": {"position_embeddings": np.zeros((1, 5, 16))}}}}
-  build.check_vit_grid("w.safetensors", src, ok)
-  other = {"tasks": {"trunk": {"embeddings": {"position_embeddings": np.zeros((2, 1, 13, 16))}}}}
-  with pytest.raises(ValueError, match="for 4 patches, the model's images give 12; "
-                                       "interpolating position embeddings"):
-    build.check_vit_grid("w.safetensors", src, other)
+def _np_torch_bicubic(img, out_hw):
+  """float64 numpy, pixel by pixel, of torch's ``upsample_bicubic2d``
+  (``align_corners=False``, given the output size, no antialiasing): output
+  (i, j) reads source ``s = (i + 0.5) * in / out - 0.5`` per axis, the 4 x 4
+  inputs around ``floor(s)`` clamped to the border, each weighted by Keys'
+  cubic convolution with ``A = -0.75`` of its distance to ``s``."""
+  a = -0.75
+
+  def kernel(x):
+    x = abs(x)
+    if x <= 1:
+      return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+    if x < 2:
+      return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+    return 0.0
+  h, w, d = img.shape
+  ho, wo = out_hw
+  out = np.zeros((ho, wo, d))
+  for i in range(ho):
+    sy = (i + 0.5) * h / ho - 0.5
+    for j in range(wo):
+      sx = (j + 0.5) * w / wo - 0.5
+      for y in range(int(np.floor(sy)) - 1, int(np.floor(sy)) + 3):
+        for x in range(int(np.floor(sx)) - 1, int(np.floor(sx)) + 3):
+          out[i, j] += (kernel(sy - y) * kernel(sx - x) *
+                        img[min(max(y, 0), h - 1), min(max(x, 0), w - 1)])
+  return out
+
+
+@pytest.mark.parametrize("src, dst", [((2, 2), (3, 4)), ((4, 3), (2, 5)), ((3, 3), (3, 3)),
+                                      ((14, 14), (24, 24))])
+def test_position_embeddings_resize_as_torchs_bicubic(src, dst):
+  """The class token's row kept, the patch rows resized as torch's bicubic
+  (Hugging Face's ``interpolate_pos_encoding``, timm's ``resample_abs_pos_embed``)
+  against the pixel-by-pixel numpy definition; the same grid is the identity
+  and a constant field stays constant (the weights sum to 1)."""
+  from mtljax.models.backbones import vit as vit_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  pos = rng.normal(size=(1, 1 + src[0] * src[1], 3)).astype(np.float32)
+  got = vit_lib.resample_position_embeddings(pos, src, dst)
+  assert got.shape == (1, 1 + dst[0] * dst[1], 3) and got.dtype == np.float32
+  np.testing.assert_array_equal(got[0, 0], pos[0, 0])
+  want = _np_torch_bicubic(pos[0, 1:].astype(np.float64).reshape(*src, 3), dst)
+  np.testing.assert_allclose(got[0, 1:].reshape(*dst, 3), want, rtol=1e-6, atol=1e-6)
+  if src == dst:
+    np.testing.assert_array_equal(got, pos)
+  const = np.full((1, 1 + src[0] * src[1], 2), 0.7, np.float32)
+  np.testing.assert_allclose(vit_lib.resample_position_embeddings(const, src, dst), 0.7,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match=r"not \[1, 1 \+ 2\*2, D\] for a 2x2 patch grid"):
+    vit_lib.resample_position_embeddings(pos[:, :3], (2, 2), dst)
+
+
+def test_torchs_own_bicubic_when_torch_is_importable():
+  """Live against ``torch.nn.functional.interpolate`` (skipped in CI: torch
+  is not a dependency)."""
+  torch = pytest.importorskip("torch")
+  from mtljax.models.backbones import vit as vit_lib  # pylint: disable=g-import-not-at-top
+  pos = np.random.default_rng(1).normal(size=(1, 1 + 4 * 3, 5)).astype(np.float32)
+  t = torch.from_numpy(pos[:, 1:].reshape(1, 4, 3, 5)).permute(0, 3, 1, 2)
+  want = torch.nn.functional.interpolate(t, size=(6, 7), mode="bicubic", align_corners=False)
+  want = want.permute(0, 2, 3, 1).reshape(1, 42, 5).numpy()
+  got = vit_lib.resample_position_embeddings(pos, (4, 3), (6, 7))
+  np.testing.assert_allclose(got[:, 1:], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_vit_file_for_another_image_size_loads_with_resized_position_embeddings(tmp_path):
+  """A Hugging Face file of 8x8 gray images (a 2x2 patch grid of 4 pixels)
+  initialising the ViT of the bundled 12x16 digits (a 3x4 grid): every
+  parameter is the file's except the position embeddings, which are the
+  file's resized to 3x4 (numpy, torch's bicubic); the class token's row is
+  the file's."""
+  cfg = {**pretrained.VIT_CONFIG_DEFAULTS, "hidden_size": 16, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "intermediate_size": 16, "patch_size": 4,
+         "image_size": (8, 8), "num_channels": 1}
+  rng = np.random.default_rng(0)
+  sd = {k: (0.3 * rng.normal(size=shape)).astype(np.float32)
+        for k, (_, _, shape, _) in pretrained._vit_table(cfg, "").items()}  # pylint: disable=protected-access
+  np.savez(tmp_path / "vit.npz", **sd)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({**cfg, "image_size": 8, "model_type": "vit"}, f)
+  c = multi_digits.get_config("vit_quick")
+  c.model.update(dict(vit_width=16, vit_depth=1, vit_heads=2, vit_mlp_dim=16))
+  c.init_from = str(tmp_path / "vit.npz")
+  data = build.data_from_config(c)
+  assert tuple(data.input_shape[:2]) == (12, 16)
+  trunk = build.build_run(c, data).state.params["shared"]["trunk"]
+  want = dict(params_lib.flatten_with_names(pretrained.vit_variables(sd, cfg)["params"]))
+  pos = sd["embeddings.position_embeddings"]
+  got = dict(params_lib.flatten_with_names(trunk))
+  assert set(got) == set(want)
+  for name, value in got.items():
+    if name == "embeddings/position_embeddings":
+      assert value.shape == (1, 13, 16)
+      np.testing.assert_array_equal(value[0, 0], pos[0, 0])
+      np.testing.assert_allclose(
+          value[0, 1:].reshape(3, 4, 16),
+          _np_torch_bicubic(pos[0, 1:].astype(np.float64).reshape(2, 2, 16), (3, 4)),
+          rtol=1e-6, atol=1e-6)
+    else:
+      np.testing.assert_array_equal(value, want[name], err_msg=name)
 
 
 # ----------------------------------------------------------------------------

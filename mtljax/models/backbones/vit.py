@@ -132,3 +132,55 @@ class ViT(nn.Module):
 def layer_names(depth: int) -> tuple[str, ...]:
   """The parameter groups, input to output."""
   return ("embeddings",) + tuple(f"layer_{i}" for i in range(depth)) + ("norm",)
+
+
+# ----------------------------------------------------------------------------
+# Position embeddings for another image size (fine-tuning at a new resolution).
+# ----------------------------------------------------------------------------
+
+BICUBIC_A = -0.75  # torch's (and PIL's) cubic convolution coefficient
+
+
+def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """``[n_out, n_in]`` float64 weights of torch's 1-D bicubic resize
+  (``interpolate(mode="bicubic", align_corners=False)`` given ``size``, no
+  antialiasing): output ``i`` reads ``s = (i + 0.5) n_in / n_out - 0.5``
+  with Keys' cubic convolution (``a = -0.75``) on the four inputs
+  ``floor(s) - 1 .. floor(s) + 2``, clamped to the border (an index outside
+  repeats the edge). ``n_in == n_out`` is the identity."""
+  a = BICUBIC_A
+
+  def near(t):  # |t| <= 1
+    return ((a + 2) * t - (a + 3)) * t * t + 1
+
+  def far(t):   # 1 < |t| < 2
+    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+  m = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    s = (i + 0.5) * n_in / n_out - 0.5
+    f = int(np.floor(s))
+    t = s - f
+    for k, w in zip((f - 1, f, f + 1, f + 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      m[i, min(max(k, 0), n_in - 1)] += w
+  return m
+
+
+def resample_position_embeddings(pos, src_grid, dst_grid) -> np.ndarray:
+  """Position embeddings ``[1, 1 + h w, D]`` of a ``src_grid = (h, w)``
+  patch grid, resized to ``dst_grid = (h', w')`` as Hugging Face's
+  ``ViTEmbeddings.interpolate_pos_encoding`` and timm's
+  ``resample_abs_pos_embed`` do (the ViT paper's "2D interpolation of the
+  pre-trained position embeddings"): the class token's row kept, the patch
+  rows as an ``h x w`` image of ``D`` channels resized bicubically
+  (:func:`bicubic_matrix`, in float64 here; the result in ``pos``' dtype).
+  Done once when the checkpoint is loaded (timm's and big_vision's way);
+  the resized embeddings are then parameters like any other."""
+  pos = np.asarray(pos)
+  (h, w), (h2, w2) = tuple(src_grid), tuple(dst_grid)
+  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] != 1 + h * w:
+    raise ValueError(f"position embeddings of shape {pos.shape} are not [1, 1 + {h}*{w}, D] "
+                     f"for a {h}x{w} patch grid")
+  grid = pos[0, 1:].astype(np.float64).reshape(h, w, -1)
+  out = np.einsum("ih,hwd,jw->ijd", bicubic_matrix(h, h2), grid, bicubic_matrix(w, w2))
+  rows = np.concatenate([pos[0, :1].astype(np.float64), out.reshape(h2 * w2, -1)])
+  return rows[None].astype(pos.dtype)
