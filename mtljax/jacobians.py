@@ -99,6 +99,8 @@ class Linearized(NamedTuple):
       the state after this forward in train mode (batch-norm running averages
       updated once, from the one forward the losses come from -- never by the
       per-slot backwards); None for a model without.
+    params: the parameters linearised at (``{"shared", "tasks"}``), for
+      objectives that step away from them (Auto-lambda's look-ahead step).
   """
   losses: jax.Array
   pullback: Callable
@@ -110,6 +112,7 @@ class Linearized(NamedTuple):
   slot_gram: Callable | None = None
   rep_gram: Callable | None = None
   model_state: Any = None
+  params: Any = None
 
 
 SLOT_BACKWARDS = ("auto", "map", "vmap")
@@ -266,7 +269,7 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
     return head_losses(encode(p["shared"])[0], p["tasks"])
 
   return Linearized(losses, pullback, slot_grads, rep_grads, rep_pullback, loss_at, True,
-                    slot_gram, rep_gram, new_state)
+                    slot_gram, rep_gram, new_state, params)
 
 
 def factored_gram(douts: dict, kernels: dict, slices: dict | None) -> jax.Array:
@@ -319,7 +322,7 @@ def _per_slot(model, params, batch: Batch, select, model_state) -> Linearized:
   losses, vjp, new_state = jax.vjp(losses_and_state, params, has_aux=True)
   if select is None:  # one backward of the weighted sum
     return Linearized(losses, lambda c: vjp(c.astype(losses.dtype))[0], None, None, None,
-                      loss_at, False, model_state=new_state)
+                      loss_at, False, model_state=new_state, params=params)
 
   # Per-slot shared gradients: vmap over slots of one slot's gradient with the
   # shared weights unbatched -- the vmapped forward is the forward of the K B
@@ -350,4 +353,4 @@ def _per_slot(model, params, batch: Batch, select, model_state) -> Linearized:
     return gradients.gram(g), g_tasks
 
   return Linearized(losses, pullback, slot_grads, None, None, loss_at, False, slot_gram,
-                    model_state=new_state)
+                    model_state=new_state, params=params)
