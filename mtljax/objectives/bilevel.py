@@ -94,20 +94,22 @@ def slot_coefficients(task_weights: jax.Array, m: jax.Array, w_slots: jax.Array)
   return w_slots * (task_weights @ m)
 
 
-def meta_gradient(lin: jacobians.Linearized, lam: jax.Array, c_train_of, c_meta: jax.Array,
-                  n: int, *, alpha: float, meta_grad: str) -> jax.Array:
-  """``[T]``: ``d/d lambda sum_k c_meta[k] L_{K+k}(theta'(lambda))`` (module
-  docstring), ``theta'(lambda) = theta - alpha lin.pullback(c_train_of(lambda))``
-  (``c_train_of(lambda) [2K]``, zero on the meta slots), ``c_meta [K]`` on the
-  meta slots."""
+def meta_gradient(lin: jacobians.Linearized, pullback, lam: jax.Array, c_train_of,
+                  c_meta: jax.Array, n: int, *, alpha: float, meta_grad: str) -> jax.Array:
+  """``[T]``: ``d/d lambda sum_k c_meta[k] L_{n+k}(theta'(lambda))`` (module
+  docstring), ``theta'(lambda) = theta - alpha pullback(c_train_of(lambda))``:
+  ``pullback`` the train draw's (slots ``0 .. n - 1``) VJP at ``theta =
+  lin.params``, ``c_train_of(lambda) [n]`` its slot weights, ``c_meta [n]``
+  the meta draw's (slots ``n .. 2n - 1``)."""
   theta = lin.params
+  meta_slots, train_slots = slice(n, 2 * n), slice(0, n)
 
   def lookahead(l):
-    g = lin.pullback(c_train_of(l))
+    g = pullback(c_train_of(l))
     return jax.tree.map(lambda p, d: p - alpha * d.astype(p.dtype), theta, g)
 
   def meta_loss(p):
-    return jnp.sum(c_meta * lin.loss_at(p)[n:])
+    return jnp.sum(c_meta * lin.loss_at(p, meta_slots))
 
   if meta_grad == "exact":
     return jax.grad(lambda l: meta_loss(lookahead(l)))(lam)
@@ -120,7 +122,7 @@ def meta_gradient(lin: jacobians.Linearized, lam: jax.Array, c_train_of, c_meta:
   def train_losses(sign):
     p = jax.tree.map(lambda a, b: a + sign * eps * b.astype(a.dtype), theta, d)
     # d/d lambda of sum_i lambda_i L_i at p: the slot losses mapped to tasks
-    return jax.grad(lambda l: jnp.sum(c_train_of(l) * lin.loss_at(p)))(lam)
+    return jax.grad(lambda l: jnp.sum(c_train_of(l) * lin.loss_at(p, train_slots)))(lam)
 
   return -alpha * (train_losses(1.0) - train_losses(-1.0)) / (2.0 * eps)
 
@@ -168,30 +170,38 @@ def auto_lambda(num_tasks: int, *, init: float = 0.1, lr: float = 1e-4,
     n = ids.shape[0] // DRAWS
     w = inp.weights[ids]
     m, active = draw_means(ids, w > 0, num_tasks, DRAWS)
-    train_first = jnp.arange(DRAWS * n) < n
     dtype = lin.losses.dtype
     m = m.astype(dtype)
+    # The train draw's own linearisation: the step's (lin.pullback) spans both
+    # draws, and a backward with zero weights on the meta draw's slots would
+    # still run through its examples. This forward of the n train slots costs
+    # half of the step's; the look-ahead, its transpose (the exact
+    # meta-gradient) and the model's gradient all pull back through it.
+    _, vjp_train = jax.vjp(lambda p: lin.loss_at(p, slice(0, n)), lin.params)
+
+    def pullback(c):
+      return vjp_train(c.astype(dtype))[0]
 
     def c_train_of(l):
-      c = slot_coefficients(l.astype(dtype), m[0], w[:n].astype(dtype))
-      return jnp.where(train_first, jnp.concatenate([c, jnp.zeros_like(c)]), 0.0)
+      return slot_coefficients(l.astype(dtype), m[0], w[:n].astype(dtype))
 
     c_meta = slot_coefficients(prim.astype(dtype), m[1], w[n:].astype(dtype))
     st = inp.state
     lam = st["lambda"]
-    g_lam = meta_gradient(lin, lam.astype(dtype), c_train_of, c_meta, n,
+    g_lam = meta_gradient(lin, pullback, lam.astype(dtype), c_train_of, c_meta, n,
                           alpha=lookahead_lr, meta_grad=meta_grad).astype(lam.dtype)
     lam_new, mom, vel, count = adam_step(lam, st["m"], st["v"], st["count"], g_lam,
                                          active[0], lr)
     c = c_train_of(lam_new)
     meas = {"objective_lambda_sum": lam_new,
             "objective_meta_grad_sum": jnp.where(active[0], g_lam, 0.0)}
-    return Result(jnp.sum(c * lin.losses), lin.pullback(c),
+    return Result(jnp.sum(c * lin.losses[:n]), pullback(c),
                   {"lambda": lam_new, "m": mom, "v": vel, "count": count}, meas)
 
   def init_state():
-    z = jnp.zeros((num_tasks,), jnp.float32)
-    return {"lambda": jnp.full((num_tasks,), init, jnp.float32), "m": z, "v": z,
+    # Separate buffers for m and v: a donated state may not hold one array twice.
+    return {"lambda": jnp.full((num_tasks,), init, jnp.float32),
+            "m": jnp.zeros((num_tasks,), jnp.float32), "v": jnp.zeros((num_tasks,), jnp.float32),
             "count": jnp.zeros((num_tasks,), jnp.int32)}
 
   return Objective("auto_lambda", "sum", grads_fn, init_state=init_state,
