@@ -52,9 +52,10 @@ cosine schedule).
 
 Task sampling (beyond the paper, whose every step has every task): a task's
 weight and its Adam moments move only in steps whose train batch has a
-labelled slot of it (each task counts its own Adam steps), so with every
-task in every step the update is torch's Adam exactly. The primary tasks'
-meta loss reads those of them in the meta batch (none: no meta-gradient).
+labelled slot of it and whose meta batch has one of a primary task (each
+task counts its own Adam steps), so with every task in every step the
+update is torch's Adam exactly. The meta loss reads the primary tasks in
+the meta batch.
 """
 
 from __future__ import annotations
@@ -190,11 +191,13 @@ def auto_lambda(num_tasks: int, *, init: float = 0.1, lr: float = 1e-4,
     lam = st["lambda"]
     g_lam = meta_gradient(lin, pullback, lam.astype(dtype), c_train_of, c_meta, n,
                           alpha=lookahead_lr, meta_grad=meta_grad).astype(lam.dtype)
-    lam_new, mom, vel, count = adam_step(lam, st["m"], st["v"], st["count"], g_lam,
-                                         active[0], lr)
+    # A weight moves when its task is in the train draw and some primary
+    # task is in the meta draw (else there is no meta loss to follow).
+    moves = active[0] & jnp.any(active[1] & (prim > 0))
+    lam_new, mom, vel, count = adam_step(lam, st["m"], st["v"], st["count"], g_lam, moves, lr)
     c = c_train_of(lam_new)
     meas = {"objective_lambda_sum": lam_new,
-            "objective_meta_grad_sum": jnp.where(active[0], g_lam, 0.0)}
+            "objective_meta_grad_sum": jnp.where(moves, g_lam, 0.0)}
     return Result(jnp.sum(c * lin.losses[:n]), pullback(c),
                   {"lambda": lam_new, "m": mom, "v": vel, "count": count}, meas)
 
