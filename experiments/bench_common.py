@@ -50,20 +50,32 @@ def bench_data(num_tasks: int, n: int = 4096) -> task_data.MultiTaskData:
 
 
 def parse_entry(entry: str):
-  """``(method, gram_path, shared_inputs, slot_backwards)`` of a method row."""
+  """``(method, gram_path, shared_inputs, slot_backwards)`` of a method row.
+  ``method`` may carry string hyper-parameters as ``NAME#key=value[#...]``
+  (e.g. ``auto_lambda#meta_grad=finite_difference``; :func:`method_hparams`)."""
   rest, _, backwards = entry.partition("/")
   shared = rest.endswith("+shared")
   method, _, path = rest.removesuffix("+shared").partition("@")
   return method, path or "jacobian", shared or method == "mgda_ub", backwards or "auto"
 
 
+def method_hparams(method: str) -> tuple[str, dict]:
+  """``NAME#key=value#...`` -> ``(NAME, {key: value})`` (string values)."""
+  name, *pairs = method.split("#")
+  bad = [p for p in pairs if "=" not in p]
+  if bad:
+    raise ValueError(f"method entry {method!r}: hyper-parameters are key=value, got {bad}.")
+  return name, dict(p.split("=", 1) for p in pairs)
+
+
 def mtljax_step(entry: str, data, compute: str = "float32"):
   """The entry's step, its model computing in ``compute`` (:mod:`mtljax.precision`)."""
   method, gram_path, shared, backwards = parse_entry(entry)
+  method, hparams = method_hparams(method)
   ts = data.taskset
   model = precision.mixed(multitask.make_model("multi_head", ts, (D,), hidden=(H, H)), compute)
   tx = optim.make_optimizer("adam", lr=1e-3)
-  obj = objectives.make_objective(method, len(ts), gram_path=gram_path)
+  obj = objectives.make_objective(method, len(ts), gram_path=gram_path, **hparams)
   sampler = sampling.make_sampler(ts, sampling.task_probabilities("uniform", data.num_train),
                                   len(ts), B, shared_inputs=shared, draws=obj.draws)
   fn = steps.make_train_step(

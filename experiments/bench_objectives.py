@@ -47,9 +47,11 @@ _TASKS = flags.DEFINE_integer("num_tasks", 4, "Number of tasks T (K = T).")
 _METHODS = flags.DEFINE_list(
     "methods", ["plain:equal", "fixed", "fixed+shared"]
     + [m + "+shared" for m in objectives.methods() if m not in ("fixed", "mgda_ub")]
-    + ["mgda_ub", "mgda@accumulate+shared", "pcgrad+shared/vmap"]
+    + ["mgda_ub", "mgda@accumulate+shared", "pcgrad+shared/vmap",
+       "auto_lambda#meta_grad=finite_difference+shared"]
     + [f"plain:per-task:{m}" for m in ("pcgrad", "cagrad", "mgda", "nash_mtl")],
-    "Rows: NAME[@accumulate][+shared][/vmap] or plain:equal / plain:per-task:NAME.")
+    "Rows: NAME[#key=value...][@accumulate][+shared][/vmap] or plain:equal / "
+    "plain:per-task:NAME.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 _CALLS = flags.DEFINE_integer("calls", 10, "Host calls per round (10 steps each).")
 _JSON = flags.DEFINE_string("json", "", "Write the rows as JSON here.")

@@ -91,14 +91,18 @@ class Linearized(NamedTuple):
       per-slot representation gradients (one-pass path only, else None);
       without forming ``dZ`` when the model's per-task part is linear heads
       (:attr:`mtljax.models.multitask.Model.rep_heads`) and that is cheaper.
-    loss_at: ``params -> [K]``, the slots' losses on the same batch (forward only;
-      a model with state runs in train mode on the state given to
-      :func:`linearize`, its updates dropped).
+    loss_at: ``(params, slots=None) -> [K]``, the slots' losses on the same
+      batch (forward only; a model with state runs in train mode on the state
+      given to :func:`linearize`, its updates dropped). ``slots``, a static
+      ``slice``: only those slots' losses (on the per-slot path only their
+      examples are run; Auto-lambda's look-ahead reads one draw's slots).
     one_pass: whether the trunk ran once for every slot.
     model_state: a model with state (:attr:`mtljax.models.multitask.Model.init_state`):
       the state after this forward in train mode (batch-norm running averages
       updated once, from the one forward the losses come from -- never by the
       per-slot backwards); None for a model without.
+    params: the parameters linearised at (``{"shared", "tasks"}``), for
+      objectives that step away from them (Auto-lambda's look-ahead step).
   """
   losses: jax.Array
   pullback: Callable
@@ -110,6 +114,7 @@ class Linearized(NamedTuple):
   slot_gram: Callable | None = None
   rep_gram: Callable | None = None
   model_state: Any = None
+  params: Any = None
 
 
 SLOT_BACKWARDS = ("auto", "map", "vmap")
@@ -262,11 +267,12 @@ def _one_pass(model, params, batch: Batch, select, needs: str,
       dz, g_tasks = rep_grads(c)
       return gradients.gram(dz), g_tasks
 
-  def loss_at(p):
-    return head_losses(encode(p["shared"])[0], p["tasks"])
+  def loss_at(p, slots: slice | None = None):  # the trunk is shared: run every slot
+    l = head_losses(encode(p["shared"])[0], p["tasks"])
+    return l if slots is None else l[slots]
 
   return Linearized(losses, pullback, slot_grads, rep_grads, rep_pullback, loss_at, True,
-                    slot_gram, rep_gram, new_state)
+                    slot_gram, rep_gram, new_state, params)
 
 
 def factored_gram(douts: dict, kernels: dict, slices: dict | None) -> jax.Array:
@@ -313,13 +319,17 @@ def _per_slot(model, params, batch: Batch, select, model_state) -> Linearized:
     outs, new_state = multitask.forward(model, p, x, ids, model_state, train=True)
     return tasks_lib.slot_losses(ts, outs, ys, ids), new_state
 
-  def loss_at(p):
-    return losses_and_state(p)[0]
+  def loss_at(p, slots: slice | None = None):
+    if slots is None:
+      return losses_and_state(p)[0]
+    sub_ids, sub_ys = ids[slots], jax.tree.map(lambda a: a[slots], ys)
+    outs, _ = multitask.forward(model, p, x[slots], sub_ids, model_state, train=True)
+    return tasks_lib.slot_losses(ts, outs, sub_ys, sub_ids)
 
   losses, vjp, new_state = jax.vjp(losses_and_state, params, has_aux=True)
   if select is None:  # one backward of the weighted sum
     return Linearized(losses, lambda c: vjp(c.astype(losses.dtype))[0], None, None, None,
-                      loss_at, False, model_state=new_state)
+                      loss_at, False, model_state=new_state, params=params)
 
   # Per-slot shared gradients: vmap over slots of one slot's gradient with the
   # shared weights unbatched -- the vmapped forward is the forward of the K B
@@ -350,4 +360,4 @@ def _per_slot(model, params, batch: Batch, select, model_state) -> Linearized:
     return gradients.gram(g), g_tasks
 
   return Linearized(losses, pullback, slot_grads, None, None, loss_at, False, slot_gram,
-                    model_state=new_state)
+                    model_state=new_state, params=params)

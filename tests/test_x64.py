@@ -121,10 +121,11 @@ def test_the_step_under_x64_changes_only_the_precision(method):
                   jax.tree.leaves(state64.objective_state)):
     assert a.dtype == b.dtype
   ids, x, ys, _ = helpers.step_batch(data, _PROBS, seed=5, k=3, b=8, shared_inputs=True)
-  if objectives.make_objective(method, 4).draws > 1:  # MoDo, SDMGrad: three draws a task
-    # (their losses: test_double_sampling re-derives the three batches)
+  draws = objectives.make_objective(method, 4).draws
+  if draws > 1:  # MoDo, SDMGrad: three draws a task; Auto-lambda two
+    # (their losses: test_double_sampling and test_auto_lambda re-derive the draws)
     np.testing.assert_array_equal(np.asarray(meas["task_count"]),
-                                  3 * np.bincount(ids, minlength=4))
+                                  draws * np.bincount(ids, minlength=4))
     return
   with jax.enable_x64(True):
     losses = [float(helpers.slot_loss(model, state64.params, x.astype(np.float64), ys, ids,

@@ -108,6 +108,11 @@ Methods (``config.objective.method``):
   projected-SGD inner solve). Each step reads three independent mini-batches
   of its tasks (:attr:`Objective.draws`; the step draws them,
   :func:`mtljax.data.sampling.sample_draws`), linearised as ``3 K`` slots.
+* bilevel weighting (:mod:`.bilevel`): ``auto_lambda`` (Liu, Davison & Johns
+  2022: ``lambda`` by Adam on the meta-gradient of the primary tasks' loss on
+  a second batch through one look-ahead SGD step, exact by autodiff or the
+  authors' finite difference). Two draws per step: the train and the meta
+  batch, both from the training data as in the authors' trainers.
 
 **Slots a method needs.** :attr:`Objective.min_slots` (Krum's
 ``n_byzantine + 3``, the trimmed mean's ``2 trim_number + 1``) is checked by
@@ -122,7 +127,7 @@ shapes are fixed like any other's and the step checks them.
 The package, one family a module: :mod:`.base` (the interface),
 :mod:`.weightings` (loss weightings and scalarisations), :mod:`.gram`
 (gradient methods in the step, MGDA-UB), :mod:`.gradnorm`, :mod:`.stateful`,
-:mod:`.double_sampling` and :mod:`.registry`.
+:mod:`.double_sampling`, :mod:`.bilevel` and :mod:`.registry`.
 """
 
 from mtljax.objectives.base import bind_shared

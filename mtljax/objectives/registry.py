@@ -7,6 +7,7 @@ import inspect
 from typing import Callable
 
 from mtljax import gradients
+from mtljax.objectives import bilevel
 from mtljax.objectives import double_sampling
 from mtljax.objectives import gradnorm
 from mtljax.objectives import gram
@@ -25,6 +26,7 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
     "excess_mtl": stateful.excess_mtl, "moco": stateful.moco,
     "trimmed_mean": stateful.trimmed_mean, "cr_mogm": stateful.cr_mogm,
     "modo": double_sampling.modo, "sdmgrad": double_sampling.sdmgrad,
+    "auto_lambda": bilevel.auto_lambda,
 }
 
 gradients.reserve(REGISTRY)  # a gradient method may not take one of these names
