@@ -339,24 +339,33 @@ def test_torchs_own_bicubic_when_torch_is_importable():
   np.testing.assert_allclose(got[:, 1:], want, rtol=1e-5, atol=1e-6)
 
 
+def _small_hf_vit_file(tmp_path, image_size, json_image_size):
+  """A one-layer, width-16 ViT of gray images with patch 4 written in Hugging
+  Face's layout (``vit.npz`` of numpy-seeded tensors, ``config.json`` with
+  ``image_size`` as ``json_image_size``), and the ``multi_digits:vit_quick``
+  config of its sizes initialised from it: ``(cfg, state dict, config)``."""
+  cfg = {**pretrained.VIT_CONFIG_DEFAULTS, "hidden_size": 16, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "intermediate_size": 16, "patch_size": 4,
+         "image_size": tuple(image_size), "num_channels": 1}
+  rng = np.random.default_rng(0)
+  sd = {k: (0.3 * rng.normal(size=shape)).astype(np.float32)
+        for k, (_, _, shape, _) in pretrained._vit_table(cfg, "").items()}  # pylint: disable=protected-access
+  np.savez(tmp_path / "vit.npz", **sd)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({**cfg, "image_size": json_image_size, "model_type": "vit"}, f)
+  c = multi_digits.get_config("vit_quick")
+  c.model.update(dict(vit_width=16, vit_depth=1, vit_heads=2, vit_mlp_dim=16))
+  c.init_from = str(tmp_path / "vit.npz")
+  return cfg, sd, c
+
+
 def test_a_vit_file_for_another_image_size_loads_with_resized_position_embeddings(tmp_path):
   """A Hugging Face file of 8x8 gray images (a 2x2 patch grid of 4 pixels)
   initialising the ViT of the bundled 12x16 digits (a 3x4 grid): every
   parameter is the file's except the position embeddings, which are the
   file's resized to 3x4 (numpy, torch's bicubic); the class token's row is
   the file's."""
-  cfg = {**pretrained.VIT_CONFIG_DEFAULTS, "hidden_size": 16, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "intermediate_size": 16, "patch_size": 4,
-         "image_size": (8, 8), "num_channels": 1}
-  rng = np.random.default_rng(0)
-  sd = {k: (0.3 * rng.normal(size=shape)).astype(np.float32)
-        for k, (_, _, shape, _) in pretrained._vit_table(cfg, "").items()}  # pylint: disable=protected-access
-  np.savez(tmp_path / "vit.npz", **sd)
-  with open(tmp_path / "config.json", "w") as f:
-    json.dump({**cfg, "image_size": 8, "model_type": "vit"}, f)
-  c = multi_digits.get_config("vit_quick")
-  c.model.update(dict(vit_width=16, vit_depth=1, vit_heads=2, vit_mlp_dim=16))
-  c.init_from = str(tmp_path / "vit.npz")
+  cfg, sd, c = _small_hf_vit_file(tmp_path, (8, 8), 8)
   data = build.data_from_config(c)
   assert tuple(data.input_shape[:2]) == (12, 16)
   trunk = build.build_run(c, data).state.params["shared"]["trunk"]
@@ -476,19 +485,8 @@ def test_linear_probe_from_a_hugging_face_file_keeps_its_values(tmp_path):
   and the heads have moved."""
   from mtljax import train  # pylint: disable=g-import-not-at-top
   import helpers  # pylint: disable=g-import-not-at-top
-  cfg = {**pretrained.VIT_CONFIG_DEFAULTS, "hidden_size": 16, "num_hidden_layers": 1,
-         "num_attention_heads": 2, "intermediate_size": 16, "patch_size": 4,
-         "image_size": (12, 16), "num_channels": 1}
-  rng = np.random.default_rng(0)
-  sd = {k: (0.3 * rng.normal(size=shape)).astype(np.float32)
-        for k, (_, _, shape, _) in pretrained._vit_table(cfg, "").items()}  # pylint: disable=protected-access
-  np.savez(tmp_path / "vit.npz", **sd)
-  with open(tmp_path / "config.json", "w") as f:
-    json.dump({**cfg, "image_size": [12, 16], "model_type": "vit"}, f)
+  cfg, sd, c = _small_hf_vit_file(tmp_path, (12, 16), [12, 16])
   expected = pretrained.vit_variables(sd, cfg)["params"]
-  c = multi_digits.get_config("vit_quick")
-  c.model.update(dict(vit_width=16, vit_depth=1, vit_heads=2, vit_mlp_dim=16))
-  c.init_from = str(tmp_path / "vit.npz")
   c.optim.rules = "heads/:;.*:frozen"
   c.total_steps = c.checkpoint_steps = c.eval_steps = c.log_steps = 20
   c.optim.schedule = "constant"
