@@ -317,14 +317,9 @@ def test_auto_lambda_trains_a_small_run():
 # ---------------------------------------------------------------------------
 
 
-def test_bad_inputs_are_refused_before_tracing():
-  data = helpers.toy_data()
-  model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
-  tx = optim.make_optimizer("sgd", lr=1.0)
-  one = sampling.make_sampler(data.taskset, np.full(4, 0.25), 4, 8)
-  with pytest.raises(ValueError, match=r"objective.method='auto_lambda' reads 2 independent "
-                                       r"mini-batch\(es\) .* draws=2\)"):
-    steps.make_train_step(model, tx, "auto_lambda", one, weights=np.ones(4))
+def test_bad_hyper_parameters_are_refused():
+  """(A one-draw sampler given to auto_lambda: test_double_sampling's
+  ``test_bad_inputs_are_refused_before_tracing``.)"""
   for hp, msg in (({"lr": 0.0}, r"auto_lambda: lr and lookahead_lr must be > 0"),
                   ({"lookahead_lr": -1.0}, r"lookahead_lr must be > 0"),
                   ({"meta_grad": "second_order"}, r"meta_grad='second_order' is not one of"),

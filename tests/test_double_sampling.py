@@ -364,10 +364,12 @@ def test_bad_inputs_are_refused_before_tracing():
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("sgd", lr=1.0)
   one = sampling.make_sampler(data.taskset, np.full(4, 0.25), 4, 8)
-  with pytest.raises(ValueError, match=r"objective.method='modo' reads 3 independent "
-                                       r"mini-batch\(es\) .* the sampler draws 1: make it with "
-                                       r"sampling.make_sampler\(\.\.\., draws=3\)"):
-    steps.make_train_step(model, tx, "modo", one, weights=np.ones(4))
+  for method, draws in (("modo", 3), ("auto_lambda", 2)):  # every method with draws > 1
+    with pytest.raises(ValueError, match=rf"objective.method='{method}' reads {draws} "
+                                         r"independent mini-batch\(es\) .* the sampler draws 1: "
+                                         rf"make it with sampling.make_sampler\(\.\.\., "
+                                         rf"draws={draws}\)"):
+      steps.make_train_step(model, tx, method, one, weights=np.ones(4))
   three = sampling.make_sampler(data.taskset, np.full(4, 0.25), 4, 8, draws=3)
   with pytest.raises(ValueError, match=r"objective.method='fixed' reads 1 independent"):
     steps.make_train_step(model, tx, "fixed", three, weights=np.ones(4))
