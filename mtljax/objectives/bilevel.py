@@ -1,4 +1,6 @@
-"""Auto-lambda (Liu, Davison & Johns, "Auto-Lambda: Disentangling Dynamic
+"""Bilevel task weighting: Auto-lambda and MOML.
+
+Auto-lambda (Liu, Davison & Johns, "Auto-Lambda: Disentangling Dynamic
 Task Relationships", TMLR 2022): task weights learned by the meta-gradient of
 a held-out loss through one look-ahead step of the model.
 
@@ -64,6 +66,8 @@ import jax
 import jax.numpy as jnp
 
 from mtljax import jacobians
+from mtljax.gradients import min_norm
+from mtljax.objectives import gram
 from mtljax.objectives.base import Inputs, Objective, Result, check_hparam
 from mtljax.objectives.double_sampling import draw_means
 
@@ -210,3 +214,140 @@ def auto_lambda(num_tasks: int, *, init: float = 0.1, lr: float = 1e-4,
   return Objective("auto_lambda", "sum", grads_fn, init_state=init_state,
                    hparams={"init": init, "lr": lr, "lookahead_lr": lookahead_lr,
                             "primary": primary, "meta_grad": meta_grad}, draws=DRAWS)
+
+
+# ---------------------------------------------------------------------------
+# MOML (Ye, Zhu, Zhang, Lin, Zhang et al., "Multi-Objective Meta Learning",
+# NeurIPS 2021), as LibMTL's trainer runs it (``bacth_forward_MOML``).
+# ---------------------------------------------------------------------------
+
+MOML_DRAWS = 3            # the inner (lower-level) batch, the outer (upper-level) batch, the model's
+MOML_NORMALIZERS = ("l2", "loss", "loss+", "none")   # LibMTL's MGDA normalisers (MOML uses l2)
+
+
+def moml_hypergradient(pullback, theta, loss_at_meta, alpha: jax.Array, c_train_of,
+                       m_meta: jax.Array, w_meta: jax.Array, *, inner_lr: float) -> jax.Array:
+  """``H [T, T]``: ``H[t, j] = d F_t(theta'(alpha)) / d alpha_j``, exactly.
+
+  ``theta'(alpha) = theta - inner_lr pullback(c_train_of(alpha))`` (one SGD
+  step of the lower level, ``pullback`` the inner draw's VJP at ``theta``,
+  ``c_train_of(alpha)`` its slot weights, linear in ``softmax(alpha)``);
+  ``F_t(p) = (m_meta @ (w_meta * loss_at_meta(p)))_t``, task t's mean loss on
+  the outer draw (times its fixed weight; 0 for a task without a slot there).
+  ``jax.jacrev`` of that map: T vector-Jacobian products (vmapped), each a
+  backward of the outer draw at ``theta'`` and the transpose of the inner
+  draw's pullback -- for one SGD step exactly LibMTL's ``-inner_lr g_F_t
+  g_f^T J_softmax(alpha)`` (the mixed second derivative of the weighted inner
+  loss is ``g_f^T J_softmax``: no second derivative of the model enters)."""
+
+  def upper(a):
+    g = pullback(c_train_of(a))
+    p = jax.tree.map(lambda x, d: x - inner_lr * d.astype(x.dtype), theta, g)
+    return m_meta @ (w_meta * loss_at_meta(p))
+
+  return jax.jacrev(upper)(alpha)
+
+
+def normalize_rows(h: jax.Array, losses: jax.Array, how: str) -> jax.Array:
+  """LibMTL's ``MGDA._gradient_normalizers``: each row of ``h`` divided by its
+  l2 norm (``"l2"``), its objective's loss (``"loss"``), both (``"loss+"``) or
+  nothing; a divisor of 0 (a zero row, an absent objective) leaves the row as
+  it is (LibMTL would divide by 0)."""
+  norm = jnp.sqrt(jnp.sum(h * h, axis=1))
+  div = {"l2": norm, "loss": losses, "loss+": losses * norm,
+         "none": jnp.ones_like(norm)}[how]
+  return h / jnp.where(div > 0, div, 1.0)[:, None]
+
+
+def moml(num_tasks: int, *, lr: float = 1e-3, inner_lr: float = 0.1,
+         normalize: str = "l2") -> Objective:
+  """MOML (Ye et al., NeurIPS 2021) in the multi-task setting as LibMTL runs
+  it: the upper-level variables are task-weight logits ``alpha [T]`` (state,
+  init ``1/T``; the model trains on ``sum_i softmax(alpha)_i w_i L_i``), the
+  lower level one SGD step of the model on the inner batch, the upper level
+  the T tasks' losses on the outer batch, each a separate objective.
+
+  Per step (three independent draws of the step's tasks,
+  :attr:`Objective.draws` = 3: the inner batch in slots ``0 .. K - 1``, the
+  outer in ``K .. 2K - 1``, the model's in ``2K .. 3K - 1``; LibMTL's inner
+  and outer batches are half-size draws of the training loader, its model
+  batch a full-size one; here all three have the run's batch size):
+
+  1. ``H [T, T]``, the exact hypergradient of each upper objective through
+     the look-ahead ``theta' = theta - inner_lr grad_theta sum_i
+     softmax(alpha)_i w_i L_i(theta; inner)`` (:func:`moml_hypergradient`);
+  2. MGDA on its rows: normalised (``normalize``, LibMTL's ``'l2'``), the
+     min-norm point of their convex hull (:func:`mtljax.gradients.min_norm.
+     mgda_weights`, exact; LibMTL runs Frank-Wolfe to 1e-5) over the tasks
+     present in the outer draw, ``g_alpha = beta @ H_normalised``;
+  3. ``alpha`` takes one torch-Adam step (``lr``, LibMTL's ``outer_lr``) on it;
+  4. the model takes the optimizer's step on ``sum_i softmax(alpha')_i w_i
+     L_i(theta; model batch)`` with the updated weights.
+
+  Task sampling (beyond the paper and LibMTL, whose steps hold every task):
+  the softmax runs over all T logits (an absent task's weight multiplies no
+  loss); the upper objectives are the tasks with a labelled slot in the
+  outer draw; ``alpha`` moves (every entry: the softmax couples them) when
+  the outer draw has one and the inner draw any, else it and its Adam state
+  stay. With every task every step this is LibMTL's update.
+
+  Args:
+    lr: Adam rate of ``alpha`` (LibMTL ``--outer_lr``, 1e-3).
+    inner_lr: the look-ahead SGD rate (LibMTL ``--inner_lr``, 0.1; LibMTL
+      supports ``inner_step = 1`` only for MOML, as here).
+    normalize: the hypergradients' normaliser before the min-norm solve, one
+      of ``"l2"`` (LibMTL's), ``"loss"``, ``"loss+"``, ``"none"``.
+  """
+  check_hparam("moml", lr > 0 and inner_lr > 0,
+               f"lr and inner_lr must be > 0, got {lr}, {inner_lr}")
+  if normalize not in MOML_NORMALIZERS:
+    raise ValueError(f"moml: normalize={normalize!r} is not one of {MOML_NORMALIZERS}.")
+  solve = gram.without_absent_slots(lambda k, rng: min_norm.mgda_weights(k))
+
+  def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
+    if lin.params is None:
+      raise ValueError("moml: the linearisation carries no parameters "
+                       "(Linearized.params) to take the look-ahead step from.")
+    ids = inp.task_ids
+    n = ids.shape[0] // MOML_DRAWS
+    dtype = lin.losses.dtype
+    w = inp.weights[ids].astype(dtype)
+    m, active = draw_means(ids, w > 0, num_tasks, MOML_DRAWS)
+    m = m.astype(dtype)
+    inner, outer, model = slice(0, n), slice(n, 2 * n), slice(2 * n, 3 * n)
+    # The inner and the model draws' own VJPs (one forward of n slots each):
+    # a pullback of the step's 3n-slot linearisation with zero weights
+    # elsewhere would run backward through every draw's examples.
+    _, vjp_inner = jax.vjp(lambda p: lin.loss_at(p, inner), lin.params)
+    _, vjp_model = jax.vjp(lambda p: lin.loss_at(p, model), lin.params)
+
+    def c_train_of(a):
+      return slot_coefficients(jax.nn.softmax(a), m[0], w[inner])
+
+    st = inp.state
+    alpha = st["alpha"].astype(dtype)
+    h = moml_hypergradient(lambda c: vjp_inner(c)[0], lin.params,
+                           lambda p: lin.loss_at(p, outer), alpha, c_train_of, m[1], w[outer],
+                           inner_lr=inner_lr)
+    present = active[1]
+    upper_losses = m[1] @ (w[outer] * lin.losses[outer])
+    hn = normalize_rows(h, upper_losses, normalize)
+    beta, _ = solve(hn @ hn.T, inp.rng, present)
+    g_alpha = (beta @ hn).astype(st["alpha"].dtype)
+    moves = jnp.any(present) & jnp.any(active[0])
+    a_new, mom, vel, count = adam_step(st["alpha"], st["m"], st["v"], st["count"], g_alpha,
+                                       jnp.full((num_tasks,), moves), lr)
+    c = slot_coefficients(jax.nn.softmax(a_new.astype(dtype)), m[2], w[model])
+    meas = {"objective_lambda_sum": jax.nn.softmax(a_new),
+            "objective_meta_grad_sum": jnp.where(moves, g_alpha, 0.0)}
+    return Result(jnp.sum(c * lin.losses[model]), vjp_model(c)[0],
+                  {"alpha": a_new, "m": mom, "v": vel, "count": count}, meas)
+
+  def init_state():
+    return {"alpha": jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
+            "m": jnp.zeros((num_tasks,), jnp.float32), "v": jnp.zeros((num_tasks,), jnp.float32),
+            "count": jnp.zeros((num_tasks,), jnp.int32)}
+
+  return Objective("moml", "sum", grads_fn, init_state=init_state,
+                   hparams={"lr": lr, "inner_lr": inner_lr, "normalize": normalize},
+                   draws=MOML_DRAWS)
