@@ -113,6 +113,11 @@ Methods (``config.objective.method``):
   a second batch through one look-ahead SGD step, exact by autodiff or the
   authors' finite difference). Two draws per step: the train and the meta
   batch, both from the training data as in the authors' trainers.
+  ``moml`` (Ye et al. 2021, as LibMTL's trainer runs it: logits ``alpha``
+  of softmax task weights take an Adam step along MGDA's min-norm
+  combination of every task's exact hypergradient -- its outer-batch loss
+  through one look-ahead SGD step on the inner batch; the model steps on a
+  third batch). Three draws per step.
 
 **Slots a method needs.** :attr:`Objective.min_slots` (Krum's
 ``n_byzantine + 3``, the trimmed mean's ``2 trim_number + 1``) is checked by
