@@ -76,9 +76,11 @@ def gradient_record(taskset, meas, steps_per_call: int) -> dict:
   if "objective_lambda_sum" in meas:  # loss weighting: mean lambda over the call
     lam = np.asarray(meas["objective_lambda_sum"]) / steps_per_call
     rec.update({f"objective/{a}/lambda": float(lam[i]) for i, a in enumerate(names)})
-  if "objective_meta_grad_sum" in meas:  # auto_lambda: mean meta-gradient over the call
+  if "objective_meta_grad_sum" in meas:  # auto_lambda, moml: mean meta-gradient over the call
     g = np.asarray(meas["objective_meta_grad_sum"]) / steps_per_call
     rec.update({f"objective/{a}/meta_grad": float(g[i]) for i, a in enumerate(names)})
+  if "objective_qp_failures" in meas:  # forum: steps whose QP found no feasible active set
+    rec["objective/qp_failures"] = float(np.sum(meas["objective_qp_failures"]))
   if "grad_norm_sum" not in meas:
     return rec
   rec["grad/solver_failures"] = float(np.sum(meas["solver_failures"]))

@@ -156,7 +156,7 @@ def _own_state(state, method):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["famo", "gradnorm", "dwa", "uncertainty", "modo",
-                                    "sdmgrad", "auto_lambda"])
+                                    "sdmgrad", "auto_lambda", "moml", "forum"])
 def test_resuming_restores_the_objective_state_and_matches_an_uninterrupted_run(method,
                                                                                 tmp_path):
   c = _objective_config(method)

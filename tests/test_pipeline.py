@@ -224,9 +224,9 @@ def test_resumed_host_run_reads_the_same_batches(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["modo", "sdmgrad", "auto_lambda"])
+@pytest.mark.parametrize("method", ["modo", "sdmgrad", "auto_lambda", "moml", "forum"])
 def test_a_double_sampling_run_on_either_pipeline_resumes_bitwise(method, tmp_path):
-  """MoDo / SDMGrad read three draws a step, Auto-lambda two: the host
+  """MoDo / SDMGrad / MOML read three draws a step, Auto-lambda and FORUM two: the host
   pipeline reads the device path's draws (the same run, to float32 rounding), and a host
   run stopped between checkpoints resumes to the uninterrupted run's bits
   (parameters, every metrics row, the weights' state)."""
@@ -249,7 +249,7 @@ def test_a_double_sampling_run_on_either_pipeline_resumes_bitwise(method, tmp_pa
   assert summary["resumed_from_step"] == 10
   _assert_same_run(str(tmp_path / "host"), str(tmp_path / "cut"))  # bitwise
   (a, _), (b, _) = (ckpt_lib.read_tree(str(tmp_path / d)) for d in ("host", "cut"))
-  key = "w" if method == "sdmgrad" else "lambda"
+  key = {"sdmgrad": "w", "moml": "alpha", "forum": "alpha"}.get(method, "lambda")
   np.testing.assert_array_equal(np.asarray(a["objective_state"][key]),
                                 np.asarray(b["objective_state"][key]))
   start = 0.1 if method == "auto_lambda" else 1 / 8

@@ -113,6 +113,15 @@ Methods (``config.objective.method``):
   a second batch through one look-ahead SGD step, exact by autodiff or the
   authors' finite difference). Two draws per step: the train and the meta
   batch, both from the training data as in the authors' trainers.
+  ``moml`` (Ye et al. 2021, as LibMTL's trainer runs it: logits ``alpha``
+  of softmax task weights take an Adam step along MGDA's min-norm
+  combination of every task's exact hypergradient -- its outer-batch loss
+  through one look-ahead SGD step on the inner batch; the model steps on a
+  third batch). Three draws per step.
+  ``forum`` (Ye et al. 2024, as LibMTL's trainer runs it: first order; the
+  model and ``alpha`` move along ``sum_t lambda_t g_F_t / |g_F_t| + nu g_q``,
+  ``g_q`` the gradient of the gap to a few inner SGD steps, the weights
+  from LibMTL's QP and an EMA). Two draws per step.
 
 **Slots a method needs.** :attr:`Objective.min_slots` (Krum's
 ``n_byzantine + 3``, the trimmed mean's ``2 trim_number + 1``) is checked by

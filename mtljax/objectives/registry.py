@@ -26,7 +26,7 @@ REGISTRY: dict[str, Callable[..., Objective]] = {
     "excess_mtl": stateful.excess_mtl, "moco": stateful.moco,
     "trimmed_mean": stateful.trimmed_mean, "cr_mogm": stateful.cr_mogm,
     "modo": double_sampling.modo, "sdmgrad": double_sampling.sdmgrad,
-    "auto_lambda": bilevel.auto_lambda,
+    "auto_lambda": bilevel.auto_lambda, "moml": bilevel.moml, "forum": bilevel.forum,
 }
 
 gradients.reserve(REGISTRY)  # a gradient method may not take one of these names
