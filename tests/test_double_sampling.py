@@ -364,7 +364,10 @@ def test_bad_inputs_are_refused_before_tracing():
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("sgd", lr=1.0)
   one = sampling.make_sampler(data.taskset, np.full(4, 0.25), 4, 8)
-  for method, draws in (("modo", 3), ("auto_lambda", 2)):  # every method with draws > 1
+  many = {m: objectives.make_objective(m, 4).draws for m in objectives.methods()}
+  many = {m: d for m, d in many.items() if d > 1}   # every method with draws > 1
+  assert many == {"modo": 3, "sdmgrad": 3, "auto_lambda": 2, "moml": 3, "forum": 2}
+  for method, draws in many.items():
     with pytest.raises(ValueError, match=rf"objective.method='{method}' reads {draws} "
                                          r"independent mini-batch\(es\) .* the sampler draws 1: "
                                          rf"make it with sampling.make_sampler\(\.\.\., "
