@@ -260,6 +260,22 @@ def normalize_rows(h: jax.Array, losses: jax.Array, how: str) -> jax.Array:
   return h / jnp.where(div > 0, div, 1.0)[:, None]
 
 
+def _draws_of(lin: jacobians.Linearized, inp: Inputs, num_tasks: int, draws: int,
+              name: str):
+  """``(task_ids, n, dtype, w, M, active)`` of a step of ``draws`` draws of
+  ``n`` slots each: the slots' weights ``w`` and :func:`draw_means`' ``M``
+  in the losses' dtype. Raises unless the linearisation carries the
+  parameters a look-ahead steps from."""
+  if lin.params is None:
+    raise ValueError(f"{name}: the linearisation carries no parameters "
+                     "(Linearized.params) to take the look-ahead step from.")
+  ids = inp.task_ids
+  dtype = lin.losses.dtype
+  w = inp.weights[ids].astype(dtype)
+  m, active = draw_means(ids, w > 0, num_tasks, draws)
+  return ids, ids.shape[0] // draws, dtype, w, m.astype(dtype), active
+
+
 def moml(num_tasks: int, *, lr: float = 1e-3, inner_lr: float = 0.1,
          normalize: str = "l2") -> Objective:
   """MOML (Ye et al., NeurIPS 2021) in the multi-task setting as LibMTL runs
@@ -306,15 +322,7 @@ def moml(num_tasks: int, *, lr: float = 1e-3, inner_lr: float = 0.1,
   solve = gram.without_absent_slots(lambda k, rng: min_norm.mgda_weights(k))
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
-    if lin.params is None:
-      raise ValueError("moml: the linearisation carries no parameters "
-                       "(Linearized.params) to take the look-ahead step from.")
-    ids = inp.task_ids
-    n = ids.shape[0] // MOML_DRAWS
-    dtype = lin.losses.dtype
-    w = inp.weights[ids].astype(dtype)
-    m, active = draw_means(ids, w > 0, num_tasks, MOML_DRAWS)
-    m = m.astype(dtype)
+    ids, n, dtype, w, m, active = _draws_of(lin, inp, num_tasks, MOML_DRAWS, "moml")
     inner, outer, model = slice(0, n), slice(n, 2 * n), slice(2 * n, 3 * n)
     # The inner and the model draws' own VJPs (one forward of n slots each):
     # a pullback of the step's 3n-slot linearisation with zero weights
@@ -475,15 +483,7 @@ def forum(num_tasks: int, *, lr: float = 1e-3, inner_lr: float = 0.1, inner_step
                f"{num_tasks}")
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
-    if lin.params is None:
-      raise ValueError("forum: the linearisation carries no parameters "
-                       "(Linearized.params) to take the inner steps from.")
-    ids = inp.task_ids
-    n = ids.shape[0] // FORUM_DRAWS
-    dtype = lin.losses.dtype
-    w = inp.weights[ids].astype(dtype)
-    m, active = draw_means(ids, w > 0, num_tasks, FORUM_DRAWS)
-    m = m.astype(dtype)
+    ids, n, dtype, w, m, active = _draws_of(lin, inp, num_tasks, FORUM_DRAWS, "forum")
     inner, outer = slice(0, n), slice(n, 2 * n)
     st = inp.state
     alpha = st["alpha"].astype(dtype)
