@@ -1,5 +1,12 @@
 """mtljax: supervised multi-task and transfer learning in JAX."""
 
+# First, before any module below can start a JAX backend: XLA_FLAGS that work
+# around bugs of the pinned XLA (mtljax/xla_workarounds.py).
+from mtljax import xla_workarounds as _xla_workarounds
+
+_xla_workarounds.apply()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from mtljax import build
 from mtljax import data
 from mtljax import gradients

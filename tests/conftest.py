@@ -100,6 +100,11 @@ import time  # noqa: E402
 
 import jax  # noqa: E402  (after the cache settings above)
 
+# mtljax's XLA_FLAGS workarounds (mtljax/xla_workarounds.py) take effect only
+# if mtljax is imported before the first JAX computation: import it here, so
+# that no test file's module-level JAX code runs first.
+import mtljax  # noqa: E402,F401  pylint: disable=unused-import
+
 _COUNTS = {"requests": 0, "hits": 0, "seconds": 0.0}
 _PROGRAMS: dict = {}  # fun_name -> [requests, seconds], this test's (for the report)
 
