@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "mtljax"
 # Lowest first. The library (up to steps) takes explicit arguments; build
 # reads configs; train is the loop; cv trains through the loop.
 LAYERS = (
-    ("errors", "params", "precision", "schedules", "tensorboard", "plotting"),
+    ("errors", "params", "precision", "schedules", "tensorboard", "plotting",
+     "xla_workarounds"),
     ("dense",),
     ("tasks", "workdir"),
     ("data", "models", "checkpoint", "transfer", "sharding", "optim", "measure"),
