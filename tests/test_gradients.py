@@ -1014,6 +1014,11 @@ def test_records_are_checked_when_built_and_registered():
     gradients.GramMethod("bad", lambda k, r: None, takes_rng=True, takes_factor=True)
   with pytest.raises(ValueError, match="min-norm method .* cannot take one"):
     gradients.GramMethod("bad", lambda k, f: None, takes_factor=True, min_norm=True)
+  with pytest.raises(ValueError, match=r"must take 3 positional argument\(s\) "
+                                       r"\(K, factor, present\)"):
+    gradients.GramMethod("bad", lambda k, f: None, takes_factor=True, takes_present=True)
+  with pytest.raises(ValueError, match="min-norm method's absent rows .* cannot also take"):
+    gradients.GramMethod("bad", lambda k, p: None, min_norm=True, takes_present=True)
   with pytest.raises(ValueError, match=r"hyper-parameter\(s\) \['eps'\] have no default"):
     gradients.GramMethod("bad", lambda k, *, eps: None)
   with pytest.raises(TypeError):

@@ -131,6 +131,89 @@ def test_krum_resists_outliers_and_is_the_mean_when_every_row_is_chosen():
   np.testing.assert_allclose(b7, np.full(7, 1.0 / 7), rtol=1e-6)
 
 
+def _np_krum_present(g, present, f, m):
+  """Krum on the present rows alone (float64), as ``krum_weights`` documents
+  it: the bounds shrink to the ``p`` present rows (``f_p = min(f, max(p - 3,
+  0))`` rows may be adversarial, ``max(p - f_p - 2, 0)`` neighbours scored,
+  ``m_p = min(m, p)`` rows averaged); absent rows weigh 0 and score inf."""
+  idx = np.flatnonzero(present)
+  p = len(idx)
+  beta, scores = np.zeros(len(g)), np.full(len(g), np.inf)
+  if p == 0:
+    return beta, scores
+  f_p, m_p = min(f, max(p - 3, 0)), min(m, p)
+  sub = g[idx]
+  d = ((sub[:, None, :] - sub[None, :, :]) ** 2).sum(-1)
+  q = max(p - f_p - 2, 0)
+  scores[idx] = [np.sort(np.delete(d[i], i))[:q].sum() for i in range(p)]
+  chosen = sorted(idx, key=lambda i: (scores[i], i))[:m_p]
+  beta[chosen] = 1.0 / m_p
+  return beta, scores
+
+
+# Present masks of T = 6 rows: all, one absent (first, middle, last), three
+# absent (p = 3 < f + 3 for f = 1), five absent (p = 1), none present.
+_MASKS = np.array([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1],
+                   [1, 1, 1, 1, 1, 0], [1, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0],
+                   [0, 0, 0, 0, 0, 0]], bool)
+_KRUM_PRESENT_HP = ((0, 1), (1, 1), (1, 2), (0, 3))
+
+
+def test_krum_leaves_absent_rows_out_and_shrinks_its_bounds_to_the_present_ones():
+  """Absent rows (zero, as the train step's slots of weight 0 are) are
+  neither candidates nor neighbours: the weights and the present rows' scores
+  are the float64 reference's on the present rows alone, on every hard kind
+  (norms 100x apart, near-opposite rows) and for masks from all present to
+  none; with fewer present rows than ``f + 3`` or ``m``, the shrunken bounds.
+  Without absent rows the masked and unmasked forms choose alike. One
+  program for every case, mask and hyper-parameter pair (both Gram paths)."""
+  gs = np.concatenate([hard_jacobians.hard_jacobian_batch(kind, 6, 10, 2, seed=7)
+                       for kind in hard_jacobians.KINDS])            # [10, 6, 10]
+  rows = gs[:, None] * _MASKS[None, :, :, None]                      # [10, 7, 6, 10]
+
+  def one(g, present):
+    k, r = gradients.gram(g), gradients.cosine_factor(g)
+    return {hp: (gradients.krum_weights(k, r, present, n_byzantine=hp[0], n_selected=hp[1]),
+                 gradients.krum_weights(k, None, present, n_byzantine=hp[0],
+                                        n_selected=hp[1]),
+                 gradients.krum_weights(k, r, n_byzantine=hp[0], n_selected=hp[1])[0])
+            for hp in _KRUM_PRESENT_HP}
+  masks = np.broadcast_to(_MASKS, rows.shape[:3])
+  out = jax.tree.map(np.asarray, jax.jit(jax.vmap(jax.vmap(one)))(
+      jnp.asarray(rows, jnp.float32), jnp.asarray(masks)))
+  checked = 0
+  for (f, m), ((beta_r, info_r), (beta_k, info_k), plain) in out.items():
+    for n in range(len(gs)):
+      for j, present in enumerate(_MASKS):
+        g = rows[n, j]
+        want, scores = _np_krum_present(g, present, f, m)
+        where = f"f={f} m={m} case {n} mask {j}"
+        for beta, info in ((beta_r, info_r), (beta_k, info_k)):
+          b, sc = beta[n, j], info["scores"][n, j]
+          assert np.all(b[~present] == 0.0) and np.all(np.isinf(sc[~present])), where
+          if not present.any():
+            assert np.all(b == 0.0), where
+            continue
+          scale = max(scores[present].max(), 1e-30)
+          np.testing.assert_allclose(sc[present], scores[present], rtol=1e-4,
+                                     atol=1e-5 * scale, err_msg=where)
+          m_p = min(m, present.sum())
+          np.testing.assert_allclose(b.sum(), 1.0, rtol=1e-6, err_msg=where)
+          assert np.count_nonzero(b) == m_p, where
+          # As in the unmasked test: the choice is the reference's unless the
+          # m_p-th and (m_p+1)-th lowest scores are within rounding.
+          ranked = np.sort(scores[present])
+          band = np.abs(scores - ranked[m_p - 1]) <= 2e-5 * scale
+          if np.ptp(scores[band & present]) == 0:
+            np.testing.assert_array_equal(b > 0, want > 0, err_msg=where)
+            checked += 1
+          else:
+            assert scores[b > 0].max() <= ranked[m_p - 1] + 2e-5 * scale, where
+        if present.all():
+          np.testing.assert_array_equal(beta_r[n, j] > 0, plain[n, j] > 0, err_msg=where)
+  assert checked >= 0.75 * 2 * len(gs) * (len(_MASKS) - 1) * len(out), checked
+
+
 def _eye(n):
   """A numpy Gram (``jnp.eye`` would compile four one-op programs per n)."""
   return np.eye(n, dtype=np.float32)
@@ -363,42 +446,57 @@ def test_the_three_methods_in_one_train_step():
   from the same parameters and batch: the shared parameters move by the
   float64 reference direction over the per-task gradients (``jax.grad`` per
   slot), the task parameters by the weighted sum's gradient, and CR-MOGM's
-  first ``lambda`` is the float64 min-norm point."""
+  first ``lambda`` is the float64 min-norm point. A fourth step runs Krum with
+  one sampled task at weight 0: its zero row is left out (Krum on the three
+  present rows, not a zero row that could be chosen or be a neighbour)."""
   data = helpers.toy_data()
   model = multitask.make_model("multi_head", data.taskset, data.input_shape, hidden=(8,))
   tx = optim.make_optimizer("sgd", lr=1.0)
   weights = np.array([1.0, 2.0, 0.5, 1.0], np.float32)
   probs = np.full(4, 0.25)
-  methods = ("krum", "trimmed_mean", "cr_mogm")
+  ids, x, ys, _ = helpers.step_batch(data, probs, seed=5, k=4, b=16)
+  dropped = int(ids[np.argmax([np.sum(ids == t) for t in ids])])   # a sampled task
+  weights0 = weights.copy()
+  weights0[dropped] = 0.0
+  methods = ("krum", "trimmed_mean", "cr_mogm", "krum")
   fns, states = [], []
-  for m in methods:
+  for i, m in enumerate(methods):
     obj = objectives.make_objective(m, 4)
     fns.append(steps.make_train_step(model, tx, obj,
                                      sampling.make_sampler(data.taskset, probs, 4, 16),
-                                     weights=weights, seed=5))
+                                     weights=weights0 if i == 3 else weights, seed=5))
     states.append(steps.init_train_state(model, tx, jax.random.key(0), obj))
   outs = jax.jit(lambda sts, train: [f(s, train) for f, s in zip(fns, sts)])(states, data.train)
 
-  ids, x, ys, _ = helpers.step_batch(data, probs, seed=5, k=4, b=16)
   p = states[0].params
   _, grads = helpers.per_task_grads(model, p, x, ys, ids, False, weights)
   leaves = [jax.tree.leaves(g["shared"]) for g in grads]
   rows = np.stack([np.concatenate([np.asarray(a, np.float64).ravel() for a in l])
                    for l in leaves])
+  # The weight-0 step's rows: w0_k grad L_k = (w0_k / w_k) (w_k grad L_k).
+  ratio = weights0[ids] / weights[ids]
+  rows0 = rows * ratio[:, None]
+  present = weights0[ids] > 0
+  assert 0 < present.sum() < 4
   mgda = _np_min_norm(rows)
-  want = {"krum": _np_krum(rows, 0, 1)[0] @ rows,
-          "trimmed_mean": _np_trimmed_mean(rows, np.ones(4, bool), 1)[0],
-          "cr_mogm": mgda @ rows}
+  want = [_np_krum(rows, 0, 1)[0] @ rows, _np_trimmed_mean(rows, np.ones(4, bool), 1)[0],
+          mgda @ rows, _np_krum_present(rows0, present, 0, 1)[0] @ rows0]
+  # Krum on the three present rows differs from Krum on four with a zero row.
+  assert not np.allclose(want[3], _np_krum(rows0, 0, 1)[0] @ rows0)
   # In float32 numpy: the same IEEE sums and differences as jnp's, no compiles.
-  plain = jax.tree.map(lambda *r: sum(np.asarray(a) for a in r), *[g["tasks"] for g in grads])
-  for m, (new, meas) in zip(methods, outs):
+  def plain(r):
+    return jax.tree.map(lambda *a: sum(np.float32(c) * np.asarray(b) for c, b in zip(r, a)),
+                        *[g["tasks"] for g in grads])
+  for i, (m, (new, meas)) in enumerate(zip(methods, outs)):
     moved = np.concatenate([(np.asarray(a) - np.asarray(b)).astype(np.float64).ravel()
                             for a, b in zip(jax.tree.leaves(p["shared"]),
                                             jax.tree.leaves(new.params["shared"]))])
-    np.testing.assert_allclose(moved, want[m], rtol=1e-3, atol=1e-5 * np.abs(want[m]).max(),
+    np.testing.assert_allclose(moved, want[i], rtol=1e-3, atol=1e-5 * np.abs(want[i]).max(),
                                err_msg=m)
-    helpers.assert_trees_close(new.params["tasks"],
-                               jax.tree.map(lambda a, g: np.asarray(a) - g, p["tasks"], plain))
+    helpers.assert_trees_close(
+        new.params["tasks"],
+        jax.tree.map(lambda a, g: np.asarray(a) - g, p["tasks"],
+                     plain(ratio if i == 3 else np.ones(4))))
     assert np.all(np.isfinite(np.asarray(meas["grad_weight_sum"]))), m
   np.testing.assert_allclose(np.asarray(outs[2][0].objective_state["lambda"])[ids], mgda,
                              atol=2e-4)

@@ -17,6 +17,9 @@ The record says, explicitly, what the weight function takes besides ``K``:
 * ``min_norm``: its answer lies in the rows' convex hull, which an absent
   (all-zero) row would pull to 0; the train step then solves on the present
   rows only;
+* ``takes_present``: a ``present [T]`` mask as its last positional argument
+  (``None``: every row present), for a method that leaves absent rows out
+  itself (Krum: an absent row is neither a candidate nor a neighbour);
 * ``min_rows``: the fewest rows its hyper-parameters allow (Krum's
   ``n_byzantine + 3``), checked by :meth:`GramMethod.bind` and, through the
   objective's ``min_slots``, against the train step's slots before tracing.
@@ -59,6 +62,8 @@ class GramMethod:
     takes_factor: ``weights`` takes the cosine factor (or ``None``) as its
       second argument.
     min_norm: the weights are a min-norm point of the rows' hull.
+    takes_present: ``weights`` takes the rows' ``present [T]`` mask (or
+      ``None``) as its last positional argument.
     min_rows: ``min_rows(**hparams) -> int``, the fewest rows the weight
       function accepts with those hyper-parameters (None: any number); the
       weight function raises on fewer.
@@ -70,6 +75,7 @@ class GramMethod:
   takes_rng: bool = False
   takes_factor: bool = False
   min_norm: bool = False
+  takes_present: bool = False
   min_rows: Callable[..., int] | None = None
   hparams: Mapping[str, Any] = dataclasses.field(init=False, compare=False, hash=False)
 
@@ -81,15 +87,20 @@ class GramMethod:
       raise ValueError(f"GramMethod {self.name!r}: a min-norm method is solved on the "
                        "present rows' Gram matrix only, which has no factor; it cannot "
                        "take one.")
+    if self.min_norm and self.takes_present:
+      raise ValueError(f"GramMethod {self.name!r}: a min-norm method's absent rows are "
+                       "left out by the train step (a large diagonal); it cannot also "
+                       "take the present mask.")
     params = list(inspect.signature(self.weights).parameters.values())
     positional = [p for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    want = 2 if (self.takes_rng or self.takes_factor) else 1
+    want = 1 + int(self.takes_rng or self.takes_factor) + int(self.takes_present)
     if len(positional) != want:
       raise ValueError(
           f"GramMethod {self.name!r}: its weight function must take {want} positional "
           f"argument(s) (K{', rng' if self.takes_rng else ''}"
-          f"{', factor' if self.takes_factor else ''}), got "
+          f"{', factor' if self.takes_factor else ''}"
+          f"{', present' if self.takes_present else ''}), got "
           f"{[p.name for p in positional]}; hyper-parameters are keyword-only.")
     keyword = [p for p in params if p.kind == inspect.Parameter.KEYWORD_ONLY]
     missing = [p.name for p in keyword if p.default is inspect.Parameter.empty]
@@ -119,24 +130,28 @@ class GramMethod:
     value fails before any jit."""
     self.check(hparams)
 
-    def weights(k, rng=None, factor=None):
-      return self(k, rng=rng, factor=factor, **hparams)
+    def weights(k, rng=None, factor=None, present=None):
+      return self(k, rng=rng, factor=factor, present=present, **hparams)
     t = max(2, self.rows_needed(hparams))
     jax.eval_shape(lambda k: weights(k, jax.random.key(0)), jnp.eye(t))
     return weights
 
   def __call__(self, k: jax.Array, *, rng: jax.Array | None = None,
-               factor: jax.Array | None = None, **hparams) -> tuple[jax.Array, dict]:
+               factor: jax.Array | None = None, present: jax.Array | None = None,
+               **hparams) -> tuple[jax.Array, dict]:
     """``(beta, info)`` from ``K``; ``rng`` is required by a method that takes
-    one, ``factor`` passed on to a method that takes one (ignored otherwise)."""
+    one, ``factor`` and ``present`` passed on to a method that takes them
+    (ignored otherwise: the train step leaves a min-norm method's absent rows
+    out itself, and the other methods handle a zero row finitely)."""
     self.check(hparams)
+    extra = (present,) if self.takes_present else ()
     if self.takes_rng:
       if rng is None:
         raise ValueError(f"{self.name} needs a random key: pass rng=.")
-      return self.weights(k, rng, **hparams)
+      return self.weights(k, rng, *extra, **hparams)
     if self.takes_factor:
-      return self.weights(k, factor, **hparams)
-    return self.weights(k, **hparams)
+      return self.weights(k, factor, *extra, **hparams)
+    return self.weights(k, *extra, **hparams)
 
 
 # The methods, in the order --list shows them (after the other objectives).
@@ -151,7 +166,7 @@ REGISTRY: dict[str, GramMethod] = {m.name: m for m in (
     GramMethod("dualproj", dual_cone.dualproj_weights),
     GramMethod("config", equal_cosine.config_weights, takes_factor=True),
     GramMethod("fairgrad", alpha_fair.fairgrad_weights),
-    GramMethod("krum", robust.krum_weights, takes_factor=True,
+    GramMethod("krum", robust.krum_weights, takes_factor=True, takes_present=True,
                min_rows=robust.krum_min_rows),
 )}
 

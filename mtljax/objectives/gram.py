@@ -74,8 +74,8 @@ def gram_combiner(method: gradients.GramMethod, num_tasks: int, *,
   bound = method.bind(**hp)
   if method.min_norm:
     present_weights = without_absent_slots(bound)
-  else:
-    present_weights = lambda k, rng, present, factor=None: bound(k, rng, factor)  # noqa: E731
+  else:  # a method that takes the mask leaves the absent slots out itself (Krum)
+    present_weights = lambda k, rng, present, factor=None: bound(k, rng, factor, present)  # noqa: E731
 
   def grads_fn(lin: jacobians.Linearized, inp: Inputs) -> Result:
     w = inp.weights[inp.task_ids]
