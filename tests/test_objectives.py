@@ -265,16 +265,19 @@ def _compiled_scratch_bytes(depth, method, gram_path, k=4, b=8, width=256):
                    reason="compiled-memory sizes are checked on XLA:CPU", strict=False)
 def test_accumulated_gram_path_never_holds_the_per_task_jacobian():
   """Compiled scratch memory as the shared trunk deepens by 4 layers of
-  256 x 256: "jacobian" grows by the K slot gradients of every added layer,
-  "accumulate" by at most a fraction of one layer's (activations only)."""
-  k, layer_bytes = 4, 4 * 4 * 256 * 256  # K slot gradients of one kernel
+  256 x 256: "jacobian" grows by the K = 4 slot gradients of every added
+  kernel (at least 0.8 x K copies of the added parameters), "accumulate" by
+  less than two copies -- no per-slot copy. What it does grow by is XLA's
+  buffer assignment: under one copy with XLA:CPU's YNNPACK fusions on, 1.44
+  copies with them off (mtljax/xla_workarounds.py; XLA's own dot emitter)."""
+  k, added = 4, 4 * (4 * 256 * 256)  # the 4 added kernels' float32 bytes
   sizes = {(d, p): _compiled_scratch_bytes(d, "mgda", p)
            for d in (2, 6) for p in ("jacobian", "accumulate")}
   if None in sizes.values():
     pytest.xfail("this backend reports no compiled memory statistics")
   growth = {p: sizes[(6, p)] - sizes[(2, p)] for p in ("jacobian", "accumulate")}
-  assert growth["jacobian"] >= 4 * 0.8 * layer_bytes, growth
-  assert growth["accumulate"] <= 4 * 0.25 * layer_bytes, growth
+  assert growth["jacobian"] >= 0.8 * k * added, growth
+  assert growth["accumulate"] < 2 * added, growth
 
 
 # ---------------------------------------------------------------------------
