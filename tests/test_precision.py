@@ -192,11 +192,15 @@ def test_dense_scenes_in_bf16_are_within_tolerance_of_float32(tmp_path):
     c.tensorboard = c.plots = False
     out[p] = train.train_and_evaluate(c, str(tmp_path / p))["tasks"]
   f32, bf16 = out["float32"], out["bfloat16"]
-  # Measured (2026-12-07): mIoU 0.005, pixel accuracy 0.009, depth 1.8 % / 2.5 %
-  # (relative), normals 1.5 / 1.1 degrees, fractions 0.022 / 0.009 / 0.011;
-  # the tolerances are about twice that.
-  tol = {"miou": 0.03, "pix_acc": 0.03, "abs_err": 0.06, "rel_err": 0.06, "mean_angle": 3.0,
-         "median_angle": 3.0, "within_11_25": 0.05, "within_22_5": 0.05, "within_30": 0.05}
+  # Measured on XLA:CPU: with YNNPACK fusions on (2026-12-07, sixth session)
+  # mIoU 0.005, pixel accuracy 0.009, depth 1.8 % / 2.5 % (relative), normals
+  # 1.5 / 1.1 degrees, fractions 0.022 / 0.009 / 0.011; with them off (mtljax's
+  # default since, mtljax/xla_workarounds.py; XLA's own emitters round bf16
+  # differently) mIoU 0.018, pixel accuracy 0.024, depth 2.3 % / 8.0 %,
+  # normals 1.49 / 2.39 degrees, fractions 0.019 / 0.043 / 0.041. The
+  # tolerances are at least 1.47x the larger of the two.
+  tol = {"miou": 0.03, "pix_acc": 0.04, "abs_err": 0.06, "rel_err": 0.12, "mean_angle": 3.0,
+         "median_angle": 3.5, "within_11_25": 0.05, "within_22_5": 0.065, "within_30": 0.065}
   for t, ms in f32.items():
     for k, v in ms.items():
       if k in tol:
