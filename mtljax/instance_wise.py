@@ -92,9 +92,10 @@ def model_example_losses(model: multitask.Model, task: str) -> Callable:
   if task not in ts.names:
     raise ValueError(f"model_example_losses: task {task!r} is not one of {ts.names}.")
   if model.stateful:
-    raise ValueError(f"model_example_losses: arch {model.arch!r} has batch norm, whose batch "
-                     "statistics couple the examples' losses; per-example losses need a model "
-                     "without state (e.g. normalization='group').")
+    raise ValueError(f"model_example_losses: arch {model.arch!r} has model state (batch "
+                     "norm, whose batch statistics couple the examples' losses, or ltb's "
+                     "branch sampler); per-example losses need a model without state (e.g. "
+                     "normalization='group', not ltb).")
   tid = ts.names.index(task)
   t = ts.tasks[tid]
 

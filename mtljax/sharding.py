@@ -36,6 +36,7 @@ import re
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -346,10 +347,29 @@ def _mirrors(opt_name: str, param_name: str) -> bool:
 # ----------------------------------------------------------------------------
 
 
+def unaliased(tree):
+  """``tree`` with every array leaf that is the same array as an earlier leaf
+  replaced by a copy. A donated argument must not hold one buffer twice (XLA
+  refuses the call: "Attempt to donate the same buffer twice"), and an eager
+  init can return one array in two places."""
+  seen = set()
+
+  def one(leaf):
+    if isinstance(leaf, jax.Array):
+      if id(leaf) in seen:
+        return jnp.copy(leaf)
+      seen.add(id(leaf))
+    return leaf
+  return jax.tree.map(one, tree)
+
+
 def place(tree, shardings):
   """``tree`` on the devices with ``shardings`` (before the loop, so the step
-  compiles once). With several processes every process passes the same
-  values (same seed, same data) and each builds only its devices' shards."""
+  compiles once), no two leaves sharing a buffer (:func:`unaliased`: the
+  placed state is donated). With several processes every process passes the
+  same values (same seed, same data) and each builds only its devices'
+  shards."""
+  tree = unaliased(tree)
   if jax.process_count() == 1:
     return jax.device_put(tree, shardings)
 

@@ -118,18 +118,22 @@ def batch(ids, x, ys, shared_inputs) -> jacobians.Batch:
 # ----------------------------------------------------------------------------
 
 
-def slot_loss(model, params, x, ys, ids, slot: int, shared_inputs: bool):
-  """Slot ``slot``'s mean loss, the model run on that slot alone."""
+def slot_loss(model, params, x, ys, ids, slot: int, shared_inputs: bool, state=None):
+  """Slot ``slot``'s mean loss, the model run on that slot alone (a model with
+  state: in train mode from ``state``)."""
+  from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
   ts = model.taskset
   t = int(ids[slot])
   xk = x if shared_inputs else x[slot]
-  out = model.apply(params, jnp.asarray(xk)[None], jnp.array([t]))[ts.tasks[t].group][0]
+  out = multitask.forward(model, params, jnp.asarray(xk)[None], jnp.array([t]), state,
+                          train=True)[0][ts.tasks[t].group][0]
   return jnp.mean(tasks.example_loss(ts.tasks[t], out, jnp.asarray(ys[ts.tasks[t].group][slot])))
 
 
-def per_task_grads(model, params, x, ys, ids, shared_inputs: bool, weights=None):
+def per_task_grads(model, params, x, ys, ids, shared_inputs: bool, weights=None, state=None):
   """``(losses [K], [grad of w_k L_k for each slot])``: K separate ``jax.grad``
-  calls, each on one slot's loss (a Python loop, compiled as one function)."""
+  calls, each on one slot's loss (a Python loop, compiled as one function;
+  a model with state runs in train mode from ``state``)."""
   k = len(ids)
   w = np.ones(k) if weights is None else np.asarray(weights)[np.asarray(ids)]
 
@@ -137,8 +141,9 @@ def per_task_grads(model, params, x, ys, ids, shared_inputs: bool, weights=None)
   def ref(p):
     out = []
     for s in range(k):
-      loss = slot_loss(model, p, x, ys, ids, s, shared_inputs)
-      grad = jax.grad(lambda q, s=s: w[s] * slot_loss(model, q, x, ys, ids, s, shared_inputs))(p)
+      loss = slot_loss(model, p, x, ys, ids, s, shared_inputs, state)
+      grad = jax.grad(lambda q, s=s: w[s] * slot_loss(model, q, x, ys, ids, s, shared_inputs,
+                                                      state))(p)
       out.append((loss, grad))
     return out
   out = ref(params)

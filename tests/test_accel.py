@@ -204,3 +204,37 @@ def test_device_check_runs_in_tiny_mode_on_cpu(tmp_path):
   assert report["cost_analysis"] and all(
       r["flops_per_step"] > 0 and r["bytes_per_step"] > 0 for r in report["cost_analysis"])
   assert "device_check" in proc.stdout and "ms/step" in proc.stdout
+
+
+def test_a_state_holding_one_array_twice_is_placed_as_two_buffers_and_donated():
+  """XLA refuses a donated argument that holds one buffer twice; an eager
+  init can return one array in two places. ``sharding.place`` copies the
+  second (``unaliased``: equal values, distinct buffers), so the library
+  path of notebooks and benchmarks (eager ``init_train_state``, then
+  ``prepare_train_step``, donated) runs; here on cross-stitch, whose
+  stitch units were one array per model before."""
+  from mtljax import optim, sharding, steps  # pylint: disable=g-import-not-at-top
+  from mtljax.data import sampling  # pylint: disable=g-import-not-at-top
+  from mtljax.models import multitask  # pylint: disable=g-import-not-at-top
+  a = jax.numpy.arange(3.0)
+  tree = sharding.unaliased({"x": a, "y": a, "z": [a, 1]})
+  assert tree["x"] is a and tree["y"] is not a and tree["z"][0] is not a
+  assert len({id(tree["x"]), id(tree["y"]), id(tree["z"][0])}) == 3
+  for leaf in (tree["y"], tree["z"][0]):
+    np.testing.assert_array_equal(leaf, a)
+  assert tree["z"][1] == 1
+
+  data = helpers.toy_data()
+  model = multitask.make_model("cross_stitch", data.taskset, data.input_shape, hidden=(8, 4))
+  tx = optim.make_optimizer("adam", lr=1e-3)
+  state = steps.init_train_state(model, tx, jax.random.key(0))
+  state = state._replace(params={**state.params, "shared": {"stitch": {
+      n: state.params["shared"]["stitch"]["layer_0"] for n in ("layer_0", "layer_1")}}})
+  fn = steps.make_train_step(model, tx, "fixed", sampling.make_sampler(
+      data.taskset, sampling.task_probabilities("uniform", data.num_train), 4, 8),
+      weights=np.ones(4))
+  step, placed, d = sharding.prepare_train_step(fn, state, data.train, 4)
+  new, _ = step(placed, d)
+  new, meas = step(new, d)
+  assert np.isfinite(float(meas["loss"]))
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(placed))

@@ -64,7 +64,7 @@ def test_list_names_every_config_architecture_objective_and_strategy():
           "output_stride=8, normalization='batch', conv_impl='auto', patch_size=4, "
           "vit_width=64, vit_depth=4, vit_heads=4, vit_mlp_dim=128, vit_eps=1e-12\n") in out
   assert "  per-pixel (dense tasks only), with the architectures built for each:\n" in out
-  assert "\n    resnet50   multi_head, independent, mtan, cross_stitch\n" in out
+  assert "\n    resnet50   multi_head, independent, mtan, cross_stitch, ltb\n" in out
   assert "\n    (not on any per-pixel encoder: " in out and "mmoe" in out
   assert "\n    segnet     multi_head, independent, mtan\n" in out
   assert f"encoders (config.model.encoder): {', '.join(multitask.ENCODERS)}\n" in out

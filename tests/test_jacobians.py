@@ -39,6 +39,17 @@ def _setup(arch, shared_inputs, k, heads="auto", seed=0):
   return model, params, ids, x, ys
 
 
+def _state(model, seed=0):
+  """The model's state (None without): ltb's sampler past its warm-up, so a
+  drawn architecture routes the columns (every forward of the step must read
+  the same draw)."""
+  if not model.stateful:
+    return None
+  state = model.init_state(jax.random.key(seed))
+  state["shared"]["branch"]["count"] = jnp.asarray(10 ** 4, jnp.int32)
+  return state
+
+
 # (arch, heads): every architecture, and multi_head with shared heads (pooled).
 _ARCHS = [(a, "auto") for a in multitask.archs()] + [("multi_head", "shared")]
 # (shared inputs, K, static slot layout): one pass or per slot, K = T or K < T.
@@ -47,7 +58,7 @@ _LAYOUTS = [(True, 4, True), (True, 3, False), (False, 4, True), (False, 3, Fals
 # inputs without a task-independent part, per slot on distinct inputs.
 _FAST = {("multi_head", "auto", True, 4, True), ("mmoe", "auto", True, 3, False),
          ("concat", "auto", True, 4, True), ("cross_stitch", "auto", False, 3, False),
-         ("independent", "auto", False, 4, True)}
+         ("independent", "auto", False, 4, True), ("ltb", "auto", False, 3, False)}
 
 
 # Two layouts (shared inputs with the static layout, distinct inputs with
@@ -55,7 +66,7 @@ _FAST = {("multi_head", "auto", True, 4, True), ("mmoe", "auto", True, 3, False)
 # paths, and for those with no task-independent part (always per slot: shared
 # or distinct inputs take the same path; the fast tier's cross_stitch and
 # independent cases keep the other two layouts in view).
-_TWO_LAYOUTS = {"cgc", "ple", "dselect_k", "mtan",
+_TWO_LAYOUTS = {"cgc", "ple", "dselect_k", "mtan", "ltb",
                 "concat", "additive", "multiplicative", "soft", "cross_stitch", "independent"}
 
 
@@ -78,7 +89,8 @@ def test_slot_gradients_equal_one_grad_per_slot(arch, heads, shared_inputs, k, s
   batch = jacobians.Batch(jnp.asarray(x), {g: jnp.asarray(y) for g, y in ys.items()},
                           ids_in, shared_inputs)
   c = jnp.asarray([0.5, 2.0, 1.0, 1.5][:k])
-  ref_losses, ref = helpers.per_task_grads(model, params, x, ys, ids, shared_inputs)
+  ref_losses, ref = helpers.per_task_grads(model, params, x, ys, ids, shared_inputs,
+                                           state=_state(model))
   # The weighted sum of the reference gradients in numpy (no eager jnp op).
   weighted = [jax.tree.map(lambda a, w=w: w * np.asarray(a, np.float32), g)
               for w, g in zip(np.asarray(c), ref)]
@@ -104,7 +116,7 @@ def _outputs(model, params, batch, needs, c):
   static = isinstance(batch.task_ids, np.ndarray)
   assert (tasks_lib.static_group_slices(model.taskset, batch.task_ids) is not None) == (
       static and list(batch.task_ids) == list(model.taskset.grouped_order))
-  lin = jacobians.linearize(model, params, batch, needs=needs)
+  lin = jacobians.linearize(model, params, batch, needs=needs, model_state=_state(model))
   out = {"losses": lin.losses, "pullback": lin.pullback(c),
          "one_pass": jnp.asarray(lin.one_pass)}
   if needs == "slots":

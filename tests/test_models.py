@@ -92,7 +92,8 @@ def test_architectures_differ_from_each_other():
                              **helpers.arch_kwargs(arch, hidden=(16, 8), cond_layers=(0,)))
     p = m.init(jax.random.key(0))
     trees[arch] = {n: a.shape for n, a in params_lib.flatten_with_names(p)}
-    outs[arch] = np.asarray(m.apply(p, x, ids)["classification10"])
+    state = m.init_state(jax.random.key(0)) if m.stateful else None
+    outs[arch] = np.asarray(multitask.forward(m, p, x, ids, state)[0]["classification10"])
   for a, b in itertools.combinations(multitask.archs(), 2):
     # Equal at init by design: soft is independent plus a penalty; MMoE's
     # per-task gates and OMoE's one gate all start uniform (zero logits).
@@ -343,9 +344,9 @@ def test_decode_of_encode_is_apply_on_shared_inputs(arch, heads):
 
 
 @pytest.mark.parametrize("arch", ["independent", "concat", "soft", "cross_stitch", "ple",
-                                  "mtan"])
+                                  "mtan", "ltb"])
 def test_archs_without_a_task_independent_part_have_no_encode(arch):
-  model = multitask.make_model(arch, MIXED, (5,), hidden=(6,))
+  model = multitask.make_model(arch, MIXED, (5,), hidden=(6, 4))
   assert model.encode is None and model.decode is None
 
 
@@ -388,6 +389,7 @@ _GROUPS = {
             "tower_0", "heads"],
     "dselect_k": ["conv_0", "layer_0", "layer_1", "gates", "tower_0", "heads"],
     "mtan": ["conv_0", "layer_0", "layer_1", "tower_0", "heads"],
+    "ltb": ["conv_0", "layer_0", "layer_1", "heads"],
 }
 
 
@@ -422,6 +424,9 @@ def test_every_parameter_is_in_exactly_one_layer_group(arch):
             "shared/att_f/layer_0/bias"} <= set(members["layer_1"])
   if arch == "cross_stitch":
     assert "shared/stitch/layer_0" in members["layer_0"]
+  if arch == "ltb":  # a layer's routing logits (of its outputs) in its group; none after the last
+    assert "shared/branch/layer_0" in members["layer_0"]
+    assert not any(n.startswith("shared/branch/layer_1") for n in names)
 
 
 @pytest.mark.parametrize("arch", multitask.archs())
@@ -432,7 +437,7 @@ def test_shared_heads_work_for_every_architecture(arch):
   equal -- and a train state (with per-task optimizer rows) builds."""
   from mtljax import optim, steps  # pylint: disable=g-import-not-at-top
   model = multitask.make_model(arch, MIXED, (5,), **helpers.arch_kwargs(
-      arch, hidden=(6,), heads="shared", num_experts=2, tower=(3,), cond_layers=(0,)))
+      arch, hidden=(6, 4), heads="shared", num_experts=2, tower=(3,), cond_layers=(0,)))
   # The init's values: cross_stitch's stitch units start symmetric in the
   # tasks, so a's and b's outputs are equal only from there.
   p = model.init(jax.random.key(0))
@@ -447,7 +452,8 @@ def test_shared_heads_work_for_every_architecture(arch):
     node[leaf] = jax.tree.map(lambda v: v.at[list(rows).index(b)].set(v[list(rows).index(a)]),
                               node[leaf])
   x = jnp.broadcast_to(_x((5,), k=1, b=7, seed=1)[0], (2, 7, 5))
-  out = model.apply(p, x, jnp.array([a, b]))["classification10"]
+  state = model.init_state(jax.random.key(0)) if model.stateful else None
+  out = multitask.forward(model, p, x, jnp.array([a, b]), state)[0]["classification10"]
   if arch not in ("concat", "additive", "multiplicative"):  # those read the task id
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
   tx = optim.make_optimizer("adam", lr=1e-3)

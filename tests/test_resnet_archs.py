@@ -10,10 +10,14 @@ and ``architecture/Cross_stitch.py``; mtljax/models/backbone_models.py):
 * cross-stitch's units against a float64 numpy mix of the columns' stage
   outputs, the stitched features feeding the next stage, layer4 unmixed;
   LibMTL's and the paper's initial units;
+* Learning to Branch over the stages (LibMTL's ``architecture/LTB.py``):
+  after the warm-up a training forward is, for each slot, the plain ResNet
+  (``independent``'s column) assembled from the stages of the columns its
+  task's drawn tree path goes through;
 * the layer groups by stage name, the task rows, the bad settings named
   before anything compiles; one train step of each (a gradient method on
   MTAN, a loss weighting on cross-stitch) in one program; the other norm,
-  convolution and objectives in the slow tier."""
+  convolution and objectives (and LTB's step) in the slow tier."""
 
 import re
 
@@ -30,6 +34,7 @@ from mtljax.data import sampling
 from mtljax.data import specs
 from mtljax.data import task_data
 from mtljax.models import backbone_models
+from mtljax.models import branching
 from mtljax.models import multitask
 from mtljax.models import parts
 from test_backbone_models import _np_conv
@@ -245,13 +250,71 @@ def test_cross_stitch_units_mix_the_columns_after_layer1_to_layer3(ref):
   np.testing.assert_array_equal(got[1], np.ones((3, 3), np.float32))
 
 
+def test_ltb_forward_is_the_plain_resnet_along_the_drawn_tree_path():
+  """LTB after its warm-up, train mode, slots of tasks ``[2, 0]`` on two image
+  batches: slot k's prediction equals ``independent``'s for task t whose
+  ResNet is assembled stage by stage from the columns t's path goes through
+  (layer4: t; below each stage, the parent drawn for the column above,
+  read back with :func:`branching.routing` from the same state), with t's
+  DeepLab head; the routed stages are stem..layer3 (LibMTL's
+  ``alpha[1..4]``) and the clock moved by one."""
+  ts = _taskset()
+  shape = (H, W, 3)
+  hp = branching.LTBHParams()
+  ltb = backbone_models.resnet_ltb(_trunk(), ts, shape, hp)
+  ind = multitask.make_model("independent", ts, shape, **SETTINGS)
+  rng = np.random.default_rng(4)
+  key = jax.random.key(0)
+  p = _draw(jax.eval_shape(ltb["init"], key), rng)
+  assert sorted(p["shared"]["branch"]) == sorted(backbone_models.BRANCHED)
+  p["shared"]["branch"] = {n: (2 * rng.normal(size=(3, 3))).astype(np.float32)
+                           for n in backbone_models.BRANCHED}
+  abstract = jax.eval_shape(ltb["init_state"], key)
+  s = {"shared": {"branch": {"key": np.asarray(jax.random.key_data(jax.random.key(7))),
+                             "count": np.int32(hp.warmup_epochs * hp.epoch_steps + 3)}},
+       "tasks": _draw(abstract["tasks"], rng, stats=True)}
+  x = rng.uniform(size=(2, B, H, W, 3)).astype(np.float32)
+  ids = np.array([2, 0], np.int32)
+  alpha = jax.device_get(jax.jit(lambda p, s: branching.routing(
+      p["shared"]["branch"], s["shared"]["branch"], hp, True)[0])(p, s))
+  names = ("stem",) + STAGES
+  trunks, own = [], []
+  for t in ids:
+    col, path = int(t), {}
+    for i in range(len(names) - 1, -1, -1):
+      path[names[i]] = col
+      if i > 0:
+        col = int(np.argmax(alpha[names[i - 1]][col]))
+    own.append(path)
+    trunks.append({n: jax.tree.map(lambda a, c=c: a[c], p["tasks"]["trunk"][n])
+                   for n, c in path.items()})
+  assert any(len(set(path.values())) > 1 for path in own)  # a path that branches
+
+  @jax.jit
+  def run(p, s, trunks, x):
+    outs, new = ltb["apply"](p, x, ids, s, True)
+    want = []
+    for k, t in enumerate(ids):
+      trunk_p = jax.tree.map(lambda a, b, t=t: a.at[t].set(b), p["tasks"]["trunk"], trunks[k])
+      pi = {"shared": {}, "tasks": {"trunk": trunk_p, "heads": p["tasks"]["heads"]}}
+      si = {"shared": {}, "tasks": s["tasks"]}
+      want.append(ind.apply(pi, x[k][None], np.array([t]), state=si, train=True)[0])
+    return outs, new, want
+  outs, new, want = jax.device_get(run(p, s, trunks, x))
+  for k in range(len(ids)):
+    # float32 through 18 layers with batch statistics of 2 images: a few
+    # elements differ by ~2e-5 with another summation order.
+    np.testing.assert_allclose(outs["depth1"][k], want[k]["depth1"][0], rtol=1e-3, atol=1e-4)
+  assert int(new["shared"]["branch"]["count"]) == int(s["shared"]["branch"]["count"]) + 1
+
+
 def test_layer_groups_are_the_stages_by_name_and_task_rows_stack_tasks():
   """Every parameter of both in exactly one group, ``stem, layer1..4,
   heads``; MTAN's masks and the block after a stage in that stage's group,
   the stitch after a stage in its group; the per-task stacks have one row per
   task. Traced, not compiled."""
   ts = _taskset()
-  for arch, kw in (("mtan", {"tower": ()}), ("cross_stitch", {})):
+  for arch, kw in (("mtan", {"tower": ()}), ("cross_stitch", {}), ("ltb", {})):
     m = multitask.make_model(arch, ts, (H, W, 3), **SETTINGS, **kw)
     assert [g for g, _ in m.layer_groups] == ["stem", *STAGES, "heads"]
     assert m.stateful and m.encode is None
@@ -259,7 +322,7 @@ def test_layer_groups_are_the_stages_by_name_and_task_rows_stack_tasks():
     for n, _ in params_lib.flatten_with_names(params):
       hits = [g for g, rx in m.layer_groups if re.search(rx, n)]
       assert len(hits) == 1, (arch, n, hits)
-      if "attention/" in n or "stitch/" in n:
+      if "attention/" in n or "stitch/" in n or "branch/" in n:
         assert hits[0] == n.split("/")[2], (n, hits)
     for path, rows in m.task_rows.items():
       leaves = jax.tree.leaves(params_lib.get_path(params["tasks"], path))
@@ -280,7 +343,8 @@ def test_layer_groups_are_the_stages_by_name_and_task_rows_stack_tasks():
     ("mtan", {}, r"mtan.tower=\(8,\): MTAN over ResNet stages has LibMTL's DeepLab heads"),
     ("mtan", {"tower": (), "input_shape": (16, 20, 3)},
      r"input shape \(16, 20, 3\) gives layer2 features of 2x3 .* cannot meet by 2x2 pooling"),
-    ("mmoe", {}, r"it is built for \('multi_head', 'independent', 'mtan', 'cross_stitch'\)"),
+    ("mmoe", {}, r"it is built for \('multi_head', 'independent', 'mtan', 'cross_stitch', "
+                 r"'ltb'\)"),
     ("cross_stitch", {"ones_init": "yes"}, "cross_stitch.ones_init must be True or False"),
 ])
 def test_bad_settings_are_named_before_anything_compiles(arch, kwargs, message):
@@ -309,8 +373,9 @@ def _train(cases, trace_only=False, **settings):
   ``trace_only`` their shapes: traced, not compiled)."""
   data = _data()
   ts = data.taskset
+  own = {"mtan": {"tower": ()}, "ltb": {"warmup_epochs": 0}}  # ltb: its logits learn at once
   models = {a: multitask.make_model(a, ts, data.input_shape, **{**SETTINGS, **settings},
-                                    **({"tower": ()} if a == "mtan" else {}))
+                                    **own.get(a, {}))
             for a, _ in cases}
   sampler = sampling.make_sampler(ts, np.full(3, 1 / 3), 3, B, False, True)
   fns = {c: steps.make_train_step(models[c[0]], optax.adam(1e-3), c[1], sampler,
@@ -348,7 +413,8 @@ def test_the_step_traces_with_a_gradient_method_and_a_loss_weighting():
   """PCGrad on MTAN, uncertainty weighting on cross-stitch: the steps trace
   (not compiled: the compiled step is ~50-90 s of XLA on this CPU, the slow
   tier's), a scalar loss, the parameters and state keep their shapes."""
-  for case, (loss, new_p, old_p, new_s, old_s) in _train(CASES, trace_only=True).items():
+  for case, (loss, new_p, old_p, new_s, old_s) in _train(CASES | {("ltb", "pcgrad")},
+                                                          trace_only=True).items():
     assert loss.shape == (), case
     assert jax.tree.map(lambda a: a.shape, new_p) == jax.tree.map(lambda a: a.shape, old_p)
     assert jax.tree.map(lambda a: a.shape, new_s) == jax.tree.map(lambda a: a.shape, old_s)
@@ -367,6 +433,7 @@ def test_mtan_and_cross_stitch_train_with_a_gradient_method_and_a_loss_weighting
 def test_group_norm_lax_convolutions_and_more_objectives():
   """Group norm (no state), im2col convolutions (the rest of the file runs
   ``lax``) at output stride 8: MTAN with FAMO (a loss weighting with state),
-  cross-stitch with CAGrad (a gradient method), one program."""
-  _check_trained(_train({("mtan", "famo"), ("cross_stitch", "cagrad")},
+  cross-stitch with CAGrad (a gradient method), LTB with MGDA (its sampler
+  the only state: group norm has none), one program."""
+  _check_trained(_train({("mtan", "famo"), ("cross_stitch", "cagrad"), ("ltb", "mgda")},
                         normalization="group", conv_impl="im2col", output_stride=8))

@@ -18,7 +18,8 @@ from experiments.configs import multi_digits
 
 
 ARCHS = ("independent", "multi_head", "concat", "additive", "multiplicative", "soft",
-         "cross_stitch", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "dselect_k", "mtan")
+         "cross_stitch", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "dselect_k", "mtan",
+         "ltb")
 
 
 # What --config=FILE:ARG accepts (listed by `python -m experiments.main --list`).
@@ -41,4 +42,7 @@ def get_config(arg: str = ""):
   c.model.dselect_k.k = 2       # dselect_k: 2 of the 4 experts per task once saturated
   common.set_model_hparam(c, "tower", (32,))     # every architecture with towers
   c.model.soft.lambda_ = 1e-3
+  # LTB: LibMTL's NYUv2 schedule (200 epochs: tau 10 / sqrt(epoch + 1), two
+  # warm-up epochs) laid over the run's steps.
+  c.model.ltb.epoch_steps = max(1, c.total_steps // 200)
   return c

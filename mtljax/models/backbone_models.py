@@ -19,6 +19,9 @@ with
 * ``cross_stitch``: LibMTL's cross-stitch over the ResNet stages
   (:func:`resnet_cross_stitch`): one ResNet per task, stitch units after
   ``layer1..3``.
+* ``ltb``: LibMTL's Learning to Branch over the ResNet stages
+  (:func:`resnet_ltb`): one ResNet per task, each column's input to
+  ``layer1..4`` drawn from one parent column (:mod:`mtljax.models.branching`).
 
 Batch norm (torch's semantics, :class:`mtljax.models.backbones.BatchNorm`)
 keeps its running averages in the model state (:attr:`Model.init_state`,
@@ -62,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtljax import tasks as tasks_lib
+from mtljax.models import branching
 from mtljax.models import parts as parts_lib
 from mtljax.models.backbones import layers
 from mtljax.models.backbones import resnet
@@ -240,12 +244,15 @@ def _stage_groups(prefix: str) -> tuple[tuple[str, str], ...]:
 def build(arch: str, trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
           input_shape: Sequence[int], hparams=None) -> dict:
   """The Model fields of ``arch`` on the backbone ``trunk.encoder``
-  (``hparams``: ``cross_stitch``'s, which sets the stitch units' init)."""
+  (``hparams``: ``cross_stitch``'s, which sets the stitch units' init, or
+  ``ltb``'s)."""
   if trunk.encoder in parts_lib.SEGNETS:
     return segnet_model(arch, trunk, taskset, input_shape)
   if arch == "cross_stitch":
     return resnet_cross_stitch(trunk, taskset, input_shape, hparams.init_diagonal,
                                hparams.ones_init)
+  if arch == "ltb":
+    return resnet_ltb(trunk, taskset, input_shape, hparams)
   return {"multi_head": resnet_multi_head, "independent": resnet_independent,
           "mtan": resnet_mtan}[arch](trunk, taskset, input_shape)
 
@@ -542,28 +549,19 @@ def resnet_cross_stitch(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
 
   def init_all(rng):
     tasks_p, tasks_s = bb.per_task_trunks(rng)
-    alpha = stitch_init(num, init_diagonal, ones_init)
-    return ({"shared": {"stitch": {n: alpha for n in STITCHED}}, "tasks": tasks_p},
+    return ({"shared": {"stitch": {n: stitch_init(num, init_diagonal, ones_init)
+                                   for n in STITCHED}}, "tasks": tasks_p},
             {"shared": {}, "tasks": tasks_s})
 
   def columns(cols, col_stats, alpha, xk, train, taps=None):
-    """Every task's column on ``xk``: ``(layer4 features [T, B, h, w, C], new stats)``."""
-    h, new = xk, {}
-    taps = {} if taps is None else taps
-    for n in resnet.STAGES:
-      h, new[n] = jax.vmap(lambda p, s, a, n=n: bb.stage_apply(n, p, s, a, train),
-                           in_axes=(0, 0, None if n == "stem" else 0))(cols, col_stats, h)
-      taps[f"{n}"] = h
-      if n in STITCHED:
-        h = taps[f"{n}_stitched"] = jnp.einsum("ts,s...->t...", alpha[n], h)
-    return h, (new if bb.stateful else col_stats)
+    return resnet_columns(bb, cols, col_stats, alpha, xk, train, taps)
 
   def apply(params, x, task_ids, state=None, train=False):
     ids = jnp.asarray(task_ids)
 
     def one(xk, t):
-      h, st = columns(params["tasks"]["trunk"], state["tasks"]["trunk"],
-                      params["shared"]["stitch"], xk, train)
+      h, st = resnet_columns(bb, params["tasks"]["trunk"], state["tasks"]["trunk"],
+                             params["shared"]["stitch"], xk, train)
       return h[t], st
     feats, trunks = per_slot(one, (x, ids), state["tasks"]["trunk"], train)
     outs, hs = bb.heads_apply(params["tasks"]["heads"], state["tasks"]["heads"], feats, ids,
@@ -578,6 +576,72 @@ def resnet_cross_stitch(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
   if internals:
     return fields, types.SimpleNamespace(columns=columns, bb=bb)
   return fields
+
+
+def resnet_columns(bb: _Backbone, cols, col_stats, mixes: dict, xk, train: bool, taps=None):
+  """Every task's ResNet column (``cols``, stacked ``[T, ...]``) on one slot's
+  images ``xk``, the columns' outputs after stage ``n`` mixed by ``mixes[n]
+  [T, T]`` (column ``t`` continues from ``sum_s mixes[n][t, s] h_s``; stages
+  not in ``mixes`` unmixed): ``(layer4 features [T, B, h, w, C], new stats)``.
+  ``taps`` (a dict) receives each stage's columns before (``<stage>``) and
+  after (``<stage>_stitched``) its mix."""
+  h, new = xk, {}
+  taps = {} if taps is None else taps
+  for n in resnet.STAGES:
+    h, new[n] = jax.vmap(lambda p, s, a, n=n: bb.stage_apply(n, p, s, a, train),
+                         in_axes=(0, 0, None if n == "stem" else 0))(cols, col_stats, h)
+    taps[f"{n}"] = h
+    if n in mixes:
+      h = taps[f"{n}_stitched"] = jnp.einsum("ts,s...->t...", mixes[n], h)
+  return h, (new if bb.stateful else col_stats)
+
+
+# The stages whose outputs Learning to Branch routes (LibMTL's alpha[1..4]:
+# the inputs of layer1..layer4).
+BRANCHED = ("stem", "layer1", "layer2", "layer3")
+
+
+def resnet_ltb(trunk: parts_lib.Trunk, taskset: tasks_lib.TaskSet,
+               input_shape: Sequence[int], hp: branching.LTBHParams) -> dict:
+  """Learning to Branch over ResNet stages, LibMTL's ``_transform_resnet_ltb``
+  (:mod:`mtljax.models.branching`): one ResNet per task (``tasks/trunk``,
+  stacked ``[T, ...]``, stem included), every column on the slot's images,
+  column ``t``'s input to ``layer1..layer4`` drawn from one parent column's
+  output of the stage before (``shared/branch/<stage>``, ``[T, T]`` logits,
+  for ``stem`` .. ``layer3``), task ``t``'s DeepLab head on column ``t``'s
+  ``layer4``. The model state holds the sampler (``shared/branch``) and the
+  batch statistics as ``cross_stitch``'s (every column's trunk statistics
+  move each step, the heads' for the slots' tasks); with GroupNorm only the
+  sampler. No ``encode``. Layer groups: ``stem``, ``layer1..4`` (each with
+  the routing of its outputs), ``heads``."""
+  bb = _Backbone(trunk, taskset, input_shape)
+  num = len(taskset)
+
+  def init_all(rng):
+    tasks_p, tasks_s = bb.per_task_trunks(rng)
+    return ({"shared": {"branch": branching.logits_init(num, BRANCHED)}, "tasks": tasks_p},
+            {"shared": {"branch": branching.sampler_init(rng)}, "tasks": tasks_s})
+
+  def apply(params, x, task_ids, state=None, train=False):
+    ids = jnp.asarray(task_ids)
+    alpha, sampler = branching.routing(params["shared"]["branch"], state["shared"]["branch"],
+                                       hp, train)
+
+    def one(xk, t):
+      h, st = resnet_columns(bb, params["tasks"]["trunk"], state["tasks"]["trunk"], alpha,
+                             xk, train)
+      return h[t], st
+    feats, trunks = per_slot(one, (x, ids), state["tasks"]["trunk"], train)
+    outs, hs = bb.heads_apply(params["tasks"]["heads"], state["tasks"]["heads"], feats, ids,
+                              train, per_slot=True)
+    return outs, {"shared": {"branch": sampler}, "tasks": {"trunk": trunks, "heads": hs}}
+
+  rows = {"trunk": np.arange(num, dtype=np.int32),
+          **{f"heads/{g}": taskset.group_members(g) for g in taskset.groups}}
+  groups = tuple((n, rf"^(tasks/trunk/{n}/|shared/branch/{n}$)") for n in resnet.STAGES) + (
+      ("heads", r"^tasks/heads/"),)
+  return {"init": lambda rng: init_all(rng)[0], "init_state": lambda rng: init_all(rng)[1],
+          "apply": apply, "task_rows": rows, "layer_groups": groups}
 
 
 def _fields(bb: _Backbone, init_all, apply, encode, decode, task_rows, groups) -> dict:

@@ -6,7 +6,7 @@ and :func:`make_model`, which checks the shared settings
 (:class:`~mtljax.models.parts.Trunk`) and the architecture's hyper-parameters,
 then calls its build function: :mod:`mtljax.models.shared_trunk` (``multi_head``
 and the conditioned archs), :mod:`mtljax.models.per_task_trunks`
-(``independent``, ``soft``, ``cross_stitch``), :mod:`mtljax.models.mixtures`
+(``independent``, ``soft``, ``cross_stitch``, ``ltb``), :mod:`mtljax.models.mixtures`
 (``mmoe``, ``omoe``, ``shared_bottom``, ``dselect_k``) or
 :mod:`mtljax.models.experts` (``cgc``, ``ple``, ``mtan``). Each architecture's
 hyper-parameters are its own (``soft``'s ``lambda_``, ``mmoe``'s
@@ -35,6 +35,13 @@ Architectures (``arch``), i.e. where parameters are shared:
   (``shared/stitch/layer_l``), initialised to 0.9 on the diagonal and
   0.1/(T-1) off it (the paper's init; ``init_diagonal=1`` gives the identity, i.e.
   independent networks). Every slot runs all T columns on its inputs.
+* ``ltb`` (Guo et al. 2020, Learning to Branch, LibMTL's form): one network
+  column per task; before every trunk layer but the first each column reads
+  one parent column of the layer before, drawn by a straight-through
+  Gumbel-softmax from learned logits ``shared/branch/<layer> [T, T]`` with a
+  temperature schedule; the sampler's key and clock are model state
+  (:mod:`mtljax.models.branching`). Evaluation reads each column's most
+  probable parent.
 * ``mmoe`` (Ma et al. 2018): ``num_experts`` expert trunks (``shared/experts``,
   stacked), one softmax gate per task on the flattened input
   (``tasks/gates``), ``f_t(x) = sum_e softmax(x W_t + b_t)_e expert_e(x)``, then a
@@ -82,7 +89,7 @@ to the one ``rep`` (:mod:`mtljax.jacobians`).
 ``dselect_k``: the gates are per task and read ``x`` or nothing; ``cgc``: the
 shared experts, the task experts run in ``decode``), the gated mixture
 (``omoe``), or the whole network's per-group outputs (``multi_head`` with
-shared heads: a pooled model). Per-task trunks (``independent``, ``soft``,
+shared heads: a pooled model). Per-task trunks (``independent``, ``soft``, ``ltb``,
 ``cross_stitch``), ``ple`` with more than one level and ``mtan`` (their
 per-task parts read shared parameters), the conditioned archs and the mixtures
 with shared heads (``heads="shared"``: their per-task part would read shared
@@ -107,6 +114,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mtljax import tasks as tasks_lib
+from mtljax.models import branching
 from mtljax.models import experts
 from mtljax.models import mixtures
 from mtljax.models import per_task_trunks
@@ -254,6 +262,7 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in (
     Architecture("ple", experts.ple, experts.PLEHParams),
     Architecture("dselect_k", mixtures.mixture, mixtures.DSelectKHParams),
     Architecture("mtan", experts.mtan, experts.MTANHParams),
+    Architecture("ltb", per_task_trunks.ltb, branching.LTBHParams),
 )}
 
 

@@ -46,7 +46,8 @@ ENCODERS = ("mlp", "cnn", "fcn") + BACKBONES + VITS
 # (mmoe / cgc / ple and soft are not offered on the backbones: BUILD_NOTES.md,
 # issue 26, "MTAN and cross-stitch over ResNet stages".)
 DENSE_ARCHS = {"fcn": ("multi_head", "independent"),
-               **{r: ("multi_head", "independent", "mtan", "cross_stitch") for r in RESNETS},
+               **{r: ("multi_head", "independent", "mtan", "cross_stitch", "ltb")
+                  for r in RESNETS},
                "segnet": ("multi_head", "independent", "mtan")}
 DENSE_ENCODERS = tuple(DENSE_ARCHS)
 HEADS = ("auto", "per_task", "shared")

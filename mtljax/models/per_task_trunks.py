@@ -1,6 +1,8 @@
 """Per-task trunks: ``independent`` (one network per task), ``soft`` (the same
-plus the soft sharing penalty on the trunks' differences) and ``cross_stitch``
-(one column per task, activations mixed after every trunk layer); see
+plus the soft sharing penalty on the trunks' differences), ``cross_stitch``
+(one column per task, activations mixed after every trunk layer) and ``ltb``
+(one column per task, each column's input drawn from one parent column
+between layers: :mod:`mtljax.models.branching`); see
 :mod:`mtljax.models.multitask`."""
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtljax import tasks as tasks_lib
-from mtljax.models import encoders
 from mtljax.models import backbone_models
+from mtljax.models import branching
+from mtljax.models import encoders
 from mtljax.models import parts as parts_lib
 
 SOFT_NORMS = ("squared", "l2")
@@ -158,6 +161,32 @@ def _soft_penalty(paths: list[str], hparams: SoftHParams, num_tasks: int) -> Cal
   return penalty
 
 
+def mixed_columns(parts: parts_lib.Parts, cols, mixes: dict, xk):
+  """All T task columns (``cols``, per-task trunk parameters ``[T, ...]``) on
+  one slot's inputs ``xk``, the columns' outputs after layer ``n`` mixed by
+  ``mixes[n] [T, T]`` (``h~_t = sum_s mixes[n][t, s] h_s``; layers not in
+  ``mixes`` unmixed): ``[T, B, F]``."""
+  trunk, num_tasks = parts.trunk, parts.num_tasks
+  h = xk if xk.ndim == 4 or trunk.encoder == "mlp" else xk[..., None]
+  h = jnp.broadcast_to(h, (num_tasks,) + h.shape)
+  if trunk.encoder == "mlp":
+    h = h.reshape(num_tasks, h.shape[1], -1)
+  for name in trunk.layer_names:
+    if name.startswith("conv"):
+      conv = encoders.PatchConv(trunk.channels[int(name[5:])], 3)
+      h = jax.vmap(lambda p, a: nn.relu(conv.apply({"params": p}, a)))(cols[name], h)
+      if h.shape[2] >= 2 and h.shape[3] >= 2:
+        h = jax.vmap(lambda a: nn.max_pool(a, (2, 2), strides=(2, 2)))(h)
+    else:
+      if h.ndim > 3:
+        h = h.reshape(num_tasks, h.shape[1], -1)
+      dense = encoders.CondDense(trunk.hidden[int(name[6:])])
+      h = jax.vmap(lambda p, a: nn.relu(dense.apply({"params": p}, a)))(cols[name], h)
+    if name in mixes:
+      h = jnp.einsum("ts,s...->t...", mixes[name], h)
+  return h.reshape(num_tasks, h.shape[1], -1)
+
+
 def cross_stitch_model(parts: parts_lib.Parts, init_diagonal: float,
                        ones_init: bool = False) -> dict:
   """One column per task, mixed after every trunk layer by stitch units
@@ -167,37 +196,64 @@ def cross_stitch_model(parts: parts_lib.Parts, init_diagonal: float,
 
   def init(rng):
     r_trunk, r_heads, _ = jax.random.split(rng, 3)
-    alpha = backbone_models.stitch_init(num_tasks, init_diagonal, ones_init)
-    params = {"shared": {"stitch": {n: alpha for n in trunk.layer_names}},
+    # One array per layer: an eager init must not return one buffer twice
+    # (a donated state holding it twice is refused).
+    params = {"shared": {"stitch": {n: backbone_models.stitch_init(num_tasks, init_diagonal,
+                                                                   ones_init)
+                                    for n in trunk.layer_names}},
               "tasks": {"trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk))}}
     params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.trunk_dim)
     return params
 
-  def stitched(params, xk):
-    """All T task columns on one slot's inputs, mixed after every layer: [T, B, F]."""
-    cols, alpha = params["tasks"]["trunk"], params["shared"]["stitch"]
-    h = xk if xk.ndim == 4 or trunk.encoder == "mlp" else xk[..., None]
-    h = jnp.broadcast_to(h, (num_tasks,) + h.shape)
-    if trunk.encoder == "mlp":
-      h = h.reshape(num_tasks, h.shape[1], -1)
-    for name in trunk.layer_names:
-      if name.startswith("conv"):
-        conv = encoders.PatchConv(trunk.channels[int(name[5:])], 3)
-        h = jax.vmap(lambda p, a: nn.relu(conv.apply({"params": p}, a)))(cols[name], h)
-        if h.shape[2] >= 2 and h.shape[3] >= 2:
-          h = jax.vmap(lambda a: nn.max_pool(a, (2, 2), strides=(2, 2)))(h)
-      else:
-        if h.ndim > 3:
-          h = h.reshape(num_tasks, h.shape[1], -1)
-        dense = encoders.CondDense(trunk.hidden[int(name[6:])])
-        h = jax.vmap(lambda p, a: nn.relu(dense.apply({"params": p}, a)))(cols[name], h)
-      h = jnp.einsum("ts,s...->t...", alpha[name], h)
-    return h.reshape(num_tasks, h.shape[1], -1)
-
   def apply(params, x, task_ids):
-    feats = jax.vmap(lambda xk, t: stitched(params, xk)[t])(x, task_ids)
+    cols, alpha = params["tasks"]["trunk"], params["shared"]["stitch"]
+    feats = jax.vmap(lambda xk, t: mixed_columns(parts, cols, alpha, xk)[t])(x, task_ids)
     return parts.heads_apply(params[parts.heads_home]["heads"], feats, task_ids)
 
   rows = {"trunk": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
   return {"init": init, "apply": apply, "task_rows": rows,
           "layer_groups": parts.layer_groups("tasks/trunk|shared/stitch")}
+
+
+def ltb(arch: str, trunk: parts_lib.Trunk, hparams: branching.LTBHParams,
+        taskset: tasks_lib.TaskSet, input_shape: Sequence[int]) -> dict:
+  """``ltb`` (Learning to Branch, :mod:`mtljax.models.branching`): the
+  :class:`~mtljax.models.multitask.Model` fields (on a ResNet encoder:
+  LibMTL's form over the stages,
+  :func:`mtljax.models.backbone_models.resnet_ltb`)."""
+  del arch
+  if trunk.encoder in parts_lib.RESNETS:
+    return backbone_models.build("ltb", trunk, taskset, input_shape, hparams)
+  return ltb_model(parts_lib.Parts(trunk, taskset, input_shape), hparams)
+
+
+def ltb_model(parts: parts_lib.Parts, hp: branching.LTBHParams) -> dict:
+  """One column per task, each column's input before every trunk layer but the
+  first drawn from one parent column (``shared/branch/<layer>``: the routing
+  of ``<layer>``'s outputs); the sampler's key and clock in the model state.
+  Every slot runs all T columns on its inputs (the routing needs them all,
+  and the straight-through gradient reaches every parent)."""
+  trunk, num_tasks = parts.trunk, parts.num_tasks
+  branched = trunk.layer_names[:-1]
+
+  def init(rng):
+    r_trunk, r_heads, _ = jax.random.split(rng, 3)
+    params = {"shared": {"branch": branching.logits_init(num_tasks, branched)},
+              "tasks": {"trunk": jax.vmap(parts.trunk_init)(parts.all_task_keys(r_trunk))}}
+    params[parts.heads_home]["heads"] = parts.heads_init(r_heads, parts.trunk_dim)
+    return params
+
+  def init_state(rng):
+    return {"shared": {"branch": branching.sampler_init(rng)}, "tasks": {}}
+
+  def apply(params, x, task_ids, state=None, train=False):
+    alpha, sampler = branching.routing(params["shared"]["branch"], state["shared"]["branch"],
+                                       hp, train)
+    cols = params["tasks"]["trunk"]
+    feats = jax.vmap(lambda xk, t: mixed_columns(parts, cols, alpha, xk)[t])(x, task_ids)
+    outs = parts.heads_apply(params[parts.heads_home]["heads"], feats, task_ids)
+    return outs, {"shared": {"branch": sampler}, "tasks": state["tasks"]}
+
+  rows = {"trunk": np.arange(num_tasks, dtype=np.int32), **parts.head_rows()}
+  return {"init": init, "apply": apply, "init_state": init_state, "task_rows": rows,
+          "layer_groups": parts.layer_groups("tasks/trunk|shared/branch")}
