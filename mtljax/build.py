@@ -50,6 +50,7 @@ from mtljax.data import task_data
 from mtljax.data import tfds_access
 from mtljax.dense import augment as dense_augment
 from mtljax.dense import metrics as dense_metrics
+from mtljax.models import branching
 from mtljax.models import multitask
 from mtljax.models import parts as parts_lib
 from mtljax.models.backbones import vit as vit_lib
@@ -738,8 +739,9 @@ def _initial_state(config, model, objective, tx, state: steps.TrainState, source
     if state.model_state is not None and source["model_state"] is not None:
       # The batch statistics of the loaded layers come with them (the same
       # paths and dont_load patterns): eval mode reads them from the start.
+      # LTB's sampler (key, clock) stays the run's own.
       model_state, _ = ckpt_lib.load_params(state.model_state, source["model_state"],
-                                            dont_load)
+                                            dont_load + [branching.SAMPLER_STATE])
       state = state._replace(model_state=model_state)
   if not report["loaded"] and not config.get("init_allow_nothing_loaded", False):
     raise ConfigError(

@@ -36,6 +36,9 @@ def _np_softmax(z):
 
 # Hard logits: rows 100x apart in scale, a near tie, one dominant parent.
 LOGITS = np.array([[8.0, -8.0, 0.0], [1e-3, 0.0, -1e-3], [0.05, 0.1, 30.0]])
+# The law test's: a skewed row, a near tie, a dominant parent (each cell's
+# expected count over 4,000 draws above 30).
+LAW = np.array([[2.0, -1.0, 0.0], [1e-3, 0.0, -1e-3], [0.0, 0.1, 3.0]])
 
 
 def test_gumbel_softmax_matches_float64_reference_forward_and_gradient():
@@ -82,9 +85,9 @@ def test_drawn_parents_follow_softmax_of_the_logits_whatever_the_temperature():
   the hard draws are the same at another temperature (the forward's law is
   ``softmax(logits)``, LibMTL's ``hard=True``); the two layers' draws are
   independent (their agreement rate is ``sum_p P(p)^2``, not 1); each draw is
-  one-hot."""
+  one-hot; bf16 logits draw as their float32 values."""
   n, start = 4000, HP.warmup_epochs * HP.epoch_steps
-  logits = {"a": jnp.asarray(LOGITS / 4, jnp.float32), "b": jnp.asarray(LOGITS / 4, jnp.float32)}
+  logits = {"a": jnp.asarray(LAW, jnp.float32), "b": jnp.asarray(LAW, jnp.float32)}
   cold = dataclasses.replace(HP, tau0=0.1)
 
   @jax.jit
@@ -94,7 +97,8 @@ def test_drawn_parents_follow_softmax_of_the_logits_whatever_the_temperature():
               branching.routing(logits, _sampler(c), cold, True)[0])
     return jax.vmap(one)(counts)
   warm, cold_draws = jax.device_get(draws(jnp.arange(start, start + n)))
-  p = _np_softmax(LOGITS / 4)
+  p = _np_softmax(LAW)
+  assert (n * p).min() > 30  # every cell's expected count: the chi-square approximation holds
   for name in ("a", "b"):
     y = warm[name]
     np.testing.assert_allclose(y.sum(-1), 1.0, atol=1e-6)
@@ -104,6 +108,16 @@ def test_drawn_parents_follow_softmax_of_the_logits_whatever_the_temperature():
     expected = n * p
     chi2 = ((freq - expected) ** 2 / np.maximum(expected, 1e-12)).sum(-1)
     assert np.all(chi2 < 13.8), chi2
+  # Logits in bfloat16 (mixed precision casts the parameters) are read in
+  # float32: the same draws as their float32 values.
+  lb = {k: v.astype(jnp.bfloat16) for k, v in logits.items()}
+  same = jax.device_get(jax.jit(jax.vmap(lambda c: (
+      branching.routing(lb, _sampler(c), HP, True)[0],
+      branching.routing({k: v.astype(jnp.float32) for k, v in lb.items()}, _sampler(c), HP,
+                        True)[0])))(jnp.arange(start, start + 200)))
+  for name in ("a", "b"):
+    assert same[0][name].dtype == np.float32
+    np.testing.assert_array_equal(same[0][name], same[1][name])
   agree = np.mean(np.argmax(warm["a"], -1) == np.argmax(warm["b"], -1), axis=0)
   np.testing.assert_allclose(agree, (p ** 2).sum(-1), atol=0.03)
   assert agree[1] < 0.5   # the near-uniform child: ~1/3, not 1
@@ -181,9 +195,9 @@ def test_forward_is_the_drawn_tree_path_of_plain_columns(encoder, shape, channel
   an ``independent`` network whose layer l is the parameters of the column
   that t's path goes through at l (the drawn parents, read back with
   :func:`branching.routing` from the same state); eval mode the same with
-  the most probable parents; the warm-up's forward is every column reading
-  the sum of its parents (the cross-stitch reference of
-  tests/test_model_references.py with all-ones units, checked there)."""
+  the most probable parents. (The warm-up's routing, the sum of the parents,
+  is checked on :func:`branching.routing` above; the columns' mix of a
+  routing is the einsum cross-stitch's numpy reference checks.)"""
   kw = dict(encoder=encoder, hidden=(7, 6), channels=channels)
   ltb = multitask.make_model("ltb", MIX3, shape, **kw)
   ind = multitask.make_model("independent", MIX3, shape, **kw)
@@ -311,7 +325,8 @@ def test_an_interrupted_ltb_run_resumes_bitwise(tmp_path):
   epoch), 60 steps in calls of 10, checkpoints at 20/40/60: stopped after the
   checkpoint at 20 and rerun, it ends with the bits of the uninterrupted run
   (parameters, Adam's moments, the sampler's key and clock), and the clock
-  counts every step."""
+  counts every step; a run started from it (``init_from``) loads the logits
+  but not the sampler."""
   from mtljax import train  # pylint: disable=g-import-not-at-top
   from test_experiments import (  # pylint: disable=g-import-not-at-top
       _Preempted, _assert_bitwise_equal, _fresh_state, _restore, _small_digits_config)
@@ -340,3 +355,14 @@ def test_an_interrupted_ltb_run_resumes_bitwise(tmp_path):
   assert int(final_a.model_state["shared"]["branch"]["count"]) == 60
   assert not np.array_equal(final_a.params["shared"]["branch"]["layer_0"],
                             fresh.params["shared"]["branch"]["layer_0"])
+  # Fine-tuning from it (init_from): the logits load, the sampler does not --
+  # the new run has its own key and starts its clock (warm-up included) at 0.
+  from mtljax import build  # pylint: disable=g-import-not-at-top
+  c = config()
+  c.init_from, c.seed = straight, c.seed + 1
+  tuned = build.build_run(c, build.data_from_config(c)).state
+  np.testing.assert_array_equal(tuned.params["shared"]["branch"]["layer_0"],
+                                final_a.params["shared"]["branch"]["layer_0"])
+  assert int(tuned.model_state["shared"]["branch"]["count"]) == 0
+  assert not np.array_equal(tuned.model_state["shared"]["branch"]["key"],
+                            final_a.model_state["shared"]["branch"]["key"])

@@ -592,7 +592,7 @@ def resnet_columns(bb: _Backbone, cols, col_stats, mixes: dict, xk, train: bool,
                          in_axes=(0, 0, None if n == "stem" else 0))(cols, col_stats, h)
     taps[f"{n}"] = h
     if n in mixes:
-      h = taps[f"{n}_stitched"] = jnp.einsum("ts,s...->t...", mixes[n], h)
+      h = taps[f"{n}_stitched"] = jnp.einsum("ts,s...->t...", mixes[n].astype(h.dtype), h)
   return h, (new if bb.stateful else col_stats)
 
 

@@ -37,7 +37,7 @@ over ``E`` epochs is ``tau0 = E / 20``, ``warmup_epochs = ceil(E / 100)`` and
 **The sampler's state.** The draw needs a key and the schedule a clock, and
 a model's ``apply`` gets neither: both live in the model state
 (:attr:`mtljax.models.multitask.Model.init_state`), ``{"shared": {"branch":
-{"key": uint32 [2], "count": int32 []}}}`` (plus a ResNet's batch
+{"key": the key's data (``jax.random.key_data``), "count": int32 []}}}`` (plus a ResNet's batch
 statistics). ``key`` is fixed at init (a stream of the model's init key);
 ``count`` counts the training forwards whose state the step kept, and the
 draw of forward ``count`` is keyed by ``fold_in(key, count)``. So every
@@ -45,6 +45,10 @@ forward of one step (the losses', each slot's gradient's) reads the same
 architecture, a step that a non-finite loss skips redraws the same one, and
 a resumed run draws what the uninterrupted run would have (the state is
 checkpointed).
+
+**Starting from a checkpoint** (``config.init_from``): the logits load like
+any parameter, the sampler never (:data:`SAMPLER_STATE`): the run draws
+its own stream and starts its own clock, warm-up included.
 
 **Evaluation** (``train=False``) is deterministic: the warm-up sum while
 warming up, else each child's most probable parent, ``onehot(argmax
@@ -64,6 +68,9 @@ import numpy as np
 from mtljax.models import parts as parts_lib
 
 WARMUP_MIXES = ("sum", "mean")
+# The sampler's paths in the model state: never loaded by ``init_from``
+# (mtljax.build), so a fine-tuned run has its own key and clock.
+SAMPLER_STATE = r"^shared/branch/(key|count)$"
 # The sampler key's stream below the model's init key (the parameters' draws
 # split that key; this folds in a constant no split reaches).
 _SAMPLER_STREAM = 0x1B7B
@@ -113,7 +120,7 @@ def logits_init(num_tasks: int, names) -> dict:
 
 
 def sampler_init(rng) -> dict:
-  """The sampler's state at init: ``{"key": uint32 [2], "count": int32 0}``."""
+  """The sampler's state at init: ``{"key": key data, "count": int32 0}``."""
   key = jax.random.fold_in(rng, _SAMPLER_STREAM)
   return {"key": jax.random.key_data(key), "count": jnp.zeros((), jnp.int32)}
 
@@ -135,11 +142,14 @@ def warming_up(count, hp: LTBHParams):
 
 def gumbel_softmax(logits, gumbel, tau, hard: bool):
   """``softmax((logits + gumbel) / tau)`` over the last axis; with ``hard`` the
-  straight-through one-hot of its argmax (forward) with its gradient."""
+  straight-through one-hot of ``argmax(logits + gumbel)`` (forward; the
+  argmax of the perturbed logits, not of the softmax, whose entries can
+  round to ties at a high temperature) with the softmax's gradient."""
   y_soft = jax.nn.softmax((logits + gumbel) / tau, axis=-1)
   if not hard:
     return y_soft
-  y_hard = jax.nn.one_hot(jnp.argmax(y_soft, axis=-1), logits.shape[-1], dtype=y_soft.dtype)
+  y_hard = jax.nn.one_hot(jnp.argmax(logits + gumbel, axis=-1), logits.shape[-1],
+                          dtype=y_soft.dtype)
   return y_hard - jax.lax.stop_gradient(y_soft) + y_soft
 
 
@@ -150,16 +160,19 @@ def draw_key(sampler: dict):
 
 def routing(logits: dict, sampler: dict, hp: LTBHParams, train: bool
             ) -> tuple[dict[str, Any], dict]:
-  """This forward's routing ``{name: [T, T]}`` (child x parent) and the
-  sampler's new state (module docstring): in train mode a Gumbel-softmax draw
-  per layer (layer ``i`` in sorted-name order keyed by ``fold_in(draw_key,
-  i)``) and ``count + 1``; in eval mode the most probable parents and the
-  state unchanged; the warm-up mix in either while warming up."""
+  """This forward's routing ``{name: [T, T]}`` (child x parent, float32) and
+  the sampler's new state (module docstring): in train mode a Gumbel-softmax
+  draw per layer (layer ``i`` in sorted-name order keyed by
+  ``fold_in(draw_key, i)``) and ``count + 1``; in eval mode the most probable
+  parents and the state unchanged; the warm-up mix in either while warming
+  up. The logits are read in float32 whatever their dtype (under bf16 mixed
+  precision the draw's law stays ``softmax(logits)``); the caller casts the
+  routing to its activations' dtype."""
   count = sampler["count"]
   warm = warming_up(count, hp)
   out = {}
   for i, name in enumerate(sorted(logits)):
-    lg = logits[name]
+    lg = logits[name].astype(jnp.float32)
     mix = jnp.ones_like(lg) / (lg.shape[-1] if hp.warmup_mix == "mean" else 1.0)
     if train:
       g = jax.random.gumbel(jax.random.fold_in(draw_key(sampler), i), lg.shape, lg.dtype)

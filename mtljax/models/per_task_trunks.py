@@ -183,7 +183,7 @@ def mixed_columns(parts: parts_lib.Parts, cols, mixes: dict, xk):
       dense = encoders.CondDense(trunk.hidden[int(name[6:])])
       h = jax.vmap(lambda p, a: nn.relu(dense.apply({"params": p}, a)))(cols[name], h)
     if name in mixes:
-      h = jnp.einsum("ts,s...->t...", mixes[name], h)
+      h = jnp.einsum("ts,s...->t...", mixes[name].astype(h.dtype), h)
   return h.reshape(num_tasks, h.shape[1], -1)
 
 
